@@ -1,0 +1,1 @@
+"""Command-line tools: `mhc-mlx <command>`; each command lives in its own module here."""

@@ -1,0 +1,86 @@
+"""`mhc-mlx info` (also `mhc-mlx-info`): what a bug report needs to say about this install."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+from importlib import metadata
+
+
+def _version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def collect() -> dict:
+    import mlx.core as mx
+
+    from .. import __version__, dispatch, kernels, ops
+
+    backends = {
+        "metal": bool(mx.metal.is_available()),
+        "cuda": bool(getattr(mx, "cuda", None) and mx.cuda.is_available()),
+        "cpu": True,
+    }
+    compile_note = (
+        "g++ found: mx.compile builds C++ for the CPU"
+        if shutil.which("g++") or shutil.which("c++") or platform.system() == "Darwin"
+        else "no C++ compiler found: mx.compile on the CPU runs uncompiled (still correct, slower)"
+    )
+    return {
+        "mhc-mlx": __version__,
+        "mlx": _version("mlx"),
+        "mlx-lm": _version("mlx-lm"),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "default_device": str(mx.default_device()),
+        "backends": backends,
+        "cpu_compile": compile_note,
+        "env": {
+            dispatch.ENV_BACKEND: os.environ.get(dispatch.ENV_BACKEND, "(unset: automatic)"),
+            dispatch.ENV_DISABLE_METAL: os.environ.get(dispatch.ENV_DISABLE_METAL, "(unset)"),
+        },
+        "ops": {op: dispatch.explain(op) for op in kernels.OPS},
+        "kernels": kernels.status(),
+    }
+
+
+def render(info: dict) -> str:
+    lines = [
+        f"mhc-mlx   {info['mhc-mlx']}",
+        f"mlx       {info['mlx']}   (mlx-lm {info['mlx-lm']})",
+        f"python    {info['python']}",
+        f"platform  {info['platform']} ({info['machine']})",
+        f"device    {info['default_device']}",
+        "backends  " + ", ".join(f"{k}: {'yes' if v else 'no'}" for k, v in info["backends"].items()),
+        f"cpu       {info['cpu_compile']}",
+    ]
+    lines += [f"env       {k}={v}" for k, v in info["env"].items()]
+    lines.append("ops (path taken by default, and why):")
+    lines += [f"  {op:<17} {why}" for op, why in info["ops"].items()]
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    info = collect()
+    print(json.dumps(info, indent=2) if args.json else render(info))
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("info", help="versions, devices and which path each op takes")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=run)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mhc-mlx-info", description="mhc-mlx diagnostics")
+    parser.add_argument("--json", action="store_true", help="print JSON")
+    return run(parser.parse_args(argv))

@@ -1,0 +1,47 @@
+"""`mhc-mlx <command> ...`: one entry point, one module per command.
+
+A command module defines `register(subparsers)`, which adds its parser and sets `func`
+(called with the parsed arguments; its return value is the exit status).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = ("info", "demo", "train", "bench", "hrm")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mhc-mlx", description="Manifold-Constrained Hyper-Connections for MLX"
+    )
+    sub = parser.add_subparsers(dest="command", metavar="command")
+    sub.required = True
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"mhc_mlx.cli.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"mhc_mlx.cli.{name}":
+                raise
+            continue  # a command this build does not ship
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as e:
+        # Bad input (a flag, a file, a shape): say what it is, no traceback.
+        print(f"mhc-mlx {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

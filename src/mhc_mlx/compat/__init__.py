@@ -1,0 +1,1 @@
+"""The APIs of the seed packages, on top of mhc_mlx's math."""

@@ -1,0 +1,86 @@
+"""One dispatch point per op: kernels where they can run, else the compiled path.
+
+The choice can be forced for the whole process with MHC_MLX_BACKEND=reference|compiled|kernels
+(read at each call, so tests and benchmarks can change it), or for a block of code with
+`use_backend(...)`. MHC_MLX_DISABLE_METAL=1 (the seed's switch) keeps Metal kernels off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import types
+
+from . import compiled, kernels, reference
+
+BACKENDS = ("reference", "compiled", "kernels")
+ENV_BACKEND = "MHC_MLX_BACKEND"
+ENV_DISABLE_METAL = "MHC_MLX_DISABLE_METAL"
+
+_PATHS = {"reference": reference, "compiled": compiled}
+_forced = threading.local()
+
+
+def _check_name(name: str, where: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r} in {where}; choose one of {', '.join(BACKENDS)}")
+    return name
+
+
+def forced_backend() -> str | None:
+    """The backend forced by use_backend() or MHC_MLX_BACKEND, or None for automatic choice."""
+    name = getattr(_forced, "name", None)
+    if name is not None:
+        return name
+    env = os.environ.get(ENV_BACKEND, "").strip().lower()
+    if not env or env == "auto":
+        return None
+    return _check_name(env, f"environment variable {ENV_BACKEND}")
+
+
+@contextlib.contextmanager
+def use_backend(name: str | None):
+    """Force a backend inside a `with` block (None: automatic). Thread-local."""
+    if name is not None:
+        _check_name(name, "use_backend()")
+    previous = getattr(_forced, "name", None)
+    _forced.name = name
+    try:
+        yield
+    finally:
+        _forced.name = previous
+
+
+def metal_disabled() -> bool:
+    return os.environ.get(ENV_DISABLE_METAL, "0").strip() not in ("", "0", "false", "False")
+
+
+def choose(op: str, *arrays, **params) -> tuple[str, object]:
+    """(backend name, implementation) for one call of `op` on these arrays."""
+    name = forced_backend()
+    if name in _PATHS:
+        return name, getattr(_PATHS[name], op)
+    kernel = kernels.kernel_for(op, *arrays, **params)
+    if kernel is not None:
+        return "kernels", kernel
+    if name == "kernels":
+        raise RuntimeError(
+            f"{ENV_BACKEND}=kernels was asked for, but no kernel can run '{op}' here: "
+            f"{kernels.why_not(op)}. Unset it to use the compiled path."
+        )
+    return "compiled", getattr(compiled, op)
+
+
+def explain(op: str) -> str:
+    """One line for `mhc-mlx info`: which path `op` takes by default here and why."""
+    name = forced_backend()
+    if name in _PATHS:
+        return f"{name} (forced by {ENV_BACKEND} / use_backend)"
+    reason = kernels.why_not(op)
+    return f"compiled (kernels unavailable: {reason})"
+
+
+def implementation(name: str) -> types.ModuleType:
+    """The module holding the ops of a pure-MLX path ('reference' or 'compiled')."""
+    return _PATHS[_check_name(name, "implementation()")] if name != "kernels" else kernels

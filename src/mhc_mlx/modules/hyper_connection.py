@@ -1,0 +1,98 @@
+"""HyperConnection: one mHC site around any sublayer."""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .. import _checks, ops
+from ..compiled.site import hc_coefficients
+from . import init as site_init
+
+VARIANTS = ("mhc", "hc")
+
+
+class SiteCoefficients(NamedTuple):
+    """What `pre` computed and `post` needs: H_pre [..., n], H_post [..., n], H_res [..., n, n]."""
+
+    pre: mx.array
+    post: mx.array
+    res: mx.array
+
+
+class HyperConnection(nn.Module):
+    """x_next = H_res x + H_post (x) sublayer(H_pre x), over stream state x of shape [..., n, dims].
+
+    Args:
+        dims: width C of each stream (the model's hidden size).
+        n: number of streams.
+        dynamic: per-token coefficients from x (parameters phi, alpha, bias); False gives one
+            set for all tokens (parameter bias only).
+        sinkhorn_iters: Sinkhorn–Knopp iterations for H_res.
+        init: "identity" (function-preserving, default) or "paper" (alpha 0.01, bias 0).
+        eps: the RMS epsilon of the dynamic coefficients.
+        variant: "mhc" (H_res doubly stochastic) or "hc" (H_res unconstrained, the earlier
+            hyper-connections, kept for comparison runs).
+
+    Call `hc(x, sublayer)` where sublayer maps [..., dims] -> [..., dims], or, for sublayers
+    that need more arguments (masks, caches), the two steps::
+
+        h, coeffs = hc.pre(x)
+        x = hc.post(x, attention(h, mask=mask, cache=cache), coeffs)
+    """
+
+    def __init__(
+        self,
+        dims: int,
+        n: int = 4,
+        dynamic: bool = True,
+        sinkhorn_iters: int = 20,
+        init: str = "identity",
+        eps: float = 1e-6,
+        variant: str = "mhc",
+    ):
+        super().__init__()
+        self.dims = _checks.check_positive_int(dims, "dims")
+        self.n = _checks.check_positive_int(n, "n")
+        self.sinkhorn_iters = _checks.check_positive_int(sinkhorn_iters, "sinkhorn_iters")
+        self.eps = _checks.check_eps(eps)
+        self.dynamic = bool(dynamic)
+        self.init = site_init.check_init(init)
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+        self.variant = variant
+        if self.dynamic:
+            self.phi = site_init.site_phi(n, dims)
+            self.alpha = site_init.site_alpha(init)
+        self.bias = site_init.site_bias(n, init, free_res=variant == "hc")
+
+    def _extra_repr(self) -> str:
+        return (
+            f"dims={self.dims}, n={self.n}, dynamic={self.dynamic}, "
+            f"sinkhorn_iters={self.sinkhorn_iters}, init={self.init!r}, variant={self.variant!r}"
+        )
+
+    def coefficients(self, x: mx.array) -> SiteCoefficients:
+        _checks.check_streams(x, "x", n=self.n, C=self.dims)
+        phi = self.phi if self.dynamic else None
+        alpha = self.alpha if self.dynamic else None
+        if self.variant == "hc":
+            return SiteCoefficients(*hc_coefficients(x, phi, alpha, self.bias, self.eps))
+        return SiteCoefficients(
+            *ops.mhc_coefficients(x, phi, alpha, self.bias, iters=self.sinkhorn_iters, eps=self.eps)
+        )
+
+    def pre(self, x: mx.array) -> tuple[mx.array, SiteCoefficients]:
+        """Read the streams: returns the sublayer input [..., dims] and the coefficients."""
+        coeffs = self.coefficients(x)
+        return ops.mhc_pre(x, coeffs.pre), coeffs
+
+    def post(self, x: mx.array, f: mx.array, coeffs: SiteCoefficients) -> mx.array:
+        """Mix the streams and write the sublayer output f [..., dims] back: [..., n, dims]."""
+        return ops.mhc_post(x, f, coeffs.post, coeffs.res)
+
+    def __call__(self, x: mx.array, sublayer: Callable[[mx.array], mx.array]) -> mx.array:
+        h, coeffs = self.pre(x)
+        return self.post(x, sublayer(h), coeffs)

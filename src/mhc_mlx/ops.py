@@ -1,0 +1,106 @@
+"""The functional API (SPEC section 2): input checks, then one dispatch per op.
+
+All functions are batched over any leading dims, sync nothing with the device and have
+gradients under mx.grad / mx.value_and_grad / mx.compile.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from . import _checks
+from .dispatch import choose
+
+REDUCTIONS = ("mean", "sum")
+
+
+def sinkhorn_knopp(logits: mx.array, iters: int = 20) -> mx.array:
+    """Project [..., n, n] logits to doubly stochastic matrices (float32).
+
+    P = exp(L - max L); then `iters` times: divide by column sums, then by row sums. Rows sum
+    to 1 to float32 rounding; columns to within the tolerance documented in docs/math.md.
+    """
+    _checks.check_float(logits, "logits")
+    if logits.ndim < 2 or logits.shape[-1] != logits.shape[-2]:
+        raise ValueError(f"logits must be square in the last two dims [..., n, n], got {tuple(logits.shape)}")
+    iters = _checks.check_positive_int(iters, "iters")
+    return choose("sinkhorn_knopp", logits, iters=iters)[1](logits, iters)
+
+
+def mhc_coefficients(x, phi=None, alpha=None, bias=None, iters: int = 20, eps: float = 1e-6):
+    """Site coefficients (H_pre [..., n], H_post [..., n], H_res [..., n, n]) in float32.
+
+    Dynamic (phi and alpha given): per token, from x [..., n, C]. Static (phi=None,
+    alpha=None): h = bias, one set for all tokens, returned without leading dims.
+    """
+    n, C = _checks.check_streams(x, "x")
+    width = 2 * n + n * n
+    if bias is None:
+        raise TypeError("mhc_coefficients needs bias (shape [2n + n*n])")
+    _checks.check_float(bias, "bias")
+    if tuple(bias.shape) != (width,):
+        raise ValueError(f"bias must have shape ({width},) for n={n}, got {tuple(bias.shape)}")
+    if (phi is None) != (alpha is None):
+        raise ValueError("phi and alpha go together: pass both (dynamic site) or neither (static site)")
+    if phi is not None:
+        _checks.check_float(phi, "phi")
+        _checks.check_float(alpha, "alpha")
+        if tuple(phi.shape) != (n * C, width):
+            raise ValueError(
+                f"phi must have shape ({n * C}, {width}) for n={n}, C={C}, got {tuple(phi.shape)}"
+            )
+        if tuple(alpha.shape) != (3,):
+            raise ValueError(f"alpha must have shape (3,), got {tuple(alpha.shape)}")
+    iters = _checks.check_positive_int(iters, "iters")
+    eps = _checks.check_eps(eps)
+    impl = choose("mhc_coefficients", x, phi, alpha, bias, iters=iters, eps=eps)[1]
+    return impl(x, phi, alpha, bias, iters, eps)
+
+
+def mhc_pre(x: mx.array, H_pre: mx.array) -> mx.array:
+    """Read the streams: h_in[..., c] = sum_i H_pre[..., i] x[..., i, c]  ->  [..., C]."""
+    n, _ = _checks.check_streams(x, "x")
+    _checks.check_coefficient(H_pre, "H_pre", n, (n,), tuple(x.shape[:-2]))
+    return choose("mhc_pre", x, H_pre)[1](x, H_pre)
+
+
+def mhc_post(x: mx.array, f: mx.array, H_post: mx.array, H_res: mx.array) -> mx.array:
+    """Mix and write: x_next = H_res x + H_post (x) f  ->  [..., n, C] in x's dtype."""
+    n, C = _checks.check_streams(x, "x")
+    lead = tuple(x.shape[:-2])
+    _checks.check_float(f, "f")
+    if tuple(f.shape) != lead + (C,):
+        raise ValueError(f"f (the sublayer output) must have shape {lead + (C,)}, got {tuple(f.shape)}")
+    _checks.check_coefficient(H_post, "H_post", n, (n,), lead)
+    _checks.check_coefficient(H_res, "H_res", n, (n, n), lead)
+    return choose("mhc_post", x, f, H_post, H_res)[1](x, f, H_post, H_res)
+
+
+def expand_streams(x: mx.array, n: int) -> mx.array:
+    """[..., C] -> [..., n, C]: n identical full-width copies of the hidden state."""
+    _checks.check_float(x, "x")
+    n = _checks.check_positive_int(n, "n")
+    if x.ndim < 1:
+        raise ValueError("x must have at least one dim [..., C]")
+    return mx.broadcast_to(mx.expand_dims(x, -2), (*x.shape[:-1], n, x.shape[-1]))
+
+
+def reduce_streams(x: mx.array, reduction: str = "mean") -> mx.array:
+    """[..., n, C] -> [..., C]: collapse the streams (mean by default, or sum), float32 math."""
+    _checks.check_streams(x, "x")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"unknown reduction {reduction!r}; choose one of {', '.join(REDUCTIONS)}")
+    xf = x.astype(mx.float32)
+    out = mx.mean(xf, axis=-2) if reduction == "mean" else mx.sum(xf, axis=-2)
+    return out.astype(x.dtype)
+
+
+def rms_norm(x: mx.array, weight: mx.array | None = None, eps: float = 1e-5) -> mx.array:
+    """RMSNorm over the last axis with an optional weight, float32 math."""
+    _checks.check_float(x, "x")
+    if weight is not None:
+        _checks.check_float(weight, "weight")
+        if tuple(weight.shape) != (x.shape[-1],):
+            raise ValueError(f"weight must have shape ({x.shape[-1]},), got {tuple(weight.shape)}")
+    eps = _checks.check_eps(eps)
+    return choose("rms_norm", x, weight, eps=eps)[1](x, weight, eps)
