@@ -78,6 +78,8 @@ def explain(op: str) -> str:
     if name in _PATHS:
         return f"{name} (forced by {ENV_BACKEND} / use_backend)"
     reason = kernels.why_not(op)
+    if not reason:
+        return f"kernels ({kernels.status()[op]['reason']}; {kernels.LIMITS_NOTE})"
     return f"compiled (kernels unavailable: {reason})"
 
 

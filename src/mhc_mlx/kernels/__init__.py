@@ -2,22 +2,120 @@
 
 The dispatcher asks `kernel_for(op, ...)` for a kernel that can run the given arrays on the
 current device; None means "use the compiled path", and `why_not(op)` says why.
+
+Choice per backend and shape:
+- CPU-only MLX: never (the compiled path is the CPU's fast path).
+- CUDA: every op whose shape the kernels cover (n <= 32; dynamic coefficients n <= 8).
+- Metal: the same, once that op's kernel has matched the reference on this machine
+  (safety.py); MHC_MLX_DISABLE_METAL=1 turns Metal kernels off.
+- mhc_layer picks its form by size: up to LATENCY_TOKENS tokens one launch computes the
+  coefficients inside the kernel (latency); above, a one-warp kernel computes them once and
+  the layer kernel reads them (throughput). MHCLayer's dispatch_policy forces either.
+- rms_norm stays on mx.fast.rms_norm: MLX's own kernel is already one fused pass.
 """
 
 from __future__ import annotations
 
+from functools import partial
+
+import mlx.core as mx
+
+from . import safety
+from .build import gpu_backend, metal_disabled, on_gpu
+
 OPS = ("sinkhorn_knopp", "mhc_coefficients", "mhc_pre", "mhc_post", "rms_norm", "mhc_layer")
+ACTIVATIONS = (mx.float32, mx.bfloat16, mx.float16)
+MAX_N = 32
+MAX_N_DYNAMIC = 8
+
+
+def _implementation(op: str):
+    from . import coefficients, layer, sinkhorn, site
+
+    return {
+        "sinkhorn_knopp": sinkhorn.sinkhorn_knopp,
+        "mhc_coefficients": coefficients.mhc_coefficients,
+        "mhc_pre": site.mhc_pre,
+        "mhc_post": site.mhc_post,
+        "mhc_layer": layer.mhc_layer,
+    }.get(op)
+
+
+def _backend_reason(op: str) -> str | None:
+    """Why no kernel runs `op` on this machine at all, or None."""
+    if op not in OPS:
+        raise ValueError(f"unknown op {op!r}; ops are {', '.join(OPS)}")
+    if op == "rms_norm":
+        return "MLX's mx.fast.rms_norm is already a single fused kernel (used by the compiled path)"
+    backend = gpu_backend()
+    if backend is None:
+        return "this MLX has no GPU backend (CPU only): the compiled path is the fast path here"
+    if backend == "metal" and metal_disabled():
+        return "Metal kernels are turned off by MHC_MLX_DISABLE_METAL=1"
+    if backend == "metal":
+        state = safety.result(op)
+        if state is not None and state != "ok":
+            return f"the Metal kernel {state} at first use; compiled path for this process"
+    return None
+
+
+def _shape_reason(op: str, arrays, params) -> str | None:
+    """Why the kernels do not cover these particular arrays, or None."""
+    if not arrays:
+        return None
+    x = arrays[0]
+    if x.dtype not in ACTIVATIONS:
+        return f"dtype {x.dtype} is not float32/bfloat16/float16"
+    n = x.shape[-1] if op == "sinkhorn_knopp" else x.shape[-2]
+    if n > MAX_N:
+        return f"n={n} streams is above the kernels' limit of {MAX_N}"
+    if op == "mhc_coefficients" and len(arrays) > 1 and arrays[1] is not None and n > MAX_N_DYNAMIC:
+        return f"dynamic coefficients with n={n} > {MAX_N_DYNAMIC}: the GEMM has too many columns for the fused kernel"
+    for a in arrays:
+        if a is not None and a.dtype not in ACTIVATIONS:
+            return f"an input has dtype {a.dtype}"
+    return None
 
 
 def kernel_for(op: str, *arrays, **params):
     """A callable with the op's signature, or None when no kernel can run these arrays here."""
-    return None
+    if _backend_reason(op) is not None or not on_gpu():
+        return None
+    if _shape_reason(op, arrays, params) is not None:
+        return None
+    impl = _implementation(op)
+    if op == "mhc_layer":
+        policy = params.get("policy", "auto")
+        inline = {"latency": True, "throughput": False}.get(policy)
+        impl = partial(impl, inline=inline, threads=params.get("threads_per_group"))
+    if gpu_backend() == "metal" and not safety.verified(op, _implementation(op)):
+        return None
+    return impl
 
 
-def why_not(op: str) -> str:
-    return "no fused kernels in this build"
+def why_not(op: str, *arrays, **params) -> str:
+    """Why `op` (on these arrays, if given) takes the compiled path; '' when kernels run it."""
+    reason = _backend_reason(op)
+    if reason is None and not on_gpu():
+        reason = "the default device is the CPU"
+    if reason is None:
+        reason = _shape_reason(op, arrays, params)
+    return reason or ""
 
 
 def status() -> dict:
     """What `mhc-mlx info` prints about kernels: op -> availability and reason."""
-    return {op: {"available": False, "reason": why_not(op)} for op in OPS}
+    out = {}
+    for op in OPS:
+        reason = why_not(op)
+        entry = {"available": not reason, "reason": reason or f"fused {gpu_backend()} kernel"}
+        if gpu_backend() == "metal" and safety.result(op):
+            entry["metal_check"] = safety.result(op)
+        out[op] = entry
+    return out
+
+
+LIMITS_NOTE = (
+    f"kernels cover n <= {MAX_N} streams (dynamic coefficients n <= {MAX_N_DYNAMIC}); "
+    "larger n takes the compiled path"
+)

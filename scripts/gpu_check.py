@@ -1,0 +1,208 @@
+#!/usr/bin/env python3
+"""On a GPU machine: every kernel against the reference, then the benchmark; short table last.
+
+    python scripts/gpu_check.py [--no-bench] [--bench-args "..."] [--out DIR]
+
+Checks, on fresh random inputs for each case (odd and aligned C, n = 1..32, float32 /
+bfloat16 / float16, per-token and shared coefficients), with every kernel output filled with
+NaN before the launch so an element a kernel forgot to write fails the check:
+- forward against an independent float64 NumPy statement of the math (tests/kernels/ref64.py);
+- gradients (mx.vjp through the kernels' fused backwards) against the reference path's
+  autodiff gradients computed on the CPU in float32 (no TF32), and their shapes.
+Tolerances (relative norm error): float32 1e-5, bfloat16/float16 2e-2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tests", "kernels"))
+sys.path.insert(0, os.path.join(ROOT, "src"))
+
+import mlx.core as mx  # noqa: E402
+
+import ref64  # noqa: E402
+from mhc_mlx import kernels, reference  # noqa: E402
+from mhc_mlx.kernels import build, coefficients, layer, sinkhorn, site  # noqa: E402
+
+TOL = {mx.float32: 1e-5, mx.bfloat16: 2e-2, mx.float16: 2e-2}
+DTYPES = (mx.float32, mx.bfloat16, mx.float16)
+NAMES = {mx.float32: "f32", mx.bfloat16: "bf16", mx.float16: "f16"}
+rows: list[dict] = []
+
+
+def np64(a):
+    return np.array(a.astype(mx.float32)).astype(np.float64)
+
+
+def as_tuple(v):
+    return tuple(v) if isinstance(v, (tuple, list)) else (v,)
+
+
+def check(name, shape, dtype, kernel_fn, ref64_fn, ref_fn, args, grad_args, tol=None):
+    """One case: forward vs float64, gradients (w.r.t. args[i] for i in grad_args) vs reference."""
+    tol = tol or TOL[dtype]
+    row = {"op": name, "shape": shape, "dtype": NAMES[dtype], "tol": tol}
+    try:
+        out = as_tuple(kernel_fn(*args))
+        mx.eval(out)
+        want = as_tuple(ref64_fn(*[None if a is None else np64(a) for a in args]))
+        row["fwd"] = max(ref64.rel_err(np64(o), w) for o, w in zip(out, want))
+        if grad_args:
+            cots = [mx.random.normal(o.shape).astype(o.dtype) for o in out]
+
+            def pick(fn):
+                def f(*g):
+                    full = list(args)
+                    for i, v in zip(grad_args, g):
+                        full[i] = v
+                    return fn(*full)
+                return f
+
+            primals = [args[i] for i in grad_args]
+            _, got = mx.vjp(pick(kernel_fn), primals, cots)
+            mx.eval(got)
+            with mx.stream(mx.cpu):
+                _, ref = mx.vjp(pick(ref_fn), primals, cots)
+                mx.eval(ref)
+            errs = []
+            for g, r, p in zip(got, ref, primals):
+                if tuple(g.shape) != tuple(p.shape):
+                    raise AssertionError(f"gradient shape {tuple(g.shape)} != primal shape {tuple(p.shape)}")
+                errs.append(ref64.rel_err(np64(g), np64(r)))
+            row["bwd"] = max(errs)
+        row["ok"] = row["fwd"] <= tol and row.get("bwd", 0.0) <= max(tol, 1e-5 if dtype == mx.float32 else tol)
+    except Exception as e:  # noqa: BLE001 -- report, keep checking
+        row["ok"] = False
+        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+    rows.append(row)
+    if not row["ok"]:
+        print("FAIL", json.dumps(row), flush=True)
+
+
+def cases_sinkhorn():
+    for n in (1, 2, 3, 4, 8, 16, 32):
+        for M, iters, scale in ((1, 20, 1.0), (5, 20, 4.0), (3, 1, 1.0)):
+            L = scale * mx.random.normal((M, n, n))
+            check("sinkhorn", (M, n, n, iters), mx.float32,
+                  lambda a, it=iters: sinkhorn.sinkhorn_knopp(a, it),
+                  lambda a, it=iters: ref64.sinkhorn(a, it),
+                  lambda a, it=iters: reference.sinkhorn_knopp(a, it), [L], [0])
+
+
+def cases_coefficients():
+    for n in (1, 3, 4, 8, 32):
+        bias = mx.random.normal((2 * n + n * n,))
+        x = mx.random.normal((2, n, 5))
+        check("coeff_static", (n,), mx.float32,
+              lambda x_, b: coefficients.mhc_coefficients(x_, None, None, b, 20, 1e-6),
+              lambda x_, b: ref64.coefficients(x_, None, None, b, 20, 1e-6),
+              lambda x_, b: reference.mhc_coefficients(x_, None, None, b, 20, 1e-6), [x, bias], [1])
+    for dt in DTYPES:
+        for n, C, T in ((1, 33, 3), (2, 64, 17), (4, 257, 40), (4, 512, 33), (8, 65, 9), (8, 128, 20)):
+            W = 2 * n + n * n
+            x = mx.random.normal((T, n, C)).astype(dt)
+            phi = (mx.random.normal((n * C, W)) / np.sqrt(n * C)).astype(mx.float32)
+            alpha = mx.random.uniform(0.2, 1.5, (3,))
+            bias = mx.random.normal((W,))
+            check("coeff_dynamic", (T, n, C), dt,
+                  lambda *a: coefficients.mhc_coefficients(*a, 20, 1e-6),
+                  lambda *a: ref64.coefficients(*a, 20, 1e-6),
+                  lambda *a: reference.mhc_coefficients(*a, 20, 1e-6),
+                  [x, phi, alpha, bias], [0, 1, 2, 3])
+
+
+def cases_site():
+    for dt in DTYPES:
+        for n, C, lead in ((1, 33, (3,)), (2, 64, (2, 3)), (3, 1, (4,)), (4, 512, (5,)), (4, 1031, (2,)),
+                           (8, 256, (3,)), (16, 40, (2,)), (32, 72, (2,)), (32, 33, (1,))):
+            x = mx.random.normal((*lead, n, C)).astype(dt)
+            f = mx.random.normal((*lead, C)).astype(dt)
+            for shared in (True, False):
+                clead = () if shared else lead
+                hpre = mx.random.uniform(0, 1, (*clead, n))
+                hpost = mx.random.uniform(0, 2, (*clead, n))
+                hres = mx.random.uniform(0, 1, (*clead, n, n))
+                tag = "shared" if shared else "per-token"
+                check(f"pre/{tag}", (*lead, n, C), dt, site.mhc_pre, ref64.pre, reference.mhc_pre,
+                      [x, hpre], [0, 1])
+                check(f"post/{tag}", (*lead, n, C), dt, site.mhc_post, ref64.post, reference.mhc_post,
+                      [x, f, hpost, hres], [0, 1, 2, 3])
+
+
+def cases_layer():
+    for dt in DTYPES:
+        for n, C, T in ((1, 33, 2), (4, 512, 1), (4, 4096, 3), (4, 130, 40), (8, 1000, 5), (32, 64, 3)):
+            x = mx.random.normal((T, n, C)).astype(dt)
+            pre, post = mx.random.normal((n,)), mx.random.normal((n,))
+            res, w = 2 * mx.random.normal((n, n)), mx.random.uniform(0.5, 1.5, (C,))
+            for inline in (True, False):
+                check(f"layer/{'inline' if inline else 'two-kernel'}", (T, n, C), dt,
+                      lambda *a, i=inline: layer.mhc_layer(*a, 20, 1e-5, inline=i),
+                      lambda *a: ref64.layer(*a, 20, 1e-5),
+                      lambda *a: reference.mhc_layer(*a, 20, 1e-5),
+                      [x, pre, post, res, w], [0, 1, 2, 3, 4])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--no-bench", action="store_true")
+    ap.add_argument("--only", default="", help="comma list of: sinkhorn,coefficients,site,layer")
+    ap.add_argument("--bench-args", default="", help="extra arguments for `mhc-mlx bench`")
+    ap.add_argument("--out", default=os.environ.get("OUT", "runs/gpu_check"))
+    args = ap.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    backend = build.gpu_backend()
+    header = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "mlx": mx.__version__, "backend": backend, "platform": platform.platform(),
+    }
+    print(json.dumps(header), flush=True)
+    if backend is None:
+        print("no GPU backend in this MLX: nothing to check here")
+        return 2
+    build.poison_outputs(float("nan"))
+    mx.random.seed(int(time.time()) % 100000)
+    start = time.time()
+    groups = {"sinkhorn": cases_sinkhorn, "coefficients": cases_coefficients, "site": cases_site,
+              "layer": cases_layer}
+    wanted = [g for g in args.only.split(",") if g] or list(groups)
+    for g in wanted:
+        t0 = time.time()
+        groups[g]()
+        print(f"checked {g} in {time.time() - t0:.1f} s", flush=True)
+    build.poison_outputs(None)
+    with open(os.path.join(args.out, "gpu_check.json"), "w") as f:
+        json.dump({"header": header, "rows": rows}, f, indent=1)
+    failed = [r for r in rows if not r["ok"]]
+    bench_status = 0
+    if not args.no_bench:
+        from mhc_mlx.cli import bench
+
+        bench_status = bench.main(["--out", args.out, *shlex.split(args.bench_args)])
+    # Short table last.
+    print(f"\n== kernel checks: {len(rows) - len(failed)}/{len(rows)} passed in {time.time() - start:.0f} s ==")
+    worst: dict[tuple, dict] = {}
+    for r in rows:
+        k = (r["op"], r["dtype"])
+        if k not in worst or (r.get("fwd", 9), r.get("bwd", 0)) > (worst[k].get("fwd", 9), worst[k].get("bwd", 0)):
+            worst[k] = r
+    for (op, dt), r in sorted(worst.items()):
+        status = "ok  " if all(x["ok"] for x in rows if (x["op"], x["dtype"]) == (op, dt)) else "FAIL"
+        print(f"{status} {op:<22} {dt:<5} worst fwd {r.get('fwd', float('nan')):.1e}  bwd {r.get('bwd', float('nan')):.1e}"
+              f"  tol {r['tol']:.0e} {r.get('error', '')[:60]}")
+    return 1 if failed or bench_status else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+#!/usr/bin/env python3
+"""Compile every kernel's CUDA source offline with nvcc (no GPU needed) and print ptxas usage.
+
+    python scripts/gpu_compile_check.py --mlx-include /path/with/mlx/backend/cuda/device
+
+The sources are rendered exactly as MLX's cuda_kernel generates them (kernels.build.render_cuda)
+for a spread of template instances; registers, spills and shared memory are printed per kernel.
+Needs nvcc and MLX's CUDA device headers (a checkout of ml-explore/mlx).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import mlx.core as mx
+
+from mhc_mlx.kernels import catalogue
+from mhc_mlx.kernels.build import render_cuda
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--mlx-include", required=True, help="folder holding mlx/backend/cuda/device/utils.cuh")
+    ap.add_argument("--cccl", default="/usr/local/cuda/include/cccl", help="CUDA's cccl include folder")
+    ap.add_argument("--arch", default="sm_90a")
+    ap.add_argument("--only", default="", help="substring of kernel names to compile")
+    args = ap.parse_args(argv)
+    failures = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        for spec, in_dtypes, out_dtypes, template in catalogue.instances():
+            label = f"{spec.name}[{', '.join(f'{k}={v}' for k, v in template)}]"
+            if args.only and args.only not in label:
+                continue
+            src = os.path.join(tmp, "k.cu")
+            with open(src, "w") as f:
+                f.write(render_cuda(spec, in_dtypes, out_dtypes, template))
+            cmd = ["nvcc", f"-arch={args.arch}", "-cubin", "-std=c++17", "-I", args.mlx_include,
+                   "-I", args.cccl, "-Xptxas", "-v", "-o", os.path.join(tmp, "k.cubin"), src]
+            res = subprocess.run(cmd, capture_output=True, text=True)
+            if res.returncode:
+                failures += 1
+                print(f"FAIL {label}\n{res.stderr[-3000:]}")
+                continue
+            regs = re.search(r"Used (\d+) registers", res.stderr)
+            spill = re.search(r"(\d+) bytes spill stores", res.stderr)
+            smem = re.search(r"(\d+) bytes smem", res.stderr)
+            print(f"ok   {label:<70} regs {regs.group(1) if regs else '?':>4}  "
+                  f"spill {spill.group(1) if spill else '0':>5} B  smem {smem.group(1) if smem else '0':>6} B")
+    print(f"{failures} failures")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

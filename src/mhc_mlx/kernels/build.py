@@ -1,0 +1,143 @@
+"""Kernel specs, the cached kernel factory and the launcher.
+
+A KernelSpec is one kernel body (backend-neutral, written in the K* macros of prelude.py)
+with its input and output names. `compiled_kernel(spec, backend)` wraps it in
+mx.fast.cuda_kernel or mx.fast.metal_kernel once per process (lru_cache): the hot call
+never builds a kernel object, and MLX caches the compiled binary per template instance.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+
+import mlx.core as mx
+
+from . import prelude
+
+ENV_DISABLE_METAL = "MHC_MLX_DISABLE_METAL"
+# Checks set this to NaN: MLX then fills every output before the kernel runs, so an element
+# a kernel forgot to write shows up as NaN instead of as stale memory.
+_poison: list[float | None] = [None]
+
+
+def poison_outputs(value: float | None) -> None:
+    """Fill kernel outputs with `value` before each launch (None: leave them unfilled)."""
+    _poison[0] = value
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    name: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    body: str
+
+    def source(self) -> str:
+        return self.body + prelude.ATTRIBUTES_NOTE
+
+
+def metal_disabled() -> bool:
+    return os.environ.get(ENV_DISABLE_METAL, "0").strip() not in ("", "0", "false", "False")
+
+
+def _cuda_available() -> bool:
+    cuda = getattr(mx, "cuda", None)
+    return bool(cuda is not None and cuda.is_available())
+
+
+def gpu_backend() -> str | None:
+    """'cuda' or 'metal' when this MLX has that GPU backend, else None (CPU only)."""
+    if _cuda_available():
+        return "cuda"
+    if mx.metal.is_available():
+        return "metal"
+    return None
+
+
+def on_gpu(*arrays) -> bool:
+    """Kernels run on the GPU stream only: the default device must be the GPU."""
+    return mx.default_device() == mx.gpu
+
+
+@lru_cache(maxsize=None)
+def compiled_kernel(spec: KernelSpec, backend: str):
+    """The MLX custom-kernel object for `spec` on `backend` ('cuda' or 'metal'), built once."""
+    if backend == "cuda":
+        return mx.fast.cuda_kernel(
+            name=spec.name,
+            input_names=list(spec.inputs),
+            output_names=list(spec.outputs),
+            source=spec.source(),
+            header=prelude.header("cuda"),
+        )
+    if backend == "metal":
+        return mx.fast.metal_kernel(
+            name=spec.name,
+            input_names=list(spec.inputs),
+            output_names=list(spec.outputs),
+            source=spec.source(),
+            header=prelude.header("metal"),
+        )
+    raise ValueError(f"unknown kernel backend {backend!r}")
+
+
+def launch(spec: KernelSpec, inputs, outputs, grid: int, threadgroup: int, template, backend=None):
+    """Run `spec` over `grid` threads (a multiple of `threadgroup`) and return its outputs.
+
+    outputs: [(shape, dtype), ...] in the order of spec.outputs. template: [(name, value)].
+    """
+    if grid % threadgroup:
+        raise ValueError(f"grid {grid} is not a multiple of the threadgroup {threadgroup}")
+    backend = backend or gpu_backend()
+    kernel = compiled_kernel(spec, backend)
+    return kernel(
+        inputs=list(inputs),
+        template=list(template),
+        grid=(grid, 1, 1),
+        threadgroup=(threadgroup, 1, 1),
+        output_shapes=[tuple(s) for s, _ in outputs],
+        output_dtypes=[d for _, d in outputs],
+        init_value=_poison[0],
+    )
+
+
+@lru_cache(maxsize=4096)
+def int_params(*values: int) -> mx.array:
+    """Run-time integers for a body (read as p[0], p[1], ...: the same on CUDA and Metal).
+
+    Cached: the same small array is reused, so a hot call makes no new host->device copy.
+    """
+    return mx.array(list(values), dtype=mx.int32)
+
+
+@lru_cache(maxsize=4096)
+def float_params(*values: float) -> mx.array:
+    return mx.array(list(values), dtype=mx.float32)
+
+
+_CUDA_TYPES = {mx.float32: "float", mx.float16: "__half", mx.bfloat16: "__nv_bfloat16",
+               mx.int32: "int32_t", mx.uint32: "uint32_t"}
+
+
+def render_cuda(spec: KernelSpec, input_dtypes, output_dtypes, template) -> str:
+    """The CUDA translation unit MLX generates for this spec (for offline nvcc checks).
+
+    Mirrors mlx/backend/cuda/custom_kernel.cpp (build_kernel) for bodies that use no
+    `<name>_shape/_strides/_ndim`, which ours never do.
+    """
+    lines = ['#include "mlx/backend/cuda/device/utils.cuh"', "#include <cooperative_groups.h>",
+             prelude.header("cuda"), "namespace mlx::core::cu {", "namespace cg = cooperative_groups;"]
+    params = [f"    const {_CUDA_TYPES[d]}* {n}" for n, d in zip(spec.inputs, input_dtypes)]
+    params += [f"    {_CUDA_TYPES[d]}* {n}" for n, d in zip(spec.outputs, output_dtypes)]
+    lines.append(f"__global__ void custom_kernel_{spec.name}(\n" + ",\n".join(params) + ") {")
+    for name, value in template:
+        if isinstance(value, bool):
+            lines.append(f"  constexpr bool {name} = {'true' if value else 'false'};")
+        elif isinstance(value, int):
+            lines.append(f"  constexpr int {name} = {value};")
+        else:
+            lines.append(f"  using {name} = {_CUDA_TYPES[value]};")
+    lines += [spec.source(), "}", "} // namespace mlx::core::cu"]
+    return "\n".join(lines)

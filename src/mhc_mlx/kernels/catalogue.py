@@ -1,0 +1,48 @@
+"""Every kernel body and a spread of template instances, for offline checks.
+
+Used by the CPU tests (the Metal source of each is generated and scanned) and by
+scripts/gpu_compile_check.py (each is compiled with nvcc for sm_90a).
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from . import coefficients, layer, sinkhorn, site
+
+SPECS = (
+    sinkhorn.FORWARD, sinkhorn.BACKWARD, coefficients.ACTIVATE, coefficients.DYNAMIC,
+    coefficients.DYNAMIC_VJP, site.PRE, site.PRE_VJP, site.POST, site.POST_VJP, layer.LAYER,
+)
+
+F32, BF16, F16, I32 = mx.float32, mx.bfloat16, mx.float16, mx.int32
+
+
+def instances():
+    """(spec, input dtypes, output dtypes, template) tuples covering each kernel's variants."""
+    out = []
+    for n in (1, 4, 32):
+        out.append((sinkhorn.FORWARD, (F32, I32), (F32,), [("N", n)]))
+        out.append((coefficients.ACTIVATE, (F32, F32, F32, I32), (F32, F32, F32), [("N", n)]))
+    for n, iters in ((4, 20), (8, 20), (32, 20)):
+        out.append((sinkhorn.BACKWARD, (F32, F32, I32), (F32,), [("N", n), ("ITERS", iters)]))
+    for dt in (F32, BF16, F16):
+        for n in (1, 4, 8):
+            tb = coefficients.tokens_per_block(n)
+            out.append((coefficients.DYNAMIC, (dt, F32, F32, F32, I32, F32), (F32,) * 5,
+                        [("T", dt), ("N", n), ("TB", tb)]))
+            out.append((coefficients.DYNAMIC_VJP, (dt, F32, F32, F32, I32), (dt, F32),
+                        [("T", dt), ("N", n)]))
+        for n, V in ((4, 16 // dt.size), (8, 16 // dt.size), (32, 1), (3, 1)):
+            for shared in (True, False):
+                out.append((site.PRE, (dt, F32, I32), (dt,), [("T", dt), ("N", n), ("V", V), ("SHARED", shared)]))
+                out.append((site.POST, (dt, dt, F32, F32, I32), (dt,),
+                            [("T", dt), ("N", n), ("V", V), ("SHARED", shared)]))
+                out.append((site.PRE_VJP, (dt, F32, dt, I32), (dt, F32),
+                            [("T", dt), ("N", n), ("V", V), ("SHARED", shared)]))
+                out.append((site.POST_VJP, (dt, dt, F32, F32, dt, I32), (dt, dt, F32, F32),
+                            [("T", dt), ("N", n), ("V", V), ("SHARED", shared), ("HGRAD", n <= 8)]))
+        for n, V, cpt, inline in ((4, 16 // dt.size, 2, True), (4, 16 // dt.size, 0, False), (32, 1, 0, False)):
+            out.append((layer.LAYER, (dt, F32, F32, F32, F32, I32, F32), (dt,),
+                        [("T", dt), ("N", n), ("V", V), ("CPT", cpt), ("INLINE", inline)]))
+    return out

@@ -1,0 +1,385 @@
+"""Site coefficients: H_pre = sigmoid, H_post = 2 sigmoid, H_res = Sinkhorn, per token or static.
+
+Static (one set for all tokens): one warp turns the logits into the three coefficients.
+Dynamic: one kernel reads x once for both the GEMM xf @ phi and the sum of squares, then
+each warp finishes its tokens (scale, bias, activations, Sinkhorn) without leaving the block.
+The backward of the GEMM part is one more kernel that reads x once for both dx and dphi.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import mlx.core as mx
+
+from . import sinkhorn as sk
+from .build import KernelSpec, float_params, int_params, launch
+
+F32 = mx.float32
+MAX_N_DYNAMIC = 8  # W = n(n+2) <= 80 accumulators per lane; larger n -> compiled path
+
+ACTIVATE = KernelSpec(
+    name="mhc_coefficients_static",
+    inputs=("rpre", "rpost", "rres", "iparam"),
+    outputs=("hpre", "hpost", "hres"),
+    body=r"""
+  const int M = iparam[0];
+  const int iters = iparam[1];
+  const int lane = KLANE;
+  const int row = KBID * (KNT / 32) + KWARP;
+  const bool live = (row < M) && (lane < N);
+  if (live) {
+    hpre[row * N + lane] = ksigmoid(rpre[row * N + lane]);
+    hpost[row * N + lane] = 2.0f * ksigmoid(rpost[row * N + lane]);
+  }
+  const int64_t base = (int64_t)row * N * N;
+  float col[N];
+  KUNROLL for (int i = 0; i < N; ++i) col[i] = live ? rres[base + i * N + lane] : 0.0f;
+  ksinkhorn_warp<N>(col, live, iters);
+  if (live) {
+    KUNROLL for (int i = 0; i < N; ++i) hres[base + i * N + lane] = col[i];
+  }
+""",
+)
+
+# Block of 256 threads = 8 warps; TB tokens per block. Per chunk of 256 columns of xf: every
+# thread loads one column for the TB tokens (coalesced), squares it into its sums and stores it
+# transposed in shared memory; then warp w takes 32 of those columns, lane l output columns
+# l, l+32, ... of phi (coalesced loads), and accumulates TB dot products per output column.
+DYNAMIC = KernelSpec(
+    name="mhc_coefficients_dynamic",
+    inputs=("xin", "phi", "alpha", "bias", "iparam", "fparam"),
+    outputs=("hpre", "hpost", "hres", "mraw", "invr"),
+    body=r"""
+  constexpr int W = N * (N + 2);
+  constexpr int R = (W + 31) / 32;
+  constexpr int KC = 256;
+  constexpr int XS = TB + 4;
+  constexpr int TILE = KC * XS;
+  constexpr int RED = 8 * TB * W;
+  constexpr int SMEM = TILE > RED ? TILE : RED;
+  KSHARED float4 tile4[SMEM / 4];
+  KSHARED float ssq[8 * TB];
+  KSHPTR(float) tile = reinterpret_cast<KSHPTR(float)>(tile4);
+  const int Ttok = iparam[0];
+  const int K = iparam[1];
+  const int iters = iparam[2];
+  const float eps = fparam[0];
+  const int tid = KTID;
+  const int lane = KLANE;
+  const int warp = KWARP;
+  const int t0 = KBID * TB;
+
+  float acc[R][TB];
+  float sq[TB];
+  KUNROLL for (int q = 0; q < TB; ++q) {
+    sq[q] = 0.0f;
+    KUNROLL for (int r = 0; r < R; ++r) acc[r][q] = 0.0f;
+  }
+  for (int kb = 0; kb < K; kb += KC) {
+    const int k = kb + tid;
+    KUNROLL for (int q4 = 0; q4 < TB / 4; ++q4) {
+      float v[4];
+      KUNROLL for (int e = 0; e < 4; ++e) {
+        const int t = t0 + 4 * q4 + e;
+        v[e] = (k < K && t < Ttok) ? static_cast<float>(xin[(int64_t)t * K + k]) : 0.0f;
+        sq[4 * q4 + e] += v[e] * v[e];
+      }
+      tile4[tid * (XS / 4) + q4] = KFLOAT4(v[0], v[1], v[2], v[3]);
+    }
+    KBARRIER();
+    const int kend = (K - kb) < KC ? (K - kb) : KC;
+    for (int kk = warp * 32; kk < warp * 32 + 32 && kk < kend; ++kk) {
+      float ph[R];
+      KUNROLL for (int r = 0; r < R; ++r) {
+        const int c = lane + 32 * r;
+        ph[r] = c < W ? phi[(int64_t)(kb + kk) * W + c] : 0.0f;
+      }
+      KUNROLL for (int q4 = 0; q4 < TB / 4; ++q4) {
+        const float4 xv = tile4[kk * (XS / 4) + q4];
+        KUNROLL for (int r = 0; r < R; ++r) {
+          acc[r][4 * q4 + 0] += ph[r] * xv.x;
+          acc[r][4 * q4 + 1] += ph[r] * xv.y;
+          acc[r][4 * q4 + 2] += ph[r] * xv.z;
+          acc[r][4 * q4 + 3] += ph[r] * xv.w;
+        }
+      }
+    }
+    KBARRIER();
+  }
+  // Sums of squares: warp sums, then across warps below.
+  KUNROLL for (int q = 0; q < TB; ++q) {
+    const float s = kwarp_sum(sq[q]);
+    if (lane == 0) ssq[warp * TB + q] = s;
+  }
+  // Dot products: per-warp partials into shared memory (the x tile is free now).
+  KUNROLL for (int q = 0; q < TB; ++q) {
+    KUNROLL for (int r = 0; r < R; ++r) {
+      const int c = lane + 32 * r;
+      if (c < W) tile[(warp * TB + q) * W + c] = acc[r][q];
+    }
+  }
+  KBARRIER();
+  for (int idx = tid; idx < TB * W; idx += KNT) {
+    float d = 0.0f;
+    for (int w = 0; w < 8; ++w) d += tile[w * TB * W + idx];
+    tile[idx] = d;
+  }
+  KBARRIER();
+  // Finish: warp w takes tokens w, w + 8, ...: m = dot / r, h = m * alpha + bias, activations.
+  for (int q = warp; q < TB; q += 8) {
+    const int t = t0 + q;
+    const bool tl = t < Ttok;
+    float ss = 0.0f;
+    for (int w = 0; w < 8; ++w) ss += ssq[w * TB + q];
+    const float rr = KSQRT(ss / (float)K + eps);
+    KUNROLL for (int r = 0; r < R; ++r) {
+      const int c = lane + 32 * r;
+      if (c < W) {
+        const float m = tile[q * W + c] / rr;
+        const float a = alpha[c < N ? 0 : (c < 2 * N ? 1 : 2)];
+        if (tl) mraw[(int64_t)t * W + c] = m;
+        tile[q * W + c] = m * a + bias[c];
+      }
+    }
+    if (tl && lane == 0) invr[t] = 1.0f / rr;
+    KWARP_SYNC();
+    const bool live = tl && (lane < N);
+    if (live) {
+      hpre[(int64_t)t * N + lane] = ksigmoid(tile[q * W + lane]);
+      hpost[(int64_t)t * N + lane] = 2.0f * ksigmoid(tile[q * W + N + lane]);
+    }
+    float col[N];
+    KUNROLL for (int i = 0; i < N; ++i) col[i] = live ? tile[q * W + 2 * N + i * N + lane] : 0.0f;
+    ksinkhorn_warp<N>(col, live, iters);
+    if (live) {
+      KUNROLL for (int i = 0; i < N; ++i) hres[((int64_t)t * N + i) * N + lane] = col[i];
+    }
+  }
+""",
+)
+
+# dxf[t, k] = sum_w gs[t, w] phi[k, w] - xf[t, k] c2[t]   and   dphi[k, w] = sum_t xf[t, k] gs[t, w]
+# Thread = one column k of xf, phi row k held in registers; blocks split the tokens in
+# chunks of TPS, each writing its own dphi partial (summed afterwards).
+DYNAMIC_VJP = KernelSpec(
+    name="mhc_coefficients_dynamic_vjp",
+    inputs=("xin", "phi", "gsc", "ctwo", "iparam"),
+    outputs=("gx", "gphi"),
+    body=r"""
+  constexpr int W = N * (N + 2);
+  constexpr int WP = (W + 3) / 4 * 4;
+  constexpr int TS = 32;
+  KSHARED float4 gs4[TS * WP / 4];
+  KSHARED float c2s[TS];
+  KSHPTR(float) gs = reinterpret_cast<KSHPTR(float)>(gs4);
+  const int Ttok = iparam[0];
+  const int K = iparam[1];
+  const int TPS = iparam[2];
+  const int nkb = (K + KNT - 1) / KNT;
+  const int split = KBID / nkb;
+  const int k = (KBID % nkb) * KNT + KTID;
+  const bool kl = k < K;
+  float pr[WP];
+  float acc[WP];
+  KUNROLL for (int c = 0; c < WP; ++c) {
+    pr[c] = (kl && c < W) ? phi[(int64_t)k * W + c] : 0.0f;
+    acc[c] = 0.0f;
+  }
+  const int tb = split * TPS;
+  const int te = (tb + TPS) < Ttok ? (tb + TPS) : Ttok;
+  for (int ts = tb; ts < te; ts += TS) {
+    KBARRIER();
+    for (int idx = KTID; idx < TS * WP; idx += KNT) {
+      const int q = idx / WP;
+      const int c = idx - q * WP;
+      gs[idx] = (c < W && ts + q < te) ? gsc[(int64_t)(ts + q) * W + c] : 0.0f;
+    }
+    for (int idx = KTID; idx < TS; idx += KNT) c2s[idx] = (ts + idx < te) ? ctwo[ts + idx] : 0.0f;
+    KBARRIER();
+    const int nq = (te - ts) < TS ? (te - ts) : TS;
+    for (int q = 0; q < nq; ++q) {
+      const int64_t t = ts + q;
+      const float xv = kl ? static_cast<float>(xin[t * K + k]) : 0.0f;
+      float d = 0.0f;
+      KUNROLL for (int c4 = 0; c4 < WP / 4; ++c4) {
+        const float4 g = gs4[q * (WP / 4) + c4];
+        d += g.x * pr[4 * c4 + 0] + g.y * pr[4 * c4 + 1] + g.z * pr[4 * c4 + 2] + g.w * pr[4 * c4 + 3];
+        acc[4 * c4 + 0] += xv * g.x;
+        acc[4 * c4 + 1] += xv * g.y;
+        acc[4 * c4 + 2] += xv * g.z;
+        acc[4 * c4 + 3] += xv * g.w;
+      }
+      if (kl) gx[t * K + k] = static_cast<T>(d - xv * c2s[q]);
+    }
+  }
+  if (kl) {
+    KUNROLL for (int c = 0; c < W; ++c) gphi[((int64_t)split * K + k) * W + c] = acc[c];
+  }
+""",
+)
+
+DYNAMIC_THREADS = 256
+VJP_THREADS = 256
+VJP_TOKENS_PER_SPLIT = 256
+
+
+def tokens_per_block(n: int) -> int:
+    return 16 if n * (n + 2) <= 24 else 8
+
+
+def activate(rpre, rpost, rres, iters: int):
+    """Float32 logits [M, n], [M, n], [M, n, n] -> (H_pre, H_post, H_res), one warp per row."""
+    M, n = rres.shape[0], rres.shape[-1]
+    grid, tg = sk._grid(M)
+    return launch(
+        ACTIVATE, [rpre, rpost, rres, int_params(M, iters)],
+        [((M, n), F32), ((M, n), F32), ((M, n, n), F32)], grid, tg, [("N", n)],
+    )
+
+
+def _activation_vjp(H_pre, H_post, L_res, g_pre, g_post, g_res, iters):
+    """Cotangents of the logits [M, 2n + n*n] from those of the coefficients."""
+    M, n = L_res.shape[0], L_res.shape[-1]
+    gp = g_pre.astype(F32) * H_pre * (1.0 - H_pre)
+    gq = g_post.astype(F32) * H_post * (1.0 - 0.5 * H_post)
+    gr = sk.project_vjp(L_res, g_res.astype(F32).reshape(M, n, n), iters)
+    return mx.concatenate([gp, gq, gr.reshape(M, n * n)], axis=-1)
+
+
+def _split_logits(h, n):
+    M = h.shape[0]
+    return h[:, :n], h[:, n : 2 * n], h[:, 2 * n :].reshape(M, n, n)
+
+
+@lru_cache(maxsize=None)
+def _static_function(n: int, iters: int):
+    @mx.custom_function
+    def coefficients(bias):
+        h = bias.astype(F32).reshape(1, -1)
+        H_pre, H_post, H_res = activate(*_split_logits(h, n), iters)
+        return H_pre[0], H_post[0], H_res[0]
+
+    @coefficients.vjp
+    def coefficients_vjp(bias, cotangents, outputs):
+        H_pre, H_post, _ = outputs
+        L_res = bias.astype(F32)[2 * n :].reshape(1, n, n)
+        g = _activation_vjp(
+            H_pre[None], H_post[None], L_res, cotangents[0][None], cotangents[1][None],
+            cotangents[2][None], iters,
+        )
+        return g[0].astype(bias.dtype)
+
+    return coefficients
+
+
+@lru_cache(maxsize=None)
+def _raw_function(n: int, iters: int):
+    """The seed layer's form: separate raw logits H_pre_raw [n], H_post_raw [n], H_res_raw [n, n]."""
+
+    @mx.custom_function
+    def coefficients(pre_raw, post_raw, res_raw):
+        H_pre, H_post, H_res = activate(
+            pre_raw.astype(F32).reshape(1, n), post_raw.astype(F32).reshape(1, n),
+            res_raw.astype(F32).reshape(1, n, n), iters,
+        )
+        return H_pre[0], H_post[0], H_res[0]
+
+    @coefficients.vjp
+    def coefficients_vjp(primals, cotangents, outputs):
+        pre_raw, post_raw, res_raw = primals
+        H_pre, H_post, _ = outputs
+        g = _activation_vjp(
+            H_pre[None], H_post[None], res_raw.astype(F32).reshape(1, n, n),
+            cotangents[0][None], cotangents[1][None], cotangents[2][None], iters,
+        )[0]
+        return (
+            g[:n].astype(pre_raw.dtype),
+            g[n : 2 * n].astype(post_raw.dtype),
+            g[2 * n :].reshape(n, n).astype(res_raw.dtype),
+        )
+
+    return coefficients
+
+
+def raw_coefficients(pre_raw, post_raw, res_raw, iters: int):
+    return _raw_function(res_raw.shape[-1], iters)(pre_raw, post_raw, res_raw)
+
+
+def _scale_index(n):
+    return mx.array([0] * n + [1] * n + [2] * (n * n), dtype=mx.uint32)
+
+
+def dynamic_forward(x2, phi, alpha, bias, n: int, iters: int, eps: float):
+    """x2 [T, n*C] -> H_pre [T, n], H_post [T, n], H_res [T, n, n], m [T, W], 1/r [T]."""
+    T, K = x2.shape
+    W = n * (n + 2)
+    tb = tokens_per_block(n)
+    blocks = -(-T // tb)
+    return launch(
+        DYNAMIC,
+        [x2, phi.astype(F32), alpha.astype(F32), bias.astype(F32), int_params(T, K, iters),
+         float_params(eps)],
+        [((T, n), F32), ((T, n), F32), ((T, n, n), F32), ((T, W), F32), ((T,), F32)],
+        blocks * DYNAMIC_THREADS, DYNAMIC_THREADS, [("T", x2.dtype), ("N", n), ("TB", tb)],
+    )
+
+
+def dynamic_vjp_x_phi(x2, phi, gs, c2):
+    """(dxf [T, K] in x's dtype, dphi [K, W] float32) from gs = dm / r [T, W] and c2 [T]."""
+    T, K = x2.shape
+    n = round((phi.shape[1] + 1) ** 0.5) - 1
+    splits = -(-T // VJP_TOKENS_PER_SPLIT)
+    nkb = -(-K // VJP_THREADS)
+    gx, gphi = launch(
+        DYNAMIC_VJP, [x2, phi.astype(F32), gs, c2, int_params(T, K, VJP_TOKENS_PER_SPLIT)],
+        [((T, K), x2.dtype), ((splits, K, phi.shape[1]), F32)],
+        splits * nkb * VJP_THREADS, VJP_THREADS, [("T", x2.dtype), ("N", n)],
+    )
+    return gx, mx.sum(gphi, axis=0)
+
+
+@lru_cache(maxsize=None)
+def _dynamic_function(n: int, iters: int, eps: float):
+    index = _scale_index(n)
+
+    @mx.custom_function
+    def coefficients(x, phi, alpha, bias):
+        lead, C = x.shape[:-2], x.shape[-1]
+        x2 = x.reshape(-1, n * C)
+        H_pre, H_post, H_res, m, invr = dynamic_forward(x2, phi, alpha, bias, n, iters, eps)
+        return (H_pre.reshape(*lead, n), H_post.reshape(*lead, n), H_res.reshape(*lead, n, n),
+                m, invr)
+
+    @coefficients.vjp
+    def coefficients_vjp(primals, cotangents, outputs):
+        x, phi, alpha, bias = primals
+        H_pre, H_post, _, m, invr = outputs
+        lead, C = x.shape[:-2], x.shape[-1]
+        K = n * C
+        T = m.shape[0]
+        scale = alpha.astype(F32)[index]
+        h = m * scale + bias.astype(F32)
+        gh = _activation_vjp(
+            H_pre.reshape(T, n), H_post.reshape(T, n), h[:, 2 * n :].reshape(T, n, n),
+            cotangents[0].reshape(T, n), cotangents[1].reshape(T, n),
+            cotangents[2].reshape(T, n, n), iters,
+        )
+        g_bias = mx.sum(gh, axis=0)
+        ghm = mx.sum(gh * m, axis=0)
+        g_alpha = mx.stack([mx.sum(ghm[:n]), mx.sum(ghm[n : 2 * n]), mx.sum(ghm[2 * n :])])
+        gm = gh * scale
+        gs = gm * invr[:, None]
+        c2 = invr * invr / K * mx.sum(gm * m, axis=-1)
+        gx, g_phi = dynamic_vjp_x_phi(x.reshape(T, K), phi, gs, c2)
+        return (gx.reshape(x.shape), g_phi.astype(phi.dtype), g_alpha.astype(alpha.dtype),
+                g_bias.astype(bias.dtype))
+
+    return coefficients
+
+
+def mhc_coefficients(x, phi, alpha, bias, iters: int = 20, eps: float = 1e-6):
+    n = x.shape[-2]
+    if phi is None:
+        return _static_function(n, iters)(bias)
+    return _dynamic_function(n, iters, float(eps))(x, phi, alpha, bias)[:3]

@@ -1,0 +1,187 @@
+"""The seeds' static layer in one kernel: aggregate + RMSNorm + mix + add, one token per group.
+
+out = H_res x + H_post (x) rms_norm(sum_i H_pre_i x_i) * w. A threadgroup owns whole tokens
+(persistent loop): pass 1 sums the squares of the aggregate, pass 2 writes every stream. When
+a thread's share of the token fits in registers (CPT chunks), pass 2 reuses it; else it
+re-reads x (from L2). INLINE (latency path) computes the coefficients inside the kernel from
+the raw logits -- one launch for the whole layer; otherwise a one-warp kernel computes them
+once and every group reads them (throughput path).
+
+Roundings follow the reference: the aggregate and the normalised value are rounded to x's
+dtype, as the unfused pre -> rms_norm -> post chain does.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import mlx.core as mx
+
+from . import coefficients, site
+from .build import KernelSpec, float_params, int_params, launch
+
+F32 = mx.float32
+MAX_N = 32
+LATENCY_TOKENS = 16  # up to this many tokens the inline (single-launch) form is used
+REGISTER_BUDGET = 64  # floats of x a thread may hold between the two passes
+
+LAYER = KernelSpec(
+    name="mhc_layer",
+    inputs=("xin", "cpre", "cpost", "cres", "wts", "iparam", "fparam"),
+    outputs=("xout",),
+    body=r"""
+  constexpr int NC = 2 * N + N * N;
+  constexpr int CP = CPT > 0 ? CPT : 1;
+  KSHARED float cf[NC];
+  KSHARED float scratch[32];
+  const int Ttok = iparam[0];
+  const int C = iparam[1];
+  const int iters = iparam[2];
+  const float eps = fparam[0];
+  const int nv = C / V;
+  const int tid = KTID;
+  const int lane = KLANE;
+  const int warp = KWARP;
+  const int nwarps = KNT / 32;
+  if (INLINE) {
+    if (warp == 0) {
+      const bool live = lane < N;
+      if (live) {
+        cf[lane] = ksigmoid(cpre[lane]);
+        cf[N + lane] = 2.0f * ksigmoid(cpost[lane]);
+      }
+      float col[N];
+      KUNROLL for (int i = 0; i < N; ++i) col[i] = live ? cres[i * N + lane] : 0.0f;
+      ksinkhorn_warp<N>(col, live, iters);
+      if (live) {
+        KUNROLL for (int i = 0; i < N; ++i) cf[2 * N + i * N + lane] = col[i];
+      }
+    }
+  } else {
+    for (int a = tid; a < NC; a += KNT)
+      cf[a] = a < N ? cpre[a] : (a < 2 * N ? cpost[a - N] : cres[a - 2 * N]);
+  }
+  KBARRIER();
+  const bool vec = KALIGNED16(xin) && KALIGNED16(xout);
+  float xr[CP][N * V];
+  for (int64_t t = KBID; t < Ttok; t += KNB) {
+    float ss = 0.0f;
+    const int chunks = CPT > 0 ? CPT : (nv + KNT - 1) / KNT;
+    for (int c = 0; c < chunks; ++c) {
+      const int cv = tid + c * KNT;
+      if (cv < nv) {
+        float xv[N * V];
+        KUNROLL for (int i = 0; i < N; ++i) kload<T, V>(xv + i * V, xin, (t * N + i) * C + (int64_t)cv * V, vec);
+        KUNROLL for (int e = 0; e < V; ++e) {
+          float y = 0.0f;
+          KUNROLL for (int i = 0; i < N; ++i) y += cf[i] * xv[i * V + e];
+          y = static_cast<float>(static_cast<T>(y));
+          ss += y * y;
+        }
+        if (CPT > 0) {
+          KUNROLL for (int a = 0; a < N * V; ++a) xr[c < CP ? c : 0][a] = xv[a];
+        }
+      }
+    }
+    const float inv = 1.0f / KSQRT(kblock_sum(ss, scratch, lane, warp, nwarps) / (float)C + eps);
+    for (int c = 0; c < chunks; ++c) {
+      const int cv = tid + c * KNT;
+      if (cv < nv) {
+        float xv[N * V];
+        if (CPT > 0) {
+          KUNROLL for (int a = 0; a < N * V; ++a) xv[a] = xr[c < CP ? c : 0][a];
+        } else {
+          KUNROLL for (int i = 0; i < N; ++i) kload<T, V>(xv + i * V, xin, (t * N + i) * C + (int64_t)cv * V, vec);
+        }
+        float z[V];
+        KUNROLL for (int e = 0; e < V; ++e) {
+          float y = 0.0f;
+          KUNROLL for (int i = 0; i < N; ++i) y += cf[i] * xv[i * V + e];
+          y = static_cast<float>(static_cast<T>(y));
+          z[e] = static_cast<float>(static_cast<T>(y * inv * static_cast<float>(wts[cv * V + e])));
+        }
+        KUNROLL for (int i = 0; i < N; ++i) {
+          float o[V];
+          KUNROLL for (int e = 0; e < V; ++e) o[e] = 0.0f;
+          KUNROLL for (int j = 0; j < N; ++j) {
+            const float a = cf[2 * N + i * N + j];
+            KUNROLL for (int e = 0; e < V; ++e) o[e] += a * xv[j * V + e];
+          }
+          KUNROLL for (int e = 0; e < V; ++e) o[e] += cf[N + i] * z[e];
+          kstore<T, V>(xout, (t * N + i) * C + (int64_t)cv * V, o, vec);
+        }
+      }
+    }
+  }
+""",
+)
+
+MAX_GROUPS = 2048
+
+
+def plan(T: int, n: int, C: int, itemsize: int, threads: int | None = None):
+    """(V, threads, CPT, groups) for one call: 16-byte vectors where C allows, a threadgroup
+    no larger than the token needs, x kept in registers between passes when it fits."""
+    V = site.vector_width(C, itemsize, n, budget=32)
+    nv = C // V
+    if threads is None:
+        threads = 256
+        while threads > 32 and threads // 2 >= nv:
+            threads //= 2
+    chunks = -(-nv // threads)
+    cpt = chunks if chunks * n * V <= REGISTER_BUDGET else 0
+    return V, threads, cpt, max(1, min(T, MAX_GROUPS))
+
+
+def forward(x, pre, post, res, weight, iters: int, eps: float, inline: bool, threads=None):
+    *lead, n, C = x.shape
+    T = 1
+    for d in lead:
+        T *= d
+    V, tg, cpt, groups = plan(T, n, C, x.dtype.size, threads)
+    return launch(
+        LAYER,
+        [x, pre, post, res, weight, int_params(T, C, iters), float_params(eps)],
+        [(x.shape, x.dtype)], groups * tg, tg,
+        [("T", x.dtype), ("N", n), ("V", V), ("CPT", cpt), ("INLINE", inline)],
+    )[0]
+
+
+def _composite(x, pre_raw, post_raw, res_raw, weight, iters, eps):
+    """The same layer from the separate kernel ops (each with its fused backward)."""
+    H_pre, H_post, H_res = coefficients.raw_coefficients(pre_raw, post_raw, res_raw, iters)
+    y = site.mhc_pre(x, H_pre).astype(F32)
+    z = y * mx.rsqrt(mx.mean(y * y, axis=-1, keepdims=True) + eps) * weight.astype(F32)
+    return site.mhc_post(x, z.astype(x.dtype), H_post, H_res)
+
+
+@lru_cache(maxsize=None)
+def _function(iters: int, eps: float, inline: bool, threads):
+    @mx.custom_function
+    def layer(x, pre_raw, post_raw, res_raw, weight):
+        if inline:
+            return forward(x, pre_raw.astype(F32), post_raw.astype(F32), res_raw.astype(F32),
+                           weight, iters, eps, True, threads)
+        n = x.shape[-2]
+        H_pre, H_post, H_res = coefficients.activate(
+            pre_raw.astype(F32).reshape(1, n), post_raw.astype(F32).reshape(1, n),
+            res_raw.astype(F32).reshape(1, n, n), iters,
+        )
+        return forward(x, H_pre, H_post, H_res, weight, iters, eps, False, threads)
+
+    @layer.vjp
+    def layer_vjp(primals, cotangent, output):
+        _, grads = mx.vjp(lambda *a: _composite(*a, iters, eps), list(primals), [cotangent])
+        return tuple(grads)
+
+    return layer
+
+
+def mhc_layer(x, H_pre_raw, H_post_raw, H_res_raw, rms_weight, iters: int, eps: float,
+              inline: bool | None = None, threads: int | None = None):
+    if inline is None:
+        T = x.size // (x.shape[-2] * x.shape[-1])
+        inline = T <= LATENCY_TOKENS
+    return _function(iters, float(eps), bool(inline), threads)(
+        x, H_pre_raw, H_post_raw, H_res_raw, rms_weight
+    )

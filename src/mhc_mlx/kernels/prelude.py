@@ -1,0 +1,260 @@
+"""The thin macro layer that lets one kernel body compile as CUDA and as Metal.
+
+Every kernel body in this package is written once against the K* names below. The CUDA
+prelude maps them to CUDA built-ins, the Metal prelude to Metal ones; nothing else differs.
+Shared device routines (warp sums, the warp-parallel Sinkhorn) live here too, written only
+in K* names, so the logic measured on CUDA is the logic that runs on Metal.
+
+MLX looks for Metal thread attributes (thread_position_in_threadgroup, ...) by substring
+search of the kernel *body*, never the header. Each body therefore ends with ATTRIBUTES_NOTE,
+a comment naming the attributes the macros use; on CUDA it is just a comment.
+"""
+
+from __future__ import annotations
+
+# Named in every body so MLX's Metal signature writer declares these attributes.
+ATTRIBUTES_NOTE = (
+    "\n// attributes used by the K* macros: thread_position_in_threadgroup threadgroup_position_in_grid"
+    " threads_per_threadgroup threadgroups_per_grid thread_index_in_simdgroup"
+    " simdgroup_index_in_threadgroup\n"
+)
+
+CUDA_MACROS = r"""
+#define MHC_BACKEND_CUDA 1
+#define KDEV __device__ __forceinline__
+#define KSHARED __shared__
+#define KSHPTR(type) type*
+#define KFLOAT4(a, b, c, d) make_float4((a), (b), (c), (d))
+#define KWARP_SYNC() __syncwarp()
+#define KTHREAD
+#define KBARRIER() __syncthreads()
+#define KTID ((int)threadIdx.x)
+#define KBID ((int)blockIdx.x)
+#define KNT ((int)blockDim.x)
+#define KNB ((int)gridDim.x)
+#define KLANE ((int)(threadIdx.x & 31u))
+#define KWARP ((int)(threadIdx.x >> 5))
+#define KUNROLL _Pragma("unroll")
+#define KEXP(v) expf(v)
+#define KSQRT(v) sqrtf(v)
+#define KMAX(a, b) fmaxf((a), (b))
+#define KALIGNED16(p) ((reinterpret_cast<unsigned long long>(p) & 15ull) == 0ull)
+
+KDEV float kwarp_sum(float v) {
+  KUNROLL for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+KDEV float kwarp_max(float v) {
+  KUNROLL for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+KDEV float kshfl(float v, int src) { return __shfl_sync(0xffffffffu, v, src); }
+KDEV float kshfl_xor(float v, int mask) { return __shfl_xor_sync(0xffffffffu, v, mask); }
+
+// V consecutive elements of type T at p[off], as floats: one 16-byte load when `vec` holds.
+template <typename T, int V, typename P>
+KDEV void kload(float* dst, P p, int64_t off, bool vec) {
+  if (V > 1 && vec) {
+    auto w = *reinterpret_cast<const mlx::core::cu::AlignedVector<T, V>*>(p + off);
+    KUNROLL for (int e = 0; e < V; ++e) dst[e] = static_cast<float>(w[e]);
+  } else {
+    KUNROLL for (int e = 0; e < V; ++e) dst[e] = static_cast<float>(p[off + e]);
+  }
+}
+template <typename T, int V, typename P>
+KDEV void kstore(P p, int64_t off, const float* src, bool vec) {
+  if (V > 1 && vec) {
+    mlx::core::cu::AlignedVector<T, V> w;
+    KUNROLL for (int e = 0; e < V; ++e) w[e] = static_cast<T>(src[e]);
+    *reinterpret_cast<mlx::core::cu::AlignedVector<T, V>*>(p + off) = w;
+  } else {
+    KUNROLL for (int e = 0; e < V; ++e) p[off + e] = static_cast<T>(src[e]);
+  }
+}
+"""
+
+METAL_MACROS = r"""
+#define MHC_BACKEND_METAL 1
+#define KDEV inline
+#define KSHARED threadgroup
+#define KSHPTR(type) threadgroup type*
+#define KFLOAT4(a, b, c, d) float4((a), (b), (c), (d))
+#define KWARP_SYNC() metal::simdgroup_barrier(mem_flags::mem_threadgroup)
+#define KTHREAD thread
+#define KBARRIER() threadgroup_barrier(mem_flags::mem_threadgroup)
+#define KTID ((int)thread_position_in_threadgroup.x)
+#define KBID ((int)threadgroup_position_in_grid.x)
+#define KNT ((int)threads_per_threadgroup.x)
+#define KNB ((int)threadgroups_per_grid.x)
+#define KLANE ((int)thread_index_in_simdgroup)
+#define KWARP ((int)simdgroup_index_in_threadgroup)
+#define KUNROLL _Pragma("unroll")
+#define KEXP(v) metal::precise::exp(v)
+#define KSQRT(v) metal::precise::sqrt(v)
+#define KMAX(a, b) metal::max((a), (b))
+#define KALIGNED16(p) (true)
+
+KDEV float kwarp_sum(float v) { return metal::simd_sum(v); }
+KDEV float kwarp_max(float v) { return metal::simd_max(v); }
+KDEV float kshfl(float v, int src) { return metal::simd_shuffle(v, (ushort)src); }
+KDEV float kshfl_xor(float v, int mask) { return metal::simd_shuffle_xor(v, (ushort)mask); }
+
+// Element loads on Metal: the compiler merges them, and they work in any address space.
+template <typename T, int V, typename P>
+KDEV void kload(thread float* dst, P p, int64_t off, bool vec) {
+  KUNROLL for (int e = 0; e < V; ++e) dst[e] = static_cast<float>(p[off + e]);
+}
+template <typename T, int V, typename P>
+KDEV void kstore(P p, int64_t off, thread const float* src, bool vec) {
+  KUNROLL for (int e = 0; e < V; ++e) p[off + e] = static_cast<T>(src[e]);
+}
+"""
+
+# Backend-neutral device code, written only in K* names.
+COMMON = r"""
+#define MHC_TINY 1e-30f
+#define MHC_NEG_BIG (-3.0e38f)
+
+KDEV float ksigmoid(float v) { return 1.0f / (1.0f + KEXP(-v)); }
+
+// Sum of v over the threadgroup; `scratch` holds one float per warp. Every thread gets it.
+// (Helpers take lane/warp as arguments: on Metal the thread attributes are kernel parameters.)
+KDEV float kblock_sum(float v, KSHPTR(float) scratch, int lane, int warp, int nwarps) {
+  v = kwarp_sum(v);
+  KBARRIER();
+  if (lane == 0) scratch[warp] = v;
+  KBARRIER();
+  float s = 0.0f;
+  for (int w = 0; w < nwarps; ++w) s += scratch[w];
+  KBARRIER();
+  return s;
+}
+
+// NV sums at once over the threadgroup (scratch: nwarps * NV floats). Thread tid < NV gets
+// the total of vals[tid]; the others get 0. Ends with a barrier, so scratch can be reused.
+template <int NV>
+KDEV float kblock_reduce(KTHREAD float* vals, KSHPTR(float) scratch, int lane, int warp, int nwarps,
+                         int tid) {
+  KUNROLL for (int i = 0; i < NV; ++i) {
+    const float s = kwarp_sum(vals[i]);
+    if (lane == 0) scratch[warp * NV + i] = s;
+  }
+  KBARRIER();
+  float total = 0.0f;
+  if (tid < NV)
+    for (int w = 0; w < nwarps; ++w) total += scratch[w * NV + tid];
+  KBARRIER();
+  return total;
+}
+
+// Warp-parallel Sinkhorn-Knopp on one N x N matrix (N <= 32): lane j holds column j in
+// col[0..N); lanes j >= N hold zeros. On entry col holds the logits (dead lanes: anything),
+// on exit the doubly stochastic matrix. P = exp(L - max L), then `iters` times: divide by
+// column sums, then by row sums, each sum clamped at MHC_TINY.
+template <int N>
+KDEV void ksinkhorn_warp(KTHREAD float* col, bool live, int iters) {
+  float m = MHC_NEG_BIG;
+  KUNROLL for (int i = 0; i < N; ++i) m = KMAX(m, live ? col[i] : MHC_NEG_BIG);
+  m = kwarp_max(m);
+  KUNROLL for (int i = 0; i < N; ++i) col[i] = live ? KEXP(col[i] - m) : 0.0f;
+  for (int it = 0; it < iters; ++it) {
+    float s = 0.0f;
+    KUNROLL for (int i = 0; i < N; ++i) s += col[i];
+    s = KMAX(s, MHC_TINY);
+    KUNROLL for (int i = 0; i < N; ++i) col[i] = col[i] / s;
+    KUNROLL for (int i = 0; i < N; ++i) {
+      float r = KMAX(kwarp_sum(col[i]), MHC_TINY);
+      col[i] = col[i] / r;
+    }
+  }
+}
+
+// Its exact backward: on entry lc = logits column, g = cotangent column; on exit g = dL.
+// The forward is replayed once, keeping per step the sums and the cumulative scalings u (rows,
+// lane i keeps row i's) and v (columns), so each step's output is u_i * P0_ij * v_j again.
+template <int N, int ITERS>
+KDEV void ksinkhorn_warp_vjp(KTHREAD float* lc, KTHREAD float* g, bool live, int lane) {
+  float m = MHC_NEG_BIG;
+  KUNROLL for (int i = 0; i < N; ++i) m = KMAX(m, live ? lc[i] : MHC_NEG_BIG);
+  m = kwarp_max(m);
+  float p0[N];
+  float p[N];
+  unsigned int at_max = 0u;
+  KUNROLL for (int i = 0; i < N; ++i) {
+    p0[i] = live ? KEXP(lc[i] - m) : 0.0f;
+    p[i] = p0[i];
+    if (live && lc[i] == m) at_max |= (1u << i);
+  }
+  float cs[ITERS];  // column sums (own column)
+  float cv[ITERS];  // cumulative column scaling after each column step (own column)
+  float rs[ITERS];  // row sums (row `lane`)
+  float ru[ITERS];  // cumulative row scaling after each row step (row `lane`)
+  float v = 1.0f, u = 1.0f;
+  KUNROLL for (int k = 0; k < ITERS; ++k) {
+    float s = 0.0f;
+    KUNROLL for (int i = 0; i < N; ++i) s += p[i];
+    const float sc = KMAX(s, MHC_TINY);
+    cs[k] = s;
+    v = live ? v / sc : 1.0f;
+    cv[k] = v;
+    KUNROLL for (int i = 0; i < N; ++i) p[i] = p[i] / sc;
+    float mine = 1.0f;
+    KUNROLL for (int i = 0; i < N; ++i) {
+      const float r = kwarp_sum(p[i]);
+      p[i] = p[i] / KMAX(r, MHC_TINY);
+      mine = (lane == i) ? r : mine;
+    }
+    rs[k] = mine;
+    u = (lane < N) ? u / KMAX(mine, MHC_TINY) : 1.0f;
+    ru[k] = u;
+  }
+  KUNROLL for (int k = ITERS - 1; k >= 0; --k) {
+    // row step k: out_ij = u_k[i] p0_ij v_k[j], divided by the row sums rs[k]
+    KUNROLL for (int i = 0; i < N; ++i) {
+      const float ui = kshfl(ru[k], i);
+      const float si = kshfl(rs[k], i);
+      const float out = live ? ui * p0[i] * cv[k] : 0.0f;
+      const float inner = kwarp_sum(g[i] * out);
+      g[i] = (g[i] - (si > MHC_TINY ? inner : 0.0f)) / KMAX(si, MHC_TINY);
+    }
+    // column step k: out_ij = u_{k-1}[i] p0_ij v_k[j], divided by the column sums cs[k]
+    float inner = 0.0f;
+    KUNROLL for (int i = 0; i < N; ++i) {
+      const float ui = (k > 0) ? kshfl(ru[k > 0 ? k - 1 : 0], i) : 1.0f;
+      inner += live ? g[i] * ui * p0[i] * cv[k] : 0.0f;
+    }
+    const float sj = cs[k];
+    KUNROLL for (int i = 0; i < N; ++i)
+      g[i] = live ? (g[i] - (sj > MHC_TINY ? inner : 0.0f)) / KMAX(sj, MHC_TINY) : 0.0f;
+  }
+  // Through exp(L - m); the max shift only matters where a clamp broke shift invariance:
+  // route its gradient to the argmax entries, split between ties (as autodiff does).
+  float local = 0.0f, ties = 0.0f;
+  KUNROLL for (int i = 0; i < N; ++i) {
+    g[i] = g[i] * p0[i];
+    local += g[i];
+    ties += ((at_max >> i) & 1u) ? 1.0f : 0.0f;
+  }
+  const float shift = kwarp_sum(local);
+  const float count = kwarp_sum(ties);
+  KUNROLL for (int i = 0; i < N; ++i)
+    if ((at_max >> i) & 1u) g[i] -= shift / count;
+}
+"""
+
+
+def header(backend: str) -> str:
+    """The full header for one backend: its macros, then the shared device code."""
+    if backend == "cuda":
+        return CUDA_MACROS + COMMON
+    if backend == "metal":
+        return METAL_MACROS + COMMON
+    raise ValueError(f"unknown kernel backend {backend!r}; expected 'cuda' or 'metal'")
+
+
+# Tokens that must never reach a Metal compiler (the CUDA macro layer's vocabulary).
+CUDA_ONLY_TOKENS = (
+    "__global__", "__device__", "__shared__", "__syncthreads", "__shfl", "threadIdx",
+    "blockIdx", "blockDim", "gridDim", "__forceinline__", "__nv_bfloat16", "__half",
+    "cooperative_groups", "AlignedVector", "mlx::core::cu", "expf(", "sqrtf(", "fmaxf(",
+)

@@ -1,0 +1,109 @@
+"""Sinkhorn–Knopp kernels: all iterations in one launch, one warp (simdgroup) per matrix.
+
+Batched over any leading dims ([..., n, n], n <= 32). The backward is one launch too: each
+warp replays the forward keeping only the sums and scalings, then walks back (prelude.py).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import mlx.core as mx
+
+from ..compiled.sinkhorn import _backward as compiled_backward
+from .build import KernelSpec, int_params, launch
+
+MAX_N = 32
+# The fused backward unrolls n x iters steps with per-step registers; past this it would
+# spill heavily, so the backward falls back to the compiled one (the forward stays fused).
+MAX_BACKWARD_WORK = 1024
+WARPS_PER_GROUP = 4
+
+FORWARD = KernelSpec(
+    name="mhc_sinkhorn",
+    inputs=("logit", "iparam"),
+    outputs=("proj",),
+    body=r"""
+  const int M = iparam[0];
+  const int iters = iparam[1];
+  const int lane = KLANE;
+  const int mat = KBID * (KNT / 32) + KWARP;
+  const bool live = (mat < M) && (lane < N);
+  const int64_t base = (int64_t)mat * N * N;
+  float col[N];
+  KUNROLL for (int i = 0; i < N; ++i) col[i] = live ? logit[base + i * N + lane] : 0.0f;
+  ksinkhorn_warp<N>(col, live, iters);
+  if (live) {
+    KUNROLL for (int i = 0; i < N; ++i) proj[base + i * N + lane] = col[i];
+  }
+""",
+)
+
+BACKWARD = KernelSpec(
+    name="mhc_sinkhorn_vjp",
+    inputs=("logit", "cot", "iparam"),
+    outputs=("glogit",),
+    body=r"""
+  const int M = iparam[0];
+  const int lane = KLANE;
+  const int mat = KBID * (KNT / 32) + KWARP;
+  const bool live = (mat < M) && (lane < N);
+  const int64_t base = (int64_t)mat * N * N;
+  float lc[N];
+  float g[N];
+  KUNROLL for (int i = 0; i < N; ++i) {
+    lc[i] = live ? logit[base + i * N + lane] : 0.0f;
+    g[i] = live ? cot[base + i * N + lane] : 0.0f;
+  }
+  ksinkhorn_warp_vjp<N, ITERS>(lc, g, live, lane);
+  if (live) {
+    KUNROLL for (int i = 0; i < N; ++i) glogit[base + i * N + lane] = g[i];
+  }
+""",
+)
+
+
+def _grid(M: int) -> tuple[int, int]:
+    tg = 32 * WARPS_PER_GROUP
+    return -(-M // WARPS_PER_GROUP) * tg, tg
+
+
+def project(L: mx.array, iters: int) -> mx.array:
+    """Forward on float32 logits [M, n, n] -> [M, n, n]."""
+    M, n = L.shape[0], L.shape[-1]
+    grid, tg = _grid(M)
+    return launch(FORWARD, [L, int_params(M, iters)], [(L.shape, mx.float32)], grid, tg, [("N", n)])[0]
+
+
+def project_vjp(L: mx.array, cot: mx.array, iters: int) -> mx.array:
+    """dL for float32 logits [M, n, n] and cotangent [M, n, n] (fused when small enough)."""
+    M, n = L.shape[0], L.shape[-1]
+    if n * iters > MAX_BACKWARD_WORK:
+        return compiled_backward(L, cot, iters)
+    grid, tg = _grid(M)
+    return launch(
+        BACKWARD, [L, cot, int_params(M, iters)], [(L.shape, mx.float32)], grid, tg,
+        [("N", n), ("ITERS", iters)],
+    )[0]
+
+
+@lru_cache(maxsize=None)
+def _function(iters: int):
+    @mx.custom_function
+    def sinkhorn(logits):
+        n = logits.shape[-1]
+        flat = logits.astype(mx.float32).reshape(-1, n, n)
+        return project(flat, iters).reshape(logits.shape)
+
+    @sinkhorn.vjp
+    def sinkhorn_vjp(logits, cotangent, output):
+        n = logits.shape[-1]
+        flat = logits.astype(mx.float32).reshape(-1, n, n)
+        cot = cotangent.astype(mx.float32).reshape(-1, n, n)
+        return project_vjp(flat, cot, iters).reshape(logits.shape).astype(logits.dtype)
+
+    return sinkhorn
+
+
+def sinkhorn_knopp(logits: mx.array, iters: int = 20) -> mx.array:
+    return _function(iters)(logits)

@@ -1,0 +1,361 @@
+"""The site's read (pre) and write (post) kernels and their fused backwards.
+
+Forward kernels are flat: one thread per (token, V consecutive channels), all n streams.
+Backward kernels give each threadgroup whole tokens (a persistent loop over tokens), because
+the coefficient gradients are sums over the channels of a token (per-token coefficients) or
+over all tokens (shared coefficients: summed in registers, one partial per threadgroup).
+Coefficients are float32; `SHARED` means one set for all tokens, else one per token.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import mlx.core as mx
+
+from .build import KernelSpec, int_params, launch
+
+F32 = mx.float32
+MAX_N = 32
+MAX_N_REDUCE = 8  # coefficient gradients summed in registers up to n*n + n = 72 values
+FLAT_THREADS = 256
+TOKEN_THREADS = 256
+MAX_GROUPS = 1056  # persistent backward grids: about 8 groups per SM on a 132-SM GPU
+
+PRE = KernelSpec(
+    name="mhc_pre",
+    inputs=("xin", "hpre", "iparam"),
+    outputs=("hout",),
+    body=r"""
+  const int Ttok = iparam[0];
+  const int C = iparam[1];
+  const int nv = C / V;
+  const int64_t gid = (int64_t)KBID * KNT + KTID;
+  const int64_t t = gid / nv;
+  const int cv = (int)(gid - t * nv);
+  if (t < Ttok) {
+    const bool vec = KALIGNED16(xin) && KALIGNED16(hout);
+    float acc[V];
+    KUNROLL for (int e = 0; e < V; ++e) acc[e] = 0.0f;
+    KUNROLL for (int i = 0; i < N; ++i) {
+      float xv[V];
+      kload<T, V>(xv, xin, (t * N + i) * C + (int64_t)cv * V, vec);
+      const float h = SHARED ? hpre[i] : hpre[t * N + i];
+      KUNROLL for (int e = 0; e < V; ++e) acc[e] += h * xv[e];
+    }
+    kstore<T, V>(hout, t * C + (int64_t)cv * V, acc, vec);
+  }
+""",
+)
+
+PRE_VJP = KernelSpec(
+    name="mhc_pre_vjp",
+    inputs=("xin", "hpre", "gout", "iparam"),
+    outputs=("gx", "gh"),
+    body=r"""
+  KSHARED float scratch[8 * N];
+  const int Ttok = iparam[0];
+  const int C = iparam[1];
+  const int nv = C / V;
+  const int tid = KTID;
+  const int lane = KLANE;
+  const int warp = KWARP;
+  const int nwarps = KNT / 32;
+  const bool vec = KALIGNED16(xin) && KALIGNED16(gout) && KALIGNED16(gx);
+  float acc[N];
+  KUNROLL for (int i = 0; i < N; ++i) acc[i] = 0.0f;
+  for (int64_t t = KBID; t < Ttok; t += KNB) {
+    for (int cv = tid; cv < nv; cv += KNT) {
+      float g[V];
+      kload<T, V>(g, gout, t * C + (int64_t)cv * V, vec);
+      KUNROLL for (int i = 0; i < N; ++i) {
+        const float h = SHARED ? hpre[i] : hpre[t * N + i];
+        const int64_t off = (t * N + i) * C + (int64_t)cv * V;
+        float xv[V];
+        float o[V];
+        kload<T, V>(xv, xin, off, vec);
+        float d = 0.0f;
+        KUNROLL for (int e = 0; e < V; ++e) {
+          o[e] = h * g[e];
+          d += g[e] * xv[e];
+        }
+        kstore<T, V>(gx, off, o, vec);
+        acc[i] += d;
+      }
+    }
+    if (!SHARED) {
+      const float total = kblock_reduce<N>(acc, scratch, lane, warp, nwarps, tid);
+      if (tid < N) gh[t * N + tid] = total;
+      KUNROLL for (int i = 0; i < N; ++i) acc[i] = 0.0f;
+    }
+  }
+  if (SHARED) {
+    const float total = kblock_reduce<N>(acc, scratch, lane, warp, nwarps, tid);
+    if (tid < N) gh[(int64_t)KBID * N + tid] = total;
+  }
+""",
+)
+
+POST = KernelSpec(
+    name="mhc_post",
+    inputs=("xin", "fin", "hpost", "hres", "iparam"),
+    outputs=("xout",),
+    body=r"""
+  const int Ttok = iparam[0];
+  const int C = iparam[1];
+  const int nv = C / V;
+  const int64_t gid = (int64_t)KBID * KNT + KTID;
+  const int64_t t = gid / nv;
+  const int cv = (int)(gid - t * nv);
+  if (t < Ttok) {
+    const bool vec = KALIGNED16(xin) && KALIGNED16(fin) && KALIGNED16(xout);
+    const int64_t hb = SHARED ? 0 : t;
+    float xv[N][V];
+    float fv[V];
+    KUNROLL for (int j = 0; j < N; ++j) kload<T, V>(xv[j], xin, (t * N + j) * C + (int64_t)cv * V, vec);
+    kload<T, V>(fv, fin, t * C + (int64_t)cv * V, vec);
+    KUNROLL for (int i = 0; i < N; ++i) {
+      float o[V];
+      const float hp = hpost[hb * N + i];
+      KUNROLL for (int e = 0; e < V; ++e) o[e] = 0.0f;
+      KUNROLL for (int j = 0; j < N; ++j) {
+        const float a = hres[(hb * N + i) * N + j];
+        KUNROLL for (int e = 0; e < V; ++e) o[e] += a * xv[j][e];
+      }
+      KUNROLL for (int e = 0; e < V; ++e) o[e] += hp * fv[e];
+      kstore<T, V>(xout, (t * N + i) * C + (int64_t)cv * V, o, vec);
+    }
+  }
+""",
+)
+
+POST_VJP = KernelSpec(
+    name="mhc_post_vjp",
+    inputs=("xin", "fin", "hpost", "hres", "gout", "iparam"),
+    outputs=("gx", "gf", "gpost", "gres"),
+    body=r"""
+  constexpr int NV = HGRAD ? N * N + N : 1;
+  KSHARED float scratch[8 * NV];
+  const int Ttok = iparam[0];
+  const int C = iparam[1];
+  const int nv = C / V;
+  const int tid = KTID;
+  const int lane = KLANE;
+  const int warp = KWARP;
+  const int nwarps = KNT / 32;
+  const bool vec = KALIGNED16(xin) && KALIGNED16(fin) && KALIGNED16(gout) && KALIGNED16(gx) &&
+                   KALIGNED16(gf);
+  float acc[NV];
+  KUNROLL for (int a = 0; a < NV; ++a) acc[a] = 0.0f;
+  for (int64_t t = KBID; t < Ttok; t += KNB) {
+    const int64_t hb = SHARED ? 0 : t;
+    for (int cv = tid; cv < nv; cv += KNT) {
+      float g[N][V];
+      KUNROLL for (int i = 0; i < N; ++i) kload<T, V>(g[i], gout, (t * N + i) * C + (int64_t)cv * V, vec);
+      float o[V];
+      KUNROLL for (int e = 0; e < V; ++e) o[e] = 0.0f;
+      KUNROLL for (int i = 0; i < N; ++i) {
+        const float hp = hpost[hb * N + i];
+        KUNROLL for (int e = 0; e < V; ++e) o[e] += hp * g[i][e];
+      }
+      kstore<T, V>(gf, t * C + (int64_t)cv * V, o, vec);
+      if (HGRAD) {
+        float fv[V];
+        kload<T, V>(fv, fin, t * C + (int64_t)cv * V, vec);
+        KUNROLL for (int i = 0; i < N; ++i) {
+          float d = 0.0f;
+          KUNROLL for (int e = 0; e < V; ++e) d += g[i][e] * fv[e];
+          acc[(N * N + i) % NV] += d;
+        }
+      }
+      KUNROLL for (int j = 0; j < N; ++j) {
+        const int64_t off = (t * N + j) * C + (int64_t)cv * V;
+        KUNROLL for (int e = 0; e < V; ++e) o[e] = 0.0f;
+        KUNROLL for (int i = 0; i < N; ++i) {
+          const float a = hres[(hb * N + i) * N + j];
+          KUNROLL for (int e = 0; e < V; ++e) o[e] += a * g[i][e];
+        }
+        kstore<T, V>(gx, off, o, vec);
+        if (HGRAD) {
+          float xv[V];
+          kload<T, V>(xv, xin, off, vec);
+          KUNROLL for (int i = 0; i < N; ++i) {
+            float d = 0.0f;
+            KUNROLL for (int e = 0; e < V; ++e) d += g[i][e] * xv[e];
+            acc[(i * N + j) % NV] += d;
+          }
+        }
+      }
+    }
+    if (HGRAD && !SHARED) {
+      const float total = kblock_reduce<NV>(acc, scratch, lane, warp, nwarps, tid);
+      if (tid < N * N) gres[t * N * N + tid] = total;
+      else if (tid < NV) gpost[t * N + (tid - N * N)] = total;
+      KUNROLL for (int a = 0; a < NV; ++a) acc[a] = 0.0f;
+    }
+  }
+  if (HGRAD && SHARED) {
+    const float total = kblock_reduce<NV>(acc, scratch, lane, warp, nwarps, tid);
+    if (tid < N * N) gres[(int64_t)KBID * N * N + tid] = total;
+    else if (tid < NV) gpost[(int64_t)KBID * N + (tid - N * N)] = total;
+  }
+""",
+)
+
+
+def vector_width(C: int, itemsize: int, n: int, budget: int = 64) -> int:
+    """Channels per thread: a 16-byte vector when C allows it, fewer when n*V registers would
+    exceed `budget`, 1 for odd C (the scalar path, always correct)."""
+    v = 16 // itemsize
+    while v > 1 and (C % v or n * v > budget):
+        v //= 2
+    return v
+
+
+def _flat_grid(T: int, C: int, V: int) -> int:
+    work = T * (C // V)
+    return -(-work // FLAT_THREADS) * FLAT_THREADS
+
+
+def _coefficient_rows(h, lead, trailing):
+    """(array [rows, *trailing] float32, shared) for a coefficient that broadcasts over `lead`."""
+    k = len(trailing)
+    size = 1
+    for d in trailing:
+        size *= d
+    if h.size == size:
+        return h.astype(F32).reshape(trailing), True
+    full = mx.broadcast_to(h.astype(F32), (*lead, *trailing))
+    return full.reshape(-1, *trailing), False
+
+
+def pre_forward(x, H_pre):
+    *lead, n, C = x.shape
+    T = 1
+    for d in lead:
+        T *= d
+    h, shared = _coefficient_rows(H_pre, tuple(lead), (n,))
+    V = vector_width(C, x.dtype.size, n, budget=256)
+    out = launch(
+        PRE, [x, h, int_params(T, C)], [((*lead, C), x.dtype)], _flat_grid(T, C, V), FLAT_THREADS,
+        [("T", x.dtype), ("N", n), ("V", V), ("SHARED", shared)],
+    )[0]
+    return out
+
+
+def _groups(T: int) -> int:
+    return max(1, min(T, MAX_GROUPS))
+
+
+def pre_vjp(x, H_pre, g):
+    *lead, n, C = x.shape
+    T = 1
+    for d in lead:
+        T *= d
+    h, shared = _coefficient_rows(H_pre, tuple(lead), (n,))
+    V = vector_width(C, x.dtype.size, n, budget=64)
+    groups = _groups(T)
+    rows = groups if shared else T
+    gx, gh = launch(
+        PRE_VJP, [x, h, g.astype(x.dtype), int_params(T, C)],
+        [(x.shape, x.dtype), ((rows, n), F32)], groups * TOKEN_THREADS, TOKEN_THREADS,
+        [("T", x.dtype), ("N", n), ("V", V), ("SHARED", shared)],
+    )
+    gh = mx.sum(gh, axis=0) if shared else gh.reshape(*lead, n)
+    return gx, _reduce_to(gh, H_pre)
+
+
+def _reduce_to(g, like):
+    """Sum a gradient over the dims `like` was broadcast along; return it in like's dtype/shape."""
+    if g.shape != like.shape:
+        extra = g.ndim - like.ndim
+        if extra > 0:
+            g = mx.sum(g, axis=tuple(range(extra)))
+        axes = tuple(i for i, d in enumerate(like.shape) if d == 1 and g.shape[i] != 1)
+        if axes:
+            g = mx.sum(g, axis=axes, keepdims=True)
+        g = g.reshape(like.shape)
+    return g.astype(like.dtype)
+
+
+def post_forward(x, f, H_post, H_res):
+    *lead, n, C = x.shape
+    T = 1
+    for d in lead:
+        T *= d
+    hp, shared_p = _coefficient_rows(H_post, tuple(lead), (n,))
+    hr, shared_r = _coefficient_rows(H_res, tuple(lead), (n, n))
+    shared = shared_p and shared_r
+    if shared_p != shared_r:  # mixed: give both one row per token
+        hp = mx.broadcast_to(H_post.astype(F32), (*lead, n)).reshape(-1, n)
+        hr = mx.broadcast_to(H_res.astype(F32), (*lead, n, n)).reshape(-1, n, n)
+    V = vector_width(C, x.dtype.size, n, budget=64)
+    return launch(
+        POST, [x, f.astype(x.dtype), hp, hr, int_params(T, C)], [(x.shape, x.dtype)],
+        _flat_grid(T, C, V), FLAT_THREADS, [("T", x.dtype), ("N", n), ("V", V), ("SHARED", shared)],
+    )[0]
+
+
+def post_vjp(x, f, H_post, H_res, g):
+    *lead, n, C = x.shape
+    T = 1
+    for d in lead:
+        T *= d
+    hp, shared_p = _coefficient_rows(H_post, tuple(lead), (n,))
+    hr, shared_r = _coefficient_rows(H_res, tuple(lead), (n, n))
+    shared = shared_p and shared_r
+    if shared_p != shared_r:
+        hp = mx.broadcast_to(H_post.astype(F32), (*lead, n)).reshape(-1, n)
+        hr = mx.broadcast_to(H_res.astype(F32), (*lead, n, n)).reshape(-1, n, n)
+    hgrad = n <= MAX_N_REDUCE
+    V = vector_width(C, x.dtype.size, n, budget=32)
+    groups = _groups(T)
+    rows = (groups if shared else T) if hgrad else 1
+    g = g.astype(x.dtype)
+    gx, gf, gp, gr = launch(
+        POST_VJP, [x, f.astype(x.dtype), hp, hr, g, int_params(T, C)],
+        [(x.shape, x.dtype), (f.shape, x.dtype), ((rows, n), F32), ((rows, n, n), F32)],
+        groups * TOKEN_THREADS, TOKEN_THREADS,
+        [("T", x.dtype), ("N", n), ("V", V), ("SHARED", shared), ("HGRAD", hgrad)],
+    )
+    if hgrad:
+        if shared:
+            gp, gr = mx.sum(gp, axis=0), mx.sum(gr, axis=0)
+        else:
+            gp, gr = gp.reshape(*lead, n), gr.reshape(*lead, n, n)
+    else:
+        # n > 8: the per-token sums over channels as batched matmuls (f32 accumulation).
+        gf32, xf32 = g.astype(F32), x.astype(F32)
+        gr = gf32 @ mx.swapaxes(xf32, -1, -2)
+        gp = mx.sum(gf32 * f.astype(F32)[..., None, :], axis=-1)
+    return gx, gf.astype(f.dtype), _reduce_to(gp, H_post), _reduce_to(gr, H_res)
+
+
+@mx.custom_function
+def _pre(x, H_pre):
+    return pre_forward(x, H_pre)
+
+
+@_pre.vjp
+def _pre_vjp(primals, cotangent, output):
+    x, H_pre = primals
+    return pre_vjp(x, H_pre, cotangent)
+
+
+@mx.custom_function
+def _post(x, f, H_post, H_res):
+    return post_forward(x, f, H_post, H_res)
+
+
+@_post.vjp
+def _post_vjp(primals, cotangent, output):
+    x, f, H_post, H_res = primals
+    return post_vjp(x, f, H_post, H_res, cotangent)
+
+
+def mhc_pre(x, H_pre):
+    return _pre(x, H_pre)
+
+
+def mhc_post(x, f, H_post, H_res):
+    return _post(x, f, H_post, H_res)
