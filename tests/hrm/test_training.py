@@ -60,7 +60,7 @@ class Stop(Exception):
 def test_resume_continues_exactly(sudoku4, tmp_path):
     """Stopped after its step-3 checkpoint and resumed, a run ends where an unbroken one ends:
     weights, optimizer state, ACT carry and data position all come back."""
-    arch = small_arch(hidden_size=16, ffn_multiple_of=16, puzzle_emb_ndim=16, residual="mhc", streams=2, halt_max_steps=3, halt_exploration_prob=0.5)
+    arch = small_arch(hidden_size=16, ffn_multiple_of=16, puzzle_emb_ndim=16, residual="mhc", streams=2, halt_max_steps=4, halt_exploration_prob=0.5)
 
     def config(out):
         return TrainConfig(data=sudoku4, out=str(out), steps=6, batch_size=8, eval_every=3, eval_batch_size=50, lr_warmup_steps=2, seed=3)
@@ -77,6 +77,7 @@ def test_resume_continues_exactly(sudoku4, tmp_path):
 
     with pytest.raises(Stop):
         broken.fit(progress=False, on_eval=stop)
+    assert not all(broken.carry.halted.tolist())  # rows are mid-puzzle: the carry matters
     resumed = Trainer.resume(str(tmp_path / "broken"))
     assert resumed.step == 3 and resumed.batches_used == 3
     resumed.fit(progress=False)
