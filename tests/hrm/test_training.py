@@ -103,8 +103,9 @@ TINY = ["--hidden-size", 16, "--ffn-multiple-of", 16, "--num-heads", 2, "--batch
 def test_cli_end_to_end(tmp_path, capsys):
     data, run = tmp_path / "s4", tmp_path / "run"
     assert run_cli("data", "sudoku", "--size", 4, "--train", 40, "--test", 10, "--seed", 1, "--out", data, "--quiet") == 0
-    assert run_cli("data", "maze", "--size", 7, "--train", 4, "--test", 2, "--seed", 1, "--out", tmp_path / "maze", "--quiet") == 0
-    assert (tmp_path / "maze" / "train" / "all__labels.npy").exists()
+    assert run_cli("data", "maze", "--size", 7, "--train", 8, "--test", 2, "--seed", 1, "--out", tmp_path / "maze", "--quiet") == 0
+    assert run_cli("train", "--data", tmp_path / "maze", "--out", tmp_path / "maze-run", "--steps", 1, "--eval-every", 1, *TINY) == 0
+    assert json.load(open(tmp_path / "maze-run" / "metrics.json"))["model_config"]["vocab_size"] == 6
     assert run_cli("train", "--data", data, "--out", run, "--steps", 4, "--eval-every", 2, "--residual", "mhc", "--streams", 2, *TINY) == 0
     summary = json.load(open(run / "metrics.json"))
     assert summary["model_config"]["residual"] == "mhc" and summary["step"] == 4

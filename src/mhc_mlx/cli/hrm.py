@@ -207,7 +207,8 @@ def register(subparsers) -> None:
     kinds.required = True
     for kind, helptext in (("sudoku", "unique-solution Sudoku (4, 6, 9, ...)"), ("maze", "mazes with the shortest path as label")):
         p = kinds.add_parser(kind, help=helptext)
-        p.add_argument("--size", type=int, required=True, help="grid side: Sudoku 4..16 (4, 6, 9), maze >= 5")
+        side = "4..16 with rectangular boxes: 4, 6, 9, ..." if kind == "sudoku" else ">= 5 (odd sizes use every row)"
+        p.add_argument("--size", type=int, required=True, help=f"grid side, {side}")
         p.add_argument("--train", type=int, required=True, help="train puzzles (before augmentation)")
         p.add_argument("--test", type=int, required=True, help="held-out test puzzles")
         p.add_argument("--seed", type=int, default=0)
