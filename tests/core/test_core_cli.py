@@ -1,0 +1,64 @@
+"""The installed commands run: `mhc-mlx info`, `mhc-mlx-info`, `mhc-mlx demo --steps 5`."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import mhc_mlx
+
+BIN = Path(sys.executable).parent
+OPS = ("sinkhorn_knopp", "mhc_coefficients", "mhc_pre", "mhc_post")
+
+
+def run(*argv, env=None, timeout=120):
+    exe = BIN / argv[0]
+    assert exe.exists(), f"console script {argv[0]} is not installed next to {sys.executable}"
+    full_env = {k: v for k, v in os.environ.items() if k != "MHC_MLX_BACKEND"}
+    full_env.update(env or {})
+    return subprocess.run([str(exe), *argv[1:]], capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+@pytest.mark.parametrize("command", [["mhc-mlx", "info"], ["mhc-mlx-info"]], ids=["mhc-mlx info", "mhc-mlx-info"])
+def test_info_runs(command):
+    p = run(*command)
+    assert p.returncode == 0, p.stderr
+    assert re.search(rf"^mhc-mlx\s+{re.escape(mhc_mlx.__version__)}$", p.stdout, re.M), p.stdout
+    assert re.search(r"^mlx\s+\d+\.\d+", p.stdout, re.M), p.stdout
+    for op in OPS:
+        assert op in p.stdout, f"{op} missing from:\n{p.stdout}"
+    p = run(*command, "--json")
+    assert p.returncode == 0, p.stderr
+    info = json.loads(p.stdout)
+    assert info["mhc-mlx"] == mhc_mlx.__version__
+    assert set(OPS) <= set(info["ops"])
+
+
+@pytest.mark.parametrize("command", [["mhc-mlx", "info"], ["mhc-mlx-info"]], ids=["mhc-mlx info", "mhc-mlx-info"])
+def test_info_reports_a_bad_backend_name_cleanly(command):
+    p = run(*command, env={"MHC_MLX_BACKEND": "bogus"})
+    assert p.returncode != 0
+    assert "unknown backend 'bogus'" in p.stderr and "MHC_MLX_BACKEND" in p.stderr
+    assert "Traceback" not in p.stderr, f"a bad environment variable should give a clean error:\n{p.stderr}"
+
+
+def test_info_rejects_unknown_flags():
+    p = run("mhc-mlx", "info", "--bogus")
+    assert p.returncode == 2 and "unrecognized arguments: --bogus" in p.stderr
+
+
+def test_demo_runs():
+    p = run("mhc-mlx", "demo", "--steps", "5")
+    assert p.returncode == 0, p.stderr
+    gap = re.search(r"max \|mhc - plain\| = ([0-9.e+-]+)", p.stdout)
+    assert gap, p.stdout
+    assert float(gap.group(1)) <= 1e-4, f"the demo's network should start as its plain twin:\n{p.stdout}"
+    losses = [float(v) for v in re.findall(r"^step\s+\d+\s+loss ([0-9.]+)", p.stdout, re.M)]
+    assert len(losses) >= 2 and all(v == v for v in losses), p.stdout
+    assert re.search(r"^step\s+5\s", p.stdout, re.M), p.stdout
