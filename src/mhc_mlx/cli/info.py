@@ -83,4 +83,9 @@ def register(sub) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mhc-mlx-info", description="mhc-mlx diagnostics")
     parser.add_argument("--json", action="store_true", help="print JSON")
-    return run(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except ValueError as e:  # e.g. MHC_MLX_BACKEND set to a name that does not exist
+        print(f"mhc-mlx-info: error: {e}", file=sys.stderr)
+        return 2

@@ -15,46 +15,41 @@ from ..reference.sinkhorn import TINY
 
 
 def _start(L):
-    m = mx.max(L, axis=(-2, -1), keepdims=True)
-    return mx.exp(L - m), m
+    return mx.exp(L - mx.max(L, axis=(-2, -1), keepdims=True))
 
 
 def _normalise(P, axis):
     s = mx.sum(P, axis=axis, keepdims=True)
-    return P / mx.maximum(s, TINY), s
+    return P / mx.maximum(s, TINY), s > TINY
 
 
 def _forward(L, iters):
-    P, _ = _start(L)
+    P = _start(L)
     for _ in range(iters):
         P, _ = _normalise(P, -2)
         P, _ = _normalise(P, -1)
     return P
 
 
-def _normalise_vjp(g, out, s, axis):
-    # out = P / max(s, TINY); s = sum(P): dP = (g - sum(g * out)) / s where s > TINY, else g / TINY.
-    live = s > TINY
-    inner = mx.where(live, mx.sum(g * out, axis=axis, keepdims=True), 0.0)
-    return (g - inner) / mx.maximum(s, TINY)
-
-
 def _backward(L, g, iters):
-    P0, m = _start(L)
-    steps = []  # (P after the step, the sum it divided by, axis), in forward order
-    P = P0
+    # Recompute the iterates, then walk them in reverse carrying the gradient with respect to
+    # log P, not P. For out = P / s along an axis, d(log P) = d(log out) - out * sum(d(log out)):
+    # the softmax vjp, bounded by construction. The P-space form (g - sum(g * out)) / s has 1/s
+    # factors up to 1e30 that overflow into inf * 0 = NaN once logits spread by more than ~70.
+    # A clamped sum (s <= TINY) is a constant divisor and passes the gradient through.
+    steps, P = [], _start(L)
     for _ in range(iters):
         for axis in (-2, -1):
-            P, s = _normalise(P, axis)
-            steps.append((P, s, axis))
-    for P, s, axis in reversed(steps):
-        g = _normalise_vjp(g, P, s, axis)
-    gL = g * P0
-    # The max shift only matters where a clamp at TINY broke shift invariance; route its
-    # gradient to the argmax entries (split evenly between ties) like autodiff does.
-    at_max = (L == m).astype(L.dtype)
-    shift = mx.sum(gL, axis=(-2, -1), keepdims=True)
-    return gL - shift * at_max / mx.sum(at_max, axis=(-2, -1), keepdims=True)
+            P, live = _normalise(P, axis)
+            steps.append((P, live, axis))
+    gl = g * P
+    for out, live, axis in reversed(steps):
+        gl = gl - mx.where(live, out * mx.sum(gl, axis=axis, keepdims=True), 0.0)
+    # d(log P0)/dL is I minus the max's share, which is zero wherever shift invariance holds
+    # (no clamp); route it to the argmax entries (split evenly between ties) as autodiff does.
+    at_max = (L == mx.max(L, axis=(-2, -1), keepdims=True)).astype(L.dtype)
+    shift = mx.sum(gl, axis=(-2, -1), keepdims=True)
+    return gl - shift * at_max / mx.sum(at_max, axis=(-2, -1), keepdims=True)
 
 
 @lru_cache(maxsize=None)
