@@ -91,8 +91,8 @@ def check(name, shape, dtype, kernel_fn, ref64_fn, ref_fn, args, grad_args, tol=
 
 
 def cases_sinkhorn():
-    for n in (1, 2, 3, 4, 8, 16, 32):
-        for M, iters, scale in ((1, 20, 1.0), (5, 20, 4.0), (3, 1, 1.0)):
+    for n in (1, 3, 4, 8, 16, 32):
+        for M, iters, scale in ((1, 20, 1.0), (5, 20, 4.0)) + (((3, 1, 1.0),) if n == 4 else ()):
             L = scale * mx.random.normal((M, n, n))
             check("sinkhorn", (M, n, n, iters), mx.float32,
                   lambda a, it=iters: sinkhorn.sinkhorn_knopp(a, it),
@@ -125,7 +125,7 @@ def cases_coefficients():
 def cases_site():
     for dt in DTYPES:
         for n, C, lead in ((1, 33, (3,)), (2, 64, (2, 3)), (3, 1, (4,)), (4, 512, (5,)), (4, 1031, (2,)),
-                           (8, 256, (3,)), (16, 40, (2,)), (32, 72, (2,)), (32, 33, (1,))):
+                           (8, 256, (3,)), (32, 33, (1,))):
             x = mx.random.normal((*lead, n, C)).astype(dt)
             f = mx.random.normal((*lead, C)).astype(dt)
             for shared in (True, False):
@@ -142,7 +142,7 @@ def cases_site():
 
 def cases_layer():
     for dt in DTYPES:
-        for n, C, T in ((1, 33, 2), (4, 512, 1), (4, 4096, 3), (4, 130, 40), (8, 1000, 5), (32, 64, 3)):
+        for n, C, T in ((1, 33, 2), (4, 512, 1), (4, 4096, 3), (8, 1000, 5), (32, 64, 3)):
             x = mx.random.normal((T, n, C)).astype(dt)
             pre, post = mx.random.normal((n,)), mx.random.normal((n,))
             res, w = 2 * mx.random.normal((n, n)), mx.random.uniform(0.5, 1.5, (C,))

@@ -267,15 +267,24 @@ def pre_vjp(x, H_pre, g):
 
 def _reduce_to(g, like):
     """Sum a gradient over the dims `like` was broadcast along; return it in like's dtype/shape."""
-    if g.shape != like.shape:
-        extra = g.ndim - like.ndim
-        if extra > 0:
-            g = mx.sum(g, axis=tuple(range(extra)))
+    if g.size != like.size:
+        if g.ndim < like.ndim:
+            g = g.reshape((1,) * (like.ndim - g.ndim) + tuple(g.shape))
+        if g.ndim > like.ndim:
+            g = mx.sum(g, axis=tuple(range(g.ndim - like.ndim)))
         axes = tuple(i for i, d in enumerate(like.shape) if d == 1 and g.shape[i] != 1)
         if axes:
             g = mx.sum(g, axis=axes, keepdims=True)
-        g = g.reshape(like.shape)
-    return g.astype(like.dtype)
+    return g.reshape(like.shape).astype(like.dtype)
+
+
+def _split_matmul(a, b):
+    """a @ b in float32 to about 1e-6 relative even where MLX's CUDA matmul uses TF32:
+    each operand is split into a bfloat16-exact high part and a remainder (4 products)."""
+    a_hi = a.astype(mx.bfloat16).astype(F32)
+    b_hi = b.astype(mx.bfloat16).astype(F32)
+    a_lo, b_lo = a - a_hi, b - b_hi
+    return (a_hi @ b_hi) + ((a_hi @ b_lo) + (a_lo @ b_hi)) + (a_lo @ b_lo)
 
 
 def post_forward(x, f, H_post, H_res):
@@ -326,7 +335,7 @@ def post_vjp(x, f, H_post, H_res, g):
     else:
         # n > 8: the per-token sums over channels as batched matmuls (f32 accumulation).
         gf32, xf32 = g.astype(F32), x.astype(F32)
-        gr = gf32 @ mx.swapaxes(xf32, -1, -2)
+        gr = _split_matmul(gf32, mx.swapaxes(xf32, -1, -2))
         gp = mx.sum(gf32 * f.astype(F32)[..., None, :], axis=-1)
     return gx, gf.astype(f.dtype), _reduce_to(gp, H_post), _reduce_to(gr, H_res)
 

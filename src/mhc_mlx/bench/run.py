@@ -1,0 +1,82 @@
+"""One benchmark run: floors first, then every case on every implementation; JSON + PNG."""
+
+from __future__ import annotations
+
+import datetime
+import platform
+import time
+
+import mlx.core as mx
+
+from .. import __version__, kernels
+from ..kernels.build import gpu_backend
+from . import cases as bench_cases
+from . import report, seeds, timing
+
+
+def run(out_dir: str, quick: bool = False, seeds_dir: str | None = ".seedpkgs", overwrite: bool = False,
+        impls: tuple[str, ...] | None = None, only: str = "", log=print) -> dict:
+    json_path, png_path = report.output_paths(out_dir, overwrite)
+    backend = gpu_backend()
+    on_gpu = backend is not None and mx.default_device() == mx.gpu
+    if impls is None:
+        impls = ("kernels", "compiled", "reference") if on_gpu else ("compiled", "reference")
+    case_list = bench_cases.quick_cases() if quick else bench_cases.full_cases()
+    if only:
+        case_list = [c for c in case_list if only in c.id]
+    header = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "mhc_mlx": __version__, "mlx": mx.__version__, "backend": backend or "cpu",
+        "device": str(mx.default_device()), "platform": platform.platform(), "quick": quick,
+    }
+    log(f"bench: {header}")
+    copy = timing.copy_floor(total_bytes=(8 << 20) if quick else (1 << 30), repeats=3 if quick else 10)
+    tiny = timing.tiny_op_us(repeats=20 if quick else 300)
+    log(f"copy floor: {copy['GBps']:.0f} GB/s ({copy['bytes'] / 1e6:.0f} MB in {copy['us']:.0f} µs); "
+        f"tiny-op eval: {tiny:.1f} µs")
+    rows = []
+    latency_reps, tput_reps = (3, 3) if quick else (100, 15)
+    for case in case_list:
+        K = 3 if quick else timing.rotation(case.floor_bytes())
+        for impl in impls:
+            t0 = time.perf_counter()
+            try:
+                us = bench_cases.time_ours(case, impl, K, latency_reps if case.mode == "latency" else tput_reps)
+            except Exception as e:  # noqa: BLE001 -- a row says why, the run goes on
+                us = f"error: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+            rows.append({"case": case.as_dict(), "impl": impl, "us": us, "K": K})
+            log(f"  {case.id:<44} {impl:<10} {us if isinstance(us, str) else f'{us:10.1f} µs'}"
+                f"  ({time.perf_counter() - t0:.1f} s)")
+    if seeds_dir and not quick:
+        static = [c for c in case_list if c.site == "static"]
+        for package in seeds.SEEDS:
+            folder = seeds.install(seeds_dir, package)
+            if folder is None:
+                log(f"  {package}: wheel not found in {seeds_dir} (pip download it there); skipped")
+                continue
+            jobs = []
+            for c in static:
+                K = 1 if c.mode == "latency" else timing.rotation(c.floor_bytes())
+                jobs.append({**c.as_dict(), "K": K, "repeats": latency_reps if c.mode == "latency" else 5})
+            t0 = time.perf_counter()
+            got = seeds.run(package, folder, jobs)
+            log(f"  {seeds.LABELS[package]}: {len(jobs)} cases in {time.perf_counter() - t0:.0f} s")
+            for c, job in zip(static, jobs):
+                rows.append({"case": c.as_dict(), "impl": seeds.LABELS[package], "us": got.get(c.id), "K": job["K"]})
+    report.enrich(rows, copy["GBps"], tiny)
+    rows.sort(key=lambda r: ([c.id for c in case_list].index(r["case"]["id"]),
+                             report.IMPL_ORDER.index(r["impl"]) if r["impl"] in report.IMPL_ORDER else 99))
+    goals = report.targets(rows, tiny) if "kernels" in impls else []
+    payload = {"header": header, "copy_floor": copy, "tiny_op_us": tiny, "rows": rows, "targets": goals,
+               "kernels": {op: v for op, v in kernels.status().items()}}
+    report.write_json(json_path, payload)
+    report.chart(png_path, rows, f"mhc-mlx bench — {header['backend']} — MLX {header['mlx']} — "
+                                 f"copy floor {copy['GBps']:.0f} GB/s, tiny op {tiny:.1f} µs")
+    log("")
+    log(report.table(rows))
+    if goals:
+        log("\ntargets (kernels, this run):")
+        for g in goals:
+            log(f"  {'MET ' if g['met'] else 'MISS'} {g['target']}: {g['value']:.2f} {g['unit']} (limit {g['limit']})")
+    log(f"\nwrote {json_path} and {png_path}")
+    return payload

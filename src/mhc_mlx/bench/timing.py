@@ -1,0 +1,73 @@
+"""How figures are measured (SPEC section 5), shared by every row of `mhc-mlx bench`.
+
+- latency: wall time of one call *and* its mx.eval, median over repeats: what a decoding user
+  sees, Python graph building included.
+- throughput: K independent applications on K rotated inputs, built first, then timed in one
+  mx.eval and divided by K: the fixed per-eval cost is amortised as in a real network, and
+  the inputs together exceed the GPU's L2 so no application reads a cached input.
+- copy floor: a large `x * 1.5`, bytes read + written over its time.
+- tiny op: one eval of one op on a 1-element array (the fixed cost of an eval).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import mlx.core as mx
+
+L2_BYTES = 64 * 2**20  # larger than any current GPU's L2 (H100: 50 MB)
+
+
+def _sync():
+    mx.synchronize()
+
+
+def latency_us(fn, args, repeats: int = 50, warmup: int = 5) -> float:
+    for _ in range(warmup):
+        mx.eval(fn(*args))
+    _sync()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        mx.eval(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return 1e6 * statistics.median(times)
+
+
+def rotation(bytes_per_application: int, minimum: int = 10, maximum: int = 64) -> int:
+    """How many independent inputs K make K applications read more than the L2 holds."""
+    need = -(-L2_BYTES // max(1, bytes_per_application))
+    return max(minimum, min(maximum, need))
+
+
+def throughput_us(fn, input_sets, repeats: int = 10, warmup: int = 2) -> float:
+    """Median over repeats of (one eval of all applications) / K, graph built before the clock."""
+    K = len(input_sets)
+    for _ in range(warmup):
+        mx.eval([fn(*a) for a in input_sets])
+    _sync()
+    times = []
+    for _ in range(repeats):
+        outs = [fn(*a) for a in input_sets]
+        _sync()
+        t0 = time.perf_counter()
+        mx.eval(outs)
+        times.append(time.perf_counter() - t0)
+        del outs
+    return 1e6 * statistics.median(times) / K
+
+
+def copy_floor(total_bytes: int = 1 << 30, dtype=mx.bfloat16, repeats: int = 10) -> dict:
+    """Copy bandwidth of `x * 1.5` on a large x: bytes read + written per second."""
+    n = total_bytes // 2 // dtype.size
+    x = mx.random.normal((n,)).astype(dtype)
+    mx.eval(x)
+    us = latency_us(lambda a: a * 1.5, [x], repeats=repeats, warmup=2)
+    return {"bytes": 2 * n * dtype.size, "us": us, "GBps": 2 * n * dtype.size / us / 1e3}
+
+
+def tiny_op_us(repeats: int = 200) -> float:
+    a = mx.array([1.0])
+    mx.eval(a)
+    return latency_us(lambda v: v + 1.0, [a], repeats=repeats, warmup=20)

@@ -1,0 +1,50 @@
+"""`mhc-mlx bench` (also `mhc-mlx-bench`): our kernels, compiled path and reference against the
+seed packages and the copy floor of this device, in one run; prints a table, writes JSON + PNG."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true",
+                   help="seconds-long smoke run (CPU: compiled path and reference, tiny shapes)")
+    p.add_argument("--out", default="runs/bench", help="folder for bench.json and bench.png (default runs/bench)")
+    p.add_argument("--overwrite", action="store_true", help="replace bench.json/bench.png if they exist")
+    p.add_argument("--seeds", default=".seedpkgs",
+                   help="folder with the seed wheels mhc_mlx-0.6.3 and mlx_mhc-0.4.1 ('' to skip them)")
+    p.add_argument("--impl", default="", help="comma list of kernels,compiled,reference (default: all that run here)")
+    p.add_argument("--only", default="", help="only cases whose id contains this text, e.g. 'static/fwd/4096'")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..bench import run as run_bench
+
+    impls = None
+    if args.impl:
+        impls = tuple(i.strip() for i in args.impl.split(",") if i.strip())
+        bad = [i for i in impls if i not in ("kernels", "compiled", "reference")]
+        if bad:
+            raise ValueError(f"unknown --impl {', '.join(bad)}; choose from kernels, compiled, reference")
+    run_bench(args.out, quick=args.quick, seeds_dir=args.seeds or None, overwrite=args.overwrite,
+              impls=impls, only=args.only)
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("bench", help="benchmark kernels / compiled / reference / seed packages vs the copy floor")
+    _add_arguments(p)
+    p.set_defaults(func=run)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import sys
+
+    parser = argparse.ArgumentParser(prog="mhc-mlx-bench", description=__doc__.splitlines()[0])
+    _add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"mhc-mlx-bench: error: {e}", file=sys.stderr)
+        return 2
