@@ -33,6 +33,7 @@ class KernelSpec:
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
     body: str
+    helpers: str = ""  # device functions for this kernel only (K* macros, no thread attributes)
 
     def source(self) -> str:
         return self.body + prelude.ATTRIBUTES_NOTE
@@ -70,7 +71,7 @@ def compiled_kernel(spec: KernelSpec, backend: str):
             input_names=list(spec.inputs),
             output_names=list(spec.outputs),
             source=spec.source(),
-            header=prelude.header("cuda"),
+            header=prelude.header("cuda") + spec.helpers,
         )
     if backend == "metal":
         return mx.fast.metal_kernel(
@@ -78,7 +79,7 @@ def compiled_kernel(spec: KernelSpec, backend: str):
             input_names=list(spec.inputs),
             output_names=list(spec.outputs),
             source=spec.source(),
-            header=prelude.header("metal"),
+            header=prelude.header("metal") + spec.helpers,
         )
     raise ValueError(f"unknown kernel backend {backend!r}")
 
@@ -128,7 +129,7 @@ def render_cuda(spec: KernelSpec, input_dtypes, output_dtypes, template) -> str:
     `<name>_shape/_strides/_ndim`, which ours never do.
     """
     lines = ['#include "mlx/backend/cuda/device/utils.cuh"', "#include <cooperative_groups.h>",
-             prelude.header("cuda"), "namespace mlx::core::cu {", "namespace cg = cooperative_groups;"]
+             prelude.header("cuda"), spec.helpers, "namespace mlx::core::cu {", "namespace cg = cooperative_groups;"]
     params = [f"    const {_CUDA_TYPES[d]}* {n}" for n, d in zip(spec.inputs, input_dtypes)]
     params += [f"    {_CUDA_TYPES[d]}* {n}" for n, d in zip(spec.outputs, output_dtypes)]
     lines.append(f"__global__ void custom_kernel_{spec.name}(\n" + ",\n".join(params) + ") {")

@@ -25,10 +25,48 @@ MAX_N = 32
 LATENCY_TOKENS = 16  # up to this many tokens the inline (single-launch) form is used
 REGISTER_BUDGET = 64  # floats of x a thread may hold between the two passes
 
+HELPERS = r"""
+// Sum over V channels of y^2, y = sum_i H_pre_i x_i rounded to T (as the unfused chain rounds it).
+template <typename T, int N, int V>
+KDEV float mhc_layer_sumsq(KTHREAD const float* xv, KSHPTR(float) cf) {
+  float ss = 0.0f;
+  KUNROLL for (int e = 0; e < V; ++e) {
+    float y = 0.0f;
+    KUNROLL for (int i = 0; i < N; ++i) y += cf[i] * xv[i * V + e];
+    y = static_cast<float>(static_cast<T>(y));
+    ss += y * y;
+  }
+  return ss;
+}
+
+// Every stream of V channels: out_i = sum_j M_ij x_j + H_post_i * rms(y) * w.
+template <typename T, int N, int V, typename PW, typename PO>
+KDEV void mhc_layer_write(KTHREAD const float* xv, KSHPTR(float) cf, float inv, PW wts, PO xout,
+                          int64_t row, int C, int cv, bool vec) {
+  float z[V];
+  KUNROLL for (int e = 0; e < V; ++e) {
+    float y = 0.0f;
+    KUNROLL for (int i = 0; i < N; ++i) y += cf[i] * xv[i * V + e];
+    y = static_cast<float>(static_cast<T>(y));
+    z[e] = static_cast<float>(static_cast<T>(y * inv * static_cast<float>(wts[cv * V + e])));
+  }
+  KUNROLL for (int i = 0; i < N; ++i) {
+    float o[V];
+    KUNROLL for (int e = 0; e < V; ++e) o[e] = cf[N + i] * z[e];
+    KUNROLL for (int j = 0; j < N; ++j) {
+      const float a = cf[2 * N + i * N + j];
+      KUNROLL for (int e = 0; e < V; ++e) o[e] += a * xv[j * V + e];
+    }
+    kstore<T, V>(xout, (row * N + i) * C + (int64_t)cv * V, o, vec);
+  }
+}
+"""
+
 LAYER = KernelSpec(
     name="mhc_layer",
     inputs=("xin", "cpre", "cpost", "cres", "wts", "iparam", "fparam"),
     outputs=("xout",),
+    helpers=HELPERS,
     body=r"""
   constexpr int NC = 2 * N + N * N;
   constexpr int CP = CPT > 0 ? CPT : 1;
@@ -66,50 +104,32 @@ LAYER = KernelSpec(
   float xr[CP][N * V];
   for (int64_t t = KBID; t < Ttok; t += KNB) {
     float ss = 0.0f;
-    const int chunks = CPT > 0 ? CPT : (nv + KNT - 1) / KNT;
-    for (int c = 0; c < chunks; ++c) {
-      const int cv = tid + c * KNT;
-      if (cv < nv) {
+    if (CPT > 0) {
+      KUNROLL for (int c = 0; c < CP; ++c) {
+        const int cv = tid + c * KNT;
+        if (cv < nv) {
+          KUNROLL for (int i = 0; i < N; ++i) kload<T, V>(xr[c] + i * V, xin, (t * N + i) * C + (int64_t)cv * V, vec);
+          ss += mhc_layer_sumsq<T, N, V>(xr[c], cf);
+        }
+      }
+    } else {
+      for (int cv = tid; cv < nv; cv += KNT) {
         float xv[N * V];
         KUNROLL for (int i = 0; i < N; ++i) kload<T, V>(xv + i * V, xin, (t * N + i) * C + (int64_t)cv * V, vec);
-        KUNROLL for (int e = 0; e < V; ++e) {
-          float y = 0.0f;
-          KUNROLL for (int i = 0; i < N; ++i) y += cf[i] * xv[i * V + e];
-          y = static_cast<float>(static_cast<T>(y));
-          ss += y * y;
-        }
-        if (CPT > 0) {
-          KUNROLL for (int a = 0; a < N * V; ++a) xr[c < CP ? c : 0][a] = xv[a];
-        }
+        ss += mhc_layer_sumsq<T, N, V>(xv, cf);
       }
     }
     const float inv = 1.0f / KSQRT(kblock_sum(ss, scratch, lane, warp, nwarps) / (float)C + eps);
-    for (int c = 0; c < chunks; ++c) {
-      const int cv = tid + c * KNT;
-      if (cv < nv) {
+    if (CPT > 0) {
+      KUNROLL for (int c = 0; c < CP; ++c) {
+        const int cv = tid + c * KNT;
+        if (cv < nv) mhc_layer_write<T, N, V>(xr[c], cf, inv, wts, xout, t, C, cv, vec);
+      }
+    } else {
+      for (int cv = tid; cv < nv; cv += KNT) {
         float xv[N * V];
-        if (CPT > 0) {
-          KUNROLL for (int a = 0; a < N * V; ++a) xv[a] = xr[c < CP ? c : 0][a];
-        } else {
-          KUNROLL for (int i = 0; i < N; ++i) kload<T, V>(xv + i * V, xin, (t * N + i) * C + (int64_t)cv * V, vec);
-        }
-        float z[V];
-        KUNROLL for (int e = 0; e < V; ++e) {
-          float y = 0.0f;
-          KUNROLL for (int i = 0; i < N; ++i) y += cf[i] * xv[i * V + e];
-          y = static_cast<float>(static_cast<T>(y));
-          z[e] = static_cast<float>(static_cast<T>(y * inv * static_cast<float>(wts[cv * V + e])));
-        }
-        KUNROLL for (int i = 0; i < N; ++i) {
-          float o[V];
-          KUNROLL for (int e = 0; e < V; ++e) o[e] = 0.0f;
-          KUNROLL for (int j = 0; j < N; ++j) {
-            const float a = cf[2 * N + i * N + j];
-            KUNROLL for (int e = 0; e < V; ++e) o[e] += a * xv[j * V + e];
-          }
-          KUNROLL for (int e = 0; e < V; ++e) o[e] += cf[N + i] * z[e];
-          kstore<T, V>(xout, (t * N + i) * C + (int64_t)cv * V, o, vec);
-        }
+        KUNROLL for (int i = 0; i < N; ++i) kload<T, V>(xv + i * V, xin, (t * N + i) * C + (int64_t)cv * V, vec);
+        mhc_layer_write<T, N, V>(xv, cf, inv, wts, xout, t, C, cv, vec);
       }
     }
   }
@@ -119,7 +139,7 @@ LAYER = KernelSpec(
 MAX_GROUPS = 2048
 
 
-def plan(T: int, n: int, C: int, itemsize: int, threads: int | None = None):
+def plan(T: int, n: int, C: int, itemsize: int, threads: int | None = None, groups: int | None = None):
     """(V, threads, CPT, groups) for one call: 16-byte vectors where C allows, a threadgroup
     no larger than the token needs, x kept in registers between passes when it fits."""
     V = site.vector_width(C, itemsize, n, budget=32)
@@ -130,15 +150,15 @@ def plan(T: int, n: int, C: int, itemsize: int, threads: int | None = None):
             threads //= 2
     chunks = -(-nv // threads)
     cpt = chunks if chunks * n * V <= REGISTER_BUDGET else 0
-    return V, threads, cpt, max(1, min(T, MAX_GROUPS))
+    return V, threads, cpt, groups or max(1, min(T, MAX_GROUPS))
 
 
-def forward(x, pre, post, res, weight, iters: int, eps: float, inline: bool, threads=None):
+def forward(x, pre, post, res, weight, iters: int, eps: float, inline: bool, threads=None, groups=None):
     *lead, n, C = x.shape
     T = 1
     for d in lead:
         T *= d
-    V, tg, cpt, groups = plan(T, n, C, x.dtype.size, threads)
+    V, tg, cpt, groups = plan(T, n, C, x.dtype.size, threads, groups)
     return launch(
         LAYER,
         [x, pre, post, res, weight, int_params(T, C, iters), float_params(eps)],

@@ -1,0 +1,131 @@
+#!/usr/bin/env python3
+"""Kernel-level timings behind docs/kernel-notes.md: each kernel alone, launch shapes, the
+copy floor two ways, and where B=1 latency goes (Python graph building vs the eval).
+
+    python scripts/gpu_experiments.py     (on a GPU machine; prints one line per measurement)
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src"))
+
+import mlx.core as mx  # noqa: E402
+
+import mhc_mlx as mhc  # noqa: E402
+from mhc_mlx.bench import timing  # noqa: E402
+from mhc_mlx.kernels import coefficients, layer, site  # noqa: E402
+
+BF = mx.bfloat16
+
+
+def gbps(nbytes, us):
+    return f"{nbytes / us / 1e3:7.0f} GB/s"
+
+
+def tput(fn, sets, reps=10):
+    return timing.throughput_us(fn, sets, repeats=reps)
+
+
+def main():
+    print("mlx", mx.__version__, mx.default_device())
+    # A. copy floor: one 1 GB eval vs 10 rotated 134 MB arrays in one eval.
+    c = timing.copy_floor()
+    print(f"copy 1GB single eval: {c['us']:.1f} us {c['GBps']:.0f} GB/s")
+    xs = [mx.random.normal((4096, 4, 4096)).astype(BF) for _ in range(10)]
+    mx.eval(xs)
+    nb = xs[0].nbytes * 2
+    us = tput(lambda a: a * 1.5, [[x] for x in xs])
+    print(f"copy 134MB x10 rotated: {us:.1f} us {gbps(nb, us)}")
+    tiny = timing.tiny_op_us()
+    print(f"tiny op eval: {tiny:.1f} us")
+
+    # B. layer kernel launch shapes at 4096x4x4096 bf16 (coefficients precomputed).
+    n, C, T = 4, 4096, 4096
+    H = coefficients.activate(mx.zeros((1, n)), mx.zeros((1, n)), mx.eye(n)[None] * 3, 20)
+    w = mx.ones((C,))
+    mx.eval(H, w)
+    for tg, groups in ((256, 2048), (256, 4096), (128, 4096), (512, 4096), (256, 1056), (128, 2048)):
+        f = lambda x, tg=tg, g=groups: layer.forward(x, H[0], H[1], H[2], w, 20, 1e-5, False, tg, g)  # noqa: E731
+        us = tput(f, [[x] for x in xs])
+        print(f"layer tg={tg:4d} groups={groups:5d}: {us:7.1f} us {gbps(nb, us)}  plan={layer.plan(T, n, C, 2, tg, groups)}")
+
+    # C. dynamic site pieces at 4096x4x4096 bf16.
+    phi = 0.02 * mx.random.normal((n * C, 2 * n + n * n))
+    alpha, bias = mx.array([0.1, 0.1, 0.1]), mx.zeros((2 * n + n * n,))
+    mx.eval(phi, alpha, bias)
+    us = tput(lambda x: coefficients.dynamic_forward(x.reshape(T, n * C), phi, alpha, bias, n, 20, 1e-6), [[x] for x in xs])
+    print(f"coefficients dynamic (GEMM+sumsq+Sinkhorn): {us:7.1f} us {gbps(xs[0].nbytes, us)}")
+    hp = mx.random.uniform(shape=(T, n))
+    hq = mx.random.uniform(shape=(T, n))
+    hr = mx.random.uniform(shape=(T, n, n))
+    f = mx.random.normal((T, C)).astype(BF)
+    mx.eval(hp, hq, hr, f)
+    us = tput(lambda x: site.pre_forward(x, hp), [[x] for x in xs])
+    print(f"pre per-token: {us:7.1f} us {gbps(xs[0].nbytes + f.nbytes, us)}")
+    us = tput(lambda x: site.post_forward(x, f, hq, hr), [[x] for x in xs])
+    print(f"post per-token: {us:7.1f} us {gbps(2 * xs[0].nbytes + f.nbytes, us)}")
+    us = tput(lambda x: site.post_forward(x, f, hq[0], hr[0]), [[x] for x in xs])
+    print(f"post shared: {us:7.1f} us {gbps(2 * xs[0].nbytes + f.nbytes, us)}")
+    g = [mx.random.normal((T, n, C)).astype(BF) for _ in range(3)]
+    mx.eval(g)
+    us = tput(lambda x, gg: site.post_vjp(x, f, hq, hr, gg), [[x, g[i % 3]] for i, x in enumerate(xs)])
+    print(f"post vjp per-token: {us:7.1f} us {gbps(3 * xs[0].nbytes + 2 * f.nbytes, us)}")
+    us = tput(lambda x: site.pre_vjp(x, hp, f), [[x] for x in xs])
+    print(f"pre vjp per-token: {us:7.1f} us {gbps(2 * xs[0].nbytes + f.nbytes, us)}")
+    gs = mx.random.normal((T, 24)) * 0.01
+    c2 = mx.random.normal((T,)) * 0.01
+    mx.eval(gs, c2)
+    us = tput(lambda x: coefficients.dynamic_vjp_x_phi(x.reshape(T, n * C), phi, gs, c2), [[x] for x in xs])
+    print(f"coefficients dynamic vjp (dx, dphi): {us:7.1f} us {gbps(2 * xs[0].nbytes, us)}")
+    del xs
+
+    # D. B=1 latency: graph building vs eval.
+    for name, make in (("static layer", lambda: mhc.MHCLayer(4, 512)),):
+        m = make()
+        x1 = mx.random.normal((1, 4, 512)).astype(BF)
+        mx.eval(x1, m.parameters())
+        wall = timing.latency_us(m, [x1], repeats=200)
+        t0 = time.perf_counter()
+        for _ in range(200):
+            y = m(x1)
+        build = (time.perf_counter() - t0) / 200 * 1e6
+        ys = [m(x1) for _ in range(200)]
+        times = []
+        for y in ys:
+            t0 = time.perf_counter()
+            mx.eval(y)
+            times.append(time.perf_counter() - t0)
+        times.sort()
+        print(f"{name} B=1: wall {wall:.1f} us, graph build {build:.1f} us, eval only {1e6 * times[100]:.1f} us, tiny {tiny:.1f}")
+    hc = mhc.HyperConnection(512, 4)
+    x1 = mx.random.normal((1, 4, 512)).astype(BF)
+    mx.eval(x1, hc.parameters())
+
+    def dyn(x):
+        h, cf = hc.pre(x)
+        return hc.post(x, h, cf)
+
+    wall = timing.latency_us(dyn, [x1], repeats=200)
+    t0 = time.perf_counter()
+    for _ in range(200):
+        dyn(x1)
+    build = (time.perf_counter() - t0) / 200 * 1e6
+    print(f"dynamic site B=1: wall {wall:.1f} us, graph build {build:.1f} us")
+
+    # E. n=32 post and layer.
+    x32 = [mx.random.normal((512, 32, 1280)).astype(BF) for _ in range(10)]
+    f32_ = mx.random.normal((512, 1280)).astype(BF)
+    hq32, hr32 = mx.random.uniform(shape=(32,)), mx.random.uniform(shape=(32, 32)) / 32
+    mx.eval(x32, f32_, hq32, hr32)
+    us = tput(lambda x: site.post_forward(x, f32_, hq32, hr32), [[x] for x in x32])
+    print(f"post n=32 512x1280 shared: {us:7.1f} us {gbps(2 * x32[0].nbytes, us)}")
+    us = tput(lambda x: site.pre_forward(x, hq32), [[x] for x in x32])
+    print(f"pre n=32 512x1280 shared: {us:7.1f} us {gbps(x32[0].nbytes, us)}")
+
+
+if __name__ == "__main__":
+    main()
