@@ -68,8 +68,6 @@ def _run_rank(args: argparse.Namespace) -> int:
         else:
             overrides, options, backend = overrides_from(args), _options(args), args.backend
         group = distributed.init_group(backend)
-        if group.rank() != 0:
-            options.progress = False
         config, ckpt = runner.resolve(overrides, options)
         runner.train(config, options, ckpt, group=group)
     except BaseException as e:
@@ -88,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("running under mlx.launch: add --distributed so the ranks share one run")
     overrides, options = overrides_from(args), _options(args)
     config, ckpt = runner.resolve(overrides, options)
-    runner.check(config)
+    runner.check(config, options)
     if args.distributed:
         if config.batch_size % args.ranks:
             raise ValueError(f"--batch-size {config.batch_size} does not split evenly over --ranks {args.ranks}")

@@ -88,7 +88,7 @@ def save(
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ValueError(f"{path} exists and is not a directory")
-    if path.is_dir() and not overwrite and any(path.glob("*.safetensors")) | (path / "config.json").exists():
+    if path.is_dir() and not overwrite and (any(path.glob("*.safetensors")) or (path / "config.json").exists()):
         raise FileExistsError(f"{path} already holds a model; pass overwrite=True to replace it")
     cfg = dict(config) if config is not None else _config_of(model)
     quantization = _quantization(model)

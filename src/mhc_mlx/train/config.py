@@ -26,7 +26,7 @@ class TrainConfig:
     model: str = BUILTIN_MODEL  # BUILTIN_MODEL, an mlx-lm model_type, or an mlx-lm model directory
     data: Optional[str] = None  # None: the embedded synthetic language; else a UTF-8 text file
     modes: tuple[str, ...] = RESIDUAL_MODES
-    steps: int = 150
+    steps: int = 120
     batch_size: int = 8  # sequences per step over all ranks
     seq_len: int = 64
     hidden_size: int = 32

@@ -88,6 +88,6 @@ def plot_dashboard(metrics: dict, path) -> tuple[str, ...]:
     )
     fig.tight_layout(rect=(0, 0, 1, 0.96))
     path = Path(path)
-    fig.savefig(path, dpi=80, metadata={"Title": "mhc-mlx training dashboard", "Description": "; ".join(PANELS)})
+    fig.savefig(path, dpi=72, pil_kwargs={"optimize": True}, metadata={"Title": "mhc-mlx training dashboard", "Description": "; ".join(PANELS)})
     plt.close(fig)
     return PANELS

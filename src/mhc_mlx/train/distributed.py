@@ -22,15 +22,16 @@ from pathlib import Path
 
 import mlx.core as mx
 
-BACKENDS = ("auto", "ring", "nccl", "mpi", "jaccl")
+# The backends this launcher starts and checks (mlx.launch sets MLX_RANK for both).
+BACKENDS = ("auto", "ring", "nccl")
 ENV_REQUEST = "MHC_MLX_TRAIN_REQUEST"  # the JSON request a launched rank runs
 ENV_STATUS = "MHC_MLX_RANK_STATUS_DIR"  # where each rank writes rank-<r>.json
 ENV_FAIL_RANK = "MHC_MLX_FAIL_RANK"  # test hook: this rank raises right after joining
 
 
 def inside_launch() -> bool:
-    """True in a process started by mlx.launch (it exports MLX_RANK to every rank)."""
-    return "MLX_RANK" in os.environ
+    """True in a rank process: started by mlx.launch (it exports MLX_RANK) or by our launcher."""
+    return "MLX_RANK" in os.environ or ENV_REQUEST in os.environ
 
 
 def resolve_backend(name: str) -> str:
@@ -55,6 +56,7 @@ def init_group(backend: str):
 
 
 def write_status(ok: bool, error: str = "") -> None:
+    """Report this rank's outcome to the launcher (no-op when not started by it)."""
     status_dir = os.environ.get(ENV_STATUS)
     rank = os.environ.get("MLX_RANK")
     if not status_dir or rank is None:

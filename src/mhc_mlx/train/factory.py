@@ -11,6 +11,7 @@ same weights (the sites are added on top), so the runs differ only in their resi
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from pathlib import Path
 
 import mlx.core as mx
@@ -45,6 +46,11 @@ def model_kind(config: TrainConfig) -> str:
         if not (path / "config.json").is_file():
             raise ValueError(f"{path} is not an mlx-lm model directory (no config.json)")
         return "directory"
+    if importlib.util.find_spec("mlx_lm") is None:
+        raise ValueError(
+            f"--model {config.model!r} needs mlx-lm (pip install 'mhc-mlx[lm]'); "
+            f"without it the model is {BUILTIN_MODEL!r}"
+        )
     try:
         importlib.import_module(f"mlx_lm.models.{config.model}")
     except ImportError:

@@ -8,6 +8,7 @@ batch, gradients are averaged with `mlx.nn.average_gradients`, and only rank 0 w
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
+from mlx.utils import tree_flatten
 
 from . import checkpoint
 from .config import TrainConfig
@@ -44,8 +46,6 @@ def cross_entropy(model: nn.Module, inputs: mx.array, targets: mx.array) -> mx.a
 
 
 def _global_norm(grads) -> mx.array:
-    from mlx.utils import tree_flatten
-
     return mx.sqrt(sum(mx.sum(mx.square(g.astype(mx.float32))) for _, g in tree_flatten(grads)))
 
 
@@ -129,19 +129,17 @@ class Trainer:
                 f"batch size {config.batch_size} does not split evenly over {self.world} ranks"
             )
         self.log = log if self.rank == 0 else (lambda _: None)
-        # the bar goes to stderr; log lines go through tqdm.write so they do not tear it
         self.progress = progress and self.rank == 0
         self.setup = Setup(config)
         self.task = self.setup.task
         self.runs: dict[str, ModeRun] = {}
         self.start = 0
         for mode in config.modes:
-            run = ModeRun(mode, self.setup.build(mode), make_optimizer(config))
+            model, optimizer, history = self.setup.build(mode), make_optimizer(config), {}
             if resume_from is not None:
-                resume_from.restore(mode, run.model, run.optimizer)
-                run.history = resume_from.history[mode]
-                run.__post_init__()
-            self.runs[mode] = run
+                resume_from.restore(mode, model, optimizer)
+                history = copy.deepcopy(resume_from.history[mode])
+            self.runs[mode] = ModeRun(mode, model, optimizer, history)
         if resume_from is not None:
             self.start = resume_from.step
         probe = self.task.probe(min(2, config.batch_size), config.seq_len)

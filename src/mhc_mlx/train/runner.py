@@ -7,6 +7,7 @@ asked: `resume` continues them, `overwrite` replaces them.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -78,8 +79,10 @@ def resolve(overrides: dict, options: RunOptions) -> tuple[TrainConfig, Optional
     return saved.replace(**{k: v for k, v in overrides.items() if k in RESUME_MAY_CHANGE}), ckpt
 
 
-def check(config: TrainConfig) -> None:
+def check(config: TrainConfig, options: RunOptions) -> None:
     """Fail early on bad data or model settings (reads the data; builds no model)."""
+    if options.plot and importlib.util.find_spec("matplotlib") is None:
+        raise ValueError("the dashboard needs matplotlib: pip install 'mhc-mlx[plot]', or pass --no-plot")
     Setup(config)
 
 
