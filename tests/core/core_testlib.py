@@ -7,12 +7,11 @@ import os
 import mlx.core as mx
 import numpy as np
 
-DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 # Norm-wise relative error allowed against the float64 reference (issue 2, "Must be true").
 FORWARD_TOL = {mx.float32: 1e-5, mx.bfloat16: 2e-2, mx.float16: 2e-2}
 # float32 MLX gradients against float64 central differences, norm-wise relative. Measured
-# errors are 1e-7..2e-6, at most 9e-6 (mlx_mhc.sinkhorn_knopp); 1e-4 leaves room for summation order and the
-# finite-difference truncation error, yet still fails on any wrong term (those give O(1)).
+# errors are 1e-7..2e-6, at most 9e-6 (mlx_mhc.sinkhorn_knopp); 1e-4 leaves room for
+# summation order and finite-difference truncation, yet fails on any wrong term (O(1) errors).
 GRAD_TOL = 1e-4
 
 

@@ -52,7 +52,8 @@ BAD_FUNCTION_CALLS = [
     ("phi without alpha", lambda: mhc.mhc_coefficients(streams(2), mx.zeros((N * C, W)), None, mx.zeros((W,))),
      ValueError, r"phi and alpha"),
     ("no bias", lambda: mhc.mhc_coefficients(streams(2), None, None, None), TypeError, r"bias"),
-    ("H_pre for n=3", lambda: mhc.mhc_pre(streams(2), mx.zeros((3,))), ValueError, r"H_pre must have shape \[\.\.\., 4\]"),
+    ("H_pre for n=3", lambda: mhc.mhc_pre(streams(2), mx.zeros((3,))),
+     ValueError, r"H_pre must have shape \[\.\.\., 4\]"),
     ("H_pre lead", lambda: mhc.mhc_pre(streams(2), mx.zeros((3, N))), ValueError, r"H_pre leading dims \(3,\)"),
     ("f width", lambda: mhc.mhc_post(streams(2), mx.zeros((2, C + 1)), mx.zeros((N,)), mx.eye(N)),
      ValueError, r"f \(the sublayer output\) must have shape \(2, 8\)"),
@@ -60,14 +61,16 @@ BAD_FUNCTION_CALLS = [
      ValueError, r"H_post must have shape"),
     ("H_res not square", lambda: mhc.mhc_post(streams(2), mx.zeros((2, C)), mx.zeros((N,)), mx.zeros((N, 3))),
      ValueError, r"H_res must have shape \[\.\.\., 4, 4\]"),
-    ("rms weight", lambda: mhc.rms_norm(mx.zeros((2, C)), mx.ones((C + 1,))), ValueError, r"weight must have shape \(8,\)"),
+    ("rms weight", lambda: mhc.rms_norm(mx.zeros((2, C)), mx.ones((C + 1,))),
+     ValueError, r"weight must have shape \(8,\)"),
     # dtypes: integer and float64 are refused, naming the dtype
     ("sinkhorn int32", lambda: mhc.sinkhorn_knopp(mx.zeros((3, 3), dtype=mx.int32)), TypeError, r"logits.*int32"),
     ("sinkhorn float64", lambda: mhc.sinkhorn_knopp(mx.zeros((3, 3), dtype=mx.float64)), TypeError, r"logits.*float64"),
     ("coefficients x int32", lambda: mhc.mhc_coefficients(streams(2, dtype=mx.int32), *params()),
      TypeError, r"x.*int32"),
-    ("coefficients phi float64", lambda: mhc.mhc_coefficients(streams(2), mx.zeros((N * C, W), dtype=mx.float64),
-                                                              mx.zeros((3,)), mx.zeros((W,))), TypeError, r"phi.*float64"),
+    ("coefficients phi float64",
+     lambda: mhc.mhc_coefficients(streams(2), mx.zeros((N * C, W), dtype=mx.float64), mx.zeros((3,)), mx.zeros((W,))),
+     TypeError, r"phi.*float64"),
     ("pre x float64", lambda: mhc.mhc_pre(streams(2, dtype=mx.float64), mx.zeros((N,))), TypeError, r"x.*float64"),
     ("pre H_pre int32", lambda: mhc.mhc_pre(streams(2), mx.zeros((N,), dtype=mx.int32)), TypeError, r"H_pre.*int32"),
     ("post f int32", lambda: mhc.mhc_post(streams(2), mx.zeros((2, C), dtype=mx.int32), mx.zeros((N,)), mx.eye(N)),
@@ -82,14 +85,16 @@ BAD_FUNCTION_CALLS = [
     ("sinkhorn iters=0", lambda: mhc.sinkhorn_knopp(mx.zeros((3, 3)), iters=0), ValueError, r"iters must be >= 1"),
     ("sinkhorn iters=-3", lambda: mhc.sinkhorn_knopp(mx.zeros((3, 3)), iters=-3), ValueError, r"iters must be >= 1"),
     ("sinkhorn iters=2.5", lambda: mhc.sinkhorn_knopp(mx.zeros((3, 3)), iters=2.5), TypeError, r"iters must be an int"),
-    ("coefficients iters=0", lambda: mhc.mhc_coefficients(streams(2), *params(), iters=0), ValueError, r"iters must be >= 1"),
+    ("coefficients iters=0", lambda: mhc.mhc_coefficients(streams(2), *params(), iters=0),
+     ValueError, r"iters must be >= 1"),
     ("coefficients eps=0", lambda: mhc.mhc_coefficients(streams(2), *params(), eps=0.0), ValueError, r"eps"),
     ("rms eps<0", lambda: mhc.rms_norm(mx.zeros((2, C)), eps=-1e-5), ValueError, r"eps"),
     ("reduce unknown", lambda: mhc.reduce_streams(streams(2), "max"), ValueError, r"unknown reduction 'max'"),
 ]
 
 
-@pytest.mark.parametrize("call,error,match", [c[1:] for c in BAD_FUNCTION_CALLS], ids=[c[0] for c in BAD_FUNCTION_CALLS])
+@pytest.mark.parametrize("call,error,match", [c[1:] for c in BAD_FUNCTION_CALLS],
+                         ids=[c[0] for c in BAD_FUNCTION_CALLS])
 def test_functions_refuse_bad_input(call, error, match, backend):
     with pytest.raises(error, match=match):
         mx.eval(call())
@@ -111,7 +116,8 @@ BAD_MODULE_CALLS = [
      r"width 9.*expected C=8"),
     ("HC rank 1", lambda: mhc.HyperConnection(C, n=N)(mx.zeros((C,)), nn.Identity()), ValueError, r"rank"),
     ("HC int32", lambda: mhc.HyperConnection(C, n=N)(streams(2, dtype=mx.int32), nn.Identity()), TypeError, r"int32"),
-    ("HC float64", lambda: mhc.HyperConnection(C, n=N)(streams(2, dtype=mx.float64), nn.Identity()), TypeError, r"float64"),
+    ("HC float64", lambda: mhc.HyperConnection(C, n=N)(streams(2, dtype=mx.float64), nn.Identity()),
+     TypeError, r"float64"),
     ("HC sublayer changes width", lambda: mhc.HyperConnection(C, n=N)(streams(2), lambda h: h[..., :4]),
      ValueError, r"f \(the sublayer output\) must have shape \(2, 8\), got \(2, 4\)"),
     ("HC static wrong n", lambda: mhc.HyperConnection(C, n=N, dynamic=False)(streams(n=2), nn.Identity()),
@@ -129,8 +135,10 @@ BAD_MODULE_CALLS = [
     ("MHCLayer fused_backward", lambda: mhc.MHCLayer(N, C, fused_backward=False), TypeError, r"'fused_backward'"),
     ("MHCLayer auto_dispatch", lambda: mhc.MHCLayer(N, C, auto_dispatch=False), TypeError, r"'auto_dispatch'"),
     ("MHCLayer unknown kwarg", lambda: mhc.MHCLayer(N, C, fast=True), TypeError, r"unexpected argument 'fast'"),
-    ("MHCLayer tpg=48", lambda: mhc.MHCLayer(N, C, threads_per_group=48), ValueError, r"threads_per_group.*power of two"),
-    ("MHCLayer tpg=16", lambda: mhc.MHCLayer(N, C, threads_per_group=16), ValueError, r"threads_per_group.*\[32, 1024\]"),
+    ("MHCLayer tpg=48", lambda: mhc.MHCLayer(N, C, threads_per_group=48),
+     ValueError, r"threads_per_group.*power of two"),
+    ("MHCLayer tpg=16", lambda: mhc.MHCLayer(N, C, threads_per_group=16),
+     ValueError, r"threads_per_group.*\[32, 1024\]"),
     ("MHCLayer tpg=2048", lambda: mhc.MHCLayer(N, C, threads_per_group=2048), ValueError, r"threads_per_group"),
     ("MHCLayer tpg=0", lambda: mhc.MHCLayer(N, C, threads_per_group=0), ValueError, r"threads_per_group"),
     ("MHCLayer tpg=64.0", lambda: mhc.MHCLayer(N, C, threads_per_group=64.0), TypeError, r"threads_per_group"),
@@ -142,9 +150,11 @@ BAD_MODULE_CALLS = [
      r"unknown init 'zeros'"),
     ("Rewire wrong width", lambda: mhc.MHCRewire(nn.Linear(C, C), dims=C)(mx.zeros((2, C + 1))), ValueError,
      r"hidden state \[\.\.\., 8\]"),
-    ("Rewire stream_state hidden x", lambda: mhc.MHCRewire(nn.Linear(C, C), dims=C, stream_state=True)(mx.zeros((2, C))),
+    ("Rewire stream_state hidden x",
+     lambda: mhc.MHCRewire(nn.Linear(C, C), dims=C, stream_state=True)(mx.zeros((2, C))),
      ValueError, r"2 streams.*expected n=4"),
-    ("Rewire int32", lambda: mhc.MHCRewire(nn.Linear(C, C), dims=C)(mx.zeros((2, C), dtype=mx.int32)), TypeError, r"int32"),
+    ("Rewire int32", lambda: mhc.MHCRewire(nn.Linear(C, C), dims=C)(mx.zeros((2, C), dtype=mx.int32)),
+     TypeError, r"int32"),
     # mlx-mhc 0.4.1 API
     ("compat non-square", lambda: mlx_mhc.sinkhorn_knopp(mx.zeros((3, 4))), ValueError, r"square"),
     ("compat max_iterations=0", lambda: mlx_mhc.sinkhorn_knopp(mx.zeros((3, 3)), max_iterations=0), ValueError,
@@ -159,7 +169,8 @@ BAD_MODULE_CALLS = [
 ]
 
 
-@pytest.mark.parametrize("call,error,match", [c[1:] for c in BAD_MODULE_CALLS], ids=[c[0] for c in BAD_MODULE_CALLS])
+@pytest.mark.parametrize("call,error,match", [c[1:] for c in BAD_MODULE_CALLS],
+                         ids=[c[0] for c in BAD_MODULE_CALLS])
 def test_modules_refuse_bad_input(call, error, match, backend):
     with pytest.raises(error, match=match):
         mx.eval(call())
@@ -245,13 +256,16 @@ def test_nan_pre_and_post(backend, rng):
     xn = x64.copy()
     xn[1, 2, 4] = np.nan
     assert_nan_pattern(mhc.mhc_pre(as_mx(xn), Hp), ref.mhc_pre(xn, Hp64), "mhc_pre (NaN in x)")
-    assert_nan_pattern(mhc.mhc_post(as_mx(xn), f, Hpost, Hr), ref.mhc_post(xn, f64, Hpost64, Hr64), "mhc_post (NaN in x)")
+    assert_nan_pattern(mhc.mhc_post(as_mx(xn), f, Hpost, Hr), ref.mhc_post(xn, f64, Hpost64, Hr64),
+                       "mhc_post (NaN in x)")
     fn = f64.copy()
     fn[0, 1] = np.nan
-    assert_nan_pattern(mhc.mhc_post(x, as_mx(fn), Hpost, Hr), ref.mhc_post(x64, fn, Hpost64, Hr64), "mhc_post (NaN in f)")
+    assert_nan_pattern(mhc.mhc_post(x, as_mx(fn), Hpost, Hr), ref.mhc_post(x64, fn, Hpost64, Hr64),
+                       "mhc_post (NaN in f)")
     Hn = Hr64.copy()
     Hn[0, 2] = np.nan
-    assert_nan_pattern(mhc.mhc_post(x, f, Hpost, as_mx(Hn)), ref.mhc_post(x64, f64, Hpost64, Hn), "mhc_post (NaN in H_res)")
+    assert_nan_pattern(mhc.mhc_post(x, f, Hpost, as_mx(Hn)), ref.mhc_post(x64, f64, Hpost64, Hn),
+                       "mhc_post (NaN in H_res)")
     assert_nan_pattern(mhc.rms_norm(as_mx(xn)), ref.rms_norm(xn), "rms_norm")
     assert_nan_pattern(mhc.reduce_streams(as_mx(xn)), ref.reduce_streams(xn), "reduce_streams")
 

@@ -351,5 +351,6 @@ def test_compat_sinkhorn_grads(max_iterations, epsilon, log_space, rng):
     m, m64 = draw(rng, (2, 3, 3))
     W, W64 = cotangent(rng, (2, 3, 3))
     g = mx.grad(lambda m: (mlx_mhc.sinkhorn_knopp(m, max_iterations, epsilon, log_space) * W).sum())(m)
-    want = ref.central_difference(lambda v: np.sum(ref.compat_sinkhorn(v, max_iterations, epsilon, log_space) * W64), m64)
+    want = ref.central_difference(
+        lambda v: np.sum(ref.compat_sinkhorn(v, max_iterations, epsilon, log_space) * W64), m64)
     assert_grad(g, m, want, f"mlx_mhc.sinkhorn_knopp({max_iterations}, {epsilon}, log_space={log_space})")
