@@ -1,7 +1,6 @@
 """Bad input to `mhc-mlx train`: a clear error (exit 2, message naming the problem), and
 nothing written or overwritten."""
 
-import os
 
 import pytest
 
