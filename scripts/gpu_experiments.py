@@ -48,7 +48,7 @@ def main():
     H = coefficients.activate(mx.zeros((1, n)), mx.zeros((1, n)), mx.eye(n)[None] * 3, 20)
     w = mx.ones((C,))
     mx.eval(H, w)
-    for tg, groups in ((256, 2048), (256, 4096), (128, 4096), (512, 4096), (256, 1056), (128, 2048)):
+    for tg, groups in ((256, 1056), (256, 528)):
         f = lambda x, tg=tg, g=groups: layer.forward(x, H[0], H[1], H[2], w, 20, 1e-5, False, tg, g)  # noqa: E731
         us = tput(f, [[x] for x in xs])
         print(f"layer tg={tg:4d} groups={groups:5d}: {us:7.1f} us {gbps(nb, us)}  plan={layer.plan(T, n, C, 2, tg, groups)}")
@@ -57,8 +57,10 @@ def main():
     phi = 0.02 * mx.random.normal((n * C, 2 * n + n * n))
     alpha, bias = mx.array([0.1, 0.1, 0.1]), mx.zeros((2 * n + n * n,))
     mx.eval(phi, alpha, bias)
-    us = tput(lambda x: coefficients.dynamic_forward(x.reshape(T, n * C), phi, alpha, bias, n, 20, 1e-6), [[x] for x in xs])
-    print(f"coefficients dynamic (GEMM+sumsq+Sinkhorn): {us:7.1f} us {gbps(xs[0].nbytes, us)}")
+    for tb in (16, 8):
+        us = tput(lambda x, tb=tb: coefficients.dynamic_forward(x.reshape(T, n * C), phi, alpha, bias, n, 20, 1e-6, tb),
+                  [[x] for x in xs])
+        print(f"coefficients dynamic (GEMM+sumsq+Sinkhorn) TB={tb}: {us:7.1f} us {gbps(xs[0].nbytes, us)}")
     hp = mx.random.uniform(shape=(T, n))
     hq = mx.random.uniform(shape=(T, n))
     hr = mx.random.uniform(shape=(T, n, n))

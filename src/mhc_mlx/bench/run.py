@@ -30,7 +30,7 @@ def run(out_dir: str, quick: bool = False, seeds_dir: str | None = ".seedpkgs", 
         "device": str(mx.default_device()), "platform": platform.platform(), "quick": quick,
     }
     log(f"bench: {header}")
-    copy = timing.copy_floor(total_bytes=(8 << 20) if quick else (1 << 30), repeats=3 if quick else 10)
+    copy = timing.copy_floor(array_bytes=(1 << 20) if quick else (128 << 20), repeats=3 if quick else 10)
     tiny = timing.tiny_op_us(repeats=20 if quick else 300)
     log(f"copy floor: {copy['GBps']:.0f} GB/s ({copy['bytes'] / 1e6:.0f} MB in {copy['us']:.0f} µs); "
         f"tiny-op eval: {tiny:.1f} µs")

@@ -42,10 +42,12 @@ ACTIVATE = KernelSpec(
 """,
 )
 
-# Block of 256 threads = 8 warps; TB tokens per block. Per chunk of 256 columns of xf: every
-# thread loads one column for the TB tokens (coalesced), squares it into its sums and stores it
-# transposed in shared memory; then warp w takes 32 of those columns, lane l output columns
-# l, l+32, ... of phi (coalesced loads), and accumulates TB dot products per output column.
+# Block of 256 threads = 8 warps; TB tokens per block; chunks of KC columns of xf. Per chunk,
+# the x tile (transposed) and the matching KC rows of phi are staged in shared memory with
+# coalesced loads -- the next chunk's values are already in registers while this one is used
+# (software pipelining: the load latency hides behind the FMAs). Warp w then takes KC/8 of the
+# columns, lane l output columns l, l+32, ..., and accumulates TB dot products per column.
+# The sums of squares come from the same loads.
 DYNAMIC = KernelSpec(
     name="mhc_coefficients_dynamic",
     inputs=("xin", "phi", "alpha", "bias", "iparam", "fparam"),
@@ -53,14 +55,18 @@ DYNAMIC = KernelSpec(
     body=r"""
   constexpr int W = N * (N + 2);
   constexpr int R = (W + 31) / 32;
-  constexpr int KC = 256;
+  constexpr int KC = W <= 32 ? 128 : 64;
+  constexpr int RG = 256 / KC;          // row groups in the x tile load
+  constexpr int XQ = TB / RG;           // x values per thread per chunk
+  constexpr int PQ = (KC * W + 255) / 256;  // phi values per thread per chunk
   constexpr int XS = TB + 4;
-  constexpr int TILE = KC * XS;
+  constexpr int TILE = KC * XS + KC * W;
   constexpr int RED = 8 * TB * W;
   constexpr int SMEM = TILE > RED ? TILE : RED;
-  KSHARED float4 tile4[SMEM / 4];
-  KSHARED float ssq[8 * TB];
+  KSHARED float4 tile4[(SMEM + 3) / 4];
+  KSHARED float ssq[8 * XQ];
   KSHPTR(float) tile = reinterpret_cast<KSHPTR(float)>(tile4);
+  KSHPTR(float) phis = tile + KC * XS;
   const int Ttok = iparam[0];
   const int K = iparam[1];
   const int iters = iparam[2];
@@ -69,34 +75,56 @@ DYNAMIC = KernelSpec(
   const int lane = KLANE;
   const int warp = KWARP;
   const int t0 = KBID * TB;
+  const int kx = tid % KC;   // this thread's column in the x tile
+  const int qx = tid / KC;   // its first row; rows qx + RG * j
 
   float acc[R][TB];
-  float sq[TB];
+  float sq[XQ];
+  float xn[XQ];
+  float pn[PQ];
   KUNROLL for (int q = 0; q < TB; ++q) {
-    sq[q] = 0.0f;
     KUNROLL for (int r = 0; r < R; ++r) acc[r][q] = 0.0f;
   }
+  KUNROLL for (int j = 0; j < XQ; ++j) sq[j] = 0.0f;
+  // prefetch chunk 0
+  KUNROLL for (int j = 0; j < XQ; ++j) {
+    const int t = t0 + qx + RG * j;
+    xn[j] = (kx < K && t < Ttok) ? static_cast<float>(xin[(int64_t)t * K + kx]) : 0.0f;
+  }
+  KUNROLL for (int j = 0; j < PQ; ++j) {
+    const int a = tid + 256 * j;
+    pn[j] = (a < KC * W && a < K * W) ? phi[a] : 0.0f;
+  }
   for (int kb = 0; kb < K; kb += KC) {
-    const int k = kb + tid;
-    KUNROLL for (int q4 = 0; q4 < TB / 4; ++q4) {
-      float v[4];
-      KUNROLL for (int e = 0; e < 4; ++e) {
-        const int t = t0 + 4 * q4 + e;
-        v[e] = (k < K && t < Ttok) ? static_cast<float>(xin[(int64_t)t * K + k]) : 0.0f;
-        sq[4 * q4 + e] += v[e] * v[e];
-      }
-      tile4[tid * (XS / 4) + q4] = KFLOAT4(v[0], v[1], v[2], v[3]);
+    KUNROLL for (int j = 0; j < XQ; ++j) {
+      sq[j] += xn[j] * xn[j];
+      tile[kx * XS + qx + RG * j] = xn[j];
+    }
+    KUNROLL for (int j = 0; j < PQ; ++j) {
+      const int a = tid + 256 * j;
+      if (a < KC * W) phis[a] = pn[j];
     }
     KBARRIER();
-    const int kend = (K - kb) < KC ? (K - kb) : KC;
-    for (int kk = warp * 32; kk < warp * 32 + 32 && kk < kend; ++kk) {
+    const int kn = kb + KC;
+    if (kn < K) {  // prefetch the next chunk while this one is used
+      KUNROLL for (int j = 0; j < XQ; ++j) {
+        const int t = t0 + qx + RG * j;
+        xn[j] = (kn + kx < K && t < Ttok) ? static_cast<float>(xin[(int64_t)t * K + kn + kx]) : 0.0f;
+      }
+      KUNROLL for (int j = 0; j < PQ; ++j) {
+        const int a = tid + 256 * j;
+        pn[j] = (a < KC * W && (int64_t)kn * W + a < (int64_t)K * W) ? phi[(int64_t)kn * W + a] : 0.0f;
+      }
+    }
+    KUNROLL for (int u = 0; u < KC / 8; ++u) {
+      const int kk = warp * (KC / 8) + u;
       float ph[R];
       KUNROLL for (int r = 0; r < R; ++r) {
         const int c = lane + 32 * r;
-        ph[r] = c < W ? phi[(int64_t)(kb + kk) * W + c] : 0.0f;
+        ph[r] = c < W ? phis[kk * W + c] : 0.0f;
       }
       KUNROLL for (int q4 = 0; q4 < TB / 4; ++q4) {
-        const float4 xv = tile4[kk * (XS / 4) + q4];
+        const float4 xv = tile4[(kk * XS) / 4 + q4];
         KUNROLL for (int r = 0; r < R; ++r) {
           acc[r][4 * q4 + 0] += ph[r] * xv.x;
           acc[r][4 * q4 + 1] += ph[r] * xv.y;
@@ -107,12 +135,12 @@ DYNAMIC = KernelSpec(
     }
     KBARRIER();
   }
-  // Sums of squares: warp sums, then across warps below.
-  KUNROLL for (int q = 0; q < TB; ++q) {
-    const float s = kwarp_sum(sq[q]);
-    if (lane == 0) ssq[warp * TB + q] = s;
+  // Sums of squares: rows qx + RG*j; warp sums, then across the warps sharing a row group.
+  KUNROLL for (int j = 0; j < XQ; ++j) {
+    const float s = kwarp_sum(sq[j]);
+    if (lane == 0) ssq[warp * XQ + j] = s;
   }
-  // Dot products: per-warp partials into shared memory (the x tile is free now).
+  // Dot products: per-warp partials into shared memory (the tiles are free now).
   KUNROLL for (int q = 0; q < TB; ++q) {
     KUNROLL for (int r = 0; r < R; ++r) {
       const int c = lane + 32 * r;
@@ -131,7 +159,9 @@ DYNAMIC = KernelSpec(
     const int t = t0 + q;
     const bool tl = t < Ttok;
     float ss = 0.0f;
-    for (int w = 0; w < 8; ++w) ss += ssq[w * TB + q];
+    const int g = q % RG;  // row group of row q: warps whose qx == g, i.e. tid / KC == g
+    for (int w = 0; w < 8; ++w)
+      if ((w * 32) / KC == g) ss += ssq[w * XQ + (q - g) / RG];
     const float rr = KSQRT(ss / (float)K + eps);
     KUNROLL for (int r = 0; r < R; ++r) {
       const int c = lane + 32 * r;
@@ -198,9 +228,12 @@ DYNAMIC_VJP = KernelSpec(
     for (int idx = KTID; idx < TS; idx += KNT) c2s[idx] = (ts + idx < te) ? ctwo[ts + idx] : 0.0f;
     KBARRIER();
     const int nq = (te - ts) < TS ? (te - ts) : TS;
-    for (int q = 0; q < nq; ++q) {
+    float xq[TS];  // the stage's x values, all loads in flight at once
+    KUNROLL for (int q = 0; q < TS; ++q)
+      xq[q] = (kl && q < nq) ? static_cast<float>(xin[(int64_t)(ts + q) * K + k]) : 0.0f;
+    KUNROLL for (int q = 0; q < TS; ++q) {
       const int64_t t = ts + q;
-      const float xv = kl ? static_cast<float>(xin[t * K + k]) : 0.0f;
+      const float xv = xq[q];
       float d = 0.0f;
       KUNROLL for (int c4 = 0; c4 < WP / 4; ++c4) {
         const float4 g = gs4[q * (WP / 4) + c4];
@@ -210,7 +243,7 @@ DYNAMIC_VJP = KernelSpec(
         acc[4 * c4 + 2] += xv * g.z;
         acc[4 * c4 + 3] += xv * g.w;
       }
-      if (kl) gx[t * K + k] = static_cast<T>(d - xv * c2s[q]);
+      if (kl && q < nq) gx[t * K + k] = static_cast<T>(d - xv * c2s[q]);
     }
   }
   if (kl) {
@@ -310,11 +343,11 @@ def _scale_index(n):
     return mx.array([0] * n + [1] * n + [2] * (n * n), dtype=mx.uint32)
 
 
-def dynamic_forward(x2, phi, alpha, bias, n: int, iters: int, eps: float):
+def dynamic_forward(x2, phi, alpha, bias, n: int, iters: int, eps: float, tb: int | None = None):
     """x2 [T, n*C] -> H_pre [T, n], H_post [T, n], H_res [T, n, n], m [T, W], 1/r [T]."""
     T, K = x2.shape
     W = n * (n + 2)
-    tb = tokens_per_block(n)
+    tb = tb or tokens_per_block(n)
     blocks = -(-T // tb)
     return launch(
         DYNAMIC,

@@ -136,7 +136,7 @@ LAYER = KernelSpec(
 """,
 )
 
-MAX_GROUPS = 2048
+MAX_GROUPS = 1056  # measured best on the H100 (132 SMs x 8)
 
 
 def plan(T: int, n: int, C: int, itemsize: int, threads: int | None = None, groups: int | None = None):
