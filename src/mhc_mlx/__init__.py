@@ -10,6 +10,7 @@
 from ._version import __version__
 from .dispatch import use_backend
 from .modules import HyperConnection, MHCLayer, MHCRewire, SiteCoefficients
+from .patch import AutoPatcher
 from .ops import (
     expand_streams,
     mhc_coefficients,
@@ -33,5 +34,6 @@ __all__ = [
     "SiteCoefficients",
     "MHCLayer",
     "MHCRewire",
+    "AutoPatcher",
     "use_backend",
 ]
