@@ -20,6 +20,7 @@ BOXES = {4: (2, 2), 6: (2, 3), 9: (3, 3)}
 
 # ----- an independent Sudoku solver (sets, not bitmasks) -------------------------------------
 
+
 def units(k):
     r, c = BOXES[k]
     out = [[(i, j) for j in range(k)] for i in range(k)] + [[(i, j) for i in range(k)] for j in range(k)]
@@ -79,7 +80,12 @@ def test_sudoku_puzzles_are_valid_and_uniquely_solvable(tmp_path, size, n_train,
     for split, groups, per_group in (("train", n_train, 1 + aug), ("test", n_test, 1)):
         meta, d = read(out, split)
         assert (meta.vocab_size, meta.seq_len) == (size + 2, size * size)
-        assert (meta.pad_id, meta.ignore_label_id, meta.blank_identifier_id, meta.num_puzzle_identifiers) == (0, 0, 0, 1)
+        assert (meta.pad_id, meta.ignore_label_id, meta.blank_identifier_id, meta.num_puzzle_identifiers) == (
+            0,
+            0,
+            0,
+            1,
+        )
         assert meta.total_groups == groups and meta.sets == ["all"]
         assert np.array_equal(d["group_indices"], np.arange(groups + 1) * per_group)
         assert np.array_equal(d["puzzle_indices"], np.arange(groups * per_group + 1))
@@ -175,7 +181,9 @@ def test_mazes_label_the_unique_shortest_path(tmp_path):
 def test_maze_generation_is_deterministic_and_checks_arguments(tmp_path):
     for n in "ab":
         maze.build_dataset(str(tmp_path / n), 7, 3, 1, seed=9)
-    assert np.array_equal(read(tmp_path / "a", "train")[1]["labels"], read(tmp_path / "b", "train")[1]["labels"])
+    assert np.array_equal(
+        read(tmp_path / "a", "train")[1]["labels"], read(tmp_path / "b", "train")[1]["labels"]
+    )
     with pytest.raises(ValueError, match=">= 5"):
         maze.build_dataset(str(tmp_path / "c"), 3, 1, 1, seed=0)
     with pytest.raises(ValueError, match="lower --min-path"):
@@ -184,13 +192,25 @@ def test_maze_generation_is_deterministic_and_checks_arguments(tmp_path):
 
 def test_dihedral_transforms_match_the_original_numbering():
     a = np.arange(12).reshape(3, 4)
-    expect = [a, np.rot90(a, 1), np.rot90(a, 2), np.rot90(a, 3), np.fliplr(a), np.flipud(a), a.T, np.fliplr(np.rot90(a, 1))]
+    expect = [
+        a,
+        np.rot90(a, 1),
+        np.rot90(a, 2),
+        np.rot90(a, 3),
+        np.fliplr(a),
+        np.flipud(a),
+        a.T,
+        np.fliplr(np.rot90(a, 1)),
+    ]
     for t in range(8):
         assert np.array_equal(maze.dihedral_transform(a, t), expect[t])
-        assert np.array_equal(maze.dihedral_transform(maze.dihedral_transform(a, t), maze.DIHEDRAL_INVERSE[t]), a)
+        assert np.array_equal(
+            maze.dihedral_transform(maze.dihedral_transform(a, t), maze.DIHEDRAL_INVERSE[t]), a
+        )
 
 
 # ----- the loader and its sampler ------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def small_sudoku(tmp_path_factory):
@@ -215,7 +235,10 @@ def test_train_batches_draw_each_group_once_per_epoch(small_sudoku):
     # Same seed, same stream.
     again = PuzzleDataset(small_sudoku, "train", batch_size=4, seed=1).iter_train()
     first = next(again)[1]
-    assert mx.array_equal(first["inputs"], next(PuzzleDataset(small_sudoku, "train", batch_size=4, seed=1).iter_train())[1]["inputs"])
+    assert mx.array_equal(
+        first["inputs"],
+        next(PuzzleDataset(small_sudoku, "train", batch_size=4, seed=1).iter_train())[1]["inputs"],
+    )
 
 
 def test_test_batches_cover_every_example_once_and_pad_the_last(small_sudoku):
@@ -242,6 +265,7 @@ def test_ignore_label_becomes_minus_100(tmp_path):
 
 
 # ----- bad datasets: clear errors ------------------------------------------------------------
+
 
 def test_missing_dataset(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):

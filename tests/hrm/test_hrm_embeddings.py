@@ -31,7 +31,14 @@ def test_puzzle_embedding_is_zero_and_frozen():
 def test_input_embedding_prefix_scale_and_padding():
     mx.random.seed(1)
     # puzzle_emb_ndim 20 over hidden 16: two prefix positions, the second padded with zeros.
-    emb = InputEmbedding(vocab_size=9, hidden_size=16, seq_len=5, num_puzzle_identifiers=4, puzzle_emb_ndim=20, learned_positions=False)
+    emb = InputEmbedding(
+        vocab_size=9,
+        hidden_size=16,
+        seq_len=5,
+        num_puzzle_identifiers=4,
+        puzzle_emb_ndim=20,
+        learned_positions=False,
+    )
     emb.puzzle_emb.weight = mx.array(rng.normal(size=(4, 20)), mx.float32)
     inputs = rng.integers(0, 9, size=(2, 5))
     ids = np.array([1, 3])
@@ -47,7 +54,14 @@ def test_input_embedding_prefix_scale_and_padding():
 
 def test_learned_positions_are_averaged_in():
     mx.random.seed(2)
-    emb = InputEmbedding(vocab_size=9, hidden_size=16, seq_len=5, num_puzzle_identifiers=1, puzzle_emb_ndim=0, learned_positions=True)
+    emb = InputEmbedding(
+        vocab_size=9,
+        hidden_size=16,
+        seq_len=5,
+        num_puzzle_identifiers=1,
+        puzzle_emb_ndim=0,
+        learned_positions=True,
+    )
     inputs = rng.integers(0, 9, size=(3, 5))
     out = np.array(emb(mx.array(inputs), mx.zeros((3,), mx.int32)), dtype=np.float64)
     tok = np.array(emb.embed_tokens.weight, dtype=np.float64)[inputs]

@@ -7,7 +7,16 @@ import numpy as np
 import pytest
 
 from hrm_helpers import tiny_config
-from mhc_mlx.hrm import Attention, HRMBlock, Linear, RotaryEmbedding, SwiGLU, rms_norm, swiglu_width, trunc_normal
+from mhc_mlx.hrm import (
+    Attention,
+    HRMBlock,
+    Linear,
+    RotaryEmbedding,
+    SwiGLU,
+    rms_norm,
+    swiglu_width,
+    trunc_normal,
+)
 from mhc_mlx.hrm.initializers import truncated_normal_std
 
 rng = np.random.default_rng()
@@ -24,7 +33,7 @@ def np_rope(x, base):
     inv = 1.0 / base ** (np.arange(0, D, 2) / D)
     freqs = np.outer(np.arange(L), inv)
     emb = np.concatenate([freqs, freqs], -1)
-    rot = np.concatenate([-x[..., D // 2:], x[..., : D // 2]], -1)
+    rot = np.concatenate([-x[..., D // 2 :], x[..., : D // 2]], -1)
     return x * np.cos(emb) + rot * np.sin(emb)
 
 
@@ -55,7 +64,9 @@ def test_rms_norm_is_weight_free_float32():
     for dtype, tol in ((mx.float32, 1e-5), (mx.bfloat16, 2e-2)):
         y = rms_norm(mx.array(x).astype(dtype), 1e-5)
         assert y.dtype == dtype
-        np.testing.assert_allclose(f64(y.astype(mx.float32)), np_rms_norm(x.astype(np.float32), 1e-5), atol=tol, rtol=tol)
+        np.testing.assert_allclose(
+            f64(y.astype(mx.float32)), np_rms_norm(x.astype(np.float32), 1e-5), atol=tol, rtol=tol
+        )
 
 
 def test_swiglu_width_rule():
@@ -122,7 +133,12 @@ def test_swiglu():
     mlp = SwiGLU(16, 4.0, multiple_of=8)
     assert mlp.gate_up_proj.weight.shape == (2 * swiglu_width(16, 4.0, 8), 16)
     x = rng.normal(size=(3, 16))
-    np.testing.assert_allclose(f64(mlp(mx.array(x, mx.float32))), np_swiglu(x, f64(mlp.gate_up_proj.weight), f64(mlp.down_proj.weight)), atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(
+        f64(mlp(mx.array(x, mx.float32))),
+        np_swiglu(x, f64(mlp.gate_up_proj.weight), f64(mlp.down_proj.weight)),
+        atol=1e-4,
+        rtol=1e-4,
+    )
 
 
 def test_block_is_post_norm():
@@ -133,7 +149,9 @@ def test_block_is_post_norm():
     x = rng.normal(size=(2, 5, 16))
     a = block.self_attn
     h = np_rms_norm(x + np_attention(x, f64(a.qkv_proj.weight), f64(a.o_proj.weight), 2, 10000.0), 1e-5)
-    h = np_rms_norm(h + np_swiglu(h, f64(block.mlp.gate_up_proj.weight), f64(block.mlp.down_proj.weight)), 1e-5)
+    h = np_rms_norm(
+        h + np_swiglu(h, f64(block.mlp.gate_up_proj.weight), f64(block.mlp.down_proj.weight)), 1e-5
+    )
     np.testing.assert_allclose(f64(block(mx.array(x, mx.float32), rope)), h, atol=1e-4, rtol=1e-4)
 
 
@@ -141,7 +159,9 @@ def test_block_is_post_norm():
 def test_stream_block_norms_every_stream_and_matches_the_formula(variant):
     """x_next = norm_per_stream(H_res x + H_post (x) F(H_pre x)) for both residual connections."""
     mx.random.seed(5)
-    cfg = tiny_config(hidden_size=16, num_heads=2, expansion=2.0, ffn_multiple_of=8, residual=variant, streams=3)
+    cfg = tiny_config(
+        hidden_size=16, num_heads=2, expansion=2.0, ffn_multiple_of=8, residual=variant, streams=3
+    )
     block = HRMBlock(cfg)
     block.add_residual_sites(cfg)
     for site in (block.attn_site, block.mlp_site):  # off the identity init
@@ -157,8 +177,22 @@ def test_stream_block_norms_every_stream_and_matches_the_formula(variant):
         return np.einsum("...ij,...jc->...ic", res, x) + post[..., None] * f(h)[..., None, :]
 
     a = block.self_attn
-    h = np_rms_norm(site_ref(block.attn_site, x, lambda h: np_attention(h, f64(a.qkv_proj.weight), f64(a.o_proj.weight), 2, 10000.0)), 1e-5)
-    h = np_rms_norm(site_ref(block.mlp_site, h, lambda h: np_swiglu(h, f64(block.mlp.gate_up_proj.weight), f64(block.mlp.down_proj.weight))), 1e-5)
+    h = np_rms_norm(
+        site_ref(
+            block.attn_site,
+            x,
+            lambda h: np_attention(h, f64(a.qkv_proj.weight), f64(a.o_proj.weight), 2, 10000.0),
+        ),
+        1e-5,
+    )
+    h = np_rms_norm(
+        site_ref(
+            block.mlp_site,
+            h,
+            lambda h: np_swiglu(h, f64(block.mlp.gate_up_proj.weight), f64(block.mlp.down_proj.weight)),
+        ),
+        1e-5,
+    )
     y = block(mx.array(x, mx.float32), rope)
     np.testing.assert_allclose(f64(y), h, atol=2e-4, rtol=2e-4)
     # Every stream has unit RMS after the post-norm.

@@ -4,7 +4,14 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mhc_mlx.hrm import IGNORE_LABEL_ID, act_loss, finalize_metrics, log_stablemax, softmax_cross_entropy, stablemax_cross_entropy
+from mhc_mlx.hrm import (
+    IGNORE_LABEL_ID,
+    act_loss,
+    finalize_metrics,
+    log_stablemax,
+    softmax_cross_entropy,
+    stablemax_cross_entropy,
+)
 from mhc_mlx.hrm.model import Carry, InnerCarry
 
 rng = np.random.default_rng()
@@ -23,7 +30,12 @@ def labels_with_ignored(shape, vocab):
 
 def test_log_stablemax_matches_its_formula():
     x = rng.normal(size=(4, 6, 11)) * 5
-    np.testing.assert_allclose(np.array(log_stablemax(mx.array(x, mx.float32)), dtype=np.float64), np_log_stablemax(x), atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(
+        np.array(log_stablemax(mx.array(x, mx.float32)), dtype=np.float64),
+        np_log_stablemax(x),
+        atol=2e-5,
+        rtol=1e-5,
+    )
 
 
 def test_stablemax_cross_entropy():
@@ -67,7 +79,11 @@ def test_act_loss_head(loss_type):
         InnerCarry(mx.zeros((1,)), mx.zeros((1,))),
         mx.array(steps, mx.int32),
         mx.array(halted),
-        {"inputs": mx.array(inputs), "labels": mx.array(labels), "puzzle_identifiers": mx.zeros((B,), mx.int32)},
+        {
+            "inputs": mx.array(inputs),
+            "labels": mx.array(labels),
+            "puzzle_identifiers": mx.zeros((B,), mx.int32),
+        },
     )
     outputs = {
         "logits": mx.array(logits, mx.float32),
@@ -113,7 +129,9 @@ def test_act_loss_head(loss_type):
     final = finalize_metrics(metrics, batch_size=B)
     np.testing.assert_allclose(final["accuracy"], expect["accuracy"] / expect["count"], rtol=1e-6)
     np.testing.assert_allclose(final["lm_loss"], lm / B, rtol=1e-5)
-    np.testing.assert_allclose(final["blank_accuracy"], expect["blank_correct"] / expect["blank_cells"], rtol=1e-6)
+    np.testing.assert_allclose(
+        final["blank_accuracy"], expect["blank_correct"] / expect["blank_cells"], rtol=1e-6
+    )
 
 
 def test_unknown_loss_type():

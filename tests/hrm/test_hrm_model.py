@@ -7,7 +7,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 from hrm_helpers import random_batch, tiny_config
-from mhc_mlx.hrm import HRM, Carry, InnerCarry, act_loss
+from mhc_mlx.hrm import HRM, InnerCarry, act_loss
 
 
 def make(seed=0, **overrides):
@@ -73,10 +73,13 @@ def test_streams_start_as_the_plain_model(residual, pos):
         np.testing.assert_allclose(np.array(os_["q_halt_logits"]), np.array(op["q_halt_logits"]), atol=2e-5)
         # Every stream of the carry equals the plain state.
         for zs, zp in ((cs.inner.z_H, cp.inner.z_H), (cs.inner.z_L, cp.inner.z_L)):
-            np.testing.assert_allclose(np.array(zs), np.broadcast_to(np.array(zp)[:, :, None], zs.shape), atol=2e-5)
+            np.testing.assert_allclose(
+                np.array(zs), np.broadcast_to(np.array(zp)[:, :, None], zs.shape), atol=2e-5
+            )
 
 
 # ----- the one-step gradient ----------------------------------------------------------------
+
 
 def _loss_and_grads(model, carry, rows):
     def f(params, rows, z_H, z_L):
@@ -142,7 +145,7 @@ def test_one_step_gradient_equals_gradient_of_the_last_two_calls():
         xe = inner.input_embeddings(carry.current_data, rows)
         zl = inner.L_level(z_L0, z_H0 + xe, inner.rope)
         zh = inner.H_level(z_H0, zl, inner.rope)
-        logits = inner.lm_head(zh)[:, c.puzzle_emb_len:]
+        logits = inner.lm_head(zh)[:, c.puzzle_emb_len :]
         q = inner.q_head(zh[:, 0])
         out = {"logits": logits, "q_halt_logits": q[:, 0], "q_continue_logits": q[:, 1]}
         new = carry._replace(steps=carry.steps + 1, halted=carry.steps + 1 >= c.halt_max_steps)
@@ -171,6 +174,7 @@ def test_bootstrap_target_carries_no_gradient():
 
 
 # ----- ACT: halting and data replacement on hand-made batches -------------------------------
+
 
 def _batches(config, B=4):
     a = random_batch(config, B, seed=10)
@@ -299,7 +303,9 @@ def test_bad_batch_is_a_clear_error():
     with pytest.raises(ValueError, match="missing labels"):
         model.initial_carry({k: v for k, v in batch.items() if k != "labels"})
     with pytest.raises(ValueError, match=r"inputs must be \[B, 6\]"):
-        model.initial_carry({**batch, "inputs": mx.zeros((4, 5), mx.int32), "labels": mx.zeros((4, 5), mx.int32)})
+        model.initial_carry(
+            {**batch, "inputs": mx.zeros((4, 5), mx.int32), "labels": mx.zeros((4, 5), mx.int32)}
+        )
     with pytest.raises(TypeError, match="integers"):
         model.initial_carry({**batch, "inputs": batch["inputs"].astype(mx.float32)})
     carry = model.initial_carry(batch)

@@ -4,7 +4,6 @@ with its errors."""
 import json
 import os
 
-import mlx.core as mx
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
@@ -26,8 +25,16 @@ def sudoku4(tmp_path_factory):
 
 def small_arch(**overrides):
     arch = dict(
-        hidden_size=32, num_heads=2, H_layers=1, L_layers=1, H_cycles=2, L_cycles=2,
-        expansion=4.0, ffn_multiple_of=32, halt_max_steps=2, puzzle_emb_ndim=32,
+        hidden_size=32,
+        num_heads=2,
+        H_layers=1,
+        L_layers=1,
+        H_cycles=2,
+        L_cycles=2,
+        expansion=4.0,
+        ffn_multiple_of=32,
+        halt_max_steps=2,
+        puzzle_emb_ndim=32,
     )
     arch.update(overrides)
     return arch
@@ -37,13 +44,24 @@ def small_arch(**overrides):
 def test_ci_sized_sudoku_run_learns(sudoku4, tmp_path):
     """Held-out blank-cell accuracy well above the 0.25 of guessing, after ~250 CPU steps."""
     tc = TrainConfig(
-        data=sudoku4, out=str(tmp_path / "run"), steps=250, batch_size=32, eval_every=250,
-        eval_batch_size=200, lr=3e-3, puzzle_emb_lr=3e-3, lr_warmup_steps=20, seed=0,
+        data=sudoku4,
+        out=str(tmp_path / "run"),
+        steps=250,
+        batch_size=32,
+        eval_every=250,
+        eval_batch_size=200,
+        lr=3e-3,
+        puzzle_emb_lr=3e-3,
+        lr_warmup_steps=20,
+        seed=0,
     )
     trainer = Trainer(tc, model_config_for(load_metadata(sudoku4, "train"), **small_arch()))
     final = trainer.fit(progress=False)
     start = trainer.history["eval"][0]
-    print(f"blank-cell accuracy {start['blank_accuracy']:.3f} -> {final['blank_accuracy']:.3f} in {trainer.wall_time:.1f} s")
+    print(
+        f"blank-cell accuracy {start['blank_accuracy']:.3f} -> {final['blank_accuracy']:.3f} "
+        f"in {trainer.wall_time:.1f} s"
+    )
     assert final["count"] == 200
     assert final["blank_accuracy"] > CHANCE + 0.07
     assert final["blank_accuracy"] > start["blank_accuracy"] + 0.07
@@ -60,10 +78,27 @@ class Stop(Exception):
 def test_resume_continues_exactly(sudoku4, tmp_path):
     """Stopped after its step-3 checkpoint and resumed, a run ends where an unbroken one ends:
     weights, optimizer state, ACT carry and data position all come back."""
-    arch = small_arch(hidden_size=16, ffn_multiple_of=16, puzzle_emb_ndim=16, residual="mhc", streams=2, halt_max_steps=4, halt_exploration_prob=0.5)
+    arch = small_arch(
+        hidden_size=16,
+        ffn_multiple_of=16,
+        puzzle_emb_ndim=16,
+        residual="mhc",
+        streams=2,
+        halt_max_steps=4,
+        halt_exploration_prob=0.5,
+    )
 
     def config(out):
-        return TrainConfig(data=sudoku4, out=str(out), steps=6, batch_size=8, eval_every=3, eval_batch_size=50, lr_warmup_steps=2, seed=3)
+        return TrainConfig(
+            data=sudoku4,
+            out=str(out),
+            steps=6,
+            batch_size=8,
+            eval_every=3,
+            eval_batch_size=50,
+            lr_warmup_steps=2,
+            seed=3,
+        )
 
     meta = load_metadata(sudoku4, "train")
     whole = Trainer(config(tmp_path / "whole"), model_config_for(meta, **arch))
@@ -97,16 +132,82 @@ def run_cli(*argv):
     return main(["hrm", *map(str, argv)])
 
 
-TINY = ["--hidden-size", 16, "--ffn-multiple-of", 16, "--num-heads", 2, "--batch-size", 8, "--eval-batch-size", 64, "--quiet"]
+TINY = [
+    "--hidden-size",
+    16,
+    "--ffn-multiple-of",
+    16,
+    "--num-heads",
+    2,
+    "--batch-size",
+    8,
+    "--eval-batch-size",
+    64,
+    "--quiet",
+]
 
 
 def test_cli_end_to_end(tmp_path, capsys):
     data, run = tmp_path / "s4", tmp_path / "run"
-    assert run_cli("data", "sudoku", "--size", 4, "--train", 40, "--test", 10, "--seed", 1, "--out", data, "--quiet") == 0
-    assert run_cli("data", "maze", "--size", 7, "--train", 8, "--test", 2, "--seed", 1, "--out", tmp_path / "maze", "--quiet") == 0
-    assert run_cli("train", "--data", tmp_path / "maze", "--out", tmp_path / "maze-run", "--steps", 1, "--eval-every", 1, *TINY) == 0
+    assert (
+        run_cli(
+            "data", "sudoku", "--size", 4, "--train", 40, "--test", 10, "--seed", 1, "--out", data, "--quiet"
+        )
+        == 0
+    )
+    assert (
+        run_cli(
+            "data",
+            "maze",
+            "--size",
+            7,
+            "--train",
+            8,
+            "--test",
+            2,
+            "--seed",
+            1,
+            "--out",
+            tmp_path / "maze",
+            "--quiet",
+        )
+        == 0
+    )
+    assert (
+        run_cli(
+            "train",
+            "--data",
+            tmp_path / "maze",
+            "--out",
+            tmp_path / "maze-run",
+            "--steps",
+            1,
+            "--eval-every",
+            1,
+            *TINY,
+        )
+        == 0
+    )
     assert json.load(open(tmp_path / "maze-run" / "metrics.json"))["model_config"]["vocab_size"] == 6
-    assert run_cli("train", "--data", data, "--out", run, "--steps", 4, "--eval-every", 2, "--residual", "mhc", "--streams", 2, *TINY) == 0
+    assert (
+        run_cli(
+            "train",
+            "--data",
+            data,
+            "--out",
+            run,
+            "--steps",
+            4,
+            "--eval-every",
+            2,
+            "--residual",
+            "mhc",
+            "--streams",
+            2,
+            *TINY,
+        )
+        == 0
+    )
     summary = json.load(open(run / "metrics.json"))
     assert summary["model_config"]["residual"] == "mhc" and summary["step"] == 4
     assert [r["step"] for r in summary["history"]["eval"]] == [0, 2, 4]
@@ -138,7 +239,20 @@ def test_cli_errors_are_clear(tmp_path, capsys):
         err = capsys.readouterr().err
         assert match in err, err
 
-    fails("data", "sudoku", "--size", 4, "--train", 2, "--test", 1, "--out", data, "--quiet", match="already holds a dataset")
+    fails(
+        "data",
+        "sudoku",
+        "--size",
+        4,
+        "--train",
+        2,
+        "--test",
+        1,
+        "--out",
+        data,
+        "--quiet",
+        match="already holds a dataset",
+    )
     fails("train", "--data", tmp_path / "nope", "--out", tmp_path / "r2", *TINY, match="does not exist")
     fails("train", "--data", tmp_path, "--out", tmp_path / "r3", *TINY, match="no dataset.json")
     fails("train", "--data", data, "--out", run, *TINY, match="already holds a run")

@@ -1,16 +1,15 @@
 """`mhc-mlx hrm ...`: the Hierarchical Reasoning Model on offline puzzles.
 
-    mhc-mlx hrm data sudoku --size 4 --train 2000 --test 200 --seed 0 --out data/sudoku4
-    mhc-mlx hrm data maze --size 11 --train 1000 --test 100 --seed 0 --out data/maze11
-    mhc-mlx hrm train --data data/sudoku4 --out runs/s4-plain [--residual mhc] [--resume]
-    mhc-mlx hrm eval --run runs/s4-plain
-    mhc-mlx hrm plot runs/s4-plain runs/s4-mhc --out curves.png
+mhc-mlx hrm data sudoku --size 4 --train 2000 --test 200 --seed 0 --out data/sudoku4
+mhc-mlx hrm data maze --size 11 --train 1000 --test 100 --seed 0 --out data/maze11
+mhc-mlx hrm train --data data/sudoku4 --out runs/s4-plain [--residual mhc] [--resume]
+mhc-mlx hrm eval --run runs/s4-plain
+mhc-mlx hrm plot runs/s4-plain runs/s4-mhc --out curves.png
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 
@@ -62,9 +61,18 @@ def cmd_data_sudoku(args: argparse.Namespace) -> int:
 
     from ..hrm import sudoku
 
-    with tqdm(total=args.train + args.test, desc=f"sudoku {args.size}x{args.size}", disable=args.quiet) as bar:
+    with tqdm(
+        total=args.train + args.test, desc=f"sudoku {args.size}x{args.size}", disable=args.quiet
+    ) as bar:
         metas = sudoku.build_dataset(
-            args.out, args.size, args.train, args.test, args.seed, num_aug=args.aug, max_blanks=args.max_blanks, progress=bar
+            args.out,
+            args.size,
+            args.train,
+            args.test,
+            args.seed,
+            num_aug=args.aug,
+            max_blanks=args.max_blanks,
+            progress=bar,
         )
     _report_data(args.out, metas)
     return 0
@@ -77,7 +85,15 @@ def cmd_data_maze(args: argparse.Namespace) -> int:
 
     with tqdm(total=args.train + args.test, desc=f"maze {args.size}x{args.size}", disable=args.quiet) as bar:
         metas = maze.build_dataset(
-            args.out, args.size, args.train, args.test, args.seed, aug=args.aug, min_path=args.min_path, loops=args.loops, progress=bar
+            args.out,
+            args.size,
+            args.train,
+            args.test,
+            args.seed,
+            aug=args.aug,
+            min_path=args.min_path,
+            loops=args.loops,
+            progress=bar,
         )
     _report_data(args.out, metas)
     return 0
@@ -86,7 +102,8 @@ def cmd_data_maze(args: argparse.Namespace) -> int:
 def _report_data(out: str, metas: dict) -> None:
     for split, meta in metas.items():
         print(
-            f"{os.path.join(out, split)}: {meta.total_groups} groups, seq_len {meta.seq_len}, vocab {meta.vocab_size}"
+            f"{os.path.join(out, split)}: {meta.total_groups} groups, "
+            f"seq_len {meta.seq_len}, vocab {meta.vocab_size}"
         )
 
 
@@ -109,7 +126,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"resuming {args.out} at step {trainer.step} of {trainer.tc.steps}")
     else:
         if has_checkpoint:
-            raise ValueError(f"{args.out!r} already holds a run; pass --resume to continue it or choose another --out")
+            raise ValueError(
+                f"{args.out!r} already holds a run; pass --resume to continue it or choose another --out"
+            )
         if args.data is None:
             raise ValueError("--data DIR is required (make one with `mhc-mlx hrm data sudoku ...`)")
         arch = {**ARCH_DEFAULTS, **given_arch}
@@ -121,7 +140,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     mc = trainer.mc
     print(
         f"HRM {mc.residual}{f' (n={mc.streams})' if mc.uses_streams else ''}: hidden {mc.hidden_size}, "
-        f"{mc.H_layers}+{mc.L_layers} layers, cycles {mc.H_cycles}x{mc.L_cycles}, halt_max_steps {mc.halt_max_steps}, "
+        f"{mc.H_layers}+{mc.L_layers} layers, cycles {mc.H_cycles}x{mc.L_cycles}, "
+        f"halt_max_steps {mc.halt_max_steps}, "
         f"{trainer.parameter_count():,} parameters; data {trainer.tc.data} "
         f"({len(trainer.train_data)} train / {len(trainer.test_data)} test examples)"
     )
@@ -130,7 +150,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"done: step {trainer.step}, held-out blank-cell accuracy {final['blank_accuracy']:.4f}, "
         f"exact accuracy {final['exact_accuracy']:.4f}, {trainer.wall_time:.1f} s training"
     )
-    print(f"wrote {os.path.join(args.out, METRICS)}, {os.path.join(args.out, PLOT)}, {os.path.join(args.out, CHECKPOINT)}/")
+    print(
+        f"wrote {os.path.join(args.out, METRICS)}, {os.path.join(args.out, PLOT)}, "
+        f"{os.path.join(args.out, CHECKPOINT)}/"
+    )
     return 0
 
 
@@ -186,15 +209,30 @@ def _add_arch_flags(p: argparse.ArgumentParser) -> None:
     for k, default in ARCH_DEFAULTS.items():
         kind = types.get(k, type(default) if default is not None else int)
         g.add_argument(
-            _flag(k), dest=k, type=kind, default=None, choices=choices.get(k), help=f"default {default if default is not None else 'hidden size'}"
+            _flag(k),
+            dest=k,
+            type=kind,
+            default=None,
+            choices=choices.get(k),
+            help=f"default {default if default is not None else 'hidden size'}",
         )
 
 
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training")
-    choices = {"optimizer": ("adam_atan2", "adamw"), "loss_type": ("stablemax_cross_entropy", "softmax_cross_entropy")}
+    choices = {
+        "optimizer": ("adam_atan2", "adamw"),
+        "loss_type": ("stablemax_cross_entropy", "softmax_cross_entropy"),
+    }
     for k, default in TRAIN_DEFAULTS.items():
-        g.add_argument(_flag(k), dest=k, type=type(default), default=None, choices=choices.get(k), help=f"default {default}")
+        g.add_argument(
+            _flag(k),
+            dest=k,
+            type=type(default),
+            default=None,
+            choices=choices.get(k),
+            help=f"default {default}",
+        )
 
 
 def register(subparsers) -> None:
@@ -205,9 +243,16 @@ def register(subparsers) -> None:
     data = sub.add_parser("data", help="generate a puzzle dataset in the original HRM format")
     kinds = data.add_subparsers(dest="kind", metavar="kind")
     kinds.required = True
-    for kind, helptext in (("sudoku", "unique-solution Sudoku (4, 6, 9, ...)"), ("maze", "mazes with the shortest path as label")):
+    for kind, helptext in (
+        ("sudoku", "unique-solution Sudoku (4, 6, 9, ...)"),
+        ("maze", "mazes with the shortest path as label"),
+    ):
         p = kinds.add_parser(kind, help=helptext)
-        side = "4..16 with rectangular boxes: 4, 6, 9, ..." if kind == "sudoku" else ">= 5 (odd sizes use every row)"
+        side = (
+            "4..16 with rectangular boxes: 4, 6, 9, ..."
+            if kind == "sudoku"
+            else ">= 5 (odd sizes use every row)"
+        )
         p.add_argument("--size", type=int, required=True, help=f"grid side, {side}")
         p.add_argument("--train", type=int, required=True, help="train puzzles (before augmentation)")
         p.add_argument("--test", type=int, required=True, help="held-out test puzzles")
@@ -215,13 +260,26 @@ def register(subparsers) -> None:
         p.add_argument("--out", required=True, help="output directory (must not hold a dataset)")
         p.add_argument("--quiet", action="store_true", help="no progress bar")
         if kind == "sudoku":
-            p.add_argument("--aug", type=int, default=0, help="augmented copies per train puzzle (original: num_aug)")
-            p.add_argument("--max-blanks", type=int, default=None, help="stop blanking at this many cells (default: minimal puzzles)")
+            p.add_argument(
+                "--aug", type=int, default=0, help="augmented copies per train puzzle (original: num_aug)"
+            )
+            p.add_argument(
+                "--max-blanks",
+                type=int,
+                default=None,
+                help="stop blanking at this many cells (default: minimal puzzles)",
+            )
             p.set_defaults(func=cmd_data_sudoku)
         else:
-            p.add_argument("--aug", action="store_true", help="add the 8 dihedral transforms of each train maze")
-            p.add_argument("--min-path", type=int, default=None, help="shortest path length at least (default: size)")
-            p.add_argument("--loops", type=float, default=0.0, help="fraction of inner walls removed to add cycles")
+            p.add_argument(
+                "--aug", action="store_true", help="add the 8 dihedral transforms of each train maze"
+            )
+            p.add_argument(
+                "--min-path", type=int, default=None, help="shortest path length at least (default: size)"
+            )
+            p.add_argument(
+                "--loops", type=float, default=0.0, help="fraction of inner walls removed to add cycles"
+            )
             p.set_defaults(func=cmd_data_maze)
 
     train = sub.add_parser("train", help="train HRM; writes metrics.json, accuracy.png, checkpoint/")

@@ -52,14 +52,28 @@ class HRMConfig:
 
     def __post_init__(self):
         for name in (
-            "seq_len", "vocab_size", "num_puzzle_identifiers", "H_cycles", "L_cycles",
-            "H_layers", "L_layers", "hidden_size", "num_heads", "halt_max_steps",
-            "ffn_multiple_of", "streams", "sinkhorn_iters",
+            "seq_len",
+            "vocab_size",
+            "num_puzzle_identifiers",
+            "H_cycles",
+            "L_cycles",
+            "H_layers",
+            "L_layers",
+            "hidden_size",
+            "num_heads",
+            "halt_max_steps",
+            "ffn_multiple_of",
+            "streams",
+            "sinkhorn_iters",
         ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"HRMConfig.{name} must be a positive int, got {value!r}")
-        if isinstance(self.puzzle_emb_ndim, bool) or not isinstance(self.puzzle_emb_ndim, int) or self.puzzle_emb_ndim < 0:
+        if (
+            isinstance(self.puzzle_emb_ndim, bool)
+            or not isinstance(self.puzzle_emb_ndim, int)
+            or self.puzzle_emb_ndim < 0
+        ):
             raise ValueError(f"HRMConfig.puzzle_emb_ndim must be an int >= 0, got {self.puzzle_emb_ndim!r}")
         if self.hidden_size % self.num_heads:
             raise ValueError(
@@ -74,7 +88,9 @@ class HRMConfig:
         if self.pos_encodings not in POS_ENCODINGS:
             raise ValueError(f"pos_encodings must be one of {POS_ENCODINGS}, got {self.pos_encodings!r}")
         if self.forward_dtype not in FORWARD_DTYPES:
-            raise ValueError(f"forward_dtype must be one of {tuple(FORWARD_DTYPES)}, got {self.forward_dtype!r}")
+            raise ValueError(
+                f"forward_dtype must be one of {tuple(FORWARD_DTYPES)}, got {self.forward_dtype!r}"
+            )
         if self.residual not in RESIDUALS:
             raise ValueError(f"residual must be one of {RESIDUALS}, got {self.residual!r}")
 

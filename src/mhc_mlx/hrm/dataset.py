@@ -55,7 +55,14 @@ class DatasetMetadata:
         if missing:
             raise ValueError(f"{path} is not HRM dataset metadata: missing {', '.join(missing)}")
         meta = cls(**{n: raw[n] for n in names})
-        for n in ("pad_id", "blank_identifier_id", "vocab_size", "seq_len", "num_puzzle_identifiers", "total_groups"):
+        for n in (
+            "pad_id",
+            "blank_identifier_id",
+            "vocab_size",
+            "seq_len",
+            "num_puzzle_identifiers",
+            "total_groups",
+        ):
             v = getattr(meta, n)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"{path}: {n} must be an int >= 0, got {v!r}")
@@ -122,8 +129,16 @@ def _check_set(meta: DatasetMetadata, a: dict, where: str) -> None:
                 f"[0, {meta.vocab_size}) of dataset.json"
             )
     pi, gi, ids = a["puzzle_indices"], a["group_indices"], a["puzzle_identifiers"]
-    if pi.ndim != 1 or pi.size != ids.size + 1 or pi[0] != 0 or pi[-1] != len(inputs) or np.any(np.diff(pi) < 1):
-        raise ValueError(f"{where}: puzzle_indices must rise from 0 to {len(inputs)} with one entry per puzzle + 1")
+    if (
+        pi.ndim != 1
+        or pi.size != ids.size + 1
+        or pi[0] != 0
+        or pi[-1] != len(inputs)
+        or np.any(np.diff(pi) < 1)
+    ):
+        raise ValueError(
+            f"{where}: puzzle_indices must rise from 0 to {len(inputs)} with one entry per puzzle + 1"
+        )
     if gi.ndim != 1 or gi[0] != 0 or gi[-1] != ids.size or np.any(np.diff(gi) < 1):
         raise ValueError(f"{where}: group_indices must rise from 0 to {ids.size} (the number of puzzles)")
     if ids.size and (ids.min() < 0 or ids.max() >= meta.num_puzzle_identifiers):
@@ -272,7 +287,9 @@ class PuzzleDataset:
                     if puzzles.size < self.batch_size:
                         break  # drop the last incomplete batch
                     produced += 1
-                    batch = self.collate(d["inputs"][rows], d["labels"][rows], d["puzzle_identifiers"][puzzles])
+                    batch = self.collate(
+                        d["inputs"][rows], d["labels"][rows], d["puzzle_identifiers"][puzzles]
+                    )
                     yield set_name, batch, puzzles.size
             if not produced:
                 raise ValueError(
@@ -289,6 +306,10 @@ class PuzzleDataset:
                 end = min(n, start + self.batch_size)
                 yield (
                     set_name,
-                    self.collate(d["inputs"][start:end], d["labels"][start:end], d["puzzle_identifiers"][puzzle_of[start:end]]),
+                    self.collate(
+                        d["inputs"][start:end],
+                        d["labels"][start:end],
+                        d["puzzle_identifiers"][puzzle_of[start:end]],
+                    ),
                     end - start,
                 )

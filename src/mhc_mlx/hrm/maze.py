@@ -63,7 +63,10 @@ def carve(size: int, rng: np.random.Generator, loops: float = 0.0) -> np.ndarray
             for r in range(1, size - 1)
             for c in range(1, size - 1)
             if grid[r, c] == WALL
-            and ((grid[r - 1, c] == OPEN and grid[r + 1, c] == OPEN) or (grid[r, c - 1] == OPEN and grid[r, c + 1] == OPEN))
+            and (
+                (grid[r - 1, c] == OPEN and grid[r + 1, c] == OPEN)
+                or (grid[r, c - 1] == OPEN and grid[r, c + 1] == OPEN)
+            )
         ]
         for i in rng.permutation(len(walls))[: int(round(loops * len(walls)))]:
             grid[walls[i]] = OPEN
@@ -106,7 +109,9 @@ def shortest_path(grid: np.ndarray, start: tuple[int, int], goal: tuple[int, int
     return path[::-1]
 
 
-def make_maze(size: int, rng: np.random.Generator, min_path: int, loops: float = 0.0, tries: int = 200) -> tuple[np.ndarray, np.ndarray]:
+def make_maze(
+    size: int, rng: np.random.Generator, min_path: int, loops: float = 0.0, tries: int = 200
+) -> tuple[np.ndarray, np.ndarray]:
     """(input, label) token grids with a unique shortest path of >= min_path steps."""
     for _ in range(tries):
         grid = carve(size, rng, loops)
@@ -123,10 +128,22 @@ def make_maze(size: int, rng: np.random.Generator, min_path: int, loops: float =
             for cell in path[1:-1]:
                 label[cell] = PATH
             return inp, label
-    raise ValueError(f"no {size}x{size} maze with a unique shortest path of >= {min_path} steps in {tries} tries; lower --min-path")
+    raise ValueError(
+        f"no {size}x{size} maze with a unique shortest path of >= {min_path} steps in {tries} tries; "
+        "lower --min-path"
+    )
 
 
-def generate(size: int, num_train: int, num_test: int, seed: int, aug: bool = False, min_path: int | None = None, loops: float = 0.0, progress=None) -> tuple[list, list]:
+def generate(
+    size: int,
+    num_train: int,
+    num_test: int,
+    seed: int,
+    aug: bool = False,
+    min_path: int | None = None,
+    loops: float = 0.0,
+    progress=None,
+) -> tuple[list, list]:
     if isinstance(size, bool) or not isinstance(size, int) or size < 5:
         raise ValueError(f"maze size must be an int >= 5, got {size!r}")
     if not 0.0 <= loops <= 1.0:
@@ -155,7 +172,17 @@ def generate(size: int, num_train: int, num_test: int, seed: int, aug: bool = Fa
     return train, test
 
 
-def build_dataset(out_dir: str, size: int, num_train: int, num_test: int, seed: int, aug: bool = False, min_path: int | None = None, loops: float = 0.0, progress=None) -> dict:
+def build_dataset(
+    out_dir: str,
+    size: int,
+    num_train: int,
+    num_test: int,
+    seed: int,
+    aug: bool = False,
+    min_path: int | None = None,
+    loops: float = 0.0,
+    progress=None,
+) -> dict:
     check_fresh_output(out_dir)
     if num_train < 1 or num_test < 1:
         raise ValueError("need at least one train and one test maze")

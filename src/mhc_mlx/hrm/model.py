@@ -74,7 +74,9 @@ class HRMInner(nn.Module):
         # Q starts at (almost) "never halt" so early training is not cut short by noise.
         self.q_head.weight = mx.zeros_like(self.q_head.weight)
         self.q_head.bias = mx.full((2,), -5.0)
-        self.rope = RotaryEmbedding(config.head_dim, config.rope_theta) if config.pos_encodings == "rope" else None
+        self.rope = (
+            RotaryEmbedding(config.head_dim, config.rope_theta) if config.pos_encodings == "rope" else None
+        )
         self.H_level = ReasoningModule(config, config.H_layers)
         self.L_level = ReasoningModule(config, config.L_layers)
         # Fixed initial states (buffers in the original): saved with the model, never trained.
@@ -131,7 +133,7 @@ class HRMInner(nn.Module):
 
         new_carry = InnerCarry(mx.stop_gradient(z_H), mx.stop_gradient(z_L))
         out = self.readout(z_H)
-        logits = self.lm_head(out)[:, c.puzzle_emb_len:]
+        logits = self.lm_head(out)[:, c.puzzle_emb_len :]
         q = self.q_head(out[:, 0]).astype(mx.float32)
         return new_carry, logits, (q[..., 0], q[..., 1])
 
@@ -174,7 +176,9 @@ class HRM(nn.Module):
         for k in DATA_KEYS:
             v = carry.current_data[k]
             if tuple(batch[k].shape) != tuple(v.shape):
-                raise ValueError(f"batch[{k!r}] has shape {tuple(batch[k].shape)}, the carry holds {tuple(v.shape)}")
+                raise ValueError(
+                    f"batch[{k!r}] has shape {tuple(batch[k].shape)}, the carry holds {tuple(v.shape)}"
+                )
             data[k] = mx.where(halted.reshape(-1, *([1] * (v.ndim - 1))), batch[k], v)
         return Carry(
             inner=self.inner.reset_carry(halted, carry.inner),

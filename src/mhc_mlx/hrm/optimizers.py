@@ -22,7 +22,9 @@ from .embeddings import PuzzleEmbedding
 Schedule = Union[float, Callable[[mx.array], mx.array]]
 
 
-def warmup_cosine_lr(step: int, base_lr: float, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:
+def warmup_cosine_lr(
+    step: int, base_lr: float, warmup_steps: int, total_steps: int, min_ratio: float = 0.0
+) -> float:
     """The learning rate of update number `step` (1-based, as the original counts)."""
     if step < warmup_steps:
         return base_lr * step / max(1, warmup_steps)
@@ -37,7 +39,9 @@ def warmup_cosine(base_lr: float, warmup_steps: int, total_steps: int, min_ratio
         step = done.astype(mx.float32) + 1  # this update's 1-based number
         warm = base_lr * step / max(1, warmup_steps)
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        cosine = base_lr * (min_ratio + mx.maximum(0.0, (1 - min_ratio) * 0.5 * (1.0 + mx.cos(math.pi * progress))))
+        cosine = base_lr * (
+            min_ratio + mx.maximum(0.0, (1 - min_ratio) * 0.5 * (1.0 + mx.cos(math.pi * progress)))
+        )
         return mx.where(step < warmup_steps, warm, cosine)
 
     return schedule
@@ -48,7 +52,9 @@ class AdamATan2(optim.Optimizer):
     p <- p - lr / (1 - b1^t) * atan2(m, sqrt(v) / sqrt(1 - b2^t)).
     """
 
-    def __init__(self, learning_rate: Schedule, betas: tuple[float, float] = (0.9, 0.999), weight_decay: float = 1e-2):
+    def __init__(
+        self, learning_rate: Schedule, betas: tuple[float, float] = (0.9, 0.999), weight_decay: float = 1e-2
+    ):
         super().__init__()
         b1, b2 = betas
         if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
@@ -95,18 +101,27 @@ class SparseSignSGD:
         if not isinstance(embedding, PuzzleEmbedding):
             raise TypeError(f"SparseSignSGD updates a PuzzleEmbedding, got {type(embedding).__name__}")
         weight = embedding.weight
-        if row_grads.ndim != 2 or row_grads.shape[1] != weight.shape[1] or tuple(ids.shape) != (row_grads.shape[0],):
+        if (
+            row_grads.ndim != 2
+            or row_grads.shape[1] != weight.shape[1]
+            or tuple(ids.shape) != (row_grads.shape[0],)
+        ):
             raise ValueError(
-                f"row_grads must be [B, {weight.shape[1]}] and ids [B]; got {tuple(row_grads.shape)} and {tuple(ids.shape)}"
+                f"row_grads must be [B, {weight.shape[1]}] and ids [B]; "
+                f"got {tuple(row_grads.shape)} and {tuple(ids.shape)}"
             )
         lr = self.schedule(mx.array(self.step)).astype(mx.float32)
         self.step += 1
         unique, inverse = np.unique(np.asarray(ids), return_inverse=True)
         if unique.size and (unique[0] < 0 or unique[-1] >= weight.shape[0]):
-            raise ValueError(f"puzzle identifiers must be in [0, {weight.shape[0]}), got {unique[0]}..{unique[-1]}")
+            raise ValueError(
+                f"puzzle identifiers must be in [0, {weight.shape[0]}), got {unique[0]}..{unique[-1]}"
+            )
         unique = mx.array(unique.astype(np.int32))
-        grad = mx.zeros((unique.shape[0], weight.shape[1]), mx.float32).at[mx.array(inverse.reshape(-1).astype(np.int32))].add(
-            row_grads.astype(mx.float32)
+        grad = (
+            mx.zeros((unique.shape[0], weight.shape[1]), mx.float32)
+            .at[mx.array(inverse.reshape(-1).astype(np.int32))]
+            .add(row_grads.astype(mx.float32))
         )
         rows = weight[unique].astype(mx.float32)
         rows = rows * (1 - lr * self.weight_decay) - lr * mx.sign(grad)

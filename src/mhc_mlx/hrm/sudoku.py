@@ -40,7 +40,13 @@ class Board:
             (r, c, (r // self.box_rows) * (size // self.box_cols) + c // self.box_cols) for r, c in rc
         ]
 
-    def count_solutions(self, grid: np.ndarray, limit: int = 2, rng: np.random.Generator | None = None, out: list | None = None) -> int:
+    def count_solutions(
+        self,
+        grid: np.ndarray,
+        limit: int = 2,
+        rng: np.random.Generator | None = None,
+        out: list | None = None,
+    ) -> int:
         """Solutions of `grid` (flat, 0 = blank) up to `limit`; with `out`, the first is appended.
 
         Depth-first search on the most constrained blank; `rng` randomises the digit order
@@ -108,7 +114,9 @@ class Board:
         self.count_solutions(np.zeros(self.cells, np.int64), limit=1, rng=rng, out=out)
         return out[0]
 
-    def make_puzzle(self, rng: np.random.Generator, max_blanks: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def make_puzzle(
+        self, rng: np.random.Generator, max_blanks: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """(puzzle, solution), flat, 0 = blank; the puzzle has exactly one solution."""
         solution = self.random_solution(rng)
         puzzle = solution.copy()
@@ -125,7 +133,9 @@ class Board:
         return puzzle, solution
 
 
-def shuffle_sudoku(board: np.ndarray, solution: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def shuffle_sudoku(
+    board: np.ndarray, solution: np.ndarray, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """The original's augmentation, generalised to r x c boxes: relabel the digits, permute the
     bands (groups of r rows) and the rows inside each band, the stacks (groups of c columns) and
     the columns inside each stack, and transpose when boxes are square (r = c). Each keeps every

@@ -26,7 +26,7 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .config import HRMConfig
-from .dataset import DatasetMetadata, PuzzleDataset, load_metadata
+from .dataset import DatasetMetadata, PuzzleDataset
 from .losses import LOSS_TYPES, act_loss, finalize_metrics
 from .model import HRM, Carry, InnerCarry
 from .optimizers import AdamATan2, SparseSignSGD, warmup_cosine
@@ -104,8 +104,12 @@ class Trainer:
     def __init__(self, train_config: TrainConfig, model_config: HRMConfig):
         self.tc = train_config
         self.mc = model_config
-        self.train_data = PuzzleDataset(train_config.data, "train", train_config.batch_size, seed=train_config.seed)
-        self.test_data = PuzzleDataset(train_config.data, "test", train_config.eval_batch_size, seed=train_config.seed)
+        self.train_data = PuzzleDataset(
+            train_config.data, "train", train_config.batch_size, seed=train_config.seed
+        )
+        self.test_data = PuzzleDataset(
+            train_config.data, "test", train_config.eval_batch_size, seed=train_config.seed
+        )
         check_compatible(model_config, self.train_data.metadata, f"{train_config.data}/train")
         check_compatible(model_config, self.test_data.metadata, f"{train_config.data}/test")
 
@@ -117,7 +121,9 @@ class Trainer:
         if tc.optimizer == "adam_atan2":
             self.optimizer = AdamATan2(schedule, (tc.beta1, tc.beta2), tc.weight_decay)
         else:
-            self.optimizer = optim.AdamW(schedule, [tc.beta1, tc.beta2], weight_decay=tc.weight_decay, bias_correction=True)
+            self.optimizer = optim.AdamW(
+                schedule, [tc.beta1, tc.beta2], weight_decay=tc.weight_decay, bias_correction=True
+            )
         emb_schedule = warmup_cosine(tc.puzzle_emb_lr, tc.lr_warmup_steps, tc.steps, tc.lr_min_ratio)
         self.emb_optimizer = SparseSignSGD(emb_schedule, tc.puzzle_emb_weight_decay)
 
@@ -160,7 +166,9 @@ class Trainer:
         param_grads, row_grads = grads if with_rows else (grads, None)
         self.optimizer.update(self.model, param_grads)
         if with_rows:
-            self.emb_optimizer.update(self.model.puzzle_emb, row_grads, carry.current_data["puzzle_identifiers"])
+            self.emb_optimizer.update(
+                self.model.puzzle_emb, row_grads, carry.current_data["puzzle_identifiers"]
+            )
         self.carry = carry
         mx.eval(self.model.parameters(), self.optimizer.state, self.carry, metrics, loss)
         self.step += 1
@@ -180,9 +188,13 @@ class Trainer:
         if os.path.exists(tmp):
             shutil.rmtree(tmp)
         os.makedirs(tmp)
-        mx.save_safetensors(os.path.join(tmp, "model.safetensors"), dict(tree_flatten(self.model.parameters())))
+        mx.save_safetensors(
+            os.path.join(tmp, "model.safetensors"), dict(tree_flatten(self.model.parameters()))
+        )
         opt_state = dict(tree_flatten(self.optimizer.state))
-        mx.save_safetensors(os.path.join(tmp, "optimizer.safetensors"), {k: mx.array(v) for k, v in opt_state.items()})
+        mx.save_safetensors(
+            os.path.join(tmp, "optimizer.safetensors"), {k: mx.array(v) for k, v in opt_state.items()}
+        )
         if self.carry is not None:
             mx.save_safetensors(os.path.join(tmp, "carry.safetensors"), carry_to_dict(self.carry))
         state = {
@@ -247,14 +259,18 @@ class Trainer:
         os.makedirs(self.tc.out, exist_ok=True)
         if not self.history["eval"]:
             self._record_eval()  # the starting point of the curves
-        bar = tqdm(total=self.tc.steps, initial=self.step, desc="hrm train", disable=not progress, dynamic_ncols=True)
+        bar = tqdm(
+            total=self.tc.steps, initial=self.step, desc="hrm train", disable=not progress, dynamic_ncols=True
+        )
         while self.step < self.tc.steps:
             start = time.perf_counter()
             metrics = self.train_step()
             self.wall_time += time.perf_counter() - start
             self.history["train"].append({"step": self.step, **metrics})
             if metrics["count"]:  # accuracy is measured on rows that halted at this step
-                bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['accuracy']:.3f}", refresh=False)
+                bar.set_postfix(
+                    loss=f"{metrics['loss']:.3f}", acc=f"{metrics['accuracy']:.3f}", refresh=False
+                )
             bar.update(1)
             if self.step % self.tc.eval_every == 0 or self.step == self.tc.steps:
                 result = self._record_eval()
@@ -270,14 +286,24 @@ class Trainer:
     def _record_eval(self) -> dict:
         start = time.perf_counter()
         result = self.evaluate()
-        result = {"step": self.step, "train_wall_s": self.wall_time, "eval_wall_s": time.perf_counter() - start, **result}
+        result = {
+            "step": self.step,
+            "train_wall_s": self.wall_time,
+            "eval_wall_s": time.perf_counter() - start,
+            **result,
+        }
         self.history["eval"].append(result)
         self.save()
         write_metrics(self)
         return result
 
 
-def evaluate(model: HRM, data: PuzzleDataset, loss_type: str = "stablemax_cross_entropy", max_batches: int | None = None) -> dict:
+def evaluate(
+    model: HRM,
+    data: PuzzleDataset,
+    loss_type: str = "stablemax_cross_entropy",
+    max_batches: int | None = None,
+) -> dict:
     """Every test example, all halt_max_steps ACT steps; metrics of the final step (the original's
     `evaluate`). Leaves the model in the mode it found it in."""
     was_training = model.training
@@ -307,7 +333,7 @@ def carry_to_dict(carry: Carry) -> dict:
 
 
 def carry_from_dict(d: dict) -> Carry:
-    data = {k[len("data."):]: v for k, v in d.items() if k.startswith("data.")}
+    data = {k[len("data.") :]: v for k, v in d.items() if k.startswith("data.")}
     return Carry(InnerCarry(d["z_H"], d["z_L"]), d["steps"], d["halted"], data)
 
 
@@ -316,7 +342,9 @@ def read_checkpoint_state(run_dir: str) -> dict:
         raise FileNotFoundError(f"run directory {run_dir!r} does not exist")
     path = os.path.join(run_dir, CHECKPOINT, "state.json")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{run_dir!r} has no checkpoint ({CHECKPOINT}/state.json): not an HRM run directory")
+        raise FileNotFoundError(
+            f"{run_dir!r} has no checkpoint ({CHECKPOINT}/state.json): not an HRM run directory"
+        )
     with open(path) as f:
         return json.load(f)
 
