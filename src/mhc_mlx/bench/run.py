@@ -32,8 +32,10 @@ def run(out_dir: str, quick: bool = False, seeds_dir: str | None = ".seedpkgs", 
     log(f"bench: {header}")
     copy = timing.copy_floor(array_bytes=(1 << 20) if quick else (128 << 20), repeats=3 if quick else 10)
     tiny = timing.tiny_op_us(repeats=20 if quick else 300)
+    trivial = timing.trivial_kernel_us(repeats=20 if quick else 300) if on_gpu else None
     log(f"copy floor: {copy['GBps']:.0f} GB/s ({copy['bytes'] / 1e6:.0f} MB in {copy['us']:.0f} µs); "
-        f"tiny-op eval: {tiny:.1f} µs")
+        f"tiny-op eval: {tiny:.1f} µs; one-line custom kernel eval: "
+        f"{'n/a' if trivial is None else f'{trivial:.1f} µs'}")
     rows = []
     latency_reps, tput_reps = (3, 3) if quick else (100, 15)
     for case in case_list:
@@ -67,7 +69,7 @@ def run(out_dir: str, quick: bool = False, seeds_dir: str | None = ".seedpkgs", 
     rows.sort(key=lambda r: ([c.id for c in case_list].index(r["case"]["id"]),
                              report.IMPL_ORDER.index(r["impl"]) if r["impl"] in report.IMPL_ORDER else 99))
     goals = report.targets(rows, tiny) if "kernels" in impls else []
-    payload = {"header": header, "copy_floor": copy, "tiny_op_us": tiny, "rows": rows, "targets": goals,
+    payload = {"header": header, "copy_floor": copy, "tiny_op_us": tiny, "trivial_kernel_us": trivial, "rows": rows, "targets": goals,
                "kernels": {op: v for op, v in kernels.status().items()}}
     report.write_json(json_path, payload)
     report.chart(png_path, rows, f"mhc-mlx bench — {header['backend']} — MLX {header['mlx']} — "

@@ -73,3 +73,18 @@ def tiny_op_us(repeats: int = 200) -> float:
     a = mx.array([1.0])
     mx.eval(a)
     return latency_us(lambda v: v + 1.0, [a], repeats=repeats, warmup=20)
+
+
+def trivial_kernel_us(repeats: int = 200) -> float | None:
+    """One eval of a one-line custom GPU kernel on 1 element: the fixed cost MLX adds to every
+    eval that contains a custom kernel (None without a GPU backend)."""
+    from ..kernels.build import KernelSpec, gpu_backend, launch
+
+    if gpu_backend() is None:
+        return None
+    spec = KernelSpec(name="mhc_trivial", inputs=("vin",), outputs=("vout",),
+                      body="  if (KTID == 0 && KBID == 0) vout[0] = vin[0] + 1.0f;\n")
+    a = mx.array([1.0])
+    mx.eval(a)
+    fn = lambda v: launch(spec, [v], [((1,), mx.float32)], 32, 32, [])[0]  # noqa: E731
+    return latency_us(fn, [a], repeats=repeats, warmup=20)
