@@ -39,7 +39,11 @@ def install(wheel_dir: str, package: str) -> str | None:
 def run(package: str, folder: str, cases: list[dict], timeout: float = 900) -> dict:
     """{case id: µs or 'error: ...'} for `cases` timed by the seed in its own process."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = folder
+    # The seed's folder first; keep other entries (where MLX itself may be installed) but drop
+    # any that hold this library, whose import names the seeds share.
+    keep = [p for p in env.get("PYTHONPATH", "").split(os.pathsep)
+            if p and not any(os.path.isdir(os.path.join(p, m)) for m in ("mhc_mlx", "mlx_mhc"))]
+    env["PYTHONPATH"] = os.pathsep.join([folder, *keep])
     env.pop("MHC_MLX_BACKEND", None)
     job = json.dumps({"package": package, "cases": cases})
     try:
