@@ -131,10 +131,15 @@ def cases_coefficients():
                   [x, phi, alpha, bias], [0, 1, 2, 3])
 
 
+SITE_N: set[int] = set()
+
+
 def cases_site():
     for dt in DTYPES:
         for n, C, lead in ((1, 33, (3,)), (2, 64, (2, 3)), (3, 1, (4,)), (4, 512, (5,)), (4, 1031, (2,)),
-                           (8, 256, (3,)), (32, 33, (1,))):
+                           (8, 256, (3,)), (16, 40, (2,)), (32, 33, (1,))):
+            if SITE_N and n not in SITE_N:
+                continue
             x = mx.random.normal((*lead, n, C)).astype(dt)
             f = mx.random.normal((*lead, C)).astype(dt)
             for shared in (True, False):
@@ -168,9 +173,11 @@ def main(argv=None) -> int:
     ap.add_argument("--no-bench", action="store_true")
     ap.add_argument("--only", default="", help="comma list of: sinkhorn,coefficients,site,layer")
     ap.add_argument("--bench-args", default="", help="extra arguments for `mhc-mlx bench`")
+    ap.add_argument("--site-n", default="", help="comma list of n: only these site cases")
     ap.add_argument("--out", default=os.environ.get("OUT", "runs/gpu_check"))
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
+    SITE_N.update(int(v) for v in args.site_n.split(",") if v)
     backend = build.gpu_backend()
     header = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

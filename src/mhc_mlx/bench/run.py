@@ -23,7 +23,8 @@ def run(out_dir: str, quick: bool = False, seeds_dir: str | None = ".seedpkgs", 
         impls = ("kernels", "compiled", "reference") if on_gpu else ("compiled", "reference")
     case_list = bench_cases.quick_cases() if quick else bench_cases.full_cases()
     if only:
-        case_list = [c for c in case_list if only in c.id]
+        parts = [p for p in only.split(",") if p]
+        case_list = [c for c in case_list if any(p in c.id for p in parts)]
     header = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "mhc_mlx": __version__, "mlx": mx.__version__, "backend": backend or "cpu",

@@ -28,7 +28,7 @@ def install(wheel_dir: str, package: str) -> str | None:
         if not found:
             return None
         wheel = found[0]
-    target = os.path.join(wheel_dir, os.path.basename(wheel)[: -len(".whl")])
+    target = os.path.abspath(os.path.join(wheel_dir, os.path.basename(wheel)[: -len(".whl")]))
     if not os.path.isdir(target):
         with zipfile.ZipFile(wheel) as z:
             z.extractall(target + ".partial")

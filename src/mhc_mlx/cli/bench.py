@@ -14,7 +14,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", default=".seedpkgs",
                    help="folder with the seed wheels mhc_mlx-0.6.3 and mlx_mhc-0.4.1 ('' to skip them)")
     p.add_argument("--impl", default="", help="comma list of kernels,compiled,reference (default: all that run here)")
-    p.add_argument("--only", default="", help="only cases whose id contains this text, e.g. 'static/fwd/4096'")
+    p.add_argument("--only", default="", help="only cases whose id contains one of these comma-separated texts, e.g. 'static/fwd/4096'")
 
 
 def run(args: argparse.Namespace) -> int:
