@@ -57,7 +57,7 @@ def main():
     phi = 0.02 * mx.random.normal((n * C, 2 * n + n * n))
     alpha, bias = mx.array([0.1, 0.1, 0.1]), mx.zeros((2 * n + n * n,))
     mx.eval(phi, alpha, bias)
-    for tb in (16, 8):
+    for tb in (32, 16, 8):
         us = tput(lambda x, tb=tb: coefficients.dynamic_forward(x.reshape(T, n * C), phi, alpha, bias, n, 20, 1e-6, tb),
                   [[x] for x in xs])
         print(f"coefficients dynamic (GEMM+sumsq+Sinkhorn) TB={tb}: {us:7.1f} us {gbps(xs[0].nbytes, us)}")

@@ -51,6 +51,7 @@ def run(out_dir: str, quick: bool = False, seeds_dir: str | None = ".seedpkgs", 
             log(f"  {case.id:<44} {impl:<10} {us if isinstance(us, str) else f'{us:10.1f} µs'}"
                 f"  ({time.perf_counter() - t0:.1f} s)")
     if seeds_dir and not quick:
+        mx.clear_cache()  # the seeds run in other processes: give them this one's cached GPU memory
         static = [c for c in case_list if c.site == "static"]
         for package in seeds.SEEDS:
             folder = seeds.install(seeds_dir, package)

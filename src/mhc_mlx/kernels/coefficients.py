@@ -258,7 +258,11 @@ VJP_TOKENS_PER_SPLIT = 256
 
 
 def tokens_per_block(n: int) -> int:
-    return 16 if n * (n + 2) <= 24 else 8
+    # TB tokens share each staged chunk of phi: more tokens = more FMAs per byte loaded, so
+    # the kernel leaves the memory-latency-bound regime (measured on the H100 at
+    # 4096 x 4 x 4096: TB 16 -> 951 µs, TB 8 -> 607 µs with 1 block per SM; see
+    # docs/kernel-notes.md). Shared memory caps it: 8 x TB x W floats for the final reduction.
+    return 32 if n * (n + 2) <= 24 else 8
 
 
 def activate(rpre, rpost, rres, iters: int):

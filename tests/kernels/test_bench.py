@@ -1,0 +1,70 @@
+"""`mhc-mlx bench --quick` (the CI run) and the seed-package plumbing."""
+
+import json
+import os
+import zipfile
+
+import pytest
+
+from mhc_mlx.bench import cases, report, seeds
+from mhc_mlx.cli import bench as bench_cli
+from mhc_mlx.cli import main as cli_main
+
+pytestmark = pytest.mark.slow  # about ten seconds on two cores
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("bench"))
+    status = cli_main.main(["bench", "--quick", "--out", out, "--seeds", ""])
+    return status, out
+
+
+def test_quick_bench_writes_json_and_png(quick_run):
+    status, out = quick_run
+    assert status == 0
+    with open(os.path.join(out, "bench.json")) as f:
+        data = json.load(f)
+    assert data["header"]["quick"] is True
+    assert data["copy_floor"]["GBps"] > 0 and data["tiny_op_us"] > 0
+    impls = {r["impl"] for r in data["rows"]}
+    assert {"compiled", "reference"} <= impls
+    ids = {r["case"]["id"] for r in data["rows"]}
+    assert {c.id for c in cases.quick_cases()} == ids
+    for r in data["rows"]:
+        assert isinstance(r["us"], float) and r["us"] > 0, r
+        assert r["GBps"] == pytest.approx(r["case"]["floor_bytes"] / r["us"] / 1e3)
+    with open(os.path.join(out, "bench.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_refuses_to_overwrite(quick_run, capsys):
+    _, out = quick_run
+    assert cli_main.main(["bench", "--quick", "--out", out, "--seeds", ""]) == 2
+    assert "exists" in capsys.readouterr().err
+    assert bench_cli.main(["--quick", "--out", out, "--seeds", "", "--impl", "fastest"]) == 2
+
+
+def test_floor_bytes():
+    s = cases.Case("static", "fwd", (8, 4, 16), "bfloat16", "throughput")
+    d = cases.Case("dynamic", "fwd+bwd", (8, 4, 16), "float32", "throughput")
+    assert s.floor_bytes() == 2 * 8 * 4 * 16 * 2
+    assert d.floor_bytes() == (7 * 4 + 2) * 16 * 8 * 4
+
+
+def test_targets_are_judged_only_on_measured_rows():
+    assert report.targets([], tiny_us=20.0) == []
+    row = {"case": cases.Case("static", "fwd", (4096, 4, 4096), "bfloat16", "throughput").as_dict(),
+           "impl": "kernels", "us": 120.0}
+    report.enrich([row], copy_GBps=2600.0, tiny_us=20.0)
+    (goal,) = report.targets([row], tiny_us=20.0)
+    assert goal["met"] == (row["pct_of_copy"] >= 80)
+
+
+def test_seed_install_unpacks_into_its_own_folder(tmp_path):
+    wheel = tmp_path / seeds.SEEDS["mlx-mhc"]
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr("mlx_mhc/__init__.py", "VALUE = 1\n")
+    folder = seeds.install(str(tmp_path), "mlx-mhc")
+    assert os.path.isabs(folder) and os.path.exists(os.path.join(folder, "mlx_mhc", "__init__.py"))
+    assert seeds.install(str(tmp_path), "mhc-mlx") is None  # no wheel: skipped, not crashed

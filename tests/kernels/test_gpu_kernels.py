@@ -1,0 +1,62 @@
+"""On a GPU (CUDA or Metal): kernels against the float64 statement of the math, outputs
+poisoned with NaN so unwritten elements fail. The full sweep is scripts/gpu_check.py."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import ref64
+from mhc_mlx.kernels import build, coefficients, layer, sinkhorn, site
+
+pytestmark = pytest.mark.gpu
+TOL = {mx.float32: 1e-5, mx.bfloat16: 2e-2, mx.float16: 2e-2}
+
+
+@pytest.fixture(autouse=True)
+def poisoned():
+    build.poison_outputs(float("nan"))
+    yield
+    build.poison_outputs(None)
+
+
+def np64(a):
+    return np.array(a.astype(mx.float32)).astype(np.float64)
+
+
+@pytest.mark.parametrize("n", [1, 4, 32])
+def test_sinkhorn(n):
+    L = 3 * mx.random.normal((5, n, n))
+    assert ref64.rel_err(np64(sinkhorn.sinkhorn_knopp(L, 20)), ref64.sinkhorn(np64(L), 20)) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16, mx.float16])
+@pytest.mark.parametrize("n,C", [(4, 33), (3, 64), (32, 40)])
+def test_pre_post(dtype, n, C):
+    x = mx.random.normal((6, n, C)).astype(dtype)
+    f = mx.random.normal((6, C)).astype(dtype)
+    hp, hq, hr = mx.random.uniform(shape=(6, n)), mx.random.uniform(shape=(n,)), mx.random.uniform(shape=(n, n))
+    assert ref64.rel_err(np64(site.mhc_pre(x, hp)), ref64.pre(np64(x), np64(hp))) <= TOL[dtype]
+    assert ref64.rel_err(np64(site.mhc_post(x, f, hq, hr)),
+                         ref64.post(np64(x), np64(f), np64(hq), np64(hr))) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_dynamic_coefficients(dtype):
+    n, C, T = 4, 96, 37
+    x = mx.random.normal((T, n, C)).astype(dtype)
+    phi = mx.random.normal((n * C, 24)) / 20
+    alpha, bias = mx.array([0.7, 0.4, 1.1]), mx.random.normal((24,))
+    got = coefficients.mhc_coefficients(x, phi, alpha, bias, 20, 1e-6)
+    want = ref64.coefficients(np64(x), np64(phi), np64(alpha), np64(bias), 20, 1e-6)
+    for g, w in zip(got, want):
+        assert ref64.rel_err(np64(g), w) <= 1e-5
+
+
+@pytest.mark.parametrize("inline", [True, False])
+def test_layer(inline):
+    n, C, T = 4, 515, 9
+    x = mx.random.normal((T, n, C))
+    p = [mx.random.normal((n,)), mx.random.normal((n,)), mx.random.normal((n, n)), mx.random.uniform(0.5, 1.5, (C,))]
+    got = layer.mhc_layer(x, *p, 20, 1e-5, inline=inline)
+    want = ref64.layer(np64(x), *[np64(a) for a in p], 20, 1e-5)
+    assert ref64.rel_err(np64(got), want) <= 1e-5

@@ -1,0 +1,115 @@
+"""The Python side of the kernels, on the CPU: launch plans, and that every fused backward
+returns one gradient per input with that input's shape (mx.custom_function does not check).
+
+The launches are replaced by a stand-in that returns outputs of the declared shapes, so what
+is tested here is the plumbing around the kernels; their numbers are checked on a GPU
+(scripts/gpu_check.py and test_gpu_kernels.py)."""
+
+import mlx.core as mx
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mhc_mlx.kernels import coefficients, layer, sinkhorn, site
+
+MODULES = (coefficients, layer, sinkhorn, site)
+launched = []
+
+
+@pytest.fixture(autouse=True)
+def stand_in_launch(monkeypatch):
+    def fake(spec, inputs, outputs, grid, threadgroup, template, backend=None):
+        assert grid % threadgroup == 0 and threadgroup % 32 == 0 and threadgroup <= 1024
+        assert len(inputs) == len(spec.inputs) and len(outputs) == len(spec.outputs)
+        launched.append((spec.name, dict(template), grid, threadgroup))
+        return [mx.ones(shape, dtype) for shape, dtype in outputs]
+
+    for m in MODULES:
+        monkeypatch.setattr(m, "launch", fake)
+    launched.clear()
+    yield
+
+
+def _grads_match_shapes(fn, primals):
+    outs = fn(*primals)
+    outs = outs if isinstance(outs, (tuple, list)) else (outs,)
+    cots = [mx.ones(o.shape, o.dtype) for o in outs]
+    _, grads = mx.vjp(fn, list(primals), cots)
+    assert len(grads) == len(primals)
+    for g, p in zip(grads, primals):
+        assert tuple(g.shape) == tuple(p.shape)
+        assert g.dtype == p.dtype
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16, mx.float16])
+def test_site_gradient_shapes(dtype):
+    n, C = 4, 24
+    x = mx.zeros((2, 3, n, C), dtype=dtype)
+    f = mx.zeros((2, 3, C), dtype=dtype)
+    for lead in ((), (2, 3), (2, 1), (1, 3)):
+        hp, hq, hr = mx.zeros((*lead, n)), mx.zeros((*lead, n)), mx.zeros((*lead, n, n))
+        _grads_match_shapes(site.mhc_pre, [x, hp])
+        _grads_match_shapes(site.mhc_post, [x, f, hq, hr])
+
+
+def test_wide_site_uses_matmul_for_coefficient_gradients():
+    n, C = 16, 8
+    x, f = mx.zeros((3, n, C)), mx.zeros((3, C))
+    _grads_match_shapes(site.mhc_post, [x, f, mx.zeros((3, n)), mx.zeros((3, n, n))])
+    post_vjp = [t for name, t, *_ in launched if name == "mhc_post_vjp"]
+    assert post_vjp and post_vjp[-1]["HGRAD"] is False
+
+
+def test_coefficient_and_sinkhorn_gradient_shapes():
+    n, C = 4, 16
+    x = mx.zeros((2, 3, n, C), dtype=mx.bfloat16)
+    W = 2 * n + n * n
+    phi, alpha, bias = mx.zeros((n * C, W)), mx.zeros((3,)), mx.zeros((W,))
+    _grads_match_shapes(lambda *a: coefficients.mhc_coefficients(*a, 20, 1e-6), [x, phi, alpha, bias])
+    _grads_match_shapes(lambda b: coefficients.mhc_coefficients(x, None, None, b, 20, 1e-6), [bias])
+    _grads_match_shapes(lambda L: sinkhorn.sinkhorn_knopp(L, 20), [mx.zeros((2, 3, n, n))])
+    # past the fused backward's size the compiled backward takes over (no vjp launch)
+    launched.clear()
+    _grads_match_shapes(lambda L: sinkhorn.sinkhorn_knopp(L, 40), [mx.zeros((1, 32, 32))])
+    assert launched and {name for name, *_ in launched} == {"mhc_sinkhorn"}
+
+
+@pytest.mark.parametrize("inline", [True, False, None])
+def test_layer_gradient_shapes_and_form(inline):
+    n, C = 4, 40
+    x = mx.zeros((5, n, C), dtype=mx.bfloat16)
+    params = [mx.zeros((n,)), mx.zeros((n,)), mx.zeros((n, n)), mx.ones((C,))]
+    launched.clear()
+    out = layer.mhc_layer(x, *params, 20, 1e-5, inline=inline)
+    names = [name for name, *_ in launched]
+    assert out.shape == x.shape
+    assert names == (["mhc_layer"] if inline in (True, None) else ["mhc_coefficients_static", "mhc_layer"])
+    assert launched[-1][1]["INLINE"] is (inline in (True, None))
+    _grads_match_shapes(lambda *a: layer.mhc_layer(*a, 20, 1e-5, inline=inline), [x, *params])
+
+
+@settings(max_examples=60, deadline=None)
+@given(C=st.integers(1, 5000), n=st.integers(1, 32), size=st.sampled_from([2, 4]))
+def test_vector_width_divides_and_fits(C, n, size):
+    for budget in (32, 64, 256):
+        V = site.vector_width(C, size, n, budget)
+        assert V >= 1 and C % V == 0 and V * size <= 16
+        assert V == 1 or n * V <= budget
+
+
+@settings(max_examples=60, deadline=None)
+@given(T=st.integers(1, 10000), n=st.integers(1, 32), C=st.integers(1, 9000))
+def test_layer_plan(T, n, C):
+    V, threads, cpt, groups = layer.plan(T, n, C, 2)
+    assert C % V == 0 and threads % 32 == 0 and 32 <= threads <= 256
+    assert cpt == 0 or (cpt * threads * V >= C and cpt * n * V <= layer.REGISTER_BUDGET)
+    assert 1 <= groups <= min(T, layer.MAX_GROUPS)
+
+
+@pytest.mark.parametrize("n", range(1, 9))
+def test_dynamic_coefficient_kernel_fits_metal_threadgroup_memory(n):
+    W, tb = n * (n + 2), coefficients.tokens_per_block(n)
+    kc = 128 if W <= 32 else 64
+    tile = kc * (tb + 4) + kc * W
+    smem = 4 * max(tile, 8 * tb * W) + 4 * 8 * tb
+    assert smem <= 32 * 1024 and tb % 4 == 0
