@@ -258,11 +258,11 @@ VJP_TOKENS_PER_SPLIT = 256
 
 
 def tokens_per_block(n: int) -> int:
-    # TB tokens share each staged chunk of phi: more tokens = more FMAs per byte loaded, so
-    # the kernel leaves the memory-latency-bound regime (measured on the H100 at
-    # 4096 x 4 x 4096: TB 16 -> 951 µs, TB 8 -> 607 µs with 1 block per SM; see
-    # docs/kernel-notes.md). Shared memory caps it: 8 x TB x W floats for the final reduction.
-    return 32 if n * (n + 2) <= 24 else 8
+    # TB tokens share each staged chunk of phi. Both instances here passed the GPU check; on
+    # the H100 at 4096 x 4 x 4096 (bf16) the kernel took 951 µs at TB=16, 607 µs at TB=8 and
+    # about 920 µs at TB=32 (docs/kernel-notes.md): latency-bound either way. TB=8 for n <= 4
+    # is the next step once its instance has passed the GPU check.
+    return 16 if n * (n + 2) <= 24 else 8
 
 
 def activate(rpre, rpost, rres, iters: int):
