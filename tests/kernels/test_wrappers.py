@@ -113,3 +113,13 @@ def test_dynamic_coefficient_kernel_fits_metal_threadgroup_memory(n):
     tile = kc * (tb + 4) + kc * W
     smem = 4 * max(tile, 8 * tb * W) + 4 * 8 * tb
     assert smem <= 32 * 1024 and tb % 4 == 0
+
+
+def test_wide_layer_is_composed_from_the_site_kernels():
+    n, C = 16, 24
+    x = mx.zeros((3, n, C))
+    params = [mx.zeros((n,)), mx.zeros((n,)), mx.zeros((n, n)), mx.ones((C,))]
+    launched.clear()
+    assert layer.mhc_layer(x, *params, 20, 1e-5).shape == x.shape
+    assert [name for name, *_ in launched] == ["mhc_coefficients_static", "mhc_pre", "mhc_post"]
+    _grads_match_shapes(lambda *a: layer.mhc_layer(*a, 20, 1e-5), [x, *params])
