@@ -29,16 +29,21 @@ MAX_N = 32
 MAX_N_DYNAMIC = 8
 
 
-def _implementation(op: str):
-    from . import coefficients, layer, sinkhorn, site
+_IMPLEMENTATIONS: dict = {}
 
-    return {
-        "sinkhorn_knopp": sinkhorn.sinkhorn_knopp,
-        "mhc_coefficients": coefficients.mhc_coefficients,
-        "mhc_pre": site.mhc_pre,
-        "mhc_post": site.mhc_post,
-        "mhc_layer": layer.mhc_layer,
-    }.get(op)
+
+def _implementation(op: str):
+    if not _IMPLEMENTATIONS:  # imported on first use: importing mhc_mlx builds no kernel
+        from . import coefficients, layer, sinkhorn, site
+
+        _IMPLEMENTATIONS.update({
+            "sinkhorn_knopp": sinkhorn.sinkhorn_knopp,
+            "mhc_coefficients": coefficients.mhc_coefficients,
+            "mhc_pre": site.mhc_pre,
+            "mhc_post": site.mhc_post,
+            "mhc_layer": layer.mhc_layer,
+        })
+    return _IMPLEMENTATIONS.get(op)
 
 
 def _backend_reason(op: str) -> str | None:
@@ -84,12 +89,12 @@ def kernel_for(op: str, *arrays, **params):
     if _shape_reason(op, arrays, params) is not None:
         return None
     impl = _implementation(op)
+    if gpu_backend() == "metal" and not safety.verified(op, impl):
+        return None
     if op == "mhc_layer":
         policy = params.get("policy", "auto")
         inline = {"latency": True, "throughput": False}.get(policy)
         impl = partial(impl, inline=inline, threads=params.get("threads_per_group"))
-    if gpu_backend() == "metal" and not safety.verified(op, _implementation(op)):
-        return None
     return impl
 
 
