@@ -175,10 +175,13 @@ def main(argv=None) -> int:
     ap.add_argument("--bench-args", default="", help="extra arguments for `mhc-mlx bench`")
     ap.add_argument("--site-n", default="", help="comma list of n: only these site cases")
     ap.add_argument("--dtypes", default="", help="comma list of f32,bf16,f16 (default all)")
+    ap.add_argument("--layer-vjp-candidate", action="store_true",
+                    help="check the layer's candidate one-pass backward (kernels.layer.USE_FUSED_VJP)")
     ap.add_argument("--out", default=os.environ.get("OUT", "runs/gpu_check"))
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     SITE_N.update(int(v) for v in args.site_n.split(",") if v)
+    layer.USE_FUSED_VJP = layer.USE_FUSED_VJP or args.layer_vjp_candidate
     if args.dtypes:
         global DTYPES
         by_name = {v: k for k, v in NAMES.items()}

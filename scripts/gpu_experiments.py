@@ -53,6 +53,17 @@ def main():
         us = tput(f, [[x] for x in xs])
         print(f"layer tg={tg:4d} groups={groups:5d}: {us:7.1f} us {gbps(nb, us)}  plan={layer.plan(T, n, C, 2, tg, groups)}")
 
+    # B2. the layer's backward: composed from the op kernels vs the candidate one-pass kernel.
+    pre_raw, post_raw, res_raw = mx.zeros((n,)), mx.zeros((n,)), 3 * mx.eye(n)
+    gs3 = [mx.random.normal((T, n, C)).astype(BF) for _ in range(3)]
+    mx.eval(pre_raw, post_raw, res_raw, gs3)
+    prim = lambda x: [x, pre_raw, post_raw, res_raw, w]  # noqa: E731
+    us = tput(lambda x, g: mx.vjp(lambda *a: layer._composite(*a, 20, 1e-5), prim(x), [g])[1],
+              [[x, gs3[i % 3]] for i, x in enumerate(xs)])
+    print(f"layer backward, composed: {us:7.1f} us {gbps(3 * xs[0].nbytes, us)}")
+    us = tput(lambda x, g: layer._fused_layer_vjp(prim(x), g, 20, 1e-5), [[x, gs3[i % 3]] for i, x in enumerate(xs)])
+    print(f"layer backward, one-pass candidate: {us:7.1f} us {gbps(3 * xs[0].nbytes, us)}")
+
     # C. dynamic site pieces at 4096x4x4096 bf16.
     phi = 0.02 * mx.random.normal((n * C, 2 * n + n * n))
     alpha, bias = mx.array([0.1, 0.1, 0.1]), mx.zeros((2 * n + n * n,))

@@ -123,3 +123,13 @@ def test_wide_layer_is_composed_from_the_site_kernels():
     assert layer.mhc_layer(x, *params, 20, 1e-5).shape == x.shape
     assert [name for name, *_ in launched] == ["mhc_coefficients_static", "mhc_pre", "mhc_post"]
     _grads_match_shapes(lambda *a: layer.mhc_layer(*a, 20, 1e-5), [x, *params])
+
+
+def test_candidate_layer_backward_gradient_shapes(monkeypatch):
+    monkeypatch.setattr(layer, "USE_FUSED_VJP", True)
+    n, C = 4, 40
+    x = mx.zeros((5, n, C), dtype=mx.bfloat16)
+    params = [mx.zeros((n,)), mx.zeros((n,)), mx.zeros((n, n)), mx.ones((C,), dtype=mx.bfloat16)]
+    launched.clear()
+    _grads_match_shapes(lambda *a: layer.mhc_layer(*a, 20, 1e-5, inline=True), [x, *params])
+    assert "mhc_layer_vjp" in [name for name, *_ in launched]

@@ -12,7 +12,7 @@ from . import coefficients, layer, sinkhorn, site
 
 SPECS = (
     sinkhorn.FORWARD, sinkhorn.BACKWARD, coefficients.ACTIVATE, coefficients.DYNAMIC,
-    coefficients.DYNAMIC_VJP, site.PRE, site.PRE_VJP, site.POST, site.POST_VJP, layer.LAYER,
+    coefficients.DYNAMIC_VJP, site.PRE, site.PRE_VJP, site.POST, site.POST_VJP, layer.LAYER, layer.LAYER_VJP,
 )
 
 F32, BF16, F16, I32 = mx.float32, mx.bfloat16, mx.float16, mx.int32
@@ -45,4 +45,7 @@ def instances():
         for n, V, cpt, inline in ((4, 16 // dt.size, 2, True), (4, 16 // dt.size, 0, False), (32, 1, 0, False)):
             out.append((layer.LAYER, (dt, F32, F32, F32, F32, I32, F32), (dt,),
                         [("T", dt), ("N", n), ("V", V), ("CPT", cpt), ("INLINE", inline)]))
+        for n, V in ((4, 16 // dt.size // 2 or 1), (8, 4), (1, 1)):
+            out.append((layer.LAYER_VJP, (dt, dt, F32, F32, F32, F32, I32, F32), (dt, F32, F32),
+                        [("T", dt), ("N", n), ("V", V)]))
     return out

@@ -140,6 +140,109 @@ LAYER = KernelSpec(
 """,
 )
 
+# Candidate: the layer's whole backward in one pass over x and the cotangent g (per token:
+# recompute y and the RMS; dz = sum_i H_post_i g_i; RMSNorm backward; dx = M^T g + H_pre (x) dy),
+# with dM, dH_post, dH_pre summed in registers per threadgroup and dw per channel. Not used until
+# it has passed scripts/gpu_check.py on a GPU (USE_FUSED_VJP); see docs/kernel-notes.md.
+USE_FUSED_VJP = False
+
+LAYER_VJP = KernelSpec(
+    name="mhc_layer_vjp",
+    inputs=("xin", "gin", "cpre", "cpost", "cres", "wts", "iparam", "fparam"),
+    outputs=("gx", "gcoef", "gw"),
+    body=r"""
+  constexpr int NA = N * N + 2 * N;  // dM (N*N), dH_post (N), dH_pre (N)
+  KSHARED float cf[2 * N + N * N];
+  KSHARED float scratch[8 * NA];
+  const int Ttok = iparam[0];
+  const int C = iparam[1];
+  const float eps = fparam[0];
+  const int nv = C / V;
+  const int tid = KTID;
+  const int lane = KLANE;
+  const int warp = KWARP;
+  const int nwarps = KNT / 32;
+  for (int a = tid; a < 2 * N + N * N; a += KNT)
+    cf[a] = a < N ? cpre[a] : (a < 2 * N ? cpost[a - N] : cres[a - 2 * N]);
+  KBARRIER();
+  const bool vec = KALIGNED16(xin) && KALIGNED16(gin) && KALIGNED16(gx);
+  float acc[NA];
+  KUNROLL for (int a = 0; a < NA; ++a) acc[a] = 0.0f;
+  for (int cv = tid; cv < nv; cv += KNT) {
+    KUNROLL for (int e = 0; e < V; ++e) gw[(int64_t)KBID * C + cv * V + e] = 0.0f;
+  }
+  for (int64_t t = KBID; t < Ttok; t += KNB) {
+    // pass 1: sum y^2 and sum dn*y, dn = w * sum_i H_post_i g_i
+    float part[2] = {0.0f, 0.0f};
+    for (int cv = tid; cv < nv; cv += KNT) {
+      float xv[N * V];
+      float gv[N * V];
+      KUNROLL for (int i = 0; i < N; ++i) {
+        kload<T, V>(xv + i * V, xin, (t * N + i) * C + (int64_t)cv * V, vec);
+        kload<T, V>(gv + i * V, gin, (t * N + i) * C + (int64_t)cv * V, vec);
+      }
+      KUNROLL for (int e = 0; e < V; ++e) {
+        float y = 0.0f, dz = 0.0f;
+        KUNROLL for (int i = 0; i < N; ++i) {
+          y += cf[i] * xv[i * V + e];
+          dz += cf[N + i] * gv[i * V + e];
+        }
+        y = static_cast<float>(static_cast<T>(y));
+        part[0] += y * y;
+        part[1] += dz * static_cast<float>(wts[cv * V + e]) * y;
+      }
+    }
+    const float ss = kblock_sum(part[0], scratch, lane, warp, nwarps);
+    const float dny = kblock_sum(part[1], scratch, lane, warp, nwarps);
+    const float inv = 1.0f / KSQRT(ss / (float)C + eps);
+    const float s = inv * dny / (float)C;  // (sum_c dn_c n_c) / C
+    // pass 2: dx, and the sums for dM, dH_post, dH_pre, dw
+    for (int cv = tid; cv < nv; cv += KNT) {
+      float xv[N * V];
+      float gv[N * V];
+      KUNROLL for (int i = 0; i < N; ++i) {
+        kload<T, V>(xv + i * V, xin, (t * N + i) * C + (int64_t)cv * V, vec);
+        kload<T, V>(gv + i * V, gin, (t * N + i) * C + (int64_t)cv * V, vec);
+      }
+      float dy[V];
+      KUNROLL for (int e = 0; e < V; ++e) {
+        float y = 0.0f, dz = 0.0f;
+        KUNROLL for (int i = 0; i < N; ++i) {
+          y += cf[i] * xv[i * V + e];
+          dz += cf[N + i] * gv[i * V + e];
+        }
+        y = static_cast<float>(static_cast<T>(y));
+        const float w = static_cast<float>(wts[cv * V + e]);
+        const float nrm = y * inv;
+        const float z = static_cast<float>(static_cast<T>(nrm * w));
+        gw[(int64_t)KBID * C + cv * V + e] += dz * nrm;
+        dy[e] = inv * (dz * w - nrm * s);
+        KUNROLL for (int i = 0; i < N; ++i) acc[N * N + i] += gv[i * V + e] * z;
+      }
+      KUNROLL for (int j = 0; j < N; ++j) {
+        float o[V];
+        KUNROLL for (int e = 0; e < V; ++e) o[e] = cf[j] * dy[e];
+        KUNROLL for (int i = 0; i < N; ++i) {
+          const float a = cf[2 * N + i * N + j];
+          float d = 0.0f;
+          KUNROLL for (int e = 0; e < V; ++e) {
+            o[e] += a * gv[i * V + e];
+            d += gv[i * V + e] * xv[j * V + e];
+          }
+          acc[i * N + j] += d;
+        }
+        float p = 0.0f;
+        KUNROLL for (int e = 0; e < V; ++e) p += dy[e] * xv[j * V + e];
+        acc[N * N + N + j] += p;
+        kstore<T, V>(gx, (t * N + j) * C + (int64_t)cv * V, o, vec);
+      }
+    }
+  }
+  const float total = kblock_reduce<NA>(acc, scratch, lane, warp, nwarps, tid);
+  if (tid < NA) gcoef[(int64_t)KBID * NA + tid] = total;
+""",
+)
+
 MAX_GROUPS = 1056  # measured best on the H100 (132 SMs x 8)
 
 
@@ -171,6 +274,41 @@ def forward(x, pre, post, res, weight, iters: int, eps: float, inline: bool, thr
     )[0]
 
 
+def fused_vjp(x, g, H_pre, H_post, H_res, weight, eps: float, threads: int = 256):
+    """(dx, dH_pre [n], dH_post [n], dH_res [n, n], dw [C]) of the layer for coefficients
+    H_* (float32), in one pass over x and the cotangent g (candidate, see USE_FUSED_VJP)."""
+    *lead, n, C = x.shape
+    T = 1
+    for d in lead:
+        T *= d
+    V = site.vector_width(C, x.dtype.size, n, budget=32)
+    groups = max(1, min(T, MAX_GROUPS))
+    na = n * n + 2 * n
+    gx, gcoef, gw = launch(
+        LAYER_VJP,
+        [x, g.astype(x.dtype), H_pre, H_post, H_res, weight, int_params(T, C), float_params(eps)],
+        [(x.shape, x.dtype), ((groups, na), F32), ((groups, C), F32)], groups * threads, threads,
+        [("T", x.dtype), ("N", n), ("V", V)],
+    )
+    gcoef = mx.sum(gcoef, axis=0)
+    return gx, gcoef[n * n + n :], gcoef[n * n : n * n + n], gcoef[: n * n].reshape(n, n), mx.sum(gw, axis=0)
+
+
+def _fused_layer_vjp(primals, cotangent, iters, eps):
+    x, pre_raw, post_raw, res_raw, weight = primals
+    n = x.shape[-2]
+    H_pre, H_post, H_res = coefficients.activate(
+        pre_raw.astype(F32).reshape(1, n), post_raw.astype(F32).reshape(1, n),
+        res_raw.astype(F32).reshape(1, n, n), iters,
+    )
+    gx, g_pre, g_post, g_res, g_w = fused_vjp(x, cotangent, H_pre[0], H_post[0], H_res[0], weight, eps)
+    g = coefficients._activation_vjp(
+        H_pre, H_post, res_raw.astype(F32).reshape(1, n, n), g_pre[None], g_post[None], g_res[None], iters
+    )[0]
+    return (gx, g[:n].astype(pre_raw.dtype), g[n : 2 * n].astype(post_raw.dtype),
+            g[2 * n :].reshape(n, n).astype(res_raw.dtype), g_w.astype(weight.dtype))
+
+
 def _composite(x, pre_raw, post_raw, res_raw, weight, iters, eps):
     """The same layer from the separate kernel ops (each with its fused backward)."""
     H_pre, H_post, H_res = coefficients.raw_coefficients(pre_raw, post_raw, res_raw, iters)
@@ -195,6 +333,8 @@ def _function(iters: int, eps: float, inline: bool, threads):
 
     @layer.vjp
     def layer_vjp(primals, cotangent, output):
+        if USE_FUSED_VJP:
+            return _fused_layer_vjp(primals, cotangent, iters, eps)
         _, grads = mx.vjp(lambda *a: _composite(*a, iters, eps), list(primals), [cotangent])
         return tuple(grads)
 
