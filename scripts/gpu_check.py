@@ -6,7 +6,7 @@
 Checks, on fresh random inputs for each case (odd and aligned C, n = 1..32, float32 /
 bfloat16 / float16, per-token and shared coefficients), with every kernel output filled with
 NaN before the launch so an element a kernel forgot to write fails the check:
-- forward against an independent float64 NumPy statement of the math (tests/kernels/ref64.py);
+- forward against an independent float64 NumPy statement of the math (tests/kernels/kernels_ref64.py);
 - gradients (mx.vjp through the kernels' fused backwards) against the reference path's
   autodiff gradients computed on the CPU in float32 (no TF32), and their shapes.
 Tolerances (relative norm error): float32 1e-5, bfloat16/float16 2e-2.
@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.join(ROOT, "src"))
 
 import mlx.core as mx  # noqa: E402
 
-import ref64  # noqa: E402
+import kernels_ref64 as ref64  # noqa: E402
 from mhc_mlx import kernels, reference  # noqa: E402
 from mhc_mlx.kernels import build, coefficients, layer, sinkhorn, site  # noqa: E402
 

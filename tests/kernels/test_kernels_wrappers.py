@@ -3,7 +3,7 @@ returns one gradient per input with that input's shape (mx.custom_function does 
 
 The launches are replaced by a stand-in that returns outputs of the declared shapes, so what
 is tested here is the plumbing around the kernels; their numbers are checked on a GPU
-(scripts/gpu_check.py and test_gpu_kernels.py)."""
+(scripts/gpu_check.py and test_kernels_gpu.py)."""
 
 import mlx.core as mx
 import pytest

@@ -5,7 +5,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-import ref64
+import kernels_ref64 as ref64
 from mhc_mlx.kernels import build, coefficients, layer, sinkhorn, site
 
 pytestmark = pytest.mark.gpu
