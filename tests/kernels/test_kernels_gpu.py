@@ -60,3 +60,19 @@ def test_layer(inline):
     got = layer.mhc_layer(x, *p, 20, 1e-5, inline=inline)
     want = ref64.layer(np64(x), *[np64(a) for a in p], 20, 1e-5)
     assert ref64.rel_err(np64(got), want) <= 1e-5
+
+
+def test_compiled_path_is_float32_exact_on_gpu():
+    """Core finding (not a kernel test): on CUDA, MLX runs float32 matmuls in TF32 by default
+    (MLX_ENABLE_TF32=1), and the compiled path's pre/post/coefficients are matmuls, so in
+    float32 they land near 1e-3 instead of 1e-5. Seen on the H100 through the same kind of
+    matmul (the n > 8 post gradient, 3e-4, before kernels/site.py split it). Expected to fail
+    on CUDA until the compiled path avoids TF32 for float32."""
+    from mhc_mlx import compiled
+
+    n, C = 4, 4096
+    x = mx.random.normal((16, n, C))
+    f = mx.random.normal((16, C))
+    hq, hr = mx.random.uniform(shape=(16, n)), mx.random.uniform(shape=(16, n, n))
+    got = compiled.mhc_post(x, f, hq, hr)
+    assert ref64.rel_err(np64(got), ref64.post(np64(x), np64(f), np64(hq), np64(hr))) <= 1e-5
