@@ -74,13 +74,17 @@ def run(out_dir: str, quick: bool = False, seeds_dir: str | None = ".seedpkgs", 
     payload = {"header": header, "copy_floor": copy, "tiny_op_us": tiny, "trivial_kernel_us": trivial, "rows": rows, "targets": goals,
                "kernels": {op: v for op, v in kernels.status().items()}}
     report.write_json(json_path, payload)
-    report.chart(png_path, rows, f"mhc-mlx bench — {header['backend']} — MLX {header['mlx']} — "
-                                 f"copy floor {copy['GBps']:.0f} GB/s, tiny op {tiny:.1f} µs")
+    try:
+        report.chart(png_path, rows, f"mhc-mlx bench — {header['backend']} — MLX {header['mlx']} — "
+                                     f"copy floor {copy['GBps']:.0f} GB/s, tiny op {tiny:.1f} µs")
+    except ImportError:
+        png_path = None
+        log("no chart: matplotlib is not installed (pip install 'mhc-mlx[plot]')")
     log("")
     log(report.table(rows))
     if goals:
         log("\ntargets (kernels, this run):")
         for g in goals:
             log(f"  {'MET ' if g['met'] else 'MISS'} {g['target']}: {g['value']:.2f} {g['unit']} (limit {g['limit']})")
-    log(f"\nwrote {json_path} and {png_path}")
+    log(f"\nwrote {json_path}" + (f" and {png_path}" if png_path else ""))
     return payload
