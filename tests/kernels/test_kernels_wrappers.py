@@ -133,3 +133,14 @@ def test_candidate_layer_backward_gradient_shapes(monkeypatch):
     launched.clear()
     _grads_match_shapes(lambda *a: layer.mhc_layer(*a, 20, 1e-5, inline=True), [x, *params])
     assert "mhc_layer_vjp" in [name for name, *_ in launched]
+
+
+def test_empty_batch_launches_nothing(monkeypatch):
+    from mhc_mlx.kernels import build
+
+    for m in MODULES:
+        monkeypatch.setattr(m, "launch", build.launch)
+    x = mx.zeros((0, 4, 8))
+    assert site.mhc_pre(x, mx.zeros((4,))).shape == (0, 8)
+    assert site.mhc_post(x, mx.zeros((0, 8)), mx.zeros((4,)), mx.zeros((4, 4))).shape == (0, 4, 8)
+    assert sinkhorn.sinkhorn_knopp(mx.zeros((0, 4, 4)), 5).shape == (0, 4, 4)

@@ -91,6 +91,8 @@ def launch(spec: KernelSpec, inputs, outputs, grid: int, threadgroup: int, templ
     """
     if grid % threadgroup:
         raise ValueError(f"grid {grid} is not a multiple of the threadgroup {threadgroup}")
+    if grid == 0:  # nothing to compute (no tokens): empty or zero outputs, no launch
+        return [mx.zeros(tuple(s), d) for s, d in outputs]
     backend = backend or gpu_backend()
     kernel = compiled_kernel(spec, backend)
     return kernel(
