@@ -25,9 +25,12 @@ def plot_runs(runs: list, out_png: str, title: str | None = None) -> bool:
         axes[1].plot(steps, [r["exact_accuracy"] for r in rows], marker="o", ms=3, label=label)
     axes[0].set_title("held-out blank-cell accuracy")
     axes[1].set_title("held-out exact accuracy (whole puzzle)")
+    # Blank-cell accuracy is small early on: scale to the data; exact accuracy keeps [0, 1].
+    top = max([r["blank_accuracy"] for _, h in runs for r in h["eval"]] + [0.0])
+    axes[0].set_ylim(0, min(1.0, max(0.5, top + 0.1)))
+    axes[1].set_ylim(0, 1)
     for ax in axes:
         ax.set_xlabel("training step")
-        ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
         ax.legend()
     if title:
