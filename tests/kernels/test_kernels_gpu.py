@@ -63,11 +63,9 @@ def test_layer(inline):
 
 
 def test_compiled_path_is_float32_exact_on_gpu():
-    """Core finding (not a kernel test): on CUDA, MLX runs float32 matmuls in TF32 by default
-    (MLX_ENABLE_TF32=1), and the compiled path's pre/post/coefficients are matmuls, so in
-    float32 they land near 1e-3 instead of 1e-5. Seen on the H100 through the same kind of
-    matmul (the n > 8 post gradient, 3e-4, before kernels/site.py split it). Expected to fail
-    on CUDA until the compiled path avoids TF32 for float32."""
+    """On CUDA, MLX runs float32 matmuls in TF32 by default (MLX_ENABLE_TF32=1), ~1e-3 relative;
+    the compiled path's pre/post/coefficients are matmuls, so on a GPU it splits each factor
+    into a bfloat16-exact high part and the rest (compiled/site.py) to stay float32-exact."""
     from mhc_mlx import compiled
 
     n, C = 4, 4096

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 
 import mlx.core as mx
@@ -17,6 +18,25 @@ def _scale_index(n: int) -> mx.array:
     return mx.array([0] * n + [1] * n + [2] * (n * n), dtype=mx.uint32)
 
 
+def _split_matmul(a, b):
+    # MLX runs float32 matmuls as TF32 on GPUs that have it (CUDA; Apple M5) unless
+    # MLX_ENABLE_TF32=0: ~1e-3 relative error, against SPEC's float32 coefficient math. Each
+    # factor is split into a bfloat16-exact high part (exact in TF32) and the rest; four
+    # products bring the error back to ~1e-6.
+    a_hi = a.astype(mx.bfloat16).astype(F32)
+    b_hi = b.astype(mx.bfloat16).astype(F32)
+    a_lo, b_lo = a - a_hi, b - b_hi
+    return a_hi @ b_hi + (a_hi @ b_lo + a_lo @ b_hi) + a_lo @ b_lo
+
+
+def _plain_matmul(a, b):
+    return a @ b
+
+
+def _needs_split() -> bool:
+    return mx.default_device() == mx.gpu and os.environ.get("MLX_ENABLE_TF32", "1").strip() != "0"
+
+
 def _activate(h, n, iters):
     H_pre = mx.sigmoid(h[..., :n])
     H_post = 2.0 * mx.sigmoid(h[..., n : 2 * n])
@@ -29,30 +49,32 @@ def _activate_free(h, n):
     return mx.sigmoid(h[..., :n]), 2.0 * mx.sigmoid(h[..., n : 2 * n]), h[..., 2 * n :].reshape(*h.shape[:-1], n, n)
 
 
-def _logits(x, phi, alpha, bias, index, eps):
+def _logits(x, phi, alpha, bias, index, eps, matmul):
     xf = x.reshape(*x.shape[:-2], -1).astype(F32)
     inv_r = mx.rsqrt(mx.mean(mx.square(xf), axis=-1, keepdims=True) + eps)
-    return (xf @ phi.astype(F32)) * inv_r * alpha.astype(F32)[index] + bias.astype(F32)
+    return matmul(xf, phi.astype(F32)) * inv_r * alpha.astype(F32)[index] + bias.astype(F32)
 
 
 @lru_cache(maxsize=None)
-def _dynamic(n: int, iters: int, eps: float):
+def _dynamic(n: int, iters: int, eps: float, split: bool):
     index = _scale_index(n)
+    matmul = _split_matmul if split else _plain_matmul
 
     @mx.compile
     def coefficients(x, phi, alpha, bias):
-        return _activate(_logits(x, phi, alpha, bias, index, eps), n, iters)
+        return _activate(_logits(x, phi, alpha, bias, index, eps, matmul), n, iters)
 
     return coefficients
 
 
 @lru_cache(maxsize=None)
-def _free(n: int, eps: float, dynamic: bool):
+def _free(n: int, eps: float, dynamic: bool, split: bool):
     index = _scale_index(n)
+    matmul = _split_matmul if split else _plain_matmul
 
     @mx.compile
     def coefficients(x, phi, alpha, bias):
-        h = _logits(x, phi, alpha, bias, index, eps) if dynamic else bias.astype(F32)
+        h = _logits(x, phi, alpha, bias, index, eps, matmul) if dynamic else bias.astype(F32)
         return _activate_free(h, n)
 
     return coefficients
@@ -60,7 +82,7 @@ def _free(n: int, eps: float, dynamic: bool):
 
 def hc_coefficients(x, phi, alpha, bias, eps: float = 1e-6):
     """Coefficients of an unconstrained hyper-connection (H_res not projected), for comparisons."""
-    return _free(x.shape[-2], eps, phi is not None)(x, phi, alpha, bias)
+    return _free(x.shape[-2], eps, phi is not None, _needs_split())(x, phi, alpha, bias)
 
 
 @lru_cache(maxsize=None)
@@ -76,28 +98,41 @@ def mhc_coefficients(x, phi, alpha, bias, iters: int = 20, eps: float = 1e-6):
     n = x.shape[-2]
     if phi is None:
         return _static(n, iters)(bias)
-    return _dynamic(n, iters, eps)(x, phi, alpha, bias)
+    return _dynamic(n, iters, eps, _needs_split())(x, phi, alpha, bias)
 
 
-@mx.compile
-def _pre(x, H_pre):
-    # [..., 1, n] @ [..., n, C]: a batched GEMV, no [..., n, C] float32 product kept around.
-    h = H_pre.astype(F32)[..., None, :] @ x.astype(F32)
-    return h.squeeze(-2).astype(x.dtype)
+def _pre_with(matmul):
+    def pre(x, H_pre):
+        # [..., 1, n] @ [..., n, C]: a batched GEMV, no [..., n, C] float32 product kept around.
+        return matmul(H_pre.astype(F32)[..., None, :], x.astype(F32)).squeeze(-2).astype(x.dtype)
+
+    return pre
 
 
-@mx.compile
-def _post(x, f, H_post, H_res):
-    mixed = H_res.astype(F32) @ x.astype(F32)
-    return (mixed + H_post.astype(F32)[..., :, None] * f.astype(F32)[..., None, :]).astype(x.dtype)
+def _post_with(matmul):
+    def post(x, f, H_post, H_res):
+        mixed = matmul(H_res.astype(F32), x.astype(F32))
+        return (mixed + H_post.astype(F32)[..., :, None] * f.astype(F32)[..., None, :]).astype(x.dtype)
+
+    return post
+
+
+@lru_cache(maxsize=None)
+def _pre(split: bool):
+    return mx.compile(_pre_with(_split_matmul if split else _plain_matmul))
+
+
+@lru_cache(maxsize=None)
+def _post(split: bool):
+    return mx.compile(_post_with(_split_matmul if split else _plain_matmul))
 
 
 def mhc_pre(x, H_pre):
-    return _pre(x, H_pre)
+    return _pre(_needs_split())(x, H_pre)
 
 
 def mhc_post(x, f, H_post, H_res):
-    return _post(x, f, H_post, H_res)
+    return _post(_needs_split())(x, f, H_post, H_res)
 
 
 @lru_cache(maxsize=None)
@@ -114,17 +149,20 @@ def rms_norm(x, weight, eps: float):
 
 
 @lru_cache(maxsize=None)
-def _layer(iters: int, eps: float):
+def _layer(iters: int, eps: float, split: bool):
+    matmul = _split_matmul if split else _plain_matmul
+    pre, post = _pre_with(matmul), _post_with(matmul)
+
     @mx.compile
     def layer(x, H_pre_raw, H_post_raw, H_res_raw, rms_weight):
         H_pre = mx.sigmoid(H_pre_raw.astype(F32))
         H_post = 2.0 * mx.sigmoid(H_post_raw.astype(F32))
         H_res = sinkhorn_knopp(H_res_raw, iters)
-        h = mx.fast.rms_norm(_pre(x, H_pre), rms_weight.astype(x.dtype), eps)
-        return _post(x, h, H_post, H_res)
+        h = mx.fast.rms_norm(pre(x, H_pre), rms_weight.astype(x.dtype), eps)
+        return post(x, h, H_post, H_res)
 
     return layer
 
 
 def mhc_layer(x, H_pre_raw, H_post_raw, H_res_raw, rms_weight, iters: int, eps: float):
-    return _layer(iters, eps)(x, H_pre_raw, H_post_raw, H_res_raw, rms_weight)
+    return _layer(iters, eps, _needs_split())(x, H_pre_raw, H_post_raw, H_res_raw, rms_weight)

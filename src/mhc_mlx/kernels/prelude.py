@@ -36,6 +36,7 @@ CUDA_MACROS = r"""
 #define KWARP ((int)(threadIdx.x >> 5))
 #define KUNROLL _Pragma("unroll")
 #define KEXP(v) expf(v)
+#define KLOG(v) logf(v)
 #define KSQRT(v) sqrtf(v)
 #define KMAX(a, b) fmaxf((a), (b))
 #define KALIGNED16(p) ((reinterpret_cast<unsigned long long>(p) & 15ull) == 0ull)
@@ -90,6 +91,7 @@ METAL_MACROS = r"""
 #define KWARP ((int)simdgroup_index_in_threadgroup)
 #define KUNROLL _Pragma("unroll")
 #define KEXP(v) metal::precise::exp(v)
+#define KLOG(v) metal::precise::log(v)
 #define KSQRT(v) metal::precise::sqrt(v)
 #define KMAX(a, b) metal::max((a), (b))
 #define KALIGNED16(p) (true)
@@ -170,33 +172,38 @@ KDEV void ksinkhorn_warp(KTHREAD float* col, bool live, int iters) {
 }
 
 // Its exact backward: on entry lc = logits column, g = cotangent column; on exit g = dL.
-// The forward is replayed once, keeping per step the sums and the cumulative scalings u (rows,
-// lane i keeps row i's) and v (columns), so each step's output is u_i * P0_ij * v_j again.
+// The gradient is carried with respect to log P (as compiled/sinkhorn.py explains): for each
+// normalisation out = P / s, d(log P) = d(log out) - out * sum(d(log out)), bounded by
+// construction, where the P-space form's 1/s factors overflow into inf * 0 = NaN for logits
+// spread by more than ~70. The forward is replayed once, keeping per step the sums (to know
+// which were clamped) and the cumulative log scalings lu (row `lane`) and lv (own column), so
+// each step's output is exp((L - m)_ij + lu_i + lv_j) again, finite at any spread; entries
+// whose exp(L - m) underflowed to 0 stay 0, as in the forward.
 template <int N, int ITERS>
 KDEV void ksinkhorn_warp_vjp(KTHREAD float* lc, KTHREAD float* g, bool live, int lane) {
   float m = MHC_NEG_BIG;
   KUNROLL for (int i = 0; i < N; ++i) m = KMAX(m, live ? lc[i] : MHC_NEG_BIG);
   m = kwarp_max(m);
-  float p0[N];
   float p[N];
-  unsigned int at_max = 0u;
+  unsigned int at_max = 0u, zero0 = 0u;
   KUNROLL for (int i = 0; i < N; ++i) {
-    p0[i] = live ? KEXP(lc[i] - m) : 0.0f;
-    p[i] = p0[i];
-    if (live && lc[i] == m) at_max |= (1u << i);
+    lc[i] = live ? lc[i] - m : 0.0f;  // log P0
+    p[i] = live ? KEXP(lc[i]) : 0.0f;
+    if (live && lc[i] == 0.0f) at_max |= (1u << i);
+    if (!live || p[i] == 0.0f) zero0 |= (1u << i);
   }
   float cs[ITERS];  // column sums (own column)
-  float cv[ITERS];  // cumulative column scaling after each column step (own column)
+  float lv[ITERS];  // cumulative log column scaling after each column step (own column)
   float rs[ITERS];  // row sums (row `lane`)
-  float ru[ITERS];  // cumulative row scaling after each row step (row `lane`)
-  float v = 1.0f, u = 1.0f;
+  float lu[ITERS];  // cumulative log row scaling after each row step (row `lane`)
+  float v = 0.0f, u = 0.0f;
   KUNROLL for (int k = 0; k < ITERS; ++k) {
     float s = 0.0f;
     KUNROLL for (int i = 0; i < N; ++i) s += p[i];
     const float sc = KMAX(s, MHC_TINY);
     cs[k] = s;
-    v = live ? v / sc : 1.0f;
-    cv[k] = v;
+    v -= KLOG(sc);
+    lv[k] = v;
     KUNROLL for (int i = 0; i < N; ++i) p[i] = p[i] / sc;
     float mine = 1.0f;
     KUNROLL for (int i = 0; i < N; ++i) {
@@ -205,33 +212,33 @@ KDEV void ksinkhorn_warp_vjp(KTHREAD float* lc, KTHREAD float* g, bool live, int
       mine = (lane == i) ? r : mine;
     }
     rs[k] = mine;
-    u = (lane < N) ? u / KMAX(mine, MHC_TINY) : 1.0f;
-    ru[k] = u;
+    u -= KLOG(KMAX(mine, MHC_TINY));
+    lu[k] = u;
   }
+  KUNROLL for (int i = 0; i < N; ++i) g[i] = live ? g[i] * p[i] : 0.0f;  // d(log P_T)
   KUNROLL for (int k = ITERS - 1; k >= 0; --k) {
-    // row step k: out_ij = u_k[i] p0_ij v_k[j], divided by the row sums rs[k]
+    // row step k: out_ij = exp(logP0_ij + lu_k[i] + lv_k[j]), normalised by the row sums rs[k]
     KUNROLL for (int i = 0; i < N; ++i) {
-      const float ui = kshfl(ru[k], i);
+      const float li = kshfl(lu[k], i);
       const float si = kshfl(rs[k], i);
-      const float out = live ? ui * p0[i] * cv[k] : 0.0f;
-      const float inner = kwarp_sum(g[i] * out);
-      g[i] = (g[i] - (si > MHC_TINY ? inner : 0.0f)) / KMAX(si, MHC_TINY);
+      const float total = kwarp_sum(g[i]);
+      const float out = ((zero0 >> i) & 1u) ? 0.0f : KEXP(lc[i] + li + lv[k]);
+      g[i] -= (si > MHC_TINY) ? out * total : 0.0f;
     }
-    // column step k: out_ij = u_{k-1}[i] p0_ij v_k[j], divided by the column sums cs[k]
-    float inner = 0.0f;
+    // column step k: out_ij = exp(logP0_ij + lu_{k-1}[i] + lv_k[j]), normalised by cs[k]
+    float total = 0.0f;
+    KUNROLL for (int i = 0; i < N; ++i) total += g[i];
+    const bool col_live = cs[k] > MHC_TINY;
     KUNROLL for (int i = 0; i < N; ++i) {
-      const float ui = (k > 0) ? kshfl(ru[k > 0 ? k - 1 : 0], i) : 1.0f;
-      inner += live ? g[i] * ui * p0[i] * cv[k] : 0.0f;
+      const float li = (k > 0) ? kshfl(lu[k > 0 ? k - 1 : 0], i) : 0.0f;
+      const float out = ((zero0 >> i) & 1u) ? 0.0f : KEXP(lc[i] + li + lv[k]);
+      g[i] = live ? g[i] - (col_live ? out * total : 0.0f) : 0.0f;
     }
-    const float sj = cs[k];
-    KUNROLL for (int i = 0; i < N; ++i)
-      g[i] = live ? (g[i] - (sj > MHC_TINY ? inner : 0.0f)) / KMAX(sj, MHC_TINY) : 0.0f;
   }
-  // Through exp(L - m); the max shift only matters where a clamp broke shift invariance:
-  // route its gradient to the argmax entries, split between ties (as autodiff does).
+  // log P0 = L - m: the max's share only matters where a clamp broke shift invariance; route
+  // it to the argmax entries, split between ties (as autodiff does).
   float local = 0.0f, ties = 0.0f;
   KUNROLL for (int i = 0; i < N; ++i) {
-    g[i] = g[i] * p0[i];
     local += g[i];
     ties += ((at_max >> i) & 1u) ? 1.0f : 0.0f;
   }
@@ -256,5 +263,5 @@ def header(backend: str) -> str:
 CUDA_ONLY_TOKENS = (
     "__global__", "__device__", "__shared__", "__syncthreads", "__shfl", "threadIdx",
     "blockIdx", "blockDim", "gridDim", "__forceinline__", "__nv_bfloat16", "__half",
-    "cooperative_groups", "AlignedVector", "mlx::core::cu", "expf(", "sqrtf(", "fmaxf(",
+    "cooperative_groups", "AlignedVector", "mlx::core::cu", "expf(", "logf(", "sqrtf(", "fmaxf(",
 )
