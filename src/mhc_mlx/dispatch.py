@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-import types
 
 from . import compiled, kernels, reference
 
@@ -81,8 +80,3 @@ def explain(op: str) -> str:
     if not reason:
         return f"kernels ({kernels.status()[op]['reason']}; {kernels.LIMITS_NOTE})"
     return f"compiled (kernels unavailable: {reason})"
-
-
-def implementation(name: str) -> types.ModuleType:
-    """The module holding the ops of a pure-MLX path ('reference' or 'compiled')."""
-    return _PATHS[_check_name(name, "implementation()")] if name != "kernels" else kernels
