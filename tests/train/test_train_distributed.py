@@ -28,6 +28,16 @@ def test_two_ranks_equal_one_process_with_the_combined_batch(tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_a_slow_rank_still_checks_the_out_directory_before_rank_0_writes(tmp_path, capsys, monkeypatch):
+    # rank 1 joins 3 s late: rank 0 must not create train.log before rank 1 has checked --out
+    monkeypatch.setenv("MHC_MLX_SLOW_RANK", "1:3")
+    out = tmp_path / "run"
+    assert train(*TINY, "--steps", 1, "--no-plot", "--distributed", "--ranks", 2,
+                 "--backend", "ring", "--out", out) == 0, capsys.readouterr().err
+    assert metrics(out)["world_size"] == 2
+
+
+@pytest.mark.slow
 def test_a_failing_rank_fails_the_command(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("MHC_MLX_FAIL_RANK", "1")
     out = tmp_path / "run"

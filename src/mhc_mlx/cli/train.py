@@ -68,7 +68,13 @@ def _run_rank(args: argparse.Namespace) -> int:
         else:
             overrides, options, backend = overrides_from(args), _options(args), args.backend
         group = distributed.init_group(backend)
-        config, ckpt = runner.resolve(overrides, options)
+        try:
+            config, ckpt = runner.resolve(overrides, options)
+        except BaseException:
+            distributed.agree(group, False)  # release the other ranks before failing
+            raise
+        if not distributed.agree(group, True):
+            raise RuntimeError("another rank refused the run (its error is reported beside this one)")
         runner.train(config, options, ckpt, group=group)
     except BaseException as e:
         distributed.write_status(False, f"{type(e).__name__}: {e}")

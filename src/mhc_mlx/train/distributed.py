@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import mlx.core as mx
@@ -27,6 +28,7 @@ BACKENDS = ("auto", "ring", "nccl")
 ENV_REQUEST = "MHC_MLX_TRAIN_REQUEST"  # the JSON request a launched rank runs
 ENV_STATUS = "MHC_MLX_RANK_STATUS_DIR"  # where each rank writes rank-<r>.json
 ENV_FAIL_RANK = "MHC_MLX_FAIL_RANK"  # test hook: this rank raises right after joining
+ENV_SLOW_RANK = "MHC_MLX_SLOW_RANK"  # test hook: "rank:seconds", this rank sleeps after joining
 
 
 def inside_launch() -> bool:
@@ -52,7 +54,21 @@ def init_group(backend: str):
     fail = os.environ.get(ENV_FAIL_RANK)
     if fail is not None and fail.strip() == str(group.rank()):
         raise RuntimeError(f"rank {group.rank()} failed on purpose ({ENV_FAIL_RANK}={fail})")
+    slow = os.environ.get(ENV_SLOW_RANK, "")
+    if slow.partition(":")[0].strip() == str(group.rank()):
+        time.sleep(float(slow.partition(":")[2] or 1.0))
     return group
+
+
+def agree(group, ok: bool) -> bool:
+    """True when every rank says ok; a collective, so no rank runs ahead of the others.
+
+    Each rank checks the request (out directory, checkpoint) before rank 0 writes anything;
+    without this step rank 0 can create train.log while another rank is still checking
+    whether --out already holds a run, and that rank then refuses the run as foreign.
+    """
+    votes = mx.distributed.all_sum(mx.array(1 if ok else 0, dtype=mx.int32), group=group)
+    return int(votes.item()) == group.size()
 
 
 def write_status(ok: bool, error: str = "") -> None:
