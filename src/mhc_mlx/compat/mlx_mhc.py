@@ -84,6 +84,9 @@ class ManifoldHyperConnection(HyperConnection):
     """
 
     def __init__(self, dims: int, expansion: int = 2, sinkhorn_iterations: int = 10):
+        # checked here so the errors use this API's argument names, not HyperConnection's
+        expansion = _checks.check_positive_int(expansion, "expansion")
+        sinkhorn_iterations = _checks.check_positive_int(sinkhorn_iterations, "sinkhorn_iterations")
         super().__init__(dims, n=expansion, dynamic=False, sinkhorn_iters=sinkhorn_iterations)
         self.expansion = expansion
 
