@@ -54,14 +54,19 @@ def _backward(L, g, iters):
 
 @lru_cache(maxsize=None)
 def _sinkhorn_fn(iters: int):
+    # Compiled so each normalisation's divide, clamp and mask fuse into one kernel: 4x4
+    # Sinkhorn on the CPU took 510 us as separate ops. Inside mx.compile (the sites) these
+    # inline into the caller's graph.
+    forward = mx.compile(lambda L: _forward(L.astype(mx.float32), iters))
+    backward = mx.compile(lambda L, g: _backward(L.astype(mx.float32), g.astype(mx.float32), iters))
+
     @mx.custom_function
     def sinkhorn(logits):
-        return _forward(logits.astype(mx.float32), iters)
+        return forward(logits)
 
     @sinkhorn.vjp
     def sinkhorn_vjp(logits, cotangent, output):
-        g = _backward(logits.astype(mx.float32), cotangent.astype(mx.float32), iters)
-        return g.astype(logits.dtype)
+        return backward(logits, cotangent).astype(logits.dtype)
 
     return sinkhorn
 
