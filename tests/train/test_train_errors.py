@@ -36,6 +36,7 @@ def expect_error(capsys, match, *args):
         (["--resume", "--overwrite"], "pick one"),
         (["--resume"], "no checkpoint to resume from"),
         (["--distributed", "--ranks", "3"], "does not split evenly"),
+        (["--distributed", "--ranks", "0"], "--ranks must be >= 1"),
     ],
 )
 def test_bad_input_is_named_and_nothing_is_written(tmp_path, capsys, args, match):
@@ -46,6 +47,13 @@ def test_bad_input_is_named_and_nothing_is_written(tmp_path, capsys, args, match
     # flags given later win, so a test's own --steps replaces the short default here
     expect_error(capsys, match, *TINY, "--steps", 2, *args, "--out", out)
     assert not out.exists()
+
+
+def test_an_out_path_that_cannot_be_created_fails_before_training(tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    expect_error(capsys, "cannot create the output directory", *TINY, "--steps", 2, "--out", blocker / "run")
+    assert blocker.read_text() == "not a directory"
 
 
 def test_an_earlier_run_is_never_replaced_by_surprise(finished_run, capsys):

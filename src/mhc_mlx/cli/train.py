@@ -92,10 +92,13 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("running under mlx.launch: add --distributed so the ranks share one run")
     overrides, options = overrides_from(args), _options(args)
     config, ckpt = runner.resolve(overrides, options)
-    runner.check(config, options)
     if args.distributed:
+        if args.ranks < 1:
+            raise ValueError(f"--ranks must be >= 1, got {args.ranks}")
         if config.batch_size % args.ranks:
             raise ValueError(f"--batch-size {config.batch_size} does not split evenly over --ranks {args.ranks}")
+    runner.check(config, options)  # last check: it creates --out
+    if args.distributed:
         request = {"config": config.to_dict(), "options": options.to_dict()}
         return distributed.launch(request, args.ranks, args.backend)
     runner.train(config, options, ckpt)

@@ -79,11 +79,22 @@ def resolve(overrides: dict, options: RunOptions) -> tuple[TrainConfig, Optional
     return saved.replace(**{k: v for k, v in overrides.items() if k in RESUME_MAY_CHANGE}), ckpt
 
 
+def _prepare_out(out: Path) -> None:
+    # Create --out now (empty) so an unwritable path fails before training, not at the first write.
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot create the output directory ({e.strerror or e})") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: the output directory is not writable")
+
+
 def check(config: TrainConfig, options: RunOptions) -> None:
     """Fail early on bad data or model settings (reads the data; builds no model)."""
     if options.plot and importlib.util.find_spec("matplotlib") is None:
         raise ValueError("the dashboard needs matplotlib: pip install 'mhc-mlx[plot]', or pass --no-plot")
     Setup(config)
+    _prepare_out(Path(options.out))
 
 
 class _Log:
