@@ -262,5 +262,10 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     fails("eval", "--run", data, match="no checkpoint")
     fails("eval", "--run", run, "--data", tmp_path / "s6", match="mismatched dataset")
     fails("plot", run, "--out", tmp_path / "q.png", "--labels", "a", "b", match="one label per run")
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    fails("data", "sudoku", "--size", 4, "--train", 2, "--test", 1, "--out", blocker / "d", "--quiet",
+          match=f"{blocker / 'd'}: Not a directory")
+    fails("train", "--data", data, "--out", blocker / "r", *TINY, match="Not a directory")
     with pytest.raises(SystemExit):
         run_cli("train", "--data", data, "--out", tmp_path / "r5", "--residual", "nope")

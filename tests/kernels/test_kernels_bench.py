@@ -45,6 +45,13 @@ def test_bench_refuses_to_overwrite(quick_run, capsys):
     assert bench_cli.main(["--quick", "--out", out, "--seeds", "", "--impl", "fastest"]) == 2
 
 
+def test_bench_refuses_an_only_filter_that_matches_nothing(tmp_path, capsys):
+    out = tmp_path / "b"
+    assert cli_main.main(["bench", "--quick", "--out", str(out), "--seeds", "", "--only", "no-such-case"]) == 2
+    assert "matches none" in capsys.readouterr().err
+    assert not (out / "bench.json").exists()
+
+
 def test_floor_bytes():
     s = cases.Case("static", "fwd", (8, 4, 16), "bfloat16", "throughput")
     d = cases.Case("dynamic", "fwd+bwd", (8, 4, 16), "float32", "throughput")

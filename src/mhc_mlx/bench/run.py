@@ -24,7 +24,11 @@ def run(out_dir: str, quick: bool = False, seeds_dir: str | None = ".seedpkgs", 
     case_list = bench_cases.quick_cases() if quick else bench_cases.full_cases()
     if only:
         parts = [p for p in only.split(",") if p]
-        case_list = [c for c in case_list if any(p in c.id for p in parts)]
+        matched = [c for c in case_list if any(p in c.id for p in parts)]
+        if not matched:
+            raise ValueError(f"--only {only!r} matches none of the {'quick' if quick else 'full'} run's "
+                             f"cases; their ids look like {case_list[0].id!r}, {case_list[-1].id!r}")
+        case_list = matched
     header = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "mhc_mlx": __version__, "mlx": mx.__version__, "backend": backend or "cpu",

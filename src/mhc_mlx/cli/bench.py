@@ -45,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return run(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"mhc-mlx-bench: error: {e}", file=sys.stderr)
+    except (ValueError, OSError) as e:
+        from .main import describe_error
+
+        print(f"mhc-mlx-bench: error: {describe_error(e)}", file=sys.stderr)
         return 2

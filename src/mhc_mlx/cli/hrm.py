@@ -56,12 +56,31 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def cmd_data_sudoku(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
+class _LazyBar:
+    """A tqdm bar drawn at the first update: an argument error then prints no empty bar first."""
 
+    def __init__(self, **kwargs):
+        self.kwargs, self.bar = kwargs, None
+
+    def update(self, k: int = 1) -> None:
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(**self.kwargs)
+        self.bar.update(k)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def cmd_data_sudoku(args: argparse.Namespace) -> int:
     from ..hrm import sudoku
 
-    with tqdm(
+    with _LazyBar(
         total=args.train + args.test, desc=f"sudoku {args.size}x{args.size}", disable=args.quiet
     ) as bar:
         metas = sudoku.build_dataset(
@@ -79,11 +98,9 @@ def cmd_data_sudoku(args: argparse.Namespace) -> int:
 
 
 def cmd_data_maze(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from ..hrm import maze
 
-    with tqdm(total=args.train + args.test, desc=f"maze {args.size}x{args.size}", disable=args.quiet) as bar:
+    with _LazyBar(total=args.train + args.test, desc=f"maze {args.size}x{args.size}", disable=args.quiet) as bar:
         metas = maze.build_dataset(
             args.out,
             args.size,

@@ -30,13 +30,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def describe_error(e: Exception) -> str:
+    """One line for the user: OS errors as 'path: reason' rather than '[Errno N] ...'."""
+    if isinstance(e, OSError) and e.strerror and e.filename is not None:
+        return f"{e.filename}: {e.strerror}"
+    return str(e)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as e:
-        # Bad input (a flag, a file, a shape): say what it is, no traceback.
-        print(f"mhc-mlx {args.command}: error: {e}", file=sys.stderr)
+    except (ValueError, OSError) as e:
+        # Bad input (a flag, a file, a shape) or a path the OS refuses: say what it is, no traceback.
+        print(f"mhc-mlx {args.command}: error: {describe_error(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
