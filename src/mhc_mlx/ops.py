@@ -14,6 +14,20 @@ from .dispatch import choose
 REDUCTIONS = ("mean", "sum")
 
 
+# The dispatch without the checks: modules check their input once and call these (at B = 1 the
+# repeated checks of pre, coefficients and post were a large part of the Python graph building).
+def run_coefficients(x, phi, alpha, bias, iters: int, eps: float):
+    return choose("mhc_coefficients", x, phi, alpha, bias, iters=iters, eps=eps)[1](x, phi, alpha, bias, iters, eps)
+
+
+def run_pre(x: mx.array, H_pre: mx.array) -> mx.array:
+    return choose("mhc_pre", x, H_pre)[1](x, H_pre)
+
+
+def run_post(x: mx.array, f: mx.array, H_post: mx.array, H_res: mx.array) -> mx.array:
+    return choose("mhc_post", x, f, H_post, H_res)[1](x, f, H_post, H_res)
+
+
 def sinkhorn_knopp(logits: mx.array, iters: int = 20) -> mx.array:
     """Project [..., n, n] logits to doubly stochastic matrices (float32).
 
@@ -53,15 +67,14 @@ def mhc_coefficients(x, phi=None, alpha=None, bias=None, iters: int = 20, eps: f
             raise ValueError(f"alpha must have shape (3,), got {tuple(alpha.shape)}")
     iters = _checks.check_positive_int(iters, "iters")
     eps = _checks.check_eps(eps)
-    impl = choose("mhc_coefficients", x, phi, alpha, bias, iters=iters, eps=eps)[1]
-    return impl(x, phi, alpha, bias, iters, eps)
+    return run_coefficients(x, phi, alpha, bias, iters, eps)
 
 
 def mhc_pre(x: mx.array, H_pre: mx.array) -> mx.array:
     """Read the streams: h_in[..., c] = sum_i H_pre[..., i] x[..., i, c]  ->  [..., C]."""
     n, _ = _checks.check_streams(x, "x")
     _checks.check_coefficient(H_pre, "H_pre", n, (n,), tuple(x.shape[:-2]))
-    return choose("mhc_pre", x, H_pre)[1](x, H_pre)
+    return run_pre(x, H_pre)
 
 
 def mhc_post(x: mx.array, f: mx.array, H_post: mx.array, H_res: mx.array) -> mx.array:
@@ -73,7 +86,7 @@ def mhc_post(x: mx.array, f: mx.array, H_post: mx.array, H_res: mx.array) -> mx.
         raise ValueError(f"f (the sublayer output) must have shape {lead + (C,)}, got {tuple(f.shape)}")
     _checks.check_coefficient(H_post, "H_post", n, (n,), lead)
     _checks.check_coefficient(H_res, "H_res", n, (n, n), lead)
-    return choose("mhc_post", x, f, H_post, H_res)[1](x, f, H_post, H_res)
+    return run_post(x, f, H_post, H_res)
 
 
 def expand_streams(x: mx.array, n: int) -> mx.array:

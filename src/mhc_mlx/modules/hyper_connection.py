@@ -76,18 +76,21 @@ class HyperConnection(nn.Module):
 
     def coefficients(self, x: mx.array) -> SiteCoefficients:
         _checks.check_streams(x, "x", n=self.n, C=self.dims)
+        return self._coefficients(x)
+
+    def _coefficients(self, x: mx.array) -> SiteCoefficients:
+        # x already checked; the parameters are this module's own (shapes fixed at init)
         phi = self.phi if self.dynamic else None
         alpha = self.alpha if self.dynamic else None
         if self.variant == "hc":
             return SiteCoefficients(*hc_coefficients(x, phi, alpha, self.bias, self.eps))
-        return SiteCoefficients(
-            *ops.mhc_coefficients(x, phi, alpha, self.bias, iters=self.sinkhorn_iters, eps=self.eps)
-        )
+        return SiteCoefficients(*ops.run_coefficients(x, phi, alpha, self.bias, self.sinkhorn_iters, self.eps))
 
     def pre(self, x: mx.array) -> tuple[mx.array, SiteCoefficients]:
         """Read the streams: returns the sublayer input [..., dims] and the coefficients."""
-        coeffs = self.coefficients(x)
-        return ops.mhc_pre(x, coeffs.pre), coeffs
+        _checks.check_streams(x, "x", n=self.n, C=self.dims)
+        coeffs = self._coefficients(x)
+        return ops.run_pre(x, coeffs.pre), coeffs
 
     def post(self, x: mx.array, f: mx.array, coeffs: SiteCoefficients) -> mx.array:
         """Mix the streams and write the sublayer output f [..., dims] back: [..., n, dims]."""
@@ -95,4 +98,9 @@ class HyperConnection(nn.Module):
 
     def __call__(self, x: mx.array, sublayer: Callable[[mx.array], mx.array]) -> mx.array:
         h, coeffs = self.pre(x)
-        return self.post(x, sublayer(h), coeffs)
+        f = sublayer(h)
+        # x was checked by pre and coeffs are pre's own: only the sublayer's output needs a look
+        _checks.check_float(f, "f (the sublayer output)")
+        if f.shape != h.shape:
+            raise ValueError(f"f (the sublayer output) must have shape {tuple(h.shape)}, got {tuple(f.shape)}")
+        return ops.run_post(x, f, coeffs.post, coeffs.res)
