@@ -16,7 +16,9 @@ import numpy as np
 import pytest
 
 SESSION_SEED = int(os.environ.get("MHC_TEST_SEED") or secrets.randbits(32))
-BACKENDS = ("reference", "compiled")
+# compiled-split: the compiled path with its matmuls split as on TF32 GPUs (compiled/matmul.py),
+# so the form a CUDA machine runs is checked against the float64 reference here too.
+BACKENDS = ("reference", "compiled", "compiled-split")
 
 
 @pytest.fixture
@@ -28,7 +30,13 @@ def rng(request) -> np.random.Generator:
 
 
 @pytest.fixture(params=BACKENDS)
-def backend(request):
+def backend(request, monkeypatch):
     """Run the test body under mhc_mlx.use_backend(<name>) for each pure-MLX path."""
-    with mhc_mlx.use_backend(request.param):
-        yield request.param
+    name = request.param
+    if name == "compiled-split":
+        from mhc_mlx.compiled import site
+
+        monkeypatch.setattr(site, "_needs_split", lambda: True)
+        name = "compiled"
+    with mhc_mlx.use_backend(name):
+        yield name

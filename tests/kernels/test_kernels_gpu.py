@@ -74,3 +74,26 @@ def test_compiled_path_is_float32_exact_on_gpu():
     hq, hr = mx.random.uniform(shape=(16, n)), mx.random.uniform(shape=(16, n, n))
     got = compiled.mhc_post(x, f, hq, hr)
     assert ref64.rel_err(np64(got), ref64.post(np64(x), np64(f), np64(hq), np64(hr))) <= 1e-5
+
+
+@pytest.mark.parametrize("x_dtype", [mx.float32, mx.bfloat16])
+def test_compiled_path_gradients_are_float32_exact_on_gpu(x_dtype):
+    """The backward's matmuls split too (compiled/matmul.py): autodiff through the split
+    forward would run the cotangent products in plain TF32 (~1e-3)."""
+    from mhc_mlx import compiled
+
+    n, C, T = 4, 2048, 16
+    x = mx.random.normal((T, n, C)).astype(x_dtype).astype(mx.float32)
+    f = mx.random.normal((T, C))
+    hq, hr = mx.random.uniform(shape=(T, n)), mx.random.uniform(shape=(T, n, n))
+    W = mx.random.normal((T, n, C))
+
+    def loss(x, f, hq, hr):
+        return (compiled.mhc_post(x, f, hq, hr) * W).sum()
+
+    gx, gf, gq, gr = mx.grad(loss, argnums=(0, 1, 2, 3))(x, f, hq, hr)
+    x64, f64, W64, hq64, hr64 = np64(x), np64(f), np64(W), np64(hq), np64(hr)
+    assert ref64.rel_err(np64(gx), np.einsum("tij,tic->tjc", hr64, W64)) <= 1e-5
+    assert ref64.rel_err(np64(gf), np.einsum("ti,tic->tc", hq64, W64)) <= 1e-5
+    assert ref64.rel_err(np64(gq), np.einsum("tic,tc->ti", W64, f64)) <= 1e-5
+    assert ref64.rel_err(np64(gr), np.einsum("tic,tjc->tij", W64, x64)) <= 1e-5

@@ -7,6 +7,7 @@ from functools import lru_cache
 
 import mlx.core as mx
 
+from .matmul import EXACT_IN_TF32, exact_matmul
 from .sinkhorn import sinkhorn_knopp
 
 F32 = mx.float32
@@ -19,18 +20,15 @@ def _scale_index(n: int) -> mx.array:
 
 
 def _split_matmul(a, b):
-    # MLX runs float32 matmuls as TF32 on GPUs that have it (CUDA; Apple M5) unless
-    # MLX_ENABLE_TF32=0: ~1e-3 relative error, against SPEC's float32 coefficient math. Each
-    # factor is split into a bfloat16-exact high part (exact in TF32) and the rest; four
-    # products bring the error back to ~1e-6.
-    a_hi = a.astype(mx.bfloat16).astype(F32)
-    b_hi = b.astype(mx.bfloat16).astype(F32)
-    a_lo, b_lo = a - a_hi, b - b_hi
-    return a_hi @ b_hi + (a_hi @ b_lo + a_lo @ b_hi) + a_lo @ b_lo
+    # float32 a @ b, exact where MLX uses TF32 (compiled/matmul.py); factors in their own dtype
+    exact = exact_matmul(a.dtype in EXACT_IN_TF32, b.dtype in EXACT_IN_TF32)
+    if a.ndim == 1:  # a vector (one token's x): as a row, then drop it
+        return exact(a[None].astype(F32), b.astype(F32)).squeeze(-2)
+    return exact(a.astype(F32), b.astype(F32))
 
 
 def _plain_matmul(a, b):
-    return a @ b
+    return a.astype(F32) @ b.astype(F32)
 
 
 def _needs_split() -> bool:
@@ -50,9 +48,10 @@ def _activate_free(h, n):
 
 
 def _logits(x, phi, alpha, bias, index, eps, matmul):
-    xf = x.reshape(*x.shape[:-2], -1).astype(F32)
+    x2 = x.reshape(*x.shape[:-2], -1)
+    xf = x2.astype(F32)
     inv_r = mx.rsqrt(mx.mean(mx.square(xf), axis=-1, keepdims=True) + eps)
-    return matmul(xf, phi.astype(F32)) * inv_r * alpha.astype(F32)[index] + bias.astype(F32)
+    return matmul(x2, phi) * inv_r * alpha.astype(F32)[index] + bias.astype(F32)
 
 
 @lru_cache(maxsize=None)
@@ -104,14 +103,14 @@ def mhc_coefficients(x, phi, alpha, bias, iters: int = 20, eps: float = 1e-6):
 def _pre_with(matmul):
     def pre(x, H_pre):
         # [..., 1, n] @ [..., n, C]: a batched GEMV, no [..., n, C] float32 product kept around.
-        return matmul(H_pre.astype(F32)[..., None, :], x.astype(F32)).squeeze(-2).astype(x.dtype)
+        return matmul(H_pre[..., None, :], x).squeeze(-2).astype(x.dtype)
 
     return pre
 
 
 def _post_with(matmul):
     def post(x, f, H_post, H_res):
-        mixed = matmul(H_res.astype(F32), x.astype(F32))
+        mixed = matmul(H_res, x)
         return (mixed + H_post.astype(F32)[..., :, None] * f.astype(F32)[..., None, :]).astype(x.dtype)
 
     return post

@@ -13,6 +13,7 @@ from functools import lru_cache
 
 import mlx.core as mx
 
+from ..compiled.matmul import EXACT_IN_TF32, split_product
 from .build import KernelSpec, int_params, launch
 
 F32 = mx.float32
@@ -278,15 +279,6 @@ def _reduce_to(g, like):
     return g.reshape(like.shape).astype(like.dtype)
 
 
-def _split_matmul(a, b):
-    """a @ b in float32 to about 1e-6 relative even where MLX's CUDA matmul uses TF32:
-    each operand is split into a bfloat16-exact high part and a remainder (4 products)."""
-    a_hi = a.astype(mx.bfloat16).astype(F32)
-    b_hi = b.astype(mx.bfloat16).astype(F32)
-    a_lo, b_lo = a - a_hi, b - b_hi
-    return (a_hi @ b_hi) + ((a_hi @ b_lo) + (a_lo @ b_hi)) + (a_lo @ b_lo)
-
-
 def post_forward(x, f, H_post, H_res):
     *lead, n, C = x.shape
     T = 1
@@ -335,7 +327,8 @@ def post_vjp(x, f, H_post, H_res, g):
     else:
         # n > 8: the per-token sums over channels as batched matmuls (f32 accumulation).
         gf32, xf32 = g.astype(F32), x.astype(F32)
-        gr = _split_matmul(gf32, mx.swapaxes(xf32, -1, -2))
+        # TF32 matmul with float32 accuracy; x from 16 bits is exact in TF32 and is not split
+        gr = split_product(gf32, mx.swapaxes(xf32, -1, -2), False, x.dtype in EXACT_IN_TF32)
         gp = mx.sum(gf32 * f.astype(F32)[..., None, :], axis=-1)
     return gx, gf.astype(f.dtype), _reduce_to(gp, H_post), _reduce_to(gr, H_res)
 
