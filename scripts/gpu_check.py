@@ -194,8 +194,16 @@ def main(argv=None) -> int:
     ap.add_argument("--dtypes", default="", help="comma list of f32,bf16,f16 (default all)")
     ap.add_argument("--layer-vjp-candidate", action="store_true",
                     help="check the layer's candidate one-pass backward (kernels.layer.USE_FUSED_VJP)")
+    ap.add_argument("--dynamic-gemm-candidate", action="store_true",
+                    help="check the dynamic coefficients' candidate GEMM form (kernels.coefficients.DYNAMIC_FORM)")
+    ap.add_argument("--tb8-candidate", action="store_true",
+                    help="check the dynamic coefficient kernel at 8 tokens per block for n <= 4")
     ap.add_argument("--out", default=os.environ.get("OUT", "runs/gpu_check"))
     args = ap.parse_args(argv)
+    if args.dynamic_gemm_candidate:
+        coefficients.DYNAMIC_FORM = "gemm"
+    if args.tb8_candidate:
+        coefficients.TOKENS_PER_BLOCK_SMALL_N = 8
     os.makedirs(args.out, exist_ok=True)
     SITE_N.update(int(v) for v in args.site_n.split(",") if v)
     layer.USE_FUSED_VJP = layer.USE_FUSED_VJP or args.layer_vjp_candidate
@@ -207,6 +215,8 @@ def main(argv=None) -> int:
     header = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "mlx": mx.__version__, "backend": backend, "platform": platform.platform(),
+        "candidates": {"layer_fused_vjp": layer.USE_FUSED_VJP, "dynamic_form": coefficients.DYNAMIC_FORM,
+                       "tokens_per_block_small_n": coefficients.TOKENS_PER_BLOCK_SMALL_N},
     }
     print(json.dumps(header), flush=True)
     if backend is None:

@@ -72,6 +72,21 @@ def main():
         us = tput(lambda x, tb=tb: coefficients.dynamic_forward(x.reshape(T, n * C), phi, alpha, bias, n, 20, 1e-6, tb),
                   [[x] for x in xs])
         print(f"coefficients dynamic (GEMM+sumsq+Sinkhorn) TB={tb}: {us:7.1f} us {gbps(xs[0].nbytes, us)}")
+    us = tput(lambda x: coefficients.dynamic_forward(x.reshape(T, n * C), phi, alpha, bias, n, 20, 1e-6, form="gemm"),
+              [[x] for x in xs])
+    print(f"coefficients dynamic, GEMM-form candidate (TF32 matmul + sumsq + activate): {us:7.1f} us "
+          f"{gbps(xs[0].nbytes, us)}")
+    hcs = mhc.HyperConnection(C, n)
+    hcs.phi, hcs.alpha, hcs.bias = phi, alpha, bias
+    f_site = mx.random.normal((T, C)).astype(BF)
+    mx.eval(f_site)
+    site_bytes = (4 * n + 2) * C * 2 * T
+    for form in coefficients.DYNAMIC_FORMS:
+        coefficients.DYNAMIC_FORM = form
+        us = tput(lambda x: hcs.post(x, f_site, hcs.pre(x)[1]), [[x] for x in xs])
+        print(f"dynamic site forward, coefficients form {form}: {us:7.1f} us "
+              f"({100 * site_bytes / us / 1e3 / c['GBps']:.0f} % of its (4n+2)·C·2 B/token floor at copy speed)")
+    coefficients.DYNAMIC_FORM = "kernel"
     hp = mx.random.uniform(shape=(T, n))
     hq = mx.random.uniform(shape=(T, n))
     hr = mx.random.uniform(shape=(T, n, n))

@@ -144,3 +144,40 @@ def test_empty_batch_launches_nothing(monkeypatch):
     assert site.mhc_pre(x, mx.zeros((4,))).shape == (0, 8)
     assert site.mhc_post(x, mx.zeros((0, 8)), mx.zeros((4,)), mx.zeros((4, 4))).shape == (0, 4, 8)
     assert sinkhorn.sinkhorn_knopp(mx.zeros((0, 4, 4)), 5).shape == (0, 4, 4)
+
+
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16, mx.float32])
+def test_candidate_gemm_form_of_dynamic_coefficients(monkeypatch, dtype):
+    # 16-bit x: MLX matmul + the activations kernel, no fused dynamic kernel; float32 x keeps it
+    monkeypatch.setattr(coefficients, "DYNAMIC_FORM", "gemm")
+    n, C = 4, 16
+    x = mx.zeros((2, 3, n, C), dtype=dtype)
+    W = 2 * n + n * n
+    launched.clear()
+    _grads_match_shapes(lambda *a: coefficients.mhc_coefficients(*a, 20, 1e-6),
+                        [x, mx.zeros((n * C, W)), mx.zeros((3,)), mx.zeros((W,))])
+    names = [name for name, *_ in launched]
+    if dtype == mx.float32:
+        assert "mhc_coefficients_dynamic" in names
+    else:
+        assert "mhc_coefficients_dynamic" not in names and "mhc_coefficients_static" in names
+        assert "mhc_coefficients_dynamic_vjp" in names  # the backward is the same kernel
+    with pytest.raises(ValueError, match="unknown dynamic coefficient form"):
+        coefficients.dynamic_forward(x.reshape(6, n * C), mx.zeros((n * C, W)), mx.zeros((3,)),
+                                     mx.zeros((W,)), n, 20, 1e-6, form="fast")
+
+
+def test_gemm_logits_match_float64():
+    # the GEMM form's logits (the kernel's m and 1/r outputs) against float64 math
+    import numpy as np
+
+    rng = np.random.default_rng()
+    T, K, W = 7, 3 * 40, 15
+    x = mx.array(rng.standard_normal((T, K)).astype(np.float32)).astype(mx.bfloat16)
+    phi = mx.array((rng.standard_normal((K, W)) / np.sqrt(K)).astype(np.float32))
+    m, invr = coefficients.gemm_logits(x, phi, 1e-6)
+    x64 = np.array(x.astype(mx.float32), dtype=np.float64)
+    r64 = 1.0 / np.sqrt(np.mean(x64 ** 2, axis=-1) + 1e-6)
+    m64 = (x64 @ np.array(phi, dtype=np.float64)) * r64[:, None]
+    assert np.linalg.norm(np.array(m) - m64) / np.linalg.norm(m64) <= 1e-6
+    assert np.abs(np.array(invr) - r64).max() / r64.max() <= 1e-6

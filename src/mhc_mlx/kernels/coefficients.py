@@ -257,12 +257,16 @@ VJP_THREADS = 256
 VJP_TOKENS_PER_SPLIT = 256
 
 
+# TB tokens share each staged chunk of phi, for n <= 4 (n > 4 always takes 8). Both shipped
+# instances passed the GPU check; on the H100 at 4096 x 4 x 4096 (bf16) the kernel took 951 µs
+# at TB=16, 607 µs at TB=8 and about 920 µs at TB=32 (docs/kernel-notes.md): latency-bound
+# either way. TB=8 for n <= 4 is the next step once that instance has passed the GPU check
+# (scripts/gpu_check.py --tb8-candidate).
+TOKENS_PER_BLOCK_SMALL_N = 16
+
+
 def tokens_per_block(n: int) -> int:
-    # TB tokens share each staged chunk of phi. Both instances here passed the GPU check; on
-    # the H100 at 4096 x 4 x 4096 (bf16) the kernel took 951 µs at TB=16, 607 µs at TB=8 and
-    # about 920 µs at TB=32 (docs/kernel-notes.md): latency-bound either way. TB=8 for n <= 4
-    # is the next step once its instance has passed the GPU check.
-    return 16 if n * (n + 2) <= 24 else 8
+    return TOKENS_PER_BLOCK_SMALL_N if n * (n + 2) <= 24 else 8
 
 
 def activate(rpre, rpost, rres, iters: int):
@@ -343,12 +347,49 @@ def raw_coefficients(pre_raw, post_raw, res_raw, iters: int):
     return _raw_function(res_raw.shape[-1], iters)(pre_raw, post_raw, res_raw)
 
 
+@lru_cache(maxsize=None)
 def _scale_index(n):
     return mx.array([0] * n + [1] * n + [2] * (n * n), dtype=mx.uint32)
 
 
-def dynamic_forward(x2, phi, alpha, bias, n: int, iters: int, eps: float, tb: int | None = None):
+# Candidate forward for 16-bit x (off until measured on a GPU; scripts/gpu_check.py
+# --dynamic-gemm-candidate checks it, scripts/gpu_experiments.py times it): the GEMM on
+# tensor cores through MLX's matmul — x is exact in TF32, phi split into [phi_hi | phi_lo]
+# (compiled/matmul.py) — Σx² as an MLX reduction, then the activations kernel. It reads x
+# about three times at full bandwidth (the float32 copy the GEMM needs, the GEMM, Σx²) where
+# the fused kernel reads it once but is latency-bound (docs/kernel-notes.md).
+DYNAMIC_FORM = "kernel"  # or "gemm"
+DYNAMIC_FORMS = ("kernel", "gemm")
+
+
+def gemm_logits(x2, phi, eps: float):
+    """(m [T, W], 1/r [T]) with m = (xf @ phi) / r and r = sqrt(mean(xf²) + eps), in float32."""
+    from ..compiled import matmul, site as compiled_site
+
+    xf = x2.astype(F32)
+    invr = mx.rsqrt(mx.mean(mx.square(xf), axis=-1) + eps)
+    if compiled_site._needs_split():
+        dot = matmul.split_product(xf, phi.astype(F32), x2.dtype in matmul.EXACT_IN_TF32, phi.dtype in matmul.EXACT_IN_TF32)
+    else:
+        dot = xf @ phi.astype(F32)
+    return dot * invr[:, None], invr
+
+
+def _dynamic_gemm_forward(x2, phi, alpha, bias, n: int, iters: int, eps: float):
+    m, invr = gemm_logits(x2, phi, eps)
+    h = m * alpha.astype(F32)[_scale_index(n)] + bias.astype(F32)
+    H_pre, H_post, H_res = activate(*_split_logits(h, n), iters)
+    return H_pre, H_post, H_res, m, invr
+
+
+def dynamic_forward(x2, phi, alpha, bias, n: int, iters: int, eps: float, tb: int | None = None,
+                    form: str | None = None):
     """x2 [T, n*C] -> H_pre [T, n], H_post [T, n], H_res [T, n, n], m [T, W], 1/r [T]."""
+    form = form or DYNAMIC_FORM
+    if form not in DYNAMIC_FORMS:
+        raise ValueError(f"unknown dynamic coefficient form {form!r}; choose one of {', '.join(DYNAMIC_FORMS)}")
+    if form == "gemm" and x2.dtype != F32:  # float32 x is not exact in TF32: 4 GEMMs, kernel wins
+        return _dynamic_gemm_forward(x2, phi, alpha, bias, n, iters, eps)
     T, K = x2.shape
     W = n * (n + 2)
     tb = tb or tokens_per_block(n)
