@@ -135,7 +135,7 @@ def cases_coefficients():
               lambda x_, b: ref64.coefficients(x_, None, None, b, 20, 1e-6),
               lambda x_, b: reference.mhc_coefficients(x_, None, None, b, 20, 1e-6), [x, bias], [1])
     for dt in DTYPES:
-        for n, C, T in ((1, 33, 3), (2, 64, 17), (4, 257, 40), (4, 512, 33), (8, 65, 9), (8, 128, 20)):
+        for n, C, T in ((1, 33, 3), (2, 64, 17), (4, 257, 40), (4, 512, 33), (8, 65, 9), (8, 128, 20), (4, 4096, 70)):
             W = 2 * n + n * n
             x = mx.random.normal((T, n, C)).astype(dt)
             phi = (mx.random.normal((n * C, W)) / np.sqrt(n * C)).astype(mx.float32)
@@ -196,12 +196,18 @@ def main(argv=None) -> int:
                     help="check the layer's candidate one-pass backward (kernels.layer.USE_FUSED_VJP)")
     ap.add_argument("--dynamic-gemm-candidate", action="store_true",
                     help="check the dynamic coefficients' candidate GEMM form (kernels.coefficients.DYNAMIC_FORM)")
+    ap.add_argument("--dynamic-mma-candidate", action="store_true",
+                    help="check the dynamic coefficients' candidate tensor-core kernel (CUDA; coefficients_mma.py)")
     ap.add_argument("--tb8-candidate", action="store_true",
                     help="check the dynamic coefficient kernel at 8 tokens per block for n <= 4")
     ap.add_argument("--out", default=os.environ.get("OUT", "runs/gpu_check"))
     args = ap.parse_args(argv)
+    if args.dynamic_gemm_candidate and args.dynamic_mma_candidate:
+        ap.error("check one dynamic-coefficient candidate per run")
     if args.dynamic_gemm_candidate:
         coefficients.DYNAMIC_FORM = "gemm"
+    if args.dynamic_mma_candidate:
+        coefficients.DYNAMIC_FORM = "mma"
     if args.tb8_candidate:
         coefficients.TOKENS_PER_BLOCK_SMALL_N = 8
     os.makedirs(args.out, exist_ok=True)

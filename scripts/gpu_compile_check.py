@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     failures = 0
     with tempfile.TemporaryDirectory() as tmp:
-        for spec, in_dtypes, out_dtypes, template in catalogue.instances():
+        for spec, in_dtypes, out_dtypes, template in catalogue.instances() + catalogue.cuda_only_instances():
             label = f"{spec.name}[{', '.join(f'{k}={v}' for k, v in template)}]"
             if args.only and args.only not in label:
                 continue

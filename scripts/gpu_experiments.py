@@ -76,6 +76,10 @@ def main():
               [[x] for x in xs])
     print(f"coefficients dynamic, GEMM-form candidate (TF32 matmul + sumsq + activate): {us:7.1f} us "
           f"{gbps(xs[0].nbytes, us)}")
+    us = tput(lambda x: coefficients.dynamic_forward(x.reshape(T, n * C), phi, alpha, bias, n, 20, 1e-6, form="mma"),
+              [[x] for x in xs])
+    print(f"coefficients dynamic, tensor-core candidate (mma.sync, split-K + activate): {us:7.1f} us "
+          f"{gbps(xs[0].nbytes, us)}")
     hcs = mhc.HyperConnection(C, n)
     hcs.phi, hcs.alpha, hcs.bias = phi, alpha, bias
     f_site = mx.random.normal((T, C)).astype(BF)

@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mhc_mlx.kernels import coefficients, layer, sinkhorn, site
+from mhc_mlx.kernels import coefficients, coefficients_mma, layer, sinkhorn, site
 
-MODULES = (coefficients, layer, sinkhorn, site)
+MODULES = (coefficients, coefficients_mma, layer, sinkhorn, site)
 launched = []
 
 
@@ -181,3 +181,39 @@ def test_gemm_logits_match_float64():
     m64 = (x64 @ np.array(phi, dtype=np.float64)) * r64[:, None]
     assert np.linalg.norm(np.array(m) - m64) / np.linalg.norm(m64) <= 1e-6
     assert np.abs(np.array(invr) - r64).max() / r64.max() <= 1e-6
+
+
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16, mx.float32])
+def test_candidate_mma_form_of_dynamic_coefficients(monkeypatch, dtype):
+    # CUDA, 16-bit x: the tensor-core kernel + the activations kernel; float32 x keeps the fused one
+    from mhc_mlx.kernels import build
+
+    monkeypatch.setattr(coefficients, "DYNAMIC_FORM", "mma")
+    monkeypatch.setattr(build, "gpu_backend", lambda: "cuda")
+    n, C = 4, 24
+    x = mx.zeros((2, 3, n, C), dtype=dtype)
+    W = 2 * n + n * n
+    launched.clear()
+    _grads_match_shapes(lambda *a: coefficients.mhc_coefficients(*a, 20, 1e-6),
+                        [x, mx.zeros((n * C, W)), mx.zeros((3,)), mx.zeros((W,))])
+    names = [name for name, *_ in launched]
+    if dtype == mx.float32:
+        assert "mhc_coefficients_dynamic_mma" not in names and "mhc_coefficients_dynamic" in names
+    else:
+        assert "mhc_coefficients_dynamic_mma" in names and "mhc_coefficients_dynamic" not in names
+        template = dict(next(t for name, t, *_ in launched if name == "mhc_coefficients_dynamic_mma"))
+        assert template["NT"] == 3 and template["PB"] == 3 and template["T"] == dtype
+
+
+def test_cuda_only_kernel_never_runs_on_metal(monkeypatch):
+    from mhc_mlx.kernels import build
+
+    monkeypatch.setattr(coefficients, "DYNAMIC_FORM", "mma")
+    monkeypatch.setattr(build, "gpu_backend", lambda: "metal")
+    n, C = 4, 24
+    W = 2 * n + n * n
+    launched.clear()
+    coefficients.mhc_coefficients(mx.zeros((3, n, C), dtype=mx.bfloat16), mx.zeros((n * C, W)), mx.zeros((3,)),
+                                  mx.zeros((W,)), 20, 1e-6)
+    names = [name for name, *_ in launched]
+    assert "mhc_coefficients_dynamic_mma" not in names and "mhc_coefficients_dynamic" in names

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from . import coefficients, layer, sinkhorn, site
+from . import coefficients, coefficients_mma, layer, sinkhorn, site
 
 SPECS = (
     sinkhorn.FORWARD, sinkhorn.BACKWARD, coefficients.ACTIVATE, coefficients.DYNAMIC,
     coefficients.DYNAMIC_VJP, site.PRE, site.PRE_VJP, site.POST, site.POST_VJP, layer.LAYER, layer.LAYER_VJP,
 )
+
+# Kernels written for CUDA only (tensor-core PTX); they never reach a Metal compiler.
+CUDA_ONLY_SPECS = (coefficients_mma.MMA,)
 
 F32, BF16, F16, I32 = mx.float32, mx.bfloat16, mx.float16, mx.int32
 
@@ -48,4 +51,16 @@ def instances():
         for n, V in ((4, 16 // dt.size // 2 or 1), (8, 4), (1, 1)):
             out.append((layer.LAYER_VJP, (dt, dt, F32, F32, F32, F32, I32, F32), (dt, F32, F32),
                         [("T", dt), ("N", n), ("V", V)]))
+    return out
+
+
+def cuda_only_instances():
+    """Instances of the CUDA-only kernels (scripts/gpu_compile_check.py compiles these too)."""
+    out = []
+    for dt in (BF16, F16):
+        for n in (1, 2, 4, 8):
+            nt = coefficients_mma.n_tiles(n * (n + 2))
+            out.append((coefficients_mma.MMA, (dt, BF16, I32), (F32, F32),
+                        [("T", dt), ("NT", nt), ("MT", coefficients_mma.token_tiles_per_warp(nt)),
+                         ("PB", coefficients_mma.PHI_PARTS)]))
     return out

@@ -12,6 +12,7 @@ from functools import lru_cache
 
 import mlx.core as mx
 
+from . import build
 from . import sinkhorn as sk
 from .build import KernelSpec, float_params, int_params, launch
 
@@ -358,8 +359,10 @@ def _scale_index(n):
 # (compiled/matmul.py) — Σx² as an MLX reduction, then the activations kernel. It reads x
 # about three times at full bandwidth (the float32 copy the GEMM needs, the GEMM, Σx²) where
 # the fused kernel reads it once but is latency-bound (docs/kernel-notes.md).
-DYNAMIC_FORM = "kernel"  # or "gemm"
-DYNAMIC_FORMS = ("kernel", "gemm")
+# Second candidate, CUDA only: the GEMM on tensor cores inside our own kernel (mma.sync with
+# phi split into three bfloat16 parts, split over K; coefficients_mma.py), reading x once.
+DYNAMIC_FORM = "kernel"  # or "gemm", "mma"
+DYNAMIC_FORMS = ("kernel", "gemm", "mma")
 
 
 def gemm_logits(x2, phi, eps: float):
@@ -382,6 +385,17 @@ def _dynamic_gemm_forward(x2, phi, alpha, bias, n: int, iters: int, eps: float):
     return H_pre, H_post, H_res, m, invr
 
 
+def _dynamic_mma_forward(x2, phi, alpha, bias, n: int, iters: int, eps: float):
+    from . import coefficients_mma
+
+    dot, ss = coefficients_mma.dot_and_ssq(x2, phi)
+    rr = mx.sqrt(ss / x2.shape[1] + eps)
+    m = dot / rr[:, None]
+    h = m * alpha.astype(F32)[_scale_index(n)] + bias.astype(F32)
+    H_pre, H_post, H_res = activate(*_split_logits(h, n), iters)
+    return H_pre, H_post, H_res, m, 1.0 / rr
+
+
 def dynamic_forward(x2, phi, alpha, bias, n: int, iters: int, eps: float, tb: int | None = None,
                     form: str | None = None):
     """x2 [T, n*C] -> H_pre [T, n], H_post [T, n], H_res [T, n, n], m [T, W], 1/r [T]."""
@@ -390,6 +404,8 @@ def dynamic_forward(x2, phi, alpha, bias, n: int, iters: int, eps: float, tb: in
         raise ValueError(f"unknown dynamic coefficient form {form!r}; choose one of {', '.join(DYNAMIC_FORMS)}")
     if form == "gemm" and x2.dtype != F32:  # float32 x is not exact in TF32: 4 GEMMs, kernel wins
         return _dynamic_gemm_forward(x2, phi, alpha, bias, n, iters, eps)
+    if form == "mma" and x2.dtype != F32 and build.gpu_backend() == "cuda":
+        return _dynamic_mma_forward(x2, phi, alpha, bias, n, iters, eps)
     T, K = x2.shape
     W = n * (n + 2)
     tb = tb or tokens_per_block(n)

@@ -1,0 +1,262 @@
+"""Candidate (CUDA only, not yet run on a GPU): the dynamic coefficients' GEMM on tensor cores.
+
+The fused dynamic kernel (coefficients.py) does xf @ phi on FP32 cores and is latency-bound
+at 151 registers per thread (docs/kernel-notes.md). Here each warp runs `mma.sync` m16n8k16
+bf16 tiles with float32 accumulation, split over K so every SM holds many warps:
+
+- x is exact in bfloat16; float16 x is split into two bfloat16 parts (hi + lo, exact).
+- phi (float32) is split into three bfloat16 parts p1 + p2 + p3 (24 significant bits, i.e.
+  float32's), packed once per call into the per-lane order of the B fragments. Every product
+  of parts is exact in float32 and the tensor core accumulates in float32, so the result has
+  float32 accuracy, not bfloat16's.
+- A lane loads 8 consecutive elements of a token's row (one 16-byte load) and uses them as
+  its A-fragment elements of two k16 steps. The sum over k does not care which k sits where,
+  as long as A and B agree: phi is packed with the same permutation (`pack_phi`).
+- Each warp owns MT tiles of 16 tokens and one slice of K; it writes partial dot products
+  [split, token, column] and partial sums of squares. MLX ops add the partials, and the
+  activations kernel (coefficients.ACTIVATE) finishes each token.
+
+Off by default (`coefficients.DYNAMIC_FORM = "mma"` turns it on); `scripts/gpu_check.py
+--dynamic-mma-candidate` checks it against the reference, `scripts/gpu_experiments.py` times it.
+The layout logic is checked on the CPU by a NumPy model of the lanes (tests/kernels).
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from .build import KernelSpec, int_params, launch
+
+F32 = mx.float32
+PHI_PARTS = 3
+WARPS_PER_BLOCK = 4
+TARGET_WARPS = 2048  # ~16 resident warps on each of an H100's 132 SMs
+
+HELPERS = r"""
+__device__ __forceinline__ void mhc_mma_bf16(float* d, const uint32_t* a, uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+      "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ uint32_t mhc_pack_bf16(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+
+// One 32-bit word of x (two elements, lower k in the low half) -> its bfloat16 parts, and the
+// sum of the two squares. bfloat16 x is its own single part; float16 x is hi + lo (exact).
+template <typename T> struct mhc_x_parts;
+template <> struct mhc_x_parts<__nv_bfloat16> {
+  static constexpr int count = 1;
+  static __device__ __forceinline__ float split(uint32_t w, uint32_t& hi, uint32_t& lo) {
+    const float a = __uint_as_float(w << 16);
+    const float b = __uint_as_float(w & 0xffff0000u);
+    hi = w;
+    lo = 0u;
+    return a * a + b * b;
+  }
+};
+template <> struct mhc_x_parts<__half> {
+  static constexpr int count = 2;
+  static __device__ __forceinline__ float split(uint32_t w, uint32_t& hi, uint32_t& lo) {
+    const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&w));
+    hi = mhc_pack_bf16(f.x, f.y);
+    const float2 h = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&hi));
+    lo = mhc_pack_bf16(f.x - h.x, f.y - h.y);
+    return f.x * f.x + f.y * f.y;
+  }
+};
+"""
+
+# Lane (g, c) = (lane / 4, lane % 4) of a warp; k block of 32 at kb. The lane loads
+# x[t, kb + 8c .. kb + 8c + 8) for t = row g and row g + 8 of each token tile: words u0..u3.
+# mma step s in {0, 1} uses u[2s] as the A elements at k = 2c, 2c+1 and u[2s+1] as those at
+# 2c+8, 2c+9; the packed phi gives the lane the B elements of the same physical k.
+MMA = KernelSpec(
+    name="mhc_coefficients_dynamic_mma",
+    inputs=("xin", "pk", "iparam"),
+    outputs=("part", "ssq"),
+    helpers=HELPERS,
+    body=r"""
+  constexpr int AP = mhc_x_parts<T>::count;  // bfloat16 parts of x
+  constexpr int WP = 8 * NT;                          // padded columns
+  const int Ttok = iparam[0];
+  const int K = iparam[1];
+  const int KS = iparam[2];   // k per split, a multiple of 32
+  const int S = iparam[3];
+  const int KB = (K + 31) / 32;  // k blocks in the packed phi
+  const int tiles = (Ttok + 16 * MT - 1) / (16 * MT);
+  const int gw = (int)(blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5));
+  if (gw >= tiles * S) return;  // whole warps only: mma.sync needs all 32 lanes
+  const int split = gw / tiles;  // neighbouring warps share a k slice (phi stays in L1/L2)
+  const int tile = gw - split * tiles;
+  const int lane = (int)(threadIdx.x & 31u);
+  const int g = lane >> 2;
+  const int c = lane & 3;
+  const int k0 = split * KS;
+  const int k1 = min(K, k0 + KS);
+  const int t0 = tile * 16 * MT;
+  const bool xvec = (K % 8 == 0) && ((reinterpret_cast<unsigned long long>(xin) & 15ull) == 0ull);
+  const bool bvec = (reinterpret_cast<unsigned long long>(pk) & 15ull) == 0ull;
+
+  float acc[MT][NT][4];
+  float sq[MT][2];
+  #pragma unroll
+  for (int m = 0; m < MT; ++m) {
+    sq[m][0] = 0.0f;
+    sq[m][1] = 0.0f;
+    #pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      #pragma unroll
+      for (int e = 0; e < 4; ++e) acc[m][j][e] = 0.0f;
+    }
+  }
+
+  for (int kb = k0; kb < k1; kb += 32) {
+    const int kx = kb + 8 * c;  // this lane's first k
+    uint32_t ah[MT][2][4], al[MT][2][4];
+    #pragma unroll
+    for (int m = 0; m < MT; ++m) {
+      #pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int t = t0 + 16 * m + g + 8 * h;
+        uint32_t w[4] = {0u, 0u, 0u, 0u};
+        if (t < Ttok) {
+          const T* row = xin + (int64_t)t * K;
+          if (xvec && kx + 8 <= K) {
+            const uint4 v = *reinterpret_cast<const uint4*>(row + kx);
+            w[0] = v.x; w[1] = v.y; w[2] = v.z; w[3] = v.w;
+          } else {
+            #pragma unroll
+            for (int e = 0; e < 8; ++e) {
+              if (kx + e < K) {
+                const T val = row[kx + e];
+                const uint32_t bits = (uint32_t)(*reinterpret_cast<const unsigned short*>(&val));
+                w[e >> 1] |= bits << (16 * (e & 1));
+              }
+            }
+          }
+        }
+        #pragma unroll
+        for (int q = 0; q < 4; ++q) sq[m][h] += mhc_x_parts<T>::split(w[q], ah[m][h][q], al[m][h][q]);
+      }
+    }
+    const int kblk = kb >> 5;
+    #pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      #pragma unroll
+      for (int p = 0; p < PB; ++p) {
+        const int64_t off = ((((int64_t)p * KB + kblk) * NT + j) * 32 + lane) * 8;
+        uint32_t b[4];
+        if (bvec) {
+          const uint4 v = *reinterpret_cast<const uint4*>(pk + off);
+          b[0] = v.x; b[1] = v.y; b[2] = v.z; b[3] = v.w;
+        } else {
+          const unsigned short* s16 = reinterpret_cast<const unsigned short*>(pk + off);
+          #pragma unroll
+          for (int q = 0; q < 4; ++q) b[q] = (uint32_t)s16[2 * q] | ((uint32_t)s16[2 * q + 1] << 16);
+        }
+        #pragma unroll
+        for (int m = 0; m < MT; ++m) {
+          #pragma unroll
+          for (int s = 0; s < 2; ++s) {
+            const uint32_t a[4] = {ah[m][0][2 * s], ah[m][1][2 * s], ah[m][0][2 * s + 1], ah[m][1][2 * s + 1]};
+            mhc_mma_bf16(acc[m][j], a, b[2 * s], b[2 * s + 1]);
+            if (AP == 2) {
+              const uint32_t l[4] = {al[m][0][2 * s], al[m][1][2 * s], al[m][0][2 * s + 1], al[m][1][2 * s + 1]};
+              mhc_mma_bf16(acc[m][j], l, b[2 * s], b[2 * s + 1]);
+            }
+          }
+        }
+      }
+    }
+  }
+
+  // Sums of squares: the four lanes of a row (c = 0..3) hold its partials.
+  #pragma unroll
+  for (int m = 0; m < MT; ++m) {
+    #pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float v = sq[m][h];
+      v += __shfl_xor_sync(0xffffffffu, v, 1);
+      v += __shfl_xor_sync(0xffffffffu, v, 2);
+      const int t = t0 + 16 * m + g + 8 * h;
+      if (c == 0 && t < Ttok) ssq[(int64_t)split * Ttok + t] = v;
+    }
+  }
+  // Accumulators: d0, d1 at row g, columns 2c, 2c+1 of the n tile; d2, d3 at row g + 8.
+  #pragma unroll
+  for (int m = 0; m < MT; ++m) {
+    #pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int t = t0 + 16 * m + g + 8 * h;
+      if (t < Ttok) {
+        float* out = part + ((int64_t)split * Ttok + t) * WP;
+        #pragma unroll
+        for (int j = 0; j < NT; ++j) {
+          out[8 * j + 2 * c] = acc[m][j][2 * h];
+          out[8 * j + 2 * c + 1] = acc[m][j][2 * h + 1];
+        }
+      }
+    }
+  }
+""",
+)
+
+
+def n_tiles(W: int) -> int:
+    return -(-W // 8)
+
+
+def token_tiles_per_warp(NT: int) -> int:
+    # ptxas (sm_90a): n = 4 (NT = 3) uses 78 registers at MT = 2 (bf16; 104 for fp16) but 176
+    # at MT = 4; n = 8 (NT = 10) 97 at MT = 1. Below ~100 registers 20+ warps fit on an SM.
+    return 2 if NT <= 3 else 1
+
+
+def pack_phi(phi: mx.array, parts: int = PHI_PARTS) -> mx.array:
+    """phi [K, W] float32 -> [parts, ceil(K/32), NT, 32, 8] bfloat16 in B-fragment order.
+
+    Element [p, kb, j, lane, e] is part p of phi[32 kb + 8 (lane % 4) + e, 8 j + lane // 4]
+    (zero past K or W); the parts add up to phi to float32 precision.
+    """
+    K, W = phi.shape
+    NT, KB = n_tiles(W), -(-K // 32)
+    rest = mx.pad(phi.astype(F32), [(0, 32 * KB - K), (0, 8 * NT - W)])
+    split = []
+    for _ in range(parts):
+        p = rest.astype(mx.bfloat16)
+        split.append(p)
+        rest = rest - p.astype(F32)
+    packed = mx.stack(split).reshape(parts, KB, 4, 8, NT, 8)  # [p, kb, c, e, j, g]
+    return packed.transpose(0, 1, 4, 5, 2, 3).reshape(parts, KB, NT, 32, 8)  # lane = 4 g + c
+
+
+def plan(T: int, K: int, NT: int) -> tuple[int, int, int, int]:
+    """(MT, splits, k per split, warps) for T tokens of width K."""
+    MT = token_tiles_per_warp(NT)
+    tiles = -(-T // (16 * MT))
+    blocks32 = -(-K // 32)
+    splits = max(1, min(-(-TARGET_WARPS // tiles), -(-blocks32 // 4)))  # >= 4 k blocks a warp
+    ks = 32 * -(-blocks32 // splits)
+    splits = -(-K // ks)
+    return MT, splits, ks, tiles * splits
+
+
+def dot_and_ssq(x2: mx.array, phi: mx.array) -> tuple[mx.array, mx.array]:
+    """(xf @ phi [T, W] float32, Σ xf² [T] float32) for 16-bit x2 [T, K] on CUDA."""
+    T, K = x2.shape
+    W = phi.shape[1]
+    NT = n_tiles(W)
+    MT, splits, ks, warps = plan(T, K, NT)
+    blocks = -(-warps // WARPS_PER_BLOCK)
+    part, ssq = launch(
+        MMA, [x2, pack_phi(phi), int_params(T, K, ks, splits)],
+        [((splits, T, 8 * NT), F32), ((splits, T), F32)],
+        blocks * WARPS_PER_BLOCK * 32, WARPS_PER_BLOCK * 32,
+        [("T", x2.dtype), ("NT", NT), ("MT", MT), ("PB", PHI_PARTS)],
+    )
+    return mx.sum(part, axis=0)[:, :W], mx.sum(ssq, axis=0)
