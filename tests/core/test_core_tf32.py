@@ -104,3 +104,32 @@ def test_16_bit_factors_are_not_split(emulated_tf32, rng, monkeypatch):
     phi = as_mx(rng.standard_normal((4 * 32, 24)))
     split_mm.split_product(x.astype(mx.float32), phi, a_exact=True)
     assert calls == [((8, 128), (128, 48))]
+
+
+@pytest.mark.parametrize("backend,arch,expected", [
+    ("cuda", "", True),
+    ("metal", "applegpu_g15s", False),   # M3 class: full float32 matmuls, no split needed
+    ("metal", "applegpu_g16d", False),
+    ("metal", "applegpu_g17s", True),    # M5 class: neural accelerators round like TF32
+    ("metal", "applegpu_g17p", False),   # 'p' parts need generation 18
+    ("metal", "applegpu_g18p", True),
+    ("metal", "something-new", True),    # unreadable: split (always exact)
+    (None, "x86_64", False),
+])
+def test_which_gpus_get_split_matmuls(monkeypatch, backend, arch, expected):
+    from mhc_mlx.kernels import build
+
+    monkeypatch.setattr(build, "gpu_backend", lambda: backend)
+    monkeypatch.setattr(mx, "device_info", lambda *a: {"architecture": arch})
+    split_mm._gpu_rounds_fp32_matmul.cache_clear()
+    try:
+        assert split_mm._gpu_rounds_fp32_matmul() is expected
+    finally:
+        split_mm._gpu_rounds_fp32_matmul.cache_clear()
+
+
+def test_no_split_on_the_cpu_or_when_tf32_is_off(monkeypatch):
+    monkeypatch.setattr(split_mm, "_gpu_rounds_fp32_matmul", lambda: True)
+    if mx.default_device() == mx.gpu:
+        monkeypatch.setenv("MLX_ENABLE_TF32", "0")
+    assert split_mm.needs_split() is False

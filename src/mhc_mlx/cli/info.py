@@ -18,6 +18,15 @@ def _version(dist: str) -> str:
         return "not installed"
 
 
+def _matmul_note() -> str:
+    from ..compiled import matmul
+
+    if matmul.needs_split():
+        return ("this GPU rounds float32 matmul inputs (TF32) unless MLX_ENABLE_TF32=0: the compiled "
+                "path splits them to stay float32-exact")
+    return "full float32 on this device: the compiled path multiplies directly"
+
+
 def collect() -> dict:
     import mlx.core as mx
 
@@ -47,6 +56,7 @@ def collect() -> dict:
             dispatch.ENV_BACKEND: os.environ.get(dispatch.ENV_BACKEND, "(unset: automatic)"),
             dispatch.ENV_DISABLE_METAL: os.environ.get(dispatch.ENV_DISABLE_METAL, "(unset)"),
         },
+        "float32_matmuls": _matmul_note(),
         "ops": {op: dispatch.explain(op) for op in kernels.OPS},
         "kernels": kernels.status(),
     }
@@ -61,6 +71,7 @@ def render(info: dict) -> str:
         f"device    {info['default_device']}",
         "backends  " + ", ".join(f"{k}: {'yes' if v else 'no'}" for k, v in info["backends"].items()),
         f"cpu       {info['cpu_compile']}",
+        f"matmuls   {info['float32_matmuls']}",
     ]
     lines += [f"env       {k}={v}" for k, v in info["env"].items()]
     lines.append("ops (path taken by default, and why):")

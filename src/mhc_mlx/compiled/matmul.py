@@ -12,6 +12,8 @@ cotangent products in plain TF32.
 
 from __future__ import annotations
 
+import os
+import re
 from functools import lru_cache
 
 import mlx.core as mx
@@ -19,6 +21,39 @@ import mlx.core as mx
 F32 = mx.float32
 EXACT_IN_TF32 = (mx.bfloat16, mx.float16)
 _mm = mx.matmul  # the product of the parts; tests put an emulated TF32 matmul here
+
+
+@lru_cache(maxsize=None)
+def _gpu_rounds_fp32_matmul() -> bool:
+    """Whether this machine's GPU runs float32 matmuls with TF32-like inputs when MLX may.
+
+    CUDA: yes (cuBLAS TF32 on Ampere and later). Metal: only with the neural accelerators of
+    Apple GPU generation 17+ (18+ for the 'p' variants; mlx/backend/metal/device.cpp
+    is_nax_available); earlier Macs multiply in full float32 and need no split. An
+    architecture string we cannot read counts as yes: splitting is always exact, only slower.
+    """
+    from ..kernels.build import gpu_backend
+
+    backend = gpu_backend()
+    if backend == "cuda":
+        return True
+    if backend != "metal":
+        return False
+    try:
+        arch = str(mx.device_info().get("architecture", ""))
+    except Exception:  # noqa: BLE001 -- unknown: be exact
+        return True
+    found = re.search(r"g(\d+)([a-z]?)$", arch)
+    if not found:
+        return True
+    return int(found.group(1)) >= (18 if found.group(2) == "p" else 17)
+
+
+def needs_split() -> bool:
+    """True when float32 matmuls on the current device must be split to stay float32-exact."""
+    if mx.default_device() != mx.gpu or os.environ.get("MLX_ENABLE_TF32", "1").strip() == "0":
+        return False
+    return _gpu_rounds_fp32_matmul()
 
 
 def _parts(a: mx.array) -> tuple[mx.array, mx.array]:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from functools import lru_cache
 
 import mlx.core as mx
 
-from .matmul import EXACT_IN_TF32, exact_matmul
+from .matmul import EXACT_IN_TF32, exact_matmul, needs_split
 from .sinkhorn import sinkhorn_knopp
 
 F32 = mx.float32
@@ -32,7 +31,7 @@ def _plain_matmul(a, b):
 
 
 def _needs_split() -> bool:
-    return mx.default_device() == mx.gpu and os.environ.get("MLX_ENABLE_TF32", "1").strip() != "0"
+    return needs_split()
 
 
 def _activate(h, n, iters):
