@@ -123,6 +123,12 @@ def test_float16_x_splits_exactly_into_two_bfloat16_parts():
     np.testing.assert_array_equal(hi + lo, xf)
 
 
+def test_no_tokens_launch_nothing(monkeypatch):
+    monkeypatch.setattr(cm, "launch", lambda *a, **k: pytest.fail("launched for zero tokens"))
+    dot, ss = cm.dot_and_ssq(mx.zeros((0, 64), dtype=mx.bfloat16), mx.zeros((64, 24)))
+    assert dot.shape == (0, 24) and ss.shape == (0,)
+
+
 def test_plan_covers_every_token_and_k():
     for T in (1, 15, 16, 33, 4096):
         for K in (8, 100, 16384):

@@ -250,6 +250,8 @@ def dot_and_ssq(x2: mx.array, phi: mx.array) -> tuple[mx.array, mx.array]:
     """(xf @ phi [T, W] float32, Σ xf² [T] float32) for 16-bit x2 [T, K] on CUDA."""
     T, K = x2.shape
     W = phi.shape[1]
+    if T == 0:
+        return mx.zeros((0, W), F32), mx.zeros((0,), F32)
     NT = n_tiles(W)
     MT, splits, ks, warps = plan(T, K, NT)
     blocks = -(-warps // WARPS_PER_BLOCK)
