@@ -433,41 +433,48 @@ def dynamic_vjp_x_phi(x2, phi, gs, c2):
     return gx, mx.sum(gphi, axis=0)
 
 
+def dynamic_vjp(primals, cotangents, outputs, n: int, iters: int):
+    """Cotangents of (x, phi, alpha, bias) from those of (H_pre, H_post, H_res) (and the saved m, 1/r)."""
+    x, phi, alpha, bias = primals
+    H_pre, H_post, _, m, invr = outputs
+    C = x.shape[-1]
+    K = n * C
+    T = m.shape[0]
+    scale = alpha.astype(F32)[_scale_index(n)]
+    h = m * scale + bias.astype(F32)
+    gh = _activation_vjp(
+        H_pre.reshape(T, n), H_post.reshape(T, n), h[:, 2 * n :].reshape(T, n, n),
+        cotangents[0].reshape(T, n), cotangents[1].reshape(T, n),
+        cotangents[2].reshape(T, n, n), iters,
+    )
+    g_bias = mx.sum(gh, axis=0)
+    ghm = mx.sum(gh * m, axis=0)
+    g_alpha = mx.stack([mx.sum(ghm[:n]), mx.sum(ghm[n : 2 * n]), mx.sum(ghm[2 * n :])])
+    gm = gh * scale
+    gs = gm * invr[:, None]
+    c2 = invr * invr / K * mx.sum(gm * m, axis=-1)
+    gx, g_phi = dynamic_vjp_x_phi(x.reshape(T, K), phi, gs, c2)
+    return (gx.reshape(x.shape), g_phi.astype(phi.dtype), g_alpha.astype(alpha.dtype),
+            g_bias.astype(bias.dtype))
+
+
+def dynamic_coefficients_forward(x, phi, alpha, bias, n: int, iters: int, eps: float):
+    """(H_pre [..., n], H_post [..., n], H_res [..., n, n], m [T, W], 1/r [T]) for x [..., n, C]."""
+    lead, C = x.shape[:-2], x.shape[-1]
+    x2 = x.reshape(-1, n * C)
+    H_pre, H_post, H_res, m, invr = dynamic_forward(x2, phi, alpha, bias, n, iters, eps)
+    return H_pre.reshape(*lead, n), H_post.reshape(*lead, n), H_res.reshape(*lead, n, n), m, invr
+
+
 @lru_cache(maxsize=None)
 def _dynamic_function(n: int, iters: int, eps: float):
-    index = _scale_index(n)
-
     @mx.custom_function
     def coefficients(x, phi, alpha, bias):
-        lead, C = x.shape[:-2], x.shape[-1]
-        x2 = x.reshape(-1, n * C)
-        H_pre, H_post, H_res, m, invr = dynamic_forward(x2, phi, alpha, bias, n, iters, eps)
-        return (H_pre.reshape(*lead, n), H_post.reshape(*lead, n), H_res.reshape(*lead, n, n),
-                m, invr)
+        return dynamic_coefficients_forward(x, phi, alpha, bias, n, iters, eps)
 
     @coefficients.vjp
     def coefficients_vjp(primals, cotangents, outputs):
-        x, phi, alpha, bias = primals
-        H_pre, H_post, _, m, invr = outputs
-        lead, C = x.shape[:-2], x.shape[-1]
-        K = n * C
-        T = m.shape[0]
-        scale = alpha.astype(F32)[index]
-        h = m * scale + bias.astype(F32)
-        gh = _activation_vjp(
-            H_pre.reshape(T, n), H_post.reshape(T, n), h[:, 2 * n :].reshape(T, n, n),
-            cotangents[0].reshape(T, n), cotangents[1].reshape(T, n),
-            cotangents[2].reshape(T, n, n), iters,
-        )
-        g_bias = mx.sum(gh, axis=0)
-        ghm = mx.sum(gh * m, axis=0)
-        g_alpha = mx.stack([mx.sum(ghm[:n]), mx.sum(ghm[n : 2 * n]), mx.sum(ghm[2 * n :])])
-        gm = gh * scale
-        gs = gm * invr[:, None]
-        c2 = invr * invr / K * mx.sum(gm * m, axis=-1)
-        gx, g_phi = dynamic_vjp_x_phi(x.reshape(T, K), phi, gs, c2)
-        return (gx.reshape(x.shape), g_phi.astype(phi.dtype), g_alpha.astype(alpha.dtype),
-                g_bias.astype(bias.dtype))
+        return dynamic_vjp(primals, cotangents, outputs, n, iters)
 
     return coefficients
 

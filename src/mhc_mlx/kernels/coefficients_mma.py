@@ -32,7 +32,8 @@ PHI_PARTS = 3
 WARPS_PER_BLOCK = 4
 TARGET_WARPS = 2048  # ~16 resident warps on each of an H100's 132 SMs
 
-HELPERS = r"""
+# The tensor-core instruction (tests substitute a CPU model of it, with the same fragments).
+PTX_MMA = r"""
 __device__ __forceinline__ void mhc_mma_bf16(float* d, const uint32_t* a, uint32_t b0, uint32_t b1) {
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
@@ -40,7 +41,9 @@ __device__ __forceinline__ void mhc_mma_bf16(float* d, const uint32_t* a, uint32
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
+"""
 
+X_PARTS = r"""
 __device__ __forceinline__ uint32_t mhc_pack_bf16(float lo, float hi) {
   __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
   return *reinterpret_cast<uint32_t*>(&v);
@@ -79,7 +82,7 @@ MMA = KernelSpec(
     name="mhc_coefficients_dynamic_mma",
     inputs=("xin", "pk", "iparam"),
     outputs=("part", "ssq"),
-    helpers=HELPERS,
+    helpers=PTX_MMA + X_PARTS,
     body=r"""
   constexpr int AP = mhc_x_parts<T>::count;  // bfloat16 parts of x
   constexpr int WP = 8 * NT;                          // padded columns

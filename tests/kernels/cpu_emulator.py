@@ -1,0 +1,389 @@
+"""Run the kernels' own source on the CPU: a test-only emulator of the GPU execution model.
+
+Each kernel body (the same text MLX compiles for CUDA) is compiled with g++ against a CPU
+prelude that defines the K* macro layer, the CUDA built-ins our CUDA-only kernels use, and
+the tensor-core `mma.sync` fragment semantics. One threadgroup runs at a time; its threads
+are fibers (ucontext) switched cooperatively at barriers and warp shuffles, so barriers,
+shared memory (function-static storage: one block at a time) and warp exchanges behave as
+on the GPU, deterministically. A barrier that can never complete (a warp operation inside a
+divergent branch, say) is reported as a deadlock instead of hanging.
+
+What this checks: every index, guard, reduction and synchronisation of the kernel text,
+with float32 arithmetic. What it cannot: the GPU compilers, memory-model races between
+threadgroups, speed, and whether the hardware's mma fragments are the ones assumed here
+(the PTX ISA's layouts for m16n8k16).
+
+`launch(spec, inputs, outputs, grid, threadgroup, template)` has the signature of
+mhc_mlx.kernels.build.launch, so tests monkeypatch it into the kernel modules and call their
+forward and backward helpers on concrete arrays (not under mx.grad: the emulator evaluates).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import subprocess
+import tempfile
+
+import mlx.core as mx
+import numpy as np
+
+from mhc_mlx.kernels import coefficients_mma, prelude
+
+CACHE = os.path.join(tempfile.gettempdir(), f"mhc_mlx_emulator_{os.getuid()}")
+
+RUNTIME = r"""
+#include <ucontext.h>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <cstdio>
+#include <vector>
+#include <algorithm>
+
+// ---- fibers: one threadgroup at a time, threads switched at barriers --------------------
+namespace emu {
+enum Wait { NONE, BLOCK, WARP };
+struct Fiber { ucontext_t ctx; bool done = false; Wait wait = NONE; };
+struct Group {
+  std::vector<Fiber> fibers;
+  char* stacks = nullptr;  // not zeroed: a fiber touches only the pages its frames use
+  size_t stack_bytes = 0;
+  bool partial_warp_exchange = false;
+  ucontext_t main;
+  int cur = 0, nthreads = 0, bid = 0, nblocks = 0;
+  int block_arrived = 0, block_alive = 0;
+  std::vector<int> warp_arrived, warp_alive;
+  std::vector<uint32_t> scratch;  // per warp: 32 lanes x 8 words for exchanges
+  bool deadlock = false;
+};
+static Group G;
+static void (*body)() = nullptr;
+static const size_t STACK = 128 * 1024;
+
+static void release(Wait kind, int warp) {
+  for (int i = 0; i < G.nthreads; ++i)
+    if (G.fibers[i].wait == kind && (kind == BLOCK || i / 32 == warp)) G.fibers[i].wait = NONE;
+}
+static void block_barrier() {
+  if (++G.block_arrived == G.block_alive) { G.block_arrived = 0; release(BLOCK, 0); return; }
+  int me = G.cur;
+  G.fibers[me].wait = BLOCK;
+  swapcontext(&G.fibers[me].ctx, &G.main);
+}
+static void warp_barrier() {
+  const int w = G.cur / 32;
+  if (++G.warp_arrived[w] == G.warp_alive[w]) { G.warp_arrived[w] = 0; release(WARP, w); return; }
+  int me = G.cur;
+  G.fibers[me].wait = WARP;
+  swapcontext(&G.fibers[me].ctx, &G.main);
+}
+static void fiber_main() {
+  body();
+  const int me = G.cur, w = me / 32;
+  G.fibers[me].done = true;
+  // an exited thread no longer counts at barriers (as on the GPU)
+  if (--G.block_alive > 0 && G.block_arrived > 0 && G.block_arrived == G.block_alive) {
+    G.block_arrived = 0; release(BLOCK, 0);
+  }
+  if (--G.warp_alive[w] > 0 && G.warp_arrived[w] > 0 && G.warp_arrived[w] == G.warp_alive[w]) {
+    G.warp_arrived[w] = 0; release(WARP, w);
+  }
+}
+static int run_grid(int nblocks, int nthreads) {
+  G.nthreads = nthreads;
+  G.nblocks = nblocks;
+  G.fibers.assign(nthreads, Fiber());
+  if (G.stack_bytes < (size_t)nthreads * STACK) {
+    delete[] G.stacks;
+    G.stack_bytes = (size_t)nthreads * STACK;
+    G.stacks = new char[G.stack_bytes];
+  }
+  G.partial_warp_exchange = false;
+  const int nwarps = (nthreads + 31) / 32;
+  G.scratch.assign((size_t)nwarps * 32 * 8, 0u);
+  for (int b = 0; b < nblocks; ++b) {
+    G.bid = b;
+    G.block_arrived = 0;
+    G.block_alive = nthreads;
+    G.warp_arrived.assign(nwarps, 0);
+    G.warp_alive.assign(nwarps, 0);
+    for (int i = 0; i < nthreads; ++i) G.warp_alive[i / 32]++;
+    for (int i = 0; i < nthreads; ++i) {
+      Fiber& f = G.fibers[i];
+      f.done = false;
+      f.wait = NONE;
+      getcontext(&f.ctx);
+      f.ctx.uc_stack.ss_sp = G.stacks + (size_t)i * STACK;
+      f.ctx.uc_stack.ss_size = STACK;
+      f.ctx.uc_link = &G.main;
+      makecontext(&f.ctx, fiber_main, 0);
+    }
+    int remaining = nthreads;
+    while (remaining > 0) {
+      bool progressed = false;
+      for (int i = 0; i < nthreads; ++i) {
+        if (G.fibers[i].done || G.fibers[i].wait != NONE) continue;
+        G.cur = i;
+        swapcontext(&G.main, &G.fibers[i].ctx);
+        progressed = true;
+        if (G.fibers[i].done) --remaining;
+      }
+      if (!progressed) { G.deadlock = true; return b + 1; }
+    }
+    if (G.partial_warp_exchange) return -(b + 1);
+  }
+  return 0;
+}
+}  // namespace emu
+
+// ---- the CUDA vocabulary our kernels use ---------------------------------------------------
+struct mhc_dim3 { unsigned int x, y, z; };
+#define threadIdx (mhc_dim3{(unsigned)emu::G.cur, 0u, 0u})
+#define blockIdx (mhc_dim3{(unsigned)emu::G.bid, 0u, 0u})
+#define blockDim (mhc_dim3{(unsigned)emu::G.nthreads, 1u, 1u})
+#define gridDim (mhc_dim3{(unsigned)emu::G.nblocks, 1u, 1u})
+#define __device__
+#define __forceinline__ inline
+struct uint4 { uint32_t x, y, z, w; };
+struct float2 { float x, y; };
+static inline float __uint_as_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
+static inline uint32_t mhc_float_bits(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
+using std::min;
+using std::max;
+
+struct __nv_bfloat16 {
+  uint16_t bits;
+  __nv_bfloat16() = default;
+  __nv_bfloat16(float f) {  // round to nearest even, as CUDA's conversion
+    uint32_t u = mhc_float_bits(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) { bits = (uint16_t)((u >> 16) | 0x40u); return; }
+    u += 0x7fffu + ((u >> 16) & 1u);
+    bits = (uint16_t)(u >> 16);
+  }
+  operator float() const { return __uint_as_float((uint32_t)bits << 16); }
+};
+struct __half {
+  _Float16 v;
+  __half() = default;
+  __half(float f) : v((_Float16)f) {}
+  operator float() const { return (float)v; }
+};
+struct __half2 { __half x, y; };
+struct __nv_bfloat162 { __nv_bfloat16 x, y; };
+static inline float2 __half22float2(__half2 h) { return float2{(float)h.x, (float)h.y}; }
+static inline __nv_bfloat162 __floats2bfloat162_rn(float a, float b) {
+  return __nv_bfloat162{__nv_bfloat16(a), __nv_bfloat16(b)};
+}
+static inline float2 __bfloat1622float2(__nv_bfloat162 v) { return float2{(float)v.x, (float)v.y}; }
+
+// A warp exchange needs all 32 lanes (full masks): one after some lanes exited is undefined on
+// the GPU, so it is reported.
+static inline void mhc_full_warp() {
+  if (emu::G.warp_alive[emu::G.cur / 32] < 32) emu::G.partial_warp_exchange = true;
+}
+static inline uint32_t mhc_exchange(uint32_t v, int src, int slot = 0) {
+  mhc_full_warp();
+  const int w = emu::G.cur / 32, lane = emu::G.cur % 32;
+  emu::G.scratch[((size_t)w * 32 + lane) * 8 + slot] = v;
+  emu::warp_barrier();
+  const uint32_t r = emu::G.scratch[((size_t)w * 32 + src) * 8 + slot];
+  emu::warp_barrier();
+  return r;
+}
+static inline float __shfl_xor_sync(unsigned, float v, int m) {
+  return __uint_as_float(mhc_exchange(mhc_float_bits(v), (emu::G.cur % 32) ^ m));
+}
+static inline float __shfl_sync(unsigned, float v, int src) {
+  return __uint_as_float(mhc_exchange(mhc_float_bits(v), src));
+}
+
+// mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 with the PTX ISA's fragment layouts:
+// lane = 4 g + c; A: a0a1 (g, 2c..), a2a3 (g+8, 2c..), a4a5 (g, 2c+8..), a6a7 (g+8, 2c+8..);
+// B: b0b1 (k 2c.., n g), b2b3 (k 2c+8.., n g); D: d0d1 (g, 2c..), d2d3 (g+8, 2c..).
+static inline float mhc_bf16_half(uint32_t w, int h) { return __uint_as_float(h ? (w & 0xffff0000u) : (w << 16)); }
+static inline void mhc_mma_bf16(float* d, const uint32_t* a, uint32_t b0, uint32_t b1) {
+  mhc_full_warp();
+  const int w = emu::G.cur / 32, lane = emu::G.cur % 32;
+  uint32_t* mine = &emu::G.scratch[((size_t)w * 32 + lane) * 8];
+  mine[0] = a[0]; mine[1] = a[1]; mine[2] = a[2]; mine[3] = a[3]; mine[4] = b0; mine[5] = b1;
+  emu::warp_barrier();
+  auto A = [&](int r, int k) {
+    const int src = (r % 8) * 4 + (k % 8) / 2, reg = (r >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0);
+    return mhc_bf16_half(emu::G.scratch[((size_t)w * 32 + src) * 8 + reg], k % 2);
+  };
+  auto B = [&](int k, int n) {
+    const int src = n * 4 + (k % 8) / 2, reg = 4 + (k >= 8 ? 1 : 0);
+    return mhc_bf16_half(emu::G.scratch[((size_t)w * 32 + src) * 8 + reg], k % 2);
+  };
+  const int g = lane / 4, c = lane % 4;
+  float out[4];
+  for (int e = 0; e < 4; ++e) {
+    const int r = g + (e >= 2 ? 8 : 0), n = 2 * c + (e % 2);
+    float s = 0.0f;
+    for (int k = 0; k < 16; ++k) s += A(r, k) * B(k, n);
+    out[e] = d[e] + s;
+  }
+  emu::warp_barrier();
+  for (int e = 0; e < 4; ++e) d[e] = out[e];
+}
+
+// ---- the K* macro layer on the CPU --------------------------------------------------------
+#define MHC_BACKEND_CPU_EMULATION 1
+#define KDEV static inline
+#define KSHARED static
+#define KSHPTR(type) type*
+#define KFLOAT4(a, b, c, d) float4{(a), (b), (c), (d)}
+#define KWARP_SYNC() emu::warp_barrier()
+#define KTHREAD
+#define KBARRIER() emu::block_barrier()
+#define KTID (emu::G.cur)
+#define KBID (emu::G.bid)
+#define KNT (emu::G.nthreads)
+#define KNB (emu::G.nblocks)
+#define KLANE (emu::G.cur % 32)
+#define KWARP (emu::G.cur / 32)
+#define KUNROLL
+#define KEXP(v) std::exp(v)
+#define KLOG(v) std::log(v)
+#define KSQRT(v) std::sqrt(v)
+#define KMAX(a, b) std::fmax((a), (b))
+#define KALIGNED16(p) ((reinterpret_cast<unsigned long long>(p) & 15ull) == 0ull)
+struct float4 { float x, y, z, w; };
+
+KDEV float kwarp_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+KDEV float kwarp_max(float v) {
+  for (int o = 16; o > 0; o >>= 1) v = std::fmax(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+KDEV float kshfl(float v, int src) { return __shfl_sync(0xffffffffu, v, src); }
+KDEV float kshfl_xor(float v, int mask) { return __shfl_xor_sync(0xffffffffu, v, mask); }
+template <typename T, int V, typename P>
+KDEV void kload(float* dst, P p, int64_t off, bool vec) {
+  for (int e = 0; e < V; ++e) dst[e] = static_cast<float>(p[off + e]);
+}
+template <typename T, int V, typename P>
+KDEV void kstore(P p, int64_t off, const float* src, bool vec) {
+  for (int e = 0; e < V; ++e) p[off + e] = static_cast<T>(src[e]);
+}
+"""
+
+_CTYPES = {mx.float32: "float", mx.bfloat16: "__nv_bfloat16", mx.float16: "__half",
+           mx.int32: "int32_t", mx.uint32: "uint32_t"}
+_NUMPY = {mx.float32: np.float32, mx.bfloat16: np.uint16, mx.float16: np.float16,
+          mx.int32: np.int32, mx.uint32: np.uint32}
+_POISON = {mx.float32: np.float32(np.nan), mx.bfloat16: np.uint16(0x7FC0), mx.float16: np.float16(np.nan),
+           mx.int32: np.int32(-(2 ** 31)), mx.uint32: np.uint32(0xFFFFFFFF)}
+
+# Substitutes for the PTX pieces of CUDA-only kernels (the rest of their helpers compiles as is):
+# mhc_mma_bf16 is defined by RUNTIME above.
+CPU_HELPERS = {coefficients_mma.PTX_MMA: ""}
+
+
+def _helpers(spec) -> str:
+    text = spec.helpers
+    for ptx, cpu in CPU_HELPERS.items():
+        text = text.replace(ptx, cpu)
+    return text
+
+
+def source(spec, input_dtypes, output_dtypes, template) -> str:
+    params = [f"const {_CTYPES[d]}* {n}" for n, d in zip(spec.inputs, input_dtypes)]
+    params += [f"{_CTYPES[d]}* {n}" for n, d in zip(spec.outputs, output_dtypes)]
+    consts = []
+    for name, value in template:
+        if isinstance(value, bool):
+            consts.append(f"constexpr bool {name} = {'true' if value else 'false'};")
+        elif isinstance(value, int):
+            consts.append(f"constexpr int {name} = {value};")
+        else:
+            consts.append(f"using {name} = {_CTYPES[value]};")
+    n_args = len(params)
+    unpack = ", ".join(
+        f"({p.rsplit(' ', 1)[0]})mhc_args[{i}]" for i, p in enumerate(params)
+    )
+    return "\n".join([
+        RUNTIME,
+        prelude.COMMON,
+        _helpers(spec),
+        f"static void mhc_kernel({', '.join(params)}) {{",
+        *consts,
+        spec.source(),
+        "}",
+        f"static void* mhc_args[{n_args}];",
+        f"static void mhc_body() {{ mhc_kernel({unpack}); }}",
+        'extern "C" int mhc_run(void** args, int nblocks, int nthreads) {',
+        f"  for (int i = 0; i < {n_args}; ++i) mhc_args[i] = args[i];",
+        "  emu::body = mhc_body;",
+        "  emu::G.deadlock = false;",
+        "  return emu::run_grid(nblocks, nthreads);",
+        "}",
+    ])
+
+
+_LIBS: dict = {}
+
+
+def _library(code: str):
+    key = hashlib.sha256(code.encode()).hexdigest()[:20]
+    if key in _LIBS:
+        return _LIBS[key]
+    os.makedirs(CACHE, exist_ok=True)
+    so = os.path.join(CACHE, f"k_{key}.so")
+    if not os.path.exists(so):
+        src = os.path.join(CACHE, f"k_{key}.cpp")
+        with open(src, "w") as f:
+            f.write(code)
+        tmp = f"{so}.{os.getpid()}.tmp"
+        res = subprocess.run(["g++", "-O1", "-std=c++20", "-shared", "-fPIC", "-w", "-o", tmp, src],
+                             capture_output=True, text=True)
+        if res.returncode:
+            raise RuntimeError(f"the emulator could not compile {src}:\n{res.stderr[-4000:]}")
+        os.replace(tmp, so)
+    lib = ctypes.CDLL(so)
+    lib.mhc_run.restype = ctypes.c_int
+    lib.mhc_run.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_int, ctypes.c_int]
+    _LIBS[key] = lib
+    return lib
+
+
+def _to_numpy(a: mx.array) -> np.ndarray:
+    a = mx.contiguous(a)
+    if a.dtype == mx.bfloat16:
+        return np.ascontiguousarray(np.array(a.view(mx.uint16)))
+    return np.ascontiguousarray(np.array(a))
+
+
+def _to_mlx(a: np.ndarray, dtype) -> mx.array:
+    if dtype == mx.bfloat16:
+        return mx.array(a).view(mx.bfloat16)
+    return mx.array(a)
+
+
+launched: list = []
+
+
+def launch(spec, inputs, outputs, grid: int, threadgroup: int, template, backend=None):
+    """mhc_mlx.kernels.build.launch, run by the emulator; outputs start as NaN (poisoned)."""
+    if grid % threadgroup:
+        raise ValueError(f"grid {grid} is not a multiple of the threadgroup {threadgroup}")
+    if grid == 0:
+        return [mx.zeros(tuple(s), d) for s, d in outputs]
+    ins = [_to_numpy(a) for a in inputs]
+    outs = [np.full(tuple(s), _POISON[d], dtype=_NUMPY[d]) for s, d in outputs]
+    code = source(spec, [a.dtype for a in inputs], [d for _, d in outputs], template)
+    lib = _library(code)
+    ptrs = (ctypes.c_void_p * (len(ins) + len(outs)))(*[a.ctypes.data for a in ins + outs])
+    launched.append((spec.name, dict(template), grid, threadgroup))
+    failed_block = lib.mhc_run(ptrs, grid // threadgroup, threadgroup)
+    if failed_block > 0:
+        raise RuntimeError(f"{spec.name}: deadlock in threadgroup {failed_block - 1} "
+                           "(a barrier or warp exchange that not every live thread reaches)")
+    if failed_block < 0:
+        raise RuntimeError(f"{spec.name}: a warp exchange ran after some lanes of the warp had exited "
+                           f"(threadgroup {-failed_block - 1}): undefined with a full mask on the GPU")
+    return [_to_mlx(o, d) for o, (_, d) in zip(outs, outputs)]

@@ -1,0 +1,196 @@
+"""Every kernel's own source, run on the CPU by the emulator (cpu_emulator.py), against the
+float64 reference (forward) and the reference path's autodiff (backward).
+
+The kernel wrappers are called on concrete arrays with `launch` replaced by the emulator, so
+the numbers checked are those of the kernel text MLX compiles for CUDA: indexing, guards,
+reductions, synchronisation. Outputs start as NaN, so an element a kernel forgets to write
+fails. Shapes are small (each GPU thread is a fiber here); the GPU sweep is gpu_check.py.
+"""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import cpu_emulator as emu
+import kernels_ref64 as ref64
+from mhc_mlx import reference
+from mhc_mlx.kernels import build, coefficients, coefficients_mma, layer, sinkhorn, site
+
+pytestmark = pytest.mark.slow
+TOL = {mx.float32: 1e-5, mx.bfloat16: 2e-2, mx.float16: 2e-2}
+GRAD_TOL = 2e-5  # kernel backward vs the reference's float32 autodiff (both float32 math)
+DTYPES = (mx.float32, mx.bfloat16, mx.float16)
+
+
+@pytest.fixture(autouse=True)
+def emulated(monkeypatch):
+    for module in (build, coefficients, coefficients_mma, layer, sinkhorn, site):
+        monkeypatch.setattr(module, "launch", emu.launch)
+    emu.launched.clear()
+    yield
+
+
+def np64(a):
+    return np.array(a.astype(mx.float32), dtype=np.float64)
+
+
+def rel(got, want):
+    got, want = np64(got) if isinstance(got, mx.array) else got, np64(want) if isinstance(want, mx.array) else want
+    assert got.shape == want.shape, (got.shape, want.shape)
+    assert np.isfinite(got).all(), "non-finite output (an element left unwritten?)"
+    return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
+
+
+def grad_rel(got, want, scale=0.0):
+    # relative to the gradient's norm, or to `scale` (1 % of the call's largest gradient) when
+    # that is larger: a gradient that is ~0 by symmetry (dH_pre at n = 1, where RMSNorm is
+    # scale-invariant) has no meaningful relative error of its own
+    got, want = np64(got), np64(want)
+    assert got.shape == want.shape and np.isfinite(got).all()
+    return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), scale, 1e-12))
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 8, 32])
+def test_sinkhorn_forward_and_backward(n):
+    L = 2 * mx.random.normal((3, n, n))
+    assert rel(sinkhorn.project(L, 20), ref64.sinkhorn(np64(L), 20)) <= 1e-5
+    g = mx.random.normal((3, n, n))
+    want = mx.vjp(lambda a: reference.sinkhorn_knopp(a, 20), [L], [g])[1][0]
+    if n * 20 <= sinkhorn.MAX_BACKWARD_WORK:
+        assert grad_rel(sinkhorn.project_vjp(L, g, 20), want) <= GRAD_TOL
+
+
+@pytest.mark.parametrize("n", [1, 4, 8])
+def test_static_coefficients_forward_and_backward(n):
+    W = n * (n + 2)
+    h = mx.random.normal((2, W))
+    rp, rq, rr = h[:, :n], h[:, n : 2 * n], h[:, 2 * n :].reshape(2, n, n)
+    H_pre, H_post, H_res = coefficients.activate(rp, rq, rr, 20)
+    assert rel(H_pre, ref64.sigmoid(np64(rp))) <= 1e-5
+    assert rel(H_post, 2 * ref64.sigmoid(np64(rq))) <= 1e-5
+    assert rel(H_res, ref64.sinkhorn(np64(rr), 20)) <= 1e-5
+    gp, gq, gr = mx.random.normal((2, n)), mx.random.normal((2, n)), mx.random.normal((2, n, n))
+    got = coefficients._activation_vjp(H_pre, H_post, rr, gp, gq, gr, 20)
+
+    def ref_act(hh):
+        return (mx.sigmoid(hh[:, :n]), 2 * mx.sigmoid(hh[:, n : 2 * n]),
+                reference.sinkhorn_knopp(hh[:, 2 * n :].reshape(2, n, n), 20))
+
+    want = mx.vjp(ref_act, [h], [gp, gq, gr])[1][0]
+    assert grad_rel(got, want) <= GRAD_TOL
+
+
+def _dynamic_inputs(T, n, C, dtype):
+    W = n * (n + 2)
+    x = mx.random.normal((T, n, C)).astype(dtype)
+    phi = mx.random.normal((n * C, W)) / np.sqrt(n * C)
+    return x, phi, mx.random.uniform(0.2, 1.5, (3,)), mx.random.normal((W,))
+
+
+FORMS = [("kernel", 16), ("kernel", 8), ("gemm", None), ("mma", None)]
+
+
+@pytest.mark.parametrize("form,tb", FORMS, ids=["kernel-tb16", "kernel-tb8 (candidate)", "gemm (candidate)",
+                                                "mma (candidate)"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,C,T", [(4, 40, 19), (2, 33, 5), (8, 16, 9)])
+def test_dynamic_coefficients_forward(monkeypatch, form, tb, dtype, n, C, T):
+    if form == "mma":
+        monkeypatch.setattr(build, "gpu_backend", lambda: "cuda")
+    if tb:
+        monkeypatch.setattr(coefficients, "TOKENS_PER_BLOCK_SMALL_N", tb)
+    monkeypatch.setattr(coefficients, "DYNAMIC_FORM", form)
+    x, phi, alpha, bias = _dynamic_inputs(T, n, C, dtype)
+    H_pre, H_post, H_res, m, invr = coefficients.dynamic_coefficients_forward(x, phi, alpha, bias, n, 20, 1e-6)
+    want = ref64.coefficients(np64(x), np64(phi), np64(alpha), np64(bias), 20, 1e-6)
+    for got, w in zip((H_pre, H_post, H_res), want):
+        assert rel(got, w) <= 1e-5  # coefficients are float32 whatever x's dtype
+    names = {name for name, *_ in emu.launched}
+    if dtype != mx.float32 and form == "mma":
+        assert "mhc_coefficients_dynamic_mma" in names
+    if form == "kernel" or dtype == mx.float32:
+        assert "mhc_coefficients_dynamic" in names
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_dynamic_coefficients_backward(dtype):
+    n, C, T = 4, 24, 7
+    x, phi, alpha, bias = _dynamic_inputs(T, n, C, dtype)
+    outputs = coefficients.dynamic_coefficients_forward(x, phi, alpha, bias, n, 20, 1e-6)
+    cots = [mx.random.normal(o.shape) for o in outputs[:3]]
+    got = coefficients.dynamic_vjp([x, phi, alpha, bias], cots, outputs, n, 20)
+    want = mx.vjp(lambda *a: reference.mhc_coefficients(*a, 20, 1e-6), [x, phi, alpha, bias], cots)[1]
+    for name, g, w in zip(("x", "phi", "alpha", "bias"), got, want):
+        tol = GRAD_TOL if name != "x" or dtype == mx.float32 else TOL[dtype]
+        assert grad_rel(g, w) <= tol, name
+
+
+SITE_SHAPES = [(1, 33, (3,)), (2, 64, (2, 3)), (3, 1, (4,)), (4, 40, (5,)), (4, 1031, (2,)), (8, 24, (3,)),
+               (16, 8, (2,)), (32, 5, (1,))]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,C,lead", SITE_SHAPES)
+@pytest.mark.parametrize("shared", [False, True])
+def test_pre_and_post_forward_and_backward(dtype, n, C, lead, shared):
+    x = mx.random.normal((*lead, n, C)).astype(dtype)
+    f = mx.random.normal((*lead, C)).astype(dtype)
+    clead = () if shared else lead
+    hp = mx.random.uniform(shape=(*clead, n))
+    hq = mx.random.uniform(shape=(*clead, n))
+    hr = mx.random.uniform(shape=(*clead, n, n))
+    assert rel(site.pre_forward(x, hp), ref64.pre(np64(x), np64(hp))) <= TOL[dtype]
+    assert rel(site.post_forward(x, f, hq, hr), ref64.post(np64(x), np64(f), np64(hq), np64(hr))) <= TOL[dtype]
+
+    g_pre = mx.random.normal((*lead, C)).astype(dtype)
+    got = site.pre_vjp(x, hp, g_pre)
+    want = mx.vjp(reference.mhc_pre, [x, hp], [g_pre])[1]
+    g_post = mx.random.normal((*lead, n, C)).astype(dtype)
+    got += site.post_vjp(x, f, hq, hr, g_post)
+    want += mx.vjp(reference.mhc_post, [x, f, hq, hr], [g_post])[1]
+    tol = GRAD_TOL if dtype == mx.float32 else TOL[dtype]
+    for name, g, w in zip(("pre: x", "pre: H_pre", "post: x", "post: f", "post: H_post", "post: H_res"), got, want):
+        assert grad_rel(g, w) <= tol, name
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,C,T", [(1, 33, 2), (4, 40, 3), (4, 512, 1), (8, 100, 2)])
+@pytest.mark.parametrize("inline", [True, False])
+def test_layer_forward(dtype, n, C, T, inline):
+    x = mx.random.normal((T, n, C)).astype(dtype)
+    pre, post = mx.random.normal((n,)), mx.random.normal((n,))
+    res, w = 2 * mx.random.normal((n, n)), mx.random.uniform(0.5, 1.5, (C,))
+    got = layer.mhc_layer(x, pre, post, res, w, 20, 1e-5, inline=inline)
+    assert rel(got, ref64.layer(np64(x), np64(pre), np64(post), np64(res), np64(w), 20, 1e-5)) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+@pytest.mark.parametrize("n,C,T", [(1, 33, 2), (4, 40, 3), (8, 64, 2)])
+def test_layer_one_pass_backward_candidate(dtype, n, C, T):
+    x = mx.random.normal((T, n, C)).astype(dtype)
+    primals = [x, mx.random.normal((n,)), mx.random.normal((n,)), 2 * mx.random.normal((n, n)),
+               mx.random.uniform(0.5, 1.5, (C,))]
+    g = mx.random.normal((T, n, C)).astype(dtype)
+    got = layer._fused_layer_vjp(primals, g, 20, 1e-5)
+    want = mx.vjp(lambda *a: reference.mhc_layer(*a, 20, 1e-5), primals, [g])[1]
+    tol = GRAD_TOL if dtype == mx.float32 else TOL[dtype]
+    scale = 0.01 * max(float(np.linalg.norm(np64(b))) for b in want)
+    for name, a, b in zip(("x", "H_pre_raw", "H_post_raw", "H_res_raw", "rms_weight"), got, want):
+        assert grad_rel(a, b, scale) <= tol, name
+
+
+def test_emulator_reports_a_deadlock_and_a_partial_warp_exchange():
+    from mhc_mlx.kernels.build import KernelSpec
+
+    # half the lanes wait in a warp sum while the other half wait at the block barrier
+    stuck = KernelSpec("stuck", ("a",), ("o",),
+                       "float v = a[KTID]; if (KLANE < 16) v = kwarp_sum(v); KBARRIER(); o[KTID] = v;")
+    with pytest.raises(RuntimeError, match="deadlock"):
+        emu.launch(stuck, [mx.ones((32,))], [((32,), mx.float32)], 32, 32, [])
+    # lanes that returned early cannot take part in a full-mask exchange
+    early = KernelSpec("early", ("a",), ("o",), "if (KLANE >= 16) return; o[KTID] = kwarp_sum(a[KTID]);")
+    with pytest.raises(RuntimeError, match="exited"):
+        emu.launch(early, [mx.ones((32,))], [((32,), mx.float32)], 32, 32, [])
+    fine = KernelSpec("fine", ("a",), ("o",), "const int i = KBID * KNT + KTID; o[i] = kwarp_sum(a[i]);")
+    out = emu.launch(fine, [mx.arange(64).astype(mx.float32)], [((64,), mx.float32)], 64, 32, [])[0]
+    assert out.tolist() == [float(sum(range(32)))] * 32 + [float(sum(range(32, 64)))] * 32
