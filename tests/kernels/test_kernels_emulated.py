@@ -174,9 +174,15 @@ def test_layer_one_pass_backward_candidate(dtype, n, C, T):
     got = layer._fused_layer_vjp(primals, g, 20, 1e-5)
     want = mx.vjp(lambda *a: reference.mhc_layer(*a, 20, 1e-5), primals, [g])[1]
     tol = GRAD_TOL if dtype == mx.float32 else TOL[dtype]
-    scale = 0.01 * max(float(np.linalg.norm(np64(b))) for b in want)
+    largest = max(float(np.linalg.norm(np64(b))) for b in want)
     for name, a, b in zip(("x", "H_pre_raw", "H_post_raw", "H_res_raw", "rms_weight"), got, want):
-        assert grad_rel(a, b, scale) <= tol, name
+        if n == 1 and name == "H_pre_raw":
+            # RMSNorm is scale-invariant at n = 1: the exact gradient is 0 and both sides hold
+            # cancellation noise (seen up to 7e-5 of the largest gradient); a wrong formula
+            # gives a value of the order of the largest gradient
+            assert float(np.linalg.norm(np64(a))) <= 1e-3 * largest, name
+            continue
+        assert grad_rel(a, b, 0.01 * largest) <= tol, name
 
 
 def test_emulator_reports_a_deadlock_and_a_partial_warp_exchange():
