@@ -35,49 +35,53 @@ CACHE = os.path.join(tempfile.gettempdir(), f"mhc_mlx_emulator_{os.getuid()}")
 
 RUNTIME = r"""
 #include <ucontext.h>
-#include <cmath>
-#include <cstdint>
-#include <cstring>
-#include <cstdio>
-#include <vector>
-#include <algorithm>
+#include <setjmp.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+// C headers only, and fixed arrays instead of std::vector: each kernel instance is its own
+// translation unit, and the C++ standard headers were half of every compile.
 
 // ---- fibers: one threadgroup at a time, threads switched at barriers --------------------
+// A fiber starts once through makecontext/swapcontext; after that every switch is a
+// _setjmp/_longjmp pair (no signal-mask system call per switch).
 namespace emu {
 enum Wait { NONE, BLOCK, WARP };
-struct Fiber { ucontext_t ctx; bool done = false; Wait wait = NONE; };
+struct Fiber { ucontext_t ctx; jmp_buf jb; bool started = false, done = false; Wait wait = NONE; };
 struct Group {
-  std::vector<Fiber> fibers;
+  Fiber fibers[1024];
   char* stacks = nullptr;  // not zeroed: a fiber touches only the pages its frames use
   size_t stack_bytes = 0;
   bool partial_warp_exchange = false;
   ucontext_t main;
+  jmp_buf main_jb;
   int cur = 0, nthreads = 0, bid = 0, nblocks = 0;
   int block_arrived = 0, block_alive = 0;
-  std::vector<int> warp_arrived, warp_alive;
-  std::vector<uint32_t> scratch;  // per warp: 32 lanes x 8 words for exchanges
+  int warp_arrived[32], warp_alive[32];
+  uint32_t scratch[32 * 32 * 8];  // per warp: 32 lanes x 8 words for exchanges
   bool deadlock = false;
 };
 static Group G;
 static void (*body)() = nullptr;
 static const size_t STACK = 128 * 1024;
 
+static void yield_to_scheduler() {
+  if (!_setjmp(G.fibers[G.cur].jb)) _longjmp(G.main_jb, 1);
+}
 static void release(Wait kind, int warp) {
   for (int i = 0; i < G.nthreads; ++i)
     if (G.fibers[i].wait == kind && (kind == BLOCK || i / 32 == warp)) G.fibers[i].wait = NONE;
 }
 static void block_barrier() {
   if (++G.block_arrived == G.block_alive) { G.block_arrived = 0; release(BLOCK, 0); return; }
-  int me = G.cur;
-  G.fibers[me].wait = BLOCK;
-  swapcontext(&G.fibers[me].ctx, &G.main);
+  G.fibers[G.cur].wait = BLOCK;
+  yield_to_scheduler();
 }
 static void warp_barrier() {
   const int w = G.cur / 32;
   if (++G.warp_arrived[w] == G.warp_alive[w]) { G.warp_arrived[w] = 0; release(WARP, w); return; }
-  int me = G.cur;
-  G.fibers[me].wait = WARP;
-  swapcontext(&G.fibers[me].ctx, &G.main);
+  G.fibers[G.cur].wait = WARP;
+  yield_to_scheduler();
 }
 static void fiber_main() {
   body();
@@ -90,11 +94,12 @@ static void fiber_main() {
   if (--G.warp_alive[w] > 0 && G.warp_arrived[w] > 0 && G.warp_arrived[w] == G.warp_alive[w]) {
     G.warp_arrived[w] = 0; release(WARP, w);
   }
+  _longjmp(G.main_jb, 1);  // never returns through uc_link
 }
 static int run_grid(int nblocks, int nthreads) {
   G.nthreads = nthreads;
   G.nblocks = nblocks;
-  G.fibers.assign(nthreads, Fiber());
+  if (nthreads > 1024) return 1;  // reported as a failure: no GPU runs more
   if (G.stack_bytes < (size_t)nthreads * STACK) {
     delete[] G.stacks;
     G.stack_bytes = (size_t)nthreads * STACK;
@@ -102,33 +107,41 @@ static int run_grid(int nblocks, int nthreads) {
   }
   G.partial_warp_exchange = false;
   const int nwarps = (nthreads + 31) / 32;
-  G.scratch.assign((size_t)nwarps * 32 * 8, 0u);
+  memset(G.scratch, 0, sizeof(G.scratch));
   for (int b = 0; b < nblocks; ++b) {
     G.bid = b;
     G.block_arrived = 0;
     G.block_alive = nthreads;
-    G.warp_arrived.assign(nwarps, 0);
-    G.warp_alive.assign(nwarps, 0);
+    for (int w = 0; w < nwarps; ++w) G.warp_arrived[w] = G.warp_alive[w] = 0;
     for (int i = 0; i < nthreads; ++i) G.warp_alive[i / 32]++;
     for (int i = 0; i < nthreads; ++i) {
       Fiber& f = G.fibers[i];
+      f.started = false;
       f.done = false;
       f.wait = NONE;
       getcontext(&f.ctx);
       f.ctx.uc_stack.ss_sp = G.stacks + (size_t)i * STACK;
       f.ctx.uc_stack.ss_size = STACK;
-      f.ctx.uc_link = &G.main;
+      f.ctx.uc_link = nullptr;
       makecontext(&f.ctx, fiber_main, 0);
     }
     int remaining = nthreads;
     while (remaining > 0) {
       bool progressed = false;
       for (int i = 0; i < nthreads; ++i) {
-        if (G.fibers[i].done || G.fibers[i].wait != NONE) continue;
+        Fiber& f = G.fibers[i];
+        if (f.done || f.wait != NONE) continue;
         G.cur = i;
-        swapcontext(&G.main, &G.fibers[i].ctx);
+        if (!_setjmp(G.main_jb)) {
+          if (!f.started) {
+            f.started = true;
+            swapcontext(&G.main, &f.ctx);
+          } else {
+            _longjmp(f.jb, 1);
+          }
+        }
         progressed = true;
-        if (G.fibers[i].done) --remaining;
+        if (f.done) --remaining;
       }
       if (!progressed) { G.deadlock = true; return b + 1; }
     }
@@ -148,10 +161,10 @@ struct mhc_dim3 { unsigned int x, y, z; };
 #define __forceinline__ inline
 struct uint4 { uint32_t x, y, z, w; };
 struct float2 { float x, y; };
-static inline float __uint_as_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
-static inline uint32_t mhc_float_bits(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
-using std::min;
-using std::max;
+static inline float __uint_as_float(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+static inline uint32_t mhc_float_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+template <typename A> static inline A min(A a, A b) { return b < a ? b : a; }
+template <typename A> static inline A max(A a, A b) { return a < b ? b : a; }
 
 struct __nv_bfloat16 {
   uint16_t bits;
@@ -229,6 +242,10 @@ static inline void mhc_mma_bf16(float* d, const uint32_t* a, uint32_t b0, uint32
   for (int e = 0; e < 4; ++e) d[e] = out[e];
 }
 
+"""
+
+# The K* layer for the "cuda" flavour: CUDA's macro semantics, CPU definitions.
+CUDA_LAYER = r"""
 // ---- the K* macro layer on the CPU --------------------------------------------------------
 #define MHC_BACKEND_CPU_EMULATION 1
 #define KDEV static inline
@@ -245,10 +262,10 @@ static inline void mhc_mma_bf16(float* d, const uint32_t* a, uint32_t b0, uint32
 #define KLANE (emu::G.cur % 32)
 #define KWARP (emu::G.cur / 32)
 #define KUNROLL
-#define KEXP(v) std::exp(v)
-#define KLOG(v) std::log(v)
-#define KSQRT(v) std::sqrt(v)
-#define KMAX(a, b) std::fmax((a), (b))
+#define KEXP(v) expf(v)
+#define KLOG(v) logf(v)
+#define KSQRT(v) sqrtf(v)
+#define KMAX(a, b) fmaxf((a), (b))
 #define KALIGNED16(p) ((reinterpret_cast<unsigned long long>(p) & 15ull) == 0ull)
 struct float4 { float x, y, z, w; };
 
@@ -257,7 +274,7 @@ KDEV float kwarp_sum(float v) {
   return v;
 }
 KDEV float kwarp_max(float v) {
-  for (int o = 16; o > 0; o >>= 1) v = std::fmax(v, __shfl_xor_sync(0xffffffffu, v, o));
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
   return v;
 }
 KDEV float kshfl(float v, int src) { return __shfl_sync(0xffffffffu, v, src); }
@@ -271,6 +288,73 @@ KDEV void kstore(P p, int64_t off, const float* src, bool vec) {
   for (int e = 0; e < V; ++e) p[off + e] = static_cast<T>(src[e]);
 }
 """
+
+# The "metal" flavour compiles prelude.METAL_MACROS itself (the attribute names, simd
+# functions, barriers and kload/kstore the Metal build uses) against CPU stand-ins for the
+# Metal built-ins. Only the address-space words are rewritten (g++ has none): threadgroup
+# storage becomes function-static (one threadgroup at a time), `thread` disappears.
+METAL_SHIMS = r"""
+#define MHC_BACKEND_CPU_EMULATION 1
+struct mhc_uint3 { unsigned int x, y, z; };
+#define thread_position_in_threadgroup (mhc_uint3{(unsigned)emu::G.cur, 0u, 0u})
+#define threadgroup_position_in_grid (mhc_uint3{(unsigned)emu::G.bid, 0u, 0u})
+#define threads_per_threadgroup (mhc_uint3{(unsigned)emu::G.nthreads, 1u, 1u})
+#define threadgroups_per_grid (mhc_uint3{(unsigned)emu::G.nblocks, 1u, 1u})
+#define thread_index_in_simdgroup ((unsigned)(emu::G.cur % 32))
+#define simdgroup_index_in_threadgroup ((unsigned)(emu::G.cur / 32))
+#define thread
+typedef unsigned short ushort;
+typedef unsigned int uint;
+enum class mem_flags { mem_threadgroup };
+static inline void threadgroup_barrier(mem_flags) { emu::block_barrier(); }
+struct float4 {
+  float x, y, z, w;
+  float4() = default;
+  float4(float a, float b, float c, float d) : x(a), y(b), z(c), w(d) {}
+};
+namespace metal {
+static inline void simdgroup_barrier(mem_flags) { emu::warp_barrier(); }
+namespace precise {
+static inline float exp(float v) { return expf(v); }
+static inline float log(float v) { return logf(v); }
+static inline float sqrt(float v) { return sqrtf(v); }
+}  // namespace precise
+static inline float max(float a, float b) { return fmaxf(a, b); }
+static inline float simd_shuffle_xor(float v, ushort m) { return __shfl_xor_sync(0xffffffffu, v, m); }
+static inline float simd_shuffle(float v, ushort src) { return __shfl_sync(0xffffffffu, v, src); }
+static inline float simd_sum(float v) {  // Metal does not say its order: lane order here
+  float s = 0.0f;
+  for (int l = 0; l < 32; ++l) s += simd_shuffle(v, (ushort)l);
+  return s;
+}
+static inline float simd_max(float v) {
+  float m = -INFINITY;
+  for (int l = 0; l < 32; ++l) m = fmaxf(m, simd_shuffle(v, (ushort)l));
+  return m;
+}
+}  // namespace metal
+using namespace metal;
+"""
+
+
+def _metal_layer() -> str:
+    text = prelude.METAL_MACROS
+    text = text.replace("#define KSHARED threadgroup", "#define KSHARED static")
+    text = text.replace("#define KSHPTR(type) threadgroup type*", "#define KSHPTR(type) type*")
+    for line in ("#define KSHARED static", "#define KSHPTR(type) type*"):
+        assert line in text, f"METAL_MACROS changed: cannot rewrite {line!r}"
+    return METAL_SHIMS + text
+
+
+FLAVOURS = ("cuda", "metal")
+flavour = ["cuda"]  # which macro layer launch() compiles against
+
+
+def use_flavour(name: str) -> None:
+    if name not in FLAVOURS:
+        raise ValueError(f"unknown emulator flavour {name!r}")
+    flavour[0] = name
+
 
 _CTYPES = {mx.float32: "float", mx.bfloat16: "__nv_bfloat16", mx.float16: "__half",
            mx.int32: "int32_t", mx.uint32: "uint32_t"}
@@ -306,8 +390,10 @@ def source(spec, input_dtypes, output_dtypes, template) -> str:
     unpack = ", ".join(
         f"({p.rsplit(' ', 1)[0]})mhc_args[{i}]" for i, p in enumerate(params)
     )
+    layer_text = CUDA_LAYER if flavour[0] == "cuda" else _metal_layer()
     return "\n".join([
         RUNTIME,
+        layer_text,
         prelude.COMMON,
         _helpers(spec),
         f"static void mhc_kernel({', '.join(params)}) {{",
@@ -373,6 +459,8 @@ def launch(spec, inputs, outputs, grid: int, threadgroup: int, template, backend
         raise ValueError(f"grid {grid} is not a multiple of the threadgroup {threadgroup}")
     if grid == 0:
         return [mx.zeros(tuple(s), d) for s, d in outputs]
+    if threadgroup > 1024:
+        raise ValueError(f"{spec.name}: threadgroup of {threadgroup} threads; GPUs allow at most 1024")
     ins = [_to_numpy(a) for a in inputs]
     outs = [np.full(tuple(s), _POISON[d], dtype=_NUMPY[d]) for s, d in outputs]
     code = source(spec, [a.dtype for a in inputs], [d for _, d in outputs], template)

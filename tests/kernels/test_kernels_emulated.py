@@ -22,12 +22,19 @@ GRAD_TOL = 2e-5  # kernel backward vs the reference's float32 autodiff (both flo
 DTYPES = (mx.float32, mx.bfloat16, mx.float16)
 
 
+# Each kernel body compiled against the CUDA macro layer and against prelude.METAL_MACROS
+# (with CPU stand-ins for Metal's built-ins): the two builds of one text.
+FLAVOURS = ("cuda", "metal")
+
+
 @pytest.fixture(autouse=True)
-def emulated(monkeypatch):
+def emulated(monkeypatch, request):
     for module in (build, coefficients, coefficients_mma, layer, sinkhorn, site):
         monkeypatch.setattr(module, "launch", emu.launch)
     emu.launched.clear()
+    emu.use_flavour(request.node.callspec.params.get("flavour", "cuda") if hasattr(request.node, "callspec") else "cuda")
     yield
+    emu.use_flavour("cuda")
 
 
 def np64(a):
@@ -51,7 +58,8 @@ def grad_rel(got, want, scale=0.0):
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 4, 8, 32])
-def test_sinkhorn_forward_and_backward(n):
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_sinkhorn_forward_and_backward(flavour, n):
     L = 2 * mx.random.normal((3, n, n))
     assert rel(sinkhorn.project(L, 20), ref64.sinkhorn(np64(L), 20)) <= 1e-5
     g = mx.random.normal((3, n, n))
@@ -61,7 +69,8 @@ def test_sinkhorn_forward_and_backward(n):
 
 
 @pytest.mark.parametrize("n", [1, 4, 8])
-def test_static_coefficients_forward_and_backward(n):
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_static_coefficients_forward_and_backward(flavour, n):
     W = n * (n + 2)
     h = mx.random.normal((2, W))
     rp, rq, rr = h[:, :n], h[:, n : 2 * n], h[:, 2 * n :].reshape(2, n, n)
@@ -88,13 +97,16 @@ def _dynamic_inputs(T, n, C, dtype):
 
 
 FORMS = [("kernel", 16), ("kernel", 8), ("gemm", None), ("mma", None)]
+FORM_IDS = ["kernel-tb16", "kernel-tb8 (candidate)", "gemm (candidate)", "mma (candidate)"]
+# the tensor-core kernel is CUDA only (never dispatched on Metal)
+FLAVOURED_FORMS = [pytest.param(fl, form, tb, id=f"{fl}-{fid}") for fl in FLAVOURS
+                   for (form, tb), fid in zip(FORMS, FORM_IDS) if not (fl == "metal" and form == "mma")]
 
 
-@pytest.mark.parametrize("form,tb", FORMS, ids=["kernel-tb16", "kernel-tb8 (candidate)", "gemm (candidate)",
-                                                "mma (candidate)"])
+@pytest.mark.parametrize("flavour,form,tb", FLAVOURED_FORMS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n,C,T", [(4, 40, 19), (2, 33, 5), (8, 16, 9)])
-def test_dynamic_coefficients_forward(monkeypatch, form, tb, dtype, n, C, T):
+def test_dynamic_coefficients_forward(monkeypatch, flavour, form, tb, dtype, n, C, T):
     if form == "mma":
         monkeypatch.setattr(build, "gpu_backend", lambda: "cuda")
     if tb:
@@ -113,7 +125,8 @@ def test_dynamic_coefficients_forward(monkeypatch, form, tb, dtype, n, C, T):
 
 
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
-def test_dynamic_coefficients_backward(dtype):
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_dynamic_coefficients_backward(flavour, dtype):
     n, C, T = 4, 24, 7
     x, phi, alpha, bias = _dynamic_inputs(T, n, C, dtype)
     outputs = coefficients.dynamic_coefficients_forward(x, phi, alpha, bias, n, 20, 1e-6)
@@ -132,7 +145,8 @@ SITE_SHAPES = [(1, 33, (3,)), (2, 64, (2, 3)), (3, 1, (4,)), (4, 40, (5,)), (4, 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n,C,lead", SITE_SHAPES)
 @pytest.mark.parametrize("shared", [False, True])
-def test_pre_and_post_forward_and_backward(dtype, n, C, lead, shared):
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_pre_and_post_forward_and_backward(flavour, dtype, n, C, lead, shared):
     x = mx.random.normal((*lead, n, C)).astype(dtype)
     f = mx.random.normal((*lead, C)).astype(dtype)
     clead = () if shared else lead
@@ -156,7 +170,8 @@ def test_pre_and_post_forward_and_backward(dtype, n, C, lead, shared):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n,C,T", [(1, 33, 2), (4, 40, 3), (4, 512, 1), (8, 100, 2)])
 @pytest.mark.parametrize("inline", [True, False])
-def test_layer_forward(dtype, n, C, T, inline):
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_layer_forward(flavour, dtype, n, C, T, inline):
     x = mx.random.normal((T, n, C)).astype(dtype)
     pre, post = mx.random.normal((n,)), mx.random.normal((n,))
     res, w = 2 * mx.random.normal((n, n)), mx.random.uniform(0.5, 1.5, (C,))
@@ -166,7 +181,8 @@ def test_layer_forward(dtype, n, C, T, inline):
 
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
 @pytest.mark.parametrize("n,C,T", [(1, 33, 2), (4, 40, 3), (8, 64, 2)])
-def test_layer_one_pass_backward_candidate(dtype, n, C, T):
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_layer_one_pass_backward_candidate(flavour, dtype, n, C, T):
     x = mx.random.normal((T, n, C)).astype(dtype)
     primals = [x, mx.random.normal((n,)), mx.random.normal((n,)), 2 * mx.random.normal((n, n)),
                mx.random.uniform(0.5, 1.5, (C,))]
