@@ -58,6 +58,13 @@ def check_streams(x, name: str = "x", n: int | None = None, C: int | None = None
     return xn, xc
 
 
+def check_sublayer_output(f, lead: tuple[int, ...], C: int) -> None:
+    """f, what the sublayer wrote back, must be [*lead, C] like the site's input h."""
+    check_float(f, "f")
+    if tuple(f.shape) != tuple(lead) + (C,):
+        raise ValueError(f"f (the sublayer output) must have shape {tuple(lead) + (C,)}, got {tuple(f.shape)}")
+
+
 def check_coefficient(h, name: str, n: int, trailing: tuple[int, ...], lead: tuple[int, ...]) -> None:
     """A coefficient of shape [..., *trailing] whose leading dims broadcast against `lead`."""
     check_float(h, name)

@@ -81,9 +81,7 @@ def mhc_post(x: mx.array, f: mx.array, H_post: mx.array, H_res: mx.array) -> mx.
     """Mix and write: x_next = H_res x + H_post (x) f  ->  [..., n, C] in x's dtype."""
     n, C = _checks.check_streams(x, "x")
     lead = tuple(x.shape[:-2])
-    _checks.check_float(f, "f")
-    if tuple(f.shape) != lead + (C,):
-        raise ValueError(f"f (the sublayer output) must have shape {lead + (C,)}, got {tuple(f.shape)}")
+    _checks.check_sublayer_output(f, lead, C)
     _checks.check_coefficient(H_post, "H_post", n, (n,), lead)
     _checks.check_coefficient(H_res, "H_res", n, (n, n), lead)
     return run_post(x, f, H_post, H_res)

@@ -91,6 +91,17 @@ def _unbroadcast(g: mx.array, shape: tuple[int, ...]) -> mx.array:
     return g
 
 
+def product(a: mx.array, b: mx.array) -> mx.array:
+    """float32 a @ b of a and b in their own dtypes, split only where this device needs it.
+
+    No backward of its own: for use inside a function that defines its vjp (kernel wrappers).
+    """
+    af, bf = a.astype(F32), b.astype(F32)
+    if not needs_split():
+        return af @ bf
+    return split_product(af, bf, a.dtype in EXACT_IN_TF32, b.dtype in EXACT_IN_TF32)
+
+
 @lru_cache(maxsize=None)
 def exact_matmul(a_exact: bool, b_exact: bool):
     """A float32 matmul (a [..., M, K] @ b [..., K, N]) exact under TF32, with a split backward."""

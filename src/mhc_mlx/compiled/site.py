@@ -13,7 +13,7 @@ F32 = mx.float32
 
 
 @lru_cache(maxsize=None)
-def _scale_index(n: int) -> mx.array:
+def scale_index(n: int) -> mx.array:
     # Gathering alpha with a constant index builds [a0]*n ++ [a1]*n ++ [a2]*n*n in one op.
     return mx.array([0] * n + [1] * n + [2] * (n * n), dtype=mx.uint32)
 
@@ -55,7 +55,7 @@ def _logits(x, phi, alpha, bias, index, eps, matmul):
 
 @lru_cache(maxsize=None)
 def _dynamic(n: int, iters: int, eps: float, split: bool):
-    index = _scale_index(n)
+    index = scale_index(n)
     matmul = _split_matmul if split else _plain_matmul
 
     @mx.compile
@@ -67,7 +67,7 @@ def _dynamic(n: int, iters: int, eps: float, split: bool):
 
 @lru_cache(maxsize=None)
 def _free(n: int, eps: float, dynamic: bool, split: bool):
-    index = _scale_index(n)
+    index = scale_index(n)
     matmul = _split_matmul if split else _plain_matmul
 
     @mx.compile

@@ -12,6 +12,8 @@ from functools import lru_cache
 
 import mlx.core as mx
 
+from ..compiled import matmul
+from ..compiled.site import scale_index
 from . import build
 from . import sinkhorn as sk
 from .build import KernelSpec, float_params, int_params, launch
@@ -348,11 +350,6 @@ def raw_coefficients(pre_raw, post_raw, res_raw, iters: int):
     return _raw_function(res_raw.shape[-1], iters)(pre_raw, post_raw, res_raw)
 
 
-@lru_cache(maxsize=None)
-def _scale_index(n):
-    return mx.array([0] * n + [1] * n + [2] * (n * n), dtype=mx.uint32)
-
-
 # Candidate forward for 16-bit x (off until measured on a GPU; scripts/gpu_check.py
 # --dynamic-gemm-candidate checks it, scripts/gpu_experiments.py times it): the GEMM on
 # tensor cores through MLX's matmul — x is exact in TF32, phi split into [phi_hi | phi_lo]
@@ -367,22 +364,19 @@ DYNAMIC_FORMS = ("kernel", "gemm", "mma")
 
 def gemm_logits(x2, phi, eps: float):
     """(m [T, W], 1/r [T]) with m = (xf @ phi) / r and r = sqrt(mean(xf²) + eps), in float32."""
-    from ..compiled import matmul, site as compiled_site
+    invr = mx.rsqrt(mx.mean(mx.square(x2.astype(F32)), axis=-1) + eps)
+    return matmul.product(x2, phi) * invr[:, None], invr
 
-    xf = x2.astype(F32)
-    invr = mx.rsqrt(mx.mean(mx.square(xf), axis=-1) + eps)
-    if compiled_site._needs_split():
-        dot = matmul.split_product(xf, phi.astype(F32), x2.dtype in matmul.EXACT_IN_TF32, phi.dtype in matmul.EXACT_IN_TF32)
-    else:
-        dot = xf @ phi.astype(F32)
-    return dot * invr[:, None], invr
+
+def _finish(m, invr, alpha, bias, n: int, iters: int):
+    """The fused kernel's five outputs from m = (xf @ phi) / r and 1/r: scale, bias, activations."""
+    h = m * alpha.astype(F32)[scale_index(n)] + bias.astype(F32)
+    H_pre, H_post, H_res = activate(*_split_logits(h, n), iters)
+    return H_pre, H_post, H_res, m, invr
 
 
 def _dynamic_gemm_forward(x2, phi, alpha, bias, n: int, iters: int, eps: float):
-    m, invr = gemm_logits(x2, phi, eps)
-    h = m * alpha.astype(F32)[_scale_index(n)] + bias.astype(F32)
-    H_pre, H_post, H_res = activate(*_split_logits(h, n), iters)
-    return H_pre, H_post, H_res, m, invr
+    return _finish(*gemm_logits(x2, phi, eps), alpha, bias, n, iters)
 
 
 def _dynamic_mma_forward(x2, phi, alpha, bias, n: int, iters: int, eps: float):
@@ -390,10 +384,7 @@ def _dynamic_mma_forward(x2, phi, alpha, bias, n: int, iters: int, eps: float):
 
     dot, ss = coefficients_mma.dot_and_ssq(x2, phi)
     rr = mx.sqrt(ss / x2.shape[1] + eps)
-    m = dot / rr[:, None]
-    h = m * alpha.astype(F32)[_scale_index(n)] + bias.astype(F32)
-    H_pre, H_post, H_res = activate(*_split_logits(h, n), iters)
-    return H_pre, H_post, H_res, m, 1.0 / rr
+    return _finish(dot / rr[:, None], 1.0 / rr, alpha, bias, n, iters)
 
 
 def dynamic_forward(x2, phi, alpha, bias, n: int, iters: int, eps: float, tb: int | None = None,
@@ -440,7 +431,7 @@ def dynamic_vjp(primals, cotangents, outputs, n: int, iters: int):
     C = x.shape[-1]
     K = n * C
     T = m.shape[0]
-    scale = alpha.astype(F32)[_scale_index(n)]
+    scale = alpha.astype(F32)[scale_index(n)]
     h = m * scale + bias.astype(F32)
     gh = _activation_vjp(
         H_pre.reshape(T, n), H_post.reshape(T, n), h[:, 2 * n :].reshape(T, n, n),

@@ -13,7 +13,7 @@ from functools import lru_cache
 
 import mlx.core as mx
 
-from ..compiled.matmul import EXACT_IN_TF32, split_product
+from ..compiled import matmul
 from .build import KernelSpec, int_params, launch
 
 F32 = mx.float32
@@ -326,10 +326,9 @@ def post_vjp(x, f, H_post, H_res, g):
             gp, gr = gp.reshape(*lead, n), gr.reshape(*lead, n, n)
     else:
         # n > 8: the per-token sums over channels as batched matmuls (f32 accumulation).
-        gf32, xf32 = g.astype(F32), x.astype(F32)
-        # TF32 matmul with float32 accuracy; x from 16 bits is exact in TF32 and is not split
-        gr = split_product(gf32, mx.swapaxes(xf32, -1, -2), False, x.dtype in EXACT_IN_TF32)
-        gp = mx.sum(gf32 * f.astype(F32)[..., None, :], axis=-1)
+        # float32-accurate where the GPU would round the matmul to TF32 (compiled/matmul.py)
+        gr = matmul.product(g, mx.swapaxes(x, -1, -2))
+        gp = mx.sum(g.astype(F32) * f.astype(F32)[..., None, :], axis=-1)
     return gx, gf.astype(f.dtype), _reduce_to(gp, H_post), _reduce_to(gr, H_res)
 
 

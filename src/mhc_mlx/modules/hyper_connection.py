@@ -100,7 +100,5 @@ class HyperConnection(nn.Module):
         h, coeffs = self.pre(x)
         f = sublayer(h)
         # x was checked by pre and coeffs are pre's own: only the sublayer's output needs a look
-        _checks.check_float(f, "f (the sublayer output)")
-        if f.shape != h.shape:
-            raise ValueError(f"f (the sublayer output) must have shape {tuple(h.shape)}, got {tuple(f.shape)}")
+        _checks.check_sublayer_output(f, tuple(x.shape[:-2]), self.dims)
         return ops.run_post(x, f, coeffs.post, coeffs.res)
