@@ -54,9 +54,8 @@ def _backward(L, g, iters):
 
 @lru_cache(maxsize=None)
 def _sinkhorn_fn(iters: int):
-    # Compiled so each normalisation's divide, clamp and mask fuse into one kernel: 4x4
-    # Sinkhorn on the CPU took 510 us as separate ops. Inside mx.compile (the sites) these
-    # inline into the caller's graph.
+    # Compiled so each normalisation's divide, clamp and mask fuse into one kernel instead of
+    # running as separate ops. Inside mx.compile (the sites) these inline into the caller's graph.
     forward = mx.compile(lambda L: _forward(L.astype(mx.float32), iters))
     backward = mx.compile(lambda L, g: _backward(L.astype(mx.float32), g.astype(mx.float32), iters))
 
