@@ -238,9 +238,11 @@ def main(argv=None) -> int:
         t0 = time.time()
         groups[g]()
         print(f"checked {g} in {time.time() - t0:.1f} s", flush=True)
+        # Written after each group (a run cut short by a time limit keeps what it checked) and
+        # marked complete after the last.
+        with open(os.path.join(args.out, "gpu_check.json"), "w") as f:
+            json.dump({"header": header, "rows": rows, "complete": g == wanted[-1]}, f, indent=1)
     build.poison_outputs(None)
-    with open(os.path.join(args.out, "gpu_check.json"), "w") as f:
-        json.dump({"header": header, "rows": rows}, f, indent=1)
     failed = [r for r in rows if not r["ok"]]
     bench_status = 0
     if not args.no_bench:

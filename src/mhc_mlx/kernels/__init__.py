@@ -120,6 +120,15 @@ def status() -> dict:
     return out
 
 
+def settings() -> dict:
+    """The kernels' tunable forms in this process (docs/kernel-notes.md; benches record them)."""
+    from . import coefficients, layer
+
+    return {"dynamic_form": coefficients.DYNAMIC_FORM,
+            "tokens_per_block_small_n": coefficients.TOKENS_PER_BLOCK_SMALL_N,
+            "layer_fused_vjp": layer.USE_FUSED_VJP}
+
+
 LIMITS_NOTE = (
     f"kernels cover n <= {MAX_N} streams (dynamic coefficients n <= {MAX_N_DYNAMIC}); "
     "larger n takes the compiled path"
