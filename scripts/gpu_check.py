@@ -134,21 +134,35 @@ def cases_coefficients():
               lambda x_, b: coefficients.mhc_coefficients(x_, None, None, b, 20, 1e-6),
               lambda x_, b: ref64.coefficients(x_, None, None, b, 20, 1e-6),
               lambda x_, b: reference.mhc_coefficients(x_, None, None, b, 20, 1e-6), [x, bias], [1])
+    # Each form the dispatcher can take: the fused kernel, and for 16-bit x on CUDA the
+    # tensor-core path (forced here at every size; by default it starts at MMA_MIN_TOKENS).
+    forms = [FORCED_FORM] if FORCED_FORM else ["kernel", "mma"]
+    saved = coefficients.DYNAMIC_FORM, coefficients.MMA_MIN_TOKENS
+    coefficients.MMA_MIN_TOKENS = 0
     for dt in DTYPES:
-        for n, C, T in ((1, 33, 3), (2, 64, 17), (4, 257, 40), (4, 512, 33), (8, 65, 9), (8, 128, 20), (4, 4096, 70)):
-            W = 2 * n + n * n
-            x = mx.random.normal((T, n, C)).astype(dt)
-            phi = (mx.random.normal((n * C, W)) / np.sqrt(n * C)).astype(mx.float32)
-            alpha = mx.random.uniform(0.2, 1.5, (3,))
-            bias = mx.random.normal((W,))
-            check("coeff_dynamic", (T, n, C), dt,
-                  lambda *a: coefficients.mhc_coefficients(*a, 20, 1e-6),
-                  lambda *a: ref64.coefficients(*a, 20, 1e-6),
-                  lambda *a: reference.mhc_coefficients(*a, 20, 1e-6),
-                  [x, phi, alpha, bias], [0, 1, 2, 3])
+        for form in forms:
+            if form in ("mma", "gemm") and dt == mx.float32:
+                continue  # float32 x always takes the fused kernel
+            if form == "mma" and build.gpu_backend() != "cuda":
+                continue
+            coefficients.DYNAMIC_FORM = form
+            for n, C, T in ((1, 33, 3), (2, 64, 17), (4, 257, 40), (4, 512, 33), (8, 65, 9), (8, 128, 20),
+                            (4, 4096, 70), (4, 1280, 600)):
+                W = 2 * n + n * n
+                x = mx.random.normal((T, n, C)).astype(dt)
+                phi = (mx.random.normal((n * C, W)) / np.sqrt(n * C)).astype(mx.float32)
+                alpha = mx.random.uniform(0.2, 1.5, (3,))
+                bias = mx.random.normal((W,))
+                check(f"coeff_dynamic/{form}", (T, n, C), dt,
+                      lambda *a: coefficients.mhc_coefficients(*a, 20, 1e-6),
+                      lambda *a: ref64.coefficients(*a, 20, 1e-6),
+                      lambda *a: reference.mhc_coefficients(*a, 20, 1e-6),
+                      [x, phi, alpha, bias], [0, 1, 2, 3])
+    coefficients.DYNAMIC_FORM, coefficients.MMA_MIN_TOKENS = saved
 
 
 SITE_N: set[int] = set()
+FORCED_FORM = ""
 
 
 def cases_site():
@@ -192,27 +206,14 @@ def main(argv=None) -> int:
     ap.add_argument("--bench-args", default="", help="extra arguments for `mhc-mlx bench`")
     ap.add_argument("--site-n", default="", help="comma list of n: only these site cases")
     ap.add_argument("--dtypes", default="", help="comma list of f32,bf16,f16 (default all)")
-    ap.add_argument("--layer-vjp-candidate", action="store_true",
-                    help="check the layer's candidate one-pass backward (kernels.layer.USE_FUSED_VJP)")
-    ap.add_argument("--dynamic-gemm-candidate", action="store_true",
-                    help="check the dynamic coefficients' candidate GEMM form (kernels.coefficients.DYNAMIC_FORM)")
-    ap.add_argument("--dynamic-mma-candidate", action="store_true",
-                    help="check the dynamic coefficients' candidate tensor-core kernel (CUDA; coefficients_mma.py)")
-    ap.add_argument("--tb8-candidate", action="store_true",
-                    help="check the dynamic coefficient kernel at 8 tokens per block for n <= 4")
+    ap.add_argument("--dynamic-form", choices=coefficients.DYNAMIC_FORMS, default="",
+                    help="check only this form of the dynamic coefficients (default: kernel and mma)")
     ap.add_argument("--out", default=os.environ.get("OUT", "runs/gpu_check"))
     args = ap.parse_args(argv)
-    if args.dynamic_gemm_candidate and args.dynamic_mma_candidate:
-        ap.error("check one dynamic-coefficient candidate per run")
-    if args.dynamic_gemm_candidate:
-        coefficients.DYNAMIC_FORM = "gemm"
-    if args.dynamic_mma_candidate:
-        coefficients.DYNAMIC_FORM = "mma"
-    if args.tb8_candidate:
-        coefficients.TOKENS_PER_BLOCK_SMALL_N = 8
+    global FORCED_FORM
+    FORCED_FORM = args.dynamic_form
     os.makedirs(args.out, exist_ok=True)
     SITE_N.update(int(v) for v in args.site_n.split(",") if v)
-    layer.USE_FUSED_VJP = layer.USE_FUSED_VJP or args.layer_vjp_candidate
     if args.dtypes:
         global DTYPES
         by_name = {v: k for k, v in NAMES.items()}
@@ -221,8 +222,7 @@ def main(argv=None) -> int:
     header = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "mlx": mx.__version__, "backend": backend, "platform": platform.platform(),
-        "candidates": {"layer_fused_vjp": layer.USE_FUSED_VJP, "dynamic_form": coefficients.DYNAMIC_FORM,
-                       "tokens_per_block_small_n": coefficients.TOKENS_PER_BLOCK_SMALL_N},
+        "kernel_settings": kernels.settings(),
     }
     print(json.dumps(header), flush=True)
     if backend is None:

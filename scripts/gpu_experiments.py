@@ -61,36 +61,49 @@ def main():
     us = tput(lambda x, g: mx.vjp(lambda *a: layer._composite(*a, 20, 1e-5), prim(x), [g])[1],
               [[x, gs3[i % 3]] for i, x in enumerate(xs)])
     print(f"layer backward, composed: {us:7.1f} us {gbps(3 * xs[0].nbytes, us)}")
-    us = tput(lambda x, g: layer._fused_layer_vjp(prim(x), g, 20, 1e-5), [[x, gs3[i % 3]] for i, x in enumerate(xs)])
-    print(f"layer backward, one-pass candidate: {us:7.1f} us {gbps(3 * xs[0].nbytes, us)}")
+    for budget, threads in ((32, 256), (16, 256), (16, 128), (32, 128)):
+        us = tput(lambda x, g, b=budget, t=threads: layer._fused_layer_vjp(prim(x), g, 20, 1e-5, threads=t, budget=b),
+                  [[x, gs3[i % 3]] for i, x in enumerate(xs)])
+        V, cpt, groups = layer.vjp_plan(T, n, C, 2, threads, budget)
+        print(f"layer backward, one pass, budget {budget} threads {threads} (V={V}, CPT={cpt}): {us:7.1f} us "
+              f"{gbps(3 * xs[0].nbytes, us)}")
 
     # C. dynamic site pieces at 4096x4x4096 bf16.
+    from mhc_mlx.kernels import coefficients_mma as cm
+
     phi = 0.02 * mx.random.normal((n * C, 2 * n + n * n))
     alpha, bias = mx.array([0.1, 0.1, 0.1]), mx.zeros((2 * n + n * n,))
     mx.eval(phi, alpha, bias)
-    for tb in (32, 16, 8):
-        us = tput(lambda x, tb=tb: coefficients.dynamic_forward(x.reshape(T, n * C), phi, alpha, bias, n, 20, 1e-6, tb),
-                  [[x] for x in xs])
-        print(f"coefficients dynamic (GEMM+sumsq+Sinkhorn) TB={tb}: {us:7.1f} us {gbps(xs[0].nbytes, us)}")
-    us = tput(lambda x: coefficients.dynamic_forward(x.reshape(T, n * C), phi, alpha, bias, n, 20, 1e-6, form="gemm"),
-              [[x] for x in xs])
-    print(f"coefficients dynamic, GEMM-form candidate (TF32 matmul + sumsq + activate): {us:7.1f} us "
-          f"{gbps(xs[0].nbytes, us)}")
+    for tb in (16, 8):
+        us = tput(lambda x, tb=tb: coefficients.dynamic_forward(x.reshape(T, n * C), phi, alpha, bias, n, 20, 1e-6, tb,
+                                                                 form="kernel"), [[x] for x in xs])
+        print(f"coefficients dynamic, fused FP32 kernel TB={tb}: {us:7.1f} us {gbps(xs[0].nbytes, us)}")
     us = tput(lambda x: coefficients.dynamic_forward(x.reshape(T, n * C), phi, alpha, bias, n, 20, 1e-6, form="mma"),
               [[x] for x in xs])
-    print(f"coefficients dynamic, tensor-core candidate (mma.sync, split-K + activate): {us:7.1f} us "
-          f"{gbps(xs[0].nbytes, us)}")
+    print(f"coefficients dynamic, tensor-core path (pack + mma + finish): {us:7.1f} us {gbps(xs[0].nbytes, us)}")
+    us = tput(lambda x: cm.partial_products(x.reshape(T, n * C), phi), [[x] for x in xs])
+    print(f"  of which pack + mma partials: {us:7.1f} us {gbps(xs[0].nbytes, us)}")
+    us = tput(lambda p: cm.pack_phi(p), [[phi + i] for i in range(10)])
+    print(f"  of which pack_phi alone: {us:7.1f} us")
+    # the crossover between the fused kernel and the tensor-core path (MMA_MIN_TOKENS)
+    for Tn, Cn in ((64, 1280), (256, 1280), (512, 1280), (1024, 1280), (512, 4096)):
+        phin = 0.02 * mx.random.normal((n * Cn, 2 * n + n * n))
+        xn = [mx.random.normal((Tn, n * Cn)).astype(BF) for _ in range(10)]
+        mx.eval(phin, xn)
+        row = []
+        for form in ("kernel", "mma"):
+            us = tput(lambda x, f=form: coefficients.dynamic_forward(x, phin, alpha, bias, n, 20, 1e-6, form=f),
+                      [[x] for x in xn])
+            row.append(f"{form} {us:6.1f} us")
+        print(f"coefficients dynamic T={Tn} n={n} C={Cn}: " + ", ".join(row))
     hcs = mhc.HyperConnection(C, n)
     hcs.phi, hcs.alpha, hcs.bias = phi, alpha, bias
     f_site = mx.random.normal((T, C)).astype(BF)
     mx.eval(f_site)
     site_bytes = (4 * n + 2) * C * 2 * T
-    for form in coefficients.DYNAMIC_FORMS:
-        coefficients.DYNAMIC_FORM = form
-        us = tput(lambda x: hcs.post(x, f_site, hcs.pre(x)[1]), [[x] for x in xs])
-        print(f"dynamic site forward, coefficients form {form}: {us:7.1f} us "
-              f"({100 * site_bytes / us / 1e3 / c['GBps']:.0f} % of its (4n+2)·C·2 B/token floor at copy speed)")
-    coefficients.DYNAMIC_FORM = "kernel"
+    us = tput(lambda x: hcs.post(x, f_site, hcs.pre(x)[1]), [[x] for x in xs])
+    print(f"dynamic site forward (default forms): {us:7.1f} us "
+          f"({100 * site_bytes / us / 1e3 / c['GBps']:.0f} % of its (4n+2)·C·2 B/token floor at copy speed)")
     hp = mx.random.uniform(shape=(T, n))
     hq = mx.random.uniform(shape=(T, n))
     hr = mx.random.uniform(shape=(T, n, n))

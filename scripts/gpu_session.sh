@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
-# What to run on the lent GPU to settle the open kernel candidates, in three device calls of
-# under 10 minutes each (the device tool's limit). Each stage prints a short summary last.
+# What to run on the lent GPU, stage by stage or all in one device call (under 10 minutes, the
+# device tool's limit). Each stage has a time limit, keeps going after a failure and reports it.
 #
-#   bash scripts/gpu_session.sh check        # every kernel + each candidate vs the reference
+#   bash scripts/gpu_session.sh check        # every kernel vs the reference, checks side by side
+#   bash scripts/gpu_session.sh bench        # mhc-mlx bench: the target cases, seeds included
+#   bash scripts/gpu_session.sh bench-full   # mhc-mlx bench: every case
+#   bash scripts/gpu_session.sh profile      # ncu: each target case's kernels and their times
 #   bash scripts/gpu_session.sh experiments  # kernel-level timings (docs/kernel-notes.md)
-#   bash scripts/gpu_session.sh bench        # mhc-mlx bench, seeds included, with every
-#                                            # candidate that passed `check` switched on
+#   bash scripts/gpu_session.sh all          # check, bench, profile, experiments
 #
 # MLX's CUDA wheel must already be installed (../shared/device/prepare-mlx-cuda, two calls).
-# Results stay in runs/gpu_session (the bench stage reads the checks from there) and are
-# copied to $OUT when it is set (the device tool brings $OUT back).
+# Results go to runs/gpu_session, packed into $OUT/gpu_session.tgz when $OUT is set (the device
+# tool brings $OUT back).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
@@ -17,6 +19,8 @@ export NCCL_NVLS_ENABLE=0
 res=runs/gpu_session
 mkdir -p "$res"
 failed=()
+TARGETS="static/fwd/1x4x512/bfloat16,dynamic/fwd/1x4x512,static/fwd/4096x4x4096/bfloat16,dynamic/fwd/4096x4x4096"
+TARGETS="$TARGETS,fwd+bwd/4096x4x4096,dynamic/fwd/512x4x1280,fwd+bwd/512x4x1280,static/fwd/2560x4x2560"
 
 report() {  # label, exit status: print the log's tail
   local label="$1" rc="$2"
@@ -24,46 +28,60 @@ report() {  # label, exit status: print the log's tail
   else echo "   FAILED ($label), exit $rc"; tail -n "${TAIL:-40}" "$res/$label.log"; failed+=("$label"); fi
 }
 
-run() {  # seconds, label, then the command; keeps going after a failure and reports it at the end
+run() {  # seconds, label, then the command
   local secs="$1" label="$2"; shift 2
   echo "== $label: $*"
   timeout -k 5 "$secs" "$@" > "$res/$label.log" 2>&1
   report "$label" $?
 }
 
+check() {
+  # Correctness only, so the checks share the GPU and run side by side (NVRTC builds are
+  # CPU-bound), split by group, dtype and n; $1 seconds each at most.
+  local secs="$1" labels=() pids=() label
+  start() { label="$1"; shift; labels+=("$label")
+            timeout -k 5 "$secs" "$@" > "$res/$label.log" 2>&1 & pids+=($!); }
+  for dt in f32 bf16 f16; do
+    start "site_small_$dt" python scripts/gpu_check.py --no-bench --only site --site-n 1,2,3,4 --dtypes $dt --out "$res/site_small_$dt"
+    start "site_large_$dt" python scripts/gpu_check.py --no-bench --only site --site-n 8,16,32 --dtypes $dt --out "$res/site_large_$dt"
+    start "layer_$dt" python scripts/gpu_check.py --no-bench --only layer --dtypes $dt --out "$res/layer_$dt"
+    start "coefficients_$dt" python scripts/gpu_check.py --no-bench --only coefficients --dtypes $dt --out "$res/coefficients_$dt"
+  done
+  [ "${WITH_SINKHORN:-1}" = 1 ] && start sinkhorn python scripts/gpu_check.py --no-bench --only sinkhorn --out "$res/sinkhorn"
+  start pytest_gpu python -m pytest -q -m gpu tests -p no:cacheprovider
+  for i in "${!labels[@]}"; do
+    wait "${pids[$i]}"; TAIL=7 report "${labels[$i]}" $?
+  done
+}
+
+profile() {
+  echo "== profile: ncu over scripts/gpu_profile.py run"
+  timeout -k 5 "$1" ncu --clock-control none --metrics gpu__time_duration.sum --csv \
+    --log-file "$res/profile.csv" python scripts/gpu_profile.py run > "$res/profile_run.log" 2>&1
+  echo "   ncu exit $?"; tail -n 5 "$res/profile_run.log"
+  python scripts/gpu_profile.py report "$res/profile.csv" > "$res/profile.log" 2>&1
+  report profile $?
+}
+
 case "${1:-}" in
-  check)
-    # Correctness only, so the checks share the GPU and run side by side (NVRTC builds are
-    # CPU-bound); a time limit on each keeps the call inside the device tool's 10 minutes.
-    declare -A pids; TAIL=8
-    start() { local label="$1"; shift; echo "== $label: $*"
-              timeout -k 5 480 "$@" > "$res/$label.log" 2>&1 & pids[$label]=$!; }
-    start shipped    python scripts/gpu_check.py --no-bench --out "$res/shipped"
-    start mma        python scripts/gpu_check.py --no-bench --only coefficients --dynamic-mma-candidate --out "$res/mma"
-    start gemm       python scripts/gpu_check.py --no-bench --only coefficients --dynamic-gemm-candidate --out "$res/gemm"
-    start tb8        python scripts/gpu_check.py --no-bench --only coefficients --tb8-candidate --out "$res/tb8"
-    start layer_vjp  python scripts/gpu_check.py --no-bench --only layer --layer-vjp-candidate --out "$res/layer_vjp"
-    start pytest_gpu python -m pytest -q -m gpu tests -p no:cacheprovider
-    for label in shipped mma gemm tb8 layer_vjp pytest_gpu; do
-      wait "${pids[$label]}"; rc=$?
-      echo "== $label finished"; report "$label" "$rc"
-    done
-    python scripts/kernel_candidates.py --from "$res"
-    ;;
-  experiments)
-    run 420 experiments python scripts/gpu_experiments.py
-    run 60 host python scripts/host_overhead.py
-    ;;
-  bench)
-    run 570 bench python scripts/kernel_candidates.py --from "$res" -- \
-      bench --out "$res/bench" --overwrite --seeds .seedpkgs
+  check) check 420 ;;
+  bench) run 300 bench python -m mhc_mlx.cli.main bench --out "$res/bench" --overwrite --seeds .seedpkgs --only "$TARGETS" ;;
+  bench-full) run 570 bench python -m mhc_mlx.cli.main bench --out "$res/bench" --overwrite --seeds .seedpkgs ;;
+  profile) profile 240 ;;
+  experiments) run 420 experiments python scripts/gpu_experiments.py ;;
+  all)
+    WITH_SINKHORN=0 check 190
+    run 120 bench python -m mhc_mlx.cli.main bench --out "$res/bench" --overwrite --seeds .seedpkgs --only "$TARGETS"
+    profile 80
+    run 110 experiments python scripts/gpu_experiments.py
     ;;
   *)
-    echo "usage: bash scripts/gpu_session.sh check|experiments|bench" >&2
+    echo "usage: bash scripts/gpu_session.sh check|bench|bench-full|profile|experiments|all" >&2
     exit 2
     ;;
 esac
-[ -n "${OUT:-}" ] && cp -r "$res" "$OUT/"
+# one archive: the device tool brings back only a few files per call
+[ -n "${OUT:-}" ] && tar czf "$OUT/gpu_session.tgz" -C runs gpu_session
 if ((${#failed[@]})); then
   echo "== failed: ${failed[*]}"
   exit 1

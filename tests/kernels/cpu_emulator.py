@@ -190,6 +190,8 @@ static inline __nv_bfloat162 __floats2bfloat162_rn(float a, float b) {
   return __nv_bfloat162{__nv_bfloat16(a), __nv_bfloat16(b)};
 }
 static inline float2 __bfloat1622float2(__nv_bfloat162 v) { return float2{(float)v.x, (float)v.y}; }
+static inline __nv_bfloat16 __float2bfloat16_rn(float f) { return __nv_bfloat16(f); }
+static inline float __bfloat162float(__nv_bfloat16 v) { return (float)v; }
 
 // A warp exchange needs all 32 lanes (full masks): one after some lanes exited is undefined on
 // the GPU, so it is reported.

@@ -184,11 +184,12 @@ def test_gemm_logits_match_float64():
 
 
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16, mx.float32])
-def test_candidate_mma_form_of_dynamic_coefficients(monkeypatch, dtype):
+def test_mma_form_of_dynamic_coefficients(monkeypatch, dtype):
     # CUDA, 16-bit x: the tensor-core kernel + the activations kernel; float32 x keeps the fused one
     from mhc_mlx.kernels import build
 
     monkeypatch.setattr(coefficients, "DYNAMIC_FORM", "mma")
+    monkeypatch.setattr(coefficients, "MMA_MIN_TOKENS", 0)
     monkeypatch.setattr(build, "gpu_backend", lambda: "cuda")
     n, C = 4, 24
     x = mx.zeros((2, 3, n, C), dtype=dtype)
@@ -201,6 +202,8 @@ def test_candidate_mma_form_of_dynamic_coefficients(monkeypatch, dtype):
         assert "mhc_coefficients_dynamic_mma" not in names and "mhc_coefficients_dynamic" in names
     else:
         assert "mhc_coefficients_dynamic_mma" in names and "mhc_coefficients_dynamic" not in names
+        # three launches: phi packed, the tensor-core partials, the finish (no MLX-op glue)
+        assert {"mhc_coefficients_pack_phi", "mhc_coefficients_dynamic_finish"} <= set(names)
         template = dict(next(t for name, t, *_ in launched if name == "mhc_coefficients_dynamic_mma"))
         assert template["NT"] == 3 and template["PB"] == 3 and template["T"] == dtype
 
@@ -209,6 +212,7 @@ def test_cuda_only_kernel_never_runs_on_metal(monkeypatch):
     from mhc_mlx.kernels import build
 
     monkeypatch.setattr(coefficients, "DYNAMIC_FORM", "mma")
+    monkeypatch.setattr(coefficients, "MMA_MIN_TOKENS", 0)
     monkeypatch.setattr(build, "gpu_backend", lambda: "metal")
     n, C = 4, 24
     W = 2 * n + n * n
@@ -217,3 +221,22 @@ def test_cuda_only_kernel_never_runs_on_metal(monkeypatch):
                                   mx.zeros((W,)), 20, 1e-6)
     names = [name for name, *_ in launched]
     assert "mhc_coefficients_dynamic_mma" not in names and "mhc_coefficients_dynamic" in names
+
+
+@pytest.mark.parametrize("tokens", [1, 255, 256, 1000])
+def test_default_dynamic_form_is_the_fused_kernel_below_mma_min_tokens(monkeypatch, tokens):
+    # CUDA, bfloat16: one fused launch for few tokens (latency), the tensor-core path from
+    # MMA_MIN_TOKENS up (throughput)
+    from mhc_mlx.kernels import build
+
+    monkeypatch.setattr(build, "gpu_backend", lambda: "cuda")
+    n, C = 4, 8
+    W = 2 * n + n * n
+    launched.clear()
+    coefficients.mhc_coefficients(mx.zeros((tokens, n, C), dtype=mx.bfloat16), mx.zeros((n * C, W)),
+                                  mx.zeros((3,)), mx.zeros((W,)), 20, 1e-6)
+    names = [name for name, *_ in launched]
+    if tokens >= coefficients.MMA_MIN_TOKENS:
+        assert "mhc_coefficients_dynamic_mma" in names and "mhc_coefficients_dynamic" not in names
+    else:
+        assert "mhc_coefficients_dynamic" in names and "mhc_coefficients_dynamic_mma" not in names

@@ -113,12 +113,12 @@ def _site(case: Case):
     return forward, ["phi", "alpha", "bias"], module
 
 
-def time_ours(case: Case, backend: str, K: int, repeats: int) -> float:
-    """µs per application of our site on `backend` ('kernels', 'compiled' or 'reference')."""
+def prepare(case: Case, count: int):
+    """(apply, inputs): one application of our site for `case` (forward, or forward and
+    backward through mx.vjp), and `count` evaluated inputs for it."""
     B, n, C = case.shape
     dtype = DTYPES[case.dtype]
     forward, names, module = _site(case)
-    count = K if case.mode == "throughput" else 1
     xs = [mx.random.normal((B, n, C)).astype(dtype) for _ in range(count)]
     cot = mx.random.normal((B, n, C)).astype(dtype)
     mx.eval(xs, cot, module.parameters())
@@ -136,6 +136,12 @@ def time_ours(case: Case, backend: str, K: int, repeats: int) -> float:
 
             return mx.vjp(f, [x, *params], [cot])
 
+    return apply, xs
+
+
+def time_ours(case: Case, backend: str, K: int, repeats: int) -> float:
+    """µs per application of our site on `backend` ('kernels', 'compiled' or 'reference')."""
+    apply, xs = prepare(case, K if case.mode == "throughput" else 1)
     with use_backend(backend):
         if case.mode == "latency":
             return timing.latency_us(apply, [xs[0]], repeats=repeats)

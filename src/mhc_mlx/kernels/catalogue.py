@@ -15,8 +15,8 @@ SPECS = (
     coefficients.DYNAMIC_VJP, site.PRE, site.PRE_VJP, site.POST, site.POST_VJP, layer.LAYER, layer.LAYER_VJP,
 )
 
-# Kernels written for CUDA only (tensor-core PTX); they never reach a Metal compiler.
-CUDA_ONLY_SPECS = (coefficients_mma.MMA,)
+# Kernels of the CUDA-only tensor-core path; they never reach a Metal compiler.
+CUDA_ONLY_SPECS = (coefficients_mma.PACK, coefficients_mma.MMA, coefficients_mma.FINISH)
 
 F32, BF16, F16, I32 = mx.float32, mx.bfloat16, mx.float16, mx.int32
 
@@ -48,9 +48,10 @@ def instances():
         for n, V, cpt, inline in ((4, 16 // dt.size, 2, True), (4, 16 // dt.size, 0, False), (32, 1, 0, False)):
             out.append((layer.LAYER, (dt, F32, F32, F32, F32, I32, F32), (dt,),
                         [("T", dt), ("N", n), ("V", V), ("CPT", cpt), ("INLINE", inline)]))
-        for n, V in ((4, 16 // dt.size // 2 or 1), (8, 4), (1, 1)):
+        for n, V, cpt in ((4, 16 // dt.size, 2), (4, 16 // dt.size // 2 or 1, 4), (4, 16 // dt.size, 0), (8, 4, 1),
+                          (1, 1, 0)):
             out.append((layer.LAYER_VJP, (dt, dt, F32, F32, F32, F32, I32, F32), (dt, F32, F32),
-                        [("T", dt), ("N", n), ("V", V)]))
+                        [("T", dt), ("N", n), ("V", V), ("CPT", cpt)]))
     return out
 
 
@@ -63,4 +64,8 @@ def cuda_only_instances():
             out.append((coefficients_mma.MMA, (dt, BF16, I32), (F32, F32),
                         [("T", dt), ("NT", nt), ("MT", coefficients_mma.token_tiles_per_warp(nt)),
                          ("PB", coefficients_mma.PHI_PARTS)]))
+    for n in (1, 2, 4, 8):
+        nt = coefficients_mma.n_tiles(n * (n + 2))
+        out.append((coefficients_mma.PACK, (F32, I32), (BF16,), [("NT", nt), ("PB", coefficients_mma.PHI_PARTS)]))
+        out.append((coefficients_mma.FINISH, (F32, F32, F32, F32, I32, F32), (F32,) * 5, [("N", n)]))
     return out

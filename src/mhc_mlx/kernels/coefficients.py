@@ -260,12 +260,11 @@ VJP_THREADS = 256
 VJP_TOKENS_PER_SPLIT = 256
 
 
-# TB tokens share each staged chunk of phi, for n <= 4 (n > 4 always takes 8). Both shipped
-# instances passed the GPU check; on the H100 at 4096 x 4 x 4096 (bf16) the kernel took 951 µs
-# at TB=16, 607 µs at TB=8 and about 920 µs at TB=32 (docs/kernel-notes.md): latency-bound
-# either way. TB=8 for n <= 4 is the next step once that instance has passed the GPU check
-# (scripts/gpu_check.py --tb8-candidate).
-TOKENS_PER_BLOCK_SMALL_N = 16
+# TB tokens share each staged chunk of phi, for n <= 4 (n > 4 always takes 8). On the H100
+# at 4096 x 4 x 4096 (bf16) the kernel took 990 µs at TB=16, 771 µs at TB=8 and 879 µs at
+# TB=32 (2026-11-25, scripts/gpu_experiments.py; an earlier run: 951 / 607 / ~920 µs), and the
+# TB=8 instance passed scripts/gpu_check.py --tb8-candidate (26/26): latency-bound either way.
+TOKENS_PER_BLOCK_SMALL_N = 8
 
 
 def tokens_per_block(n: int) -> int:
@@ -350,15 +349,19 @@ def raw_coefficients(pre_raw, post_raw, res_raw, iters: int):
     return _raw_function(res_raw.shape[-1], iters)(pre_raw, post_raw, res_raw)
 
 
-# Candidate forward for 16-bit x (off until measured on a GPU; scripts/gpu_check.py
-# --dynamic-gemm-candidate checks it, scripts/gpu_experiments.py times it): the GEMM on
-# tensor cores through MLX's matmul — x is exact in TF32, phi split into [phi_hi | phi_lo]
-# (compiled/matmul.py) — Σx² as an MLX reduction, then the activations kernel. It reads x
-# about three times at full bandwidth (the float32 copy the GEMM needs, the GEMM, Σx²) where
-# the fused kernel reads it once but is latency-bound (docs/kernel-notes.md).
-# Second candidate, CUDA only: the GEMM on tensor cores inside our own kernel (mma.sync with
-# phi split into three bfloat16 parts, split over K; coefficients_mma.py), reading x once.
-DYNAMIC_FORM = "kernel"  # or "gemm", "mma"
+# Forms of the dynamic coefficients for 16-bit x (float32 x always takes the fused kernel):
+# - "kernel": the fused FP32-core kernel above (one launch; the latency path);
+# - "mma" (CUDA): the GEMM on tensor cores in our own kernel (mma.sync, phi split into three
+#   bfloat16 parts so the products keep float32 accuracy, split over K; coefficients_mma.py),
+#   reading x once, then one finishing kernel. On the H100 at 4096 x 4 x 4096 bf16 it took
+#   297 µs against 771-990 µs for "kernel" (with the finish still in MLX ops), and it passed
+#   scripts/gpu_check.py --dynamic-mma-candidate (26/26), 2026-11-25. Taken from
+#   MMA_MIN_TOKENS tokens up; below, "kernel" (one launch instead of three).
+# - "gemm": MLX's TF32 matmul (x is exact in TF32, phi split into [phi_hi | phi_lo],
+#   compiled/matmul.py), Σx² as an MLX reduction, then the activations kernel; it reads x
+#   about three times. Passed the same check; 777 µs there. Kept for comparison.
+DYNAMIC_FORM = "mma"  # or "kernel", "gemm"
+MMA_MIN_TOKENS = 256
 DYNAMIC_FORMS = ("kernel", "gemm", "mma")
 
 
@@ -382,15 +385,16 @@ def _dynamic_gemm_forward(x2, phi, alpha, bias, n: int, iters: int, eps: float):
 def _dynamic_mma_forward(x2, phi, alpha, bias, n: int, iters: int, eps: float):
     from . import coefficients_mma
 
-    dot, ss = coefficients_mma.dot_and_ssq(x2, phi)
-    rr = mx.sqrt(ss / x2.shape[1] + eps)
-    return _finish(dot / rr[:, None], 1.0 / rr, alpha, bias, n, iters)
+    return coefficients_mma.dynamic_forward(x2, phi, alpha, bias, n, iters, eps)
 
 
 def dynamic_forward(x2, phi, alpha, bias, n: int, iters: int, eps: float, tb: int | None = None,
                     form: str | None = None):
     """x2 [T, n*C] -> H_pre [T, n], H_post [T, n], H_res [T, n, n], m [T, W], 1/r [T]."""
-    form = form or DYNAMIC_FORM
+    if form is None:
+        form = DYNAMIC_FORM
+        if form == "mma" and x2.shape[0] < MMA_MIN_TOKENS:
+            form = "kernel"
     if form not in DYNAMIC_FORMS:
         raise ValueError(f"unknown dynamic coefficient form {form!r}; choose one of {', '.join(DYNAMIC_FORMS)}")
     if form == "gemm" and x2.dtype != F32:  # float32 x is not exact in TF32: 4 GEMMs, kernel wins
@@ -424,6 +428,30 @@ def dynamic_vjp_x_phi(x2, phi, gs, c2):
     return gx, mx.sum(gphi, axis=0)
 
 
+@lru_cache(maxsize=None)
+def _vjp_glue(n: int, K: int):
+    """The dynamic backward's small per-token steps around its two kernels, each under
+    mx.compile so their elementwise chains fuse (they were about twenty separate launches)."""
+
+    @mx.compile
+    def logits(m, scale, bias, H_pre, H_post, g_pre, g_post):
+        h = m * scale + bias
+        gp = g_pre.astype(F32) * H_pre * (1.0 - H_pre)
+        gq = g_post.astype(F32) * H_post * (1.0 - 0.5 * H_post)
+        return h[:, 2 * n :].reshape(-1, n, n), gp, gq
+
+    @mx.compile
+    def scaled(gp, gq, gr, m, invr, scale):
+        gh = mx.concatenate([gp, gq, gr.reshape(gr.shape[0], n * n)], axis=-1)
+        ghm = mx.sum(gh * m, axis=0)
+        g_alpha = mx.stack([mx.sum(ghm[:n]), mx.sum(ghm[n : 2 * n]), mx.sum(ghm[2 * n :])])
+        gm = gh * scale
+        c2 = invr * invr / K * mx.sum(gm * m, axis=-1)
+        return gm * invr[:, None], c2, mx.sum(gh, axis=0), g_alpha
+
+    return logits, scaled
+
+
 def dynamic_vjp(primals, cotangents, outputs, n: int, iters: int):
     """Cotangents of (x, phi, alpha, bias) from those of (H_pre, H_post, H_res) (and the saved m, 1/r)."""
     x, phi, alpha, bias = primals
@@ -431,19 +459,12 @@ def dynamic_vjp(primals, cotangents, outputs, n: int, iters: int):
     C = x.shape[-1]
     K = n * C
     T = m.shape[0]
+    logits, scaled = _vjp_glue(n, K)
     scale = alpha.astype(F32)[scale_index(n)]
-    h = m * scale + bias.astype(F32)
-    gh = _activation_vjp(
-        H_pre.reshape(T, n), H_post.reshape(T, n), h[:, 2 * n :].reshape(T, n, n),
-        cotangents[0].reshape(T, n), cotangents[1].reshape(T, n),
-        cotangents[2].reshape(T, n, n), iters,
-    )
-    g_bias = mx.sum(gh, axis=0)
-    ghm = mx.sum(gh * m, axis=0)
-    g_alpha = mx.stack([mx.sum(ghm[:n]), mx.sum(ghm[n : 2 * n]), mx.sum(ghm[2 * n :])])
-    gm = gh * scale
-    gs = gm * invr[:, None]
-    c2 = invr * invr / K * mx.sum(gm * m, axis=-1)
+    L_res, gp, gq = logits(m, scale, bias.astype(F32), H_pre.reshape(T, n), H_post.reshape(T, n),
+                           cotangents[0].reshape(T, n), cotangents[1].reshape(T, n))
+    gr = sk.project_vjp(L_res, cotangents[2].astype(F32).reshape(T, n, n), iters)
+    gs, c2, g_bias, g_alpha = scaled(gp, gq, gr, m, invr, scale)
     gx, g_phi = dynamic_vjp_x_phi(x.reshape(T, K), phi, gs, c2)
     return (gx.reshape(x.shape), g_phi.astype(phi.dtype), g_alpha.astype(alpha.dtype),
             g_bias.astype(bias.dtype))

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from .build import KernelSpec, int_params, launch
+from .build import KernelSpec, float_params, int_params, launch
 
 F32 = mx.float32
 PHI_PARTS = 3
@@ -210,6 +210,93 @@ MMA = KernelSpec(
 )
 
 
+# phi [K, W] float32 -> its three bfloat16 parts in B-fragment order (see pack_phi), in one
+# launch: the MLX-op form (pad, three casts, two subtractions, stack, transpose) took about ten.
+PACK = KernelSpec(
+    name="mhc_coefficients_pack_phi",
+    inputs=("phi", "iparam"),
+    outputs=("pk",),
+    body=r"""
+  const int K = iparam[0];
+  const int W = iparam[1];
+  const int KB = (K + 31) / 32;
+  const int64_t idx = (int64_t)KBID * KNT + KTID;
+  if (idx >= (int64_t)KB * NT * 256) return;
+  const int e = (int)(idx & 7);
+  const int lane = (int)((idx >> 3) & 31);
+  const int64_t rest = idx >> 8;
+  const int j = (int)(rest % NT);
+  const int kb = (int)(rest / NT);
+  const int k = 32 * kb + 8 * (lane & 3) + e;
+  const int col = 8 * j + (lane >> 2);
+  float v = (k < K && col < W) ? phi[(int64_t)k * W + col] : 0.0f;
+  #pragma unroll
+  for (int p = 0; p < PB; ++p) {
+    const __nv_bfloat16 b = __float2bfloat16_rn(v);  // round to nearest even, as MLX's astype
+    pk[((((int64_t)p * KB + kb) * NT + j) * 32 + lane) * 8 + e] = b;
+    v -= __bfloat162float(b);
+  }
+""",
+)
+
+# The split-K partials -> the five outputs of the fused dynamic kernel, one warp per token:
+# sum the splits, m = dot / r, h = m * alpha + bias, then the activations and Sinkhorn (the
+# same code as coefficients.DYNAMIC's finish). One launch instead of about a dozen MLX ops.
+FINISH_WARPS = 4
+FINISH = KernelSpec(
+    name="mhc_coefficients_dynamic_finish",
+    inputs=("part", "ssq", "alpha", "bias", "iparam", "fparam"),
+    outputs=("hpre", "hpost", "hres", "mraw", "invr"),
+    body=r"""
+  constexpr int W = N * (N + 2);
+  constexpr int R = (W + 31) / 32;
+  KSHARED float hbuf[4 * W];  // FINISH_WARPS warps per block
+  const int Ttok = iparam[0];
+  const int K = iparam[1];
+  const int S = iparam[2];
+  const int iters = iparam[3];
+  const int WP = iparam[4];
+  const float eps = fparam[0];
+  const int lane = KLANE;
+  const int warp = KWARP;
+  const int t = KBID * (KNT / 32) + warp;
+  const bool tl = t < Ttok;
+  KSHPTR(float) h = hbuf + warp * W;
+  float ss = 0.0f;
+  if (tl) {
+    for (int s = lane; s < S; s += 32) ss += ssq[(int64_t)s * Ttok + t];
+  }
+  ss = kwarp_sum(ss);
+  const float rr = KSQRT(ss / (float)K + eps);
+  KUNROLL for (int r = 0; r < R; ++r) {
+    const int c = lane + 32 * r;
+    if (c < W) {
+      float d = 0.0f;
+      if (tl) {
+        for (int s = 0; s < S; ++s) d += part[((int64_t)s * Ttok + t) * WP + c];
+      }
+      const float m = d / rr;
+      if (tl) mraw[(int64_t)t * W + c] = m;
+      h[c] = m * alpha[c < N ? 0 : (c < 2 * N ? 1 : 2)] + bias[c];
+    }
+  }
+  if (tl && lane == 0) invr[t] = 1.0f / rr;
+  KWARP_SYNC();
+  const bool live = tl && (lane < N);
+  if (live) {
+    hpre[(int64_t)t * N + lane] = ksigmoid(h[lane]);
+    hpost[(int64_t)t * N + lane] = 2.0f * ksigmoid(h[N + lane]);
+  }
+  float col[N];
+  KUNROLL for (int i = 0; i < N; ++i) col[i] = live ? h[2 * N + i * N + lane] : 0.0f;
+  ksinkhorn_warp<N>(col, live, iters);
+  if (live) {
+    KUNROLL for (int i = 0; i < N; ++i) hres[((int64_t)t * N + i) * N + lane] = col[i];
+  }
+""",
+)
+
+
 def n_tiles(W: int) -> int:
     return -(-W // 8)
 
@@ -224,8 +311,20 @@ def pack_phi(phi: mx.array, parts: int = PHI_PARTS) -> mx.array:
     """phi [K, W] float32 -> [parts, ceil(K/32), NT, 32, 8] bfloat16 in B-fragment order.
 
     Element [p, kb, j, lane, e] is part p of phi[32 kb + 8 (lane % 4) + e, 8 j + lane // 4]
-    (zero past K or W); the parts add up to phi to float32 precision.
+    (zero past K or W); the parts add up to phi to float32 precision. One launch (PACK);
+    `pack_phi_reference` is the same in MLX ops.
     """
+    K, W = phi.shape
+    NT, KB = n_tiles(W), -(-K // 32)
+    total = KB * NT * 256
+    return launch(
+        PACK, [phi.astype(F32), int_params(K, W)], [((parts, KB, NT, 32, 8), mx.bfloat16)],
+        -(-total // 256) * 256, 256, [("NT", NT), ("PB", parts)],
+    )[0]
+
+
+def pack_phi_reference(phi: mx.array, parts: int = PHI_PARTS) -> mx.array:
+    """pack_phi in plain MLX ops (the statement the kernel is tested against)."""
     K, W = phi.shape
     NT, KB = n_tiles(W), -(-K // 32)
     rest = mx.pad(phi.astype(F32), [(0, 32 * KB - K), (0, 8 * NT - W)])
@@ -249,19 +348,43 @@ def plan(T: int, K: int, NT: int) -> tuple[int, int, int, int]:
     return MT, splits, ks, tiles * splits
 
 
-def dot_and_ssq(x2: mx.array, phi: mx.array) -> tuple[mx.array, mx.array]:
-    """(xf @ phi [T, W] float32, Σ xf² [T] float32) for 16-bit x2 [T, K] on CUDA."""
+def partial_products(x2: mx.array, phi: mx.array) -> tuple[mx.array, mx.array]:
+    """Split-K partials (part [S, T, 8 NT] of xf @ phi, ssq [S, T] of Σ xf²) for 16-bit x2 [T, K]."""
     T, K = x2.shape
-    W = phi.shape[1]
-    if T == 0:
-        return mx.zeros((0, W), F32), mx.zeros((0,), F32)
-    NT = n_tiles(W)
+    NT = n_tiles(phi.shape[1])
     MT, splits, ks, warps = plan(T, K, NT)
     blocks = -(-warps // WARPS_PER_BLOCK)
-    part, ssq = launch(
+    return launch(
         MMA, [x2, pack_phi(phi), int_params(T, K, ks, splits)],
         [((splits, T, 8 * NT), F32), ((splits, T), F32)],
         blocks * WARPS_PER_BLOCK * 32, WARPS_PER_BLOCK * 32,
         [("T", x2.dtype), ("NT", NT), ("MT", MT), ("PB", PHI_PARTS)],
     )
+
+
+def dot_and_ssq(x2: mx.array, phi: mx.array) -> tuple[mx.array, mx.array]:
+    """(xf @ phi [T, W] float32, Σ xf² [T] float32) for 16-bit x2 [T, K] on CUDA."""
+    T, W = x2.shape[0], phi.shape[1]
+    if T == 0:
+        return mx.zeros((0, W), F32), mx.zeros((0,), F32)
+    part, ssq = partial_products(x2, phi)
     return mx.sum(part, axis=0)[:, :W], mx.sum(ssq, axis=0)
+
+
+def dynamic_forward(x2, phi, alpha, bias, n: int, iters: int, eps: float):
+    """The dynamic coefficients' five outputs (as coefficients.DYNAMIC's) for 16-bit x2 [T, n*C]
+    in three launches: pack phi, the tensor-core partials, the finish."""
+    T, K = x2.shape
+    W = n * (n + 2)
+    if T == 0:
+        return (mx.zeros((0, n), F32), mx.zeros((0, n), F32), mx.zeros((0, n, n), F32),
+                mx.zeros((0, W), F32), mx.zeros((0,), F32))
+    part, ssq = partial_products(x2, phi)
+    warps = FINISH_WARPS
+    return launch(
+        FINISH,
+        [part, ssq, alpha.astype(F32), bias.astype(F32),
+         int_params(T, K, part.shape[0], iters, part.shape[2]), float_params(eps)],
+        [((T, n), F32), ((T, n), F32), ((T, n, n), F32), ((T, W), F32), ((T,), F32)],
+        -(-T // warps) * warps * 32, warps * 32, [("N", n)],
+    )

@@ -140,18 +140,72 @@ LAYER = KernelSpec(
 """,
 )
 
-# Candidate: the layer's whole backward in one pass over x and the cotangent g (per token:
-# recompute y and the RMS; dz = sum_i H_post_i g_i; RMSNorm backward; dx = M^T g + H_pre (x) dy),
-# with dM, dH_post, dH_pre summed in registers per threadgroup and dw per channel. Not used until
-# it has passed scripts/gpu_check.py on a GPU (USE_FUSED_VJP); see docs/kernel-notes.md.
-USE_FUSED_VJP = False
+# The layer's whole backward in one pass over x and the cotangent g (per token: recompute y and
+# the RMS; dz = sum_i H_post_i g_i; RMSNorm backward; dx = M^T g + H_pre (x) dy), with dM,
+# dH_post, dH_pre summed in registers per threadgroup and dw per channel. On 2026-11-25 it passed
+# scripts/gpu_check.py --only layer --layer-vjp-candidate on the H100 (30/30 cases, all dtypes)
+# and measured 401.8 µs against 1436.6 µs for the composed backward at 4096 x 4 x 4096 bfloat16
+# (scripts/gpu_experiments.py); see docs/kernel-notes.md. False falls back to the composed backward.
+USE_FUSED_VJP = True
+GW_REGISTER_BUDGET = 16  # floats of dw a thread may sum in registers over its tokens (CPT * V)
+
+VJP_HELPERS = r"""
+// Pass 2 of the layer backward for one chunk of V channels of every stream: writes dx, adds
+// the products for dM, dH_post, dH_pre to acc and returns dw's share, dz * rms(y), in gwv.
+template <typename T, int N, int V, typename PX, typename PG, typename PW, typename PO>
+KDEV void mhc_layer_vjp_chunk(PX xin, PG gin, KSHPTR(float) cf, PW wts, PO gx, KTHREAD float* acc,
+                              KTHREAD float* gwv, float inv, float s, int64_t t, int C, int cv, bool vec) {
+  float xv[N * V];
+  float gv[N * V];
+  KUNROLL for (int i = 0; i < N; ++i) {
+    kload<T, V>(xv + i * V, xin, (t * N + i) * C + (int64_t)cv * V, vec);
+    kload<T, V>(gv + i * V, gin, (t * N + i) * C + (int64_t)cv * V, vec);
+  }
+  float dy[V];
+  KUNROLL for (int e = 0; e < V; ++e) {
+    float y = 0.0f, dz = 0.0f;
+    KUNROLL for (int i = 0; i < N; ++i) {
+      y += cf[i] * xv[i * V + e];
+      dz += cf[N + i] * gv[i * V + e];
+    }
+    y = static_cast<float>(static_cast<T>(y));
+    const float w = static_cast<float>(wts[cv * V + e]);
+    const float nrm = y * inv;
+    const float z = static_cast<float>(static_cast<T>(nrm * w));
+    gwv[e] = dz * nrm;
+    dy[e] = inv * (dz * w - nrm * s);
+    KUNROLL for (int i = 0; i < N; ++i) acc[N * N + i] += gv[i * V + e] * z;
+  }
+  KUNROLL for (int j = 0; j < N; ++j) {
+    float o[V];
+    KUNROLL for (int e = 0; e < V; ++e) o[e] = cf[j] * dy[e];
+    KUNROLL for (int i = 0; i < N; ++i) {
+      const float a = cf[2 * N + i * N + j];
+      float d = 0.0f;
+      KUNROLL for (int e = 0; e < V; ++e) {
+        o[e] += a * gv[i * V + e];
+        d += gv[i * V + e] * xv[j * V + e];
+      }
+      acc[i * N + j] += d;
+    }
+    float p = 0.0f;
+    KUNROLL for (int e = 0; e < V; ++e) p += dy[e] * xv[j * V + e];
+    acc[N * N + N + j] += p;
+    kstore<T, V>(gx, (t * N + j) * C + (int64_t)cv * V, o, vec);
+  }
+}
+"""
 
 LAYER_VJP = KernelSpec(
     name="mhc_layer_vjp",
     inputs=("xin", "gin", "cpre", "cpost", "cres", "wts", "iparam", "fparam"),
     outputs=("gx", "gcoef", "gw"),
+    helpers=VJP_HELPERS,
     body=r"""
+  // CPT > 0: thread tid owns the chunks cv = tid + q * KNT (q < CPT) of every token and sums
+  // their dw in registers, written once at the end; CPT = 0: dw is summed in gw itself.
   constexpr int NA = N * N + 2 * N;  // dM (N*N), dH_post (N), dH_pre (N)
+  constexpr int CP = CPT > 0 ? CPT : 1;
   KSHARED float cf[2 * N + N * N];
   KSHARED float scratch[8 * NA];
   const int Ttok = iparam[0];
@@ -168,8 +222,14 @@ LAYER_VJP = KernelSpec(
   const bool vec = KALIGNED16(xin) && KALIGNED16(gin) && KALIGNED16(gx);
   float acc[NA];
   KUNROLL for (int a = 0; a < NA; ++a) acc[a] = 0.0f;
-  for (int cv = tid; cv < nv; cv += KNT) {
-    KUNROLL for (int e = 0; e < V; ++e) gw[(int64_t)KBID * C + cv * V + e] = 0.0f;
+  float gwr[CP][V];
+  KUNROLL for (int q = 0; q < CP; ++q) {
+    KUNROLL for (int e = 0; e < V; ++e) gwr[q][e] = 0.0f;
+  }
+  if (CPT == 0) {
+    for (int cv = tid; cv < nv; cv += KNT) {
+      KUNROLL for (int e = 0; e < V; ++e) gw[(int64_t)KBID * C + cv * V + e] = 0.0f;
+    }
   }
   for (int64_t t = KBID; t < Ttok; t += KNB) {
     // pass 1: sum y^2 and sum dn*y, dn = w * sum_i H_post_i g_i
@@ -197,44 +257,28 @@ LAYER_VJP = KernelSpec(
     const float inv = 1.0f / KSQRT(ss / (float)C + eps);
     const float s = inv * dny / (float)C;  // (sum_c dn_c n_c) / C
     // pass 2: dx, and the sums for dM, dH_post, dH_pre, dw
-    for (int cv = tid; cv < nv; cv += KNT) {
-      float xv[N * V];
-      float gv[N * V];
-      KUNROLL for (int i = 0; i < N; ++i) {
-        kload<T, V>(xv + i * V, xin, (t * N + i) * C + (int64_t)cv * V, vec);
-        kload<T, V>(gv + i * V, gin, (t * N + i) * C + (int64_t)cv * V, vec);
-      }
-      float dy[V];
-      KUNROLL for (int e = 0; e < V; ++e) {
-        float y = 0.0f, dz = 0.0f;
-        KUNROLL for (int i = 0; i < N; ++i) {
-          y += cf[i] * xv[i * V + e];
-          dz += cf[N + i] * gv[i * V + e];
+    if (CPT > 0) {
+      KUNROLL for (int q = 0; q < CP; ++q) {
+        const int cv = tid + q * KNT;
+        if (cv < nv) {
+          float gwv[V];
+          mhc_layer_vjp_chunk<T, N, V>(xin, gin, cf, wts, gx, acc, gwv, inv, s, t, C, cv, vec);
+          KUNROLL for (int e = 0; e < V; ++e) gwr[q][e] += gwv[e];
         }
-        y = static_cast<float>(static_cast<T>(y));
-        const float w = static_cast<float>(wts[cv * V + e]);
-        const float nrm = y * inv;
-        const float z = static_cast<float>(static_cast<T>(nrm * w));
-        gw[(int64_t)KBID * C + cv * V + e] += dz * nrm;
-        dy[e] = inv * (dz * w - nrm * s);
-        KUNROLL for (int i = 0; i < N; ++i) acc[N * N + i] += gv[i * V + e] * z;
       }
-      KUNROLL for (int j = 0; j < N; ++j) {
-        float o[V];
-        KUNROLL for (int e = 0; e < V; ++e) o[e] = cf[j] * dy[e];
-        KUNROLL for (int i = 0; i < N; ++i) {
-          const float a = cf[2 * N + i * N + j];
-          float d = 0.0f;
-          KUNROLL for (int e = 0; e < V; ++e) {
-            o[e] += a * gv[i * V + e];
-            d += gv[i * V + e] * xv[j * V + e];
-          }
-          acc[i * N + j] += d;
-        }
-        float p = 0.0f;
-        KUNROLL for (int e = 0; e < V; ++e) p += dy[e] * xv[j * V + e];
-        acc[N * N + N + j] += p;
-        kstore<T, V>(gx, (t * N + j) * C + (int64_t)cv * V, o, vec);
+    } else {
+      for (int cv = tid; cv < nv; cv += KNT) {
+        float gwv[V];
+        mhc_layer_vjp_chunk<T, N, V>(xin, gin, cf, wts, gx, acc, gwv, inv, s, t, C, cv, vec);
+        KUNROLL for (int e = 0; e < V; ++e) gw[(int64_t)KBID * C + cv * V + e] += gwv[e];
+      }
+    }
+  }
+  if (CPT > 0) {
+    KUNROLL for (int q = 0; q < CP; ++q) {
+      const int cv = tid + q * KNT;
+      if (cv < nv) {
+        KUNROLL for (int e = 0; e < V; ++e) gw[(int64_t)KBID * C + cv * V + e] = gwr[q][e];
       }
     }
   }
@@ -274,34 +318,49 @@ def forward(x, pre, post, res, weight, iters: int, eps: float, inline: bool, thr
     )[0]
 
 
-def fused_vjp(x, g, H_pre, H_post, H_res, weight, eps: float, threads: int = 256):
+def vjp_plan(T: int, n: int, C: int, itemsize: int, threads: int = 256, budget: int = 32,
+             groups: int | None = None):
+    """(V, CPT, groups) of the layer backward: V from the per-thread register budget for the
+    n*V floats of x (and of g) a chunk holds; CPT chunks of dw per thread kept in registers
+    when CPT * V <= GW_REGISTER_BUDGET, else 0 (dw summed in memory, any C)."""
+    V = site.vector_width(C, itemsize, n, budget=budget)
+    chunks = -(-(C // V) // threads)
+    cpt = chunks if chunks * V <= GW_REGISTER_BUDGET else 0
+    return V, cpt, groups or max(1, min(T, MAX_GROUPS))
+
+
+def fused_vjp(x, g, H_pre, H_post, H_res, weight, eps: float, threads: int = 256, budget: int = 32,
+              groups: int | None = None):
     """(dx, dH_pre [n], dH_post [n], dH_res [n, n], dw [C]) of the layer for coefficients
-    H_* (float32), in one pass over x and the cotangent g (candidate, see USE_FUSED_VJP)."""
+    H_* (float32), in one pass over x and the cotangent g (the layer's backward while
+    USE_FUSED_VJP). `budget`: floats of x per thread and chunk (site.vector_width); 32 gives
+    16-byte vectors of bfloat16 at n = 4, 16 half of that. `threads` <= 256 (a multiple of 32)."""
     *lead, n, C = x.shape
     T = 1
     for d in lead:
         T *= d
-    V = site.vector_width(C, x.dtype.size, n, budget=32)
-    groups = max(1, min(T, MAX_GROUPS))
+    V, cpt, groups = vjp_plan(T, n, C, x.dtype.size, threads, budget, groups)
     na = n * n + 2 * n
     gx, gcoef, gw = launch(
         LAYER_VJP,
         [x, g.astype(x.dtype), H_pre, H_post, H_res, weight, int_params(T, C), float_params(eps)],
         [(x.shape, x.dtype), ((groups, na), F32), ((groups, C), F32)], groups * threads, threads,
-        [("T", x.dtype), ("N", n), ("V", V)],
+        [("T", x.dtype), ("N", n), ("V", V), ("CPT", cpt)],
     )
     gcoef = mx.sum(gcoef, axis=0)
     return gx, gcoef[n * n + n :], gcoef[n * n : n * n + n], gcoef[: n * n].reshape(n, n), mx.sum(gw, axis=0)
 
 
-def _fused_layer_vjp(primals, cotangent, iters, eps):
+def _fused_layer_vjp(primals, cotangent, iters, eps, threads: int = 256, budget: int = 32,
+                     groups: int | None = None):
     x, pre_raw, post_raw, res_raw, weight = primals
     n = x.shape[-2]
     H_pre, H_post, H_res = coefficients.activate(
         pre_raw.astype(F32).reshape(1, n), post_raw.astype(F32).reshape(1, n),
         res_raw.astype(F32).reshape(1, n, n), iters,
     )
-    gx, g_pre, g_post, g_res, g_w = fused_vjp(x, cotangent, H_pre[0], H_post[0], H_res[0], weight, eps)
+    gx, g_pre, g_post, g_res, g_w = fused_vjp(x, cotangent, H_pre[0], H_post[0], H_res[0], weight, eps,
+                                              threads, budget, groups)
     g = coefficients._activation_vjp(
         H_pre, H_post, res_raw.astype(F32).reshape(1, n, n), g_pre[None], g_post[None], g_res[None], iters
     )[0]
