@@ -59,7 +59,7 @@ def run() -> int:
 
 def _us(value: str, unit: str) -> float:
     v = float(value.replace(",", ""))
-    return v * {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3, "second": 1e6}.get(unit, float("nan"))
+    return v * {"ns": 1e-3, "nsecond": 1e-3, "us": 1.0, "usecond": 1.0, "ms": 1e3, "msecond": 1e3, "s": 1e6, "second": 1e6}.get(unit, float("nan"))
 
 
 def _short(name: str) -> str:

@@ -8,6 +8,7 @@
 #   bash scripts/gpu_session.sh profile      # ncu: each target case's kernels and their times
 #   bash scripts/gpu_session.sh experiments  # kernel-level timings (docs/kernel-notes.md)
 #   bash scripts/gpu_session.sh all          # check, bench, profile, experiments
+#   CHECK_ONLY=sinkhorn,layer bash scripts/gpu_session.sh all   # only these check groups
 #
 # MLX's CUDA wheel must already be installed (../shared/device/prepare-mlx-cuda, two calls).
 # Results go to runs/gpu_session, packed into $OUT/gpu_session.tgz when $OUT is set (the device
@@ -41,13 +42,16 @@ check() {
   local secs="$1" labels=() pids=() label
   start() { label="$1"; shift; labels+=("$label")
             timeout -k 5 "$secs" "$@" > "$res/$label.log" 2>&1 & pids+=($!); }
+  local groups=",${CHECK_ONLY:-sinkhorn,coefficients,site,layer},"  # CHECK_ONLY: a comma list
   for dt in f32 bf16 f16; do
-    start "site_small_$dt" python scripts/gpu_check.py --no-bench --only site --site-n 1,2,3,4 --dtypes $dt --out "$res/site_small_$dt"
-    start "site_large_$dt" python scripts/gpu_check.py --no-bench --only site --site-n 8,16,32 --dtypes $dt --out "$res/site_large_$dt"
-    start "layer_$dt" python scripts/gpu_check.py --no-bench --only layer --dtypes $dt --out "$res/layer_$dt"
-    start "coefficients_$dt" python scripts/gpu_check.py --no-bench --only coefficients --dtypes $dt --out "$res/coefficients_$dt"
+    if [[ $groups == *,site,* ]]; then
+      start "site_small_$dt" python scripts/gpu_check.py --no-bench --only site --site-n 1,2,3,4 --dtypes $dt --out "$res/site_small_$dt"
+      start "site_large_$dt" python scripts/gpu_check.py --no-bench --only site --site-n 8,16,32 --dtypes $dt --out "$res/site_large_$dt"
+    fi
+    [[ $groups == *,layer,* ]] && start "layer_$dt" python scripts/gpu_check.py --no-bench --only layer --dtypes $dt --out "$res/layer_$dt"
+    [[ $groups == *,coefficients,* ]] && start "coefficients_$dt" python scripts/gpu_check.py --no-bench --only coefficients --dtypes $dt --out "$res/coefficients_$dt"
   done
-  [ "${WITH_SINKHORN:-1}" = 1 ] && start sinkhorn python scripts/gpu_check.py --no-bench --only sinkhorn --out "$res/sinkhorn"
+  [[ $groups == *,sinkhorn,* ]] && start sinkhorn python scripts/gpu_check.py --no-bench --only sinkhorn --out "$res/sinkhorn"
   start pytest_gpu python -m pytest -q -m gpu tests -p no:cacheprovider
   for i in "${!labels[@]}"; do
     wait "${pids[$i]}"; TAIL=7 report "${labels[$i]}" $?
@@ -70,7 +74,7 @@ case "${1:-}" in
   profile) profile 240 ;;
   experiments) run 420 experiments python scripts/gpu_experiments.py ;;
   all)
-    WITH_SINKHORN=0 check 190
+    check 190
     run 120 bench python -m mhc_mlx.cli.main bench --out "$res/bench" --overwrite --seeds .seedpkgs --only "$TARGETS"
     profile 80
     run 110 experiments python scripts/gpu_experiments.py
