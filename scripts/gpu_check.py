@@ -49,8 +49,12 @@ def as_tuple(v):
     return tuple(v) if isinstance(v, (tuple, list)) else (v,)
 
 
-def check(name, shape, dtype, kernel_fn, ref64_fn, ref_fn, args, grad_args, tol=None):
-    """One case: forward vs float64, gradients (w.r.t. args[i] for i in grad_args) vs reference."""
+def check(name, shape, dtype, kernel_fn, ref64_fn, ref_fn, args, grad_args, tol=None, floors=None):
+    """One case: forward vs float64, gradients (w.r.t. args[i] for i in grad_args) vs reference.
+
+    floors: {position in grad_args: fraction of the largest gradient} for a gradient that is ~0
+    by construction (pure rounding noise), measured against that instead of 1 %.
+    """
     tol = tol or TOL[dtype]
     row = {"op": name, "shape": shape, "dtype": NAMES[dtype], "tol": tol}
     try:
@@ -61,9 +65,9 @@ def check(name, shape, dtype, kernel_fn, ref64_fn, ref_fn, args, grad_args, tol=
         if grad_args:
             cots = [mx.random.normal(o.shape).astype(o.dtype) for o in out]
 
-            def pick(fn):
+            def pick(fn, base=args):
                 def f(*g):
-                    full = list(args)
+                    full = list(base)
                     for i, v in zip(grad_args, g):
                         full[i] = v
                     return fn(*full)
@@ -72,25 +76,43 @@ def check(name, shape, dtype, kernel_fn, ref64_fn, ref_fn, args, grad_args, tol=
             primals = [args[i] for i in grad_args]
             _, got = mx.vjp(pick(kernel_fn), primals, cots)
             mx.eval(got)
+            # The reference in float32 on the same (16-bit valued) inputs: the kernels
+            # accumulate in float32, while the reference run in 16 bits rounds every op and
+            # carries noise of the order of the tolerance itself (tests/kernels shows 3.6e-2
+            # for a bfloat16 layer gradient against float32 math).
+            up = [a.astype(mx.float32) if a is not None and a.dtype in (mx.bfloat16, mx.float16) else a
+                  for a in args]
+            sixteen = dtype in (mx.bfloat16, mx.float16)
             with mx.stream(mx.cpu):
-                _, ref = mx.vjp(pick(ref_fn), primals, cots)
-                mx.eval(ref)
-            errs = []
+                _, ref = mx.vjp(pick(ref_fn, up), [up[i] for i in grad_args],
+                                [c.astype(mx.float32) for c in cots])
+                # ... and run in the activation dtype: its own error is the rounding the dtype's
+                # semantics carry (e.g. the sublayer output f rounded to 16 bits before it is
+                # mixed, which dH_post = sum g f keeps), which the kernel may show up to twice.
+                in_dtype = mx.vjp(pick(ref_fn), primals, cots)[1] if sixteen else ref
+                mx.eval(ref, in_dtype)
+            bound = max(tol, 1e-5 if dtype == mx.float32 else tol)
+            errs, bounds = [], []
             # A gradient that is ~0 by symmetry (e.g. RMSNorm's scale invariance at n=1) has no
             # meaningful relative error: measure each against max(its norm, 1% of the largest).
             scale = max(float(np.linalg.norm(np64(r).ravel())) for r in ref)
-            for g, r, p in zip(got, ref, primals):
+            for k, (g, r, d, p) in enumerate(zip(got, ref, in_dtype, primals)):
                 if tuple(g.shape) != tuple(p.shape):
                     raise AssertionError(f"gradient shape {tuple(g.shape)} != primal shape {tuple(p.shape)}")
                 gr, rr = np64(g), np64(r)
+                den = max(float(np.linalg.norm(rr.ravel())), (floors or {}).get(k, 1e-2) * scale, 1e-30)
+                own = float(np.linalg.norm((np64(d) - rr).ravel())) / den if sixteen else 0.0
+                # capped: a reference that itself fails (e.g. float16 overflow) must not excuse
+                # the kernel; a wrong formula errs by about 1
+                bounds.append(max(bound, min(2 * own, 0.25)) if np.isfinite(own) else bound)
                 if not np.all(np.isfinite(gr)):
                     errs.append(float("inf"))
                     continue
-                den = max(float(np.linalg.norm(rr.ravel())), 1e-2 * scale, 1e-30)
                 errs.append(float(np.linalg.norm((gr - rr).ravel())) / den)
             row["bwd"] = max(errs)
             row["bwd_each"] = errs
-        row["ok"] = row["fwd"] <= tol and row.get("bwd", 0.0) <= max(tol, 1e-5 if dtype == mx.float32 else tol)
+            row["bwd_bounds"] = bounds
+        row["ok"] = row["fwd"] <= tol and all(e <= b for e, b in zip(row.get("bwd_each", []), row.get("bwd_bounds", [])))
     except Exception as e:  # noqa: BLE001 -- report, keep checking
         row["ok"] = False
         row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
@@ -135,10 +157,10 @@ def cases_coefficients():
               lambda x_, b: ref64.coefficients(x_, None, None, b, 20, 1e-6),
               lambda x_, b: reference.mhc_coefficients(x_, None, None, b, 20, 1e-6), [x, bias], [1])
     # Each form the dispatcher can take: the fused kernel, and for 16-bit x on CUDA the
-    # tensor-core path (forced here at every size; by default it starts at MMA_MIN_TOKENS).
+    # tensor-core path (forced here at every size; by default it starts at MMA_MIN_ELEMENTS).
     forms = [FORCED_FORM] if FORCED_FORM else ["kernel", "mma"]
-    saved = coefficients.DYNAMIC_FORM, coefficients.MMA_MIN_TOKENS
-    coefficients.MMA_MIN_TOKENS = 0
+    saved = coefficients.DYNAMIC_FORM, coefficients.MMA_MIN_ELEMENTS
+    coefficients.MMA_MIN_ELEMENTS = 0
     for dt in DTYPES:
         for form in forms:
             if form in ("mma", "gemm") and dt == mx.float32:
@@ -158,7 +180,7 @@ def cases_coefficients():
                       lambda *a: ref64.coefficients(*a, 20, 1e-6),
                       lambda *a: reference.mhc_coefficients(*a, 20, 1e-6),
                       [x, phi, alpha, bias], [0, 1, 2, 3])
-    coefficients.DYNAMIC_FORM, coefficients.MMA_MIN_TOKENS = saved
+    coefficients.DYNAMIC_FORM, coefficients.MMA_MIN_ELEMENTS = saved
 
 
 SITE_N: set[int] = set()
@@ -191,12 +213,17 @@ def cases_layer():
             x = mx.random.normal((T, n, C)).astype(dt)
             pre, post = mx.random.normal((n,)), mx.random.normal((n,))
             res, w = 2 * mx.random.normal((n, n)), mx.random.uniform(0.5, 1.5, (C,))
+            # n = 1: RMSNorm is scale-invariant up to its eps, so dH_pre is ~0 and in 16 bits
+            # pure rounding noise (up to 1.5e-3 of the largest gradient over 40 seeds on the
+            # CPU emulator); measured against 10 % of the largest. A wrong formula errs by
+            # about the largest gradient.
+            floors = {1: 0.1} if n == 1 and dt != mx.float32 else None
             for inline in (True, False):
                 check(f"layer/{'inline' if inline else 'two-kernel'}", (T, n, C), dt,
                       lambda *a, i=inline: layer.mhc_layer(*a, 20, 1e-5, inline=i),
                       lambda *a: ref64.layer(*a, 20, 1e-5),
                       lambda *a: reference.mhc_layer(*a, 20, 1e-5),
-                      [x, pre, post, res, w], [0, 1, 2, 3, 4])
+                      [x, pre, post, res, w], [0, 1, 2, 3, 4], floors=floors)
 
 
 def main(argv=None) -> int:

@@ -85,7 +85,7 @@ def main():
     print(f"  of which pack + mma partials: {us:7.1f} us {gbps(xs[0].nbytes, us)}")
     us = tput(lambda p: cm.pack_phi(p), [[phi + i] for i in range(10)])
     print(f"  of which pack_phi alone: {us:7.1f} us")
-    # the crossover between the fused kernel and the tensor-core path (MMA_MIN_TOKENS)
+    # the crossover between the fused kernel and the tensor-core path (MMA_MIN_ELEMENTS)
     for Tn, Cn in ((64, 1280), (256, 1280), (512, 1280), (1024, 1280), (512, 4096)):
         phin = 0.02 * mx.random.normal((n * Cn, 2 * n + n * n))
         xn = [mx.random.normal((Tn, n * Cn)).astype(BF) for _ in range(10)]

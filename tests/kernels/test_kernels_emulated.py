@@ -114,7 +114,7 @@ FLAVOURED_FORMS = [pytest.param(fl, form, tb, id=f"{fl}-{fid}") for fl in FLAVOU
 def test_dynamic_coefficients_forward(monkeypatch, flavour, form, tb, dtype, n, C, T):
     if form == "mma":
         monkeypatch.setattr(build, "gpu_backend", lambda: "cuda")
-        monkeypatch.setattr(coefficients, "MMA_MIN_TOKENS", 0)
+        monkeypatch.setattr(coefficients, "MMA_MIN_ELEMENTS", 0)
     if tb:
         monkeypatch.setattr(coefficients, "TOKENS_PER_BLOCK_SMALL_N", tb)
     monkeypatch.setattr(coefficients, "DYNAMIC_FORM", form)
@@ -212,7 +212,7 @@ def test_layer_forward(flavour, dtype, n, C, T, inline):
     (4, 520, 3, 32, 2, None, False),
 ])
 @pytest.mark.parametrize("flavour", FLAVOURS)
-def test_layer_one_pass_backward_candidate(flavour, dtype, n, C, T, threads, groups, budget, registers):
+def test_layer_one_pass_backward(flavour, dtype, n, C, T, threads, groups, budget, registers):
     x = mx.random.normal((T, n, C)).astype(dtype)
     primals = [x, mx.random.normal((n,)), mx.random.normal((n,)), 2 * mx.random.normal((n, n)),
                mx.random.uniform(0.5, 1.5, (C,))]
@@ -226,9 +226,14 @@ def test_layer_one_pass_backward_candidate(flavour, dtype, n, C, T, threads, gro
     # carries noise of the order of the tolerance itself (up to 3.6e-2 seen over 40 seeds).
     up = [primals[0].astype(mx.float32), *primals[1:]]
     want = mx.vjp(lambda *a: reference.mhc_layer(*a, 20, 1e-5), up, [g.astype(mx.float32)])[1]
+    # ... and the reference run in the activation dtype, whose own error is the rounding the
+    # dtype's semantics carry: the sublayer output f is rounded to bfloat16 before it is mixed,
+    # so dH_post = sum g f holds that rounding in both (equal to it over 40 seeds: up to 5.6 %
+    # when the sum nearly cancels at n = 1, C = 33). The kernel may err up to twice as much.
+    in_dtype = mx.vjp(lambda *a: reference.mhc_layer(*a, 20, 1e-5), primals, [g])[1]
     tol = GRAD_TOL if dtype == mx.float32 else TOL[dtype]
     top = largest(want)
-    for name, a, b in zip(("x", "H_pre_raw", "H_post_raw", "H_res_raw", "rms_weight"), got, want):
+    for name, a, b, d in zip(("x", "H_pre_raw", "H_post_raw", "H_res_raw", "rms_weight"), got, want, in_dtype):
         # dH_pre = sum_c dy_c x_c nearly cancels (RMSNorm's backward removes dy's component
         # along y = H_pre x; exactly at n = 1), so in 16 bits its error is measured against 5 %
         # of the largest gradient: 3.9e-3 at most over 40 seeds at C = 512 (median 7.7e-4)
@@ -241,7 +246,10 @@ def test_layer_one_pass_backward_candidate(flavour, dtype, n, C, T, threads, gro
             err = float(np.linalg.norm(np64(a) - np64(b)))
             assert err <= (1e-3 if dtype == mx.float32 else TOL[dtype]) * top, name
             continue
-        assert grad_rel(a, b, scale) <= tol, name
+        own = float(np.linalg.norm(np64(d) - np64(b)) / max(np.linalg.norm(np64(b)), scale, 1e-12))
+        # capped: a wrong formula errs by about 1, and a non-finite reference excuses nothing
+        bound = max(tol, min(2 * own, 0.25)) if dtype != mx.float32 and np.isfinite(own) else tol
+        assert grad_rel(a, b, scale) <= bound, name
 
 
 def test_emulator_reports_a_deadlock_and_a_partial_warp_exchange():

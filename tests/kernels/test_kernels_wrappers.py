@@ -189,7 +189,7 @@ def test_mma_form_of_dynamic_coefficients(monkeypatch, dtype):
     from mhc_mlx.kernels import build
 
     monkeypatch.setattr(coefficients, "DYNAMIC_FORM", "mma")
-    monkeypatch.setattr(coefficients, "MMA_MIN_TOKENS", 0)
+    monkeypatch.setattr(coefficients, "MMA_MIN_ELEMENTS", 0)
     monkeypatch.setattr(build, "gpu_backend", lambda: "cuda")
     n, C = 4, 24
     x = mx.zeros((2, 3, n, C), dtype=dtype)
@@ -212,7 +212,7 @@ def test_cuda_only_kernel_never_runs_on_metal(monkeypatch):
     from mhc_mlx.kernels import build
 
     monkeypatch.setattr(coefficients, "DYNAMIC_FORM", "mma")
-    monkeypatch.setattr(coefficients, "MMA_MIN_TOKENS", 0)
+    monkeypatch.setattr(coefficients, "MMA_MIN_ELEMENTS", 0)
     monkeypatch.setattr(build, "gpu_backend", lambda: "metal")
     n, C = 4, 24
     W = 2 * n + n * n
@@ -223,20 +223,20 @@ def test_cuda_only_kernel_never_runs_on_metal(monkeypatch):
     assert "mhc_coefficients_dynamic_mma" not in names and "mhc_coefficients_dynamic" in names
 
 
-@pytest.mark.parametrize("tokens", [1, 255, 256, 1000])
-def test_default_dynamic_form_is_the_fused_kernel_below_mma_min_tokens(monkeypatch, tokens):
-    # CUDA, bfloat16: one fused launch for few tokens (latency), the tensor-core path from
-    # MMA_MIN_TOKENS up (throughput)
+@pytest.mark.parametrize("tokens,C", [(1, 8), (255, 4096), (256, 4096), (1000, 1280), (1024, 1024)])
+def test_default_dynamic_form_is_the_fused_kernel_below_mma_min_elements(monkeypatch, tokens, C):
+    # CUDA, bfloat16: one fused launch for small x (latency), the tensor-core path from
+    # MMA_MIN_ELEMENTS elements of x up (throughput)
     from mhc_mlx.kernels import build
 
     monkeypatch.setattr(build, "gpu_backend", lambda: "cuda")
-    n, C = 4, 8
+    n = 4
     W = 2 * n + n * n
     launched.clear()
     coefficients.mhc_coefficients(mx.zeros((tokens, n, C), dtype=mx.bfloat16), mx.zeros((n * C, W)),
                                   mx.zeros((3,)), mx.zeros((W,)), 20, 1e-6)
     names = [name for name, *_ in launched]
-    if tokens >= coefficients.MMA_MIN_TOKENS:
+    if tokens * n * C >= coefficients.MMA_MIN_ELEMENTS:
         assert "mhc_coefficients_dynamic_mma" in names and "mhc_coefficients_dynamic" not in names
     else:
         assert "mhc_coefficients_dynamic" in names and "mhc_coefficients_dynamic_mma" not in names

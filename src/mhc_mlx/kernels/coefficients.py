@@ -263,7 +263,7 @@ VJP_TOKENS_PER_SPLIT = 256
 # TB tokens share each staged chunk of phi, for n <= 4 (n > 4 always takes 8). On the H100
 # at 4096 x 4 x 4096 (bf16) the kernel took 990 µs at TB=16, 771 µs at TB=8 and 879 µs at
 # TB=32 (2026-11-25, scripts/gpu_experiments.py; an earlier run: 951 / 607 / ~920 µs), and the
-# TB=8 instance passed scripts/gpu_check.py --tb8-candidate (26/26): latency-bound either way.
+# TB=8 instance passed the coefficients cases of scripts/gpu_check.py (26/26): latency-bound either way.
 TOKENS_PER_BLOCK_SMALL_N = 8
 
 
@@ -354,14 +354,20 @@ def raw_coefficients(pre_raw, post_raw, res_raw, iters: int):
 # - "mma" (CUDA): the GEMM on tensor cores in our own kernel (mma.sync, phi split into three
 #   bfloat16 parts so the products keep float32 accuracy, split over K; coefficients_mma.py),
 #   reading x once, then one finishing kernel. On the H100 at 4096 x 4 x 4096 bf16 it took
-#   297 µs against 771-990 µs for "kernel" (with the finish still in MLX ops), and it passed
-#   scripts/gpu_check.py --dynamic-mma-candidate (26/26), 2026-11-25. Taken from
-#   MMA_MIN_TOKENS tokens up; below, "kernel" (one launch instead of three).
+#   194-240 µs against 559-990 µs for "kernel" (297 µs when its packing and finish were MLX
+#   ops), and it passed every coefficients case of scripts/gpu_check.py (55/55 with both
+#   forms, 2026-11-25). Taken from MMA_MIN_ELEMENTS elements of x (T * n * C) up; below,
+#   "kernel" (one launch instead of three); 1 << 22 sits between the sizes where each won
+#   (not yet re-run on the device with this rule): in two runs of scripts/gpu_experiments.py
+#   the fused kernel was faster at
+#   T * K <= 2.6 M (e.g. 512 x 4 x 1280: 58.6 / 72.8 µs against 67.1 / 79.8), they tied or the
+#   tensor cores won at 5.2 M (1024 x 4 x 1280: 75.0 / 95.3 against 75.3 / 88.5) and the tensor
+#   cores won at 8.4 M (512 x 4 x 4096: 86.7 / 100.2 against 113.4 / 127.1).
 # - "gemm": MLX's TF32 matmul (x is exact in TF32, phi split into [phi_hi | phi_lo],
 #   compiled/matmul.py), Σx² as an MLX reduction, then the activations kernel; it reads x
 #   about three times. Passed the same check; 777 µs there. Kept for comparison.
 DYNAMIC_FORM = "mma"  # or "kernel", "gemm"
-MMA_MIN_TOKENS = 256
+MMA_MIN_ELEMENTS = 1 << 22
 DYNAMIC_FORMS = ("kernel", "gemm", "mma")
 
 
@@ -393,7 +399,7 @@ def dynamic_forward(x2, phi, alpha, bias, n: int, iters: int, eps: float, tb: in
     """x2 [T, n*C] -> H_pre [T, n], H_post [T, n], H_res [T, n, n], m [T, W], 1/r [T]."""
     if form is None:
         form = DYNAMIC_FORM
-        if form == "mma" and x2.shape[0] < MMA_MIN_TOKENS:
+        if form == "mma" and x2.size < MMA_MIN_ELEMENTS:
             form = "kernel"
     if form not in DYNAMIC_FORMS:
         raise ValueError(f"unknown dynamic coefficient form {form!r}; choose one of {', '.join(DYNAMIC_FORMS)}")

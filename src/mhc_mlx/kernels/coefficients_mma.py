@@ -1,4 +1,4 @@
-"""Candidate (CUDA only, not yet run on a GPU): the dynamic coefficients' GEMM on tensor cores.
+"""CUDA only: the dynamic coefficients' GEMM on tensor cores (the default form for large 16-bit x).
 
 The fused dynamic kernel (coefficients.py) does xf @ phi on FP32 cores and is latency-bound
 at 151 registers per thread (docs/kernel-notes.md). Here each warp runs `mma.sync` m16n8k16
@@ -13,12 +13,13 @@ bf16 tiles with float32 accumulation, split over K so every SM holds many warps:
   its A-fragment elements of two k16 steps. The sum over k does not care which k sits where,
   as long as A and B agree: phi is packed with the same permutation (`pack_phi`).
 - Each warp owns MT tiles of 16 tokens and one slice of K; it writes partial dot products
-  [split, token, column] and partial sums of squares. MLX ops add the partials, and the
-  activations kernel (coefficients.ACTIVATE) finishes each token.
+  [split, token, column] and partial sums of squares. The finishing kernel (FINISH) adds the
+  partials and runs the activations and Sinkhorn per token; PACK lays phi out once per call.
 
-Off by default (`coefficients.DYNAMIC_FORM = "mma"` turns it on); `scripts/gpu_check.py
---dynamic-mma-candidate` checks it against the reference, `scripts/gpu_experiments.py` times it.
-The layout logic is checked on the CPU by a NumPy model of the lanes (tests/kernels).
+The default form for 16-bit x on CUDA from coefficients.MMA_MIN_ELEMENTS elements of x up
+(coefficients.DYNAMIC_FORM). It passed every coefficients case of `scripts/gpu_check.py` on the
+H100 (2026-11-25); `scripts/gpu_experiments.py` times it against the fused kernel. The layout
+logic is checked on the CPU by a NumPy model of the lanes and the g++ emulator (tests/kernels).
 """
 
 from __future__ import annotations
