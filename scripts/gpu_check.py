@@ -235,8 +235,13 @@ def main(argv=None) -> int:
     ap.add_argument("--dtypes", default="", help="comma list of f32,bf16,f16 (default all)")
     ap.add_argument("--dynamic-form", choices=coefficients.DYNAMIC_FORMS, default="",
                     help="check only this form of the dynamic coefficients (default: kernel and mma)")
+    ap.add_argument("--sinkhorn-thread-vjp", action="store_true",
+                    help="switch on the candidate one-thread-per-matrix Sinkhorn backward (n <= 4; "
+                         "sinkhorn.THREAD_VJP_CANDIDATE_WORK) for every check")
     ap.add_argument("--out", default=os.environ.get("OUT", "runs/gpu_check"))
     args = ap.parse_args(argv)
+    if args.sinkhorn_thread_vjp:
+        sinkhorn.THREAD_VJP_MAX_WORK = sinkhorn.THREAD_VJP_CANDIDATE_WORK
     global FORCED_FORM
     FORCED_FORM = args.dynamic_form
     os.makedirs(args.out, exist_ok=True)

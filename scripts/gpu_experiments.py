@@ -17,7 +17,7 @@ import mlx.core as mx  # noqa: E402
 
 import mhc_mlx as mhc  # noqa: E402
 from mhc_mlx.bench import timing  # noqa: E402
-from mhc_mlx.kernels import coefficients, layer, site  # noqa: E402
+from mhc_mlx.kernels import coefficients, layer, site, sinkhorn  # noqa: E402
 
 BF = mx.bfloat16
 
@@ -28,6 +28,50 @@ def gbps(nbytes, us):
 
 def tput(fn, sets, reps=10):
     return timing.throughput_us(fn, sets, repeats=reps)
+
+
+def sinkhorn_candidate(copy_gbps, Ms=(1, 4096), T=4096, C=4096, reps=10):
+    """The Sinkhorn backward, warp form vs the one-thread-per-matrix candidate (n = 4, 20
+    iterations): alone for one matrix (the static site) and for 4096 (the dynamic site), then
+    the static layer's forward+backward at T x 4 x C with each."""
+    n = 4
+    saved = sinkhorn.THREAD_VJP_MAX_WORK
+    forms = (("warp", 0), ("thread", sinkhorn.THREAD_VJP_CANDIDATE_WORK))
+    try:
+        for M in Ms:
+            Ls = [2 * mx.random.normal((M, n, n)) for _ in range(10)]
+            cs = [mx.random.normal((M, n, n)) for _ in range(10)]
+            mx.eval(Ls, cs)
+            row = []
+            for label, work in forms:
+                sinkhorn.THREAD_VJP_MAX_WORK = work
+                us = tput(lambda a, b: sinkhorn.project_vjp(a, b, 20), [[a, b] for a, b in zip(Ls, cs)], reps)
+                row.append(f"{label} {us:6.1f} us")
+            print(f"sinkhorn backward M={M} n={n}: " + ", ".join(row))
+        xs = [mx.random.normal((T, n, C)).astype(BF) for _ in range(6)]
+        g1 = mx.random.normal((T, n, C)).astype(BF)
+        ml = mhc.MHCLayer(n, C)
+        mx.eval(xs, g1, ml.parameters())
+        names = ["H_pre_raw", "H_post_raw", "H_res_raw", "rms_weight"]
+        params = [getattr(ml, nm) for nm in names]
+
+        def fwd_bwd(x):
+            def f(x_, *ps):
+                for nm, p in zip(names, ps):
+                    setattr(ml, nm, p)
+                return ml(x_)
+            return mx.vjp(f, [x, *params], [g1])
+
+        floor_bytes = 5 * n * C * 2 * T
+        row = []
+        for label, work in forms:
+            sinkhorn.THREAD_VJP_MAX_WORK = work
+            us = tput(fwd_bwd, [[x] for x in xs], reps)
+            row.append(f"{label} {us:7.1f} us ({100 * floor_bytes / us / 1e3 / copy_gbps:.0f} %)")
+        print(f"static layer fwd+bwd {T}x{n}x{C}, Sinkhorn backward " + ", ".join(row)
+              + " of the 5·n·C·2 B/token floor at copy speed")
+    finally:
+        sinkhorn.THREAD_VJP_MAX_WORK = saved
 
 
 def main():
@@ -160,6 +204,8 @@ def main():
         dyn(x1)
     build = (time.perf_counter() - t0) / 200 * 1e6
     print(f"dynamic site B=1: wall {wall:.1f} us, graph build {build:.1f} us")
+
+    sinkhorn_candidate(c["GBps"])
 
     # E. n=32 post and layer.
     x32 = [mx.random.normal((512, 32, 1280)).astype(BF) for _ in range(10)]

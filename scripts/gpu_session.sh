@@ -9,6 +9,8 @@
 #   bash scripts/gpu_session.sh experiments  # kernel-level timings (docs/kernel-notes.md)
 #   bash scripts/gpu_session.sh all          # check, bench, profile, experiments
 #   CHECK_ONLY=sinkhorn,layer bash scripts/gpu_session.sh all   # only these check groups
+#   CHECK_ARGS=--sinkhorn-thread-vjp CHECK_ONLY=sinkhorn,coefficients,layer \
+#     bash scripts/gpu_session.sh check                          # a candidate switched on
 #
 # MLX's CUDA wheel must already be installed (../shared/device/prepare-mlx-cuda, two calls).
 # Results go to runs/gpu_session, packed into $OUT/gpu_session.tgz when $OUT is set (the device
@@ -45,13 +47,13 @@ check() {
   local groups=",${CHECK_ONLY:-sinkhorn,coefficients,site,layer},"  # CHECK_ONLY: a comma list
   for dt in f32 bf16 f16; do
     if [[ $groups == *,site,* ]]; then
-      start "site_small_$dt" python scripts/gpu_check.py --no-bench --only site --site-n 1,2,3,4 --dtypes $dt --out "$res/site_small_$dt"
-      start "site_large_$dt" python scripts/gpu_check.py --no-bench --only site --site-n 8,16,32 --dtypes $dt --out "$res/site_large_$dt"
+      start "site_small_$dt" python scripts/gpu_check.py ${CHECK_ARGS:-} --no-bench --only site --site-n 1,2,3,4 --dtypes $dt --out "$res/site_small_$dt"
+      start "site_large_$dt" python scripts/gpu_check.py ${CHECK_ARGS:-} --no-bench --only site --site-n 8,16,32 --dtypes $dt --out "$res/site_large_$dt"
     fi
-    [[ $groups == *,layer,* ]] && start "layer_$dt" python scripts/gpu_check.py --no-bench --only layer --dtypes $dt --out "$res/layer_$dt"
-    [[ $groups == *,coefficients,* ]] && start "coefficients_$dt" python scripts/gpu_check.py --no-bench --only coefficients --dtypes $dt --out "$res/coefficients_$dt"
+    [[ $groups == *,layer,* ]] && start "layer_$dt" python scripts/gpu_check.py ${CHECK_ARGS:-} --no-bench --only layer --dtypes $dt --out "$res/layer_$dt"
+    [[ $groups == *,coefficients,* ]] && start "coefficients_$dt" python scripts/gpu_check.py ${CHECK_ARGS:-} --no-bench --only coefficients --dtypes $dt --out "$res/coefficients_$dt"
   done
-  [[ $groups == *,sinkhorn,* ]] && start sinkhorn python scripts/gpu_check.py --no-bench --only sinkhorn --out "$res/sinkhorn"
+  [[ $groups == *,sinkhorn,* ]] && start sinkhorn python scripts/gpu_check.py ${CHECK_ARGS:-} --no-bench --only sinkhorn --out "$res/sinkhorn"
   start pytest_gpu python -m pytest -q -m gpu tests -p no:cacheprovider
   for i in "${!labels[@]}"; do
     wait "${pids[$i]}"; TAIL=7 report "${labels[$i]}" $?

@@ -73,6 +73,58 @@ def test_sinkhorn_forward_and_backward(flavour, n):
         assert grad_rel(sinkhorn.project_vjp(L, g, 20), want) <= GRAD_TOL
 
 
+@pytest.mark.parametrize("n,iters,M", [(1, 20, 3), (2, 40, 33), (3, 20, 5), (4, 20, 70), (4, 1, 2)])
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_sinkhorn_thread_backward(monkeypatch, flavour, n, iters, M):
+    # one thread per matrix (M not a multiple of the group: the tail threads return early)
+    monkeypatch.setattr(sinkhorn, "THREAD_VJP_MAX_WORK", sinkhorn.THREAD_VJP_CANDIDATE_WORK)
+    L = 2 * mx.random.normal((M, n, n))
+    g = mx.random.normal((M, n, n))
+    got = sinkhorn.project_vjp(L, g, iters)
+    assert [name for name, *_ in emu.launched] == ["mhc_sinkhorn_vjp_thread"]
+    want = mx.vjp(lambda a: reference.sinkhorn_knopp(a, iters), [L], [g])[1][0]
+    assert grad_rel(got, want) <= GRAD_TOL
+
+
+@pytest.mark.parametrize("iters", [20, 1])
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_sinkhorn_thread_backward_at_ties_and_underflow(monkeypatch, flavour, iters):
+    # 0: the max shared by two entries (its share split between them); 1: a row 200 below the
+    # rest (exp underflows: it stays 0 through every step); 2: logits spread by 1e4; 3, 4: a row,
+    # a row and a column 75 below the rest: their mass stays under MHC_TINY, so the sum is
+    # clamped (at 1 iteration in the last step, where the clamp's gradient and the argmax share
+    # it leaves are visible; later steps renormalise them away).
+    n = 4
+    L = np.array(2 * mx.random.normal((5, n, n)), dtype=np.float32)
+    L[0, 1, 2] = L[0, 3, 0] = L[0].max() + 1.0
+    L[1, 2, :] -= 200.0
+    L[2] *= 5e3
+    L[3, 1, :] = L[3].max() - 75.0 + 0.1 * np.arange(n)
+    L[4, 1, :] = L[4].max() - 75.0 + 0.1 * np.arange(n)
+    L[4, :, 2] = L[4].max() - 75.0 - 0.1 * np.arange(n)
+    L, g = mx.array(L), mx.random.normal((5, n, n))
+    monkeypatch.setattr(sinkhorn, "THREAD_VJP_MAX_WORK", sinkhorn.THREAD_VJP_CANDIDATE_WORK)
+    got = sinkhorn.project_vjp(L, g, iters)
+    monkeypatch.setattr(sinkhorn, "THREAD_VJP_MAX_WORK", 0)
+    warp = sinkhorn.project_vjp(L, g, iters)
+    assert [name for name, *_ in emu.launched] == ["mhc_sinkhorn_vjp_thread", "mhc_sinkhorn_vjp"]
+    assert np.isfinite(np64(got)).all()
+    for k in (0, 1):
+        want = mx.vjp(lambda a: reference.sinkhorn_knopp(a, iters), [L[k]], [g[k]])[1][0]
+        assert grad_rel(got[k], want) <= GRAD_TOL, k
+    # the clamped ones against float64 central differences (the reference's float32 autodiff
+    # loses them: its P-space products underflow, it gives the tiny row 0 and errs by ~100 %)
+    for k in (3, 4):
+        Lk, gk, fd = np64(L[k]), np64(g[k]), np.zeros((n, n))
+        for idx in np.ndindex(n, n):
+            up, down = Lk.copy(), Lk.copy()
+            up[idx] += 1e-6
+            down[idx] -= 1e-6
+            fd[idx] = ((ref64.sinkhorn(up, iters) - ref64.sinkhorn(down, iters)) * gk).sum() / 2e-6
+        assert rel(got[k], fd) <= 1e-4, k
+    assert grad_rel(got, warp) <= GRAD_TOL
+
+
 @pytest.mark.parametrize("n", [1, 4, 8])
 @pytest.mark.parametrize("flavour", FLAVOURS)
 def test_static_coefficients_forward_and_backward(flavour, n):

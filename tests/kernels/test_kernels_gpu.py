@@ -29,6 +29,22 @@ def test_sinkhorn(n):
     assert ref64.rel_err(np64(sinkhorn.sinkhorn_knopp(L, 20)), ref64.sinkhorn(np64(L), 20)) <= 1e-5
 
 
+@pytest.mark.parametrize("thread", [False, True])
+@pytest.mark.parametrize("n,M", [(2, 3), (4, 70)])
+def test_sinkhorn_backward(monkeypatch, n, M, thread):
+    # the warp form and the one-thread-per-matrix candidate against float64 central differences
+    monkeypatch.setattr(sinkhorn, "THREAD_VJP_MAX_WORK", sinkhorn.THREAD_VJP_CANDIDATE_WORK if thread else 0)
+    L, g = 2 * mx.random.normal((M, n, n)), mx.random.normal((M, n, n))
+    got = np64(sinkhorn.project_vjp(L, g, 20))
+    L64, g64, fd = np64(L), np64(g), np.zeros((M, n, n))
+    for i, j in np.ndindex(n, n):
+        up, down = L64.copy(), L64.copy()
+        up[:, i, j] += 1e-6
+        down[:, i, j] -= 1e-6
+        fd[:, i, j] = ((ref64.sinkhorn(up, 20) - ref64.sinkhorn(down, 20)) * g64).sum(axis=(1, 2)) / 2e-6
+    assert ref64.rel_err(got, fd) <= 1e-4
+
+
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16, mx.float16])
 @pytest.mark.parametrize("n,C", [(4, 33), (3, 64), (32, 40)])
 def test_pre_post(dtype, n, C):

@@ -11,7 +11,7 @@ import mlx.core as mx
 from . import coefficients, coefficients_mma, layer, sinkhorn, site
 
 SPECS = (
-    sinkhorn.FORWARD, sinkhorn.BACKWARD, coefficients.ACTIVATE, coefficients.DYNAMIC,
+    sinkhorn.FORWARD, sinkhorn.BACKWARD, sinkhorn.BACKWARD_THREAD, coefficients.ACTIVATE, coefficients.DYNAMIC,
     coefficients.DYNAMIC_VJP, site.PRE, site.PRE_VJP, site.POST, site.POST_VJP, layer.LAYER, layer.LAYER_VJP,
 )
 
@@ -29,6 +29,8 @@ def instances():
         out.append((coefficients.ACTIVATE, (F32, F32, F32, I32), (F32, F32, F32), [("N", n)]))
     for n, iters in ((4, 20), (8, 20), (32, 20)):
         out.append((sinkhorn.BACKWARD, (F32, F32, I32), (F32,), [("N", n), ("ITERS", iters)]))
+    for n, iters in ((1, 20), (2, 40), (4, 20), (8, 10)):
+        out.append((sinkhorn.BACKWARD_THREAD, (F32, F32, I32), (F32,), [("N", n), ("ITERS", iters)]))
     for dt in (F32, BF16, F16):
         for n in (1, 4, 8):
             tb = coefficients.tokens_per_block(n)

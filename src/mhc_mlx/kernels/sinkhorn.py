@@ -63,6 +63,41 @@ BACKWARD = KernelSpec(
 )
 
 
+# One thread per matrix (prelude.ksinkhorn_thread_vjp): no warp exchange in the replay or the
+# walk back. Used for n <= 4 and n * iters <= THREAD_VJP_MAX_WORK: it keeps 2 * n * iters
+# scalings in registers (ptxas, sm_90a: 248 registers at n = 4 and 20 iterations, no spills;
+# n = 8 at 10 iterations spills 1.3 KB); 0 keeps the warp form everywhere. Off until it has
+# passed scripts/gpu_check.py --sinkhorn-thread-vjp on a GPU (its source matches the reference
+# and float64 finite differences in the CPU emulator; tests/kernels).
+THREAD_VJP_MAX_WORK = 0
+THREAD_VJP_CANDIDATE_WORK = 80  # what gpu_check --sinkhorn-thread-vjp switches on (n = 4 at 20 iterations)
+THREADS_PER_GROUP = 32  # one warp per group: 4096 matrices spread over 128 SMs, not 64
+
+BACKWARD_THREAD = KernelSpec(
+    name="mhc_sinkhorn_vjp_thread",
+    inputs=("logit", "cot", "iparam"),
+    outputs=("glogit",),
+    body=r"""
+  const int M = iparam[0];
+  const int mat = KBID * KNT + KTID;
+  if (mat >= M) return;
+  const int64_t base = (int64_t)mat * N * N;
+  float lp[N * N];
+  float g[N * N];
+  KUNROLL for (int a = 0; a < N * N; ++a) {
+    lp[a] = logit[base + a];
+    g[a] = cot[base + a];
+  }
+  ksinkhorn_thread_vjp<N, ITERS>(lp, g);
+  KUNROLL for (int a = 0; a < N * N; ++a) glogit[base + a] = g[a];
+""",
+)
+
+
+def uses_thread_vjp(n: int, iters: int) -> bool:
+    return n <= 4 and n * iters <= THREAD_VJP_MAX_WORK
+
+
 def _grid(M: int) -> tuple[int, int]:
     tg = 32 * WARPS_PER_GROUP
     return -(-M // WARPS_PER_GROUP) * tg, tg
@@ -80,6 +115,12 @@ def project_vjp(L: mx.array, cot: mx.array, iters: int) -> mx.array:
     M, n = L.shape[0], L.shape[-1]
     if n * iters > MAX_BACKWARD_WORK:
         return compiled_backward(L, cot, iters)
+    if uses_thread_vjp(n, iters):
+        tg = THREADS_PER_GROUP
+        return launch(
+            BACKWARD_THREAD, [L, cot, int_params(M, iters)], [(L.shape, mx.float32)], -(-M // tg) * tg, tg,
+            [("N", n), ("ITERS", iters)],
+        )[0]
     grid, tg = _grid(M)
     return launch(
         BACKWARD, [L, cot, int_params(M, iters)], [(L.shape, mx.float32)], grid, tg,
