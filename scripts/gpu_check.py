@@ -33,7 +33,7 @@ import mlx.core as mx  # noqa: E402
 
 import kernels_ref64 as ref64  # noqa: E402
 from mhc_mlx import kernels, reference  # noqa: E402
-from mhc_mlx.kernels import build, coefficients, layer, sinkhorn, site  # noqa: E402
+from mhc_mlx.kernels import build, coefficients, coefficients_mma, layer, sinkhorn, site  # noqa: E402
 
 TOL = {mx.float32: 1e-5, mx.bfloat16: 2e-2, mx.float16: 2e-2}
 DTYPES = (mx.float32, mx.bfloat16, mx.float16)
@@ -238,10 +238,15 @@ def main(argv=None) -> int:
     ap.add_argument("--sinkhorn-thread-vjp", action="store_true",
                     help="switch on the candidate one-thread-per-matrix Sinkhorn backward (n <= 4; "
                          "sinkhorn.THREAD_VJP_CANDIDATE_WORK) for every check")
+    ap.add_argument("--mma-prefetch", action="store_true",
+                    help="switch on the candidate software pipelining of the tensor-core coefficients "
+                         "kernel (coefficients_mma.PREFETCH) for every check")
     ap.add_argument("--out", default=os.environ.get("OUT", "runs/gpu_check"))
     args = ap.parse_args(argv)
     if args.sinkhorn_thread_vjp:
         sinkhorn.THREAD_VJP_MAX_WORK = sinkhorn.THREAD_VJP_CANDIDATE_WORK
+    if args.mma_prefetch:
+        coefficients_mma.PREFETCH = True
     global FORCED_FORM
     FORCED_FORM = args.dynamic_form
     os.makedirs(args.out, exist_ok=True)

@@ -129,6 +129,15 @@ def main():
     print(f"  of which pack + mma partials: {us:7.1f} us {gbps(xs[0].nbytes, us)}")
     us = tput(lambda p: cm.pack_phi(p), [[phi + i] for i in range(10)])
     print(f"  of which pack_phi alone: {us:7.1f} us")
+    # the candidate software pipelining of the tensor-core kernel (x of the next k block loaded
+    # before this block's mma's), side by side with the checked kernel
+    row = []
+    for pf in (False, True):
+        cm.PREFETCH = pf
+        us = tput(lambda x: cm.partial_products(x.reshape(T, n * C), phi), [[x] for x in xs])
+        row.append(f"PF={int(pf)} {us:7.1f} us {gbps(xs[0].nbytes, us)}")
+    cm.PREFETCH = False
+    print("  pack + mma partials, prefetch off/on: " + ", ".join(row))
     # the crossover between the fused kernel and the tensor-core path (MMA_MIN_ELEMENTS)
     for Tn, Cn in ((64, 1280), (256, 1280), (512, 1280), (1024, 1280), (512, 4096)):
         phin = 0.02 * mx.random.normal((n * Cn, 2 * n + n * n))
@@ -148,6 +157,11 @@ def main():
     us = tput(lambda x: hcs.post(x, f_site, hcs.pre(x)[1]), [[x] for x in xs])
     print(f"dynamic site forward (default forms): {us:7.1f} us "
           f"({100 * site_bytes / us / 1e3 / c['GBps']:.0f} % of its (4n+2)·C·2 B/token floor at copy speed)")
+    cm.PREFETCH = True
+    us = tput(lambda x: hcs.post(x, f_site, hcs.pre(x)[1]), [[x] for x in xs])
+    cm.PREFETCH = False
+    print(f"dynamic site forward (mma prefetch candidate): {us:7.1f} us "
+          f"({100 * site_bytes / us / 1e3 / c['GBps']:.0f} % of its floor)")
     hp = mx.random.uniform(shape=(T, n))
     hq = mx.random.uniform(shape=(T, n))
     hr = mx.random.uniform(shape=(T, n, n))

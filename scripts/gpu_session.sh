@@ -9,8 +9,8 @@
 #   bash scripts/gpu_session.sh experiments  # kernel-level timings (docs/kernel-notes.md)
 #   bash scripts/gpu_session.sh all          # check, bench, profile, experiments
 #   CHECK_ONLY=sinkhorn,layer bash scripts/gpu_session.sh all   # only these check groups
-#   CHECK_ARGS=--sinkhorn-thread-vjp CHECK_ONLY=sinkhorn,coefficients,layer \
-#     bash scripts/gpu_session.sh check                          # a candidate switched on
+#   CHECK_ARGS="--sinkhorn-thread-vjp --mma-prefetch" CHECK_ONLY=sinkhorn,coefficients,layer \
+#     bash scripts/gpu_session.sh check                          # the candidates switched on
 #
 # MLX's CUDA wheel must already be installed (../shared/device/prepare-mlx-cuda, two calls).
 # Results go to runs/gpu_session, packed into $OUT/gpu_session.tgz when $OUT is set (the device

@@ -153,17 +153,21 @@ def _dynamic_inputs(T, n, C, dtype):
     return x, phi, mx.random.uniform(0.2, 1.5, (3,)), mx.random.normal((W,))
 
 
-FORMS = [("kernel", 16), ("kernel", 8), ("gemm", None), ("mma", None)]
-FORM_IDS = ["kernel-tb16", "kernel-tb8", "gemm", "mma"]
+# "mma-prefetch": the tensor-core form with the candidate software pipelining (PREFETCH)
+FORMS = [("kernel", 16), ("kernel", 8), ("gemm", None), ("mma", None), ("mma-prefetch", None)]
+FORM_IDS = ["kernel-tb16", "kernel-tb8", "gemm", "mma", "mma-prefetch"]
 # the tensor-core kernel is CUDA only (never dispatched on Metal)
 FLAVOURED_FORMS = [pytest.param(fl, form, tb, id=f"{fl}-{fid}") for fl in FLAVOURS
-                   for (form, tb), fid in zip(FORMS, FORM_IDS) if not (fl == "metal" and form == "mma")]
+                   for (form, tb), fid in zip(FORMS, FORM_IDS) if not (fl == "metal" and form.startswith("mma"))]
 
 
 @pytest.mark.parametrize("flavour,form,tb", FLAVOURED_FORMS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n,C,T", [(4, 40, 19), (2, 33, 5), (8, 16, 9)])
 def test_dynamic_coefficients_forward(monkeypatch, flavour, form, tb, dtype, n, C, T):
+    if form == "mma-prefetch":
+        monkeypatch.setattr(coefficients_mma, "PREFETCH", True)
+        form = "mma"
     if form == "mma":
         monkeypatch.setattr(build, "gpu_backend", lambda: "cuda")
         monkeypatch.setattr(coefficients, "MMA_MIN_ELEMENTS", 0)
@@ -183,6 +187,8 @@ def test_dynamic_coefficients_forward(monkeypatch, flavour, form, tb, dtype, n, 
     names = {name for name, *_ in emu.launched}
     if dtype != mx.float32 and form == "mma":
         assert "mhc_coefficients_dynamic_mma" in names
+        mma_templates = [t for name, t, *_ in emu.launched if name == "mhc_coefficients_dynamic_mma"]
+        assert all(t["PF"] == int(coefficients_mma.PREFETCH) for t in mma_templates)
     if form == "kernel" or dtype == mx.float32:
         assert "mhc_coefficients_dynamic" in names
 

@@ -122,10 +122,11 @@ def status() -> dict:
 
 def settings() -> dict:
     """The kernels' tunable forms in this process (docs/kernel-notes.md; benches record them)."""
-    from . import coefficients, layer, sinkhorn
+    from . import coefficients, coefficients_mma, layer, sinkhorn
 
     return {"dynamic_form": coefficients.DYNAMIC_FORM,
             "mma_min_elements": coefficients.MMA_MIN_ELEMENTS,
+            "mma_prefetch": coefficients_mma.PREFETCH,
             "tokens_per_block_small_n": coefficients.TOKENS_PER_BLOCK_SMALL_N,
             "layer_fused_vjp": layer.USE_FUSED_VJP,
             "sinkhorn_thread_vjp_max_work": sinkhorn.THREAD_VJP_MAX_WORK}

@@ -63,9 +63,10 @@ def cuda_only_instances():
     for dt in (BF16, F16):
         for n in (1, 2, 4, 8):
             nt = coefficients_mma.n_tiles(n * (n + 2))
-            out.append((coefficients_mma.MMA, (dt, BF16, I32), (F32, F32),
-                        [("T", dt), ("NT", nt), ("MT", coefficients_mma.token_tiles_per_warp(nt)),
-                         ("PB", coefficients_mma.PHI_PARTS)]))
+            for pf in (0, 1):
+                out.append((coefficients_mma.MMA, (dt, BF16, I32), (F32, F32),
+                            [("T", dt), ("NT", nt), ("MT", coefficients_mma.token_tiles_per_warp(nt)),
+                             ("PB", coefficients_mma.PHI_PARTS), ("PF", pf)]))
     for n in (1, 2, 4, 8):
         nt = coefficients_mma.n_tiles(n * (n + 2))
         out.append((coefficients_mma.PACK, (F32, I32), (BF16,), [("NT", nt), ("PB", coefficients_mma.PHI_PARTS)]))

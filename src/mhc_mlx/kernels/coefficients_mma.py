@@ -32,6 +32,10 @@ F32 = mx.float32
 PHI_PARTS = 3
 WARPS_PER_BLOCK = 4
 TARGET_WARPS = 2048  # ~16 resident warps on each of an H100's 132 SMs
+# Load the next k block's x words before the current block's mma's (MMA's PF = 1). Off until
+# checked and timed on a GPU: the ncu profile of 2026-11-25 has this kernel reading x at ~760
+# GB/s, each warp waiting on its loads before every block's mma's (docs/kernel-notes.md).
+PREFETCH = False
 
 # The tensor-core instruction (tests substitute a CPU model of it, with the same fragments).
 PTX_MMA = r"""
@@ -75,15 +79,52 @@ template <> struct mhc_x_parts<__half> {
 };
 """
 
+# The x words of one k block for lane (g, c): rows g and g + 8 of each of the warp's MT token
+# tiles, 8 consecutive k from kx (zeros past K or past the last token).
+LOAD_X = r"""
+template <typename T, int MT>
+__device__ __forceinline__ void mhc_load_x(const T* xin, uint32_t (&w)[MT][2][4], int t0, int Ttok, int K,
+                                           int kx, bool xvec, int g) {
+  #pragma unroll
+  for (int m = 0; m < MT; ++m) {
+    #pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int t = t0 + 16 * m + g + 8 * h;
+      #pragma unroll
+      for (int q = 0; q < 4; ++q) w[m][h][q] = 0u;
+      if (t < Ttok) {
+        const T* row = xin + (int64_t)t * K;
+        if (xvec && kx + 8 <= K) {
+          const uint4 v = *reinterpret_cast<const uint4*>(row + kx);
+          w[m][h][0] = v.x; w[m][h][1] = v.y; w[m][h][2] = v.z; w[m][h][3] = v.w;
+        } else {
+          #pragma unroll
+          for (int e = 0; e < 8; ++e) {
+            if (kx + e < K) {
+              const T val = row[kx + e];
+              const uint32_t bits = (uint32_t)(*reinterpret_cast<const unsigned short*>(&val));
+              w[m][h][e >> 1] |= bits << (16 * (e & 1));
+            }
+          }
+        }
+      }
+    }
+  }
+}
+"""
+
 # Lane (g, c) = (lane / 4, lane % 4) of a warp; k block of 32 at kb. The lane loads
 # x[t, kb + 8c .. kb + 8c + 8) for t = row g and row g + 8 of each token tile: words u0..u3.
 # mma step s in {0, 1} uses u[2s] as the A elements at k = 2c, 2c+1 and u[2s+1] as those at
 # 2c+8, 2c+9; the packed phi gives the lane the B elements of the same physical k.
+# PF = 1 (candidate, PREFETCH): the x words of block kb + 32 are loaded before block kb's mma's,
+# so each warp has two blocks of x in flight (software pipelining); phi, read from L1/L2 by
+# every warp of a split, is loaded as before. PF = 0 is the checked kernel, unchanged.
 MMA = KernelSpec(
     name="mhc_coefficients_dynamic_mma",
     inputs=("xin", "pk", "iparam"),
     outputs=("part", "ssq"),
-    helpers=PTX_MMA + X_PARTS,
+    helpers=PTX_MMA + X_PARTS + LOAD_X,
     body=r"""
   constexpr int AP = mhc_x_parts<T>::count;  // bfloat16 parts of x
   constexpr int WP = 8 * NT;                          // padded columns
@@ -119,6 +160,51 @@ MMA = KernelSpec(
     }
   }
 
+  if (PF) {
+    uint32_t wx[MT][2][4];  // x words of the current k block, loaded one block ahead
+    if (k0 < k1) mhc_load_x<T, MT>(xin, wx, t0, Ttok, K, k0 + 8 * c, xvec, g);
+    for (int kb = k0; kb < k1; kb += 32) {
+      uint32_t ah[MT][2][4], al[MT][2][4];
+      #pragma unroll
+      for (int m = 0; m < MT; ++m) {
+        #pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          #pragma unroll
+          for (int q = 0; q < 4; ++q) sq[m][h] += mhc_x_parts<T>::split(wx[m][h][q], ah[m][h][q], al[m][h][q]);
+        }
+      }
+      if (kb + 32 < k1) mhc_load_x<T, MT>(xin, wx, t0, Ttok, K, kb + 32 + 8 * c, xvec, g);
+      const int kblk = kb >> 5;
+      #pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        #pragma unroll
+        for (int p = 0; p < PB; ++p) {
+          const int64_t off = ((((int64_t)p * KB + kblk) * NT + j) * 32 + lane) * 8;
+          uint32_t b[4];
+          if (bvec) {
+            const uint4 v = *reinterpret_cast<const uint4*>(pk + off);
+            b[0] = v.x; b[1] = v.y; b[2] = v.z; b[3] = v.w;
+          } else {
+            const unsigned short* s16 = reinterpret_cast<const unsigned short*>(pk + off);
+            #pragma unroll
+            for (int q = 0; q < 4; ++q) b[q] = (uint32_t)s16[2 * q] | ((uint32_t)s16[2 * q + 1] << 16);
+          }
+          #pragma unroll
+          for (int m = 0; m < MT; ++m) {
+            #pragma unroll
+            for (int s = 0; s < 2; ++s) {
+              const uint32_t a[4] = {ah[m][0][2 * s], ah[m][1][2 * s], ah[m][0][2 * s + 1], ah[m][1][2 * s + 1]};
+              mhc_mma_bf16(acc[m][j], a, b[2 * s], b[2 * s + 1]);
+              if (AP == 2) {
+                const uint32_t l[4] = {al[m][0][2 * s], al[m][1][2 * s], al[m][0][2 * s + 1], al[m][1][2 * s + 1]};
+                mhc_mma_bf16(acc[m][j], l, b[2 * s], b[2 * s + 1]);
+              }
+            }
+          }
+        }
+      }
+    }
+  } else {
   for (int kb = k0; kb < k1; kb += 32) {
     const int kx = kb + 8 * c;  // this lane's first k
     uint32_t ah[MT][2][4], al[MT][2][4];
@@ -177,6 +263,8 @@ MMA = KernelSpec(
         }
       }
     }
+  }
+
   }
 
   // Sums of squares: the four lanes of a row (c = 0..3) hold its partials.
@@ -359,7 +447,7 @@ def partial_products(x2: mx.array, phi: mx.array) -> tuple[mx.array, mx.array]:
         MMA, [x2, pack_phi(phi), int_params(T, K, ks, splits)],
         [((splits, T, 8 * NT), F32), ((splits, T), F32)],
         blocks * WARPS_PER_BLOCK * 32, WARPS_PER_BLOCK * 32,
-        [("T", x2.dtype), ("NT", NT), ("MT", MT), ("PB", PHI_PARTS)],
+        [("T", x2.dtype), ("NT", NT), ("MT", MT), ("PB", PHI_PARTS), ("PF", int(PREFETCH))],
     )
 
 
