@@ -184,6 +184,16 @@ def main():
     mx.eval(gs, c2)
     us = tput(lambda x: coefficients.dynamic_vjp_x_phi(x.reshape(T, n * C), phi, gs, c2), [[x] for x in xs])
     print(f"coefficients dynamic vjp (dx, dphi): {us:7.1f} us {gbps(2 * xs[0].nbytes, us)}")
+    # its launch shape: at 136 registers a 256-thread block leaves one block (8 warps) per SM;
+    # 128 or 64 threads fit 12 or 14 warps (the kernel is written for any block size)
+    saved = coefficients.VJP_THREADS, coefficients.VJP_TOKENS_PER_SPLIT
+    row = []
+    for threads, per_split in ((256, 256), (128, 256), (64, 256), (128, 512)):
+        coefficients.VJP_THREADS, coefficients.VJP_TOKENS_PER_SPLIT = threads, per_split
+        us = tput(lambda x: coefficients.dynamic_vjp_x_phi(x.reshape(T, n * C), phi, gs, c2), [[x] for x in xs])
+        row.append(f"{threads}/{per_split}: {us:6.1f} us")
+    coefficients.VJP_THREADS, coefficients.VJP_TOKENS_PER_SPLIT = saved
+    print("  threads per block / tokens per split: " + ", ".join(row))
     del xs
 
     # D. B=1 latency: graph building vs eval.

@@ -204,8 +204,14 @@ def test_pack_phi_kernel_equals_its_mlx_statement(K, W):
 
 
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+# launch shapes: the default, and 64 threads per block (two k blocks, the second partial) with 4
+# tokens per split (two splits, the second partial): gpu_experiments.py times these
+@pytest.mark.parametrize("threads,per_split", [(None, None), (64, 4)])
 @pytest.mark.parametrize("flavour", FLAVOURS)
-def test_dynamic_coefficients_backward(flavour, dtype):
+def test_dynamic_coefficients_backward(monkeypatch, flavour, threads, per_split, dtype):
+    if threads:
+        monkeypatch.setattr(coefficients, "VJP_THREADS", threads)
+        monkeypatch.setattr(coefficients, "VJP_TOKENS_PER_SPLIT", per_split)
     n, C, T = 4, 24, 7
     x, phi, alpha, bias = _dynamic_inputs(T, n, C, dtype)
     outputs = coefficients.dynamic_coefficients_forward(x, phi, alpha, bias, n, 20, 1e-6)
