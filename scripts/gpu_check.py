@@ -183,6 +183,37 @@ def cases_coefficients():
     coefficients.DYNAMIC_FORM, coefficients.MMA_MIN_ELEMENTS = saved
 
 
+def cases_read_step():
+    # The dynamic site's fused read step (kernels/pre_step.py, a candidate behind
+    # kernels.FUSED_READ_STEP), checked directly whatever that flag says: read step, a sublayer
+    # with a gradient (f = h * w), post; gradients for x, phi, alpha, bias.
+    from mhc_mlx.kernels import pre_step
+
+    for dt in DTYPES:
+        for n, C, T in ((1, 33, 3), (2, 64, 17), (4, 257, 40), (4, 4096, 70), (8, 65, 9)):
+            W = 2 * n + n * n
+            x = mx.random.normal((T, n, C)).astype(dt)
+            phi = (mx.random.normal((n * C, W)) / np.sqrt(n * C)).astype(mx.float32)
+            alpha, bias = mx.random.uniform(0.2, 1.5, (3,)), mx.random.normal((W,))
+            fw = mx.random.normal((C,))
+
+            def kernel_site(x_, phi_, alpha_, bias_, fw=fw):
+                h, _, H_post, H_res = pre_step.mhc_pre_step(x_, phi_, alpha_, bias_, 20, 1e-6)
+                return site.mhc_post(x_, (h.astype(mx.float32) * fw).astype(x_.dtype), H_post, H_res)
+
+            def ref64_site(x_, phi_, alpha_, bias_, fw=np64(fw)):
+                H_pre, H_post, H_res = ref64.coefficients(x_, phi_, alpha_, bias_, 20, 1e-6)
+                return ref64.post(x_, ref64.pre(x_, H_pre) * fw, H_post, H_res)
+
+            def ref_site(x_, phi_, alpha_, bias_, fw=fw):
+                H_pre, H_post, H_res = reference.mhc_coefficients(x_, phi_, alpha_, bias_, 20, 1e-6)
+                h = reference.mhc_pre(x_, H_pre)
+                return reference.mhc_post(x_, (h.astype(mx.float32) * fw).astype(x_.dtype), H_post, H_res)
+
+            check("read_step+post", (T, n, C), dt, kernel_site, ref64_site, ref_site,
+                  [x, phi, alpha, bias], [0, 1, 2, 3])
+
+
 SITE_N: set[int] = set()
 FORCED_FORM = ""
 
@@ -229,7 +260,7 @@ def cases_layer():
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--no-bench", action="store_true")
-    ap.add_argument("--only", default="", help="comma list of: sinkhorn,coefficients,site,layer")
+    ap.add_argument("--only", default="", help="comma list of: sinkhorn,coefficients,site,layer,read_step")
     ap.add_argument("--bench-args", default="", help="extra arguments for `mhc-mlx bench`")
     ap.add_argument("--site-n", default="", help="comma list of n: only these site cases")
     ap.add_argument("--dtypes", default="", help="comma list of f32,bf16,f16 (default all)")
@@ -241,8 +272,12 @@ def main(argv=None) -> int:
     ap.add_argument("--mma-prefetch", action="store_true",
                     help="switch on the candidate software pipelining of the tensor-core coefficients "
                          "kernel (coefficients_mma.PREFETCH) for every check")
+    ap.add_argument("--fused-read-step", action="store_true",
+                    help="switch on the candidate fused read step of dynamic sites (kernels.FUSED_READ_STEP)")
     ap.add_argument("--out", default=os.environ.get("OUT", "runs/gpu_check"))
     args = ap.parse_args(argv)
+    if args.fused_read_step:
+        kernels.FUSED_READ_STEP = True
     if args.sinkhorn_thread_vjp:
         sinkhorn.THREAD_VJP_MAX_WORK = sinkhorn.THREAD_VJP_CANDIDATE_WORK
     if args.mma_prefetch:
@@ -269,7 +304,7 @@ def main(argv=None) -> int:
     mx.random.seed(int(time.time()) % 100000)
     start = time.time()
     groups = {"sinkhorn": cases_sinkhorn, "coefficients": cases_coefficients, "site": cases_site,
-              "layer": cases_layer}
+              "layer": cases_layer, "read_step": cases_read_step}
     wanted = [g for g in args.only.split(",") if g] or list(groups)
     for g in wanted:
         t0 = time.time()

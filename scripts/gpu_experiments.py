@@ -162,6 +162,31 @@ def main():
     cm.PREFETCH = False
     print(f"dynamic site forward (mma prefetch candidate): {us:7.1f} us "
           f"({100 * site_bytes / us / 1e3 / c['GBps']:.0f} % of its floor)")
+    # forward+backward (the bench's case: sublayer = identity), the read step as two ops vs
+    # the fused read step candidate (kernels.FUSED_READ_STEP)
+    from mhc_mlx import kernels as kernel_pkg
+
+    cot_site = mx.random.normal((T, n, C)).astype(BF)
+    mx.eval(cot_site)
+    site_names = ["phi", "alpha", "bias"]
+    site_params = [getattr(hcs, k) for k in site_names]
+
+    def site_fwd_bwd(x):
+        def f(x_, *ps):
+            hcs.update(dict(zip(site_names, ps)))
+            h, cf = hcs.pre(x_)
+            return hcs.post(x_, h, cf)
+        return mx.vjp(f, [x, *site_params], [cot_site])
+
+    bwd_bytes = (7 * n + 2) * C * 2 * T
+    row = []
+    for fused in (False, True):
+        kernel_pkg.FUSED_READ_STEP = fused
+        us = tput(site_fwd_bwd, [[x] for x in xs])
+        row.append(f"{'fused' if fused else 'two ops'} {us:7.1f} us ({100 * bwd_bytes / us / 1e3 / c['GBps']:.0f} %)")
+    kernel_pkg.FUSED_READ_STEP = False
+    hcs.update(dict(zip(site_names, site_params)))
+    print("dynamic site fwd+bwd, read step " + ", ".join(row) + " of the (7n+2)·C·2 B/token floor")
     hp = mx.random.uniform(shape=(T, n))
     hq = mx.random.uniform(shape=(T, n))
     hr = mx.random.uniform(shape=(T, n, n))

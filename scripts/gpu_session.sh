@@ -9,7 +9,8 @@
 #   bash scripts/gpu_session.sh experiments  # kernel-level timings (docs/kernel-notes.md)
 #   bash scripts/gpu_session.sh all          # check, bench, profile, experiments
 #   CHECK_ONLY=sinkhorn,layer bash scripts/gpu_session.sh all   # only these check groups
-#   CHECK_ARGS="--sinkhorn-thread-vjp --mma-prefetch" CHECK_ONLY=sinkhorn,coefficients,layer \
+#   CHECK_ARGS="--sinkhorn-thread-vjp --mma-prefetch --fused-read-step" \
+#     CHECK_ONLY=sinkhorn,coefficients,layer,read_step \
 #     bash scripts/gpu_session.sh check                          # the candidates switched on
 #
 # MLX's CUDA wheel must already be installed (../shared/device/prepare-mlx-cuda, two calls).
@@ -44,7 +45,7 @@ check() {
   local secs="$1" labels=() pids=() label
   start() { label="$1"; shift; labels+=("$label")
             timeout -k 5 "$secs" "$@" > "$res/$label.log" 2>&1 & pids+=($!); }
-  local groups=",${CHECK_ONLY:-sinkhorn,coefficients,site,layer},"  # CHECK_ONLY: a comma list
+  local groups=",${CHECK_ONLY:-sinkhorn,coefficients,site,layer,read_step},"  # CHECK_ONLY: a comma list
   for dt in f32 bf16 f16; do
     if [[ $groups == *,site,* ]]; then
       start "site_small_$dt" python scripts/gpu_check.py ${CHECK_ARGS:-} --no-bench --only site --site-n 1,2,3,4 --dtypes $dt --out "$res/site_small_$dt"
@@ -52,6 +53,7 @@ check() {
     fi
     [[ $groups == *,layer,* ]] && start "layer_$dt" python scripts/gpu_check.py ${CHECK_ARGS:-} --no-bench --only layer --dtypes $dt --out "$res/layer_$dt"
     [[ $groups == *,coefficients,* ]] && start "coefficients_$dt" python scripts/gpu_check.py ${CHECK_ARGS:-} --no-bench --only coefficients --dtypes $dt --out "$res/coefficients_$dt"
+    [[ $groups == *,read_step,* ]] && start "read_step_$dt" python scripts/gpu_check.py ${CHECK_ARGS:-} --no-bench --only read_step --dtypes $dt --out "$res/read_step_$dt"
   done
   [[ $groups == *,sinkhorn,* ]] && start sinkhorn python scripts/gpu_check.py ${CHECK_ARGS:-} --no-bench --only sinkhorn --out "$res/sinkhorn"
   start pytest_gpu python -m pytest -q -m gpu tests -p no:cacheprovider

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from . import _checks
+from . import _checks, kernels
 from .dispatch import choose
 
 REDUCTIONS = ("mean", "sum")
@@ -18,6 +18,20 @@ REDUCTIONS = ("mean", "sum")
 # repeated checks of pre, coefficients and post were a large part of the Python graph building).
 def run_coefficients(x, phi, alpha, bias, iters: int, eps: float):
     return choose("mhc_coefficients", x, phi, alpha, bias, iters=iters, eps=eps)[1](x, phi, alpha, bias, iters, eps)
+
+
+def run_pre_step(x, phi, alpha, bias, iters: int, eps: float):
+    """(h, H_pre, H_post, H_res) through the fused read step of a dynamic site (candidate,
+    kernels.FUSED_READ_STEP) when it is on and the kernels run both of its ops; else None."""
+    if not kernels.FUSED_READ_STEP:
+        return None
+    if choose("mhc_coefficients", x, phi, alpha, bias, iters=iters, eps=eps)[0] != "kernels":
+        return None
+    if choose("mhc_pre", x)[0] != "kernels":
+        return None
+    from .kernels import pre_step
+
+    return pre_step.mhc_pre_step(x, phi, alpha, bias, iters, eps)
 
 
 def run_pre(x: mx.array, H_pre: mx.array) -> mx.array:

@@ -14,7 +14,7 @@ import pytest
 import cpu_emulator as emu
 import kernels_ref64 as ref64
 from mhc_mlx import reference
-from mhc_mlx.kernels import build, coefficients, coefficients_mma, layer, sinkhorn, site
+from mhc_mlx.kernels import build, coefficients, coefficients_mma, layer, pre_step, sinkhorn, site
 
 pytestmark = pytest.mark.slow
 TOL = {mx.float32: 1e-5, mx.bfloat16: 2e-2, mx.float16: 2e-2}
@@ -252,6 +252,64 @@ def test_pre_and_post_forward_and_backward(flavour, dtype, n, C, lead, shared):
     scale = 0.01 * largest(want)
     for name, g, w in zip(("pre: x", "pre: H_pre", "post: x", "post: f", "post: H_post", "post: H_res"), got, want):
         assert grad_rel(g, w, scale) <= tol, name
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,C,lead", [(1, 33, (3,)), (4, 40, (2, 3)), (8, 24, (5,)), (4, 1031, (2,))])
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_pre_coefficient_gradient_alone(flavour, dtype, n, C, lead):
+    # site.PRE_VJP_H: dH_pre[t, i] = sum_c g[t, c] x[t, i, c], per token (the fused read step's)
+    x = mx.random.normal((*lead, n, C)).astype(dtype)
+    g = mx.random.normal((*lead, C)).astype(dtype)
+    got = site.pre_vjp_coefficients(x, g)
+    want = np.einsum("...c,...ic->...i", np64(g), np64(x)).reshape(-1, n)
+    assert rel(got, want) <= 1e-5  # float32 sums of the same 16-bit values
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16, mx.float16])
+@pytest.mark.parametrize("n,C,lead", [(4, 24, (7,)), (2, 33, (2, 3)), (1, 40, (5,)), (8, 16, (3,))])
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_fused_read_step_forward_and_backward(flavour, dtype, n, C, lead):
+    # the dynamic site's read step as one custom function (candidate, kernels.FUSED_READ_STEP):
+    # the same forward as the two ops, and a backward whose x cotangent (pre's share folded into
+    # the coefficient kernel's single write) matches the reference's autodiff of the whole site
+    x, phi, alpha, bias = _dynamic_inputs(int(np.prod(lead)), n, C, dtype)
+    x = x.reshape(*lead, n, C)
+    f_weight = mx.random.normal((C,))
+
+    def site_fn(read_step):
+        def fn(x_, phi_, alpha_, bias_):
+            h, H_pre, H_post, H_res = read_step(x_, phi_, alpha_, bias_)
+            f = (h.astype(mx.float32) * f_weight).astype(x_.dtype)  # a sublayer with a gradient
+            return site.mhc_post(x_, f, H_post, H_res) if read_step is pre_step.mhc_pre_step \
+                else reference.mhc_post(x_, f, H_post, H_res)
+        return fn
+
+    def ref_read(x_, phi_, alpha_, bias_):
+        H_pre, H_post, H_res = reference.mhc_coefficients(x_, phi_, alpha_, bias_, 20, 1e-6)
+        return reference.mhc_pre(x_, H_pre), H_pre, H_post, H_res
+
+    primals = [x, phi, alpha, bias]
+    h, H_pre, H_post, H_res = pre_step.mhc_pre_step(*primals, 20, 1e-6)
+    want = ref64.coefficients(np64(x), np64(phi), np64(alpha), np64(bias), 20, 1e-6)
+    for got, w in zip((H_pre, H_post, H_res), want):
+        assert rel(got, w.reshape(got.shape)) <= 1e-5
+    assert rel(h, ref64.pre(np64(x), np64(H_pre))) <= TOL[dtype]
+
+    cot = mx.random.normal(x.shape).astype(dtype)
+    emu.launched.clear()
+    got = mx.vjp(site_fn(pre_step.mhc_pre_step), primals, [cot])[1]
+    names = [name for name, *_ in emu.launched]
+    assert "mhc_pre_vjp_h" in names and "mhc_coefficients_dynamic_vjp_pre" in names
+    assert "mhc_pre_vjp" not in names and "mhc_coefficients_dynamic_vjp" not in names
+    # the reference in float32 on the same (16-bit valued) inputs, as the layer backward's test
+    up = [x.astype(mx.float32), phi, alpha, bias]
+    want = mx.vjp(site_fn(ref_read), up, [cot.astype(mx.float32)])[1]
+    tol = GRAD_TOL if dtype == mx.float32 else TOL[dtype]
+    scale = 0.01 * largest(want)
+    for name, g, w in zip(("x", "phi", "alpha", "bias"), got, want):
+        assert g.shape == w.shape, name
+        assert grad_rel(g, w, scale) <= (tol if name == "x" or dtype == mx.float32 else TOL[dtype]), name
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

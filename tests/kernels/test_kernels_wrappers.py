@@ -240,3 +240,42 @@ def test_default_dynamic_form_is_the_fused_kernel_below_mma_min_elements(monkeyp
         assert "mhc_coefficients_dynamic_mma" in names and "mhc_coefficients_dynamic" not in names
     else:
         assert "mhc_coefficients_dynamic" in names and "mhc_coefficients_dynamic_mma" not in names
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_hyper_connection_takes_the_fused_read_step_only_when_on(monkeypatch, fused):
+    # kernels.FUSED_READ_STEP (candidate): a dynamic site's read step as one custom function on
+    # the kernel path; the static site, the "hc" variant and the compiled path never take it
+    import mhc_mlx as mhc
+    from mhc_mlx import kernels
+    from mhc_mlx.kernels import build
+
+    monkeypatch.setattr(kernels, "FUSED_READ_STEP", fused)
+    monkeypatch.setattr(build, "gpu_backend", lambda: "cuda")
+    monkeypatch.setattr(build, "on_gpu", lambda *a: True)
+    monkeypatch.setattr(kernels, "gpu_backend", build.gpu_backend)
+    monkeypatch.setattr(kernels, "on_gpu", build.on_gpu)
+    n, C = 4, 24
+    x = mx.zeros((2, 3, n, C), dtype=mx.bfloat16)
+    for dynamic, variant in ((True, "mhc"), (False, "mhc"), (True, "hc")):
+        hc = mhc.HyperConnection(C, n, dynamic=dynamic, variant=variant)
+        params = {k: v for k, v in hc.trainable_parameters().items()}
+        names = list(params)
+
+        def loss(x_, *ps):
+            hc.update(dict(zip(names, ps)))
+            return hc(x_, lambda h: h * 2).astype(mx.float32).sum()
+
+        launched.clear()
+        grads = mx.grad(loss, argnums=list(range(1 + len(names))))(x, *params.values())
+        assert [tuple(g.shape) for g in grads] == [tuple(x.shape)] + [tuple(p.shape) for p in params.values()]
+        kinds = {name for name, *_ in launched}
+        takes = fused and dynamic and variant == "mhc"
+        assert ("mhc_coefficients_dynamic_vjp_pre" in kinds) == takes, (dynamic, variant, kinds)
+        assert ("mhc_pre_vjp_h" in kinds) == takes
+        if takes:
+            assert "mhc_pre_vjp" not in kinds and "mhc_coefficients_dynamic_vjp" not in kinds
+    with mhc.dispatch.use_backend("compiled"):
+        launched.clear()
+        mhc.HyperConnection(C, n)(x, lambda h: h)
+        assert not launched

@@ -27,6 +27,9 @@ OPS = ("sinkhorn_knopp", "mhc_coefficients", "mhc_pre", "mhc_post", "rms_norm", 
 ACTIVATIONS = (mx.float32, mx.bfloat16, mx.float16)
 MAX_N = 32
 MAX_N_DYNAMIC = 8
+# Candidate (pre_step.py): a dynamic site's read step (coefficients + pre) as one custom
+# function whose backward writes x's cotangent once. Off until checked and timed on a GPU.
+FUSED_READ_STEP = False
 
 
 _IMPLEMENTATIONS: dict = {}
@@ -129,6 +132,7 @@ def settings() -> dict:
             "mma_prefetch": coefficients_mma.PREFETCH,
             "tokens_per_block_small_n": coefficients.TOKENS_PER_BLOCK_SMALL_N,
             "layer_fused_vjp": layer.USE_FUSED_VJP,
+            "fused_read_step": FUSED_READ_STEP,
             "sinkhorn_thread_vjp_max_work": sinkhorn.THREAD_VJP_MAX_WORK}
 
 

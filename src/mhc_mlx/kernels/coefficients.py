@@ -255,6 +255,43 @@ DYNAMIC_VJP = KernelSpec(
 """,
 )
 
+
+
+def _with_pre_term(body: str) -> str:
+    """DYNAMIC_VJP's text plus pre's share of x's cotangent, H_pre[t, i] * dh[t, c] at k = i C + c
+    (the fused read step, pre_step.py): the default kernel's text stays as checked."""
+    edits = (
+        ("  const bool kl = k < K;\n",
+         "  const bool kl = k < K;\n"
+         "  const int Cw = K / N;  // channels per stream\n"
+         "  const int ki = kl ? k / Cw : 0;\n"
+         "  const int kc = kl ? k - ki * Cw : 0;\n"
+         "  KSHARED float hps[TS * N];\n"),
+        ("    for (int idx = KTID; idx < TS; idx += KNT) c2s[idx] = (ts + idx < te) ? ctwo[ts + idx] : 0.0f;\n",
+         "    for (int idx = KTID; idx < TS; idx += KNT) c2s[idx] = (ts + idx < te) ? ctwo[ts + idx] : 0.0f;\n"
+         "    for (int idx = KTID; idx < TS * N; idx += KNT)\n"
+         "      hps[idx] = (ts + idx / N < te) ? hpre[(int64_t)ts * N + idx] : 0.0f;\n"),
+        ("      xq[q] = (kl && q < nq) ? static_cast<float>(xin[(int64_t)(ts + q) * K + k]) : 0.0f;\n",
+         "      xq[q] = (kl && q < nq) ? static_cast<float>(xin[(int64_t)(ts + q) * K + k]) : 0.0f;\n"
+         "    float dq[TS];  // h's cotangent at this thread's channel\n"
+         "    KUNROLL for (int q = 0; q < TS; ++q)\n"
+         "      dq[q] = (kl && q < nq) ? static_cast<float>(dh[(int64_t)(ts + q) * Cw + kc]) : 0.0f;\n"),
+        ("static_cast<T>(d - xv * c2s[q]);",
+         "static_cast<T>(d - xv * c2s[q] + hps[q * N + ki] * dq[q]);"),
+    )
+    for old, new in edits:
+        assert body.count(old) == 1, old
+        body = body.replace(old, new)
+    return body
+
+
+DYNAMIC_VJP_PRE = KernelSpec(
+    name="mhc_coefficients_dynamic_vjp_pre",
+    inputs=("xin", "phi", "gsc", "ctwo", "hpre", "dh", "iparam"),
+    outputs=("gx", "gphi"),
+    body=_with_pre_term(DYNAMIC_VJP.body),
+)
+
 DYNAMIC_THREADS = 256
 VJP_THREADS = 256
 VJP_TOKENS_PER_SPLIT = 256
@@ -420,14 +457,21 @@ def dynamic_forward(x2, phi, alpha, bias, n: int, iters: int, eps: float, tb: in
     )
 
 
-def dynamic_vjp_x_phi(x2, phi, gs, c2):
-    """(dxf [T, K] in x's dtype, dphi [K, W] float32) from gs = dm / r [T, W] and c2 [T]."""
+def dynamic_vjp_x_phi(x2, phi, gs, c2, pre=None):
+    """(dxf [T, K] in x's dtype, dphi [K, W] float32) from gs = dm / r [T, W] and c2 [T].
+
+    pre: (H_pre [T, n], dh [T, C]) adds pre's share H_pre (x) dh to dxf in the same pass.
+    """
     T, K = x2.shape
     n = round((phi.shape[1] + 1) ** 0.5) - 1
     splits = -(-T // VJP_TOKENS_PER_SPLIT)
     nkb = -(-K // VJP_THREADS)
+    spec, inputs = DYNAMIC_VJP, [x2, phi.astype(F32), gs, c2]
+    if pre is not None:
+        spec = DYNAMIC_VJP_PRE
+        inputs += [pre[0].astype(F32).reshape(T, n), pre[1].astype(x2.dtype).reshape(T, K // n)]
     gx, gphi = launch(
-        DYNAMIC_VJP, [x2, phi.astype(F32), gs, c2, int_params(T, K, VJP_TOKENS_PER_SPLIT)],
+        spec, inputs + [int_params(T, K, VJP_TOKENS_PER_SPLIT)],
         [((T, K), x2.dtype), ((splits, K, phi.shape[1]), F32)],
         splits * nkb * VJP_THREADS, VJP_THREADS, [("T", x2.dtype), ("N", n)],
     )
@@ -458,8 +502,11 @@ def _vjp_glue(n: int, K: int):
     return logits, scaled
 
 
-def dynamic_vjp(primals, cotangents, outputs, n: int, iters: int):
-    """Cotangents of (x, phi, alpha, bias) from those of (H_pre, H_post, H_res) (and the saved m, 1/r)."""
+def dynamic_vjp(primals, cotangents, outputs, n: int, iters: int, pre=None):
+    """Cotangents of (x, phi, alpha, bias) from those of (H_pre, H_post, H_res) (and the saved m, 1/r).
+
+    pre: (H_pre, dh), to add pre's share of x's cotangent in the same pass (pre_step.py).
+    """
     x, phi, alpha, bias = primals
     H_pre, H_post, _, m, invr = outputs
     C = x.shape[-1]
@@ -471,7 +518,7 @@ def dynamic_vjp(primals, cotangents, outputs, n: int, iters: int):
                            cotangents[0].reshape(T, n), cotangents[1].reshape(T, n))
     gr = sk.project_vjp(L_res, cotangents[2].astype(F32).reshape(T, n, n), iters)
     gs, c2, g_bias, g_alpha = scaled(gp, gq, gr, m, invr, scale)
-    gx, g_phi = dynamic_vjp_x_phi(x.reshape(T, K), phi, gs, c2)
+    gx, g_phi = dynamic_vjp_x_phi(x.reshape(T, K), phi, gs, c2, pre)
     return (gx.reshape(x.shape), g_phi.astype(phi.dtype), g_alpha.astype(alpha.dtype),
             g_bias.astype(bias.dtype))
 

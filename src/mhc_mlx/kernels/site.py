@@ -9,7 +9,6 @@ Coefficients are float32; `SHARED` means one set for all tokens, else one per to
 
 from __future__ import annotations
 
-from functools import lru_cache
 
 import mlx.core as mx
 
@@ -93,6 +92,43 @@ PRE_VJP = KernelSpec(
   if (SHARED) {
     const float total = kblock_reduce<N>(acc, scratch, lane, warp, nwarps, tid);
     if (tid < N) gh[(int64_t)KBID * N + tid] = total;
+  }
+""",
+)
+
+# pre's coefficient gradient alone, per token: dH_pre[t, i] = sum_c g[t, c] x[t, i, c]. The
+# fused read step (pre_step.py) folds pre's dx into the coefficient backward's single write of
+# x's cotangent, so this pass reads x and g and writes only [T, n].
+PRE_VJP_H = KernelSpec(
+    name="mhc_pre_vjp_h",
+    inputs=("xin", "gout", "iparam"),
+    outputs=("gh",),
+    body=r"""
+  KSHARED float scratch[8 * N];
+  const int Ttok = iparam[0];
+  const int C = iparam[1];
+  const int nv = C / V;
+  const int tid = KTID;
+  const int lane = KLANE;
+  const int warp = KWARP;
+  const int nwarps = KNT / 32;
+  const bool vec = KALIGNED16(xin) && KALIGNED16(gout);
+  float acc[N];
+  for (int64_t t = KBID; t < Ttok; t += KNB) {
+    KUNROLL for (int i = 0; i < N; ++i) acc[i] = 0.0f;
+    for (int cv = tid; cv < nv; cv += KNT) {
+      float g[V];
+      kload<T, V>(g, gout, t * C + (int64_t)cv * V, vec);
+      KUNROLL for (int i = 0; i < N; ++i) {
+        float xv[V];
+        kload<T, V>(xv, xin, (t * N + i) * C + (int64_t)cv * V, vec);
+        float d = 0.0f;
+        KUNROLL for (int e = 0; e < V; ++e) d += g[e] * xv[e];
+        acc[i] += d;
+      }
+    }
+    const float total = kblock_reduce<N>(acc, scratch, lane, warp, nwarps, tid);
+    if (tid < N) gh[t * N + tid] = total;
   }
 """,
 )
@@ -220,7 +256,6 @@ def _flat_grid(T: int, C: int, V: int) -> int:
 
 def _coefficient_rows(h, lead, trailing):
     """(array [rows, *trailing] float32, shared) for a coefficient that broadcasts over `lead`."""
-    k = len(trailing)
     size = 1
     for d in trailing:
         size *= d
@@ -264,6 +299,20 @@ def pre_vjp(x, H_pre, g):
     )
     gh = mx.sum(gh, axis=0) if shared else gh.reshape(*lead, n)
     return gx, _reduce_to(gh, H_pre)
+
+
+def pre_vjp_coefficients(x, g):
+    """dH_pre [T, n] float32 (T = all leading dims) for x [..., n, C] and h's cotangent g [..., C]:
+    pre's backward without its dx (per-token coefficients)."""
+    *lead, n, C = x.shape
+    T = 1
+    for d in lead:
+        T *= d
+    V = vector_width(C, x.dtype.size, n, budget=64)
+    return launch(
+        PRE_VJP_H, [x, g.astype(x.dtype), int_params(T, C)], [((T, n), F32)],
+        _groups(T) * TOKEN_THREADS, TOKEN_THREADS, [("T", x.dtype), ("N", n), ("V", V)],
+    )[0]
 
 
 def _reduce_to(g, like):

@@ -7,7 +7,7 @@ from typing import Callable, NamedTuple
 import mlx.core as mx
 import mlx.nn as nn
 
-from .. import _checks, ops
+from .. import _checks, kernels, ops
 from ..compiled.site import hc_coefficients
 from . import init as site_init
 
@@ -89,6 +89,10 @@ class HyperConnection(nn.Module):
     def pre(self, x: mx.array) -> tuple[mx.array, SiteCoefficients]:
         """Read the streams: returns the sublayer input [..., dims] and the coefficients."""
         _checks.check_streams(x, "x", n=self.n, C=self.dims)
+        if kernels.FUSED_READ_STEP and self.dynamic and self.variant == "mhc":
+            fused = ops.run_pre_step(x, self.phi, self.alpha, self.bias, self.sinkhorn_iters, self.eps)
+            if fused is not None:
+                return fused[0], SiteCoefficients(*fused[1:])
         coeffs = self._coefficients(x)
         return ops.run_pre(x, coeffs.pre), coeffs
 

@@ -1,0 +1,45 @@
+"""Candidate: the dynamic site's read step (coefficients + pre) as one custom function.
+
+As two ops, x's cotangent from the read step arrives twice (pre's H_pre (x) dh and the
+coefficients' backward) and MLX adds the two [T, n, C] arrays; pre's backward also writes its
+share in full. Here the backward runs pre's coefficient gradient alone (site.PRE_VJP_H: reads
+x and dh, writes [T, n]), then the coefficient backward, whose kernel adds H_pre (x) dh as it
+writes x's cotangent (coefficients.DYNAMIC_VJP_PRE). At 4096 x 4 x 4096 bf16 that drops one
+[T, n, C] write and one add (two reads and a write), about 0.5 GB of traffic, for one read
+of dh [T, C]. The forward is the same two kernels.
+
+Off (kernels.FUSED_READ_STEP = False) until it has passed scripts/gpu_check.py on a GPU and
+been timed there; HyperConnection takes it when that is on and the kernels run both ops.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import mlx.core as mx
+
+from . import coefficients, site
+
+
+@lru_cache(maxsize=None)
+def _function(n: int, iters: int, eps: float):
+    @mx.custom_function
+    def read_step(x, phi, alpha, bias):
+        H_pre, H_post, H_res, m, invr = coefficients.dynamic_coefficients_forward(x, phi, alpha, bias, n, iters, eps)
+        return site.pre_forward(x, H_pre), H_pre, H_post, H_res, m, invr
+
+    @read_step.vjp
+    def read_step_vjp(primals, cotangents, outputs):
+        x = primals[0]
+        dh, g_pre, g_post, g_res = cotangents[:4]
+        H_pre = outputs[1]
+        g_pre = g_pre.astype(mx.float32) + site.pre_vjp_coefficients(x, dh).reshape(H_pre.shape)
+        return coefficients.dynamic_vjp(primals, [g_pre, g_post, g_res], outputs[1:], n, iters, pre=(H_pre, dh))
+
+    return read_step
+
+
+def mhc_pre_step(x, phi, alpha, bias, iters: int = 20, eps: float = 1e-6):
+    """(h [..., C], H_pre [..., n], H_post [..., n], H_res [..., n, n]) for x [..., n, C]."""
+    h, H_pre, H_post, H_res, _, _ = _function(x.shape[-2], iters, float(eps))(x, phi, alpha, bias)
+    return h, H_pre, H_post, H_res
