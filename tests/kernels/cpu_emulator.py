@@ -454,6 +454,32 @@ def _to_mlx(a: np.ndarray, dtype) -> mx.array:
 
 launched: list = []
 
+# Every buffer a kernel sees sits between two guard regions filled with the poison value (NaN
+# for floats): a read past either end gets poison, which reaches the outputs and fails the
+# tests' finiteness checks; a write past either end, or into an input, is reported after the
+# launch (on a GPU it would silently corrupt a neighbouring allocation or an MLX array).
+GUARD_BYTES = 256  # a multiple of 16 and of every element size: alignment is kept
+
+
+def _guarded(data: np.ndarray, poison) -> tuple[np.ndarray, np.ndarray]:
+    """(whole buffer, view of its middle) with `data` copied into the middle, 64-byte aligned."""
+    item = data.dtype.itemsize
+    pad = GUARD_BYTES // item
+    raw = np.empty(data.size * item + 2 * GUARD_BYTES + 64, dtype=np.uint8)
+    start = (-raw.ctypes.data) % 64
+    whole = raw[start : start + data.size * item + 2 * GUARD_BYTES].view(data.dtype)
+    whole[:] = poison
+    middle = whole[pad : pad + data.size]
+    middle[:] = data.reshape(-1)
+    return whole, middle
+
+
+def _check_guards(name: str, what: str, whole: np.ndarray, pad: int, poison) -> None:
+    for side, region in (("before", whole[:pad]), ("after", whole[len(whole) - pad :])):
+        same = region.view(np.uint8) == np.full_like(region, poison).view(np.uint8)
+        if not same.all():
+            raise RuntimeError(f"{name}: wrote out of bounds {side} {what}")
+
 
 def launch(spec, inputs, outputs, grid: int, threadgroup: int, template, backend=None):
     """mhc_mlx.kernels.build.launch, run by the emulator; outputs start as NaN (poisoned)."""
@@ -464,10 +490,12 @@ def launch(spec, inputs, outputs, grid: int, threadgroup: int, template, backend
     if threadgroup > 1024:
         raise ValueError(f"{spec.name}: threadgroup of {threadgroup} threads; GPUs allow at most 1024")
     ins = [_to_numpy(a) for a in inputs]
-    outs = [np.full(tuple(s), _POISON[d], dtype=_NUMPY[d]) for s, d in outputs]
+    guarded_ins = [_guarded(a, _POISON[x.dtype]) for a, x in zip(ins, inputs)]
+    guarded_outs = [_guarded(np.full(tuple(s), _POISON[d], dtype=_NUMPY[d]), _POISON[d]) for s, d in outputs]
     code = source(spec, [a.dtype for a in inputs], [d for _, d in outputs], template)
     lib = _library(code)
-    ptrs = (ctypes.c_void_p * (len(ins) + len(outs)))(*[a.ctypes.data for a in ins + outs])
+    middles = [m for _, m in guarded_ins + guarded_outs]
+    ptrs = (ctypes.c_void_p * len(middles))(*[m.ctypes.data for m in middles])
     launched.append((spec.name, dict(template), grid, threadgroup))
     failed_block = lib.mhc_run(ptrs, grid // threadgroup, threadgroup)
     if failed_block > 0:
@@ -476,4 +504,14 @@ def launch(spec, inputs, outputs, grid: int, threadgroup: int, template, backend
     if failed_block < 0:
         raise RuntimeError(f"{spec.name}: a warp exchange ran after some lanes of the warp had exited "
                            f"(threadgroup {-failed_block - 1}): undefined with a full mask on the GPU")
+    for k, ((whole, middle), a, x) in enumerate(zip(guarded_ins, ins, inputs)):
+        what = f"input {k} ({spec.inputs[k]})"
+        _check_guards(spec.name, what, whole, GUARD_BYTES // a.dtype.itemsize, _POISON[x.dtype])
+        if not np.array_equal(middle.view(np.uint8), a.reshape(-1).view(np.uint8)):
+            raise RuntimeError(f"{spec.name}: wrote into {what}")
+    outs = []
+    for k, ((whole, middle), (shape, d)) in enumerate(zip(guarded_outs, outputs)):
+        _check_guards(spec.name, f"output {k} ({spec.outputs[k]})", whole, GUARD_BYTES // middle.dtype.itemsize,
+                      _POISON[d])
+        outs.append(middle.reshape(tuple(shape)).copy())
     return [_to_mlx(o, d) for o, (_, d) in zip(outs, outputs)]

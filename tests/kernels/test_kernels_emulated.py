@@ -4,7 +4,8 @@ float64 reference (forward) and the reference path's autodiff (backward).
 The kernel wrappers are called on concrete arrays with `launch` replaced by the emulator, so
 the numbers checked are those of the kernel text MLX compiles for CUDA: indexing, guards,
 reductions, synchronisation. Outputs start as NaN, so an element a kernel forgets to write
-fails. Shapes are small (each GPU thread is a fiber here); the GPU sweep is gpu_check.py.
+fails; buffers sit between NaN guard regions, so out-of-bounds reads poison the outputs and
+out-of-bounds writes (or writes into inputs) raise. Shapes are small (each GPU thread is a fiber here); the GPU sweep is gpu_check.py.
 """
 
 import mlx.core as mx
@@ -389,3 +390,25 @@ def test_emulator_reports_a_deadlock_and_a_partial_warp_exchange():
     fine = KernelSpec("fine", ("a",), ("o",), "const int i = KBID * KNT + KTID; o[i] = kwarp_sum(a[i]);")
     out = emu.launch(fine, [mx.arange(64).astype(mx.float32)], [((64,), mx.float32)], 64, 32, [])[0]
     assert out.tolist() == [float(sum(range(32)))] * 32 + [float(sum(range(32, 64)))] * 32
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_emulator_reports_out_of_bounds_and_input_writes(dtype):
+    from mhc_mlx.kernels.build import KernelSpec
+
+    a = mx.arange(32).astype(dtype)
+    # one element past the end of the output (the last thread off by one)
+    past = KernelSpec("past", ("a",), ("o",), "o[KTID + (KTID == 31 ? 1 : 0)] = a[KTID];")
+    with pytest.raises(RuntimeError, match="out of bounds after output 0"):
+        emu.launch(past, [a], [((32,), dtype)], 32, 32, [])
+    before = KernelSpec("before", ("a",), ("o",), "o[KTID - 1] = a[KTID];")
+    with pytest.raises(RuntimeError, match="out of bounds before output 0"):
+        emu.launch(before, [a], [((32,), dtype)], 32, 32, [])
+    # a kernel must never write its inputs (on a GPU that changes an MLX array under MLX's feet)
+    into = KernelSpec("into", ("a",), ("o",), "o[KTID] = a[KTID]; if (KTID == 0) const_cast<T*>(a)[5] = a[0];")
+    with pytest.raises(RuntimeError, match="wrote into input 0"):
+        emu.launch(into, [a], [((32,), dtype)], 32, 32, [("T", dtype)])
+    # a read past the end of an input sees poison (NaN), which reaches the output
+    over = KernelSpec("over", ("a",), ("o",), "o[KTID] = a[KTID + 1];")
+    out = np64(emu.launch(over, [a], [((32,), dtype)], 32, 32, [])[0])
+    assert np.isnan(out[31]) and np.array_equal(out[:31], np.arange(1, 32))
