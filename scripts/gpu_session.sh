@@ -8,6 +8,8 @@
 #   bash scripts/gpu_session.sh profile      # ncu: each target case's kernels and their times
 #   bash scripts/gpu_session.sh experiments  # kernel-level timings (docs/kernel-notes.md)
 #   bash scripts/gpu_session.sh all          # check, bench, profile, experiments
+#   bash scripts/gpu_session.sh candidates   # the checks with every candidate on, then experiments
+#                                            # (which time each candidate off and on)
 #   CHECK_ONLY=sinkhorn,layer bash scripts/gpu_session.sh all   # only these check groups
 #   CHECK_ARGS="--sinkhorn-thread-vjp --mma-prefetch --fused-read-step" \
 #     CHECK_ONLY=sinkhorn,coefficients,layer,read_step \
@@ -76,6 +78,11 @@ case "${1:-}" in
   bench) run 300 bench python -m mhc_mlx.cli.main bench --out "$res/bench" --overwrite --seeds .seedpkgs --only "$TARGETS" ;;
   bench-full) run 570 bench python -m mhc_mlx.cli.main bench --out "$res/bench" --overwrite --seeds .seedpkgs ;;
   profile) profile 240 ;;
+  candidates)
+    CHECK_ARGS="--sinkhorn-thread-vjp --mma-prefetch --fused-read-step" \
+      CHECK_ONLY="${CHECK_ONLY:-sinkhorn,coefficients,layer,read_step}" check 240
+    run 300 experiments python scripts/gpu_experiments.py
+    ;;
   experiments) run 420 experiments python scripts/gpu_experiments.py ;;
   all)
     check 190
@@ -84,7 +91,7 @@ case "${1:-}" in
     run 110 experiments python scripts/gpu_experiments.py
     ;;
   *)
-    echo "usage: bash scripts/gpu_session.sh check|bench|bench-full|profile|experiments|all" >&2
+    echo "usage: bash scripts/gpu_session.sh check|bench|bench-full|profile|experiments|all|candidates" >&2
     exit 2
     ;;
 esac
