@@ -180,13 +180,14 @@ def main():
 
     bwd_bytes = (7 * n + 2) * C * 2 * T
     row = []
-    for fused in (False, True):
-        kernel_pkg.FUSED_READ_STEP = fused
+    for fused, mma_vjp in ((False, False), (True, False), (False, True), (True, True)):
+        kernel_pkg.FUSED_READ_STEP, coefficients.MMA_VJP = fused, mma_vjp
         us = tput(site_fwd_bwd, [[x] for x in xs])
-        row.append(f"{'fused' if fused else 'two ops'} {us:7.1f} us ({100 * bwd_bytes / us / 1e3 / c['GBps']:.0f} %)")
-    kernel_pkg.FUSED_READ_STEP = False
+        row.append(f"{'fused' if fused else 'two ops'}{' + mma vjp' if mma_vjp else ''} {us:7.1f} us "
+                   f"({100 * bwd_bytes / us / 1e3 / c['GBps']:.0f} %)")
+    kernel_pkg.FUSED_READ_STEP, coefficients.MMA_VJP = False, False
     hcs.update(dict(zip(site_names, site_params)))
-    print("dynamic site fwd+bwd, read step " + ", ".join(row) + " of the (7n+2)·C·2 B/token floor")
+    print("dynamic site fwd+bwd, read step: " + ", ".join(row) + " of the (7n+2)·C·2 B/token floor")
     hp = mx.random.uniform(shape=(T, n))
     hq = mx.random.uniform(shape=(T, n))
     hr = mx.random.uniform(shape=(T, n, n))
@@ -219,6 +220,15 @@ def main():
         row.append(f"{threads}/{per_split}: {us:6.1f} us")
     coefficients.VJP_THREADS, coefficients.VJP_TOKENS_PER_SPLIT = saved
     print("  threads per block / tokens per split: " + ", ".join(row))
+    # the candidate tensor-core backward (coefficients_mma_vjp.py): both products, then each
+    from mhc_mlx.kernels import coefficients_mma_vjp as cmv
+
+    us = tput(lambda x: cmv.vjp_x_phi(x.reshape(T, n * C), phi, gs, c2), [[x] for x in xs])
+    print(f"  tensor-core candidate (dx, dphi): {us:7.1f} us {gbps(3 * xs[0].nbytes, us)} (x read twice, dx written)")
+    us = tput(lambda x: cmv.dx(x.reshape(T, n * C), phi, gs, c2), [[x] for x in xs])
+    print(f"    of which dx: {us:7.1f} us {gbps(2 * xs[0].nbytes, us)}")
+    us = tput(lambda x: cmv.dphi(x.reshape(T, n * C), gs), [[x] for x in xs])
+    print(f"    of which dphi: {us:7.1f} us {gbps(xs[0].nbytes, us)}")
     del xs
 
     # D. B=1 latency: graph building vs eval.

@@ -11,7 +11,7 @@
 #   bash scripts/gpu_session.sh candidates   # the checks with every candidate on, then experiments
 #                                            # (which time each candidate off and on)
 #   CHECK_ONLY=sinkhorn,layer bash scripts/gpu_session.sh all   # only these check groups
-#   CHECK_ARGS="--sinkhorn-thread-vjp --mma-prefetch --fused-read-step" \
+#   CHECK_ARGS="--sinkhorn-thread-vjp --mma-prefetch --fused-read-step --mma-vjp" \
 #     CHECK_ONLY=sinkhorn,coefficients,layer,read_step \
 #     bash scripts/gpu_session.sh check                          # the candidates switched on
 #
@@ -79,7 +79,7 @@ case "${1:-}" in
   bench-full) run 570 bench python -m mhc_mlx.cli.main bench --out "$res/bench" --overwrite --seeds .seedpkgs ;;
   profile) profile 240 ;;
   candidates)
-    CHECK_ARGS="--sinkhorn-thread-vjp --mma-prefetch --fused-read-step" \
+    CHECK_ARGS="--sinkhorn-thread-vjp --mma-prefetch --fused-read-step --mma-vjp" \
       CHECK_ONLY="${CHECK_ONLY:-sinkhorn,coefficients,layer,read_step}" check 240
     run 300 experiments python scripts/gpu_experiments.py
     ;;

@@ -160,6 +160,7 @@ struct mhc_dim3 { unsigned int x, y, z; };
 #define __device__
 #define __forceinline__ inline
 struct uint4 { uint32_t x, y, z, w; };
+struct uint2 { uint32_t x, y; };
 struct float2 { float x, y; };
 static inline float __uint_as_float(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
 static inline uint32_t mhc_float_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }

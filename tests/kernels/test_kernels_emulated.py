@@ -15,7 +15,7 @@ import pytest
 import cpu_emulator as emu
 import kernels_ref64 as ref64
 from mhc_mlx import reference
-from mhc_mlx.kernels import build, coefficients, coefficients_mma, layer, pre_step, sinkhorn, site
+from mhc_mlx.kernels import build, coefficients, coefficients_mma, coefficients_mma_vjp, layer, pre_step, sinkhorn, site
 
 pytestmark = pytest.mark.slow
 TOL = {mx.float32: 1e-5, mx.bfloat16: 2e-2, mx.float16: 2e-2}
@@ -30,10 +30,11 @@ FLAVOURS = ("cuda", "metal")
 
 @pytest.fixture(autouse=True)
 def emulated(monkeypatch, request):
-    for module in (build, coefficients, coefficients_mma, layer, sinkhorn, site):
+    for module in (build, coefficients, coefficients_mma, coefficients_mma_vjp, layer, sinkhorn, site):
         monkeypatch.setattr(module, "launch", emu.launch)
     emu.launched.clear()
-    emu.use_flavour(request.node.callspec.params.get("flavour", "cuda") if hasattr(request.node, "callspec") else "cuda")
+    name = request.node.callspec.params.get("flavour", "cuda") if hasattr(request.node, "callspec") else "cuda"
+    emu.use_flavour("cuda" if name.startswith("cuda") else name)  # "cuda-...": a CUDA-only variant
     yield
     emu.use_flavour("cuda")
 
@@ -204,13 +205,43 @@ def test_pack_phi_kernel_equals_its_mlx_statement(K, W):
     assert mx.array_equal(got.view(mx.uint16), want.view(mx.uint16)).item()
 
 
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
+# T not a multiple of 16 and splits over tokens; K a multiple of 8 (16-byte loads) or not, and
+# not a multiple of 64 (a partial k block); W = 3, 8, 15, 24 (n = 1..4)
+@pytest.mark.parametrize("n,C,T", [(4, 40, 37), (1, 33, 5), (2, 64, 70), (3, 20, 16), (4, 24, 300)])
+def test_tensor_core_coefficient_backward_products(dtype, n, C, T):
+    # coefficients_mma_vjp (candidate): dx = gs phi^T - x c2 (+ H_pre (x) dh) and dphi = x^T gs
+    W, K = n * (n + 2), n * C
+    x = mx.random.normal((T, K)).astype(dtype)
+    phi = mx.random.normal((K, W)) / np.sqrt(K)
+    gs = mx.random.normal((T, W)) * mx.exp(mx.random.normal((T, 1)))
+    c2 = mx.random.normal((T,))
+    H_pre, dh = mx.random.uniform(shape=(T, n)), mx.random.normal((T, C)).astype(dtype)
+    x64, phi64, gs64, c264 = np64(x), np64(phi), np64(gs), np64(c2)
+    want_dx = gs64 @ phi64.T - x64 * c264[:, None]
+    want_pre = want_dx + (np64(H_pre)[:, :, None] * np64(dh)[:, None, :]).reshape(T, K)
+    got_dx, got_dphi = coefficients_mma_vjp.vjp_x_phi(x, phi, gs, c2)
+    assert got_dx.dtype == dtype and got_dphi.dtype == mx.float32
+    # dx in x's dtype: its rounding (bfloat16 3.9e-3, float16 4.9e-4 of each element) and
+    # no more (the products carry ~16 significant bits)
+    assert rel(got_dx, want_dx) <= (4e-3 if dtype == mx.bfloat16 else 6e-4)
+    assert rel(got_dphi, x64.T @ gs64) <= 1e-5  # float32 accuracy
+    got_pre = coefficients_mma_vjp.dx(x, phi, gs, c2, (H_pre, dh))
+    assert rel(got_pre, want_pre) <= (4e-3 if dtype == mx.bfloat16 else 6e-4)
+
+
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
 # launch shapes: the default, and 64 threads per block (two k blocks, the second partial) with 4
-# tokens per split (two splits, the second partial): gpu_experiments.py times these
-@pytest.mark.parametrize("threads,per_split", [(None, None), (64, 4)])
-@pytest.mark.parametrize("flavour", FLAVOURS)
+# tokens per split (two splits, the second partial): gpu_experiments.py times these. "mma": the
+# candidate tensor-core backward (CUDA, 16-bit x; float32 x keeps the FP32 kernel)
+@pytest.mark.parametrize("flavour,threads,per_split", [
+    (fl, th, ps) for fl in FLAVOURS for th, ps in ((None, None), (64, 4), ("mma", None))
+    if not (fl == "metal" and th == "mma")])  # the tensor-core kernels are CUDA only
 def test_dynamic_coefficients_backward(monkeypatch, flavour, threads, per_split, dtype):
-    if threads:
+    if threads == "mma":
+        monkeypatch.setattr(coefficients, "MMA_VJP", True)
+        monkeypatch.setattr(build, "gpu_backend", lambda: "cuda")
+    elif threads:
         monkeypatch.setattr(coefficients, "VJP_THREADS", threads)
         monkeypatch.setattr(coefficients, "VJP_TOKENS_PER_SPLIT", per_split)
     n, C, T = 4, 24, 7
@@ -223,6 +254,10 @@ def test_dynamic_coefficients_backward(monkeypatch, flavour, threads, per_split,
     for name, g, w in zip(("x", "phi", "alpha", "bias"), got, want):
         tol = GRAD_TOL if name != "x" or dtype == mx.float32 else TOL[dtype]
         assert grad_rel(g, w, scale) <= tol, name
+    names = {name for name, *_ in emu.launched}
+    tensor_cores = threads == "mma" and dtype != mx.float32
+    assert ("mhc_coefficients_dynamic_vjp_dphi_mma" in names) == tensor_cores
+    assert ("mhc_coefficients_dynamic_vjp" in names) == (not tensor_cores)
 
 
 SITE_SHAPES = [(1, 33, (3,)), (2, 64, (2, 3)), (3, 1, (4,)), (4, 40, (5,)), (4, 1031, (2,)), (8, 24, (3,)),
@@ -269,8 +304,12 @@ def test_pre_coefficient_gradient_alone(flavour, dtype, n, C, lead):
 
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16, mx.float16])
 @pytest.mark.parametrize("n,C,lead", [(4, 24, (7,)), (2, 33, (2, 3)), (1, 40, (5,)), (8, 16, (3,))])
-@pytest.mark.parametrize("flavour", FLAVOURS)
-def test_fused_read_step_forward_and_backward(flavour, dtype, n, C, lead):
+@pytest.mark.parametrize("flavour", FLAVOURS + ("cuda-mma-vjp",))
+def test_fused_read_step_forward_and_backward(monkeypatch, flavour, dtype, n, C, lead):
+    mma_vjp = flavour == "cuda-mma-vjp"  # with the candidate tensor-core backward (n <= 4, 16-bit x)
+    if mma_vjp:
+        monkeypatch.setattr(coefficients, "MMA_VJP", True)
+        monkeypatch.setattr(build, "gpu_backend", lambda: "cuda")
     # the dynamic site's read step as one custom function (candidate, kernels.FUSED_READ_STEP):
     # the same forward as the two ops, and a backward whose x cotangent (pre's share folded into
     # the coefficient kernel's single write) matches the reference's autodiff of the whole site
@@ -301,8 +340,11 @@ def test_fused_read_step_forward_and_backward(flavour, dtype, n, C, lead):
     emu.launched.clear()
     got = mx.vjp(site_fn(pre_step.mhc_pre_step), primals, [cot])[1]
     names = [name for name, *_ in emu.launched]
-    assert "mhc_pre_vjp_h" in names and "mhc_coefficients_dynamic_vjp_pre" in names
-    assert "mhc_pre_vjp" not in names and "mhc_coefficients_dynamic_vjp" not in names
+    assert "mhc_pre_vjp_h" in names and "mhc_pre_vjp" not in names
+    tensor_cores = mma_vjp and dtype != mx.float32 and n <= 4
+    assert ("mhc_coefficients_dynamic_vjp_dx_mma" in names) == tensor_cores
+    assert ("mhc_coefficients_dynamic_vjp_pre" in names) == (not tensor_cores)
+    assert "mhc_coefficients_dynamic_vjp" not in names
     # the reference in float32 on the same (16-bit valued) inputs, as the layer backward's test
     up = [x.astype(mx.float32), phi, alpha, bias]
     want = mx.vjp(site_fn(ref_read), up, [cot.astype(mx.float32)])[1]

@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mhc_mlx.kernels import coefficients, coefficients_mma, layer, sinkhorn, site
+from mhc_mlx.kernels import coefficients, coefficients_mma, coefficients_mma_vjp, layer, sinkhorn, site
 
-MODULES = (coefficients, coefficients_mma, layer, sinkhorn, site)
+MODULES = (coefficients, coefficients_mma, coefficients_mma_vjp, layer, sinkhorn, site)
 launched = []
 
 
@@ -279,3 +279,23 @@ def test_hyper_connection_takes_the_fused_read_step_only_when_on(monkeypatch, fu
         launched.clear()
         mhc.HyperConnection(C, n)(x, lambda h: h)
         assert not launched
+
+
+@pytest.mark.parametrize("backend,dtype,n,tensor_cores", [
+    ("cuda", mx.bfloat16, 4, True), ("cuda", mx.float16, 1, True), ("cuda", mx.float32, 4, False),
+    ("cuda", mx.bfloat16, 8, False), ("metal", mx.bfloat16, 4, False)])
+def test_tensor_core_coefficient_backward_only_where_it_applies(monkeypatch, backend, dtype, n, tensor_cores):
+    # coefficients.MMA_VJP (candidate): CUDA, 16-bit x, n <= 4; elsewhere the FP32 kernel
+    from mhc_mlx.kernels import build
+
+    monkeypatch.setattr(coefficients, "MMA_VJP", True)
+    monkeypatch.setattr(coefficients, "DYNAMIC_FORM", "kernel")
+    monkeypatch.setattr(build, "gpu_backend", lambda: backend)
+    C = 24
+    W = n * (n + 2)
+    _grads_match_shapes(lambda *a: coefficients.mhc_coefficients(*a, 20, 1e-6),
+                        [mx.zeros((5, n, C), dtype=dtype), mx.zeros((n * C, W)), mx.zeros((3,)), mx.zeros((W,))])
+    names = {name for name, *_ in launched}
+    assert ("mhc_coefficients_dynamic_vjp_dx_mma" in names) == tensor_cores
+    assert ("mhc_coefficients_dynamic_vjp_dphi_mma" in names) == tensor_cores
+    assert ("mhc_coefficients_dynamic_vjp" in names) == (not tensor_cores)

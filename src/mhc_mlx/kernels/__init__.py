@@ -130,6 +130,7 @@ def settings() -> dict:
     return {"dynamic_form": coefficients.DYNAMIC_FORM,
             "mma_min_elements": coefficients.MMA_MIN_ELEMENTS,
             "mma_prefetch": coefficients_mma.PREFETCH,
+            "mma_vjp": coefficients.MMA_VJP,
             "tokens_per_block_small_n": coefficients.TOKENS_PER_BLOCK_SMALL_N,
             "layer_fused_vjp": layer.USE_FUSED_VJP,
             "fused_read_step": FUSED_READ_STEP,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from . import coefficients, coefficients_mma, layer, sinkhorn, site
+from . import coefficients, coefficients_mma, coefficients_mma_vjp, layer, sinkhorn, site
 
 SPECS = (
     sinkhorn.FORWARD, sinkhorn.BACKWARD, sinkhorn.BACKWARD_THREAD, coefficients.ACTIVATE, coefficients.DYNAMIC,
@@ -16,7 +16,9 @@ SPECS = (
 )
 
 # Kernels of the CUDA-only tensor-core path; they never reach a Metal compiler.
-CUDA_ONLY_SPECS = (coefficients_mma.PACK, coefficients_mma.MMA, coefficients_mma.FINISH)
+CUDA_ONLY_SPECS = (coefficients_mma.PACK, coefficients_mma.MMA, coefficients_mma.FINISH,
+                   coefficients_mma_vjp.PACK_A, coefficients_mma_vjp.PACK_B, coefficients_mma_vjp.DX,
+                   coefficients_mma_vjp.DPHI)
 
 F32, BF16, F16, I32 = mx.float32, mx.bfloat16, mx.float16, mx.int32
 
@@ -74,4 +76,16 @@ def cuda_only_instances():
         nt = coefficients_mma.n_tiles(n * (n + 2))
         out.append((coefficients_mma.PACK, (F32, I32), (BF16,), [("NT", nt), ("PB", coefficients_mma.PHI_PARTS)]))
         out.append((coefficients_mma.FINISH, (F32, F32, F32, F32, I32, F32), (F32,) * 5, [("N", n)]))
+    vjp = coefficients_mma_vjp
+    for parts in (2, 3):
+        out.append((vjp.PACK_A, (F32, I32), (BF16,), [("P", parts)]))
+        for trans in (True, False):
+            out.append((vjp.PACK_B, (F32, I32), (BF16,), [("P", parts), ("TRANS", trans)]))
+    for dt in (BF16, F16):
+        for n in (1, 2, 4):
+            W = n * (n + 2)
+            for pre in (False, True):
+                out.append((vjp.DX, (BF16, BF16, dt, F32, F32, dt, I32), (dt,),
+                            [("T", dt), ("N", n), ("MT", vjp.DX_TOKEN_TILES), ("KSW", -(-W // 16)), ("PRE", pre)]))
+            out.append((vjp.DPHI, (dt, BF16, I32), (F32,), [("T", dt), ("NT", -(-W // 8)), ("PG", vjp.DPHI_PARTS)]))
     return out

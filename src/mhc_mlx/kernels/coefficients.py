@@ -294,6 +294,9 @@ DYNAMIC_VJP_PRE = KernelSpec(
 
 DYNAMIC_THREADS = 256
 VJP_THREADS = 256
+# Candidate: the backward's two products on tensor cores for 16-bit x, n <= 4, CUDA
+# (coefficients_mma_vjp.py). Off until checked and timed on a GPU.
+MMA_VJP = False
 VJP_TOKENS_PER_SPLIT = 256
 
 
@@ -463,6 +466,11 @@ def dynamic_vjp_x_phi(x2, phi, gs, c2, pre=None):
     pre: (H_pre [T, n], dh [T, C]) adds pre's share H_pre (x) dh to dxf in the same pass.
     """
     T, K = x2.shape
+    if MMA_VJP and T and build.gpu_backend() == "cuda":
+        from . import coefficients_mma_vjp
+
+        if coefficients_mma_vjp.covers(x2, phi):
+            return coefficients_mma_vjp.vjp_x_phi(x2, phi, gs, c2, pre)
     n = round((phi.shape[1] + 1) ** 0.5) - 1
     splits = -(-T // VJP_TOKENS_PER_SPLIT)
     nkb = -(-K // VJP_THREADS)

@@ -1,0 +1,359 @@
+"""Candidate (CUDA only, not yet run on a GPU): the dynamic coefficients' backward on tensor cores.
+
+The FP32 kernel (coefficients.DYNAMIC_VJP) computes x's cotangent dx = gs phi^T - x c2 and
+dphi = x^T gs in one pass on FP32 cores; the H100 profile has it at 519.6 µs for 4096 x 4 x
+4096 bf16, latency-bound at 135 registers (one 256-thread block per SM). Here each product is
+an mma.sync m16n8k16 bf16 GEMM with float32 accumulation, in two kernels that each read x once:
+
+- DX: M = tokens, N = k, K-dim = w. gs (float32) and phi (float32) are each split into two
+  bfloat16 parts and three products are summed (hi hi + hi lo + lo hi: ~16 significant bits,
+  ample for a 16-bit dx); then dx = that - x c2 (+ H_pre (x) dh for the fused read step).
+- DPHI: M = k, N = w, K-dim = tokens. x is exact in bfloat16 (float16 x: two exact parts) and
+  gs is split into three parts, so dphi keeps float32 accuracy, as in the forward. The
+  reduction runs over tokens, so a lane needs pairs of tokens at one k while x is stored with k
+  contiguous: each lane loads 8 consecutive k of four tokens (16-byte loads) and regroups the
+  16-bit halves into token pairs; row g of m-tile q is k = kb + 8g + 2q and row g + 8 is the
+  next k (any row order works as long as the output is written back to the same k).
+
+Both operands that are not x come in the lanes' fragment order, packed once per call by PACK_A
+and PACK_B (one launch each). n <= 4 only (the accumulators of DPHI grow with the columns).
+Off (coefficients.MMA_VJP = False) until checked and timed on a GPU; tests/kernels run it on
+the CPU emulator against float64.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from .build import KernelSpec, int_params, launch
+from .coefficients_mma import PTX_MMA, X_PARTS
+
+F32 = mx.float32
+DX_PARTS = 2  # bfloat16 parts of gs and of phi in DX
+DPHI_PARTS = 3  # bfloat16 parts of gs in DPHI
+MAX_N = 4
+DX_TOKEN_TILES = 2  # token tiles of 16 per warp in DX (they share each phi fragment)
+DX_K_TILES = 8  # k tiles of 8 per warp in DX
+TARGET_WARPS = 2048
+WARPS_PER_BLOCK = 4
+
+# mat [R, KD] float32 -> A fragments [ceil(R/16), ceil(KD/16), P, 32 lanes, 8] bfloat16: lane
+# (g, c), element e is register e / 2, half e % 2: row g + 8 (r & 1), column 2c + 8 (r >> 1) + h.
+PACK_A = KernelSpec(
+    name="mhc_pack_a_fragments",
+    inputs=("mat", "iparam"),
+    outputs=("pk",),
+    body=r"""
+  const int R = iparam[0];
+  const int KD = iparam[1];
+  const int KS = (KD + 15) / 16;
+  const int64_t idx = (int64_t)KBID * KNT + KTID;
+  const int64_t total = (int64_t)((R + 15) / 16) * KS * 256;
+  if (idx >= total) return;
+  const int e = (int)(idx & 7);
+  const int lane = (int)((idx >> 3) & 31);
+  const int64_t rest = idx >> 8;
+  const int ks = (int)(rest % KS);
+  const int64_t rt = rest / KS;
+  const int r = e >> 1;
+  const int row = (int)(16 * rt) + (lane >> 2) + 8 * (r & 1);
+  const int col = 16 * ks + 2 * (lane & 3) + 8 * (r >> 1) + (e & 1);
+  float v = (row < R && col < KD) ? mat[(int64_t)row * KD + col] : 0.0f;
+  #pragma unroll
+  for (int p = 0; p < P; ++p) {
+    const __nv_bfloat16 b = __float2bfloat16_rn(v);
+    pk[(((rt * KS + ks) * P + p) * 32 + lane) * 8 + e] = b;
+    v -= __bfloat162float(b);
+  }
+""",
+)
+
+# B[kk][nn] (TRANS: src[nn][kk], else src[kk][nn]; KD rows kk, NN columns nn) -> B fragments
+# [ceil(NN/8), ceil(KD/16), P, 32, 4] bfloat16: lane (g, c), element e: row kk = 16 ks + 2c +
+# 8 (e >> 1) + (e & 1), column nn = 8 nt + g.
+PACK_B = KernelSpec(
+    name="mhc_pack_b_fragments",
+    inputs=("src", "iparam"),
+    outputs=("pk",),
+    body=r"""
+  const int KD = iparam[0];
+  const int NN = iparam[1];
+  const int KS = (KD + 15) / 16;
+  const int64_t idx = (int64_t)KBID * KNT + KTID;
+  const int64_t total = (int64_t)((NN + 7) / 8) * KS * 128;
+  if (idx >= total) return;
+  const int e = (int)(idx & 3);
+  const int lane = (int)((idx >> 2) & 31);
+  const int64_t rest = idx >> 7;
+  const int ks = (int)(rest % KS);
+  const int64_t nt = rest / KS;
+  const int kk = 16 * ks + 2 * (lane & 3) + 8 * (e >> 1) + (e & 1);
+  const int nn = (int)(8 * nt) + (lane >> 2);
+  float v = 0.0f;
+  if (kk < KD && nn < NN) v = TRANS ? src[(int64_t)nn * KD + kk] : src[(int64_t)kk * NN + nn];
+  #pragma unroll
+  for (int p = 0; p < P; ++p) {
+    const __nv_bfloat16 b = __float2bfloat16_rn(v);
+    pk[(((nt * KS + ks) * P + p) * 32 + lane) * 4 + e] = b;
+    v -= __bfloat162float(b);
+  }
+""",
+)
+
+# dx[t, k] = sum_w gs[t, w] phi[k, w] - x[t, k] c2[t] (+ H_pre[t, k / C] dh[t, k % C] if PRE).
+# A warp owns MT token tiles of 16 and KTW consecutive k tiles of 8.
+DX = KernelSpec(
+    name="mhc_coefficients_dynamic_vjp_dx_mma",
+    inputs=("gsa", "phb", "xin", "ctwo", "hpre", "dh", "iparam"),
+    outputs=("gx",),
+    helpers=PTX_MMA,
+    body=r"""
+  const int Ttok = iparam[0];
+  const int K = iparam[1];
+  const int KTW = iparam[2];
+  const int Cw = iparam[3];  // channels per stream (PRE)
+  const int ktl = (K + 7) / 8;
+  const int kgroups = (ktl + KTW - 1) / KTW;
+  const int tt_all = (Ttok + 15) / 16;
+  const int tgroups = (tt_all + MT - 1) / MT;
+  const int gw = (int)(blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5));
+  if (gw >= tgroups * kgroups) return;  // whole warps only: mma.sync needs all 32 lanes
+  const int kg = gw / tgroups;  // neighbouring warps share k tiles (phi stays in L1/L2)
+  const int tg = gw - kg * tgroups;
+  const int lane = (int)(threadIdx.x & 31u);
+  const int g = lane >> 2;
+  const int c = lane & 3;
+  uint32_t a[MT][KSW][2][4];
+  float c2v[MT][2];
+  #pragma unroll
+  for (int m = 0; m < MT; ++m) {
+    const int tt = tg * MT + m;
+    #pragma unroll
+    for (int s = 0; s < KSW; ++s) {
+      #pragma unroll
+      for (int p = 0; p < 2; ++p) {
+        if (tt < tt_all) {
+          const uint4 v = *reinterpret_cast<const uint4*>(gsa + ((((int64_t)tt * KSW + s) * 2 + p) * 32 + lane) * 8);
+          a[m][s][p][0] = v.x; a[m][s][p][1] = v.y; a[m][s][p][2] = v.z; a[m][s][p][3] = v.w;
+        } else {
+          a[m][s][p][0] = 0u; a[m][s][p][1] = 0u; a[m][s][p][2] = 0u; a[m][s][p][3] = 0u;
+        }
+      }
+    }
+    #pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int t = 16 * tt + g + 8 * h;
+      c2v[m][h] = t < Ttok ? ctwo[t] : 0.0f;
+    }
+  }
+  const int kt1 = min(ktl, (kg + 1) * KTW);
+  for (int kt = kg * KTW; kt < kt1; ++kt) {
+    uint32_t b[KSW][2][2];
+    #pragma unroll
+    for (int s = 0; s < KSW; ++s) {
+      #pragma unroll
+      for (int p = 0; p < 2; ++p) {
+        const uint2 v = *reinterpret_cast<const uint2*>(phb + ((((int64_t)kt * KSW + s) * 2 + p) * 32 + lane) * 4);
+        b[s][p][0] = v.x;
+        b[s][p][1] = v.y;
+      }
+    }
+    const int k = 8 * kt + 2 * c;
+    #pragma unroll
+    for (int m = 0; m < MT; ++m) {
+      float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+      #pragma unroll
+      for (int s = 0; s < KSW; ++s) {
+        mhc_mma_bf16(d, a[m][s][0], b[s][0][0], b[s][0][1]);
+        mhc_mma_bf16(d, a[m][s][0], b[s][1][0], b[s][1][1]);
+        mhc_mma_bf16(d, a[m][s][1], b[s][0][0], b[s][0][1]);
+      }
+      #pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int t = 16 * (tg * MT + m) + g + 8 * h;
+        if (t >= Ttok) continue;
+        #pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int kk = k + e;
+          if (kk >= K) continue;
+          const int64_t off = (int64_t)t * K + kk;
+          float v = d[2 * h + e] - static_cast<float>(xin[off]) * c2v[m][h];
+          if (PRE) {
+            const int i = kk / Cw;
+            v += hpre[(int64_t)t * N + i] * static_cast<float>(dh[(int64_t)t * Cw + (kk - i * Cw)]);
+          }
+          gx[off] = static_cast<T>(v);
+        }
+      }
+    }
+  }
+""",
+)
+
+# dphi partials [S, K, 8 NT] = x^T gs over each split of the tokens. A warp owns 64 k (four
+# m-tiles: rows g, g + 8 of tile q are k = kb + 8g + 2q and kb + 8g + 2q + 1) and one split.
+DPHI = KernelSpec(
+    name="mhc_coefficients_dynamic_vjp_dphi_mma",
+    inputs=("xin", "pgs", "iparam"),
+    outputs=("part",),
+    helpers=PTX_MMA + X_PARTS,
+    body=r"""
+  constexpr int AP = mhc_x_parts<T>::count;
+  constexpr int WP = 8 * NT;
+  const int Ttok = iparam[0];
+  const int K = iparam[1];
+  const int TPS = iparam[2];  // tokens per split, a multiple of 16
+  const int S = iparam[3];
+  const int TS16 = (Ttok + 15) / 16;
+  const int kblocks = (K + 63) / 64;
+  const int gw = (int)(blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5));
+  if (gw >= kblocks * S) return;
+  const int split = gw / kblocks;  // neighbouring warps share a split (gs stays in L1/L2)
+  const int kb = (gw - split * kblocks) * 64;
+  const int lane = (int)(threadIdx.x & 31u);
+  const int g = lane >> 2;
+  const int c = lane & 3;
+  const int kx = kb + 8 * g;
+  const int t0 = split * TPS;
+  const int t1 = min(Ttok, t0 + TPS);
+  const bool xvec = (K % 8 == 0) && ((reinterpret_cast<unsigned long long>(xin) & 15ull) == 0ull);
+  float acc[4][NT][4];
+  #pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    #pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      #pragma unroll
+      for (int e = 0; e < 4; ++e) acc[q][j][e] = 0.0f;
+    }
+  }
+  for (int ts = t0; ts < t1; ts += 16) {
+    // tokens ts + 2c, ts + 2c + 1, ts + 2c + 8, ts + 2c + 9; word q = the pair (kx + 2q, kx + 2q + 1)
+    uint32_t xh[4][4], xl[4][4];
+    #pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      const int t = ts + 2 * c + (u & 1) + 8 * (u >> 1);
+      uint32_t w[4] = {0u, 0u, 0u, 0u};
+      if (t < t1) {
+        const T* row = xin + (int64_t)t * K;
+        if (xvec && kx + 8 <= K) {
+          const uint4 v = *reinterpret_cast<const uint4*>(row + kx);
+          w[0] = v.x; w[1] = v.y; w[2] = v.z; w[3] = v.w;
+        } else {
+          #pragma unroll
+          for (int e = 0; e < 8; ++e) {
+            if (kx + e < K) {
+              const T val = row[kx + e];
+              const uint32_t bits = (uint32_t)(*reinterpret_cast<const unsigned short*>(&val));
+              w[e >> 1] |= bits << (16 * (e & 1));
+            }
+          }
+        }
+      }
+      #pragma unroll
+      for (int q = 0; q < 4; ++q) mhc_x_parts<T>::split(w[q], xh[u][q], xl[u][q]);
+    }
+    const int step = ts / 16;
+    #pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      #pragma unroll
+      for (int p = 0; p < PG; ++p) {
+        const uint2 bv = *reinterpret_cast<const uint2*>(pgs + ((((int64_t)j * TS16 + step) * PG + p) * 32 + lane) * 4);
+        #pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          #pragma unroll
+          for (int part = 0; part < AP; ++part) {
+            uint32_t (&xs)[4][4] = part == 0 ? xh : xl;
+            const uint32_t af[4] = {
+              (xs[0][q] & 0xffffu) | (xs[1][q] << 16),          // row g (k even), tokens 2c, 2c+1
+              (xs[0][q] >> 16) | (xs[1][q] & 0xffff0000u),      // row g + 8 (k odd)
+              (xs[2][q] & 0xffffu) | (xs[3][q] << 16),          // row g, tokens 2c+8, 2c+9
+              (xs[2][q] >> 16) | (xs[3][q] & 0xffff0000u)};     // row g + 8
+            mhc_mma_bf16(acc[q][j], af, bv.x, bv.y);
+          }
+        }
+      }
+    }
+  }
+  #pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    #pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int k = kx + 2 * q + h;
+      if (k < K) {
+        float* out = part + ((int64_t)split * K + k) * WP;
+        #pragma unroll
+        for (int j = 0; j < NT; ++j) {
+          out[8 * j + 2 * c] = acc[q][j][2 * h];
+          out[8 * j + 2 * c + 1] = acc[q][j][2 * h + 1];
+        }
+      }
+    }
+  }
+""",
+)
+
+
+def pack_a(mat: mx.array, parts: int) -> mx.array:
+    R, KD = mat.shape
+    total = -(-R // 16) * -(-KD // 16) * 256
+    return launch(PACK_A, [mat.astype(F32), int_params(R, KD)],
+                  [((-(-R // 16), -(-KD // 16), parts, 32, 8), mx.bfloat16)],
+                  -(-total // 256) * 256, 256, [("P", parts)])[0]
+
+
+def pack_b(src: mx.array, parts: int, transposed: bool) -> mx.array:
+    """B fragments of B = src^T (transposed) or B = src, src float32 2-d."""
+    KD, NN = (src.shape[1], src.shape[0]) if transposed else src.shape
+    total = -(-NN // 8) * -(-KD // 16) * 128
+    return launch(PACK_B, [src.astype(F32), int_params(KD, NN)],
+                  [((-(-NN // 8), -(-KD // 16), parts, 32, 4), mx.bfloat16)],
+                  -(-total // 256) * 256, 256, [("P", parts), ("TRANS", transposed)])[0]
+
+
+def covers(x2: mx.array, phi: mx.array) -> bool:
+    """16-bit x and n <= 4 (W <= 24)."""
+    return x2.dtype in (mx.bfloat16, mx.float16) and phi.shape[1] <= MAX_N * (MAX_N + 2)
+
+
+def dx(x2, phi, gs, c2, pre=None):
+    T, K = x2.shape
+    W = phi.shape[1]
+    n = round((W + 1) ** 0.5) - 1
+    ksw = -(-W // 16)
+    tgroups = -(-(-(-T // 16)) // DX_TOKEN_TILES)
+    kgroups = -(-(-(-K // 8)) // DX_K_TILES)
+    warps = tgroups * kgroups
+    if pre is None:
+        hpre, dh, flag = mx.zeros((1,), F32), mx.zeros((1,), x2.dtype), False
+    else:
+        hpre, dh, flag = pre[0].astype(F32).reshape(T, n), pre[1].astype(x2.dtype).reshape(T, K // n), True
+    return launch(
+        DX, [pack_a(gs, DX_PARTS), pack_b(phi, DX_PARTS, True), x2, c2.astype(F32), hpre, dh,
+             int_params(T, K, DX_K_TILES, K // n)],
+        [((T, K), x2.dtype)], -(-warps // WARPS_PER_BLOCK) * WARPS_PER_BLOCK * 32, WARPS_PER_BLOCK * 32,
+        [("T", x2.dtype), ("N", n), ("MT", DX_TOKEN_TILES), ("KSW", ksw), ("PRE", flag)],
+    )[0]
+
+
+def dphi(x2, gs):
+    """x2^T gs [K, W] float32 for 16-bit x2 [T, K] and float32 gs [T, W]."""
+    T, K = x2.shape
+    W = gs.shape[1]
+    NT = -(-W // 8)
+    kblocks = -(-K // 64)
+    steps = -(-T // 16)
+    splits = max(1, min(-(-TARGET_WARPS // kblocks), steps))
+    tps = 16 * -(-steps // splits)
+    splits = -(-T // tps)
+    warps = kblocks * splits
+    part = launch(
+        DPHI, [x2, pack_b(gs, DPHI_PARTS, False), int_params(T, K, tps, splits)],
+        [((splits, K, 8 * NT), F32)], -(-warps // WARPS_PER_BLOCK) * WARPS_PER_BLOCK * 32,
+        WARPS_PER_BLOCK * 32, [("T", x2.dtype), ("NT", NT), ("PG", DPHI_PARTS)],
+    )[0]
+    return mx.sum(part, axis=0)[:, :W]
+
+
+def vjp_x_phi(x2, phi, gs, c2, pre=None):
+    """(dxf [T, K] in x's dtype, dphi [K, W] float32), as coefficients.dynamic_vjp_x_phi."""
+    return dx(x2, phi, gs, c2, pre), dphi(x2, gs)
