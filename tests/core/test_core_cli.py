@@ -33,11 +33,16 @@ def test_info_runs(command):
     assert re.search(r"^mlx\s+\d+\.\d+", p.stdout, re.M), p.stdout
     for op in OPS:
         assert op in p.stdout, f"{op} missing from:\n{p.stdout}"
+    # the kernel settings, candidates included (as `mhc-mlx bench` records them)
+    assert re.search(r"^settings\s+dynamic_form=\w+, .*fused_read_step=(True|False)", p.stdout, re.M), p.stdout
     p = run(*command, "--json")
     assert p.returncode == 0, p.stderr
     info = json.loads(p.stdout)
     assert info["mhc-mlx"] == mhc_mlx.__version__
     assert set(OPS) <= set(info["ops"])
+    from mhc_mlx import kernels
+
+    assert info["kernel_settings"] == kernels.settings()
 
 
 @pytest.mark.parametrize("command", [["mhc-mlx", "info"], ["mhc-mlx-info"]], ids=["mhc-mlx info", "mhc-mlx-info"])

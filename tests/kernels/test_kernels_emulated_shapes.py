@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 import cpu_emulator as emu
 import kernels_ref64 as ref64
 from mhc_mlx import reference
-from mhc_mlx.kernels import build, coefficients, coefficients_mma, layer, sinkhorn, site
+from mhc_mlx.kernels import build, coefficients, coefficients_mma, coefficients_mma_vjp, layer, sinkhorn, site
 
 pytestmark = pytest.mark.slow
 TOL = {mx.float32: 1e-5, mx.bfloat16: 2e-2, mx.float16: 2e-2}
@@ -23,7 +23,7 @@ SETTINGS = settings(max_examples=10, deadline=None, suppress_health_check=[Healt
 
 @pytest.fixture(autouse=True)
 def emulated(monkeypatch):
-    for module in (build, coefficients, coefficients_mma, layer, sinkhorn, site):
+    for module in (build, coefficients, coefficients_mma, coefficients_mma_vjp, layer, sinkhorn, site):
         monkeypatch.setattr(module, "launch", emu.launch)
     emu.use_flavour("cuda")
 
@@ -102,11 +102,14 @@ def test_static_layer_on_drawn_shapes(n, C, T, inline, dtype):
 
 @SETTINGS
 @given(n=st.sampled_from([1, 2, 3, 4, 8]), C=st.integers(1, 70), T=st.integers(1, 40),
-       form=st.sampled_from(["kernel", "mma"]), dtype=DTYPES)
-def test_dynamic_coefficients_on_drawn_shapes(monkeypatch, n, C, T, form, dtype):
+       form=st.sampled_from(["kernel", "mma"]), mma_vjp=st.booleans(), dtype=DTYPES)
+def test_dynamic_coefficients_on_drawn_shapes(monkeypatch, n, C, T, form, mma_vjp, dtype):
+    # form: the forward's (fused kernel or tensor cores); mma_vjp: the candidate tensor-core
+    # backward (coefficients.MMA_VJP; taken for 16-bit x and n <= 4)
     monkeypatch.setattr(build, "gpu_backend", lambda: "cuda")
     monkeypatch.setattr(coefficients, "MMA_MIN_ELEMENTS", 0)
     monkeypatch.setattr(coefficients, "DYNAMIC_FORM", form)
+    monkeypatch.setattr(coefficients, "MMA_VJP", mma_vjp)
     W = n * (n + 2)
     x = mx.random.normal((T, n, C)).astype(dtype)
     phi = mx.random.normal((n * C, W)) / np.sqrt(n * C)

@@ -59,6 +59,7 @@ def collect() -> dict:
         "float32_matmuls": _matmul_note(),
         "ops": {op: dispatch.explain(op) for op in kernels.OPS},
         "kernels": kernels.status(),
+        "kernel_settings": kernels.settings(),
     }
 
 
@@ -74,6 +75,8 @@ def render(info: dict) -> str:
         f"matmuls   {info['float32_matmuls']}",
     ]
     lines += [f"env       {k}={v}" for k, v in info["env"].items()]
+    # the kernels' forms and the candidates (off until a GPU check; docs/kernel-notes.md)
+    lines.append("settings  " + ", ".join(f"{k}={v}" for k, v in info["kernel_settings"].items()))
     lines.append("ops (path taken by default, and why):")
     lines += [f"  {op:<17} {why}" for op, why in info["ops"].items()]
     return "\n".join(lines)
