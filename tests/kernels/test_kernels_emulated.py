@@ -348,11 +348,20 @@ def test_fused_read_step_forward_and_backward(monkeypatch, flavour, dtype, n, C,
     # the reference in float32 on the same (16-bit valued) inputs, as the layer backward's test
     up = [x.astype(mx.float32), phi, alpha, bias]
     want = mx.vjp(site_fn(ref_read), up, [cot.astype(mx.float32)])[1]
+    # ... and the reference run in x's dtype: f is rounded to 16 bits before post mixes it, so
+    # dH_post = sum g f, and through it the coefficient gradients, carry that rounding in every
+    # implementation (over 40 seeds at n = 1, C = 40, bf16: the fused step, the two ops and the
+    # bf16 reference erred alike, up to 5.7 % on bias). Allowed up to twice that, as gpu_check.
+    in_dtype = mx.vjp(site_fn(ref_read), primals, [cot])[1]
     tol = GRAD_TOL if dtype == mx.float32 else TOL[dtype]
     scale = 0.01 * largest(want)
-    for name, g, w in zip(("x", "phi", "alpha", "bias"), got, want):
+    for name, g, w, d in zip(("x", "phi", "alpha", "bias"), got, want, in_dtype):
         assert g.shape == w.shape, name
-        assert grad_rel(g, w, scale) <= (tol if name == "x" or dtype == mx.float32 else TOL[dtype]), name
+        bound = tol
+        if dtype != mx.float32:
+            own = float(np.linalg.norm(np64(d) - np64(w)) / max(np.linalg.norm(np64(w)), scale, 1e-12))
+            bound = max(tol, min(2 * own, 0.25)) if np.isfinite(own) else tol
+        assert grad_rel(g, w, scale) <= bound, name
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
