@@ -463,3 +463,24 @@ def test_emulator_reports_out_of_bounds_and_input_writes(dtype):
     over = KernelSpec("over", ("a",), ("o",), "o[KTID] = a[KTID + 1];")
     out = np64(emu.launch(over, [a], [((32,), dtype)], 32, 32, [])[0])
     assert np.isnan(out[31]) and np.array_equal(out[:31], np.arange(1, 32))
+
+
+@pytest.mark.parametrize("mma_vjp", [False, True])
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_candidates_with_no_tokens(monkeypatch, dtype, mma_vjp):
+    # an empty batch through the fused read step and the tensor-core backward: empty outputs,
+    # zero parameter gradients, nothing unwritten
+    monkeypatch.setattr(coefficients, "MMA_VJP", mma_vjp)
+    monkeypatch.setattr(build, "gpu_backend", lambda: "cuda")
+    n, C = 4, 24
+    x = mx.zeros((0, n, C), dtype=dtype)
+    primals = [x, mx.random.normal((n * C, 24)), mx.ones((3,)), mx.random.normal((24,))]
+
+    def site_fn(x_, phi_, alpha_, bias_):
+        h, _, H_post, H_res = pre_step.mhc_pre_step(x_, phi_, alpha_, bias_, 20, 1e-6)
+        return site.mhc_post(x_, h, H_post, H_res)
+
+    out, grads = mx.vjp(site_fn, primals, [mx.zeros((0, n, C), dtype=dtype)])
+    assert out[0].shape == (0, n, C)
+    assert [tuple(g.shape) for g in grads] == [tuple(p.shape) for p in primals]
+    assert all(float(mx.abs(g).sum()) == 0.0 for g in grads[1:])
