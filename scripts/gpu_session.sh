@@ -8,8 +8,8 @@
 #   bash scripts/gpu_session.sh profile      # ncu: each target case's kernels and their times
 #   bash scripts/gpu_session.sh experiments  # kernel-level timings (docs/kernel-notes.md)
 #   bash scripts/gpu_session.sh all          # check, bench, profile, experiments
-#   bash scripts/gpu_session.sh candidates   # the checks with every candidate on, then experiments
-#                                            # (which time each candidate off and on)
+#   bash scripts/gpu_session.sh candidates   # the checks with every candidate on, the target cases'
+#                                            # bench with them on, then the experiments (each off/on)
 #   CHECK_ONLY=sinkhorn,layer bash scripts/gpu_session.sh all   # only these check groups
 #   CHECK_ARGS="--sinkhorn-thread-vjp --mma-prefetch --fused-read-step --mma-vjp" \
 #     CHECK_ONLY=sinkhorn,coefficients,layer,read_step \
@@ -80,8 +80,10 @@ case "${1:-}" in
   profile) profile 240 ;;
   candidates)
     CHECK_ARGS="--sinkhorn-thread-vjp --mma-prefetch --fused-read-step --mma-vjp" \
-      CHECK_ONLY="${CHECK_ONLY:-sinkhorn,coefficients,layer,read_step}" check 240
-    run 300 experiments python scripts/gpu_experiments.py
+      CHECK_ONLY="${CHECK_ONLY:-sinkhorn,coefficients,layer,read_step}" check 200
+    run 140 bench python -m mhc_mlx.cli.main bench --candidates --out "$res/bench_candidates" --overwrite \
+      --seeds "" --only "$TARGETS"
+    run 230 experiments python scripts/gpu_experiments.py
     ;;
   experiments) run 420 experiments python scripts/gpu_experiments.py ;;
   all)

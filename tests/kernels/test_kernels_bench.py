@@ -38,6 +38,25 @@ def test_quick_bench_writes_json_and_png(quick_run):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def test_bench_records_the_kernel_settings_and_switches_candidates_on(quick_run, tmp_path):
+    from mhc_mlx import kernels
+
+    _, out = quick_run
+    with open(os.path.join(out, "bench.json")) as f:
+        assert json.load(f)["header"]["kernel_settings"] == kernels.settings()
+    defaults = kernels.settings()
+    try:
+        assert cli_main.main(["bench", "--quick", "--candidates", "--out", str(tmp_path), "--seeds", "",
+                              "--only", "static/fwd/1x4x64"]) == 0
+        with open(tmp_path / "bench.json") as f:
+            recorded = json.load(f)["header"]["kernel_settings"]
+        assert recorded["fused_read_step"] and recorded["mma_vjp"] and recorded["mma_prefetch"]
+        assert recorded["sinkhorn_thread_vjp_max_work"] > 0
+    finally:
+        kernels.use_candidates(False)
+    assert kernels.settings() == defaults  # off again is exactly the shipped defaults
+
+
 def test_bench_refuses_to_overwrite(quick_run, capsys):
     _, out = quick_run
     assert cli_main.main(["bench", "--quick", "--out", out, "--seeds", ""]) == 2

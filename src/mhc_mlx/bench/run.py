@@ -34,8 +34,7 @@ def run(out_dir: str, quick: bool = False, seeds_dir: str | None = ".seedpkgs", 
         "mhc_mlx": __version__, "mlx": mx.__version__, "backend": backend or "cpu",
         "device": str(mx.default_device()), "platform": platform.platform(), "quick": quick,
     }
-    if on_gpu:
-        header["kernel_settings"] = kernels.settings()
+    header["kernel_settings"] = kernels.settings()  # what the kernels would run (used on GPUs only)
     log(f"bench: {header}")
     copy = timing.copy_floor(array_bytes=(1 << 20) if quick else (128 << 20), repeats=3 if quick else 10)
     tiny = timing.tiny_op_us(repeats=20 if quick else 300)

@@ -15,6 +15,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    help="folder with the seed wheels mhc_mlx-0.6.3 and mlx_mhc-0.4.1 ('' to skip them)")
     p.add_argument("--impl", default="", help="comma list of kernels,compiled,reference (default: all that run here)")
     p.add_argument("--only", default="", help="only cases whose id contains one of these comma-separated texts, e.g. 'static/fwd/4096'")
+    p.add_argument("--candidates", action="store_true",
+                   help="switch on the kernel candidates not yet checked on a GPU (docs/kernel-notes.md); "
+                        "the JSON header records the kernel settings")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -26,6 +29,10 @@ def run(args: argparse.Namespace) -> int:
         bad = [i for i in impls if i not in ("kernels", "compiled", "reference")]
         if bad:
             raise ValueError(f"unknown --impl {', '.join(bad)}; choose from kernels, compiled, reference")
+    if args.candidates:
+        from .. import kernels
+
+        kernels.use_candidates(True)
     run_bench(args.out, quick=args.quick, seeds_dir=args.seeds or None, overwrite=args.overwrite,
               impls=impls, only=args.only)
     return 0

@@ -123,6 +123,18 @@ def status() -> dict:
     return out
 
 
+def use_candidates(on: bool = True) -> None:
+    """Switch this process's kernel candidates on or off: written and emulator-tested, not yet
+    checked on a GPU (docs/kernel-notes.md, last section). `mhc-mlx bench --candidates`."""
+    from . import coefficients, coefficients_mma, sinkhorn
+
+    global FUSED_READ_STEP
+    FUSED_READ_STEP = on
+    coefficients.MMA_VJP = on
+    coefficients_mma.PREFETCH = on
+    sinkhorn.THREAD_VJP_MAX_WORK = sinkhorn.THREAD_VJP_CANDIDATE_WORK if on else 0
+
+
 def settings() -> dict:
     """The kernels' tunable forms in this process (docs/kernel-notes.md; benches record them)."""
     from . import coefficients, coefficients_mma, layer, sinkhorn
