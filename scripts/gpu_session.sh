@@ -87,10 +87,10 @@ case "${1:-}" in
     ;;
   experiments) run 420 experiments python scripts/gpu_experiments.py ;;
   all)
-    check 190
+    check 180
     run 120 bench python -m mhc_mlx.cli.main bench --out "$res/bench" --overwrite --seeds .seedpkgs --only "$TARGETS"
     profile 80
-    run 110 experiments python scripts/gpu_experiments.py
+    run 140 experiments python scripts/gpu_experiments.py
     ;;
   *)
     echo "usage: bash scripts/gpu_session.sh check|bench|bench-full|profile|experiments|all|candidates" >&2
