@@ -67,3 +67,27 @@ def test_demo_runs():
     losses = [float(v) for v in re.findall(r"^step\s+\d+\s+loss ([0-9.]+)", p.stdout, re.M)]
     assert len(losses) >= 2 and all(v == v for v in losses), p.stdout
     assert re.search(r"^step\s+5\s", p.stdout, re.M), p.stdout
+
+
+def test_version_of_an_uninstalled_source_tree(monkeypatch):
+    # run from the repo on PYTHONPATH (the GPU device has no package index): the version comes
+    # from pyproject.toml, marked '+source', so bench headers still say which release it is
+    import importlib
+    import importlib.metadata
+    import pathlib
+
+    from mhc_mlx import _version
+
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", missing)
+    try:
+        reloaded = importlib.reload(_version)
+        declared = re.search(r'^version\s*=\s*"([^"]+)"', (pathlib.Path(_version.__file__).parents[2] / "pyproject.toml")
+                             .read_text(), re.M).group(1)
+        assert reloaded.__version__ == f"{declared}+source"
+    finally:
+        monkeypatch.undo()
+        importlib.reload(_version)
+    assert _version.__version__ == mhc_mlx.__version__
