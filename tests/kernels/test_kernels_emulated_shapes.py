@@ -134,3 +134,52 @@ def test_dynamic_coefficients_on_drawn_shapes(monkeypatch, n, C, T, form, mma_vj
     else:
         assert errs[0] <= (GRAD_TOL if dtype == mx.float32 else TOL[dtype])  # x's, in x's dtype
     assert max(errs[1:]) <= GRAD_TOL  # phi, alpha, bias: float32 whatever x's dtype
+
+
+@SETTINGS
+@given(n=st.sampled_from([1, 2, 3, 4, 8]), C=st.integers(1, 64), T=st.integers(1, 20), dtype=DTYPES)
+def test_dynamic_site_with_every_candidate_on(monkeypatch, n, C, T, dtype):
+    # What `mhc-mlx bench --candidates` runs (kernels.use_candidates): a HyperConnection's
+    # forward and backward through the dispatcher on the (emulated) CUDA kernels, the tensor-core
+    # forward forced at every size, against the reference backend's autodiff
+    import mhc_mlx as mhc
+    from mhc_mlx import dispatch, kernels
+
+    monkeypatch.setattr(build, "gpu_backend", lambda: "cuda")
+    monkeypatch.setattr(build, "on_gpu", lambda *a: True)
+    monkeypatch.setattr(kernels, "gpu_backend", build.gpu_backend)
+    monkeypatch.setattr(kernels, "on_gpu", build.on_gpu)
+    monkeypatch.setattr(coefficients, "MMA_MIN_ELEMENTS", 0)
+    kernels.use_candidates(True)
+    try:
+        hc = mhc.HyperConnection(C, n, init="paper")
+        W = n * (n + 2)
+        hc.phi = mx.random.normal((n * C, W)) / np.sqrt(n * C)
+        hc.alpha, hc.bias = mx.random.uniform(0.2, 1.5, (3,)), mx.random.normal((W,))
+        names = ["phi", "alpha", "bias"]
+        params = [getattr(hc, k) for k in names]
+        x = mx.random.normal((T, n, C)).astype(dtype)
+        cot = mx.random.normal((T, n, C)).astype(dtype)
+        w = mx.random.normal((C,))
+
+        def site_fn(x_, *ps):
+            hc.update(dict(zip(names, ps)))
+            return hc(x_, lambda h: (h.astype(mx.float32) * w).astype(h.dtype))
+
+        emu.launched.clear()
+        out, got = mx.vjp(site_fn, [x, *params], [cot])
+        launched = {name for name, *_ in emu.launched}
+        assert "mhc_pre_vjp_h" in launched  # the fused read step ran
+        assert ("mhc_sinkhorn_vjp_thread" in launched) == (n <= 4)
+        assert ("mhc_coefficients_dynamic_vjp_dx_mma" in launched) == (n <= 4 and dtype != mx.float32)
+        assert ("mhc_coefficients_dynamic_mma" in launched) == (dtype != mx.float32)
+        with dispatch.use_backend("reference"):
+            want_out = site_fn(x.astype(mx.float32), *params)
+            want = mx.vjp(site_fn, [x.astype(mx.float32), *params], [cot.astype(mx.float32)])[1]
+            own = mx.vjp(site_fn, [x, *params], [cot])[1]
+    finally:
+        kernels.use_candidates(False)
+    assert rel(out[0], np64(want_out)) <= TOL[dtype]
+    errs, own_errs = grad_errors(got, want), grad_errors(own, want)
+    for e, o in zip(errs, own_errs):
+        assert e <= (GRAD_TOL if dtype == mx.float32 else max(TOL[dtype], min(2 * o, 0.25)))
