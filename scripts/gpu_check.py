@@ -102,9 +102,7 @@ def check(name, shape, dtype, kernel_fn, ref64_fn, ref_fn, args, grad_args, tol=
                 gr, rr = np64(g), np64(r)
                 den = max(float(np.linalg.norm(rr.ravel())), (floors or {}).get(k, 1e-2) * scale, 1e-30)
                 own = float(np.linalg.norm((np64(d) - rr).ravel())) / den if sixteen else 0.0
-                # capped: a reference that itself fails (e.g. float16 overflow) must not excuse
-                # the kernel; a wrong formula errs by about 1
-                bounds.append(max(bound, min(2 * own, 0.25)) if np.isfinite(own) else bound)
+                bounds.append(ref64.rounding_bound(bound, own))
                 if not np.all(np.isfinite(gr)):
                     errs.append(float("inf"))
                     continue

@@ -67,3 +67,11 @@ def rel_err(got, want) -> float:
     if not np.all(np.isfinite(got)):
         return float("inf")
     return float(np.linalg.norm((got - want).ravel()) / (np.linalg.norm(want.ravel()) + 1e-300))
+
+
+def rounding_bound(tol: float, own: float) -> float:
+    """A 16-bit gradient's allowed error: tol, or up to twice `own` (the error of the reference
+    run in that dtype, i.e. the rounding its semantics carry, such as f rounded to 16 bits before
+    it is mixed). Capped at 0.25, and a non-finite `own` excuses nothing: a wrong formula errs by
+    about 1. Used by tests/kernels and scripts/gpu_check.py alike."""
+    return max(tol, min(2 * own, 0.25)) if np.isfinite(own) else tol

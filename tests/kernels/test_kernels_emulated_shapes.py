@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 import cpu_emulator as emu
 import kernels_ref64 as ref64
+from kernel_compare import grad_errors, np64, rel
 from mhc_mlx import reference
 from mhc_mlx.kernels import build, coefficients, coefficients_mma, coefficients_mma_vjp, layer, sinkhorn, site
 
@@ -26,26 +27,6 @@ def emulated(monkeypatch):
     for module in (build, coefficients, coefficients_mma, coefficients_mma_vjp, layer, sinkhorn, site):
         monkeypatch.setattr(module, "launch", emu.launch)
     emu.use_flavour("cuda")
-
-
-def np64(a):
-    return np.array(a.astype(mx.float32), dtype=np.float64)
-
-
-def rel(got, want):
-    got = np64(got)
-    assert got.shape == want.shape and np.isfinite(got).all()
-    return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
-
-
-def grad_errors(got, want):
-    """Each gradient's error relative to max(its norm, 1 % of the largest), as gpu_check.py."""
-    scale = 0.01 * max(float(np.linalg.norm(np64(w))) for w in want)
-    out = []
-    for g, w in zip(got, want):
-        assert g.shape == w.shape and np.isfinite(np64(g)).all()
-        out.append(float(np.linalg.norm(np64(g) - np64(w)) / max(np.linalg.norm(np64(w)), scale, 1e-30)))
-    return out
 
 
 @SETTINGS
@@ -97,7 +78,7 @@ def test_static_layer_on_drawn_shapes(n, C, T, inline, dtype):
         own = grad_errors(mx.vjp(lambda *a: reference.mhc_layer(*a, 20, 1e-5), primals, [g])[1], want)
         del own[1]
         for e, o in zip(errs, own):
-            assert e <= max(TOL[dtype], min(2 * o, 0.25))
+            assert e <= ref64.rounding_bound(TOL[dtype], o)
 
 
 @SETTINGS
@@ -168,7 +149,8 @@ def test_dynamic_site_with_every_candidate_on(monkeypatch, n, C, T, dtype):
 
         emu.launched.clear()
         out, got = mx.vjp(site_fn, [x, *params], [cot])
-        launched = {name for name, *_ in emu.launched}
+        # "mhc_pre_vjp_h": pre's backward without its dx (site.PRE_VJP at DX = false)
+        launched = {name + ("_h" if t.get("DX") is False else "") for name, t, *_ in emu.launched}
         assert "mhc_pre_vjp_h" in launched  # the fused read step ran
         assert ("mhc_sinkhorn_vjp_thread" in launched) == (n <= 4)
         assert ("mhc_coefficients_dynamic_vjp_dx_mma" in launched) == (n <= 4 and dtype != mx.float32)
@@ -182,4 +164,4 @@ def test_dynamic_site_with_every_candidate_on(monkeypatch, n, C, T, dtype):
     assert rel(out[0], np64(want_out)) <= TOL[dtype]
     errs, own_errs = grad_errors(got, want), grad_errors(own, want)
     for e, o in zip(errs, own_errs):
-        assert e <= (GRAD_TOL if dtype == mx.float32 else max(TOL[dtype], min(2 * o, 0.25)))
+        assert e <= (GRAD_TOL if dtype == mx.float32 else ref64.rounding_bound(TOL[dtype], o))

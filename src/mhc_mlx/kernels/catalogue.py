@@ -12,7 +12,7 @@ from . import coefficients, coefficients_mma, coefficients_mma_vjp, layer, sinkh
 
 SPECS = (
     sinkhorn.FORWARD, sinkhorn.BACKWARD, sinkhorn.BACKWARD_THREAD, coefficients.ACTIVATE, coefficients.DYNAMIC,
-    coefficients.DYNAMIC_VJP, coefficients.DYNAMIC_VJP_PRE, site.PRE, site.PRE_VJP, site.PRE_VJP_H, site.POST, site.POST_VJP, layer.LAYER, layer.LAYER_VJP,
+    coefficients.DYNAMIC_VJP, coefficients.DYNAMIC_VJP_PRE, site.PRE, site.PRE_VJP, site.POST, site.POST_VJP, layer.LAYER, layer.LAYER_VJP,
 )
 
 # Kernels of the CUDA-only tensor-core path; they never reach a Metal compiler.
@@ -42,14 +42,15 @@ def instances():
                         [("T", dt), ("N", n)]))
             out.append((coefficients.DYNAMIC_VJP_PRE, (dt, F32, F32, F32, F32, dt, I32), (dt, F32),
                         [("T", dt), ("N", n)]))
-            out.append((site.PRE_VJP_H, (dt, dt, I32), (F32,), [("T", dt), ("N", n), ("V", 16 // dt.size)]))
+            out.append((site.PRE_VJP, (dt, F32, dt, I32), (dt, F32),
+                        [("T", dt), ("N", n), ("V", 16 // dt.size), ("SHARED", False), ("DX", False)]))
         for n, V in ((4, 16 // dt.size), (8, 16 // dt.size), (32, 1), (3, 1)):
             for shared in (True, False):
                 out.append((site.PRE, (dt, F32, I32), (dt,), [("T", dt), ("N", n), ("V", V), ("SHARED", shared)]))
                 out.append((site.POST, (dt, dt, F32, F32, I32), (dt,),
                             [("T", dt), ("N", n), ("V", V), ("SHARED", shared)]))
                 out.append((site.PRE_VJP, (dt, F32, dt, I32), (dt, F32),
-                            [("T", dt), ("N", n), ("V", V), ("SHARED", shared)]))
+                            [("T", dt), ("N", n), ("V", V), ("SHARED", shared), ("DX", True)]))
                 out.append((site.POST_VJP, (dt, dt, F32, F32, dt, I32), (dt, dt, F32, F32),
                             [("T", dt), ("N", n), ("V", V), ("SHARED", shared), ("HGRAD", n <= 8)]))
         for n, V, cpt, inline in ((4, 16 // dt.size, 2, True), (4, 16 // dt.size, 0, False), (32, 1, 0, False)):

@@ -79,9 +79,32 @@ template <> struct mhc_x_parts<__half> {
 };
 """
 
-# The x words of one k block for lane (g, c): rows g and g + 8 of each of the warp's MT token
-# tiles, 8 consecutive k from kx (zeros past K or past the last token).
+# 8 consecutive elements of x from row[kx] as four 32-bit words (lower k in the low half; zeros
+# past K, or everywhere for row == nullptr): one 16-byte load when xvec, else element by element.
+# Shared by the tensor-core kernels here and in coefficients_mma_vjp.py.
 LOAD_X = r"""
+template <typename T>
+__device__ __forceinline__ void mhc_load_x8(const T* row, int kx, int K, bool xvec, uint32_t* w) {
+  #pragma unroll
+  for (int q = 0; q < 4; ++q) w[q] = 0u;
+  if (row == nullptr) return;
+  if (xvec && kx + 8 <= K) {
+    const uint4 v = *reinterpret_cast<const uint4*>(row + kx);
+    w[0] = v.x; w[1] = v.y; w[2] = v.z; w[3] = v.w;
+  } else {
+    #pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      if (kx + e < K) {
+        const T val = row[kx + e];
+        const uint32_t bits = (uint32_t)(*reinterpret_cast<const unsigned short*>(&val));
+        w[e >> 1] |= bits << (16 * (e & 1));
+      }
+    }
+  }
+}
+
+// The x words of one k block for lane (g, c): rows g and g + 8 of each of the warp's MT token
+// tiles, 8 consecutive k from kx.
 template <typename T, int MT>
 __device__ __forceinline__ void mhc_load_x(const T* xin, uint32_t (&w)[MT][2][4], int t0, int Ttok, int K,
                                            int kx, bool xvec, int g) {
@@ -90,24 +113,7 @@ __device__ __forceinline__ void mhc_load_x(const T* xin, uint32_t (&w)[MT][2][4]
     #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int t = t0 + 16 * m + g + 8 * h;
-      #pragma unroll
-      for (int q = 0; q < 4; ++q) w[m][h][q] = 0u;
-      if (t < Ttok) {
-        const T* row = xin + (int64_t)t * K;
-        if (xvec && kx + 8 <= K) {
-          const uint4 v = *reinterpret_cast<const uint4*>(row + kx);
-          w[m][h][0] = v.x; w[m][h][1] = v.y; w[m][h][2] = v.z; w[m][h][3] = v.w;
-        } else {
-          #pragma unroll
-          for (int e = 0; e < 8; ++e) {
-            if (kx + e < K) {
-              const T val = row[kx + e];
-              const uint32_t bits = (uint32_t)(*reinterpret_cast<const unsigned short*>(&val));
-              w[m][h][e >> 1] |= bits << (16 * (e & 1));
-            }
-          }
-        }
-      }
+      mhc_load_x8<T>(t < Ttok ? xin + (int64_t)t * K : nullptr, kx, K, xvec, w[m][h]);
     }
   }
 }

@@ -26,7 +26,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from .build import KernelSpec, int_params, launch
-from .coefficients_mma import PTX_MMA, X_PARTS
+from .coefficients_mma import LOAD_X, PTX_MMA, X_PARTS
 
 F32 = mx.float32
 DX_PARTS = 2  # bfloat16 parts of gs and of phi in DX
@@ -196,7 +196,7 @@ DPHI = KernelSpec(
     name="mhc_coefficients_dynamic_vjp_dphi_mma",
     inputs=("xin", "pgs", "iparam"),
     outputs=("part",),
-    helpers=PTX_MMA + X_PARTS,
+    helpers=PTX_MMA + X_PARTS + LOAD_X,
     body=r"""
   constexpr int AP = mhc_x_parts<T>::count;
   constexpr int WP = 8 * NT;
@@ -232,23 +232,8 @@ DPHI = KernelSpec(
     #pragma unroll
     for (int u = 0; u < 4; ++u) {
       const int t = ts + 2 * c + (u & 1) + 8 * (u >> 1);
-      uint32_t w[4] = {0u, 0u, 0u, 0u};
-      if (t < t1) {
-        const T* row = xin + (int64_t)t * K;
-        if (xvec && kx + 8 <= K) {
-          const uint4 v = *reinterpret_cast<const uint4*>(row + kx);
-          w[0] = v.x; w[1] = v.y; w[2] = v.z; w[3] = v.w;
-        } else {
-          #pragma unroll
-          for (int e = 0; e < 8; ++e) {
-            if (kx + e < K) {
-              const T val = row[kx + e];
-              const uint32_t bits = (uint32_t)(*reinterpret_cast<const unsigned short*>(&val));
-              w[e >> 1] |= bits << (16 * (e & 1));
-            }
-          }
-        }
-      }
+      uint32_t w[4];
+      mhc_load_x8<T>(t < t1 ? xin + (int64_t)t * K : nullptr, kx, K, xvec, w);
       #pragma unroll
       for (int q = 0; q < 4; ++q) mhc_x_parts<T>::split(w[q], xh[u][q], xl[u][q]);
     }

@@ -2,9 +2,9 @@
 
 As two ops, x's cotangent from the read step arrives twice (pre's H_pre (x) dh and the
 coefficients' backward) and MLX adds the two [T, n, C] arrays; pre's backward also writes its
-share in full. Here the backward runs pre's coefficient gradient alone (site.PRE_VJP_H: reads
-x and dh, writes [T, n]), then the coefficient backward, whose kernel adds H_pre (x) dh as it
-writes x's cotangent (coefficients.DYNAMIC_VJP_PRE). At 4096 x 4 x 4096 bf16 that drops one
+share in full. Here the backward runs pre's coefficient gradient alone (site.PRE_VJP at
+DX = false: reads x and dh, writes [T, n]), then the coefficient backward, whose kernel adds
+H_pre (x) dh as it writes x's cotangent (coefficients.DYNAMIC_VJP_PRE). At 4096 x 4 x 4096 bf16 that drops one
 [T, n, C] write and one add (two reads and a write), about 0.5 GB of traffic, for one read
 of dh [T, C]. The forward is the same two kernels.
 

@@ -48,6 +48,8 @@ PRE = KernelSpec(
 """,
 )
 
+# DX = false: dH_pre alone (gx untouched, a one-element stand-in): the fused read step
+# (pre_step.py) folds pre's dx into the coefficient backward's single write of x's cotangent.
 PRE_VJP = KernelSpec(
     name="mhc_pre_vjp",
     inputs=("xin", "hpre", "gout", "iparam"),
@@ -61,7 +63,7 @@ PRE_VJP = KernelSpec(
   const int lane = KLANE;
   const int warp = KWARP;
   const int nwarps = KNT / 32;
-  const bool vec = KALIGNED16(xin) && KALIGNED16(gout) && KALIGNED16(gx);
+  const bool vec = KALIGNED16(xin) && KALIGNED16(gout) && (!DX || KALIGNED16(gx));
   float acc[N];
   KUNROLL for (int i = 0; i < N; ++i) acc[i] = 0.0f;
   for (int64_t t = KBID; t < Ttok; t += KNB) {
@@ -79,7 +81,7 @@ PRE_VJP = KernelSpec(
           o[e] = h * g[e];
           d += g[e] * xv[e];
         }
-        kstore<T, V>(gx, off, o, vec);
+        if (DX) kstore<T, V>(gx, off, o, vec);
         acc[i] += d;
       }
     }
@@ -92,43 +94,6 @@ PRE_VJP = KernelSpec(
   if (SHARED) {
     const float total = kblock_reduce<N>(acc, scratch, lane, warp, nwarps, tid);
     if (tid < N) gh[(int64_t)KBID * N + tid] = total;
-  }
-""",
-)
-
-# pre's coefficient gradient alone, per token: dH_pre[t, i] = sum_c g[t, c] x[t, i, c]. The
-# fused read step (pre_step.py) folds pre's dx into the coefficient backward's single write of
-# x's cotangent, so this pass reads x and g and writes only [T, n].
-PRE_VJP_H = KernelSpec(
-    name="mhc_pre_vjp_h",
-    inputs=("xin", "gout", "iparam"),
-    outputs=("gh",),
-    body=r"""
-  KSHARED float scratch[8 * N];
-  const int Ttok = iparam[0];
-  const int C = iparam[1];
-  const int nv = C / V;
-  const int tid = KTID;
-  const int lane = KLANE;
-  const int warp = KWARP;
-  const int nwarps = KNT / 32;
-  const bool vec = KALIGNED16(xin) && KALIGNED16(gout);
-  float acc[N];
-  for (int64_t t = KBID; t < Ttok; t += KNB) {
-    KUNROLL for (int i = 0; i < N; ++i) acc[i] = 0.0f;
-    for (int cv = tid; cv < nv; cv += KNT) {
-      float g[V];
-      kload<T, V>(g, gout, t * C + (int64_t)cv * V, vec);
-      KUNROLL for (int i = 0; i < N; ++i) {
-        float xv[V];
-        kload<T, V>(xv, xin, (t * N + i) * C + (int64_t)cv * V, vec);
-        float d = 0.0f;
-        KUNROLL for (int e = 0; e < V; ++e) d += g[e] * xv[e];
-        acc[i] += d;
-      }
-    }
-    const float total = kblock_reduce<N>(acc, scratch, lane, warp, nwarps, tid);
-    if (tid < N) gh[t * N + tid] = total;
   }
 """,
 )
@@ -295,7 +260,7 @@ def pre_vjp(x, H_pre, g):
     gx, gh = launch(
         PRE_VJP, [x, h, g.astype(x.dtype), int_params(T, C)],
         [(x.shape, x.dtype), ((rows, n), F32)], groups * TOKEN_THREADS, TOKEN_THREADS,
-        [("T", x.dtype), ("N", n), ("V", V), ("SHARED", shared)],
+        [("T", x.dtype), ("N", n), ("V", V), ("SHARED", shared), ("DX", True)],
     )
     gh = mx.sum(gh, axis=0) if shared else gh.reshape(*lead, n)
     return gx, _reduce_to(gh, H_pre)
@@ -310,9 +275,9 @@ def pre_vjp_coefficients(x, g):
         T *= d
     V = vector_width(C, x.dtype.size, n, budget=64)
     return launch(
-        PRE_VJP_H, [x, g.astype(x.dtype), int_params(T, C)], [((T, n), F32)],
-        _groups(T) * TOKEN_THREADS, TOKEN_THREADS, [("T", x.dtype), ("N", n), ("V", V)],
-    )[0]
+        PRE_VJP, [x, mx.zeros((1,), F32), g.astype(x.dtype), int_params(T, C)], [((1,), x.dtype), ((T, n), F32)],
+        _groups(T) * TOKEN_THREADS, TOKEN_THREADS, [("T", x.dtype), ("N", n), ("V", V), ("SHARED", False), ("DX", False)],
+    )[1]
 
 
 def _reduce_to(g, like):
