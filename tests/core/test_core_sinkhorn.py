@@ -15,13 +15,15 @@ mhc_mlx in float32 on the first 200 000 of them (both backends gave the same fig
     4    5 000 000  1.6e-6     6.1e-4        1.3e-2          4.0e-3          5e-2
     8    1 000 000  1.3e-8     1.9e-5        3.2e-3          2.2e-4          2e-2
     16   200 000    6.9e-11    5.0e-7        2.6e-6          1.3e-6          1e-5
-    32   40 000     1.5e-13    4.8e-9        1.4e-7          3.9e-7          2e-6
+    32   40 000     1.5e-13    4.8e-9        1.4e-7          3.9e-7          1e-5
 
 A second seed gave maxima 1.9e-2 (n = 2), 1.5e-2 (n = 3), 1.9e-2 (n = 4), 7.6e-4 (n = 8). For n = 2 the error is
 bounded whatever the logits (a grid scan of 2x2 logits never exceeded 2.5e-2 after 20
 iterations); for n >= 3 and logits far wider than N(0, 1) columns can be off by 1 (a column
 that lost its mass), so the tolerance holds for N(0, 1) logits only. Each COLUMN_TOL is at
-least 2.5x the largest error seen, for a test that draws at most 4000 matrices per run.
+least 2.5x the largest error seen, for a test that draws at most 4000 matrices per run. The
+tail is longer than these samples showed: a CI run (2026-11-29, reference backend) drew an
+n = 32 batch of 200 whose worst column was off by 2.06e-6, so n = 32 has 1e-5, as n = 16.
 The float32 column sums differ from the float64 reference's by at most 3.9e-7 (all n), so
 independently of the tolerance every column sum must equal the reference's to 2e-6.
 """
@@ -37,7 +39,7 @@ from core_testlib import to_numpy
 
 import mhc_mlx as mhc
 
-COLUMN_TOL = {1: 1e-6, 2: 5e-2, 3: 5e-2, 4: 5e-2, 8: 2e-2, 16: 1e-5, 32: 2e-6}
+COLUMN_TOL = {1: 1e-6, 2: 5e-2, 3: 5e-2, 4: 5e-2, 8: 2e-2, 16: 1e-5, 32: 1e-5}
 MATRICES = {1: 1000, 2: 4000, 3: 4000, 4: 4000, 8: 2000, 16: 500, 32: 200}
 
 
