@@ -264,27 +264,27 @@ def main(argv=None) -> int:
     ap.add_argument("--dtypes", default="", help="comma list of f32,bf16,f16 (default all)")
     ap.add_argument("--dynamic-form", choices=coefficients.DYNAMIC_FORMS, default="",
                     help="check only this form of the dynamic coefficients (default: kernel and mma)")
-    ap.add_argument("--sinkhorn-thread-vjp", action="store_true",
-                    help="switch on the candidate one-thread-per-matrix Sinkhorn backward (n <= 4; "
-                         "sinkhorn.THREAD_VJP_CANDIDATE_WORK) for every check")
-    ap.add_argument("--mma-prefetch", action="store_true",
-                    help="switch on the candidate software pipelining of the tensor-core coefficients "
-                         "kernel (coefficients_mma.PREFETCH) for every check")
+    ap.add_argument("--sinkhorn-warp-vjp", action="store_true",
+                    help="use the warp-form Sinkhorn backward everywhere (sinkhorn.THREAD_VJP_MAX_WORK = 0; "
+                         "the default takes one thread per matrix for n <= 4)")
+    ap.add_argument("--mma-x-unroll", type=int, choices=(1, 2, 4), default=None,
+                    help="16-byte x loads per row and lane in a step of the tensor-core coefficients "
+                         "kernel (coefficients_mma.X_UNROLL: 1, 2 or 4) for every check")
     ap.add_argument("--mma-vjp", action="store_true",
                     help="switch on the candidate tensor-core backward of the dynamic coefficients "
                          "(coefficients.MMA_VJP: 16-bit x, n <= 4) for every check")
-    ap.add_argument("--fused-read-step", action="store_true",
-                    help="switch on the candidate fused read step of dynamic sites (kernels.FUSED_READ_STEP)")
+    ap.add_argument("--two-op-read-step", action="store_true",
+                    help="run a dynamic site's read step as two ops (kernels.FUSED_READ_STEP = False)")
     ap.add_argument("--out", default=os.environ.get("OUT", "runs/gpu_check"))
     args = ap.parse_args(argv)
-    if args.fused_read_step:
-        kernels.FUSED_READ_STEP = True
+    if args.two_op_read_step:
+        kernels.FUSED_READ_STEP = False
     if args.mma_vjp:
         coefficients.MMA_VJP = True
-    if args.sinkhorn_thread_vjp:
-        sinkhorn.THREAD_VJP_MAX_WORK = sinkhorn.THREAD_VJP_CANDIDATE_WORK
-    if args.mma_prefetch:
-        coefficients_mma.PREFETCH = True
+    if args.sinkhorn_warp_vjp:
+        sinkhorn.THREAD_VJP_MAX_WORK = 0
+    if args.mma_x_unroll:
+        coefficients_mma.X_UNROLL = args.mma_x_unroll
     global FORCED_FORM
     FORCED_FORM = args.dynamic_form
     os.makedirs(args.out, exist_ok=True)

@@ -30,13 +30,12 @@ def tput(fn, sets, reps=10):
     return timing.throughput_us(fn, sets, repeats=reps)
 
 
-def sinkhorn_candidate(copy_gbps, Ms=(1, 4096), T=4096, C=4096, reps=10):
-    """The Sinkhorn backward, warp form vs the one-thread-per-matrix candidate (n = 4, 20
-    iterations): alone for one matrix (the static site) and for 4096 (the dynamic site), then
-    the static layer's forward+backward at T x 4 x C with each."""
+def sinkhorn_forms(Ms=(1, 4096), reps=10):
+    """The Sinkhorn backward, warp form vs one thread per matrix (the default for n <= 4 since
+    2026-11-29; n = 4, 20 iterations): one matrix (the static site) and 4096 (the dynamic site)."""
     n = 4
     saved = sinkhorn.THREAD_VJP_MAX_WORK
-    forms = (("warp", 0), ("thread", sinkhorn.THREAD_VJP_CANDIDATE_WORK))
+    forms = (("warp", 0), ("thread", sinkhorn.THREAD_VJP_DEFAULT_WORK))
     try:
         for M in Ms:
             Ls = [2 * mx.random.normal((M, n, n)) for _ in range(10)]
@@ -48,28 +47,6 @@ def sinkhorn_candidate(copy_gbps, Ms=(1, 4096), T=4096, C=4096, reps=10):
                 us = tput(lambda a, b: sinkhorn.project_vjp(a, b, 20), [[a, b] for a, b in zip(Ls, cs)], reps)
                 row.append(f"{label} {us:6.1f} us")
             print(f"sinkhorn backward M={M} n={n}: " + ", ".join(row))
-        xs = [mx.random.normal((T, n, C)).astype(BF) for _ in range(6)]
-        g1 = mx.random.normal((T, n, C)).astype(BF)
-        ml = mhc.MHCLayer(n, C)
-        mx.eval(xs, g1, ml.parameters())
-        names = ["H_pre_raw", "H_post_raw", "H_res_raw", "rms_weight"]
-        params = [getattr(ml, nm) for nm in names]
-
-        def fwd_bwd(x):
-            def f(x_, *ps):
-                for nm, p in zip(names, ps):
-                    setattr(ml, nm, p)
-                return ml(x_)
-            return mx.vjp(f, [x, *params], [g1])
-
-        floor_bytes = 5 * n * C * 2 * T
-        row = []
-        for label, work in forms:
-            sinkhorn.THREAD_VJP_MAX_WORK = work
-            us = tput(fwd_bwd, [[x] for x in xs], reps)
-            row.append(f"{label} {us:7.1f} us ({100 * floor_bytes / us / 1e3 / copy_gbps:.0f} %)")
-        print(f"static layer fwd+bwd {T}x{n}x{C}, Sinkhorn backward " + ", ".join(row)
-              + " of the 5·n·C·2 B/token floor at copy speed")
     finally:
         sinkhorn.THREAD_VJP_MAX_WORK = saved
 
@@ -92,7 +69,7 @@ def main():
     H = coefficients.activate(mx.zeros((1, n)), mx.zeros((1, n)), mx.eye(n)[None] * 3, 20)
     w = mx.ones((C,))
     mx.eval(H, w)
-    for tg, groups in ((256, 1056), (256, 528)):
+    for tg, groups in ((256, 1056), (256, 528), (256, 264), (128, 1056)):
         f = lambda x, tg=tg, g=groups: layer.forward(x, H[0], H[1], H[2], w, 20, 1e-5, False, tg, g)  # noqa: E731
         us = tput(f, [[x] for x in xs])
         print(f"layer tg={tg:4d} groups={groups:5d}: {us:7.1f} us {gbps(nb, us)}  plan={layer.plan(T, n, C, 2, tg, groups)}")
@@ -102,15 +79,28 @@ def main():
     gs3 = [mx.random.normal((T, n, C)).astype(BF) for _ in range(3)]
     mx.eval(pre_raw, post_raw, res_raw, gs3)
     prim = lambda x: [x, pre_raw, post_raw, res_raw, w]  # noqa: E731
-    us = tput(lambda x, g: mx.vjp(lambda *a: layer._composite(*a, 20, 1e-5), prim(x), [g])[1],
-              [[x, gs3[i % 3]] for i, x in enumerate(xs)])
-    print(f"layer backward, composed: {us:7.1f} us {gbps(3 * xs[0].nbytes, us)}")
-    for budget, threads in ((32, 256), (16, 256), (16, 128), (32, 128)):
+    for budget, threads in ((32, 256), (16, 256), (16, 128)):
         us = tput(lambda x, g, b=budget, t=threads: layer._fused_layer_vjp(prim(x), g, 20, 1e-5, threads=t, budget=b),
                   [[x, gs3[i % 3]] for i, x in enumerate(xs)])
         V, cpt, groups = layer.vjp_plan(T, n, C, 2, threads, budget)
         print(f"layer backward, one pass, budget {budget} threads {threads} (V={V}, CPT={cpt}): {us:7.1f} us "
               f"{gbps(3 * xs[0].nbytes, us)}")
+    # the same at the paper's 512 x 4 x 1280 (layer.VJP_BUDGET is chosen from 4096 x 4 x 4096)
+    xs5 = [mx.random.normal((512, n, 1280)).astype(BF) for _ in range(10)]
+    g5 = mx.random.normal((512, n, 1280)).astype(BF)
+    w5 = mx.ones((1280,))
+    mx.eval(xs5, g5, w5)
+    row = []
+    for budget in (32, 16):
+        us = tput(lambda x, b=budget: layer._fused_layer_vjp([x, pre_raw, post_raw, res_raw, w5], g5, 20, 1e-5, budget=b),
+                  [[x] for x in xs5])
+        row.append(f"budget {budget} {us:6.1f} us")
+    print("layer backward 512x4x1280: " + ", ".join(row))
+    # the static site's coefficient kernel alone (one 4 x 4 Sinkhorn of 20 iterations, M = 1)
+    raws = [(mx.random.normal((1, n)), mx.random.normal((1, n)), 3 * mx.eye(n)[None] + i) for i in range(10)]
+    mx.eval(raws)
+    us = tput(lambda a, b, r: coefficients.activate(a, b, r, 20), raws)
+    print(f"static coefficients kernel alone (M=1, n=4, 20 iterations): {us:6.1f} us per launch, 10 per eval")
 
     # C. dynamic site pieces at 4096x4x4096 bf16.
     from mhc_mlx.kernels import coefficients_mma as cm
@@ -129,15 +119,19 @@ def main():
     print(f"  of which pack + mma partials: {us:7.1f} us {gbps(xs[0].nbytes, us)}")
     us = tput(lambda p: cm.pack_phi(p), [[phi + i] for i in range(10)])
     print(f"  of which pack_phi alone: {us:7.1f} us")
-    # the candidate software pipelining of the tensor-core kernel (x of the next k block loaded
-    # before this block's mma's), side by side with the checked kernel
-    row = []
-    for pf in (False, True):
-        cm.PREFETCH = pf
-        us = tput(lambda x: cm.partial_products(x.reshape(T, n * C), phi), [[x] for x in xs])
-        row.append(f"PF={int(pf)} {us:7.1f} us {gbps(xs[0].nbytes, us)}")
-    cm.PREFETCH = False
-    print("  pack + mma partials, prefetch off/on: " + ", ".join(row))
+    # launch size (TARGET_WARPS: warps over the SMs, split over K) and x loads per row and lane
+    # in one step (X_UNROLL: 16-byte loads, contiguous per row)
+    saved_tw, saved_ku = cm.TARGET_WARPS, cm.X_UNROLL
+    for tw in (1056, 1584, 2048, 3168, 4224):
+        row = []
+        for ku in (1, 2, 4):
+            cm.TARGET_WARPS, cm.X_UNROLL = tw, ku
+            us = tput(lambda x: cm.partial_products(x.reshape(T, n * C), phi), [[x] for x in xs])
+            row.append(f"KU={ku} {us:6.1f} us {gbps(xs[0].nbytes, us)}")
+        print(f"  pack + mma partials, TARGET_WARPS={tw}: " + ", ".join(row))
+    cm.TARGET_WARPS, cm.X_UNROLL = saved_tw, saved_ku
+    us = tput(lambda x: cm.dynamic_forward(x.reshape(T, n * C), phi, alpha, bias, n, 20, 1e-6), [[x] for x in xs])
+    print(f"  pack + mma + finish (defaults): {us:7.1f} us")
     # the crossover between the fused kernel and the tensor-core path (MMA_MIN_ELEMENTS)
     for Tn, Cn in ((64, 1280), (256, 1280), (512, 1280), (1024, 1280), (512, 4096)):
         phin = 0.02 * mx.random.normal((n * Cn, 2 * n + n * n))
@@ -151,17 +145,15 @@ def main():
         print(f"coefficients dynamic T={Tn} n={n} C={Cn}: " + ", ".join(row))
     hcs = mhc.HyperConnection(C, n)
     hcs.phi, hcs.alpha, hcs.bias = phi, alpha, bias
-    f_site = mx.random.normal((T, C)).astype(BF)
-    mx.eval(f_site)
     site_bytes = (4 * n + 2) * C * 2 * T
-    us = tput(lambda x: hcs.post(x, f_site, hcs.pre(x)[1]), [[x] for x in xs])
+
+    def site_fwd(x):  # the bench's case: sublayer = identity, so pre's output feeds post
+        h, cf = hcs.pre(x)
+        return hcs.post(x, h, cf)
+
+    us = tput(site_fwd, [[x] for x in xs])
     print(f"dynamic site forward (default forms): {us:7.1f} us "
           f"({100 * site_bytes / us / 1e3 / c['GBps']:.0f} % of its (4n+2)·C·2 B/token floor at copy speed)")
-    cm.PREFETCH = True
-    us = tput(lambda x: hcs.post(x, f_site, hcs.pre(x)[1]), [[x] for x in xs])
-    cm.PREFETCH = False
-    print(f"dynamic site forward (mma prefetch candidate): {us:7.1f} us "
-          f"({100 * site_bytes / us / 1e3 / c['GBps']:.0f} % of its floor)")
     # forward+backward (the bench's case: sublayer = identity), the read step as two ops vs
     # the fused read step candidate (kernels.FUSED_READ_STEP)
     from mhc_mlx import kernels as kernel_pkg
@@ -180,12 +172,12 @@ def main():
 
     bwd_bytes = (7 * n + 2) * C * 2 * T
     row = []
-    for fused, mma_vjp in ((False, False), (True, False), (False, True), (True, True)):
+    for fused, mma_vjp in ((False, False), (True, False), (True, True)):
         kernel_pkg.FUSED_READ_STEP, coefficients.MMA_VJP = fused, mma_vjp
         us = tput(site_fwd_bwd, [[x] for x in xs])
         row.append(f"{'fused' if fused else 'two ops'}{' + mma vjp' if mma_vjp else ''} {us:7.1f} us "
                    f"({100 * bwd_bytes / us / 1e3 / c['GBps']:.0f} %)")
-    kernel_pkg.FUSED_READ_STEP, coefficients.MMA_VJP = False, False
+    kernel_pkg.FUSED_READ_STEP, coefficients.MMA_VJP = True, False
     hcs.update(dict(zip(site_names, site_params)))
     print("dynamic site fwd+bwd, read step: " + ", ".join(row) + " of the (7n+2)·C·2 B/token floor")
     hp = mx.random.uniform(shape=(T, n))
@@ -212,13 +204,24 @@ def main():
     print(f"coefficients dynamic vjp (dx, dphi): {us:7.1f} us {gbps(2 * xs[0].nbytes, us)}")
     # its launch shape: at 136 registers a 256-thread block leaves one block (8 warps) per SM;
     # 128 or 64 threads fit 12 or 14 warps (the kernel is written for any block size)
-    saved = coefficients.VJP_THREADS, coefficients.VJP_TOKENS_PER_SPLIT
+    saved = coefficients.VJP_THREADS, coefficients.VJP_TOKENS_PER_SPLIT, coefficients.VJP_MIN_BLOCKS
     row = []
-    for threads, per_split in ((256, 256), (128, 256), (64, 256), (128, 512)):
+    for threads, per_split in ((256, 256), (128, 512), (128, 1024), (64, 512)):
         coefficients.VJP_THREADS, coefficients.VJP_TOKENS_PER_SPLIT = threads, per_split
         us = tput(lambda x: coefficients.dynamic_vjp_x_phi(x.reshape(T, n * C), phi, gs, c2), [[x] for x in xs])
         row.append(f"{threads}/{per_split}: {us:6.1f} us")
-    coefficients.VJP_THREADS, coefficients.VJP_TOKENS_PER_SPLIT = saved
+    # at 512 tokens of 4 x 1280: the default's smaller splits (VJP_MIN_BLOCKS) against fixed ones
+    phi5 = 0.02 * mx.random.normal((n * 1280, 2 * n + n * n))
+    x5 = [mx.random.normal((512, n * 1280)).astype(BF) for _ in range(10)]
+    gs5, c25 = mx.random.normal((512, 24)) * 0.01, mx.random.normal((512,)) * 0.01
+    mx.eval(phi5, x5, gs5, c25)
+    row5 = []
+    for threads, per_split, min_blocks in ((256, 256, 0), (128, 512, 0), (128, 512, saved[2])):
+        coefficients.VJP_THREADS, coefficients.VJP_TOKENS_PER_SPLIT, coefficients.VJP_MIN_BLOCKS = threads, per_split, min_blocks
+        us = tput(lambda x: coefficients.dynamic_vjp_x_phi(x, phi5, gs5, c25), [[x] for x in x5])
+        row5.append(f"{threads}/{coefficients.vjp_tokens_per_split(512, n * 1280)}: {us:6.1f} us")
+    coefficients.VJP_THREADS, coefficients.VJP_TOKENS_PER_SPLIT, coefficients.VJP_MIN_BLOCKS = saved
+    print("  at 512x4x1280, threads / tokens per split: " + ", ".join(row5))
     print("  threads per block / tokens per split: " + ", ".join(row))
     # the candidate tensor-core backward (coefficients_mma_vjp.py): both products, then each
     from mhc_mlx.kernels import coefficients_mma_vjp as cmv
@@ -264,7 +267,7 @@ def main():
     build = (time.perf_counter() - t0) / 200 * 1e6
     print(f"dynamic site B=1: wall {wall:.1f} us, graph build {build:.1f} us")
 
-    sinkhorn_candidate(c["GBps"])
+    sinkhorn_forms()
 
     # E. n=32 post and layer.
     x32 = [mx.random.normal((512, 32, 1280)).astype(BF) for _ in range(10)]

@@ -8,10 +8,11 @@
 #   bash scripts/gpu_session.sh profile      # ncu: each target case's kernels and their times
 #   bash scripts/gpu_session.sh experiments  # kernel-level timings (docs/kernel-notes.md)
 #   bash scripts/gpu_session.sh all          # check, bench, profile, experiments
+#   bash scripts/gpu_session.sh tune         # checks (+ X_UNROLL 2, 4), experiments, ncu, bench, profile
 #   bash scripts/gpu_session.sh candidates   # the checks with every candidate on, the target cases'
 #                                            # bench with them on, then the experiments (each off/on)
 #   CHECK_ONLY=sinkhorn,layer bash scripts/gpu_session.sh all   # only these check groups
-#   CHECK_ARGS="--sinkhorn-thread-vjp --mma-prefetch --fused-read-step --mma-vjp" \
+#   CHECK_ARGS="--mma-vjp --mma-x-unroll 2" \
 #     CHECK_ONLY=sinkhorn,coefficients,layer,read_step \
 #     bash scripts/gpu_session.sh check                          # the candidates switched on
 #
@@ -28,8 +29,9 @@ failed=()
 TARGETS="static/fwd/1x4x512/bfloat16,dynamic/fwd/1x4x512,static/fwd/4096x4x4096/bfloat16,dynamic/fwd/4096x4x4096"
 TARGETS="$TARGETS,fwd+bwd/4096x4x4096,dynamic/fwd/512x4x1280,fwd+bwd/512x4x1280,static/fwd/2560x4x2560"
 
-report() {  # label, exit status: print the log's tail
-  local label="$1" rc="$2"
+report() {  # label, exit status: print the log's tail (and refresh $OUT's archive, so a call cut
+  local label="$1" rc="$2"  # off at the device tool's limit still brings back what finished)
+  [ -n "${OUT:-}" ] && tar czf "$OUT/gpu_session.tgz" -C runs gpu_session
   if [ "$rc" = 0 ]; then echo "   ok ($label)"; tail -n "${TAIL:-25}" "$res/$label.log"
   else echo "   FAILED ($label), exit $rc"; tail -n "${TAIL:-40}" "$res/$label.log"; failed+=("$label"); fi
 }
@@ -58,10 +60,32 @@ check() {
     [[ $groups == *,read_step,* ]] && start "read_step_$dt" python scripts/gpu_check.py ${CHECK_ARGS:-} --no-bench --only read_step --dtypes $dt --out "$res/read_step_$dt"
   done
   [[ $groups == *,sinkhorn,* ]] && start sinkhorn python scripts/gpu_check.py ${CHECK_ARGS:-} --no-bench --only sinkhorn --out "$res/sinkhorn"
+  if [ -n "${CHECK_EXTRA:-}" ]; then  # the tensor-core coefficients at the other X_UNROLL values
+    for ku in 2 4; do
+      start "coefficients_mma_ku$ku" python scripts/gpu_check.py --no-bench --only coefficients --dynamic-form mma \
+        --mma-x-unroll $ku --dtypes bf16,f16 --out "$res/coefficients_mma_ku$ku"
+    done
+  fi
   start pytest_gpu python -m pytest -q -m gpu tests -p no:cacheprovider
   for i in "${!labels[@]}"; do
     wait "${pids[$i]}"; TAIL=7 report "${labels[$i]}" $?
   done
+}
+
+ncu_mma() {
+  # Nsight Compute's memory and stall sections for the tensor-core coefficient kernel at
+  # 4096 x 4 x 4096 bf16, once per X_UNROLL (why it reads x slower than pre and post do)
+  echo "== ncu-mma: memory and warp-stall sections of the tensor-core coefficient kernel"
+  timeout -k 5 "$1" ncu --clock-control none -k regex:dynamic_mma -c 3 \
+    --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy \
+    python -c '
+import mlx.core as mx
+from mhc_mlx.kernels import coefficients_mma as cm
+x = mx.random.normal((4096, 16384)).astype(mx.bfloat16); phi = 0.02 * mx.random.normal((16384, 24)); mx.eval(x, phi)
+for ku in (1, 2, 4):
+    cm.X_UNROLL = ku; mx.eval(cm.partial_products(x, phi))
+' > "$res/ncu_mma.log" 2>&1
+  report ncu_mma $?
 }
 
 profile() {
@@ -79,13 +103,23 @@ case "${1:-}" in
   bench-full) run 570 bench python -m mhc_mlx.cli.main bench --out "$res/bench" --overwrite --seeds .seedpkgs ;;
   profile) profile 240 ;;
   candidates)
-    CHECK_ARGS="--sinkhorn-thread-vjp --mma-prefetch --fused-read-step --mma-vjp" \
+    CHECK_ARGS="--mma-vjp" \
       CHECK_ONLY="${CHECK_ONLY:-sinkhorn,coefficients,layer,read_step}" check 200
     run 140 bench python -m mhc_mlx.cli.main bench --candidates --out "$res/bench_candidates" --overwrite \
       --seeds "" --only "$TARGETS"
     run 230 experiments python scripts/gpu_experiments.py
     ;;
   experiments) run 420 experiments python scripts/gpu_experiments.py ;;
+  tune)
+    # the defaults' checks plus the tensor-core coefficients at X_UNROLL 2 and 4, then the
+    # experiments (launch-shape sweeps), ncu on the tensor-core kernel, the target cases' bench
+    # and their kernel profile
+    CHECK_EXTRA=1 check 170
+    run 170 experiments python scripts/gpu_experiments.py
+    TAIL=200 ncu_mma 60
+    run 90 bench python -m mhc_mlx.cli.main bench --out "$res/bench" --overwrite --seeds "" --only "$TARGETS"
+    profile 60
+    ;;
   all)
     check 180
     run 120 bench python -m mhc_mlx.cli.main bench --out "$res/bench" --overwrite --seeds .seedpkgs --only "$TARGETS"
@@ -93,7 +127,7 @@ case "${1:-}" in
     run 140 experiments python scripts/gpu_experiments.py
     ;;
   *)
-    echo "usage: bash scripts/gpu_session.sh check|bench|bench-full|profile|experiments|all|candidates" >&2
+    echo "usage: bash scripts/gpu_session.sh check|bench|bench-full|profile|experiments|all|candidates|tune" >&2
     exit 2
     ;;
 esac

@@ -55,7 +55,7 @@ def test_sinkhorn_forward_and_backward(flavour, n):
 @pytest.mark.parametrize("flavour", FLAVOURS)
 def test_sinkhorn_thread_backward(monkeypatch, flavour, n, iters, M):
     # one thread per matrix (M not a multiple of the group: the tail threads return early)
-    monkeypatch.setattr(sinkhorn, "THREAD_VJP_MAX_WORK", sinkhorn.THREAD_VJP_CANDIDATE_WORK)
+    monkeypatch.setattr(sinkhorn, "THREAD_VJP_MAX_WORK", sinkhorn.THREAD_VJP_DEFAULT_WORK)
     L = 2 * mx.random.normal((M, n, n))
     g = mx.random.normal((M, n, n))
     got = sinkhorn.project_vjp(L, g, iters)
@@ -81,7 +81,7 @@ def test_sinkhorn_thread_backward_at_ties_and_underflow(monkeypatch, flavour, it
     L[4, 1, :] = L[4].max() - 75.0 + 0.1 * np.arange(n)
     L[4, :, 2] = L[4].max() - 75.0 - 0.1 * np.arange(n)
     L, g = mx.array(L), mx.random.normal((5, n, n))
-    monkeypatch.setattr(sinkhorn, "THREAD_VJP_MAX_WORK", sinkhorn.THREAD_VJP_CANDIDATE_WORK)
+    monkeypatch.setattr(sinkhorn, "THREAD_VJP_MAX_WORK", sinkhorn.THREAD_VJP_DEFAULT_WORK)
     got = sinkhorn.project_vjp(L, g, iters)
     monkeypatch.setattr(sinkhorn, "THREAD_VJP_MAX_WORK", 0)
     warp = sinkhorn.project_vjp(L, g, iters)
@@ -131,9 +131,10 @@ def _dynamic_inputs(T, n, C, dtype):
     return x, phi, mx.random.uniform(0.2, 1.5, (3,)), mx.random.normal((W,))
 
 
-# "mma-prefetch": the tensor-core form with the candidate software pipelining (PREFETCH)
-FORMS = [("kernel", 16), ("kernel", 8), ("gemm", None), ("mma", None), ("mma-prefetch", None)]
-FORM_IDS = ["kernel-tb16", "kernel-tb8", "gemm", "mma", "mma-prefetch"]
+# "mma-ku2", "mma-ku4": the tensor-core form with 2 or 4 x loads per row and lane in a step
+# (coefficients_mma.X_UNROLL)
+FORMS = [("kernel", 16), ("kernel", 8), ("gemm", None), ("mma", None), ("mma-ku2", None), ("mma-ku4", None)]
+FORM_IDS = ["kernel-tb16", "kernel-tb8", "gemm", "mma", "mma-ku2", "mma-ku4"]
 # the tensor-core kernel is CUDA only (never dispatched on Metal)
 FLAVOURED_FORMS = [pytest.param(fl, form, tb, id=f"{fl}-{fid}") for fl in FLAVOURS
                    for (form, tb), fid in zip(FORMS, FORM_IDS) if not (fl == "metal" and form.startswith("mma"))]
@@ -141,10 +142,11 @@ FLAVOURED_FORMS = [pytest.param(fl, form, tb, id=f"{fl}-{fid}") for fl in FLAVOU
 
 @pytest.mark.parametrize("flavour,form,tb", FLAVOURED_FORMS)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("n,C,T", [(4, 40, 19), (2, 33, 5), (8, 16, 9)])
+# T = 70: three of the finishing kernel's 32-token blocks, the last one partial
+@pytest.mark.parametrize("n,C,T", [(4, 40, 19), (2, 33, 5), (8, 16, 9), (4, 24, 70)])
 def test_dynamic_coefficients_forward(monkeypatch, flavour, form, tb, dtype, n, C, T):
-    if form == "mma-prefetch":
-        monkeypatch.setattr(coefficients_mma, "PREFETCH", True)
+    if form.startswith("mma-ku"):
+        monkeypatch.setattr(coefficients_mma, "X_UNROLL", int(form[-1]))
         form = "mma"
     if form == "mma":
         monkeypatch.setattr(build, "gpu_backend", lambda: "cuda")
@@ -166,17 +168,18 @@ def test_dynamic_coefficients_forward(monkeypatch, flavour, form, tb, dtype, n, 
     if dtype != mx.float32 and form == "mma":
         assert "mhc_coefficients_dynamic_mma" in names
         mma_templates = [t for name, t, *_ in emu.launched if name == "mhc_coefficients_dynamic_mma"]
-        assert all(t["PF"] == int(coefficients_mma.PREFETCH) for t in mma_templates)
+        assert all(t["KU"] == coefficients_mma.X_UNROLL for t in mma_templates)
     if form == "kernel" or dtype == mx.float32:
         assert "mhc_coefficients_dynamic" in names
 
 
-@pytest.mark.parametrize("K,W", [(32, 24), (96, 24), (40, 15), (7, 80), (1, 3)])
-def test_pack_phi_kernel_equals_its_mlx_statement(K, W):
+@pytest.mark.parametrize("ku", [1, 2, 4])
+@pytest.mark.parametrize("K,W", [(32, 24), (96, 24), (40, 15), (7, 80), (1, 3), (300, 24)])
+def test_pack_phi_kernel_equals_its_mlx_statement(K, W, ku):
     # bit for bit: the kernel's round-to-nearest-even parts and layout are pack_phi_reference's
     phi = mx.random.normal((K, W)) * mx.exp(4 * mx.random.normal((K, W)))
-    got = coefficients_mma.pack_phi(phi)
-    want = coefficients_mma.pack_phi_reference(phi)
+    got = coefficients_mma.pack_phi(phi, ku=ku)
+    want = coefficients_mma.pack_phi_reference(phi, ku=ku)
     assert got.shape == want.shape and got.dtype == mx.bfloat16
     assert mx.array_equal(got.view(mx.uint16), want.view(mx.uint16)).item()
 

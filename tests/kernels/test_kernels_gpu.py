@@ -33,7 +33,7 @@ def test_sinkhorn(n):
 @pytest.mark.parametrize("n,M", [(2, 3), (4, 70)])
 def test_sinkhorn_backward(monkeypatch, n, M, thread):
     # the warp form and the one-thread-per-matrix candidate against float64 central differences
-    monkeypatch.setattr(sinkhorn, "THREAD_VJP_MAX_WORK", sinkhorn.THREAD_VJP_CANDIDATE_WORK if thread else 0)
+    monkeypatch.setattr(sinkhorn, "THREAD_VJP_MAX_WORK", sinkhorn.THREAD_VJP_DEFAULT_WORK if thread else 0)
     L, g = 2 * mx.random.normal((M, n, n)), mx.random.normal((M, n, n))
     got = np64(sinkhorn.project_vjp(L, g, 20))
     L64, g64, fd = np64(L), np64(g), np.zeros((M, n, n))

@@ -1,7 +1,6 @@
 """The tensor-core coefficient kernel's data layout, checked on the CPU by a model of its lanes.
 
-kernels/coefficients_mma.py is CUDA only and has not run on a GPU yet. What can be checked
-here is its indexing: which x and packed-phi elements each lane loads, which A/B fragment
+kernels/coefficients_mma.py is CUDA only. What can be checked here is its indexing: which x and packed-phi elements each lane loads, which A/B fragment
 registers they become, and where each accumulator is written. The model below follows the
 kernel body line by line and applies mma.sync m16n8k16 with the fragment layouts of the PTX
 ISA (A row-major: a0a1 row g cols 2c..2c+1, a2a3 row g+8, a4a5 row g cols 2c+8.., a6a7 row
@@ -10,6 +9,8 @@ d2d3 row g+8). If the kernel's permutation of k, the phi packing or the output p
 were wrong, the model's result would not be x @ phi.
 """
 
+import itertools
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -17,8 +18,8 @@ import pytest
 from mhc_mlx.kernels import coefficients_mma as cm
 
 
-def _lane_model(x, packed, K, W, MT, splits, ks):
-    """part [splits, T, 8 NT] and ssq [splits, T] as the kernel computes them."""
+def _lane_model(x, packed, K, W, MT, splits, ks, ku):
+    """part [splits, T, 8 NT] and ssq [splits, T] as the kernel computes them (ku: X_UNROLL)."""
     T = x.shape[0]
     P, KB, NT = packed.shape[0], packed.shape[1], packed.shape[2]
     tiles = -(-T // (16 * MT))
@@ -29,12 +30,13 @@ def _lane_model(x, packed, K, W, MT, splits, ks):
         k0, k1, t0 = split * ks, min(K, split * ks + ks), tile * 16 * MT
         acc = np.zeros((MT, NT, 32, 4))
         sq = np.zeros((MT, 2, 32))
-        for kb in range(k0, k1, 32):
+        for kb in (kb0 + 32 * u for kb0 in range(k0, k1, 32 * ku) for u in range(ku)):
+            u = (kb - k0) // 32 % ku
             # per lane: 8 x values of rows g and g+8 of each tile ("words" = pairs)
             xa = np.zeros((MT, 2, 32, 8))
             for lane in range(32):
                 g, c = lane >> 2, lane & 3
-                kx = kb + 8 * c
+                kx = kb - 32 * u + 8 * ku * c + 8 * u
                 for m in range(MT):
                     for h in range(2):
                         t = t0 + 16 * m + g + 8 * h
@@ -77,21 +79,22 @@ def _lane_model(x, packed, K, W, MT, splits, ks):
     return part, ssq
 
 
+@pytest.mark.parametrize("ku", [1, 2, 4])
 @pytest.mark.parametrize("n,T,K,forced_splits", [(4, 40, 100, None), (2, 17, 64, None), (3, 33, 200, 3), (8, 9, 96, 2)])
-def test_lane_model_of_the_mma_kernel_computes_x_phi(n, T, K, forced_splits):
+def test_lane_model_of_the_mma_kernel_computes_x_phi(n, T, K, forced_splits, ku):
     rng = np.random.default_rng()
     W = n * (n + 2)
     x = np.array(mx.array(rng.standard_normal((T, K)).astype(np.float32)).astype(mx.bfloat16).astype(mx.float32),
                  dtype=np.float64)
     phi = rng.standard_normal((K, W)).astype(np.float32) / np.sqrt(K)
-    packed = cm.pack_phi_reference(mx.array(phi))
+    packed = cm.pack_phi_reference(mx.array(phi), ku=ku)
     NT = cm.n_tiles(W)
-    assert packed.shape == (cm.PHI_PARTS, -(-K // 32), NT, 32, 8) and packed.dtype == mx.bfloat16
-    MT, splits, ks, warps = cm.plan(T, K, NT)
+    assert packed.shape == (cm.PHI_PARTS, cm.k_blocks(K, ku), NT, 32, 8) and packed.dtype == mx.bfloat16
+    MT, splits, ks, warps = cm.plan(T, K, NT, ku)
     if forced_splits:
-        ks = 32 * -(-(-(-K // 32)) // forced_splits)
+        ks = 32 * ku * -(-(-(-K // (32 * ku))) // forced_splits)
         splits = -(-K // ks)
-    part, ssq = _lane_model(x, np.array(packed.astype(mx.float32), dtype=np.float64), K, W, MT, splits, ks)
+    part, ssq = _lane_model(x, np.array(packed.astype(mx.float32), dtype=np.float64), K, W, MT, splits, ks, ku)
     assert not np.isnan(part).any() and not np.isnan(ssq).any(), "an output element was never written"
     dot = part.sum(axis=0)[:, :W]
     want = x @ phi.astype(np.float64)
@@ -104,7 +107,7 @@ def test_lane_model_of_the_mma_kernel_computes_x_phi(n, T, K, forced_splits):
 def test_phi_parts_add_up_to_phi():
     rng = np.random.default_rng()
     phi = (rng.standard_normal((70, 24)) * 10.0 ** rng.uniform(-6, 2, (70, 24))).astype(np.float32)
-    packed = np.array(cm.pack_phi_reference(mx.array(phi)).astype(mx.float32), dtype=np.float64)
+    packed = np.array(cm.pack_phi_reference(mx.array(phi), ku=1).astype(mx.float32), dtype=np.float64)
     total = packed.sum(axis=0)  # [KB, NT, 32, 8] -> back to [K, W]
     KB, NT = total.shape[0], total.shape[1]
     back = total.reshape(KB, NT, 8, 4, 8).transpose(0, 3, 4, 1, 2).reshape(32 * KB, 8 * NT)
@@ -130,9 +133,7 @@ def test_no_tokens_launch_nothing(monkeypatch):
 
 
 def test_plan_covers_every_token_and_k():
-    for T in (1, 15, 16, 33, 4096):
-        for K in (8, 100, 16384):
-            for NT in (1, 3, 10):
-                MT, splits, ks, warps = cm.plan(T, K, NT)
-                assert ks % 32 == 0 and splits * ks >= K and (splits - 1) * ks < K
-                assert warps == -(-T // (16 * MT)) * splits
+    for T, K, NT, ku in itertools.product((1, 15, 16, 33, 4096), (8, 100, 16384), (1, 3, 10), (1, 2, 4)):
+        MT, splits, ks, warps = cm.plan(T, K, NT, ku)
+        assert ks % (32 * ku) == 0 and splits * ks >= K and (splits - 1) * ks < K
+        assert warps == -(-T // (16 * MT)) * splits

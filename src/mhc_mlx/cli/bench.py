@@ -16,7 +16,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--impl", default="", help="comma list of kernels,compiled,reference (default: all that run here)")
     p.add_argument("--only", default="", help="only cases whose id contains one of these comma-separated texts, e.g. 'static/fwd/4096'")
     p.add_argument("--candidates", action="store_true",
-                   help="switch on the kernel candidates not yet checked on a GPU (docs/kernel-notes.md); "
+                   help="switch on the kernel candidates that are off by default (kernels.use_candidates, "
+                        "docs/kernel-notes.md); "
                         "the JSON header records the kernel settings")
 
 

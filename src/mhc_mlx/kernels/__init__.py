@@ -27,9 +27,9 @@ OPS = ("sinkhorn_knopp", "mhc_coefficients", "mhc_pre", "mhc_post", "rms_norm", 
 ACTIVATIONS = (mx.float32, mx.bfloat16, mx.float16)
 MAX_N = 32
 MAX_N_DYNAMIC = 8
-# Candidate (pre_step.py): a dynamic site's read step (coefficients + pre) as one custom
-# function whose backward writes x's cotangent once. Off until checked and timed on a GPU.
-FUSED_READ_STEP = False
+# pre_step.py: a dynamic site's read step (coefficients + pre) as one custom function whose
+# backward writes x's cotangent once. Default since the H200 check and timing of 2026-11-29.
+FUSED_READ_STEP = True
 
 
 _IMPLEMENTATIONS: dict = {}
@@ -124,15 +124,13 @@ def status() -> dict:
 
 
 def use_candidates(on: bool = True) -> None:
-    """Switch this process's kernel candidates on or off: written and emulator-tested, not yet
-    checked on a GPU (docs/kernel-notes.md, last section). `mhc-mlx bench --candidates`."""
-    from . import coefficients, coefficients_mma, sinkhorn
+    """Switch this process's kernel candidates on or off (`mhc-mlx bench --candidates`): the
+    tensor-core coefficient backward. It passed scripts/gpu_check.py on the H200 (2026-11-29)
+    but was slower there than the default (docs/kernel-notes.md), so it stays off; kept to
+    re-time on other devices."""
+    from . import coefficients
 
-    global FUSED_READ_STEP
-    FUSED_READ_STEP = on
     coefficients.MMA_VJP = on
-    coefficients_mma.PREFETCH = on
-    sinkhorn.THREAD_VJP_MAX_WORK = sinkhorn.THREAD_VJP_CANDIDATE_WORK if on else 0
 
 
 def settings() -> dict:
@@ -141,7 +139,8 @@ def settings() -> dict:
 
     return {"dynamic_form": coefficients.DYNAMIC_FORM,
             "mma_min_elements": coefficients.MMA_MIN_ELEMENTS,
-            "mma_prefetch": coefficients_mma.PREFETCH,
+            "mma_x_unroll": coefficients_mma.X_UNROLL,
+            "mma_target_warps": coefficients_mma.TARGET_WARPS,
             "mma_vjp": coefficients.MMA_VJP,
             "tokens_per_block_small_n": coefficients.TOKENS_PER_BLOCK_SMALL_N,
             "layer_fused_vjp": layer.USE_FUSED_VJP,

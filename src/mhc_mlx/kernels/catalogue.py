@@ -69,13 +69,15 @@ def cuda_only_instances():
     for dt in (BF16, F16):
         for n in (1, 2, 4, 8):
             nt = coefficients_mma.n_tiles(n * (n + 2))
-            for pf in (0, 1):
+            for ku in (1, 2, 4):
                 out.append((coefficients_mma.MMA, (dt, BF16, I32), (F32, F32),
                             [("T", dt), ("NT", nt), ("MT", coefficients_mma.token_tiles_per_warp(nt)),
-                             ("PB", coefficients_mma.PHI_PARTS), ("PF", pf)]))
+                             ("PB", coefficients_mma.PHI_PARTS), ("KU", ku)]))
     for n in (1, 2, 4, 8):
         nt = coefficients_mma.n_tiles(n * (n + 2))
-        out.append((coefficients_mma.PACK, (F32, I32), (BF16,), [("NT", nt), ("PB", coefficients_mma.PHI_PARTS)]))
+        for ku in (1, 2, 4):
+            out.append((coefficients_mma.PACK, (F32, I32), (BF16,),
+                        [("NT", nt), ("PB", coefficients_mma.PHI_PARTS), ("KU", ku)]))
         out.append((coefficients_mma.FINISH, (F32, F32, F32, F32, I32, F32), (F32,) * 5, [("N", n)]))
     vjp = coefficients_mma_vjp
     for parts in (2, 3):

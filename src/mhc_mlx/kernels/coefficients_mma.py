@@ -32,10 +32,12 @@ F32 = mx.float32
 PHI_PARTS = 3
 WARPS_PER_BLOCK = 4
 TARGET_WARPS = 2048  # ~16 resident warps on each of an H100's 132 SMs
-# Load the next k block's x words before the current block's mma's (MMA's PF = 1). Off until
-# checked and timed on a GPU: the ncu profile of 2026-11-25 has this kernel reading x at ~760
-# GB/s, each warp waiting on its loads before every block's mma's (docs/kernel-notes.md).
-PREFETCH = False
+# 16-byte loads of x per row and lane in one step (the MMA and PACK kernels' KU): a step covers
+# 32 * KU consecutive k of each of the warp's token rows, 16 * KU bytes per lane, contiguous
+# across its four lanes. At KU = 1 each row is read in 64-byte pieces one step apart, on
+# rows 32 KB apart; the ncu profiles (H100 2026-11-25, H200 2026-11-29) had this kernel
+# reading x at 760-800 GB/s where pre and post, which read whole rows, reach 2.4-2.7 TB/s.
+X_UNROLL = 1
 
 # The tensor-core instruction (tests substitute a CPU model of it, with the same fragments).
 PTX_MMA = r"""
@@ -102,30 +104,14 @@ __device__ __forceinline__ void mhc_load_x8(const T* row, int kx, int K, bool xv
     }
   }
 }
-
-// The x words of one k block for lane (g, c): rows g and g + 8 of each of the warp's MT token
-// tiles, 8 consecutive k from kx.
-template <typename T, int MT>
-__device__ __forceinline__ void mhc_load_x(const T* xin, uint32_t (&w)[MT][2][4], int t0, int Ttok, int K,
-                                           int kx, bool xvec, int g) {
-  #pragma unroll
-  for (int m = 0; m < MT; ++m) {
-    #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int t = t0 + 16 * m + g + 8 * h;
-      mhc_load_x8<T>(t < Ttok ? xin + (int64_t)t * K : nullptr, kx, K, xvec, w[m][h]);
-    }
-  }
-}
 """
 
-# Lane (g, c) = (lane / 4, lane % 4) of a warp; k block of 32 at kb. The lane loads
-# x[t, kb + 8c .. kb + 8c + 8) for t = row g and row g + 8 of each token tile: words u0..u3.
-# mma step s in {0, 1} uses u[2s] as the A elements at k = 2c, 2c+1 and u[2s+1] as those at
-# 2c+8, 2c+9; the packed phi gives the lane the B elements of the same physical k.
-# PF = 1 (candidate, PREFETCH): the x words of block kb + 32 are loaded before block kb's mma's,
-# so each warp has two blocks of x in flight (software pipelining); phi, read from L1/L2 by
-# every warp of a split, is loaded as before. PF = 0 is the checked kernel, unchanged.
+# Lane (g, c) = (lane / 4, lane % 4) of a warp; one step covers k in [kb, kb + 32 KU). For
+# sub-block u < KU the lane loads x[t, kb + 8 KU c + 8 u .. + 8) for t = row g and row g + 8 of
+# each token tile (its KU loads per row are contiguous): words u0..u3. mma step s in {0, 1}
+# uses u[2s] as the A elements at k = 2c, 2c+1 and u[2s+1] as those at 2c+8, 2c+9; the packed
+# phi (block kb / 32 + u) gives the lane the B elements of the same physical k. All of a
+# step's x loads are issued before its first mma.
 MMA = KernelSpec(
     name="mhc_coefficients_dynamic_mma",
     inputs=("xin", "pk", "iparam"),
@@ -136,9 +122,9 @@ MMA = KernelSpec(
   constexpr int WP = 8 * NT;                          // padded columns
   const int Ttok = iparam[0];
   const int K = iparam[1];
-  const int KS = iparam[2];   // k per split, a multiple of 32
+  const int KS = iparam[2];   // k per split, a multiple of 32 KU
   const int S = iparam[3];
-  const int KB = (K + 31) / 32;  // k blocks in the packed phi
+  const int KB = iparam[4];   // 32-wide k blocks in the packed phi (a multiple of KU)
   const int tiles = (Ttok + 16 * MT - 1) / (16 * MT);
   const int gw = (int)(blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5));
   if (gw >= tiles * S) return;  // whole warps only: mma.sync needs all 32 lanes
@@ -166,21 +152,31 @@ MMA = KernelSpec(
     }
   }
 
-  if (PF) {
-    uint32_t wx[MT][2][4];  // x words of the current k block, loaded one block ahead
-    if (k0 < k1) mhc_load_x<T, MT>(xin, wx, t0, Ttok, K, k0 + 8 * c, xvec, g);
-    for (int kb = k0; kb < k1; kb += 32) {
+  for (int kb = k0; kb < k1; kb += 32 * KU) {
+    uint32_t wx[KU][MT][2][4];
+    #pragma unroll
+    for (int u = 0; u < KU; ++u) {
+      #pragma unroll
+      for (int m = 0; m < MT; ++m) {
+        #pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int t = t0 + 16 * m + g + 8 * h;  // recomputed, not held: fewer live registers
+          mhc_load_x8<T>(t < Ttok ? xin + (int64_t)t * K : nullptr, kb + 8 * KU * c + 8 * u, K, xvec, wx[u][m][h]);
+        }
+      }
+    }
+    #pragma unroll
+    for (int u = 0; u < KU; ++u) {
       uint32_t ah[MT][2][4], al[MT][2][4];
       #pragma unroll
       for (int m = 0; m < MT; ++m) {
         #pragma unroll
         for (int h = 0; h < 2; ++h) {
           #pragma unroll
-          for (int q = 0; q < 4; ++q) sq[m][h] += mhc_x_parts<T>::split(wx[m][h][q], ah[m][h][q], al[m][h][q]);
+          for (int q = 0; q < 4; ++q) sq[m][h] += mhc_x_parts<T>::split(wx[u][m][h][q], ah[m][h][q], al[m][h][q]);
         }
       }
-      if (kb + 32 < k1) mhc_load_x<T, MT>(xin, wx, t0, Ttok, K, kb + 32 + 8 * c, xvec, g);
-      const int kblk = kb >> 5;
+      const int kblk = (kb >> 5) + u;
       #pragma unroll
       for (int j = 0; j < NT; ++j) {
         #pragma unroll
@@ -210,67 +206,6 @@ MMA = KernelSpec(
         }
       }
     }
-  } else {
-  for (int kb = k0; kb < k1; kb += 32) {
-    const int kx = kb + 8 * c;  // this lane's first k
-    uint32_t ah[MT][2][4], al[MT][2][4];
-    #pragma unroll
-    for (int m = 0; m < MT; ++m) {
-      #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int t = t0 + 16 * m + g + 8 * h;
-        uint32_t w[4] = {0u, 0u, 0u, 0u};
-        if (t < Ttok) {
-          const T* row = xin + (int64_t)t * K;
-          if (xvec && kx + 8 <= K) {
-            const uint4 v = *reinterpret_cast<const uint4*>(row + kx);
-            w[0] = v.x; w[1] = v.y; w[2] = v.z; w[3] = v.w;
-          } else {
-            #pragma unroll
-            for (int e = 0; e < 8; ++e) {
-              if (kx + e < K) {
-                const T val = row[kx + e];
-                const uint32_t bits = (uint32_t)(*reinterpret_cast<const unsigned short*>(&val));
-                w[e >> 1] |= bits << (16 * (e & 1));
-              }
-            }
-          }
-        }
-        #pragma unroll
-        for (int q = 0; q < 4; ++q) sq[m][h] += mhc_x_parts<T>::split(w[q], ah[m][h][q], al[m][h][q]);
-      }
-    }
-    const int kblk = kb >> 5;
-    #pragma unroll
-    for (int j = 0; j < NT; ++j) {
-      #pragma unroll
-      for (int p = 0; p < PB; ++p) {
-        const int64_t off = ((((int64_t)p * KB + kblk) * NT + j) * 32 + lane) * 8;
-        uint32_t b[4];
-        if (bvec) {
-          const uint4 v = *reinterpret_cast<const uint4*>(pk + off);
-          b[0] = v.x; b[1] = v.y; b[2] = v.z; b[3] = v.w;
-        } else {
-          const unsigned short* s16 = reinterpret_cast<const unsigned short*>(pk + off);
-          #pragma unroll
-          for (int q = 0; q < 4; ++q) b[q] = (uint32_t)s16[2 * q] | ((uint32_t)s16[2 * q + 1] << 16);
-        }
-        #pragma unroll
-        for (int m = 0; m < MT; ++m) {
-          #pragma unroll
-          for (int s = 0; s < 2; ++s) {
-            const uint32_t a[4] = {ah[m][0][2 * s], ah[m][1][2 * s], ah[m][0][2 * s + 1], ah[m][1][2 * s + 1]};
-            mhc_mma_bf16(acc[m][j], a, b[2 * s], b[2 * s + 1]);
-            if (AP == 2) {
-              const uint32_t l[4] = {al[m][0][2 * s], al[m][1][2 * s], al[m][0][2 * s + 1], al[m][1][2 * s + 1]};
-              mhc_mma_bf16(acc[m][j], l, b[2 * s], b[2 * s + 1]);
-            }
-          }
-        }
-      }
-    }
-  }
-
   }
 
   // Sums of squares: the four lanes of a row (c = 0..3) hold its partials.
@@ -314,7 +249,7 @@ PACK = KernelSpec(
     body=r"""
   const int K = iparam[0];
   const int W = iparam[1];
-  const int KB = (K + 31) / 32;
+  const int KB = iparam[2];  // 32-wide k blocks, a multiple of KU
   const int64_t idx = (int64_t)KBID * KNT + KTID;
   if (idx >= (int64_t)KB * NT * 256) return;
   const int e = (int)(idx & 7);
@@ -322,7 +257,7 @@ PACK = KernelSpec(
   const int64_t rest = idx >> 8;
   const int j = (int)(rest % NT);
   const int kb = (int)(rest / NT);
-  const int k = 32 * kb + 8 * (lane & 3) + e;
+  const int k = 32 * KU * (kb / KU) + 8 * KU * (lane & 3) + 8 * (kb % KU) + e;
   const int col = 8 * j + (lane >> 2);
   float v = (k < K && col < W) ? phi[(int64_t)k * W + col] : 0.0f;
   #pragma unroll
@@ -334,59 +269,70 @@ PACK = KernelSpec(
 """,
 )
 
-# The split-K partials -> the five outputs of the fused dynamic kernel, one warp per token:
-# sum the splits, m = dot / r, h = m * alpha + bias, then the activations and Sinkhorn (the
-# same code as coefficients.DYNAMIC's finish). One launch instead of about a dozen MLX ops.
-FINISH_WARPS = 4
+# The split-K partials -> the five outputs of the fused dynamic kernel for FINISH_TOKENS tokens
+# per block: sum the splits, m = dot / r, h = m * alpha + bias, then the activations and
+# Sinkhorn, one thread per token (ksinkhorn_thread, the arithmetic of coefficients.DYNAMIC's
+# finish). One launch instead of about a dozen MLX ops. The first form ran one warp per token,
+# every lane repeating the Sinkhorn: 38.9 µs for 4096 tokens at n = 4 on the H200 (ncu,
+# 2026-11-29), issue-bound on that 32-fold repeat.
+FINISH_TOKENS = 32
+FINISH_THREADS = 256
 FINISH = KernelSpec(
     name="mhc_coefficients_dynamic_finish",
     inputs=("part", "ssq", "alpha", "bias", "iparam", "fparam"),
     outputs=("hpre", "hpost", "hres", "mraw", "invr"),
     body=r"""
   constexpr int W = N * (N + 2);
-  constexpr int R = (W + 31) / 32;
-  KSHARED float hbuf[4 * W];  // FINISH_WARPS warps per block
+  constexpr int TB = 32;  // FINISH_TOKENS
+  KSHARED float hbuf[TB * W];
+  KSHARED float rbuf[TB];
   const int Ttok = iparam[0];
   const int K = iparam[1];
   const int S = iparam[2];
   const int iters = iparam[3];
   const int WP = iparam[4];
   const float eps = fparam[0];
-  const int lane = KLANE;
-  const int warp = KWARP;
-  const int t = KBID * (KNT / 32) + warp;
-  const bool tl = t < Ttok;
-  KSHPTR(float) h = hbuf + warp * W;
-  float ss = 0.0f;
-  if (tl) {
-    for (int s = lane; s < S; s += 32) ss += ssq[(int64_t)s * Ttok + t];
-  }
-  ss = kwarp_sum(ss);
-  const float rr = KSQRT(ss / (float)K + eps);
-  KUNROLL for (int r = 0; r < R; ++r) {
-    const int c = lane + 32 * r;
-    if (c < W) {
-      float d = 0.0f;
-      if (tl) {
-        for (int s = 0; s < S; ++s) d += part[((int64_t)s * Ttok + t) * WP + c];
-      }
-      const float m = d / rr;
-      if (tl) mraw[(int64_t)t * W + c] = m;
-      h[c] = m * alpha[c < N ? 0 : (c < 2 * N ? 1 : 2)] + bias[c];
+  const int tid = KTID;
+  const int t0 = KBID * TB;
+  // r per token: thread q < TB sums its token's splits (coalesced over q for each split)
+  if (tid < TB) {
+    const int t = t0 + tid;
+    float ss = 0.0f;
+    if (t < Ttok) {
+      for (int s = 0; s < S; ++s) ss += ssq[(int64_t)s * Ttok + t];
     }
+    const float rr = KSQRT(ss / (float)K + eps);
+    rbuf[tid] = rr;
+    if (t < Ttok) invr[t] = 1.0f / rr;
   }
-  if (tl && lane == 0) invr[t] = 1.0f / rr;
-  KWARP_SYNC();
-  const bool live = tl && (lane < N);
-  if (live) {
-    hpre[(int64_t)t * N + lane] = ksigmoid(h[lane]);
-    hpost[(int64_t)t * N + lane] = 2.0f * ksigmoid(h[N + lane]);
+  KBARRIER();
+  // the dot products: thread p takes (token q, column c) pairs p = q W + c, splits summed in
+  // order (as the warp form did), reads contiguous over p for each split
+  for (int p = tid; p < TB * W; p += KNT) {
+    const int q = p / W;
+    const int c = p - q * W;
+    const int t = t0 + q;
+    float d = 0.0f;
+    if (t < Ttok) {
+      for (int s = 0; s < S; ++s) d += part[((int64_t)s * Ttok + t) * WP + c];
+    }
+    const float m = d / rbuf[q];
+    if (t < Ttok) mraw[(int64_t)t * W + c] = m;
+    hbuf[p] = m * alpha[c < N ? 0 : (c < 2 * N ? 1 : 2)] + bias[c];
   }
-  float col[N];
-  KUNROLL for (int i = 0; i < N; ++i) col[i] = live ? h[2 * N + i * N + lane] : 0.0f;
-  ksinkhorn_warp<N>(col, live, iters);
-  if (live) {
-    KUNROLL for (int i = 0; i < N; ++i) hres[((int64_t)t * N + i) * N + lane] = col[i];
+  KBARRIER();
+  // activations and Sinkhorn: one thread per token
+  if (tid < TB && t0 + tid < Ttok) {
+    const int64_t t = t0 + tid;
+    KSHPTR(float) h = hbuf + tid * W;
+    KUNROLL for (int i = 0; i < N; ++i) {
+      hpre[t * N + i] = ksigmoid(h[i]);
+      hpost[t * N + i] = 2.0f * ksigmoid(h[N + i]);
+    }
+    float pm[N * N];
+    KUNROLL for (int a = 0; a < N * N; ++a) pm[a] = h[2 * N + a];
+    ksinkhorn_thread<N>(pm, iters);
+    KUNROLL for (int a = 0; a < N * N; ++a) hres[t * N * N + a] = pm[a];
   }
 """,
 )
@@ -402,43 +348,54 @@ def token_tiles_per_warp(NT: int) -> int:
     return 2 if NT <= 3 else 1
 
 
-def pack_phi(phi: mx.array, parts: int = PHI_PARTS) -> mx.array:
-    """phi [K, W] float32 -> [parts, ceil(K/32), NT, 32, 8] bfloat16 in B-fragment order.
+def k_blocks(K: int, ku: int) -> int:
+    """32-wide k blocks of the packed phi: K rounded up to whole steps of 32 * ku."""
+    return ku * -(-K // (32 * ku))
 
-    Element [p, kb, j, lane, e] is part p of phi[32 kb + 8 (lane % 4) + e, 8 j + lane // 4]
-    (zero past K or W); the parts add up to phi to float32 precision. One launch (PACK);
+
+def pack_phi(phi: mx.array, parts: int = PHI_PARTS, ku: int | None = None) -> mx.array:
+    """phi [K, W] float32 -> [parts, KB, NT, 32, 8] bfloat16 in B-fragment order (KB = k_blocks).
+
+    Element [p, kb, j, lane, e] is part p of phi[32 ku (kb // ku) + 8 ku (lane % 4) + 8 (kb % ku)
+    + e, 8 j + lane // 4] (zero past K or W), ku = X_UNROLL: the k that lane's x loads hold
+    (MMA). The parts add up to phi to float32 precision. One launch (PACK);
     `pack_phi_reference` is the same in MLX ops.
     """
+    ku = ku or X_UNROLL
     K, W = phi.shape
-    NT, KB = n_tiles(W), -(-K // 32)
+    NT, KB = n_tiles(W), k_blocks(K, ku)
     total = KB * NT * 256
     return launch(
-        PACK, [phi.astype(F32), int_params(K, W)], [((parts, KB, NT, 32, 8), mx.bfloat16)],
-        -(-total // 256) * 256, 256, [("NT", NT), ("PB", parts)],
+        PACK, [phi.astype(F32), int_params(K, W, KB)], [((parts, KB, NT, 32, 8), mx.bfloat16)],
+        -(-total // 256) * 256, 256, [("NT", NT), ("PB", parts), ("KU", ku)],
     )[0]
 
 
-def pack_phi_reference(phi: mx.array, parts: int = PHI_PARTS) -> mx.array:
+def pack_phi_reference(phi: mx.array, parts: int = PHI_PARTS, ku: int | None = None) -> mx.array:
     """pack_phi in plain MLX ops (the statement the kernel is tested against)."""
+    ku = ku or X_UNROLL
     K, W = phi.shape
-    NT, KB = n_tiles(W), -(-K // 32)
+    NT, KB = n_tiles(W), k_blocks(K, ku)
     rest = mx.pad(phi.astype(F32), [(0, 32 * KB - K), (0, 8 * NT - W)])
     split = []
     for _ in range(parts):
         p = rest.astype(mx.bfloat16)
         split.append(p)
         rest = rest - p.astype(F32)
-    packed = mx.stack(split).reshape(parts, KB, 4, 8, NT, 8)  # [p, kb, c, e, j, g]
-    return packed.transpose(0, 1, 4, 5, 2, 3).reshape(parts, KB, NT, 32, 8)  # lane = 4 g + c
+    # k = 32 ku b + 8 ku c + 8 u + e, column 8 j + g  ->  [p, b, u, j, lane = 4 g + c, e]
+    packed = mx.stack(split).reshape(parts, KB // ku, 4, ku, 8, NT, 8)  # [p, b, c, u, e, j, g]
+    return packed.transpose(0, 1, 3, 5, 6, 2, 4).reshape(parts, KB, NT, 32, 8)
 
 
-def plan(T: int, K: int, NT: int) -> tuple[int, int, int, int]:
-    """(MT, splits, k per split, warps) for T tokens of width K."""
+def plan(T: int, K: int, NT: int, ku: int | None = None) -> tuple[int, int, int, int]:
+    """(MT, splits, k per split, warps) for T tokens of width K; k per split is a multiple of
+    32 * ku (ku = X_UNROLL)."""
+    ku = ku or X_UNROLL
     MT = token_tiles_per_warp(NT)
     tiles = -(-T // (16 * MT))
-    blocks32 = -(-K // 32)
-    splits = max(1, min(-(-TARGET_WARPS // tiles), -(-blocks32 // 4)))  # >= 4 k blocks a warp
-    ks = 32 * -(-blocks32 // splits)
+    steps = -(-K // (32 * ku))
+    splits = max(1, min(-(-TARGET_WARPS // tiles), -(-steps * ku // 4)))  # >= 4 k blocks of 32 a warp
+    ks = 32 * ku * -(-steps // splits)
     splits = -(-K // ks)
     return MT, splits, ks, tiles * splits
 
@@ -446,14 +403,14 @@ def plan(T: int, K: int, NT: int) -> tuple[int, int, int, int]:
 def partial_products(x2: mx.array, phi: mx.array) -> tuple[mx.array, mx.array]:
     """Split-K partials (part [S, T, 8 NT] of xf @ phi, ssq [S, T] of Σ xf²) for 16-bit x2 [T, K]."""
     T, K = x2.shape
-    NT = n_tiles(phi.shape[1])
-    MT, splits, ks, warps = plan(T, K, NT)
+    NT, ku = n_tiles(phi.shape[1]), X_UNROLL
+    MT, splits, ks, warps = plan(T, K, NT, ku)
     blocks = -(-warps // WARPS_PER_BLOCK)
     return launch(
-        MMA, [x2, pack_phi(phi), int_params(T, K, ks, splits)],
+        MMA, [x2, pack_phi(phi, ku=ku), int_params(T, K, ks, splits, k_blocks(K, ku))],
         [((splits, T, 8 * NT), F32), ((splits, T), F32)],
         blocks * WARPS_PER_BLOCK * 32, WARPS_PER_BLOCK * 32,
-        [("T", x2.dtype), ("NT", NT), ("MT", MT), ("PB", PHI_PARTS), ("PF", int(PREFETCH))],
+        [("T", x2.dtype), ("NT", NT), ("MT", MT), ("PB", PHI_PARTS), ("KU", ku)],
     )
 
 
@@ -475,11 +432,10 @@ def dynamic_forward(x2, phi, alpha, bias, n: int, iters: int, eps: float):
         return (mx.zeros((0, n), F32), mx.zeros((0, n), F32), mx.zeros((0, n, n), F32),
                 mx.zeros((0, W), F32), mx.zeros((0,), F32))
     part, ssq = partial_products(x2, phi)
-    warps = FINISH_WARPS
     return launch(
         FINISH,
         [part, ssq, alpha.astype(F32), bias.astype(F32),
          int_params(T, K, part.shape[0], iters, part.shape[2]), float_params(eps)],
         [((T, n), F32), ((T, n), F32), ((T, n, n), F32), ((T, W), F32), ((T,), F32)],
-        -(-T // warps) * warps * 32, warps * 32, [("N", n)],
+        -(-T // FINISH_TOKENS) * FINISH_THREADS, FINISH_THREADS, [("N", n)],
     )

@@ -147,6 +147,11 @@ LAYER = KernelSpec(
 # and measured 401.8 µs against 1436.6 µs for the composed backward at 4096 x 4 x 4096 bfloat16
 # (scripts/gpu_experiments.py); see docs/kernel-notes.md. False falls back to the composed backward.
 USE_FUSED_VJP = True
+# Floats of x per thread and chunk in the backward (site.vector_width): 16 gives 8-byte
+# vectors of bfloat16 at n = 4 with CPT = 4 at C = 4096. H200 (2026-11-29, 4096 x 4 x 4096
+# bf16): 263.7 µs against 311.8 for 32 (16-byte vectors, CPT = 2); the H100's two runs of
+# 2026-11-25 had 284-338 against 319-333.
+VJP_BUDGET = 16
 GW_REGISTER_BUDGET = 16  # floats of dw a thread may sum in registers over its tokens (CPT * V)
 
 VJP_HELPERS = r"""
@@ -318,23 +323,23 @@ def forward(x, pre, post, res, weight, iters: int, eps: float, inline: bool, thr
     )[0]
 
 
-def vjp_plan(T: int, n: int, C: int, itemsize: int, threads: int = 256, budget: int = 32,
+def vjp_plan(T: int, n: int, C: int, itemsize: int, threads: int = 256, budget: int | None = None,
              groups: int | None = None):
     """(V, CPT, groups) of the layer backward: V from the per-thread register budget for the
     n*V floats of x (and of g) a chunk holds; CPT chunks of dw per thread kept in registers
     when CPT * V <= GW_REGISTER_BUDGET, else 0 (dw summed in memory, any C)."""
-    V = site.vector_width(C, itemsize, n, budget=budget)
+    V = site.vector_width(C, itemsize, n, budget=budget or VJP_BUDGET)
     chunks = -(-(C // V) // threads)
     cpt = chunks if chunks * V <= GW_REGISTER_BUDGET else 0
     return V, cpt, groups or max(1, min(T, MAX_GROUPS))
 
 
-def fused_vjp(x, g, H_pre, H_post, H_res, weight, eps: float, threads: int = 256, budget: int = 32,
+def fused_vjp(x, g, H_pre, H_post, H_res, weight, eps: float, threads: int = 256, budget: int | None = None,
               groups: int | None = None):
     """(dx, dH_pre [n], dH_post [n], dH_res [n, n], dw [C]) of the layer for coefficients
     H_* (float32), in one pass over x and the cotangent g (the layer's backward while
-    USE_FUSED_VJP). `budget`: floats of x per thread and chunk (site.vector_width); 32 gives
-    16-byte vectors of bfloat16 at n = 4, 16 half of that. `threads` <= 256 (a multiple of 32)."""
+    USE_FUSED_VJP). `budget`: floats of x per thread and chunk (site.vector_width; default
+    VJP_BUDGET); 32 gives 16-byte vectors of bfloat16 at n = 4, 16 half of that. `threads` <= 256 (a multiple of 32)."""
     *lead, n, C = x.shape
     T = 1
     for d in lead:
@@ -351,7 +356,7 @@ def fused_vjp(x, g, H_pre, H_post, H_res, weight, eps: float, threads: int = 256
     return gx, gcoef[n * n + n :], gcoef[n * n : n * n + n], gcoef[: n * n].reshape(n, n), mx.sum(gw, axis=0)
 
 
-def _fused_layer_vjp(primals, cotangent, iters, eps, threads: int = 256, budget: int = 32,
+def _fused_layer_vjp(primals, cotangent, iters, eps, threads: int = 256, budget: int | None = None,
                      groups: int | None = None):
     x, pre_raw, post_raw, res_raw, weight = primals
     n = x.shape[-2]
