@@ -74,6 +74,16 @@ def main():
         us = tput(f, [[x] for x in xs])
         print(f"layer tg={tg:4d} groups={groups:5d}: {us:7.1f} us {gbps(nb, us)}  plan={layer.plan(T, n, C, 2, tg, groups)}")
 
+    # the whole static forward (coefficients included): Sinkhorn inside the layer kernel
+    # ("latency": every threadgroup runs it) against the separate coefficient kernel
+    row = []
+    for policy in ("throughput", "latency"):
+        ml = mhc.MHCLayer(n, C, dispatch_policy=policy)
+        mx.eval(ml.parameters())
+        us = tput(ml, [[x] for x in xs])
+        row.append(f"{policy} {us:6.1f} us {gbps(nb, us)}")
+    print("static layer forward 4096x4x4096 (coefficients included): " + ", ".join(row))
+
     # B2. the layer's backward: composed from the op kernels vs the candidate one-pass kernel.
     pre_raw, post_raw, res_raw = mx.zeros((n,)), mx.zeros((n,)), 3 * mx.eye(n)
     gs3 = [mx.random.normal((T, n, C)).astype(BF) for _ in range(3)]
