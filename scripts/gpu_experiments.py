@@ -51,6 +51,59 @@ def sinkhorn_forms(Ms=(1, 4096), reps=10):
         sinkhorn.THREAD_VJP_MAX_WORK = saved
 
 
+def sinkhorn_chain(reps=10):
+    """Why one 4 x 4 Sinkhorn (static coefficients, the per-token finish, the B = 1 kernels)
+    costs ~10 µs: one thread runs ksinkhorn_thread's loop with three reciprocals -- IEEE
+    1.0f / s (what the kernels use; NVRTC compiles without fast math), rcp.approx.ftz, and
+    none (s itself: the loop's other work) -- for 20 and 200 iterations; 10 launches per eval."""
+    from mhc_mlx.kernels.build import KernelSpec, int_params, launch
+
+    body = r"""
+  if (KTID != 0) return;
+  float p[16];
+  for (int a = 0; a < 16; ++a) p[a] = pin[a];
+  const int iters = iparam[0];
+  for (int it = 0; it < iters; ++it) {
+    #pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const float s = fmaxf(p[j] + p[4 + j] + p[8 + j] + p[12 + j], 1e-30f);
+      const float r = RCP(s);
+      #pragma unroll
+      for (int i = 0; i < 4; ++i) p[i * 4 + j] *= r;
+    }
+    #pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float s = fmaxf(p[4 * i] + p[4 * i + 1] + p[4 * i + 2] + p[4 * i + 3], 1e-30f);
+      const float r = RCP(s);
+      #pragma unroll
+      for (int j = 0; j < 4; ++j) p[i * 4 + j] *= r;
+    }
+  }
+  for (int a = 0; a < 16; ++a) pout[a] = p[a];
+"""
+    forms = {"ieee": "1.0f / (v)", "approx": "mhc_rcp_approx(v)", "none": "(v)"}
+    helper = ("__device__ __forceinline__ float mhc_rcp_approx(float v) {\n"
+              "  float r; asm(\"rcp.approx.ftz.f32 %0, %1;\" : \"=f\"(r) : \"f\"(v)); return r;\n}\n")
+    ps = [mx.random.uniform(0.1, 1.0, (16,)) for _ in range(10)]
+    mx.eval(ps)
+    row = []
+    for label, expr in forms.items():
+        spec = KernelSpec(name=f"mhc_sinkhorn_chain_{label}", inputs=("pin", "iparam"), outputs=("pout",),
+                          body=f"#define RCP(v) {expr}\n" + body, helpers=helper)
+        for iters in (20, 200):
+            us = tput(lambda p, i=iters, sp=spec: launch(sp, [p, int_params(i)], [((16,), mx.float32)], 32, 32, [])[0],
+                      [[p] for p in ps], reps)
+            row.append(f"{label}/{iters} {us:6.1f} us")
+    print("one-thread 4x4 Sinkhorn chain, reciprocal/iterations: " + ", ".join(row))
+    raws = [(mx.random.normal((1, 4)), mx.random.normal((1, 4)), 3 * mx.eye(4)[None] + i) for i in range(10)]
+    mx.eval(raws)
+    row = []
+    for iters in (0, 20, 200):
+        us = tput(lambda a, b, r, i=iters: coefficients.activate(a, b, r, i), raws, reps)
+        row.append(f"{iters} iterations {us:6.1f} us")
+    print("static coefficients kernel (M=1): " + ", ".join(row))
+
+
 def main():
     print("mlx", mx.__version__, mx.default_device())
     # A. copy floor: one 1 GB eval vs 10 rotated 134 MB arrays in one eval.
@@ -95,6 +148,12 @@ def main():
         V, cpt, groups = layer.vjp_plan(T, n, C, 2, threads, budget)
         print(f"layer backward, one pass, budget {budget} threads {threads} (V={V}, CPT={cpt}): {us:7.1f} us "
               f"{gbps(3 * xs[0].nbytes, us)}")
+    row = []
+    for groups in (528, 1056):
+        us = tput(lambda x, g, gr=groups: layer._fused_layer_vjp(prim(x), g, 20, 1e-5, groups=gr),
+                  [[x, gs3[i % 3]] for i, x in enumerate(xs)])
+        row.append(f"{groups} groups {us:6.1f} us")
+    print("layer backward, default budget: " + ", ".join(row))
     # the same at the paper's 512 x 4 x 1280 (layer.VJP_BUDGET is chosen from 4096 x 4 x 4096)
     xs5 = [mx.random.normal((512, n, 1280)).astype(BF) for _ in range(10)]
     g5 = mx.random.normal((512, n, 1280)).astype(BF)
@@ -214,23 +273,23 @@ def main():
     print(f"coefficients dynamic vjp (dx, dphi): {us:7.1f} us {gbps(2 * xs[0].nbytes, us)}")
     # its launch shape: at 136 registers a 256-thread block leaves one block (8 warps) per SM;
     # 128 or 64 threads fit 12 or 14 warps (the kernel is written for any block size)
-    saved = coefficients.VJP_THREADS, coefficients.VJP_TOKENS_PER_SPLIT, coefficients.VJP_MIN_BLOCKS
+    saved = coefficients.VJP_THREADS, coefficients.VJP_TOKENS_PER_SPLIT
     row = []
     for threads, per_split in ((256, 256), (128, 512), (128, 1024), (64, 512)):
         coefficients.VJP_THREADS, coefficients.VJP_TOKENS_PER_SPLIT = threads, per_split
         us = tput(lambda x: coefficients.dynamic_vjp_x_phi(x.reshape(T, n * C), phi, gs, c2), [[x] for x in xs])
         row.append(f"{threads}/{per_split}: {us:6.1f} us")
-    # at 512 tokens of 4 x 1280: the default's smaller splits (VJP_MIN_BLOCKS) against fixed ones
+    # at 512 tokens of 4 x 1280
     phi5 = 0.02 * mx.random.normal((n * 1280, 2 * n + n * n))
     x5 = [mx.random.normal((512, n * 1280)).astype(BF) for _ in range(10)]
     gs5, c25 = mx.random.normal((512, 24)) * 0.01, mx.random.normal((512,)) * 0.01
     mx.eval(phi5, x5, gs5, c25)
     row5 = []
-    for threads, per_split, min_blocks in ((256, 256, 0), (128, 512, 0), (128, 512, saved[2])):
-        coefficients.VJP_THREADS, coefficients.VJP_TOKENS_PER_SPLIT, coefficients.VJP_MIN_BLOCKS = threads, per_split, min_blocks
+    for threads, per_split in ((256, 256), (128, 512), (128, 128)):
+        coefficients.VJP_THREADS, coefficients.VJP_TOKENS_PER_SPLIT = threads, per_split
         us = tput(lambda x: coefficients.dynamic_vjp_x_phi(x, phi5, gs5, c25), [[x] for x in x5])
-        row5.append(f"{threads}/{coefficients.vjp_tokens_per_split(512, n * 1280)}: {us:6.1f} us")
-    coefficients.VJP_THREADS, coefficients.VJP_TOKENS_PER_SPLIT, coefficients.VJP_MIN_BLOCKS = saved
+        row5.append(f"{threads}/{per_split}: {us:6.1f} us")
+    coefficients.VJP_THREADS, coefficients.VJP_TOKENS_PER_SPLIT = saved
     print("  at 512x4x1280, threads / tokens per split: " + ", ".join(row5))
     print("  threads per block / tokens per split: " + ", ".join(row))
     # the candidate tensor-core backward (coefficients_mma_vjp.py): both products, then each
@@ -278,6 +337,7 @@ def main():
     print(f"dynamic site B=1: wall {wall:.1f} us, graph build {build:.1f} us")
 
     sinkhorn_forms()
+    sinkhorn_chain()
 
     # E. n=32 post and layer.
     x32 = [mx.random.normal((512, 32, 1280)).astype(BF) for _ in range(10)]

@@ -9,6 +9,7 @@
 #   bash scripts/gpu_session.sh experiments  # kernel-level timings (docs/kernel-notes.md)
 #   bash scripts/gpu_session.sh all          # check, bench, profile, experiments
 #   bash scripts/gpu_session.sh tune         # checks (+ X_UNROLL 2, 4), experiments, ncu, bench, profile
+#   bash scripts/gpu_session.sh final        # checks, experiments, the target cases' bench with the seeds
 #   bash scripts/gpu_session.sh candidates   # the checks with every candidate on, the target cases'
 #                                            # bench with them on, then the experiments (each off/on)
 #   CHECK_ONLY=sinkhorn,layer bash scripts/gpu_session.sh all   # only these check groups
@@ -110,6 +111,13 @@ case "${1:-}" in
     run 230 experiments python scripts/gpu_experiments.py
     ;;
   experiments) run 420 experiments python scripts/gpu_experiments.py ;;
+  final)
+    # the checks of what a session changed (CHECK_ONLY, default below), the experiments, then
+    # the target cases' bench with the seed packages
+    CHECK_ONLY="${CHECK_ONLY:-sinkhorn,coefficients,layer,read_step}" check 150
+    run 200 experiments python scripts/gpu_experiments.py
+    run 180 bench python -m mhc_mlx.cli.main bench --out "$res/bench" --overwrite --seeds .seedpkgs --only "$TARGETS"
+    ;;
   tune)
     # the defaults' checks plus the tensor-core coefficients at X_UNROLL 2 and 4, then the
     # experiments (launch-shape sweeps), ncu on the tensor-core kernel, the target cases' bench
@@ -127,7 +135,7 @@ case "${1:-}" in
     run 140 experiments python scripts/gpu_experiments.py
     ;;
   *)
-    echo "usage: bash scripts/gpu_session.sh check|bench|bench-full|profile|experiments|all|candidates|tune" >&2
+    echo "usage: bash scripts/gpu_session.sh check|bench|bench-full|profile|experiments|all|candidates|tune|final" >&2
     exit 2
     ;;
 esac

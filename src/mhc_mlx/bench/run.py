@@ -43,7 +43,7 @@ def run(out_dir: str, quick: bool = False, seeds_dir: str | None = ".seedpkgs", 
         f"tiny-op eval: {tiny:.1f} µs; one-line custom kernel eval: "
         f"{'n/a' if trivial is None else f'{trivial:.1f} µs'}")
     rows = []
-    latency_reps, tput_reps = (3, 3) if quick else (100, 15)
+    latency_reps, tput_reps = (3, 3) if quick else (100, 11)
     for case in case_list:
         K = 3 if quick else timing.rotation(case.floor_bytes())
         for impl in impls:

@@ -293,14 +293,13 @@ DYNAMIC_VJP_PRE = KernelSpec(
 )
 
 DYNAMIC_THREADS = 256
-# The backward's launch (DYNAMIC_VJP, 136 registers): 128-thread blocks of up to 512 tokens
-# each. On the H200 (2026-11-29, T = 4096, n*C = 16384, bf16) 128/512 took 403.1 µs against
-# 425.3 for 128/256 and 539.8 for the earlier 256/256 (a 256-thread block at 136 registers
-# leaves one block per SM). Fewer tokens per split where that leaves under VJP_MIN_BLOCKS.
+# The backward's launch (DYNAMIC_VJP, 136 registers): 128-thread blocks of 512 tokens each.
+# H200 (2026-11-29): at T = 4096, n*C = 16384, bf16, 128/512 took 403.1 and 394.9 µs in two
+# runs against 539.8 and 510.6 for the earlier 256/256 (a 256-thread block at 136 registers
+# leaves one block per SM), 425.3 for 128/256, 386.7 for 128/1024; at T = 512, n*C = 5120,
+# 43.6 µs against 52.6 for 256/256 and 45.9 for 128/64.
 VJP_THREADS = 128
 VJP_TOKENS_PER_SPLIT = 512
-VJP_MIN_TOKENS_PER_SPLIT = 64
-VJP_MIN_BLOCKS = 264  # two blocks per SM of an H100/H200
 # Candidate: the backward's two products on tensor cores for 16-bit x, n <= 4, CUDA
 # (coefficients_mma_vjp.py). Passed the H200 check, but slower there (docs/kernel-notes.md).
 MMA_VJP = False
@@ -478,7 +477,7 @@ def dynamic_vjp_x_phi(x2, phi, gs, c2, pre=None):
         if coefficients_mma_vjp.covers(x2, phi):
             return coefficients_mma_vjp.vjp_x_phi(x2, phi, gs, c2, pre)
     n = round((phi.shape[1] + 1) ** 0.5) - 1
-    per_split = vjp_tokens_per_split(T, K)
+    per_split = VJP_TOKENS_PER_SPLIT
     splits = -(-T // per_split)
     nkb = -(-K // VJP_THREADS)
     spec, inputs = DYNAMIC_VJP, [x2, phi.astype(F32), gs, c2]
@@ -491,16 +490,6 @@ def dynamic_vjp_x_phi(x2, phi, gs, c2, pre=None):
         splits * nkb * VJP_THREADS, VJP_THREADS, [("T", x2.dtype), ("N", n)],
     )
     return gx, mx.sum(gphi, axis=0)
-
-
-def vjp_tokens_per_split(T: int, K: int) -> int:
-    """Tokens per block of the coefficient backward: VJP_TOKENS_PER_SPLIT, halved (down to
-    VJP_MIN_TOKENS_PER_SPLIT) while the launch would have fewer than VJP_MIN_BLOCKS blocks."""
-    per_split = VJP_TOKENS_PER_SPLIT
-    nkb = -(-K // VJP_THREADS)
-    while per_split > VJP_MIN_TOKENS_PER_SPLIT and -(-T // per_split) * nkb < VJP_MIN_BLOCKS:
-        per_split //= 2
-    return max(1, per_split)
 
 
 @lru_cache(maxsize=None)

@@ -147,11 +147,14 @@ LAYER = KernelSpec(
 # and measured 401.8 µs against 1436.6 µs for the composed backward at 4096 x 4 x 4096 bfloat16
 # (scripts/gpu_experiments.py); see docs/kernel-notes.md. False falls back to the composed backward.
 USE_FUSED_VJP = True
-# Floats of x per thread and chunk in the backward (site.vector_width): 16 gives 8-byte
-# vectors of bfloat16 at n = 4 with CPT = 4 at C = 4096. H200 (2026-11-29, 4096 x 4 x 4096
-# bf16): 263.7 µs against 311.8 for 32 (16-byte vectors, CPT = 2); the H100's two runs of
-# 2026-11-25 had 284-338 against 319-333.
-VJP_BUDGET = 16
+# Floats of x per thread and chunk in the backward (site.vector_width), by channel count: 16
+# (8-byte vectors of bfloat16 at n = 4, CPT = 4) from VJP_SMALL_BUDGET_MIN_C channels, else 32.
+# H200 (2026-11-29): at 4096 x 4 x 4096 bf16 budget 16 took 263.7 and 273.9 µs in two runs
+# against 311.8 and 308.5 for 32 (the H100's two runs of 2026-11-25: 284-338 against 319-333);
+# at 512 x 4 x 1280, 171.7 µs against 130.0 for 32.
+VJP_BUDGET = 32
+VJP_SMALL_BUDGET = 16
+VJP_SMALL_BUDGET_MIN_C = 4096
 GW_REGISTER_BUDGET = 16  # floats of dw a thread may sum in registers over its tokens (CPT * V)
 
 VJP_HELPERS = r"""
@@ -292,7 +295,11 @@ LAYER_VJP = KernelSpec(
 """,
 )
 
-MAX_GROUPS = 1056  # measured best on the H100 (132 SMs x 8)
+# Threadgroups of the forward (each loops over tokens). H200 (2026-11-29, 4096 x 4 x 4096 bf16,
+# kernel alone): 528 groups 101.1 µs, 264 104.0, 1056 108.8; on the H100 (2026-11-25) 1056 was
+# the best of the shapes then tried. The backward keeps 1056 (VJP_MAX_GROUPS), as measured.
+MAX_GROUPS = 528
+VJP_MAX_GROUPS = 1056
 
 
 def plan(T: int, n: int, C: int, itemsize: int, threads: int | None = None, groups: int | None = None):
@@ -328,18 +335,20 @@ def vjp_plan(T: int, n: int, C: int, itemsize: int, threads: int = 256, budget: 
     """(V, CPT, groups) of the layer backward: V from the per-thread register budget for the
     n*V floats of x (and of g) a chunk holds; CPT chunks of dw per thread kept in registers
     when CPT * V <= GW_REGISTER_BUDGET, else 0 (dw summed in memory, any C)."""
-    V = site.vector_width(C, itemsize, n, budget=budget or VJP_BUDGET)
+    if budget is None:
+        budget = VJP_SMALL_BUDGET if C >= VJP_SMALL_BUDGET_MIN_C else VJP_BUDGET
+    V = site.vector_width(C, itemsize, n, budget=budget)
     chunks = -(-(C // V) // threads)
     cpt = chunks if chunks * V <= GW_REGISTER_BUDGET else 0
-    return V, cpt, groups or max(1, min(T, MAX_GROUPS))
+    return V, cpt, groups or max(1, min(T, VJP_MAX_GROUPS))
 
 
 def fused_vjp(x, g, H_pre, H_post, H_res, weight, eps: float, threads: int = 256, budget: int | None = None,
               groups: int | None = None):
     """(dx, dH_pre [n], dH_post [n], dH_res [n, n], dw [C]) of the layer for coefficients
     H_* (float32), in one pass over x and the cotangent g (the layer's backward while
-    USE_FUSED_VJP). `budget`: floats of x per thread and chunk (site.vector_width; default
-    VJP_BUDGET); 32 gives 16-byte vectors of bfloat16 at n = 4, 16 half of that. `threads` <= 256 (a multiple of 32)."""
+    USE_FUSED_VJP). `budget`: floats of x per thread and chunk (site.vector_width; default by C,
+    see VJP_BUDGET); 32 gives 16-byte vectors of bfloat16 at n = 4, 16 half of that. `threads` <= 256 (a multiple of 32)."""
     *lead, n, C = x.shape
     T = 1
     for d in lead:
