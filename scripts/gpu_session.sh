@@ -5,6 +5,7 @@
 #   bash scripts/gpu_session.sh check        # every kernel vs the reference, checks side by side
 #   bash scripts/gpu_session.sh bench        # mhc-mlx bench: the target cases, seeds included
 #   bash scripts/gpu_session.sh bench-full   # mhc-mlx bench: every case
+#   bash scripts/gpu_session.sh check-bench-full  # CHECK_ONLY's checks, then every case
 #   bash scripts/gpu_session.sh profile      # ncu: each target case's kernels and their times
 #   bash scripts/gpu_session.sh experiments  # kernel-level timings (docs/kernel-notes.md)
 #   bash scripts/gpu_session.sh all          # check, bench, profile, experiments
@@ -102,6 +103,10 @@ case "${1:-}" in
   check) check 420 ;;
   bench) run 300 bench python -m mhc_mlx.cli.main bench --out "$res/bench" --overwrite --seeds .seedpkgs --only "$TARGETS" ;;
   bench-full) run 570 bench python -m mhc_mlx.cli.main bench --out "$res/bench" --overwrite --seeds .seedpkgs ;;
+  check-bench-full)  # CHECK_ONLY's checks, then every bench case with the seeds
+    CHECK_ONLY="${CHECK_ONLY:-coefficients,read_step}" check 120
+    run 400 bench python -m mhc_mlx.cli.main bench --out "$res/bench" --overwrite --seeds .seedpkgs
+    ;;
   profile) profile 240 ;;
   candidates)
     CHECK_ARGS="--mma-vjp" \
@@ -135,7 +140,7 @@ case "${1:-}" in
     run 140 experiments python scripts/gpu_experiments.py
     ;;
   *)
-    echo "usage: bash scripts/gpu_session.sh check|bench|bench-full|profile|experiments|all|candidates|tune|final" >&2
+    echo "usage: bash scripts/gpu_session.sh check|bench|bench-full|check-bench-full|profile|experiments|all|candidates|tune|final" >&2
     exit 2
     ;;
 esac

@@ -142,8 +142,9 @@ FLAVOURED_FORMS = [pytest.param(fl, form, tb, id=f"{fl}-{fid}") for fl in FLAVOU
 
 @pytest.mark.parametrize("flavour,form,tb", FLAVOURED_FORMS)
 @pytest.mark.parametrize("dtype", DTYPES)
-# T = 70: three of the finishing kernel's 32-token blocks, the last one partial
-@pytest.mark.parametrize("n,C,T", [(4, 40, 19), (2, 33, 5), (8, 16, 9), (4, 24, 70)])
+# T = 70: three of the finishing kernel's 32-token blocks, the last one partial; n*C = 800: the
+# tensor-core form splits K seven ways (the finish's sums over splits: four at a time, then the rest)
+@pytest.mark.parametrize("n,C,T", [(4, 40, 19), (2, 33, 5), (8, 16, 9), (4, 24, 70), (4, 200, 37)])
 def test_dynamic_coefficients_forward(monkeypatch, flavour, form, tb, dtype, n, C, T):
     if form.startswith("mma-ku"):
         monkeypatch.setattr(coefficients_mma, "X_UNROLL", int(form[-1]))

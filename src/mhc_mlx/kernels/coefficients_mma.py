@@ -294,27 +294,41 @@ FINISH = KernelSpec(
   const float eps = fparam[0];
   const int tid = KTID;
   const int t0 = KBID * TB;
+  // Sums over the S splits with four partial sums: four loads in flight per chain, not one
+  // (the kernel is latency-bound: 128 blocks for 4096 tokens).
   // r per token: thread q < TB sums its token's splits (coalesced over q for each split)
   if (tid < TB) {
     const int t = t0 + tid;
     float ss = 0.0f;
     if (t < Ttok) {
-      for (int s = 0; s < S; ++s) ss += ssq[(int64_t)s * Ttok + t];
+      float s4[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+      int s = 0;
+      for (; s + 4 <= S; s += 4) {
+        KUNROLL for (int u = 0; u < 4; ++u) s4[u] += ssq[(int64_t)(s + u) * Ttok + t];
+      }
+      for (; s < S; ++s) s4[0] += ssq[(int64_t)s * Ttok + t];
+      ss = (s4[0] + s4[1]) + (s4[2] + s4[3]);
     }
     const float rr = KSQRT(ss / (float)K + eps);
     rbuf[tid] = rr;
     if (t < Ttok) invr[t] = 1.0f / rr;
   }
   KBARRIER();
-  // the dot products: thread p takes (token q, column c) pairs p = q W + c, splits summed in
-  // order (as the warp form did), reads contiguous over p for each split
+  // the dot products: thread p takes (token q, column c) pairs p = q W + c, reads contiguous
+  // over p for each split
   for (int p = tid; p < TB * W; p += KNT) {
     const int q = p / W;
     const int c = p - q * W;
     const int t = t0 + q;
     float d = 0.0f;
     if (t < Ttok) {
-      for (int s = 0; s < S; ++s) d += part[((int64_t)s * Ttok + t) * WP + c];
+      float d4[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+      int s = 0;
+      for (; s + 4 <= S; s += 4) {
+        KUNROLL for (int u = 0; u < 4; ++u) d4[u] += part[((int64_t)(s + u) * Ttok + t) * WP + c];
+      }
+      for (; s < S; ++s) d4[0] += part[((int64_t)s * Ttok + t) * WP + c];
+      d = (d4[0] + d4[1]) + (d4[2] + d4[3]);
     }
     const float m = d / rbuf[q];
     if (t < Ttok) mraw[(int64_t)t * W + c] = m;
