@@ -43,6 +43,10 @@ def test_info_runs(command):
     from mhc_mlx import kernels
 
     assert info["kernel_settings"] == kernels.settings()
+    # the device named as MLX reports it (benches record it too)
+    import mlx.core as mx
+
+    assert info["device_name"] == mx.device_info().get("device_name", "")
 
 
 @pytest.mark.parametrize("command", [["mhc-mlx", "info"], ["mhc-mlx-info"]], ids=["mhc-mlx info", "mhc-mlx-info"])

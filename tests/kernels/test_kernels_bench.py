@@ -4,6 +4,7 @@ import json
 import os
 import zipfile
 
+import mlx.core as mx
 import pytest
 
 from mhc_mlx.bench import cases, report, seeds
@@ -43,7 +44,9 @@ def test_bench_records_the_kernel_settings_and_switches_candidates_on(quick_run,
 
     _, out = quick_run
     with open(os.path.join(out, "bench.json")) as f:
-        assert json.load(f)["header"]["kernel_settings"] == kernels.settings()
+        header = json.load(f)["header"]
+    assert header["kernel_settings"] == kernels.settings()
+    assert header["device_name"] == mx.device_info().get("device_name", "")  # the device, named
     defaults = kernels.settings()
     try:
         assert cli_main.main(["bench", "--quick", "--candidates", "--out", str(tmp_path), "--seeds", "",

@@ -9,6 +9,7 @@ import time
 import mlx.core as mx
 
 from .. import __version__, kernels
+from ..kernels import build
 from ..kernels.build import gpu_backend
 from . import cases as bench_cases
 from . import report, seeds, timing
@@ -32,7 +33,8 @@ def run(out_dir: str, quick: bool = False, seeds_dir: str | None = ".seedpkgs", 
     header = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "mhc_mlx": __version__, "mlx": mx.__version__, "backend": backend or "cpu",
-        "device": str(mx.default_device()), "platform": platform.platform(), "quick": quick,
+        "device": str(mx.default_device()), "device_name": build.device_name(),
+        "platform": platform.platform(), "quick": quick,
     }
     header["kernel_settings"] = kernels.settings()  # what the kernels would run (used on GPUs only)
     log(f"bench: {header}")

@@ -31,6 +31,7 @@ def collect() -> dict:
     import mlx.core as mx
 
     from .. import __version__, dispatch, kernels, ops
+    from ..kernels import build
 
     backends = {
         "metal": bool(mx.metal.is_available()),
@@ -50,6 +51,7 @@ def collect() -> dict:
         "platform": platform.platform(),
         "machine": platform.machine(),
         "default_device": str(mx.default_device()),
+        "device_name": build.device_name(),
         "backends": backends,
         "cpu_compile": compile_note,
         "env": {
@@ -69,13 +71,13 @@ def render(info: dict) -> str:
         f"mlx       {info['mlx']}   (mlx-lm {info['mlx-lm']})",
         f"python    {info['python']}",
         f"platform  {info['platform']} ({info['machine']})",
-        f"device    {info['default_device']}",
+        f"device    {info['default_device']}" + (f" ({info['device_name']})" if info["device_name"] else ""),
         "backends  " + ", ".join(f"{k}: {'yes' if v else 'no'}" for k, v in info["backends"].items()),
         f"cpu       {info['cpu_compile']}",
         f"matmuls   {info['float32_matmuls']}",
     ]
     lines += [f"env       {k}={v}" for k, v in info["env"].items()]
-    # the kernels' forms and the candidates (off until a GPU check; docs/kernel-notes.md)
+    # the kernels' forms and launch settings (docs/kernel-notes.md)
     lines.append("settings  " + ", ".join(f"{k}={v}" for k, v in info["kernel_settings"].items()))
     lines.append("ops (path taken by default, and why):")
     lines += [f"  {op:<17} {why}" for op, why in info["ops"].items()]

@@ -57,6 +57,14 @@ def gpu_backend() -> str | None:
     return None
 
 
+def device_name() -> str:
+    """The default device's name as MLX reports it (e.g. 'NVIDIA H200'; '' when it has none)."""
+    try:
+        return str(mx.device_info().get("device_name", ""))
+    except Exception:  # noqa: BLE001 -- older MLX, or a device that reports nothing
+        return ""
+
+
 def on_gpu(*arrays) -> bool:
     """Kernels run on the GPU stream only: the default device must be the GPU."""
     return mx.default_device() == mx.gpu
