@@ -295,11 +295,12 @@ LAYER_VJP = KernelSpec(
 """,
 )
 
-# Threadgroups of the forward (each loops over tokens). H200 (2026-11-29, 4096 x 4 x 4096 bf16,
-# kernel alone): 528 groups 101.1 µs, 264 104.0, 1056 108.8; on the H100 (2026-11-25) 1056 was
-# the best of the shapes then tried. The backward keeps 1056 (VJP_MAX_GROUPS), as measured.
+# Threadgroups (each loops over tokens), at most. H200 (2026-11-29, 4096 x 4 x 4096 bf16, each
+# kernel alone): forward 528 groups 101.1 / 104.6 µs (two runs), 264 104.0 / 105.5, 1056
+# 108.8 / 107.1; backward 528 273.6 µs, 1056 283.2 (one run). On the H100 (2026-11-25) 1056 was
+# the best of the forward shapes then tried.
 MAX_GROUPS = 528
-VJP_MAX_GROUPS = 1056
+VJP_MAX_GROUPS = 528
 
 
 def plan(T: int, n: int, C: int, itemsize: int, threads: int | None = None, groups: int | None = None):
