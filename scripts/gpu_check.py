@@ -238,7 +238,9 @@ def cases_site():
 
 def cases_layer():
     for dt in DTYPES:
-        for n, C, T in ((1, 33, 2), (4, 512, 1), (4, 4096, 3), (8, 1000, 5), (32, 64, 3)):
+        # T = 600: more tokens than the forward's and backward's threadgroups (layer.MAX_GROUPS,
+        # VJP_MAX_GROUPS = 528), so groups loop over tokens as at the bench's sizes
+        for n, C, T in ((1, 33, 2), (4, 512, 1), (4, 4096, 3), (8, 1000, 5), (32, 64, 3), (4, 256, 600)):
             x = mx.random.normal((T, n, C)).astype(dt)
             pre, post = mx.random.normal((n,)), mx.random.normal((n,))
             res, w = 2 * mx.random.normal((n, n)), mx.random.uniform(0.5, 1.5, (C,))
