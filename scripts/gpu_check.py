@@ -275,12 +275,12 @@ def main(argv=None) -> int:
     ap.add_argument("--mma-vjp", action="store_true",
                     help="switch on the candidate tensor-core backward of the dynamic coefficients "
                          "(coefficients.MMA_VJP: 16-bit x, n <= 4) for every check")
-    ap.add_argument("--two-op-read-step", action="store_true",
-                    help="run a dynamic site's read step as two ops (kernels.FUSED_READ_STEP = False)")
+    ap.add_argument("--fused-read-step", action="store_true",
+                    help="switch on the candidate fused read step of dynamic sites (kernels.FUSED_READ_STEP)")
     ap.add_argument("--out", default=os.environ.get("OUT", "runs/gpu_check"))
     args = ap.parse_args(argv)
-    if args.two_op_read_step:
-        kernels.FUSED_READ_STEP = False
+    if args.fused_read_step:
+        kernels.FUSED_READ_STEP = True
     if args.mma_vjp:
         coefficients.MMA_VJP = True
     if args.sinkhorn_warp_vjp:

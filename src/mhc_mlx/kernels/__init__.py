@@ -27,9 +27,12 @@ OPS = ("sinkhorn_knopp", "mhc_coefficients", "mhc_pre", "mhc_post", "rms_norm", 
 ACTIVATIONS = (mx.float32, mx.bfloat16, mx.float16)
 MAX_N = 32
 MAX_N_DYNAMIC = 8
-# pre_step.py: a dynamic site's read step (coefficients + pre) as one custom function whose
-# backward writes x's cotangent once. Default since the H200 check and timing of 2026-11-29.
-FUSED_READ_STEP = True
+# Candidate (pre_step.py): a dynamic site's read step (coefficients + pre) as one custom
+# function whose backward writes x's cotangent once. It passed the H200 checks (2026-11-29) but
+# with the coefficient backward's 128-thread launch the two ops were faster in both runs that
+# timed them (1275.7 / 1239.8 µs against 1312.0 / 1302.6 µs for the site's fwd+bwd at
+# 4096 x 4 x 4096 bf16; its kernel takes 193 registers against 135), so it is off.
+FUSED_READ_STEP = False
 
 
 _IMPLEMENTATIONS: dict = {}
@@ -125,11 +128,13 @@ def status() -> dict:
 
 def use_candidates(on: bool = True) -> None:
     """Switch this process's kernel candidates on or off (`mhc-mlx bench --candidates`): the
-    tensor-core coefficient backward. It passed scripts/gpu_check.py on the H200 (2026-11-29)
-    but was slower there than the default (docs/kernel-notes.md), so it stays off; kept to
-    re-time on other devices."""
+    tensor-core coefficient backward and the fused read step. Both passed scripts/gpu_check.py
+    on the H200 (2026-11-29) but were slower there than the defaults (docs/kernel-notes.md), so
+    they stay off; kept to re-time on other devices."""
     from . import coefficients
 
+    global FUSED_READ_STEP
+    FUSED_READ_STEP = on
     coefficients.MMA_VJP = on
 
 

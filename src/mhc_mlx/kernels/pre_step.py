@@ -8,8 +8,9 @@ H_pre (x) dh as it writes x's cotangent (coefficients.DYNAMIC_VJP_PRE). At 4096 
 [T, n, C] write and one add (two reads and a write), about 0.5 GB of traffic, for one read
 of dh [T, C]. The forward is the same two kernels.
 
-Off (kernels.FUSED_READ_STEP = False) until it has passed scripts/gpu_check.py on a GPU and
-been timed there; HyperConnection takes it when that is on and the kernels run both ops.
+Off (kernels.FUSED_READ_STEP = False): it passed scripts/gpu_check.py on the H200 (2026-11-29)
+but the two ops were faster there in two of the three runs that timed both (docs/kernel-notes.md);
+HyperConnection takes it when that is on and the kernels run both ops.
 """
 
 from __future__ import annotations
