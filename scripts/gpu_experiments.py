@@ -104,6 +104,28 @@ def sinkhorn_chain(reps=10):
     print("static coefficients kernel (M=1): " + ", ".join(row))
 
 
+def sinkhorn_transpose(reps=10):
+    """The Sinkhorn forward for n > 8, default form vs the transpose-reduce candidate
+    (sinkhorn.WARP_TRANSPOSE_REDUCE): the static coefficients at n = 32 (one matrix, B = 1
+    latency as a decoding call sees it) and 4096 matrices of 32 x 32 (throughput)."""
+    n = 32
+    a, b, r = mx.zeros((1, n)), mx.zeros((1, n)), 3 * mx.random.normal((1, n, n))
+    Ls = [3 * mx.random.normal((4096, n, n)) for _ in range(10)]
+    mx.eval(a, b, r, Ls)
+    saved = sinkhorn.WARP_TRANSPOSE_REDUCE
+    row = []
+    try:
+        for tr in (False, True):
+            sinkhorn.WARP_TRANSPOSE_REDUCE = tr
+            lat = timing.latency_us(lambda a_: coefficients.activate(a_, b, r, 20), [a], repeats=100)
+            us = tput(lambda L: sinkhorn.project(L, 20), [[L] for L in Ls], reps)
+            row.append(f"{'transpose-reduce' if tr else 'default'}: static coefficients B=1 {lat:6.1f} us, "
+                       f"4096 matrices {us:7.1f} us")
+    finally:
+        sinkhorn.WARP_TRANSPOSE_REDUCE = saved
+    print("sinkhorn forward n=32 (20 iterations): " + "; ".join(row))
+
+
 def main():
     print("mlx", mx.__version__, mx.default_device())
     # A. copy floor: one 1 GB eval vs 10 rotated 134 MB arrays in one eval.
@@ -338,6 +360,7 @@ def main():
 
     sinkhorn_forms()
     sinkhorn_chain()
+    sinkhorn_transpose()
 
     # E. n=32 post and layer.
     x32 = [mx.random.normal((512, 32, 1280)).astype(BF) for _ in range(10)]

@@ -109,10 +109,10 @@ case "${1:-}" in
     ;;
   profile) profile 240 ;;
   candidates)
-    CHECK_ARGS="--mma-vjp --fused-read-step" \
+    CHECK_ARGS="--mma-vjp --fused-read-step --sinkhorn-transpose" \
       CHECK_ONLY="${CHECK_ONLY:-sinkhorn,coefficients,layer,read_step}" check 200
     run 140 bench python -m mhc_mlx.cli.main bench --candidates --out "$res/bench_candidates" --overwrite \
-      --seeds "" --only "$TARGETS"
+      --seeds "" --only "$TARGETS,x32x"
     run 230 experiments python scripts/gpu_experiments.py
     ;;
   experiments) run 420 experiments python scripts/gpu_experiments.py ;;

@@ -53,8 +53,8 @@ def test_bench_records_the_kernel_settings_and_switches_candidates_on(quick_run,
                               "--only", "static/fwd/1x4x64"]) == 0
         with open(tmp_path / "bench.json") as f:
             recorded = json.load(f)["header"]["kernel_settings"]
-        assert recorded["mma_vjp"] and recorded["fused_read_step"]
-        assert not defaults["mma_vjp"] and not defaults["fused_read_step"]
+        candidates = ("mma_vjp", "fused_read_step", "sinkhorn_warp_transpose_reduce")
+        assert all(recorded[k] for k in candidates) and not any(defaults[k] for k in candidates)
     finally:
         kernels.use_candidates(False)
     assert kernels.settings() == defaults  # off again is exactly the shipped defaults

@@ -103,6 +103,33 @@ def test_sinkhorn_thread_backward_at_ties_and_underflow(monkeypatch, flavour, it
     assert grad_rel(got, warp) <= GRAD_TOL
 
 
+@pytest.mark.parametrize("n,M", [(9, 3), (16, 5), (32, 3), (32, 1)])
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_sinkhorn_transpose_reduce_forward(monkeypatch, flavour, n, M):
+    # the candidate row sums by recursive halving (sinkhorn.WARP_TRANSPOSE_REDUCE, n > 8): the
+    # Sinkhorn forward and the static coefficients (one row: lanes past n and warps past M dead)
+    monkeypatch.setattr(sinkhorn, "WARP_TRANSPOSE_REDUCE", True)
+    L = 3 * mx.random.normal((M, n, n))
+    assert rel(sinkhorn.project(L, 20), ref64.sinkhorn(np64(L), 20)) <= 1e-5
+    h = mx.random.normal((M, n * (n + 2)))
+    rp, rq, rr = h[:, :n], h[:, n : 2 * n], h[:, 2 * n :].reshape(M, n, n)
+    H_pre, H_post, H_res = coefficients.activate(rp, rq, 2 * rr, 20)
+    assert rel(H_res, ref64.sinkhorn(2 * np64(rr), 20)) <= 1e-5
+    assert rel(H_pre, ref64.sigmoid(np64(rp))) <= 1e-5
+    # a row 200 below the rest: its exp underflows in float32 (not in the float64 reference), so
+    # it stays 0 with its sum clamped, as in the default form
+    U = np.array(L)
+    U[0, 1, :] -= 200.0
+    U = mx.array(U)
+    tr = sinkhorn.project(U, 20)
+    templates = [t for name, t, *_ in emu.launched if name in ("mhc_sinkhorn", "mhc_coefficients_static")]
+    assert len(templates) == 3 and all(t["TR"] for t in templates)
+    monkeypatch.setattr(sinkhorn, "WARP_TRANSPOSE_REDUCE", False)
+    default = sinkhorn.project(U, 20)
+    assert not emu.launched[-1][1]["TR"]
+    assert np.all(np.array(tr)[0, 1] == 0.0) and rel(tr, default) <= 1e-5
+
+
 @pytest.mark.parametrize("n", [1, 4, 8])
 @pytest.mark.parametrize("flavour", FLAVOURS)
 def test_static_coefficients_forward_and_backward(flavour, n):

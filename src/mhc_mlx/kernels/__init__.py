@@ -128,14 +128,15 @@ def status() -> dict:
 
 def use_candidates(on: bool = True) -> None:
     """Switch this process's kernel candidates on or off (`mhc-mlx bench --candidates`): the
-    tensor-core coefficient backward and the fused read step. Both passed scripts/gpu_check.py
-    on the H200 (2026-11-29) but were slower there than the defaults (docs/kernel-notes.md), so
-    they stay off; kept to re-time on other devices."""
-    from . import coefficients
+    tensor-core coefficient backward and the fused read step, which passed scripts/gpu_check.py
+    on the H200 (2026-11-29) but were slower there than the defaults, and the Sinkhorn forward's
+    transpose-reduce row sums for n > 8, not yet run on a GPU (docs/kernel-notes.md)."""
+    from . import coefficients, sinkhorn
 
     global FUSED_READ_STEP
     FUSED_READ_STEP = on
     coefficients.MMA_VJP = on
+    sinkhorn.WARP_TRANSPOSE_REDUCE = on
 
 
 def settings() -> dict:
@@ -150,7 +151,8 @@ def settings() -> dict:
             "tokens_per_block_small_n": coefficients.TOKENS_PER_BLOCK_SMALL_N,
             "layer_fused_vjp": layer.USE_FUSED_VJP,
             "fused_read_step": FUSED_READ_STEP,
-            "sinkhorn_thread_vjp_max_work": sinkhorn.THREAD_VJP_MAX_WORK}
+            "sinkhorn_thread_vjp_max_work": sinkhorn.THREAD_VJP_MAX_WORK,
+            "sinkhorn_warp_transpose_reduce": sinkhorn.WARP_TRANSPOSE_REDUCE}
 
 
 LIMITS_NOTE = (

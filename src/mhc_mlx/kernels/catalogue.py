@@ -26,9 +26,9 @@ F32, BF16, F16, I32 = mx.float32, mx.bfloat16, mx.float16, mx.int32
 def instances():
     """(spec, input dtypes, output dtypes, template) tuples covering each kernel's variants."""
     out = []
-    for n in (1, 4, 32):
-        out.append((sinkhorn.FORWARD, (F32, I32), (F32,), [("N", n)]))
-        out.append((coefficients.ACTIVATE, (F32, F32, F32, I32), (F32, F32, F32), [("N", n)]))
+    for n, tr in ((1, False), (4, False), (32, False), (9, True), (32, True)):
+        out.append((sinkhorn.FORWARD, (F32, I32), (F32,), [("N", n), ("TR", tr)]))
+        out.append((coefficients.ACTIVATE, (F32, F32, F32, I32), (F32, F32, F32), [("N", n), ("TR", tr)]))
     for n, iters in ((4, 20), (8, 20), (32, 20)):
         out.append((sinkhorn.BACKWARD, (F32, F32, I32), (F32,), [("N", n), ("ITERS", iters)]))
     for n, iters in ((1, 20), (2, 40), (4, 20), (8, 10)):

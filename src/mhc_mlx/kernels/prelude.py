@@ -182,7 +182,38 @@ KDEV void ksinkhorn_thread(KTHREAD float* p, int iters) {
 // every lane gathers the whole matrix once (N * N shuffles, none of them chained) and runs
 // ksinkhorn_thread on it, the same instructions in every lane; lane j keeps column j.
 #define SINKHORN_THREAD_MAX_N 8
+
+// Row sums of an N x N matrix held by columns (lane j holds col[i] = P_ij; dead lanes zeros):
+// lane l returns the sum of row l (0 for l >= N). Recursive halving: at each of the five levels
+// a lane keeps half of its rows, sends the other half to its partner and adds what it
+// receives, 31 shuffles in all and five levels deep, against 32 five-shuffle warp sums.
 template <int N>
+KDEV float ktranspose_row_sum(KTHREAD const float* col) {
+  float v[32];
+  KUNROLL for (int i = 0; i < 32; ++i) v[i] = i < N ? col[i] : 0.0f;
+  const int lane = KLANE;
+  // the five levels written out: each inner loop has a constant trip count, so v stays in
+  // registers (a shifting outer loop left v on the stack)
+#define MHC_TR_LEVEL(O)                                        \
+  {                                                            \
+    const bool upper = (lane & (O)) != 0;                      \
+    KUNROLL for (int k = 0; k < (O); ++k) {                    \
+      const float send = upper ? v[k] : v[k + (O)];            \
+      const float keep = upper ? v[k + (O)] : v[k];            \
+      v[k] = keep + kshfl_xor(send, (O));                      \
+    }                                                          \
+  }
+  MHC_TR_LEVEL(16) MHC_TR_LEVEL(8) MHC_TR_LEVEL(4) MHC_TR_LEVEL(2) MHC_TR_LEVEL(1)
+#undef MHC_TR_LEVEL
+  return v[0];
+}
+
+// TR (N > SINKHORN_THREAD_MAX_N only; a candidate, sinkhorn.WARP_TRANSPOSE_REDUCE): the row
+// sums by ktranspose_row_sum and every division by one reciprocal and products. The default
+// form's 32 warp sums and 64 divisions per step make a loop body so long that one warp, alone
+// on its SM, spent ~14 µs per step at N = 32 on the H200 (2026-11-29; instruction fetch is the
+// likely limit, not measured).
+template <int N, bool TR = false>
 KDEV void ksinkhorn_warp(KTHREAD float* col, bool live, int iters) {
   constexpr int PN = N <= SINKHORN_THREAD_MAX_N ? N : 1;  // PN == N where this branch runs
   if (N <= SINKHORN_THREAD_MAX_N) {
@@ -208,10 +239,17 @@ KDEV void ksinkhorn_warp(KTHREAD float* col, bool live, int iters) {
     float s = 0.0f;
     KUNROLL for (int i = 0; i < N; ++i) s += col[i];
     s = KMAX(s, MHC_TINY);
-    KUNROLL for (int i = 0; i < N; ++i) col[i] = col[i] / s;
-    KUNROLL for (int i = 0; i < N; ++i) {
-      float r = KMAX(kwarp_sum(col[i]), MHC_TINY);
-      col[i] = col[i] / r;
+    if (TR) {
+      const float cinv = 1.0f / s;
+      KUNROLL for (int i = 0; i < N; ++i) col[i] *= cinv;
+      const float rinv = 1.0f / KMAX(ktranspose_row_sum<N>(col), MHC_TINY);  // row `lane`
+      KUNROLL for (int i = 0; i < N; ++i) col[i] *= kshfl(rinv, i);
+    } else {
+      KUNROLL for (int i = 0; i < N; ++i) col[i] = col[i] / s;
+      KUNROLL for (int i = 0; i < N; ++i) {
+        float r = KMAX(kwarp_sum(col[i]), MHC_TINY);
+        col[i] = col[i] / r;
+      }
     }
   }
 }
