@@ -18,7 +18,8 @@ bf16 tiles with float32 accumulation, split over K so every SM holds many warps:
 
 The default form for 16-bit x on CUDA from coefficients.MMA_MIN_ELEMENTS elements of x up
 (coefficients.DYNAMIC_FORM). It passed every coefficients case of `scripts/gpu_check.py` on the
-H100 (2026-11-25); `scripts/gpu_experiments.py` times it against the fused kernel. The layout
+H100 (2026-11-25) and on the H200 (2026-11-29, at X_UNROLL 1, 2 and 4);
+`scripts/gpu_experiments.py` times it against the fused kernel. The layout
 logic is checked on the CPU by a NumPy model of the lanes and the g++ emulator (tests/kernels).
 """
 
@@ -36,7 +37,9 @@ TARGET_WARPS = 2048  # ~16 resident warps on each of an H100's 132 SMs
 # 32 * KU consecutive k of each of the warp's token rows, 16 * KU bytes per lane, contiguous
 # across its four lanes. At KU = 1 each row is read in 64-byte pieces one step apart, on
 # rows 32 KB apart; the ncu profiles (H100 2026-11-25, H200 2026-11-29) had this kernel
-# reading x at 760-800 GB/s where pre and post, which read whole rows, reach 2.4-2.7 TB/s.
+# reading x at 760-920 GB/s where pre and post, which read whole rows, reach 2.4-3.0 TB/s. On
+# the H200, 2 and 4 passed the GPU check but did not beat 1 in throughput (4: fewer resident
+# warps); docs/kernel-notes.md, row 13.
 X_UNROLL = 1
 
 # The tensor-core instruction (tests substitute a CPU model of it, with the same fragments).
