@@ -221,6 +221,15 @@ def main():
             row.append(f"KU={ku} {us:6.1f} us {gbps(xs[0].nbytes, us)}")
         print(f"  pack + mma partials, TARGET_WARPS={tw}: " + ", ".join(row))
     cm.TARGET_WARPS, cm.X_UNROLL = saved_tw, saved_ku
+    # the lean candidate (LEAN: half the instructions per k block) at both load widths
+    row = []
+    for ku in (1, 2):
+        for lean in (False, True):
+            cm.X_UNROLL, cm.LEAN = ku, lean
+            us = tput(lambda x: cm.partial_products(x.reshape(T, n * C), phi), [[x] for x in xs])
+            row.append(f"KU={ku} LEAN={int(lean)} {us:6.1f} us {gbps(xs[0].nbytes, us)}")
+    cm.X_UNROLL, cm.LEAN = saved_ku, False
+    print("  pack + mma partials: " + ", ".join(row))
     us = tput(lambda x: cm.dynamic_forward(x.reshape(T, n * C), phi, alpha, bias, n, 20, 1e-6), [[x] for x in xs])
     print(f"  pack + mma + finish (defaults): {us:7.1f} us")
     # the crossover between the fused kernel and the tensor-core path (MMA_MIN_ELEMENTS)
@@ -245,6 +254,11 @@ def main():
     us = tput(site_fwd, [[x] for x in xs])
     print(f"dynamic site forward (default forms): {us:7.1f} us "
           f"({100 * site_bytes / us / 1e3 / c['GBps']:.0f} % of its (4n+2)·C·2 B/token floor at copy speed)")
+    cm.LEAN = True
+    us = tput(site_fwd, [[x] for x in xs])
+    cm.LEAN = False
+    print(f"dynamic site forward (lean tensor-core candidate): {us:7.1f} us "
+          f"({100 * site_bytes / us / 1e3 / c['GBps']:.0f} %)")
     # forward+backward (the bench's case: sublayer = identity), the read step as two ops vs
     # the fused read step candidate (kernels.FUSED_READ_STEP)
     from mhc_mlx import kernels as kernel_pkg

@@ -109,7 +109,7 @@ case "${1:-}" in
     ;;
   profile) profile 240 ;;
   candidates)
-    CHECK_ARGS="--mma-vjp --fused-read-step --sinkhorn-transpose" \
+    CHECK_ARGS="--mma-vjp --fused-read-step --sinkhorn-transpose --mma-lean" \
       CHECK_ONLY="${CHECK_ONLY:-sinkhorn,coefficients,layer,read_step}" check 200
     run 140 bench python -m mhc_mlx.cli.main bench --candidates --out "$res/bench_candidates" --overwrite \
       --seeds "" --only "$TARGETS,x32x"

@@ -159,9 +159,10 @@ def _dynamic_inputs(T, n, C, dtype):
 
 
 # "mma-ku2", "mma-ku4": the tensor-core form with 2 or 4 x loads per row and lane in a step
-# (coefficients_mma.X_UNROLL)
-FORMS = [("kernel", 16), ("kernel", 8), ("gemm", None), ("mma", None), ("mma-ku2", None), ("mma-ku4", None)]
-FORM_IDS = ["kernel-tb16", "kernel-tb8", "gemm", "mma", "mma-ku2", "mma-ku4"]
+# (coefficients_mma.X_UNROLL); "mma-lean", "mma-lean-ku2": its LEAN candidate
+FORMS = [("kernel", 16), ("kernel", 8), ("gemm", None), ("mma", None), ("mma-ku2", None), ("mma-ku4", None),
+         ("mma-lean", None), ("mma-lean-ku2", None)]
+FORM_IDS = ["kernel-tb16", "kernel-tb8", "gemm", "mma", "mma-ku2", "mma-ku4", "mma-lean", "mma-lean-ku2"]
 # the tensor-core kernel is CUDA only (never dispatched on Metal)
 FLAVOURED_FORMS = [pytest.param(fl, form, tb, id=f"{fl}-{fid}") for fl in FLAVOURS
                    for (form, tb), fid in zip(FORMS, FORM_IDS) if not (fl == "metal" and form.startswith("mma"))]
@@ -173,6 +174,9 @@ FLAVOURED_FORMS = [pytest.param(fl, form, tb, id=f"{fl}-{fid}") for fl in FLAVOU
 # tensor-core form splits K seven ways (the finish's sums over splits: four at a time, then the rest)
 @pytest.mark.parametrize("n,C,T", [(4, 40, 19), (2, 33, 5), (8, 16, 9), (4, 24, 70), (4, 200, 37)])
 def test_dynamic_coefficients_forward(monkeypatch, flavour, form, tb, dtype, n, C, T):
+    if form.startswith("mma-lean"):
+        monkeypatch.setattr(coefficients_mma, "LEAN", True)
+        form = "mma" if form == "mma-lean" else "mma-ku2"
     if form.startswith("mma-ku"):
         monkeypatch.setattr(coefficients_mma, "X_UNROLL", int(form[-1]))
         form = "mma"
@@ -196,7 +200,7 @@ def test_dynamic_coefficients_forward(monkeypatch, flavour, form, tb, dtype, n, 
     if dtype != mx.float32 and form == "mma":
         assert "mhc_coefficients_dynamic_mma" in names
         mma_templates = [t for name, t, *_ in emu.launched if name == "mhc_coefficients_dynamic_mma"]
-        assert all(t["KU"] == coefficients_mma.X_UNROLL for t in mma_templates)
+        assert all(t["KU"] == coefficients_mma.X_UNROLL and t["LEAN"] == coefficients_mma.LEAN for t in mma_templates)
     if form == "kernel" or dtype == mx.float32:
         assert "mhc_coefficients_dynamic" in names
 

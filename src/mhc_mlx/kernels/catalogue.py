@@ -69,10 +69,10 @@ def cuda_only_instances():
     for dt in (BF16, F16):
         for n in (1, 2, 4, 8):
             nt = coefficients_mma.n_tiles(n * (n + 2))
-            for ku in (1, 2, 4):
+            for ku, lean in ((1, False), (2, False), (4, False), (1, True), (2, True)):
                 out.append((coefficients_mma.MMA, (dt, BF16, I32), (F32, F32),
                             [("T", dt), ("NT", nt), ("MT", coefficients_mma.token_tiles_per_warp(nt)),
-                             ("PB", coefficients_mma.PHI_PARTS), ("KU", ku)]))
+                             ("PB", coefficients_mma.PHI_PARTS), ("KU", ku), ("LEAN", lean)]))
     for n in (1, 2, 4, 8):
         nt = coefficients_mma.n_tiles(n * (n + 2))
         for ku in (1, 2, 4):
