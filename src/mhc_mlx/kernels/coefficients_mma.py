@@ -352,6 +352,19 @@ FINISH = KernelSpec(
     name="mhc_coefficients_dynamic_finish",
     inputs=("part", "ssq", "alpha", "bias", "iparam", "fparam"),
     outputs=("hpre", "hpost", "hres", "mraw", "invr"),
+    # sum of p[s * stride] over the S splits in four partial sums: four loads in flight per
+    # chain, not one (the kernel is latency-bound: 128 blocks for 4096 tokens)
+    helpers=r"""
+KDEV float mhc_sum_splits(const float* p, int64_t stride, int S) {
+  float s4[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  int s = 0;
+  for (; s + 4 <= S; s += 4) {
+    KUNROLL for (int u = 0; u < 4; ++u) s4[u] += p[(int64_t)(s + u) * stride];
+  }
+  for (; s < S; ++s) s4[0] += p[(int64_t)s * stride];
+  return (s4[0] + s4[1]) + (s4[2] + s4[3]);
+}
+""",
     body=r"""
   constexpr int W = N * (N + 2);
   constexpr int TB = 32;  // FINISH_TOKENS
@@ -365,21 +378,10 @@ FINISH = KernelSpec(
   const float eps = fparam[0];
   const int tid = KTID;
   const int t0 = KBID * TB;
-  // Sums over the S splits with four partial sums: four loads in flight per chain, not one
-  // (the kernel is latency-bound: 128 blocks for 4096 tokens).
   // r per token: thread q < TB sums its token's splits (coalesced over q for each split)
   if (tid < TB) {
     const int t = t0 + tid;
-    float ss = 0.0f;
-    if (t < Ttok) {
-      float s4[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-      int s = 0;
-      for (; s + 4 <= S; s += 4) {
-        KUNROLL for (int u = 0; u < 4; ++u) s4[u] += ssq[(int64_t)(s + u) * Ttok + t];
-      }
-      for (; s < S; ++s) s4[0] += ssq[(int64_t)s * Ttok + t];
-      ss = (s4[0] + s4[1]) + (s4[2] + s4[3]);
-    }
+    const float ss = t < Ttok ? mhc_sum_splits(ssq + t, (int64_t)Ttok, S) : 0.0f;
     const float rr = KSQRT(ss / (float)K + eps);
     rbuf[tid] = rr;
     if (t < Ttok) invr[t] = 1.0f / rr;
@@ -391,16 +393,7 @@ FINISH = KernelSpec(
     const int q = p / W;
     const int c = p - q * W;
     const int t = t0 + q;
-    float d = 0.0f;
-    if (t < Ttok) {
-      float d4[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-      int s = 0;
-      for (; s + 4 <= S; s += 4) {
-        KUNROLL for (int u = 0; u < 4; ++u) d4[u] += part[((int64_t)(s + u) * Ttok + t) * WP + c];
-      }
-      for (; s < S; ++s) d4[0] += part[((int64_t)s * Ttok + t) * WP + c];
-      d = (d4[0] + d4[1]) + (d4[2] + d4[3]);
-    }
+    const float d = t < Ttok ? mhc_sum_splits(part + (int64_t)t * WP + c, (int64_t)Ttok * WP, S) : 0.0f;
     const float m = d / rbuf[q];
     if (t < Ttok) mraw[(int64_t)t * W + c] = m;
     hbuf[p] = m * alpha[c < N ? 0 : (c < 2 * N ? 1 : 2)] + bias[c];
