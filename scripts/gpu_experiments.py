@@ -52,10 +52,11 @@ def sinkhorn_forms(Ms=(1, 4096), reps=10):
 
 
 def sinkhorn_chain(reps=10):
-    """Why one 4 x 4 Sinkhorn (static coefficients, the per-token finish, the B = 1 kernels)
-    costs ~10 µs: one thread runs ksinkhorn_thread's loop with three reciprocals -- IEEE
-    1.0f / s (what the kernels use; NVRTC compiles without fast math), rcp.approx.ftz, and
-    none (s itself: the loop's other work) -- for 20 and 200 iterations; 10 launches per eval."""
+    """What a small Sinkhorn costs against its launch: one thread runs ksinkhorn_thread's loop
+    with three reciprocals -- IEEE 1.0f / s (what the kernels use; NVRTC compiles without fast
+    math), rcp.approx.ftz, and none (the loop's other work) -- for 20 and 200 iterations, 10
+    launches per eval; then the static coefficient kernel at 0, 20 and 200 iterations. On the
+    H200 (2026-11-29) an iteration cost ~0.06 µs and a launch ~10 µs (docs/kernel-notes.md)."""
     from mhc_mlx.kernels.build import KernelSpec, int_params, launch
 
     body = r"""
