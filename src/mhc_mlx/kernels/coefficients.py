@@ -477,15 +477,14 @@ def dynamic_vjp_x_phi(x2, phi, gs, c2, pre=None):
         if coefficients_mma_vjp.covers(x2, phi):
             return coefficients_mma_vjp.vjp_x_phi(x2, phi, gs, c2, pre)
     n = round((phi.shape[1] + 1) ** 0.5) - 1
-    per_split = VJP_TOKENS_PER_SPLIT
-    splits = -(-T // per_split)
+    splits = -(-T // VJP_TOKENS_PER_SPLIT)
     nkb = -(-K // VJP_THREADS)
     spec, inputs = DYNAMIC_VJP, [x2, phi.astype(F32), gs, c2]
     if pre is not None:
         spec = DYNAMIC_VJP_PRE
         inputs += [pre[0].astype(F32).reshape(T, n), pre[1].astype(x2.dtype).reshape(T, K // n)]
     gx, gphi = launch(
-        spec, inputs + [int_params(T, K, per_split)],
+        spec, inputs + [int_params(T, K, VJP_TOKENS_PER_SPLIT)],
         [((T, K), x2.dtype), ((splits, K, phi.shape[1]), F32)],
         splits * nkb * VJP_THREADS, VJP_THREADS, [("T", x2.dtype), ("N", n)],
     )

@@ -112,6 +112,10 @@ KDEV void kstore(P p, int64_t off, thread const float* src, bool vec) {
 }
 """
 
+# Up to this n every lane of a warp runs the whole Sinkhorn on its own copy (ksinkhorn_warp);
+# the kernels read it as SINKHORN_THREAD_MAX_N, sinkhorn.py when it picks a template.
+SINKHORN_THREAD_MAX_N = 8
+
 # Backend-neutral device code, written only in K* names.
 COMMON = r"""
 #define MHC_TINY 1e-30f
@@ -181,7 +185,7 @@ KDEV void ksinkhorn_thread(KTHREAD float* p, int iters) {
 // column sums, then by row sums, each sum clamped at MHC_TINY. For N <= SINKHORN_THREAD_MAX_N
 // every lane gathers the whole matrix once (N * N shuffles, none of them chained) and runs
 // ksinkhorn_thread on it, the same instructions in every lane; lane j keeps column j.
-#define SINKHORN_THREAD_MAX_N 8
+#define SINKHORN_THREAD_MAX_N @SINKHORN_THREAD_MAX_N@
 
 // Row sums of an N x N matrix held by columns (lane j holds col[i] = P_ij; dead lanes zeros):
 // lane l returns the sum of row l (0 for l >= N). Recursive halving: at each of the five levels
@@ -408,7 +412,7 @@ KDEV void ksinkhorn_thread_vjp(KTHREAD float* lp, KTHREAD float* g) {
   KUNROLL for (int a = 0; a < N * N; ++a)
     if (lp[a] == 0.0f) g[a] -= shift / ties;
 }
-"""
+""".replace("@SINKHORN_THREAD_MAX_N@", str(SINKHORN_THREAD_MAX_N))
 
 
 def header(backend: str) -> str:

@@ -11,6 +11,7 @@ from functools import lru_cache
 import mlx.core as mx
 
 from ..compiled.sinkhorn import _backward as compiled_backward
+from . import prelude
 from .build import KernelSpec, int_params, launch
 
 MAX_N = 32
@@ -23,12 +24,12 @@ WARPS_PER_GROUP = 4
 # instead of divisions. Off until checked and timed on a GPU (written 2026-11-29 after the
 # H200 measured ~14 µs per step at n = 32; emulator-tested).
 WARP_TRANSPOSE_REDUCE = False
-SINKHORN_THREAD_MAX_N = 8  # prelude's: up to this n every lane runs the whole matrix; TR has no effect
 
 
 def warp_template(n: int) -> list:
     """The template of a kernel that runs ksinkhorn_warp<N, TR> on n x n matrices."""
-    return [("N", n), ("TR", bool(WARP_TRANSPOSE_REDUCE and n > SINKHORN_THREAD_MAX_N))]
+    # up to prelude.SINKHORN_THREAD_MAX_N every lane runs the whole matrix: TR has no effect
+    return [("N", n), ("TR", bool(WARP_TRANSPOSE_REDUCE and n > prelude.SINKHORN_THREAD_MAX_N))]
 
 
 FORWARD = KernelSpec(
