@@ -222,7 +222,7 @@ def main():
             row.append(f"KU={ku} {us:6.1f} us {gbps(xs[0].nbytes, us)}")
         print(f"  pack + mma partials, TARGET_WARPS={tw}: " + ", ".join(row))
     cm.TARGET_WARPS, cm.X_UNROLL = saved_tw, saved_ku
-    # the lean candidate (LEAN: half the instructions per k block) at both load widths
+    # the lean candidate (LEAN: fewer instructions per k block) at both load widths
     row = []
     for ku in (1, 2):
         for lean in (False, True):

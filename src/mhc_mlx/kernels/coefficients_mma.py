@@ -41,11 +41,11 @@ TARGET_WARPS = 2048  # ~16 resident warps on each of an H100's 132 SMs
 # the H200, 2 and 4 passed the GPU check but did not beat 1 in throughput (4: fewer resident
 # warps); docs/kernel-notes.md, row 13.
 X_UNROLL = 1
-# Candidate (the MMA kernel's LEAN = 1): the same k steps in about half the instructions. The
-# kernel is latency-bound at ~17 cycles per issued instruction (ncu, H200) and its SASS spends
-# ~400 instructions per 32-wide k block on 36 mma's: a 4-register move before every mma (the
-# A fragment rebuilt each time), the unaligned-phi fallback's eight predicated 2-byte loads
-# beside every 16-byte one, and 64-bit offset arithmetic. Off until checked and timed on a GPU.
+# Candidate (the MMA kernel's LEAN = 1): the same k steps in fewer instructions. The
+# kernel is latency-bound at ~17 cycles per issued instruction (ncu, H200); per k block it
+# rebuilds a 4-register A fragment before every mma, issues the unaligned-phi fallback's
+# eight predicated 2-byte loads beside every 16-byte one, and computes 64-bit offsets. Off
+# until checked and timed on a GPU.
 LEAN = False
 
 # The tensor-core instruction (tests substitute a CPU model of it, with the same fragments).
