@@ -272,12 +272,6 @@ def main(argv=None) -> int:
     ap.add_argument("--mma-x-unroll", type=int, choices=(1, 2, 4), default=None,
                     help="16-byte x loads per row and lane in a step of the tensor-core coefficients "
                          "kernel (coefficients_mma.X_UNROLL: 1, 2 or 4) for every check")
-    ap.add_argument("--mma-lean", action="store_true",
-                    help="switch on the candidate lean tensor-core coefficients kernel (coefficients_mma.LEAN) "
-                         "for every check")
-    ap.add_argument("--sinkhorn-transpose", action="store_true",
-                    help="switch on the candidate transpose-reduce row sums of the Sinkhorn forward for "
-                         "n > 8 (sinkhorn.WARP_TRANSPOSE_REDUCE) for every check")
     ap.add_argument("--mma-vjp", action="store_true",
                     help="switch on the candidate tensor-core backward of the dynamic coefficients "
                          "(coefficients.MMA_VJP: 16-bit x, n <= 4) for every check")
@@ -289,10 +283,6 @@ def main(argv=None) -> int:
         kernels.FUSED_READ_STEP = True
     if args.mma_vjp:
         coefficients.MMA_VJP = True
-    if args.sinkhorn_transpose:
-        sinkhorn.WARP_TRANSPOSE_REDUCE = True
-    if args.mma_lean:
-        coefficients_mma.LEAN = True
     if args.sinkhorn_warp_vjp:
         sinkhorn.THREAD_VJP_MAX_WORK = 0
     if args.mma_x_unroll:

@@ -8,6 +8,7 @@ copy floor two ways, and where B=1 latency goes (Python graph building vs the ev
 from __future__ import annotations
 
 import os
+import statistics
 import sys
 import time
 
@@ -105,26 +106,16 @@ def sinkhorn_chain(reps=10):
     print("static coefficients kernel (M=1): " + ", ".join(row))
 
 
-def sinkhorn_transpose(reps=10):
-    """The Sinkhorn forward for n > 8, default form vs the transpose-reduce candidate
-    (sinkhorn.WARP_TRANSPOSE_REDUCE): the static coefficients at n = 32 (one matrix, B = 1
-    latency as a decoding call sees it) and 4096 matrices of 32 x 32 (throughput)."""
+def sinkhorn_n32(reps=10):
+    """The Sinkhorn forward for n > 8 (transpose-reduce row sums): the static coefficients at
+    n = 32 (one matrix, B = 1 latency as a decoding call sees it) and 4096 matrices of 32 x 32."""
     n = 32
     a, b, r = mx.zeros((1, n)), mx.zeros((1, n)), 3 * mx.random.normal((1, n, n))
     Ls = [3 * mx.random.normal((4096, n, n)) for _ in range(10)]
     mx.eval(a, b, r, Ls)
-    saved = sinkhorn.WARP_TRANSPOSE_REDUCE
-    row = []
-    try:
-        for tr in (False, True):
-            sinkhorn.WARP_TRANSPOSE_REDUCE = tr
-            lat = timing.latency_us(lambda a_: coefficients.activate(a_, b, r, 20), [a], repeats=100)
-            us = tput(lambda L: sinkhorn.project(L, 20), [[L] for L in Ls], reps)
-            row.append(f"{'transpose-reduce' if tr else 'default'}: static coefficients B=1 {lat:6.1f} us, "
-                       f"4096 matrices {us:7.1f} us")
-    finally:
-        sinkhorn.WARP_TRANSPOSE_REDUCE = saved
-    print("sinkhorn forward n=32 (20 iterations): " + "; ".join(row))
+    lat = timing.latency_us(lambda a_: coefficients.activate(a_, b, r, 20), [a], repeats=100)
+    us = tput(lambda L: sinkhorn.project(L, 20), [[L] for L in Ls], reps)
+    print(f"sinkhorn forward n=32 (20 iterations): static coefficients B=1 {lat:6.1f} us, 4096 matrices {us:7.1f} us")
 
 
 def main():
@@ -151,14 +142,16 @@ def main():
         print(f"layer tg={tg:4d} groups={groups:5d}: {us:7.1f} us {gbps(nb, us)}  plan={layer.plan(T, n, C, 2, tg, groups)}")
 
     # the whole static forward (coefficients included): Sinkhorn inside the layer kernel
-    # ("latency": every threadgroup runs it) against the separate coefficient kernel
-    row = []
-    for policy in ("throughput", "latency"):
-        ml = mhc.MHCLayer(n, C, dispatch_policy=policy)
-        mx.eval(ml.parameters())
-        us = tput(ml, [[x] for x in xs])
-        row.append(f"{policy} {us:6.1f} us {gbps(nb, us)}")
-    print("static layer forward 4096x4x4096 (coefficients included): " + ", ".join(row))
+    # ("latency": every threadgroup runs it, layer.INLINE_ALWAYS) against the separate
+    # coefficient kernel ("throughput"), alternated five times (single runs disagreed by 15 %)
+    times = {"throughput": [], "latency": []}
+    models = {p: mhc.MHCLayer(n, C, dispatch_policy=p) for p in times}
+    mx.eval([m.parameters() for m in models.values()])
+    for _ in range(5):
+        for policy, ml in models.items():
+            times[policy].append(tput(ml, [[x] for x in xs]))
+    row = [f"{p} {statistics.median(t):6.1f} us (runs {', '.join(f'{v:.1f}' for v in t)})" for p, t in times.items()]
+    print("static layer forward 4096x4x4096 (coefficients included), medians of 5: " + "; ".join(row))
 
     # B2. the layer's backward: composed from the op kernels vs the candidate one-pass kernel.
     pre_raw, post_raw, res_raw = mx.zeros((n,)), mx.zeros((n,)), 3 * mx.eye(n)
@@ -222,15 +215,6 @@ def main():
             row.append(f"KU={ku} {us:6.1f} us {gbps(xs[0].nbytes, us)}")
         print(f"  pack + mma partials, TARGET_WARPS={tw}: " + ", ".join(row))
     cm.TARGET_WARPS, cm.X_UNROLL = saved_tw, saved_ku
-    # the lean candidate (LEAN: fewer instructions per k block) at both load widths
-    row = []
-    for ku in (1, 2):
-        for lean in (False, True):
-            cm.X_UNROLL, cm.LEAN = ku, lean
-            us = tput(lambda x: cm.partial_products(x.reshape(T, n * C), phi), [[x] for x in xs])
-            row.append(f"KU={ku} LEAN={int(lean)} {us:6.1f} us {gbps(xs[0].nbytes, us)}")
-    cm.X_UNROLL, cm.LEAN = saved_ku, False
-    print("  pack + mma partials: " + ", ".join(row))
     us = tput(lambda x: cm.dynamic_forward(x.reshape(T, n * C), phi, alpha, bias, n, 20, 1e-6), [[x] for x in xs])
     print(f"  pack + mma + finish (defaults): {us:7.1f} us")
     # the crossover between the fused kernel and the tensor-core path (MMA_MIN_ELEMENTS)
@@ -255,11 +239,6 @@ def main():
     us = tput(site_fwd, [[x] for x in xs])
     print(f"dynamic site forward (default forms): {us:7.1f} us "
           f"({100 * site_bytes / us / 1e3 / c['GBps']:.0f} % of its (4n+2)·C·2 B/token floor at copy speed)")
-    cm.LEAN = True
-    us = tput(site_fwd, [[x] for x in xs])
-    cm.LEAN = False
-    print(f"dynamic site forward (lean tensor-core candidate): {us:7.1f} us "
-          f"({100 * site_bytes / us / 1e3 / c['GBps']:.0f} %)")
     # forward+backward (the bench's case: sublayer = identity), the read step as two ops vs
     # the fused read step candidate (kernels.FUSED_READ_STEP)
     from mhc_mlx import kernels as kernel_pkg
@@ -375,7 +354,7 @@ def main():
 
     sinkhorn_forms()
     sinkhorn_chain()
-    sinkhorn_transpose()
+    sinkhorn_n32()
 
     # E. n=32 post and layer.
     x32 = [mx.random.normal((512, 32, 1280)).astype(BF) for _ in range(10)]

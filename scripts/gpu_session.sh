@@ -13,6 +13,7 @@
 #   bash scripts/gpu_session.sh final        # checks, experiments, the target cases' bench with the seeds
 #   bash scripts/gpu_session.sh candidates   # the checks with every candidate on, the target cases'
 #                                            # bench with them on, then the experiments (each off/on)
+#   bash scripts/gpu_session.sh decide       # every check, the experiments, the target cases' bench
 #   CHECK_ONLY=sinkhorn,layer bash scripts/gpu_session.sh all   # only these check groups
 #   CHECK_ARGS="--mma-vjp --mma-x-unroll 2" \
 #     CHECK_ONLY=sinkhorn,coefficients,layer,read_step \
@@ -109,11 +110,18 @@ case "${1:-}" in
     ;;
   profile) profile 240 ;;
   candidates)
-    CHECK_ARGS="--mma-vjp --fused-read-step --sinkhorn-transpose --mma-lean" \
+    CHECK_ARGS="--mma-vjp --fused-read-step" \
       CHECK_ONLY="${CHECK_ONLY:-sinkhorn,coefficients,layer,read_step}" check 200
     run 140 bench python -m mhc_mlx.cli.main bench --candidates --out "$res/bench_candidates" --overwrite \
       --seeds "" --only "$TARGETS,x32x"
     run 230 experiments python scripts/gpu_experiments.py
+    ;;
+  decide)
+    # every default's checks, the experiments (which time the candidates against the defaults
+    # in one process), then the target cases' bench with the defaults, n = 32 cases included
+    check 200
+    run 220 experiments python scripts/gpu_experiments.py
+    run 150 bench python -m mhc_mlx.cli.main bench --out "$res/bench" --overwrite --seeds "" --only "$TARGETS,x32x"
     ;;
   experiments) run 420 experiments python scripts/gpu_experiments.py ;;
   final)
@@ -140,7 +148,7 @@ case "${1:-}" in
     run 140 experiments python scripts/gpu_experiments.py
     ;;
   *)
-    echo "usage: bash scripts/gpu_session.sh check|bench|bench-full|check-bench-full|profile|experiments|all|candidates|tune|final" >&2
+    echo "usage: bash scripts/gpu_session.sh check|bench|bench-full|check-bench-full|profile|experiments|all|candidates|decide|tune|final" >&2
     exit 2
     ;;
 esac

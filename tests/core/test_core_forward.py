@@ -303,7 +303,7 @@ def test_compat_sinkhorn_stops_each_matrix_on_its_own(log_space, rng):
 
     A matrix whose error passes within 1 % of epsilon at some iteration is redrawn: float32
     rounding can move its stopping point by one iteration either way, which is not a bug."""
-    epsilon, kept, want = 1e-3, [], []
+    epsilon, kept = 1e-3, []
     stops = set()
     while len(kept) < 24:
         m = rng.standard_normal((4, 4)) * rng.uniform(0.3, 3.0)

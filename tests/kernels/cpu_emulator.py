@@ -460,14 +460,18 @@ launched: list = []
 # tests' finiteness checks; a write past either end, or into an input, is reported after the
 # launch (on a GPU it would silently corrupt a neighbouring allocation or an MLX array).
 GUARD_BYTES = 256  # a multiple of 16 and of every element size: alignment is kept
+# True: every buffer starts one element past a 64-byte boundary (aligned to its element, not to
+# 16 bytes), so the kernels' fallbacks for buffers that 16-byte loads cannot read are run.
+MISALIGN = False
 
 
 def _guarded(data: np.ndarray, poison) -> tuple[np.ndarray, np.ndarray]:
-    """(whole buffer, view of its middle) with `data` copied into the middle, 64-byte aligned."""
+    """(whole buffer, view of its middle) with `data` copied into the middle, 64-byte aligned
+    (or one element past, under MISALIGN)."""
     item = data.dtype.itemsize
     pad = GUARD_BYTES // item
-    raw = np.empty(data.size * item + 2 * GUARD_BYTES + 64, dtype=np.uint8)
-    start = (-raw.ctypes.data) % 64
+    raw = np.empty(data.size * item + 2 * GUARD_BYTES + 64 + item, dtype=np.uint8)
+    start = (-raw.ctypes.data) % 64 + (item if MISALIGN else 0)
     whole = raw[start : start + data.size * item + 2 * GUARD_BYTES].view(data.dtype)
     whole[:] = poison
     middle = whole[pad : pad + data.size]

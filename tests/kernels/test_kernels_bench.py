@@ -28,6 +28,9 @@ def test_quick_bench_writes_json_and_png(quick_run):
         data = json.load(f)
     assert data["header"]["quick"] is True
     assert data["copy_floor"]["GBps"] > 0 and data["tiny_op_us"] > 0
+    # the floor is the faster of the copies measured before and after the rows
+    assert len(data["copy_floor_runs"]) == 2
+    assert data["copy_floor"]["GBps"] == max(c["GBps"] for c in data["copy_floor_runs"])
     impls = {r["impl"] for r in data["rows"]}
     assert {"compiled", "reference"} <= impls
     ids = {r["case"]["id"] for r in data["rows"]}
@@ -35,6 +38,7 @@ def test_quick_bench_writes_json_and_png(quick_run):
     for r in data["rows"]:
         assert isinstance(r["us"], float) and r["us"] > 0, r
         assert r["GBps"] == pytest.approx(r["case"]["floor_bytes"] / r["us"] / 1e3)
+        assert r["pct_of_copy"] == pytest.approx(100 * r["GBps"] / data["copy_floor"]["GBps"])
     with open(os.path.join(out, "bench.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
@@ -53,7 +57,7 @@ def test_bench_records_the_kernel_settings_and_switches_candidates_on(quick_run,
                               "--only", "static/fwd/1x4x64"]) == 0
         with open(tmp_path / "bench.json") as f:
             recorded = json.load(f)["header"]["kernel_settings"]
-        candidates = ("mma_vjp", "fused_read_step", "sinkhorn_warp_transpose_reduce", "mma_lean")
+        candidates = ("mma_vjp", "fused_read_step", "layer_inline_always")
         assert all(recorded[k] for k in candidates) and not any(defaults[k] for k in candidates)
     finally:
         kernels.use_candidates(False)

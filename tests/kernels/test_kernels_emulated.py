@@ -15,6 +15,7 @@ import pytest
 import cpu_emulator as emu
 import kernels_ref64 as ref64
 from kernel_compare import grad_rel, largest, np64, rel
+from mhc_mlx.compiled.sinkhorn import sinkhorn_knopp as compiled_sinkhorn
 from mhc_mlx import reference
 from mhc_mlx.kernels import build, coefficients, coefficients_mma, coefficients_mma_vjp, layer, pre_step, sinkhorn, site
 
@@ -105,10 +106,9 @@ def test_sinkhorn_thread_backward_at_ties_and_underflow(monkeypatch, flavour, it
 
 @pytest.mark.parametrize("n,M", [(9, 3), (16, 5), (32, 3), (32, 1)])
 @pytest.mark.parametrize("flavour", FLAVOURS)
-def test_sinkhorn_transpose_reduce_forward(monkeypatch, flavour, n, M):
-    # the candidate row sums by recursive halving (sinkhorn.WARP_TRANSPOSE_REDUCE, n > 8): the
-    # Sinkhorn forward and the static coefficients (one row: lanes past n and warps past M dead)
-    monkeypatch.setattr(sinkhorn, "WARP_TRANSPOSE_REDUCE", True)
+def test_sinkhorn_transpose_reduce_forward(flavour, n, M):
+    # the row sums by recursive halving (prelude.ktranspose_row_sum, n > 8): the Sinkhorn
+    # forward and the static coefficients (one row: lanes past n and warps past M dead)
     L = 3 * mx.random.normal((M, n, n))
     assert rel(sinkhorn.project(L, 20), ref64.sinkhorn(np64(L), 20)) <= 1e-5
     h = mx.random.normal((M, n * (n + 2)))
@@ -117,17 +117,13 @@ def test_sinkhorn_transpose_reduce_forward(monkeypatch, flavour, n, M):
     assert rel(H_res, ref64.sinkhorn(2 * np64(rr), 20)) <= 1e-5
     assert rel(H_pre, ref64.sigmoid(np64(rp))) <= 1e-5
     # a row 200 below the rest: its exp underflows in float32 (not in the float64 reference), so
-    # it stays 0 with its sum clamped, as in the default form
+    # it stays 0 with its sum clamped, as in the float32 compiled path
     U = np.array(L)
     U[0, 1, :] -= 200.0
     U = mx.array(U)
-    tr = sinkhorn.project(U, 20)
-    templates = [t for name, t, *_ in emu.launched if name in ("mhc_sinkhorn", "mhc_coefficients_static")]
-    assert len(templates) == 3 and all(t["TR"] for t in templates)
-    monkeypatch.setattr(sinkhorn, "WARP_TRANSPOSE_REDUCE", False)
-    default = sinkhorn.project(U, 20)
-    assert not emu.launched[-1][1]["TR"]
-    assert np.all(np.array(tr)[0, 1] == 0.0) and rel(tr, default) <= 1e-5
+    got = sinkhorn.project(U, 20)
+    assert emu.launched[-1][0] == "mhc_sinkhorn"
+    assert np.all(np.array(got)[0, 1] == 0.0) and rel(got, compiled_sinkhorn(U, 20)) <= 1e-5
 
 
 @pytest.mark.parametrize("n", [1, 4, 8])
@@ -159,10 +155,9 @@ def _dynamic_inputs(T, n, C, dtype):
 
 
 # "mma-ku2", "mma-ku4": the tensor-core form with 2 or 4 x loads per row and lane in a step
-# (coefficients_mma.X_UNROLL); "mma-lean", "mma-lean-ku2": its LEAN candidate
-FORMS = [("kernel", 16), ("kernel", 8), ("gemm", None), ("mma", None), ("mma-ku2", None), ("mma-ku4", None),
-         ("mma-lean", None), ("mma-lean-ku2", None)]
-FORM_IDS = ["kernel-tb16", "kernel-tb8", "gemm", "mma", "mma-ku2", "mma-ku4", "mma-lean", "mma-lean-ku2"]
+# (coefficients_mma.X_UNROLL)
+FORMS = [("kernel", 16), ("kernel", 8), ("gemm", None), ("mma", None), ("mma-ku2", None), ("mma-ku4", None)]
+FORM_IDS = ["kernel-tb16", "kernel-tb8", "gemm", "mma", "mma-ku2", "mma-ku4"]
 # the tensor-core kernel is CUDA only (never dispatched on Metal)
 FLAVOURED_FORMS = [pytest.param(fl, form, tb, id=f"{fl}-{fid}") for fl in FLAVOURS
                    for (form, tb), fid in zip(FORMS, FORM_IDS) if not (fl == "metal" and form.startswith("mma"))]
@@ -174,9 +169,6 @@ FLAVOURED_FORMS = [pytest.param(fl, form, tb, id=f"{fl}-{fid}") for fl in FLAVOU
 # tensor-core form splits K seven ways (the finish's sums over splits: four at a time, then the rest)
 @pytest.mark.parametrize("n,C,T", [(4, 40, 19), (2, 33, 5), (8, 16, 9), (4, 24, 70), (4, 200, 37)])
 def test_dynamic_coefficients_forward(monkeypatch, flavour, form, tb, dtype, n, C, T):
-    if form.startswith("mma-lean"):
-        monkeypatch.setattr(coefficients_mma, "LEAN", True)
-        form = "mma" if form == "mma-lean" else "mma-ku2"
     if form.startswith("mma-ku"):
         monkeypatch.setattr(coefficients_mma, "X_UNROLL", int(form[-1]))
         form = "mma"
@@ -200,7 +192,7 @@ def test_dynamic_coefficients_forward(monkeypatch, flavour, form, tb, dtype, n, 
     if dtype != mx.float32 and form == "mma":
         assert "mhc_coefficients_dynamic_mma" in names
         mma_templates = [t for name, t, *_ in emu.launched if name == "mhc_coefficients_dynamic_mma"]
-        assert all(t["KU"] == coefficients_mma.X_UNROLL and t["LEAN"] == coefficients_mma.LEAN for t in mma_templates)
+        assert all(t["KU"] == coefficients_mma.X_UNROLL for t in mma_templates)
     if form == "kernel" or dtype == mx.float32:
         assert "mhc_coefficients_dynamic" in names
 
@@ -389,6 +381,26 @@ def test_layer_forward(flavour, dtype, n, C, T, inline):
 
 
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+# more tokens than threadgroups (each group loops, its first token loaded before the
+# coefficients are ready): x held in registers (CPT > 0) at C = 64, re-read (CPT = 0) at C = 1031
+@pytest.mark.parametrize("n,C,T,groups,registers", [(4, 64, 7, 2, True), (4, 1031, 5, 2, False), (2, 40, 5, 3, True)])
+@pytest.mark.parametrize("inline", [True, False])
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_layer_forward_with_fewer_groups_than_tokens(flavour, dtype, n, C, T, groups, registers, inline):
+    x = mx.random.normal((T, n, C)).astype(dtype)
+    pre, post = mx.random.normal((n,)), mx.random.normal((n,))
+    res, w = 2 * mx.random.normal((n, n)), mx.random.uniform(0.5, 1.5, (C,))
+    if inline:
+        got = layer.forward(x, pre, post, res, w, 20, 1e-5, True, 32, groups)
+    else:
+        H = coefficients.activate(pre.reshape(1, n), post.reshape(1, n), res.reshape(1, n, n), 20)
+        got = layer.forward(x, H[0][0], H[1][0], H[2][0], w, 20, 1e-5, False, 32, groups)
+    name, template, grid, tg = emu.launched[-1]
+    assert name == "mhc_layer" and grid == groups * tg and (template["CPT"] > 0) == registers, template
+    assert rel(got, ref64.layer(np64(x), np64(pre), np64(post), np64(res), np64(w), 20, 1e-5)) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
 # threads/groups/budget: (None) the defaults; 32 threads and 2 groups (tokens 0, 2 share one)
 # give several dw chunks per thread summed over several tokens: CPT = 3 and 4 in registers
 # (CPT * V <= 16, a partial last chunk at C = 260), C = 520 too many (CPT = 0: dw in memory)
@@ -495,3 +507,40 @@ def test_candidates_with_no_tokens(monkeypatch, dtype, mma_vjp):
     assert out[0].shape == (0, n, C)
     assert [tuple(g.shape) for g in grads] == [tuple(p.shape) for p in primals]
     assert all(float(mx.abs(g).sum()) == 0.0 for g in grads[1:])
+
+
+def test_emulator_misaligns_every_buffer(monkeypatch):
+    # what the misaligned runs below rely on: under MISALIGN a kernel sees no 16-byte aligned buffer
+    from mhc_mlx.kernels.build import KernelSpec
+
+    probe = KernelSpec("probe", ("a",), ("o",), "if (KTID == 0) o[0] = KALIGNED16(a) && KALIGNED16(o) ? 1.0f : 0.0f;")
+    a = mx.ones((8,), mx.bfloat16)
+    assert emu.launch(probe, [a], [((1,), mx.float32)], 32, 32, [])[0].item() == 1.0
+    monkeypatch.setattr(emu, "MISALIGN", True)
+    assert emu.launch(probe, [a], [((1,), mx.float32)], 32, 32, [])[0].item() == 0.0
+
+
+# Every kernel family on buffers that are not 16-byte aligned (MLX hands kernels views at an
+# offset, e.g. a slice): the element-wise fallbacks of the vector loads and stores, at shapes
+# whose channel counts would otherwise take the 16-byte path.
+MISALIGNED_CASES = {
+    "pre-post": lambda mp: test_pre_and_post_forward_and_backward("cuda", mx.bfloat16, 4, 64, (3,), False),
+    "layer-forward": lambda mp: test_layer_forward("cuda", mx.bfloat16, 4, 64, 3, False),
+    "layer-forward-inline": lambda mp: test_layer_forward("cuda", mx.float16, 4, 64, 2, True),
+    "layer-forward-groups": lambda mp: test_layer_forward_with_fewer_groups_than_tokens(
+        "cuda", mx.bfloat16, 4, 64, 7, 2, True, True),
+    "layer-backward": lambda mp: test_layer_one_pass_backward("cuda", mx.bfloat16, 4, 64, 3, None, None, None, True),
+    "coefficients-kernel": lambda mp: test_dynamic_coefficients_forward(mp, "cuda", "kernel", 8, mx.bfloat16, 4, 40, 19),
+    "coefficients-mma": lambda mp: test_dynamic_coefficients_forward(mp, "cuda", "mma", None, mx.bfloat16, 4, 40, 19),
+    "coefficients-mma-f16": lambda mp: test_dynamic_coefficients_forward(mp, "cuda", "mma", None, mx.float16, 4, 24, 70),
+    "coefficients-backward": lambda mp: test_dynamic_coefficients_backward(mp, "cuda", None, None, mx.bfloat16),
+    "mma-backward": lambda mp: test_tensor_core_coefficient_backward_products(mx.bfloat16, 4, 40, 37),
+    "read-step": lambda mp: test_fused_read_step_forward_and_backward(mp, "cuda", mx.bfloat16, 4, 24, (7,)),
+    "sinkhorn": lambda mp: test_sinkhorn_forward_and_backward("cuda", 4),
+}
+
+
+@pytest.mark.parametrize("case", list(MISALIGNED_CASES))
+def test_kernels_on_misaligned_buffers(monkeypatch, case):
+    monkeypatch.setattr(emu, "MISALIGN", True)
+    MISALIGNED_CASES[case](monkeypatch)

@@ -21,7 +21,7 @@ from mhc_mlx.kernels import coefficients_mma as cm
 def _lane_model(x, packed, K, W, MT, splits, ks, ku):
     """part [splits, T, 8 NT] and ssq [splits, T] as the kernel computes them (ku: X_UNROLL)."""
     T = x.shape[0]
-    P, KB, NT = packed.shape[0], packed.shape[1], packed.shape[2]
+    P, NT = packed.shape[0], packed.shape[2]
     tiles = -(-T // (16 * MT))
     part = np.full((splits, T, 8 * NT), np.nan)
     ssq = np.full((splits, T), np.nan)

@@ -38,7 +38,8 @@ def run(out_dir: str, quick: bool = False, seeds_dir: str | None = ".seedpkgs", 
     }
     header["kernel_settings"] = kernels.settings()  # what the kernels would run (used on GPUs only)
     log(f"bench: {header}")
-    copy = timing.copy_floor(array_bytes=(1 << 20) if quick else (128 << 20), repeats=3 if quick else 10)
+    copy_args = {"array_bytes": (1 << 20) if quick else (128 << 20), "repeats": 3 if quick else 10}
+    copy = timing.copy_floor(**copy_args)
     tiny = timing.tiny_op_us(repeats=20 if quick else 300)
     trivial = timing.trivial_kernel_us(repeats=20 if quick else 300) if on_gpu else None
     log(f"copy floor: {copy['GBps']:.0f} GB/s ({copy['bytes'] / 1e6:.0f} MB in {copy['us']:.0f} µs); "
@@ -57,6 +58,14 @@ def run(out_dir: str, quick: bool = False, seeds_dir: str | None = ".seedpkgs", 
             rows.append({"case": case.as_dict(), "impl": impl, "us": us, "K": K})
             log(f"  {case.id:<44} {impl:<10} {us if isinstance(us, str) else f'{us:10.1f} µs'}"
                 f"  ({time.perf_counter() - t0:.1f} s)")
+    # The copy is measured again after the rows and the faster of the two is the floor: one
+    # measurement alone varied 2646-3235 GB/s between runs on one H200, and a slow one would
+    # flatter every row's share of it.
+    again = timing.copy_floor(**copy_args)
+    log(f"copy floor again after the rows: {again['GBps']:.0f} GB/s; the floor is the faster, "
+        f"{max(copy['GBps'], again['GBps']):.0f} GB/s")
+    copies = [copy, again]
+    copy = max(copies, key=lambda c: c["GBps"])
     if seeds_dir and not quick:
         mx.clear_cache()  # the seeds run in other processes: give them this one's cached GPU memory
         static = [c for c in case_list if c.site == "static"]
@@ -78,7 +87,7 @@ def run(out_dir: str, quick: bool = False, seeds_dir: str | None = ".seedpkgs", 
     rows.sort(key=lambda r: ([c.id for c in case_list].index(r["case"]["id"]),
                              report.IMPL_ORDER.index(r["impl"]) if r["impl"] in report.IMPL_ORDER else 99))
     goals = report.targets(rows, tiny) if "kernels" in impls else []
-    payload = {"header": header, "copy_floor": copy, "tiny_op_us": tiny, "trivial_kernel_us": trivial, "rows": rows, "targets": goals,
+    payload = {"header": header, "copy_floor": copy, "copy_floor_runs": copies, "tiny_op_us": tiny, "trivial_kernel_us": trivial, "rows": rows, "targets": goals,
                "kernels": {op: v for op, v in kernels.status().items()}}
     report.write_json(json_path, payload)
     try:

@@ -5,7 +5,8 @@
 - throughput: K independent applications on K rotated inputs, built first, then timed in one
   mx.eval and divided by K: the fixed per-eval cost is amortised as in a real network, and
   the inputs together exceed the GPU's L2 so no application reads a cached input.
-- copy floor: a large `x * 1.5`, bytes read + written over its time.
+- copy floor: a large `x * 1.5`, bytes read + written over its time (run.py measures it before
+  and after the rows and keeps the faster).
 - tiny op: one eval of one op on a 1-element array (the fixed cost of an eval).
 """
 

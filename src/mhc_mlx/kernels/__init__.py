@@ -129,16 +129,14 @@ def status() -> dict:
 def use_candidates(on: bool = True) -> None:
     """Switch this process's kernel candidates on or off (`mhc-mlx bench --candidates`): the
     tensor-core coefficient backward and the fused read step, which passed scripts/gpu_check.py
-    on the H200 (2026-11-29) but were slower there than the defaults; the Sinkhorn forward's
-    transpose-reduce row sums for n > 8 and the lean tensor-core forward, not yet run on a GPU
-    (docs/kernel-notes.md)."""
-    from . import coefficients, coefficients_mma, sinkhorn
+    on the H200 (2026-11-29) but were slower there than the defaults, and the static layer's
+    single-launch (inline) form at every token count, not yet timed (docs/kernel-notes.md)."""
+    from . import coefficients, layer
 
     global FUSED_READ_STEP
     FUSED_READ_STEP = on
     coefficients.MMA_VJP = on
-    sinkhorn.WARP_TRANSPOSE_REDUCE = on
-    coefficients_mma.LEAN = on
+    layer.INLINE_ALWAYS = on
 
 
 def settings() -> dict:
@@ -149,13 +147,12 @@ def settings() -> dict:
             "mma_min_elements": coefficients.MMA_MIN_ELEMENTS,
             "mma_x_unroll": coefficients_mma.X_UNROLL,
             "mma_target_warps": coefficients_mma.TARGET_WARPS,
-            "mma_lean": coefficients_mma.LEAN,
             "mma_vjp": coefficients.MMA_VJP,
             "tokens_per_block_small_n": coefficients.TOKENS_PER_BLOCK_SMALL_N,
             "layer_fused_vjp": layer.USE_FUSED_VJP,
+            "layer_inline_always": layer.INLINE_ALWAYS,
             "fused_read_step": FUSED_READ_STEP,
-            "sinkhorn_thread_vjp_max_work": sinkhorn.THREAD_VJP_MAX_WORK,
-            "sinkhorn_warp_transpose_reduce": sinkhorn.WARP_TRANSPOSE_REDUCE}
+            "sinkhorn_thread_vjp_max_work": sinkhorn.THREAD_VJP_MAX_WORK}
 
 
 LIMITS_NOTE = (

@@ -26,9 +26,9 @@ F32, BF16, F16, I32 = mx.float32, mx.bfloat16, mx.float16, mx.int32
 def instances():
     """(spec, input dtypes, output dtypes, template) tuples covering each kernel's variants."""
     out = []
-    for n, tr in ((1, False), (4, False), (32, False), (9, True), (32, True)):
-        out.append((sinkhorn.FORWARD, (F32, I32), (F32,), [("N", n), ("TR", tr)]))
-        out.append((coefficients.ACTIVATE, (F32, F32, F32, I32), (F32, F32, F32), [("N", n), ("TR", tr)]))
+    for n in (1, 4, 9, 32):
+        out.append((sinkhorn.FORWARD, (F32, I32), (F32,), [("N", n)]))
+        out.append((coefficients.ACTIVATE, (F32, F32, F32, I32), (F32, F32, F32), [("N", n)]))
     for n, iters in ((4, 20), (8, 20), (32, 20)):
         out.append((sinkhorn.BACKWARD, (F32, F32, I32), (F32,), [("N", n), ("ITERS", iters)]))
     for n, iters in ((1, 20), (2, 40), (4, 20), (8, 10)):
@@ -69,10 +69,10 @@ def cuda_only_instances():
     for dt in (BF16, F16):
         for n in (1, 2, 4, 8):
             nt = coefficients_mma.n_tiles(n * (n + 2))
-            for ku, lean in ((1, False), (2, False), (4, False), (1, True), (2, True)):
+            for ku in (1, 2, 4):
                 out.append((coefficients_mma.MMA, (dt, BF16, I32), (F32, F32),
                             [("T", dt), ("NT", nt), ("MT", coefficients_mma.token_tiles_per_warp(nt)),
-                             ("PB", coefficients_mma.PHI_PARTS), ("KU", ku), ("LEAN", lean)]))
+                             ("PB", coefficients_mma.PHI_PARTS), ("KU", ku)]))
     for n in (1, 2, 4, 8):
         nt = coefficients_mma.n_tiles(n * (n + 2))
         for ku in (1, 2, 4):

@@ -38,7 +38,7 @@ ACTIVATE = KernelSpec(
   const int64_t base = (int64_t)row * N * N;
   float col[N];
   KUNROLL for (int i = 0; i < N; ++i) col[i] = live ? rres[base + i * N + lane] : 0.0f;
-  ksinkhorn_warp<N, TR>(col, live, iters);
+  ksinkhorn_warp<N>(col, live, iters);
   if (live) {
     KUNROLL for (int i = 0; i < N; ++i) hres[base + i * N + lane] = col[i];
   }
@@ -322,7 +322,7 @@ def activate(rpre, rpost, rres, iters: int):
     grid, tg = sk._grid(M)
     return launch(
         ACTIVATE, [rpre, rpost, rres, int_params(M, iters)],
-        [((M, n), F32), ((M, n), F32), ((M, n, n), F32)], grid, tg, sk.warp_template(n),
+        [((M, n), F32), ((M, n), F32), ((M, n, n), F32)], grid, tg, [("N", n)],
     )
 
 

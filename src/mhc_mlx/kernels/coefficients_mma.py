@@ -41,12 +41,6 @@ TARGET_WARPS = 2048  # ~16 resident warps on each of an H100's 132 SMs
 # the H200, 2 and 4 passed the GPU check but did not beat 1 in throughput (4: fewer resident
 # warps); docs/kernel-notes.md, row 13.
 X_UNROLL = 1
-# Candidate (the MMA kernel's LEAN = 1): the same k steps in fewer instructions. The
-# kernel is latency-bound at ~17 cycles per issued instruction (ncu, H200); per k block it
-# rebuilds a 4-register A fragment before every mma, issues the unaligned-phi fallback's
-# eight predicated 2-byte loads beside every 16-byte one, and computes 64-bit offsets. Off
-# until checked and timed on a GPU.
-LEAN = False
 
 # The tensor-core instruction (tests substitute a CPU model of it, with the same fragments).
 PTX_MMA = r"""
@@ -115,19 +109,99 @@ __device__ __forceinline__ void mhc_load_x8(const T* row, int kx, int K, bool xv
 }
 """
 
+# The MMA kernel's k loop over [k0, k1): x's 16-byte loads of a step first, then per k block
+# each A fragment assembled once (not before each of its NT * PB mma's) and phi's fragments
+# loaded from 32-bit offsets. BVEC: phi's fragments by 16-byte loads; without it by 2-byte
+# words (the packed phi is a fresh MLX allocation, so only a misaligned buffer takes that path).
+# H200 (2026-11-29): pack + mma 134.0 / 128.4 µs at KU = 1 / 2 against 156.1 / 164.7 for the
+# earlier loop, which rebuilt each A fragment before every mma and had both load forms inline.
+KLOOP = r"""
+template <typename T, int MT, int NT, int PB, int KU, bool BVEC, typename PK>
+__device__ __forceinline__ void mhc_mma_kloop(const T* xin, PK pk, int Ttok, int K, int KB, int k0, int k1,
+                                              int t0, int lane, bool xvec, float (&acc)[MT][NT][4],
+                                              float (&sq)[MT][2]) {
+  constexpr int AP = mhc_x_parts<T>::count;  // bfloat16 parts of x
+  const int g = lane >> 2;
+  const int c = lane & 3;
+  const uint4* pk4 = reinterpret_cast<const uint4*>(pk) + lane;
+  const unsigned short* pk2 = reinterpret_cast<const unsigned short*>(pk) + 8 * lane;
+  const int pstride = KB * NT * 32;  // one part of the packed phi, in 8-element words
+  for (int kb = k0; kb < k1; kb += 32 * KU) {
+    uint32_t wx[KU][MT][2][4];
+    #pragma unroll
+    for (int u = 0; u < KU; ++u) {
+      #pragma unroll
+      for (int m = 0; m < MT; ++m) {
+        #pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int t = t0 + 16 * m + g + 8 * h;  // recomputed, not held: fewer live registers
+          mhc_load_x8<T>(t < Ttok ? xin + (int64_t)t * K : nullptr, kb + 8 * KU * c + 8 * u, K, xvec, wx[u][m][h]);
+        }
+      }
+    }
+    #pragma unroll
+    for (int u = 0; u < KU; ++u) {
+      uint32_t af[MT][2][4], afl[MT][2][4];  // [m][s]: a0a1 row g, a2a3 row g + 8, then k + 8
+      #pragma unroll
+      for (int m = 0; m < MT; ++m) {
+        uint32_t ah[2][4], al[2][4];
+        #pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          #pragma unroll
+          for (int q = 0; q < 4; ++q) sq[m][h] += mhc_x_parts<T>::split(wx[u][m][h][q], ah[h][q], al[h][q]);
+        }
+        #pragma unroll
+        for (int s = 0; s < 2; ++s) {
+          af[m][s][0] = ah[0][2 * s]; af[m][s][1] = ah[1][2 * s];
+          af[m][s][2] = ah[0][2 * s + 1]; af[m][s][3] = ah[1][2 * s + 1];
+          afl[m][s][0] = al[0][2 * s]; afl[m][s][1] = al[1][2 * s];
+          afl[m][s][2] = al[0][2 * s + 1]; afl[m][s][3] = al[1][2 * s + 1];
+        }
+      }
+      const int kofs = ((kb >> 5) + u) * NT * 32;
+      #pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        uint32_t b[PB][4];
+        #pragma unroll
+        for (int p = 0; p < PB; ++p) {
+          const int w = p * pstride + kofs + j * 32;
+          if (BVEC) {
+            const uint4 v = pk4[w];
+            b[p][0] = v.x; b[p][1] = v.y; b[p][2] = v.z; b[p][3] = v.w;
+          } else {
+            #pragma unroll
+            for (int q = 0; q < 4; ++q) b[p][q] = (uint32_t)pk2[8 * w + 2 * q] | ((uint32_t)pk2[8 * w + 2 * q + 1] << 16);
+          }
+        }
+        #pragma unroll
+        for (int m = 0; m < MT; ++m) {
+          #pragma unroll
+          for (int s = 0; s < 2; ++s) {
+            #pragma unroll
+            for (int p = 0; p < PB; ++p) {
+              mhc_mma_bf16(acc[m][j], af[m][s], b[p][2 * s], b[p][2 * s + 1]);
+              if (AP == 2) mhc_mma_bf16(acc[m][j], afl[m][s], b[p][2 * s], b[p][2 * s + 1]);
+            }
+          }
+        }
+      }
+    }
+  }
+}
+"""
+
 # Lane (g, c) = (lane / 4, lane % 4) of a warp; one step covers k in [kb, kb + 32 KU). For
 # sub-block u < KU the lane loads x[t, kb + 8 KU c + 8 u .. + 8) for t = row g and row g + 8 of
 # each token tile (its KU loads per row are contiguous): words u0..u3. mma step s in {0, 1}
 # uses u[2s] as the A elements at k = 2c, 2c+1 and u[2s+1] as those at 2c+8, 2c+9; the packed
 # phi (block kb / 32 + u) gives the lane the B elements of the same physical k. All of a
-# step's x loads are issued before its first mma. LEAN = 1 (candidate): see the kernel text.
+# step's x loads are issued before its first mma (KLOOP).
 MMA = KernelSpec(
     name="mhc_coefficients_dynamic_mma",
     inputs=("xin", "pk", "iparam"),
     outputs=("part", "ssq"),
-    helpers=PTX_MMA + X_PARTS + LOAD_X,
+    helpers=PTX_MMA + X_PARTS + LOAD_X + KLOOP,
     body=r"""
-  constexpr int AP = mhc_x_parts<T>::count;  // bfloat16 parts of x
   constexpr int WP = 8 * NT;                          // padded columns
   const int Ttok = iparam[0];
   const int K = iparam[1];
@@ -161,123 +235,8 @@ MMA = KernelSpec(
     }
   }
 
-  if (LEAN && bvec) {
-    // LEAN (candidate, coefficients_mma.LEAN): the same steps with fewer instructions per k
-    // block -- each A fragment assembled once (not before each of its NT * PB mma's: four
-    // register moves each), phi's fragments by 16-byte loads only, from 32-bit offsets.
-    const uint4* pk4 = reinterpret_cast<const uint4*>(pk) + lane;
-    const int pstride = KB * NT * 32;  // one part of the packed phi, in 16-byte words
-    for (int kb = k0; kb < k1; kb += 32 * KU) {
-      uint32_t wx[KU][MT][2][4];
-      #pragma unroll
-      for (int u = 0; u < KU; ++u) {
-        #pragma unroll
-        for (int m = 0; m < MT; ++m) {
-          #pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const int t = t0 + 16 * m + g + 8 * h;
-            mhc_load_x8<T>(t < Ttok ? xin + (int64_t)t * K : nullptr, kb + 8 * KU * c + 8 * u, K, xvec, wx[u][m][h]);
-          }
-        }
-      }
-      #pragma unroll
-      for (int u = 0; u < KU; ++u) {
-        uint32_t af[MT][2][4], afl[MT][2][4];  // [m][s]: a0a1 row g, a2a3 row g + 8, then k + 8
-        #pragma unroll
-        for (int m = 0; m < MT; ++m) {
-          uint32_t ah[2][4], al[2][4];
-          #pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            #pragma unroll
-            for (int q = 0; q < 4; ++q) sq[m][h] += mhc_x_parts<T>::split(wx[u][m][h][q], ah[h][q], al[h][q]);
-          }
-          #pragma unroll
-          for (int s = 0; s < 2; ++s) {
-            af[m][s][0] = ah[0][2 * s]; af[m][s][1] = ah[1][2 * s];
-            af[m][s][2] = ah[0][2 * s + 1]; af[m][s][3] = ah[1][2 * s + 1];
-            afl[m][s][0] = al[0][2 * s]; afl[m][s][1] = al[1][2 * s];
-            afl[m][s][2] = al[0][2 * s + 1]; afl[m][s][3] = al[1][2 * s + 1];
-          }
-        }
-        const int kofs = ((kb >> 5) + u) * NT * 32;
-        #pragma unroll
-        for (int j = 0; j < NT; ++j) {
-          uint32_t b[PB][4];
-          #pragma unroll
-          for (int p = 0; p < PB; ++p) {
-            const uint4 v = pk4[p * pstride + kofs + j * 32];
-            b[p][0] = v.x; b[p][1] = v.y; b[p][2] = v.z; b[p][3] = v.w;
-          }
-          #pragma unroll
-          for (int m = 0; m < MT; ++m) {
-            #pragma unroll
-            for (int s = 0; s < 2; ++s) {
-              #pragma unroll
-              for (int p = 0; p < PB; ++p) {
-                mhc_mma_bf16(acc[m][j], af[m][s], b[p][2 * s], b[p][2 * s + 1]);
-                if (AP == 2) mhc_mma_bf16(acc[m][j], afl[m][s], b[p][2 * s], b[p][2 * s + 1]);
-              }
-            }
-          }
-        }
-      }
-    }
-  } else
-  for (int kb = k0; kb < k1; kb += 32 * KU) {
-    uint32_t wx[KU][MT][2][4];
-    #pragma unroll
-    for (int u = 0; u < KU; ++u) {
-      #pragma unroll
-      for (int m = 0; m < MT; ++m) {
-        #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int t = t0 + 16 * m + g + 8 * h;  // recomputed, not held: fewer live registers
-          mhc_load_x8<T>(t < Ttok ? xin + (int64_t)t * K : nullptr, kb + 8 * KU * c + 8 * u, K, xvec, wx[u][m][h]);
-        }
-      }
-    }
-    #pragma unroll
-    for (int u = 0; u < KU; ++u) {
-      uint32_t ah[MT][2][4], al[MT][2][4];
-      #pragma unroll
-      for (int m = 0; m < MT; ++m) {
-        #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          #pragma unroll
-          for (int q = 0; q < 4; ++q) sq[m][h] += mhc_x_parts<T>::split(wx[u][m][h][q], ah[m][h][q], al[m][h][q]);
-        }
-      }
-      const int kblk = (kb >> 5) + u;
-      #pragma unroll
-      for (int j = 0; j < NT; ++j) {
-        #pragma unroll
-        for (int p = 0; p < PB; ++p) {
-          const int64_t off = ((((int64_t)p * KB + kblk) * NT + j) * 32 + lane) * 8;
-          uint32_t b[4];
-          if (bvec) {
-            const uint4 v = *reinterpret_cast<const uint4*>(pk + off);
-            b[0] = v.x; b[1] = v.y; b[2] = v.z; b[3] = v.w;
-          } else {
-            const unsigned short* s16 = reinterpret_cast<const unsigned short*>(pk + off);
-            #pragma unroll
-            for (int q = 0; q < 4; ++q) b[q] = (uint32_t)s16[2 * q] | ((uint32_t)s16[2 * q + 1] << 16);
-          }
-          #pragma unroll
-          for (int m = 0; m < MT; ++m) {
-            #pragma unroll
-            for (int s = 0; s < 2; ++s) {
-              const uint32_t a[4] = {ah[m][0][2 * s], ah[m][1][2 * s], ah[m][0][2 * s + 1], ah[m][1][2 * s + 1]};
-              mhc_mma_bf16(acc[m][j], a, b[2 * s], b[2 * s + 1]);
-              if (AP == 2) {
-                const uint32_t l[4] = {al[m][0][2 * s], al[m][1][2 * s], al[m][0][2 * s + 1], al[m][1][2 * s + 1]};
-                mhc_mma_bf16(acc[m][j], l, b[2 * s], b[2 * s + 1]);
-              }
-            }
-          }
-        }
-      }
-    }
-  }
+  if (bvec) mhc_mma_kloop<T, MT, NT, PB, KU, true>(xin, pk, Ttok, K, KB, k0, k1, t0, lane, xvec, acc, sq);
+  else mhc_mma_kloop<T, MT, NT, PB, KU, false>(xin, pk, Ttok, K, KB, k0, k1, t0, lane, xvec, acc, sq);
 
   // Sums of squares: the four lanes of a row (c = 0..3) hold its partials.
   #pragma unroll
@@ -488,7 +447,7 @@ def partial_products(x2: mx.array, phi: mx.array) -> tuple[mx.array, mx.array]:
         MMA, [x2, pack_phi(phi, ku=ku), int_params(T, K, ks, splits, k_blocks(K, ku))],
         [((splits, T, 8 * NT), F32), ((splits, T), F32)],
         blocks * WARPS_PER_BLOCK * 32, WARPS_PER_BLOCK * 32,
-        [("T", x2.dtype), ("NT", NT), ("MT", MT), ("PB", PHI_PARTS), ("KU", ku), ("LEAN", bool(LEAN))],
+        [("T", x2.dtype), ("NT", NT), ("MT", MT), ("PB", PHI_PARTS), ("KU", ku)],
     )
 
 

@@ -23,6 +23,11 @@ from .build import KernelSpec, float_params, int_params, launch
 F32 = mx.float32
 MAX_N = 32
 LATENCY_TOKENS = 16  # up to this many tokens the inline (single-launch) form is used
+# Candidate: the inline form at every token count (one launch instead of the static coefficient
+# kernel's and the layer's). The two-launch forward measured 112.7-147.4 µs at 4096 x 4 x 4096
+# on the H200 (2026-11-29) against 101-107 for the layer kernel alone, and the inline form
+# 130.0-139.9; the inline form now loads its first token before its Sinkhorn. Off until timed.
+INLINE_ALWAYS = False
 # Above this n the fused kernel runs out of registers (n = 32: 255 registers and 3.7 KB of
 # spills; measured 1299 µs at 512 x 32 x 1280 against 948 µs compiled), so the layer is
 # composed from the pre and post kernels instead (measured alone: 31 µs and 80 µs there).
@@ -85,6 +90,18 @@ LAYER = KernelSpec(
   const int lane = KLANE;
   const int warp = KWARP;
   const int nwarps = KNT / 32;
+  const bool vec = KALIGNED16(xin) && KALIGNED16(xout);
+  float xr[CP][N * V];
+  // The first token's x (held in registers) is loaded before the coefficients are ready, so
+  // its loads are in flight while warp 0 runs the Sinkhorn (INLINE) or cf is filled.
+  if (CPT > 0 && KBID < Ttok) {
+    KUNROLL for (int c = 0; c < CP; ++c) {
+      const int cv = tid + c * KNT;
+      if (cv < nv) {
+        KUNROLL for (int i = 0; i < N; ++i) kload<T, V>(xr[c] + i * V, xin, ((int64_t)KBID * N + i) * C + (int64_t)cv * V, vec);
+      }
+    }
+  }
   if (INLINE) {
     if (warp == 0) {
       const bool live = lane < N;
@@ -104,15 +121,15 @@ LAYER = KernelSpec(
       cf[a] = a < N ? cpre[a] : (a < 2 * N ? cpost[a - N] : cres[a - 2 * N]);
   }
   KBARRIER();
-  const bool vec = KALIGNED16(xin) && KALIGNED16(xout);
-  float xr[CP][N * V];
   for (int64_t t = KBID; t < Ttok; t += KNB) {
     float ss = 0.0f;
     if (CPT > 0) {
       KUNROLL for (int c = 0; c < CP; ++c) {
         const int cv = tid + c * KNT;
         if (cv < nv) {
-          KUNROLL for (int i = 0; i < N; ++i) kload<T, V>(xr[c] + i * V, xin, (t * N + i) * C + (int64_t)cv * V, vec);
+          if (t != KBID) {
+            KUNROLL for (int i = 0; i < N; ++i) kload<T, V>(xr[c] + i * V, xin, (t * N + i) * C + (int64_t)cv * V, vec);
+          }
           ss += mhc_layer_sumsq<T, N, V>(xr[c], cf);
         }
       }
@@ -421,7 +438,7 @@ def mhc_layer(x, H_pre_raw, H_post_raw, H_res_raw, rms_weight, iters: int, eps: 
         return _composite(x, H_pre_raw, H_post_raw, H_res_raw, rms_weight, iters, float(eps))
     if inline is None:
         T = x.size // (x.shape[-2] * x.shape[-1])
-        inline = T <= LATENCY_TOKENS
+        inline = INLINE_ALWAYS or T <= LATENCY_TOKENS
     return _function(iters, float(eps), bool(inline), threads)(
         x, H_pre_raw, H_post_raw, H_res_raw, rms_weight
     )

@@ -11,7 +11,6 @@ from functools import lru_cache
 import mlx.core as mx
 
 from ..compiled.sinkhorn import _backward as compiled_backward
-from . import prelude
 from .build import KernelSpec, int_params, launch
 
 MAX_N = 32
@@ -19,19 +18,6 @@ MAX_N = 32
 # spill heavily, so the backward falls back to the compiled one (the forward stays fused).
 MAX_BACKWARD_WORK = 1024
 WARPS_PER_GROUP = 4
-# Candidate (prelude.ksinkhorn_warp's TR form, n > 8): the forward's row sums by one
-# recursive-halving exchange per step instead of n warp sums, and products by reciprocals
-# instead of divisions. Off until checked and timed on a GPU (written 2026-11-29 after the
-# 1 x 32 x 2048 static forward took 762.4 µs on the H200; emulator-tested).
-WARP_TRANSPOSE_REDUCE = False
-
-
-def warp_template(n: int) -> list:
-    """The template of a kernel that runs ksinkhorn_warp<N, TR> on n x n matrices."""
-    # up to prelude.SINKHORN_THREAD_MAX_N every lane runs the whole matrix: TR has no effect
-    return [("N", n), ("TR", bool(WARP_TRANSPOSE_REDUCE and n > prelude.SINKHORN_THREAD_MAX_N))]
-
-
 FORWARD = KernelSpec(
     name="mhc_sinkhorn",
     inputs=("logit", "iparam"),
@@ -45,7 +31,7 @@ FORWARD = KernelSpec(
   const int64_t base = (int64_t)mat * N * N;
   float col[N];
   KUNROLL for (int i = 0; i < N; ++i) col[i] = live ? logit[base + i * N + lane] : 0.0f;
-  ksinkhorn_warp<N, TR>(col, live, iters);
+  ksinkhorn_warp<N>(col, live, iters);
   if (live) {
     KUNROLL for (int i = 0; i < N; ++i) proj[base + i * N + lane] = col[i];
   }
@@ -120,7 +106,7 @@ def project(L: mx.array, iters: int) -> mx.array:
     """Forward on float32 logits [M, n, n] -> [M, n, n]."""
     M, n = L.shape[0], L.shape[-1]
     grid, tg = _grid(M)
-    return launch(FORWARD, [L, int_params(M, iters)], [(L.shape, mx.float32)], grid, tg, warp_template(n))[0]
+    return launch(FORWARD, [L, int_params(M, iters)], [(L.shape, mx.float32)], grid, tg, [("N", n)])[0]
 
 
 def project_vjp(L: mx.array, cot: mx.array, iters: int) -> mx.array:
