@@ -118,6 +118,43 @@ def sinkhorn_n32(reps=10):
     print(f"sinkhorn forward n=32 (20 iterations): static coefficients B=1 {lat:6.1f} us, 4096 matrices {us:7.1f} us")
 
 
+def layer_candidates(xs, rounds=5):
+    """The static layer's candidates against the defaults at 4096x4x4096 bf16, alternated
+    `rounds` times in this process (single runs of one form disagreed by up to 15 %): the
+    layer kernel alone, the whole forward (coefficients included) and forward+backward as the
+    bench runs them, each with layer.INLINE_ALWAYS and layer.PREFETCH_L2 off and on."""
+    from mhc_mlx.bench import cases as bench_cases
+
+    n, C = 4, 4096
+    H = coefficients.activate(mx.zeros((1, n)), mx.zeros((1, n)), mx.eye(n)[None] * 3, 20)
+    w = mx.ones((C,))
+    mx.eval(H, w)
+    fwd_case = bench_cases.Case("static", "fwd", (4096, n, C), "bfloat16", "throughput")
+    bwd_case = bench_cases.Case("static", "fwd+bwd", (4096, n, C), "bfloat16", "throughput")
+    fwd, fwd_xs = bench_cases.prepare(fwd_case, len(xs))
+    fwdbwd, bwd_xs = bench_cases.prepare(bwd_case, len(xs))
+    forms = {"default": (False, False), "inline": (True, False), "prefetch": (False, True), "both": (True, True)}
+    rows = {
+        "layer kernel alone": lambda: tput(lambda x: layer.forward(x, H[0], H[1], H[2], w, 20, 1e-5, False), [[x] for x in xs]),
+        "static fwd (bench case)": lambda: tput(fwd, [[x] for x in fwd_xs]),
+        "static fwd+bwd (bench case)": lambda: tput(fwdbwd, [[x] for x in bwd_xs]),
+    }
+    saved = layer.INLINE_ALWAYS, layer.PREFETCH_L2
+    try:
+        for label, run in rows.items():
+            times = {f: [] for f in forms}
+            for _ in range(rounds):
+                for f, (inline, pf) in forms.items():
+                    if label == "layer kernel alone" and inline:
+                        continue
+                    layer.INLINE_ALWAYS, layer.PREFETCH_L2 = inline, pf
+                    times[f].append(run())
+            cells = [f"{f} {statistics.median(t):6.1f}" for f, t in times.items() if t]
+            print(f"layer candidates, {label} 4096x4x4096, median of {rounds} alternated (us): " + ", ".join(cells))
+    finally:
+        layer.INLINE_ALWAYS, layer.PREFETCH_L2 = saved
+
+
 def main():
     print("mlx", mx.__version__, mx.default_device())
     # A. copy floor: one 1 GB eval vs 10 rotated 134 MB arrays in one eval.
@@ -141,17 +178,7 @@ def main():
         us = tput(f, [[x] for x in xs])
         print(f"layer tg={tg:4d} groups={groups:5d}: {us:7.1f} us {gbps(nb, us)}  plan={layer.plan(T, n, C, 2, tg, groups)}")
 
-    # the whole static forward (coefficients included): Sinkhorn inside the layer kernel
-    # ("latency": every threadgroup runs it, layer.INLINE_ALWAYS) against the separate
-    # coefficient kernel ("throughput"), alternated five times (single runs disagreed by 15 %)
-    times = {"throughput": [], "latency": []}
-    models = {p: mhc.MHCLayer(n, C, dispatch_policy=p) for p in times}
-    mx.eval([m.parameters() for m in models.values()])
-    for _ in range(5):
-        for policy, ml in models.items():
-            times[policy].append(tput(ml, [[x] for x in xs]))
-    row = [f"{p} {statistics.median(t):6.1f} us (runs {', '.join(f'{v:.1f}' for v in t)})" for p, t in times.items()]
-    print("static layer forward 4096x4x4096 (coefficients included), medians of 5: " + "; ".join(row))
+    layer_candidates(xs)
 
     # B2. the layer's backward: composed from the op kernels vs the candidate one-pass kernel.
     pre_raw, post_raw, res_raw = mx.zeros((n,)), mx.zeros((n,)), 3 * mx.eye(n)

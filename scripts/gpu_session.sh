@@ -14,6 +14,7 @@
 #   bash scripts/gpu_session.sh candidates   # the checks with every candidate on, the target cases'
 #                                            # bench with them on, then the experiments (each off/on)
 #   bash scripts/gpu_session.sh decide       # every check, the experiments, the target cases' bench
+#   bash scripts/gpu_session.sh layer-candidates  # layer checks with its candidates on, then as decide
 #   CHECK_ONLY=sinkhorn,layer bash scripts/gpu_session.sh all   # only these check groups
 #   CHECK_ARGS="--mma-vjp --mma-x-unroll 2" \
 #     CHECK_ONLY=sinkhorn,coefficients,layer,read_step \
@@ -64,7 +65,7 @@ check() {
   done
   [[ $groups == *,sinkhorn,* ]] && start sinkhorn python scripts/gpu_check.py ${CHECK_ARGS:-} --no-bench --only sinkhorn --out "$res/sinkhorn"
   if [ -n "${CHECK_EXTRA:-}" ]; then  # the tensor-core coefficients at the other X_UNROLL values
-    for ku in 2 4; do
+    for ku in 1 4; do
       start "coefficients_mma_ku$ku" python scripts/gpu_check.py --no-bench --only coefficients --dynamic-form mma \
         --mma-x-unroll $ku --dtypes bf16,f16 --out "$res/coefficients_mma_ku$ku"
     done
@@ -123,6 +124,17 @@ case "${1:-}" in
     run 220 experiments python scripts/gpu_experiments.py
     run 150 bench python -m mhc_mlx.cli.main bench --out "$res/bench" --overwrite --seeds "" --only "$TARGETS,x32x"
     ;;
+  layer-candidates)
+    # the layer and coefficient checks with the layer candidates on (single launch, L2
+    # prefetch), then with the defaults, the experiments, and the target cases' bench with the
+    # defaults and with --candidates
+    CHECK_ARGS="--layer-candidates" CHECK_ONLY=layer check 150
+    CHECK_ONLY="${CHECK_ONLY:-layer,coefficients}" check 150
+    run 200 experiments python scripts/gpu_experiments.py
+    run 120 bench python -m mhc_mlx.cli.main bench --out "$res/bench" --overwrite --seeds "" --only "$TARGETS"
+    run 60 bench_candidates python -m mhc_mlx.cli.main bench --candidates --out "$res/bench_candidates" --overwrite \
+      --seeds "" --only "static/fwd/4096x4x4096,static/fwd+bwd/4096x4x4096"
+    ;;
   experiments) run 420 experiments python scripts/gpu_experiments.py ;;
   final)
     # the checks of what a session changed (CHECK_ONLY, default below), the experiments, then
@@ -148,7 +160,7 @@ case "${1:-}" in
     run 140 experiments python scripts/gpu_experiments.py
     ;;
   *)
-    echo "usage: bash scripts/gpu_session.sh check|bench|bench-full|check-bench-full|profile|experiments|all|candidates|decide|tune|final" >&2
+    echo "usage: bash scripts/gpu_session.sh check|bench|bench-full|check-bench-full|profile|experiments|all|candidates|decide|layer-candidates|tune|final" >&2
     exit 2
     ;;
 esac

@@ -270,6 +270,7 @@ CUDA_LAYER = r"""
 #define KSQRT(v) sqrtf(v)
 #define KMAX(a, b) fmaxf((a), (b))
 #define KALIGNED16(p) ((reinterpret_cast<unsigned long long>(p) & 15ull) == 0ull)
+#define KPREFETCH_L2(p) ((void)(p))
 struct float4 { float x, y, z, w; };
 
 KDEV float kwarp_sum(float v) {

@@ -154,10 +154,10 @@ def _dynamic_inputs(T, n, C, dtype):
     return x, phi, mx.random.uniform(0.2, 1.5, (3,)), mx.random.normal((W,))
 
 
-# "mma-ku2", "mma-ku4": the tensor-core form with 2 or 4 x loads per row and lane in a step
-# (coefficients_mma.X_UNROLL)
-FORMS = [("kernel", 16), ("kernel", 8), ("gemm", None), ("mma", None), ("mma-ku2", None), ("mma-ku4", None)]
-FORM_IDS = ["kernel-tb16", "kernel-tb8", "gemm", "mma", "mma-ku2", "mma-ku4"]
+# "mma-ku1", "mma-ku4": the tensor-core form with 1 or 4 x loads per row and lane in a step
+# (coefficients_mma.X_UNROLL; "mma" runs the default, 2)
+FORMS = [("kernel", 16), ("kernel", 8), ("gemm", None), ("mma", None), ("mma-ku1", None), ("mma-ku4", None)]
+FORM_IDS = ["kernel-tb16", "kernel-tb8", "gemm", "mma", "mma-ku1", "mma-ku4"]
 # the tensor-core kernel is CUDA only (never dispatched on Metal)
 FLAVOURED_FORMS = [pytest.param(fl, form, tb, id=f"{fl}-{fid}") for fl in FLAVOURS
                    for (form, tb), fid in zip(FORMS, FORM_IDS) if not (fl == "metal" and form.startswith("mma"))]
@@ -385,8 +385,11 @@ def test_layer_forward(flavour, dtype, n, C, T, inline):
 # coefficients are ready): x held in registers (CPT > 0) at C = 64, re-read (CPT = 0) at C = 1031
 @pytest.mark.parametrize("n,C,T,groups,registers", [(4, 64, 7, 2, True), (4, 1031, 5, 2, False), (2, 40, 5, 3, True)])
 @pytest.mark.parametrize("inline", [True, False])
+@pytest.mark.parametrize("prefetch", [False, True])  # layer.PREFETCH_L2: a hint, results unchanged
 @pytest.mark.parametrize("flavour", FLAVOURS)
-def test_layer_forward_with_fewer_groups_than_tokens(flavour, dtype, n, C, T, groups, registers, inline):
+def test_layer_forward_with_fewer_groups_than_tokens(monkeypatch, flavour, dtype, n, C, T, groups, registers, inline,
+                                                     prefetch):
+    monkeypatch.setattr(layer, "PREFETCH_L2", prefetch)
     x = mx.random.normal((T, n, C)).astype(dtype)
     pre, post = mx.random.normal((n,)), mx.random.normal((n,))
     res, w = 2 * mx.random.normal((n, n)), mx.random.uniform(0.5, 1.5, (C,))
@@ -397,6 +400,7 @@ def test_layer_forward_with_fewer_groups_than_tokens(flavour, dtype, n, C, T, gr
         got = layer.forward(x, H[0][0], H[1][0], H[2][0], w, 20, 1e-5, False, 32, groups)
     name, template, grid, tg = emu.launched[-1]
     assert name == "mhc_layer" and grid == groups * tg and (template["CPT"] > 0) == registers, template
+    assert template["PF"] == prefetch
     assert rel(got, ref64.layer(np64(x), np64(pre), np64(post), np64(res), np64(w), 20, 1e-5)) <= TOL[dtype]
 
 
@@ -407,10 +411,12 @@ def test_layer_forward_with_fewer_groups_than_tokens(flavour, dtype, n, C, T, gr
 @pytest.mark.parametrize("n,C,T,threads,groups,budget,registers", [
     (1, 33, 2, None, None, None, True), (4, 40, 3, None, None, None, True),
     (8, 64, 2, None, None, None, True), (4, 260, 3, 32, 2, None, True), (4, 512, 3, 32, 2, 16, True),
-    (4, 520, 3, 32, 2, None, False),
+    (4, 520, 3, 32, 2, None, False), (4, 512, 5, 32, 2, 16, "prefetch"),
 ])
 @pytest.mark.parametrize("flavour", FLAVOURS)
-def test_layer_one_pass_backward(flavour, dtype, n, C, T, threads, groups, budget, registers):
+def test_layer_one_pass_backward(monkeypatch, flavour, dtype, n, C, T, threads, groups, budget, registers):
+    # registers == "prefetch": CPT > 0 with layer.PREFETCH_L2 (the next token's x and g hinted to L2)
+    monkeypatch.setattr(layer, "PREFETCH_L2", registers == "prefetch")
     x = mx.random.normal((T, n, C)).astype(dtype)
     primals = [x, mx.random.normal((n,)), mx.random.normal((n,)), 2 * mx.random.normal((n, n)),
                mx.random.uniform(0.5, 1.5, (C,))]
@@ -418,7 +424,7 @@ def test_layer_one_pass_backward(flavour, dtype, n, C, T, threads, groups, budge
     kw = {k: v for k, v in (("threads", threads), ("groups", groups), ("budget", budget)) if v}
     got = layer._fused_layer_vjp(primals, g, 20, 1e-5, **kw)
     template = next(t for name, t, *_ in emu.launched if name == "mhc_layer_vjp")
-    assert (template["CPT"] > 0) == registers, template
+    assert (template["CPT"] > 0) == bool(registers) and template["PF"] == (registers == "prefetch"), template
     # The reference gradient in float32 on the same (16-bit valued) inputs: the kernel
     # accumulates in float32 too, while the reference run in bfloat16 rounds every op and
     # carries noise of the order of the tolerance itself (up to 3.6e-2 seen over 40 seeds).
@@ -528,8 +534,8 @@ MISALIGNED_CASES = {
     "layer-forward": lambda mp: test_layer_forward("cuda", mx.bfloat16, 4, 64, 3, False),
     "layer-forward-inline": lambda mp: test_layer_forward("cuda", mx.float16, 4, 64, 2, True),
     "layer-forward-groups": lambda mp: test_layer_forward_with_fewer_groups_than_tokens(
-        "cuda", mx.bfloat16, 4, 64, 7, 2, True, True),
-    "layer-backward": lambda mp: test_layer_one_pass_backward("cuda", mx.bfloat16, 4, 64, 3, None, None, None, True),
+        mp, "cuda", mx.bfloat16, 4, 64, 7, 2, True, True, True),
+    "layer-backward": lambda mp: test_layer_one_pass_backward(mp, "cuda", mx.bfloat16, 4, 64, 3, None, None, None, True),
     "coefficients-kernel": lambda mp: test_dynamic_coefficients_forward(mp, "cuda", "kernel", 8, mx.bfloat16, 4, 40, 19),
     "coefficients-mma": lambda mp: test_dynamic_coefficients_forward(mp, "cuda", "mma", None, mx.bfloat16, 4, 40, 19),
     "coefficients-mma-f16": lambda mp: test_dynamic_coefficients_forward(mp, "cuda", "mma", None, mx.float16, 4, 24, 70),

@@ -38,9 +38,10 @@ TARGET_WARPS = 2048  # ~16 resident warps on each of an H100's 132 SMs
 # across its four lanes. At KU = 1 each row is read in 64-byte pieces one step apart, on
 # rows 32 KB apart; the ncu profiles (H100 2026-11-25, H200 2026-11-29) had this kernel
 # reading x at 760-920 GB/s where pre and post, which read whole rows, reach 2.4-3.0 TB/s. On
-# the H200, 2 and 4 passed the GPU check but did not beat 1 in throughput (4: fewer resident
-# warps); docs/kernel-notes.md, row 13.
-X_UNROLL = 1
+# the H200, 2 and 4 passed the GPU check; with the earlier k loop neither beat 1, with KLOOP
+# 2 did (pack + mma 128.4 against 134.0 µs, then 96.0-110.7 against 130.4-134.1 over five
+# launch sizes; docs/kernel-notes.md, rows 13 and 16).
+X_UNROLL = 2
 
 # The tensor-core instruction (tests substitute a CPU model of it, with the same fragments).
 PTX_MMA = r"""

@@ -28,6 +28,11 @@ LATENCY_TOKENS = 16  # up to this many tokens the inline (single-launch) form is
 # on the H200 (2026-11-29) against 101-107 for the layer kernel alone, and the inline form
 # 130.0-139.9; the inline form now loads its first token before its Sinkhorn. Off until timed.
 INLINE_ALWAYS = False
+# Candidate (the layer kernels' PF): while a threadgroup writes one token it asks L2 for the
+# next token's x (and g, backward), so DRAM keeps reading between a group's load phases; the
+# forward holds 128 registers at 256 threads (two groups per SM), so nothing else keeps loads
+# in flight then. Off until timed (scripts/gpu_experiments.py).
+PREFETCH_L2 = False
 # Above this n the fused kernel runs out of registers (n = 32: 255 registers and 3.7 KB of
 # spills; measured 1299 µs at 512 x 32 x 1280 against 948 µs compiled), so the layer is
 # composed from the pre and post kernels instead (measured alone: 31 µs and 80 µs there).
@@ -141,6 +146,11 @@ LAYER = KernelSpec(
       }
     }
     const float inv = 1.0f / KSQRT(kblock_sum(ss, scratch, lane, warp, nwarps) / (float)C + eps);
+    if (PF && t + KNB < Ttok) {  // the next token's x towards L2 while this one is written
+      for (int cv = tid; cv < nv; cv += KNT) {
+        KUNROLL for (int i = 0; i < N; ++i) KPREFETCH_L2(xin + ((t + KNB) * N + i) * C + (int64_t)cv * V);
+      }
+    }
     if (CPT > 0) {
       KUNROLL for (int c = 0; c < CP; ++c) {
         const int cv = tid + c * KNT;
@@ -281,6 +291,14 @@ LAYER_VJP = KernelSpec(
     const float dny = kblock_sum(part[1], scratch, lane, warp, nwarps);
     const float inv = 1.0f / KSQRT(ss / (float)C + eps);
     const float s = inv * dny / (float)C;  // (sum_c dn_c n_c) / C
+    if (PF && t + KNB < Ttok) {  // the next token's x and g towards L2 during pass 2
+      for (int cv = tid; cv < nv; cv += KNT) {
+        KUNROLL for (int i = 0; i < N; ++i) {
+          KPREFETCH_L2(xin + ((t + KNB) * N + i) * C + (int64_t)cv * V);
+          KPREFETCH_L2(gin + ((t + KNB) * N + i) * C + (int64_t)cv * V);
+        }
+      }
+    }
     // pass 2: dx, and the sums for dM, dH_post, dH_pre, dw
     if (CPT > 0) {
       KUNROLL for (int q = 0; q < CP; ++q) {
@@ -344,7 +362,7 @@ def forward(x, pre, post, res, weight, iters: int, eps: float, inline: bool, thr
         LAYER,
         [x, pre, post, res, weight, int_params(T, C, iters), float_params(eps)],
         [(x.shape, x.dtype)], groups * tg, tg,
-        [("T", x.dtype), ("N", n), ("V", V), ("CPT", cpt), ("INLINE", inline)],
+        [("T", x.dtype), ("N", n), ("V", V), ("CPT", cpt), ("INLINE", inline), ("PF", PREFETCH_L2)],
     )[0]
 
 
@@ -377,7 +395,7 @@ def fused_vjp(x, g, H_pre, H_post, H_res, weight, eps: float, threads: int = 256
         LAYER_VJP,
         [x, g.astype(x.dtype), H_pre, H_post, H_res, weight, int_params(T, C), float_params(eps)],
         [(x.shape, x.dtype), ((groups, na), F32), ((groups, C), F32)], groups * threads, threads,
-        [("T", x.dtype), ("N", n), ("V", V), ("CPT", cpt)],
+        [("T", x.dtype), ("N", n), ("V", V), ("CPT", cpt), ("PF", PREFETCH_L2)],
     )
     gcoef = mx.sum(gcoef, axis=0)
     return gx, gcoef[n * n + n :], gcoef[n * n : n * n + n], gcoef[: n * n].reshape(n, n), mx.sum(gw, axis=0)

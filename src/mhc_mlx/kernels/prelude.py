@@ -40,6 +40,8 @@ CUDA_MACROS = r"""
 #define KSQRT(v) sqrtf(v)
 #define KMAX(a, b) fmaxf((a), (b))
 #define KALIGNED16(p) ((reinterpret_cast<unsigned long long>(p) & 15ull) == 0ull)
+// A hint to bring p's cache line into L2 (no register, no wait; a no-op where unsupported)
+#define KPREFETCH_L2(p) asm volatile("prefetch.L2 [%0];" ::"l"(p))
 
 KDEV float kwarp_sum(float v) {
   KUNROLL for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -95,6 +97,7 @@ METAL_MACROS = r"""
 #define KSQRT(v) metal::precise::sqrt(v)
 #define KMAX(a, b) metal::max((a), (b))
 #define KALIGNED16(p) (true)
+#define KPREFETCH_L2(p) ((void)0)
 
 KDEV float kwarp_sum(float v) { return metal::simd_sum(v); }
 KDEV float kwarp_max(float v) { return metal::simd_max(v); }
