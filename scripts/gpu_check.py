@@ -276,8 +276,8 @@ def main(argv=None) -> int:
                     help="switch on the candidate tensor-core backward of the dynamic coefficients "
                          "(coefficients.MMA_VJP: 16-bit x, n <= 4) for every check")
     ap.add_argument("--layer-candidates", action="store_true",
-                    help="switch on the static layer's candidates: the single-launch form at every token "
-                         "count (layer.INLINE_ALWAYS) and the L2 prefetch (layer.PREFETCH_L2)")
+                    help="switch on the static layer's candidate: the single-launch form at every token "
+                         "count (layer.INLINE_ALWAYS)")
     ap.add_argument("--fused-read-step", action="store_true",
                     help="switch on the candidate fused read step of dynamic sites (kernels.FUSED_READ_STEP)")
     ap.add_argument("--out", default=os.environ.get("OUT", "runs/gpu_check"))
@@ -285,7 +285,7 @@ def main(argv=None) -> int:
     if args.fused_read_step:
         kernels.FUSED_READ_STEP = True
     if args.layer_candidates:
-        layer.INLINE_ALWAYS = layer.PREFETCH_L2 = True
+        layer.INLINE_ALWAYS = True
     if args.mma_vjp:
         coefficients.MMA_VJP = True
     if args.sinkhorn_warp_vjp:

@@ -122,7 +122,8 @@ def layer_candidates(xs, rounds=5):
     """The static layer's candidates against the defaults at 4096x4x4096 bf16, alternated
     `rounds` times in this process (single runs of one form disagreed by up to 15 %): the
     layer kernel alone, the whole forward (coefficients included) and forward+backward as the
-    bench runs them, each with layer.INLINE_ALWAYS and layer.PREFETCH_L2 off and on."""
+    bench runs them: two launches or one (layer.INLINE_ALWAYS), and the L2 prefetch of the
+    token 0, 1 or 2 ahead (layer.PREFETCH_TOKENS)."""
     from mhc_mlx.bench import cases as bench_cases
 
     n, C = 4, 4096
@@ -133,13 +134,13 @@ def layer_candidates(xs, rounds=5):
     bwd_case = bench_cases.Case("static", "fwd+bwd", (4096, n, C), "bfloat16", "throughput")
     fwd, fwd_xs = bench_cases.prepare(fwd_case, len(xs))
     fwdbwd, bwd_xs = bench_cases.prepare(bwd_case, len(xs))
-    forms = {"default": (False, False), "inline": (True, False), "prefetch": (False, True), "both": (True, True)}
+    forms = {"plain": (False, 0), "inline": (True, 0), "prefetch 1": (False, 1), "prefetch 2": (False, 2)}
     rows = {
         "layer kernel alone": lambda: tput(lambda x: layer.forward(x, H[0], H[1], H[2], w, 20, 1e-5, False), [[x] for x in xs]),
         "static fwd (bench case)": lambda: tput(fwd, [[x] for x in fwd_xs]),
         "static fwd+bwd (bench case)": lambda: tput(fwdbwd, [[x] for x in bwd_xs]),
     }
-    saved = layer.INLINE_ALWAYS, layer.PREFETCH_L2
+    saved = layer.INLINE_ALWAYS, layer.PREFETCH_TOKENS
     try:
         for label, run in rows.items():
             times = {f: [] for f in forms}
@@ -147,12 +148,12 @@ def layer_candidates(xs, rounds=5):
                 for f, (inline, pf) in forms.items():
                     if label == "layer kernel alone" and inline:
                         continue
-                    layer.INLINE_ALWAYS, layer.PREFETCH_L2 = inline, pf
+                    layer.INLINE_ALWAYS, layer.PREFETCH_TOKENS = inline, pf
                     times[f].append(run())
-            cells = [f"{f} {statistics.median(t):6.1f}" for f, t in times.items() if t]
+            cells = [f"{f} {statistics.median(t):6.1f} ({' '.join(f'{v:.0f}' for v in t)})" for f, t in times.items() if t]
             print(f"layer candidates, {label} 4096x4x4096, median of {rounds} alternated (us): " + ", ".join(cells))
     finally:
-        layer.INLINE_ALWAYS, layer.PREFETCH_L2 = saved
+        layer.INLINE_ALWAYS, layer.PREFETCH_TOKENS = saved
 
 
 def main():

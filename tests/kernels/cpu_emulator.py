@@ -63,6 +63,17 @@ struct Group {
 };
 static Group G;
 static void (*body)() = nullptr;
+// The launch's buffers [start, end), so a prefetch hint outside all of them is reported (on a
+// GPU it would be a hint for memory the kernel does not own).
+static const char* buf_start[64];
+static const char* buf_end[64];
+static int nbufs = 0, bad_prefetches = 0;
+static void prefetch(const void* p) {
+  const char* c = static_cast<const char*>(p);
+  for (int i = 0; i < nbufs; ++i)
+    if (c >= buf_start[i] && c < buf_end[i]) return;
+  ++bad_prefetches;
+}
 static const size_t STACK = 128 * 1024;
 
 static void yield_to_scheduler() {
@@ -270,7 +281,7 @@ CUDA_LAYER = r"""
 #define KSQRT(v) sqrtf(v)
 #define KMAX(a, b) fmaxf((a), (b))
 #define KALIGNED16(p) ((reinterpret_cast<unsigned long long>(p) & 15ull) == 0ull)
-#define KPREFETCH_L2(p) ((void)(p))
+#define KPREFETCH_L2(p) emu::prefetch(p)
 struct float4 { float x, y, z, w; };
 
 KDEV float kwarp_sum(float v) {
@@ -406,8 +417,13 @@ def source(spec, input_dtypes, output_dtypes, template) -> str:
         "}",
         f"static void* mhc_args[{n_args}];",
         f"static void mhc_body() {{ mhc_kernel({unpack}); }}",
-        'extern "C" int mhc_run(void** args, int nblocks, int nthreads) {',
+        'extern "C" int mhc_bad_prefetches() { return emu::bad_prefetches; }',
+        'extern "C" int mhc_run(void** args, long long* nbytes, int nblocks, int nthreads) {',
         f"  for (int i = 0; i < {n_args}; ++i) mhc_args[i] = args[i];",
+        f"  emu::nbufs = {n_args};",
+        "  emu::bad_prefetches = 0;",
+        f"  for (int i = 0; i < {n_args}; ++i) {{ emu::buf_start[i] = (const char*)args[i]; "
+        "emu::buf_end[i] = (const char*)args[i] + nbytes[i]; }",
         "  emu::body = mhc_body;",
         "  emu::G.deadlock = false;",
         "  return emu::run_grid(nblocks, nthreads);",
@@ -436,7 +452,9 @@ def _library(code: str):
         os.replace(tmp, so)
     lib = ctypes.CDLL(so)
     lib.mhc_run.restype = ctypes.c_int
-    lib.mhc_run.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_int, ctypes.c_int]
+    lib.mhc_run.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_longlong), ctypes.c_int,
+                            ctypes.c_int]
+    lib.mhc_bad_prefetches.restype = ctypes.c_int
     _LIBS[key] = lib
     return lib
 
@@ -502,14 +520,17 @@ def launch(spec, inputs, outputs, grid: int, threadgroup: int, template, backend
     lib = _library(code)
     middles = [m for _, m in guarded_ins + guarded_outs]
     ptrs = (ctypes.c_void_p * len(middles))(*[m.ctypes.data for m in middles])
+    sizes = (ctypes.c_longlong * len(middles))(*[m.nbytes for m in middles])
     launched.append((spec.name, dict(template), grid, threadgroup))
-    failed_block = lib.mhc_run(ptrs, grid // threadgroup, threadgroup)
+    failed_block = lib.mhc_run(ptrs, sizes, grid // threadgroup, threadgroup)
     if failed_block > 0:
         raise RuntimeError(f"{spec.name}: deadlock in threadgroup {failed_block - 1} "
                            "(a barrier or warp exchange that not every live thread reaches)")
     if failed_block < 0:
         raise RuntimeError(f"{spec.name}: a warp exchange ran after some lanes of the warp had exited "
                            f"(threadgroup {-failed_block - 1}): undefined with a full mask on the GPU")
+    if lib.mhc_bad_prefetches():
+        raise RuntimeError(f"{spec.name}: {lib.mhc_bad_prefetches()} prefetch hints outside every buffer")
     for k, ((whole, middle), a, x) in enumerate(zip(guarded_ins, ins, inputs)):
         what = f"input {k} ({spec.inputs[k]})"
         _check_guards(spec.name, what, whole, GUARD_BYTES // a.dtype.itemsize, _POISON[x.dtype])

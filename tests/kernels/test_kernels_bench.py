@@ -57,7 +57,7 @@ def test_bench_records_the_kernel_settings_and_switches_candidates_on(quick_run,
                               "--only", "static/fwd/1x4x64"]) == 0
         with open(tmp_path / "bench.json") as f:
             recorded = json.load(f)["header"]["kernel_settings"]
-        candidates = ("mma_vjp", "fused_read_step", "layer_inline_always", "layer_prefetch_l2")
+        candidates = ("mma_vjp", "fused_read_step", "layer_inline_always")
         assert all(recorded[k] for k in candidates) and not any(defaults[k] for k in candidates)
     finally:
         kernels.use_candidates(False)

@@ -385,11 +385,11 @@ def test_layer_forward(flavour, dtype, n, C, T, inline):
 # coefficients are ready): x held in registers (CPT > 0) at C = 64, re-read (CPT = 0) at C = 1031
 @pytest.mark.parametrize("n,C,T,groups,registers", [(4, 64, 7, 2, True), (4, 1031, 5, 2, False), (2, 40, 5, 3, True)])
 @pytest.mark.parametrize("inline", [True, False])
-@pytest.mark.parametrize("prefetch", [False, True])  # layer.PREFETCH_L2: a hint, results unchanged
+@pytest.mark.parametrize("prefetch", [0, 1, 2])  # layer.PREFETCH_TOKENS: a hint, results unchanged
 @pytest.mark.parametrize("flavour", FLAVOURS)
 def test_layer_forward_with_fewer_groups_than_tokens(monkeypatch, flavour, dtype, n, C, T, groups, registers, inline,
                                                      prefetch):
-    monkeypatch.setattr(layer, "PREFETCH_L2", prefetch)
+    monkeypatch.setattr(layer, "PREFETCH_TOKENS", prefetch)
     x = mx.random.normal((T, n, C)).astype(dtype)
     pre, post = mx.random.normal((n,)), mx.random.normal((n,))
     res, w = 2 * mx.random.normal((n, n)), mx.random.uniform(0.5, 1.5, (C,))
@@ -415,8 +415,9 @@ def test_layer_forward_with_fewer_groups_than_tokens(monkeypatch, flavour, dtype
 ])
 @pytest.mark.parametrize("flavour", FLAVOURS)
 def test_layer_one_pass_backward(monkeypatch, flavour, dtype, n, C, T, threads, groups, budget, registers):
-    # registers == "prefetch": CPT > 0 with layer.PREFETCH_L2 (the next token's x and g hinted to L2)
-    monkeypatch.setattr(layer, "PREFETCH_L2", registers == "prefetch")
+    # registers == "prefetch": CPT > 0 with the next token's x and g hinted to L2 (layer.PREFETCH_TOKENS
+    # = 1); the other cases without the hint
+    monkeypatch.setattr(layer, "PREFETCH_TOKENS", 1 if registers == "prefetch" else 0)
     x = mx.random.normal((T, n, C)).astype(dtype)
     primals = [x, mx.random.normal((n,)), mx.random.normal((n,)), 2 * mx.random.normal((n, n)),
                mx.random.uniform(0.5, 1.5, (C,))]
@@ -488,6 +489,10 @@ def test_emulator_reports_out_of_bounds_and_input_writes(dtype):
     into = KernelSpec("into", ("a",), ("o",), "o[KTID] = a[KTID]; if (KTID == 0) const_cast<T*>(a)[5] = a[0];")
     with pytest.raises(RuntimeError, match="wrote into input 0"):
         emu.launch(into, [a], [((32,), dtype)], 32, 32, [("T", dtype)])
+    # a prefetch hint for memory outside every buffer of the launch
+    hint = KernelSpec("hint", ("a",), ("o",), "KPREFETCH_L2(a + 64); o[KTID] = a[KTID];")
+    with pytest.raises(RuntimeError, match="prefetch hints outside every buffer"):
+        emu.launch(hint, [a], [((32,), dtype)], 32, 32, [])
     # a read past the end of an input sees poison (NaN), which reaches the output
     over = KernelSpec("over", ("a",), ("o",), "o[KTID] = a[KTID + 1];")
     out = np64(emu.launch(over, [a], [((32,), dtype)], 32, 32, [])[0])
@@ -534,7 +539,7 @@ MISALIGNED_CASES = {
     "layer-forward": lambda mp: test_layer_forward("cuda", mx.bfloat16, 4, 64, 3, False),
     "layer-forward-inline": lambda mp: test_layer_forward("cuda", mx.float16, 4, 64, 2, True),
     "layer-forward-groups": lambda mp: test_layer_forward_with_fewer_groups_than_tokens(
-        mp, "cuda", mx.bfloat16, 4, 64, 7, 2, True, True, True),
+        mp, "cuda", mx.bfloat16, 4, 64, 7, 2, True, True, 1),
     "layer-backward": lambda mp: test_layer_one_pass_backward(mp, "cuda", mx.bfloat16, 4, 64, 3, None, None, None, True),
     "coefficients-kernel": lambda mp: test_dynamic_coefficients_forward(mp, "cuda", "kernel", 8, mx.bfloat16, 4, 40, 19),
     "coefficients-mma": lambda mp: test_dynamic_coefficients_forward(mp, "cuda", "mma", None, mx.bfloat16, 4, 40, 19),

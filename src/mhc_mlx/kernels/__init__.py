@@ -130,7 +130,7 @@ def use_candidates(on: bool = True) -> None:
     """Switch this process's kernel candidates on or off (`mhc-mlx bench --candidates`): the
     tensor-core coefficient backward and the fused read step, which passed scripts/gpu_check.py
     on the H200 (2026-11-29) but were slower there than the defaults, and the static layer's
-    single-launch (inline) form at every token count and its L2 prefetch, not yet timed
+    single-launch (inline) form at every token count, which did not win either
     (docs/kernel-notes.md)."""
     from . import coefficients, layer
 
@@ -138,7 +138,6 @@ def use_candidates(on: bool = True) -> None:
     FUSED_READ_STEP = on
     coefficients.MMA_VJP = on
     layer.INLINE_ALWAYS = on
-    layer.PREFETCH_L2 = on
 
 
 def settings() -> dict:
@@ -153,7 +152,7 @@ def settings() -> dict:
             "tokens_per_block_small_n": coefficients.TOKENS_PER_BLOCK_SMALL_N,
             "layer_fused_vjp": layer.USE_FUSED_VJP,
             "layer_inline_always": layer.INLINE_ALWAYS,
-            "layer_prefetch_l2": layer.PREFETCH_L2,
+            "layer_prefetch_tokens": layer.PREFETCH_TOKENS,
             "fused_read_step": FUSED_READ_STEP,
             "sinkhorn_thread_vjp_max_work": sinkhorn.THREAD_VJP_MAX_WORK}
 

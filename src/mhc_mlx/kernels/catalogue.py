@@ -53,13 +53,14 @@ def instances():
                             [("T", dt), ("N", n), ("V", V), ("SHARED", shared), ("DX", True)]))
                 out.append((site.POST_VJP, (dt, dt, F32, F32, dt, I32), (dt, dt, F32, F32),
                             [("T", dt), ("N", n), ("V", V), ("SHARED", shared), ("HGRAD", n <= 8)]))
-        for n, V, cpt, inline, pf in ((4, 16 // dt.size, 2, True, False), (4, 16 // dt.size, 2, False, True),
-                                      (4, 16 // dt.size, 0, False, False), (32, 1, 0, False, False)):
+        for n, V, cpt, inline, pf in ((4, 16 // dt.size, 2, True, 0), (4, 16 // dt.size, 2, False, 1),
+                                      (4, 16 // dt.size, 2, False, 2), (4, 16 // dt.size, 0, False, 1),
+                                      (32, 1, 0, False, 0)):
             out.append((layer.LAYER, (dt, F32, F32, F32, F32, I32, F32), (dt,),
                         [("T", dt), ("N", n), ("V", V), ("CPT", cpt), ("INLINE", inline), ("PF", pf)]))
-        for n, V, cpt, pf in ((4, 16 // dt.size, 2, False), (4, 16 // dt.size // 2 or 1, 4, False),
-                              (4, 16 // dt.size // 2 or 1, 4, True), (4, 16 // dt.size, 0, False), (8, 4, 1, False),
-                              (1, 1, 0, False)):
+        for n, V, cpt, pf in ((4, 16 // dt.size, 2, 0), (4, 16 // dt.size // 2 or 1, 4, 0),
+                              (4, 16 // dt.size // 2 or 1, 4, 1), (4, 16 // dt.size, 0, 1), (8, 4, 1, 1),
+                              (1, 1, 0, 1)):
             out.append((layer.LAYER_VJP, (dt, dt, F32, F32, F32, F32, I32, F32), (dt, F32, F32),
                         [("T", dt), ("N", n), ("V", V), ("CPT", cpt), ("PF", pf)]))
     return out

@@ -24,15 +24,19 @@ F32 = mx.float32
 MAX_N = 32
 LATENCY_TOKENS = 16  # up to this many tokens the inline (single-launch) form is used
 # Candidate: the inline form at every token count (one launch instead of the static coefficient
-# kernel's and the layer's). The two-launch forward measured 112.7-147.4 µs at 4096 x 4 x 4096
-# on the H200 (2026-11-29) against 101-107 for the layer kernel alone, and the inline form
-# 130.0-139.9; the inline form now loads its first token before its Sinkhorn. Off until timed.
+# kernel's and the layer's). H200 (2026-11-29, 4096 x 4 x 4096 bf16, medians of 5 alternated
+# runs): static fwd 124.3 against 124.7 µs two-launch in one run, 125.3 against 131.7 in the
+# next, but fwd+bwd 370.9 against 359.6 and with the L2 prefetch slower than either. Off.
 INLINE_ALWAYS = False
-# Candidate (the layer kernels' PF): while a threadgroup writes one token it asks L2 for the
-# next token's x (and g, backward), so DRAM keeps reading between a group's load phases; the
-# forward holds 128 registers at 256 threads (two groups per SM), so nothing else keeps loads
-# in flight then. Off until timed (scripts/gpu_experiments.py).
-PREFETCH_L2 = False
+# The layer kernels' PF: while a threadgroup writes one token it asks L2 for its token
+# PREFETCH_TOKENS ahead (x, and g in the backward; 0: none), so DRAM keeps reading between a
+# group's load phases; the forward holds
+# 128 registers at 256 threads (two groups per SM), so nothing else keeps loads in flight then.
+# H200 (2026-11-29, scripts/gpu_experiments.py, medians of 5 alternated runs, 4096 x 4 x 4096
+# bf16): static fwd 115.3 µs against 131.7 without, fwd+bwd 345.1 against 359.6, the forward
+# kernel alone 114.6 against 116.8 (one token ahead). With INLINE_ALWAYS as well it was slower
+# (163.1 / 408.3). Two tokens ahead: not yet timed.
+PREFETCH_TOKENS = 1
 # Above this n the fused kernel runs out of registers (n = 32: 255 registers and 3.7 KB of
 # spills; measured 1299 µs at 512 x 32 x 1280 against 948 µs compiled), so the layer is
 # composed from the pre and post kernels instead (measured alone: 31 µs and 80 µs there).
@@ -146,9 +150,9 @@ LAYER = KernelSpec(
       }
     }
     const float inv = 1.0f / KSQRT(kblock_sum(ss, scratch, lane, warp, nwarps) / (float)C + eps);
-    if (PF && t + KNB < Ttok) {  // the next token's x towards L2 while this one is written
+    if (PF > 0 && t + PF * KNB < Ttok) {  // a later token's x towards L2 while this one is written
       for (int cv = tid; cv < nv; cv += KNT) {
-        KUNROLL for (int i = 0; i < N; ++i) KPREFETCH_L2(xin + ((t + KNB) * N + i) * C + (int64_t)cv * V);
+        KUNROLL for (int i = 0; i < N; ++i) KPREFETCH_L2(xin + ((t + PF * KNB) * N + i) * C + (int64_t)cv * V);
       }
     }
     if (CPT > 0) {
@@ -291,11 +295,11 @@ LAYER_VJP = KernelSpec(
     const float dny = kblock_sum(part[1], scratch, lane, warp, nwarps);
     const float inv = 1.0f / KSQRT(ss / (float)C + eps);
     const float s = inv * dny / (float)C;  // (sum_c dn_c n_c) / C
-    if (PF && t + KNB < Ttok) {  // the next token's x and g towards L2 during pass 2
+    if (PF > 0 && t + PF * KNB < Ttok) {  // a later token's x and g towards L2 during pass 2
       for (int cv = tid; cv < nv; cv += KNT) {
         KUNROLL for (int i = 0; i < N; ++i) {
-          KPREFETCH_L2(xin + ((t + KNB) * N + i) * C + (int64_t)cv * V);
-          KPREFETCH_L2(gin + ((t + KNB) * N + i) * C + (int64_t)cv * V);
+          KPREFETCH_L2(xin + ((t + PF * KNB) * N + i) * C + (int64_t)cv * V);
+          KPREFETCH_L2(gin + ((t + PF * KNB) * N + i) * C + (int64_t)cv * V);
         }
       }
     }
@@ -362,7 +366,7 @@ def forward(x, pre, post, res, weight, iters: int, eps: float, inline: bool, thr
         LAYER,
         [x, pre, post, res, weight, int_params(T, C, iters), float_params(eps)],
         [(x.shape, x.dtype)], groups * tg, tg,
-        [("T", x.dtype), ("N", n), ("V", V), ("CPT", cpt), ("INLINE", inline), ("PF", PREFETCH_L2)],
+        [("T", x.dtype), ("N", n), ("V", V), ("CPT", cpt), ("INLINE", inline), ("PF", PREFETCH_TOKENS)],
     )[0]
 
 
@@ -395,7 +399,7 @@ def fused_vjp(x, g, H_pre, H_post, H_res, weight, eps: float, threads: int = 256
         LAYER_VJP,
         [x, g.astype(x.dtype), H_pre, H_post, H_res, weight, int_params(T, C), float_params(eps)],
         [(x.shape, x.dtype), ((groups, na), F32), ((groups, C), F32)], groups * threads, threads,
-        [("T", x.dtype), ("N", n), ("V", V), ("CPT", cpt), ("PF", PREFETCH_L2)],
+        [("T", x.dtype), ("N", n), ("V", V), ("CPT", cpt), ("PF", PREFETCH_TOKENS)],
     )
     gcoef = mx.sum(gcoef, axis=0)
     return gx, gcoef[n * n + n :], gcoef[n * n : n * n + n], gcoef[: n * n].reshape(n, n), mx.sum(gw, axis=0)
