@@ -2,7 +2,8 @@
 """Kernel-level timings behind docs/kernel-notes.md: each kernel alone, launch shapes, the
 copy floor two ways, and where B=1 latency goes (Python graph building vs the eval).
 
-    python scripts/gpu_experiments.py     (on a GPU machine; prints one line per measurement)
+    python scripts/gpu_experiments.py          (on a GPU machine; prints one line per measurement)
+    python scripts/gpu_experiments.py headers  (only the trimmed-vs-full kernel header timings)
 """
 
 from __future__ import annotations
@@ -154,6 +155,36 @@ def layer_candidates(xs, rounds=5):
             print(f"layer candidates, {label} 4096x4x4096, median of {rounds} alternated (us): " + ", ".join(cells))
     finally:
         layer.INLINE_ALWAYS, layer.PREFETCH_TOKENS = saved
+
+
+def header_sizes(rounds=5):
+    """Trimmed kernel headers (the default) against the whole prelude in every header
+    (build.FULL_HEADERS), alternated `rounds` times: the B = 1 static and dynamic forward
+    (latency) and the 4096x4x4096 static forward (throughput), as the bench runs them."""
+    from mhc_mlx.bench import cases as bench_cases
+    from mhc_mlx.kernels import build
+
+    rows = {}
+    for case in (bench_cases.Case("static", "fwd", (1, 4, 512), "bfloat16", "latency"),
+                 bench_cases.Case("dynamic", "fwd", (1, 4, 512), "bfloat16", "latency"),
+                 bench_cases.Case("static", "fwd", (4096, 4, 4096), "bfloat16", "throughput")):
+        apply, xs = bench_cases.prepare(case, 1 if case.mode == "latency" else 10)
+        if case.mode == "latency":
+            rows[case.id] = lambda a=apply, x=xs[0]: timing.latency_us(a, [x], repeats=100)
+        else:
+            rows[case.id] = lambda a=apply, xs=xs: tput(a, [[x] for x in xs])
+    saved = build.FULL_HEADERS
+    try:
+        for label, run in rows.items():
+            times = {"trimmed": [], "full": []}
+            for _ in range(rounds):
+                for form in times:
+                    build.FULL_HEADERS = form == "full"
+                    times[form].append(run())
+            cells = [f"{f} {statistics.median(t):6.1f} ({' '.join(f'{v:.0f}' for v in t)})" for f, t in times.items()]
+            print(f"kernel headers, {label}, median of {rounds} alternated (us): " + ", ".join(cells))
+    finally:
+        build.FULL_HEADERS = saved
 
 
 def main():
@@ -383,6 +414,7 @@ def main():
     sinkhorn_forms()
     sinkhorn_chain()
     sinkhorn_n32()
+    header_sizes()
 
     # E. n=32 post and layer.
     x32 = [mx.random.normal((512, 32, 1280)).astype(BF) for _ in range(10)]
@@ -396,4 +428,8 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:] == ["headers"]:  # only the header comparison
+        print("mlx", mx.__version__, mx.default_device())
+        header_sizes()
+    else:
+        main()

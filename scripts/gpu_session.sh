@@ -15,6 +15,7 @@
 #                                            # bench with them on, then the experiments (each off/on)
 #   bash scripts/gpu_session.sh decide       # every check, the experiments, the target cases' bench
 #   bash scripts/gpu_session.sh layer-candidates  # layer checks with its candidates on, then as decide
+#   bash scripts/gpu_session.sh headers      # every check, trimmed vs full kernel headers, the bench
 #   CHECK_ONLY=sinkhorn,layer bash scripts/gpu_session.sh all   # only these check groups
 #   CHECK_ARGS="--mma-vjp --mma-x-unroll 2" \
 #     CHECK_ONLY=sinkhorn,coefficients,layer,read_step \
@@ -124,6 +125,13 @@ case "${1:-}" in
     run 220 experiments python scripts/gpu_experiments.py
     run 150 bench python -m mhc_mlx.cli.main bench --out "$res/bench" --overwrite --seeds "" --only "$TARGETS,x32x"
     ;;
+  headers)
+    # every check (the trimmed kernel headers compile on NVRTC and match the reference), the
+    # trimmed-vs-full header timings, then the target cases' bench
+    check 120
+    run 60 experiments python scripts/gpu_experiments.py headers
+    run 150 bench python -m mhc_mlx.cli.main bench --out "$res/bench" --overwrite --seeds "" --only "$TARGETS"
+    ;;
   layer-candidates)
     # the layer and coefficient checks with the layer candidates on (single launch, L2
     # prefetch), then with the defaults, the experiments, and the target cases' bench with the
@@ -160,7 +168,7 @@ case "${1:-}" in
     run 140 experiments python scripts/gpu_experiments.py
     ;;
   *)
-    echo "usage: bash scripts/gpu_session.sh check|bench|bench-full|check-bench-full|profile|experiments|all|candidates|decide|layer-candidates|tune|final" >&2
+    echo "usage: bash scripts/gpu_session.sh check|bench|bench-full|check-bench-full|profile|experiments|all|candidates|decide|headers|layer-candidates|tune|final" >&2
     exit 2
     ;;
 esac

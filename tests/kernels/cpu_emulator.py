@@ -409,7 +409,7 @@ def source(spec, input_dtypes, output_dtypes, template) -> str:
     return "\n".join([
         RUNTIME,
         layer_text,
-        prelude.COMMON,
+        prelude.common_for(spec.helpers + spec.source()),  # the parts the GPU build gets (uncompacted)
         _helpers(spec),
         f"static void mhc_kernel({', '.join(params)}) {{",
         *consts,

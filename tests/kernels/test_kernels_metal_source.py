@@ -2,6 +2,7 @@
 mx.export_function tracing with verbose=True) and contains none of the CUDA macro layer's tokens."""
 
 import os
+import re
 
 import mlx.core as mx
 import pytest
@@ -71,3 +72,37 @@ def test_each_header_speaks_only_its_backend():
     assert not [t for t in METAL_ONLY_TOKENS if t in cuda]
     with pytest.raises(ValueError, match="unknown kernel backend"):
         prelude.header("vulkan")
+
+
+def test_each_kernel_gets_the_shared_code_it_names_and_no_comments():
+    # MLX hashes a kernel's whole source on every launch, so each header holds only the parts of
+    # prelude.COMMON its kernel names (and those parts name), without comment lines
+    full = {b: prelude.compact(prelude.header(b)) for b in ("cuda", "metal")}
+    defined = [name for name, _ in prelude.COMMON_PARTS if name]
+    for spec in catalogue.SPECS + catalogue.CUDA_ONLY_SPECS:
+        for backend in ("cuda",) if spec in catalogue.CUDA_ONLY_SPECS else ("cuda", "metal"):
+            text = spec.header(backend)
+            assert not [line for line in text.splitlines() if line.lstrip().startswith("//") or not line.strip()]
+            assert len(text) < len(full[backend]) + len(spec.helpers), spec.name
+            uses = spec.helpers + spec.body
+            for name in defined:
+                if re.search(rf"\b{name}\s*[<(]", uses):  # called by the kernel: defined in its header
+                    assert re.search(rf"KDEV [^\n]*\b{name}\(", text), (spec.name, backend, name)
+            if backend == "metal":
+                assert not [t for t in prelude.CUDA_ONLY_TOKENS if t in text], spec.name
+
+
+def test_full_headers_switch_back_to_the_whole_prelude(monkeypatch):
+    from mhc_mlx.kernels import build, site
+
+    trimmed = site.PRE.header("cuda")
+    monkeypatch.setattr(build, "FULL_HEADERS", True)
+    assert site.PRE.header("cuda") == prelude.header("cuda") + site.PRE.helpers
+    assert len(trimmed) < len(site.PRE.header("cuda")) / 4  # pre names none of the shared routines
+
+
+def test_compact_drops_only_comment_lines_and_blank_lines():
+    code = prelude.header("cuda")
+    kept = [line for line in code.splitlines() if line.strip() and not line.lstrip().startswith("//")]
+    assert prelude.compact(code).splitlines() == kept
+    assert prelude.compact("int a; // trailing stays\n  // gone\n\nint b;\n") == "int a; // trailing stays\nint b;\n"

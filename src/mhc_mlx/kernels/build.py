@@ -38,6 +38,14 @@ class KernelSpec:
     def source(self) -> str:
         return self.body + prelude.ATTRIBUTES_NOTE
 
+    def header(self, backend: str) -> str:
+        """The header MLX compiles this kernel with: the backend's macros, the shared device code
+        this kernel names (prelude.common_for) and its helpers, without comment lines (with
+        FULL_HEADERS: all of the shared code, comments included, as before 2026-11-29)."""
+        if FULL_HEADERS:
+            return prelude.header(backend) + self.helpers
+        return prelude.compact(prelude.header(backend, self.helpers + self.source()) + self.helpers)
+
 
 def metal_disabled() -> bool:
     return os.environ.get(ENV_DISABLE_METAL, "0").strip() not in ("", "0", "false", "False")
@@ -70,16 +78,26 @@ def on_gpu(*arrays) -> bool:
     return mx.default_device() == mx.gpu
 
 
-@lru_cache(maxsize=None)
+# True: every kernel's header holds the whole shared prelude with its comments (15-19 KB), as
+# before the headers were trimmed; scripts/gpu_experiments.py times both (MLX hashes the whole
+# source on every launch).
+FULL_HEADERS = False
+
+
 def compiled_kernel(spec: KernelSpec, backend: str):
     """The MLX custom-kernel object for `spec` on `backend` ('cuda' or 'metal'), built once."""
+    return _compiled_kernel(spec, backend, FULL_HEADERS)
+
+
+@lru_cache(maxsize=None)
+def _compiled_kernel(spec: KernelSpec, backend: str, full_headers: bool):
     if backend == "cuda":
         return mx.fast.cuda_kernel(
             name=spec.name,
             input_names=list(spec.inputs),
             output_names=list(spec.outputs),
             source=spec.source(),
-            header=prelude.header("cuda") + spec.helpers,
+            header=spec.header("cuda"),
         )
     if backend == "metal":
         return mx.fast.metal_kernel(
@@ -87,7 +105,7 @@ def compiled_kernel(spec: KernelSpec, backend: str):
             input_names=list(spec.inputs),
             output_names=list(spec.outputs),
             source=spec.source(),
-            header=prelude.header("metal") + spec.helpers,
+            header=spec.header("metal"),
         )
     raise ValueError(f"unknown kernel backend {backend!r}")
 
@@ -139,7 +157,7 @@ def render_cuda(spec: KernelSpec, input_dtypes, output_dtypes, template) -> str:
     `<name>_shape/_strides/_ndim`, which ours never do.
     """
     lines = ['#include "mlx/backend/cuda/device/utils.cuh"', "#include <cooperative_groups.h>",
-             prelude.header("cuda"), spec.helpers, "namespace mlx::core::cu {", "namespace cg = cooperative_groups;"]
+             spec.header("cuda"), "namespace mlx::core::cu {", "namespace cg = cooperative_groups;"]
     params = [f"    const {_CUDA_TYPES[d]}* {n}" for n, d in zip(spec.inputs, input_dtypes)]
     params += [f"    {_CUDA_TYPES[d]}* {n}" for n, d in zip(spec.outputs, output_dtypes)]
     lines.append(f"__global__ void custom_kernel_{spec.name}(\n" + ",\n".join(params) + ") {")

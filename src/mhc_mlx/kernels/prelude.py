@@ -12,6 +12,8 @@ a comment naming the attributes the macros use; on CUDA it is just a comment.
 
 from __future__ import annotations
 
+import re
+
 # Named in every body so MLX's Metal signature writer declares these attributes.
 ATTRIBUTES_NOTE = (
     "\n// attributes used by the K* macros: thread_position_in_threadgroup threadgroup_position_in_grid"
@@ -123,9 +125,12 @@ SINKHORN_THREAD_MAX_N = 8
 COMMON = r"""
 #define MHC_TINY 1e-30f
 #define MHC_NEG_BIG (-3.0e38f)
+#define SINKHORN_THREAD_MAX_N @SINKHORN_THREAD_MAX_N@
 
+//@part ksigmoid
 KDEV float ksigmoid(float v) { return 1.0f / (1.0f + KEXP(-v)); }
 
+//@part kblock_sum
 // Sum of v over the threadgroup; `scratch` holds one float per warp. Every thread gets it.
 // (Helpers take lane/warp as arguments: on Metal the thread attributes are kernel parameters.)
 KDEV float kblock_sum(float v, KSHPTR(float) scratch, int lane, int warp, int nwarps) {
@@ -139,6 +144,7 @@ KDEV float kblock_sum(float v, KSHPTR(float) scratch, int lane, int warp, int nw
   return s;
 }
 
+//@part kblock_reduce
 // NV sums at once over the threadgroup (scratch: nwarps * NV floats). Thread tid < NV gets
 // the total of vals[tid]; the others get 0. Ends with a barrier, so scratch can be reused.
 template <int NV>
@@ -156,6 +162,7 @@ KDEV float kblock_reduce(KTHREAD float* vals, KSHPTR(float) scratch, int lane, i
   return total;
 }
 
+//@part ksinkhorn_thread
 // Sinkhorn-Knopp on one N x N matrix held by one thread (p row-major, logits on entry, the
 // doubly stochastic matrix on exit): P = exp(L - max L), then `iters` times: scale by the
 // reciprocal column sums, then row sums, each clamped at MHC_TINY. No warp exchange inside the
@@ -182,14 +189,8 @@ KDEV void ksinkhorn_thread(KTHREAD float* p, int iters) {
   }
 }
 
-// Warp-parallel Sinkhorn-Knopp on one N x N matrix (N <= 32): lane j holds column j in
-// col[0..N); lanes j >= N hold zeros. On entry col holds the logits (dead lanes: anything),
-// on exit the doubly stochastic matrix. P = exp(L - max L), then `iters` times: divide by
-// column sums, then by row sums, each sum clamped at MHC_TINY. For N <= SINKHORN_THREAD_MAX_N
-// every lane gathers the whole matrix once (N * N shuffles, none of them chained) and runs
-// ksinkhorn_thread on it, the same instructions in every lane; lane j keeps column j.
-#define SINKHORN_THREAD_MAX_N @SINKHORN_THREAD_MAX_N@
 
+//@part ktranspose_row_sum
 // Row sums of an N x N matrix held by columns (lane j holds col[i] = P_ij; dead lanes zeros):
 // lane l returns the sum of row l (0 for l >= N). Recursive halving: at each of the five levels
 // a lane keeps half of its rows, sends the other half to its partner and adds what it
@@ -215,6 +216,13 @@ KDEV float ktranspose_row_sum(KTHREAD const float* col) {
   return v[0];
 }
 
+//@part ksinkhorn_warp
+// Warp-parallel Sinkhorn-Knopp on one N x N matrix (N <= 32): lane j holds column j in
+// col[0..N); lanes j >= N hold zeros. On entry col holds the logits (dead lanes: anything),
+// on exit the doubly stochastic matrix. P = exp(L - max L), then `iters` times: divide by
+// column sums, then by row sums, each sum clamped at MHC_TINY. For N <= SINKHORN_THREAD_MAX_N
+// every lane gathers the whole matrix once (N * N shuffles, none of them chained) and runs
+// ksinkhorn_thread on it, the same instructions in every lane; lane j keeps column j.
 // For N > SINKHORN_THREAD_MAX_N the row sums come from ktranspose_row_sum and each
 // normalisation is one reciprocal per column or row and products. H200 (2026-11-29): the
 // n = 32 static coefficients at B = 1 took 84.1 µs against 359.7, 4096 matrices 49.3 µs
@@ -251,6 +259,7 @@ KDEV void ksinkhorn_warp(KTHREAD float* col, bool live, int iters) {
   }
 }
 
+//@part ksinkhorn_warp_vjp
 // Its exact backward: on entry lc = logits column, g = cotangent column; on exit g = dL.
 // The gradient is carried with respect to log P (as compiled/sinkhorn.py explains): for each
 // normalisation out = P / s, d(log P) = d(log out) - out * sum(d(log out)), bounded by
@@ -328,6 +337,7 @@ KDEV void ksinkhorn_warp_vjp(KTHREAD float* lc, KTHREAD float* g, bool live, int
     if ((at_max >> i) & 1u) g[i] -= shift / count;
 }
 
+//@part ksinkhorn_thread_vjp
 // The same backward for one whole N x N matrix held by one thread (lp = logits, g = cotangent,
 // both row-major; on exit g = dL). No warp exchange: the warp form above chains 5-level
 // shuffles through every step, ~69 µs for one 4 x 4 matrix on the H100 (ncu), as the forward
@@ -408,12 +418,49 @@ KDEV void ksinkhorn_thread_vjp(KTHREAD float* lp, KTHREAD float* g) {
 """.replace("@SINKHORN_THREAD_MAX_N@", str(SINKHORN_THREAD_MAX_N))
 
 
-def header(backend: str) -> str:
-    """The full header for one backend: its macros, then the shared device code."""
+def _parts(common: str) -> list[tuple[str, str]]:
+    """COMMON cut at its `//@part name` markers: [("", base), (name, text), ...] in order."""
+    pieces = common.split("//@part ")
+    out = [("", pieces[0])]
+    for piece in pieces[1:]:
+        name, _, text = piece.partition("\n")
+        out.append((name.strip(), text))
+    return out
+
+
+COMMON_PARTS = _parts(COMMON)
+
+
+def common_for(uses: str) -> str:
+    """The parts of COMMON that `uses` (a kernel's helpers and body) names, with the parts they
+    name in turn, in COMMON's order; the base part (constants) always."""
+    need, scan = {""}, uses
+    grew = True
+    while grew:
+        grew = False
+        for name, text in COMMON_PARTS:
+            if name not in need and re.search(rf"\b{name}\b", scan):
+                need.add(name)
+                scan += text
+                grew = True
+    return "".join(text for name, text in COMMON_PARTS if name in need)
+
+
+def compact(text: str) -> str:
+    """text without its whole-line // comments and blank lines. MLX hashes a custom kernel's
+    whole source on every launch (mlx/backend/cuda/custom_kernel.cpp), so headers stay short;
+    bodies keep theirs (MLX reads the Metal attributes from ATTRIBUTES_NOTE, a comment)."""
+    return "".join(line + "\n" for line in text.splitlines() if line.strip() and not line.lstrip().startswith("//"))
+
+
+def header(backend: str, uses: str | None = None) -> str:
+    """The header for one backend: its macros, then the shared device code (all of it, or
+    only what `uses` names: common_for)."""
+    common = COMMON if uses is None else common_for(uses)
     if backend == "cuda":
-        return CUDA_MACROS + COMMON
+        return CUDA_MACROS + common
     if backend == "metal":
-        return METAL_MACROS + COMMON
+        return METAL_MACROS + common
     raise ValueError(f"unknown kernel backend {backend!r}; expected 'cuda' or 'metal'")
 
 
