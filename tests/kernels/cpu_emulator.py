@@ -409,7 +409,9 @@ def source(spec, input_dtypes, output_dtypes, template) -> str:
     return "\n".join([
         RUNTIME,
         layer_text,
-        prelude.common_for(spec.helpers + spec.source()),  # the parts the GPU build gets (uncompacted)
+        # the shared parts the GPU build gets, compacted as there (the helpers stay as written:
+        # CPU_HELPERS swaps their PTX by exact text)
+        prelude.compact(prelude.common_for(spec.helpers + spec.source())),
         _helpers(spec),
         f"static void mhc_kernel({', '.join(params)}) {{",
         *consts,

@@ -105,4 +105,11 @@ def test_compact_drops_only_comment_lines_and_blank_lines():
     code = prelude.header("cuda")
     kept = [line for line in code.splitlines() if line.strip() and not line.lstrip().startswith("//")]
     assert prelude.compact(code).splitlines() == kept
+    # a dropped line never ends a backslash continuation (that would change a macro's text)
+    for spec in catalogue.SPECS + catalogue.CUDA_ONLY_SPECS:
+        for text in (prelude.header("cuda") + spec.helpers, prelude.header("metal") + spec.helpers):
+            lines = text.splitlines()
+            for before, line in zip(lines, lines[1:]):
+                dropped = not line.strip() or line.lstrip().startswith("//")
+                assert not (dropped and before.rstrip().endswith("\\")), (spec.name, before)
     assert prelude.compact("int a; // trailing stays\n  // gone\n\nint b;\n") == "int a; // trailing stays\nint b;\n"
