@@ -112,7 +112,7 @@ case "${1:-}" in
     ;;
   profile) profile 240 ;;
   candidates)
-    CHECK_ARGS="--mma-vjp --fused-read-step" \
+    CHECK_ARGS="--mma-vjp --fused-read-step --layer-candidates" \
       CHECK_ONLY="${CHECK_ONLY:-sinkhorn,coefficients,layer,read_step}" check 200
     run 140 bench python -m mhc_mlx.cli.main bench --candidates --out "$res/bench_candidates" --overwrite \
       --seeds "" --only "$TARGETS,x32x"
@@ -133,8 +133,8 @@ case "${1:-}" in
     run 150 bench python -m mhc_mlx.cli.main bench --out "$res/bench" --overwrite --seeds "" --only "$TARGETS"
     ;;
   layer-candidates)
-    # the layer and coefficient checks with the layer candidates on (single launch, L2
-    # prefetch), then with the defaults, the experiments, and the target cases' bench with the
+    # the layer and coefficient checks with the layer candidate on (single launch at every
+    # token count), then with the defaults, the experiments, and the target cases' bench with the
     # defaults and with --candidates
     CHECK_ARGS="--layer-candidates" CHECK_ONLY=layer check 150
     CHECK_ONLY="${CHECK_ONLY:-layer,coefficients}" check 150
