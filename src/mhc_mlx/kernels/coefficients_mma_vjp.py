@@ -1,4 +1,4 @@
-"""Candidate (CUDA only, not yet run on a GPU): the dynamic coefficients' backward on tensor cores.
+"""Candidate (CUDA only, off): the dynamic coefficients' backward on tensor cores.
 
 The FP32 kernel (coefficients.DYNAMIC_VJP) computes x's cotangent dx = gs phi^T - x c2 and
 dphi = x^T gs in one pass on FP32 cores; the H100 profile has it at 519.6 µs for 4096 x 4 x
@@ -17,8 +17,10 @@ an mma.sync m16n8k16 bf16 GEMM with float32 accumulation, in two kernels that ea
 
 Both operands that are not x come in the lanes' fragment order, packed once per call by PACK_A
 and PACK_B (one launch each). n <= 4 only (the accumulators of DPHI grow with the columns).
-Off (coefficients.MMA_VJP = False) until checked and timed on a GPU; tests/kernels run it on
-the CPU emulator against float64.
+Off (coefficients.MMA_VJP = False): it passed scripts/gpu_check.py on the H200 (2026-11-29) but
+took 591.8-611.4 µs against 394.9-528.7 for the FP32 kernel (docs/kernel-notes.md); the DX
+kernel reads x at ~0.5 TB/s, two bytes per load. tests/kernels run it on the CPU emulator
+against float64.
 """
 
 from __future__ import annotations

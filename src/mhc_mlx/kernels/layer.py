@@ -25,17 +25,19 @@ MAX_N = 32
 LATENCY_TOKENS = 16  # up to this many tokens the inline (single-launch) form is used
 # Candidate: the inline form at every token count (one launch instead of the static coefficient
 # kernel's and the layer's). H200 (2026-11-29, 4096 x 4 x 4096 bf16, medians of 5 alternated
-# runs): static fwd 124.3 against 124.7 µs two-launch in one run, 125.3 against 131.7 in the
-# next, but fwd+bwd 370.9 against 359.6 and with the L2 prefetch slower than either. Off.
+# runs): static fwd 124.3 / 125.3 / 121.1 µs against 124.7 / 131.7 / 117.8 for two launches
+# (three runs), fwd+bwd 370.9 / 366.3 against 359.6 / 364.8, and slower than either with the L2
+# prefetch. Off.
 INLINE_ALWAYS = False
 # The layer kernels' PF: while a threadgroup writes one token it asks L2 for its token
 # PREFETCH_TOKENS ahead (x, and g in the backward; 0: none), so DRAM keeps reading between a
 # group's load phases; the forward holds
 # 128 registers at 256 threads (two groups per SM), so nothing else keeps loads in flight then.
 # H200 (2026-11-29, scripts/gpu_experiments.py, medians of 5 alternated runs, 4096 x 4 x 4096
-# bf16): static fwd 115.3 µs against 131.7 without, fwd+bwd 345.1 against 359.6, the forward
-# kernel alone 114.6 against 116.8 (one token ahead). With INLINE_ALWAYS as well it was slower
-# (163.1 / 408.3). Two tokens ahead: not yet timed.
+# bf16, two runs): static fwd 115.3 / 109.4 µs against 131.7 / 117.8 without, fwd+bwd
+# 345.1 / 344.6 against 359.6 / 364.8, the forward kernel alone 114.6 / 93.0 against
+# 116.8 / 103.5 (one token ahead). Two tokens ahead: 116.6, 382.0 and 102.8 (one run); with
+# INLINE_ALWAYS as well: 163.1 and 408.3 (one run).
 PREFETCH_TOKENS = 1
 # Above this n the fused kernel runs out of registers (n = 32: 255 registers and 3.7 KB of
 # spills; measured 1299 µs at 512 x 32 x 1280 against 948 µs compiled), so the layer is
