@@ -18,8 +18,9 @@ bf16 tiles with float32 accumulation, split over K so every SM holds many warps:
 
 The default form for 16-bit x on CUDA from coefficients.MMA_MIN_ELEMENTS elements of x up
 (coefficients.DYNAMIC_FORM). It passed every coefficients case of `scripts/gpu_check.py` on the
-H100 (2026-11-25) and on the H200 (2026-11-29, at X_UNROLL 1, 2 and 4);
-`scripts/gpu_experiments.py` times it against the fused kernel. The layout
+H100 (2026-11-25) and on the H200 (2026-11-29: the earlier k loop at X_UNROLL 1, 2 and 4;
+KLOOP at 1 and at 2, the default); `scripts/gpu_experiments.py` times it against the fused
+kernel. The layout
 logic is checked on the CPU by a NumPy model of the lanes and the g++ emulator (tests/kernels).
 """
 
