@@ -85,8 +85,8 @@ def cuda_only_instances():
     vjp = coefficients_mma_vjp
     for parts in (2, 3):
         out.append((vjp.PACK_A, (F32, I32), (BF16,), [("P", parts)]))
-        for trans in (True, False):
-            out.append((vjp.PACK_B, (F32, I32), (BF16,), [("P", parts), ("TRANS", trans)]))
+        for trans, perm in ((True, True), (True, False), (False, False)):
+            out.append((vjp.PACK_B, (F32, I32), (BF16,), [("P", parts), ("TRANS", trans), ("PERM64", perm)]))
     for dt in (BF16, F16):
         for n in (1, 2, 4):
             W = n * (n + 2)

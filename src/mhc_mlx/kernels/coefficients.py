@@ -301,7 +301,8 @@ DYNAMIC_THREADS = 256
 VJP_THREADS = 128
 VJP_TOKENS_PER_SPLIT = 512
 # Candidate: the backward's two products on tensor cores for 16-bit x, n <= 4, CUDA
-# (coefficients_mma_vjp.py). Passed the H200 check, but slower there (docs/kernel-notes.md).
+# (coefficients_mma_vjp.py). Passed the H200 check, but slower there (docs/kernel-notes.md);
+# its DX kernel has been rewritten since (16-byte x and dx accesses), not yet run on a GPU.
 MMA_VJP = False
 
 

@@ -18,9 +18,10 @@ an mma.sync m16n8k16 bf16 GEMM with float32 accumulation, in two kernels that ea
 Both operands that are not x come in the lanes' fragment order, packed once per call by PACK_A
 and PACK_B (one launch each). n <= 4 only (the accumulators of DPHI grow with the columns).
 Off (coefficients.MMA_VJP = False): it passed scripts/gpu_check.py on the H200 (2026-11-29) but
-took 591.8-611.4 µs against 394.9-528.7 for the FP32 kernel (docs/kernel-notes.md); the DX
-kernel reads x at ~0.5 TB/s, two bytes per load. tests/kernels run it on the CPU emulator
-against float64.
+took 591.8-611.4 µs against 394.9-528.7 for the FP32 kernel (docs/kernel-notes.md); its DX
+kernel read x at ~0.5 TB/s, two bytes per load. DX has been rewritten since (a lane owns 16
+consecutive k: 16-byte x and dx accesses) and has not run on a GPU. tests/kernels run both
+kernels on the CPU emulator against float64.
 """
 
 from __future__ import annotations
@@ -35,7 +36,6 @@ DX_PARTS = 2  # bfloat16 parts of gs and of phi in DX
 DPHI_PARTS = 3  # bfloat16 parts of gs in DPHI
 MAX_N = 4
 DX_TOKEN_TILES = 2  # token tiles of 16 per warp in DX (they share each phi fragment)
-DX_K_TILES = 8  # k tiles of 8 per warp in DX
 TARGET_WARPS = 2048
 WARPS_PER_BLOCK = 4
 
@@ -71,8 +71,11 @@ PACK_A = KernelSpec(
 )
 
 # B[kk][nn] (TRANS: src[nn][kk], else src[kk][nn]; KD rows kk, NN columns nn) -> B fragments
-# [ceil(NN/8), ceil(KD/16), P, 32, 4] bfloat16: lane (g, c), element e: row kk = 16 ks + 2c +
-# 8 (e >> 1) + (e & 1), column nn = 8 nt + g.
+# [tiles, ceil(KD/16), P, 32, 4] bfloat16: lane (g, c), element e: row kk = 16 ks + 2c +
+# 8 (e >> 1) + (e & 1), column nn = 8 nt + g. PERM64 (DX's phi): column nn of the fragments
+# holds source column 64 (nn / 64) + 16 (nn % 8 / 2) + 2 (nn / 8 % 8) + nn % 2, so that in DX
+# a lane's accumulators over one group of eight n-tiles are 16 consecutive k (tiles: 8 per 64
+# columns, the last group zero-padded); else the identity (tiles: ceil(NN / 8)).
 PACK_B = KernelSpec(
     name="mhc_pack_b_fragments",
     inputs=("src", "iparam"),
@@ -82,7 +85,7 @@ PACK_B = KernelSpec(
   const int NN = iparam[1];
   const int KS = (KD + 15) / 16;
   const int64_t idx = (int64_t)KBID * KNT + KTID;
-  const int64_t total = (int64_t)((NN + 7) / 8) * KS * 128;
+  const int64_t total = (int64_t)(PERM64 ? 8 * ((NN + 63) / 64) : (NN + 7) / 8) * KS * 128;
   if (idx >= total) return;
   const int e = (int)(idx & 3);
   const int lane = (int)((idx >> 2) & 31);
@@ -90,7 +93,8 @@ PACK_B = KernelSpec(
   const int ks = (int)(rest % KS);
   const int64_t nt = rest / KS;
   const int kk = 16 * ks + 2 * (lane & 3) + 8 * (e >> 1) + (e & 1);
-  const int nn = (int)(8 * nt) + (lane >> 2);
+  const int nf = (int)(8 * nt) + (lane >> 2);  // the fragments' column
+  const int nn = PERM64 ? (nf & ~63) + 16 * ((nf & 7) >> 1) + 2 * ((nf >> 3) & 7) + (nf & 1) : nf;
   float v = 0.0f;
   if (kk < KD && nn < NN) v = TRANS ? src[(int64_t)nn * KD + kk] : src[(int64_t)kk * NN + nn];
   #pragma unroll
@@ -103,7 +107,11 @@ PACK_B = KernelSpec(
 )
 
 # dx[t, k] = sum_w gs[t, w] phi[k, w] - x[t, k] c2[t] (+ H_pre[t, k / C] dh[t, k % C] if PRE).
-# A warp owns MT token tiles of 16 and KTW consecutive k tiles of 8.
+# A warp owns MT token tiles of 16 and one group of 64 k: eight n-tiles of phi packed with
+# PERM64, so lane (g, c) ends with the 16 consecutive k 64 q + 16 c .. + 15 of its rows g and
+# g + 8 and reads x and writes dx there by 16-byte vectors (where aligned). The earlier form (a
+# k-tile of 8 at a time, 2-byte loads and stores) passed the H200 check but read x at ~0.5 TB/s
+# (dx 504-532 µs at 4096 x 4 x 4096); this one has not run on a GPU.
 DX = KernelSpec(
     name="mhc_coefficients_dynamic_vjp_dx_mma",
     inputs=("gsa", "phb", "xin", "ctwo", "hpre", "dh", "iparam"),
@@ -112,15 +120,13 @@ DX = KernelSpec(
     body=r"""
   const int Ttok = iparam[0];
   const int K = iparam[1];
-  const int KTW = iparam[2];
   const int Cw = iparam[3];  // channels per stream (PRE)
-  const int ktl = (K + 7) / 8;
-  const int kgroups = (ktl + KTW - 1) / KTW;
+  const int kgroups = (K + 63) / 64;
   const int tt_all = (Ttok + 15) / 16;
   const int tgroups = (tt_all + MT - 1) / MT;
   const int gw = (int)(blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5));
   if (gw >= tgroups * kgroups) return;  // whole warps only: mma.sync needs all 32 lanes
-  const int kg = gw / tgroups;  // neighbouring warps share k tiles (phi stays in L1/L2)
+  const int kg = gw / tgroups;  // neighbouring warps share a k group (phi stays in L1/L2)
   const int tg = gw - kg * tgroups;
   const int lane = (int)(threadIdx.x & 31u);
   const int g = lane >> 2;
@@ -148,43 +154,81 @@ DX = KernelSpec(
       c2v[m][h] = t < Ttok ? ctwo[t] : 0.0f;
     }
   }
-  const int kt1 = min(ktl, (kg + 1) * KTW);
-  for (int kt = kg * KTW; kt < kt1; ++kt) {
+  // d[m][j]: n-tile j of the group; element 2h + e is row g + 8h, k = 16c + 2j + e of the group
+  float d[MT][8][4];
+  #pragma unroll
+  for (int j = 0; j < 8; ++j) {
     uint32_t b[KSW][2][2];
     #pragma unroll
     for (int s = 0; s < KSW; ++s) {
       #pragma unroll
       for (int p = 0; p < 2; ++p) {
-        const uint2 v = *reinterpret_cast<const uint2*>(phb + ((((int64_t)kt * KSW + s) * 2 + p) * 32 + lane) * 4);
+        const uint2 v = *reinterpret_cast<const uint2*>(phb + (((((int64_t)kg * 8 + j) * KSW + s) * 2 + p) * 32 + lane) * 4);
         b[s][p][0] = v.x;
         b[s][p][1] = v.y;
       }
     }
-    const int k = 8 * kt + 2 * c;
     #pragma unroll
     for (int m = 0; m < MT; ++m) {
-      float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+      #pragma unroll
+      for (int e = 0; e < 4; ++e) d[m][j][e] = 0.0f;
       #pragma unroll
       for (int s = 0; s < KSW; ++s) {
-        mhc_mma_bf16(d, a[m][s][0], b[s][0][0], b[s][0][1]);
-        mhc_mma_bf16(d, a[m][s][0], b[s][1][0], b[s][1][1]);
-        mhc_mma_bf16(d, a[m][s][1], b[s][0][0], b[s][0][1]);
+        mhc_mma_bf16(d[m][j], a[m][s][0], b[s][0][0], b[s][0][1]);
+        mhc_mma_bf16(d[m][j], a[m][s][0], b[s][1][0], b[s][1][1]);
+        mhc_mma_bf16(d[m][j], a[m][s][1], b[s][0][0], b[s][0][1]);
       }
-      #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int t = 16 * (tg * MT + m) + g + 8 * h;
-        if (t >= Ttok) continue;
+    }
+  }
+  const int k0 = 64 * kg + 16 * c;  // this lane's 16 consecutive k
+  const bool vec = (K % 8 == 0) && (k0 + 16 <= K) && KALIGNED16(xin) && KALIGNED16(gx);
+  // every row's x first (all loads in flight), then dx
+  float xv[MT][2][16];
+  #pragma unroll
+  for (int m = 0; m < MT; ++m) {
+    #pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int t = 16 * (tg * MT + m) + g + 8 * h;
+      const int64_t row = (int64_t)(t < Ttok ? t : 0) * K;
+      if (vec) {
+        kload<T, 8>(xv[m][h], xin, row + k0, true);
+        kload<T, 8>(xv[m][h] + 8, xin, row + k0 + 8, true);
+      } else {
         #pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int kk = k + e;
-          if (kk >= K) continue;
-          const int64_t off = (int64_t)t * K + kk;
-          float v = d[2 * h + e] - static_cast<float>(xin[off]) * c2v[m][h];
-          if (PRE) {
-            const int i = kk / Cw;
-            v += hpre[(int64_t)t * N + i] * static_cast<float>(dh[(int64_t)t * Cw + (kk - i * Cw)]);
+        for (int i = 0; i < 16; ++i) xv[m][h][i] = (t < Ttok && k0 + i < K) ? static_cast<float>(xin[row + k0 + i]) : 0.0f;
+      }
+    }
+  }
+  #pragma unroll
+  for (int m = 0; m < MT; ++m) {
+    #pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int t = 16 * (tg * MT + m) + g + 8 * h;
+      if (t >= Ttok) continue;
+      const int64_t row = (int64_t)t * K;
+      float o[16];
+      #pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        #pragma unroll
+        for (int e = 0; e < 2; ++e) o[2 * j + e] = d[m][j][2 * h + e] - xv[m][h][2 * j + e] * c2v[m][h];
+      }
+      if (PRE) {
+        #pragma unroll
+        for (int i = 0; i < 16; ++i) {
+          const int kk = k0 + i;
+          if (kk < K) {
+            const int st = kk / Cw;
+            o[i] += hpre[(int64_t)t * N + st] * static_cast<float>(dh[(int64_t)t * Cw + (kk - st * Cw)]);
           }
-          gx[off] = static_cast<T>(v);
+        }
+      }
+      if (vec) {
+        kstore<T, 8>(gx, row + k0, o, true);
+        kstore<T, 8>(gx, row + k0 + 8, o + 8, true);
+      } else {
+        #pragma unroll
+        for (int i = 0; i < 16; ++i) {
+          if (k0 + i < K) gx[row + k0 + i] = static_cast<T>(o[i]);
         }
       }
     }
@@ -288,13 +332,15 @@ def pack_a(mat: mx.array, parts: int) -> mx.array:
                   -(-total // 256) * 256, 256, [("P", parts)])[0]
 
 
-def pack_b(src: mx.array, parts: int, transposed: bool) -> mx.array:
-    """B fragments of B = src^T (transposed) or B = src, src float32 2-d."""
+def pack_b(src: mx.array, parts: int, transposed: bool, perm64: bool = False) -> mx.array:
+    """B fragments of B = src^T (transposed) or B = src, src float32 2-d (perm64: PACK_B's
+    column order for DX)."""
     KD, NN = (src.shape[1], src.shape[0]) if transposed else src.shape
-    total = -(-NN // 8) * -(-KD // 16) * 128
+    tiles = 8 * -(-NN // 64) if perm64 else -(-NN // 8)
+    total = tiles * -(-KD // 16) * 128
     return launch(PACK_B, [src.astype(F32), int_params(KD, NN)],
-                  [((-(-NN // 8), -(-KD // 16), parts, 32, 4), mx.bfloat16)],
-                  -(-total // 256) * 256, 256, [("P", parts), ("TRANS", transposed)])[0]
+                  [((tiles, -(-KD // 16), parts, 32, 4), mx.bfloat16)],
+                  -(-total // 256) * 256, 256, [("P", parts), ("TRANS", transposed), ("PERM64", perm64)])[0]
 
 
 def covers(x2: mx.array, phi: mx.array) -> bool:
@@ -308,15 +354,15 @@ def dx(x2, phi, gs, c2, pre=None):
     n = round((W + 1) ** 0.5) - 1
     ksw = -(-W // 16)
     tgroups = -(-(-(-T // 16)) // DX_TOKEN_TILES)
-    kgroups = -(-(-(-K // 8)) // DX_K_TILES)
+    kgroups = -(-K // 64)
     warps = tgroups * kgroups
     if pre is None:
         hpre, dh, flag = mx.zeros((1,), F32), mx.zeros((1,), x2.dtype), False
     else:
         hpre, dh, flag = pre[0].astype(F32).reshape(T, n), pre[1].astype(x2.dtype).reshape(T, K // n), True
     return launch(
-        DX, [pack_a(gs, DX_PARTS), pack_b(phi, DX_PARTS, True), x2, c2.astype(F32), hpre, dh,
-             int_params(T, K, DX_K_TILES, K // n)],
+        DX, [pack_a(gs, DX_PARTS), pack_b(phi, DX_PARTS, True, perm64=True), x2, c2.astype(F32), hpre, dh,
+             int_params(T, K, 0, K // n)],
         [((T, K), x2.dtype)], -(-warps // WARPS_PER_BLOCK) * WARPS_PER_BLOCK * 32, WARPS_PER_BLOCK * 32,
         [("T", x2.dtype), ("N", n), ("MT", DX_TOKEN_TILES), ("KSW", ksw), ("PRE", flag)],
     )[0]
