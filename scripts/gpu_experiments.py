@@ -119,6 +119,22 @@ def sinkhorn_n32(reps=10):
     print(f"sinkhorn forward n=32 (20 iterations): static coefficients B=1 {lat:6.1f} us, 4096 matrices {us:7.1f} us")
 
 
+def alternated(title, suffix, rows, forms, rounds, skip=()):
+    """Each row (label -> a timing callable) under each form (name -> a callable that switches
+    it on), the forms alternated `rounds` times in this process, as single runs of one form
+    disagreed by up to 15 %; one line per row: the medians, then every run. `skip`: (row, form)
+    pairs that do not apply."""
+    for label, run in rows.items():
+        times = {f: [] for f in forms}
+        for _ in range(rounds):
+            for f, switch in forms.items():
+                if (label, f) not in skip:
+                    switch()
+                    times[f].append(run())
+        cells = [f"{f} {statistics.median(t):6.1f} ({' '.join(f'{v:.0f}' for v in t)})" for f, t in times.items() if t]
+        print(f"{title}, {label}{suffix}, median of {rounds} alternated (us): " + ", ".join(cells))
+
+
 def layer_candidates(xs, rounds=5):
     """The static layer's candidates against the defaults at 4096x4x4096 bf16, alternated
     `rounds` times in this process (single runs of one form disagreed by up to 15 %): the
@@ -135,7 +151,12 @@ def layer_candidates(xs, rounds=5):
     bwd_case = bench_cases.Case("static", "fwd+bwd", (4096, n, C), "bfloat16", "throughput")
     fwd, fwd_xs = bench_cases.prepare(fwd_case, len(xs))
     fwdbwd, bwd_xs = bench_cases.prepare(bwd_case, len(xs))
-    forms = {"plain": (False, 0), "inline": (True, 0), "prefetch 1": (False, 1), "prefetch 2": (False, 2)}
+    def form(inline, pf):
+        def switch():
+            layer.INLINE_ALWAYS, layer.PREFETCH_TOKENS = inline, pf
+        return switch
+
+    forms = {"plain": form(False, 0), "inline": form(True, 0), "prefetch 1": form(False, 1), "prefetch 2": form(False, 2)}
     rows = {
         "layer kernel alone": lambda: tput(lambda x: layer.forward(x, H[0], H[1], H[2], w, 20, 1e-5, False), [[x] for x in xs]),
         "static fwd (bench case)": lambda: tput(fwd, [[x] for x in fwd_xs]),
@@ -143,16 +164,8 @@ def layer_candidates(xs, rounds=5):
     }
     saved = layer.INLINE_ALWAYS, layer.PREFETCH_TOKENS
     try:
-        for label, run in rows.items():
-            times = {f: [] for f in forms}
-            for _ in range(rounds):
-                for f, (inline, pf) in forms.items():
-                    if label == "layer kernel alone" and inline:
-                        continue
-                    layer.INLINE_ALWAYS, layer.PREFETCH_TOKENS = inline, pf
-                    times[f].append(run())
-            cells = [f"{f} {statistics.median(t):6.1f} ({' '.join(f'{v:.0f}' for v in t)})" for f, t in times.items() if t]
-            print(f"layer candidates, {label} 4096x4x4096, median of {rounds} alternated (us): " + ", ".join(cells))
+        # the layer kernel alone is the two-launch form's second launch: "inline" does not apply
+        alternated("layer candidates", " 4096x4x4096", rows, forms, rounds, skip={("layer kernel alone", "inline")})
     finally:
         layer.INLINE_ALWAYS, layer.PREFETCH_TOKENS = saved
 
@@ -175,14 +188,8 @@ def header_sizes(rounds=5):
             rows[case.id] = lambda a=apply, xs=xs: tput(a, [[x] for x in xs])
     saved = build.FULL_HEADERS
     try:
-        for label, run in rows.items():
-            times = {"trimmed": [], "full": []}
-            for _ in range(rounds):
-                for form in times:
-                    build.FULL_HEADERS = form == "full"
-                    times[form].append(run())
-            cells = [f"{f} {statistics.median(t):6.1f} ({' '.join(f'{v:.0f}' for v in t)})" for f, t in times.items()]
-            print(f"kernel headers, {label}, median of {rounds} alternated (us): " + ", ".join(cells))
+        alternated("kernel headers", "", rows, {"trimmed": lambda: setattr(build, "FULL_HEADERS", False),
+                                                "full": lambda: setattr(build, "FULL_HEADERS", True)}, rounds)
     finally:
         build.FULL_HEADERS = saved
 

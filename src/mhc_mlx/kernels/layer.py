@@ -31,8 +31,8 @@ LATENCY_TOKENS = 16  # up to this many tokens the inline (single-launch) form is
 INLINE_ALWAYS = False
 # The layer kernels' PF: while a threadgroup writes one token it asks L2 for its token
 # PREFETCH_TOKENS ahead (x, and g in the backward; 0: none), so DRAM keeps reading between a
-# group's load phases; the forward holds
-# 128 registers at 256 threads (two groups per SM), so nothing else keeps loads in flight then.
+# group's load phases; the forward holds 128 registers at 256 threads (two groups per SM), so
+# nothing else keeps loads in flight then.
 # H200 (2026-11-29, scripts/gpu_experiments.py, medians of 5 alternated runs, 4096 x 4 x 4096
 # bf16, two runs): static fwd 115.3 / 109.4 µs against 131.7 / 117.8 without, fwd+bwd
 # 345.1 / 344.6 against 359.6 / 364.8, the forward kernel alone 114.6 / 93.0 against

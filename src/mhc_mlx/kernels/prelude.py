@@ -189,7 +189,6 @@ KDEV void ksinkhorn_thread(KTHREAD float* p, int iters) {
   }
 }
 
-
 //@part ktranspose_row_sum
 // Row sums of an N x N matrix held by columns (lane j holds col[i] = P_ij; dead lanes zeros):
 // lane l returns the sum of row l (0 for l >= N). Recursive halving: at each of the five levels
