@@ -1,31 +1,30 @@
 """sinkhorn_knopp's output properties (SPEC section 1), on fresh random logits each run.
 
-Column tolerance after 20 iterations, logits ~ N(0, 1) per cell (COLUMN_TOL below)
---------------------------------------------------------------------------------
-Rows are normalised last, so they sum to 1 to float32 rounding. Columns are only as close
-as 20 iterations get them, which depends on n and has a long tail for small n. Measured with
-`python tests/core/measure_sinkhorn_columns.py` (seed 0; MLX 0.32.4, Linux CPU): the largest
-|column sum - 1| per matrix, over many matrices, from the float64 reference, and from
-mhc_mlx in float32 on the first 200 000 of them (both backends gave the same figures):
+How close columns get to 1 after 20 iterations, logits ~ N(0, 1) per cell
+-------------------------------------------------------------------------
+Rows are normalised last, so they sum to 1 to float32 rounding. Columns are only as close as
+20 iterations get them, and that error has a long tail: measured with
+`python tests/core/measure_sinkhorn_columns.py` (seed 0; MLX 0.32.4, Linux CPU), the largest
+|column sum - 1| per matrix, over many matrices, from the float64 reference, and from mhc_mlx
+in float32 on the first 200 000 of them (both backends gave the same figures):
 
-    n    matrices   99th pct   99.99th pct   max (float64)   max (float32)   COLUMN_TOL
+    n    matrices   99th pct   99.99th pct   max (float64)   max (float32)   Q99_TOL
     1    200 000    0          0             0               0               1e-6
-    2    5 000 000  2.0e-4     7.9e-3        1.7e-2          1.4e-2          5e-2
-    3    5 000 000  1.3e-5     2.1e-3        1.8e-2          1.8e-2          5e-2
-    4    5 000 000  1.6e-6     6.1e-4        1.3e-2          4.0e-3          5e-2
-    8    1 000 000  1.3e-8     1.9e-5        3.2e-3          2.2e-4          2e-2
-    16   200 000    6.9e-11    5.0e-7        2.6e-6          1.3e-6          1e-5
-    32   40 000     1.5e-13    4.8e-9        1.4e-7          3.9e-7          1e-5
+    2    5 000 000  2.0e-4     7.9e-3        1.7e-2          1.4e-2          2e-2
+    3    5 000 000  1.3e-5     2.1e-3        1.8e-2          1.8e-2          5e-3
+    4    5 000 000  1.6e-6     6.1e-4        1.3e-2          4.0e-3          2e-3
+    8    1 000 000  1.3e-8     1.9e-5        3.2e-3          2.2e-4          1e-4
+    16   200 000    6.9e-11    5.0e-7        2.6e-6          1.3e-6          2e-6
+    32   40 000     1.5e-13    4.8e-9        1.4e-7          3.9e-7          2e-6
 
-A second seed gave maxima 1.9e-2 (n = 2), 1.5e-2 (n = 3), 1.9e-2 (n = 4), 7.6e-4 (n = 8). For n = 2 the error is
-bounded whatever the logits (a grid scan of 2x2 logits never exceeded 2.5e-2 after 20
-iterations); for n >= 3 and logits far wider than N(0, 1) columns can be off by 1 (a column
-that lost its mass), so the tolerance holds for N(0, 1) logits only. Each COLUMN_TOL is at
-least 2.5x the largest error seen, for a test that draws at most 4000 matrices per run. The
-tail is longer than these samples showed: a CI run (2026-11-29, reference backend) drew an
-n = 32 batch of 200 whose worst column was off by 2.06e-6, so n = 32 has 1e-5, as n = 16.
-The float32 column sums differ from the float64 reference's by at most 3.9e-7 (all n), so
-independently of the tolerance every column sum must equal the reference's to 2e-6.
+The maximum is not a usable bound: CI runs drew an n = 32 batch of 200 whose worst column was
+off by 2.06e-6 and an n = 16 batch of 500 with one at 2.4e-5 (the float64 reference agreed to
+2e-8; it needs 30 iterations to reach 1.6e-7). For n >= 3 and logits far wider than N(0, 1) a
+column can be off by 1 (a column that lost its mass). So the test asserts, per matrix, what is
+exact (rows sum to 1; the column sums equal the float64 reference's to 2e-6, which is
+how far float32 rounding moved them, at most 3.9e-7 above), and over the batch, that the 99th
+percentile of the column error is within Q99_TOL: at least the measured 99.99th percentile plus
+float32 rounding, so failing needs 1 % of a run's draws from the 0.01 % tail.
 """
 
 from __future__ import annotations
@@ -39,19 +38,21 @@ from core_testlib import to_numpy
 
 import mhc_mlx as mhc
 
-COLUMN_TOL = {1: 1e-6, 2: 5e-2, 3: 5e-2, 4: 5e-2, 8: 2e-2, 16: 1e-5, 32: 1e-5}
-MATRICES = {1: 1000, 2: 4000, 3: 4000, 4: 4000, 8: 2000, 16: 500, 32: 200}
+Q99_TOL = {1: 1e-6, 2: 2e-2, 3: 5e-3, 4: 2e-3, 8: 1e-4, 16: 2e-6, 32: 2e-6}
+MATRICES = {1: 1000, 2: 4000, 3: 4000, 4: 4000, 8: 2000, 16: 1000, 32: 1000}
 
 
-@pytest.mark.parametrize("n", sorted(COLUMN_TOL))
+@pytest.mark.parametrize("n", sorted(Q99_TOL))
 def test_doubly_stochastic_after_20_iterations(n, backend, rng):
     L = rng.standard_normal((MATRICES[n], n, n)).astype(np.float32)
     P = to_numpy(mhc.sinkhorn_knopp(mx.array(L)))
     assert np.all(np.isfinite(P)) and P.min() >= 0.0, "entries must be finite and non-negative"
     rows = np.abs(P.sum(-1) - 1.0).max()
     assert rows <= 1e-6, f"row sums off by {rows:.2e} (allowed 1e-6)"
-    cols = np.abs(P.sum(-2) - 1.0).max()
-    assert cols <= COLUMN_TOL[n], f"column sums off by {cols:.2e} (documented tolerance {COLUMN_TOL[n]:.0e})"
+    col_error = np.abs(P.sum(-2) - 1.0).max(-1)
+    q99 = np.quantile(col_error, 0.99)
+    assert q99 <= Q99_TOL[n], (f"99th percentile of the column error {q99:.2e} (tolerance {Q99_TOL[n]:.0e}; "
+                               f"worst matrix {col_error.max():.2e})")
     cols64 = ref.sinkhorn_knopp(L, 20).sum(-2)
     gap = np.abs(P.sum(-2) - cols64).max()
     assert gap <= 2e-6, f"column sums differ from the float64 reference's by {gap:.2e}"
