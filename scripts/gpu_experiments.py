@@ -4,6 +4,7 @@ copy floor two ways, and where B=1 latency goes (Python graph building vs the ev
 
     python scripts/gpu_experiments.py          (on a GPU machine; prints one line per measurement)
     python scripts/gpu_experiments.py headers  (only the trimmed-vs-full kernel header timings)
+    python scripts/gpu_experiments.py read-step  (only the fused read step against the two ops)
 """
 
 from __future__ import annotations
@@ -192,6 +193,33 @@ def header_sizes(rounds=5):
                                                 "full": lambda: setattr(build, "FULL_HEADERS", True)}, rounds)
     finally:
         build.FULL_HEADERS = saved
+
+
+def read_step(rounds=5):
+    """The dynamic site's read step as one custom function whose forward is one launch in the
+    kernel form (kernels.FUSED_READ_STEP, coefficients.DYNAMIC_PRE) against the two ops,
+    alternated `rounds` times: B = 1 forward (latency), and forward and forward+backward where
+    the coefficients take the kernel form (512x4x1280) and the tensor-core form (4096x4x4096)."""
+    from mhc_mlx import kernels
+    from mhc_mlx.bench import cases as bench_cases
+
+    rows = {}
+    for case in (bench_cases.Case("dynamic", "fwd", (1, 4, 512), "bfloat16", "latency"),
+                 bench_cases.Case("dynamic", "fwd+bwd", (1, 4, 512), "bfloat16", "latency"),
+                 bench_cases.Case("dynamic", "fwd", (512, 4, 1280), "bfloat16", "throughput"),
+                 bench_cases.Case("dynamic", "fwd+bwd", (512, 4, 1280), "bfloat16", "throughput"),
+                 bench_cases.Case("dynamic", "fwd", (4096, 4, 4096), "bfloat16", "throughput")):
+        apply, xs = bench_cases.prepare(case, 1 if case.mode == "latency" else 10)
+        if case.mode == "latency":
+            rows[case.id] = lambda a=apply, x=xs[0]: timing.latency_us(a, [x], repeats=100)
+        else:
+            rows[case.id] = lambda a=apply, xs=xs: tput(a, [[x] for x in xs])
+    saved = kernels.FUSED_READ_STEP
+    try:
+        alternated("read step", "", rows, {"two ops": lambda: setattr(kernels, "FUSED_READ_STEP", False),
+                                           "read step": lambda: setattr(kernels, "FUSED_READ_STEP", True)}, rounds)
+    finally:
+        kernels.FUSED_READ_STEP = saved
 
 
 def main():
@@ -422,6 +450,7 @@ def main():
     sinkhorn_chain()
     sinkhorn_n32()
     header_sizes()
+    read_step()
 
     # E. n=32 post and layer.
     x32 = [mx.random.normal((512, 32, 1280)).astype(BF) for _ in range(10)]
@@ -438,5 +467,8 @@ if __name__ == "__main__":
     if sys.argv[1:] == ["headers"]:  # only the header comparison
         print("mlx", mx.__version__, mx.default_device())
         header_sizes()
+    elif sys.argv[1:] == ["read-step"]:  # only the read step comparison
+        print("mlx", mx.__version__, mx.default_device())
+        read_step()
     else:
         main()

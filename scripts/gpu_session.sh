@@ -16,6 +16,7 @@
 #   bash scripts/gpu_session.sh decide       # every check, the experiments, the target cases' bench
 #   bash scripts/gpu_session.sh layer-candidates  # layer checks with its candidates on, then as decide
 #   bash scripts/gpu_session.sh headers      # every check, trimmed vs full kernel headers, the bench
+#   bash scripts/gpu_session.sh read-step    # fused read step checks, then its timings vs the two ops
 #   CHECK_ONLY=sinkhorn,layer bash scripts/gpu_session.sh all   # only these check groups
 #   CHECK_ARGS="--mma-vjp --mma-x-unroll 2" \
 #     CHECK_ONLY=sinkhorn,coefficients,layer,read_step \
@@ -144,6 +145,12 @@ case "${1:-}" in
       --seeds "" --only "static/fwd/4096x4x4096,static/fwd+bwd/4096x4x4096"
     ;;
   experiments) run 420 experiments python scripts/gpu_experiments.py ;;
+  read-step)
+    # the fused read step's checks (its one-launch forward, coefficients.DYNAMIC_PRE, included),
+    # then its alternated timings against the two ops
+    CHECK_ARGS="--fused-read-step" CHECK_ONLY=read_step check 200
+    run 200 experiments python scripts/gpu_experiments.py read-step
+    ;;
   final)
     # the checks of what a session changed (CHECK_ONLY, default below), the experiments, then
     # the target cases' bench with the seed packages

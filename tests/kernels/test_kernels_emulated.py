@@ -197,6 +197,34 @@ def test_dynamic_coefficients_forward(monkeypatch, flavour, form, tb, dtype, n, 
         assert "mhc_coefficients_dynamic" in names
 
 
+@pytest.mark.parametrize("flavour", FLAVOURS)
+@pytest.mark.parametrize("tb", [16, 8])
+@pytest.mark.parametrize("dtype", DTYPES)
+# T = 37 with 8 or 16 tokens per block: several blocks, the last partial; odd C; n = 1 and 8
+@pytest.mark.parametrize("n,C,T", [(4, 40, 37), (2, 33, 5), (8, 16, 9), (1, 7, 20), (3, 1, 17)])
+def test_dynamic_coefficients_with_pre_in_one_launch(monkeypatch, flavour, tb, dtype, n, C, T):
+    # coefficients.DYNAMIC_PRE (the read step's one-launch forward): the DYNAMIC kernel's five
+    # outputs unchanged, and h[t, c] = sum_i H_pre[t, i] x[t, i, c] equal to pre's own kernel's
+    monkeypatch.setattr(coefficients, "TOKENS_PER_BLOCK_SMALL_N", tb)
+    x, phi, alpha, bias = _dynamic_inputs(T, n, C, dtype)
+    x2 = x.reshape(T, n * C)
+    emu.launched.clear()
+    *five, h = coefficients.dynamic_read_forward(x2, phi, alpha, bias, n, 20, 1e-6)
+    assert [name for name, *_ in emu.launched] == ["mhc_coefficients_dynamic_pre"]
+    alone = coefficients.dynamic_forward(x2, phi, alpha, bias, n, 20, 1e-6, form="kernel")
+    for got, want in zip(five, alone):
+        assert np.array_equal(np64(got), np64(want))
+    assert h.shape == (T, C) and h.dtype == dtype
+    assert rel(h, ref64.pre(np64(x), np64(five[0]))) <= TOL[dtype]
+    assert np.array_equal(np64(h), np64(site.pre_forward(x, five[0])))
+    # the tensor-core and GEMM forms have no one-launch read step: the caller takes two launches
+    monkeypatch.setattr(build, "gpu_backend", lambda: "cuda")
+    # (float32 x takes the kernel form whatever the setting: TF32 would round it)
+    for form in ("gemm", "mma"):
+        one = coefficients.dynamic_read_forward(x2, phi, alpha, bias, n, 20, 1e-6, form=form)
+        assert (one is None) == (dtype != mx.float32), form
+
+
 @pytest.mark.parametrize("ku", [1, 2, 4])
 @pytest.mark.parametrize("K,W", [(32, 24), (96, 24), (40, 15), (7, 80), (1, 3), (300, 24)])
 def test_pack_phi_kernel_equals_its_mlx_statement(K, W, ku):
@@ -312,7 +340,7 @@ def test_fused_read_step_forward_and_backward(monkeypatch, flavour, dtype, n, C,
     mma_vjp = flavour == "cuda-mma-vjp"  # with the candidate tensor-core backward (n <= 4, 16-bit x)
     if mma_vjp:
         monkeypatch.setattr(coefficients, "MMA_VJP", True)
-        monkeypatch.setattr(build, "gpu_backend", lambda: "cuda")
+    monkeypatch.setattr(build, "gpu_backend", lambda: "metal" if flavour == "metal" else "cuda")
     # the dynamic site's read step as one custom function (candidate, kernels.FUSED_READ_STEP):
     # the same forward as the two ops, and a backward whose x cotangent (pre's share folded into
     # the coefficient kernel's single write) matches the reference's autodiff of the whole site
@@ -333,11 +361,20 @@ def test_fused_read_step_forward_and_backward(monkeypatch, flavour, dtype, n, C,
         return reference.mhc_pre(x_, H_pre), H_pre, H_post, H_res
 
     primals = [x, phi, alpha, bias]
+    emu.launched.clear()
     h, H_pre, H_post, H_res = pre_step.mhc_pre_step(*primals, 20, 1e-6)
+    # these sizes take the kernel form: on CUDA, coefficients and h from one launch
+    # (DYNAMIC_PRE); on Metal the two ops' kernels (the ones its first-use checks cover)
+    one_launch = build.gpu_backend() == "cuda"
+    assert [name for name, *_ in emu.launched] == (
+        ["mhc_coefficients_dynamic_pre"] if one_launch else ["mhc_coefficients_dynamic", "mhc_pre"])
     want = ref64.coefficients(np64(x), np64(phi), np64(alpha), np64(bias), 20, 1e-6)
     for got, w in zip((H_pre, H_post, H_res), want):
         assert rel(got, w.reshape(got.shape)) <= 1e-5
     assert rel(h, ref64.pre(np64(x), np64(H_pre))) <= TOL[dtype]
+    # the same sums in the same order as pre's own kernel: h equals the two launches' h
+    two = site.pre_forward(x, coefficients.mhc_coefficients(x, phi, alpha, bias, 20, 1e-6)[0])
+    assert np.array_equal(np64(h), np64(two))
 
     cot = mx.random.normal(x.shape).astype(dtype)
     emu.launched.clear()

@@ -68,6 +68,21 @@ def test_dynamic_coefficients(dtype):
         assert ref64.rel_err(np64(g), w) <= 1e-5
 
 
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16, mx.float16])
+def test_dynamic_coefficients_with_pre_in_one_launch(dtype):
+    # the fused read step's one-launch forward (coefficients.DYNAMIC_PRE; CUDA and Metal source)
+    n, C, T = 4, 97, 21
+    x = mx.random.normal((T, n, C)).astype(dtype)
+    phi = mx.random.normal((n * C, 24)) / 20
+    alpha, bias = mx.array([0.7, 0.4, 1.1]), mx.random.normal((24,))
+    *five, h = coefficients.dynamic_read_forward(x.reshape(T, n * C), phi, alpha, bias, n, 20, 1e-6, form="kernel")
+    want = ref64.coefficients(np64(x), np64(phi), np64(alpha), np64(bias), 20, 1e-6)
+    for g, w in zip(five[:3], want):
+        assert ref64.rel_err(np64(g), w.reshape(g.shape)) <= 1e-5
+    assert ref64.rel_err(np64(h), ref64.pre(np64(x), np64(five[0]))) <= TOL[dtype]
+    assert np.array_equal(np64(h), np64(site.pre_forward(x, five[0])))  # pre's own kernel's sums
+
+
 @pytest.mark.parametrize("inline", [True, False])
 def test_layer(inline):
     n, C, T = 4, 515, 9

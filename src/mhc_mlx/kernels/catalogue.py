@@ -12,6 +12,7 @@ from . import coefficients, coefficients_mma, coefficients_mma_vjp, layer, sinkh
 
 SPECS = (
     sinkhorn.FORWARD, sinkhorn.BACKWARD, sinkhorn.BACKWARD_THREAD, coefficients.ACTIVATE, coefficients.DYNAMIC,
+    coefficients.DYNAMIC_PRE,
     coefficients.DYNAMIC_VJP, coefficients.DYNAMIC_VJP_PRE, site.PRE, site.PRE_VJP, site.POST, site.POST_VJP, layer.LAYER, layer.LAYER_VJP,
 )
 
@@ -37,6 +38,8 @@ def instances():
         for n in (1, 4, 8):
             tb = coefficients.tokens_per_block(n)
             out.append((coefficients.DYNAMIC, (dt, F32, F32, F32, I32, F32), (F32,) * 5,
+                        [("T", dt), ("N", n), ("TB", tb)]))
+            out.append((coefficients.DYNAMIC_PRE, (dt, F32, F32, F32, I32, F32), (F32,) * 5 + (dt,),
                         [("T", dt), ("N", n), ("TB", tb)]))
             out.append((coefficients.DYNAMIC_VJP, (dt, F32, F32, F32, I32), (dt, F32),
                         [("T", dt), ("N", n)]))

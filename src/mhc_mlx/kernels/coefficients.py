@@ -192,6 +192,35 @@ DYNAMIC = KernelSpec(
 """,
 )
 
+# The read step's one-launch forward (pre_step.py, the kernel form): DYNAMIC, then pre's output
+# h[t, c] = sum_i H_pre[t, i] x[t, i C + c] for the block's tokens, from the logits still in the
+# tile (the block's x is in L1/L2 by then). Same sum order as site.PRE, so h is the same as
+# the two launches give. Saves a launch where launches dominate (few tokens).
+_PRE_EPILOGUE = r"""
+  KSHARED float hps[TB * N];
+  KBARRIER();
+  for (int idx = tid; idx < TB * N; idx += KNT) hps[idx] = ksigmoid(tile[(idx / N) * W + idx % N]);
+  KBARRIER();
+  const int Cw = K / N;  // channels per stream
+  for (int idx = tid; idx < TB * Cw; idx += KNT) {
+    const int q = idx / Cw;
+    const int c = idx - q * Cw;
+    const int t = t0 + q;
+    if (t < Ttok) {
+      float s = 0.0f;
+      KUNROLL for (int i = 0; i < N; ++i) s += hps[q * N + i] * static_cast<float>(xin[(int64_t)t * K + i * Cw + c]);
+      hout[(int64_t)t * Cw + c] = static_cast<T>(s);
+    }
+  }
+"""
+
+DYNAMIC_PRE = KernelSpec(
+    name="mhc_coefficients_dynamic_pre",
+    inputs=DYNAMIC.inputs,
+    outputs=DYNAMIC.outputs + ("hout",),
+    body=DYNAMIC.body + _PRE_EPILOGUE,
+)
+
 # dxf[t, k] = sum_w gs[t, w] phi[k, w] - xf[t, k] c2[t]   and   dphi[k, w] = sum_t xf[t, k] gs[t, w]
 # Thread = one column k of xf, phi row k held in registers; blocks split the tokens in
 # chunks of TPS, each writing its own dphi partial (summed afterwards).
@@ -443,27 +472,51 @@ def _dynamic_mma_forward(x2, phi, alpha, bias, n: int, iters: int, eps: float):
 def dynamic_forward(x2, phi, alpha, bias, n: int, iters: int, eps: float, tb: int | None = None,
                     form: str | None = None):
     """x2 [T, n*C] -> H_pre [T, n], H_post [T, n], H_res [T, n, n], m [T, W], 1/r [T]."""
+    form = _form(x2, form)
+    if form == "gemm":
+        return _dynamic_gemm_forward(x2, phi, alpha, bias, n, iters, eps)
+    if form == "mma":
+        return _dynamic_mma_forward(x2, phi, alpha, bias, n, iters, eps)
+    return _dynamic_kernel(DYNAMIC, x2, phi, alpha, bias, n, iters, eps, tb)
+
+
+def _form(x2, form: str | None = None) -> str:
+    """The form dynamic_forward takes for x2 (`form` None: DYNAMIC_FORM, by size)."""
     if form is None:
         form = DYNAMIC_FORM
         if form == "mma" and x2.size < MMA_MIN_ELEMENTS:
             form = "kernel"
     if form not in DYNAMIC_FORMS:
         raise ValueError(f"unknown dynamic coefficient form {form!r}; choose one of {', '.join(DYNAMIC_FORMS)}")
-    if form == "gemm" and x2.dtype != F32:  # float32 x is not exact in TF32: 4 GEMMs, kernel wins
-        return _dynamic_gemm_forward(x2, phi, alpha, bias, n, iters, eps)
-    if form == "mma" and x2.dtype != F32 and build.gpu_backend() == "cuda":
-        return _dynamic_mma_forward(x2, phi, alpha, bias, n, iters, eps)
+    if form == "gemm" and x2.dtype == F32:  # float32 x is not exact in TF32: 4 GEMMs, kernel wins
+        return "kernel"
+    if form == "mma" and (x2.dtype == F32 or build.gpu_backend() != "cuda"):
+        return "kernel"
+    return form
+
+
+def _dynamic_kernel(spec, x2, phi, alpha, bias, n: int, iters: int, eps: float, tb: int | None = None):
     T, K = x2.shape
     W = n * (n + 2)
     tb = tb or tokens_per_block(n)
     blocks = -(-T // tb)
+    outputs = [((T, n), F32), ((T, n), F32), ((T, n, n), F32), ((T, W), F32), ((T,), F32)]
+    if spec is DYNAMIC_PRE:
+        outputs.append(((T, K // n), x2.dtype))
     return launch(
-        DYNAMIC,
+        spec,
         [x2, phi.astype(F32), alpha.astype(F32), bias.astype(F32), int_params(T, K, iters),
          float_params(eps)],
-        [((T, n), F32), ((T, n), F32), ((T, n, n), F32), ((T, W), F32), ((T,), F32)],
-        blocks * DYNAMIC_THREADS, DYNAMIC_THREADS, [("T", x2.dtype), ("N", n), ("TB", tb)],
+        outputs, blocks * DYNAMIC_THREADS, DYNAMIC_THREADS, [("T", x2.dtype), ("N", n), ("TB", tb)],
     )
+
+
+def dynamic_read_forward(x2, phi, alpha, bias, n: int, iters: int, eps: float, form: str | None = None):
+    """(H_pre, H_post, H_res, m, 1/r, h [T, C]) in one launch (DYNAMIC_PRE) where the forward
+    takes the kernel form; None where it takes the tensor-core or GEMM form."""
+    if _form(x2, form) != "kernel":
+        return None
+    return _dynamic_kernel(DYNAMIC_PRE, x2, phi, alpha, bias, n, iters, eps)
 
 
 def dynamic_vjp_x_phi(x2, phi, gs, c2, pre=None):

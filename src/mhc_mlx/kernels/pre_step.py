@@ -6,7 +6,10 @@ share in full. Here the backward runs pre's coefficient gradient alone (site.PRE
 DX = false: reads x and dh, writes [T, n]), then the coefficient backward, whose kernel adds
 H_pre (x) dh as it writes x's cotangent (coefficients.DYNAMIC_VJP_PRE). At 4096 x 4 x 4096 bf16 that drops one
 [T, n, C] write and one add (two reads and a write), about 0.5 GB of traffic, for one read
-of dh [T, C]. The forward is the same two kernels.
+of dh [T, C]. The forward is the same two kernels where the coefficients take the
+tensor-core form (large batches); on CUDA in the kernel form (fewer than
+coefficients.MMA_MIN_ELEMENTS elements of x, or float32 x) one launch computes the coefficients
+and h (coefficients.DYNAMIC_PRE), one launch less where launches dominate (B = 1).
 
 Off (kernels.FUSED_READ_STEP = False): it passed scripts/gpu_check.py on the H200 (2026-11-29)
 but the two ops were faster there in two of the three runs that timed both (docs/kernel-notes.md);
@@ -19,13 +22,23 @@ from functools import lru_cache
 
 import mlx.core as mx
 
-from . import coefficients, site
+from . import build, coefficients, site
 
 
 @lru_cache(maxsize=None)
 def _function(n: int, iters: int, eps: float):
     @mx.custom_function
     def read_step(x, phi, alpha, bias):
+        lead, C = x.shape[:-2], x.shape[-1]
+        # CUDA only: on Metal each kernel must pass its first-use check (safety.py), which
+        # covers the two ops' kernels, not this one
+        one = None
+        if build.gpu_backend() == "cuda":
+            one = coefficients.dynamic_read_forward(x.reshape(-1, n * C), phi, alpha, bias, n, iters, eps)
+        if one is not None:  # the kernel form: coefficients and h from one launch
+            H_pre, H_post, H_res, m, invr, h = one
+            return (h.reshape(*lead, C), H_pre.reshape(*lead, n), H_post.reshape(*lead, n),
+                    H_res.reshape(*lead, n, n), m, invr)
         H_pre, H_post, H_res, m, invr = coefficients.dynamic_coefficients_forward(x, phi, alpha, bias, n, iters, eps)
         return site.pre_forward(x, H_pre), H_pre, H_post, H_res, m, invr
 
