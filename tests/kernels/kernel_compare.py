@@ -9,11 +9,14 @@ def np64(a):
     return np.array(a.astype(mx.float32), dtype=np.float64)
 
 
-def rel(got, want):
+def rel(got, want, floor: float = 0.0):
+    """||got - want|| / ||want||, or / `floor` when that is larger: for sums whose terms can
+    cancel, float32 rounding is relative to the terms (pass a tenth of their norm), not to
+    the sum, which a few drawn elements can make arbitrarily small."""
     got, want = np64(got) if isinstance(got, mx.array) else got, np64(want) if isinstance(want, mx.array) else want
     assert got.shape == want.shape, (got.shape, want.shape)
     assert np.isfinite(got).all(), "non-finite output (an element left unwritten?)"
-    return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
+    return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), floor, 1e-30))
 
 
 def largest(grads):
