@@ -493,6 +493,28 @@ def test_layer_one_pass_backward(monkeypatch, flavour, dtype, n, C, T, threads, 
         assert grad_rel(a, b, scale) <= bound, name
 
 
+@pytest.mark.parametrize("inline", [False, True])
+def test_layer_gradients_through_mx_vjp_reuse_the_forward_coefficients(inline):
+    # the whole static layer under mx.vjp (float32): the two-launch form's backward reuses the
+    # coefficients its forward computed (one coefficient launch in all); the single-launch form
+    # computes them inside its kernel, so its backward launches their kernel once
+    n, C, T = 4, 40, 5
+    x = mx.random.normal((T, n, C))
+    primals = [x, mx.random.normal((n,)), mx.random.normal((n,)), 2 * mx.random.normal((n, n)),
+               mx.random.uniform(0.5, 1.5, (C,))]
+    g = mx.random.normal((T, n, C))
+    emu.launched.clear()
+    y, got = mx.vjp(lambda *a: layer.mhc_layer(*a, 20, 1e-5, inline=inline), primals, [g])
+    names = [name for name, *_ in emu.launched]
+    assert names.count("mhc_coefficients_static") == 1, names
+    assert names.count("mhc_layer") == 1 and names.count("mhc_layer_vjp") == 1, names
+    want_y, want = mx.vjp(lambda *a: reference.mhc_layer(*a, 20, 1e-5), primals, [g])
+    assert rel(y[0], np64(want_y[0])) <= 1e-5
+    top = largest(want)
+    for name, a, b in zip(("x", "H_pre_raw", "H_post_raw", "H_res_raw", "rms_weight"), got, want):
+        assert grad_rel(a, b, 0.01 * top) <= GRAD_TOL, name
+
+
 def test_emulator_reports_a_deadlock_and_a_partial_warp_exchange():
     from mhc_mlx.kernels.build import KernelSpec
 

@@ -408,13 +408,12 @@ def fused_vjp(x, g, H_pre, H_post, H_res, weight, eps: float, threads: int = 256
 
 
 def _fused_layer_vjp(primals, cotangent, iters, eps, threads: int = 256, budget: int | None = None,
-                     groups: int | None = None):
+                     groups: int | None = None, coefficients_=None):
+    """coefficients_: the forward's (H_pre [1, n], H_post [1, n], H_res [1, n, n]) when it
+    computed them in a launch of its own; None: computed here (the single-launch forward)."""
     x, pre_raw, post_raw, res_raw, weight = primals
     n = x.shape[-2]
-    H_pre, H_post, H_res = coefficients.activate(
-        pre_raw.astype(F32).reshape(1, n), post_raw.astype(F32).reshape(1, n),
-        res_raw.astype(F32).reshape(1, n, n), iters,
-    )
+    H_pre, H_post, H_res = coefficients_ or _activate(pre_raw, post_raw, res_raw, iters)
     gx, g_pre, g_post, g_res, g_w = fused_vjp(x, cotangent, H_pre[0], H_post[0], H_res[0], weight, eps,
                                               threads, budget, groups)
     g = coefficients._activation_vjp(
@@ -432,25 +431,32 @@ def _composite(x, pre_raw, post_raw, res_raw, weight, iters, eps):
     return site.mhc_post(x, z.astype(x.dtype), H_post, H_res)
 
 
+def _activate(pre_raw, post_raw, res_raw, iters: int):
+    """(H_pre [1, n], H_post [1, n], H_res [1, n, n]) float32 from the raw logits: one launch."""
+    n = pre_raw.shape[-1]
+    return coefficients.activate(pre_raw.astype(F32).reshape(1, n), post_raw.astype(F32).reshape(1, n),
+                                 res_raw.astype(F32).reshape(1, n, n), iters)
+
+
 @lru_cache(maxsize=None)
 def _function(iters: int, eps: float, inline: bool, threads):
+    """The layer as a custom function: outputs (y,) in the single-launch form, (y, H_pre,
+    H_post, H_res) in the two-launch form, whose backward then reuses the forward's
+    coefficients instead of launching their kernel again."""
+
     @mx.custom_function
     def layer(x, pre_raw, post_raw, res_raw, weight):
         if inline:
-            return forward(x, pre_raw.astype(F32), post_raw.astype(F32), res_raw.astype(F32),
-                           weight, iters, eps, True, threads)
-        n = x.shape[-2]
-        H_pre, H_post, H_res = coefficients.activate(
-            pre_raw.astype(F32).reshape(1, n), post_raw.astype(F32).reshape(1, n),
-            res_raw.astype(F32).reshape(1, n, n), iters,
-        )
-        return forward(x, H_pre, H_post, H_res, weight, iters, eps, False, threads)
+            return (forward(x, pre_raw.astype(F32), post_raw.astype(F32), res_raw.astype(F32),
+                            weight, iters, eps, True, threads),)
+        H = _activate(pre_raw, post_raw, res_raw, iters)
+        return (forward(x, *H, weight, iters, eps, False, threads), *H)
 
     @layer.vjp
-    def layer_vjp(primals, cotangent, output):
+    def layer_vjp(primals, cotangents, outputs):
         if USE_FUSED_VJP:
-            return _fused_layer_vjp(primals, cotangent, iters, eps)
-        _, grads = mx.vjp(lambda *a: _composite(*a, iters, eps), list(primals), [cotangent])
+            return _fused_layer_vjp(primals, cotangents[0], iters, eps, coefficients_=tuple(outputs[1:]) or None)
+        _, grads = mx.vjp(lambda *a: _composite(*a, iters, eps), list(primals), [cotangents[0]])
         return tuple(grads)
 
     return layer
@@ -465,4 +471,4 @@ def mhc_layer(x, H_pre_raw, H_post_raw, H_res_raw, rms_weight, iters: int, eps: 
         inline = INLINE_ALWAYS or T <= LATENCY_TOKENS
     return _function(iters, float(eps), bool(inline), threads)(
         x, H_pre_raw, H_post_raw, H_res_raw, rms_weight
-    )
+    )[0]
