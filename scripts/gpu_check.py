@@ -214,6 +214,53 @@ def cases_read_step():
                   [x, phi, alpha, bias], [0, 1, 2, 3])
 
 
+def cases_chain():
+    # The chained x cotangent (kernels/site.py "chained", a candidate behind
+    # kernels.CHAIN_X_COTANGENT), switched on here whatever that flag says: whole HyperConnection
+    # sites through the dispatcher (static, dynamic as two ops, dynamic with the fused read step),
+    # a sublayer with a gradient (f = h * w); gradients for x and the site's parameters.
+    import mhc_mlx as mhc
+
+    saved = kernels.CHAIN_X_COTANGENT, kernels.FUSED_READ_STEP
+    try:
+        kernels.CHAIN_X_COTANGENT = True
+        for dt in DTYPES:
+            for form in ("static", "dynamic", "read step"):
+                for n, C, T in ((1, 33, 3), (4, 257, 40), (4, 4096, 70), (8, 65, 9), (4, 4096, 300)):
+                    kernels.FUSED_READ_STEP = form == "read step"
+                    dynamic = form != "static"
+                    W = 2 * n + n * n
+                    hc = mhc.HyperConnection(C, n, dynamic=dynamic, init="paper")
+                    x = mx.random.normal((T, n, C)).astype(dt)
+                    bias = mx.random.normal((W,))
+                    fw = mx.random.normal((C,))
+                    if dynamic:
+                        phi = (mx.random.normal((n * C, W)) / np.sqrt(n * C)).astype(mx.float32)
+                        alpha = mx.random.uniform(0.2, 1.5, (3,))
+                    else:
+                        phi = alpha = None
+
+                    def kernel_site(x_, phi_, alpha_, bias_, hc=hc, fw=fw, dynamic=dynamic, read=form == "read step"):
+                        kernels.FUSED_READ_STEP = read
+                        hc.update({"bias": bias_, **({"phi": phi_, "alpha": alpha_} if dynamic else {})})
+                        h, coeffs = hc.pre(x_)
+                        return hc.post(x_, (h.astype(mx.float32) * fw).astype(x_.dtype), coeffs)
+
+                    def ref64_site(x_, phi_, alpha_, bias_, fw=np64(fw)):
+                        H_pre, H_post, H_res = ref64.coefficients(x_, phi_, alpha_, bias_, 20, 1e-6)  # phi None: static
+                        return ref64.post(x_, ref64.pre(x_, H_pre) * fw, H_post, H_res)
+
+                    def ref_site(x_, phi_, alpha_, bias_, fw=fw):
+                        H_pre, H_post, H_res = reference.mhc_coefficients(x_, phi_, alpha_, bias_, 20, 1e-6)
+                        h = reference.mhc_pre(x_, H_pre)
+                        return reference.mhc_post(x_, (h.astype(mx.float32) * fw).astype(x_.dtype), H_post, H_res)
+
+                    check(f"chain/{form}+post", (T, n, C), dt, kernel_site, ref64_site, ref_site,
+                          [x, phi, alpha, bias], [0, 1, 2, 3] if dynamic else [0, 3])
+    finally:
+        kernels.CHAIN_X_COTANGENT, kernels.FUSED_READ_STEP = saved
+
+
 SITE_N: set[int] = set()
 FORCED_FORM = ""
 
@@ -262,7 +309,7 @@ def cases_layer():
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--no-bench", action="store_true")
-    ap.add_argument("--only", default="", help="comma list of: sinkhorn,coefficients,site,layer,read_step")
+    ap.add_argument("--only", default="", help="comma list of: sinkhorn,coefficients,site,layer,read_step,chain")
     ap.add_argument("--bench-args", default="", help="extra arguments for `mhc-mlx bench`")
     ap.add_argument("--site-n", default="", help="comma list of n: only these site cases")
     ap.add_argument("--dtypes", default="", help="comma list of f32,bf16,f16 (default all)")
@@ -282,10 +329,15 @@ def main(argv=None) -> int:
                          "count (layer.INLINE_ALWAYS)")
     ap.add_argument("--fused-read-step", action="store_true",
                     help="switch on the candidate fused read step of dynamic sites (kernels.FUSED_READ_STEP)")
+    ap.add_argument("--chain", action="store_true",
+                    help="switch on the candidate chained x cotangent of HyperConnection sites "
+                         "(kernels.CHAIN_X_COTANGENT) for every check")
     ap.add_argument("--out", default=os.environ.get("OUT", "runs/gpu_check"))
     args = ap.parse_args(argv)
     if args.fused_read_step:
         kernels.FUSED_READ_STEP = True
+    if args.chain:
+        kernels.CHAIN_X_COTANGENT = True
     if args.layer_candidates:
         layer.INLINE_ALWAYS = True
     if args.mma_vjp:
@@ -316,7 +368,7 @@ def main(argv=None) -> int:
     mx.random.seed(int(time.time()) % 100000)
     start = time.time()
     groups = {"sinkhorn": cases_sinkhorn, "coefficients": cases_coefficients, "site": cases_site,
-              "layer": cases_layer, "read_step": cases_read_step}
+              "layer": cases_layer, "read_step": cases_read_step, "chain": cases_chain}
     wanted = [g for g in args.only.split(",") if g] or list(groups)
     for g in wanted:
         t0 = time.time()

@@ -5,6 +5,7 @@ copy floor two ways, and where B=1 latency goes (Python graph building vs the ev
     python scripts/gpu_experiments.py          (on a GPU machine; prints one line per measurement)
     python scripts/gpu_experiments.py headers  (only the trimmed-vs-full kernel header timings)
     python scripts/gpu_experiments.py read-step  (only the fused read step against the two ops)
+    python scripts/gpu_experiments.py chain      (only the chained x cotangent against the defaults)
 """
 
 from __future__ import annotations
@@ -220,6 +221,38 @@ def read_step(rounds=5):
                                            "read step": lambda: setattr(kernels, "FUSED_READ_STEP", True)}, rounds)
     finally:
         kernels.FUSED_READ_STEP = saved
+
+
+def chain(rounds=5):
+    """The chained x cotangent (kernels.CHAIN_X_COTANGENT: x's cotangent written once, by the
+    first op's backward kernel, instead of MLX adds) against the defaults, with and without the
+    fused read step, alternated `rounds` times: the dynamic site's forward+backward at
+    4096x4x4096 and 512x4x1280 and at B = 1."""
+    from mhc_mlx import kernels
+    from mhc_mlx.bench import cases as bench_cases
+
+    rows = {}
+    for case in (bench_cases.Case("dynamic", "fwd+bwd", (4096, 4, 4096), "bfloat16", "throughput"),
+                 bench_cases.Case("dynamic", "fwd+bwd", (512, 4, 1280), "bfloat16", "throughput"),
+                 bench_cases.Case("dynamic", "fwd+bwd", (1, 4, 512), "bfloat16", "latency")):
+        apply, xs = bench_cases.prepare(case, 1 if case.mode == "latency" else 10)
+        if case.mode == "latency":
+            rows[case.id] = lambda a=apply, x=xs[0]: timing.latency_us(a, [x], repeats=100)
+        else:
+            rows[case.id] = lambda a=apply, xs=xs: tput(a, [[x] for x in xs])
+
+    def form(chained, read_step):
+        def switch():
+            kernels.CHAIN_X_COTANGENT, kernels.FUSED_READ_STEP = chained, read_step
+        return switch
+
+    saved = kernels.CHAIN_X_COTANGENT, kernels.FUSED_READ_STEP
+    try:
+        alternated("chain", "", rows, {"defaults": form(False, False), "chain": form(True, False),
+                                       "read step": form(False, True), "chain + read step": form(True, True)},
+                   rounds)
+    finally:
+        kernels.CHAIN_X_COTANGENT, kernels.FUSED_READ_STEP = saved
 
 
 def main():
@@ -451,6 +484,7 @@ def main():
     sinkhorn_n32()
     header_sizes()
     read_step()
+    chain()
 
     # E. n=32 post and layer.
     x32 = [mx.random.normal((512, 32, 1280)).astype(BF) for _ in range(10)]
@@ -470,5 +504,8 @@ if __name__ == "__main__":
     elif sys.argv[1:] == ["read-step"]:  # only the read step comparison
         print("mlx", mx.__version__, mx.default_device())
         read_step()
+    elif sys.argv[1:] == ["chain"]:  # only the chained x cotangent comparison
+        print("mlx", mx.__version__, mx.default_device())
+        chain()
     else:
         main()

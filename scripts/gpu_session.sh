@@ -17,6 +17,7 @@
 #   bash scripts/gpu_session.sh layer-candidates  # layer checks with its candidates on, then as decide
 #   bash scripts/gpu_session.sh headers      # every check, trimmed vs full kernel headers, the bench
 #   bash scripts/gpu_session.sh read-step    # fused read step checks, then its timings vs the two ops
+#   bash scripts/gpu_session.sh chain        # chained x cotangent + read step checks, then their timings
 #   CHECK_ONLY=sinkhorn,layer bash scripts/gpu_session.sh all   # only these check groups
 #   CHECK_ARGS="--mma-vjp --mma-x-unroll 2" \
 #     CHECK_ONLY=sinkhorn,coefficients,layer,read_step \
@@ -113,8 +114,8 @@ case "${1:-}" in
     ;;
   profile) profile 240 ;;
   candidates)
-    CHECK_ARGS="--mma-vjp --fused-read-step --layer-candidates" \
-      CHECK_ONLY="${CHECK_ONLY:-sinkhorn,coefficients,layer,read_step}" check 200
+    CHECK_ARGS="--mma-vjp --fused-read-step --layer-candidates --chain" \
+      CHECK_ONLY="${CHECK_ONLY:-sinkhorn,coefficients,layer,read_step,chain}" check 200
     run 140 bench python -m mhc_mlx.cli.main bench --candidates --out "$res/bench_candidates" --overwrite \
       --seeds "" --only "$TARGETS,x32x"
     run 230 experiments python scripts/gpu_experiments.py
@@ -145,6 +146,13 @@ case "${1:-}" in
       --seeds "" --only "static/fwd/4096x4x4096,static/fwd+bwd/4096x4x4096"
     ;;
   experiments) run 420 experiments python scripts/gpu_experiments.py ;;
+  chain)
+    # the chained x cotangent's checks (whole sites, all dtypes), the read step's, then both
+    # timed against the defaults
+    CHECK_ONLY=chain,read_step check 240
+    run 150 experiments python scripts/gpu_experiments.py chain
+    run 100 experiments_read_step python scripts/gpu_experiments.py read-step
+    ;;
   read-step)
     # the fused read step's checks (its one-launch forward, coefficients.DYNAMIC_PRE, included),
     # then its alternated timings against the two ops

@@ -34,6 +34,30 @@ def run_pre_step(x, phi, alpha, bias, iters: int, eps: float):
     return pre_step.mhc_pre_step(x, phi, alpha, bias, iters, eps)
 
 
+def run_chained_read(x, phi, alpha, bias, iters: int, eps: float):
+    """(h, (H_pre, H_post, H_res), x') through the chained kernel forms (candidate,
+    kernels.CHAIN_X_COTANGENT; CUDA), or None where they do not apply. Post must read x' in
+    place of x: x's cotangent then comes back down the chain and is written once
+    (kernels/site.py, "chained")."""
+    if not kernels.CHAIN_X_COTANGENT or kernels.gpu_backend() != "cuda":
+        return None
+    if choose("mhc_pre", x)[0] != "kernels":
+        return None
+    from .kernels import coefficients, pre_step, site
+
+    if phi is None:  # static: the coefficients do not depend on x
+        H, x_pre = run_coefficients(x, None, None, bias, iters, eps), x
+    elif choose("mhc_coefficients", x, phi, alpha, bias, iters=iters, eps=eps)[0] != "kernels":
+        H, x_pre = run_coefficients(x, phi, alpha, bias, iters, eps), x
+    elif kernels.FUSED_READ_STEP:
+        h, *H, x_post = pre_step.mhc_pre_step_chained(x, phi, alpha, bias, iters, eps)
+        return h, tuple(H), x_post
+    else:
+        *H, x_pre = coefficients.mhc_coefficients_chained(x, phi, alpha, bias, iters, eps)
+    h, x_post = site.mhc_pre_chained(x_pre, H[0])
+    return h, tuple(H), x_post
+
+
 def run_pre(x: mx.array, H_pre: mx.array) -> mx.array:
     return choose("mhc_pre", x, H_pre)[1](x, H_pre)
 

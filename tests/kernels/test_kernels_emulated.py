@@ -515,6 +515,108 @@ def test_layer_gradients_through_mx_vjp_reuse_the_forward_coefficients(inline):
         assert grad_rel(a, b, 0.01 * top) <= GRAD_TOL, name
 
 
+@pytest.mark.parametrize("flavour", FLAVOURS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,C,lead,shared", [(4, 40, (3,), False), (4, 40, (3,), True), (2, 33, (2, 3), False),
+                                             (8, 16, (5,), True), (1, 7, (4,), False)])
+def test_pre_backward_adds_the_chained_x_cotangent(flavour, dtype, n, C, lead, shared):
+    # site.PRE_VJP_ACC (the chained read, kernels.CHAIN_X_COTANGENT): dx = gacc + H_pre (x) g in
+    # the pass that writes it, dH_pre as without gacc; odd C takes the scalar path
+    x = mx.random.normal((*lead, n, C)).astype(dtype)
+    g = mx.random.normal((*lead, C)).astype(dtype)
+    gacc = mx.random.normal((*lead, n, C)).astype(dtype)
+    H_pre = mx.random.uniform(shape=(n,) if shared else (*lead, n))
+    emu.launched.clear()
+    gx, gh = site.pre_vjp(x, H_pre, g, gacc=gacc)
+    assert [name for name, *_ in emu.launched] == ["mhc_pre_vjp_acc"]
+    hp = np.broadcast_to(np64(H_pre), (*lead, n))
+    want = np64(gacc) + hp[..., None] * np64(g)[..., None, :]
+    assert rel(gx, want) <= TOL[dtype]
+    _, gh_alone = site.pre_vjp(x, H_pre, g)
+    assert np.array_equal(np64(gh), np64(gh_alone))
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_pre", [False, True])
+@pytest.mark.parametrize("n,C,T", [(4, 24, 7), (2, 33, 40), (8, 16, 3)])
+def test_coefficient_backward_adds_the_chained_x_cotangent(flavour, dtype, with_pre, n, C, T):
+    # coefficients.DYNAMIC_VJP_ACC and DYNAMIC_VJP_PRE_ACC: the same dx plus gacc, the same dphi
+    x, phi, alpha, bias = _dynamic_inputs(T, n, C, dtype)
+    x2 = x.reshape(T, n * C)
+    W = n * (n + 2)
+    gs, c2 = mx.random.normal((T, W)), mx.random.normal((T,))
+    pre = (mx.random.uniform(shape=(T, n)), mx.random.normal((T, C)).astype(dtype)) if with_pre else None
+    gacc = mx.random.normal((T, n, C)).astype(dtype)
+    emu.launched.clear()
+    gx, gphi = coefficients.dynamic_vjp_x_phi(x2, phi, gs, c2, pre, gacc)
+    assert [name for name, *_ in emu.launched] == [
+        "mhc_coefficients_dynamic_vjp_pre_acc" if with_pre else "mhc_coefficients_dynamic_vjp_acc"]
+    gx_alone, gphi_alone = coefficients.dynamic_vjp_x_phi(x2, phi, gs, c2, pre)
+    assert np.array_equal(np64(gphi), np64(gphi_alone))
+    want = np64(gx_alone) + np64(gacc).reshape(T, n * C)  # both rounded once to x's dtype
+    assert rel(gx, want) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+@pytest.mark.parametrize("form", ["two ops", "read step", "tensor-core backward", "static"])
+@pytest.mark.parametrize("use", ["site", "pre and post", "pre only", "post with other x"])
+def test_hyper_connection_with_the_chained_x_cotangent(monkeypatch, dtype, form, use):
+    # kernels.CHAIN_X_COTANGENT (candidate) through a HyperConnection on the emulated CUDA kernels:
+    # gradients as the reference backend's autodiff, whether post reads the chained x' (the site
+    # call, or pre then post with the same x), pre's output alone is used (x' unused: a zero
+    # cotangent comes down the chain), or post is given another array than pre's x (no chain)
+    import mhc_mlx as mhc
+    from mhc_mlx import dispatch, kernels
+
+    monkeypatch.setattr(build, "gpu_backend", lambda: "cuda")
+    monkeypatch.setattr(build, "on_gpu", lambda *a: True)
+    monkeypatch.setattr(kernels, "gpu_backend", build.gpu_backend)
+    monkeypatch.setattr(kernels, "on_gpu", build.on_gpu)
+    monkeypatch.setattr(kernels, "CHAIN_X_COTANGENT", True)
+    monkeypatch.setattr(kernels, "FUSED_READ_STEP", form == "read step")
+    monkeypatch.setattr(coefficients, "MMA_VJP", form == "tensor-core backward")
+    n, C, T = 4, 24, 5
+    hc = mhc.HyperConnection(C, n, dynamic=form != "static", init="paper")
+    W = n * (n + 2)
+    if form != "static":
+        hc.phi = mx.random.normal((n * C, W)) / np.sqrt(n * C)
+        hc.alpha = mx.random.uniform(0.2, 1.5, (3,))
+    hc.bias = mx.random.normal((W,))
+    names = [k for k in ("phi", "alpha", "bias") if k in hc]
+    params = [getattr(hc, k) for k in names]
+    x = mx.random.normal((T, n, C)).astype(dtype)
+    cot = mx.random.normal((T, n, C)).astype(dtype)
+    w = mx.random.normal((C,))
+
+    def sub(h):
+        return (h.astype(mx.float32) * w).astype(h.dtype)
+
+    def site_fn(x_, *ps):
+        hc.update(dict(zip(names, ps)))
+        if use == "site":
+            return hc(x_, sub)
+        h, coeffs = hc.pre(x_)
+        if use == "pre only":
+            return mx.broadcast_to(h[..., None, :], x_.shape) * 2
+        other = x_ * 1 if use == "post with other x" else x_
+        return hc.post(other, sub(h), coeffs)
+
+    emu.launched.clear()
+    out, got = mx.vjp(site_fn, [x, *params], [cot])
+    launched = [name for name, *_ in emu.launched]
+    chained_kernels = {"mhc_pre_vjp_acc", "mhc_coefficients_dynamic_vjp_acc", "mhc_coefficients_dynamic_vjp_pre_acc"}
+    assert chained_kernels & set(launched), launched
+    up = [x.astype(mx.float32), *params]
+    with dispatch.use_backend("reference"):
+        want_out, want = mx.vjp(site_fn, up, [cot.astype(mx.float32)])
+    assert rel(out[0], want_out[0], floor=0.1 * float(np.linalg.norm(np64(x)))) <= TOL[dtype]
+    top = largest(want)
+    tol = GRAD_TOL if dtype == mx.float32 else TOL[dtype]
+    for name, a, b in zip(["x", *names], got, want):
+        assert grad_rel(a, b, 0.05 * top) <= tol, name
+
+
 def test_emulator_reports_a_deadlock_and_a_partial_warp_exchange():
     from mhc_mlx.kernels.build import KernelSpec
 

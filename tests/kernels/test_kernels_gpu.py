@@ -93,6 +93,34 @@ def test_layer(inline):
     assert ref64.rel_err(np64(got), want) <= 1e-5
 
 
+@pytest.mark.parametrize("dynamic", [True, False])
+def test_chained_x_cotangent_gradients(monkeypatch, dynamic):
+    # kernels.CHAIN_X_COTANGENT (candidate): a HyperConnection's gradients on the GPU against the
+    # reference backend's float32 autodiff (CUDA: the chain is CUDA-only, elsewhere a no-op)
+    import mhc_mlx as mhc
+    from mhc_mlx import dispatch, kernels
+
+    monkeypatch.setattr(kernels, "CHAIN_X_COTANGENT", True)
+    n, C, T = 4, 136, 9
+    hc = mhc.HyperConnection(C, n, dynamic=dynamic, init="paper")
+    names = ["phi", "alpha", "bias"] if dynamic else ["bias"]
+    hc.update({"bias": mx.random.normal(hc.bias.shape),
+               **({"phi": mx.random.normal(hc.phi.shape) / 20} if dynamic else {})})
+    params = [getattr(hc, k) for k in names]
+    x, cot, w = mx.random.normal((T, n, C)), mx.random.normal((T, n, C)), mx.random.normal((C,))
+
+    def site_fn(x_, *ps):
+        hc.update(dict(zip(names, ps)))
+        return hc(x_, lambda h: h * w)
+
+    _, got = mx.vjp(site_fn, [x, *params], [cot])
+    with dispatch.use_backend("reference"), mx.stream(mx.cpu):  # the CPU: no TF32 matmuls
+        _, want = mx.vjp(site_fn, [x, *params], [cot])
+        mx.eval(want)
+    for g, r in zip(got, want):
+        assert ref64.rel_err(np64(g), np64(r)) <= 1e-4
+
+
 def test_compiled_path_is_float32_exact_on_gpu():
     """On CUDA, MLX runs float32 matmuls in TF32 by default (MLX_ENABLE_TF32=1), ~1e-3 relative;
     the compiled path's pre/post/coefficients are matmuls, so on a GPU it splits each factor

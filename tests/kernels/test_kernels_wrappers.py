@@ -242,6 +242,48 @@ def test_default_dynamic_form_is_the_fused_kernel_below_mma_min_elements(monkeyp
         assert "mhc_coefficients_dynamic" in names and "mhc_coefficients_dynamic_mma" not in names
 
 
+def _last_op(a: mx.array, tmp_path) -> str:
+    """The primitive that produces `a` (from MLX's DOT export of its unevaluated graph)."""
+    import re
+
+    path = tmp_path / "graph.dot"
+    mx.export_to_dot(str(path), a)
+    text = path.read_text()
+    sink = re.search(r'rank=sink; "(\w+)"', text).group(1)
+    node = re.search(r"(\d+) -> \"" + sink + '"', text).group(1)
+    return re.search(node + r' \[label ="(\w+)"', text).group(1)
+
+
+@pytest.mark.parametrize("chain", [False, True])
+@pytest.mark.parametrize("form", ["dynamic", "read step", "static"])
+def test_chained_x_cotangent_leaves_no_add_for_x(monkeypatch, tmp_path, chain, form):
+    # kernels.CHAIN_X_COTANGENT (candidate): x's gradient through a HyperConnection comes out of
+    # one backward kernel (reshaped), not out of an MLX add of the ops' shares as without it
+    import mhc_mlx as mhc
+    from mhc_mlx import kernels
+    from mhc_mlx.kernels import build
+
+    monkeypatch.setattr(kernels, "CHAIN_X_COTANGENT", chain)
+    monkeypatch.setattr(kernels, "FUSED_READ_STEP", form == "read step")
+    monkeypatch.setattr(build, "gpu_backend", lambda: "cuda")
+    monkeypatch.setattr(build, "on_gpu", lambda *a: True)
+    monkeypatch.setattr(kernels, "gpu_backend", build.gpu_backend)
+    monkeypatch.setattr(kernels, "on_gpu", build.on_gpu)
+    n, C = 4, 24
+    hc = mhc.HyperConnection(C, n, dynamic=form != "static")
+    x = mx.zeros((2, 3, n, C), dtype=mx.bfloat16)
+    mx.eval(x, hc.parameters())
+
+    def site_fn(x_):
+        h, coeffs = hc.pre(x_)
+        return hc.post(x_, h * 2, coeffs)
+
+    _, (gx,) = mx.vjp(site_fn, [x], [mx.ones(x.shape, x.dtype)])
+    assert (_last_op(gx, tmp_path) == "Add") == (not chain)
+    names = {name for name, *_ in launched}
+    assert ("mhc_pre_vjp_acc" in names) == (chain and form != "read step")
+
+
 @pytest.mark.parametrize("fused", [False, True])
 def test_hyper_connection_takes_the_fused_read_step_only_when_on(monkeypatch, fused):
     # kernels.FUSED_READ_STEP (candidate): a dynamic site's read step as one custom function on

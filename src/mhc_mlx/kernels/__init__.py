@@ -33,6 +33,11 @@ MAX_N_DYNAMIC = 8
 # timed them (1275.7 / 1239.8 µs against 1312.0 / 1302.6 µs for the site's fwd+bwd at
 # 4096 x 4 x 4096 bf16; its kernel takes 193 registers against 135), so it is off.
 FUSED_READ_STEP = False
+# Candidate (site.py, "chained"; written 2026-11-29 without a GPU): in a HyperConnection on
+# CUDA each kernel op passes its x through to the site's next op, so x's cotangent is written
+# once, by the first op's backward kernel, instead of being summed by MLX adds of [T, n, C]
+# arrays (two at a dynamic site: 2 x 12 C bytes per token at n = 4 in bfloat16).
+CHAIN_X_COTANGENT = False
 
 
 _IMPLEMENTATIONS: dict = {}
@@ -129,13 +134,14 @@ def status() -> dict:
 def use_candidates(on: bool = True) -> None:
     """Switch this process's kernel candidates on or off (`mhc-mlx bench --candidates`): the
     tensor-core coefficient backward and the fused read step, which passed scripts/gpu_check.py
-    on the H200 (2026-11-29) but were slower there than the defaults, and the static layer's
-    single-launch (inline) form at every token count, which did not win either
-    (docs/kernel-notes.md)."""
+    on the H200 (2026-11-29) but were slower there than the defaults, the static layer's
+    single-launch (inline) form at every token count, which did not win either, and the
+    chained x cotangent, not yet run on a GPU (docs/kernel-notes.md)."""
     from . import coefficients, layer
 
-    global FUSED_READ_STEP
+    global FUSED_READ_STEP, CHAIN_X_COTANGENT
     FUSED_READ_STEP = on
+    CHAIN_X_COTANGENT = on
     coefficients.MMA_VJP = on
     layer.INLINE_ALWAYS = on
 
@@ -154,6 +160,7 @@ def settings() -> dict:
             "layer_inline_always": layer.INLINE_ALWAYS,
             "layer_prefetch_tokens": layer.PREFETCH_TOKENS,
             "fused_read_step": FUSED_READ_STEP,
+            "chain_x_cotangent": CHAIN_X_COTANGENT,
             "sinkhorn_thread_vjp_max_work": sinkhorn.THREAD_VJP_MAX_WORK}
 
 

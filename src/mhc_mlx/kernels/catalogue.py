@@ -13,7 +13,8 @@ from . import coefficients, coefficients_mma, coefficients_mma_vjp, layer, sinkh
 SPECS = (
     sinkhorn.FORWARD, sinkhorn.BACKWARD, sinkhorn.BACKWARD_THREAD, coefficients.ACTIVATE, coefficients.DYNAMIC,
     coefficients.DYNAMIC_PRE,
-    coefficients.DYNAMIC_VJP, coefficients.DYNAMIC_VJP_PRE, site.PRE, site.PRE_VJP, site.POST, site.POST_VJP, layer.LAYER, layer.LAYER_VJP,
+    coefficients.DYNAMIC_VJP, coefficients.DYNAMIC_VJP_PRE, coefficients.DYNAMIC_VJP_ACC, coefficients.DYNAMIC_VJP_PRE_ACC,
+    site.PRE, site.PRE_VJP, site.PRE_VJP_ACC, site.POST, site.POST_VJP, layer.LAYER, layer.LAYER_VJP,
 )
 
 # Kernels of the CUDA-only tensor-core path; they never reach a Metal compiler.
@@ -45,6 +46,10 @@ def instances():
                         [("T", dt), ("N", n)]))
             out.append((coefficients.DYNAMIC_VJP_PRE, (dt, F32, F32, F32, F32, dt, I32), (dt, F32),
                         [("T", dt), ("N", n)]))
+            out.append((coefficients.DYNAMIC_VJP_ACC, (dt, F32, F32, F32, dt, I32), (dt, F32),
+                        [("T", dt), ("N", n)]))
+            out.append((coefficients.DYNAMIC_VJP_PRE_ACC, (dt, F32, F32, F32, F32, dt, dt, I32), (dt, F32),
+                        [("T", dt), ("N", n)]))
             out.append((site.PRE_VJP, (dt, F32, dt, I32), (dt, F32),
                         [("T", dt), ("N", n), ("V", 16 // dt.size), ("SHARED", False), ("DX", False)]))
         for n, V in ((4, 16 // dt.size), (8, 16 // dt.size), (32, 1), (3, 1)):
@@ -53,6 +58,8 @@ def instances():
                 out.append((site.POST, (dt, dt, F32, F32, I32), (dt,),
                             [("T", dt), ("N", n), ("V", V), ("SHARED", shared)]))
                 out.append((site.PRE_VJP, (dt, F32, dt, I32), (dt, F32),
+                            [("T", dt), ("N", n), ("V", V), ("SHARED", shared), ("DX", True)]))
+                out.append((site.PRE_VJP_ACC, (dt, F32, dt, dt, I32), (dt, F32),
                             [("T", dt), ("N", n), ("V", V), ("SHARED", shared), ("DX", True)]))
                 out.append((site.POST_VJP, (dt, dt, F32, F32, dt, I32), (dt, dt, F32, F32),
                             [("T", dt), ("N", n), ("V", V), ("SHARED", shared), ("HGRAD", n <= 8)]))

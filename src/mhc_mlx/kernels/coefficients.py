@@ -321,6 +321,30 @@ DYNAMIC_VJP_PRE = KernelSpec(
     body=_with_pre_term(DYNAMIC_VJP.body),
 )
 
+
+def _with_accumulated_dx(body: str) -> str:
+    """The text plus x's cotangent from later in the site (`gacc`: what pre's or post's
+    backward wrote, passed down the chain of site.py's `chained` functions), added as the
+    kernel writes its own share: x's cotangent written once, without an MLX add."""
+    old = "static_cast<T>(d - xv * c2s[q]"
+    assert body.count(old) == 1, old
+    return body.replace(old, "static_cast<T>(static_cast<float>(gacc[t * K + k]) + d - xv * c2s[q]")
+
+
+DYNAMIC_VJP_ACC = KernelSpec(
+    name="mhc_coefficients_dynamic_vjp_acc",
+    inputs=("xin", "phi", "gsc", "ctwo", "gacc", "iparam"),
+    outputs=("gx", "gphi"),
+    body=_with_accumulated_dx(DYNAMIC_VJP.body),
+)
+
+DYNAMIC_VJP_PRE_ACC = KernelSpec(
+    name="mhc_coefficients_dynamic_vjp_pre_acc",
+    inputs=("xin", "phi", "gsc", "ctwo", "hpre", "dh", "gacc", "iparam"),
+    outputs=("gx", "gphi"),
+    body=_with_accumulated_dx(DYNAMIC_VJP_PRE.body),
+)
+
 DYNAMIC_THREADS = 256
 # The backward's launch (DYNAMIC_VJP, 136 registers): 128-thread blocks of 512 tokens each.
 # H200 (2026-11-29): at T = 4096, n*C = 16384, bf16, 128/512 took 403.1 and 394.9 µs in two
@@ -519,17 +543,20 @@ def dynamic_read_forward(x2, phi, alpha, bias, n: int, iters: int, eps: float, f
     return _dynamic_kernel(DYNAMIC_PRE, x2, phi, alpha, bias, n, iters, eps)
 
 
-def dynamic_vjp_x_phi(x2, phi, gs, c2, pre=None):
+def dynamic_vjp_x_phi(x2, phi, gs, c2, pre=None, gacc=None):
     """(dxf [T, K] in x's dtype, dphi [K, W] float32) from gs = dm / r [T, W] and c2 [T].
 
     pre: (H_pre [T, n], dh [T, C]) adds pre's share H_pre (x) dh to dxf in the same pass.
+    gacc: x's cotangent from later in the site ([T, K], or any shape of T*K elements), added too.
     """
     T, K = x2.shape
     if MMA_VJP and T and build.gpu_backend() == "cuda":
         from . import coefficients_mma_vjp
 
         if coefficients_mma_vjp.covers(x2, phi):
-            return coefficients_mma_vjp.vjp_x_phi(x2, phi, gs, c2, pre)
+            gx, gphi = coefficients_mma_vjp.vjp_x_phi(x2, phi, gs, c2, pre)
+            # (its DX kernel has no accumulating form: one MLX add, as without the chain)
+            return (gx if gacc is None else gx + gacc.reshape(T, K).astype(gx.dtype)), gphi
     n = round((phi.shape[1] + 1) ** 0.5) - 1
     splits = -(-T // VJP_TOKENS_PER_SPLIT)
     nkb = -(-K // VJP_THREADS)
@@ -537,6 +564,9 @@ def dynamic_vjp_x_phi(x2, phi, gs, c2, pre=None):
     if pre is not None:
         spec = DYNAMIC_VJP_PRE
         inputs += [pre[0].astype(F32).reshape(T, n), pre[1].astype(x2.dtype).reshape(T, K // n)]
+    if gacc is not None:
+        spec = DYNAMIC_VJP_PRE_ACC if pre is not None else DYNAMIC_VJP_ACC
+        inputs.append(gacc.astype(x2.dtype).reshape(T, K))
     gx, gphi = launch(
         spec, inputs + [int_params(T, K, VJP_TOKENS_PER_SPLIT)],
         [((T, K), x2.dtype), ((splits, K, phi.shape[1]), F32)],
@@ -569,10 +599,11 @@ def _vjp_glue(n: int, K: int):
     return logits, scaled
 
 
-def dynamic_vjp(primals, cotangents, outputs, n: int, iters: int, pre=None):
+def dynamic_vjp(primals, cotangents, outputs, n: int, iters: int, pre=None, gacc=None):
     """Cotangents of (x, phi, alpha, bias) from those of (H_pre, H_post, H_res) (and the saved m, 1/r).
 
     pre: (H_pre, dh), to add pre's share of x's cotangent in the same pass (pre_step.py).
+    gacc: x's cotangent from later in the site, added in the same pass (the chained functions).
     """
     x, phi, alpha, bias = primals
     H_pre, H_post, _, m, invr = outputs
@@ -585,7 +616,7 @@ def dynamic_vjp(primals, cotangents, outputs, n: int, iters: int, pre=None):
                            cotangents[0].reshape(T, n), cotangents[1].reshape(T, n))
     gr = sk.project_vjp(L_res, cotangents[2].astype(F32).reshape(T, n, n), iters)
     gs, c2, g_bias, g_alpha = scaled(gp, gq, gr, m, invr, scale)
-    gx, g_phi = dynamic_vjp_x_phi(x.reshape(T, K), phi, gs, c2, pre)
+    gx, g_phi = dynamic_vjp_x_phi(x.reshape(T, K), phi, gs, c2, pre, gacc)
     return (gx.reshape(x.shape), g_phi.astype(phi.dtype), g_alpha.astype(alpha.dtype),
             g_bias.astype(bias.dtype))
 
@@ -611,8 +642,31 @@ def _dynamic_function(n: int, iters: int, eps: float):
     return coefficients
 
 
+@lru_cache(maxsize=None)
+def _chained_function(n: int, iters: int, eps: float):
+    """As _dynamic_function, with x passed through as a sixth output for the site's next op to
+    read: that op's backward hands its x cotangent back here, added in this backward's kernel."""
+
+    @mx.custom_function
+    def coefficients(x, phi, alpha, bias):
+        return (*dynamic_coefficients_forward(x, phi, alpha, bias, n, iters, eps), x)
+
+    @coefficients.vjp
+    def coefficients_vjp(primals, cotangents, outputs):
+        return dynamic_vjp(primals, cotangents[:3], outputs[:5], n, iters, gacc=cotangents[5])
+
+    return coefficients
+
+
 def mhc_coefficients(x, phi, alpha, bias, iters: int = 20, eps: float = 1e-6):
     n = x.shape[-2]
     if phi is None:
         return _static_function(n, iters)(bias)
     return _dynamic_function(n, iters, float(eps))(x, phi, alpha, bias)[:3]
+
+
+def mhc_coefficients_chained(x, phi, alpha, bias, iters: int = 20, eps: float = 1e-6):
+    """(H_pre, H_post, H_res, x') for a dynamic site: x' is x, to be read by the site's next op
+    in place of x (site.py, "chained")."""
+    H_pre, H_post, H_res, _, _, x_next = _chained_function(x.shape[-2], iters, float(eps))(x, phi, alpha, bias)
+    return H_pre, H_post, H_res, x_next

@@ -26,7 +26,11 @@ from . import build, coefficients, site
 
 
 @lru_cache(maxsize=None)
-def _function(n: int, iters: int, eps: float):
+def _function(n: int, iters: int, eps: float, chained: bool = False):
+    """chained: x passed through as a seventh output for post to read in place of x; post's
+    x cotangent then comes back here and the coefficient backward's kernel adds it
+    (site.py, "chained")."""
+
     @mx.custom_function
     def read_step(x, phi, alpha, bias):
         lead, C = x.shape[:-2], x.shape[-1]
@@ -37,10 +41,12 @@ def _function(n: int, iters: int, eps: float):
             one = coefficients.dynamic_read_forward(x.reshape(-1, n * C), phi, alpha, bias, n, iters, eps)
         if one is not None:  # the kernel form: coefficients and h from one launch
             H_pre, H_post, H_res, m, invr, h = one
-            return (h.reshape(*lead, C), H_pre.reshape(*lead, n), H_post.reshape(*lead, n),
-                    H_res.reshape(*lead, n, n), m, invr)
-        H_pre, H_post, H_res, m, invr = coefficients.dynamic_coefficients_forward(x, phi, alpha, bias, n, iters, eps)
-        return site.pre_forward(x, H_pre), H_pre, H_post, H_res, m, invr
+            out = (h.reshape(*lead, C), H_pre.reshape(*lead, n), H_post.reshape(*lead, n),
+                   H_res.reshape(*lead, n, n), m, invr)
+        else:
+            H_pre, H_post, H_res, m, invr = coefficients.dynamic_coefficients_forward(x, phi, alpha, bias, n, iters, eps)
+            out = (site.pre_forward(x, H_pre), H_pre, H_post, H_res, m, invr)
+        return (*out, x) if chained else out
 
     @read_step.vjp
     def read_step_vjp(primals, cotangents, outputs):
@@ -48,7 +54,8 @@ def _function(n: int, iters: int, eps: float):
         dh, g_pre, g_post, g_res = cotangents[:4]
         H_pre = outputs[1]
         g_pre = g_pre.astype(mx.float32) + site.pre_vjp_coefficients(x, dh).reshape(H_pre.shape)
-        return coefficients.dynamic_vjp(primals, [g_pre, g_post, g_res], outputs[1:], n, iters, pre=(H_pre, dh))
+        return coefficients.dynamic_vjp(primals, [g_pre, g_post, g_res], outputs[1:6], n, iters, pre=(H_pre, dh),
+                                        gacc=cotangents[6] if chained else None)
 
     return read_step
 
@@ -57,3 +64,9 @@ def mhc_pre_step(x, phi, alpha, bias, iters: int = 20, eps: float = 1e-6):
     """(h [..., C], H_pre [..., n], H_post [..., n], H_res [..., n, n]) for x [..., n, C]."""
     h, H_pre, H_post, H_res, _, _ = _function(x.shape[-2], iters, float(eps))(x, phi, alpha, bias)
     return h, H_pre, H_post, H_res
+
+
+def mhc_pre_step_chained(x, phi, alpha, bias, iters: int = 20, eps: float = 1e-6):
+    """As mhc_pre_step, and x' (x passed through) for post to read in place of x."""
+    h, H_pre, H_post, H_res, _, _, x_next = _function(x.shape[-2], iters, float(eps), True)(x, phi, alpha, bias)
+    return h, H_pre, H_post, H_res, x_next

@@ -98,6 +98,33 @@ PRE_VJP = KernelSpec(
 """,
 )
 
+def _with_accumulated_dx(body: str) -> str:
+    """PRE_VJP's text (DX = true) plus x's cotangent from later in the site (`gacc`: what
+    post's backward wrote, passed down the chain of the `chained` functions below), added as
+    the kernel writes pre's share: x's cotangent written once, without an MLX add."""
+    edits = (
+        ("(!DX || KALIGNED16(gx));", "(!DX || (KALIGNED16(gx) && KALIGNED16(gacc)));"),
+        ("        if (DX) kstore<T, V>(gx, off, o, vec);\n",
+         "        if (DX) {\n"
+         "          float a[V];\n"
+         "          kload<T, V>(a, gacc, off, vec);\n"
+         "          KUNROLL for (int e = 0; e < V; ++e) o[e] += a[e];\n"
+         "          kstore<T, V>(gx, off, o, vec);\n"
+         "        }\n"),
+    )
+    for old, new in edits:
+        assert body.count(old) == 1, old
+        body = body.replace(old, new)
+    return body
+
+
+PRE_VJP_ACC = KernelSpec(
+    name="mhc_pre_vjp_acc",
+    inputs=("xin", "hpre", "gout", "gacc", "iparam"),
+    outputs=("gx", "gh"),
+    body=_with_accumulated_dx(PRE_VJP.body),
+)
+
 POST = KernelSpec(
     name="mhc_post",
     inputs=("xin", "fin", "hpost", "hres", "iparam"),
@@ -248,7 +275,9 @@ def _groups(T: int) -> int:
     return max(1, min(T, MAX_GROUPS))
 
 
-def pre_vjp(x, H_pre, g):
+def pre_vjp(x, H_pre, g, gacc=None):
+    """(dx, dH_pre) of pre; gacc: x's cotangent from later in the site, added to dx in the
+    same pass (PRE_VJP_ACC)."""
     *lead, n, C = x.shape
     T = 1
     for d in lead:
@@ -257,8 +286,11 @@ def pre_vjp(x, H_pre, g):
     V = vector_width(C, x.dtype.size, n, budget=64)
     groups = _groups(T)
     rows = groups if shared else T
+    spec, inputs = PRE_VJP, [x, h, g.astype(x.dtype)]
+    if gacc is not None:
+        spec, inputs = PRE_VJP_ACC, inputs + [gacc.astype(x.dtype)]
     gx, gh = launch(
-        PRE_VJP, [x, h, g.astype(x.dtype), int_params(T, C)],
+        spec, inputs + [int_params(T, C)],
         [(x.shape, x.dtype), ((rows, n), F32)], groups * TOKEN_THREADS, TOKEN_THREADS,
         [("T", x.dtype), ("N", n), ("V", V), ("SHARED", shared), ("DX", True)],
     )
@@ -368,8 +400,29 @@ def _post_vjp(primals, cotangent, output):
     return post_vjp(x, f, H_post, H_res, cotangent)
 
 
+# The chained forms (kernels.CHAIN_X_COTANGENT, candidate; HyperConnection takes them): an op
+# also outputs its x unchanged (MLX shares the buffer: no copy) and the site's next op reads
+# that output instead of x. Autodiff then hands the next op's x cotangent to this op's
+# backward as the cotangent of that output, and this op's kernel adds it as it writes its
+# own share, instead of MLX adding [T, n, C] arrays (two reads and a write each).
+@mx.custom_function
+def _pre_chained(x, H_pre):
+    return pre_forward(x, H_pre), x
+
+
+@_pre_chained.vjp
+def _pre_chained_vjp(primals, cotangents, outputs):
+    x, H_pre = primals
+    return pre_vjp(x, H_pre, cotangents[0], gacc=cotangents[1])
+
+
 def mhc_pre(x, H_pre):
     return _pre(x, H_pre)
+
+
+def mhc_pre_chained(x, H_pre):
+    """(h, x'): pre's output and x passed through, for post to read in place of x."""
+    return _pre_chained(x, H_pre)
 
 
 def mhc_post(x, f, H_post, H_res):

@@ -22,6 +22,11 @@ class SiteCoefficients(NamedTuple):
     res: mx.array
 
 
+class _ChainedCoefficients(SiteCoefficients):
+    """SiteCoefficients from a chained read (ops.run_chained_read), with `chain` = (x, x'):
+    post reads x' when it is given that same x."""
+
+
 class HyperConnection(nn.Module):
     """x_next = H_res x + H_post (x) sublayer(H_pre x), over stream state x of shape [..., n, dims].
 
@@ -89,6 +94,14 @@ class HyperConnection(nn.Module):
     def pre(self, x: mx.array) -> tuple[mx.array, SiteCoefficients]:
         """Read the streams: returns the sublayer input [..., dims] and the coefficients."""
         _checks.check_streams(x, "x", n=self.n, C=self.dims)
+        if kernels.CHAIN_X_COTANGENT and self.variant == "mhc":
+            phi, alpha = (self.phi, self.alpha) if self.dynamic else (None, None)
+            chained = ops.run_chained_read(x, phi, alpha, self.bias, self.sinkhorn_iters, self.eps)
+            if chained is not None:
+                h, H, x_post = chained
+                coeffs = _ChainedCoefficients(*H)
+                coeffs.chain = (x, x_post)
+                return h, coeffs
         if kernels.FUSED_READ_STEP and self.dynamic and self.variant == "mhc":
             fused = ops.run_pre_step(x, self.phi, self.alpha, self.bias, self.sinkhorn_iters, self.eps)
             if fused is not None:
@@ -98,11 +111,18 @@ class HyperConnection(nn.Module):
 
     def post(self, x: mx.array, f: mx.array, coeffs: SiteCoefficients) -> mx.array:
         """Mix the streams and write the sublayer output f [..., dims] back: [..., n, dims]."""
-        return ops.mhc_post(x, f, coeffs.post, coeffs.res)
+        return ops.mhc_post(_streams_for_post(x, coeffs), f, coeffs.post, coeffs.res)
 
     def __call__(self, x: mx.array, sublayer: Callable[[mx.array], mx.array]) -> mx.array:
         h, coeffs = self.pre(x)
         f = sublayer(h)
         # x was checked by pre and coeffs are pre's own: only the sublayer's output needs a look
         _checks.check_sublayer_output(f, tuple(x.shape[:-2]), self.dims)
-        return ops.run_post(x, f, coeffs.post, coeffs.res)
+        return ops.run_post(_streams_for_post(x, coeffs), f, coeffs.post, coeffs.res)
+
+
+def _streams_for_post(x: mx.array, coeffs: SiteCoefficients) -> mx.array:
+    """x' of a chained read when post is given the x that read saw (same values, same buffer),
+    else x itself."""
+    chain = getattr(coeffs, "chain", None)
+    return chain[1] if chain is not None and chain[0] is x else x
