@@ -617,6 +617,45 @@ def test_hyper_connection_with_the_chained_x_cotangent(monkeypatch, dtype, form,
         assert grad_rel(a, b, 0.05 * top) <= tol, name
 
 
+@pytest.mark.parametrize("dynamic", [True, False])
+@pytest.mark.parametrize("lead", [(0,), (2, 3)])
+def test_chained_x_cotangent_with_no_tokens_and_two_leading_dims(monkeypatch, dynamic, lead):
+    # the chain (kernels.CHAIN_X_COTANGENT) on an empty batch (empty gradients for x, zero for the
+    # parameters) and on [B, T, n, C] (gradients as the reference backend's)
+    import mhc_mlx as mhc
+    from mhc_mlx import dispatch, kernels
+
+    monkeypatch.setattr(build, "gpu_backend", lambda: "cuda")
+    monkeypatch.setattr(build, "on_gpu", lambda *a: True)
+    monkeypatch.setattr(kernels, "gpu_backend", build.gpu_backend)
+    monkeypatch.setattr(kernels, "on_gpu", build.on_gpu)
+    monkeypatch.setattr(kernels, "CHAIN_X_COTANGENT", True)
+    n, C = 4, 24
+    hc = mhc.HyperConnection(C, n, dynamic=dynamic, init="paper")
+    hc.bias = mx.random.normal(hc.bias.shape)
+    names = ["phi", "alpha", "bias"] if dynamic else ["bias"]
+    params = [getattr(hc, k) for k in names]
+    x = mx.random.normal((*lead, n, C))
+    cot = mx.random.normal(x.shape)
+
+    def site_fn(x_, *ps):
+        hc.update(dict(zip(names, ps)))
+        return hc(x_, lambda h: h * 2)
+
+    emu.launched.clear()
+    out, got = mx.vjp(site_fn, [x, *params], [cot])
+    assert "mhc_pre_vjp_acc" in {name for name, *_ in emu.launched}
+    assert out[0].shape == x.shape and [g.shape for g in got] == [p.shape for p in [x, *params]]
+    with dispatch.use_backend("reference"):
+        _, want = mx.vjp(site_fn, [x, *params], [cot])
+    if lead == (0,):
+        assert all(float(mx.abs(g).sum()) == 0.0 for g in got[1:])
+    else:
+        top = largest(want)
+        for name, a, b in zip(["x", *names], got, want):
+            assert grad_rel(a, b, 0.05 * top) <= GRAD_TOL, name
+
+
 def test_emulator_reports_a_deadlock_and_a_partial_warp_exchange():
     from mhc_mlx.kernels.build import KernelSpec
 
