@@ -172,28 +172,49 @@ def layer_candidates(xs, rounds=5):
         layer.INLINE_ALWAYS, layer.PREFETCH_TOKENS = saved
 
 
+def case_rows(*specs):
+    """{case id: a timing callable} for bench cases given as (site, pass, shape, mode), bf16,
+    run as the bench runs them (latency: one input, 100 repeats; throughput: 10 rotated)."""
+    from mhc_mlx.bench import cases as bench_cases
+
+    rows = {}
+    for site_, pass_, shape, mode in specs:
+        case = bench_cases.Case(site_, pass_, shape, "bfloat16", mode)
+        apply, xs = bench_cases.prepare(case, 1 if mode == "latency" else 10)
+        if mode == "latency":
+            rows[case.id] = lambda a=apply, x=xs[0]: timing.latency_us(a, [x], repeats=100)
+        else:
+            rows[case.id] = lambda a=apply, xs=xs: tput(a, [[x] for x in xs])
+    return rows
+
+
+def alternated_settings(title, rows, forms, rounds):
+    """alternated() over forms given as {name: [(module, attribute, value), ...]}: each form sets
+    its attributes before its runs; every attribute touched is restored afterwards."""
+    touched = {(m, a) for settings in forms.values() for m, a, _ in settings}
+    saved = {(m, a): getattr(m, a) for m, a in touched}
+
+    def switch(settings):
+        return lambda: [setattr(m, a, v) for m, a, v in settings]
+
+    try:
+        alternated(title, "", rows, {name: switch(settings) for name, settings in forms.items()}, rounds)
+    finally:
+        for (m, a), v in saved.items():
+            setattr(m, a, v)
+
+
 def header_sizes(rounds=5):
     """Trimmed kernel headers (the default) against the whole prelude in every header
     (build.FULL_HEADERS), alternated `rounds` times: the B = 1 static and dynamic forward
     (latency) and the 4096x4x4096 static forward (throughput), as the bench runs them."""
-    from mhc_mlx.bench import cases as bench_cases
     from mhc_mlx.kernels import build
 
-    rows = {}
-    for case in (bench_cases.Case("static", "fwd", (1, 4, 512), "bfloat16", "latency"),
-                 bench_cases.Case("dynamic", "fwd", (1, 4, 512), "bfloat16", "latency"),
-                 bench_cases.Case("static", "fwd", (4096, 4, 4096), "bfloat16", "throughput")):
-        apply, xs = bench_cases.prepare(case, 1 if case.mode == "latency" else 10)
-        if case.mode == "latency":
-            rows[case.id] = lambda a=apply, x=xs[0]: timing.latency_us(a, [x], repeats=100)
-        else:
-            rows[case.id] = lambda a=apply, xs=xs: tput(a, [[x] for x in xs])
-    saved = build.FULL_HEADERS
-    try:
-        alternated("kernel headers", "", rows, {"trimmed": lambda: setattr(build, "FULL_HEADERS", False),
-                                                "full": lambda: setattr(build, "FULL_HEADERS", True)}, rounds)
-    finally:
-        build.FULL_HEADERS = saved
+    rows = case_rows(("static", "fwd", (1, 4, 512), "latency"),
+                     ("dynamic", "fwd", (1, 4, 512), "latency"),
+                     ("static", "fwd", (4096, 4, 4096), "throughput"))
+    alternated_settings("kernel headers", rows, {"trimmed": [(build, "FULL_HEADERS", False)],
+                                                 "full": [(build, "FULL_HEADERS", True)]}, rounds)
 
 
 def read_step(rounds=5):
@@ -202,25 +223,14 @@ def read_step(rounds=5):
     alternated `rounds` times: B = 1 forward (latency), and forward and forward+backward where
     the coefficients take the kernel form (512x4x1280) and the tensor-core form (4096x4x4096)."""
     from mhc_mlx import kernels
-    from mhc_mlx.bench import cases as bench_cases
 
-    rows = {}
-    for case in (bench_cases.Case("dynamic", "fwd", (1, 4, 512), "bfloat16", "latency"),
-                 bench_cases.Case("dynamic", "fwd+bwd", (1, 4, 512), "bfloat16", "latency"),
-                 bench_cases.Case("dynamic", "fwd", (512, 4, 1280), "bfloat16", "throughput"),
-                 bench_cases.Case("dynamic", "fwd+bwd", (512, 4, 1280), "bfloat16", "throughput"),
-                 bench_cases.Case("dynamic", "fwd", (4096, 4, 4096), "bfloat16", "throughput")):
-        apply, xs = bench_cases.prepare(case, 1 if case.mode == "latency" else 10)
-        if case.mode == "latency":
-            rows[case.id] = lambda a=apply, x=xs[0]: timing.latency_us(a, [x], repeats=100)
-        else:
-            rows[case.id] = lambda a=apply, xs=xs: tput(a, [[x] for x in xs])
-    saved = kernels.FUSED_READ_STEP
-    try:
-        alternated("read step", "", rows, {"two ops": lambda: setattr(kernels, "FUSED_READ_STEP", False),
-                                           "read step": lambda: setattr(kernels, "FUSED_READ_STEP", True)}, rounds)
-    finally:
-        kernels.FUSED_READ_STEP = saved
+    rows = case_rows(("dynamic", "fwd", (1, 4, 512), "latency"),
+                     ("dynamic", "fwd+bwd", (1, 4, 512), "latency"),
+                     ("dynamic", "fwd", (512, 4, 1280), "throughput"),
+                     ("dynamic", "fwd+bwd", (512, 4, 1280), "throughput"),
+                     ("dynamic", "fwd", (4096, 4, 4096), "throughput"))
+    alternated_settings("read step", rows, {"two ops": [(kernels, "FUSED_READ_STEP", False)],
+                                            "read step": [(kernels, "FUSED_READ_STEP", True)]}, rounds)
 
 
 def chain(rounds=5):
@@ -229,30 +239,14 @@ def chain(rounds=5):
     fused read step, alternated `rounds` times: the dynamic site's forward+backward at
     4096x4x4096 and 512x4x1280 and at B = 1."""
     from mhc_mlx import kernels
-    from mhc_mlx.bench import cases as bench_cases
 
-    rows = {}
-    for case in (bench_cases.Case("dynamic", "fwd+bwd", (4096, 4, 4096), "bfloat16", "throughput"),
-                 bench_cases.Case("dynamic", "fwd+bwd", (512, 4, 1280), "bfloat16", "throughput"),
-                 bench_cases.Case("dynamic", "fwd+bwd", (1, 4, 512), "bfloat16", "latency")):
-        apply, xs = bench_cases.prepare(case, 1 if case.mode == "latency" else 10)
-        if case.mode == "latency":
-            rows[case.id] = lambda a=apply, x=xs[0]: timing.latency_us(a, [x], repeats=100)
-        else:
-            rows[case.id] = lambda a=apply, xs=xs: tput(a, [[x] for x in xs])
-
-    def form(chained, read_step):
-        def switch():
-            kernels.CHAIN_X_COTANGENT, kernels.FUSED_READ_STEP = chained, read_step
-        return switch
-
-    saved = kernels.CHAIN_X_COTANGENT, kernels.FUSED_READ_STEP
-    try:
-        alternated("chain", "", rows, {"defaults": form(False, False), "chain": form(True, False),
-                                       "read step": form(False, True), "chain + read step": form(True, True)},
-                   rounds)
-    finally:
-        kernels.CHAIN_X_COTANGENT, kernels.FUSED_READ_STEP = saved
+    rows = case_rows(("dynamic", "fwd+bwd", (4096, 4, 4096), "throughput"),
+                     ("dynamic", "fwd+bwd", (512, 4, 1280), "throughput"),
+                     ("dynamic", "fwd+bwd", (1, 4, 512), "latency"))
+    forms = {name: [(kernels, "CHAIN_X_COTANGENT", c), (kernels, "FUSED_READ_STEP", r)]
+             for name, c, r in (("defaults", False, False), ("chain", True, False),
+                                ("read step", False, True), ("chain + read step", True, True))}
+    alternated_settings("chain", rows, forms, rounds)
 
 
 def main():

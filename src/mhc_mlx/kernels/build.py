@@ -47,6 +47,16 @@ class KernelSpec:
         return prelude.compact(prelude.header(backend, self.helpers + self.source()) + self.helpers)
 
 
+def edited(body: str, edits) -> str:
+    """A kernel body with each (old, new) text replaced; each old must occur exactly once, so a
+    variant derived from a checked kernel breaks loudly if that kernel's text changes."""
+    for old, new in edits:
+        if body.count(old) != 1:
+            raise ValueError(f"kernel text to edit occurs {body.count(old)} times, not once: {old!r}")
+        body = body.replace(old, new)
+    return body
+
+
 def metal_disabled() -> bool:
     return os.environ.get(ENV_DISABLE_METAL, "0").strip() not in ("", "0", "false", "False")
 

@@ -16,7 +16,7 @@ from ..compiled import matmul
 from ..compiled.site import scale_index
 from . import build
 from . import sinkhorn as sk
-from .build import KernelSpec, float_params, int_params, launch
+from .build import KernelSpec, edited, float_params, int_params, launch
 
 F32 = mx.float32
 MAX_N_DYNAMIC = 8  # W = n(n+2) <= 80 accumulators per lane; larger n -> compiled path
@@ -308,10 +308,7 @@ def _with_pre_term(body: str) -> str:
         ("static_cast<T>(d - xv * c2s[q]);",
          "static_cast<T>(d - xv * c2s[q] + hps[q * N + ki] * dq[q]);"),
     )
-    for old, new in edits:
-        assert body.count(old) == 1, old
-        body = body.replace(old, new)
-    return body
+    return edited(body, edits)
 
 
 DYNAMIC_VJP_PRE = KernelSpec(
@@ -326,9 +323,8 @@ def _with_accumulated_dx(body: str) -> str:
     """The text plus x's cotangent from later in the site (`gacc`: what pre's or post's
     backward wrote, passed down the chain of site.py's `chained` functions), added as the
     kernel writes its own share: x's cotangent written once, without an MLX add."""
-    old = "static_cast<T>(d - xv * c2s[q]"
-    assert body.count(old) == 1, old
-    return body.replace(old, "static_cast<T>(static_cast<float>(gacc[t * K + k]) + d - xv * c2s[q]")
+    return edited(body, [("static_cast<T>(d - xv * c2s[q]",
+                          "static_cast<T>(static_cast<float>(gacc[t * K + k]) + d - xv * c2s[q]")])
 
 
 DYNAMIC_VJP_ACC = KernelSpec(

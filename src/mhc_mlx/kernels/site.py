@@ -13,7 +13,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from ..compiled import matmul
-from .build import KernelSpec, int_params, launch
+from .build import KernelSpec, edited, int_params, launch
 
 F32 = mx.float32
 MAX_N = 32
@@ -112,10 +112,7 @@ def _with_accumulated_dx(body: str) -> str:
          "          kstore<T, V>(gx, off, o, vec);\n"
          "        }\n"),
     )
-    for old, new in edits:
-        assert body.count(old) == 1, old
-        body = body.replace(old, new)
-    return body
+    return edited(body, edits)
 
 
 PRE_VJP_ACC = KernelSpec(
