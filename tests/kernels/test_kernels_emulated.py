@@ -493,6 +493,42 @@ def test_layer_one_pass_backward(monkeypatch, flavour, dtype, n, C, T, threads, 
         assert grad_rel(a, b, scale) <= bound, name
 
 
+@pytest.mark.parametrize("flavour", FLAVOURS)
+# groups: one, a few, more than the kernel's 256 threads; iters 40 at n = 4 and n = 8 take the
+# one-warp Sinkhorn backward, the others the one-thread form
+@pytest.mark.parametrize("n,iters", [(1, 20), (2, 20), (3, 20), (4, 20), (4, 40), (8, 20)])
+@pytest.mark.parametrize("groups", [1, 5, 300])
+def test_layer_coefficient_backward_in_one_launch(flavour, n, iters, groups):
+    # layer.COEFFICIENTS_VJP: the sum of the layer backward's per-group partials (res | post |
+    # pre), the sigmoid derivatives and the Sinkhorn backward, against the same steps as MLX ops
+    # and the reference's autodiff of the activations
+    gcoef = mx.random.normal((groups, n * n + 2 * n))
+    raw = [mx.random.normal((n,)), mx.random.normal((n,)), 2 * mx.random.normal((n, n))]
+    H_pre, H_post = mx.sigmoid(raw[0]), 2 * mx.sigmoid(raw[1])
+    emu.launched.clear()
+    got = layer.coefficients_vjp(gcoef, H_pre[None], H_post[None], raw[2], iters)
+    assert [name for name, *_ in emu.launched] == ["mhc_layer_coefficients_vjp"]
+    assert emu.launched[0][1]["THREAD"] == sinkhorn.uses_thread_vjp(n, iters)
+    s = np64(gcoef).sum(axis=0)
+    cots = [mx.array(s[n * n + n :]), mx.array(s[n * n : n * n + n]), mx.array(s[: n * n].reshape(n, n))]
+
+    def activations(pre_raw, post_raw, res_raw):
+        return mx.sigmoid(pre_raw), 2 * mx.sigmoid(post_raw), reference.sinkhorn_knopp(res_raw, iters)
+
+    want = mx.vjp(activations, raw, [c.astype(mx.float32) for c in cots])[1]
+    for a, b in zip(got, want):
+        assert a.shape == b.shape
+        assert grad_rel(a, b) <= GRAD_TOL
+
+
+def test_layer_coefficient_backward_falls_back_for_long_sinkhorn():
+    # past sinkhorn.MAX_BACKWARD_WORK the fused Sinkhorn backward would spill: no kernel (None)
+    n = 8
+    iters = sinkhorn.MAX_BACKWARD_WORK // n + 1
+    assert layer.coefficients_vjp(mx.zeros((3, n * n + 2 * n)), mx.zeros((n,)), mx.zeros((n,)),
+                                  mx.zeros((n, n)), iters) is None
+
+
 @pytest.mark.parametrize("inline", [False, True])
 def test_layer_gradients_through_mx_vjp_reuse_the_forward_coefficients(inline):
     # the whole static layer under mx.vjp (float32): the two-launch form's backward reuses the
@@ -654,6 +690,45 @@ def test_chained_x_cotangent_with_no_tokens_and_two_leading_dims(monkeypatch, dy
         top = largest(want)
         for name, a, b in zip(["x", *names], got, want):
             assert grad_rel(a, b, 0.05 * top) <= GRAD_TOL, name
+
+
+@pytest.mark.parametrize("flavour", ["metal"])
+@pytest.mark.parametrize("op", ["sinkhorn_knopp", "mhc_coefficients", "mhc_pre", "mhc_post", "mhc_layer"])
+def test_metal_first_use_checks_pass_on_the_emulated_metal_kernels(monkeypatch, flavour, op):
+    # kernels.safety on the Metal source run by the emulator: every op's check (forward, and
+    # gradients through its backward kernels) passes, so a Mac would keep the kernels
+    from mhc_mlx import kernels
+    from mhc_mlx.kernels import safety
+
+    monkeypatch.setattr(build, "gpu_backend", lambda: "metal")
+    safety.reset()
+    try:
+        emu.launched.clear()
+        assert safety.verified(op, kernels._implementation(op)), safety.result(op)
+        names = {name for name, *_ in emu.launched}
+        backward = {"sinkhorn_knopp": "mhc_sinkhorn_vjp", "mhc_coefficients": "mhc_coefficients_dynamic_vjp",
+                    "mhc_pre": "mhc_pre_vjp", "mhc_post": "mhc_post_vjp", "mhc_layer": "mhc_layer_vjp"}[op]
+        assert any(name.startswith(backward) for name in names), names  # its backward kernel ran
+    finally:
+        safety.reset()
+
+
+@pytest.mark.parametrize("flavour", ["metal"])
+def test_metal_first_use_check_catches_a_wrong_backward(monkeypatch, flavour):
+    # a backward kernel that is wrong while the forward is right fails the first-use check
+    from mhc_mlx import kernels
+    from mhc_mlx.kernels import safety
+
+    monkeypatch.setattr(build, "gpu_backend", lambda: "metal")
+    right = site.pre_vjp
+    monkeypatch.setattr(site, "pre_vjp", lambda x, H_pre, g, gacc=None: tuple(
+        a * 1.01 for a in right(x, H_pre, g, gacc)))
+    safety.reset()
+    try:
+        with pytest.warns(RuntimeWarning, match="gradient"):
+            assert not safety.verified("mhc_pre", kernels._implementation("mhc_pre"))
+    finally:
+        safety.reset()
 
 
 def test_emulator_reports_a_deadlock_and_a_partial_warp_exchange():

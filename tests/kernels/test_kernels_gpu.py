@@ -121,6 +121,26 @@ def test_chained_x_cotangent_gradients(monkeypatch, dynamic):
         assert ref64.rel_err(np64(g), np64(r)) <= 1e-4
 
 
+@pytest.mark.parametrize("T", [9, 40])
+def test_layer_gradients(T):
+    # the layer backward (LAYER_VJP, then COEFFICIENTS_VJP for the coefficient gradients; above
+    # 16 tokens with the forward's coefficients reused) against the reference on the CPU
+    from mhc_mlx import reference
+
+    n, C = 4, 260
+    x = mx.random.normal((T, n, C))
+    p = [mx.random.normal((n,)), mx.random.normal((n,)), 2 * mx.random.normal((n, n)), mx.random.uniform(0.5, 1.5, (C,))]
+    g = mx.random.normal((T, n, C))
+    _, got = mx.vjp(lambda *a: layer.mhc_layer(*a, 20, 1e-5), [x, *p], [g])
+    with mx.stream(mx.cpu):
+        _, want = mx.vjp(lambda *a: reference.mhc_layer(*a, 20, 1e-5), [x, *p], [g])
+        mx.eval(want)
+    top = max(float(np.linalg.norm(np64(w))) for w in want)
+    for a, b in zip(got, want):
+        err = float(np.linalg.norm(np64(a) - np64(b)))
+        assert err <= 1e-4 * max(float(np.linalg.norm(np64(b))), 0.01 * top)
+
+
 def test_compiled_path_is_float32_exact_on_gpu():
     """On CUDA, MLX runs float32 matmuls in TF32 by default (MLX_ENABLE_TF32=1), ~1e-3 relative;
     the compiled path's pre/post/coefficients are matmuls, so on a GPU it splits each factor

@@ -376,13 +376,23 @@ def activate(rpre, rpost, rres, iters: int):
     )
 
 
+def sigmoid_grads(H_pre, H_post, g_pre, g_post):
+    """Cotangents of the H_pre and H_post logits (H_pre = sigmoid, H_post = 2 sigmoid)."""
+    g_pre, g_post = g_pre.astype(F32), g_post.astype(F32)
+    return g_pre * H_pre * (1.0 - H_pre), g_post * H_post * (1.0 - 0.5 * H_post)
+
+
+def _activation_vjp_parts(H_pre, H_post, L_res, g_pre, g_post, g_res, iters):
+    """Cotangents of the logits (pre [M, n], post [M, n], res [M, n, n]) from the coefficients'."""
+    M, n = L_res.shape[0], L_res.shape[-1]
+    gp, gq = sigmoid_grads(H_pre, H_post, g_pre, g_post)
+    return gp, gq, sk.project_vjp(L_res, g_res.astype(F32).reshape(M, n, n), iters)
+
+
 def _activation_vjp(H_pre, H_post, L_res, g_pre, g_post, g_res, iters):
     """Cotangents of the logits [M, 2n + n*n] from those of the coefficients."""
-    M, n = L_res.shape[0], L_res.shape[-1]
-    gp = g_pre.astype(F32) * H_pre * (1.0 - H_pre)
-    gq = g_post.astype(F32) * H_post * (1.0 - 0.5 * H_post)
-    gr = sk.project_vjp(L_res, g_res.astype(F32).reshape(M, n, n), iters)
-    return mx.concatenate([gp, gq, gr.reshape(M, n * n)], axis=-1)
+    gp, gq, gr = _activation_vjp_parts(H_pre, H_post, L_res, g_pre, g_post, g_res, iters)
+    return mx.concatenate([gp, gq, gr.reshape(gr.shape[0], -1)], axis=-1)
 
 
 def _split_logits(h, n):
@@ -427,15 +437,11 @@ def _raw_function(n: int, iters: int):
     def coefficients_vjp(primals, cotangents, outputs):
         pre_raw, post_raw, res_raw = primals
         H_pre, H_post, _ = outputs
-        g = _activation_vjp(
-            H_pre[None], H_post[None], res_raw.astype(F32).reshape(1, n, n),
-            cotangents[0][None], cotangents[1][None], cotangents[2][None], iters,
-        )[0]
-        return (
-            g[:n].astype(pre_raw.dtype),
-            g[n : 2 * n].astype(post_raw.dtype),
-            g[2 * n :].reshape(n, n).astype(res_raw.dtype),
+        gp, gq, gr = _activation_vjp_parts(
+            H_pre, H_post, res_raw.astype(F32).reshape(1, n, n),
+            cotangents[0], cotangents[1], cotangents[2], iters,
         )
+        return gp.astype(pre_raw.dtype), gq.astype(post_raw.dtype), gr.reshape(n, n).astype(res_raw.dtype)
 
     return coefficients
 
@@ -573,17 +579,18 @@ def dynamic_vjp_x_phi(x2, phi, gs, c2, pre=None, gacc=None):
 
 @lru_cache(maxsize=None)
 def _vjp_glue(n: int, K: int):
-    """The dynamic backward's small per-token steps around its two kernels, each under
-    mx.compile so their elementwise chains fuse (they were about twenty separate launches)."""
+    """The dynamic backward's small per-token steps around its two kernels, as MLX ops. (They
+    were under mx.compile until 2026-11-29, meant to fuse; but inside a custom function's
+    backward MLX keeps every array a tracer (transforms.cpp, RetainGraph) and compile then runs
+    the function's ops as they are: about twenty small launches, unless the caller compiles the
+    whole step, whose compile fuses them with the rest.)"""
 
-    @mx.compile
     def logits(m, scale, bias, H_pre, H_post, g_pre, g_post):
         h = m * scale + bias
         gp = g_pre.astype(F32) * H_pre * (1.0 - H_pre)
         gq = g_post.astype(F32) * H_post * (1.0 - 0.5 * H_post)
         return h[:, 2 * n :].reshape(-1, n, n), gp, gq
 
-    @mx.compile
     def scaled(gp, gq, gr, m, invr, scale):
         gh = mx.concatenate([gp, gq, gr.reshape(gr.shape[0], n * n)], axis=-1)
         ghm = mx.sum(gh * m, axis=0)

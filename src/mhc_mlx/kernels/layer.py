@@ -17,7 +17,7 @@ from functools import lru_cache
 
 import mlx.core as mx
 
-from . import coefficients, site
+from . import coefficients, site, sinkhorn
 from .build import KernelSpec, float_params, int_params, launch
 
 F32 = mx.float32
@@ -336,6 +336,70 @@ LAYER_VJP = KernelSpec(
 """,
 )
 
+# The layer backward's coefficient gradients after LAYER_VJP, in one launch: the sum of its
+# per-threadgroup partials [groups, n*n + 2n] (laid out res | post | pre), the sigmoid
+# derivatives of H_pre and H_post, and the Sinkhorn backward of the raw res logits (one thread
+# for small n, as sinkhorn.BACKWARD_THREAD, else one warp, as sinkhorn.BACKWARD). Out: the raw
+# logits' cotangents [pre n | post n | res n*n]. As MLX ops these were about ten small launches
+# (a sum, two gathers, seven elementwise ops, the Sinkhorn backward): mx.compile cannot fuse
+# them inside a custom function's backward, where MLX keeps every array a tracer.
+COEFFICIENTS_VJP = KernelSpec(
+    name="mhc_layer_coefficients_vjp",
+    inputs=("gcoef", "hpre", "hpost", "lres", "iparam"),
+    outputs=("glog",),
+    body=r"""
+  constexpr int NA = N * N + 2 * N;
+  KSHARED float scratch[8 * NA];
+  KSHARED float sums[NA];
+  const int G = iparam[0];
+  const int tid = KTID;
+  const int lane = KLANE;
+  const int warp = KWARP;
+  const int nwarps = KNT / 32;
+  float acc[NA];
+  KUNROLL for (int a = 0; a < NA; ++a) acc[a] = 0.0f;
+  for (int r = tid; r < G; r += KNT) {
+    KUNROLL for (int a = 0; a < NA; ++a) acc[a] += gcoef[(int64_t)r * NA + a];
+  }
+  const float total = kblock_reduce<NA>(acc, scratch, lane, warp, nwarps, tid);
+  if (tid < NA) sums[tid] = total;
+  KBARRIER();
+  if (tid < N) {
+    const float h = hpre[tid];
+    glog[tid] = sums[N * N + N + tid] * h * (1.0f - h);
+  } else if (tid < 2 * N) {
+    const float h = hpost[tid - N];
+    glog[tid] = sums[N * N + tid - N] * h * (1.0f - 0.5f * h);
+  }
+  if (THREAD) {
+    if (tid == 0) {
+      float lp[N * N];
+      float g[N * N];
+      KUNROLL for (int a = 0; a < N * N; ++a) {
+        lp[a] = lres[a];
+        g[a] = sums[a];
+      }
+      ksinkhorn_thread_vjp<N, ITERS>(lp, g);
+      KUNROLL for (int a = 0; a < N * N; ++a) glog[2 * N + a] = g[a];
+    }
+  } else if (warp == 0) {
+    const bool live = lane < N;
+    float lc[N];
+    float g[N];
+    KUNROLL for (int i = 0; i < N; ++i) {
+      lc[i] = live ? lres[i * N + lane] : 0.0f;
+      g[i] = live ? sums[i * N + lane] : 0.0f;
+    }
+    ksinkhorn_warp_vjp<N, ITERS>(lc, g, live, lane);
+    if (live) {
+      KUNROLL for (int i = 0; i < N; ++i) glog[2 * N + i * N + lane] = g[i];
+    }
+  }
+""",
+)
+COEFFICIENTS_VJP_THREADS = 256
+
+
 # Threadgroups (each loops over tokens), at most. H200 (2026-11-29, 4096 x 4 x 4096 bf16, each
 # kernel alone): forward 528 groups 101.1 / 104.6 µs (two runs), 264 104.0 / 105.5, 1056
 # 108.8 / 107.1; backward 528 273.6 µs, 1056 283.2 (one run). On the H100 (2026-11-25) 1056 was
@@ -391,20 +455,45 @@ def fused_vjp(x, g, H_pre, H_post, H_res, weight, eps: float, threads: int = 256
     H_* (float32), in one pass over x and the cotangent g (the layer's backward while
     USE_FUSED_VJP). `budget`: floats of x per thread and chunk (site.vector_width; default by C,
     see VJP_BUDGET); 32 gives 16-byte vectors of bfloat16 at n = 4, 16 half of that. `threads` <= 256 (a multiple of 32)."""
+    n = x.shape[-2]
+    gx, gcoef, gw = _partials(x, g, H_pre, H_post, H_res, weight, eps, threads, budget, groups)
+    gcoef = mx.sum(gcoef, axis=0)
+    return gx, gcoef[n * n + n :], gcoef[n * n : n * n + n], gcoef[: n * n].reshape(n, n), mx.sum(gw, axis=0)
+
+
+def _partials(x, g, H_pre, H_post, H_res, weight, eps: float, threads: int = 256, budget: int | None = None,
+              groups: int | None = None):
+    """LAYER_VJP's outputs: dx, the coefficient gradients' per-group partials [groups, n*n + 2n]
+    (res | post | pre) and dw's [groups, C]."""
     *lead, n, C = x.shape
     T = 1
     for d in lead:
         T *= d
     V, cpt, groups = vjp_plan(T, n, C, x.dtype.size, threads, budget, groups)
     na = n * n + 2 * n
-    gx, gcoef, gw = launch(
+    return launch(
         LAYER_VJP,
         [x, g.astype(x.dtype), H_pre, H_post, H_res, weight, int_params(T, C), float_params(eps)],
         [(x.shape, x.dtype), ((groups, na), F32), ((groups, C), F32)], groups * threads, threads,
         [("T", x.dtype), ("N", n), ("V", V), ("CPT", cpt), ("PF", PREFETCH_TOKENS)],
     )
-    gcoef = mx.sum(gcoef, axis=0)
-    return gx, gcoef[n * n + n :], gcoef[n * n : n * n + n], gcoef[: n * n].reshape(n, n), mx.sum(gw, axis=0)
+
+
+def coefficients_vjp(gcoef, H_pre, H_post, res_raw, iters: int):
+    """Cotangents of the raw logits (pre [n], post [n], res [n, n], float32) from the layer
+    backward's per-group partials gcoef [groups, n*n + 2n] and the forward's H_pre, H_post
+    ([1, n] or [n]): COEFFICIENTS_VJP, one launch; None where the Sinkhorn backward is too long
+    for a fused kernel (n * iters > sinkhorn.MAX_BACKWARD_WORK)."""
+    n = res_raw.shape[-1]
+    if n * iters > sinkhorn.MAX_BACKWARD_WORK:
+        return None
+    glog = launch(
+        COEFFICIENTS_VJP,
+        [gcoef, H_pre.reshape(n), H_post.reshape(n), res_raw.astype(F32).reshape(n * n), int_params(gcoef.shape[0])],
+        [((2 * n + n * n,), F32)], COEFFICIENTS_VJP_THREADS, COEFFICIENTS_VJP_THREADS,
+        [("N", n), ("ITERS", iters), ("THREAD", sinkhorn.uses_thread_vjp(n, iters))],
+    )[0]
+    return glog[:n], glog[n : 2 * n], glog[2 * n :].reshape(n, n)
 
 
 def _fused_layer_vjp(primals, cotangent, iters, eps, threads: int = 256, budget: int | None = None,
@@ -414,13 +503,17 @@ def _fused_layer_vjp(primals, cotangent, iters, eps, threads: int = 256, budget:
     x, pre_raw, post_raw, res_raw, weight = primals
     n = x.shape[-2]
     H_pre, H_post, H_res = coefficients_ or _activate(pre_raw, post_raw, res_raw, iters)
-    gx, g_pre, g_post, g_res, g_w = fused_vjp(x, cotangent, H_pre[0], H_post[0], H_res[0], weight, eps,
-                                              threads, budget, groups)
-    g = coefficients._activation_vjp(
-        H_pre, H_post, res_raw.astype(F32).reshape(1, n, n), g_pre[None], g_post[None], g_res[None], iters
-    )[0]
-    return (gx, g[:n].astype(pre_raw.dtype), g[n : 2 * n].astype(post_raw.dtype),
-            g[2 * n :].reshape(n, n).astype(res_raw.dtype), g_w.astype(weight.dtype))
+    gx, gcoef, gw = _partials(x, cotangent, H_pre.reshape(n), H_post.reshape(n), H_res.reshape(n, n), weight, eps,
+                              threads, budget, groups)
+    parts = coefficients_vjp(gcoef, H_pre, H_post, res_raw, iters)
+    if parts is None:  # long Sinkhorn backward: the ops (its compiled backward)
+        s = mx.sum(gcoef, axis=0)
+        parts = coefficients._activation_vjp_parts(
+            H_pre.reshape(n), H_post.reshape(n), res_raw.astype(F32).reshape(1, n, n),
+            s[n * n + n :], s[n * n : n * n + n], s[: n * n].reshape(n, n), iters)
+    gp, gq, gr = parts
+    return (gx, gp.astype(pre_raw.dtype), gq.astype(post_raw.dtype), gr.reshape(n, n).astype(res_raw.dtype),
+            mx.sum(gw, axis=0).astype(weight.dtype))
 
 
 def _composite(x, pre_raw, post_raw, res_raw, weight, iters, eps):

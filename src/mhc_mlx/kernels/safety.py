@@ -1,4 +1,5 @@
-"""Metal first-use checks: each op's kernel is run once on a small input against the reference.
+"""Metal first-use checks: each op's kernels, forward and backward, are run once on a small
+input against the reference (forward outputs, and gradients through mx.vjp).
 
 Metal cannot be tested on the machines this library is developed on, so on a Mac every op's
 kernel proves itself before it is trusted: a compile error, a run-time error or a mismatch
@@ -35,6 +36,26 @@ def _close(a, b, dtype, what):
         raise AssertionError(f"{what}: relative error {err:.2e} > {RTOL[dtype]:.0e}")
 
 
+def _close_grads(kernel_fn, reference_fn, args, what):
+    """Gradients of both functions (random cotangents) for every argument: each within RTOL of
+    the reference's, relative to its own norm or to 1 % of the largest gradient's, whichever is
+    larger (a gradient ~0 by symmetry, e.g. through RMSNorm, is rounding noise)."""
+    outs = kernel_fn(*args)
+    outs = outs if isinstance(outs, (tuple, list)) else (outs,)
+    cots = [mx.random.normal(o.shape, key=mx.random.key(11 + i)) for i, o in enumerate(outs)]
+    got = mx.vjp(kernel_fn, list(args), cots)[1]
+    want = mx.vjp(reference_fn, list(args), cots)[1]
+    norms = [mx.linalg.norm(w.astype(mx.float32).reshape(-1)).item() for w in want]
+    floor = 0.01 * max(norms)
+    for i, (g, w, norm) in enumerate(zip(got, want, norms)):
+        if tuple(g.shape) != tuple(w.shape):
+            raise AssertionError(f"{what} gradient {i}: shape {tuple(g.shape)} != {tuple(w.shape)}")
+        diff = g.astype(mx.float32) - w.astype(mx.float32)
+        err = mx.linalg.norm(diff.reshape(-1)).item() / max(norm, floor, 1e-30)
+        if not err <= RTOL[mx.float32]:  # NaN fails too
+            raise AssertionError(f"{what} gradient {i}: relative error {err:.2e} > {RTOL[mx.float32]:.0e}")
+
+
 def _check(op: str, impl) -> None:
     key = mx.random.key(7)
     k1, k2, k3, k4 = mx.random.split(key, 4)
@@ -56,19 +77,35 @@ def _check(op: str, impl) -> None:
             want = reference.mhc_coefficients(x, p, a, bias, iters, 1e-6)
             for u, v in zip(got, want):
                 _close(u, v, mx.float32, op)
+        _close_grads(lambda *a: impl(*a, iters, 1e-6), lambda *a: reference.mhc_coefficients(*a, iters, 1e-6),
+                     [x, phi, alpha, bias], op + " (dynamic)")
+        _close_grads(lambda x_, b: impl(x_, None, None, b, iters, 1e-6),
+                     lambda x_, b: reference.mhc_coefficients(x_, None, None, b, iters, 1e-6), [x, bias],
+                     op + " (static)")
     elif op == "mhc_pre":
-        h = mx.random.uniform(shape=(T, n), key=k2)
-        _close(impl(x, h), reference.mhc_pre(x, h), mx.float32, op)
+        for h in (mx.random.uniform(shape=(T, n), key=k2), mx.random.uniform(shape=(n,), key=k3)):
+            _close(impl(x, h), reference.mhc_pre(x, h), mx.float32, op)
+            _close_grads(impl, reference.mhc_pre, [x, h], op)
     elif op == "mhc_post":
         f = mx.random.normal((T, C), key=k2)
-        hp = mx.random.uniform(shape=(T, n), key=k3)
-        hr = mx.random.uniform(shape=(T, n, n), key=k4)
-        _close(impl(x, f, hp, hr), reference.mhc_post(x, f, hp, hr), mx.float32, op)
+        for hp, hr in ((mx.random.uniform(shape=(T, n), key=k3), mx.random.uniform(shape=(T, n, n), key=k4)),
+                       (mx.random.uniform(shape=(n,), key=k3), mx.random.uniform(shape=(n, n), key=k4))):
+            _close(impl(x, f, hp, hr), reference.mhc_post(x, f, hp, hr), mx.float32, op)
+            _close_grads(impl, reference.mhc_post, [x, f, hp, hr], op)
     elif op == "mhc_layer":
         pre, post = mx.random.normal((n,), key=k2), mx.random.normal((n,), key=k3)
         res, w = mx.random.normal((n, n), key=k4), mx.ones((C,))
-        got = impl(x, pre, post, res, w, iters, 1e-5)
-        _close(got, reference.mhc_layer(x, pre, post, res, w, iters, 1e-5), mx.float32, op)
+        # both forms: coefficients inside the one launch, and computed by a launch of their own
+        # (the backward then reuses them)
+        for inline in (True, False):
+            def kernel_layer(*a, inline=inline):
+                return impl(*a, iters, 1e-5, inline=inline)
+
+            def reference_layer(*a):
+                return reference.mhc_layer(*a, iters, 1e-5)
+
+            _close(kernel_layer(x, pre, post, res, w), reference_layer(x, pre, post, res, w), mx.float32, op)
+            _close_grads(kernel_layer, reference_layer, [x, pre, post, res, w], op)
 
 
 def verified(op: str, impl) -> bool:
