@@ -325,8 +325,9 @@ def main(argv=None) -> int:
                     help="switch on the candidate tensor-core backward of the dynamic coefficients "
                          "(coefficients.MMA_VJP: 16-bit x, n <= 4) for every check")
     ap.add_argument("--layer-candidates", action="store_true",
-                    help="switch on the static layer's candidate: the single-launch form at every token "
-                         "count (layer.INLINE_ALWAYS)")
+                    help="switch on the static layer's candidates: the single-launch form at every token "
+                         "count (layer.INLINE_ALWAYS) and the backward's coefficient gradients in one "
+                         "launch (layer.FUSED_COEFFICIENT_VJP)")
     ap.add_argument("--fused-read-step", action="store_true",
                     help="switch on the candidate fused read step of dynamic sites (kernels.FUSED_READ_STEP)")
     ap.add_argument("--chain", action="store_true",
@@ -340,6 +341,7 @@ def main(argv=None) -> int:
         kernels.CHAIN_X_COTANGENT = True
     if args.layer_candidates:
         layer.INLINE_ALWAYS = True
+        layer.FUSED_COEFFICIENT_VJP = True
     if args.mma_vjp:
         coefficients.MMA_VJP = True
     if args.sinkhorn_warp_vjp:

@@ -17,7 +17,6 @@ import subprocess
 import sys
 import tempfile
 
-import mlx.core as mx
 
 from mhc_mlx.kernels import catalogue
 from mhc_mlx.kernels.build import render_cuda

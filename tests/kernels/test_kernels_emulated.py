@@ -453,8 +453,10 @@ def test_layer_forward_with_fewer_groups_than_tokens(monkeypatch, flavour, dtype
 @pytest.mark.parametrize("flavour", FLAVOURS)
 def test_layer_one_pass_backward(monkeypatch, flavour, dtype, n, C, T, threads, groups, budget, registers):
     # registers == "prefetch": CPT > 0 with the next token's x and g hinted to L2 (layer.PREFETCH_TOKENS
-    # = 1); the other cases without the hint
+    # = 1); the other cases without the hint. With groups given, the coefficient gradients take
+    # the candidate layer.COEFFICIENTS_VJP (several partials to sum)
     monkeypatch.setattr(layer, "PREFETCH_TOKENS", 1 if registers == "prefetch" else 0)
+    monkeypatch.setattr(layer, "FUSED_COEFFICIENT_VJP", bool(groups))
     x = mx.random.normal((T, n, C)).astype(dtype)
     primals = [x, mx.random.normal((n,)), mx.random.normal((n,)), 2 * mx.random.normal((n, n)),
                mx.random.uniform(0.5, 1.5, (C,))]
@@ -529,11 +531,14 @@ def test_layer_coefficient_backward_falls_back_for_long_sinkhorn():
                                   mx.zeros((n, n)), iters) is None
 
 
+@pytest.mark.parametrize("fused_coefficients", [False, True])
 @pytest.mark.parametrize("inline", [False, True])
-def test_layer_gradients_through_mx_vjp_reuse_the_forward_coefficients(inline):
+def test_layer_gradients_through_mx_vjp_reuse_the_forward_coefficients(monkeypatch, inline, fused_coefficients):
     # the whole static layer under mx.vjp (float32): the two-launch form's backward reuses the
     # coefficients its forward computed (one coefficient launch in all); the single-launch form
-    # computes them inside its kernel, so its backward launches their kernel once
+    # computes them inside its kernel, so its backward launches their kernel once. With the
+    # candidate layer.FUSED_COEFFICIENT_VJP the coefficient gradients take one launch more.
+    monkeypatch.setattr(layer, "FUSED_COEFFICIENT_VJP", fused_coefficients)
     n, C, T = 4, 40, 5
     x = mx.random.normal((T, n, C))
     primals = [x, mx.random.normal((n,)), mx.random.normal((n,)), 2 * mx.random.normal((n, n)),
@@ -544,6 +549,7 @@ def test_layer_gradients_through_mx_vjp_reuse_the_forward_coefficients(inline):
     names = [name for name, *_ in emu.launched]
     assert names.count("mhc_coefficients_static") == 1, names
     assert names.count("mhc_layer") == 1 and names.count("mhc_layer_vjp") == 1, names
+    assert names.count("mhc_layer_coefficients_vjp") == fused_coefficients, names
     want_y, want = mx.vjp(lambda *a: reference.mhc_layer(*a, 20, 1e-5), primals, [g])
     assert rel(y[0], np64(want_y[0])) <= 1e-5
     top = largest(want)

@@ -121,11 +121,15 @@ def test_chained_x_cotangent_gradients(monkeypatch, dynamic):
         assert ref64.rel_err(np64(g), np64(r)) <= 1e-4
 
 
+@pytest.mark.parametrize("fused_coefficients", [False, True])
 @pytest.mark.parametrize("T", [9, 40])
-def test_layer_gradients(T):
-    # the layer backward (LAYER_VJP, then COEFFICIENTS_VJP for the coefficient gradients; above
-    # 16 tokens with the forward's coefficients reused) against the reference on the CPU
+def test_layer_gradients(monkeypatch, T, fused_coefficients):
+    # the layer backward (LAYER_VJP, then the coefficient gradients as MLX ops or, the candidate,
+    # COEFFICIENTS_VJP; above 16 tokens with the forward's coefficients reused) against the
+    # reference on the CPU
     from mhc_mlx import reference
+
+    monkeypatch.setattr(layer, "FUSED_COEFFICIENT_VJP", fused_coefficients)
 
     n, C = 4, 260
     x = mx.random.normal((T, n, C))

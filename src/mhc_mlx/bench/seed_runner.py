@@ -12,7 +12,6 @@ import sys
 import time
 
 import mlx.core as mx
-import mlx.nn as nn
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 

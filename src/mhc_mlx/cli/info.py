@@ -30,7 +30,7 @@ def _matmul_note() -> str:
 def collect() -> dict:
     import mlx.core as mx
 
-    from .. import __version__, dispatch, kernels, ops
+    from .. import __version__, dispatch, kernels
     from ..kernels import build
 
     backends = {

@@ -135,8 +135,9 @@ def use_candidates(on: bool = True) -> None:
     """Switch this process's kernel candidates on or off (`mhc-mlx bench --candidates`): the
     tensor-core coefficient backward and the fused read step, which passed scripts/gpu_check.py
     on the H200 (2026-11-29) but were slower there than the defaults, the static layer's
-    single-launch (inline) form at every token count, which did not win either, and the
-    chained x cotangent, not yet run on a GPU (docs/kernel-notes.md)."""
+    single-launch (inline) form at every token count, which did not win either, and two not
+    yet run on a GPU: the chained x cotangent and the layer backward's coefficient gradients in
+    one launch (docs/kernel-notes.md)."""
     from . import coefficients, layer
 
     global FUSED_READ_STEP, CHAIN_X_COTANGENT
@@ -144,6 +145,7 @@ def use_candidates(on: bool = True) -> None:
     CHAIN_X_COTANGENT = on
     coefficients.MMA_VJP = on
     layer.INLINE_ALWAYS = on
+    layer.FUSED_COEFFICIENT_VJP = on
 
 
 def settings() -> dict:
@@ -158,6 +160,7 @@ def settings() -> dict:
             "tokens_per_block_small_n": coefficients.TOKENS_PER_BLOCK_SMALL_N,
             "layer_fused_vjp": layer.USE_FUSED_VJP,
             "layer_inline_always": layer.INLINE_ALWAYS,
+            "layer_fused_coefficient_vjp": layer.FUSED_COEFFICIENT_VJP,
             "layer_prefetch_tokens": layer.PREFETCH_TOKENS,
             "fused_read_step": FUSED_READ_STEP,
             "chain_x_cotangent": CHAIN_X_COTANGENT,

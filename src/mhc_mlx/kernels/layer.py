@@ -398,6 +398,9 @@ COEFFICIENTS_VJP = KernelSpec(
 """,
 )
 COEFFICIENTS_VJP_THREADS = 256
+# Candidate (written 2026-11-29 without a GPU: emulator-tested, ptxas-checked): the layer
+# backward's coefficient gradients by COEFFICIENTS_VJP; False: the same steps as MLX ops.
+FUSED_COEFFICIENT_VJP = False
 
 
 # Threadgroups (each loops over tokens), at most. H200 (2026-11-29, 4096 x 4 x 4096 bf16, each
@@ -505,8 +508,8 @@ def _fused_layer_vjp(primals, cotangent, iters, eps, threads: int = 256, budget:
     H_pre, H_post, H_res = coefficients_ or _activate(pre_raw, post_raw, res_raw, iters)
     gx, gcoef, gw = _partials(x, cotangent, H_pre.reshape(n), H_post.reshape(n), H_res.reshape(n, n), weight, eps,
                               threads, budget, groups)
-    parts = coefficients_vjp(gcoef, H_pre, H_post, res_raw, iters)
-    if parts is None:  # long Sinkhorn backward: the ops (its compiled backward)
+    parts = coefficients_vjp(gcoef, H_pre, H_post, res_raw, iters) if FUSED_COEFFICIENT_VJP else None
+    if parts is None:  # the ops (for a long Sinkhorn backward, its compiled form)
         s = mx.sum(gcoef, axis=0)
         parts = coefficients._activation_vjp_parts(
             H_pre.reshape(n), H_post.reshape(n), res_raw.astype(F32).reshape(1, n, n),
