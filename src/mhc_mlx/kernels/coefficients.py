@@ -406,7 +406,8 @@ def _static_function(n: int, iters: int):
     def coefficients(bias):
         h = bias.astype(F32).reshape(1, -1)
         H_pre, H_post, H_res = activate(*_split_logits(h, n), iters)
-        return H_pre[0], H_post[0], H_res[0]
+        # reshape, not [0]: MLX runs an integer index as a gather launch
+        return H_pre.reshape(n), H_post.reshape(n), H_res.reshape(n, n)
 
     @coefficients.vjp
     def coefficients_vjp(bias, cotangents, outputs):
@@ -416,7 +417,7 @@ def _static_function(n: int, iters: int):
             H_pre[None], H_post[None], L_res, cotangents[0][None], cotangents[1][None],
             cotangents[2][None], iters,
         )
-        return g[0].astype(bias.dtype)
+        return g.reshape(-1).astype(bias.dtype)
 
     return coefficients
 
@@ -431,7 +432,7 @@ def _raw_function(n: int, iters: int):
             pre_raw.astype(F32).reshape(1, n), post_raw.astype(F32).reshape(1, n),
             res_raw.astype(F32).reshape(1, n, n), iters,
         )
-        return H_pre[0], H_post[0], H_res[0]
+        return H_pre.reshape(n), H_post.reshape(n), H_res.reshape(n, n)
 
     @coefficients.vjp
     def coefficients_vjp(primals, cotangents, outputs):
