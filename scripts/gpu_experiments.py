@@ -6,6 +6,7 @@ copy floor two ways, and where B=1 latency goes (Python graph building vs the ev
     python scripts/gpu_experiments.py headers  (only the trimmed-vs-full kernel header timings)
     python scripts/gpu_experiments.py read-step  (only the fused read step against the two ops)
     python scripts/gpu_experiments.py chain      (only the chained x cotangent against the defaults)
+    python scripts/gpu_experiments.py layer-coefficients  (only the layer backward's coefficient kernel)
 """
 
 from __future__ import annotations
@@ -249,6 +250,18 @@ def chain(rounds=5):
     alternated_settings("chain", rows, forms, rounds)
 
 
+def layer_coefficient_vjp(rounds=5):
+    """The static layer backward's coefficient gradients in one launch (layer.FUSED_COEFFICIENT_VJP,
+    layer.COEFFICIENTS_VJP) against the same steps as MLX ops, alternated `rounds` times: the
+    static forward+backward at 4096x4x4096, 512x4x1280 and B = 1."""
+    rows = case_rows(("static", "fwd+bwd", (4096, 4, 4096), "throughput"),
+                     ("static", "fwd+bwd", (512, 4, 1280), "throughput"),
+                     ("static", "fwd+bwd", (1, 4, 512), "latency"))
+    alternated_settings("layer coefficient backward", rows,
+                        {"ops": [(layer, "FUSED_COEFFICIENT_VJP", False)],
+                         "one launch": [(layer, "FUSED_COEFFICIENT_VJP", True)]}, rounds)
+
+
 def main():
     print("mlx", mx.__version__, mx.default_device())
     # A. copy floor: one 1 GB eval vs 10 rotated 134 MB arrays in one eval.
@@ -479,6 +492,7 @@ def main():
     header_sizes()
     read_step()
     chain()
+    layer_coefficient_vjp()
 
     # E. n=32 post and layer.
     x32 = [mx.random.normal((512, 32, 1280)).astype(BF) for _ in range(10)]
@@ -501,5 +515,8 @@ if __name__ == "__main__":
     elif sys.argv[1:] == ["chain"]:  # only the chained x cotangent comparison
         print("mlx", mx.__version__, mx.default_device())
         chain()
+    elif sys.argv[1:] == ["layer-coefficients"]:  # only the layer backward's coefficient gradients
+        print("mlx", mx.__version__, mx.default_device())
+        layer_coefficient_vjp()
     else:
         main()

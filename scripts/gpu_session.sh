@@ -11,8 +11,8 @@
 #   bash scripts/gpu_session.sh all          # check, bench, profile, experiments
 #   bash scripts/gpu_session.sh tune         # checks (+ X_UNROLL 2, 4), experiments, ncu, bench, profile
 #   bash scripts/gpu_session.sh final        # checks, experiments, the target cases' bench with the seeds
-#   bash scripts/gpu_session.sh candidates   # the checks with every candidate on, the target cases'
-#                                            # bench with them on, then the experiments (each off/on)
+#   bash scripts/gpu_session.sh candidates   # the checks with every candidate on, the new candidates
+#                                            # timed off/on, the target cases' bench with them on
 #   bash scripts/gpu_session.sh decide       # every check, the experiments, the target cases' bench
 #   bash scripts/gpu_session.sh layer-candidates  # layer checks with its candidates on, then as decide
 #   bash scripts/gpu_session.sh headers      # every check, trimmed vs full kernel headers, the bench
@@ -114,11 +114,16 @@ case "${1:-}" in
     ;;
   profile) profile 240 ;;
   candidates)
+    # the checks with every candidate on, the three candidates written on 2026-11-29 without a
+    # GPU timed against the defaults (alternated), then the target cases' bench with every
+    # candidate on (the full experiments are in `decide`)
     CHECK_ARGS="--mma-vjp --fused-read-step --layer-candidates --chain" \
       CHECK_ONLY="${CHECK_ONLY:-sinkhorn,coefficients,layer,read_step,chain}" check 200
-    run 140 bench python -m mhc_mlx.cli.main bench --candidates --out "$res/bench_candidates" --overwrite \
-      --seeds "" --only "$TARGETS,x32x"
-    run 230 experiments python scripts/gpu_experiments.py
+    run 70 experiments_chain python scripts/gpu_experiments.py chain
+    run 50 experiments_read_step python scripts/gpu_experiments.py read-step
+    run 50 experiments_layer python scripts/gpu_experiments.py layer-coefficients
+    run 120 bench python -m mhc_mlx.cli.main bench --candidates --out "$res/bench_candidates" --overwrite \
+      --seeds "" --only "$TARGETS"
     ;;
   decide)
     # every default's checks, the experiments (which time the candidates against the defaults
