@@ -98,6 +98,7 @@ PRE_VJP = KernelSpec(
 """,
 )
 
+
 def _with_accumulated_dx(body: str) -> str:
     """PRE_VJP's text (DX = true) plus x's cotangent from later in the site (`gacc`: what
     post's backward wrote, passed down the chain of the `chained` functions below), added as
