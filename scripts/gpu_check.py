@@ -330,6 +330,9 @@ def main(argv=None) -> int:
                          "launch (layer.FUSED_COEFFICIENT_VJP)")
     ap.add_argument("--fused-read-step", action="store_true",
                     help="switch on the candidate fused read step of dynamic sites (kernels.FUSED_READ_STEP)")
+    ap.add_argument("--vjp-glue", action="store_true",
+                    help="switch on the candidate dynamic backward glue in one launch "
+                         "(coefficients.FUSED_VJP_GLUE) for every check")
     ap.add_argument("--chain", action="store_true",
                     help="switch on the candidate chained x cotangent of HyperConnection sites "
                          "(kernels.CHAIN_X_COTANGENT) for every check")
@@ -339,6 +342,8 @@ def main(argv=None) -> int:
         kernels.FUSED_READ_STEP = True
     if args.chain:
         kernels.CHAIN_X_COTANGENT = True
+    if args.vjp_glue:
+        coefficients.FUSED_VJP_GLUE = True
     if args.layer_candidates:
         layer.INLINE_ALWAYS = True
         layer.FUSED_COEFFICIENT_VJP = True

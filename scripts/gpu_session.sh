@@ -56,7 +56,7 @@ check() {
   local secs="$1" labels=() pids=() label
   start() { label="$1"; shift; labels+=("$label")
             timeout -k 5 "$secs" "$@" > "$res/$label.log" 2>&1 & pids+=($!); }
-  local groups=",${CHECK_ONLY:-sinkhorn,coefficients,site,layer,read_step},"  # CHECK_ONLY: a comma list
+  local groups=",${CHECK_ONLY:-sinkhorn,coefficients,site,layer,read_step,chain},"  # CHECK_ONLY: a comma list
   for dt in f32 bf16 f16; do
     if [[ $groups == *,site,* ]]; then
       start "site_small_$dt" python scripts/gpu_check.py ${CHECK_ARGS:-} --no-bench --only site --site-n 1,2,3,4 --dtypes $dt --out "$res/site_small_$dt"
@@ -65,6 +65,7 @@ check() {
     [[ $groups == *,layer,* ]] && start "layer_$dt" python scripts/gpu_check.py ${CHECK_ARGS:-} --no-bench --only layer --dtypes $dt --out "$res/layer_$dt"
     [[ $groups == *,coefficients,* ]] && start "coefficients_$dt" python scripts/gpu_check.py ${CHECK_ARGS:-} --no-bench --only coefficients --dtypes $dt --out "$res/coefficients_$dt"
     [[ $groups == *,read_step,* ]] && start "read_step_$dt" python scripts/gpu_check.py ${CHECK_ARGS:-} --no-bench --only read_step --dtypes $dt --out "$res/read_step_$dt"
+    [[ $groups == *,chain,* ]] && start "chain_$dt" python scripts/gpu_check.py ${CHECK_ARGS:-} --no-bench --only chain --dtypes $dt --out "$res/chain_$dt"
   done
   [[ $groups == *,sinkhorn,* ]] && start sinkhorn python scripts/gpu_check.py ${CHECK_ARGS:-} --no-bench --only sinkhorn --out "$res/sinkhorn"
   if [ -n "${CHECK_EXTRA:-}" ]; then  # the tensor-core coefficients at the other X_UNROLL values
@@ -114,12 +115,12 @@ case "${1:-}" in
     ;;
   profile) profile 240 ;;
   candidates)
-    # the checks with every candidate on, the three candidates written on 2026-11-29 without a
+    # the checks with every candidate on, the four candidates written on 2026-11-29 without a
     # GPU timed against the defaults (alternated), then the target cases' bench with every
     # candidate on (the full experiments are in `decide`)
-    CHECK_ARGS="--mma-vjp --fused-read-step --layer-candidates --chain" \
+    CHECK_ARGS="--mma-vjp --fused-read-step --layer-candidates --chain --vjp-glue" \
       CHECK_ONLY="${CHECK_ONLY:-sinkhorn,coefficients,layer,read_step,chain}" check 200
-    run 70 experiments_chain python scripts/gpu_experiments.py chain
+    run 90 experiments_chain python scripts/gpu_experiments.py chain
     run 50 experiments_read_step python scripts/gpu_experiments.py read-step
     run 50 experiments_layer python scripts/gpu_experiments.py layer-coefficients
     run 120 bench python -m mhc_mlx.cli.main bench --candidates --out "$res/bench_candidates" --overwrite \
@@ -152,9 +153,9 @@ case "${1:-}" in
     ;;
   experiments) run 420 experiments python scripts/gpu_experiments.py ;;
   chain)
-    # the chained x cotangent's checks (whole sites, all dtypes), the read step's, then both
-    # timed against the defaults
-    CHECK_ONLY=chain,read_step check 240
+    # the chained x cotangent's checks (whole sites, all dtypes), the read step's, with the
+    # backward glue kernel on, then each timed against the defaults
+    CHECK_ARGS="--vjp-glue" CHECK_ONLY=chain,read_step,coefficients check 240
     run 150 experiments python scripts/gpu_experiments.py chain
     run 100 experiments_read_step python scripts/gpu_experiments.py read-step
     ;;

@@ -737,6 +737,43 @@ def test_metal_first_use_check_catches_a_wrong_backward(monkeypatch, flavour):
         safety.reset()
 
 
+@pytest.mark.parametrize("flavour", FLAVOURS)
+@pytest.mark.parametrize("n,iters", [(1, 20), (2, 20), (3, 20), (4, 20), (2, 40)])
+@pytest.mark.parametrize("T", [1, 7, 130])
+def test_dynamic_backward_glue_in_one_launch(monkeypatch, flavour, n, iters, T):
+    # coefficients.DYNAMIC_VJP_GLUE (candidate FUSED_VJP_GLUE): the coefficient backward's
+    # gradients with the glue as one kernel equal those with the glue as MLX ops (T = 130: two
+    # threadgroups, the second partial), and the reference's autodiff
+    C = 12
+    x, phi, alpha, bias = _dynamic_inputs(T, n, C, mx.float32)
+    outputs = coefficients.dynamic_coefficients_forward(x, phi, alpha, bias, n, iters, 1e-6)
+    cots = [mx.random.normal(o.shape) for o in outputs[:3]]
+    primals = [x, phi, alpha, bias]
+    ops_form = coefficients.dynamic_vjp(primals, cots, outputs, n, iters)
+    monkeypatch.setattr(coefficients, "FUSED_VJP_GLUE", True)
+    emu.launched.clear()
+    got = coefficients.dynamic_vjp(primals, cots, outputs, n, iters)
+    names = [name for name, *_ in emu.launched]
+    assert names[0] == "mhc_coefficients_dynamic_vjp_glue" and "mhc_sinkhorn_vjp_thread" not in names, names
+    want = mx.vjp(lambda *a: reference.mhc_coefficients(*a, iters, 1e-6), primals, cots)[1]
+    top = largest(want)
+    for name, a, b, w in zip(("x", "phi", "alpha", "bias"), got, ops_form, want):
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        assert grad_rel(a, b, 0.01 * top) <= 1e-5, name
+        assert grad_rel(a, w, 0.01 * top) <= GRAD_TOL, name
+
+
+def test_dynamic_backward_glue_only_where_the_one_thread_sinkhorn_backward_applies(monkeypatch):
+    # n = 8 (or n * iters above sinkhorn.THREAD_VJP_MAX_WORK): the glue stays MLX ops
+    monkeypatch.setattr(coefficients, "FUSED_VJP_GLUE", True)
+    for n, iters in ((8, 10), (4, 40)):
+        x, phi, alpha, bias = _dynamic_inputs(3, n, 8, mx.float32)
+        outputs = coefficients.dynamic_coefficients_forward(x, phi, alpha, bias, n, iters, 1e-6)
+        emu.launched.clear()
+        coefficients.dynamic_vjp([x, phi, alpha, bias], [mx.ones(o.shape) for o in outputs[:3]], outputs, n, iters)
+        assert "mhc_coefficients_dynamic_vjp_glue" not in [name for name, *_ in emu.launched]
+
+
 def test_emulator_reports_a_deadlock_and_a_partial_warp_exchange():
     from mhc_mlx.kernels.build import KernelSpec
 

@@ -153,7 +153,9 @@ def test_dynamic_site_with_every_candidate_on(monkeypatch, n, C, T, dtype):
         # "mhc_pre_vjp_h": pre's backward without its dx (site.PRE_VJP at DX = false)
         launched = {name + ("_h" if t.get("DX") is False else "") for name, t, *_ in emu.launched}
         assert "mhc_pre_vjp_h" in launched  # the fused read step ran
-        assert ("mhc_sinkhorn_vjp_thread" in launched) == (n <= 4)
+        # n <= 4: the backward's glue kernel, the one-thread Sinkhorn backward inside it
+        assert ("mhc_coefficients_dynamic_vjp_glue" in launched) == (n <= 4)
+        assert ("mhc_sinkhorn_vjp" in launched) == (n > 4)
         assert ("mhc_coefficients_dynamic_vjp_dx_mma" in launched) == (n <= 4 and dtype != mx.float32)
         assert ("mhc_coefficients_dynamic_mma" in launched) == (dtype != mx.float32)
         # the chained x cotangent: post's comes back to the read step, whose FP32 kernel adds it

@@ -135,9 +135,9 @@ def use_candidates(on: bool = True) -> None:
     """Switch this process's kernel candidates on or off (`mhc-mlx bench --candidates`): the
     tensor-core coefficient backward and the fused read step, which passed scripts/gpu_check.py
     on the H200 (2026-11-29) but were slower there than the defaults, the static layer's
-    single-launch (inline) form at every token count, which did not win either, and two not
-    yet run on a GPU: the chained x cotangent and the layer backward's coefficient gradients in
-    one launch (docs/kernel-notes.md)."""
+    single-launch (inline) form at every token count, which did not win either, and three not
+    yet run on a GPU: the chained x cotangent, the layer backward's coefficient gradients in
+    one launch and the dynamic backward's glue in one launch (docs/kernel-notes.md)."""
     from . import coefficients, layer
 
     global FUSED_READ_STEP, CHAIN_X_COTANGENT
@@ -146,6 +146,7 @@ def use_candidates(on: bool = True) -> None:
     coefficients.MMA_VJP = on
     layer.INLINE_ALWAYS = on
     layer.FUSED_COEFFICIENT_VJP = on
+    coefficients.FUSED_VJP_GLUE = on
 
 
 def settings() -> dict:
@@ -157,6 +158,7 @@ def settings() -> dict:
             "mma_x_unroll": coefficients_mma.X_UNROLL,
             "mma_target_warps": coefficients_mma.TARGET_WARPS,
             "mma_vjp": coefficients.MMA_VJP,
+            "fused_vjp_glue": coefficients.FUSED_VJP_GLUE,
             "tokens_per_block_small_n": coefficients.TOKENS_PER_BLOCK_SMALL_N,
             "layer_fused_vjp": layer.USE_FUSED_VJP,
             "layer_inline_always": layer.INLINE_ALWAYS,

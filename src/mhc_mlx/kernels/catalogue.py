@@ -15,7 +15,7 @@ SPECS = (
     coefficients.DYNAMIC_PRE,
     coefficients.DYNAMIC_VJP, coefficients.DYNAMIC_VJP_PRE, coefficients.DYNAMIC_VJP_ACC, coefficients.DYNAMIC_VJP_PRE_ACC,
     site.PRE, site.PRE_VJP, site.PRE_VJP_ACC, site.POST, site.POST_VJP, layer.LAYER, layer.LAYER_VJP,
-    layer.COEFFICIENTS_VJP,
+    layer.COEFFICIENTS_VJP, coefficients.DYNAMIC_VJP_GLUE,
 )
 
 # Kernels of the CUDA-only tensor-core path; they never reach a Metal compiler.
@@ -32,6 +32,9 @@ def instances():
     for n, iters, thread in ((1, 20, True), (4, 20, True), (4, 40, False), (8, 20, False)):
         out.append((layer.COEFFICIENTS_VJP, (F32, F32, F32, F32, I32), (F32,),
                     [("N", n), ("ITERS", iters), ("THREAD", thread)]))
+    for n, iters in ((1, 20), (2, 40), (4, 20)):
+        out.append((coefficients.DYNAMIC_VJP_GLUE, (F32,) * 9 + (I32,), (F32, F32, F32),
+                    [("N", n), ("ITERS", iters)]))
     for n in (1, 4, 9, 32):
         out.append((sinkhorn.FORWARD, (F32, I32), (F32,), [("N", n)]))
         out.append((coefficients.ACTIVATE, (F32, F32, F32, I32), (F32, F32, F32), [("N", n)]))

@@ -341,6 +341,76 @@ DYNAMIC_VJP_PRE_ACC = KernelSpec(
     body=_with_accumulated_dx(DYNAMIC_VJP_PRE.body),
 )
 
+# The dynamic backward's per-token steps between its cotangents and the x/phi kernel, in one
+# launch, one thread per token (n <= 4 with the one-thread Sinkhorn backward): the logits
+# h = m * scale + bias, the sigmoid derivatives, the Sinkhorn backward of the res logits, then
+# gm = dh * scale, c2 = (1/r)^2 / K * sum gm * m and gs = gm / r; and per threadgroup the
+# partial sums over its tokens of dh (bias's gradient) and of dh * m per alpha segment
+# (alpha's). As MLX ops these were about fifteen launches on [T, W] arrays plus the Sinkhorn
+# backward's (mx.compile cannot fuse inside a custom function's backward).
+GLUE_THREADS = 128
+DYNAMIC_VJP_GLUE = KernelSpec(
+    name="mhc_coefficients_dynamic_vjp_glue",
+    inputs=("mraw", "invr", "alpha", "bias", "hpre", "hpost", "gpre", "gpost", "gres", "iparam"),
+    outputs=("gsc", "ctwo", "part"),
+    body=r"""
+  constexpr int W = N * (N + 2);
+  constexpr int WP = W + 3;  // a block's partials: W of dh, then 3 of dh * m per alpha segment
+  KSHARED float rows[128 * WP];  // KNT == GLUE_THREADS == 128
+  const int Ttok = iparam[0];
+  const int K = iparam[1];
+  const int tid = KTID;
+  const int64_t t = (int64_t)KBID * KNT + tid;
+  const bool live = t < Ttok;
+  const float a0 = alpha[0], a1 = alpha[1], a2 = alpha[2];
+  float gh[W];
+  float mv[W];
+  KUNROLL for (int c = 0; c < W; ++c) mv[c] = live ? mraw[t * W + c] : 0.0f;
+  KUNROLL for (int i = 0; i < N; ++i) {
+    const float hp = live ? hpre[t * N + i] : 0.0f;
+    const float hq = live ? hpost[t * N + i] : 0.0f;
+    gh[i] = live ? gpre[t * N + i] * hp * (1.0f - hp) : 0.0f;
+    gh[N + i] = live ? gpost[t * N + i] * hq * (1.0f - 0.5f * hq) : 0.0f;
+  }
+  {
+    float lp[N * N];
+    float g[N * N];
+    KUNROLL for (int a = 0; a < N * N; ++a) {
+      lp[a] = mv[2 * N + a] * a2 + bias[2 * N + a];
+      g[a] = live ? gres[t * N * N + a] : 0.0f;
+    }
+    if (live) ksinkhorn_thread_vjp<N, ITERS>(lp, g);
+    KUNROLL for (int a = 0; a < N * N; ++a) gh[2 * N + a] = g[a];
+  }
+  const float ir = live ? invr[t] : 0.0f;
+  float s = 0.0f, seg0 = 0.0f, seg1 = 0.0f, seg2 = 0.0f;
+  KUNROLL for (int c = 0; c < W; ++c) {
+    const float sc = c < N ? a0 : (c < 2 * N ? a1 : a2);
+    const float gm = gh[c] * sc;
+    s += gm * mv[c];
+    if (live) gsc[t * W + c] = gm * ir;
+    const float ghm = gh[c] * mv[c];
+    if (c < N) seg0 += ghm;
+    else if (c < 2 * N) seg1 += ghm;
+    else seg2 += ghm;
+    rows[tid * WP + c] = gh[c];
+  }
+  rows[tid * WP + W] = seg0;
+  rows[tid * WP + W + 1] = seg1;
+  rows[tid * WP + W + 2] = seg2;
+  if (live) ctwo[t] = ir * ir / (float)K * s;
+  KBARRIER();
+  for (int c = tid; c < WP; c += KNT) {
+    float total = 0.0f;
+    for (int r = 0; r < KNT; ++r) total += rows[r * WP + c];
+    part[(int64_t)KBID * WP + c] = total;
+  }
+""",
+)
+# Candidate (written 2026-11-29 without a GPU): the dynamic backward's glue by DYNAMIC_VJP_GLUE
+# where the one-thread Sinkhorn backward applies; False: the same steps as MLX ops.
+FUSED_VJP_GLUE = False
+
 DYNAMIC_THREADS = 256
 # The backward's launch (DYNAMIC_VJP, 136 registers): 128-thread blocks of 512 tokens each.
 # H200 (2026-11-29): at T = 4096, n*C = 16384, bf16, 128/512 took 403.1 and 394.9 µs in two
@@ -603,6 +673,23 @@ def _vjp_glue(n: int, K: int):
     return logits, scaled
 
 
+def _glue_kernel(m, invr, alpha, bias, H_pre, H_post, cotangents, n: int, K: int, iters: int):
+    """(gs [T, W], c2 [T], g_bias [W], g_alpha [3]) by DYNAMIC_VJP_GLUE and one sum over its
+    threadgroups' partials."""
+    T, W = m.shape
+    blocks = -(-T // GLUE_THREADS)
+    gs, c2, part = launch(
+        DYNAMIC_VJP_GLUE,
+        [m, invr, alpha.astype(F32), bias.astype(F32), H_pre.reshape(T, n), H_post.reshape(T, n),
+         cotangents[0].astype(F32).reshape(T, n), cotangents[1].astype(F32).reshape(T, n),
+         cotangents[2].astype(F32).reshape(T, n * n), int_params(T, K)],
+        [((T, W), F32), ((T,), F32), ((blocks, W + 3), F32)], blocks * GLUE_THREADS, GLUE_THREADS,
+        [("N", n), ("ITERS", iters)],
+    )
+    sums = mx.sum(part, axis=0)
+    return gs, c2, sums[:W], sums[W:]
+
+
 def dynamic_vjp(primals, cotangents, outputs, n: int, iters: int, pre=None, gacc=None):
     """Cotangents of (x, phi, alpha, bias) from those of (H_pre, H_post, H_res) (and the saved m, 1/r).
 
@@ -614,12 +701,15 @@ def dynamic_vjp(primals, cotangents, outputs, n: int, iters: int, pre=None, gacc
     C = x.shape[-1]
     K = n * C
     T = m.shape[0]
-    logits, scaled = _vjp_glue(n, K)
-    scale = alpha.astype(F32)[scale_index(n)]
-    L_res, gp, gq = logits(m, scale, bias.astype(F32), H_pre.reshape(T, n), H_post.reshape(T, n),
-                           cotangents[0].reshape(T, n), cotangents[1].reshape(T, n))
-    gr = sk.project_vjp(L_res, cotangents[2].astype(F32).reshape(T, n, n), iters)
-    gs, c2, g_bias, g_alpha = scaled(gp, gq, gr, m, invr, scale)
+    if FUSED_VJP_GLUE and T and sk.uses_thread_vjp(n, iters):
+        gs, c2, g_bias, g_alpha = _glue_kernel(m, invr, alpha, bias, H_pre, H_post, cotangents, n, K, iters)
+    else:
+        logits, scaled = _vjp_glue(n, K)
+        scale = alpha.astype(F32)[scale_index(n)]
+        L_res, gp, gq = logits(m, scale, bias.astype(F32), H_pre.reshape(T, n), H_post.reshape(T, n),
+                               cotangents[0].reshape(T, n), cotangents[1].reshape(T, n))
+        gr = sk.project_vjp(L_res, cotangents[2].astype(F32).reshape(T, n, n), iters)
+        gs, c2, g_bias, g_alpha = scaled(gp, gq, gr, m, invr, scale)
     gx, g_phi = dynamic_vjp_x_phi(x.reshape(T, K), phi, gs, c2, pre, gacc)
     return (gx.reshape(x.shape), g_phi.astype(phi.dtype), g_alpha.astype(alpha.dtype),
             g_bias.astype(bias.dtype))
