@@ -121,6 +121,27 @@ def test_chained_x_cotangent_gradients(monkeypatch, dynamic):
         assert ref64.rel_err(np64(g), np64(r)) <= 1e-4
 
 
+@pytest.mark.parametrize("glue", [False, True])
+def test_dynamic_coefficient_gradients(monkeypatch, glue):
+    # the dynamic coefficient backward (glue as MLX ops or, the candidate, DYNAMIC_VJP_GLUE; then
+    # the x/phi kernel) against the reference on the CPU
+    from mhc_mlx import reference
+
+    monkeypatch.setattr(coefficients, "FUSED_VJP_GLUE", glue)
+    n, C, T = 4, 96, 37
+    x = mx.random.normal((T, n, C))
+    args = [x, mx.random.normal((n * C, 24)) / 20, mx.array([0.7, 0.4, 1.1]), mx.random.normal((24,))]
+    cots = [mx.random.normal((T, n)), mx.random.normal((T, n)), mx.random.normal((T, n, n))]
+    _, got = mx.vjp(lambda *a: coefficients.mhc_coefficients(*a, 20, 1e-6), args, cots)
+    with mx.stream(mx.cpu):
+        _, want = mx.vjp(lambda *a: reference.mhc_coefficients(*a, 20, 1e-6), args, cots)
+        mx.eval(want)
+    top = max(float(np.linalg.norm(np64(w))) for w in want)
+    for a, b in zip(got, want):
+        err = float(np.linalg.norm(np64(a) - np64(b)))
+        assert err <= 1e-4 * max(float(np.linalg.norm(np64(b))), 0.01 * top)
+
+
 @pytest.mark.parametrize("fused_coefficients", [False, True])
 @pytest.mark.parametrize("T", [9, 40])
 def test_layer_gradients(monkeypatch, T, fused_coefficients):
