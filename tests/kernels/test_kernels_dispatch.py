@@ -97,6 +97,23 @@ def test_metal_kernel_that_fails_its_first_use_check_warns_once_and_falls_back(f
     assert mx.allclose(mhc.mhc_pre(x, h), mx.sum(h[:, None] * x, axis=-2), atol=1e-5)
 
 
+def test_metal_checks_can_run_before_a_compiled_step(fake_gpu, monkeypatch):
+    # kernels.check_metal_kernels(): every op's first-use check, eagerly (the training loop calls
+    # it before compiling its step). On Linux a Metal kernel cannot run: every check fails, each
+    # op warns once and takes the compiled path; on CUDA (or with Metal off) nothing to check.
+    fake_gpu("cuda")
+    assert kernels.check_metal_kernels() == {}
+    fake_gpu("metal")
+    monkeypatch.delenv(build.ENV_DISABLE_METAL, raising=False)
+    with pytest.warns(RuntimeWarning, match="failed its first-use check"):
+        results = kernels.check_metal_kernels()
+    assert set(results) == set(kernels.OPS) - {"rms_norm"}
+    assert all(r.startswith("failed") for r in results.values())
+    assert dispatch.choose("mhc_post", *OPS_ARGS["mhc_post"](4))[0] == "compiled"
+    monkeypatch.setenv(build.ENV_DISABLE_METAL, "1")
+    assert kernels.check_metal_kernels() == {}
+
+
 def test_disable_metal_env(fake_gpu, monkeypatch):
     fake_gpu("metal")
     monkeypatch.setenv(build.ENV_DISABLE_METAL, "1")

@@ -720,6 +720,24 @@ def test_metal_first_use_checks_pass_on_the_emulated_metal_kernels(monkeypatch, 
 
 
 @pytest.mark.parametrize("flavour", ["metal"])
+def test_check_metal_kernels_passes_on_the_emulated_metal_kernels(monkeypatch, flavour):
+    # kernels.check_metal_kernels() (what the training loop runs before compiling its step) on
+    # the Metal source run by the emulator: every op's check passes
+    from mhc_mlx import kernels
+    from mhc_mlx.kernels import safety
+
+    monkeypatch.setattr(build, "gpu_backend", lambda: "metal")
+    monkeypatch.setattr(kernels, "gpu_backend", lambda: "metal")
+    monkeypatch.setattr(kernels, "on_gpu", lambda *a: True)
+    monkeypatch.delenv(build.ENV_DISABLE_METAL, raising=False)
+    safety.reset()
+    try:
+        assert kernels.check_metal_kernels() == {op: "ok" for op in kernels.OPS if op != "rms_norm"}
+    finally:
+        safety.reset()
+
+
+@pytest.mark.parametrize("flavour", ["metal"])
 def test_metal_first_use_check_catches_a_wrong_backward(monkeypatch, flavour):
     # a backward kernel that is wrong while the forward is right fails the first-use check
     from mhc_mlx import kernels

@@ -119,6 +119,19 @@ def why_not(op: str, *arrays, **params) -> str:
     return reason or ""
 
 
+def check_metal_kernels() -> dict:
+    """Run every op's Metal first-use check now, eagerly: call it before compiling a step that
+    uses the ops, since no check can run while mx.compile traces (an op whose check has not run
+    takes the compiled path inside a trace). Returns op -> "ok" / "failed: ..."; {} where
+    Metal kernels are not in use (CPU, CUDA, MHC_MLX_DISABLE_METAL=1, or the CPU default device)."""
+    if gpu_backend() != "metal" or metal_disabled() or not on_gpu():
+        return {}
+    for op in OPS:
+        if op != "rms_norm":
+            safety.verified(op, _implementation(op))
+    return {op: safety.result(op) for op in OPS if safety.result(op) is not None}
+
+
 def status() -> dict:
     """What `mhc-mlx info` prints about kernels: op -> availability and reason."""
     out = {}
