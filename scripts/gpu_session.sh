@@ -124,7 +124,7 @@ case "${1:-}" in
     run 50 experiments_read_step python scripts/gpu_experiments.py read-step
     run 50 experiments_layer python scripts/gpu_experiments.py layer-coefficients
     run 120 bench python -m mhc_mlx.cli.main bench --candidates --out "$res/bench_candidates" --overwrite \
-      --seeds "" --only "$TARGETS"
+      --seeds "" --only "$TARGETS" --impl kernels,kernels+step
     ;;
   decide)
     # every default's checks, the experiments (which time the candidates against the defaults

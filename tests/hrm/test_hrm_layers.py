@@ -195,5 +195,9 @@ def test_stream_block_norms_every_stream_and_matches_the_formula(variant):
     )
     y = block(mx.array(x, mx.float32), rope)
     np.testing.assert_allclose(f64(y), h, atol=2e-4, rtol=2e-4)
-    # Every stream has unit RMS after the post-norm.
-    np.testing.assert_allclose(np.sqrt((f64(y) ** 2).mean(-1)), 1.0, atol=1e-4)
+    # Every stream has unit RMS after the post-norm, up to the norm's eps: sqrt(ms / (ms + eps))
+    # for a stream of mean square ms, as in the float64 reference (a drawn stream with ms ~ 0.05
+    # gave 0.99989, so 1 within 1e-4 is not a property).
+    rms, rms_ref = np.sqrt((f64(y) ** 2).mean(-1)), np.sqrt((h ** 2).mean(-1))
+    np.testing.assert_allclose(rms, rms_ref, atol=1e-5)
+    assert np.all(rms_ref <= 1.0)

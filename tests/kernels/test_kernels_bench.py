@@ -5,6 +5,7 @@ import os
 import zipfile
 
 import mlx.core as mx
+import numpy as np
 import pytest
 
 from mhc_mlx.bench import cases, report, seeds
@@ -101,3 +102,36 @@ def test_seed_install_unpacks_into_its_own_folder(tmp_path):
     folder = seeds.install(str(tmp_path), "mlx-mhc")
     assert os.path.isabs(folder) and os.path.exists(os.path.join(folder, "mlx_mhc", "__init__.py"))
     assert seeds.install(str(tmp_path), "mhc-mlx") is None  # no wheel: skipped, not crashed
+
+
+@pytest.mark.parametrize("site", ["static", "dynamic"])
+@pytest.mark.parametrize("pass_", ["fwd", "fwd+bwd"])
+def test_compiled_step_rows_compute_what_the_eager_rows_compute(site, pass_):
+    # `--compiled-step` / `--impl ...+step`: the same application under one mx.compile gives the
+    # same output and gradients (compiled path, float32, same seed for inputs and parameters)
+    from mlx.utils import tree_flatten
+
+    from mhc_mlx.dispatch import use_backend
+
+    case = cases.Case(site, pass_, (6, 4, 24), "float32", "throughput")
+    results = []
+    for compile_step in (False, True):
+        mx.random.seed(5)
+        apply, xs = cases.prepare(case, 1, compile_step)
+        with use_backend("compiled"):
+            out = apply(xs[0])
+            mx.eval(out)
+        results.append([np.array(a) for _, a in tree_flatten(out)])
+    assert len(results[0]) == len(results[1]) >= 1
+    for a, b in zip(*results):
+        assert a.shape == b.shape
+        assert np.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_step_impls_are_accepted_and_unknown_ones_refused(tmp_path, capsys):
+    assert bench_cli.main(["--quick", "--out", str(tmp_path / "a"), "--seeds", "", "--impl", "compiled+step",
+                       "--only", "static/fwd+bwd"]) == 0
+    rows = json.loads((tmp_path / "a" / "bench.json").read_text())["rows"]
+    assert rows and {r["impl"] for r in rows} == {"compiled+step"} and all(isinstance(r["us"], float) for r in rows)
+    assert bench_cli.main(["--quick", "--out", str(tmp_path / "b"), "--seeds", "", "--impl", "kernels+steps"]) == 2
+    assert "unknown --impl kernels+steps" in capsys.readouterr().err

@@ -518,9 +518,15 @@ def test_layer_coefficient_backward_in_one_launch(flavour, n, iters, groups):
         return mx.sigmoid(pre_raw), 2 * mx.sigmoid(post_raw), reference.sinkhorn_knopp(res_raw, iters)
 
     want = mx.vjp(activations, raw, [c.astype(mx.float32) for c in cots])[1]
+    # The kernel sums up to 300 partials in float32 (the reference's cotangents are float64
+    # sums), and a 2 x 2 Sinkhorn backward can be ill-conditioned: over 4000 drawn cases the
+    # error reached 1.8e-5 of max(each gradient, 1 % of the largest); 1e-4 allowed. A wrong
+    # kernel errs by far more (a wrong post derivative, or one partial left out of the sum,
+    # each failed every case).
+    top = largest(want)
     for a, b in zip(got, want):
         assert a.shape == b.shape
-        assert grad_rel(a, b) <= GRAD_TOL
+        assert grad_rel(a, b, 0.01 * top) <= 1e-4
 
 
 def test_layer_coefficient_backward_falls_back_for_long_sinkhorn():

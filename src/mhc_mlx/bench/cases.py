@@ -113,9 +113,11 @@ def _site(case: Case):
     return forward, ["phi", "alpha", "bias"], module
 
 
-def prepare(case: Case, count: int):
+def prepare(case: Case, count: int, compile_step: bool = False):
     """(apply, inputs): one application of our site for `case` (forward, or forward and
-    backward through mx.vjp), and `count` evaluated inputs for it."""
+    backward through mx.vjp), and `count` evaluated inputs for it. compile_step: the
+    application under one mx.compile, as a user compiles a training step (MLX fuses the
+    elementwise ops between kernels there, which it cannot inside mx.grad)."""
     B, n, C = case.shape
     dtype = DTYPES[case.dtype]
     forward, names, module = _site(case)
@@ -136,12 +138,22 @@ def prepare(case: Case, count: int):
 
             return mx.vjp(f, [x, *params], [cot])
 
+    if compile_step:
+        # the parameters and the cotangent are fixed arrays of the closure (constants of the
+        # trace); f's setattr only ever sees the trace's arrays, and the module is not used after
+        apply = mx.compile(apply)
     return apply, xs
 
 
+STEP = "+step"  # an impl name's suffix: the application compiled as one step (prepare)
+
+
 def time_ours(case: Case, backend: str, K: int, repeats: int) -> float:
-    """µs per application of our site on `backend` ('kernels', 'compiled' or 'reference')."""
-    apply, xs = prepare(case, K if case.mode == "throughput" else 1)
+    """µs per application of our site on `backend` ('kernels', 'compiled' or 'reference', or
+    one of them + STEP)."""
+    compile_step = backend.endswith(STEP)
+    backend = backend.removesuffix(STEP)
+    apply, xs = prepare(case, K if case.mode == "throughput" else 1, compile_step)
     with use_backend(backend):
         if case.mode == "latency":
             return timing.latency_us(apply, [xs[0]], repeats=repeats)

@@ -6,7 +6,7 @@ import json
 import math
 import os
 
-IMPL_ORDER = ("kernels", "compiled", "reference", "mhc-mlx 0.6.3", "mlx-mhc 0.4.1")
+IMPL_ORDER = ("kernels", "kernels+step", "compiled", "compiled+step", "reference", "mhc-mlx 0.6.3", "mlx-mhc 0.4.1")
 
 
 def enrich(rows: list[dict], copy_GBps: float, tiny_us: float) -> None:

@@ -13,7 +13,12 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace bench.json/bench.png if they exist")
     p.add_argument("--seeds", default=".seedpkgs",
                    help="folder with the seed wheels mhc_mlx-0.6.3 and mlx_mhc-0.4.1 ('' to skip them)")
-    p.add_argument("--impl", default="", help="comma list of kernels,compiled,reference (default: all that run here)")
+    p.add_argument("--impl", default="",
+                   help="comma list of kernels, compiled, reference, kernels+step, compiled+step (default: "
+                        "the first three that run here); +step: each application under one mx.compile, "
+                        "as a compiled training step")
+    p.add_argument("--compiled-step", action="store_true",
+                   help="add the +step form of the kernels and the compiled path to the default implementations")
     p.add_argument("--only", default="", help="only cases whose id contains one of these comma-separated texts, e.g. 'static/fwd/4096'")
     p.add_argument("--candidates", action="store_true",
                    help="switch on the kernel candidates that are off by default (kernels.use_candidates, "
@@ -24,12 +29,22 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..bench import run as run_bench
 
+    known = ("kernels", "compiled", "reference", "kernels+step", "compiled+step")
     impls = None
     if args.impl:
         impls = tuple(i.strip() for i in args.impl.split(",") if i.strip())
-        bad = [i for i in impls if i not in ("kernels", "compiled", "reference")]
+        bad = [i for i in impls if i not in known]
         if bad:
-            raise ValueError(f"unknown --impl {', '.join(bad)}; choose from kernels, compiled, reference")
+            raise ValueError(f"unknown --impl {', '.join(bad)}; choose from {', '.join(known)}")
+    if args.compiled_step:
+        import mlx.core as mx
+
+        from ..kernels.build import gpu_backend
+
+        if impls is None:
+            on_gpu = gpu_backend() is not None and mx.default_device() == mx.gpu
+            impls = ("kernels", "compiled", "reference") if on_gpu else ("compiled", "reference")
+        impls = impls + tuple(f"{i}+step" for i in impls if i in ("kernels", "compiled") and f"{i}+step" not in impls)
     if args.candidates:
         from .. import kernels
 
