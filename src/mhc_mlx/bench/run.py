@@ -16,12 +16,16 @@ from . import report, seeds, timing
 
 
 def run(out_dir: str, quick: bool = False, seeds_dir: str | None = ".seedpkgs", overwrite: bool = False,
-        impls: tuple[str, ...] | None = None, only: str = "", log=print) -> dict:
+        impls: tuple[str, ...] | None = None, only: str = "", log=print, compiled_step: bool = False) -> dict:
+    """compiled_step: add the +step form (bench_cases.STEP) of the kernels and the compiled path."""
     json_path, png_path = report.output_paths(out_dir, overwrite)
     backend = gpu_backend()
     on_gpu = backend is not None and mx.default_device() == mx.gpu
     if impls is None:
         impls = ("kernels", "compiled", "reference") if on_gpu else ("compiled", "reference")
+    if compiled_step:
+        step = bench_cases.STEP
+        impls = impls + tuple(i + step for i in impls if i in ("kernels", "compiled") and i + step not in impls)
     case_list = bench_cases.quick_cases() if quick else bench_cases.full_cases()
     if only:
         parts = [p for p in only.split(",") if p]

@@ -36,21 +36,12 @@ def run(args: argparse.Namespace) -> int:
         bad = [i for i in impls if i not in known]
         if bad:
             raise ValueError(f"unknown --impl {', '.join(bad)}; choose from {', '.join(known)}")
-    if args.compiled_step:
-        import mlx.core as mx
-
-        from ..kernels.build import gpu_backend
-
-        if impls is None:
-            on_gpu = gpu_backend() is not None and mx.default_device() == mx.gpu
-            impls = ("kernels", "compiled", "reference") if on_gpu else ("compiled", "reference")
-        impls = impls + tuple(f"{i}+step" for i in impls if i in ("kernels", "compiled") and f"{i}+step" not in impls)
     if args.candidates:
         from .. import kernels
 
         kernels.use_candidates(True)
     run_bench(args.out, quick=args.quick, seeds_dir=args.seeds or None, overwrite=args.overwrite,
-              impls=impls, only=args.only)
+              impls=impls, only=args.only, compiled_step=args.compiled_step)
     return 0
 
 

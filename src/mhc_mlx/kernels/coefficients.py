@@ -648,29 +648,18 @@ def dynamic_vjp_x_phi(x2, phi, gs, c2, pre=None, gacc=None):
     return gx, mx.sum(gphi, axis=0)
 
 
-@lru_cache(maxsize=None)
-def _vjp_glue(n: int, K: int):
-    """The dynamic backward's small per-token steps around its two kernels, as MLX ops. (They
-    were under mx.compile until 2026-11-29, meant to fuse; but inside a custom function's
-    backward MLX keeps every array a tracer (transforms.cpp, RetainGraph) and compile then runs
-    the function's ops as they are: about twenty small launches, unless the caller compiles the
-    whole step, whose compile fuses them with the rest.)"""
-
-    def logits(m, scale, bias, H_pre, H_post, g_pre, g_post):
-        h = m * scale + bias
-        gp = g_pre.astype(F32) * H_pre * (1.0 - H_pre)
-        gq = g_post.astype(F32) * H_post * (1.0 - 0.5 * H_post)
-        return h[:, 2 * n :].reshape(-1, n, n), gp, gq
-
-    def scaled(gp, gq, gr, m, invr, scale):
-        gh = mx.concatenate([gp, gq, gr.reshape(gr.shape[0], n * n)], axis=-1)
-        ghm = mx.sum(gh * m, axis=0)
-        g_alpha = mx.stack([mx.sum(ghm[:n]), mx.sum(ghm[n : 2 * n]), mx.sum(ghm[2 * n :])])
-        gm = gh * scale
-        c2 = invr * invr / K * mx.sum(gm * m, axis=-1)
-        return gm * invr[:, None], c2, mx.sum(gh, axis=0), g_alpha
-
-    return logits, scaled
+def _scaled_cotangents(gp, gq, gr, m, invr, scale, n: int, K: int):
+    """(gs = dm / r [T, W], c2 [T], g_bias [W], g_alpha [3]) from the logits' cotangents, as MLX
+    ops: the dynamic backward's per-token steps after the activations' (DYNAMIC_VJP_GLUE is the
+    one-launch candidate). No mx.compile: inside a custom function's backward MLX keeps every
+    array a tracer (transforms.cpp, RetainGraph) and would run the ops unfused anyway, unless
+    the caller compiles the whole step, whose compile fuses them with the rest."""
+    gh = mx.concatenate([gp, gq, gr.reshape(gr.shape[0], n * n)], axis=-1)
+    ghm = mx.sum(gh * m, axis=0)
+    g_alpha = mx.stack([mx.sum(ghm[:n]), mx.sum(ghm[n : 2 * n]), mx.sum(ghm[2 * n :])])
+    gm = gh * scale
+    c2 = invr * invr / K * mx.sum(gm * m, axis=-1)
+    return gm * invr[:, None], c2, mx.sum(gh, axis=0), g_alpha
 
 
 def _glue_kernel(m, invr, alpha, bias, H_pre, H_post, cotangents, n: int, K: int, iters: int):
@@ -704,12 +693,12 @@ def dynamic_vjp(primals, cotangents, outputs, n: int, iters: int, pre=None, gacc
     if FUSED_VJP_GLUE and T and sk.uses_thread_vjp(n, iters):
         gs, c2, g_bias, g_alpha = _glue_kernel(m, invr, alpha, bias, H_pre, H_post, cotangents, n, K, iters)
     else:
-        logits, scaled = _vjp_glue(n, K)
         scale = alpha.astype(F32)[scale_index(n)]
-        L_res, gp, gq = logits(m, scale, bias.astype(F32), H_pre.reshape(T, n), H_post.reshape(T, n),
-                               cotangents[0].reshape(T, n), cotangents[1].reshape(T, n))
-        gr = sk.project_vjp(L_res, cotangents[2].astype(F32).reshape(T, n, n), iters)
-        gs, c2, g_bias, g_alpha = scaled(gp, gq, gr, m, invr, scale)
+        L_res = (m[:, 2 * n :] * scale[2 * n :] + bias.astype(F32)[2 * n :]).reshape(T, n, n)  # h = m scale + bias
+        gp, gq, gr = _activation_vjp_parts(H_pre.reshape(T, n), H_post.reshape(T, n), L_res,
+                                           cotangents[0].reshape(T, n), cotangents[1].reshape(T, n),
+                                           cotangents[2], iters)
+        gs, c2, g_bias, g_alpha = _scaled_cotangents(gp, gq, gr, m, invr, scale, n, K)
     gx, g_phi = dynamic_vjp_x_phi(x.reshape(T, K), phi, gs, c2, pre, gacc)
     return (gx.reshape(x.shape), g_phi.astype(phi.dtype), g_alpha.astype(alpha.dtype),
             g_bias.astype(bias.dtype))

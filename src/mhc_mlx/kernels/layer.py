@@ -458,10 +458,14 @@ def fused_vjp(x, g, H_pre, H_post, H_res, weight, eps: float, threads: int = 256
     H_* (float32), in one pass over x and the cotangent g (the layer's backward while
     USE_FUSED_VJP). `budget`: floats of x per thread and chunk (site.vector_width; default by C,
     see VJP_BUDGET); 32 gives 16-byte vectors of bfloat16 at n = 4, 16 half of that. `threads` <= 256 (a multiple of 32)."""
-    n = x.shape[-2]
     gx, gcoef, gw = _partials(x, g, H_pre, H_post, H_res, weight, eps, threads, budget, groups)
-    gcoef = mx.sum(gcoef, axis=0)
-    return gx, gcoef[n * n + n :], gcoef[n * n : n * n + n], gcoef[: n * n].reshape(n, n), mx.sum(gw, axis=0)
+    return (gx, *_summed(gcoef, x.shape[-2]), mx.sum(gw, axis=0))
+
+
+def _summed(gcoef, n: int):
+    """(dH_pre [n], dH_post [n], dH_res [n, n]) from LAYER_VJP's per-group partials (res | post | pre)."""
+    s = mx.sum(gcoef, axis=0)
+    return s[n * n + n :], s[n * n : n * n + n], s[: n * n].reshape(n, n)
 
 
 def _partials(x, g, H_pre, H_post, H_res, weight, eps: float, threads: int = 256, budget: int | None = None,
@@ -510,10 +514,8 @@ def _fused_layer_vjp(primals, cotangent, iters, eps, threads: int = 256, budget:
                               threads, budget, groups)
     parts = coefficients_vjp(gcoef, H_pre, H_post, res_raw, iters) if FUSED_COEFFICIENT_VJP else None
     if parts is None:  # the ops (for a long Sinkhorn backward, its compiled form)
-        s = mx.sum(gcoef, axis=0)
         parts = coefficients._activation_vjp_parts(
-            H_pre.reshape(n), H_post.reshape(n), res_raw.astype(F32).reshape(1, n, n),
-            s[n * n + n :], s[n * n : n * n + n], s[: n * n].reshape(n, n), iters)
+            H_pre.reshape(n), H_post.reshape(n), res_raw.astype(F32).reshape(1, n, n), *_summed(gcoef, n), iters)
     gp, gq, gr = parts
     return (gx, gp.astype(pre_raw.dtype), gq.astype(post_raw.dtype), gr.reshape(n, n).astype(res_raw.dtype),
             mx.sum(gw, axis=0).astype(weight.dtype))
