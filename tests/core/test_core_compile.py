@@ -139,3 +139,39 @@ def test_compiled_training_step_equals_eager(rng):
     assert eager_losses[-1] < eager_losses[0], "three SGD steps should lower the loss"
     for name, p in eager_params.items():
         assert_matches(comp_params[name], to_numpy(p), 1e-5, f"parameter {name} after 3 compiled steps")
+
+
+def _primitives(*arrays) -> list[str]:
+    """The primitives of the arrays' unevaluated graph (MLX's DOT export)."""
+    import os
+    import re
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "graph.dot")
+        mx.export_to_dot(path, *arrays)
+        with open(path) as f:
+            return re.findall(r'label ="(\w+)"', f.read())
+
+
+def test_an_inner_compile_fuses_only_when_the_step_is_compiled():
+    # What README and mhc-mlx train rely on (MLX 0.32.4): under mx.grad a compiled function's
+    # arrays are tracers and mx.compile runs its ops unfused, also inside a custom function's
+    # backward; compiling the whole step fuses them. If MLX changes this, the advice changes.
+    inner = mx.compile(lambda v: mx.exp(v) * 2 + 1)
+
+    @mx.custom_function
+    def f(v):
+        return v * 3
+
+    @f.vjp
+    def f_vjp(primal, cotangent, output):
+        return inner(cotangent)
+
+    x = mx.ones((8,))
+    mx.eval(x)
+    assert any(p.startswith("Compiled") for p in _primitives(inner(x)))  # eager: fused
+    loss = lambda v: (inner(v) + f(v)).sum()  # noqa: E731
+    eager = _primitives(mx.grad(loss)(x))
+    assert not any(p.startswith("Compiled") for p in eager) and "Exp" in eager
+    assert any(p.startswith("Compiled") for p in _primitives(mx.compile(mx.grad(loss))(x)))

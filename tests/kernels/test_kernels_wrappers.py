@@ -254,6 +254,37 @@ def _last_op(a: mx.array, tmp_path) -> str:
     return re.search(node + r' \[label ="(\w+)"', text).group(1)
 
 
+def test_static_coefficients_and_layer_backward_take_no_gather(monkeypatch, tmp_path):
+    # the static coefficients and the layer backward reshape the kernels' [1, n] outputs: an
+    # integer index ([0]) would be a gather launch in MLX's graph
+    import re
+
+    import mhc_mlx as mhc
+    from mhc_mlx import kernels
+    from mhc_mlx.kernels import build
+
+    monkeypatch.setattr(build, "gpu_backend", lambda: "cuda")
+    monkeypatch.setattr(build, "on_gpu", lambda *a: True)
+    monkeypatch.setattr(kernels, "gpu_backend", build.gpu_backend)
+    monkeypatch.setattr(kernels, "on_gpu", build.on_gpu)
+    n, C = 4, 24
+    x = mx.zeros((40, n, C))  # 40 tokens: the layer's two-launch form
+    hc, ml = mhc.HyperConnection(C, n, dynamic=False), mhc.MHCLayer(n, C)
+    mx.eval(hc.parameters(), ml.parameters())
+    names = ["H_pre_raw", "H_post_raw", "H_res_raw", "rms_weight"]
+
+    def layer_fn(x_, *ps):
+        for k, p in zip(names, ps):
+            setattr(ml, k, p)
+        return ml(x_)
+
+    _, grads = mx.vjp(layer_fn, [x, *[getattr(ml, k) for k in names]], [mx.ones(x.shape)])
+    path = tmp_path / "graph.dot"
+    mx.export_to_dot(str(path), hc(x, lambda h: h), *grads)
+    ops = re.findall(r'label ="(\w+)"', path.read_text())
+    assert "CustomTransforms" in ops and "Gather" not in ops, ops
+
+
 @pytest.mark.parametrize("chain", [False, True])
 @pytest.mark.parametrize("form", ["dynamic", "read step", "static"])
 def test_chained_x_cotangent_leaves_no_add_for_x(monkeypatch, tmp_path, chain, form):
