@@ -7,6 +7,7 @@ copy floor two ways, and where B=1 latency goes (Python graph building vs the ev
     python scripts/gpu_experiments.py read-step  (only the fused read step against the two ops)
     python scripts/gpu_experiments.py chain      (only the chained x cotangent against the defaults)
     python scripts/gpu_experiments.py layer-coefficients  (only the layer backward's coefficient kernel)
+    python scripts/gpu_experiments.py launch   (only where B = 1 time goes: eval and per-launch costs)
 """
 
 from __future__ import annotations
@@ -265,6 +266,89 @@ def layer_coefficient_vjp(rounds=5):
                          "one launch": [(layer, "FUSED_COEFFICIENT_VJP", True)]}, rounds)
 
 
+def launch_costs(chain_len=100, repeats=200):
+    """Where B = 1 (n = 4, C = 512, bf16) time goes: the eval of a tiny op, of a one-line custom
+    kernel with 1 and with the layer's 7 inputs, of the layer's single-launch kernel alone, and of
+    the static layer and the dynamic site eager and under mx.compile (eval only: each call's graph
+    is built before the clock). Then each applied `chain_len` times in a chain (each output the
+    next input) in one eval, per application: the cost of one more launch inside an eval (host
+    encoding + GPU), without the eval's fixed cost."""
+    from mhc_mlx import kernels
+    from mhc_mlx.kernels.build import KernelSpec, launch
+
+    n, C = 4, 512
+    x1 = mx.random.normal((1, n, C)).astype(BF)
+    m = mhc.MHCLayer(n, C)
+    hc = mhc.HyperConnection(C, n)
+    mx.eval(x1, m.parameters(), hc.parameters())
+    one = KernelSpec(name="mhc_one_line", inputs=("vin",), outputs=("vout",),
+                     body="  if (KTID == 0 && KBID == 0) vout[0] = vin[0] + 1.0f;\n")
+    seven = KernelSpec(name="mhc_one_line7", inputs=("xin", "a", "b", "c", "w", "ip", "fp"), outputs=("xout",),
+                       body="  if (KBID == 0) for (int i = KTID; i < 2048; i += KNT) xout[i] = xin[i];\n")
+    raw = [mx.zeros((n,)), mx.zeros((n,)), 3 * mx.eye(n), mx.ones((C,)), mx.array([1, C, 20], dtype=mx.int32),
+           mx.array([1e-5])]
+    mx.eval(raw)
+
+    def eval_only(make, reps=repeats):
+        outs = [make() for _ in range(5)]
+        mx.eval(outs)
+        times = []
+        for _ in range(reps):
+            y = make()
+            t0 = time.perf_counter()
+            mx.eval(y)
+            times.append(time.perf_counter() - t0)
+        return 1e6 * statistics.median(times)
+
+    def chained(step, reps=20):
+        def run():
+            y = x1
+            for _ in range(chain_len):
+                y = step(y)
+            return y
+        mx.eval(run())
+        times = []
+        for _ in range(reps):
+            y = run()
+            t0 = time.perf_counter()
+            mx.eval(y)
+            times.append(time.perf_counter() - t0)
+        return 1e6 * statistics.median(times) / chain_len
+
+    def dyn(x):
+        h, cf = hc.pre(x)
+        return hc.post(x, h, cf)
+
+    one_fn = lambda v: launch(one, [v], [((1,), mx.float32)], 32, 32, [])[0]  # noqa: E731
+    seven_fn = lambda v: launch(seven, [v, *raw], [(v.shape, v.dtype)], 256, 256, [])[0]  # noqa: E731
+    layer_fn = lambda v: layer.forward(v, *raw[:4], 20, 1e-5, True)  # noqa: E731
+    m_c, dyn_c = mx.compile(m), mx.compile(dyn)
+    a1 = mx.array([1.0])
+    rows = [
+        ("tiny op (a + 1)", lambda: a1 + 1.0, lambda y: y + 1.0),
+        ("one-line kernel, 1 input", lambda: one_fn(a1), None),
+        ("one-line kernel, the layer's 7 inputs", lambda: seven_fn(x1), seven_fn),
+        ("layer kernel alone (single launch)", lambda: layer_fn(x1), layer_fn),
+        ("static layer, eager", lambda: m(x1), m),
+        ("static layer, mx.compile", lambda: m_c(x1), m_c),
+        ("dynamic site, eager", lambda: dyn(x1), dyn),
+        ("dynamic site, mx.compile", lambda: dyn_c(x1), dyn_c),
+    ]
+    saved = kernels.FUSED_READ_STEP
+    try:
+        for read_step_on in (False, True):
+            kernels.FUSED_READ_STEP = read_step_on
+            for label, make, step in rows:
+                if "dynamic" not in label and read_step_on:
+                    continue
+                suffix = (" (read step)" if read_step_on else " (two ops)") if "dynamic" in label else ""
+                ev = eval_only(make)
+                ch = f", {chained(step):6.1f} us per application in a chain of {chain_len}" if step else ""
+                print(f"launch costs B=1: {label}{suffix}: eval {ev:6.1f} us{ch}")
+    finally:
+        kernels.FUSED_READ_STEP = saved
+
+
 def main():
     print("mlx", mx.__version__, mx.default_device())
     # A. copy floor: one 1 GB eval vs 10 rotated 134 MB arrays in one eval.
@@ -518,6 +602,9 @@ if __name__ == "__main__":
     elif sys.argv[1:] == ["chain"]:  # only the chained x cotangent comparison
         print("mlx", mx.__version__, mx.default_device())
         chain()
+    elif sys.argv[1:] == ["launch"]:  # only where B = 1 time goes
+        print("mlx", mx.__version__, mx.default_device())
+        launch_costs()
     elif sys.argv[1:] == ["layer-coefficients"]:  # only the layer backward's coefficient gradients
         print("mlx", mx.__version__, mx.default_device())
         layer_coefficient_vjp()

@@ -13,6 +13,8 @@
 #   bash scripts/gpu_session.sh final        # checks, experiments, the target cases' bench with the seeds
 #   bash scripts/gpu_session.sh candidates   # the checks with every candidate on, the new candidates
 #                                            # timed off/on, the target cases' bench with them on
+#   bash scripts/gpu_session.sh adopt        # the new defaults' checks, B = 1 launch costs, the read
+#                                            # step's timings, the target cases' bench (seeds, +step)
 #   bash scripts/gpu_session.sh decide       # every check, the experiments, the target cases' bench
 #   bash scripts/gpu_session.sh layer-candidates  # layer checks with its candidates on, then as decide
 #   bash scripts/gpu_session.sh headers      # every check, trimmed vs full kernel headers, the bench
@@ -126,6 +128,16 @@ case "${1:-}" in
     run 120 bench python -m mhc_mlx.cli.main bench --candidates --out "$res/bench_candidates" --overwrite \
       --seeds "" --only "$TARGETS" --impl kernels,kernels+step
     ;;
+  adopt)
+    # after candidates became defaults: the checks of the ops they touch, where B = 1 time goes,
+    # the read step against the two ops with the new defaults, then the target cases' bench
+    # with the seed packages and the compiled-step rows
+    CHECK_ONLY="${CHECK_ONLY:-coefficients,layer,read_step,chain}" check 200
+    run 90 experiments_launch python scripts/gpu_experiments.py launch
+    run 60 experiments_read_step python scripts/gpu_experiments.py read-step
+    run 220 bench python -m mhc_mlx.cli.main bench --out "$res/bench" --overwrite --seeds .seedpkgs --only "$TARGETS" \
+      --compiled-step
+    ;;
   decide)
     # every default's checks, the experiments (which time the candidates against the defaults
     # in one process), then the target cases' bench with the defaults, n = 32 cases included
@@ -189,7 +201,7 @@ case "${1:-}" in
     run 140 experiments python scripts/gpu_experiments.py
     ;;
   *)
-    echo "usage: bash scripts/gpu_session.sh check|bench|bench-full|check-bench-full|profile|experiments|all|candidates|decide|headers|layer-candidates|tune|final" >&2
+    echo "usage: bash scripts/gpu_session.sh check|bench|bench-full|check-bench-full|profile|experiments|all|candidates|adopt|decide|headers|layer-candidates|tune|final" >&2
     exit 2
     ;;
 esac

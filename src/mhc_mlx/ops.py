@@ -20,10 +20,19 @@ def run_coefficients(x, phi, alpha, bias, iters: int, eps: float):
     return choose("mhc_coefficients", x, phi, alpha, bias, iters=iters, eps=eps)[1](x, phi, alpha, bias, iters, eps)
 
 
+def _takes_read_step(x) -> bool:
+    """kernels.FUSED_READ_STEP for x: True, False, or "auto" (where its forward is one launch)."""
+    if kernels.FUSED_READ_STEP == "auto":
+        from .kernels import coefficients
+
+        return coefficients.read_step_in_one_launch(x)
+    return bool(kernels.FUSED_READ_STEP)
+
+
 def run_pre_step(x, phi, alpha, bias, iters: int, eps: float):
-    """(h, H_pre, H_post, H_res) through the fused read step of a dynamic site (candidate,
-    kernels.FUSED_READ_STEP) when it is on and the kernels run both of its ops; else None."""
-    if not kernels.FUSED_READ_STEP:
+    """(h, H_pre, H_post, H_res) through the fused read step of a dynamic site
+    (kernels.FUSED_READ_STEP) when it applies and the kernels run both of its ops; else None."""
+    if not _takes_read_step(x):
         return None
     if choose("mhc_coefficients", x, phi, alpha, bias, iters=iters, eps=eps)[0] != "kernels":
         return None
@@ -49,7 +58,7 @@ def run_chained_read(x, phi, alpha, bias, iters: int, eps: float):
         H, x_pre = run_coefficients(x, None, None, bias, iters, eps), x
     elif choose("mhc_coefficients", x, phi, alpha, bias, iters=iters, eps=eps)[0] != "kernels":
         H, x_pre = run_coefficients(x, phi, alpha, bias, iters, eps), x
-    elif kernels.FUSED_READ_STEP:
+    elif _takes_read_step(x):
         h, *H, x_post = pre_step.mhc_pre_step_chained(x, phi, alpha, bias, iters, eps)
         return h, tuple(H), x_post
     else:

@@ -58,8 +58,10 @@ def test_bench_records_the_kernel_settings_and_switches_candidates_on(quick_run,
                               "--only", "static/fwd/1x4x64"]) == 0
         with open(tmp_path / "bench.json") as f:
             recorded = json.load(f)["header"]["kernel_settings"]
-        candidates = ("mma_vjp", "fused_read_step", "layer_inline_always")
+        candidates = ("mma_vjp", "layer_inline_always", "chain_x_cotangent")
         assert all(recorded[k] for k in candidates) and not any(defaults[k] for k in candidates)
+        # the read step: at every size with the candidates, by size ("auto") by default
+        assert recorded["fused_read_step"] is True and defaults["fused_read_step"] == "auto"
     finally:
         kernels.use_candidates(False)
     assert kernels.settings() == defaults  # off again is exactly the shipped defaults

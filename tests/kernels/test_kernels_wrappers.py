@@ -355,6 +355,38 @@ def test_hyper_connection_takes_the_fused_read_step_only_when_on(monkeypatch, fu
         assert not launched
 
 
+@pytest.mark.parametrize("backend,dtype,mma_min,one_launch", [
+    ("cuda", mx.bfloat16, None, True),     # small x: the coefficients' kernel form
+    ("cuda", mx.float32, 0, True),         # float32 x never takes the tensor-core form
+    ("cuda", mx.bfloat16, 0, False)])      # the tensor-core form: two launches either way
+def test_read_step_auto_only_where_its_forward_is_one_launch(monkeypatch, backend, dtype, mma_min, one_launch):
+    # kernels.FUSED_READ_STEP "auto" (the default): the fused read step where the coefficients
+    # and h come from one launch (CUDA, kernel form), the two ops elsewhere
+    import mhc_mlx as mhc
+    from mhc_mlx import kernels
+    from mhc_mlx.kernels import build
+
+    assert kernels.FUSED_READ_STEP == "auto"
+    monkeypatch.setattr(build, "gpu_backend", lambda: backend)
+    monkeypatch.setattr(build, "on_gpu", lambda *a: True)
+    monkeypatch.setattr(kernels, "gpu_backend", build.gpu_backend)
+    monkeypatch.setattr(kernels, "on_gpu", build.on_gpu)
+    if mma_min is not None:
+        monkeypatch.setattr(coefficients, "MMA_MIN_ELEMENTS", mma_min)
+    n, C = 4, 24
+    hc = mhc.HyperConnection(C, n)
+    x = mx.zeros((2, 3, n, C), dtype=dtype)
+    mx.eval(x, hc.parameters())
+    launched.clear()
+    mx.eval(hc(x, lambda h: h * 2))
+    names = {name for name, *_ in launched}
+    assert ("mhc_coefficients_dynamic_pre" in names) == one_launch, names
+    assert ("mhc_pre" in names) == (not one_launch), names
+    # on Metal there is no one-launch read step (the two ops' kernels carry the first-use checks)
+    monkeypatch.setattr(build, "gpu_backend", lambda: "metal")
+    assert not coefficients.read_step_in_one_launch(x)
+
+
 @pytest.mark.parametrize("backend,dtype,n,tensor_cores", [
     ("cuda", mx.bfloat16, 4, True), ("cuda", mx.float16, 1, True), ("cuda", mx.float32, 4, False),
     ("cuda", mx.bfloat16, 8, False), ("metal", mx.bfloat16, 4, False)])

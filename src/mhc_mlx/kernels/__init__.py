@@ -27,12 +27,15 @@ OPS = ("sinkhorn_knopp", "mhc_coefficients", "mhc_pre", "mhc_post", "rms_norm", 
 ACTIVATIONS = (mx.float32, mx.bfloat16, mx.float16)
 MAX_N = 32
 MAX_N_DYNAMIC = 8
-# Candidate (pre_step.py): a dynamic site's read step (coefficients + pre) as one custom
-# function whose backward writes x's cotangent once. It passed the H200 checks (2026-11-29) but
-# with the coefficient backward's 128-thread launch the two ops were faster in both runs that
-# timed them (1275.7 / 1239.8 µs against 1312.0 / 1302.6 µs for the site's fwd+bwd at
-# 4096 x 4 x 4096 bf16; its kernel takes 193 registers against 135), so it is off.
-FUSED_READ_STEP = False
+# A dynamic site's read step (coefficients + pre) as one custom function (pre_step.py) whose
+# forward is one launch where the coefficients take the kernel form on CUDA and whose backward
+# writes x's cotangent once. "auto" (default): only where the forward is that one launch; True:
+# wherever the kernels run both ops; False: never. H200 (2026-11-30, scripts/gpu_experiments.py
+# read-step / chain, medians of 5 alternated runs, bf16, read step against two ops): forward
+# B = 1 298.0 / 333.0 µs, 512x4x1280 81.0 / 91.8, 4096x4x4096 (tensor-core form: two launches
+# either way) 252.2 / 257.5; forward+backward B = 1 693.2 / 705.6 and 886.2 / 1018.1,
+# 512x4x1280 361.2 / 357.4 and 390.5 / 405.0, 4096x4x4096 1200.9 / 1178.0 (slower there).
+FUSED_READ_STEP: bool | str = "auto"
 # Candidate (site.py, "chained"; written 2026-11-29 without a GPU): in a HyperConnection on
 # CUDA each kernel op passes its x through to the site's next op, so x's cotangent is written
 # once, by the first op's backward kernel, instead of being summed by MLX adds of [T, n, C]
@@ -146,20 +149,18 @@ def status() -> dict:
 
 def use_candidates(on: bool = True) -> None:
     """Switch this process's kernel candidates on or off (`mhc-mlx bench --candidates`): the
-    tensor-core coefficient backward and the fused read step, which passed scripts/gpu_check.py
-    on the H200 (2026-11-29) but were slower there than the defaults, the static layer's
-    single-launch (inline) form at every token count, which did not win either, and three not
-    yet run on a GPU: the chained x cotangent, the layer backward's coefficient gradients in
-    one launch and the dynamic backward's glue in one launch (docs/kernel-notes.md)."""
+    tensor-core coefficient backward, the fused read step at every size, the static layer's
+    single-launch (inline) form at every token count and the chained x cotangent, which passed
+    scripts/gpu_check.py on the H200 but were slower there than the defaults; the layer
+    backward's coefficient gradients and the dynamic backward's glue in one launch, defaults
+    since 2026-11-30 (docs/kernel-notes.md). Off: those two stay on, the read step "auto"."""
     from . import coefficients, layer
 
     global FUSED_READ_STEP, CHAIN_X_COTANGENT
-    FUSED_READ_STEP = on
+    FUSED_READ_STEP = True if on else "auto"
     CHAIN_X_COTANGENT = on
     coefficients.MMA_VJP = on
     layer.INLINE_ALWAYS = on
-    layer.FUSED_COEFFICIENT_VJP = on
-    coefficients.FUSED_VJP_GLUE = on
 
 
 def settings() -> dict:

@@ -1,4 +1,4 @@
-"""Candidate: the dynamic site's read step (coefficients + pre) as one custom function.
+"""The dynamic site's read step (coefficients + pre) as one custom function.
 
 As two ops, x's cotangent from the read step arrives twice (pre's H_pre (x) dh and the
 coefficients' backward) and MLX adds the two [T, n, C] arrays; pre's backward also writes its
@@ -11,9 +11,9 @@ tensor-core form (large batches); on CUDA in the kernel form (fewer than
 coefficients.MMA_MIN_ELEMENTS elements of x, or float32 x) one launch computes the coefficients
 and h (coefficients.DYNAMIC_PRE), one launch less where launches dominate (B = 1).
 
-Off (kernels.FUSED_READ_STEP = False): it passed scripts/gpu_check.py on the H200 (2026-11-29)
-but the two ops were faster there in two of the three runs that timed both (docs/kernel-notes.md);
-HyperConnection takes it when that is on and the kernels run both ops.
+HyperConnection takes it where kernels.FUSED_READ_STEP allows ("auto", the default: only where
+the forward is that one launch; on the H200 the two ops were faster at 4096 x 4 x 4096, see
+kernels/__init__.py) and the kernels run both ops.
 """
 
 from __future__ import annotations
