@@ -8,6 +8,7 @@ copy floor two ways, and where B=1 latency goes (Python graph building vs the ev
     python scripts/gpu_experiments.py chain      (only the chained x cotangent against the defaults)
     python scripts/gpu_experiments.py layer-coefficients  (only the layer backward's coefficient kernel)
     python scripts/gpu_experiments.py launch   (only where B = 1 time goes: eval and per-launch costs)
+    python scripts/gpu_experiments.py b1 [ncu]  (only the B = 1 layer kernel by Sinkhorn iterations)
 """
 
 from __future__ import annotations
@@ -349,6 +350,48 @@ def launch_costs(chain_len=100, repeats=200):
         kernels.FUSED_READ_STEP = saved
 
 
+def b1_layer(chain_len=100, ncu_only=False):
+    """The B = 1 static layer kernel (single launch, n = 4, C = 512, bf16) by Sinkhorn iterations
+    (0, 1, 5, 20) and threads (32, 64, 128), and the static coefficient kernel alone (M = 1) by
+    iterations, each applied `chain_len` times in a chain in one eval (µs per application): how
+    much of the launch is the Sinkhorn. ncu_only: each variant launched three times in small
+    evals, for Nsight Compute to time (gpu_session.sh b1)."""
+    n, C = 4, 512
+    x1 = mx.random.normal((1, n, C)).astype(BF)
+    pre, post, res, w = mx.zeros((n,)), mx.zeros((n,)), 3 * mx.eye(n), mx.ones((C,))
+    raws = (mx.zeros((1, n)), mx.zeros((1, n)), 3 * mx.eye(n)[None])
+    mx.eval(x1, pre, post, res, w, raws)
+
+    def timed(step, first):
+        def run():
+            y = first
+            for _ in range(chain_len):
+                y = step(y)
+            return y
+        mx.eval(run())
+        times = []
+        for _ in range(20):
+            y = run()
+            t0 = time.perf_counter()
+            mx.eval(y)
+            times.append(time.perf_counter() - t0)
+        return 1e6 * statistics.median(times) / chain_len
+
+    variants = [(f"layer kernel iters={it} threads={th}",
+                 lambda v, it=it, th=th: layer.forward(v, pre, post, res, w, it, 1e-5, True, th), x1)
+                for it in (0, 1, 5, 20) for th in (64,)]
+    variants += [(f"layer kernel iters=20 threads={th}",
+                  lambda v, th=th: layer.forward(v, pre, post, res, w, 20, 1e-5, True, th), x1) for th in (32, 128)]
+    variants += [(f"static coefficient kernel iters={it}",
+                  lambda r, it=it: coefficients.activate(raws[0], raws[1], r, it)[2], raws[2]) for it in (0, 20)]
+    for label, step, first in variants:
+        if ncu_only:
+            for _ in range(3):
+                mx.eval(step(first))
+            continue
+        print(f"B=1 {label}: {timed(step, first):6.1f} us per application in a chain of {chain_len}")
+
+
 def main():
     print("mlx", mx.__version__, mx.default_device())
     # A. copy floor: one 1 GB eval vs 10 rotated 134 MB arrays in one eval.
@@ -602,6 +645,9 @@ if __name__ == "__main__":
     elif sys.argv[1:] == ["chain"]:  # only the chained x cotangent comparison
         print("mlx", mx.__version__, mx.default_device())
         chain()
+    elif sys.argv[1:2] == ["b1"]:  # only the B = 1 layer kernel by Sinkhorn iterations
+        print("mlx", mx.__version__, mx.default_device())
+        b1_layer(ncu_only=sys.argv[2:] == ["ncu"])
     elif sys.argv[1:] == ["launch"]:  # only where B = 1 time goes
         print("mlx", mx.__version__, mx.default_device())
         launch_costs()

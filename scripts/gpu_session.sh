@@ -15,6 +15,8 @@
 #                                            # timed off/on, the target cases' bench with them on
 #   bash scripts/gpu_session.sh adopt        # the new defaults' checks, B = 1 launch costs, the read
 #                                            # step's timings, the target cases' bench (seeds, +step)
+#   bash scripts/gpu_session.sh verify       # every check, the B = 1 layer timings, the bench (seeds, +step)
+#   bash scripts/gpu_session.sh b1           # the B = 1 layer kernel by Sinkhorn iterations, and ncu
 #   bash scripts/gpu_session.sh decide       # every check, the experiments, the target cases' bench
 #   bash scripts/gpu_session.sh layer-candidates  # layer checks with its candidates on, then as decide
 #   bash scripts/gpu_session.sh headers      # every check, trimmed vs full kernel headers, the bench
@@ -138,6 +140,25 @@ case "${1:-}" in
     run 220 bench python -m mhc_mlx.cli.main bench --out "$res/bench" --overwrite --seeds .seedpkgs --only "$TARGETS" \
       --compiled-step
     ;;
+  verify)
+    # every check, the B = 1 layer kernel's chained timings, then the target cases' bench with
+    # the seed packages and the compiled-step rows
+    check 200
+    run 60 experiments_b1 python scripts/gpu_experiments.py b1
+    run 220 bench python -m mhc_mlx.cli.main bench --out "$res/bench" --overwrite --seeds .seedpkgs --only "$TARGETS" \
+      --compiled-step
+    ;;
+  b1)
+    # the B = 1 layer kernel by Sinkhorn iterations and threads (chained timings), then Nsight
+    # Compute's time, instruction count and warp stalls of each variant
+    run 60 experiments_b1 python scripts/gpu_experiments.py b1
+    echo "== ncu-b1: the B = 1 variants under Nsight Compute"
+    timeout -k 5 120 ncu --clock-control none --cache-control none -k regex:"mhc_layer|mhc_coefficients_static" \
+      --section SpeedOfLight --section WarpStateStats --section LaunchStats \
+      --metrics gpu__time_duration.sum,smsp__inst_executed.sum \
+      python scripts/gpu_experiments.py b1 ncu > "$res/ncu_b1.log" 2>&1
+    TAIL=20 report ncu_b1 $?
+    ;;
   decide)
     # every default's checks, the experiments (which time the candidates against the defaults
     # in one process), then the target cases' bench with the defaults, n = 32 cases included
@@ -201,7 +222,7 @@ case "${1:-}" in
     run 140 experiments python scripts/gpu_experiments.py
     ;;
   *)
-    echo "usage: bash scripts/gpu_session.sh check|bench|bench-full|check-bench-full|profile|experiments|all|candidates|adopt|decide|headers|layer-candidates|tune|final" >&2
+    echo "usage: bash scripts/gpu_session.sh check|bench|bench-full|check-bench-full|profile|experiments|all|candidates|adopt|verify|b1|decide|headers|layer-candidates|tune|final" >&2
     exit 2
     ;;
 esac

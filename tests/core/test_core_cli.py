@@ -34,7 +34,7 @@ def test_info_runs(command):
     for op in OPS:
         assert op in p.stdout, f"{op} missing from:\n{p.stdout}"
     # the kernel settings, candidates included (as `mhc-mlx bench` records them)
-    assert re.search(r"^settings\s+dynamic_form=\w+, .*fused_read_step=(True|False)", p.stdout, re.M), p.stdout
+    assert re.search(r"^settings\s+dynamic_form=\w+, .*fused_read_step=(True|False|auto)", p.stdout, re.M), p.stdout
     p = run(*command, "--json")
     assert p.returncode == 0, p.stderr
     info = json.loads(p.stdout)

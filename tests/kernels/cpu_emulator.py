@@ -280,6 +280,7 @@ CUDA_LAYER = r"""
 #define KLOG(v) logf(v)
 #define KSQRT(v) sqrtf(v)
 #define KMAX(a, b) fmaxf((a), (b))
+#define KRCP(v) (1.0f / (v))
 #define KALIGNED16(p) ((reinterpret_cast<unsigned long long>(p) & 15ull) == 0ull)
 #define KPREFETCH_L2(p) emu::prefetch(p)
 struct float4 { float x, y, z, w; };

@@ -41,10 +41,20 @@ CUDA_MACROS = r"""
 #define KLOG(v) logf(v)
 #define KSQRT(v) sqrtf(v)
 #define KMAX(a, b) fmaxf((a), (b))
+#define KRCP(v) krcp(v)
 #define KALIGNED16(p) ((reinterpret_cast<unsigned long long>(p) & 15ull) == 0ull)
 // A hint to bring p's cache line into L2 (no register, no wait; a no-op where unsupported)
 #define KPREFETCH_L2(p) asm volatile("prefetch.L2 [%0];" ::"l"(p))
 
+// 1 / s for the Sinkhorn normalisations: the approximate reciprocal and one Newton step (within
+// an ulp of 1.0f / s for the normal s the callers clamp to). 1.0f / s takes a slow-path branch
+// per reciprocal, which kept the compiler from overlapping a step's N independent reciprocals:
+// H200 (2026-11-30, ncu) 20 iterations of one 4 x 4 Sinkhorn took ~8 µs of a kernel's 12.
+KDEV float krcp(float s) {
+  float r;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(s));
+  return fmaf(r, fmaf(-s, r, 1.0f), r);
+}
 KDEV float kwarp_sum(float v) {
   KUNROLL for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   return v;
@@ -98,6 +108,7 @@ METAL_MACROS = r"""
 #define KLOG(v) metal::precise::log(v)
 #define KSQRT(v) metal::precise::sqrt(v)
 #define KMAX(a, b) metal::max((a), (b))
+#define KRCP(v) (1.0f / (v))
 #define KALIGNED16(p) (true)
 #define KPREFETCH_L2(p) ((void)0)
 
@@ -175,15 +186,15 @@ KDEV void ksinkhorn_thread(KTHREAD float* p, int iters) {
   KUNROLL for (int a = 0; a < N * N; ++a) p[a] = KEXP(p[a] - m);
   for (int it = 0; it < iters; ++it) {
     KUNROLL for (int j = 0; j < N; ++j) {
-      float s = 0.0f;
-      KUNROLL for (int i = 0; i < N; ++i) s += p[i * N + j];
-      const float r = 1.0f / KMAX(s, MHC_TINY);
+      float s = p[j];
+      KUNROLL for (int i = 1; i < N; ++i) s += p[i * N + j];
+      const float r = KRCP(KMAX(s, MHC_TINY));
       KUNROLL for (int i = 0; i < N; ++i) p[i * N + j] *= r;
     }
     KUNROLL for (int i = 0; i < N; ++i) {
-      float s = 0.0f;
-      KUNROLL for (int j = 0; j < N; ++j) s += p[i * N + j];
-      const float r = 1.0f / KMAX(s, MHC_TINY);
+      float s = p[i * N];
+      KUNROLL for (int j = 1; j < N; ++j) s += p[i * N + j];
+      const float r = KRCP(KMAX(s, MHC_TINY));
       KUNROLL for (int j = 0; j < N; ++j) p[i * N + j] *= r;
     }
   }
@@ -251,9 +262,9 @@ KDEV void ksinkhorn_warp(KTHREAD float* col, bool live, int iters) {
   for (int it = 0; it < iters; ++it) {
     float s = 0.0f;
     KUNROLL for (int i = 0; i < N; ++i) s += col[i];
-    const float cinv = 1.0f / KMAX(s, MHC_TINY);
+    const float cinv = KRCP(KMAX(s, MHC_TINY));
     KUNROLL for (int i = 0; i < N; ++i) col[i] *= cinv;
-    const float rinv = 1.0f / KMAX(ktranspose_row_sum<N>(col), MHC_TINY);  // row `lane`
+    const float rinv = KRCP(KMAX(ktranspose_row_sum<N>(col), MHC_TINY));  // row `lane`
     KUNROLL for (int i = 0; i < N; ++i) col[i] *= kshfl(rinv, i);
   }
 }
@@ -369,7 +380,7 @@ KDEV void ksinkhorn_thread_vjp(KTHREAD float* lp, KTHREAD float* g) {
       const float sc = KMAX(s, MHC_TINY);
       v[j] -= KLOG(sc);
       lv[k * N + j] = v[j];
-      const float r = 1.0f / sc;
+      const float r = KRCP(sc);
       KUNROLL for (int i = 0; i < N; ++i) p[i * N + j] *= r;
     }
     KUNROLL for (int i = 0; i < N; ++i) {
@@ -379,7 +390,7 @@ KDEV void ksinkhorn_thread_vjp(KTHREAD float* lp, KTHREAD float* g) {
       const float sc = KMAX(s, MHC_TINY);
       u[i] -= KLOG(sc);
       lu[k * N + i] = u[i];
-      const float r = 1.0f / sc;
+      const float r = KRCP(sc);
       KUNROLL for (int j = 0; j < N; ++j) p[i * N + j] *= r;
     }
   }
