@@ -8,6 +8,7 @@ copy floor two ways, and where B=1 latency goes (Python graph building vs the ev
     python scripts/gpu_experiments.py chain      (only the chained x cotangent against the defaults)
     python scripts/gpu_experiments.py layer-coefficients  (only the layer backward's coefficient kernel)
     python scripts/gpu_experiments.py launch   (only where B = 1 time goes: eval and per-launch costs)
+    python scripts/gpu_experiments.py mma-vjp  (only the tensor-core coefficient backward vs the FP32 kernel)
     python scripts/gpu_experiments.py b1 [ncu]  (only the B = 1 layer kernel by Sinkhorn iterations)
 """
 
@@ -392,6 +393,29 @@ def b1_layer(chain_len=100, ncu_only=False):
         print(f"B=1 {label}: {timed(step, first):6.1f} us per application in a chain of {chain_len}")
 
 
+def mma_vjp(rounds=5):
+    """The coefficient backward's two products on tensor cores (coefficients.MMA_VJP, with the
+    DX kernel rewritten on 2026-11-29) against the FP32 kernel, alternated `rounds` times: the
+    dynamic forward+backward at 4096x4x4096 and 512x4x1280 as the bench runs them, then the
+    backward's products alone at 4096x4x4096."""
+    from mhc_mlx.kernels import coefficients_mma_vjp as cmv
+
+    rows = case_rows(("dynamic", "fwd+bwd", (4096, 4, 4096), "throughput"),
+                     ("dynamic", "fwd+bwd", (512, 4, 1280), "throughput"))
+    T, n, C = 4096, 4, 4096
+    xs = [mx.random.normal((T, n * C)).astype(BF) for _ in range(10)]
+    phi = 0.02 * mx.random.normal((n * C, 2 * n + n * n))
+    gs, c2 = mx.random.normal((T, 24)) * 0.01, mx.random.normal((T,)) * 0.01
+    mx.eval(xs, phi, gs, c2)
+    rows["coefficient backward alone (dx, dphi) 4096x4x4096"] = lambda: tput(
+        lambda x: coefficients.dynamic_vjp_x_phi(x, phi, gs, c2), [[x] for x in xs])
+    alternated_settings("tensor-core coefficient backward", rows,
+                        {"FP32 kernel": [(coefficients, "MMA_VJP", False)],
+                         "tensor cores": [(coefficients, "MMA_VJP", True)]}, rounds)
+    us = tput(lambda x: cmv.dx(x, phi, gs, c2), [[x] for x in xs])
+    print(f"tensor-core DX kernel alone 4096x4x4096: {us:7.1f} us {gbps(2 * xs[0].nbytes, us)}")
+
+
 def main():
     print("mlx", mx.__version__, mx.default_device())
     # A. copy floor: one 1 GB eval vs 10 rotated 134 MB arrays in one eval.
@@ -648,6 +672,9 @@ if __name__ == "__main__":
     elif sys.argv[1:2] == ["b1"]:  # only the B = 1 layer kernel by Sinkhorn iterations
         print("mlx", mx.__version__, mx.default_device())
         b1_layer(ncu_only=sys.argv[2:] == ["ncu"])
+    elif sys.argv[1:] == ["mma-vjp"]:  # only the tensor-core coefficient backward against the FP32 kernel
+        print("mlx", mx.__version__, mx.default_device())
+        mma_vjp()
     elif sys.argv[1:] == ["launch"]:  # only where B = 1 time goes
         print("mlx", mx.__version__, mx.default_device())
         launch_costs()

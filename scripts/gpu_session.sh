@@ -16,6 +16,7 @@
 #   bash scripts/gpu_session.sh adopt        # the new defaults' checks, B = 1 launch costs, the read
 #                                            # step's timings, the target cases' bench (seeds, +step)
 #   bash scripts/gpu_session.sh verify       # every check, the B = 1 layer timings, the bench (seeds, +step)
+#   bash scripts/gpu_session.sh mma-vjp      # the tensor-core coefficient backward vs the FP32 kernel
 #   bash scripts/gpu_session.sh b1           # the B = 1 layer kernel by Sinkhorn iterations, and ncu
 #   bash scripts/gpu_session.sh decide       # every check, the experiments, the target cases' bench
 #   bash scripts/gpu_session.sh layer-candidates  # layer checks with its candidates on, then as decide
@@ -148,6 +149,10 @@ case "${1:-}" in
     run 220 bench python -m mhc_mlx.cli.main bench --out "$res/bench" --overwrite --seeds .seedpkgs --only "$TARGETS" \
       --compiled-step
     ;;
+  mma-vjp)
+    # the tensor-core coefficient backward (rewritten DX kernel) against the FP32 kernel
+    run 150 experiments_mma_vjp python scripts/gpu_experiments.py mma-vjp
+    ;;
   b1)
     # the B = 1 layer kernel by Sinkhorn iterations and threads (chained timings), then Nsight
     # Compute's time, instruction count and warp stalls of each variant
@@ -222,7 +227,7 @@ case "${1:-}" in
     run 140 experiments python scripts/gpu_experiments.py
     ;;
   *)
-    echo "usage: bash scripts/gpu_session.sh check|bench|bench-full|check-bench-full|profile|experiments|all|candidates|adopt|verify|b1|decide|headers|layer-candidates|tune|final" >&2
+    echo "usage: bash scripts/gpu_session.sh check|bench|bench-full|check-bench-full|profile|experiments|all|candidates|adopt|verify|mma-vjp|b1|decide|headers|layer-candidates|tune|final" >&2
     exit 2
     ;;
 esac
