@@ -545,12 +545,13 @@ def main():
 
     bwd_bytes = (7 * n + 2) * C * 2 * T
     row = []
+    saved_flags = kernel_pkg.FUSED_READ_STEP, coefficients.MMA_VJP
     for fused, mma_vjp in ((False, False), (True, False), (True, True)):
         kernel_pkg.FUSED_READ_STEP, coefficients.MMA_VJP = fused, mma_vjp
         us = tput(site_fwd_bwd, [[x] for x in xs])
         row.append(f"{'fused' if fused else 'two ops'}{' + mma vjp' if mma_vjp else ''} {us:7.1f} us "
                    f"({100 * bwd_bytes / us / 1e3 / c['GBps']:.0f} %)")
-    kernel_pkg.FUSED_READ_STEP, coefficients.MMA_VJP = False, False
+    kernel_pkg.FUSED_READ_STEP, coefficients.MMA_VJP = saved_flags
     hcs.update(dict(zip(site_names, site_params)))
     print("dynamic site fwd+bwd, read step: " + ", ".join(row) + " of the (7n+2)·C·2 B/token floor")
     hp = mx.random.uniform(shape=(T, n))

@@ -58,10 +58,12 @@ def test_bench_records_the_kernel_settings_and_switches_candidates_on(quick_run,
                               "--only", "static/fwd/1x4x64"]) == 0
         with open(tmp_path / "bench.json") as f:
             recorded = json.load(f)["header"]["kernel_settings"]
-        candidates = ("mma_vjp", "layer_inline_always", "chain_x_cotangent")
+        candidates = ("layer_inline_always", "chain_x_cotangent")
         assert all(recorded[k] for k in candidates) and not any(defaults[k] for k in candidates)
-        # the read step: at every size with the candidates, by size ("auto") by default
-        assert recorded["fused_read_step"] is True and defaults["fused_read_step"] == "auto"
+        # the read step and the tensor-core backward: at every size with the candidates, by
+        # size ("auto") by default
+        for k in ("fused_read_step", "mma_vjp"):
+            assert recorded[k] is True and defaults[k] == "auto", k
     finally:
         kernels.use_candidates(False)
     assert kernels.settings() == defaults  # off again is exactly the shipped defaults

@@ -387,11 +387,30 @@ def test_read_step_auto_only_where_its_forward_is_one_launch(monkeypatch, backen
     assert not coefficients.read_step_in_one_launch(x)
 
 
+@pytest.mark.parametrize("mma_min,tensor_cores", [(5 * 4 * 24, True), (5 * 4 * 24 + 1, False)])
+def test_tensor_core_backward_auto_from_the_forwards_threshold(monkeypatch, mma_min, tensor_cores):
+    # coefficients.MMA_VJP "auto" (the default): the tensor-core backward from
+    # MMA_MIN_ELEMENTS elements of x (where the forward takes the tensor-core form), the FP32
+    # kernel below (it was faster there on the H200)
+    from mhc_mlx.kernels import build
+
+    assert coefficients.MMA_VJP == "auto"
+    monkeypatch.setattr(coefficients, "MMA_MIN_ELEMENTS", mma_min)
+    monkeypatch.setattr(build, "gpu_backend", lambda: "cuda")
+    n, C = 4, 24
+    W = n * (n + 2)
+    _grads_match_shapes(lambda *a: coefficients.mhc_coefficients(*a, 20, 1e-6),
+                        [mx.zeros((5, n, C), dtype=mx.bfloat16), mx.zeros((n * C, W)), mx.zeros((3,)), mx.zeros((W,))])
+    names = {name for name, *_ in launched}
+    assert ("mhc_coefficients_dynamic_vjp_dx_mma" in names) == tensor_cores
+    assert ("mhc_coefficients_dynamic_vjp" in names) == (not tensor_cores)
+
+
 @pytest.mark.parametrize("backend,dtype,n,tensor_cores", [
     ("cuda", mx.bfloat16, 4, True), ("cuda", mx.float16, 1, True), ("cuda", mx.float32, 4, False),
     ("cuda", mx.bfloat16, 8, False), ("metal", mx.bfloat16, 4, False)])
 def test_tensor_core_coefficient_backward_only_where_it_applies(monkeypatch, backend, dtype, n, tensor_cores):
-    # coefficients.MMA_VJP (candidate): CUDA, 16-bit x, n <= 4; elsewhere the FP32 kernel
+    # coefficients.MMA_VJP True: CUDA, 16-bit x, n <= 4; elsewhere the FP32 kernel
     from mhc_mlx.kernels import build
 
     monkeypatch.setattr(coefficients, "MMA_VJP", True)

@@ -149,17 +149,16 @@ def status() -> dict:
 
 def use_candidates(on: bool = True) -> None:
     """Switch this process's kernel candidates on or off (`mhc-mlx bench --candidates`): the
-    tensor-core coefficient backward, the fused read step at every size, the static layer's
-    single-launch (inline) form at every token count and the chained x cotangent, which passed
-    scripts/gpu_check.py on the H200 but were slower there than the defaults; the layer
-    backward's coefficient gradients and the dynamic backward's glue in one launch, defaults
-    since 2026-11-30 (docs/kernel-notes.md). Off: those two stay on, the read step "auto"."""
+    tensor-core coefficient backward and the fused read step at every size (by default each
+    only where it was faster), the static layer's single-launch (inline) form at every token
+    count and the chained x cotangent, which passed scripts/gpu_check.py on the H200 but were
+    slower there than the defaults (docs/kernel-notes.md). Off: the shipped defaults."""
     from . import coefficients, layer
 
     global FUSED_READ_STEP, CHAIN_X_COTANGENT
     FUSED_READ_STEP = True if on else "auto"
     CHAIN_X_COTANGENT = on
-    coefficients.MMA_VJP = on
+    coefficients.MMA_VJP = True if on else "auto"
     layer.INLINE_ALWAYS = on
 
 

@@ -421,10 +421,20 @@ DYNAMIC_THREADS = 256
 # 43.6 µs against 52.6 for 256/256 and 45.9 for 128/64.
 VJP_THREADS = 128
 VJP_TOKENS_PER_SPLIT = 512
-# Candidate: the backward's two products on tensor cores for 16-bit x, n <= 4, CUDA
-# (coefficients_mma_vjp.py). Passed the H200 check, but slower there (docs/kernel-notes.md);
-# its DX kernel has been rewritten since (16-byte x and dx accesses), not yet run on a GPU.
-MMA_VJP = False
+# The backward's two products on tensor cores for 16-bit x, n <= 4, CUDA (coefficients_mma_vjp.py).
+# "auto" (default): where the forward takes the tensor-core form (MMA_MIN_ELEMENTS elements of x
+# and more); True: at every size; False: never. H200 (2026-11-30, scripts/gpu_experiments.py
+# mma-vjp, medians of 5 alternated runs, bf16, with its DX kernel rewritten): dynamic site
+# fwd+bwd 4096x4x4096 926.5 against 1118.1 µs for the FP32 kernel (the products alone 262.1
+# against 386.8), but 512x4x1280 230.1 against 213.8.
+MMA_VJP: bool | str = "auto"
+
+
+def _tensor_core_vjp(x2) -> bool:
+    """MMA_VJP for x2 [T, K]: True, False, or "auto" (the forward's tensor-core threshold)."""
+    if MMA_VJP == "auto":
+        return x2.size >= MMA_MIN_ELEMENTS
+    return bool(MMA_VJP)
 
 
 # TB tokens share each staged chunk of phi, for n <= 4 (n > 4 always takes 8). On the H100
@@ -631,7 +641,7 @@ def dynamic_vjp_x_phi(x2, phi, gs, c2, pre=None, gacc=None):
     gacc: x's cotangent from later in the site ([T, K], or any shape of T*K elements), added too.
     """
     T, K = x2.shape
-    if MMA_VJP and T and build.gpu_backend() == "cuda":
+    if T and _tensor_core_vjp(x2) and build.gpu_backend() == "cuda":
         from . import coefficients_mma_vjp
 
         if coefficients_mma_vjp.covers(x2, phi):

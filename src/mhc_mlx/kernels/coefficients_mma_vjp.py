@@ -17,10 +17,12 @@ an mma.sync m16n8k16 bf16 GEMM with float32 accumulation, in two kernels that ea
 
 Both operands that are not x come in the lanes' fragment order, packed once per call by PACK_A
 and PACK_B (one launch each). n <= 4 only (the accumulators of DPHI grow with the columns).
-Off (coefficients.MMA_VJP = False): it passed scripts/gpu_check.py on the H200 (2026-11-29) but
-took 591.8-611.4 µs against 394.9-528.7 for the FP32 kernel (docs/kernel-notes.md); its DX
-kernel read x at ~0.5 TB/s, two bytes per load. DX has been rewritten since (a lane owns 16
-consecutive k: 16-byte x and dx accesses) and has not run on a GPU. tests/kernels run both
+Taken where the forward takes the tensor-core form (coefficients.MMA_VJP "auto", the default).
+Its first form passed scripts/gpu_check.py on the H200 (2026-11-29) but took 591.8-611.4 µs
+against 394.9-528.7 for the FP32 kernel: its DX kernel read x at ~0.5 TB/s, two bytes per load.
+DX rewritten (a lane owns 16 consecutive k: 16-byte x and dx accesses), it passed the checks
+again on 2026-11-30 and took 262.1 µs against 386.8 at 4096 x 4 x 4096 bf16, DX alone 177.5
+(docs/kernel-notes.md). tests/kernels run both
 kernels on the CPU emulator against float64.
 """
 
