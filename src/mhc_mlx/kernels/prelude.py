@@ -47,9 +47,9 @@ CUDA_MACROS = r"""
 #define KPREFETCH_L2(p) asm volatile("prefetch.L2 [%0];" ::"l"(p))
 
 // 1 / s for the Sinkhorn normalisations: the approximate reciprocal and one Newton step (within
-// an ulp of 1.0f / s for the normal s the callers clamp to). 1.0f / s takes a slow-path branch
-// per reciprocal, which kept the compiler from overlapping a step's N independent reciprocals:
-// H200 (2026-11-30, ncu) 20 iterations of one 4 x 4 Sinkhorn took ~8 µs of a kernel's 12.
+// an ulp of 1.0f / s for the normal s the callers clamp to). With 1.0f / s (a slow-path branch
+// per reciprocal, the likely reason a step's N reciprocals did not overlap) 20 iterations of one
+// 4 x 4 Sinkhorn took ~8 µs of a 12 µs kernel on the H200 (2026-11-30, ncu); with this ~1.
 KDEV float krcp(float s) {
   float r;
   asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(s));
