@@ -182,7 +182,7 @@ def cases_coefficients():
 
 
 def cases_read_step():
-    # The dynamic site's fused read step (kernels/pre_step.py, a candidate behind
+    # The dynamic site's fused read step (kernels/pre_step.py, taken by size under
     # kernels.FUSED_READ_STEP), checked directly whatever that flag says: read step, a sublayer
     # with a gradient (f = h * w), post; gradients for x, phi, alpha, bias.
     from mhc_mlx.kernels import pre_step
@@ -322,17 +322,20 @@ def main(argv=None) -> int:
                     help="16-byte x loads per row and lane in a step of the tensor-core coefficients "
                          "kernel (coefficients_mma.X_UNROLL: 1, 2 or 4) for every check")
     ap.add_argument("--mma-vjp", action="store_true",
-                    help="switch on the candidate tensor-core backward of the dynamic coefficients "
-                         "(coefficients.MMA_VJP: 16-bit x, n <= 4) for every check")
+                    help="the tensor-core backward of the dynamic coefficients (16-bit x, n <= 4) at every "
+                         "size (coefficients.MMA_VJP = True; by default from MMA_MIN_ELEMENTS elements of x)")
     ap.add_argument("--layer-candidates", action="store_true",
-                    help="switch on the static layer's candidates: the single-launch form at every token "
-                         "count (layer.INLINE_ALWAYS) and the backward's coefficient gradients in one "
-                         "launch (layer.FUSED_COEFFICIENT_VJP)")
+                    help="switch on the static layer's candidate: the single-launch form at every token "
+                         "count (layer.INLINE_ALWAYS)")
+    ap.add_argument("--layer-coefficient-ops", action="store_true",
+                    help="the layer backward's coefficient gradients as MLX ops instead of one launch "
+                         "(layer.FUSED_COEFFICIENT_VJP = False)")
     ap.add_argument("--fused-read-step", action="store_true",
-                    help="switch on the candidate fused read step of dynamic sites (kernels.FUSED_READ_STEP)")
-    ap.add_argument("--vjp-glue", action="store_true",
-                    help="switch on the candidate dynamic backward glue in one launch "
-                         "(coefficients.FUSED_VJP_GLUE) for every check")
+                    help="the fused read step of dynamic sites at every size (kernels.FUSED_READ_STEP = True; "
+                         "by default only where its forward is one launch)")
+    ap.add_argument("--vjp-glue-ops", action="store_true",
+                    help="the dynamic backward's per-token steps as MLX ops instead of one launch "
+                         "(coefficients.FUSED_VJP_GLUE = False) for every check")
     ap.add_argument("--chain", action="store_true",
                     help="switch on the candidate chained x cotangent of HyperConnection sites "
                          "(kernels.CHAIN_X_COTANGENT) for every check")
@@ -342,11 +345,12 @@ def main(argv=None) -> int:
         kernels.FUSED_READ_STEP = True
     if args.chain:
         kernels.CHAIN_X_COTANGENT = True
-    if args.vjp_glue:
-        coefficients.FUSED_VJP_GLUE = True
+    if args.vjp_glue_ops:
+        coefficients.FUSED_VJP_GLUE = False
     if args.layer_candidates:
         layer.INLINE_ALWAYS = True
-        layer.FUSED_COEFFICIENT_VJP = True
+    if args.layer_coefficient_ops:
+        layer.FUSED_COEFFICIENT_VJP = False
     if args.mma_vjp:
         coefficients.MMA_VJP = True
     if args.sinkhorn_warp_vjp:

@@ -16,6 +16,7 @@
 #   bash scripts/gpu_session.sh adopt        # the new defaults' checks, B = 1 launch costs, the read
 #                                            # step's timings, the target cases' bench (seeds, +step)
 #   bash scripts/gpu_session.sh verify       # every check, the B = 1 layer timings, the bench (seeds, +step)
+#   bash scripts/gpu_session.sh op-paths     # checks of the MLX-op forms the one-launch kernels replaced
 #   bash scripts/gpu_session.sh mma-vjp      # the tensor-core coefficient backward vs the FP32 kernel
 #   bash scripts/gpu_session.sh b1           # the B = 1 layer kernel by Sinkhorn iterations, and ncu
 #   bash scripts/gpu_session.sh decide       # every check, the experiments, the target cases' bench
@@ -123,7 +124,7 @@ case "${1:-}" in
     # the checks with every candidate on, the four candidates written on 2026-11-29 without a
     # GPU timed against the defaults (alternated), then the target cases' bench with every
     # candidate on (the full experiments are in `decide`)
-    CHECK_ARGS="--mma-vjp --fused-read-step --layer-candidates --chain --vjp-glue" \
+    CHECK_ARGS="--mma-vjp --fused-read-step --layer-candidates --chain" \
       CHECK_ONLY="${CHECK_ONLY:-sinkhorn,coefficients,layer,read_step,chain}" check 200
     run 90 experiments_chain python scripts/gpu_experiments.py chain
     run 50 experiments_read_step python scripts/gpu_experiments.py read-step
@@ -148,6 +149,11 @@ case "${1:-}" in
     run 60 experiments_b1 python scripts/gpu_experiments.py b1
     run 220 bench python -m mhc_mlx.cli.main bench --out "$res/bench" --overwrite --seeds .seedpkgs --only "$TARGETS" \
       --compiled-step
+    ;;
+  op-paths)
+    # the MLX-op forms that one-launch kernels replaced by default (the dynamic backward's glue,
+    # the layer backward's coefficient gradients), still taken where the kernels do not apply
+    CHECK_ARGS="--vjp-glue-ops --layer-coefficient-ops" CHECK_ONLY="${CHECK_ONLY:-coefficients,layer,chain}" check 200
     ;;
   mma-vjp)
     # the tensor-core coefficient backward (rewritten DX kernel) against the FP32 kernel
@@ -191,9 +197,9 @@ case "${1:-}" in
     ;;
   experiments) run 420 experiments python scripts/gpu_experiments.py ;;
   chain)
-    # the chained x cotangent's checks (whole sites, all dtypes), the read step's, with the
-    # backward glue kernel on, then each timed against the defaults
-    CHECK_ARGS="--vjp-glue" CHECK_ONLY=chain,read_step,coefficients check 240
+    # the chained x cotangent's checks (whole sites, all dtypes) and the read step's, then each
+    # timed against the defaults
+    CHECK_ONLY=chain,read_step,coefficients check 240
     run 150 experiments python scripts/gpu_experiments.py chain
     run 100 experiments_read_step python scripts/gpu_experiments.py read-step
     ;;
@@ -227,7 +233,7 @@ case "${1:-}" in
     run 140 experiments python scripts/gpu_experiments.py
     ;;
   *)
-    echo "usage: bash scripts/gpu_session.sh check|bench|bench-full|check-bench-full|profile|experiments|all|candidates|adopt|verify|mma-vjp|b1|decide|headers|layer-candidates|tune|final" >&2
+    echo "usage: bash scripts/gpu_session.sh check|bench|bench-full|check-bench-full|profile|experiments|all|candidates|adopt|verify|op-paths|mma-vjp|b1|decide|headers|layer-candidates|tune|final" >&2
     exit 2
     ;;
 esac

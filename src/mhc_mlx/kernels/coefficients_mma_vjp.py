@@ -1,4 +1,5 @@
-"""Candidate (CUDA only, off): the dynamic coefficients' backward on tensor cores.
+"""CUDA only: the dynamic coefficients' backward on tensor cores (by default where the forward
+takes the tensor-core form).
 
 The FP32 kernel (coefficients.DYNAMIC_VJP) computes x's cotangent dx = gs phi^T - x c2 and
 dphi = x^T gs in one pass on FP32 cores; the H100 profile has it at 519.6 µs for 4096 x 4 x
