@@ -167,7 +167,7 @@ def cases_coefficients():
                 continue
             coefficients.DYNAMIC_FORM = form
             for n, C, T in ((1, 33, 3), (2, 64, 17), (4, 257, 40), (4, 512, 33), (8, 65, 9), (8, 128, 20),
-                            (4, 4096, 70), (4, 1280, 600)):
+                            (4, 4096, 70), (4, 1280, 600), (4, 512, 1)):
                 W = 2 * n + n * n
                 x = mx.random.normal((T, n, C)).astype(dt)
                 phi = (mx.random.normal((n * C, W)) / np.sqrt(n * C)).astype(mx.float32)
@@ -190,7 +190,8 @@ def cases_read_step():
     for dt in DTYPES:
         # up to 70x4x4096 the forward is one launch (coefficients.DYNAMIC_PRE); 300x4x4096 takes
         # the tensor-core form for 16-bit x (two launches)
-        for n, C, T in ((1, 33, 3), (2, 64, 17), (4, 257, 40), (4, 4096, 70), (8, 65, 9), (4, 4096, 300)):
+        for n, C, T in ((1, 33, 3), (2, 64, 17), (4, 257, 40), (4, 4096, 70), (8, 65, 9), (4, 4096, 300),
+                        (4, 512, 1)):
             W = 2 * n + n * n
             x = mx.random.normal((T, n, C)).astype(dt)
             phi = (mx.random.normal((n * C, W)) / np.sqrt(n * C)).astype(mx.float32)
@@ -336,6 +337,9 @@ def main(argv=None) -> int:
     ap.add_argument("--vjp-glue-ops", action="store_true",
                     help="the dynamic backward's per-token steps as MLX ops instead of one launch "
                          "(coefficients.FUSED_VJP_GLUE = False) for every check")
+    ap.add_argument("--small-tokens", type=int, default=None,
+                    help="the dynamic coefficients' one-threadgroup-per-token kernels up to this many tokens "
+                         "(coefficients.SMALL_TOKENS; candidate, 0 = off) for every check")
     ap.add_argument("--chain", action="store_true",
                     help="switch on the candidate chained x cotangent of HyperConnection sites "
                          "(kernels.CHAIN_X_COTANGENT) for every check")
@@ -353,6 +357,8 @@ def main(argv=None) -> int:
         layer.FUSED_COEFFICIENT_VJP = False
     if args.mma_vjp:
         coefficients.MMA_VJP = True
+    if args.small_tokens is not None:
+        coefficients.SMALL_TOKENS = args.small_tokens
     if args.sinkhorn_warp_vjp:
         sinkhorn.THREAD_VJP_MAX_WORK = 0
     if args.mma_x_unroll:

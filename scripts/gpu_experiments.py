@@ -8,6 +8,7 @@ copy floor two ways, and where B=1 latency goes (Python graph building vs the ev
     python scripts/gpu_experiments.py chain      (only the chained x cotangent against the defaults)
     python scripts/gpu_experiments.py layer-coefficients  (only the layer backward's coefficient kernel)
     python scripts/gpu_experiments.py launch   (only where B = 1 time goes: eval and per-launch costs)
+    python scripts/gpu_experiments.py small-tokens  (only the one-threadgroup-per-token coefficient kernels)
     python scripts/gpu_experiments.py mma-vjp  (only the tensor-core coefficient backward vs the FP32 kernel)
     python scripts/gpu_experiments.py b1 [ncu]  (only the B = 1 layer kernel by Sinkhorn iterations)
 """
@@ -420,6 +421,37 @@ def mma_vjp(rounds=5):
     print(f"tensor-core DX kernel alone 4096x4x4096: {us:7.1f} us {gbps(2 * xs[0].nbytes, us)}")
 
 
+def small_tokens(rounds=5):
+    """The dynamic coefficients' one-threadgroup-per-token kernels (coefficients.SMALL_TOKENS,
+    candidate) against the tiled kernel, alternated `rounds` times: the dynamic site at B = 1
+    (forward, forward+backward; the read step's forward is DYNAMIC_SMALL_PRE then) and 16 tokens,
+    then the coefficient kernel alone chained 100 times at B = 1 (µs per application)."""
+    rows = case_rows(("dynamic", "fwd", (1, 4, 512), "latency"),
+                     ("dynamic", "fwd+bwd", (1, 4, 512), "latency"),
+                     ("dynamic", "fwd", (16, 4, 512), "latency"),
+                     ("dynamic", "fwd", (1, 4, 4096), "latency"))
+    n, C = 4, 512
+    x = mx.random.normal((1, n * C)).astype(BF)
+    phi = 0.02 * mx.random.normal((n * C, 24))
+    alpha, bias = mx.array([0.1, 0.1, 0.1]), mx.zeros((24,))
+    mx.eval(x, phi, alpha, bias)
+
+    def chained():
+        y = x
+        for _ in range(100):  # each launch waits on the last: its x is the last one's h-sized output
+            m = coefficients.dynamic_forward(y, phi, alpha, bias, n, 20, 1e-6, form="kernel")[3]
+            y = (x + m[:, :1]).astype(BF)
+        t0 = time.perf_counter()
+        mx.eval(y)
+        return 1e6 * (time.perf_counter() - t0) / 100
+
+    rows["coefficient kernel chained, B=1 4x512 (us per application, an add included)"] = lambda: statistics.median(
+        chained() for _ in range(10))
+    alternated_settings("one threadgroup per token", rows,
+                        {"tiled": [(coefficients, "SMALL_TOKENS", 0)],
+                         "per token": [(coefficients, "SMALL_TOKENS", 16)]}, rounds)
+
+
 def main():
     print("mlx", mx.__version__, mx.default_device())
     # A. copy floor: one 1 GB eval vs 10 rotated 134 MB arrays in one eval.
@@ -677,6 +709,9 @@ if __name__ == "__main__":
     elif sys.argv[1:2] == ["b1"]:  # only the B = 1 layer kernel by Sinkhorn iterations
         print("mlx", mx.__version__, mx.default_device())
         b1_layer(ncu_only=sys.argv[2:] == ["ncu"])
+    elif sys.argv[1:] == ["small-tokens"]:  # only the one-threadgroup-per-token coefficient kernels
+        print("mlx", mx.__version__, mx.default_device())
+        small_tokens()
     elif sys.argv[1:] == ["mma-vjp"]:  # only the tensor-core coefficient backward against the FP32 kernel
         print("mlx", mx.__version__, mx.default_device())
         mma_vjp()

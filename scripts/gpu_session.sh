@@ -16,6 +16,7 @@
 #   bash scripts/gpu_session.sh adopt        # the new defaults' checks, B = 1 launch costs, the read
 #                                            # step's timings, the target cases' bench (seeds, +step)
 #   bash scripts/gpu_session.sh verify       # every check, the B = 1 layer timings, the bench (seeds, +step)
+#   bash scripts/gpu_session.sh small-tokens # the one-threadgroup-per-token coefficient kernels: checks, timings
 #   bash scripts/gpu_session.sh op-paths     # checks of the MLX-op forms the one-launch kernels replaced
 #   bash scripts/gpu_session.sh mma-vjp      # the tensor-core coefficient backward vs the FP32 kernel
 #   bash scripts/gpu_session.sh b1           # the B = 1 layer kernel by Sinkhorn iterations, and ncu
@@ -150,6 +151,12 @@ case "${1:-}" in
     run 220 bench python -m mhc_mlx.cli.main bench --out "$res/bench" --overwrite --seeds .seedpkgs --only "$TARGETS" \
       --compiled-step
     ;;
+  small-tokens)
+    # the dynamic coefficients' one-threadgroup-per-token kernels (candidate): their checks
+    # (coefficients, read step, chain; B = 1 cases included), then timed against the tiled kernel
+    CHECK_ARGS="--small-tokens 16" CHECK_ONLY="${CHECK_ONLY:-coefficients,read_step,chain}" check 200
+    run 120 experiments_small_tokens python scripts/gpu_experiments.py small-tokens
+    ;;
   op-paths)
     # the MLX-op forms that one-launch kernels replaced by default (the dynamic backward's glue,
     # the layer backward's coefficient gradients), still taken where the kernels do not apply
@@ -233,7 +240,7 @@ case "${1:-}" in
     run 140 experiments python scripts/gpu_experiments.py
     ;;
   *)
-    echo "usage: bash scripts/gpu_session.sh check|bench|bench-full|check-bench-full|profile|experiments|all|candidates|adopt|verify|op-paths|mma-vjp|b1|decide|headers|layer-candidates|tune|final" >&2
+    echo "usage: bash scripts/gpu_session.sh check|bench|bench-full|check-bench-full|profile|experiments|all|candidates|adopt|verify|small-tokens|op-paths|mma-vjp|b1|decide|headers|layer-candidates|tune|final" >&2
     exit 2
     ;;
 esac

@@ -225,6 +225,51 @@ def test_dynamic_coefficients_with_pre_in_one_launch(monkeypatch, flavour, tb, d
         assert (one is None) == (dtype != mx.float32), form
 
 
+@pytest.mark.parametrize("flavour", FLAVOURS)
+@pytest.mark.parametrize("dtype", DTYPES)
+# odd C, C = 1, n = 1 and 8, K below, at and above the threadgroup's 256 rows (several rows a
+# thread), one token and several
+@pytest.mark.parametrize("n,C,T", [(4, 40, 3), (2, 33, 5), (8, 16, 2), (1, 7, 1), (3, 1, 4), (4, 64, 1), (4, 300, 2)])
+def test_dynamic_coefficients_one_threadgroup_per_token(monkeypatch, flavour, dtype, n, C, T):
+    # coefficients.DYNAMIC_SMALL / DYNAMIC_SMALL_PRE (candidate, up to SMALL_TOKENS tokens): the
+    # five outputs against float64 as the tiled kernel's, the read step's h as pre's own kernel's
+    monkeypatch.setattr(coefficients, "SMALL_TOKENS", 8)
+    x, phi, alpha, bias = _dynamic_inputs(T, n, C, dtype)
+    x2 = x.reshape(T, n * C)
+    emu.launched.clear()
+    five = coefficients.dynamic_forward(x2, phi, alpha, bias, n, 20, 1e-6, form="kernel")
+    assert [name for name, *_ in emu.launched] == ["mhc_coefficients_dynamic_small"]
+    want = ref64.coefficients(np64(x), np64(phi), np64(alpha), np64(bias), 20, 1e-6)
+    for got, w in zip(five[:3], want):
+        assert rel(got.reshape(w.shape), w) <= 1e-5
+    x64 = np64(x2)
+    invr64 = 1.0 / np.sqrt(np.mean(x64 ** 2, axis=-1) + 1e-6)
+    assert rel(five[3], (x64 @ np64(phi)) * invr64[:, None]) <= 1e-5
+    assert rel(five[4], invr64) <= 1e-6
+    emu.launched.clear()
+    *again, h = coefficients.dynamic_read_forward(x2, phi, alpha, bias, n, 20, 1e-6)
+    assert [name for name, *_ in emu.launched] == ["mhc_coefficients_dynamic_small_pre"]
+    for a, b in zip(again, five):
+        assert np.array_equal(np64(a), np64(b))
+    assert h.shape == (T, C) and h.dtype == dtype
+    assert np.array_equal(np64(h), np64(site.pre_forward(x, five[0])))
+    # above SMALL_TOKENS, or with a tokens-per-block asked for, the tiled kernel
+    emu.launched.clear()
+    coefficients.dynamic_forward(x2, phi, alpha, bias, n, 20, 1e-6, tb=8, form="kernel")
+    monkeypatch.setattr(coefficients, "SMALL_TOKENS", T - 1)
+    coefficients.dynamic_forward(x2, phi, alpha, bias, n, 20, 1e-6, form="kernel")
+    assert [name for name, *_ in emu.launched] == ["mhc_coefficients_dynamic"] * 2
+
+
+def test_one_threadgroup_per_token_is_off_by_default():
+    # a candidate until it has run on a GPU: B = 1 takes the tiled kernel
+    assert coefficients.SMALL_TOKENS == 0
+    x, phi, alpha, bias = _dynamic_inputs(1, 4, 24, mx.bfloat16)
+    emu.launched.clear()
+    coefficients.dynamic_forward(x.reshape(1, 96), phi, alpha, bias, 4, 20, 1e-6, form="kernel")
+    assert [name for name, *_ in emu.launched] == ["mhc_coefficients_dynamic"]
+
+
 @pytest.mark.parametrize("ku", [1, 2, 4])
 @pytest.mark.parametrize("K,W", [(32, 24), (96, 24), (40, 15), (7, 80), (1, 3), (300, 24)])
 def test_pack_phi_kernel_equals_its_mlx_statement(K, W, ku):

@@ -83,6 +83,25 @@ def test_dynamic_coefficients_with_pre_in_one_launch(dtype):
     assert np.array_equal(np64(h), np64(site.pre_forward(x, five[0])))  # pre's own kernel's sums
 
 
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16, mx.float16])
+@pytest.mark.parametrize("n,C,T", [(4, 97, 3), (8, 33, 2), (1, 700, 1)])
+def test_dynamic_coefficients_one_threadgroup_per_token(monkeypatch, dtype, n, C, T):
+    # the candidate coefficients.DYNAMIC_SMALL (and its read-step form), on the GPU
+    monkeypatch.setattr(coefficients, "SMALL_TOKENS", 16)
+    W = n * (n + 2)
+    x = mx.random.normal((T, n, C)).astype(dtype)
+    phi = mx.random.normal((n * C, W)) / np.sqrt(n * C)
+    alpha, bias = mx.array([0.7, 0.4, 1.1]), mx.random.normal((W,))
+    *five, h = coefficients.dynamic_read_forward(x.reshape(T, n * C), phi, alpha, bias, n, 20, 1e-6, form="kernel")
+    alone = coefficients.dynamic_forward(x.reshape(T, n * C), phi, alpha, bias, n, 20, 1e-6, form="kernel")
+    want = ref64.coefficients(np64(x), np64(phi), np64(alpha), np64(bias), 20, 1e-6)
+    for g, a, w in zip(five[:3], alone[:3], want):
+        assert ref64.rel_err(np64(g), w.reshape(g.shape)) <= 1e-5
+        assert np.array_equal(np64(g), np64(a))
+    assert ref64.rel_err(np64(h), ref64.pre(np64(x), np64(five[0]))) <= TOL[dtype]
+    assert np.array_equal(np64(h), np64(site.pre_forward(x, five[0])))
+
+
 @pytest.mark.parametrize("inline", [True, False])
 def test_layer(inline):
     n, C, T = 4, 515, 9

@@ -152,7 +152,8 @@ def use_candidates(on: bool = True) -> None:
     tensor-core coefficient backward and the fused read step at every size (by default each
     only where it was faster), the static layer's single-launch (inline) form at every token
     count and the chained x cotangent, which passed scripts/gpu_check.py on the H200 but were
-    slower there than the defaults (docs/kernel-notes.md). Off: the shipped defaults."""
+    slower there than the defaults, and the dynamic coefficients' one-threadgroup-per-token form
+    for up to 16 tokens, not yet run on a GPU (docs/kernel-notes.md). Off: the shipped defaults."""
     from . import coefficients, layer
 
     global FUSED_READ_STEP, CHAIN_X_COTANGENT
@@ -160,6 +161,7 @@ def use_candidates(on: bool = True) -> None:
     CHAIN_X_COTANGENT = on
     coefficients.MMA_VJP = True if on else "auto"
     layer.INLINE_ALWAYS = on
+    coefficients.SMALL_TOKENS = 16 if on else 0
 
 
 def settings() -> dict:
@@ -173,6 +175,7 @@ def settings() -> dict:
             "mma_vjp": coefficients.MMA_VJP,
             "fused_vjp_glue": coefficients.FUSED_VJP_GLUE,
             "tokens_per_block_small_n": coefficients.TOKENS_PER_BLOCK_SMALL_N,
+            "dynamic_small_tokens": coefficients.SMALL_TOKENS,
             "layer_fused_vjp": layer.USE_FUSED_VJP,
             "layer_inline_always": layer.INLINE_ALWAYS,
             "layer_fused_coefficient_vjp": layer.FUSED_COEFFICIENT_VJP,

@@ -12,7 +12,7 @@ from . import coefficients, coefficients_mma, coefficients_mma_vjp, layer, sinkh
 
 SPECS = (
     sinkhorn.FORWARD, sinkhorn.BACKWARD, sinkhorn.BACKWARD_THREAD, coefficients.ACTIVATE, coefficients.DYNAMIC,
-    coefficients.DYNAMIC_PRE,
+    coefficients.DYNAMIC_PRE, coefficients.DYNAMIC_SMALL, coefficients.DYNAMIC_SMALL_PRE,
     coefficients.DYNAMIC_VJP, coefficients.DYNAMIC_VJP_PRE, coefficients.DYNAMIC_VJP_ACC, coefficients.DYNAMIC_VJP_PRE_ACC,
     site.PRE, site.PRE_VJP, site.PRE_VJP_ACC, site.POST, site.POST_VJP, layer.LAYER, layer.LAYER_VJP,
     layer.COEFFICIENTS_VJP, coefficients.DYNAMIC_VJP_GLUE,
@@ -49,6 +49,10 @@ def instances():
                         [("T", dt), ("N", n), ("TB", tb)]))
             out.append((coefficients.DYNAMIC_PRE, (dt, F32, F32, F32, I32, F32), (F32,) * 5 + (dt,),
                         [("T", dt), ("N", n), ("TB", tb)]))
+            out.append((coefficients.DYNAMIC_SMALL, (dt, F32, F32, F32, I32, F32), (F32,) * 5,
+                        [("T", dt), ("N", n)]))
+            out.append((coefficients.DYNAMIC_SMALL_PRE, (dt, F32, F32, F32, I32, F32), (F32,) * 5 + (dt,),
+                        [("T", dt), ("N", n)]))
             out.append((coefficients.DYNAMIC_VJP, (dt, F32, F32, F32, I32), (dt, F32),
                         [("T", dt), ("N", n)]))
             out.append((coefficients.DYNAMIC_VJP_PRE, (dt, F32, F32, F32, F32, dt, I32), (dt, F32),

@@ -221,6 +221,103 @@ DYNAMIC_PRE = KernelSpec(
     body=DYNAMIC.body + _PRE_EPILOGUE,
 )
 
+# Candidate (written 2026-11-30 without a GPU): the kernel form for a few tokens, one
+# threadgroup of SMALL_THREADS per token. DYNAMIC at B = 1 is one block walking K in KC-wide
+# chunks, each staged through shared memory between barriers, with one chunk in flight: on the
+# H100 the B = 1 coefficient kernel took 36 µs (ncu, 2026-11-25). Here thread i takes rows
+# i, i + 256, ... of x and phi with every load independent of the last, the W partial dot
+# products are summed over the warps, and warp 0 finishes as DYNAMIC does (the same outputs, the
+# dot products summed in another order).
+SMALL_THREADS = 256
+_SMALL_BODY = r"""
+  constexpr int W = N * (N + 2);
+  constexpr int R = (W + 31) / 32;
+  constexpr int NW = 256 / 32;  // warps (launched with SMALL_THREADS = 256)
+  KSHARED float red[NW * W];
+  KSHARED float ssq[NW];
+  KSHARED float lg[W];
+  const int K = iparam[1];
+  const int iters = iparam[2];
+  const float eps = fparam[0];
+  const int64_t t = KBID;  // one token per threadgroup
+  const int tid = KTID;
+  const int lane = KLANE;
+  const int warp = KWARP;
+  float acc[W];
+  KUNROLL for (int c = 0; c < W; ++c) acc[c] = 0.0f;
+  float sq = 0.0f;
+  for (int k = tid; k < K; k += KNT) {
+    const float xv = static_cast<float>(xin[t * K + k]);
+    sq += xv * xv;
+    KUNROLL for (int c = 0; c < W; ++c) acc[c] += xv * phi[(int64_t)k * W + c];
+  }
+  KUNROLL for (int c = 0; c < W; ++c) {
+    const float v = kwarp_sum(acc[c]);
+    if (lane == 0) red[warp * W + c] = v;
+  }
+  {
+    const float v = kwarp_sum(sq);
+    if (lane == 0) ssq[warp] = v;
+  }
+  KBARRIER();
+  if (warp == 0) {
+    float ss = 0.0f;
+    for (int w = 0; w < NW; ++w) ss += ssq[w];
+    const float rr = KSQRT(ss / (float)K + eps);
+    KUNROLL for (int r = 0; r < R; ++r) {
+      const int c = lane + 32 * r;
+      if (c < W) {
+        float d = 0.0f;
+        for (int w = 0; w < NW; ++w) d += red[w * W + c];
+        const float m = d / rr;
+        const float a = alpha[c < N ? 0 : (c < 2 * N ? 1 : 2)];
+        mraw[t * W + c] = m;
+        lg[c] = m * a + bias[c];
+      }
+    }
+    if (lane == 0) invr[t] = 1.0f / rr;
+    KWARP_SYNC();
+    const bool live = lane < N;
+    if (live) {
+      hpre[t * N + lane] = ksigmoid(lg[lane]);
+      hpost[t * N + lane] = 2.0f * ksigmoid(lg[N + lane]);
+    }
+    float col[N];
+    KUNROLL for (int i = 0; i < N; ++i) col[i] = live ? lg[2 * N + i * N + lane] : 0.0f;
+    ksinkhorn_warp<N>(col, live, iters);
+    if (live) {
+      KUNROLL for (int i = 0; i < N; ++i) hres[(t * N + i) * N + lane] = col[i];
+    }
+  }
+"""
+DYNAMIC_SMALL = KernelSpec(
+    name="mhc_coefficients_dynamic_small",
+    inputs=DYNAMIC.inputs,
+    outputs=DYNAMIC.outputs,
+    body=_SMALL_BODY,
+)
+# ... and the read step's h, as DYNAMIC_PRE (same sum order as site.PRE)
+DYNAMIC_SMALL_PRE = KernelSpec(
+    name="mhc_coefficients_dynamic_small_pre",
+    inputs=DYNAMIC.inputs,
+    outputs=DYNAMIC.outputs + ("hout",),
+    body=_SMALL_BODY + r"""
+  KSHARED float hps[N];
+  KBARRIER();
+  if (tid < N) hps[tid] = ksigmoid(lg[tid]);
+  KBARRIER();
+  const int Cw = K / N;  // channels per stream
+  for (int c = tid; c < Cw; c += KNT) {
+    float s = 0.0f;
+    KUNROLL for (int i = 0; i < N; ++i) s += hps[i] * static_cast<float>(xin[t * K + i * Cw + c]);
+    hout[t * Cw + c] = static_cast<T>(s);
+  }
+""",
+)
+# Up to this many tokens the kernel form takes DYNAMIC_SMALL (DYNAMIC_SMALL_PRE for the read
+# step); 0: never (candidate, `--candidates` sets 16). Not yet run on a GPU.
+SMALL_TOKENS = 0
+
 # dxf[t, k] = sum_w gs[t, w] phi[k, w] - xf[t, k] c2[t]   and   dphi[k, w] = sum_t xf[t, k] gs[t, w]
 # Thread = one column k of xf, phi row k held in registers; blocks split the tokens in
 # chunks of TPS, each writing its own dphi partial (summed afterwards).
@@ -605,19 +702,22 @@ def _form(x2, form: str | None = None) -> str:
 
 
 def _dynamic_kernel(spec, x2, phi, alpha, bias, n: int, iters: int, eps: float, tb: int | None = None):
+    """DYNAMIC or DYNAMIC_PRE for x2 [T, K]; up to SMALL_TOKENS tokens (and no tb asked for) their
+    one-threadgroup-per-token forms."""
     T, K = x2.shape
     W = n * (n + 2)
+    outputs = [((T, n), F32), ((T, n), F32), ((T, n, n), F32), ((T, W), F32), ((T,), F32)]
+    with_h = spec is DYNAMIC_PRE
+    if with_h:
+        outputs.append(((T, K // n), x2.dtype))
+    inputs = [x2, phi.astype(F32), alpha.astype(F32), bias.astype(F32), int_params(T, K, iters), float_params(eps)]
+    if tb is None and T <= SMALL_TOKENS:
+        return launch(DYNAMIC_SMALL_PRE if with_h else DYNAMIC_SMALL, inputs, outputs, T * SMALL_THREADS,
+                      SMALL_THREADS, [("T", x2.dtype), ("N", n)])
     tb = tb or tokens_per_block(n)
     blocks = -(-T // tb)
-    outputs = [((T, n), F32), ((T, n), F32), ((T, n, n), F32), ((T, W), F32), ((T,), F32)]
-    if spec is DYNAMIC_PRE:
-        outputs.append(((T, K // n), x2.dtype))
-    return launch(
-        spec,
-        [x2, phi.astype(F32), alpha.astype(F32), bias.astype(F32), int_params(T, K, iters),
-         float_params(eps)],
-        outputs, blocks * DYNAMIC_THREADS, DYNAMIC_THREADS, [("T", x2.dtype), ("N", n), ("TB", tb)],
-    )
+    return launch(spec, inputs, outputs, blocks * DYNAMIC_THREADS, DYNAMIC_THREADS,
+                  [("T", x2.dtype), ("N", n), ("TB", tb)])
 
 
 def dynamic_read_forward(x2, phi, alpha, bias, n: int, iters: int, eps: float, form: str | None = None):
