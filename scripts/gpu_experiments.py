@@ -273,6 +273,26 @@ def layer_coefficient_vjp(rounds=5):
                          "one launch": [(layer, "FUSED_COEFFICIENT_VJP", True)]}, rounds)
 
 
+def chain_us(step, first, chain_len=100, reps=20):
+    """µs per application of `step` applied chain_len times in a chain (each output the next
+    input) in one eval, median of reps: the cost of one more launch inside an eval, without the
+    eval's fixed cost."""
+    def run():
+        y = first
+        for _ in range(chain_len):
+            y = step(y)
+        return y
+
+    mx.eval(run())
+    times = []
+    for _ in range(reps):
+        y = run()
+        t0 = time.perf_counter()
+        mx.eval(y)
+        times.append(time.perf_counter() - t0)
+    return 1e6 * statistics.median(times) / chain_len
+
+
 def launch_costs(chain_len=100, repeats=200):
     """Where B = 1 (n = 4, C = 512, bf16) time goes: the eval of a tiny op, of a one-line custom
     kernel with 1 and with the layer's 7 inputs, of the layer's single-launch kernel alone, and of
@@ -307,21 +327,6 @@ def launch_costs(chain_len=100, repeats=200):
             times.append(time.perf_counter() - t0)
         return 1e6 * statistics.median(times)
 
-    def chained(step, reps=20):
-        def run():
-            y = x1
-            for _ in range(chain_len):
-                y = step(y)
-            return y
-        mx.eval(run())
-        times = []
-        for _ in range(reps):
-            y = run()
-            t0 = time.perf_counter()
-            mx.eval(y)
-            times.append(time.perf_counter() - t0)
-        return 1e6 * statistics.median(times) / chain_len
-
     def dyn(x):
         h, cf = hc.pre(x)
         return hc.post(x, h, cf)
@@ -350,7 +355,7 @@ def launch_costs(chain_len=100, repeats=200):
                     continue
                 suffix = (" (read step)" if read_step_on else " (two ops)") if "dynamic" in label else ""
                 ev = eval_only(make)
-                ch = f", {chained(step):6.1f} us per application in a chain of {chain_len}" if step else ""
+                ch = f", {chain_us(step, x1, chain_len):6.1f} us per application in a chain of {chain_len}" if step else ""
                 print(f"launch costs B=1: {label}{suffix}: eval {ev:6.1f} us{ch}")
     finally:
         kernels.FUSED_READ_STEP = saved
@@ -368,21 +373,6 @@ def b1_layer(chain_len=100, ncu_only=False):
     raws = (mx.zeros((1, n)), mx.zeros((1, n)), 3 * mx.eye(n)[None])
     mx.eval(x1, pre, post, res, w, raws)
 
-    def timed(step, first):
-        def run():
-            y = first
-            for _ in range(chain_len):
-                y = step(y)
-            return y
-        mx.eval(run())
-        times = []
-        for _ in range(20):
-            y = run()
-            t0 = time.perf_counter()
-            mx.eval(y)
-            times.append(time.perf_counter() - t0)
-        return 1e6 * statistics.median(times) / chain_len
-
     variants = [(f"layer kernel iters={it} threads={th}",
                  lambda v, it=it, th=th: layer.forward(v, pre, post, res, w, it, 1e-5, True, th), x1)
                 for it in (0, 1, 5, 20) for th in (64,)]
@@ -395,7 +385,7 @@ def b1_layer(chain_len=100, ncu_only=False):
             for _ in range(3):
                 mx.eval(step(first))
             continue
-        print(f"B=1 {label}: {timed(step, first):6.1f} us per application in a chain of {chain_len}")
+        print(f"B=1 {label}: {chain_us(step, first, chain_len):6.1f} us per application in a chain of {chain_len}")
 
 
 def mma_vjp(rounds=5):
@@ -436,17 +426,11 @@ def small_tokens(rounds=5):
     alpha, bias = mx.array([0.1, 0.1, 0.1]), mx.zeros((24,))
     mx.eval(x, phi, alpha, bias)
 
-    def chained():
-        y = x
-        for _ in range(100):  # each launch waits on the last: its x is the last one's h-sized output
-            m = coefficients.dynamic_forward(y, phi, alpha, bias, n, 20, 1e-6, form="kernel")[3]
-            y = (x + m[:, :1]).astype(BF)
-        t0 = time.perf_counter()
-        mx.eval(y)
-        return 1e6 * (time.perf_counter() - t0) / 100
+    def step(y):  # each launch waits on the last: its x depends on the last one's logits
+        m = coefficients.dynamic_forward(y, phi, alpha, bias, n, 20, 1e-6, form="kernel")[3]
+        return (x + m[:, :1]).astype(BF)
 
-    rows["coefficient kernel chained, B=1 4x512 (us per application, an add included)"] = lambda: statistics.median(
-        chained() for _ in range(10))
+    rows["coefficient kernel chained, B=1 4x512 (us per application, an add included)"] = lambda: chain_us(step, x)
     alternated_settings("one threadgroup per token", rows,
                         {"tiled": [(coefficients, "SMALL_TOKENS", 0)],
                          "per token": [(coefficients, "SMALL_TOKENS", 16)]}, rounds)
