@@ -273,6 +273,18 @@ def layer_coefficient_vjp(rounds=5):
                          "one launch": [(layer, "FUSED_COEFFICIENT_VJP", True)]}, rounds)
 
 
+def eval_us(make, reps=200, warmup=5):
+    """µs of one mx.eval of make()'s result, its graph built before the clock; median of reps."""
+    mx.eval([make() for _ in range(warmup)])
+    times = []
+    for _ in range(reps):
+        y = make()
+        t0 = time.perf_counter()
+        mx.eval(y)
+        times.append(time.perf_counter() - t0)
+    return 1e6 * statistics.median(times)
+
+
 def chain_us(step, first, chain_len=100, reps=20):
     """µs per application of `step` applied chain_len times in a chain (each output the next
     input) in one eval, median of reps: the cost of one more launch inside an eval, without the
@@ -283,14 +295,7 @@ def chain_us(step, first, chain_len=100, reps=20):
             y = step(y)
         return y
 
-    mx.eval(run())
-    times = []
-    for _ in range(reps):
-        y = run()
-        t0 = time.perf_counter()
-        mx.eval(y)
-        times.append(time.perf_counter() - t0)
-    return 1e6 * statistics.median(times) / chain_len
+    return eval_us(run, reps, warmup=1) / chain_len
 
 
 def launch_costs(chain_len=100, repeats=200):
@@ -315,17 +320,6 @@ def launch_costs(chain_len=100, repeats=200):
     raw = [mx.zeros((n,)), mx.zeros((n,)), 3 * mx.eye(n), mx.ones((C,)), mx.array([1, C, 20], dtype=mx.int32),
            mx.array([1e-5])]
     mx.eval(raw)
-
-    def eval_only(make, reps=repeats):
-        outs = [make() for _ in range(5)]
-        mx.eval(outs)
-        times = []
-        for _ in range(reps):
-            y = make()
-            t0 = time.perf_counter()
-            mx.eval(y)
-            times.append(time.perf_counter() - t0)
-        return 1e6 * statistics.median(times)
 
     def dyn(x):
         h, cf = hc.pre(x)
@@ -354,7 +348,7 @@ def launch_costs(chain_len=100, repeats=200):
                 if "dynamic" not in label and read_step_on:
                     continue
                 suffix = (" (read step)" if read_step_on else " (two ops)") if "dynamic" in label else ""
-                ev = eval_only(make)
+                ev = eval_us(make, repeats)
                 ch = f", {chain_us(step, x1, chain_len):6.1f} us per application in a chain of {chain_len}" if step else ""
                 print(f"launch costs B=1: {label}{suffix}: eval {ev:6.1f} us{ch}")
     finally:
