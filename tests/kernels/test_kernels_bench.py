@@ -97,6 +97,12 @@ def test_targets_are_judged_only_on_measured_rows():
     report.enrich([row], copy_GBps=2600.0, tiny_us=20.0)
     (goal,) = report.targets([row], tiny_us=20.0)
     assert goal["met"] == (row["pct_of_copy"] >= 80)
+    # the compiled-step rows are judged apart, on their own figures
+    assert report.targets([row], tiny_us=20.0, impl="kernels+step") == []
+    step = dict(row, impl="kernels+step", us=100.0)
+    report.enrich([step], copy_GBps=2600.0, tiny_us=20.0)
+    (goal,) = report.targets([row, step], tiny_us=20.0, impl="kernels+step")
+    assert goal["value"] == step["pct_of_copy"] != row["pct_of_copy"]
 
 
 def test_seed_install_unpacks_into_its_own_folder(tmp_path):

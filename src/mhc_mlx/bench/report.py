@@ -39,7 +39,7 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _find(rows, site, pass_, shape, dtype, mode, impl="kernels"):
+def _find_row(rows, site, pass_, shape, dtype, mode, impl="kernels"):
     for r in rows:
         c = r["case"]
         if (c["site"], c["pass"], tuple(c["shape"]), c["dtype"], c["mode"], r["impl"]) == (
@@ -49,29 +49,33 @@ def _find(rows, site, pass_, shape, dtype, mode, impl="kernels"):
     return None
 
 
-def targets(rows: list[dict], tiny_us: float) -> list[dict]:
-    """The issue's H100 bfloat16 targets, judged on this run's rows (only those measured)."""
+def targets(rows: list[dict], tiny_us: float, impl: str = "kernels") -> list[dict]:
+    """The issue's H100 bfloat16 targets, judged on this run's rows of `impl` (only those
+    measured): the eager kernels' rows, or "kernels+step" (the caller's step compiled)."""
     big, bf = (4096, 4, 4096), "bfloat16"
     out = []
+
+    def find(*key):
+        return _find_row(rows, *key, impl=impl)
 
     def add(name, row, value, limit, unit, ok):
         if row is not None:
             out.append({"target": name, "value": value, "limit": limit, "unit": unit, "met": ok})
 
-    r = _find(rows, "static", "fwd", big, bf, "throughput")
+    r = find("static", "fwd", big, bf, "throughput")
     add("static fwd 4096x4x4096: ≥ 80 % of copy bandwidth", r, r and r["pct_of_copy"], 80, "%",
         r and r["pct_of_copy"] >= 80)
-    r = _find(rows, "static", "fwd", (1, 4, 512), bf, "latency")
+    r = find("static", "fwd", (1, 4, 512), bf, "latency")
     add("static fwd B=1 n=4 C=512: ≤ 1.5 × tiny-op eval", r, r and r["us"] / tiny_us, 1.5, "×",
         r and r["us"] / tiny_us <= 1.5)
-    r = _find(rows, "dynamic", "fwd", (1, 4, 512), bf, "latency")
+    r = find("dynamic", "fwd", (1, 4, 512), bf, "latency")
     add("dynamic fwd B=1 n=4 C=512: ≤ 2.5 × tiny-op eval", r, r and r["us"] / tiny_us, 2.5, "×",
         r and r["us"] / tiny_us <= 2.5)
-    r = _find(rows, "dynamic", "fwd", big, bf, "throughput")
+    r = find("dynamic", "fwd", big, bf, "throughput")
     add("dynamic fwd 4096 tokens C=4096: ≥ 70 % of its (4n+2)·C·2 B floor", r, r and r["pct_of_copy"], 70, "%",
         r and r["pct_of_copy"] >= 70)
     for site in ("dynamic", "static"):
-        r = _find(rows, site, "fwd+bwd", big, bf, "throughput")
+        r = find(site, "fwd+bwd", big, bf, "throughput")
         floor = "(7n+2)·C·2 B/token" if site == "dynamic" else "5·n·C·2 B/token"
         add(f"{site} fwd+bwd 4096x4x4096: ≥ 60 % of its {floor} floor", r, r and r["pct_of_copy"], 60, "%",
             r and r["pct_of_copy"] >= 60)
