@@ -244,20 +244,19 @@ def read_step(rounds=5):
 
 def chain(rounds=5):
     """The chained x cotangent (kernels.CHAIN_X_COTANGENT: x's cotangent written once, by the
-    first op's backward kernel, instead of MLX adds), the fused read step and the backward's glue
-    in one launch (coefficients.FUSED_VJP_GLUE) against the defaults, alone and together,
-    alternated `rounds` times: the dynamic site's forward+backward at 4096x4x4096 and 512x4x1280
-    and at B = 1."""
+    first op's backward kernel, instead of MLX adds) and the fused read step at every size
+    (kernels.FUSED_READ_STEP True), alone and together, against the defaults (the read step
+    "auto", the glue kernel, the tensor-core backward "auto", whose DX kernel takes the chained
+    cotangent too since 2026-11-30), alternated `rounds` times: the dynamic site's
+    forward+backward at 4096x4x4096 and 512x4x1280 and at B = 1."""
     from mhc_mlx import kernels
 
     rows = case_rows(("dynamic", "fwd+bwd", (4096, 4, 4096), "throughput"),
                      ("dynamic", "fwd+bwd", (512, 4, 1280), "throughput"),
                      ("dynamic", "fwd+bwd", (1, 4, 512), "latency"))
-    forms = {name: [(kernels, "CHAIN_X_COTANGENT", c), (kernels, "FUSED_READ_STEP", r),
-                    (coefficients, "FUSED_VJP_GLUE", g)]
-             for name, c, r, g in (("defaults", False, False, False), ("chain", True, False, False),
-                                   ("read step", False, True, False), ("glue", False, False, True),
-                                   ("chain + read step", True, True, False), ("all three", True, True, True))}
+    forms = {name: [(kernels, "CHAIN_X_COTANGENT", c), (kernels, "FUSED_READ_STEP", r)]
+             for name, c, r in (("defaults", False, "auto"), ("chain", True, "auto"),
+                                ("read step everywhere", False, True), ("chain + read step everywhere", True, True))}
     alternated_settings("chain", rows, forms, rounds)
 
 

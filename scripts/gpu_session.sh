@@ -204,9 +204,10 @@ case "${1:-}" in
     ;;
   experiments) run 420 experiments python scripts/gpu_experiments.py ;;
   chain)
-    # the chained x cotangent's checks (whole sites, all dtypes) and the read step's, then each
-    # timed against the defaults
-    CHECK_ONLY=chain,read_step,coefficients check 240
+    # the chained x cotangent's checks (whole sites, all dtypes) and the read step's, with the
+    # tensor-core backward at every size (its accumulating DX in bf16 and fp16), then each timed
+    # against the defaults
+    CHECK_ARGS="--mma-vjp" CHECK_ONLY=chain,read_step,coefficients check 240
     run 150 experiments python scripts/gpu_experiments.py chain
     run 100 experiments_read_step python scripts/gpu_experiments.py read-step
     ;;

@@ -304,6 +304,13 @@ def test_tensor_core_coefficient_backward_products(dtype, n, C, T):
     assert rel(got_dphi, x64.T @ gs64) <= 1e-5  # float32 accuracy
     got_pre = coefficients_mma_vjp.dx(x, phi, gs, c2, (H_pre, dh))
     assert rel(got_pre, want_pre) <= (4e-3 if dtype == mx.bfloat16 else 6e-4)
+    # the accumulating form (the chained x cotangent): + gacc in the same pass, with pre or not;
+    # gacc as [T, n, C], and as a strided view (copied to rows by MLX before the launch)
+    gacc = mx.random.normal((T, n, C)).astype(dtype)
+    for with_pre, want in ((False, want_dx), (True, want_pre)):
+        for g in (gacc, mx.swapaxes(mx.swapaxes(gacc, 0, 1).astype(dtype), 0, 1)):
+            got_acc = coefficients_mma_vjp.dx(x, phi, gs, c2, (H_pre, dh) if with_pre else None, g)
+            assert rel(got_acc, want + np64(gacc).reshape(T, K)) <= (4e-3 if dtype == mx.bfloat16 else 6e-4)
 
 
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
@@ -649,6 +656,28 @@ def test_coefficient_backward_adds_the_chained_x_cotangent(flavour, dtype, with_
     assert np.array_equal(np64(gphi), np64(gphi_alone))
     want = np64(gx_alone) + np64(gacc).reshape(T, n * C)  # both rounded once to x's dtype
     assert rel(gx, want) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
+@pytest.mark.parametrize("with_pre", [False, True])
+def test_tensor_core_coefficient_backward_adds_the_chained_x_cotangent(monkeypatch, dtype, with_pre):
+    # with the tensor-core backward (CUDA, 16-bit x) the chained x cotangent goes into its DX
+    # kernel (ACC) as well: no MLX add after it
+    monkeypatch.setattr(coefficients, "MMA_VJP", True)
+    monkeypatch.setattr(build, "gpu_backend", lambda: "cuda")
+    n, C, T = 4, 40, 19
+    x, phi, alpha, bias = _dynamic_inputs(T, n, C, dtype)
+    x2 = x.reshape(T, n * C)
+    gs, c2 = mx.random.normal((T, n * (n + 2))), mx.random.normal((T,))
+    pre = (mx.random.uniform(shape=(T, n)), mx.random.normal((T, C)).astype(dtype)) if with_pre else None
+    gacc = mx.random.normal((T, n, C)).astype(dtype)
+    emu.launched.clear()
+    gx, gphi = coefficients.dynamic_vjp_x_phi(x2, phi, gs, c2, pre, gacc)
+    dx_launches = [t for name, t, *_ in emu.launched if name == "mhc_coefficients_dynamic_vjp_dx_mma"]
+    assert len(dx_launches) == 1 and dx_launches[0]["ACC"] and dx_launches[0]["PRE"] == with_pre
+    gx_alone, gphi_alone = coefficients.dynamic_vjp_x_phi(x2, phi, gs, c2, pre)
+    assert np.array_equal(np64(gphi), np64(gphi_alone))
+    assert rel(gx, np64(gx_alone) + np64(gacc).reshape(T, n * C)) <= TOL[dtype]
 
 
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])

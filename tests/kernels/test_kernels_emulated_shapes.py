@@ -158,9 +158,12 @@ def test_dynamic_site_with_every_candidate_on(monkeypatch, n, C, T, dtype):
         assert ("mhc_sinkhorn_vjp" in launched) == (n > 4)
         assert ("mhc_coefficients_dynamic_vjp_dx_mma" in launched) == (n <= 4 and dtype != mx.float32)
         assert ("mhc_coefficients_dynamic_mma" in launched) == (dtype != mx.float32)
-        # the chained x cotangent: post's comes back to the read step, whose FP32 kernel adds it
-        # (the tensor-core DX kernel has no accumulating form: an MLX add there)
-        assert ("mhc_coefficients_dynamic_vjp_pre_acc" in launched) == (not (n <= 4 and dtype != mx.float32))
+        # the chained x cotangent: post's comes back to the read step, whose backward kernel adds
+        # it (the FP32 kernel's accumulating form, or the tensor-core DX kernel's ACC)
+        tensor_cores = n <= 4 and dtype != mx.float32
+        assert ("mhc_coefficients_dynamic_vjp_pre_acc" in launched) == (not tensor_cores)
+        dx_mma = [t for name, t, *_ in emu.launched if name == "mhc_coefficients_dynamic_vjp_dx_mma"]
+        assert all(t["ACC"] and t["PRE"] for t in dx_mma) and bool(dx_mma) == tensor_cores
         with dispatch.use_backend("reference"):
             want_out = site_fn(x.astype(mx.float32), *params)
             want = mx.vjp(site_fn, [x.astype(mx.float32), *params], [cot.astype(mx.float32)])[1]

@@ -112,14 +112,17 @@ def test_layer(inline):
     assert ref64.rel_err(np64(got), want) <= 1e-5
 
 
-@pytest.mark.parametrize("dynamic", [True, False])
-def test_chained_x_cotangent_gradients(monkeypatch, dynamic):
+@pytest.mark.parametrize("dynamic,tensor_cores", [(True, False), (False, False), (True, True)])
+def test_chained_x_cotangent_gradients(monkeypatch, dynamic, tensor_cores):
     # kernels.CHAIN_X_COTANGENT (candidate): a HyperConnection's gradients on the GPU against the
-    # reference backend's float32 autodiff (CUDA: the chain is CUDA-only, elsewhere a no-op)
+    # reference backend's float32 autodiff (CUDA: the chain is CUDA-only, elsewhere a no-op);
+    # tensor_cores: bfloat16 x through the tensor-core backward, whose DX kernel adds the chain's
+    # cotangent (ACC)
     import mhc_mlx as mhc
     from mhc_mlx import dispatch, kernels
 
     monkeypatch.setattr(kernels, "CHAIN_X_COTANGENT", True)
+    monkeypatch.setattr(coefficients, "MMA_VJP", tensor_cores)
     n, C, T = 4, 136, 9
     hc = mhc.HyperConnection(C, n, dynamic=dynamic, init="paper")
     names = ["phi", "alpha", "bias"] if dynamic else ["bias"]
@@ -127,17 +130,18 @@ def test_chained_x_cotangent_gradients(monkeypatch, dynamic):
                **({"phi": mx.random.normal(hc.phi.shape) / 20} if dynamic else {})})
     params = [getattr(hc, k) for k in names]
     x, cot, w = mx.random.normal((T, n, C)), mx.random.normal((T, n, C)), mx.random.normal((C,))
+    dt = mx.bfloat16 if tensor_cores else mx.float32
 
     def site_fn(x_, *ps):
         hc.update(dict(zip(names, ps)))
-        return hc(x_, lambda h: h * w)
+        return hc(x_, lambda h: (h.astype(mx.float32) * w).astype(h.dtype))
 
-    _, got = mx.vjp(site_fn, [x, *params], [cot])
+    _, got = mx.vjp(site_fn, [x.astype(dt), *params], [cot.astype(dt)])
     with dispatch.use_backend("reference"), mx.stream(mx.cpu):  # the CPU: no TF32 matmuls
         _, want = mx.vjp(site_fn, [x, *params], [cot])
         mx.eval(want)
     for g, r in zip(got, want):
-        assert ref64.rel_err(np64(g), np64(r)) <= 1e-4
+        assert ref64.rel_err(np64(g), np64(r)) <= (2e-2 if tensor_cores else 1e-4)
 
 
 @pytest.mark.parametrize("glue", [False, True])

@@ -745,9 +745,7 @@ def dynamic_vjp_x_phi(x2, phi, gs, c2, pre=None, gacc=None):
         from . import coefficients_mma_vjp
 
         if coefficients_mma_vjp.covers(x2, phi):
-            gx, gphi = coefficients_mma_vjp.vjp_x_phi(x2, phi, gs, c2, pre)
-            # (its DX kernel has no accumulating form: one MLX add, as without the chain)
-            return (gx if gacc is None else gx + gacc.reshape(T, K).astype(gx.dtype)), gphi
+            return coefficients_mma_vjp.vjp_x_phi(x2, phi, gs, c2, pre, gacc)
     n = round((phi.shape[1] + 1) ** 0.5) - 1
     splits = -(-T // VJP_TOKENS_PER_SPLIT)
     nkb = -(-K // VJP_THREADS)

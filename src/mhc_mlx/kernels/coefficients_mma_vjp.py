@@ -109,7 +109,8 @@ PACK_B = KernelSpec(
 """,
 )
 
-# dx[t, k] = sum_w gs[t, w] phi[k, w] - x[t, k] c2[t] (+ H_pre[t, k / C] dh[t, k % C] if PRE).
+# dx[t, k] = sum_w gs[t, w] phi[k, w] - x[t, k] c2[t] (+ H_pre[t, k / C] dh[t, k % C] if PRE)
+# (+ gacc[t, k] if ACC: x's cotangent from later in the site, the chained forms of site.py).
 # A warp owns MT token tiles of 16 and one group of 64 k: eight n-tiles of phi packed with
 # PERM64, so lane (g, c) ends with the 16 consecutive k 64 q + 16 c .. + 15 of its rows g and
 # g + 8 and reads x and writes dx there by 16-byte vectors (where aligned). The earlier form (a
@@ -117,7 +118,7 @@ PACK_B = KernelSpec(
 # (dx 504-532 µs at 4096 x 4 x 4096); this one has not run on a GPU.
 DX = KernelSpec(
     name="mhc_coefficients_dynamic_vjp_dx_mma",
-    inputs=("gsa", "phb", "xin", "ctwo", "hpre", "dh", "iparam"),
+    inputs=("gsa", "phb", "xin", "ctwo", "hpre", "dh", "gacc", "iparam"),
     outputs=("gx",),
     helpers=PTX_MMA,
     body=r"""
@@ -224,6 +225,18 @@ DX = KernelSpec(
             o[i] += hpre[(int64_t)t * N + st] * static_cast<float>(dh[(int64_t)t * Cw + (kk - st * Cw)]);
           }
         }
+      }
+      if (ACC) {  // same 16 k as x: by 16-byte vectors where x's are (gacc is laid out as x)
+        float ga[16];
+        if (vec && KALIGNED16(gacc)) {
+          kload<T, 8>(ga, gacc, row + k0, true);
+          kload<T, 8>(ga + 8, gacc, row + k0 + 8, true);
+        } else {
+          #pragma unroll
+          for (int i = 0; i < 16; ++i) ga[i] = k0 + i < K ? static_cast<float>(gacc[row + k0 + i]) : 0.0f;
+        }
+        #pragma unroll
+        for (int i = 0; i < 16; ++i) o[i] += ga[i];
       }
       if (vec) {
         kstore<T, 8>(gx, row + k0, o, true);
@@ -351,7 +364,9 @@ def covers(x2: mx.array, phi: mx.array) -> bool:
     return x2.dtype in (mx.bfloat16, mx.float16) and phi.shape[1] <= MAX_N * (MAX_N + 2)
 
 
-def dx(x2, phi, gs, c2, pre=None):
+def dx(x2, phi, gs, c2, pre=None, gacc=None):
+    """dx [T, K] in x's dtype; pre: (H_pre [T, n], dh [T, C]) adds pre's share, gacc (any shape of
+    T * K elements) adds x's cotangent from later in the site, both in the same pass."""
     T, K = x2.shape
     W = phi.shape[1]
     n = round((W + 1) ** 0.5) - 1
@@ -363,11 +378,12 @@ def dx(x2, phi, gs, c2, pre=None):
         hpre, dh, flag = mx.zeros((1,), F32), mx.zeros((1,), x2.dtype), False
     else:
         hpre, dh, flag = pre[0].astype(F32).reshape(T, n), pre[1].astype(x2.dtype).reshape(T, K // n), True
+    acc = mx.zeros((1,), x2.dtype) if gacc is None else gacc.astype(x2.dtype).reshape(T, K)
     return launch(
-        DX, [pack_a(gs, DX_PARTS), pack_b(phi, DX_PARTS, True, perm64=True), x2, c2.astype(F32), hpre, dh,
+        DX, [pack_a(gs, DX_PARTS), pack_b(phi, DX_PARTS, True, perm64=True), x2, c2.astype(F32), hpre, dh, acc,
              int_params(T, K, 0, K // n)],
         [((T, K), x2.dtype)], -(-warps // WARPS_PER_BLOCK) * WARPS_PER_BLOCK * 32, WARPS_PER_BLOCK * 32,
-        [("T", x2.dtype), ("N", n), ("MT", DX_TOKEN_TILES), ("KSW", ksw), ("PRE", flag)],
+        [("T", x2.dtype), ("N", n), ("MT", DX_TOKEN_TILES), ("KSW", ksw), ("PRE", flag), ("ACC", gacc is not None)],
     )[0]
 
 
@@ -390,6 +406,6 @@ def dphi(x2, gs):
     return mx.sum(part, axis=0)[:, :W]
 
 
-def vjp_x_phi(x2, phi, gs, c2, pre=None):
+def vjp_x_phi(x2, phi, gs, c2, pre=None, gacc=None):
     """(dxf [T, K] in x's dtype, dphi [K, W] float32), as coefficients.dynamic_vjp_x_phi."""
-    return dx(x2, phi, gs, c2, pre), dphi(x2, gs)
+    return dx(x2, phi, gs, c2, pre, gacc), dphi(x2, gs)
