@@ -166,8 +166,10 @@ def cases_coefficients():
             if form == "mma" and build.gpu_backend() != "cuda":
                 continue
             coefficients.DYNAMIC_FORM = form
+            # n > 8: the wide-n path (coefficients.WIDE_N gates only the dispatch to it), once per dtype
+            wide = ((9, 65, 9), (16, 33, 5), (32, 20, 3)) if form == forms[0] else ()
             for n, C, T in ((1, 33, 3), (2, 64, 17), (4, 257, 40), (4, 512, 33), (8, 65, 9), (8, 128, 20),
-                            (4, 4096, 70), (4, 1280, 600), (4, 512, 1)):
+                            (4, 4096, 70), (4, 1280, 600), (4, 512, 1), *wide):
                 W = 2 * n + n * n
                 x = mx.random.normal((T, n, C)).astype(dt)
                 phi = (mx.random.normal((n * C, W)) / np.sqrt(n * C)).astype(mx.float32)
@@ -340,6 +342,9 @@ def main(argv=None) -> int:
     ap.add_argument("--small-tokens", type=int, default=None,
                     help="the dynamic coefficients' one-threadgroup-per-token kernels up to this many tokens "
                          "(coefficients.SMALL_TOKENS; candidate, 0 = off) for every check")
+    ap.add_argument("--wide-n", action="store_true",
+                    help="dispatch dynamic coefficients with 8 < n <= 32 to the kernel path (coefficients.WIDE_N; "
+                         "candidate) for every check")
     ap.add_argument("--chain", action="store_true",
                     help="switch on the candidate chained x cotangent of HyperConnection sites "
                          "(kernels.CHAIN_X_COTANGENT) for every check")
@@ -357,6 +362,8 @@ def main(argv=None) -> int:
         layer.FUSED_COEFFICIENT_VJP = False
     if args.mma_vjp:
         coefficients.MMA_VJP = True
+    if args.wide_n:
+        coefficients.WIDE_N = True
     if args.small_tokens is not None:
         coefficients.SMALL_TOKENS = args.small_tokens
     if args.sinkhorn_warp_vjp:

@@ -8,6 +8,7 @@ copy floor two ways, and where B=1 latency goes (Python graph building vs the ev
     python scripts/gpu_experiments.py chain      (only the chained x cotangent against the defaults)
     python scripts/gpu_experiments.py layer-coefficients  (only the layer backward's coefficient kernel)
     python scripts/gpu_experiments.py launch   (only where B = 1 time goes: eval and per-launch costs)
+    python scripts/gpu_experiments.py wide-n   (only the dynamic sites with n > 8 on the kernel path)
     python scripts/gpu_experiments.py small-tokens  (only the one-threadgroup-per-token coefficient kernels)
     python scripts/gpu_experiments.py mma-vjp  (only the tensor-core coefficient backward vs the FP32 kernel)
     python scripts/gpu_experiments.py b1 [ncu]  (only the B = 1 layer kernel by Sinkhorn iterations)
@@ -429,6 +430,19 @@ def small_tokens(rounds=5):
                          "per token": [(coefficients, "SMALL_TOKENS", 16)]}, rounds)
 
 
+def wide_n(rounds=5):
+    """Dynamic sites with n > 8 on the kernel path (coefficients.WIDE_N, candidate) against the
+    compiled path they take by default, alternated `rounds` times: forward and forward+backward
+    at 512x16x1280 and 256x32x1024, and the forward at B = 1 with n = 32."""
+    rows = case_rows(("dynamic", "fwd", (512, 16, 1280), "throughput"),
+                     ("dynamic", "fwd+bwd", (512, 16, 1280), "throughput"),
+                     ("dynamic", "fwd", (256, 32, 1024), "throughput"),
+                     ("dynamic", "fwd+bwd", (256, 32, 1024), "throughput"),
+                     ("dynamic", "fwd", (1, 32, 512), "latency"))
+    alternated_settings("wide n", rows, {"compiled path": [(coefficients, "WIDE_N", False)],
+                                         "kernels": [(coefficients, "WIDE_N", True)]}, rounds)
+
+
 def main():
     print("mlx", mx.__version__, mx.default_device())
     # A. copy floor: one 1 GB eval vs 10 rotated 134 MB arrays in one eval.
@@ -686,6 +700,9 @@ if __name__ == "__main__":
     elif sys.argv[1:2] == ["b1"]:  # only the B = 1 layer kernel by Sinkhorn iterations
         print("mlx", mx.__version__, mx.default_device())
         b1_layer(ncu_only=sys.argv[2:] == ["ncu"])
+    elif sys.argv[1:] == ["wide-n"]:  # only the dynamic sites with n > 8 on the kernel path
+        print("mlx", mx.__version__, mx.default_device())
+        wide_n()
     elif sys.argv[1:] == ["small-tokens"]:  # only the one-threadgroup-per-token coefficient kernels
         print("mlx", mx.__version__, mx.default_device())
         small_tokens()

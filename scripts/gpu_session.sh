@@ -17,6 +17,7 @@
 #                                            # step's timings, the target cases' bench (seeds, +step)
 #   bash scripts/gpu_session.sh verify       # every check, the B = 1 layer timings, the bench (seeds, +step)
 #   bash scripts/gpu_session.sh small-tokens # the one-threadgroup-per-token coefficient kernels: checks, timings
+#   bash scripts/gpu_session.sh wide-n       # dynamic coefficients for n > 8 on the kernel path: checks, timings
 #   bash scripts/gpu_session.sh op-paths     # checks of the MLX-op forms the one-launch kernels replaced
 #   bash scripts/gpu_session.sh mma-vjp      # the tensor-core coefficient backward vs the FP32 kernel
 #   bash scripts/gpu_session.sh b1           # the B = 1 layer kernel by Sinkhorn iterations, and ncu
@@ -157,6 +158,12 @@ case "${1:-}" in
     CHECK_ARGS="--small-tokens 16" CHECK_ONLY="${CHECK_ONLY:-coefficients,read_step,chain}" check 200
     run 120 experiments_small_tokens python scripts/gpu_experiments.py small-tokens
     ;;
+  wide-n)
+    # dynamic coefficients for 8 < n <= 32 on the kernel path (candidate): the coefficient checks
+    # (n = 9, 16, 32 included) and `pytest -m gpu`, then timed against the compiled path
+    CHECK_ARGS="--wide-n" CHECK_ONLY="${CHECK_ONLY:-coefficients}" check 200
+    run 150 experiments_wide_n python scripts/gpu_experiments.py wide-n
+    ;;
   op-paths)
     # the MLX-op forms that one-launch kernels replaced by default (the dynamic backward's glue,
     # the layer backward's coefficient gradients), still taken where the kernels do not apply
@@ -241,7 +248,7 @@ case "${1:-}" in
     run 140 experiments python scripts/gpu_experiments.py
     ;;
   *)
-    echo "usage: bash scripts/gpu_session.sh check|bench|bench-full|check-bench-full|profile|experiments|all|candidates|adopt|verify|small-tokens|op-paths|mma-vjp|b1|decide|headers|layer-candidates|tune|final" >&2
+    echo "usage: bash scripts/gpu_session.sh check|bench|bench-full|check-bench-full|profile|experiments|all|candidates|adopt|verify|small-tokens|wide-n|op-paths|mma-vjp|b1|decide|headers|layer-candidates|tune|final" >&2
     exit 2
     ;;
 esac

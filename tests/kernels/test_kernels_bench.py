@@ -58,7 +58,7 @@ def test_bench_records_the_kernel_settings_and_switches_candidates_on(quick_run,
                               "--only", "static/fwd/1x4x64"]) == 0
         with open(tmp_path / "bench.json") as f:
             recorded = json.load(f)["header"]["kernel_settings"]
-        candidates = ("layer_inline_always", "chain_x_cotangent", "dynamic_small_tokens")
+        candidates = ("layer_inline_always", "chain_x_cotangent", "dynamic_small_tokens", "dynamic_wide_n")
         assert all(recorded[k] for k in candidates) and not any(defaults[k] for k in candidates)
         # the read step and the tensor-core backward: at every size with the candidates, by
         # size ("auto") by default

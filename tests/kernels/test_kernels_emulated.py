@@ -343,6 +343,97 @@ def test_dynamic_coefficients_backward(monkeypatch, flavour, threads, per_split,
     assert ("mhc_coefficients_dynamic_vjp" in names) == (not tensor_cores)
 
 
+@pytest.mark.parametrize("flavour", FLAVOURS)
+@pytest.mark.parametrize("dtype", DTYPES)
+# n = 9 (the warp Sinkhorn's first n past the one-thread form), 16 and 32; odd C; one token
+@pytest.mark.parametrize("n,C,T", [(9, 7, 5), (16, 5, 3), (32, 3, 2), (12, 1, 1)])
+def test_wide_n_dynamic_coefficients(monkeypatch, flavour, dtype, n, C, T):
+    # coefficients.WIDE_N (candidate): n > MAX_N_DYNAMIC on the kernel path, the products as
+    # MLX matmuls, the activations and Sinkhorn (and its backward) by their kernels; forward
+    # against float64, gradients against the reference's autodiff, with pre's share and the
+    # chained cotangent added as the read step and the chain would
+    monkeypatch.setattr(coefficients, "WIDE_N", True)
+    x, phi, alpha, bias = _dynamic_inputs(T, n, C, dtype)
+    emu.launched.clear()
+    outputs = coefficients.dynamic_coefficients_forward(x, phi, alpha, bias, n, 20, 1e-6)
+    assert [name for name, *_ in emu.launched] == ["mhc_coefficients_static"]  # ACTIVATE
+    want = ref64.coefficients(np64(x), np64(phi), np64(alpha), np64(bias), 20, 1e-6)
+    for got, w in zip(outputs[:3], want):
+        assert rel(got, w) <= 1e-5
+    assert coefficients.dynamic_read_forward(x.reshape(T, n * C), phi, alpha, bias, n, 20, 1e-6) is None
+    cots = [mx.random.normal(o.shape) for o in outputs[:3]]
+    emu.launched.clear()
+    got = coefficients.dynamic_vjp([x, phi, alpha, bias], cots, outputs, n, 20)
+    assert "mhc_sinkhorn_vjp" in {name for name, *_ in emu.launched}
+    want = mx.vjp(lambda *a: reference.mhc_coefficients(*a, 20, 1e-6), [x, phi, alpha, bias], cots)[1]
+    scale = 0.01 * largest(want)
+    for name, g, w in zip(("x", "phi", "alpha", "bias"), got, want):
+        tol = GRAD_TOL if name != "x" or dtype == mx.float32 else TOL[dtype]
+        assert grad_rel(g, w, scale) <= tol, name
+    H_pre, dh, gacc = outputs[0], mx.random.normal((T, C)).astype(dtype), mx.random.normal((T, n, C)).astype(dtype)
+    both = coefficients.dynamic_vjp([x, phi, alpha, bias], cots, outputs, n, 20, pre=(H_pre, dh), gacc=gacc)
+    extra = np64(H_pre)[:, :, None] * np64(dh)[:, None, :] + np64(gacc)
+    assert rel(both[0], np64(got[0]) + extra) <= TOL[dtype]
+    assert all(np.array_equal(np64(a), np64(b)) for a, b in zip(both[1:], got[1:]))
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+@pytest.mark.parametrize("chain", [False, True])
+def test_wide_n_dynamic_site(monkeypatch, dtype, chain):
+    # a HyperConnection with n = 12 on the (emulated) CUDA kernels with WIDE_N on, plain and
+    # with the chained x cotangent: outputs and gradients as the reference backend's
+    import mhc_mlx as mhc
+    from mhc_mlx import dispatch, kernels
+
+    monkeypatch.setattr(build, "gpu_backend", lambda: "cuda")
+    monkeypatch.setattr(build, "on_gpu", lambda *a: True)
+    monkeypatch.setattr(kernels, "gpu_backend", build.gpu_backend)
+    monkeypatch.setattr(kernels, "on_gpu", build.on_gpu)
+    monkeypatch.setattr(coefficients, "WIDE_N", True)
+    monkeypatch.setattr(kernels, "CHAIN_X_COTANGENT", chain)
+    n, C, T = 12, 9, 4
+    hc = mhc.HyperConnection(C, n, init="paper")
+    W = n * (n + 2)
+    hc.phi = mx.random.normal((n * C, W)) / np.sqrt(n * C)
+    hc.alpha, hc.bias = mx.random.uniform(0.2, 1.5, (3,)), mx.random.normal((W,))
+    names = ["phi", "alpha", "bias"]
+    params = [getattr(hc, k) for k in names]
+    x, cot, w = mx.random.normal((T, n, C)), mx.random.normal((T, n, C)), mx.random.normal((C,))
+
+    def site_fn(x_, *ps):
+        hc.update(dict(zip(names, ps)))
+        return hc(x_, lambda h: (h.astype(mx.float32) * w).astype(h.dtype))
+
+    emu.launched.clear()
+    out, got = mx.vjp(site_fn, [x.astype(dtype), *params], [cot.astype(dtype)])
+    launched = {name for name, *_ in emu.launched}
+    assert {"mhc_coefficients_static", "mhc_sinkhorn_vjp", "mhc_pre", "mhc_post"} <= launched, launched
+    with dispatch.use_backend("reference"):
+        want_out, want = mx.vjp(site_fn, [x.astype(dtype).astype(mx.float32), *params], [cot.astype(dtype).astype(mx.float32)])
+    assert rel(out[0], want_out[0], floor=0.1 * float(np.linalg.norm(np64(x)))) <= TOL[dtype]
+    scale = 0.05 * largest(want)
+    for name, a, b in zip(["x", *names], got, want):
+        assert grad_rel(a, b, scale) <= (GRAD_TOL if dtype == mx.float32 else TOL[dtype]), name
+
+
+def test_wide_n_dynamic_coefficients_dispatch(monkeypatch):
+    # off (the default) n > 8 dynamic coefficients take the compiled path, with the reason;
+    # on, the kernels
+    from mhc_mlx import dispatch, kernels
+
+    monkeypatch.setattr(build, "gpu_backend", lambda: "cuda")
+    monkeypatch.setattr(build, "on_gpu", lambda *a: True)
+    monkeypatch.setattr(kernels, "gpu_backend", build.gpu_backend)
+    monkeypatch.setattr(kernels, "on_gpu", build.on_gpu)
+    x, phi, alpha, bias = _dynamic_inputs(2, 16, 5, mx.bfloat16)
+    assert coefficients.WIDE_N is False
+    assert dispatch.choose("mhc_coefficients", x, phi, alpha, bias, iters=20, eps=1e-6)[0] != "kernels"
+    assert "n=16" in kernels._shape_reason("mhc_coefficients", [x, phi, alpha, bias], {})
+    monkeypatch.setattr(coefficients, "WIDE_N", True)
+    assert dispatch.choose("mhc_coefficients", x, phi, alpha, bias, iters=20, eps=1e-6)[0] == "kernels"
+    assert not coefficients.read_step_in_one_launch(x)
+
+
 SITE_SHAPES = [(1, 33, (3,)), (2, 64, (2, 3)), (3, 1, (4,)), (4, 40, (5,)), (4, 1031, (2,)), (8, 24, (3,)),
                (16, 8, (2,)), (32, 5, (1,))]
 

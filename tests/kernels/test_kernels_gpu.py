@@ -165,6 +165,32 @@ def test_dynamic_coefficient_gradients(monkeypatch, glue):
         assert err <= 1e-4 * max(float(np.linalg.norm(np64(b))), 0.01 * top)
 
 
+@pytest.mark.parametrize("n", [9, 32])
+def test_wide_n_dynamic_coefficients(monkeypatch, n):
+    # the candidate coefficients.WIDE_N (8 < n <= 32 on the kernel path) on the GPU: coefficients
+    # against float64, gradients against the reference on the CPU
+    from mhc_mlx import reference
+
+    monkeypatch.setattr(coefficients, "WIDE_N", True)
+    C, T = 33, 7
+    W = n * (n + 2)
+    x = mx.random.normal((T, n, C))
+    args = [x, mx.random.normal((n * C, W)) / np.sqrt(n * C), mx.array([0.7, 0.4, 1.1]), mx.random.normal((W,))]
+    got_out = coefficients.mhc_coefficients(*args, 20, 1e-6)
+    want_out = ref64.coefficients(*[np64(a) for a in args], 20, 1e-6)
+    for g, w in zip(got_out, want_out):
+        assert ref64.rel_err(np64(g), w) <= 1e-5
+    cots = [mx.random.normal((T, n)), mx.random.normal((T, n)), mx.random.normal((T, n, n))]
+    _, got = mx.vjp(lambda *a: coefficients.mhc_coefficients(*a, 20, 1e-6), args, cots)
+    with mx.stream(mx.cpu):
+        _, want = mx.vjp(lambda *a: reference.mhc_coefficients(*a, 20, 1e-6), args, cots)
+        mx.eval(want)
+    top = max(float(np.linalg.norm(np64(w))) for w in want)
+    for a, b in zip(got, want):
+        err = float(np.linalg.norm(np64(a) - np64(b)))
+        assert err <= 1e-4 * max(float(np.linalg.norm(np64(b))), 0.01 * top)
+
+
 @pytest.mark.parametrize("fused_coefficients", [False, True])
 @pytest.mark.parametrize("T", [9, 40])
 def test_layer_gradients(monkeypatch, T, fused_coefficients):

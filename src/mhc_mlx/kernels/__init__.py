@@ -89,7 +89,10 @@ def _shape_reason(op: str, arrays, params) -> str | None:
     if n > MAX_N:
         return f"n={n} streams is above the kernels' limit of {MAX_N}"
     if op == "mhc_coefficients" and len(arrays) > 1 and arrays[1] is not None and n > MAX_N_DYNAMIC:
-        return f"dynamic coefficients with n={n} > {MAX_N_DYNAMIC}: the GEMM has too many columns for the fused kernel"
+        from . import coefficients
+
+        if not coefficients.WIDE_N:
+            return f"dynamic coefficients with n={n} > {MAX_N_DYNAMIC}: the GEMM has too many columns for the fused kernel"
     for a in arrays:
         if a is not None and a.dtype not in ACTIVATIONS:
             return f"an input has dtype {a.dtype}"
@@ -152,8 +155,9 @@ def use_candidates(on: bool = True) -> None:
     tensor-core coefficient backward and the fused read step at every size (by default each
     only where it was faster), the static layer's single-launch (inline) form at every token
     count and the chained x cotangent, which passed scripts/gpu_check.py on the H200 but were
-    slower there than the defaults, and the dynamic coefficients' one-threadgroup-per-token form
-    for up to 16 tokens, not yet run on a GPU (docs/kernel-notes.md). Off: the shipped defaults."""
+    slower there than the defaults, and, not yet run on a GPU, the dynamic coefficients'
+    one-threadgroup-per-token form for up to 16 tokens and their kernel path for 8 < n <= 32
+    (docs/kernel-notes.md). Off: the shipped defaults."""
     from . import coefficients, layer
 
     global FUSED_READ_STEP, CHAIN_X_COTANGENT
@@ -162,6 +166,7 @@ def use_candidates(on: bool = True) -> None:
     coefficients.MMA_VJP = True if on else "auto"
     layer.INLINE_ALWAYS = on
     coefficients.SMALL_TOKENS = 16 if on else 0
+    coefficients.WIDE_N = on
 
 
 def settings() -> dict:
@@ -176,6 +181,7 @@ def settings() -> dict:
             "fused_vjp_glue": coefficients.FUSED_VJP_GLUE,
             "tokens_per_block_small_n": coefficients.TOKENS_PER_BLOCK_SMALL_N,
             "dynamic_small_tokens": coefficients.SMALL_TOKENS,
+            "dynamic_wide_n": coefficients.WIDE_N,
             "layer_fused_vjp": layer.USE_FUSED_VJP,
             "layer_inline_always": layer.INLINE_ALWAYS,
             "layer_fused_coefficient_vjp": layer.FUSED_COEFFICIENT_VJP,

@@ -19,7 +19,13 @@ from . import sinkhorn as sk
 from .build import KernelSpec, edited, float_params, int_params, launch
 
 F32 = mx.float32
-MAX_N_DYNAMIC = 8  # W = n(n+2) <= 80 accumulators per lane; larger n -> compiled path
+MAX_N_DYNAMIC = 8  # W = n(n+2) <= 80 accumulators per lane in the fused kernels
+# Candidate (written 2026-11-30 without a GPU): dynamic coefficients for MAX_N_DYNAMIC < n <= 32
+# on the kernel path ("wide n"): xf @ phi and the backward's two products as float32-exact MLX
+# matmuls (matmul.product), the activations and Sinkhorn by ACTIVATE (one warp per token, the
+# transpose-reduce Sinkhorn), the Sinkhorn backward by its kernel. False: those n take the
+# compiled path (kernels/__init__.py gives the reason).
+WIDE_N = False
 
 ACTIVATE = KernelSpec(
     name="mhc_coefficients_static",
@@ -678,6 +684,8 @@ def _dynamic_mma_forward(x2, phi, alpha, bias, n: int, iters: int, eps: float):
 def dynamic_forward(x2, phi, alpha, bias, n: int, iters: int, eps: float, tb: int | None = None,
                     form: str | None = None):
     """x2 [T, n*C] -> H_pre [T, n], H_post [T, n], H_res [T, n, n], m [T, W], 1/r [T]."""
+    if n > MAX_N_DYNAMIC:  # (WIDE_N) no fused kernel holds W = n(n+2) columns
+        return _dynamic_gemm_forward(x2, phi, alpha, bias, n, iters, eps)
     form = _form(x2, form)
     if form == "gemm":
         return _dynamic_gemm_forward(x2, phi, alpha, bias, n, iters, eps)
@@ -723,7 +731,7 @@ def _dynamic_kernel(spec, x2, phi, alpha, bias, n: int, iters: int, eps: float, 
 def dynamic_read_forward(x2, phi, alpha, bias, n: int, iters: int, eps: float, form: str | None = None):
     """(H_pre, H_post, H_res, m, 1/r, h [T, C]) in one launch (DYNAMIC_PRE) where the forward
     takes the kernel form; None where it takes the tensor-core or GEMM form."""
-    if _form(x2, form) != "kernel":
+    if n > MAX_N_DYNAMIC or _form(x2, form) != "kernel":
         return None
     return _dynamic_kernel(DYNAMIC_PRE, x2, phi, alpha, bias, n, iters, eps)
 
@@ -731,7 +739,7 @@ def dynamic_read_forward(x2, phi, alpha, bias, n: int, iters: int, eps: float, f
 def read_step_in_one_launch(x) -> bool:
     """Whether the read step's forward (coefficients + pre) takes one launch for x [..., n, C]:
     on CUDA, where the coefficients take the kernel form (kernels.FUSED_READ_STEP "auto")."""
-    return build.gpu_backend() == "cuda" and _form(x) == "kernel"
+    return build.gpu_backend() == "cuda" and x.shape[-2] <= MAX_N_DYNAMIC and _form(x) == "kernel"
 
 
 def dynamic_vjp_x_phi(x2, phi, gs, c2, pre=None, gacc=None):
@@ -741,6 +749,8 @@ def dynamic_vjp_x_phi(x2, phi, gs, c2, pre=None, gacc=None):
     gacc: x's cotangent from later in the site ([T, K], or any shape of T*K elements), added too.
     """
     T, K = x2.shape
+    if phi.shape[1] > MAX_N_DYNAMIC * (MAX_N_DYNAMIC + 2):
+        return _wide_vjp_x_phi(x2, phi, gs, c2, pre, gacc)
     if T and _tensor_core_vjp(x2) and build.gpu_backend() == "cuda":
         from . import coefficients_mma_vjp
 
@@ -762,6 +772,18 @@ def dynamic_vjp_x_phi(x2, phi, gs, c2, pre=None, gacc=None):
         splits * nkb * VJP_THREADS, VJP_THREADS, [("T", x2.dtype), ("N", n)],
     )
     return gx, mx.sum(gphi, axis=0)
+
+
+def _wide_vjp_x_phi(x2, phi, gs, c2, pre=None, gacc=None):
+    """dynamic_vjp_x_phi for n > MAX_N_DYNAMIC (WIDE_N) as float32-exact MLX matmuls."""
+    T, K = x2.shape
+    gx = matmul.product(gs, phi.astype(F32).T) - x2.astype(F32) * c2[:, None]
+    if pre is not None:
+        n = pre[0].shape[-1]
+        gx = gx + (pre[0].astype(F32).reshape(T, n, 1) * pre[1].astype(F32).reshape(T, 1, K // n)).reshape(T, K)
+    if gacc is not None:
+        gx = gx + gacc.astype(F32).reshape(T, K)
+    return gx.astype(x2.dtype), matmul.product(x2.T, gs)
 
 
 def _scaled_cotangents(gp, gq, gr, m, invr, scale, n: int, K: int):
