@@ -1,5 +1,5 @@
-"""How the emulated kernel tests compare an MLX result with its reference (shared by
-test_kernels_emulated.py and test_kernels_emulated_shapes.py)."""
+"""How the emulated kernel tests compare an MLX result with its reference, and the set-ups
+they share (test_kernels_emulated.py and test_kernels_emulated_shapes.py)."""
 
 import mlx.core as mx
 import numpy as np
@@ -37,3 +37,27 @@ def grad_errors(got, want):
     """Each gradient's grad_rel against 1 % of the largest, as gpu_check.py."""
     scale = 0.01 * largest(want)
     return [grad_rel(g, w, scale) for g, w in zip(got, want)]
+
+
+def as_cuda(monkeypatch):
+    """The dispatcher and kernels see a CUDA GPU (the emulator runs the CUDA source)."""
+    from mhc_mlx import kernels
+    from mhc_mlx.kernels import build
+
+    monkeypatch.setattr(build, "gpu_backend", lambda: "cuda")
+    monkeypatch.setattr(build, "on_gpu", lambda *a: True)
+    monkeypatch.setattr(kernels, "gpu_backend", build.gpu_backend)
+    monkeypatch.setattr(kernels, "on_gpu", build.on_gpu)
+
+
+def random_dynamic_site(C: int, n: int):
+    """(HyperConnection, parameter names, parameters): a dynamic site with drawn phi, alpha, bias
+    (phi scaled so the logits are of order 1)."""
+    import mhc_mlx as mhc
+
+    hc = mhc.HyperConnection(C, n, init="paper")
+    W = n * (n + 2)
+    hc.phi = mx.random.normal((n * C, W)) / np.sqrt(n * C)
+    hc.alpha, hc.bias = mx.random.uniform(0.2, 1.5, (3,)), mx.random.normal((W,))
+    names = ["phi", "alpha", "bias"]
+    return hc, names, [getattr(hc, k) for k in names]

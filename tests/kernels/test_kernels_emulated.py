@@ -14,7 +14,7 @@ import pytest
 
 import cpu_emulator as emu
 import kernels_ref64 as ref64
-from kernel_compare import grad_rel, largest, np64, rel
+from kernel_compare import as_cuda, grad_rel, largest, np64, random_dynamic_site, rel
 from mhc_mlx.compiled.sinkhorn import sinkhorn_knopp as compiled_sinkhorn
 from mhc_mlx import reference
 from mhc_mlx.kernels import build, coefficients, coefficients_mma, coefficients_mma_vjp, layer, pre_step, sinkhorn, site
@@ -382,22 +382,13 @@ def test_wide_n_dynamic_coefficients(monkeypatch, flavour, dtype, n, C, T):
 def test_wide_n_dynamic_site(monkeypatch, dtype, chain):
     # a HyperConnection with n = 12 on the (emulated) CUDA kernels with WIDE_N on, plain and
     # with the chained x cotangent: outputs and gradients as the reference backend's
-    import mhc_mlx as mhc
     from mhc_mlx import dispatch, kernels
 
-    monkeypatch.setattr(build, "gpu_backend", lambda: "cuda")
-    monkeypatch.setattr(build, "on_gpu", lambda *a: True)
-    monkeypatch.setattr(kernels, "gpu_backend", build.gpu_backend)
-    monkeypatch.setattr(kernels, "on_gpu", build.on_gpu)
+    as_cuda(monkeypatch)
     monkeypatch.setattr(coefficients, "WIDE_N", True)
     monkeypatch.setattr(kernels, "CHAIN_X_COTANGENT", chain)
     n, C, T = 12, 9, 4
-    hc = mhc.HyperConnection(C, n, init="paper")
-    W = n * (n + 2)
-    hc.phi = mx.random.normal((n * C, W)) / np.sqrt(n * C)
-    hc.alpha, hc.bias = mx.random.uniform(0.2, 1.5, (3,)), mx.random.normal((W,))
-    names = ["phi", "alpha", "bias"]
-    params = [getattr(hc, k) for k in names]
+    hc, names, params = random_dynamic_site(C, n)
     x, cot, w = mx.random.normal((T, n, C)), mx.random.normal((T, n, C)), mx.random.normal((C,))
 
     def site_fn(x_, *ps):
@@ -421,10 +412,7 @@ def test_wide_n_dynamic_coefficients_dispatch(monkeypatch):
     # on, the kernels
     from mhc_mlx import dispatch, kernels
 
-    monkeypatch.setattr(build, "gpu_backend", lambda: "cuda")
-    monkeypatch.setattr(build, "on_gpu", lambda *a: True)
-    monkeypatch.setattr(kernels, "gpu_backend", build.gpu_backend)
-    monkeypatch.setattr(kernels, "on_gpu", build.on_gpu)
+    as_cuda(monkeypatch)
     x, phi, alpha, bias = _dynamic_inputs(2, 16, 5, mx.bfloat16)
     assert coefficients.WIDE_N is False
     assert dispatch.choose("mhc_coefficients", x, phi, alpha, bias, iters=20, eps=1e-6)[0] != "kernels"

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import cpu_emulator as emu
 import kernels_ref64 as ref64
-from kernel_compare import grad_errors, np64, rel
+from kernel_compare import as_cuda, grad_errors, np64, random_dynamic_site, rel
 from mhc_mlx import reference
 from mhc_mlx.kernels import build, coefficients, coefficients_mma, coefficients_mma_vjp, layer, sinkhorn, site
 
@@ -124,22 +124,13 @@ def test_dynamic_site_with_every_candidate_on(monkeypatch, n, C, T, dtype):
     # What `mhc-mlx bench --candidates` runs (kernels.use_candidates): a HyperConnection's
     # forward and backward through the dispatcher on the (emulated) CUDA kernels, the tensor-core
     # forward forced at every size, against the reference backend's autodiff
-    import mhc_mlx as mhc
     from mhc_mlx import dispatch, kernels
 
-    monkeypatch.setattr(build, "gpu_backend", lambda: "cuda")
-    monkeypatch.setattr(build, "on_gpu", lambda *a: True)
-    monkeypatch.setattr(kernels, "gpu_backend", build.gpu_backend)
-    monkeypatch.setattr(kernels, "on_gpu", build.on_gpu)
+    as_cuda(monkeypatch)
     monkeypatch.setattr(coefficients, "MMA_MIN_ELEMENTS", 0)
     kernels.use_candidates(True)
     try:
-        hc = mhc.HyperConnection(C, n, init="paper")
-        W = n * (n + 2)
-        hc.phi = mx.random.normal((n * C, W)) / np.sqrt(n * C)
-        hc.alpha, hc.bias = mx.random.uniform(0.2, 1.5, (3,)), mx.random.normal((W,))
-        names = ["phi", "alpha", "bias"]
-        params = [getattr(hc, k) for k in names]
+        hc, names, params = random_dynamic_site(C, n)
         x = mx.random.normal((T, n, C)).astype(dtype)
         cot = mx.random.normal((T, n, C)).astype(dtype)
         w = mx.random.normal((C,))

@@ -144,17 +144,11 @@ def test_chained_x_cotangent_gradients(monkeypatch, dynamic, tensor_cores):
         assert ref64.rel_err(np64(g), np64(r)) <= (2e-2 if tensor_cores else 1e-4)
 
 
-@pytest.mark.parametrize("glue", [False, True])
-def test_dynamic_coefficient_gradients(monkeypatch, glue):
-    # the dynamic coefficient backward (glue as MLX ops or, the candidate, DYNAMIC_VJP_GLUE; then
-    # the x/phi kernel) against the reference on the CPU
+def _coefficient_gradients_match_the_reference(args, cots):
+    """The dynamic coefficients' gradients (x, phi, alpha, bias) on the GPU against the
+    reference's on the CPU (no TF32 there), each within 1e-4 of max(its norm, 1 % of the largest)."""
     from mhc_mlx import reference
 
-    monkeypatch.setattr(coefficients, "FUSED_VJP_GLUE", glue)
-    n, C, T = 4, 96, 37
-    x = mx.random.normal((T, n, C))
-    args = [x, mx.random.normal((n * C, 24)) / 20, mx.array([0.7, 0.4, 1.1]), mx.random.normal((24,))]
-    cots = [mx.random.normal((T, n)), mx.random.normal((T, n)), mx.random.normal((T, n, n))]
     _, got = mx.vjp(lambda *a: coefficients.mhc_coefficients(*a, 20, 1e-6), args, cots)
     with mx.stream(mx.cpu):
         _, want = mx.vjp(lambda *a: reference.mhc_coefficients(*a, 20, 1e-6), args, cots)
@@ -165,12 +159,22 @@ def test_dynamic_coefficient_gradients(monkeypatch, glue):
         assert err <= 1e-4 * max(float(np.linalg.norm(np64(b))), 0.01 * top)
 
 
+@pytest.mark.parametrize("glue", [False, True])
+def test_dynamic_coefficient_gradients(monkeypatch, glue):
+    # the dynamic coefficient backward (glue as MLX ops or, the candidate, DYNAMIC_VJP_GLUE; then
+    # the x/phi kernel) against the reference on the CPU
+    monkeypatch.setattr(coefficients, "FUSED_VJP_GLUE", glue)
+    n, C, T = 4, 96, 37
+    x = mx.random.normal((T, n, C))
+    args = [x, mx.random.normal((n * C, 24)) / 20, mx.array([0.7, 0.4, 1.1]), mx.random.normal((24,))]
+    cots = [mx.random.normal((T, n)), mx.random.normal((T, n)), mx.random.normal((T, n, n))]
+    _coefficient_gradients_match_the_reference(args, cots)
+
+
 @pytest.mark.parametrize("n", [9, 32])
 def test_wide_n_dynamic_coefficients(monkeypatch, n):
     # the candidate coefficients.WIDE_N (8 < n <= 32 on the kernel path) on the GPU: coefficients
     # against float64, gradients against the reference on the CPU
-    from mhc_mlx import reference
-
     monkeypatch.setattr(coefficients, "WIDE_N", True)
     C, T = 33, 7
     W = n * (n + 2)
@@ -181,14 +185,7 @@ def test_wide_n_dynamic_coefficients(monkeypatch, n):
     for g, w in zip(got_out, want_out):
         assert ref64.rel_err(np64(g), w) <= 1e-5
     cots = [mx.random.normal((T, n)), mx.random.normal((T, n)), mx.random.normal((T, n, n))]
-    _, got = mx.vjp(lambda *a: coefficients.mhc_coefficients(*a, 20, 1e-6), args, cots)
-    with mx.stream(mx.cpu):
-        _, want = mx.vjp(lambda *a: reference.mhc_coefficients(*a, 20, 1e-6), args, cots)
-        mx.eval(want)
-    top = max(float(np.linalg.norm(np64(w))) for w in want)
-    for a, b in zip(got, want):
-        err = float(np.linalg.norm(np64(a) - np64(b)))
-        assert err <= 1e-4 * max(float(np.linalg.norm(np64(b))), 0.01 * top)
+    _coefficient_gradients_match_the_reference(args, cots)
 
 
 @pytest.mark.parametrize("fused_coefficients", [False, True])
