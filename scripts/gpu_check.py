@@ -309,6 +309,34 @@ def cases_layer():
                       [x, pre, post, res, w], [0, 1, 2, 3, 4], floors=floors)
 
 
+
+# Switches for every check: flag -> (module, attribute, value set, help)
+SWITCHES = {
+    "--mma-vjp": (coefficients, "MMA_VJP", True,
+                  "the tensor-core backward of the dynamic coefficients (16-bit x, n <= 4) at every size "
+                  "(coefficients.MMA_VJP = True; by default from MMA_MIN_ELEMENTS elements of x)"),
+    "--layer-candidates": (layer, "INLINE_ALWAYS", True,
+                           "switch on the static layer's candidate: the single-launch form at every token "
+                           "count (layer.INLINE_ALWAYS)"),
+    "--layer-coefficient-ops": (layer, "FUSED_COEFFICIENT_VJP", False,
+                                "the layer backward's coefficient gradients as MLX ops instead of one launch "
+                                "(layer.FUSED_COEFFICIENT_VJP = False)"),
+    "--fused-read-step": (kernels, "FUSED_READ_STEP", True,
+                          "the fused read step of dynamic sites at every size (kernels.FUSED_READ_STEP = True; "
+                          "by default only where its forward is one launch)"),
+    "--vjp-glue-ops": (coefficients, "FUSED_VJP_GLUE", False,
+                       "the dynamic backward's per-token steps as MLX ops instead of one launch "
+                       "(coefficients.FUSED_VJP_GLUE = False)"),
+    "--wide-n": (coefficients, "WIDE_N", True,
+                 "dispatch dynamic coefficients with 8 < n <= 32 to the kernel path (coefficients.WIDE_N; "
+                 "candidate)"),
+    "--chain": (kernels, "CHAIN_X_COTANGENT", True,
+                "switch on the candidate chained x cotangent of HyperConnection sites (kernels.CHAIN_X_COTANGENT)"),
+    "--sinkhorn-warp-vjp": (sinkhorn, "THREAD_VJP_MAX_WORK", 0,
+                            "use the warp-form Sinkhorn backward everywhere (sinkhorn.THREAD_VJP_MAX_WORK = 0; "
+                            "the default takes one thread per matrix for n <= 4)"),
+}
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--no-bench", action="store_true")
@@ -318,56 +346,21 @@ def main(argv=None) -> int:
     ap.add_argument("--dtypes", default="", help="comma list of f32,bf16,f16 (default all)")
     ap.add_argument("--dynamic-form", choices=coefficients.DYNAMIC_FORMS, default="",
                     help="check only this form of the dynamic coefficients (default: kernel and mma)")
-    ap.add_argument("--sinkhorn-warp-vjp", action="store_true",
-                    help="use the warp-form Sinkhorn backward everywhere (sinkhorn.THREAD_VJP_MAX_WORK = 0; "
-                         "the default takes one thread per matrix for n <= 4)")
     ap.add_argument("--mma-x-unroll", type=int, choices=(1, 2, 4), default=None,
                     help="16-byte x loads per row and lane in a step of the tensor-core coefficients "
                          "kernel (coefficients_mma.X_UNROLL: 1, 2 or 4) for every check")
-    ap.add_argument("--mma-vjp", action="store_true",
-                    help="the tensor-core backward of the dynamic coefficients (16-bit x, n <= 4) at every "
-                         "size (coefficients.MMA_VJP = True; by default from MMA_MIN_ELEMENTS elements of x)")
-    ap.add_argument("--layer-candidates", action="store_true",
-                    help="switch on the static layer's candidate: the single-launch form at every token "
-                         "count (layer.INLINE_ALWAYS)")
-    ap.add_argument("--layer-coefficient-ops", action="store_true",
-                    help="the layer backward's coefficient gradients as MLX ops instead of one launch "
-                         "(layer.FUSED_COEFFICIENT_VJP = False)")
-    ap.add_argument("--fused-read-step", action="store_true",
-                    help="the fused read step of dynamic sites at every size (kernels.FUSED_READ_STEP = True; "
-                         "by default only where its forward is one launch)")
-    ap.add_argument("--vjp-glue-ops", action="store_true",
-                    help="the dynamic backward's per-token steps as MLX ops instead of one launch "
-                         "(coefficients.FUSED_VJP_GLUE = False) for every check")
+    for flag, (_, _, _, help_) in SWITCHES.items():
+        ap.add_argument(flag, action="store_true", help=help_ + " for every check")
     ap.add_argument("--small-tokens", type=int, default=None,
                     help="the dynamic coefficients' one-threadgroup-per-token kernels up to this many tokens "
                          "(coefficients.SMALL_TOKENS; candidate, 0 = off) for every check")
-    ap.add_argument("--wide-n", action="store_true",
-                    help="dispatch dynamic coefficients with 8 < n <= 32 to the kernel path (coefficients.WIDE_N; "
-                         "candidate) for every check")
-    ap.add_argument("--chain", action="store_true",
-                    help="switch on the candidate chained x cotangent of HyperConnection sites "
-                         "(kernels.CHAIN_X_COTANGENT) for every check")
     ap.add_argument("--out", default=os.environ.get("OUT", "runs/gpu_check"))
     args = ap.parse_args(argv)
-    if args.fused_read_step:
-        kernels.FUSED_READ_STEP = True
-    if args.chain:
-        kernels.CHAIN_X_COTANGENT = True
-    if args.vjp_glue_ops:
-        coefficients.FUSED_VJP_GLUE = False
-    if args.layer_candidates:
-        layer.INLINE_ALWAYS = True
-    if args.layer_coefficient_ops:
-        layer.FUSED_COEFFICIENT_VJP = False
-    if args.mma_vjp:
-        coefficients.MMA_VJP = True
-    if args.wide_n:
-        coefficients.WIDE_N = True
+    for flag, (module, attribute, value, _) in SWITCHES.items():
+        if getattr(args, flag[2:].replace("-", "_")):
+            setattr(module, attribute, value)
     if args.small_tokens is not None:
         coefficients.SMALL_TOKENS = args.small_tokens
-    if args.sinkhorn_warp_vjp:
-        sinkhorn.THREAD_VJP_MAX_WORK = 0
     if args.mma_x_unroll:
         coefficients_mma.X_UNROLL = args.mma_x_unroll
     global FORCED_FORM
