@@ -22,7 +22,7 @@ from functools import lru_cache
 
 import mlx.core as mx
 
-from . import build, coefficients, site
+from . import coefficients, site
 
 
 @lru_cache(maxsize=None)
@@ -34,13 +34,11 @@ def _function(n: int, iters: int, eps: float, chained: bool = False):
     @mx.custom_function
     def read_step(x, phi, alpha, bias):
         lead, C = x.shape[:-2], x.shape[-1]
-        # CUDA only: on Metal each kernel must pass its first-use check (safety.py), which
-        # covers the two ops' kernels, not this one
-        one = None
-        if build.gpu_backend() == "cuda":
-            one = coefficients.dynamic_read_forward(x.reshape(-1, n * C), phi, alpha, bias, n, iters, eps)
-        if one is not None:  # the kernel form: coefficients and h from one launch
-            H_pre, H_post, H_res, m, invr, h = one
+        # CUDA only (read_step_in_one_launch): on Metal each kernel must pass its first-use
+        # check (safety.py), which covers the two ops' kernels, not this one
+        if coefficients.read_step_in_one_launch(x):  # coefficients and h from one launch
+            H_pre, H_post, H_res, m, invr, h = coefficients.dynamic_read_forward(
+                x.reshape(-1, n * C), phi, alpha, bias, n, iters, eps)
             out = (h.reshape(*lead, C), H_pre.reshape(*lead, n), H_post.reshape(*lead, n),
                    H_res.reshape(*lead, n, n), m, invr)
         else:
