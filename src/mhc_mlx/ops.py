@@ -44,12 +44,16 @@ def run_pre_step(x, phi, alpha, bias, iters: int, eps: float):
 
 
 def run_chained_read(x, phi, alpha, bias, iters: int, eps: float):
-    """(h, (H_pre, H_post, H_res), x') through the chained kernel forms (candidate,
-    kernels.CHAIN_X_COTANGENT; CUDA), or None where they do not apply. Post must read x' in
-    place of x: x's cotangent then comes back down the chain and is written once
-    (kernels/site.py, "chained")."""
+    """(h, (H_pre, H_post, H_res), x') through the chained kernel forms (kernels.CHAIN_X_COTANGENT;
+    CUDA), or None where they do not apply. Post must read x' in place of x: x's cotangent then
+    comes back down the chain and is written once (kernels/site.py, "chained")."""
     if not kernels.CHAIN_X_COTANGENT or kernels.gpu_backend() != "cuda":
         return None
+    if kernels.CHAIN_X_COTANGENT == "auto":
+        from .kernels import coefficients
+
+        if phi is None or not coefficients.backward_on_tensor_cores(x):
+            return None
     if choose("mhc_pre", x)[0] != "kernels":
         return None
     from .kernels import coefficients, pre_step, site

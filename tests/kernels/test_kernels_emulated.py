@@ -169,6 +169,7 @@ FLAVOURED_FORMS = [pytest.param(fl, form, tb, id=f"{fl}-{fid}") for fl in FLAVOU
 # tensor-core form splits K seven ways (the finish's sums over splits: four at a time, then the rest)
 @pytest.mark.parametrize("n,C,T", [(4, 40, 19), (2, 33, 5), (8, 16, 9), (4, 24, 70), (4, 200, 37)])
 def test_dynamic_coefficients_forward(monkeypatch, flavour, form, tb, dtype, n, C, T):
+    monkeypatch.setattr(coefficients, "SMALL_TOKENS", 0)  # the tiled kernel at every T here
     if form.startswith("mma-ku"):
         monkeypatch.setattr(coefficients_mma, "X_UNROLL", int(form[-1]))
         form = "mma"
@@ -206,6 +207,7 @@ def test_dynamic_coefficients_with_pre_in_one_launch(monkeypatch, flavour, tb, d
     # coefficients.DYNAMIC_PRE (the read step's one-launch forward): the DYNAMIC kernel's five
     # outputs unchanged, and h[t, c] = sum_i H_pre[t, i] x[t, i, c] equal to pre's own kernel's
     monkeypatch.setattr(coefficients, "TOKENS_PER_BLOCK_SMALL_N", tb)
+    monkeypatch.setattr(coefficients, "SMALL_TOKENS", 0)  # the tiled kernel at every T here
     x, phi, alpha, bias = _dynamic_inputs(T, n, C, dtype)
     x2 = x.reshape(T, n * C)
     emu.launched.clear()
@@ -261,13 +263,17 @@ def test_dynamic_coefficients_one_threadgroup_per_token(monkeypatch, flavour, dt
     assert [name for name, *_ in emu.launched] == ["mhc_coefficients_dynamic"] * 2
 
 
-def test_one_threadgroup_per_token_is_off_by_default():
-    # a candidate until it has run on a GPU: B = 1 takes the tiled kernel
-    assert coefficients.SMALL_TOKENS == 0
-    x, phi, alpha, bias = _dynamic_inputs(1, 4, 24, mx.bfloat16)
-    emu.launched.clear()
-    coefficients.dynamic_forward(x.reshape(1, 96), phi, alpha, bias, 4, 20, 1e-6, form="kernel")
-    assert [name for name, *_ in emu.launched] == ["mhc_coefficients_dynamic"]
+def test_one_threadgroup_per_token_is_the_default_up_to_16_tokens():
+    # the default since the H200 (2026-11-30): B = 1 and 16 tokens take one threadgroup per
+    # token, 17 the tiled kernel
+    assert coefficients.SMALL_TOKENS == 16
+    launched = []
+    for T in (1, 16, 17):
+        x, phi, alpha, bias = _dynamic_inputs(T, 4, 24, mx.bfloat16)
+        emu.launched.clear()
+        coefficients.dynamic_forward(x.reshape(T, 96), phi, alpha, bias, 4, 20, 1e-6, form="kernel")
+        launched += [name for name, *_ in emu.launched]
+    assert launched == ["mhc_coefficients_dynamic_small"] * 2 + ["mhc_coefficients_dynamic"]
 
 
 @pytest.mark.parametrize("ku", [1, 2, 4])
@@ -348,7 +354,7 @@ def test_dynamic_coefficients_backward(monkeypatch, flavour, threads, per_split,
 # n = 9 (the warp Sinkhorn's first n past the one-thread form), 16 and 32; odd C; one token
 @pytest.mark.parametrize("n,C,T", [(9, 7, 5), (16, 5, 3), (32, 3, 2), (12, 1, 1)])
 def test_wide_n_dynamic_coefficients(monkeypatch, flavour, dtype, n, C, T):
-    # coefficients.WIDE_N (candidate): n > MAX_N_DYNAMIC on the kernel path, the products as
+    # coefficients.WIDE_N (default): n > MAX_N_DYNAMIC on the kernel path, the products as
     # MLX matmuls, the activations and Sinkhorn (and its backward) by their kernels; forward
     # against float64, gradients against the reference's autodiff, with pre's share and the
     # chained cotangent added as the read step and the chain would
@@ -408,18 +414,18 @@ def test_wide_n_dynamic_site(monkeypatch, dtype, chain):
 
 
 def test_wide_n_dynamic_coefficients_dispatch(monkeypatch):
-    # off (the default) n > 8 dynamic coefficients take the compiled path, with the reason;
-    # on, the kernels
+    # on (the default) n > 8 dynamic coefficients take the kernels, but not the one-launch read
+    # step; off, the compiled path, with the reason
     from mhc_mlx import dispatch, kernels
 
     as_cuda(monkeypatch)
     x, phi, alpha, bias = _dynamic_inputs(2, 16, 5, mx.bfloat16)
-    assert coefficients.WIDE_N is False
-    assert dispatch.choose("mhc_coefficients", x, phi, alpha, bias, iters=20, eps=1e-6)[0] != "kernels"
-    assert "n=16" in kernels._shape_reason("mhc_coefficients", [x, phi, alpha, bias], {})
-    monkeypatch.setattr(coefficients, "WIDE_N", True)
+    assert coefficients.WIDE_N is True
     assert dispatch.choose("mhc_coefficients", x, phi, alpha, bias, iters=20, eps=1e-6)[0] == "kernels"
     assert not coefficients.read_step_in_one_launch(x)
+    monkeypatch.setattr(coefficients, "WIDE_N", False)
+    assert dispatch.choose("mhc_coefficients", x, phi, alpha, bias, iters=20, eps=1e-6)[0] != "kernels"
+    assert "n=16" in kernels._shape_reason("mhc_coefficients", [x, phi, alpha, bias], {})
 
 
 SITE_SHAPES = [(1, 33, (3,)), (2, 64, (2, 3)), (3, 1, (4,)), (4, 40, (5,)), (4, 1031, (2,)), (8, 24, (3,)),
@@ -496,9 +502,10 @@ def test_fused_read_step_forward_and_backward(monkeypatch, flavour, dtype, n, C,
     h, H_pre, H_post, H_res = pre_step.mhc_pre_step(*primals, 20, 1e-6)
     # these sizes take the kernel form: on CUDA, coefficients and h from one launch
     # (DYNAMIC_PRE); on Metal the two ops' kernels (the ones its first-use checks cover)
+    # (up to coefficients.SMALL_TOKENS tokens, as here, their one-threadgroup-per-token forms)
     one_launch = build.gpu_backend() == "cuda"
     assert [name for name, *_ in emu.launched] == (
-        ["mhc_coefficients_dynamic_pre"] if one_launch else ["mhc_coefficients_dynamic", "mhc_pre"])
+        ["mhc_coefficients_dynamic_small_pre"] if one_launch else ["mhc_coefficients_dynamic_small", "mhc_pre"])
     want = ref64.coefficients(np64(x), np64(phi), np64(alpha), np64(bias), 20, 1e-6)
     for got, w in zip((H_pre, H_post, H_res), want):
         assert rel(got, w.reshape(got.shape)) <= 1e-5
@@ -1040,6 +1047,8 @@ MISALIGNED_CASES = {
     "coefficients-kernel": lambda mp: test_dynamic_coefficients_forward(mp, "cuda", "kernel", 8, mx.bfloat16, 4, 40, 19),
     "coefficients-mma": lambda mp: test_dynamic_coefficients_forward(mp, "cuda", "mma", None, mx.bfloat16, 4, 40, 19),
     "coefficients-mma-f16": lambda mp: test_dynamic_coefficients_forward(mp, "cuda", "mma", None, mx.float16, 4, 24, 70),
+    "coefficients-small": lambda mp: test_dynamic_coefficients_one_threadgroup_per_token(
+        mp, "cuda", mx.bfloat16, 4, 40, 3),
     "coefficients-backward": lambda mp: test_dynamic_coefficients_backward(mp, "cuda", None, None, mx.bfloat16),
     "mma-backward": lambda mp: test_tensor_core_coefficient_backward_products(mx.bfloat16, 4, 40, 37),
     "read-step": lambda mp: test_fused_read_step_forward_and_backward(mp, "cuda", mx.bfloat16, 4, 24, (7,)),

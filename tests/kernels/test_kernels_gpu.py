@@ -86,7 +86,7 @@ def test_dynamic_coefficients_with_pre_in_one_launch(dtype):
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16, mx.float16])
 @pytest.mark.parametrize("n,C,T", [(4, 97, 3), (8, 33, 2), (1, 700, 1)])
 def test_dynamic_coefficients_one_threadgroup_per_token(monkeypatch, dtype, n, C, T):
-    # the candidate coefficients.DYNAMIC_SMALL (and its read-step form), on the GPU
+    # coefficients.DYNAMIC_SMALL (and its read-step form; default up to 16 tokens), on the GPU
     monkeypatch.setattr(coefficients, "SMALL_TOKENS", 16)
     W = n * (n + 2)
     x = mx.random.normal((T, n, C)).astype(dtype)
@@ -114,7 +114,7 @@ def test_layer(inline):
 
 @pytest.mark.parametrize("dynamic,tensor_cores", [(True, False), (False, False), (True, True)])
 def test_chained_x_cotangent_gradients(monkeypatch, dynamic, tensor_cores):
-    # kernels.CHAIN_X_COTANGENT (candidate): a HyperConnection's gradients on the GPU against the
+    # kernels.CHAIN_X_COTANGENT (on): a HyperConnection's gradients on the GPU against the
     # reference backend's float32 autodiff (CUDA: the chain is CUDA-only, elsewhere a no-op);
     # tensor_cores: bfloat16 x through the tensor-core backward, whose DX kernel adds the chain's
     # cotangent (ACC)
@@ -173,7 +173,7 @@ def test_dynamic_coefficient_gradients(monkeypatch, glue):
 
 @pytest.mark.parametrize("n", [9, 32])
 def test_wide_n_dynamic_coefficients(monkeypatch, n):
-    # the candidate coefficients.WIDE_N (8 < n <= 32 on the kernel path) on the GPU: coefficients
+    # coefficients.WIDE_N (8 < n <= 32 on the kernel path) on the GPU: coefficients
     # against float64, gradients against the reference on the CPU
     monkeypatch.setattr(coefficients, "WIDE_N", True)
     C, T = 33, 7

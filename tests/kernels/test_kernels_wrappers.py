@@ -16,6 +16,12 @@ MODULES = (coefficients, coefficients_mma, coefficients_mma_vjp, layer, sinkhorn
 launched = []
 
 
+def _fused_dynamic(tokens: int) -> str:
+    """The fused dynamic coefficient kernel for this many tokens: one threadgroup per token up to
+    coefficients.SMALL_TOKENS, the tiled kernel above."""
+    return "mhc_coefficients_dynamic_small" if tokens <= coefficients.SMALL_TOKENS else "mhc_coefficients_dynamic"
+
+
 @pytest.fixture(autouse=True)
 def stand_in_launch(monkeypatch):
     def fake(spec, inputs, outputs, grid, threadgroup, template, backend=None):
@@ -158,9 +164,9 @@ def test_candidate_gemm_form_of_dynamic_coefficients(monkeypatch, dtype):
                         [x, mx.zeros((n * C, W)), mx.zeros((3,)), mx.zeros((W,))])
     names = [name for name, *_ in launched]
     if dtype == mx.float32:
-        assert "mhc_coefficients_dynamic" in names
+        assert _fused_dynamic(6) in names
     else:
-        assert "mhc_coefficients_dynamic" not in names and "mhc_coefficients_static" in names
+        assert _fused_dynamic(6) not in names and "mhc_coefficients_static" in names
         assert "mhc_coefficients_dynamic_vjp" in names  # the backward is the same kernel
     with pytest.raises(ValueError, match="unknown dynamic coefficient form"):
         coefficients.dynamic_forward(x.reshape(6, n * C), mx.zeros((n * C, W)), mx.zeros((3,)),
@@ -199,9 +205,9 @@ def test_mma_form_of_dynamic_coefficients(monkeypatch, dtype):
                         [x, mx.zeros((n * C, W)), mx.zeros((3,)), mx.zeros((W,))])
     names = [name for name, *_ in launched]
     if dtype == mx.float32:
-        assert "mhc_coefficients_dynamic_mma" not in names and "mhc_coefficients_dynamic" in names
+        assert "mhc_coefficients_dynamic_mma" not in names and _fused_dynamic(6) in names
     else:
-        assert "mhc_coefficients_dynamic_mma" in names and "mhc_coefficients_dynamic" not in names
+        assert "mhc_coefficients_dynamic_mma" in names and _fused_dynamic(6) not in names
         # three launches: phi packed, the tensor-core partials, the finish (no MLX-op glue)
         assert {"mhc_coefficients_pack_phi", "mhc_coefficients_dynamic_finish"} <= set(names)
         template = dict(next(t for name, t, *_ in launched if name == "mhc_coefficients_dynamic_mma"))
@@ -220,7 +226,7 @@ def test_cuda_only_kernel_never_runs_on_metal(monkeypatch):
     coefficients.mhc_coefficients(mx.zeros((3, n, C), dtype=mx.bfloat16), mx.zeros((n * C, W)), mx.zeros((3,)),
                                   mx.zeros((W,)), 20, 1e-6)
     names = [name for name, *_ in launched]
-    assert "mhc_coefficients_dynamic_mma" not in names and "mhc_coefficients_dynamic" in names
+    assert "mhc_coefficients_dynamic_mma" not in names and _fused_dynamic(3) in names
 
 
 @pytest.mark.parametrize("tokens,C", [(1, 8), (255, 4096), (256, 4096), (1000, 1280), (1024, 1024)])
@@ -237,9 +243,9 @@ def test_default_dynamic_form_is_the_fused_kernel_below_mma_min_elements(monkeyp
                                   mx.zeros((3,)), mx.zeros((W,)), 20, 1e-6)
     names = [name for name, *_ in launched]
     if tokens * n * C >= coefficients.MMA_MIN_ELEMENTS:
-        assert "mhc_coefficients_dynamic_mma" in names and "mhc_coefficients_dynamic" not in names
+        assert "mhc_coefficients_dynamic_mma" in names and _fused_dynamic(tokens) not in names
     else:
-        assert "mhc_coefficients_dynamic" in names and "mhc_coefficients_dynamic_mma" not in names
+        assert _fused_dynamic(tokens) in names and "mhc_coefficients_dynamic_mma" not in names
 
 
 def _last_op(a: mx.array, tmp_path) -> str:
@@ -380,7 +386,7 @@ def test_read_step_auto_only_where_its_forward_is_one_launch(monkeypatch, backen
     launched.clear()
     mx.eval(hc(x, lambda h: h * 2))
     names = {name for name, *_ in launched}
-    assert ("mhc_coefficients_dynamic_pre" in names) == one_launch, names
+    assert ("mhc_coefficients_dynamic_small_pre" in names) == one_launch, names  # 6 tokens
     assert ("mhc_pre" in names) == (not one_launch), names
     # on Metal there is no one-launch read step (the two ops' kernels carry the first-use checks)
     monkeypatch.setattr(build, "gpu_backend", lambda: "metal")
@@ -424,3 +430,37 @@ def test_tensor_core_coefficient_backward_only_where_it_applies(monkeypatch, bac
     assert ("mhc_coefficients_dynamic_vjp_dx_mma" in names) == tensor_cores
     assert ("mhc_coefficients_dynamic_vjp_dphi_mma" in names) == tensor_cores
     assert ("mhc_coefficients_dynamic_vjp" in names) == (not tensor_cores)
+
+
+@pytest.mark.parametrize("dynamic,dtype,n,mma_min,chained", [
+    (True, mx.bfloat16, 4, 0, True),           # the tensor-core backward: chained
+    (True, mx.float16, 2, 0, True),
+    (True, mx.bfloat16, 4, None, False),       # below MMA_MIN_ELEMENTS: the FP32 backward, not chained
+    (True, mx.float32, 4, 0, False),           # float32 x never takes the tensor-core backward
+    (True, mx.bfloat16, 8, 0, False),          # nor n > 4
+    (False, mx.bfloat16, 4, 0, False)])        # static sites: not chained
+def test_chained_x_cotangent_auto_where_the_backward_takes_tensor_cores(monkeypatch, dynamic, dtype, n, mma_min,
+                                                                        chained):
+    # kernels.CHAIN_X_COTANGENT "auto" (the default): a HyperConnection chains x's cotangent where
+    # its coefficient backward takes the tensor-core form (faster there on the H200), not elsewhere
+    import mhc_mlx as mhc
+    from mhc_mlx import kernels
+    from mhc_mlx.kernels import build
+
+    assert kernels.CHAIN_X_COTANGENT == "auto"
+    monkeypatch.setattr(build, "gpu_backend", lambda: "cuda")
+    monkeypatch.setattr(build, "on_gpu", lambda *a: True)
+    monkeypatch.setattr(kernels, "gpu_backend", build.gpu_backend)
+    monkeypatch.setattr(kernels, "on_gpu", build.on_gpu)
+    if mma_min is not None:
+        monkeypatch.setattr(coefficients, "MMA_MIN_ELEMENTS", mma_min)
+    C = 24
+    hc = mhc.HyperConnection(C, n, dynamic=dynamic)
+    x = mx.zeros((2, 3, n, C), dtype=dtype)
+    mx.eval(x, hc.parameters())
+    _, coeffs = hc.pre(x)
+    assert (getattr(coeffs, "chain", None) is not None) == chained
+    assert coefficients.backward_on_tensor_cores(x) == (chained or not dynamic)
+    # on Metal never
+    monkeypatch.setattr(build, "gpu_backend", lambda: "metal")
+    assert not coefficients.backward_on_tensor_cores(x)

@@ -36,11 +36,16 @@ MAX_N_DYNAMIC = 8
 # either way) 252.2 / 257.5; forward+backward B = 1 693.2 / 705.6 and 886.2 / 1018.1,
 # 512x4x1280 361.2 / 357.4 and 390.5 / 405.0, 4096x4x4096 1200.9 / 1178.0 (slower there).
 FUSED_READ_STEP: bool | str = "auto"
-# Candidate (site.py, "chained"; written 2026-11-29 without a GPU): in a HyperConnection on
-# CUDA each kernel op passes its x through to the site's next op, so x's cotangent is written
-# once, by the first op's backward kernel, instead of being summed by MLX adds of [T, n, C]
-# arrays (two at a dynamic site: 2 x 12 C bytes per token at n = 4 in bfloat16).
-CHAIN_X_COTANGENT = False
+# The chained forms (site.py, "chained"): in a HyperConnection on CUDA each kernel op passes its
+# x through to the site's next op, so x's cotangent is written once, by the first op's backward
+# kernel (the tensor-core DX kernel adds it in its one pass), instead of being summed by MLX adds
+# of [T, n, C] arrays (two at a dynamic site: 2 x 12 C bytes per token at n = 4 in bfloat16).
+# "auto" (default): at dynamic sites whose coefficient backward takes the tensor-core form
+# (coefficients.backward_on_tensor_cores); True: at every mHC site the kernels run; False: never.
+# H200 (2026-11-30, scripts/gpu_experiments.py chain, medians of 5 alternated runs, bf16, dynamic
+# fwd+bwd, chained against not): 4096x4x4096 825.4 / 932.4 µs, 512x4x1280 236.8 / 205.9 (slower:
+# the FP32 backward there), B = 1 553.3 / 568.5 (within the runs' spread).
+CHAIN_X_COTANGENT: bool | str = "auto"
 
 
 _IMPLEMENTATIONS: dict = {}
@@ -152,21 +157,17 @@ def status() -> dict:
 
 def use_candidates(on: bool = True) -> None:
     """Switch this process's kernel candidates on or off (`mhc-mlx bench --candidates`): the
-    tensor-core coefficient backward and the fused read step at every size (by default each
-    only where it was faster), the static layer's single-launch (inline) form at every token
-    count and the chained x cotangent, which passed scripts/gpu_check.py on the H200 but were
-    slower there than the defaults, and, not yet run on a GPU, the dynamic coefficients'
-    one-threadgroup-per-token form for up to 16 tokens and their kernel path for 8 < n <= 32
-    (docs/kernel-notes.md). Off: the shipped defaults."""
+    tensor-core coefficient backward, the fused read step and the chained x cotangent at every
+    size (by default each only where it was faster), and the static layer's single-launch
+    (inline) form at every token count, which passed scripts/gpu_check.py on the H200 but were
+    slower there than the defaults (docs/kernel-notes.md). Off: the shipped defaults."""
     from . import coefficients, layer
 
     global FUSED_READ_STEP, CHAIN_X_COTANGENT
     FUSED_READ_STEP = True if on else "auto"
-    CHAIN_X_COTANGENT = on
+    CHAIN_X_COTANGENT = True if on else "auto"
     coefficients.MMA_VJP = True if on else "auto"
     layer.INLINE_ALWAYS = on
-    coefficients.SMALL_TOKENS = 16 if on else 0
-    coefficients.WIDE_N = on
 
 
 def settings() -> dict:

@@ -20,12 +20,12 @@ from .build import KernelSpec, edited, float_params, int_params, launch
 
 F32 = mx.float32
 MAX_N_DYNAMIC = 8  # W = n(n+2) <= 80 accumulators per lane in the fused kernels
-# Candidate (written 2026-11-30 without a GPU): dynamic coefficients for MAX_N_DYNAMIC < n <= 32
-# on the kernel path ("wide n"): xf @ phi and the backward's two products as float32-exact MLX
-# matmuls (matmul.product), the activations and Sinkhorn by ACTIVATE (one warp per token, the
-# transpose-reduce Sinkhorn), the Sinkhorn backward by its kernel. False: those n take the
-# compiled path (kernels/__init__.py gives the reason).
-WIDE_N = False
+# Dynamic coefficients for MAX_N_DYNAMIC < n <= 32 on the kernel path ("wide n"): xf @ phi and
+# the backward's two products as float32-exact MLX matmuls (matmul.product), the activations and
+# Sinkhorn by ACTIVATE (one warp per token, the transpose-reduce Sinkhorn), the Sinkhorn backward
+# by its kernel. Default since H200 2026-11-30 (docs/kernel-notes.md row 26: 1.5-2.3x the
+# compiled path). False: those n take the compiled path (kernels/__init__.py gives the reason).
+WIDE_N = True
 
 ACTIVATE = KernelSpec(
     name="mhc_coefficients_static",
@@ -321,8 +321,9 @@ DYNAMIC_SMALL_PRE = KernelSpec(
 """,
 )
 # Up to this many tokens the kernel form takes DYNAMIC_SMALL (DYNAMIC_SMALL_PRE for the read
-# step); 0: never (candidate, `--candidates` sets 16). Not yet run on a GPU.
-SMALL_TOKENS = 0
+# step): one threadgroup per token instead of the tiled kernel's idle lanes; 0: never. 16 since
+# H200 2026-11-30 (docs/kernel-notes.md row 26).
+SMALL_TOKENS = 16
 
 # dxf[t, k] = sum_w gs[t, w] phi[k, w] - xf[t, k] c2[t]   and   dphi[k, w] = sum_t xf[t, k] gs[t, w]
 # Thread = one column k of xf, phi row k held in registers; blocks split the tokens in
@@ -740,6 +741,16 @@ def read_step_in_one_launch(x) -> bool:
     """Whether the read step's forward (coefficients + pre) takes one launch for x [..., n, C]:
     on CUDA, where the coefficients take the kernel form (kernels.FUSED_READ_STEP "auto")."""
     return build.gpu_backend() == "cuda" and x.shape[-2] <= MAX_N_DYNAMIC and _form(x) == "kernel"
+
+
+def backward_on_tensor_cores(x) -> bool:
+    """Whether the dynamic coefficients' backward takes the tensor-core form for x [..., n, C]
+    (CUDA, 16-bit x, n <= 4, MMA_VJP; kernels.CHAIN_X_COTANGENT "auto" asks)."""
+    from . import coefficients_mma_vjp
+
+    n = x.shape[-2]
+    return (build.gpu_backend() == "cuda" and x.size > 0 and _tensor_core_vjp(x)
+            and x.dtype in (mx.bfloat16, mx.float16) and n <= coefficients_mma_vjp.MAX_N)
 
 
 def dynamic_vjp_x_phi(x2, phi, gs, c2, pre=None, gacc=None):

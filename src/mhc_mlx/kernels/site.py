@@ -398,7 +398,7 @@ def _post_vjp(primals, cotangent, output):
     return post_vjp(x, f, H_post, H_res, cotangent)
 
 
-# The chained forms (kernels.CHAIN_X_COTANGENT, candidate; HyperConnection takes them): an op
+# The chained forms (kernels.CHAIN_X_COTANGENT; HyperConnection takes them): an op
 # also outputs its x unchanged (MLX shares the buffer: no copy) and the site's next op reads
 # that output instead of x. Autodiff then hands the next op's x cotangent to this op's
 # backward as the cotangent of that output, and this op's kernel adds it as it writes its
