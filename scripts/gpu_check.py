@@ -218,8 +218,8 @@ def cases_read_step():
 
 
 def cases_chain():
-    # The chained x cotangent (kernels/site.py "chained", a candidate behind
-    # kernels.CHAIN_X_COTANGENT), switched on here whatever that flag says: whole HyperConnection
+    # The chained x cotangent (kernels/site.py "chained", kernels.CHAIN_X_COTANGENT: by default
+    # only where the coefficient backward takes tensor cores), switched on here at every size: whole HyperConnection
     # sites through the dispatcher (static, dynamic as two ops, dynamic with the fused read step),
     # a sublayer with a gradient (f = h * w); gradients for x and the site's parameters.
     import mhc_mlx as mhc
@@ -329,9 +329,10 @@ SWITCHES = {
                        "(coefficients.FUSED_VJP_GLUE = False)"),
     "--wide-n": (coefficients, "WIDE_N", True,
                  "dispatch dynamic coefficients with 8 < n <= 32 to the kernel path (coefficients.WIDE_N; "
-                 "candidate)"),
+                 "the default since 2026-11-30, kept for the stages that name it)"),
     "--chain": (kernels, "CHAIN_X_COTANGENT", True,
-                "switch on the candidate chained x cotangent of HyperConnection sites (kernels.CHAIN_X_COTANGENT)"),
+                "the chained x cotangent of HyperConnection sites at every size (kernels.CHAIN_X_COTANGENT = True; "
+                "by default where the coefficient backward takes tensor cores)"),
     "--sinkhorn-warp-vjp": (sinkhorn, "THREAD_VJP_MAX_WORK", 0,
                             "use the warp-form Sinkhorn backward everywhere (sinkhorn.THREAD_VJP_MAX_WORK = 0; "
                             "the default takes one thread per matrix for n <= 4)"),
@@ -353,7 +354,7 @@ def main(argv=None) -> int:
         ap.add_argument(flag, action="store_true", help=help_ + " for every check")
     ap.add_argument("--small-tokens", type=int, default=None,
                     help="the dynamic coefficients' one-threadgroup-per-token kernels up to this many tokens "
-                         "(coefficients.SMALL_TOKENS; candidate, 0 = off) for every check")
+                         "(coefficients.SMALL_TOKENS; default 16, 0 = off) for every check")
     ap.add_argument("--out", default=os.environ.get("OUT", "runs/gpu_check"))
     args = ap.parse_args(argv)
     for flag, (module, attribute, value, _) in SWITCHES.items():

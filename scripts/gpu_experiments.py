@@ -407,7 +407,7 @@ def mma_vjp(rounds=5):
 
 def small_tokens(rounds=5):
     """The dynamic coefficients' one-threadgroup-per-token kernels (coefficients.SMALL_TOKENS,
-    candidate) against the tiled kernel, alternated `rounds` times: the dynamic site at B = 1
+    16 by default since 2026-11-30) against the tiled kernel, alternated `rounds` times: the dynamic site at B = 1
     (forward, forward+backward; the read step's forward is DYNAMIC_SMALL_PRE then) and 16 tokens,
     then the coefficient kernel alone chained 100 times at B = 1 (µs per application)."""
     rows = case_rows(("dynamic", "fwd", (1, 4, 512), "latency"),
@@ -431,8 +431,8 @@ def small_tokens(rounds=5):
 
 
 def wide_n(rounds=5):
-    """Dynamic sites with n > 8 on the kernel path (coefficients.WIDE_N, candidate) against the
-    compiled path they take by default, alternated `rounds` times: forward and forward+backward
+    """Dynamic sites with n > 8 on the kernel path (coefficients.WIDE_N, the default since
+    2026-11-30) against the compiled path they took before, alternated `rounds` times: forward and forward+backward
     at 512x16x1280 and 256x32x1024, and the forward at B = 1 with n = 32."""
     rows = case_rows(("dynamic", "fwd", (512, 16, 1280), "throughput"),
                      ("dynamic", "fwd+bwd", (512, 16, 1280), "throughput"),

@@ -18,6 +18,10 @@
 #   bash scripts/gpu_session.sh verify       # every check, the B = 1 layer timings, the bench (seeds, +step)
 #   bash scripts/gpu_session.sh small-tokens # the one-threadgroup-per-token coefficient kernels: checks, timings
 #   bash scripts/gpu_session.sh wide-n       # dynamic coefficients for n > 8 on the kernel path: checks, timings
+#   bash scripts/gpu_session.sh narrow-wide  # small-tokens and wide-n in one call: both candidates'
+#                                            # checks together, then each one's timings
+#   bash scripts/gpu_session.sh close        # the target and n = 16 / 32 cases' bench (seeds, +step), ncu profile
+#   bash scripts/gpu_session.sh recheck      # a second sample: the target cases' bench (ours), wide-n timings
 #   bash scripts/gpu_session.sh op-paths     # checks of the MLX-op forms the one-launch kernels replaced
 #   bash scripts/gpu_session.sh mma-vjp      # the tensor-core coefficient backward vs the FP32 kernel
 #   bash scripts/gpu_session.sh b1           # the B = 1 layer kernel by Sinkhorn iterations, and ncu
@@ -164,6 +168,27 @@ case "${1:-}" in
     CHECK_ARGS="--wide-n" CHECK_ONLY="${CHECK_ONLY:-coefficients}" check 200
     run 150 experiments_wide_n python scripts/gpu_experiments.py wide-n
     ;;
+  narrow-wide)
+    # small-tokens and wide-n in one device call: one round of checks with both candidates on
+    # (B = 1 and n = 9, 16, 32 cases included), then each timed against what runs today
+    CHECK_ARGS="--small-tokens 16 --wide-n" CHECK_ONLY="${CHECK_ONLY:-coefficients,read_step,chain}" check 200
+    run 120 experiments_small_tokens python scripts/gpu_experiments.py small-tokens
+    run 150 experiments_wide_n python scripts/gpu_experiments.py wide-n
+    ;;
+  close)
+    # a session's last call: the target cases' and the n = 16 / 32 cases' bench with the seed
+    # packages and the compiled-step rows, then where each target case's GPU time goes (ncu)
+    run 420 bench python -m mhc_mlx.cli.main bench --out "$res/bench" --overwrite --seeds .seedpkgs \
+      --only "$TARGETS,x32x,x16x" --compiled-step
+    profile 100
+    ;;
+  recheck)
+    # a second sample after `close` (the bench's spread between processes is ~10-20 %): the
+    # target cases and the n = 16 fwd+bwd case, our rows only, then the wide-n timings again
+    run 200 bench python -m mhc_mlx.cli.main bench --out "$res/bench_recheck" --overwrite --seeds "" \
+      --only "$TARGETS,x16x" --impl kernels,kernels+step
+    run 150 experiments_wide_n python scripts/gpu_experiments.py wide-n
+    ;;
   op-paths)
     # the MLX-op forms that one-launch kernels replaced by default (the dynamic backward's glue,
     # the layer backward's coefficient gradients), still taken where the kernels do not apply
@@ -248,7 +273,7 @@ case "${1:-}" in
     run 140 experiments python scripts/gpu_experiments.py
     ;;
   *)
-    echo "usage: bash scripts/gpu_session.sh check|bench|bench-full|check-bench-full|profile|experiments|all|candidates|adopt|verify|small-tokens|wide-n|op-paths|mma-vjp|b1|decide|headers|layer-candidates|tune|final" >&2
+    echo "usage: bash scripts/gpu_session.sh check|bench|bench-full|check-bench-full|profile|experiments|all|candidates|adopt|verify|small-tokens|wide-n|narrow-wide|close|recheck|op-paths|mma-vjp|b1|decide|headers|layer-candidates|tune|final" >&2
     exit 2
     ;;
 esac

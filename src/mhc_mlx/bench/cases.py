@@ -80,6 +80,8 @@ def full_cases() -> list[Case]:
         Case("static", "fwd", (512, 8, 1280), bf, "throughput"),
         Case("dynamic", "fwd", (512, 8, 1280), bf, "throughput"),
         Case("static", "fwd", (512, 32, 1280), bf, "throughput"),
+        Case("dynamic", "fwd", (512, 32, 1280), bf, "throughput"),
+        Case("dynamic", "fwd+bwd", (512, 16, 1280), bf, "throughput"),
         Case("static", "fwd", (1, 32, 2048), bf, "latency"),
     ]
     return cases
