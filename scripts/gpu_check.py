@@ -355,6 +355,9 @@ def main(argv=None) -> int:
     ap.add_argument("--small-tokens", type=int, default=None,
                     help="the dynamic coefficients' one-threadgroup-per-token kernels up to this many tokens "
                          "(coefficients.SMALL_TOKENS; default 16, 0 = off) for every check")
+    ap.add_argument("--glue-threads", type=int, default=None,
+                    help="threads per group of the dynamic backward's glue kernel (coefficients.GLUE_THREADS; "
+                         "a multiple of 32) for every check")
     ap.add_argument("--out", default=os.environ.get("OUT", "runs/gpu_check"))
     args = ap.parse_args(argv)
     for flag, (module, attribute, value, _) in SWITCHES.items():
@@ -362,6 +365,10 @@ def main(argv=None) -> int:
             setattr(module, attribute, value)
     if args.small_tokens is not None:
         coefficients.SMALL_TOKENS = args.small_tokens
+    if args.glue_threads is not None:
+        if args.glue_threads <= 0 or args.glue_threads % 32 or args.glue_threads > 1024:
+            ap.error(f"--glue-threads must be a multiple of 32 from 32 to 1024, got {args.glue_threads}")
+        coefficients.GLUE_THREADS = args.glue_threads
     if args.mma_x_unroll:
         coefficients_mma.X_UNROLL = args.mma_x_unroll
     global FORCED_FORM

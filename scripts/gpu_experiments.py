@@ -11,6 +11,7 @@ copy floor two ways, and where B=1 latency goes (Python graph building vs the ev
     python scripts/gpu_experiments.py wide-n   (only the dynamic sites with n > 8 on the kernel path)
     python scripts/gpu_experiments.py small-tokens  (only the one-threadgroup-per-token coefficient kernels)
     python scripts/gpu_experiments.py mma-vjp  (only the tensor-core coefficient backward vs the FP32 kernel)
+    python scripts/gpu_experiments.py glue-threads  (only the glue kernel's group size, and the fragment packs)
     python scripts/gpu_experiments.py b1 [ncu]  (only the B = 1 layer kernel by Sinkhorn iterations)
 """
 
@@ -687,6 +688,29 @@ def main():
     print(f"pre n=32 512x1280 shared: {us:7.1f} us {gbps(x32[0].nbytes, us)}")
 
 
+def glue_threads(rounds=5):
+    """The dynamic backward's glue kernel (coefficients.DYNAMIC_VJP_GLUE, one thread per token)
+    at 128, 64 and 32 threads per group, alternated `rounds` times: the dynamic site fwd+bwd at
+    4096x4x4096, 512x4x1280 and B = 1; then the tensor-core backward's fragment packs alone at
+    4096x4x4096 (ncu put them at 20-35 µs each), each eval's µs per application in a chain."""
+    from mhc_mlx.kernels import coefficients_mma_vjp as cmv
+
+    rows = case_rows(("dynamic", "fwd+bwd", (4096, 4, 4096), "throughput"),
+                     ("dynamic", "fwd+bwd", (512, 4, 1280), "throughput"),
+                     ("dynamic", "fwd+bwd", (1, 4, 512), "latency"))
+    alternated_settings("glue threads", rows, {str(t): [(coefficients, "GLUE_THREADS", t)] for t in (128, 64, 32)},
+                        rounds)
+    gs = mx.random.normal((4096, 24))
+    phi = 0.02 * mx.random.normal((16384, 24))
+    mx.eval(gs, phi)
+    for label, step, first in (("pack_a(gs 4096x24)", lambda a: cmv.pack_a(a, cmv.DX_PARTS)[0, 0, 0, 0, 0]
+                                .astype(mx.float32) + a, gs),
+                               ("pack_b(phi 16384x24, DX)", lambda a: cmv.pack_b(a, cmv.DX_PARTS, True, perm64=True)
+                                [0, 0, 0, 0, 0].astype(mx.float32) + a, phi)):
+        print(f"{label}: {eval_us(lambda: step(first)):7.1f} us per eval, "
+              f"{chain_us(step, first, chain_len=20):7.1f} us per application chained (an add included)")
+
+
 # One part of the experiments alone (the module docstring lists them): mode -> function
 MODES = {
     "headers": header_sizes,
@@ -698,6 +722,7 @@ MODES = {
     "mma-vjp": mma_vjp,
     "launch": launch_costs,
     "layer-coefficients": layer_coefficient_vjp,
+    "glue-threads": glue_threads,
 }
 
 

@@ -22,6 +22,7 @@
 #                                            # checks together, then each one's timings
 #   bash scripts/gpu_session.sh close        # the target and n = 16 / 32 cases' bench (seeds, +step), ncu profile
 #   bash scripts/gpu_session.sh recheck      # a second sample: the target cases' bench (ours), wide-n timings
+#   bash scripts/gpu_session.sh glue         # the glue kernel at 32 threads per group: checks, timings
 #   bash scripts/gpu_session.sh op-paths     # checks of the MLX-op forms the one-launch kernels replaced
 #   bash scripts/gpu_session.sh mma-vjp      # the tensor-core coefficient backward vs the FP32 kernel
 #   bash scripts/gpu_session.sh b1           # the B = 1 layer kernel by Sinkhorn iterations, and ncu
@@ -189,6 +190,13 @@ case "${1:-}" in
       --only "$TARGETS,x16x" --impl kernels,kernels+step
     run 150 experiments_wide_n python scripts/gpu_experiments.py wide-n
     ;;
+  glue)
+    # the dynamic backward's glue kernel at 32 threads per group (ncu: 98 µs at 128 in the
+    # 4096-token site backward, 32 groups on 132 SMs): coefficient and chain checks, then the
+    # group sizes and the fragment packs timed
+    CHECK_ARGS="--glue-threads 32" CHECK_ONLY="${CHECK_ONLY:-coefficients,chain}" check 200
+    run 150 experiments_glue python scripts/gpu_experiments.py glue-threads
+    ;;
   op-paths)
     # the MLX-op forms that one-launch kernels replaced by default (the dynamic backward's glue,
     # the layer backward's coefficient gradients), still taken where the kernels do not apply
@@ -273,7 +281,7 @@ case "${1:-}" in
     run 140 experiments python scripts/gpu_experiments.py
     ;;
   *)
-    echo "usage: bash scripts/gpu_session.sh check|bench|bench-full|check-bench-full|profile|experiments|all|candidates|adopt|verify|small-tokens|wide-n|narrow-wide|close|recheck|op-paths|mma-vjp|b1|decide|headers|layer-candidates|tune|final" >&2
+    echo "usage: bash scripts/gpu_session.sh check|bench|bench-full|check-bench-full|profile|experiments|all|candidates|adopt|verify|small-tokens|wide-n|narrow-wide|close|recheck|glue|op-paths|mma-vjp|b1|decide|headers|layer-candidates|tune|final" >&2
     exit 2
     ;;
 esac

@@ -924,17 +924,21 @@ def test_metal_first_use_check_catches_a_wrong_backward(monkeypatch, flavour):
 
 @pytest.mark.parametrize("flavour", FLAVOURS)
 @pytest.mark.parametrize("n,iters", [(1, 20), (2, 20), (3, 20), (4, 20), (2, 40)])
-@pytest.mark.parametrize("T", [1, 7, 130])
-def test_dynamic_backward_glue_in_one_launch(monkeypatch, flavour, n, iters, T):
-    # coefficients.DYNAMIC_VJP_GLUE (candidate FUSED_VJP_GLUE): the coefficient backward's
+@pytest.mark.parametrize("T,threads", [(1, 128), (7, 128), (130, 128), (130, 32), (7, 32)])
+def test_dynamic_backward_glue_in_one_launch(monkeypatch, flavour, n, iters, T, threads):
+    # coefficients.DYNAMIC_VJP_GLUE (FUSED_VJP_GLUE, the default): the coefficient backward's
     # gradients with the glue as one kernel equal those with the glue as MLX ops (T = 130: two
-    # threadgroups, the second partial), and the reference's autodiff
+    # threadgroups of 128 or five of 32, the last partial), and the reference's autodiff
+    monkeypatch.setattr(coefficients, "GLUE_THREADS", threads)
     C = 12
     x, phi, alpha, bias = _dynamic_inputs(T, n, C, mx.float32)
     outputs = coefficients.dynamic_coefficients_forward(x, phi, alpha, bias, n, iters, 1e-6)
     cots = [mx.random.normal(o.shape) for o in outputs[:3]]
     primals = [x, phi, alpha, bias]
+    monkeypatch.setattr(coefficients, "FUSED_VJP_GLUE", False)
+    emu.launched.clear()
     ops_form = coefficients.dynamic_vjp(primals, cots, outputs, n, iters)
+    assert "mhc_coefficients_dynamic_vjp_glue" not in [name for name, *_ in emu.launched]
     monkeypatch.setattr(coefficients, "FUSED_VJP_GLUE", True)
     emu.launched.clear()
     got = coefficients.dynamic_vjp(primals, cots, outputs, n, iters)

@@ -452,6 +452,10 @@ DYNAMIC_VJP_PRE_ACC = KernelSpec(
 # partial sums over its tokens of dh (bias's gradient) and of dh * m per alpha segment
 # (alpha's). As MLX ops these were about fifteen launches on [T, W] arrays plus the Sinkhorn
 # backward's (mx.compile cannot fuse inside a custom function's backward).
+# Threads per threadgroup (GT): ncu put the kernel at 98.2 µs in the 4096x4x4096 site backward
+# (32 groups of 128 on the H200's 132 SMs), but 64 and 32 threads did not change the site's
+# fwd+bwd (H200 2026-11-30, gpu_experiments.py glue-threads, medians of 5 alternated runs:
+# 830.4 / 839.7 / 835.1 µs at 128 / 64 / 32; 32 passed the coefficient and chain checks).
 GLUE_THREADS = 128
 DYNAMIC_VJP_GLUE = KernelSpec(
     name="mhc_coefficients_dynamic_vjp_glue",
@@ -460,7 +464,7 @@ DYNAMIC_VJP_GLUE = KernelSpec(
     body=r"""
   constexpr int W = N * (N + 2);
   constexpr int WP = W + 3;  // a block's partials: W of dh, then 3 of dh * m per alpha segment
-  KSHARED float rows[128 * WP];  // KNT == GLUE_THREADS == 128
+  KSHARED float rows[GT * WP];  // GT == KNT == GLUE_THREADS
   const int Ttok = iparam[0];
   const int K = iparam[1];
   const int tid = KTID;
@@ -822,7 +826,7 @@ def _glue_kernel(m, invr, alpha, bias, H_pre, H_post, cotangents, n: int, K: int
          cotangents[0].astype(F32).reshape(T, n), cotangents[1].astype(F32).reshape(T, n),
          cotangents[2].astype(F32).reshape(T, n * n), int_params(T, K)],
         [((T, W), F32), ((T,), F32), ((blocks, W + 3), F32)], blocks * GLUE_THREADS, GLUE_THREADS,
-        [("N", n), ("ITERS", iters)],
+        [("N", n), ("ITERS", iters), ("GT", GLUE_THREADS)],
     )
     sums = mx.sum(part, axis=0)
     return gs, c2, sums[:W], sums[W:]
