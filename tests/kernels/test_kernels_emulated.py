@@ -1064,3 +1064,28 @@ MISALIGNED_CASES = {
 def test_kernels_on_misaligned_buffers(monkeypatch, case):
     monkeypatch.setattr(emu, "MISALIGN", True)
     MISALIGNED_CASES[case](monkeypatch)
+
+
+@pytest.mark.parametrize("flavour", ["metal"])
+@pytest.mark.parametrize("case", range(4))
+def test_metal_first_use_check_covers_each_dtype_and_the_wide_forms(monkeypatch, flavour, case):
+    # each of safety.CASES is run: a post kernel wrong only in that case's instantiation (one
+    # dtype at n = 4, or n = 16) fails the op's check, naming the case
+    from mhc_mlx import kernels
+    from mhc_mlx.kernels import safety
+
+    n_bad, dtype_bad = safety.CASES[case]
+    monkeypatch.setattr(build, "gpu_backend", lambda: "metal")
+    right = site.post_forward
+
+    def wrong_in_one_case(x, f, H_post, H_res):
+        out = right(x, f, H_post, H_res)
+        return out * 1.05 if (x.shape[-2], x.dtype) == (n_bad, dtype_bad) else out
+
+    monkeypatch.setattr(site, "post_forward", wrong_in_one_case)
+    safety.reset()
+    try:
+        with pytest.warns(RuntimeWarning, match=f"n={n_bad}, {str(dtype_bad).split('.')[-1]}"):
+            assert not safety.verified("mhc_post", kernels._implementation("mhc_post"))
+    finally:
+        safety.reset()

@@ -193,6 +193,6 @@ def settings() -> dict:
 
 
 LIMITS_NOTE = (
-    f"kernels cover n <= {MAX_N} streams (dynamic coefficients n <= {MAX_N_DYNAMIC}); "
-    "larger n takes the compiled path"
+    f"kernels cover n <= {MAX_N} streams (dynamic coefficients above n = {MAX_N_DYNAMIC} by MLX "
+    "matmuls and kernels); larger n takes the compiled path"
 )

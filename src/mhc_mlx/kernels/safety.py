@@ -29,6 +29,13 @@ def reset() -> None:
     _results.clear()
 
 
+# The cases each op's check runs: (n, dtype of x). n = 4 in each activation dtype (each is its
+# own kernel instantiation: a 16-bit type that fails to compile on this Mac must show here, not
+# in a user's call), and n = 16 in float32, which takes the n > 8 forms (the transpose-reduce
+# Sinkhorn and its warp backward, the wide dynamic coefficients, the composed layer).
+CASES = ((4, mx.float32), (4, mx.bfloat16), (4, mx.float16), (16, mx.float32))
+
+
 def _close(a, b, dtype, what):
     a, b = a.astype(mx.float32), b.astype(mx.float32)
     err = (mx.linalg.norm((a - b).reshape(-1)) / (mx.linalg.norm(b.reshape(-1)) + 1e-30)).item()
@@ -36,13 +43,14 @@ def _close(a, b, dtype, what):
         raise AssertionError(f"{what}: relative error {err:.2e} > {RTOL[dtype]:.0e}")
 
 
-def _close_grads(kernel_fn, reference_fn, args, what):
+def _close_grads(kernel_fn, reference_fn, args, what, dtype=mx.float32):
     """Gradients of both functions (random cotangents) for every argument: each within RTOL of
     the reference's, relative to its own norm or to 1 % of the largest gradient's, whichever is
-    larger (a gradient ~0 by symmetry, e.g. through RMSNorm, is rounding noise)."""
-    outs = kernel_fn(*args)
+    larger (a gradient ~0 by symmetry, e.g. through RMSNorm, is rounding noise). dtype: x's, for
+    the tolerance (both sides see the same 16-bit inputs; their roundings differ)."""
+    outs = reference_fn(*args)
     outs = outs if isinstance(outs, (tuple, list)) else (outs,)
-    cots = [mx.random.normal(o.shape, key=mx.random.key(11 + i)) for i, o in enumerate(outs)]
+    cots = [mx.random.normal(o.shape, key=mx.random.key(11 + i)).astype(o.dtype) for i, o in enumerate(outs)]
     got = mx.vjp(kernel_fn, list(args), cots)[1]
     want = mx.vjp(reference_fn, list(args), cots)[1]
     norms = [mx.linalg.norm(w.astype(mx.float32).reshape(-1)).item() for w in want]
@@ -52,21 +60,28 @@ def _close_grads(kernel_fn, reference_fn, args, what):
             raise AssertionError(f"{what} gradient {i}: shape {tuple(g.shape)} != {tuple(w.shape)}")
         diff = g.astype(mx.float32) - w.astype(mx.float32)
         err = mx.linalg.norm(diff.reshape(-1)).item() / max(norm, floor, 1e-30)
-        if not err <= RTOL[mx.float32]:  # NaN fails too
-            raise AssertionError(f"{what} gradient {i}: relative error {err:.2e} > {RTOL[mx.float32]:.0e}")
+        if not err <= RTOL[dtype]:  # NaN fails too
+            raise AssertionError(f"{what} gradient {i}: relative error {err:.2e} > {RTOL[dtype]:.0e}")
 
 
 def _check(op: str, impl) -> None:
+    for n, dtype in CASES:
+        _check_case(op, impl, n, dtype)
+
+
+def _check_case(op: str, impl, n: int, dtype) -> None:
     key = mx.random.key(7)
     k1, k2, k3, k4 = mx.random.split(key, 4)
-    n, C, T, iters = 4, 24, 3, 6
-    x = mx.random.normal((T, n, C), key=k1)
+    C, T, iters = 24, 3, 6
+    x = mx.random.normal((T, n, C), key=k1).astype(dtype)
+    what = f"{op} (n={n}, {str(dtype).split('.')[-1]})"
     if op == "sinkhorn_knopp":
-        L = mx.random.normal((T, n, n), key=k2)
-        _close(impl(L, iters), reference.sinkhorn_knopp(L, iters), mx.float32, op)
-        g = mx.grad(lambda a: mx.sum(impl(a, iters) * x[:, :, :n]))(L)
-        gr = mx.grad(lambda a: mx.sum(reference.sinkhorn_knopp(a, iters) * x[:, :, :n]))(L)
-        _close(g, gr, mx.float32, op + " gradient")
+        L = mx.random.normal((T, n, n), key=k2).astype(dtype)
+        weight = mx.random.normal((T, n, n), key=k3)
+        _close(impl(L, iters), reference.sinkhorn_knopp(L, iters), dtype, what)
+        g = mx.grad(lambda a: mx.sum(impl(a, iters) * weight))(L)
+        gr = mx.grad(lambda a: mx.sum(reference.sinkhorn_knopp(a, iters) * weight))(L)
+        _close(g, gr, dtype, what + " gradient")
     elif op == "mhc_coefficients":
         W = 2 * n + n * n
         phi = 0.1 * mx.random.normal((n * C, W), key=k2)
@@ -76,22 +91,22 @@ def _check(op: str, impl) -> None:
             got = impl(x, p, a, bias, iters, 1e-6)
             want = reference.mhc_coefficients(x, p, a, bias, iters, 1e-6)
             for u, v in zip(got, want):
-                _close(u, v, mx.float32, op)
+                _close(u, v, dtype, what)
         _close_grads(lambda *a: impl(*a, iters, 1e-6), lambda *a: reference.mhc_coefficients(*a, iters, 1e-6),
-                     [x, phi, alpha, bias], op + " (dynamic)")
+                     [x, phi, alpha, bias], what + " (dynamic)", dtype)
         _close_grads(lambda x_, b: impl(x_, None, None, b, iters, 1e-6),
                      lambda x_, b: reference.mhc_coefficients(x_, None, None, b, iters, 1e-6), [x, bias],
-                     op + " (static)")
+                     what + " (static)", dtype)
     elif op == "mhc_pre":
         for h in (mx.random.uniform(shape=(T, n), key=k2), mx.random.uniform(shape=(n,), key=k3)):
-            _close(impl(x, h), reference.mhc_pre(x, h), mx.float32, op)
-            _close_grads(impl, reference.mhc_pre, [x, h], op)
+            _close(impl(x, h), reference.mhc_pre(x, h), dtype, what)
+            _close_grads(impl, reference.mhc_pre, [x, h], what, dtype)
     elif op == "mhc_post":
-        f = mx.random.normal((T, C), key=k2)
+        f = mx.random.normal((T, C), key=k2).astype(dtype)
         for hp, hr in ((mx.random.uniform(shape=(T, n), key=k3), mx.random.uniform(shape=(T, n, n), key=k4)),
                        (mx.random.uniform(shape=(n,), key=k3), mx.random.uniform(shape=(n, n), key=k4))):
-            _close(impl(x, f, hp, hr), reference.mhc_post(x, f, hp, hr), mx.float32, op)
-            _close_grads(impl, reference.mhc_post, [x, f, hp, hr], op)
+            _close(impl(x, f, hp, hr), reference.mhc_post(x, f, hp, hr), dtype, what)
+            _close_grads(impl, reference.mhc_post, [x, f, hp, hr], what, dtype)
     elif op == "mhc_layer":
         pre, post = mx.random.normal((n,), key=k2), mx.random.normal((n,), key=k3)
         res, w = mx.random.normal((n, n), key=k4), mx.ones((C,))
@@ -104,8 +119,8 @@ def _check(op: str, impl) -> None:
             def reference_layer(*a):
                 return reference.mhc_layer(*a, iters, 1e-5)
 
-            _close(kernel_layer(x, pre, post, res, w), reference_layer(x, pre, post, res, w), mx.float32, op)
-            _close_grads(kernel_layer, reference_layer, [x, pre, post, res, w], op)
+            _close(kernel_layer(x, pre, post, res, w), reference_layer(x, pre, post, res, w), dtype, what)
+            _close_grads(kernel_layer, reference_layer, [x, pre, post, res, w], what, dtype)
 
 
 def verified(op: str, impl) -> bool:
