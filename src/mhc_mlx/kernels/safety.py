@@ -36,6 +36,15 @@ def reset() -> None:
 CASES = ((4, mx.float32), (4, mx.bfloat16), (4, mx.float16), (16, mx.float32))
 
 
+def _on_cpu(fn, *args):
+    """fn(*args) run on the CPU: the reference's float32 is exact there, where a GPU's float32
+    matmul may round to TF32 (MLX on CUDA)."""
+    with mx.stream(mx.cpu):
+        out = fn(*args)
+        mx.eval(out)
+    return out
+
+
 def _close(a, b, dtype, what):
     a, b = a.astype(mx.float32), b.astype(mx.float32)
     err = (mx.linalg.norm((a - b).reshape(-1)) / (mx.linalg.norm(b.reshape(-1)) + 1e-30)).item()
@@ -48,11 +57,11 @@ def _close_grads(kernel_fn, reference_fn, args, what, dtype=mx.float32):
     the reference's, relative to its own norm or to 1 % of the largest gradient's, whichever is
     larger (a gradient ~0 by symmetry, e.g. through RMSNorm, is rounding noise). dtype: x's, for
     the tolerance (both sides see the same 16-bit inputs; their roundings differ)."""
-    outs = reference_fn(*args)
+    outs = _on_cpu(reference_fn, *args)
     outs = outs if isinstance(outs, (tuple, list)) else (outs,)
     cots = [mx.random.normal(o.shape, key=mx.random.key(11 + i)).astype(o.dtype) for i, o in enumerate(outs)]
     got = mx.vjp(kernel_fn, list(args), cots)[1]
-    want = mx.vjp(reference_fn, list(args), cots)[1]
+    want = _on_cpu(lambda: mx.vjp(reference_fn, list(args), cots)[1])
     norms = [mx.linalg.norm(w.astype(mx.float32).reshape(-1)).item() for w in want]
     floor = 0.01 * max(norms)
     for i, (g, w, norm) in enumerate(zip(got, want, norms)):
@@ -78,9 +87,9 @@ def _check_case(op: str, impl, n: int, dtype) -> None:
     if op == "sinkhorn_knopp":
         L = mx.random.normal((T, n, n), key=k2).astype(dtype)
         weight = mx.random.normal((T, n, n), key=k3)
-        _close(impl(L, iters), reference.sinkhorn_knopp(L, iters), dtype, what)
+        _close(impl(L, iters), _on_cpu(reference.sinkhorn_knopp, L, iters), dtype, what)
         g = mx.grad(lambda a: mx.sum(impl(a, iters) * weight))(L)
-        gr = mx.grad(lambda a: mx.sum(reference.sinkhorn_knopp(a, iters) * weight))(L)
+        gr = _on_cpu(mx.grad(lambda a: mx.sum(reference.sinkhorn_knopp(a, iters) * weight)), L)
         _close(g, gr, dtype, what + " gradient")
     elif op == "mhc_coefficients":
         W = 2 * n + n * n
@@ -89,7 +98,7 @@ def _check_case(op: str, impl, n: int, dtype) -> None:
         bias = mx.random.normal((W,), key=k3)
         for p, a in ((phi, alpha), (None, None)):
             got = impl(x, p, a, bias, iters, 1e-6)
-            want = reference.mhc_coefficients(x, p, a, bias, iters, 1e-6)
+            want = _on_cpu(reference.mhc_coefficients, x, p, a, bias, iters, 1e-6)
             for u, v in zip(got, want):
                 _close(u, v, dtype, what)
         _close_grads(lambda *a: impl(*a, iters, 1e-6), lambda *a: reference.mhc_coefficients(*a, iters, 1e-6),
@@ -99,13 +108,13 @@ def _check_case(op: str, impl, n: int, dtype) -> None:
                      what + " (static)", dtype)
     elif op == "mhc_pre":
         for h in (mx.random.uniform(shape=(T, n), key=k2), mx.random.uniform(shape=(n,), key=k3)):
-            _close(impl(x, h), reference.mhc_pre(x, h), dtype, what)
+            _close(impl(x, h), _on_cpu(reference.mhc_pre, x, h), dtype, what)
             _close_grads(impl, reference.mhc_pre, [x, h], what, dtype)
     elif op == "mhc_post":
         f = mx.random.normal((T, C), key=k2).astype(dtype)
         for hp, hr in ((mx.random.uniform(shape=(T, n), key=k3), mx.random.uniform(shape=(T, n, n), key=k4)),
                        (mx.random.uniform(shape=(n,), key=k3), mx.random.uniform(shape=(n, n), key=k4))):
-            _close(impl(x, f, hp, hr), reference.mhc_post(x, f, hp, hr), dtype, what)
+            _close(impl(x, f, hp, hr), _on_cpu(reference.mhc_post, x, f, hp, hr), dtype, what)
             _close_grads(impl, reference.mhc_post, [x, f, hp, hr], what, dtype)
     elif op == "mhc_layer":
         pre, post = mx.random.normal((n,), key=k2), mx.random.normal((n,), key=k3)
@@ -119,7 +128,7 @@ def _check_case(op: str, impl, n: int, dtype) -> None:
             def reference_layer(*a):
                 return reference.mhc_layer(*a, iters, 1e-5)
 
-            _close(kernel_layer(x, pre, post, res, w), reference_layer(x, pre, post, res, w), dtype, what)
+            _close(kernel_layer(x, pre, post, res, w), _on_cpu(reference_layer, x, pre, post, res, w), dtype, what)
             _close_grads(kernel_layer, reference_layer, [x, pre, post, res, w], what, dtype)
 
 
