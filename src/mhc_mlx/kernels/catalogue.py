@@ -32,9 +32,9 @@ def instances():
     for n, iters, thread in ((1, 20, True), (4, 20, True), (4, 40, False), (8, 20, False)):
         out.append((layer.COEFFICIENTS_VJP, (F32, F32, F32, F32, I32), (F32,),
                     [("N", n), ("ITERS", iters), ("THREAD", thread)]))
-    for n, iters in ((1, 20), (2, 40), (4, 20)):
+    for n, iters, gt in ((1, 20, 128), (2, 40, 128), (4, 20, 128), (4, 20, 32)):
         out.append((coefficients.DYNAMIC_VJP_GLUE, (F32,) * 9 + (I32,), (F32, F32, F32),
-                    [("N", n), ("ITERS", iters)]))
+                    [("N", n), ("ITERS", iters), ("GT", gt)]))
     for n in (1, 4, 9, 32):
         out.append((sinkhorn.FORWARD, (F32, I32), (F32,), [("N", n)]))
         out.append((coefficients.ACTIVATE, (F32, F32, F32, I32), (F32, F32, F32), [("N", n)]))
