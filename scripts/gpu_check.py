@@ -333,6 +333,9 @@ SWITCHES = {
     "--chain": (kernels, "CHAIN_X_COTANGENT", True,
                 "the chained x cotangent of HyperConnection sites at every size (kernels.CHAIN_X_COTANGENT = True; "
                 "by default where the coefficient backward takes tensor cores)"),
+    "--glue-packs": (coefficients, "GLUE_PACKS", True,
+                     "the candidate glue kernel that also writes gs in the tensor-core backward's fragment orders "
+                     "(coefficients.GLUE_PACKS)"),
     "--sinkhorn-warp-vjp": (sinkhorn, "THREAD_VJP_MAX_WORK", 0,
                             "use the warp-form Sinkhorn backward everywhere (sinkhorn.THREAD_VJP_MAX_WORK = 0; "
                             "the default takes one thread per matrix for n <= 4)"),

@@ -11,6 +11,7 @@ copy floor two ways, and where B=1 latency goes (Python graph building vs the ev
     python scripts/gpu_experiments.py wide-n   (only the dynamic sites with n > 8 on the kernel path)
     python scripts/gpu_experiments.py small-tokens  (only the one-threadgroup-per-token coefficient kernels)
     python scripts/gpu_experiments.py mma-vjp  (only the tensor-core coefficient backward vs the FP32 kernel)
+    python scripts/gpu_experiments.py glue-packs  (only the glue kernel writing gs's fragments vs the packs)
     python scripts/gpu_experiments.py glue-threads  (only the glue kernel's group size, and the fragment packs)
     python scripts/gpu_experiments.py b1 [ncu]  (only the B = 1 layer kernel by Sinkhorn iterations)
 """
@@ -711,6 +712,22 @@ def glue_threads(rounds=5):
               f"{chain_us(step, first, chain_len=20):7.1f} us per application chained (an add included)")
 
 
+def glue_packs(rounds=5):
+    """The glue kernel writing gs in the tensor-core backward's fragment orders
+    (coefficients.GLUE_PACKS, candidate) against the two pack launches, alternated `rounds`
+    times: the dynamic site fwd+bwd at 4096x4x4096 (where the backward takes tensor cores) and
+    the same with the read step (its DX adds pre's share)."""
+    from mhc_mlx import kernels
+
+    rows = case_rows(("dynamic", "fwd+bwd", (4096, 4, 4096), "throughput"))
+    alternated_settings("glue packs", rows, {"pack launches": [(coefficients, "GLUE_PACKS", False)],
+                                             "glue packs": [(coefficients, "GLUE_PACKS", True)]}, rounds)
+    alternated_settings("glue packs, read step everywhere", rows,
+                        {"pack launches": [(coefficients, "GLUE_PACKS", False), (kernels, "FUSED_READ_STEP", True)],
+                         "glue packs": [(coefficients, "GLUE_PACKS", True), (kernels, "FUSED_READ_STEP", True)]},
+                        rounds)
+
+
 # One part of the experiments alone (the module docstring lists them): mode -> function
 MODES = {
     "headers": header_sizes,
@@ -723,6 +740,7 @@ MODES = {
     "launch": launch_costs,
     "layer-coefficients": layer_coefficient_vjp,
     "glue-threads": glue_threads,
+    "glue-packs": glue_packs,
 }
 
 

@@ -23,6 +23,7 @@
 #   bash scripts/gpu_session.sh close        # the target and n = 16 / 32 cases' bench (seeds, +step), ncu profile
 #   bash scripts/gpu_session.sh recheck      # a second sample: the target cases' bench (ours), wide-n timings
 #   bash scripts/gpu_session.sh glue         # the glue kernel at 32 threads per group: checks, timings
+#   bash scripts/gpu_session.sh glue-packs   # the glue kernel writing gs's fragments (candidate): checks, timings
 #   bash scripts/gpu_session.sh op-paths     # checks of the MLX-op forms the one-launch kernels replaced
 #   bash scripts/gpu_session.sh mma-vjp      # the tensor-core coefficient backward vs the FP32 kernel
 #   bash scripts/gpu_session.sh b1           # the B = 1 layer kernel by Sinkhorn iterations, and ncu
@@ -197,6 +198,13 @@ case "${1:-}" in
     CHECK_ARGS="--glue-threads 32" CHECK_ONLY="${CHECK_ONLY:-coefficients,chain}" check 200
     run 150 experiments_glue python scripts/gpu_experiments.py glue-threads
     ;;
+  glue-packs)
+    # the glue kernel that also writes gs in the tensor-core backward's fragment orders
+    # (candidate, written 2026-11-30 without a GPU run): coefficient, read-step and chain checks
+    # with it on and the tensor-core backward at every checked size, then timed against the packs
+    CHECK_ARGS="--glue-packs --mma-vjp" CHECK_ONLY="${CHECK_ONLY:-coefficients,read_step,chain}" check 200
+    run 120 experiments_glue_packs python scripts/gpu_experiments.py glue-packs
+    ;;
   op-paths)
     # the MLX-op forms that one-launch kernels replaced by default (the dynamic backward's glue,
     # the layer backward's coefficient gradients), still taken where the kernels do not apply
@@ -281,7 +289,7 @@ case "${1:-}" in
     run 140 experiments python scripts/gpu_experiments.py
     ;;
   *)
-    echo "usage: bash scripts/gpu_session.sh check|bench|bench-full|check-bench-full|profile|experiments|all|candidates|adopt|verify|small-tokens|wide-n|narrow-wide|close|recheck|glue|op-paths|mma-vjp|b1|decide|headers|layer-candidates|tune|final" >&2
+    echo "usage: bash scripts/gpu_session.sh check|bench|bench-full|check-bench-full|profile|experiments|all|candidates|adopt|verify|small-tokens|wide-n|narrow-wide|close|recheck|glue|glue-packs|op-paths|mma-vjp|b1|decide|headers|layer-candidates|tune|final" >&2
     exit 2
     ;;
 esac

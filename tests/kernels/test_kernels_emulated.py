@@ -1089,3 +1089,60 @@ def test_metal_first_use_check_covers_each_dtype_and_the_wide_forms(monkeypatch,
             assert not safety.verified("mhc_post", kernels._implementation("mhc_post"))
     finally:
         safety.reset()
+
+
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
+@pytest.mark.parametrize("n,T,threads", [(4, 1, 128), (4, 17, 128), (2, 40, 32), (1, 130, 128), (3, 16, 32)])
+def test_glue_writes_the_tensor_core_fragments(monkeypatch, dtype, n, T, threads):
+    # coefficients.GLUE_PACKS (candidate): the glue kernel's gs fragments equal pack_a's and
+    # pack_b's bit for bit (rows padded to 16 and columns to the fragments' width with zeros:
+    # T = 1, 17, 130; one and several threadgroups), and the coefficient backward with them
+    # equals the one with the two pack launches, which it no longer makes
+    from mhc_mlx.kernels import coefficients_mma_vjp as cmv
+
+    monkeypatch.setattr(build, "gpu_backend", lambda: "cuda")
+    monkeypatch.setattr(coefficients, "MMA_MIN_ELEMENTS", 0)  # the tensor-core backward at this size
+    monkeypatch.setattr(coefficients, "GLUE_THREADS", threads)
+    C = 12
+    x, phi, alpha, bias = _dynamic_inputs(T, n, C, dtype)
+    outputs = coefficients.dynamic_coefficients_forward(x, phi, alpha, bias, n, 20, 1e-6)
+    cots = [mx.random.normal(o.shape) for o in outputs[:3]]
+    H_pre, H_post, _, m, invr = outputs
+    *plain, none = coefficients._glue_kernel(m, invr, alpha, bias, H_pre, H_post, cots, n, n * C, 20)
+    gs, c2, g_bias, g_alpha, (gsa, gsb) = coefficients._glue_kernel(m, invr, alpha, bias, H_pre, H_post, cots,
+                                                                       n, n * C, 20, packs=True)
+    assert none is None
+    for a, b in zip((gs, c2, g_bias, g_alpha), plain):
+        assert np.array_equal(np.array(a), np.array(b))
+    for got, want in ((gsa, cmv.pack_a(gs, cmv.DX_PARTS)), (gsb, cmv.pack_b(gs, cmv.DPHI_PARTS, False))):
+        assert got.shape == want.shape and got.dtype == want.dtype == mx.bfloat16
+        assert np.array_equal(np64(got), np64(want))  # NaN (an unwritten element) fails too
+
+    primals = [x, phi, alpha, bias]
+    emu.launched.clear()
+    without = coefficients.dynamic_vjp(primals, cots, outputs, n, 20)
+    assert [name for name, *_ in emu.launched].count("mhc_pack_b_fragments") == 2
+    monkeypatch.setattr(coefficients, "GLUE_PACKS", True)
+    emu.launched.clear()
+    got = coefficients.dynamic_vjp(primals, cots, outputs, n, 20)
+    names = [name for name, *_ in emu.launched]
+    assert names[0] == "mhc_coefficients_dynamic_vjp_glue_packs", names
+    assert "mhc_pack_a_fragments" not in names and names.count("mhc_pack_b_fragments") == 1, names  # phi's
+    for name, a, b in zip(("x", "phi", "alpha", "bias"), got, without):
+        assert np.array_equal(np64(a), np64(b)), name
+
+
+def test_glue_packs_only_where_the_backward_takes_tensor_cores(monkeypatch):
+    # float32 x (the FP32 backward kernel) or below MMA_MIN_ELEMENTS: the plain glue kernel
+    monkeypatch.setattr(build, "gpu_backend", lambda: "cuda")
+    monkeypatch.setattr(coefficients, "GLUE_PACKS", True)
+    for dtype in (mx.float32, mx.bfloat16):
+        x, phi, alpha, bias = _dynamic_inputs(5, 4, 8, dtype)
+        outputs = coefficients.dynamic_coefficients_forward(x, phi, alpha, bias, 4, 20, 1e-6)
+        emu.launched.clear()
+        coefficients.dynamic_vjp([x, phi, alpha, bias], [mx.ones(o.shape) for o in outputs[:3]], outputs, 4, 20)
+        names = [name for name, *_ in emu.launched]
+        assert "mhc_coefficients_dynamic_vjp_glue" in names and "mhc_coefficients_dynamic_vjp_glue_packs" not in names
+    with pytest.raises(ValueError, match="fragments"):
+        coefficients.dynamic_vjp_x_phi(x.reshape(5, 32), phi, mx.zeros((5, 24)), mx.zeros((5,)),
+                                       packed=(mx.zeros((1,)), mx.zeros((1,))))

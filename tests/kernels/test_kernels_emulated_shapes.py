@@ -144,14 +144,17 @@ def test_dynamic_site_with_every_candidate_on(monkeypatch, n, C, T, dtype):
         # "mhc_pre_vjp_h": pre's backward without its dx (site.PRE_VJP at DX = false)
         launched = {name + ("_h" if t.get("DX") is False else "") for name, t, *_ in emu.launched}
         assert "mhc_pre_vjp_h" in launched  # the fused read step ran
-        # n <= 4: the backward's glue kernel, the one-thread Sinkhorn backward inside it
-        assert ("mhc_coefficients_dynamic_vjp_glue" in launched) == (n <= 4)
+        # n <= 4: the backward's glue kernel, the one-thread Sinkhorn backward inside it; with
+        # the tensor-core backward its form that writes gs's fragments (GLUE_PACKS): no pack_a
+        tensor_cores = n <= 4 and dtype != mx.float32
+        assert ("mhc_coefficients_dynamic_vjp_glue" in launched) == (n <= 4 and not tensor_cores)
+        assert ("mhc_coefficients_dynamic_vjp_glue_packs" in launched) == tensor_cores
+        assert "mhc_pack_a_fragments" not in launched
         assert ("mhc_sinkhorn_vjp" in launched) == (n > 4)
         assert ("mhc_coefficients_dynamic_vjp_dx_mma" in launched) == (n <= 4 and dtype != mx.float32)
         assert ("mhc_coefficients_dynamic_mma" in launched) == (dtype != mx.float32)
         # the chained x cotangent: post's comes back to the read step, whose backward kernel adds
         # it (the FP32 kernel's accumulating form, or the tensor-core DX kernel's ACC)
-        tensor_cores = n <= 4 and dtype != mx.float32
         assert ("mhc_coefficients_dynamic_vjp_pre_acc" in launched) == (not tensor_cores)
         dx_mma = [t for name, t, *_ in emu.launched if name == "mhc_coefficients_dynamic_vjp_dx_mma"]
         assert all(t["ACC"] and t["PRE"] for t in dx_mma) and bool(dx_mma) == tensor_cores

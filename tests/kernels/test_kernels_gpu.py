@@ -259,3 +259,25 @@ def test_first_use_checks_pass_on_this_gpu(op):
 
     for n, dtype in safety.CASES:
         safety._check_case(op, kernels._implementation(op), n, dtype)
+
+
+@pytest.mark.parametrize("T", [1, 130])
+def test_glue_writes_the_tensor_core_fragments(monkeypatch, T):
+    # the candidate coefficients.GLUE_PACKS on the GPU: the glue kernel's fragments of gs equal
+    # pack_a's and pack_b's bit for bit (outputs NaN-poisoned: an unwritten element fails)
+    from mhc_mlx.kernels import coefficients_mma_vjp as cmv
+
+    if build.gpu_backend() != "cuda":
+        pytest.skip("the tensor-core backward and its fragments are CUDA only")
+    n, C = 4, 24
+    W = n * (n + 2)
+    x = mx.random.normal((T, n, C)).astype(mx.bfloat16)
+    phi = mx.random.normal((n * C, W)) / np.sqrt(n * C)
+    alpha, bias = mx.random.uniform(0.2, 1.5, (3,)), mx.random.normal((W,))
+    H_pre, H_post, _, m, invr = coefficients.dynamic_coefficients_forward(x, phi, alpha, bias, n, 20, 1e-6)
+    cots = [mx.random.normal((T, n)), mx.random.normal((T, n)), mx.random.normal((T, n, n))]
+    gs, *_, (gsa, gsb) = coefficients._glue_kernel(m, invr, alpha, bias, H_pre, H_post, cots, n, n * C, 20,
+                                                    packs=True)
+    for got, want in ((gsa, cmv.pack_a(gs, cmv.DX_PARTS)), (gsb, cmv.pack_b(gs, cmv.DPHI_PARTS, False))):
+        assert got.shape == want.shape
+        assert np.array_equal(np64(got), np64(want))

@@ -160,7 +160,8 @@ def use_candidates(on: bool = True) -> None:
     tensor-core coefficient backward, the fused read step and the chained x cotangent at every
     size (by default each only where it was faster), and the static layer's single-launch
     (inline) form at every token count, which passed scripts/gpu_check.py on the H200 but were
-    slower there than the defaults (docs/kernel-notes.md). Off: the shipped defaults."""
+    slower there than the defaults, and, not yet run on a GPU, the glue kernel writing the
+    tensor-core backward's fragments of gs (docs/kernel-notes.md). Off: the shipped defaults."""
     from . import coefficients, layer
 
     global FUSED_READ_STEP, CHAIN_X_COTANGENT
@@ -168,6 +169,7 @@ def use_candidates(on: bool = True) -> None:
     CHAIN_X_COTANGENT = True if on else "auto"
     coefficients.MMA_VJP = True if on else "auto"
     layer.INLINE_ALWAYS = on
+    coefficients.GLUE_PACKS = on
 
 
 def settings() -> dict:
@@ -180,6 +182,7 @@ def settings() -> dict:
             "mma_target_warps": coefficients_mma.TARGET_WARPS,
             "mma_vjp": coefficients.MMA_VJP,
             "fused_vjp_glue": coefficients.FUSED_VJP_GLUE,
+            "glue_packs": coefficients.GLUE_PACKS,
             "tokens_per_block_small_n": coefficients.TOKENS_PER_BLOCK_SMALL_N,
             "dynamic_small_tokens": coefficients.SMALL_TOKENS,
             "dynamic_wide_n": coefficients.WIDE_N,

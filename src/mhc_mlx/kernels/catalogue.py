@@ -21,7 +21,7 @@ SPECS = (
 # Kernels of the CUDA-only tensor-core path; they never reach a Metal compiler.
 CUDA_ONLY_SPECS = (coefficients_mma.PACK, coefficients_mma.MMA, coefficients_mma.FINISH,
                    coefficients_mma_vjp.PACK_A, coefficients_mma_vjp.PACK_B, coefficients_mma_vjp.DX,
-                   coefficients_mma_vjp.DPHI)
+                   coefficients_mma_vjp.DPHI, coefficients_mma_vjp.glue_packs_spec())
 
 F32, BF16, F16, I32 = mx.float32, mx.bfloat16, mx.float16, mx.int32
 
@@ -116,4 +116,7 @@ def cuda_only_instances():
                             [("T", dt), ("N", n), ("MT", vjp.DX_TOKEN_TILES), ("KSW", -(-W // 16)), ("PRE", pre),
                              ("ACC", acc)]))
             out.append((vjp.DPHI, (dt, BF16, I32), (F32,), [("T", dt), ("NT", -(-W // 8)), ("PG", vjp.DPHI_PARTS)]))
+    for n, gt in ((1, 128), (4, 128), (4, 32)):
+        out.append((vjp.glue_packs_spec(), (F32,) * 9 + (I32,), (F32, F32, F32, BF16, BF16),
+                    [("N", n), ("ITERS", 20), ("GT", gt), ("PA", vjp.DX_PARTS), ("PB", vjp.DPHI_PARTS)]))
     return out

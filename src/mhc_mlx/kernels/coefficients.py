@@ -520,6 +520,10 @@ DYNAMIC_VJP_GLUE = KernelSpec(
 # of 5 alternated runs, dynamic fwd+bwd bf16): 4096x4x4096 1119.5 against 1178.0 µs, 512x4x1280
 # 221.4 against 405.0, B = 1 590.5 against 1018.1.
 FUSED_VJP_GLUE = True
+# Candidate (written 2026-11-30 without a GPU run): where the backward takes the tensor-core
+# products, the glue kernel also writes gs in their fragment orders
+# (coefficients_mma_vjp.glue_packs_spec), instead of two pack launches.
+GLUE_PACKS = False
 
 DYNAMIC_THREADS = 256
 # The backward's launch (DYNAMIC_VJP, 136 registers): 128-thread blocks of 512 tokens each.
@@ -747,6 +751,15 @@ def read_step_in_one_launch(x) -> bool:
     return build.gpu_backend() == "cuda" and x.shape[-2] <= MAX_N_DYNAMIC and _form(x) == "kernel"
 
 
+def _takes_tensor_cores(x2, phi) -> bool:
+    """Whether dynamic_vjp_x_phi takes the tensor-core products for x2 [T, K] and phi [K, W]."""
+    if not (x2.shape[0] and _tensor_core_vjp(x2) and build.gpu_backend() == "cuda"):
+        return False
+    from . import coefficients_mma_vjp
+
+    return coefficients_mma_vjp.covers(x2, phi)
+
+
 def backward_on_tensor_cores(x) -> bool:
     """Whether the dynamic coefficients' backward takes the tensor-core form for x [..., n, C]
     (CUDA, 16-bit x, n <= 4, MMA_VJP; kernels.CHAIN_X_COTANGENT "auto" asks)."""
@@ -757,8 +770,11 @@ def backward_on_tensor_cores(x) -> bool:
             and x.dtype in (mx.bfloat16, mx.float16) and n <= coefficients_mma_vjp.MAX_N)
 
 
-def dynamic_vjp_x_phi(x2, phi, gs, c2, pre=None, gacc=None):
+def dynamic_vjp_x_phi(x2, phi, gs, c2, pre=None, gacc=None, packed=None):
     """(dxf [T, K] in x's dtype, dphi [K, W] float32) from gs = dm / r [T, W] and c2 [T].
+
+    packed: gs in the tensor-core backward's fragment orders (the glue kernel's, GLUE_PACKS);
+    given only where _takes_tensor_cores(x2, phi).
 
     pre: (H_pre [T, n], dh [T, C]) adds pre's share H_pre (x) dh to dxf in the same pass.
     gacc: x's cotangent from later in the site ([T, K], or any shape of T*K elements), added too.
@@ -766,11 +782,12 @@ def dynamic_vjp_x_phi(x2, phi, gs, c2, pre=None, gacc=None):
     T, K = x2.shape
     if phi.shape[1] > MAX_N_DYNAMIC * (MAX_N_DYNAMIC + 2):
         return _wide_vjp_x_phi(x2, phi, gs, c2, pre, gacc)
-    if T and _tensor_core_vjp(x2) and build.gpu_backend() == "cuda":
+    if _takes_tensor_cores(x2, phi):
         from . import coefficients_mma_vjp
 
-        if coefficients_mma_vjp.covers(x2, phi):
-            return coefficients_mma_vjp.vjp_x_phi(x2, phi, gs, c2, pre, gacc)
+        return coefficients_mma_vjp.vjp_x_phi(x2, phi, gs, c2, pre, gacc, packed)
+    if packed is not None:
+        raise ValueError("gs fragments were given, but this backward does not take the tensor cores")
     n = round((phi.shape[1] + 1) ** 0.5) - 1
     splits = -(-T // VJP_TOKENS_PER_SPLIT)
     nkb = -(-K // VJP_THREADS)
@@ -815,21 +832,30 @@ def _scaled_cotangents(gp, gq, gr, m, invr, scale, n: int, K: int):
     return gm * invr[:, None], c2, mx.sum(gh, axis=0), g_alpha
 
 
-def _glue_kernel(m, invr, alpha, bias, H_pre, H_post, cotangents, n: int, K: int, iters: int):
-    """(gs [T, W], c2 [T], g_bias [W], g_alpha [3]) by DYNAMIC_VJP_GLUE and one sum over its
-    threadgroups' partials."""
+def _glue_kernel(m, invr, alpha, bias, H_pre, H_post, cotangents, n: int, K: int, iters: int,
+                 packs: bool = False):
+    """(gs [T, W], c2 [T], g_bias [W], g_alpha [3], packed) by DYNAMIC_VJP_GLUE and one sum over
+    its threadgroups' partials; packs: its CUDA form that also writes gs in the tensor-core
+    backward's two fragment orders (packed = (gsa, gsb); else None)."""
     T, W = m.shape
     blocks = -(-T // GLUE_THREADS)
-    gs, c2, part = launch(
-        DYNAMIC_VJP_GLUE,
+    outputs = [((T, W), F32), ((T,), F32), ((blocks, W + 3), F32)]
+    spec, template = DYNAMIC_VJP_GLUE, [("N", n), ("ITERS", iters), ("GT", GLUE_THREADS)]
+    if packs:
+        from . import coefficients_mma_vjp as cmv
+
+        spec = cmv.glue_packs_spec()
+        outputs += [(shape, mx.bfloat16) for shape in cmv.packed_shapes(T, W)]
+        template += [("PA", cmv.DX_PARTS), ("PB", cmv.DPHI_PARTS)]
+    gs, c2, part, *packed = launch(
+        spec,
         [m, invr, alpha.astype(F32), bias.astype(F32), H_pre.reshape(T, n), H_post.reshape(T, n),
          cotangents[0].astype(F32).reshape(T, n), cotangents[1].astype(F32).reshape(T, n),
          cotangents[2].astype(F32).reshape(T, n * n), int_params(T, K)],
-        [((T, W), F32), ((T,), F32), ((blocks, W + 3), F32)], blocks * GLUE_THREADS, GLUE_THREADS,
-        [("N", n), ("ITERS", iters), ("GT", GLUE_THREADS)],
+        outputs, blocks * GLUE_THREADS, GLUE_THREADS, template,
     )
     sums = mx.sum(part, axis=0)
-    return gs, c2, sums[:W], sums[W:]
+    return gs, c2, sums[:W], sums[W:], (tuple(packed) if packs else None)
 
 
 def dynamic_vjp(primals, cotangents, outputs, n: int, iters: int, pre=None, gacc=None):
@@ -843,8 +869,11 @@ def dynamic_vjp(primals, cotangents, outputs, n: int, iters: int, pre=None, gacc
     C = x.shape[-1]
     K = n * C
     T = m.shape[0]
+    packed = None
     if FUSED_VJP_GLUE and T and sk.uses_thread_vjp(n, iters):
-        gs, c2, g_bias, g_alpha = _glue_kernel(m, invr, alpha, bias, H_pre, H_post, cotangents, n, K, iters)
+        packs = GLUE_PACKS and _takes_tensor_cores(x.reshape(T, K), phi)
+        gs, c2, g_bias, g_alpha, packed = _glue_kernel(m, invr, alpha, bias, H_pre, H_post, cotangents, n, K,
+                                                       iters, packs)
     else:
         scale = alpha.astype(F32)[scale_index(n)]
         L_res = (m[:, 2 * n :] * scale[2 * n :] + bias.astype(F32)[2 * n :]).reshape(T, n, n)  # h = m scale + bias
@@ -852,7 +881,7 @@ def dynamic_vjp(primals, cotangents, outputs, n: int, iters: int, pre=None, gacc
                                            cotangents[0].reshape(T, n), cotangents[1].reshape(T, n),
                                            cotangents[2], iters)
         gs, c2, g_bias, g_alpha = _scaled_cotangents(gp, gq, gr, m, invr, scale, n, K)
-    gx, g_phi = dynamic_vjp_x_phi(x.reshape(T, K), phi, gs, c2, pre, gacc)
+    gx, g_phi = dynamic_vjp_x_phi(x.reshape(T, K), phi, gs, c2, pre, gacc, packed)
     return (gx.reshape(x.shape), g_phi.astype(phi.dtype), g_alpha.astype(alpha.dtype),
             g_bias.astype(bias.dtype))
 

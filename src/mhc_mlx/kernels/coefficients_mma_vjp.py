@@ -31,7 +31,9 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from .build import KernelSpec, int_params, launch
+from functools import lru_cache
+
+from .build import KernelSpec, edited, int_params, launch
 from .coefficients_mma import LOAD_X, PTX_MMA, X_PARTS
 
 F32 = mx.float32
@@ -340,6 +342,63 @@ DPHI = KernelSpec(
 )
 
 
+# Candidate (written 2026-11-30 without a GPU run; coefficients.GLUE_PACKS): the dynamic
+# backward's glue kernel also writes gs in the two fragment orders DX and DPHI read (as
+# pack_a(gs, DX_PARTS) and pack_b(gs, DPHI_PARTS, False) would), saving their two launches
+# (26.9 µs per application chained for pack_a at 4096 tokens on the H200, docs/kernel-notes.md
+# row 28). Each thread of the glue owns one token, i.e. one row of gs: it re-reads the row it
+# wrote and scatters it, rows up to the next multiple of 16 and columns up to the fragments'
+# width written as zeros, as the packs pad. CUDA only (bfloat16 parts), like DX and DPHI.
+@lru_cache(maxsize=None)
+def glue_packs_spec() -> KernelSpec:
+    from .coefficients import DYNAMIC_VJP_GLUE  # (coefficients imports this module lazily)
+
+    epilogue = r"""
+  if (live) ctwo[t] = ir * ir / (float)K * s;
+  {
+    constexpr int KSA = (W + 15) / 16;  // DX's A fragments: k-steps of 16 columns of gs
+    constexpr int NTB = (W + 7) / 8;    // DPHI's B fragments: n-tiles of 8 columns of gs
+    const int64_t rows16 = ((int64_t)Ttok + 15) / 16 * 16;
+    if (t < rows16) {
+      const int64_t rt = t >> 4;
+      const int rr = (int)(t & 15);
+      KUNROLL for (int c = 0; c < 16 * KSA; ++c) {
+        float v = (live && c < W) ? gsc[t * W + c] : 0.0f;
+        const int cc = c & 15;
+        const int lane = (rr & 7) * 4 + ((cc & 7) >> 1);
+        const int e = (((((cc >> 3) << 1) | (rr >> 3))) << 1) | (cc & 1);
+        KUNROLL for (int p = 0; p < PA; ++p) {
+          const __nv_bfloat16 b = __float2bfloat16_rn(v);
+          gsa[(((rt * KSA + (c >> 4)) * PA + p) * 32 + lane) * 8 + e] = b;
+          v -= __bfloat162float(b);
+        }
+      }
+      const int64_t ksb = rows16 >> 4;
+      KUNROLL for (int c = 0; c < 8 * NTB; ++c) {
+        float v = (live && c < W) ? gsc[t * W + c] : 0.0f;
+        const int lane = (c & 7) * 4 + ((rr & 7) >> 1);
+        const int e = ((rr >> 3) << 1) | (rr & 1);
+        KUNROLL for (int p = 0; p < PB; ++p) {
+          const __nv_bfloat16 b = __float2bfloat16_rn(v);
+          gsb[((((int64_t)(c >> 3) * ksb + rt) * PB + p) * 32 + lane) * 4 + e] = b;
+          v -= __bfloat162float(b);
+        }
+      }
+    }
+  }"""
+    return KernelSpec(
+        name="mhc_coefficients_dynamic_vjp_glue_packs",
+        inputs=DYNAMIC_VJP_GLUE.inputs,
+        outputs=(*DYNAMIC_VJP_GLUE.outputs, "gsa", "gsb"),
+        body=edited(DYNAMIC_VJP_GLUE.body, [("\n  if (live) ctwo[t] = ir * ir / (float)K * s;", epilogue)]),
+    )
+
+
+def packed_shapes(T: int, W: int) -> tuple[tuple, tuple]:
+    """The shapes of gs's fragments for DX (pack_a, DX_PARTS) and DPHI (pack_b, DPHI_PARTS)."""
+    return ((-(-T // 16), -(-W // 16), DX_PARTS, 32, 8), (-(-W // 8), -(-T // 16), DPHI_PARTS, 32, 4))
+
+
 def pack_a(mat: mx.array, parts: int) -> mx.array:
     R, KD = mat.shape
     total = -(-R // 16) * -(-KD // 16) * 256
@@ -364,9 +423,10 @@ def covers(x2: mx.array, phi: mx.array) -> bool:
     return x2.dtype in (mx.bfloat16, mx.float16) and phi.shape[1] <= MAX_N * (MAX_N + 2)
 
 
-def dx(x2, phi, gs, c2, pre=None, gacc=None):
+def dx(x2, phi, gs, c2, pre=None, gacc=None, gsa=None):
     """dx [T, K] in x's dtype; pre: (H_pre [T, n], dh [T, C]) adds pre's share, gacc (any shape of
-    T * K elements) adds x's cotangent from later in the site, both in the same pass."""
+    T * K elements) adds x's cotangent from later in the site, both in the same pass. gsa: gs
+    already in DX's fragment order (the glue kernel's, GLUE_PACKS), else packed here."""
     T, K = x2.shape
     W = phi.shape[1]
     n = round((W + 1) ** 0.5) - 1
@@ -380,15 +440,16 @@ def dx(x2, phi, gs, c2, pre=None, gacc=None):
         hpre, dh, flag = pre[0].astype(F32).reshape(T, n), pre[1].astype(x2.dtype).reshape(T, K // n), True
     acc = mx.zeros((1,), x2.dtype) if gacc is None else gacc.astype(x2.dtype).reshape(T, K)
     return launch(
-        DX, [pack_a(gs, DX_PARTS), pack_b(phi, DX_PARTS, True, perm64=True), x2, c2.astype(F32), hpre, dh, acc,
+        DX, [pack_a(gs, DX_PARTS) if gsa is None else gsa, pack_b(phi, DX_PARTS, True, perm64=True), x2, c2.astype(F32), hpre, dh, acc,
              int_params(T, K, 0, K // n)],
         [((T, K), x2.dtype)], -(-warps // WARPS_PER_BLOCK) * WARPS_PER_BLOCK * 32, WARPS_PER_BLOCK * 32,
         [("T", x2.dtype), ("N", n), ("MT", DX_TOKEN_TILES), ("KSW", ksw), ("PRE", flag), ("ACC", gacc is not None)],
     )[0]
 
 
-def dphi(x2, gs):
-    """x2^T gs [K, W] float32 for 16-bit x2 [T, K] and float32 gs [T, W]."""
+def dphi(x2, gs, gsb=None):
+    """x2^T gs [K, W] float32 for 16-bit x2 [T, K] and float32 gs [T, W] (gsb: gs already in
+    DPHI's fragment order, else packed here)."""
     T, K = x2.shape
     W = gs.shape[1]
     NT = -(-W // 8)
@@ -399,13 +460,15 @@ def dphi(x2, gs):
     splits = -(-T // tps)
     warps = kblocks * splits
     part = launch(
-        DPHI, [x2, pack_b(gs, DPHI_PARTS, False), int_params(T, K, tps, splits)],
+        DPHI, [x2, pack_b(gs, DPHI_PARTS, False) if gsb is None else gsb, int_params(T, K, tps, splits)],
         [((splits, K, 8 * NT), F32)], -(-warps // WARPS_PER_BLOCK) * WARPS_PER_BLOCK * 32,
         WARPS_PER_BLOCK * 32, [("T", x2.dtype), ("NT", NT), ("PG", DPHI_PARTS)],
     )[0]
     return mx.sum(part, axis=0)[:, :W]
 
 
-def vjp_x_phi(x2, phi, gs, c2, pre=None, gacc=None):
-    """(dxf [T, K] in x's dtype, dphi [K, W] float32), as coefficients.dynamic_vjp_x_phi."""
-    return dx(x2, phi, gs, c2, pre, gacc), dphi(x2, gs)
+def vjp_x_phi(x2, phi, gs, c2, pre=None, gacc=None, packed=None):
+    """(dxf [T, K] in x's dtype, dphi [K, W] float32), as coefficients.dynamic_vjp_x_phi.
+    packed: (gsa, gsb), gs in both fragment orders (glue_packs_spec), or None."""
+    gsa, gsb = packed if packed is not None else (None, None)
+    return dx(x2, phi, gs, c2, pre, gacc, gsa), dphi(x2, gs, gsb)
