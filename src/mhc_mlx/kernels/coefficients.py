@@ -751,23 +751,20 @@ def read_step_in_one_launch(x) -> bool:
     return build.gpu_backend() == "cuda" and x.shape[-2] <= MAX_N_DYNAMIC and _form(x) == "kernel"
 
 
-def _takes_tensor_cores(x2, phi) -> bool:
-    """Whether dynamic_vjp_x_phi takes the tensor-core products for x2 [T, K] and phi [K, W]."""
-    if not (x2.shape[0] and _tensor_core_vjp(x2) and build.gpu_backend() == "cuda"):
-        return False
+def backward_on_tensor_cores(x, n: int | None = None) -> bool:
+    """Whether the dynamic coefficients' backward takes the tensor-core products for x
+    ([..., n, C], or [T, n*C] with n given): CUDA, 16-bit x, n <= 4, MMA_VJP (kernels.
+    CHAIN_X_COTANGENT "auto" and the glue's GLUE_PACKS ask)."""
     from . import coefficients_mma_vjp
 
-    return coefficients_mma_vjp.covers(x2, phi)
-
-
-def backward_on_tensor_cores(x) -> bool:
-    """Whether the dynamic coefficients' backward takes the tensor-core form for x [..., n, C]
-    (CUDA, 16-bit x, n <= 4, MMA_VJP; kernels.CHAIN_X_COTANGENT "auto" asks)."""
-    from . import coefficients_mma_vjp
-
-    n = x.shape[-2]
+    n = x.shape[-2] if n is None else n
     return (build.gpu_backend() == "cuda" and x.size > 0 and _tensor_core_vjp(x)
             and x.dtype in (mx.bfloat16, mx.float16) and n <= coefficients_mma_vjp.MAX_N)
+
+
+def _takes_tensor_cores(x2, phi) -> bool:
+    """backward_on_tensor_cores for x2 [T, K] and phi [K, W = n(n+2)]."""
+    return backward_on_tensor_cores(x2, round((phi.shape[1] + 1) ** 0.5) - 1)
 
 
 def dynamic_vjp_x_phi(x2, phi, gs, c2, pre=None, gacc=None, packed=None):

@@ -418,11 +418,6 @@ def pack_b(src: mx.array, parts: int, transposed: bool, perm64: bool = False) ->
                   -(-total // 256) * 256, 256, [("P", parts), ("TRANS", transposed), ("PERM64", perm64)])[0]
 
 
-def covers(x2: mx.array, phi: mx.array) -> bool:
-    """16-bit x and n <= 4 (W <= 24)."""
-    return x2.dtype in (mx.bfloat16, mx.float16) and phi.shape[1] <= MAX_N * (MAX_N + 2)
-
-
 def dx(x2, phi, gs, c2, pre=None, gacc=None, gsa=None):
     """dx [T, K] in x's dtype; pre: (H_pre [T, n], dh [T, C]) adds pre's share, gacc (any shape of
     T * K elements) adds x's cotangent from later in the site, both in the same pass. gsa: gs
