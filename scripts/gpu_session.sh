@@ -24,6 +24,7 @@
 #   bash scripts/gpu_session.sh recheck      # a second sample: the target cases' bench (ours), wide-n timings
 #   bash scripts/gpu_session.sh glue         # the glue kernel at 32 threads per group: checks, timings
 #   bash scripts/gpu_session.sh glue-packs   # the glue kernel writing gs's fragments (candidate): checks, timings
+#   bash scripts/gpu_session.sh pending      # the glue packs and DX's vectorized pre share: checks, timings
 #   bash scripts/gpu_session.sh op-paths     # checks of the MLX-op forms the one-launch kernels replaced
 #   bash scripts/gpu_session.sh mma-vjp      # the tensor-core coefficient backward vs the FP32 kernel
 #   bash scripts/gpu_session.sh b1           # the B = 1 layer kernel by Sinkhorn iterations, and ncu
@@ -205,6 +206,16 @@ case "${1:-}" in
     CHECK_ARGS="--glue-packs --mma-vjp" CHECK_ONLY="${CHECK_ONLY:-coefficients,read_step,chain}" check 200
     run 120 experiments_glue_packs python scripts/gpu_experiments.py glue-packs
     ;;
+  pending)
+    # what the second session of 2026-11-30 wrote after its device time ran out, in one call:
+    # the checks with the glue packs and the tensor-core backward at every checked size (the
+    # read-step checks then take DX's pre share by vectors; `pytest -m gpu` runs the first-use
+    # checks' cases with their CPU reference), then the glue packs timed, then the chain
+    # experiment, whose "read step everywhere" forms take DX's vectorized pre share at 4096 tokens
+    CHECK_ARGS="--glue-packs --mma-vjp" CHECK_ONLY="${CHECK_ONLY:-coefficients,read_step,chain}" check 200
+    run 100 experiments_glue_packs python scripts/gpu_experiments.py glue-packs
+    run 150 experiments_chain python scripts/gpu_experiments.py chain
+    ;;
   op-paths)
     # the MLX-op forms that one-launch kernels replaced by default (the dynamic backward's glue,
     # the layer backward's coefficient gradients), still taken where the kernels do not apply
@@ -289,7 +300,7 @@ case "${1:-}" in
     run 140 experiments python scripts/gpu_experiments.py
     ;;
   *)
-    echo "usage: bash scripts/gpu_session.sh check|bench|bench-full|check-bench-full|profile|experiments|all|candidates|adopt|verify|small-tokens|wide-n|narrow-wide|close|recheck|glue|glue-packs|op-paths|mma-vjp|b1|decide|headers|layer-candidates|tune|final" >&2
+    echo "usage: bash scripts/gpu_session.sh check|bench|bench-full|check-bench-full|profile|experiments|all|candidates|adopt|verify|small-tokens|wide-n|narrow-wide|close|recheck|glue|glue-packs|pending|op-paths|mma-vjp|b1|decide|headers|layer-candidates|tune|final" >&2
     exit 2
     ;;
 esac

@@ -319,6 +319,27 @@ def test_tensor_core_coefficient_backward_products(dtype, n, C, T):
             assert rel(got_acc, want + np64(gacc).reshape(T, K)) <= (4e-3 if dtype == mx.bfloat16 else 6e-4)
 
 
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
+@pytest.mark.parametrize("n,C,T", [(4, 48, 37), (2, 128, 20), (4, 4096 // 64, 3)])
+def test_tensor_core_dx_pre_share_by_vectors(monkeypatch, dtype, n, C, T):
+    # DX's pre share (the fused read step): with C a multiple of 16 each lane's 16 k lie in one
+    # stream, and H_pre and dh are read once / by 16-byte vectors; the result equals the
+    # per-element path's (taken on misaligned buffers) bit for bit, and float64 within rounding
+    W, K = n * (n + 2), n * C
+    x = mx.random.normal((T, K)).astype(dtype)
+    phi = mx.random.normal((K, W)) / np.sqrt(K)
+    gs, c2 = mx.random.normal((T, W)), mx.random.normal((T,))
+    H_pre, dh = mx.random.uniform(shape=(T, n)), mx.random.normal((T, C)).astype(dtype)
+    gacc = mx.random.normal((T, K)).astype(dtype)
+    aligned = coefficients_mma_vjp.dx(x, phi, gs, c2, (H_pre, dh), gacc)
+    monkeypatch.setattr(emu, "MISALIGN", True)
+    per_element = coefficients_mma_vjp.dx(x, phi, gs, c2, (H_pre, dh), gacc)
+    assert np.array_equal(np64(aligned), np64(per_element))
+    want = (np64(gs) @ np64(phi).T - np64(x) * np64(c2)[:, None]
+            + (np64(H_pre)[:, :, None] * np64(dh)[:, None, :]).reshape(T, K) + np64(gacc))
+    assert rel(aligned, want) <= (4e-3 if dtype == mx.bfloat16 else 6e-4)
+
+
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
 # launch shapes: the default, and 64 threads per block (two k blocks, the second partial) with 4
 # tokens per split (two splits, the second partial): gpu_experiments.py times these. "mma": the

@@ -117,7 +117,10 @@ PACK_B = KernelSpec(
 # PERM64, so lane (g, c) ends with the 16 consecutive k 64 q + 16 c .. + 15 of its rows g and
 # g + 8 and reads x and writes dx there by 16-byte vectors (where aligned). The earlier form (a
 # k-tile of 8 at a time, 2-byte loads and stores) passed the H200 check but read x at ~0.5 TB/s
-# (dx 504-532 µs at 4096 x 4 x 4096); this one has not run on a GPU.
+# (dx 504-532 µs at 4096 x 4 x 4096); this one passed it on 2026-11-30 (177.5 µs alone). Its
+# pre share read by vectors (PRE, the fused read step at tensor-core sizes; per element before,
+# an integer division and a 2-byte load each, when the read step there lost to the two ops:
+# docs/kernel-notes.md row 27) was written after that session's device time: not yet on a GPU.
 DX = KernelSpec(
     name="mhc_coefficients_dynamic_vjp_dx_mma",
     inputs=("gsa", "phb", "xin", "ctwo", "hpre", "dh", "gacc", "iparam"),
@@ -219,12 +222,25 @@ DX = KernelSpec(
         for (int e = 0; e < 2; ++e) o[2 * j + e] = d[m][j][2 * h + e] - xv[m][h][2 * j + e] * c2v[m][h];
       }
       if (PRE) {
-        #pragma unroll
-        for (int i = 0; i < 16; ++i) {
-          const int kk = k0 + i;
-          if (kk < K) {
-            const int st = kk / Cw;
-            o[i] += hpre[(int64_t)t * N + st] * static_cast<float>(dh[(int64_t)t * Cw + (kk - st * Cw)]);
+        // the 16 k lie in one stream st when C is a multiple of 16 (k0 is): one H_pre and dh by
+        // two 16-byte vectors; else per element (an integer division and 2-byte load each)
+        const int st0 = k0 / Cw;
+        const int64_t doff = (int64_t)t * Cw + (k0 - st0 * Cw);
+        if (vec && Cw % 16 == 0 && KALIGNED16(dh)) {
+          const float hp = hpre[(int64_t)t * N + st0];
+          float dv[16];
+          kload<T, 8>(dv, dh, doff, true);
+          kload<T, 8>(dv + 8, dh, doff + 8, true);
+          #pragma unroll
+          for (int i = 0; i < 16; ++i) o[i] += hp * dv[i];
+        } else {
+          #pragma unroll
+          for (int i = 0; i < 16; ++i) {
+            const int kk = k0 + i;
+            if (kk < K) {
+              const int st = kk / Cw;
+              o[i] += hpre[(int64_t)t * N + st] * static_cast<float>(dh[(int64_t)t * Cw + (kk - st * Cw)]);
+            }
           }
         }
       }
