@@ -327,9 +327,6 @@ SWITCHES = {
     "--vjp-glue-ops": (coefficients, "FUSED_VJP_GLUE", False,
                        "the dynamic backward's per-token steps as MLX ops instead of one launch "
                        "(coefficients.FUSED_VJP_GLUE = False)"),
-    "--wide-n": (coefficients, "WIDE_N", True,
-                 "dispatch dynamic coefficients with 8 < n <= 32 to the kernel path (coefficients.WIDE_N; "
-                 "the default since 2026-11-30, kept for the stages that name it)"),
     "--chain": (kernels, "CHAIN_X_COTANGENT", True,
                 "the chained x cotangent of HyperConnection sites at every size (kernels.CHAIN_X_COTANGENT = True; "
                 "by default where the coefficient backward takes tensor cores)"),
@@ -340,6 +337,7 @@ SWITCHES = {
                             "use the warp-form Sinkhorn backward everywhere (sinkhorn.THREAD_VJP_MAX_WORK = 0; "
                             "the default takes one thread per matrix for n <= 4)"),
 }
+
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -240,7 +240,7 @@ def read_step(rounds=5):
                      ("dynamic", "fwd", (4096, 4, 4096), "throughput"),
                      ("dynamic", "fwd+bwd", (4096, 4, 4096), "throughput"))
     # at 4096x4x4096 the backward takes the tensor-core products (coefficients.MMA_VJP "auto"),
-    # whose DX kernel adds pre's share too: the read step there has not been timed with it
+    # whose DX kernel adds pre's share too (docs/kernel-notes.md row 27)
     alternated_settings("read step", rows, {"two ops": [(kernels, "FUSED_READ_STEP", False)],
                                             "read step": [(kernels, "FUSED_READ_STEP", True)]}, rounds)
 

@@ -166,15 +166,16 @@ case "${1:-}" in
     run 120 experiments_small_tokens python scripts/gpu_experiments.py small-tokens
     ;;
   wide-n)
-    # dynamic coefficients for 8 < n <= 32 on the kernel path (candidate): the coefficient checks
-    # (n = 9, 16, 32 included) and `pytest -m gpu`, then timed against the compiled path
-    CHECK_ARGS="--wide-n" CHECK_ONLY="${CHECK_ONLY:-coefficients}" check 200
+    # dynamic coefficients for 8 < n <= 32 on the kernel path (the default since 2026-11-30): the
+    # coefficient checks (n = 9, 16, 32 included) and `pytest -m gpu`, then timed against the
+    # compiled path
+    CHECK_ONLY="${CHECK_ONLY:-coefficients}" check 200
     run 150 experiments_wide_n python scripts/gpu_experiments.py wide-n
     ;;
   narrow-wide)
-    # small-tokens and wide-n in one device call: one round of checks with both candidates on
-    # (B = 1 and n = 9, 16, 32 cases included), then each timed against what runs today
-    CHECK_ARGS="--small-tokens 16 --wide-n" CHECK_ONLY="${CHECK_ONLY:-coefficients,read_step,chain}" check 200
+    # small-tokens and wide-n in one device call (both defaults since 2026-11-30): one round of
+    # checks (B = 1 and n = 9, 16, 32 cases included), then each timed against the form it replaced
+    CHECK_ARGS="--small-tokens 16" CHECK_ONLY="${CHECK_ONLY:-coefficients,read_step,chain}" check 200
     run 120 experiments_small_tokens python scripts/gpu_experiments.py small-tokens
     run 150 experiments_wide_n python scripts/gpu_experiments.py wide-n
     ;;

@@ -49,14 +49,12 @@ def run_chained_read(x, phi, alpha, bias, iters: int, eps: float):
     comes back down the chain and is written once (kernels/site.py, "chained")."""
     if not kernels.CHAIN_X_COTANGENT or kernels.gpu_backend() != "cuda":
         return None
-    if kernels.CHAIN_X_COTANGENT == "auto":
-        from .kernels import coefficients
+    from .kernels import coefficients, pre_step, site
 
-        if phi is None or not coefficients.backward_on_tensor_cores(x):
-            return None
+    if kernels.CHAIN_X_COTANGENT == "auto" and (phi is None or not coefficients.backward_on_tensor_cores(x)):
+        return None
     if choose("mhc_pre", x)[0] != "kernels":
         return None
-    from .kernels import coefficients, pre_step, site
 
     if phi is None:  # static: the coefficients do not depend on x
         H, x_pre = run_coefficients(x, None, None, bias, iters, eps), x

@@ -227,8 +227,8 @@ DYNAMIC_PRE = KernelSpec(
     body=DYNAMIC.body + _PRE_EPILOGUE,
 )
 
-# Candidate (written 2026-11-30 without a GPU): the kernel form for a few tokens, one
-# threadgroup of SMALL_THREADS per token. DYNAMIC at B = 1 is one block walking K in KC-wide
+# The kernel form for a few tokens (up to SMALL_TOKENS, below), one threadgroup of SMALL_THREADS
+# per token. DYNAMIC at B = 1 is one block walking K in KC-wide
 # chunks, each staged through shared memory between barriers, with one chunk in flight: on the
 # H100 the B = 1 coefficient kernel took 36 µs (ncu, 2026-11-25). Here thread i takes rows
 # i, i + 256, ... of x and phi with every load independent of the last, the W partial dot
@@ -817,8 +817,8 @@ def _wide_vjp_x_phi(x2, phi, gs, c2, pre=None, gacc=None):
 
 def _scaled_cotangents(gp, gq, gr, m, invr, scale, n: int, K: int):
     """(gs = dm / r [T, W], c2 [T], g_bias [W], g_alpha [3]) from the logits' cotangents, as MLX
-    ops: the dynamic backward's per-token steps after the activations' (DYNAMIC_VJP_GLUE is the
-    one-launch candidate). No mx.compile: inside a custom function's backward MLX keeps every
+    ops: the dynamic backward's per-token steps after the activations' (DYNAMIC_VJP_GLUE does them
+    in one launch where the one-thread Sinkhorn backward applies). No mx.compile: inside a custom function's backward MLX keeps every
     array a tracer (transforms.cpp, RetainGraph) and would run the ops unfused anyway, unless
     the caller compiles the whole step, whose compile fuses them with the rest."""
     gh = mx.concatenate([gp, gq, gr.reshape(gr.shape[0], n * n)], axis=-1)
@@ -866,9 +866,10 @@ def dynamic_vjp(primals, cotangents, outputs, n: int, iters: int, pre=None, gacc
     C = x.shape[-1]
     K = n * C
     T = m.shape[0]
+    x2 = x.reshape(T, K)
     packed = None
     if FUSED_VJP_GLUE and T and sk.uses_thread_vjp(n, iters):
-        packs = GLUE_PACKS and _takes_tensor_cores(x.reshape(T, K), phi)
+        packs = GLUE_PACKS and _takes_tensor_cores(x2, phi)
         gs, c2, g_bias, g_alpha, packed = _glue_kernel(m, invr, alpha, bias, H_pre, H_post, cotangents, n, K,
                                                        iters, packs)
     else:
@@ -878,7 +879,7 @@ def dynamic_vjp(primals, cotangents, outputs, n: int, iters: int, pre=None, gacc
                                            cotangents[0].reshape(T, n), cotangents[1].reshape(T, n),
                                            cotangents[2], iters)
         gs, c2, g_bias, g_alpha = _scaled_cotangents(gp, gq, gr, m, invr, scale, n, K)
-    gx, g_phi = dynamic_vjp_x_phi(x.reshape(T, K), phi, gs, c2, pre, gacc, packed)
+    gx, g_phi = dynamic_vjp_x_phi(x2, phi, gs, c2, pre, gacc, packed)
     return (gx.reshape(x.shape), g_phi.astype(phi.dtype), g_alpha.astype(alpha.dtype),
             g_bias.astype(bias.dtype))
 

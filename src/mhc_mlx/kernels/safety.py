@@ -52,13 +52,17 @@ def _close(a, b, dtype, what):
         raise AssertionError(f"{what}: relative error {err:.2e} > {RTOL[dtype]:.0e}")
 
 
-def _close_grads(kernel_fn, reference_fn, args, what, dtype=mx.float32):
-    """Gradients of both functions (random cotangents) for every argument: each within RTOL of
-    the reference's, relative to its own norm or to 1 % of the largest gradient's, whichever is
-    larger (a gradient ~0 by symmetry, e.g. through RMSNorm, is rounding noise). dtype: x's, for
-    the tolerance (both sides see the same 16-bit inputs; their roundings differ)."""
+def _matches(kernel_fn, reference_fn, args, what, dtype=mx.float32):
+    """The kernel's outputs against the reference's (RTOL of x's dtype), then the gradients of
+    both (random cotangents) for every argument: each within RTOL of the reference's, relative
+    to its own norm or to 1 % of the largest gradient's, whichever is larger (a gradient ~0 by
+    symmetry, e.g. through RMSNorm, is rounding noise; both sides see the same 16-bit inputs,
+    their roundings differ)."""
     outs = _on_cpu(reference_fn, *args)
     outs = outs if isinstance(outs, (tuple, list)) else (outs,)
+    got_outs = kernel_fn(*args)
+    for u, v in zip(got_outs if isinstance(got_outs, (tuple, list)) else (got_outs,), outs):
+        _close(u, v, dtype, what)
     cots = [mx.random.normal(o.shape, key=mx.random.key(11 + i)).astype(o.dtype) for i, o in enumerate(outs)]
     got = mx.vjp(kernel_fn, list(args), cots)[1]
     want = _on_cpu(lambda: mx.vjp(reference_fn, list(args), cots)[1])
@@ -96,26 +100,19 @@ def _check_case(op: str, impl, n: int, dtype) -> None:
         phi = 0.1 * mx.random.normal((n * C, W), key=k2)
         alpha = mx.array([0.5, 0.3, 0.7])
         bias = mx.random.normal((W,), key=k3)
-        for p, a in ((phi, alpha), (None, None)):
-            got = impl(x, p, a, bias, iters, 1e-6)
-            want = _on_cpu(reference.mhc_coefficients, x, p, a, bias, iters, 1e-6)
-            for u, v in zip(got, want):
-                _close(u, v, dtype, what)
-        _close_grads(lambda *a: impl(*a, iters, 1e-6), lambda *a: reference.mhc_coefficients(*a, iters, 1e-6),
-                     [x, phi, alpha, bias], what + " (dynamic)", dtype)
-        _close_grads(lambda x_, b: impl(x_, None, None, b, iters, 1e-6),
-                     lambda x_, b: reference.mhc_coefficients(x_, None, None, b, iters, 1e-6), [x, bias],
-                     what + " (static)", dtype)
+        _matches(lambda *a: impl(*a, iters, 1e-6), lambda *a: reference.mhc_coefficients(*a, iters, 1e-6),
+                 [x, phi, alpha, bias], what + " (dynamic)", dtype)
+        _matches(lambda x_, b: impl(x_, None, None, b, iters, 1e-6),
+                 lambda x_, b: reference.mhc_coefficients(x_, None, None, b, iters, 1e-6), [x, bias],
+                 what + " (static)", dtype)
     elif op == "mhc_pre":
         for h in (mx.random.uniform(shape=(T, n), key=k2), mx.random.uniform(shape=(n,), key=k3)):
-            _close(impl(x, h), _on_cpu(reference.mhc_pre, x, h), dtype, what)
-            _close_grads(impl, reference.mhc_pre, [x, h], what, dtype)
+            _matches(impl, reference.mhc_pre, [x, h], what, dtype)
     elif op == "mhc_post":
         f = mx.random.normal((T, C), key=k2).astype(dtype)
         for hp, hr in ((mx.random.uniform(shape=(T, n), key=k3), mx.random.uniform(shape=(T, n, n), key=k4)),
                        (mx.random.uniform(shape=(n,), key=k3), mx.random.uniform(shape=(n, n), key=k4))):
-            _close(impl(x, f, hp, hr), _on_cpu(reference.mhc_post, x, f, hp, hr), dtype, what)
-            _close_grads(impl, reference.mhc_post, [x, f, hp, hr], what, dtype)
+            _matches(impl, reference.mhc_post, [x, f, hp, hr], what, dtype)
     elif op == "mhc_layer":
         pre, post = mx.random.normal((n,), key=k2), mx.random.normal((n,), key=k3)
         res, w = mx.random.normal((n, n), key=k4), mx.ones((C,))
@@ -128,8 +125,7 @@ def _check_case(op: str, impl, n: int, dtype) -> None:
             def reference_layer(*a):
                 return reference.mhc_layer(*a, iters, 1e-5)
 
-            _close(kernel_layer(x, pre, post, res, w), _on_cpu(reference_layer, x, pre, post, res, w), dtype, what)
-            _close_grads(kernel_layer, reference_layer, [x, pre, post, res, w], what, dtype)
+            _matches(kernel_layer, reference_layer, [x, pre, post, res, w], what, dtype)
 
 
 def verified(op: str, impl) -> bool:
