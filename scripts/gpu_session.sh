@@ -25,6 +25,8 @@
 #   bash scripts/gpu_session.sh glue         # the glue kernel at 32 threads per group: checks, timings
 #   bash scripts/gpu_session.sh glue-packs   # the glue kernel writing gs's fragments (candidate): checks, timings
 #   bash scripts/gpu_session.sh pending      # the glue packs and DX's vectorized pre share: checks, timings
+#   bash scripts/gpu_session.sh timeline     # pytest -m gpu alone, then nsys: each target case's kernels
+#                                            # in stream order with the gaps (defaults; glue packs + read step)
 #   bash scripts/gpu_session.sh op-paths     # checks of the MLX-op forms the one-launch kernels replaced
 #   bash scripts/gpu_session.sh mma-vjp      # the tensor-core coefficient backward vs the FP32 kernel
 #   bash scripts/gpu_session.sh b1           # the B = 1 layer kernel by Sinkhorn iterations, and ncu
@@ -216,6 +218,23 @@ case "${1:-}" in
     CHECK_ARGS="--glue-packs --mma-vjp" CHECK_ONLY="${CHECK_ONLY:-coefficients,read_step,chain}" check 200
     run 100 experiments_glue_packs python scripts/gpu_experiments.py glue-packs
     run 150 experiments_chain python scripts/gpu_experiments.py chain
+    ;;
+  timeline)
+    # `pytest -m gpu` alone (it ran out of time beside nine checks in the pending call), then the
+    # target cases under Nsight Systems: kernels in stream order with the gaps between them
+    run 300 pytest_gpu python -m pytest -q -m gpu tests -p no:cacheprovider -rs
+    for form in defaults glue-packs-read-step; do
+      flags=""; [ $form != defaults ] && flags="--glue-packs --read-step"
+      echo "== timeline_$form"
+      if ! command -v nsys > /dev/null; then echo "   nsys not found"; break; fi
+      timeout -k 5 150 nsys profile --trace cuda --force-overwrite true --output "$res/tl_$form" \
+        python scripts/gpu_timeline.py run $flags > "$res/timeline_$form.log" 2>&1 &&
+      timeout -k 5 60 nsys stats --force-export true --report cuda_gpu_trace --format csv \
+        --output "$res/tl_$form" "$res/tl_$form.nsys-rep" >> "$res/timeline_$form.log" 2>&1 &&
+      python scripts/gpu_timeline.py report "$res/tl_${form}_cuda_gpu_trace.csv" > "$res/timeline_${form}_report.log" 2>&1
+      rc=$?; rm -f "$res/tl_$form.nsys-rep" "$res/tl_$form.sqlite"
+      TAIL=200 report "timeline_${form}_report" $rc
+    done
     ;;
   op-paths)
     # the MLX-op forms that one-launch kernels replaced by default (the dynamic backward's glue,
