@@ -220,19 +220,29 @@ case "${1:-}" in
     run 150 experiments_chain python scripts/gpu_experiments.py chain
     ;;
   timeline)
-    # `pytest -m gpu` alone (it ran out of time beside nine checks in the pending call), then the
-    # target cases under Nsight Systems: kernels in stream order with the gaps between them
-    run 300 pytest_gpu python -m pytest -q -m gpu tests -p no:cacheprovider -rs
+    # the `pytest -m gpu` tests the pending call's run did not reach (PYTEST_K; a stack dump after
+    # 100 s in one test), then the target cases' kernels in stream order with the gaps between them:
+    # Nsight Systems where installed, else PyTorch's profiler (CUPTI sees MLX's kernels too)
+    run 240 pytest_gpu python -m pytest -q -m gpu tests -p no:cacheprovider -rs --durations 10 \
+      -o faulthandler_timeout=100 -k "${PYTEST_K:-first_use or glue_writes}"
+    nsys=$(command -v nsys || ls /usr/local/cuda*/bin/nsys /opt/nvidia/nsight-systems/*/bin/nsys 2> /dev/null | head -1)
     for form in defaults glue-packs-read-step; do
       flags=""; [ $form != defaults ] && flags="--glue-packs --read-step"
-      echo "== timeline_$form"
-      if ! command -v nsys > /dev/null; then echo "   nsys not found"; break; fi
-      timeout -k 5 150 nsys profile --trace cuda --force-overwrite true --output "$res/tl_$form" \
-        python scripts/gpu_timeline.py run $flags > "$res/timeline_$form.log" 2>&1 &&
-      timeout -k 5 60 nsys stats --force-export true --report cuda_gpu_trace --format csv \
-        --output "$res/tl_$form" "$res/tl_$form.nsys-rep" >> "$res/timeline_$form.log" 2>&1 &&
-      python scripts/gpu_timeline.py report "$res/tl_${form}_cuda_gpu_trace.csv" > "$res/timeline_${form}_report.log" 2>&1
-      rc=$?; rm -f "$res/tl_$form.nsys-rep" "$res/tl_$form.sqlite"
+      echo "== timeline_$form (${nsys:-kineto})"
+      if [ -n "$nsys" ]; then
+        timeout -k 5 150 "$nsys" profile --trace cuda --force-overwrite true --output "$res/tl_$form" \
+          python scripts/gpu_timeline.py run $flags > "$res/timeline_$form.log" 2>&1 &&
+        timeout -k 5 60 "$nsys" stats --force-export true --report cuda_gpu_trace --format csv \
+          --output "$res/tl_$form" "$res/tl_$form.nsys-rep" >> "$res/timeline_$form.log" 2>&1 &&
+        python scripts/gpu_timeline.py report "$res/tl_${form}_cuda_gpu_trace.csv" > "$res/timeline_${form}_report.log" 2>&1
+        rc=$?
+      else
+        timeout -k 5 150 python scripts/gpu_timeline.py run --kineto "$res/tl_$form.json" $flags > "$res/timeline_$form.log" 2>&1 &&
+        python scripts/gpu_timeline.py report "$res/tl_$form.json" > "$res/timeline_${form}_report.log" 2>&1
+        rc=$?
+      fi
+      rm -f "$res/tl_$form.nsys-rep" "$res/tl_$form.sqlite" "$res/tl_$form.json"
+      [ $rc != 0 ] && tail -5 "$res/timeline_$form.log"
       TAIL=200 report "timeline_${form}_report" $rc
     done
     ;;

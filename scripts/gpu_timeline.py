@@ -4,6 +4,8 @@
     nsys profile --trace cuda --output tl python scripts/gpu_timeline.py run [--glue-packs] [--read-step]
     nsys stats --report cuda_gpu_trace --format csv --output tl tl.nsys-rep
     python scripts/gpu_timeline.py report tl_cuda_gpu_trace.csv
+    python scripts/gpu_timeline.py run --kineto tl.json [...]   # without nsys: PyTorch's profiler
+    python scripts/gpu_timeline.py report tl.json                # (CUPTI) records MLX's kernels too
 
 Unlike `gpu_profile.py` (Nsight Compute: each kernel alone, serialised), this keeps the kernels
 as MLX launches them: `run` applies each case of gpu_profile.CASES REPEATS times between two
@@ -16,6 +18,7 @@ durations is the time the GPU waited between kernels (launch and host time).
 from __future__ import annotations
 
 import csv
+import json
 import os
 import sys
 
@@ -28,6 +31,30 @@ REPEATS = 3
 
 
 def run(args: list[str]) -> int:
+    kineto = None
+    if "--kineto" in args:
+        at = args.index("--kineto")
+        if at + 1 >= len(args):
+            print("--kineto needs the trace's path", file=sys.stderr)
+            return 2
+        kineto = args[at + 1]
+        args = args[:at] + args[at + 2:]
+    unknown = [a for a in args if a not in ("--glue-packs", "--read-step")]
+    if unknown:
+        print(f"unknown flag(s) {' '.join(unknown)}; known: --glue-packs --read-step --kineto PATH", file=sys.stderr)
+        return 2
+    if kineto is not None:
+        import torch
+
+        torch.cuda.init()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            rc = _run_cases(args)
+        prof.export_chrome_trace(kineto)
+        return rc
+    return _run_cases(args)
+
+
+def _run_cases(args: list[str]) -> int:
     import mlx.core as mx
 
     from mhc_mlx import kernels
@@ -36,10 +63,6 @@ def run(args: list[str]) -> int:
     from mhc_mlx.kernels import coefficients
     from mhc_mlx.kernels.build import KernelSpec, int_params, launch
 
-    unknown = [a for a in args if a not in ("--glue-packs", "--read-step")]
-    if unknown:
-        print(f"unknown flag(s) {' '.join(unknown)}; known: --glue-packs --read-step", file=sys.stderr)
-        return 2
     if "--glue-packs" in args:
         coefficients.GLUE_PACKS = True
     if "--read-step" in args:
@@ -70,17 +93,26 @@ def _column(header: list[str], *words: str) -> str:
     raise KeyError(f"no column with {words} in {header}")
 
 
-def report(path: str) -> int:
+def _kernels(path: str) -> list[tuple[float, float, str]]:
+    """(start ns, duration ns, name) of every GPU activity in an nsys CSV or a Kineto trace."""
+    if path.endswith(".json"):
+        with open(path) as f:
+            events = json.load(f)["traceEvents"]
+        return sorted(
+            (float(e["ts"]) * 1e3, float(e["dur"]) * 1e3, e["name"]) for e in events
+            if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e
+        )
     with open(path, newline="") as f:
         lines = [ln for ln in f if ln.strip()]
     start = next(i for i, ln in enumerate(lines) if "Start" in ln and "Name" in ln)
     rows = list(csv.DictReader(lines[start:]))
     header = list(rows[0].keys()) if rows else []
     c_start, c_dur, c_name = _column(header, "start"), _column(header, "duration"), _column(header, "name")
-    kernels = sorted(
-        ((float(r[c_start]), float(r[c_dur]), r[c_name]) for r in rows if r[c_name] and r[c_dur]),
-        key=lambda k: k[0],
-    )
+    return sorted((float(r[c_start]), float(r[c_dur]), r[c_name]) for r in rows if r[c_name] and r[c_dur])
+
+
+def report(path: str) -> int:
+    kernels = _kernels(path)
     marks, per_case = 0, {}
     for t0, dur, name in kernels:
         if MARKER in name:
