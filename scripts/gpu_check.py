@@ -333,6 +333,9 @@ SWITCHES = {
     "--glue-packs": (coefficients, "GLUE_PACKS", True,
                      "the candidate glue kernel that also writes gs in the tensor-core backward's fragment orders "
                      "(coefficients.GLUE_PACKS)"),
+    "--split-glue-sinkhorn": (coefficients, "SPLIT_GLUE_SINKHORN", True,
+                              "the candidate split glue: the res logits' Sinkhorn backward on n lanes per token "
+                              "in its own launch, then the glue without it (coefficients.SPLIT_GLUE_SINKHORN)"),
     "--sinkhorn-warp-vjp": (sinkhorn, "THREAD_VJP_MAX_WORK", 0,
                             "use the warp-form Sinkhorn backward everywhere (sinkhorn.THREAD_VJP_MAX_WORK = 0; "
                             "the default takes one thread per matrix for n <= 4)"),

@@ -12,6 +12,7 @@ copy floor two ways, and where B=1 latency goes (Python graph building vs the ev
     python scripts/gpu_experiments.py small-tokens  (only the one-threadgroup-per-token coefficient kernels)
     python scripts/gpu_experiments.py mma-vjp  (only the tensor-core coefficient backward vs the FP32 kernel)
     python scripts/gpu_experiments.py glue-packs  (only the glue kernel writing gs's fragments vs the packs)
+    python scripts/gpu_experiments.py glue-split  (only the glue with its Sinkhorn backward split off vs one kernel)
     python scripts/gpu_experiments.py glue-threads  (only the glue kernel's group size, and the fragment packs)
     python scripts/gpu_experiments.py b1 [ncu]  (only the B = 1 layer kernel by Sinkhorn iterations)
 """
@@ -728,6 +729,24 @@ def glue_packs(rounds=5):
                         rounds)
 
 
+def glue_split(rounds=5):
+    """The glue with its Sinkhorn backward split off onto n lanes per token
+    (coefficients.SPLIT_GLUE_SINKHORN, candidate) against the one-kernel glue, alternated
+    `rounds` times: the dynamic site fwd+bwd at 4096x4x4096, 512x4x1280 and B = 1, then at
+    4096 tokens with the glue packs and the read step as well."""
+    from mhc_mlx import kernels
+
+    rows = case_rows(("dynamic", "fwd+bwd", (4096, 4, 4096), "throughput"),
+                     ("dynamic", "fwd+bwd", (512, 4, 1280), "throughput"),
+                     ("dynamic", "fwd+bwd", (1, 4, 512), "latency"))
+    alternated_settings("glue split", rows, {"one kernel": [(coefficients, "SPLIT_GLUE_SINKHORN", False)],
+                                             "split": [(coefficients, "SPLIT_GLUE_SINKHORN", True)]}, rounds)
+    both = [(coefficients, "GLUE_PACKS", True), (kernels, "FUSED_READ_STEP", True)]
+    alternated_settings("glue split, glue packs + read step everywhere", rows[:1],
+                        {"one kernel": [(coefficients, "SPLIT_GLUE_SINKHORN", False)] + both,
+                         "split": [(coefficients, "SPLIT_GLUE_SINKHORN", True)] + both}, rounds)
+
+
 # One part of the experiments alone (the module docstring lists them): mode -> function
 MODES = {
     "headers": header_sizes,
@@ -741,6 +760,7 @@ MODES = {
     "layer-coefficients": layer_coefficient_vjp,
     "glue-threads": glue_threads,
     "glue-packs": glue_packs,
+    "glue-split": glue_split,
 }
 
 

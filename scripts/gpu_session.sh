@@ -25,6 +25,7 @@
 #   bash scripts/gpu_session.sh glue         # the glue kernel at 32 threads per group: checks, timings
 #   bash scripts/gpu_session.sh glue-packs   # the glue kernel writing gs's fragments (candidate): checks, timings
 #   bash scripts/gpu_session.sh pending      # the glue packs and DX's vectorized pre share: checks, timings
+#   bash scripts/gpu_session.sh split        # the split-off glue Sinkhorn: checks, timings, bench, timeline
 #   bash scripts/gpu_session.sh timeline     # pytest -m gpu alone, then nsys: each target case's kernels
 #                                            # in stream order with the gaps (defaults; glue packs + read step)
 #   bash scripts/gpu_session.sh op-paths     # checks of the MLX-op forms the one-launch kernels replaced
@@ -67,6 +68,30 @@ run() {  # seconds, label, then the command
   report "$label" $?
 }
 
+timelines() {  # forms (defaults, glue-packs-read-step): each target case's kernels in stream order
+  local nsys form flags rc     # with the gaps: Nsight Systems where installed, else PyTorch's profiler
+  nsys=$(command -v nsys || ls /usr/local/cuda*/bin/nsys /opt/nvidia/nsight-systems/*/bin/nsys 2> /dev/null | head -1)
+  for form in "$@"; do
+    flags=""; [ $form != defaults ] && flags="--glue-packs --read-step"
+    echo "== timeline_$form (${nsys:-kineto})"
+    if [ -n "$nsys" ]; then
+      timeout -k 5 150 "$nsys" profile --trace cuda --force-overwrite true --output "$res/tl_$form" \
+        python scripts/gpu_timeline.py run $flags > "$res/timeline_$form.log" 2>&1 &&
+      timeout -k 5 60 "$nsys" stats --force-export true --report cuda_gpu_trace --format csv \
+        --output "$res/tl_$form" "$res/tl_$form.nsys-rep" >> "$res/timeline_$form.log" 2>&1 &&
+      python scripts/gpu_timeline.py report "$res/tl_${form}_cuda_gpu_trace.csv" > "$res/timeline_${form}_report.log" 2>&1
+      rc=$?
+    else
+      timeout -k 5 150 python scripts/gpu_timeline.py run --kineto "$res/tl_$form.json" $flags > "$res/timeline_$form.log" 2>&1 &&
+      python scripts/gpu_timeline.py report "$res/tl_$form.json" > "$res/timeline_${form}_report.log" 2>&1
+      rc=$?
+    fi
+    rm -f "$res/tl_$form.nsys-rep" "$res/tl_$form.sqlite" "$res/tl_$form.json"
+    [ $rc != 0 ] && tail -5 "$res/timeline_$form.log"
+    TAIL=200 report "timeline_${form}_report" $rc
+  done
+}
+
 check() {
   # Correctness only, so the checks share the GPU and run side by side (NVRTC builds are
   # CPU-bound), split by group, dtype and n; $1 seconds each at most.
@@ -91,7 +116,7 @@ check() {
         --mma-x-unroll $ku --dtypes bf16,f16 --out "$res/coefficients_mma_ku$ku"
     done
   fi
-  start pytest_gpu python -m pytest -q -m gpu tests -p no:cacheprovider
+  [ -z "${NO_PYTEST:-}" ] && start pytest_gpu python -m pytest -q -m gpu tests -p no:cacheprovider
   for i in "${!labels[@]}"; do
     wait "${pids[$i]}"; TAIL=7 report "${labels[$i]}" $?
   done
@@ -219,32 +244,23 @@ case "${1:-}" in
     run 100 experiments_glue_packs python scripts/gpu_experiments.py glue-packs
     run 150 experiments_chain python scripts/gpu_experiments.py chain
     ;;
+  split)
+    # the glue with its Sinkhorn backward split off onto n lanes per token (now the default):
+    # checks with the tensor-core backward at every size, its timings against the one-kernel
+    # glue, the target cases' bench (our rows), then the stream timeline
+    CHECK_ARGS="--mma-vjp" CHECK_ONLY="${CHECK_ONLY:-coefficients,read_step,chain}" NO_PYTEST=1 check 200
+    run 130 experiments_glue_split python scripts/gpu_experiments.py glue-split
+    run 150 bench python -m mhc_mlx.cli.main bench --out "$res/bench" --overwrite --seeds "" \
+      --only "$TARGETS" --impl kernels,kernels+step
+    timelines defaults
+    ;;
   timeline)
     # the `pytest -m gpu` tests the pending call's run did not reach (PYTEST_K; a stack dump after
     # 100 s in one test), then the target cases' kernels in stream order with the gaps between them:
     # Nsight Systems where installed, else PyTorch's profiler (CUPTI sees MLX's kernels too)
     run 240 pytest_gpu python -m pytest -q -m gpu tests -p no:cacheprovider -rs --durations 10 \
       -o faulthandler_timeout=100 -k "${PYTEST_K:-first_use or glue_writes}"
-    nsys=$(command -v nsys || ls /usr/local/cuda*/bin/nsys /opt/nvidia/nsight-systems/*/bin/nsys 2> /dev/null | head -1)
-    for form in defaults glue-packs-read-step; do
-      flags=""; [ $form != defaults ] && flags="--glue-packs --read-step"
-      echo "== timeline_$form (${nsys:-kineto})"
-      if [ -n "$nsys" ]; then
-        timeout -k 5 150 "$nsys" profile --trace cuda --force-overwrite true --output "$res/tl_$form" \
-          python scripts/gpu_timeline.py run $flags > "$res/timeline_$form.log" 2>&1 &&
-        timeout -k 5 60 "$nsys" stats --force-export true --report cuda_gpu_trace --format csv \
-          --output "$res/tl_$form" "$res/tl_$form.nsys-rep" >> "$res/timeline_$form.log" 2>&1 &&
-        python scripts/gpu_timeline.py report "$res/tl_${form}_cuda_gpu_trace.csv" > "$res/timeline_${form}_report.log" 2>&1
-        rc=$?
-      else
-        timeout -k 5 150 python scripts/gpu_timeline.py run --kineto "$res/tl_$form.json" $flags > "$res/timeline_$form.log" 2>&1 &&
-        python scripts/gpu_timeline.py report "$res/tl_$form.json" > "$res/timeline_${form}_report.log" 2>&1
-        rc=$?
-      fi
-      rm -f "$res/tl_$form.nsys-rep" "$res/tl_$form.sqlite" "$res/tl_$form.json"
-      [ $rc != 0 ] && tail -5 "$res/timeline_$form.log"
-      TAIL=200 report "timeline_${form}_report" $rc
-    done
+    timelines defaults glue-packs-read-step
     ;;
   op-paths)
     # the MLX-op forms that one-launch kernels replaced by default (the dynamic backward's glue,

@@ -949,8 +949,10 @@ def test_metal_first_use_check_catches_a_wrong_backward(monkeypatch, flavour):
 def test_dynamic_backward_glue_in_one_launch(monkeypatch, flavour, n, iters, T, threads):
     # coefficients.DYNAMIC_VJP_GLUE (FUSED_VJP_GLUE, the default): the coefficient backward's
     # gradients with the glue as one kernel equal those with the glue as MLX ops (T = 130: two
-    # threadgroups of 128 or five of 32, the last partial), and the reference's autodiff
+    # threadgroups of 128 or five of 32, the last partial), and the reference's autodiff; the
+    # one-kernel form (SPLIT_GLUE_SINKHORN off: its Sinkhorn backward inside)
     monkeypatch.setattr(coefficients, "GLUE_THREADS", threads)
+    monkeypatch.setattr(coefficients, "SPLIT_GLUE_SINKHORN", False)
     C = 12
     x, phi, alpha, bias = _dynamic_inputs(T, n, C, mx.float32)
     outputs = coefficients.dynamic_coefficients_forward(x, phi, alpha, bias, n, iters, 1e-6)
@@ -973,6 +975,74 @@ def test_dynamic_backward_glue_in_one_launch(monkeypatch, flavour, n, iters, T, 
         assert grad_rel(a, w, 0.01 * top) <= GRAD_TOL, name
 
 
+@pytest.mark.parametrize("flavour", FLAVOURS)
+@pytest.mark.parametrize("n,iters", [(1, 20), (2, 20), (3, 20), (4, 20), (2, 40)])
+@pytest.mark.parametrize("T", [1, 7, 33, 130])
+def test_dynamic_backward_glue_with_the_sinkhorn_on_row_lanes(monkeypatch, flavour, n, iters, T):
+    # coefficients.SPLIT_GLUE_SINKHORN (candidate): the res logits' Sinkhorn backward on Q lanes
+    # per token (one row each; n = 3 leaves a dead row in each group of 4; T = 33 and 130 end
+    # mid-threadgroup), then the glue without it: the same gradients as the glue with the
+    # one-thread backward inside (to float32 rounding: the column sums add in another order)
+    # and as the reference's autodiff
+    C = 12
+    x, phi, alpha, bias = _dynamic_inputs(T, n, C, mx.float32)
+    outputs = coefficients.dynamic_coefficients_forward(x, phi, alpha, bias, n, iters, 1e-6)
+    cots = [mx.random.normal(o.shape) for o in outputs[:3]]
+    primals = [x, phi, alpha, bias]
+    one_kernel = coefficients.dynamic_vjp(primals, cots, outputs, n, iters)
+    monkeypatch.setattr(coefficients, "SPLIT_GLUE_SINKHORN", True)
+    emu.launched.clear()
+    got = coefficients.dynamic_vjp(primals, cots, outputs, n, iters)
+    names = [name for name, *_ in emu.launched]
+    assert names[:2] == ["mhc_coefficients_dynamic_vjp_sinkhorn", "mhc_coefficients_dynamic_vjp_glue_after"], names
+    want = mx.vjp(lambda *a: reference.mhc_coefficients(*a, iters, 1e-6), primals, cots)[1]
+    top = largest(want)
+    for name, a, b, w in zip(("x", "phi", "alpha", "bias"), got, one_kernel, want):
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        assert grad_rel(a, b, 0.01 * top) <= 1e-5, name
+        assert grad_rel(a, w, 0.01 * top) <= GRAD_TOL, name
+
+
+@pytest.mark.parametrize("iters", [20, 1])
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_row_lane_sinkhorn_backward_at_ties_and_underflow(monkeypatch, flavour, iters):
+    # ksinkhorn_rows_vjp (through DYNAMIC_VJP_SINKHORN with m = the logits, alpha = 1, bias = 0)
+    # on the one-thread form's hard cases: a tie at the max, a row that underflows, a 5e3
+    # spread, a row / a row and a column clamped; against the one-thread form and, where
+    # clamped, float64 central differences
+    from mhc_mlx.kernels.build import int_params, launch
+
+    n, M = 4, 5
+    W = n * (n + 2)
+    L = np.array(2 * mx.random.normal((M, n, n)), dtype=np.float32)
+    L[0, 1, 2] = L[0, 3, 0] = L[0].max() + 1.0
+    L[1, 2, :] -= 200.0
+    L[2] *= 5e3
+    L[3, 1, :] = L[3].max() - 75.0 + 0.1 * np.arange(n)
+    L[4, 1, :] = L[4].max() - 75.0 + 0.1 * np.arange(n)
+    L[4, :, 2] = L[4].max() - 75.0 - 0.1 * np.arange(n)
+    g = mx.random.normal((M, n, n))
+    m = np.zeros((M, W), np.float32)
+    m[:, 2 * n:] = L.reshape(M, n * n)
+    got = launch(
+        coefficients.DYNAMIC_VJP_SINKHORN,
+        [mx.array(m), mx.ones((3,)), mx.zeros((W,)), g.reshape(M, n * n), int_params(M)],
+        [((M, n * n), mx.float32)], 32, 32, [("N", n), ("Q", 4), ("ITERS", iters)],
+    )[0].reshape(M, n, n)
+    monkeypatch.setattr(sinkhorn, "THREAD_VJP_MAX_WORK", sinkhorn.THREAD_VJP_DEFAULT_WORK)
+    thread = sinkhorn.project_vjp(mx.array(L), g, iters)
+    assert np.isfinite(np64(got)).all()
+    assert grad_rel(got, thread) <= 1e-5
+    for k in (3, 4):
+        Lk, gk, fd = L[k].astype(np.float64), np64(g[k]), np.zeros((n, n))
+        for idx in np.ndindex(n, n):
+            up, down = Lk.copy(), Lk.copy()
+            up[idx] += 1e-6
+            down[idx] -= 1e-6
+            fd[idx] = ((ref64.sinkhorn(up, iters) - ref64.sinkhorn(down, iters)) * gk).sum() / 2e-6
+        assert rel(got[k], fd) <= 1e-4, k
+
+
 def test_dynamic_backward_glue_only_where_the_one_thread_sinkhorn_backward_applies(monkeypatch):
     # n = 8 (or n * iters above sinkhorn.THREAD_VJP_MAX_WORK): the glue stays MLX ops
     monkeypatch.setattr(coefficients, "FUSED_VJP_GLUE", True)
@@ -981,7 +1051,9 @@ def test_dynamic_backward_glue_only_where_the_one_thread_sinkhorn_backward_appli
         outputs = coefficients.dynamic_coefficients_forward(x, phi, alpha, bias, n, iters, 1e-6)
         emu.launched.clear()
         coefficients.dynamic_vjp([x, phi, alpha, bias], [mx.ones(o.shape) for o in outputs[:3]], outputs, n, iters)
-        assert "mhc_coefficients_dynamic_vjp_glue" not in [name for name, *_ in emu.launched]
+        names = [name for name, *_ in emu.launched]
+        assert not any(name.startswith("mhc_coefficients_dynamic_vjp_glue") for name in names), names
+        assert "mhc_coefficients_dynamic_vjp_sinkhorn" not in names, names
 
 
 def test_emulator_reports_a_deadlock_and_a_partial_warp_exchange():
@@ -1112,15 +1184,18 @@ def test_metal_first_use_check_covers_each_dtype_and_the_wide_forms(monkeypatch,
         safety.reset()
 
 
+@pytest.mark.parametrize("split", [False, True])
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
 @pytest.mark.parametrize("n,T,threads", [(4, 1, 128), (4, 17, 128), (2, 40, 32), (1, 130, 128), (3, 16, 32)])
-def test_glue_writes_the_tensor_core_fragments(monkeypatch, dtype, n, T, threads):
+def test_glue_writes_the_tensor_core_fragments(monkeypatch, split, dtype, n, T, threads):
     # coefficients.GLUE_PACKS (candidate): the glue kernel's gs fragments equal pack_a's and
     # pack_b's bit for bit (rows padded to 16 and columns to the fragments' width with zeros:
     # T = 1, 17, 130; one and several threadgroups), and the coefficient backward with them
-    # equals the one with the two pack launches, which it no longer makes
+    # equals the one with the two pack launches, which it no longer makes; also in the glue's
+    # form after the split-off Sinkhorn backward (SPLIT_GLUE_SINKHORN)
     from mhc_mlx.kernels import coefficients_mma_vjp as cmv
 
+    monkeypatch.setattr(coefficients, "SPLIT_GLUE_SINKHORN", split)
     monkeypatch.setattr(build, "gpu_backend", lambda: "cuda")
     monkeypatch.setattr(coefficients, "MMA_MIN_ELEMENTS", 0)  # the tensor-core backward at this size
     monkeypatch.setattr(coefficients, "GLUE_THREADS", threads)
@@ -1147,7 +1222,8 @@ def test_glue_writes_the_tensor_core_fragments(monkeypatch, dtype, n, T, threads
     emu.launched.clear()
     got = coefficients.dynamic_vjp(primals, cots, outputs, n, 20)
     names = [name for name, *_ in emu.launched]
-    assert names[0] == "mhc_coefficients_dynamic_vjp_glue_packs", names
+    glue = "mhc_coefficients_dynamic_vjp_glue_after_packs" if split else "mhc_coefficients_dynamic_vjp_glue_packs"
+    assert names[int(split)] == glue, names
     assert "mhc_pack_a_fragments" not in names and names.count("mhc_pack_b_fragments") == 1, names  # phi's
     for name, a, b in zip(("x", "phi", "alpha", "bias"), got, without):
         assert np.array_equal(np64(a), np64(b)), name
@@ -1163,7 +1239,8 @@ def test_glue_packs_only_where_the_backward_takes_tensor_cores(monkeypatch):
         emu.launched.clear()
         coefficients.dynamic_vjp([x, phi, alpha, bias], [mx.ones(o.shape) for o in outputs[:3]], outputs, 4, 20)
         names = [name for name, *_ in emu.launched]
-        assert "mhc_coefficients_dynamic_vjp_glue" in names and "mhc_coefficients_dynamic_vjp_glue_packs" not in names
+        assert "mhc_coefficients_dynamic_vjp_glue_after" in names, names  # (SPLIT_GLUE_SINKHORN)
+        assert not any(name.endswith("_packs") for name in names), names
     with pytest.raises(ValueError, match="fragments"):
         coefficients.dynamic_vjp_x_phi(x.reshape(5, 32), phi, mx.zeros((5, 24)), mx.zeros((5,)),
                                        packed=(mx.zeros((1,)), mx.zeros((1,))))

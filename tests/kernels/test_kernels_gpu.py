@@ -159,11 +159,13 @@ def _coefficient_gradients_match_the_reference(args, cots):
         assert err <= 1e-4 * max(float(np.linalg.norm(np64(b))), 0.01 * top)
 
 
-@pytest.mark.parametrize("glue", [False, True])
-def test_dynamic_coefficient_gradients(monkeypatch, glue):
-    # the dynamic coefficient backward (glue as MLX ops or, the candidate, DYNAMIC_VJP_GLUE; then
-    # the x/phi kernel) against the reference on the CPU
+@pytest.mark.parametrize("glue,split", [(False, False), (True, False), (True, True)])
+def test_dynamic_coefficient_gradients(monkeypatch, glue, split):
+    # the dynamic coefficient backward (glue as MLX ops, DYNAMIC_VJP_GLUE, or the Sinkhorn
+    # backward on row lanes then the glue after it; then the x/phi kernel) against the
+    # reference on the CPU
     monkeypatch.setattr(coefficients, "FUSED_VJP_GLUE", glue)
+    monkeypatch.setattr(coefficients, "SPLIT_GLUE_SINKHORN", split)
     n, C, T = 4, 96, 37
     x = mx.random.normal((T, n, C))
     args = [x, mx.random.normal((n * C, 24)) / 20, mx.array([0.7, 0.4, 1.1]), mx.random.normal((24,))]

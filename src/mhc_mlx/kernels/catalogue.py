@@ -15,13 +15,15 @@ SPECS = (
     coefficients.DYNAMIC_PRE, coefficients.DYNAMIC_SMALL, coefficients.DYNAMIC_SMALL_PRE,
     coefficients.DYNAMIC_VJP, coefficients.DYNAMIC_VJP_PRE, coefficients.DYNAMIC_VJP_ACC, coefficients.DYNAMIC_VJP_PRE_ACC,
     site.PRE, site.PRE_VJP, site.PRE_VJP_ACC, site.POST, site.POST_VJP, layer.LAYER, layer.LAYER_VJP,
-    layer.COEFFICIENTS_VJP, coefficients.DYNAMIC_VJP_GLUE,
+    layer.COEFFICIENTS_VJP, coefficients.DYNAMIC_VJP_GLUE, coefficients.DYNAMIC_VJP_SINKHORN,
+    coefficients.DYNAMIC_VJP_GLUE_AFTER_SINKHORN,
 )
 
 # Kernels of the CUDA-only tensor-core path; they never reach a Metal compiler.
 CUDA_ONLY_SPECS = (coefficients_mma.PACK, coefficients_mma.MMA, coefficients_mma.FINISH,
                    coefficients_mma_vjp.PACK_A, coefficients_mma_vjp.PACK_B, coefficients_mma_vjp.DX,
-                   coefficients_mma_vjp.DPHI, coefficients_mma_vjp.glue_packs_spec())
+                   coefficients_mma_vjp.DPHI, coefficients_mma_vjp.glue_packs_spec(),
+                   coefficients_mma_vjp.glue_packs_spec(after_sinkhorn=True))
 
 F32, BF16, F16, I32 = mx.float32, mx.bfloat16, mx.float16, mx.int32
 
@@ -35,6 +37,11 @@ def instances():
     for n, iters, gt in ((1, 20, 128), (2, 40, 128), (4, 20, 128), (4, 20, 32)):
         out.append((coefficients.DYNAMIC_VJP_GLUE, (F32,) * 9 + (I32,), (F32, F32, F32),
                     [("N", n), ("ITERS", iters), ("GT", gt)]))
+        out.append((coefficients.DYNAMIC_VJP_GLUE_AFTER_SINKHORN, (F32,) * 9 + (I32,), (F32, F32, F32),
+                    [("N", n), ("ITERS", iters), ("GT", gt)]))
+    for n, iters in ((1, 20), (2, 40), (3, 20), (4, 20)):
+        out.append((coefficients.DYNAMIC_VJP_SINKHORN, (F32, F32, F32, F32, I32), (F32,),
+                    [("N", n), ("Q", coefficients.group_lanes(n)), ("ITERS", iters)]))
     for n in (1, 4, 9, 32):
         out.append((sinkhorn.FORWARD, (F32, I32), (F32,), [("N", n)]))
         out.append((coefficients.ACTIVATE, (F32, F32, F32, I32), (F32, F32, F32), [("N", n)]))
@@ -117,6 +124,7 @@ def cuda_only_instances():
                              ("ACC", acc)]))
             out.append((vjp.DPHI, (dt, BF16, I32), (F32,), [("T", dt), ("NT", -(-W // 8)), ("PG", vjp.DPHI_PARTS)]))
     for n, gt in ((1, 128), (4, 128), (4, 32)):
-        out.append((vjp.glue_packs_spec(), (F32,) * 9 + (I32,), (F32, F32, F32, BF16, BF16),
-                    [("N", n), ("ITERS", 20), ("GT", gt), ("PA", vjp.DX_PARTS), ("PB", vjp.DPHI_PARTS)]))
+        for after in (False, True):
+            out.append((vjp.glue_packs_spec(after), (F32,) * 9 + (I32,), (F32, F32, F32, BF16, BF16),
+                        [("N", n), ("ITERS", 20), ("GT", gt), ("PA", vjp.DX_PARTS), ("PB", vjp.DPHI_PARTS)]))
     return out

@@ -515,6 +515,57 @@ DYNAMIC_VJP_GLUE = KernelSpec(
   }
 """,
 )
+# The glue split in two launches (SPLIT_GLUE_SINKHORN): the res logits' Sinkhorn backward with
+# the matrix's rows on Q lanes (prelude.ksinkhorn_rows_vjp; Q = 4 at n = 3, 4), then the glue
+# without it (the cotangent it reads as gres is then already the logits'). At 4096 tokens the
+# one-thread form ran one warp per SM, with 1.3 KB of spills per thread beside the glue's other
+# state: 94.7 µs on the stream's critical path (H200, scripts/gpu_timeline.py, 2026-11-30).
+DYNAMIC_VJP_SINKHORN = KernelSpec(
+    name="mhc_coefficients_dynamic_vjp_sinkhorn",
+    inputs=("mraw", "alpha", "bias", "gres", "iparam"),
+    outputs=("gl",),
+    body=r"""
+  constexpr int W = N * (N + 2);
+  const int Ttok = iparam[0];
+  const int64_t gid = (int64_t)KBID * KNT + KTID;
+  const int64_t t = gid / Q;
+  const int row = (int)(gid % Q);
+  const bool live = t < Ttok && row < N;
+  const float a2 = alpha[2];
+  float lp[N];
+  float g[N];
+  KUNROLL for (int j = 0; j < N; ++j) {
+    const int a = row * N + j;
+    lp[j] = live ? mraw[t * W + 2 * N + a] * a2 + bias[2 * N + a] : 0.0f;
+    g[j] = live ? gres[t * N * N + a] : 0.0f;
+  }
+  ksinkhorn_rows_vjp<N, Q, ITERS>(lp, g, live);
+  if (live) {
+    KUNROLL for (int j = 0; j < N; ++j) gl[t * N * N + row * N + j] = g[j];
+  }
+""",
+)
+SINKHORN_THREADS = 128
+DYNAMIC_VJP_GLUE_AFTER_SINKHORN = KernelSpec(
+    name="mhc_coefficients_dynamic_vjp_glue_after",
+    inputs=DYNAMIC_VJP_GLUE.inputs,
+    outputs=DYNAMIC_VJP_GLUE.outputs,
+    body=edited(DYNAMIC_VJP_GLUE.body, [("    if (live) ksinkhorn_thread_vjp<N, ITERS>(lp, g);\n", "")]),
+)
+# The two launches above instead of the glue with the one-thread Sinkhorn backward inside (False).
+# On by default from 2026-11-30 (third session), emulator-tested and nvcc-compiled (sm_90a, n = 4:
+# 255 registers, 120 B spilled; the glue after it 64 registers, none) before its GPU run.
+SPLIT_GLUE_SINKHORN = True
+
+
+def group_lanes(n: int) -> int:
+    """Q: lanes per matrix in DYNAMIC_VJP_SINKHORN, the power of two >= n."""
+    q = 1
+    while q < n:
+        q *= 2
+    return q
+
+
 # The dynamic backward's glue by DYNAMIC_VJP_GLUE where the one-thread Sinkhorn backward applies;
 # False: the same steps as MLX ops. H200 (2026-11-30, scripts/gpu_experiments.py chain, medians
 # of 5 alternated runs, dynamic fwd+bwd bf16): 4096x4x4096 1119.5 against 1178.0 µs, 512x4x1280
@@ -831,24 +882,34 @@ def _scaled_cotangents(gp, gq, gr, m, invr, scale, n: int, K: int):
 
 def _glue_kernel(m, invr, alpha, bias, H_pre, H_post, cotangents, n: int, K: int, iters: int,
                  packs: bool = False):
-    """(gs [T, W], c2 [T], g_bias [W], g_alpha [3], packed) by DYNAMIC_VJP_GLUE and one sum over
+    """(gs [T, W], c2 [T], g_bias [W], g_alpha [3], packed) by DYNAMIC_VJP_GLUE (or, with
+    SPLIT_GLUE_SINKHORN, DYNAMIC_VJP_SINKHORN then DYNAMIC_VJP_GLUE_AFTER_SINKHORN) and one sum over
     its threadgroups' partials; packs: its CUDA form that also writes gs in the tensor-core
     backward's two fragment orders (packed = (gsa, gsb); else None)."""
     T, W = m.shape
     blocks = -(-T // GLUE_THREADS)
     outputs = [((T, W), F32), ((T,), F32), ((blocks, W + 3), F32)]
     spec, template = DYNAMIC_VJP_GLUE, [("N", n), ("ITERS", iters), ("GT", GLUE_THREADS)]
+    gres = cotangents[2].astype(F32).reshape(T, n * n)
+    if SPLIT_GLUE_SINKHORN:
+        q = group_lanes(n)
+        gres = launch(
+            DYNAMIC_VJP_SINKHORN, [m, alpha.astype(F32), bias.astype(F32), gres, int_params(T)],
+            [((T, n * n), F32)], -(-T * q // SINKHORN_THREADS) * SINKHORN_THREADS, SINKHORN_THREADS,
+            [("N", n), ("Q", q), ("ITERS", iters)],
+        )[0]
+        spec = DYNAMIC_VJP_GLUE_AFTER_SINKHORN
     if packs:
         from . import coefficients_mma_vjp as cmv
 
-        spec = cmv.glue_packs_spec()
+        spec = cmv.glue_packs_spec(SPLIT_GLUE_SINKHORN)
         outputs += [(shape, mx.bfloat16) for shape in cmv.packed_shapes(T, W)]
         template += [("PA", cmv.DX_PARTS), ("PB", cmv.DPHI_PARTS)]
     gs, c2, part, *packed = launch(
         spec,
         [m, invr, alpha.astype(F32), bias.astype(F32), H_pre.reshape(T, n), H_post.reshape(T, n),
-         cotangents[0].astype(F32).reshape(T, n), cotangents[1].astype(F32).reshape(T, n),
-         cotangents[2].astype(F32).reshape(T, n * n), int_params(T, K)],
+         cotangents[0].astype(F32).reshape(T, n), cotangents[1].astype(F32).reshape(T, n), gres,
+         int_params(T, K)],
         outputs, blocks * GLUE_THREADS, GLUE_THREADS, template,
     )
     sums = mx.sum(part, axis=0)

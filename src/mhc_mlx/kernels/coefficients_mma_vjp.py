@@ -366,8 +366,11 @@ DPHI = KernelSpec(
 # wrote and scatters it, rows up to the next multiple of 16 and columns up to the fragments'
 # width written as zeros, as the packs pad. CUDA only (bfloat16 parts), like DX and DPHI.
 @lru_cache(maxsize=None)
-def glue_packs_spec() -> KernelSpec:
-    from .coefficients import DYNAMIC_VJP_GLUE  # (coefficients imports this module lazily)
+def glue_packs_spec(after_sinkhorn: bool = False) -> KernelSpec:
+    """after_sinkhorn: the form of coefficients.DYNAMIC_VJP_GLUE_AFTER_SINKHORN (SPLIT_GLUE_SINKHORN)."""
+    from . import coefficients  # (coefficients imports this module lazily)
+
+    base = coefficients.DYNAMIC_VJP_GLUE_AFTER_SINKHORN if after_sinkhorn else coefficients.DYNAMIC_VJP_GLUE
 
     epilogue = r"""
   if (live) ctwo[t] = ir * ir / (float)K * s;
@@ -403,10 +406,10 @@ def glue_packs_spec() -> KernelSpec:
     }
   }"""
     return KernelSpec(
-        name="mhc_coefficients_dynamic_vjp_glue_packs",
-        inputs=DYNAMIC_VJP_GLUE.inputs,
-        outputs=(*DYNAMIC_VJP_GLUE.outputs, "gsa", "gsb"),
-        body=edited(DYNAMIC_VJP_GLUE.body, [("\n  if (live) ctwo[t] = ir * ir / (float)K * s;", epilogue)]),
+        name=base.name + "_packs",
+        inputs=base.inputs,
+        outputs=(*base.outputs, "gsa", "gsb"),
+        body=edited(base.body, [("\n  if (live) ctwo[t] = ir * ir / (float)K * s;", epilogue)]),
     )
 
 

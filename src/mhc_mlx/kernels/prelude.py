@@ -347,6 +347,98 @@ KDEV void ksinkhorn_warp_vjp(KTHREAD float* lc, KTHREAD float* g, bool live, int
     if ((at_max >> i) & 1u) g[i] -= shift / count;
 }
 
+//@part kgroup_sum
+// Sum (max) of v over aligned groups of Q lanes (Q a power of two <= 32): every lane of the group
+// gets it. Butterfly: lanes add the same pairs in mirrored order, so all get the same bits.
+template <int Q>
+KDEV float kgroup_sum(float v) {
+  KUNROLL for (int o = 1; o < Q; o <<= 1) v += kshfl_xor(v, o);
+  return v;
+}
+template <int Q>
+KDEV float kgroup_max(float v) {
+  KUNROLL for (int o = 1; o < Q; o <<= 1) v = KMAX(v, kshfl_xor(v, o));
+  return v;
+}
+
+//@part ksinkhorn_rows_vjp
+// ksinkhorn_thread_vjp's backward with the matrix spread over Q lanes (Q a power of two >= N,
+// aligned in the warp): the lane of row r = lane % Q holds row r of the logits (lp) and of the
+// cotangent (g), N each; rows r >= N and lanes of dead tokens pass live = false (every lane must
+// call it: the column sums are group exchanges). On exit g = dL of its row. The same steps as
+// the one-thread form, each lane keeping its row's log scalings and every column's (the column
+// sums are exchanged, so each lane has them all): ~N + 1 floats per step instead of 2N, and N
+// times the threads. Why: with one thread per token the 4096-token glue kernel ran one warp per
+// SM with every latency exposed and 1.3 KB of spills per thread (docs/kernel-notes.md).
+template <int N, int Q, int ITERS>
+KDEV void ksinkhorn_rows_vjp(KTHREAD float* lp, KTHREAD float* g, bool live) {
+  constexpr int NW = (ITERS + 31) / 32;
+  float m = MHC_NEG_BIG;
+  KUNROLL for (int j = 0; j < N; ++j) m = KMAX(m, live ? lp[j] : MHC_NEG_BIG);
+  m = kgroup_max<Q>(m);
+  float p[N];
+  float ties = 0.0f;
+  KUNROLL for (int j = 0; j < N; ++j) {
+    lp[j] = live ? lp[j] - m : MHC_NEG_BIG;  // log P0; 0 at the argmax entries
+    p[j] = live ? KEXP(lp[j]) : 0.0f;
+    ties += (live && lp[j] == 0.0f) ? 1.0f : 0.0f;
+    if (!live) g[j] = 0.0f;
+  }
+  ties = kgroup_sum<Q>(ties);
+  float lu[ITERS];      // this row's cumulative log scaling after row step k
+  float lv[ITERS * N];  // every column's cumulative log scaling after column step k
+  unsigned int rclamp[NW], cclamp[NW * N];
+  KUNROLL for (int w = 0; w < NW; ++w) rclamp[w] = 0u;
+  KUNROLL for (int w = 0; w < NW * N; ++w) cclamp[w] = 0u;
+  float u = 0.0f;
+  float v[N];
+  KUNROLL for (int j = 0; j < N; ++j) v[j] = 0.0f;
+  KUNROLL for (int k = 0; k < ITERS; ++k) {
+    KUNROLL for (int j = 0; j < N; ++j) {
+      const float s = kgroup_sum<Q>(p[j]);
+      if (!(s > MHC_TINY)) cclamp[j * NW + k / 32] |= 1u << (k % 32);
+      const float sc = KMAX(s, MHC_TINY);
+      v[j] -= KLOG(sc);
+      lv[k * N + j] = v[j];
+      p[j] *= KRCP(sc);
+    }
+    float s = 0.0f;
+    KUNROLL for (int j = 0; j < N; ++j) s += p[j];
+    if (!(s > MHC_TINY)) rclamp[k / 32] |= 1u << (k % 32);
+    const float sc = KMAX(s, MHC_TINY);
+    u -= KLOG(sc);
+    lu[k] = u;
+    const float r = KRCP(sc);
+    KUNROLL for (int j = 0; j < N; ++j) p[j] *= r;
+  }
+  KUNROLL for (int j = 0; j < N; ++j) {
+    g[j] *= p[j];  // d(log P_T)
+    // entries whose exp(L - m) underflowed stay 0 in every step: exp(-big + finite) = 0
+    if (KEXP(lp[j]) == 0.0f) lp[j] = MHC_NEG_BIG;
+  }
+  KUNROLL for (int k = ITERS - 1; k >= 0; --k) {
+    // row step k: out_ij = exp(logP0_ij + lu_k[i] + lv_k[j]), normalised by its row sum
+    if (!((rclamp[k / 32] >> (k % 32)) & 1u)) {
+      float total = 0.0f;
+      KUNROLL for (int j = 0; j < N; ++j) total += g[j];
+      KUNROLL for (int j = 0; j < N; ++j) g[j] -= KEXP(lp[j] + lu[k] + lv[k * N + j]) * total;
+    }
+    // column step k: out_ij = exp(logP0_ij + lu_{k-1}[i] + lv_k[j]), normalised by its column sum
+    const float li = (k > 0) ? lu[k > 0 ? k - 1 : 0] : 0.0f;
+    KUNROLL for (int j = 0; j < N; ++j) {
+      const float total = kgroup_sum<Q>(g[j]);
+      if (!((cclamp[j * NW + k / 32] >> (k % 32)) & 1u))
+        g[j] -= KEXP(lp[j] + li + lv[k * N + j]) * total;
+    }
+  }
+  // log P0 = L - m: the max's share goes to the argmax entries, split between ties
+  float shift = 0.0f;
+  KUNROLL for (int j = 0; j < N; ++j) shift += g[j];
+  shift = kgroup_sum<Q>(shift);
+  KUNROLL for (int j = 0; j < N; ++j)
+    if (live && lp[j] == 0.0f) g[j] -= shift / ties;
+}
+
 //@part ksinkhorn_thread_vjp
 // The same backward for one whole N x N matrix held by one thread (lp = logits, g = cotangent,
 // both row-major; on exit g = dL). No warp exchange: the warp form above chains 5-level
