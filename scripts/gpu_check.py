@@ -33,7 +33,7 @@ import mlx.core as mx  # noqa: E402
 
 import kernels_ref64 as ref64  # noqa: E402
 from mhc_mlx import kernels, reference  # noqa: E402
-from mhc_mlx.kernels import build, coefficients, coefficients_mma, layer, sinkhorn, site  # noqa: E402
+from mhc_mlx.kernels import build, coefficients, coefficients_mma, coefficients_mma_vjp, layer, sinkhorn, site  # noqa: E402
 
 TOL = {mx.float32: 1e-5, mx.bfloat16: 2e-2, mx.float16: 2e-2}
 DTYPES = (mx.float32, mx.bfloat16, mx.float16)
@@ -333,9 +333,13 @@ SWITCHES = {
     "--glue-packs": (coefficients, "GLUE_PACKS", True,
                      "the candidate glue kernel that also writes gs in the tensor-core backward's fragment orders "
                      "(coefficients.GLUE_PACKS)"),
-    "--split-glue-sinkhorn": (coefficients, "SPLIT_GLUE_SINKHORN", True,
-                              "the candidate split glue: the res logits' Sinkhorn backward on n lanes per token "
-                              "in its own launch, then the glue without it (coefficients.SPLIT_GLUE_SINKHORN)"),
+    "--one-kernel-glue": (coefficients, "SPLIT_GLUE_SINKHORN", False,
+                          "the dynamic backward's glue as one kernel, the one-thread Sinkhorn backward inside "
+                          "(coefficients.SPLIT_GLUE_SINKHORN = False; by default that Sinkhorn backward runs on "
+                          "n lanes per token in a launch of its own)"),
+    "--dx-prefetch": (coefficients_mma_vjp, "DX_PREFETCH", True,
+                      "the candidate tensor-core DX kernel that loads its rows' x, dh and gacc before its "
+                      "products (coefficients_mma_vjp.DX_PREFETCH)"),
     "--sinkhorn-warp-vjp": (sinkhorn, "THREAD_VJP_MAX_WORK", 0,
                             "use the warp-form Sinkhorn backward everywhere (sinkhorn.THREAD_VJP_MAX_WORK = 0; "
                             "the default takes one thread per matrix for n <= 4)"),

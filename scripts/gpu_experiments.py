@@ -13,6 +13,7 @@ copy floor two ways, and where B=1 latency goes (Python graph building vs the ev
     python scripts/gpu_experiments.py mma-vjp  (only the tensor-core coefficient backward vs the FP32 kernel)
     python scripts/gpu_experiments.py glue-packs  (only the glue kernel writing gs's fragments vs the packs)
     python scripts/gpu_experiments.py glue-split  (only the glue with its Sinkhorn backward split off vs one kernel)
+    python scripts/gpu_experiments.py dx-prefetch  (only DX with its loads before the products vs after)
     python scripts/gpu_experiments.py glue-threads  (only the glue kernel's group size, and the fragment packs)
     python scripts/gpu_experiments.py b1 [ncu]  (only the B = 1 layer kernel by Sinkhorn iterations)
 """
@@ -747,6 +748,24 @@ def glue_split(rounds=5):
                          "split": [(coefficients, "SPLIT_GLUE_SINKHORN", True)] + both}, rounds)
 
 
+def dx_prefetch(rounds=5):
+    """The tensor-core DX kernel loading its rows' x, dh and gacc before its products
+    (coefficients_mma_vjp.DX_PREFETCH, candidate; also at one token tile per warp, fewer
+    registers) against the defaults, alternated `rounds` times: the dynamic site fwd+bwd at
+    4096x4x4096, then the same with the read step everywhere (DX adds pre's share too)."""
+    from mhc_mlx import kernels
+    from mhc_mlx.kernels import coefficients_mma_vjp as cmv
+
+    rows = case_rows(("dynamic", "fwd+bwd", (4096, 4, 4096), "throughput"))
+    forms = {"defaults": [(cmv, "DX_PREFETCH", False)],
+             "dx prefetch": [(cmv, "DX_PREFETCH", True)],
+             "dx prefetch, 1 tile": [(cmv, "DX_PREFETCH", True), (cmv, "DX_TOKEN_TILES", 1)]}
+    alternated_settings("dx prefetch", rows, forms, rounds)
+    step = [(kernels, "FUSED_READ_STEP", True)]
+    alternated_settings("dx prefetch, read step everywhere", rows,
+                        {name: settings + step for name, settings in forms.items()}, rounds)
+
+
 # One part of the experiments alone (the module docstring lists them): mode -> function
 MODES = {
     "headers": header_sizes,
@@ -761,6 +780,7 @@ MODES = {
     "glue-threads": glue_threads,
     "glue-packs": glue_packs,
     "glue-split": glue_split,
+    "dx-prefetch": dx_prefetch,
 }
 
 

@@ -246,10 +246,12 @@ case "${1:-}" in
     ;;
   split)
     # the glue with its Sinkhorn backward split off onto n lanes per token (now the default):
-    # checks with the tensor-core backward at every size, its timings against the one-kernel
-    # glue, the target cases' bench (our rows), then the stream timeline
-    CHECK_ARGS="--mma-vjp" CHECK_ONLY="${CHECK_ONLY:-coefficients,read_step,chain}" NO_PYTEST=1 check 200
-    run 130 experiments_glue_split python scripts/gpu_experiments.py glue-split
+    # checks with the tensor-core backward at every size and DX's prefetch (candidate), the
+    # timings of each against the one-kernel glue / DX's loads after its products, the target
+    # cases' bench (our rows), then the stream timeline
+    CHECK_ARGS="--mma-vjp --dx-prefetch" CHECK_ONLY="${CHECK_ONLY:-coefficients,read_step,chain}" NO_PYTEST=1 check 200
+    run 120 experiments_glue_split python scripts/gpu_experiments.py glue-split
+    run 120 experiments_dx_prefetch python scripts/gpu_experiments.py dx-prefetch
     run 150 bench python -m mhc_mlx.cli.main bench --out "$res/bench" --overwrite --seeds "" \
       --only "$TARGETS" --impl kernels,kernels+step
     timelines defaults

@@ -41,6 +41,11 @@ DX_PARTS = 2  # bfloat16 parts of gs and of phi in DX
 DPHI_PARTS = 3  # bfloat16 parts of gs in DPHI
 MAX_N = 4
 DX_TOKEN_TILES = 2  # token tiles of 16 per warp in DX (they share each phi fragment)
+# Candidate (written 2026-11-30, third session, without a GPU run): DX loads every row's x, dh and
+# gacc before its products (PF). In the stream timeline of the 4096x4x4096 site backward DX
+# (reading x and gacc, writing dx) took 244.9 µs beside dphi, ~2.2 TB/s, where the pre backward
+# before it (26C bytes per token too) ran at ~3.9 (scripts/gpu_timeline.py, H200).
+DX_PREFETCH = False
 TARGET_WARPS = 2048
 WARPS_PER_BLOCK = 4
 
@@ -121,11 +126,68 @@ PACK_B = KernelSpec(
 # pre share read by vectors (PRE, the fused read step at tensor-core sizes; per element before,
 # an integer division and a 2-byte load each, when the read step there lost to the two ops:
 # docs/kernel-notes.md row 27) was written after that session's device time: not yet on a GPU.
+DX_HELPERS = r"""
+// x[t, k0 .. k0 + 15] as floats (zeros past K or for t >= Ttok): two 16-byte loads where vec
+template <typename T, typename P>
+__device__ __forceinline__ void mhc_dx_load_row(float* xl, P xin, int t, int Ttok, int K, int k0, bool vec) {
+  const int64_t row = (int64_t)(t < Ttok ? t : 0) * K;
+  if (vec) {
+    kload<T, 8>(xl, xin, row + k0, true);
+    kload<T, 8>(xl + 8, xin, row + k0 + 8, true);
+  } else {
+    #pragma unroll
+    for (int i = 0; i < 16; ++i) xl[i] = (t < Ttok && k0 + i < K) ? static_cast<float>(xin[row + k0 + i]) : 0.0f;
+  }
+}
+
+// o[0 .. 15] (dx at row t, k0 ..) += H_pre[t, k / C] dh[t, k % C] (PRE) + gacc[t, k] (ACC)
+template <typename T, int N, bool PRE, bool ACC, typename PH, typename PD, typename PA>
+__device__ __forceinline__ void mhc_dx_addends(float* o, PH hpre, PD dh, PA gacc, int t, int K, int Cw, int k0,
+                                               bool vec) {
+  const int64_t row = (int64_t)t * K;
+  if (PRE) {
+    // the 16 k lie in one stream st when C is a multiple of 16 (k0 is): one H_pre and dh by
+    // two 16-byte vectors; else per element (an integer division and 2-byte load each)
+    const int st0 = k0 / Cw;
+    const int64_t doff = (int64_t)t * Cw + (k0 - st0 * Cw);
+    if (vec && Cw % 16 == 0 && KALIGNED16(dh)) {
+      const float hp = hpre[(int64_t)t * N + st0];
+      float dv[16];
+      kload<T, 8>(dv, dh, doff, true);
+      kload<T, 8>(dv + 8, dh, doff + 8, true);
+      #pragma unroll
+      for (int i = 0; i < 16; ++i) o[i] += hp * dv[i];
+    } else {
+      #pragma unroll
+      for (int i = 0; i < 16; ++i) {
+        const int kk = k0 + i;
+        if (kk < K) {
+          const int st = kk / Cw;
+          o[i] += hpre[(int64_t)t * N + st] * static_cast<float>(dh[(int64_t)t * Cw + (kk - st * Cw)]);
+        }
+      }
+    }
+  }
+  if (ACC) {  // same 16 k as x: by 16-byte vectors where x's are (gacc is laid out as x)
+    float ga[16];
+    if (vec && KALIGNED16(gacc)) {
+      kload<T, 8>(ga, gacc, row + k0, true);
+      kload<T, 8>(ga + 8, gacc, row + k0 + 8, true);
+    } else {
+      #pragma unroll
+      for (int i = 0; i < 16; ++i) ga[i] = k0 + i < K ? static_cast<float>(gacc[row + k0 + i]) : 0.0f;
+    }
+    #pragma unroll
+    for (int i = 0; i < 16; ++i) o[i] += ga[i];
+  }
+}
+"""
+
 DX = KernelSpec(
     name="mhc_coefficients_dynamic_vjp_dx_mma",
     inputs=("gsa", "phb", "xin", "ctwo", "hpre", "dh", "gacc", "iparam"),
     outputs=("gx",),
-    helpers=PTX_MMA,
+    helpers=PTX_MMA + DX_HELPERS,
     body=r"""
   const int Ttok = iparam[0];
   const int K = iparam[1];
@@ -140,6 +202,28 @@ DX = KernelSpec(
   const int lane = (int)(threadIdx.x & 31u);
   const int g = lane >> 2;
   const int c = lane & 3;
+  const int k0 = 64 * kg + 16 * c;  // this lane's 16 consecutive k
+  const bool vec = (K % 8 == 0) && (k0 + 16 <= K) && KALIGNED16(xin) && KALIGNED16(gx);
+  // PF: every row's x, dh and gacc loaded before the products, folded into pv = -x c2 (+ H_pre
+  // dh) (+ gacc): all in flight together, their latency under the products'. Else x after the
+  // products, dh and gacc row by row between the stores of dx (gx may alias them for the
+  // compiler, so it cannot hoist those loads)
+  float pv[PF ? MT : 1][2][16];
+  if (PF) {
+    #pragma unroll
+    for (int m = 0; m < MT; ++m) {
+      #pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int t = 16 * (tg * MT + m) + g + 8 * h;
+        float* q = pv[PF ? m : 0][h];
+        mhc_dx_load_row<T>(q, xin, t, Ttok, K, k0, vec);
+        const float c2t = t < Ttok ? ctwo[t] : 0.0f;
+        #pragma unroll
+        for (int i = 0; i < 16; ++i) q[i] = -q[i] * c2t;
+        if (t < Ttok) mhc_dx_addends<T, N, PRE, ACC>(q, hpre, dh, gacc, t, K, Cw, k0, vec);
+      }
+    }
+  }
   uint32_t a[MT][KSW][2][4];
   float c2v[MT][2];
   #pragma unroll
@@ -189,22 +273,15 @@ DX = KernelSpec(
       }
     }
   }
-  const int k0 = 64 * kg + 16 * c;  // this lane's 16 consecutive k
-  const bool vec = (K % 8 == 0) && (k0 + 16 <= K) && KALIGNED16(xin) && KALIGNED16(gx);
   // every row's x first (all loads in flight), then dx
-  float xv[MT][2][16];
-  #pragma unroll
-  for (int m = 0; m < MT; ++m) {
+  float xv[PF ? 1 : MT][2][16];
+  if (!PF) {
     #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int t = 16 * (tg * MT + m) + g + 8 * h;
-      const int64_t row = (int64_t)(t < Ttok ? t : 0) * K;
-      if (vec) {
-        kload<T, 8>(xv[m][h], xin, row + k0, true);
-        kload<T, 8>(xv[m][h] + 8, xin, row + k0 + 8, true);
-      } else {
-        #pragma unroll
-        for (int i = 0; i < 16; ++i) xv[m][h][i] = (t < Ttok && k0 + i < K) ? static_cast<float>(xin[row + k0 + i]) : 0.0f;
+    for (int m = 0; m < MT; ++m) {
+      #pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int t = 16 * (tg * MT + m) + g + 8 * h;
+        mhc_dx_load_row<T>(xv[PF ? 0 : m][h], xin, t, Ttok, K, k0, vec);
       }
     }
   }
@@ -216,45 +293,19 @@ DX = KernelSpec(
       if (t >= Ttok) continue;
       const int64_t row = (int64_t)t * K;
       float o[16];
-      #pragma unroll
-      for (int j = 0; j < 8; ++j) {
+      if (PF) {
         #pragma unroll
-        for (int e = 0; e < 2; ++e) o[2 * j + e] = d[m][j][2 * h + e] - xv[m][h][2 * j + e] * c2v[m][h];
-      }
-      if (PRE) {
-        // the 16 k lie in one stream st when C is a multiple of 16 (k0 is): one H_pre and dh by
-        // two 16-byte vectors; else per element (an integer division and 2-byte load each)
-        const int st0 = k0 / Cw;
-        const int64_t doff = (int64_t)t * Cw + (k0 - st0 * Cw);
-        if (vec && Cw % 16 == 0 && KALIGNED16(dh)) {
-          const float hp = hpre[(int64_t)t * N + st0];
-          float dv[16];
-          kload<T, 8>(dv, dh, doff, true);
-          kload<T, 8>(dv + 8, dh, doff + 8, true);
+        for (int j = 0; j < 8; ++j) {
           #pragma unroll
-          for (int i = 0; i < 16; ++i) o[i] += hp * dv[i];
-        } else {
-          #pragma unroll
-          for (int i = 0; i < 16; ++i) {
-            const int kk = k0 + i;
-            if (kk < K) {
-              const int st = kk / Cw;
-              o[i] += hpre[(int64_t)t * N + st] * static_cast<float>(dh[(int64_t)t * Cw + (kk - st * Cw)]);
-            }
-          }
+          for (int e = 0; e < 2; ++e) o[2 * j + e] = d[m][j][2 * h + e] + pv[PF ? m : 0][h][2 * j + e];
         }
-      }
-      if (ACC) {  // same 16 k as x: by 16-byte vectors where x's are (gacc is laid out as x)
-        float ga[16];
-        if (vec && KALIGNED16(gacc)) {
-          kload<T, 8>(ga, gacc, row + k0, true);
-          kload<T, 8>(ga + 8, gacc, row + k0 + 8, true);
-        } else {
-          #pragma unroll
-          for (int i = 0; i < 16; ++i) ga[i] = k0 + i < K ? static_cast<float>(gacc[row + k0 + i]) : 0.0f;
-        }
+      } else {
         #pragma unroll
-        for (int i = 0; i < 16; ++i) o[i] += ga[i];
+        for (int j = 0; j < 8; ++j) {
+          #pragma unroll
+          for (int e = 0; e < 2; ++e) o[2 * j + e] = d[m][j][2 * h + e] - xv[PF ? 0 : m][h][2 * j + e] * c2v[m][h];
+        }
+        mhc_dx_addends<T, N, PRE, ACC>(o, hpre, dh, gacc, t, K, Cw, k0, vec);
       }
       if (vec) {
         kstore<T, 8>(gx, row + k0, o, true);
@@ -457,7 +508,8 @@ def dx(x2, phi, gs, c2, pre=None, gacc=None, gsa=None):
         DX, [pack_a(gs, DX_PARTS) if gsa is None else gsa, pack_b(phi, DX_PARTS, True, perm64=True), x2, c2.astype(F32), hpre, dh, acc,
              int_params(T, K, 0, K // n)],
         [((T, K), x2.dtype)], -(-warps // WARPS_PER_BLOCK) * WARPS_PER_BLOCK * 32, WARPS_PER_BLOCK * 32,
-        [("T", x2.dtype), ("N", n), ("MT", DX_TOKEN_TILES), ("KSW", ksw), ("PRE", flag), ("ACC", gacc is not None)],
+        [("T", x2.dtype), ("N", n), ("MT", DX_TOKEN_TILES), ("KSW", ksw), ("PRE", flag), ("ACC", gacc is not None),
+         ("PF", DX_PREFETCH)],
     )[0]
 
 
