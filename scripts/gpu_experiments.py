@@ -14,6 +14,7 @@ copy floor two ways, and where B=1 latency goes (Python graph building vs the ev
     python scripts/gpu_experiments.py glue-packs  (only the glue kernel writing gs's fragments vs the packs)
     python scripts/gpu_experiments.py glue-split  (only the glue with its Sinkhorn backward split off vs one kernel)
     python scripts/gpu_experiments.py dx-prefetch  (only DX with its loads before the products vs after)
+    python scripts/gpu_experiments.py defer-post  (only post's backward deferring x's and H_res's cotangents)
     python scripts/gpu_experiments.py glue-threads  (only the glue kernel's group size, and the fragment packs)
     python scripts/gpu_experiments.py b1 [ncu]  (only the B = 1 layer kernel by Sinkhorn iterations)
 """
@@ -766,6 +767,29 @@ def dx_prefetch(rounds=5):
                         {name: settings + step for name, settings in forms.items()}, rounds)
 
 
+def defer_post(rounds=5):
+    """Post's backward leaving x's and H_res's cotangents to pre's (kernels.DEFER_POST_X,
+    candidate) against the defaults, alternated `rounds` times: the dynamic site fwd+bwd at
+    4096x4x4096 (chained by default there), then at 512x4x1280 and B = 1 with the chain forced
+    on (by default not chained there), each also with DX's prefetch at 4096 tokens."""
+    from mhc_mlx import kernels
+    from mhc_mlx.kernels import coefficients_mma_vjp as cmv
+
+    big = case_rows(("dynamic", "fwd+bwd", (4096, 4, 4096), "throughput"))
+    alternated_settings("defer post", big,
+                        {"defaults": [(kernels, "DEFER_POST_X", False)],
+                         "defer": [(kernels, "DEFER_POST_X", True)],
+                         "defer + dx prefetch": [(kernels, "DEFER_POST_X", True), (cmv, "DX_PREFETCH", True)]},
+                        rounds)
+    small = case_rows(("dynamic", "fwd+bwd", (512, 4, 1280), "throughput"),
+                      ("dynamic", "fwd+bwd", (1, 4, 512), "latency"))
+    chain = [(kernels, "CHAIN_X_COTANGENT", True)]
+    alternated_settings("defer post, chain everywhere", small,
+                        {"defaults": [(kernels, "DEFER_POST_X", False)],
+                         "chain": [(kernels, "DEFER_POST_X", False)] + chain,
+                         "chain + defer": [(kernels, "DEFER_POST_X", True)] + chain}, rounds)
+
+
 # One part of the experiments alone (the module docstring lists them): mode -> function
 MODES = {
     "headers": header_sizes,
@@ -781,6 +805,7 @@ MODES = {
     "glue-packs": glue_packs,
     "glue-split": glue_split,
     "dx-prefetch": dx_prefetch,
+    "defer-post": defer_post,
 }
 
 

@@ -44,9 +44,11 @@ def run_pre_step(x, phi, alpha, bias, iters: int, eps: float):
 
 
 def run_chained_read(x, phi, alpha, bias, iters: int, eps: float):
-    """(h, (H_pre, H_post, H_res), x') through the chained kernel forms (kernels.CHAIN_X_COTANGENT;
-    CUDA), or None where they do not apply. Post must read x' in place of x: x's cotangent then
-    comes back down the chain and is written once (kernels/site.py, "chained")."""
+    """(h, (H_pre, H_post, H_res), x', deferred) through the chained kernel forms
+    (kernels.CHAIN_X_COTANGENT; CUDA), or None where they do not apply. Post must read x' in
+    place of x: x's cotangent then comes back down the chain and is written once
+    (kernels/site.py, "chained"). deferred (kernels.DEFER_POST_X): H_res is pre's H_res', and
+    post must be site.mhc_post_deferred on x' and it (its backward leaves both cotangents to pre's)."""
     if not kernels.CHAIN_X_COTANGENT or kernels.gpu_backend() != "cuda":
         return None
     from .kernels import coefficients, pre_step, site
@@ -62,11 +64,14 @@ def run_chained_read(x, phi, alpha, bias, iters: int, eps: float):
         H, x_pre = run_coefficients(x, phi, alpha, bias, iters, eps), x
     elif _takes_read_step(x):
         h, *H, x_post = pre_step.mhc_pre_step_chained(x, phi, alpha, bias, iters, eps)
-        return h, tuple(H), x_post
+        return h, tuple(H), x_post, False
     else:
         *H, x_pre = coefficients.mhc_coefficients_chained(x, phi, alpha, bias, iters, eps)
+    if kernels.DEFER_POST_X and x.shape[-2] <= site.MAX_N_REDUCE:
+        h, x_post, H_res = site.mhc_pre_chained_res(x_pre, H[0], H[2])
+        return h, (H[0], H[1], H_res), x_post, True
     h, x_post = site.mhc_pre_chained(x_pre, H[0])
-    return h, tuple(H), x_post
+    return h, tuple(H), x_post, False
 
 
 def run_pre(x: mx.array, H_pre: mx.array) -> mx.array:

@@ -730,6 +730,47 @@ def test_layer_gradients_through_mx_vjp_reuse_the_forward_coefficients(monkeypat
 
 @pytest.mark.parametrize("flavour", FLAVOURS)
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,C,lead,shared", [(4, 40, (3,), False), (4, 40, (3,), True), (3, 33, (2, 3), False),
+                                             (8, 16, (5,), True), (1, 7, (4,), False), (4, 24, (300,), False)])
+def test_pre_backward_with_posts_deferred_share(flavour, dtype, n, C, lead, shared):
+    # site.PRE_VJP_RES (kernels.DEFER_POST_X): from x, h's cotangent dh and post's output
+    # cotangent g, in one pass: dx = H_pre (x) dh + H_res^T g, dH_pre = x . dh, dH_res = g x^T
+    # (per token, or summed when shared; odd C the scalar path; 300 tokens over several groups'
+    # persistent loops); and post's deferred backward: g as x's cotangent, zeros as H_res's, f's
+    # and H_post's as without deferral
+    x = mx.random.normal((*lead, n, C)).astype(dtype)
+    dh = mx.random.normal((*lead, C)).astype(dtype)
+    g = mx.random.normal((*lead, n, C)).astype(dtype)
+    f = mx.random.normal((*lead, C)).astype(dtype)
+    H_pre = mx.random.uniform(shape=(n,) if shared else (*lead, n))
+    H_post = mx.random.uniform(shape=(n,) if shared else (*lead, n))
+    H_res = mx.random.uniform(shape=(n, n) if shared else (*lead, n, n))
+    emu.launched.clear()
+    gx, gp, gr = site.pre_vjp_res(x, H_pre, H_res, dh, g)
+    assert [name for name, *_ in emu.launched] == ["mhc_pre_vjp_res"]
+    x64, dh64, g64 = np64(x), np64(dh), np64(g)
+    hp = np.broadcast_to(np64(H_pre), (*lead, n))
+    hr = np.broadcast_to(np64(H_res), (*lead, n, n))
+    want_dx = hp[..., None] * dh64[..., None, :] + np.einsum("...ij,...ic->...jc", hr, g64)
+    want_gp = np.einsum("...c,...jc->...j", dh64, x64)
+    want_gr = np.einsum("...ic,...jc->...ij", g64, x64)
+    if shared:
+        axes = tuple(range(len(lead)))
+        want_gp, want_gr = want_gp.sum(axis=axes), want_gr.sum(axis=axes)
+    assert gx.dtype == dtype and gp.shape == H_pre.shape and gr.shape == H_res.shape
+    assert rel(gx, want_dx) <= TOL[dtype]
+    assert rel(gp, want_gp) <= 1e-5 and rel(gr, want_gr) <= 1e-5  # float32 sums of the exact 16-bit products
+    emu.launched.clear()
+    dx_post, df, dpost, dres = site.post_vjp(x, f, H_post, H_res, g, defer=True)
+    assert [t["DEFER"] for name, t, *_ in emu.launched if name == "mhc_post_vjp"] == [True]
+    assert dx_post.dtype == dtype and np.array_equal(np64(dx_post), g64)
+    assert dres.shape == H_res.shape and not np64(dres).any()
+    _, df_full, dpost_full, _ = site.post_vjp(x, f, H_post, H_res, g)
+    assert np.array_equal(np64(df), np64(df_full)) and np.array_equal(np64(dpost), np64(dpost_full))
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n,C,lead,shared", [(4, 40, (3,), False), (4, 40, (3,), True), (2, 33, (2, 3), False),
                                              (8, 16, (5,), True), (1, 7, (4,), False)])
 def test_pre_backward_adds_the_chained_x_cotangent(flavour, dtype, n, C, lead, shared):
@@ -795,15 +836,19 @@ def test_tensor_core_coefficient_backward_adds_the_chained_x_cotangent(monkeypat
 
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
 @pytest.mark.parametrize("form", ["two ops", "read step", "tensor-core backward", "static"])
-@pytest.mark.parametrize("use", ["site", "pre and post", "pre only", "post with other x"])
-def test_hyper_connection_with_the_chained_x_cotangent(monkeypatch, dtype, form, use):
-    # kernels.CHAIN_X_COTANGENT (candidate) through a HyperConnection on the emulated CUDA kernels:
-    # gradients as the reference backend's autodiff, whether post reads the chained x' (the site
-    # call, or pre then post with the same x), pre's output alone is used (x' unused: a zero
-    # cotangent comes down the chain), or post is given another array than pre's x (no chain)
+@pytest.mark.parametrize("use", ["site", "pre and post", "pre only", "post with other x", "post twice", "res too"])
+@pytest.mark.parametrize("defer", [False, True])
+def test_hyper_connection_with_the_chained_x_cotangent(monkeypatch, defer, dtype, form, use):
+    # kernels.CHAIN_X_COTANGENT through a HyperConnection on the emulated CUDA kernels: gradients
+    # as the reference backend's autodiff, whether post reads the chained x' (the site call, or
+    # pre then post with the same x), pre's output alone is used (x' unused: a zero cotangent
+    # comes down the chain), post is given another array than pre's x (no chain), post reads x'
+    # twice, or the caller also uses H_res; with post's x and H_res cotangents deferred to pre's
+    # backward (kernels.DEFER_POST_X, where pre is its own op) or not
     import mhc_mlx as mhc
     from mhc_mlx import dispatch, kernels
 
+    monkeypatch.setattr(kernels, "DEFER_POST_X", defer)
     monkeypatch.setattr(build, "gpu_backend", lambda: "cuda")
     monkeypatch.setattr(build, "on_gpu", lambda *a: True)
     monkeypatch.setattr(kernels, "gpu_backend", build.gpu_backend)
@@ -835,13 +880,24 @@ def test_hyper_connection_with_the_chained_x_cotangent(monkeypatch, dtype, form,
         if use == "pre only":
             return mx.broadcast_to(h[..., None, :], x_.shape) * 2
         other = x_ * 1 if use == "post with other x" else x_
-        return hc.post(other, sub(h), coeffs)
+        out = hc.post(other, sub(h), coeffs)
+        if use == "post twice":
+            out = out + 0.5 * hc.post(other, sub(h) * 0.5, coeffs)
+        if use == "res too":
+            out = out + mx.sum(coeffs.res * coeffs.res, axis=(-1, -2))[..., None, None].astype(out.dtype)
+        return out
 
     emu.launched.clear()
     out, got = mx.vjp(site_fn, [x, *params], [cot])
     launched = [name for name, *_ in emu.launched]
-    chained_kernels = {"mhc_pre_vjp_acc", "mhc_coefficients_dynamic_vjp_acc", "mhc_coefficients_dynamic_vjp_pre_acc"}
+    chained_kernels = {"mhc_pre_vjp_acc", "mhc_coefficients_dynamic_vjp_acc", "mhc_coefficients_dynamic_vjp_pre_acc",
+                       "mhc_pre_vjp_res"}
     assert chained_kernels & set(launched), launched
+    deferred = defer and form != "read step"
+    assert ("mhc_pre_vjp_res" in launched) == deferred, launched
+    post_vjps = [t for name, t, *_ in emu.launched if name == "mhc_post_vjp"]
+    if use != "pre only":  # deferred where post reads the chained x'
+        assert [t["DEFER"] for t in post_vjps] == [deferred and use != "post with other x"] * len(post_vjps)
     up = [x.astype(mx.float32), *params]
     with dispatch.use_backend("reference"):
         want_out, want = mx.vjp(site_fn, up, [cot.astype(mx.float32)])

@@ -46,6 +46,12 @@ FUSED_READ_STEP: bool | str = "auto"
 # fwd+bwd, chained against not): 4096x4x4096 825.4 / 932.4 µs, 512x4x1280 236.8 / 205.9 (slower:
 # the FP32 backward there), B = 1 553.3 / 568.5 (within the runs' spread).
 CHAIN_X_COTANGENT: bool | str = "auto"
+# Candidate (written 2026-11-30, third session, without a GPU run): in the chained forms whose pre
+# is its own op (n <= 8), post's backward leaves x's and H_res's cotangents to pre's
+# (site.PRE_VJP_RES), so it no longer reads x nor writes x's cotangent: 16C fewer bytes per
+# token at n = 4 (bf16) of the 122C the dynamic site's fwd+bwd kernels moved. In the H200 stream
+# timeline post's backward took 158.1 µs of the 4096x4x4096 site's 856 (scripts/gpu_timeline.py).
+DEFER_POST_X = False
 
 
 _IMPLEMENTATIONS: dict = {}
@@ -174,7 +180,7 @@ def use_candidates(on: bool = True) -> None:
 
 def settings() -> dict:
     """The kernels' tunable forms in this process (docs/kernel-notes.md; benches record them)."""
-    from . import coefficients, coefficients_mma, layer, sinkhorn
+    from . import coefficients, coefficients_mma, coefficients_mma_vjp, layer, sinkhorn
 
     return {"dynamic_form": coefficients.DYNAMIC_FORM,
             "mma_min_elements": coefficients.MMA_MIN_ELEMENTS,
@@ -192,6 +198,9 @@ def settings() -> dict:
             "layer_prefetch_tokens": layer.PREFETCH_TOKENS,
             "fused_read_step": FUSED_READ_STEP,
             "chain_x_cotangent": CHAIN_X_COTANGENT,
+            "defer_post_x": DEFER_POST_X,
+            "split_glue_sinkhorn": coefficients.SPLIT_GLUE_SINKHORN,
+            "dx_prefetch": coefficients_mma_vjp.DX_PREFETCH,
             "sinkhorn_thread_vjp_max_work": sinkhorn.THREAD_VJP_MAX_WORK}
 
 

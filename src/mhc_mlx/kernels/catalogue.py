@@ -14,7 +14,7 @@ SPECS = (
     sinkhorn.FORWARD, sinkhorn.BACKWARD, sinkhorn.BACKWARD_THREAD, coefficients.ACTIVATE, coefficients.DYNAMIC,
     coefficients.DYNAMIC_PRE, coefficients.DYNAMIC_SMALL, coefficients.DYNAMIC_SMALL_PRE,
     coefficients.DYNAMIC_VJP, coefficients.DYNAMIC_VJP_PRE, coefficients.DYNAMIC_VJP_ACC, coefficients.DYNAMIC_VJP_PRE_ACC,
-    site.PRE, site.PRE_VJP, site.PRE_VJP_ACC, site.POST, site.POST_VJP, layer.LAYER, layer.LAYER_VJP,
+    site.PRE, site.PRE_VJP, site.PRE_VJP_ACC, site.PRE_VJP_RES, site.POST, site.POST_VJP, layer.LAYER, layer.LAYER_VJP,
     layer.COEFFICIENTS_VJP, coefficients.DYNAMIC_VJP_GLUE, coefficients.DYNAMIC_VJP_SINKHORN,
     coefficients.DYNAMIC_VJP_GLUE_AFTER_SINKHORN,
 )
@@ -79,8 +79,13 @@ def instances():
                             [("T", dt), ("N", n), ("V", V), ("SHARED", shared), ("DX", True)]))
                 out.append((site.PRE_VJP_ACC, (dt, F32, dt, dt, I32), (dt, F32),
                             [("T", dt), ("N", n), ("V", V), ("SHARED", shared), ("DX", True)]))
-                out.append((site.POST_VJP, (dt, dt, F32, F32, dt, I32), (dt, dt, F32, F32),
-                            [("T", dt), ("N", n), ("V", V), ("SHARED", shared), ("HGRAD", n <= 8)]))
+                for defer in (False, True) if n <= 8 else (False,):
+                    out.append((site.POST_VJP, (dt, dt, F32, F32, dt, I32), (dt, dt, F32, F32),
+                                [("T", dt), ("N", n), ("V", V), ("SHARED", shared), ("HGRAD", n <= 8),
+                                 ("DEFER", defer)]))
+                if n <= 8:
+                    out.append((site.PRE_VJP_RES, (dt, F32, F32, dt, dt, I32), (dt, F32, F32),
+                                [("T", dt), ("N", n), ("V", V), ("SHARED", shared)]))
         for n, V, cpt, inline, pf in ((4, 16 // dt.size, 2, True, 0), (4, 16 // dt.size, 2, False, 1),
                                       (4, 16 // dt.size, 2, False, 2), (4, 16 // dt.size, 0, False, 1),
                                       (32, 1, 0, False, 0)):

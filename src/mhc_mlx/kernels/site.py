@@ -123,6 +123,76 @@ PRE_VJP_ACC = KernelSpec(
     body=_with_accumulated_dx(PRE_VJP.body),
 )
 
+# The deferred chain (kernels.DEFER_POST_X): post's backward hands its output cotangent g
+# [T, n, C] down untouched in place of x's (H_res^T g), and H_res's cotangent is left to this
+# kernel, which reads x, dh and g once: dx = H_pre (x) dh + H_res^T g, dH_pre = x . dh and
+# dH_res = g x^T per token (summed over tokens where the coefficients are SHARED). Post's
+# backward then reads g and f and writes f's cotangent (12C bytes per token at n = 4, bf16)
+# instead of also reading x and writing x's cotangent (28C); this kernel moves 26C, as pre's
+# accumulating backward does.
+PRE_VJP_RES = KernelSpec(
+    name="mhc_pre_vjp_res",
+    inputs=("xin", "hpre", "hres", "gout", "gpost", "iparam"),
+    outputs=("gx", "gh", "gres"),
+    body=r"""
+  constexpr int NV = N + N * N;  // dH_pre, then dH_res row-major
+  KSHARED float scratch[8 * NV];
+  const int Ttok = iparam[0];
+  const int C = iparam[1];
+  const int nv = C / V;
+  const int tid = KTID;
+  const int lane = KLANE;
+  const int warp = KWARP;
+  const int nwarps = KNT / 32;
+  const bool vec = KALIGNED16(xin) && KALIGNED16(gout) && KALIGNED16(gpost) && KALIGNED16(gx);
+  float acc[NV];
+  KUNROLL for (int a = 0; a < NV; ++a) acc[a] = 0.0f;
+  for (int64_t t = KBID; t < Ttok; t += KNB) {
+    const int64_t hb = SHARED ? 0 : t;
+    for (int cv = tid; cv < nv; cv += KNT) {
+      float dv[V];
+      kload<T, V>(dv, gout, t * C + (int64_t)cv * V, vec);
+      float g[N][V];
+      KUNROLL for (int i = 0; i < N; ++i) kload<T, V>(g[i], gpost, (t * N + i) * C + (int64_t)cv * V, vec);
+      KUNROLL for (int j = 0; j < N; ++j) {
+        const int64_t off = (t * N + j) * C + (int64_t)cv * V;
+        float xv[V];
+        float o[V];
+        kload<T, V>(xv, xin, off, vec);
+        const float hp = hpre[hb * N + j];
+        float d = 0.0f;
+        KUNROLL for (int e = 0; e < V; ++e) {
+          o[e] = hp * dv[e];
+          d += dv[e] * xv[e];
+        }
+        acc[j] += d;
+        KUNROLL for (int i = 0; i < N; ++i) {
+          const float a = hres[(hb * N + i) * N + j];
+          float r = 0.0f;
+          KUNROLL for (int e = 0; e < V; ++e) {
+            o[e] += a * g[i][e];
+            r += g[i][e] * xv[e];
+          }
+          acc[N + i * N + j] += r;
+        }
+        kstore<T, V>(gx, off, o, vec);
+      }
+    }
+    if (!SHARED) {
+      const float total = kblock_reduce<NV>(acc, scratch, lane, warp, nwarps, tid);
+      if (tid < N) gh[t * N + tid] = total;
+      else if (tid < NV) gres[t * N * N + (tid - N)] = total;
+      KUNROLL for (int a = 0; a < NV; ++a) acc[a] = 0.0f;
+    }
+  }
+  if (SHARED) {
+    const float total = kblock_reduce<NV>(acc, scratch, lane, warp, nwarps, tid);
+    if (tid < N) gh[(int64_t)KBID * N + tid] = total;
+    else if (tid < NV) gres[(int64_t)KBID * N * N + (tid - N)] = total;
+  }
+""",
+)
+
 POST = KernelSpec(
     name="mhc_post",
     inputs=("xin", "fin", "hpost", "hres", "iparam"),
@@ -170,7 +240,7 @@ POST_VJP = KernelSpec(
   const int lane = KLANE;
   const int warp = KWARP;
   const int nwarps = KNT / 32;
-  const bool vec = KALIGNED16(xin) && KALIGNED16(fin) && KALIGNED16(gout) && KALIGNED16(gx) &&
+  const bool vec = KALIGNED16(xin) && KALIGNED16(fin) && KALIGNED16(gout) && (DEFER || KALIGNED16(gx)) &&
                    KALIGNED16(gf);
   float acc[NV];
   KUNROLL for (int a = 0; a < NV; ++a) acc[a] = 0.0f;
@@ -195,7 +265,7 @@ POST_VJP = KernelSpec(
           acc[(N * N + i) % NV] += d;
         }
       }
-      KUNROLL for (int j = 0; j < N; ++j) {
+      if (!DEFER) KUNROLL for (int j = 0; j < N; ++j) {
         const int64_t off = (t * N + j) * C + (int64_t)cv * V;
         KUNROLL for (int e = 0; e < V; ++e) o[e] = 0.0f;
         KUNROLL for (int i = 0; i < N; ++i) {
@@ -296,6 +366,34 @@ def pre_vjp(x, H_pre, g, gacc=None):
     return gx, _reduce_to(gh, H_pre)
 
 
+def pre_vjp_res(x, H_pre, H_res, dh, g):
+    """(dx, dH_pre, dH_res) of pre together with post's deferred share (PRE_VJP_RES): dh is h's
+    cotangent [..., C], g post's output cotangent [..., n, C] (n <= MAX_N_REDUCE)."""
+    *lead, n, C = x.shape
+    T = 1
+    for d in lead:
+        T *= d
+    hp, shared_p = _coefficient_rows(H_pre, tuple(lead), (n,))
+    hr, shared_r = _coefficient_rows(H_res, tuple(lead), (n, n))
+    shared = shared_p and shared_r
+    if shared_p != shared_r:
+        hp = mx.broadcast_to(H_pre.astype(F32), (*lead, n)).reshape(-1, n)
+        hr = mx.broadcast_to(H_res.astype(F32), (*lead, n, n)).reshape(-1, n, n)
+    V = vector_width(C, x.dtype.size, n, budget=32)
+    groups = _groups(T)
+    rows = groups if shared else T
+    gx, gp, gr = launch(
+        PRE_VJP_RES, [x, hp, hr, dh.astype(x.dtype), g.astype(x.dtype), int_params(T, C)],
+        [(x.shape, x.dtype), ((rows, n), F32), ((rows, n, n), F32)], groups * TOKEN_THREADS, TOKEN_THREADS,
+        [("T", x.dtype), ("N", n), ("V", V), ("SHARED", shared)],
+    )
+    if shared:
+        gp, gr = mx.sum(gp, axis=0), mx.sum(gr, axis=0)
+    else:
+        gp, gr = gp.reshape(*lead, n), gr.reshape(*lead, n, n)
+    return gx, _reduce_to(gp, H_pre), _reduce_to(gr, H_res)
+
+
 def pre_vjp_coefficients(x, g):
     """dH_pre [T, n] float32 (T = all leading dims) for x [..., n, C] and h's cotangent g [..., C]:
     pre's backward without its dx (per-token coefficients)."""
@@ -341,7 +439,10 @@ def post_forward(x, f, H_post, H_res):
     )[0]
 
 
-def post_vjp(x, f, H_post, H_res, g):
+def post_vjp(x, f, H_post, H_res, g, defer: bool = False):
+    """(dx, df, dH_post, dH_res) of post; defer (the deferred chain, n <= MAX_N_REDUCE): x's and
+    H_res's cotangents left to pre_vjp_res, so dx is g itself and dH_res zeros (PRE_VJP_RES
+    computes both from g)."""
     *lead, n, C = x.shape
     T = 1
     for d in lead:
@@ -353,16 +454,21 @@ def post_vjp(x, f, H_post, H_res, g):
         hp = mx.broadcast_to(H_post.astype(F32), (*lead, n)).reshape(-1, n)
         hr = mx.broadcast_to(H_res.astype(F32), (*lead, n, n)).reshape(-1, n, n)
     hgrad = n <= MAX_N_REDUCE
+    defer = bool(defer)
+    if defer and not hgrad:
+        raise ValueError(f"post's deferred backward needs n <= {MAX_N_REDUCE}, got n={n}")
     V = vector_width(C, x.dtype.size, n, budget=32)
     groups = _groups(T)
     rows = (groups if shared else T) if hgrad else 1
     g = g.astype(x.dtype)
     gx, gf, gp, gr = launch(
         POST_VJP, [x, f.astype(x.dtype), hp, hr, g, int_params(T, C)],
-        [(x.shape, x.dtype), (f.shape, x.dtype), ((rows, n), F32), ((rows, n, n), F32)],
+        [((1,) if defer else x.shape, x.dtype), (f.shape, x.dtype), ((rows, n), F32), ((rows, n, n), F32)],
         groups * TOKEN_THREADS, TOKEN_THREADS,
-        [("T", x.dtype), ("N", n), ("V", V), ("SHARED", shared), ("HGRAD", hgrad)],
+        [("T", x.dtype), ("N", n), ("V", V), ("SHARED", shared), ("HGRAD", hgrad), ("DEFER", defer)],
     )
+    if defer:
+        gx = g  # (gr: zeros, the kernel's sums over the skipped products)
     if hgrad:
         if shared:
             gp, gr = mx.sum(gp, axis=0), mx.sum(gr, axis=0)
@@ -414,8 +520,48 @@ def _pre_chained_vjp(primals, cotangents, outputs):
     return pre_vjp(x, H_pre, cotangents[0], gacc=cotangents[1])
 
 
+# The deferred chain (kernels.DEFER_POST_X; n <= MAX_N_REDUCE): pre also passes H_res through,
+# and post reads that H_res' and x'. Post's backward returns its output cotangent g as x''s
+# cotangent and zeros as H_res''s; this backward reads g once more and computes both
+# (PRE_VJP_RES). By linearity that stays right however often post reads x' and H_res', and a
+# post given other arrays (or a caller's own use of H_res') returns true cotangents, which add.
+@mx.custom_function
+def _pre_chained_res(x, H_pre, H_res):
+    return pre_forward(x, H_pre), x, H_res
+
+
+@_pre_chained_res.vjp
+def _pre_chained_res_vjp(primals, cotangents, outputs):
+    x, H_pre, H_res = primals
+    dh, g, g_res = cotangents
+    gx, gp, gr = pre_vjp_res(x, H_pre, H_res, dh, g)
+    return gx, gp, gr + g_res.astype(gr.dtype)
+
+
+@mx.custom_function
+def _post_deferred(x, f, H_post, H_res):
+    return post_forward(x, f, H_post, H_res)
+
+
+@_post_deferred.vjp
+def _post_deferred_vjp(primals, cotangent, output):
+    x, f, H_post, H_res = primals
+    return post_vjp(x, f, H_post, H_res, cotangent, defer=True)
+
+
 def mhc_pre(x, H_pre):
     return _pre(x, H_pre)
+
+
+def mhc_pre_chained_res(x, H_pre, H_res):
+    """(h, x', H_res'): pre's output, and x and H_res passed through for mhc_post_deferred."""
+    return _pre_chained_res(x, H_pre, H_res)
+
+
+def mhc_post_deferred(x_next, f, H_post, H_res_next):
+    """Post on the x' and H_res' of mhc_pre_chained_res, its x and H_res cotangents deferred to
+    that pre's backward."""
+    return _post_deferred(x_next, f, H_post, H_res_next)
 
 
 def mhc_pre_chained(x, H_pre):

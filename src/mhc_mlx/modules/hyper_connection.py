@@ -23,8 +23,9 @@ class SiteCoefficients(NamedTuple):
 
 
 class _ChainedCoefficients(SiteCoefficients):
-    """SiteCoefficients from a chained read (ops.run_chained_read), with `chain` = (x, x'):
-    post reads x' when it is given that same x."""
+    """SiteCoefficients from a chained read (ops.run_chained_read), with `chain` = (x, x',
+    deferred): post reads x' when it is given that same x (deferred: by the post whose backward
+    leaves x's and H_res's cotangents to pre's, kernels.DEFER_POST_X)."""
 
 
 class HyperConnection(nn.Module):
@@ -98,9 +99,9 @@ class HyperConnection(nn.Module):
             phi, alpha = (self.phi, self.alpha) if self.dynamic else (None, None)
             chained = ops.run_chained_read(x, phi, alpha, self.bias, self.sinkhorn_iters, self.eps)
             if chained is not None:
-                h, H, x_post = chained
+                h, H, x_post, deferred = chained
                 coeffs = _ChainedCoefficients(*H)
-                coeffs.chain = (x, x_post)
+                coeffs.chain = (x, x_post, deferred)
                 return h, coeffs
         if kernels.FUSED_READ_STEP and self.dynamic and self.variant == "mhc":
             fused = ops.run_pre_step(x, self.phi, self.alpha, self.bias, self.sinkhorn_iters, self.eps)
@@ -111,6 +112,9 @@ class HyperConnection(nn.Module):
 
     def post(self, x: mx.array, f: mx.array, coeffs: SiteCoefficients) -> mx.array:
         """Mix the streams and write the sublayer output f [..., dims] back: [..., n, dims]."""
+        if _deferred_chain(x, coeffs):
+            _checks.check_sublayer_output(f, tuple(x.shape[:-2]), self.dims)
+            return _post_deferred(coeffs, f)
         return ops.mhc_post(_streams_for_post(x, coeffs), f, coeffs.post, coeffs.res)
 
     def __call__(self, x: mx.array, sublayer: Callable[[mx.array], mx.array]) -> mx.array:
@@ -118,6 +122,8 @@ class HyperConnection(nn.Module):
         f = sublayer(h)
         # x was checked by pre and coeffs are pre's own: only the sublayer's output needs a look
         _checks.check_sublayer_output(f, tuple(x.shape[:-2]), self.dims)
+        if _deferred_chain(x, coeffs):
+            return _post_deferred(coeffs, f)
         return ops.run_post(_streams_for_post(x, coeffs), f, coeffs.post, coeffs.res)
 
 
@@ -126,3 +132,15 @@ def _streams_for_post(x: mx.array, coeffs: SiteCoefficients) -> mx.array:
     else x itself."""
     chain = getattr(coeffs, "chain", None)
     return chain[1] if chain is not None and chain[0] is x else x
+
+
+def _deferred_chain(x: mx.array, coeffs: SiteCoefficients) -> bool:
+    """True when post is given the x of a deferred chained read (kernels.DEFER_POST_X)."""
+    chain = getattr(coeffs, "chain", None)
+    return chain is not None and chain[0] is x and chain[2]
+
+
+def _post_deferred(coeffs: SiteCoefficients, f: mx.array) -> mx.array:
+    from ..kernels import site
+
+    return site.mhc_post_deferred(coeffs.chain[1], f, coeffs.post, coeffs.res)

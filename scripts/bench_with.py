@@ -1,0 +1,56 @@
+#!/usr/bin/env python3
+"""`mhc-mlx bench` with kernel settings switched first, for a side-by-side run of candidates:
+
+    python scripts/bench_with.py kernels.DEFER_POST_X=1 coefficients_mma_vjp.DX_PREFETCH=1 -- \
+        bench --only dynamic/fwd+bwd/4096x4x4096 --out runs/bench_candidates --seeds ""
+
+Each setting is module.ATTRIBUTE=value under mhc_mlx.kernels (kernels. for the package itself);
+value 1/0/true/false/auto or an integer. The bench's JSON header records every kernel setting
+(kernels.settings()), so a run states what it ran.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src"))
+
+
+def _value(text: str):
+    low = text.strip().lower()
+    if low in ("1", "true", "on"):
+        return True
+    if low in ("0", "false", "off"):
+        return False
+    if low == "auto":
+        return "auto"
+    try:
+        return int(low)
+    except ValueError:
+        raise SystemExit(f"bench_with.py: value {text!r} is not 1/0/true/false/auto or an integer") from None
+
+
+def main(argv: list[str]) -> int:
+    if "--" not in argv:
+        print(__doc__, file=sys.stderr)
+        return 2
+    cut = argv.index("--")
+    for item in argv[:cut]:
+        target, sep, value = item.partition("=")
+        module_name, _, attribute = target.rpartition(".")
+        if not sep or not module_name:
+            raise SystemExit(f"bench_with.py: expected module.ATTRIBUTE=value, got {item!r}")
+        name = "mhc_mlx.kernels" if module_name == "kernels" else f"mhc_mlx.kernels.{module_name}"
+        module = importlib.import_module(name)
+        if not hasattr(module, attribute):
+            raise SystemExit(f"bench_with.py: {name} has no setting {attribute}")
+        setattr(module, attribute, _value(value))
+    from mhc_mlx.cli.main import main as cli
+
+    return cli(argv[cut + 1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
