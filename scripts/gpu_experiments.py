@@ -744,7 +744,7 @@ def glue_split(rounds=5):
     alternated_settings("glue split", rows, {"one kernel": [(coefficients, "SPLIT_GLUE_SINKHORN", False)],
                                              "split": [(coefficients, "SPLIT_GLUE_SINKHORN", True)]}, rounds)
     both = [(coefficients, "GLUE_PACKS", True), (kernels, "FUSED_READ_STEP", True)]
-    alternated_settings("glue split, glue packs + read step everywhere", rows[:1],
+    alternated_settings("glue split, glue packs + read step everywhere", dict(list(rows.items())[:1]),
                         {"one kernel": [(coefficients, "SPLIT_GLUE_SINKHORN", False)] + both,
                          "split": [(coefficients, "SPLIT_GLUE_SINKHORN", True)] + both}, rounds)
 

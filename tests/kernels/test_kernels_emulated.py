@@ -911,9 +911,11 @@ def test_hyper_connection_with_the_chained_x_cotangent(monkeypatch, defer, dtype
 
 @pytest.mark.parametrize("dynamic", [True, False])
 @pytest.mark.parametrize("lead", [(0,), (2, 3)])
-def test_chained_x_cotangent_with_no_tokens_and_two_leading_dims(monkeypatch, dynamic, lead):
+@pytest.mark.parametrize("defer", [False, True])
+def test_chained_x_cotangent_with_no_tokens_and_two_leading_dims(monkeypatch, defer, dynamic, lead):
     # the chain (kernels.CHAIN_X_COTANGENT) on an empty batch (empty gradients for x, zero for the
-    # parameters) and on [B, T, n, C] (gradients as the reference backend's)
+    # parameters) and on [B, T, n, C] (gradients as the reference backend's); pre's accumulating
+    # backward, or pre's backward with post's deferred share (kernels.DEFER_POST_X)
     import mhc_mlx as mhc
     from mhc_mlx import dispatch, kernels
 
@@ -922,7 +924,8 @@ def test_chained_x_cotangent_with_no_tokens_and_two_leading_dims(monkeypatch, dy
     monkeypatch.setattr(kernels, "gpu_backend", build.gpu_backend)
     monkeypatch.setattr(kernels, "on_gpu", build.on_gpu)
     monkeypatch.setattr(kernels, "CHAIN_X_COTANGENT", True)
-    monkeypatch.setattr(kernels, "FUSED_READ_STEP", False)  # pre's accumulating backward
+    monkeypatch.setattr(kernels, "FUSED_READ_STEP", False)  # pre as its own op
+    monkeypatch.setattr(kernels, "DEFER_POST_X", defer)
     n, C = 4, 24
     hc = mhc.HyperConnection(C, n, dynamic=dynamic, init="paper")
     hc.bias = mx.random.normal(hc.bias.shape)
@@ -937,7 +940,7 @@ def test_chained_x_cotangent_with_no_tokens_and_two_leading_dims(monkeypatch, dy
 
     emu.launched.clear()
     out, got = mx.vjp(site_fn, [x, *params], [cot])
-    assert "mhc_pre_vjp_acc" in {name for name, *_ in emu.launched}
+    assert ("mhc_pre_vjp_res" if defer else "mhc_pre_vjp_acc") in {name for name, *_ in emu.launched}
     assert out[0].shape == x.shape and [g.shape for g in got] == [p.shape for p in [x, *params]]
     with dispatch.use_backend("reference"):
         _, want = mx.vjp(site_fn, [x, *params], [cot])

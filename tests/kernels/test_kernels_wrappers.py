@@ -293,15 +293,18 @@ def test_static_coefficients_and_layer_backward_take_no_gather(monkeypatch, tmp_
 
 @pytest.mark.parametrize("chain", [False, True])
 @pytest.mark.parametrize("form", ["dynamic", "read step", "static"])
-def test_chained_x_cotangent_leaves_no_add_for_x(monkeypatch, tmp_path, chain, form):
-    # kernels.CHAIN_X_COTANGENT (candidate): x's gradient through a HyperConnection comes out of
-    # one backward kernel (reshaped), not out of an MLX add of the ops' shares as without it
+@pytest.mark.parametrize("defer", [False, True])
+def test_chained_x_cotangent_leaves_no_add_for_x(monkeypatch, tmp_path, defer, chain, form):
+    # kernels.CHAIN_X_COTANGENT: x's gradient through a HyperConnection comes out of one backward
+    # kernel (reshaped), not out of an MLX add of the ops' shares as without it; pre's backward
+    # takes post's deferred share where pre is its own op and DEFER_POST_X is on
     import mhc_mlx as mhc
     from mhc_mlx import kernels
     from mhc_mlx.kernels import build
 
     monkeypatch.setattr(kernels, "CHAIN_X_COTANGENT", chain)
     monkeypatch.setattr(kernels, "FUSED_READ_STEP", form == "read step")
+    monkeypatch.setattr(kernels, "DEFER_POST_X", defer)
     monkeypatch.setattr(build, "gpu_backend", lambda: "cuda")
     monkeypatch.setattr(build, "on_gpu", lambda *a: True)
     monkeypatch.setattr(kernels, "gpu_backend", build.gpu_backend)
@@ -318,7 +321,9 @@ def test_chained_x_cotangent_leaves_no_add_for_x(monkeypatch, tmp_path, chain, f
     _, (gx,) = mx.vjp(site_fn, [x], [mx.ones(x.shape, x.dtype)])
     assert (_last_op(gx, tmp_path) == "Add") == (not chain)
     names = {name for name, *_ in launched}
-    assert ("mhc_pre_vjp_acc" in names) == (chain and form != "read step")
+    own_pre = chain and form != "read step"
+    assert ("mhc_pre_vjp_acc" in names) == (own_pre and not defer)
+    assert ("mhc_pre_vjp_res" in names) == (own_pre and defer)
 
 
 @pytest.mark.parametrize("fused", [False, True])

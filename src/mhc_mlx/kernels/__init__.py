@@ -46,12 +46,16 @@ FUSED_READ_STEP: bool | str = "auto"
 # fwd+bwd, chained against not): 4096x4x4096 825.4 / 932.4 µs, 512x4x1280 236.8 / 205.9 (slower:
 # the FP32 backward there), B = 1 553.3 / 568.5 (within the runs' spread).
 CHAIN_X_COTANGENT: bool | str = "auto"
-# Candidate (written 2026-11-30, third session, without a GPU run): in the chained forms whose pre
-# is its own op (n <= 8), post's backward leaves x's and H_res's cotangents to pre's
-# (site.PRE_VJP_RES), so it no longer reads x nor writes x's cotangent: 16C fewer bytes per
-# token at n = 4 (bf16) of the 122C the dynamic site's fwd+bwd kernels moved. In the H200 stream
-# timeline post's backward took 158.1 µs of the 4096x4x4096 site's 856 (scripts/gpu_timeline.py).
-DEFER_POST_X = False
+# In the chained forms whose pre is its own op (n <= 8), post's backward leaves x's and H_res's
+# cotangents to pre's (site.PRE_VJP_RES), so it no longer reads x nor writes x's cotangent: 16C
+# fewer bytes per token at n = 4 (bf16) of the 122C the dynamic site's fwd+bwd kernels moved (post's
+# backward took 158.1 µs of the 4096x4x4096 site's 856 in the H200 stream timeline,
+# scripts/gpu_timeline.py). H200 (2026-11-30, third session; scripts/gpu_check.py's chain checks
+# passed with it, static and dynamic, n = 1, 4, 8, every dtype): dynamic fwd+bwd 4096x4x4096 bf16
+# 829.5 against 878.9 µs (gpu_experiments.py defer-post, medians of 5 alternated runs) and, by
+# `mhc-mlx bench` in two processes back to back, 762.0 against 843.4 (512x4x1280: 199.7 against
+# 217.5). False: post's backward reads x and writes x's cotangent itself.
+DEFER_POST_X = True
 
 
 _IMPLEMENTATIONS: dict = {}

@@ -553,8 +553,13 @@ DYNAMIC_VJP_GLUE_AFTER_SINKHORN = KernelSpec(
     body=edited(DYNAMIC_VJP_GLUE.body, [("    if (live) ksinkhorn_thread_vjp<N, ITERS>(lp, g);\n", "")]),
 )
 # The two launches above instead of the glue with the one-thread Sinkhorn backward inside (False).
-# On by default from 2026-11-30 (third session), emulator-tested and nvcc-compiled (sm_90a, n = 4:
-# 255 registers, 120 B spilled; the glue after it 64 registers, none) before its GPU run.
+# nvcc sm_90a, n = 4: 255 registers and 120 B spilled, the glue after it 64 registers and none
+# (the one kernel: 1316 B). H200 (2026-11-30, third session; scripts/gpu_check.py passed with it,
+# every dtype): dynamic fwd+bwd, medians of 5 alternated runs (gpu_experiments.py glue-split),
+# 4096x4x4096 813.0 against 834.0 µs, 512x4x1280 189.0 against 209.7, B = 1 597.5 against
+# 605.8 (within the runs' spread); in the stream timeline the Sinkhorn backward (44.9 µs) runs
+# beside pre's backward and the glue after it takes 7.5 µs (the one kernel: 94.7 on the
+# critical path).
 SPLIT_GLUE_SINKHORN = True
 
 

@@ -41,10 +41,14 @@ DX_PARTS = 2  # bfloat16 parts of gs and of phi in DX
 DPHI_PARTS = 3  # bfloat16 parts of gs in DPHI
 MAX_N = 4
 DX_TOKEN_TILES = 2  # token tiles of 16 per warp in DX (they share each phi fragment)
-# Candidate (written 2026-11-30, third session, without a GPU run): DX loads every row's x, dh and
-# gacc before its products (PF). In the stream timeline of the 4096x4x4096 site backward DX
-# (reading x and gacc, writing dx) took 244.9 µs beside dphi, ~2.2 TB/s, where the pre backward
-# before it (26C bytes per token too) ran at ~3.9 (scripts/gpu_timeline.py, H200).
+# DX loading every row's x, dh and gacc before its products (PF; 226-242 registers against
+# 156-162, so 8 warps per SM instead of 12). Tried because in the stream timeline of the
+# 4096x4x4096 site backward DX (reading x and gacc, writing dx) took 244.9 µs beside dphi, ~2.2
+# TB/s, where pre's backward before it (26C bytes per token too) ran at ~3.9 (H200,
+# scripts/gpu_timeline.py). It passed scripts/gpu_check.py on the H200 (2026-11-30, third
+# session) but lost (gpu_experiments.py dx-prefetch, medians of 5 alternated runs, dynamic
+# fwd+bwd 4096x4x4096 bf16): 860.0 µs against 790.6, and 821.1-822.0 against 771.5 with the read
+# step (DX's pre share too), at one token tile per warp as at two. Off.
 DX_PREFETCH = False
 TARGET_WARPS = 2048
 WARPS_PER_BLOCK = 4
