@@ -170,8 +170,8 @@ def use_candidates(on: bool = True) -> None:
     tensor-core coefficient backward, the fused read step and the chained x cotangent at every
     size (by default each only where it was faster), and the static layer's single-launch
     (inline) form at every token count, which passed scripts/gpu_check.py on the H200 but were
-    slower there than the defaults, and, not yet run on a GPU, the glue kernel writing the
-    tensor-core backward's fragments of gs (docs/kernel-notes.md). Off: the shipped defaults."""
+    slower there than the defaults, and the glue kernel writing the tensor-core backward's
+    fragments of gs (within the runs' spread; docs/kernel-notes.md). Off: the shipped defaults."""
     from . import coefficients, layer
 
     global FUSED_READ_STEP, CHAIN_X_COTANGENT

@@ -576,9 +576,12 @@ def group_lanes(n: int) -> int:
 # of 5 alternated runs, dynamic fwd+bwd bf16): 4096x4x4096 1119.5 against 1178.0 µs, 512x4x1280
 # 221.4 against 405.0, B = 1 590.5 against 1018.1.
 FUSED_VJP_GLUE = True
-# Candidate (written 2026-11-30 without a GPU run): where the backward takes the tensor-core
-# products, the glue kernel also writes gs in their fragment orders
-# (coefficients_mma_vjp.glue_packs_spec), instead of two pack launches.
+# Candidate: where the backward takes the tensor-core products, the glue kernel also writes gs in
+# their fragment orders (coefficients_mma_vjp.glue_packs_spec), instead of two pack launches.
+# H200 (2026-11-30, third session; its checks and GPU test passed with the one-kernel glue):
+# dynamic fwd+bwd 4096x4x4096 828.4 against 836.1 µs, 815.5 against 843.1 with the read step
+# (gpu_experiments.py glue-packs, medians of 5 alternated runs): within the runs' spread. Its form
+# after the split-off Sinkhorn backward (SPLIT_GLUE_SINKHORN) has not run on a GPU.
 GLUE_PACKS = False
 
 DYNAMIC_THREADS = 256

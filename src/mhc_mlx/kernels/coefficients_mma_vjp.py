@@ -129,7 +129,8 @@ PACK_B = KernelSpec(
 # (dx 504-532 µs at 4096 x 4 x 4096); this one passed it on 2026-11-30 (177.5 µs alone). Its
 # pre share read by vectors (PRE, the fused read step at tensor-core sizes; per element before,
 # an integer division and a 2-byte load each, when the read step there lost to the two ops:
-# docs/kernel-notes.md row 27) was written after that session's device time: not yet on a GPU.
+# docs/kernel-notes.md row 27) passed the H200 checks on 2026-11-30 (third session); with it the
+# read step at 4096 x 4 x 4096 took 826.8 µs against the chain's 822.3 (still not taken there).
 DX_HELPERS = r"""
 // x[t, k0 .. k0 + 15] as floats (zeros past K or for t >= Ttok): two 16-byte loads where vec
 template <typename T, typename P>
@@ -413,7 +414,8 @@ DPHI = KernelSpec(
 )
 
 
-# Candidate (written 2026-11-30 without a GPU run; coefficients.GLUE_PACKS): the dynamic
+# Candidate (coefficients.GLUE_PACKS; passed the H200 checks on 2026-11-30, not faster there
+# beyond the runs' spread, its after-split form not yet run on a GPU): the dynamic
 # backward's glue kernel also writes gs in the two fragment orders DX and DPHI read (as
 # pack_a(gs, DX_PARTS) and pack_b(gs, DPHI_PARTS, False) would), saving their two launches
 # (26.9 µs per application chained for pack_a at 4096 tokens on the H200, docs/kernel-notes.md
