@@ -343,6 +343,9 @@ SWITCHES = {
     "--dx-prefetch": (coefficients_mma_vjp, "DX_PREFETCH", True,
                       "the candidate tensor-core DX kernel that loads its rows' x, dh and gacc before its "
                       "products (coefficients_mma_vjp.DX_PREFETCH)"),
+    "--dx-token-major": (coefficients_mma_vjp, "DX_TOKEN_MAJOR", True,
+                         "the candidate token-group-first warp order of the tensor-core DX kernel "
+                         "(coefficients_mma_vjp.DX_TOKEN_MAJOR)"),
     "--sinkhorn-warp-vjp": (sinkhorn, "THREAD_VJP_MAX_WORK", 0,
                             "use the warp-form Sinkhorn backward everywhere (sinkhorn.THREAD_VJP_MAX_WORK = 0; "
                             "the default takes one thread per matrix for n <= 4)"),

@@ -15,6 +15,7 @@ copy floor two ways, and where B=1 latency goes (Python graph building vs the ev
     python scripts/gpu_experiments.py glue-split  (only the glue with its Sinkhorn backward split off vs one kernel)
     python scripts/gpu_experiments.py dx-prefetch  (only DX with its loads before the products vs after)
     python scripts/gpu_experiments.py defer-post  (only post's backward deferring x's and H_res's cotangents)
+    python scripts/gpu_experiments.py dx-order  (only DX's warps token-group first vs k-group first)
     python scripts/gpu_experiments.py glue-threads  (only the glue kernel's group size, and the fragment packs)
     python scripts/gpu_experiments.py b1 [ncu]  (only the B = 1 layer kernel by Sinkhorn iterations)
 """
@@ -790,6 +791,26 @@ def defer_post(rounds=5):
                          "chain + defer": [(kernels, "DEFER_POST_X", True)] + chain}, rounds)
 
 
+def dx_order(rounds=5):
+    """The tensor-core DX kernel's warps in token-group-first order
+    (coefficients_mma_vjp.DX_TOKEN_MAJOR, candidate) against k-group-first, alternated `rounds`
+    times: the dynamic site fwd+bwd at 4096x4x4096 (the defaults otherwise), then DX alone on
+    that size's arrays (per application, chained)."""
+    from mhc_mlx.kernels import coefficients_mma_vjp as cmv
+
+    rows = case_rows(("dynamic", "fwd+bwd", (4096, 4, 4096), "throughput"))
+    forms = {"k groups first": [(cmv, "DX_TOKEN_MAJOR", False)], "token groups first": [(cmv, "DX_TOKEN_MAJOR", True)]}
+    alternated_settings("dx order", rows, forms, rounds)
+    T, K, W = 4096, 16384, 24
+    x = mx.random.normal((T, K)).astype(mx.bfloat16)
+    phi = 0.01 * mx.random.normal((K, W))
+    gs, c2 = mx.random.normal((T, W)), mx.random.normal((T,))
+    gacc = mx.random.normal((T, K)).astype(mx.bfloat16)
+    mx.eval(x, phi, gs, c2, gacc)
+    alone = {"dx alone (gacc)": lambda: chain_us(lambda a: cmv.dx(a, phi, gs, c2, None, gacc), x, chain_len=10)}
+    alternated_settings("dx order, DX alone", alone, forms, rounds)
+
+
 # One part of the experiments alone (the module docstring lists them): mode -> function
 MODES = {
     "headers": header_sizes,
@@ -806,6 +827,7 @@ MODES = {
     "glue-split": glue_split,
     "dx-prefetch": dx_prefetch,
     "defer-post": defer_post,
+    "dx-order": dx_order,
 }
 
 

@@ -27,6 +27,8 @@
 #   bash scripts/gpu_session.sh pending      # the glue packs and DX's vectorized pre share: checks, timings
 #   bash scripts/gpu_session.sh third        # split glue Sinkhorn, DX prefetch, deferred post: checks, timings,
 #                                            # bench (defaults; candidates on), timeline
+#   bash scripts/gpu_session.sh next         # DX's token-group-first warp order (candidate): checks, timings, timeline
+#   bash scripts/gpu_session.sh gpu-tests    # pytest -m gpu alone
 #   bash scripts/gpu_session.sh timeline     # pytest -m gpu alone, then nsys: each target case's kernels
 #                                            # in stream order with the gaps (defaults; glue packs + read step)
 #   bash scripts/gpu_session.sh op-paths     # checks of the MLX-op forms the one-launch kernels replaced
@@ -262,6 +264,18 @@ case "${1:-}" in
       bench --out "$res/bench_candidates" --overwrite --seeds "" --only "dynamic/fwd+bwd/4096x4x4096,dynamic/fwd+bwd/512x4x1280" \
       --impl kernels,kernels+step
     timelines defaults
+    ;;
+  next)
+    # what the third session of 2026-11-30 wrote after its device time: DX's warps token-group
+    # first (candidate): checks with it and the tensor-core backward at every size, its timings
+    # against k-group first, then the stream timeline of the defaults
+    CHECK_ARGS="--mma-vjp --dx-token-major" CHECK_ONLY="${CHECK_ONLY:-coefficients,read_step,chain}" NO_PYTEST=1 check 200
+    run 120 experiments_dx_order python scripts/gpu_experiments.py dx-order
+    timelines defaults
+    ;;
+  gpu-tests)
+    # `pytest -m gpu` alone (53 tests; beside the checks it ran out of 200 s)
+    run 560 pytest_gpu python -m pytest -q -m gpu tests -p no:cacheprovider -rs --durations 15
     ;;
   timeline)
     # the `pytest -m gpu` tests the pending call's run did not reach (PYTEST_K; a stack dump after

@@ -322,6 +322,25 @@ def test_tensor_core_coefficient_backward_products(monkeypatch, prefetch, dtype,
             assert rel(got_acc, want + np64(gacc).reshape(T, K)) <= (4e-3 if dtype == mx.bfloat16 else 6e-4)
 
 
+@pytest.mark.parametrize("n,C,T,acc", [(4, 40, 37, True), (1, 33, 5, False), (3, 20, 70, True), (4, 96, 100, False)])
+def test_tensor_core_dx_in_token_major_order(monkeypatch, n, C, T, acc):
+    # coefficients_mma_vjp.DX_TOKEN_MAJOR (candidate): DX's warps in token-group-first order
+    # give the same bits as the k-group-first order (the same arithmetic per element); partial
+    # token and k groups included (T not a multiple of 32, K not of 64)
+    W, K = n * (n + 2), n * C
+    x = mx.random.normal((T, K)).astype(mx.bfloat16)
+    phi = mx.random.normal((K, W)) / np.sqrt(K)
+    gs, c2 = mx.random.normal((T, W)), mx.random.normal((T,))
+    pre = (mx.random.uniform(shape=(T, n)), mx.random.normal((T, C)).astype(mx.bfloat16))
+    gacc = mx.random.normal((T, K)).astype(mx.bfloat16) if acc else None
+    k_major = coefficients_mma_vjp.dx(x, phi, gs, c2, pre, gacc)
+    monkeypatch.setattr(coefficients_mma_vjp, "DX_TOKEN_MAJOR", True)
+    emu.launched.clear()
+    token_major = coefficients_mma_vjp.dx(x, phi, gs, c2, pre, gacc)
+    assert [t["TM"] for name, t, *_ in emu.launched if name == "mhc_coefficients_dynamic_vjp_dx_mma"] == [True]
+    assert np.array_equal(np64(token_major), np64(k_major))  # NaN (an unwritten element) fails too
+
+
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
 @pytest.mark.parametrize("n,C,T", [(4, 48, 37), (2, 128, 20), (4, 4096 // 64, 3)])
 @pytest.mark.parametrize("prefetch", [False, True])

@@ -205,6 +205,7 @@ def settings() -> dict:
             "defer_post_x": DEFER_POST_X,
             "split_glue_sinkhorn": coefficients.SPLIT_GLUE_SINKHORN,
             "dx_prefetch": coefficients_mma_vjp.DX_PREFETCH,
+            "dx_token_major": coefficients_mma_vjp.DX_TOKEN_MAJOR,
             "sinkhorn_thread_vjp_max_work": sinkhorn.THREAD_VJP_MAX_WORK}
 
 

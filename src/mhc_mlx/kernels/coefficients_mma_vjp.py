@@ -50,6 +50,13 @@ DX_TOKEN_TILES = 2  # token tiles of 16 per warp in DX (they share each phi frag
 # fwd+bwd 4096x4x4096 bf16): 860.0 µs against 790.6, and 821.1-822.0 against 771.5 with the read
 # step (DX's pre share too), at one token tile per warp as at two. Off.
 DX_PREFETCH = False
+# Candidate (written 2026-11-30, third session, after its device time): DX's warps ordered token
+# group first (TM), so a block's warps cover 256 consecutive k of the same 32 tokens: x, gacc
+# and dx are then read and written 512 contiguous bytes per row and block instead of 128 bytes
+# per row with the next warp 32 rows away. The tensor-core forward gained from longer runs per
+# row (row 13: 150.8 -> 130.8 µs); phi's fragments (3 MB in all) stay in L2 either way. Same
+# arithmetic, so the same bits (emulator); not yet run on a GPU.
+DX_TOKEN_MAJOR = False
 TARGET_WARPS = 2048
 WARPS_PER_BLOCK = 4
 
@@ -202,8 +209,10 @@ DX = KernelSpec(
   const int tgroups = (tt_all + MT - 1) / MT;
   const int gw = (int)(blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5));
   if (gw >= tgroups * kgroups) return;  // whole warps only: mma.sync needs all 32 lanes
-  const int kg = gw / tgroups;  // neighbouring warps share a k group (phi stays in L1/L2)
-  const int tg = gw - kg * tgroups;
+  // TM: neighbouring warps share a token group (a block's 4 warps read 512 contiguous bytes of
+  // each row of x, gacc and dx); else a k group (phi's fragments stay in L1, rows 128 B apart)
+  const int kg = TM ? gw % kgroups : gw / tgroups;
+  const int tg = TM ? gw / kgroups : gw - kg * tgroups;
   const int lane = (int)(threadIdx.x & 31u);
   const int g = lane >> 2;
   const int c = lane & 3;
@@ -515,7 +524,7 @@ def dx(x2, phi, gs, c2, pre=None, gacc=None, gsa=None):
              int_params(T, K, 0, K // n)],
         [((T, K), x2.dtype)], -(-warps // WARPS_PER_BLOCK) * WARPS_PER_BLOCK * 32, WARPS_PER_BLOCK * 32,
         [("T", x2.dtype), ("N", n), ("MT", DX_TOKEN_TILES), ("KSW", ksw), ("PRE", flag), ("ACC", gacc is not None),
-         ("PF", DX_PREFETCH)],
+         ("PF", DX_PREFETCH), ("TM", DX_TOKEN_MAJOR)],
     )[0]
 
 
