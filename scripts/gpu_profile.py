@@ -32,7 +32,8 @@ CASES = (
 )
 
 
-def run() -> int:
+def run(repeats: int = 1) -> int:
+    """Each case applied once to build its kernels, then `repeats` times between two markers."""
     import mlx.core as mx
 
     from mhc_mlx.bench import cases
@@ -51,7 +52,8 @@ def run() -> int:
         with use_backend("kernels"):
             mx.eval(apply(xs[0]))  # builds every kernel
             mark(i)
-            mx.eval(apply(xs[0]))
+            for _ in range(repeats):
+                mx.eval(apply(xs[0]))
             mark(i)
         print(f"case {i}: {case.id}", flush=True)
     return 0

@@ -25,6 +25,7 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src"))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import gpu_profile  # noqa: E402
 from gpu_profile import CASES, MARKER, _short  # noqa: E402
 
 REPEATS = 3
@@ -55,35 +56,14 @@ def run(args: list[str]) -> int:
 
 
 def _run_cases(args: list[str]) -> int:
-    import mlx.core as mx
-
     from mhc_mlx import kernels
-    from mhc_mlx.bench import cases
-    from mhc_mlx.dispatch import use_backend
     from mhc_mlx.kernels import coefficients
-    from mhc_mlx.kernels.build import KernelSpec, int_params, launch
 
     if "--glue-packs" in args:
         coefficients.GLUE_PACKS = True
     if "--read-step" in args:
         kernels.FUSED_READ_STEP = True
-    marker = KernelSpec(name=MARKER, inputs=("iparam",), outputs=("out",),
-                        body="  if (KTID == 0) out[0] = iparam[0];\n")
-
-    def mark(i: int):
-        mx.eval(launch(marker, [int_params(i)], [((1,), mx.int32)], 32, 32, []))
-
-    for i, (site, pass_, shape) in enumerate(CASES):
-        case = cases.Case(site, pass_, shape, "bfloat16", "latency" if shape[0] == 1 else "throughput")
-        apply, xs = cases.prepare(case, 1)
-        with use_backend("kernels"):
-            mx.eval(apply(xs[0]))  # builds every kernel
-            mark(i)
-            for _ in range(REPEATS):
-                mx.eval(apply(xs[0]))
-            mark(i)
-        print(f"case {i}: {case.id}", flush=True)
-    return 0
+    return gpu_profile.run(REPEATS)
 
 
 def _column(header: list[str], *words: str) -> str:

@@ -9,6 +9,7 @@ Coefficients are float32; `SHARED` means one set for all tokens, else one per to
 
 from __future__ import annotations
 
+import math
 
 import mlx.core as mx
 
@@ -325,11 +326,20 @@ def _coefficient_rows(h, lead, trailing):
     return full.reshape(-1, *trailing), False
 
 
+def _paired_rows(H_vec, H_res, lead, n: int):
+    """(H_vec rows [rows, n], H_res rows [rows, n, n], shared) for a kernel that reads both:
+    one set each when both are shared, else both one row per token (a mixed pair broadcast)."""
+    hv, shared_v = _coefficient_rows(H_vec, lead, (n,))
+    hr, shared_r = _coefficient_rows(H_res, lead, (n, n))
+    if shared_v != shared_r:
+        hv = mx.broadcast_to(H_vec.astype(F32), (*lead, n)).reshape(-1, n)
+        hr = mx.broadcast_to(H_res.astype(F32), (*lead, n, n)).reshape(-1, n, n)
+    return hv, hr, shared_v and shared_r
+
+
 def pre_forward(x, H_pre):
     *lead, n, C = x.shape
-    T = 1
-    for d in lead:
-        T *= d
+    T = math.prod(lead)
     h, shared = _coefficient_rows(H_pre, tuple(lead), (n,))
     V = vector_width(C, x.dtype.size, n, budget=256)
     out = launch(
@@ -347,9 +357,7 @@ def pre_vjp(x, H_pre, g, gacc=None):
     """(dx, dH_pre) of pre; gacc: x's cotangent from later in the site, added to dx in the
     same pass (PRE_VJP_ACC)."""
     *lead, n, C = x.shape
-    T = 1
-    for d in lead:
-        T *= d
+    T = math.prod(lead)
     h, shared = _coefficient_rows(H_pre, tuple(lead), (n,))
     V = vector_width(C, x.dtype.size, n, budget=64)
     groups = _groups(T)
@@ -370,15 +378,8 @@ def pre_vjp_res(x, H_pre, H_res, dh, g):
     """(dx, dH_pre, dH_res) of pre together with post's deferred share (PRE_VJP_RES): dh is h's
     cotangent [..., C], g post's output cotangent [..., n, C] (n <= MAX_N_REDUCE)."""
     *lead, n, C = x.shape
-    T = 1
-    for d in lead:
-        T *= d
-    hp, shared_p = _coefficient_rows(H_pre, tuple(lead), (n,))
-    hr, shared_r = _coefficient_rows(H_res, tuple(lead), (n, n))
-    shared = shared_p and shared_r
-    if shared_p != shared_r:
-        hp = mx.broadcast_to(H_pre.astype(F32), (*lead, n)).reshape(-1, n)
-        hr = mx.broadcast_to(H_res.astype(F32), (*lead, n, n)).reshape(-1, n, n)
+    T = math.prod(lead)
+    hp, hr, shared = _paired_rows(H_pre, H_res, tuple(lead), n)
     V = vector_width(C, x.dtype.size, n, budget=32)
     groups = _groups(T)
     rows = groups if shared else T
@@ -398,9 +399,7 @@ def pre_vjp_coefficients(x, g):
     """dH_pre [T, n] float32 (T = all leading dims) for x [..., n, C] and h's cotangent g [..., C]:
     pre's backward without its dx (per-token coefficients)."""
     *lead, n, C = x.shape
-    T = 1
-    for d in lead:
-        T *= d
+    T = math.prod(lead)
     V = vector_width(C, x.dtype.size, n, budget=64)
     return launch(
         PRE_VJP, [x, mx.zeros((1,), F32), g.astype(x.dtype), int_params(T, C)], [((1,), x.dtype), ((T, n), F32)],
@@ -423,15 +422,8 @@ def _reduce_to(g, like):
 
 def post_forward(x, f, H_post, H_res):
     *lead, n, C = x.shape
-    T = 1
-    for d in lead:
-        T *= d
-    hp, shared_p = _coefficient_rows(H_post, tuple(lead), (n,))
-    hr, shared_r = _coefficient_rows(H_res, tuple(lead), (n, n))
-    shared = shared_p and shared_r
-    if shared_p != shared_r:  # mixed: give both one row per token
-        hp = mx.broadcast_to(H_post.astype(F32), (*lead, n)).reshape(-1, n)
-        hr = mx.broadcast_to(H_res.astype(F32), (*lead, n, n)).reshape(-1, n, n)
+    T = math.prod(lead)
+    hp, hr, shared = _paired_rows(H_post, H_res, tuple(lead), n)
     V = vector_width(C, x.dtype.size, n, budget=64)
     return launch(
         POST, [x, f.astype(x.dtype), hp, hr, int_params(T, C)], [(x.shape, x.dtype)],
@@ -444,15 +436,8 @@ def post_vjp(x, f, H_post, H_res, g, defer: bool = False):
     H_res's cotangents left to pre_vjp_res, so dx is g itself and dH_res zeros (PRE_VJP_RES
     computes both from g)."""
     *lead, n, C = x.shape
-    T = 1
-    for d in lead:
-        T *= d
-    hp, shared_p = _coefficient_rows(H_post, tuple(lead), (n,))
-    hr, shared_r = _coefficient_rows(H_res, tuple(lead), (n, n))
-    shared = shared_p and shared_r
-    if shared_p != shared_r:
-        hp = mx.broadcast_to(H_post.astype(F32), (*lead, n)).reshape(-1, n)
-        hr = mx.broadcast_to(H_res.astype(F32), (*lead, n, n)).reshape(-1, n, n)
+    T = math.prod(lead)
+    hp, hr, shared = _paired_rows(H_post, H_res, tuple(lead), n)
     hgrad = n <= MAX_N_REDUCE
     defer = bool(defer)
     if defer and not hgrad:
