@@ -1,0 +1,92 @@
+"""The repo's device scripts on the CPU: scripts/bench_with.py (settings switched before the
+bench, recorded in its JSON) and scripts/gpu_timeline.py's report (stream order, gaps, span)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SCRIPTS = os.path.join(ROOT, "scripts")
+
+
+def _script(name: str, *args: str, **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.path.join(ROOT, "src")}
+    return subprocess.run([sys.executable, os.path.join(SCRIPTS, name), *args], capture_output=True, text=True,
+                          env=env, timeout=600, **kw)
+
+
+@pytest.mark.parametrize("setting,message", [
+    ("kernels.NO_SUCH=1", "has no setting NO_SUCH"),
+    ("kernels.DEFER_POST_X=maybe", "is not 1/0/true/false/auto"),
+    ("DEFER_POST_X=1", "expected module.ATTRIBUTE=value"),
+    ("nosuchmodule.X=1", "No module named"),
+])
+def test_bench_with_refuses_a_bad_setting(setting, message):
+    out = _script("bench_with.py", setting, "--", "bench", "--quick")
+    assert out.returncode != 0
+    assert message in out.stderr + out.stdout
+
+
+def test_bench_with_records_the_settings_it_switched(tmp_path):
+    out = _script("bench_with.py", "kernels.DEFER_POST_X=0", "coefficients.SPLIT_GLUE_SINKHORN=false",
+                  "coefficients_mma_vjp.DX_TOKEN_MAJOR=1", "--", "bench", "--quick", "--only",
+                  "static/fwd/1x4x64/float32", "--impl", "compiled", "--seeds", "", "--out", str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    settings = json.load(open(tmp_path / "bench.json"))["header"]["kernel_settings"]
+    assert settings["defer_post_x"] is False and settings["split_glue_sinkhorn"] is False
+    assert settings["dx_token_major"] is True
+
+
+def test_timeline_report_lists_the_last_application_with_gaps(tmp_path):
+    # a Kineto trace: per case two markers around three applications of two kernels; the report
+    # takes the last application, in stream order, with the gap before each kernel
+    sys.path.insert(0, SCRIPTS)
+    import gpu_profile
+
+    events, t = [], 0.0
+
+    def kernel(name, dur, gap=1.0):
+        nonlocal t
+        t += gap
+        events.append({"ph": "X", "cat": "kernel", "name": name, "ts": t, "dur": dur})
+        t += dur
+
+    for i in range(len(gpu_profile.CASES)):
+        kernel(gpu_profile.MARKER, 1.0)
+        for rep in range(3):
+            kernel(f"k_first_{i}", 5.0 + rep)
+            kernel(f"k_second_{i}<float>(int)", 3.0, gap=2.5)
+        kernel(gpu_profile.MARKER, 1.0)
+    events.append({"ph": "X", "cat": "cpu_op", "name": "not a kernel", "ts": 0.0, "dur": 1.0})
+    path = tmp_path / "tl.json"
+    path.write_text(json.dumps({"traceEvents": events}))
+    out = _script("gpu_timeline.py", "report", str(path))
+    assert out.returncode == 0, out.stderr
+    blocks = out.stdout.strip().split("\n\n")
+    assert len(blocks) == len(gpu_profile.CASES)
+    first = blocks[0].splitlines()
+    assert "2 kernels per application" in first[0]
+    # the third application: k_first lasts 7 µs, then a 2.5 µs gap, then k_second 3 µs
+    assert first[2].split()[:3] == ["0.0", "0.0", "7.0"] and first[2].endswith("k_first_0")
+    assert first[3].split()[:3] == ["9.5", "2.5", "3.0"] and first[3].endswith("k_second_0")
+    assert first[4].strip() == "span 12.5 µs, kernels 10.0 µs, idle 2.5 µs"
+
+
+def test_timeline_report_reads_an_nsys_csv_and_fails_without_markers(tmp_path):
+    sys.path.insert(0, SCRIPTS)
+    import gpu_profile
+
+    rows = ['"Start (ns)","Duration (ns)","CorrId","Name"', f'1000,1000,1,"{gpu_profile.MARKER}"',
+            '3000,4000,2,"only_kernel"', f'8000,1000,3,"{gpu_profile.MARKER}"']
+    path = tmp_path / "tl_cuda_gpu_trace.csv"
+    path.write_text("a note nsys prints first\n\n" + "\n".join(rows) + "\n")
+    out = _script("gpu_timeline.py", "report", str(path))
+    assert out.returncode == 0, out.stderr
+    assert "only_kernel" in out.stdout and "span 4.0 µs, kernels 4.0 µs, idle 0.0 µs" in out.stdout
+    path.write_text("\n".join(rows[:1] + ['3000,4000,2,"only_kernel"']) + "\n")
+    assert _script("gpu_timeline.py", "report", str(path)).returncode == 1  # no case found
