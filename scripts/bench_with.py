@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """`mhc-mlx bench` with kernel settings switched first, for a side-by-side run of candidates:
 
-    python scripts/bench_with.py kernels.DEFER_POST_X=1 coefficients_mma_vjp.DX_PREFETCH=1 -- \
+    python scripts/bench_with.py kernels.DEFER_POST_X=0 coefficients.SPLIT_GLUE_SINKHORN=0 -- \
         bench --only dynamic/fwd+bwd/4096x4x4096 --out runs/bench_candidates --seeds ""
 
 Each setting is module.ATTRIBUTE=value under mhc_mlx.kernels (kernels. for the package itself);

@@ -337,12 +337,9 @@ SWITCHES = {
                           "the dynamic backward's glue as one kernel, the one-thread Sinkhorn backward inside "
                           "(coefficients.SPLIT_GLUE_SINKHORN = False; by default that Sinkhorn backward runs on "
                           "n lanes per token in a launch of its own)"),
-    "--defer-post-x": (kernels, "DEFER_POST_X", True,
-                       "the candidate deferred chain: post's backward leaves x's and H_res's cotangents to pre's "
-                       "(kernels.DEFER_POST_X, in the chained forms whose pre is its own op)"),
-    "--dx-prefetch": (coefficients_mma_vjp, "DX_PREFETCH", True,
-                      "the candidate tensor-core DX kernel that loads its rows' x, dh and gacc before its "
-                      "products (coefficients_mma_vjp.DX_PREFETCH)"),
+    "--no-defer-post-x": (kernels, "DEFER_POST_X", False,
+                          "post's backward reads x and writes x's cotangent itself (kernels.DEFER_POST_X = False; "
+                          "by default, in the chained forms whose pre is its own op, it leaves both to pre's)"),
     "--dx-token-major": (coefficients_mma_vjp, "DX_TOKEN_MAJOR", True,
                          "the candidate token-group-first warp order of the tensor-core DX kernel "
                          "(coefficients_mma_vjp.DX_TOKEN_MAJOR)"),

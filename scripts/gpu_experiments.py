@@ -13,7 +13,6 @@ copy floor two ways, and where B=1 latency goes (Python graph building vs the ev
     python scripts/gpu_experiments.py mma-vjp  (only the tensor-core coefficient backward vs the FP32 kernel)
     python scripts/gpu_experiments.py glue-packs  (only the glue kernel writing gs's fragments vs the packs)
     python scripts/gpu_experiments.py glue-split  (only the glue with its Sinkhorn backward split off vs one kernel)
-    python scripts/gpu_experiments.py dx-prefetch  (only DX with its loads before the products vs after)
     python scripts/gpu_experiments.py defer-post  (only post's backward deferring x's and H_res's cotangents)
     python scripts/gpu_experiments.py dx-order  (only DX's warps token-group first vs k-group first)
     python scripts/gpu_experiments.py glue-threads  (only the glue kernel's group size, and the fragment packs)
@@ -734,7 +733,7 @@ def glue_packs(rounds=5):
 
 def glue_split(rounds=5):
     """The glue with its Sinkhorn backward split off onto n lanes per token
-    (coefficients.SPLIT_GLUE_SINKHORN, candidate) against the one-kernel glue, alternated
+    (coefficients.SPLIT_GLUE_SINKHORN) against the one-kernel glue, alternated
     `rounds` times: the dynamic site fwd+bwd at 4096x4x4096, 512x4x1280 and B = 1, then at
     4096 tokens with the glue packs and the read step as well."""
     from mhc_mlx import kernels
@@ -750,43 +749,23 @@ def glue_split(rounds=5):
                          "split": [(coefficients, "SPLIT_GLUE_SINKHORN", True)] + both}, rounds)
 
 
-def dx_prefetch(rounds=5):
-    """The tensor-core DX kernel loading its rows' x, dh and gacc before its products
-    (coefficients_mma_vjp.DX_PREFETCH, candidate; also at one token tile per warp, fewer
-    registers) against the defaults, alternated `rounds` times: the dynamic site fwd+bwd at
-    4096x4x4096, then the same with the read step everywhere (DX adds pre's share too)."""
-    from mhc_mlx import kernels
-    from mhc_mlx.kernels import coefficients_mma_vjp as cmv
-
-    rows = case_rows(("dynamic", "fwd+bwd", (4096, 4, 4096), "throughput"))
-    forms = {"defaults": [(cmv, "DX_PREFETCH", False)],
-             "dx prefetch": [(cmv, "DX_PREFETCH", True)],
-             "dx prefetch, 1 tile": [(cmv, "DX_PREFETCH", True), (cmv, "DX_TOKEN_TILES", 1)]}
-    alternated_settings("dx prefetch", rows, forms, rounds)
-    step = [(kernels, "FUSED_READ_STEP", True)]
-    alternated_settings("dx prefetch, read step everywhere", rows,
-                        {name: settings + step for name, settings in forms.items()}, rounds)
-
-
 def defer_post(rounds=5):
-    """Post's backward leaving x's and H_res's cotangents to pre's (kernels.DEFER_POST_X,
-    candidate) against the defaults, alternated `rounds` times: the dynamic site fwd+bwd at
+    """Post's backward leaving x's and H_res's cotangents to pre's (kernels.DEFER_POST_X) against
+    post's backward reading x itself, alternated `rounds` times: the dynamic site fwd+bwd at
     4096x4x4096 (chained by default there), then at 512x4x1280 and B = 1 with the chain forced
-    on (by default not chained there), each also with DX's prefetch at 4096 tokens."""
+    on (by default not chained there)."""
     from mhc_mlx import kernels
-    from mhc_mlx.kernels import coefficients_mma_vjp as cmv
 
     big = case_rows(("dynamic", "fwd+bwd", (4096, 4, 4096), "throughput"))
     alternated_settings("defer post", big,
-                        {"defaults": [(kernels, "DEFER_POST_X", False)],
-                         "defer": [(kernels, "DEFER_POST_X", True)],
-                         "defer + dx prefetch": [(kernels, "DEFER_POST_X", True), (cmv, "DX_PREFETCH", True)]},
+                        {"no defer": [(kernels, "DEFER_POST_X", False)],
+                         "defer": [(kernels, "DEFER_POST_X", True)]},
                         rounds)
     small = case_rows(("dynamic", "fwd+bwd", (512, 4, 1280), "throughput"),
                       ("dynamic", "fwd+bwd", (1, 4, 512), "latency"))
     chain = [(kernels, "CHAIN_X_COTANGENT", True)]
     alternated_settings("defer post, chain everywhere", small,
-                        {"defaults": [(kernels, "DEFER_POST_X", False)],
+                        {"no chain": [(kernels, "DEFER_POST_X", False)],
                          "chain": [(kernels, "DEFER_POST_X", False)] + chain,
                          "chain + defer": [(kernels, "DEFER_POST_X", True)] + chain}, rounds)
 
@@ -825,7 +804,6 @@ MODES = {
     "glue-threads": glue_threads,
     "glue-packs": glue_packs,
     "glue-split": glue_split,
-    "dx-prefetch": dx_prefetch,
     "defer-post": defer_post,
     "dx-order": dx_order,
 }

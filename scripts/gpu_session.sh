@@ -25,8 +25,6 @@
 #   bash scripts/gpu_session.sh glue         # the glue kernel at 32 threads per group: checks, timings
 #   bash scripts/gpu_session.sh glue-packs   # the glue kernel writing gs's fragments (candidate): checks, timings
 #   bash scripts/gpu_session.sh pending      # the glue packs and DX's vectorized pre share: checks, timings
-#   bash scripts/gpu_session.sh third        # split glue Sinkhorn, DX prefetch, deferred post: checks, timings,
-#                                            # bench (defaults; candidates on), timeline
 #   bash scripts/gpu_session.sh next         # DX's token-group-first warp order (candidate): checks, timings, timeline
 #   bash scripts/gpu_session.sh gpu-tests    # pytest -m gpu alone
 #   bash scripts/gpu_session.sh timeline     # pytest -m gpu alone, then nsys: each target case's kernels
@@ -246,24 +244,6 @@ case "${1:-}" in
     CHECK_ARGS="--glue-packs --mma-vjp" CHECK_ONLY="${CHECK_ONLY:-coefficients,read_step,chain}" check 200
     run 100 experiments_glue_packs python scripts/gpu_experiments.py glue-packs
     run 150 experiments_chain python scripts/gpu_experiments.py chain
-    ;;
-  third)
-    # what the third session of 2026-11-30 wrote, in its one device call: the glue's Sinkhorn
-    # backward split off onto n lanes per token (now the default), DX's prefetch and the deferred
-    # post (candidates); checks with all on and the tensor-core backward at every size, then each
-    # timed alternated, the target cases' bench (defaults, our rows), the dynamic fwd+bwd cases'
-    # bench with both candidates on, and the stream timeline
-    CHECK_ARGS="--mma-vjp --dx-prefetch --defer-post-x" CHECK_ONLY="${CHECK_ONLY:-coefficients,read_step,chain}" \
-      NO_PYTEST=1 check 200
-    run 90 experiments_glue_split python scripts/gpu_experiments.py glue-split
-    run 90 experiments_defer_post python scripts/gpu_experiments.py defer-post
-    run 90 experiments_dx_prefetch python scripts/gpu_experiments.py dx-prefetch
-    run 120 bench python -m mhc_mlx.cli.main bench --out "$res/bench" --overwrite --seeds "" \
-      --only "$TARGETS" --impl kernels,kernels+step
-    run 60 bench_candidates python scripts/bench_with.py kernels.DEFER_POST_X=1 coefficients_mma_vjp.DX_PREFETCH=1 -- \
-      bench --out "$res/bench_candidates" --overwrite --seeds "" --only "dynamic/fwd+bwd/4096x4x4096,dynamic/fwd+bwd/512x4x1280" \
-      --impl kernels,kernels+step
-    timelines defaults
     ;;
   next)
     # what the third session of 2026-11-30 wrote after its device time: DX's warps token-group

@@ -291,11 +291,8 @@ def test_pack_phi_kernel_equals_its_mlx_statement(K, W, ku):
 # T not a multiple of 16 and splits over tokens; K a multiple of 8 (16-byte loads) or not, and
 # not a multiple of 64 (a partial k block); W = 3, 8, 15, 24 (n = 1..4)
 @pytest.mark.parametrize("n,C,T", [(4, 40, 37), (1, 33, 5), (2, 64, 70), (3, 20, 16), (4, 24, 300)])
-@pytest.mark.parametrize("prefetch", [False, True])
-def test_tensor_core_coefficient_backward_products(monkeypatch, prefetch, dtype, n, C, T):
-    # coefficients_mma_vjp: dx = gs phi^T - x c2 (+ H_pre (x) dh) and dphi = x^T gs; DX with its
-    # rows' x, dh and gacc loaded before the products or after them (DX_PREFETCH)
-    monkeypatch.setattr(coefficients_mma_vjp, "DX_PREFETCH", prefetch)
+def test_tensor_core_coefficient_backward_products(dtype, n, C, T):
+    # coefficients_mma_vjp: dx = gs phi^T - x c2 (+ H_pre (x) dh) and dphi = x^T gs
     W, K = n * (n + 2), n * C
     x = mx.random.normal((T, K)).astype(dtype)
     phi = mx.random.normal((K, W)) / np.sqrt(K)
@@ -322,17 +319,23 @@ def test_tensor_core_coefficient_backward_products(monkeypatch, prefetch, dtype,
             assert rel(got_acc, want + np64(gacc).reshape(T, K)) <= (4e-3 if dtype == mx.bfloat16 else 6e-4)
 
 
+def _dx_inputs(n: int, C: int, T: int, dtype):
+    """DX's inputs for x [T, n*C]: x, phi, gs, c2, pre = (H_pre, dh) and gacc, random."""
+    W, K = n * (n + 2), n * C
+    x = mx.random.normal((T, K)).astype(dtype)
+    phi = mx.random.normal((K, W)) / np.sqrt(K)
+    gs, c2 = mx.random.normal((T, W)), mx.random.normal((T,))
+    pre = (mx.random.uniform(shape=(T, n)), mx.random.normal((T, C)).astype(dtype))
+    return x, phi, gs, c2, pre, mx.random.normal((T, K)).astype(dtype)
+
+
 @pytest.mark.parametrize("n,C,T,acc", [(4, 40, 37, True), (1, 33, 5, False), (3, 20, 70, True), (4, 96, 100, False)])
 def test_tensor_core_dx_in_token_major_order(monkeypatch, n, C, T, acc):
     # coefficients_mma_vjp.DX_TOKEN_MAJOR (candidate): DX's warps in token-group-first order
     # give the same bits as the k-group-first order (the same arithmetic per element); partial
     # token and k groups included (T not a multiple of 32, K not of 64)
-    W, K = n * (n + 2), n * C
-    x = mx.random.normal((T, K)).astype(mx.bfloat16)
-    phi = mx.random.normal((K, W)) / np.sqrt(K)
-    gs, c2 = mx.random.normal((T, W)), mx.random.normal((T,))
-    pre = (mx.random.uniform(shape=(T, n)), mx.random.normal((T, C)).astype(mx.bfloat16))
-    gacc = mx.random.normal((T, K)).astype(mx.bfloat16) if acc else None
+    x, phi, gs, c2, pre, gacc = _dx_inputs(n, C, T, mx.bfloat16)
+    gacc = gacc if acc else None
     k_major = coefficients_mma_vjp.dx(x, phi, gs, c2, pre, gacc)
     monkeypatch.setattr(coefficients_mma_vjp, "DX_TOKEN_MAJOR", True)
     emu.launched.clear()
@@ -343,19 +346,12 @@ def test_tensor_core_dx_in_token_major_order(monkeypatch, n, C, T, acc):
 
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
 @pytest.mark.parametrize("n,C,T", [(4, 48, 37), (2, 128, 20), (4, 4096 // 64, 3)])
-@pytest.mark.parametrize("prefetch", [False, True])
-def test_tensor_core_dx_pre_share_by_vectors(monkeypatch, prefetch, dtype, n, C, T):
+def test_tensor_core_dx_pre_share_by_vectors(monkeypatch, dtype, n, C, T):
     # DX's pre share (the fused read step): with C a multiple of 16 each lane's 16 k lie in one
     # stream, and H_pre and dh are read once / by 16-byte vectors; the result equals the
-    # per-element path's (taken on misaligned buffers) bit for bit, and float64 within rounding;
-    # with the loads before the products (DX_PREFETCH) or after
-    monkeypatch.setattr(coefficients_mma_vjp, "DX_PREFETCH", prefetch)
-    W, K = n * (n + 2), n * C
-    x = mx.random.normal((T, K)).astype(dtype)
-    phi = mx.random.normal((K, W)) / np.sqrt(K)
-    gs, c2 = mx.random.normal((T, W)), mx.random.normal((T,))
-    H_pre, dh = mx.random.uniform(shape=(T, n)), mx.random.normal((T, C)).astype(dtype)
-    gacc = mx.random.normal((T, K)).astype(dtype)
+    # per-element path's (taken on misaligned buffers) bit for bit, and float64 within rounding
+    K = n * C
+    x, phi, gs, c2, (H_pre, dh), gacc = _dx_inputs(n, C, T, dtype)
     aligned = coefficients_mma_vjp.dx(x, phi, gs, c2, (H_pre, dh), gacc)
     monkeypatch.setattr(emu, "MISALIGN", True)
     per_element = coefficients_mma_vjp.dx(x, phi, gs, c2, (H_pre, dh), gacc)
@@ -1232,8 +1228,7 @@ MISALIGNED_CASES = {
     "coefficients-small": lambda mp: test_dynamic_coefficients_one_threadgroup_per_token(
         mp, "cuda", mx.bfloat16, 4, 40, 3),
     "coefficients-backward": lambda mp: test_dynamic_coefficients_backward(mp, "cuda", None, None, mx.bfloat16),
-    "mma-backward": lambda mp: test_tensor_core_coefficient_backward_products(mp, False, mx.bfloat16, 4, 40, 37),
-    "mma-backward-prefetch": lambda mp: test_tensor_core_coefficient_backward_products(mp, True, mx.bfloat16, 4, 40, 37),
+    "mma-backward": lambda mp: test_tensor_core_coefficient_backward_products(mx.bfloat16, 4, 40, 37),
     "read-step": lambda mp: test_fused_read_step_forward_and_backward(mp, "cuda", mx.bfloat16, 4, 24, (7,)),
     "sinkhorn": lambda mp: test_sinkhorn_forward_and_backward("cuda", 4),
 }

@@ -204,7 +204,6 @@ def settings() -> dict:
             "chain_x_cotangent": CHAIN_X_COTANGENT,
             "defer_post_x": DEFER_POST_X,
             "split_glue_sinkhorn": coefficients.SPLIT_GLUE_SINKHORN,
-            "dx_prefetch": coefficients_mma_vjp.DX_PREFETCH,
             "dx_token_major": coefficients_mma_vjp.DX_TOKEN_MAJOR,
             "sinkhorn_thread_vjp_max_work": sinkhorn.THREAD_VJP_MAX_WORK}
 

@@ -124,10 +124,10 @@ def cuda_only_instances():
         for n in (1, 2, 4):
             W = n * (n + 2)
             for pre, acc in ((False, False), (True, False), (False, True), (True, True)):
-                for pf, tm in ((False, False), (True, False), (False, True)):
+                for tm in (False, True):
                     out.append((vjp.DX, (BF16, BF16, dt, F32, F32, dt, dt, I32), (dt,),
                                 [("T", dt), ("N", n), ("MT", vjp.DX_TOKEN_TILES), ("KSW", -(-W // 16)), ("PRE", pre),
-                                 ("ACC", acc), ("PF", pf), ("TM", tm)]))
+                                 ("ACC", acc), ("TM", tm)]))
             out.append((vjp.DPHI, (dt, BF16, I32), (F32,), [("T", dt), ("NT", -(-W // 8)), ("PG", vjp.DPHI_PARTS)]))
     for n, gt in ((1, 128), (4, 128), (4, 32)):
         for after in (False, True):

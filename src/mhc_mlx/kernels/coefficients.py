@@ -564,11 +564,8 @@ SPLIT_GLUE_SINKHORN = True
 
 
 def group_lanes(n: int) -> int:
-    """Q: lanes per matrix in DYNAMIC_VJP_SINKHORN, the power of two >= n."""
-    q = 1
-    while q < n:
-        q *= 2
-    return q
+    """Q: lanes per matrix in DYNAMIC_VJP_SINKHORN, the power of two >= n (n >= 1)."""
+    return 1 << (n - 1).bit_length()
 
 
 # The dynamic backward's glue by DYNAMIC_VJP_GLUE where the one-thread Sinkhorn backward applies;
@@ -821,30 +818,25 @@ def backward_on_tensor_cores(x, n: int | None = None) -> bool:
             and x.dtype in (mx.bfloat16, mx.float16) and n <= coefficients_mma_vjp.MAX_N)
 
 
-def _takes_tensor_cores(x2, phi) -> bool:
-    """backward_on_tensor_cores for x2 [T, K] and phi [K, W = n(n+2)]."""
-    return backward_on_tensor_cores(x2, round((phi.shape[1] + 1) ** 0.5) - 1)
-
-
 def dynamic_vjp_x_phi(x2, phi, gs, c2, pre=None, gacc=None, packed=None):
     """(dxf [T, K] in x's dtype, dphi [K, W] float32) from gs = dm / r [T, W] and c2 [T].
 
     packed: gs in the tensor-core backward's fragment orders (the glue kernel's, GLUE_PACKS);
-    given only where _takes_tensor_cores(x2, phi).
+    given only where backward_on_tensor_cores(x2, n).
 
     pre: (H_pre [T, n], dh [T, C]) adds pre's share H_pre (x) dh to dxf in the same pass.
     gacc: x's cotangent from later in the site ([T, K], or any shape of T*K elements), added too.
     """
     T, K = x2.shape
-    if phi.shape[1] > MAX_N_DYNAMIC * (MAX_N_DYNAMIC + 2):
+    n = round((phi.shape[1] + 1) ** 0.5) - 1  # W = n (n + 2)
+    if n > MAX_N_DYNAMIC:
         return _wide_vjp_x_phi(x2, phi, gs, c2, pre, gacc)
-    if _takes_tensor_cores(x2, phi):
+    if backward_on_tensor_cores(x2, n):
         from . import coefficients_mma_vjp
 
         return coefficients_mma_vjp.vjp_x_phi(x2, phi, gs, c2, pre, gacc, packed)
     if packed is not None:
         raise ValueError("gs fragments were given, but this backward does not take the tensor cores")
-    n = round((phi.shape[1] + 1) ** 0.5) - 1
     splits = -(-T // VJP_TOKENS_PER_SPLIT)
     nkb = -(-K // VJP_THREADS)
     spec, inputs = DYNAMIC_VJP, [x2, phi.astype(F32), gs, c2]
@@ -938,7 +930,7 @@ def dynamic_vjp(primals, cotangents, outputs, n: int, iters: int, pre=None, gacc
     x2 = x.reshape(T, K)
     packed = None
     if FUSED_VJP_GLUE and T and sk.uses_thread_vjp(n, iters):
-        packs = GLUE_PACKS and _takes_tensor_cores(x2, phi)
+        packs = GLUE_PACKS and backward_on_tensor_cores(x2, n)
         gs, c2, g_bias, g_alpha, packed = _glue_kernel(m, invr, alpha, bias, H_pre, H_post, cotangents, n, K,
                                                        iters, packs)
     else:

@@ -41,15 +41,6 @@ DX_PARTS = 2  # bfloat16 parts of gs and of phi in DX
 DPHI_PARTS = 3  # bfloat16 parts of gs in DPHI
 MAX_N = 4
 DX_TOKEN_TILES = 2  # token tiles of 16 per warp in DX (they share each phi fragment)
-# DX loading every row's x, dh and gacc before its products (PF; 226-242 registers against
-# 156-162, so 8 warps per SM instead of 12). Tried because in the stream timeline of the
-# 4096x4x4096 site backward DX (reading x and gacc, writing dx) took 244.9 µs beside dphi, ~2.2
-# TB/s, where pre's backward before it (26C bytes per token too) ran at ~3.9 (H200,
-# scripts/gpu_timeline.py). It passed scripts/gpu_check.py on the H200 (2026-11-30, third
-# session) but lost (gpu_experiments.py dx-prefetch, medians of 5 alternated runs, dynamic
-# fwd+bwd 4096x4x4096 bf16): 860.0 µs against 790.6, and 821.1-822.0 against 771.5 with the read
-# step (DX's pre share too), at one token tile per warp as at two. Off.
-DX_PREFETCH = False
 # Candidate (written 2026-11-30, third session, after its device time): DX's warps ordered token
 # group first (TM), so a block's warps cover 256 consecutive k of the same 32 tokens: x, gacc
 # and dx are then read and written 512 contiguous bytes per row and block instead of 128 bytes
@@ -218,26 +209,6 @@ DX = KernelSpec(
   const int c = lane & 3;
   const int k0 = 64 * kg + 16 * c;  // this lane's 16 consecutive k
   const bool vec = (K % 8 == 0) && (k0 + 16 <= K) && KALIGNED16(xin) && KALIGNED16(gx);
-  // PF: every row's x, dh and gacc loaded before the products, folded into pv = -x c2 (+ H_pre
-  // dh) (+ gacc): all in flight together, their latency under the products'. Else x after the
-  // products, dh and gacc row by row between the stores of dx (gx may alias them for the
-  // compiler, so it cannot hoist those loads)
-  float pv[PF ? MT : 1][2][16];
-  if (PF) {
-    #pragma unroll
-    for (int m = 0; m < MT; ++m) {
-      #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int t = 16 * (tg * MT + m) + g + 8 * h;
-        float* q = pv[PF ? m : 0][h];
-        mhc_dx_load_row<T>(q, xin, t, Ttok, K, k0, vec);
-        const float c2t = t < Ttok ? ctwo[t] : 0.0f;
-        #pragma unroll
-        for (int i = 0; i < 16; ++i) q[i] = -q[i] * c2t;
-        if (t < Ttok) mhc_dx_addends<T, N, PRE, ACC>(q, hpre, dh, gacc, t, K, Cw, k0, vec);
-      }
-    }
-  }
   uint32_t a[MT][KSW][2][4];
   float c2v[MT][2];
   #pragma unroll
@@ -288,15 +259,13 @@ DX = KernelSpec(
     }
   }
   // every row's x first (all loads in flight), then dx
-  float xv[PF ? 1 : MT][2][16];
-  if (!PF) {
+  float xv[MT][2][16];
+  #pragma unroll
+  for (int m = 0; m < MT; ++m) {
     #pragma unroll
-    for (int m = 0; m < MT; ++m) {
-      #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int t = 16 * (tg * MT + m) + g + 8 * h;
-        mhc_dx_load_row<T>(xv[PF ? 0 : m][h], xin, t, Ttok, K, k0, vec);
-      }
+    for (int h = 0; h < 2; ++h) {
+      const int t = 16 * (tg * MT + m) + g + 8 * h;
+      mhc_dx_load_row<T>(xv[m][h], xin, t, Ttok, K, k0, vec);
     }
   }
   #pragma unroll
@@ -307,20 +276,15 @@ DX = KernelSpec(
       if (t >= Ttok) continue;
       const int64_t row = (int64_t)t * K;
       float o[16];
-      if (PF) {
+      #pragma unroll
+      for (int j = 0; j < 8; ++j) {
         #pragma unroll
-        for (int j = 0; j < 8; ++j) {
-          #pragma unroll
-          for (int e = 0; e < 2; ++e) o[2 * j + e] = d[m][j][2 * h + e] + pv[PF ? m : 0][h][2 * j + e];
-        }
-      } else {
-        #pragma unroll
-        for (int j = 0; j < 8; ++j) {
-          #pragma unroll
-          for (int e = 0; e < 2; ++e) o[2 * j + e] = d[m][j][2 * h + e] - xv[PF ? 0 : m][h][2 * j + e] * c2v[m][h];
-        }
-        mhc_dx_addends<T, N, PRE, ACC>(o, hpre, dh, gacc, t, K, Cw, k0, vec);
+        for (int e = 0; e < 2; ++e) o[2 * j + e] = d[m][j][2 * h + e] - xv[m][h][2 * j + e] * c2v[m][h];
       }
+      // dh and gacc row by row between the stores of dx. Loading them with x before the
+      // products (all in flight together) took 226-242 registers against 156-162 and lost on the
+      // H200: 860.0 against 790.6 µs at 4096 x 4 x 4096 fwd+bwd (docs/kernel-notes.md row 31)
+      mhc_dx_addends<T, N, PRE, ACC>(o, hpre, dh, gacc, t, K, Cw, k0, vec);
       if (vec) {
         kstore<T, 8>(gx, row + k0, o, true);
         kstore<T, 8>(gx, row + k0 + 8, o + 8, true);
@@ -523,8 +487,7 @@ def dx(x2, phi, gs, c2, pre=None, gacc=None, gsa=None):
         DX, [pack_a(gs, DX_PARTS) if gsa is None else gsa, pack_b(phi, DX_PARTS, True, perm64=True), x2, c2.astype(F32), hpre, dh, acc,
              int_params(T, K, 0, K // n)],
         [((T, K), x2.dtype)], -(-warps // WARPS_PER_BLOCK) * WARPS_PER_BLOCK * 32, WARPS_PER_BLOCK * 32,
-        [("T", x2.dtype), ("N", n), ("MT", DX_TOKEN_TILES), ("KSW", ksw), ("PRE", flag), ("ACC", gacc is not None),
-         ("PF", DX_PREFETCH), ("TM", DX_TOKEN_MAJOR)],
+        [("T", x2.dtype), ("N", n), ("MT", DX_TOKEN_TILES), ("KSW", ksw), ("PRE", flag), ("ACC", gacc is not None), ("TM", DX_TOKEN_MAJOR)],
     )[0]
 
 
