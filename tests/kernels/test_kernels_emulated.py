@@ -1024,6 +1024,17 @@ def test_metal_first_use_check_catches_a_wrong_backward(monkeypatch, flavour):
         safety.reset()
 
 
+def _same_coefficient_gradients(got, other, primals, cots, iters: int):
+    """The dynamic coefficient backward's (x, phi, alpha, bias) cotangents `got` equal `other`'s
+    (another form of it) to float32 rounding and the reference's autodiff within GRAD_TOL."""
+    want = mx.vjp(lambda *a: reference.mhc_coefficients(*a, iters, 1e-6), primals, cots)[1]
+    top = largest(want)
+    for name, a, b, w in zip(("x", "phi", "alpha", "bias"), got, other, want):
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        assert grad_rel(a, b, 0.01 * top) <= 1e-5, name
+        assert grad_rel(a, w, 0.01 * top) <= GRAD_TOL, name
+
+
 @pytest.mark.parametrize("flavour", FLAVOURS)
 @pytest.mark.parametrize("n,iters", [(1, 20), (2, 20), (3, 20), (4, 20), (2, 40)])
 @pytest.mark.parametrize("T,threads", [(1, 128), (7, 128), (130, 128), (130, 32), (7, 32)])
@@ -1048,19 +1059,14 @@ def test_dynamic_backward_glue_in_one_launch(monkeypatch, flavour, n, iters, T, 
     got = coefficients.dynamic_vjp(primals, cots, outputs, n, iters)
     names = [name for name, *_ in emu.launched]
     assert names[0] == "mhc_coefficients_dynamic_vjp_glue" and "mhc_sinkhorn_vjp_thread" not in names, names
-    want = mx.vjp(lambda *a: reference.mhc_coefficients(*a, iters, 1e-6), primals, cots)[1]
-    top = largest(want)
-    for name, a, b, w in zip(("x", "phi", "alpha", "bias"), got, ops_form, want):
-        assert a.shape == b.shape and a.dtype == b.dtype, name
-        assert grad_rel(a, b, 0.01 * top) <= 1e-5, name
-        assert grad_rel(a, w, 0.01 * top) <= GRAD_TOL, name
+    _same_coefficient_gradients(got, ops_form, primals, cots, iters)
 
 
 @pytest.mark.parametrize("flavour", FLAVOURS)
 @pytest.mark.parametrize("n,iters", [(1, 20), (2, 20), (3, 20), (4, 20), (2, 40)])
 @pytest.mark.parametrize("T", [1, 7, 33, 130])
 def test_dynamic_backward_glue_with_the_sinkhorn_on_row_lanes(monkeypatch, flavour, n, iters, T):
-    # coefficients.SPLIT_GLUE_SINKHORN (candidate): the res logits' Sinkhorn backward on Q lanes
+    # coefficients.SPLIT_GLUE_SINKHORN (the default): the res logits' Sinkhorn backward on Q lanes
     # per token (one row each; n = 3 leaves a dead row in each group of 4; T = 33 and 130 end
     # mid-threadgroup), then the glue without it: the same gradients as the glue with the
     # one-thread backward inside (to float32 rounding: the column sums add in another order)
@@ -1070,18 +1076,15 @@ def test_dynamic_backward_glue_with_the_sinkhorn_on_row_lanes(monkeypatch, flavo
     outputs = coefficients.dynamic_coefficients_forward(x, phi, alpha, bias, n, iters, 1e-6)
     cots = [mx.random.normal(o.shape) for o in outputs[:3]]
     primals = [x, phi, alpha, bias]
+    monkeypatch.setattr(coefficients, "SPLIT_GLUE_SINKHORN", False)
     one_kernel = coefficients.dynamic_vjp(primals, cots, outputs, n, iters)
+    assert "mhc_coefficients_dynamic_vjp_sinkhorn" not in [name for name, *_ in emu.launched]
     monkeypatch.setattr(coefficients, "SPLIT_GLUE_SINKHORN", True)
     emu.launched.clear()
     got = coefficients.dynamic_vjp(primals, cots, outputs, n, iters)
     names = [name for name, *_ in emu.launched]
     assert names[:2] == ["mhc_coefficients_dynamic_vjp_sinkhorn", "mhc_coefficients_dynamic_vjp_glue_after"], names
-    want = mx.vjp(lambda *a: reference.mhc_coefficients(*a, iters, 1e-6), primals, cots)[1]
-    top = largest(want)
-    for name, a, b, w in zip(("x", "phi", "alpha", "bias"), got, one_kernel, want):
-        assert a.shape == b.shape and a.dtype == b.dtype, name
-        assert grad_rel(a, b, 0.01 * top) <= 1e-5, name
-        assert grad_rel(a, w, 0.01 * top) <= GRAD_TOL, name
+    _same_coefficient_gradients(got, one_kernel, primals, cots, iters)
 
 
 @pytest.mark.parametrize("iters", [20, 1])
