@@ -340,9 +340,18 @@ SWITCHES = {
     "--no-defer-post-x": (kernels, "DEFER_POST_X", False,
                           "post's backward reads x and writes x's cotangent itself (kernels.DEFER_POST_X = False; "
                           "by default, in the chained forms whose pre is its own op, it leaves both to pre's)"),
-    "--dx-token-major": (coefficients_mma_vjp, "DX_TOKEN_MAJOR", True,
-                         "the candidate token-group-first warp order of the tensor-core DX kernel "
-                         "(coefficients_mma_vjp.DX_TOKEN_MAJOR)"),
+    "--dx-k-major": (coefficients_mma_vjp, "DX_TOKEN_MAJOR", False,
+                     "the tensor-core DX kernel's warps k group first (coefficients_mma_vjp.DX_TOKEN_MAJOR = "
+                     "False; by default token group first)"),
+    "--mma-pipeline-x": (coefficients_mma, "PIPELINE_X", True,
+                         "candidate: the tensor-core forward keeps two steps of x in flight per warp "
+                         "(coefficients_mma.PIPELINE_X)"),
+    "--mma-interleave-k": (coefficients_mma, "INTERLEAVE_K", True,
+                           "candidate: the tensor-core forward deals its k steps to the splits round robin "
+                           "(coefficients_mma.INTERLEAVE_K)"),
+    "--dx-raw-rows": (coefficients_mma_vjp, "DX_RAW_ROWS", True,
+                      "candidate: the tensor-core DX loads every row's x and gacc together "
+                      "(coefficients_mma_vjp.DX_RAW_ROWS)"),
     "--sinkhorn-warp-vjp": (sinkhorn, "THREAD_VJP_MAX_WORK", 0,
                             "use the warp-form Sinkhorn backward everywhere (sinkhorn.THREAD_VJP_MAX_WORK = 0; "
                             "the default takes one thread per matrix for n <= 4)"),

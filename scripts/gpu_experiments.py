@@ -15,6 +15,7 @@ copy floor two ways, and where B=1 latency goes (Python graph building vs the ev
     python scripts/gpu_experiments.py glue-split  (only the glue with its Sinkhorn backward split off vs one kernel)
     python scripts/gpu_experiments.py defer-post  (only post's backward deferring x's and H_res's cotangents)
     python scripts/gpu_experiments.py dx-order  (only DX's warps token-group first vs k-group first)
+    python scripts/gpu_experiments.py load-forms  (only the tensor-core forward's and DX's load candidates)
     python scripts/gpu_experiments.py glue-threads  (only the glue kernel's group size, and the fragment packs)
     python scripts/gpu_experiments.py b1 [ncu]  (only the B = 1 layer kernel by Sinkhorn iterations)
 """
@@ -790,6 +791,41 @@ def dx_order(rounds=5):
     alternated_settings("dx order, DX alone", alone, forms, rounds)
 
 
+def load_forms(rounds=5):
+    """The fourth session's load candidates, alternated `rounds` times: the tensor-core forward
+    (coefficients_mma.PIPELINE_X, INTERLEAVE_K, X_UNROLL, TARGET_WARPS) alone (chained through
+    phi, so nothing but pack, the partials and two tiny ops runs per application) and in the
+    dynamic site at 4096x4x4096; then DX with its rows loaded together
+    (coefficients_mma_vjp.DX_RAW_ROWS) alone and in the site's fwd+bwd."""
+    from mhc_mlx.kernels import coefficients_mma as cm
+    from mhc_mlx.kernels import coefficients_mma_vjp as cmv
+
+    T, K, W = 4096, 16384, 24
+    x = mx.random.normal((T, K)).astype(mx.bfloat16)
+    phi = 0.01 * mx.random.normal((K, W))
+    mx.eval(x, phi)
+    mma = {"partials alone": lambda: chain_us(
+        lambda p: p + 1e-30 * mx.sum(cm.partial_products(x, p)[1]), phi, chain_len=20)}
+    mma.update(case_rows(("dynamic", "fwd", (4096, 4, 4096), "throughput"),
+                         ("dynamic", "fwd+bwd", (4096, 4, 4096), "throughput")))
+    base = [(cm, "PIPELINE_X", False), (cm, "INTERLEAVE_K", False), (cm, "X_UNROLL", 2), (cm, "TARGET_WARPS", 2048)]
+
+    def form(**kw):
+        names = {"pipe": "PIPELINE_X", "ki": "INTERLEAVE_K", "ku": "X_UNROLL", "tw": "TARGET_WARPS"}
+        return base + [(cm, names[k], v) for k, v in kw.items()]
+
+    forms = {"default": base, "ki": form(ki=True), "pipe": form(pipe=True), "pipe+ki": form(pipe=True, ki=True),
+             "ku1 pipe+ki": form(ku=1, pipe=True, ki=True), "tw1536": form(tw=1536), "ki tw1536": form(ki=True, tw=1536)}
+    alternated_settings("tensor-core forward", mma, forms, rounds)
+    gs, c2 = mx.random.normal((T, W)), mx.random.normal((T,))
+    gacc = mx.random.normal((T, K)).astype(mx.bfloat16)
+    mx.eval(gs, c2, gacc)
+    rows = {"dx alone (gacc)": lambda: chain_us(lambda a: cmv.dx(a, phi, gs, c2, None, gacc), x, chain_len=10)}
+    rows.update(case_rows(("dynamic", "fwd+bwd", (4096, 4, 4096), "throughput")))
+    alternated_settings("dx rows", rows, {"row by row": [(cmv, "DX_RAW_ROWS", False)],
+                                          "rows together": [(cmv, "DX_RAW_ROWS", True)]}, rounds)
+
+
 # One part of the experiments alone (the module docstring lists them): mode -> function
 MODES = {
     "headers": header_sizes,
@@ -806,6 +842,7 @@ MODES = {
     "glue-split": glue_split,
     "defer-post": defer_post,
     "dx-order": dx_order,
+    "load-forms": load_forms,
 }
 
 

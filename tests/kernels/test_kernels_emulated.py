@@ -156,8 +156,10 @@ def _dynamic_inputs(T, n, C, dtype):
 
 # "mma-ku1", "mma-ku4": the tensor-core form with 1 or 4 x loads per row and lane in a step
 # (coefficients_mma.X_UNROLL; "mma" runs the default, 2)
-FORMS = [("kernel", 16), ("kernel", 8), ("gemm", None), ("mma", None), ("mma-ku1", None), ("mma-ku4", None)]
-FORM_IDS = ["kernel-tb16", "kernel-tb8", "gemm", "mma", "mma-ku1", "mma-ku4"]
+# "mma-pipe", "mma-ki", "mma-pipe-ki": coefficients_mma.PIPELINE_X, INTERLEAVE_K (candidates)
+FORMS = [("kernel", 16), ("kernel", 8), ("gemm", None), ("mma", None), ("mma-ku1", None), ("mma-ku4", None),
+         ("mma-pipe", None), ("mma-ki", None), ("mma-pipe-ki", None)]
+FORM_IDS = ["kernel-tb16", "kernel-tb8", "gemm", "mma", "mma-ku1", "mma-ku4", "mma-pipe", "mma-ki", "mma-pipe-ki"]
 # the tensor-core kernel is CUDA only (never dispatched on Metal)
 FLAVOURED_FORMS = [pytest.param(fl, form, tb, id=f"{fl}-{fid}") for fl in FLAVOURS
                    for (form, tb), fid in zip(FORMS, FORM_IDS) if not (fl == "metal" and form.startswith("mma"))]
@@ -172,6 +174,10 @@ def test_dynamic_coefficients_forward(monkeypatch, flavour, form, tb, dtype, n, 
     monkeypatch.setattr(coefficients, "SMALL_TOKENS", 0)  # the tiled kernel at every T here
     if form.startswith("mma-ku"):
         monkeypatch.setattr(coefficients_mma, "X_UNROLL", int(form[-1]))
+        form = "mma"
+    if form.startswith("mma-"):
+        monkeypatch.setattr(coefficients_mma, "PIPELINE_X", "pipe" in form)
+        monkeypatch.setattr(coefficients_mma, "INTERLEAVE_K", form.endswith("ki"))
         form = "mma"
     if form == "mma":
         monkeypatch.setattr(build, "gpu_backend", lambda: "cuda")
@@ -194,6 +200,8 @@ def test_dynamic_coefficients_forward(monkeypatch, flavour, form, tb, dtype, n, 
         assert "mhc_coefficients_dynamic_mma" in names
         mma_templates = [t for name, t, *_ in emu.launched if name == "mhc_coefficients_dynamic_mma"]
         assert all(t["KU"] == coefficients_mma.X_UNROLL for t in mma_templates)
+        assert all((t["PIPE"], t["KI"]) == (coefficients_mma.PIPELINE_X, coefficients_mma.INTERLEAVE_K)
+                   for t in mma_templates)
     if form == "kernel" or dtype == mx.float32:
         assert "mhc_coefficients_dynamic" in names
 
@@ -331,17 +339,36 @@ def _dx_inputs(n: int, C: int, T: int, dtype):
 
 @pytest.mark.parametrize("n,C,T,acc", [(4, 40, 37, True), (1, 33, 5, False), (3, 20, 70, True), (4, 96, 100, False)])
 def test_tensor_core_dx_in_token_major_order(monkeypatch, n, C, T, acc):
-    # coefficients_mma_vjp.DX_TOKEN_MAJOR (candidate): DX's warps in token-group-first order
+    # coefficients_mma_vjp.DX_TOKEN_MAJOR (the default): DX's warps in token-group-first order
     # give the same bits as the k-group-first order (the same arithmetic per element); partial
     # token and k groups included (T not a multiple of 32, K not of 64)
     x, phi, gs, c2, pre, gacc = _dx_inputs(n, C, T, mx.bfloat16)
     gacc = gacc if acc else None
+    monkeypatch.setattr(coefficients_mma_vjp, "DX_TOKEN_MAJOR", False)
     k_major = coefficients_mma_vjp.dx(x, phi, gs, c2, pre, gacc)
     monkeypatch.setattr(coefficients_mma_vjp, "DX_TOKEN_MAJOR", True)
     emu.launched.clear()
     token_major = coefficients_mma_vjp.dx(x, phi, gs, c2, pre, gacc)
     assert [t["TM"] for name, t, *_ in emu.launched if name == "mhc_coefficients_dynamic_vjp_dx_mma"] == [True]
     assert np.array_equal(np64(token_major), np64(k_major))  # NaN (an unwritten element) fails too
+
+
+@pytest.mark.parametrize("pre,acc", [(False, True), (True, True), (True, False), (False, False)])
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
+@pytest.mark.parametrize("n,C,T", [(4, 48, 37), (4, 40, 70), (1, 33, 5), (3, 64, 20)])
+def test_tensor_core_dx_with_rows_loaded_together(monkeypatch, pre, acc, dtype, n, C, T):
+    # coefficients_mma_vjp.DX_RAW_ROWS (candidate): every row's x and gacc loaded as vectors
+    # before any dx is stored gives the same bits as the row-by-row form (the same sums in the
+    # same order); C = 40 and 33 put lanes on the element-wise path beside vector ones
+    x, phi, gs, c2, pre_in, gacc = _dx_inputs(n, C, T, dtype)
+    args = (x, phi, gs, c2, pre_in if pre else None, gacc if acc else None)
+    monkeypatch.setattr(coefficients_mma_vjp, "DX_RAW_ROWS", False)
+    rows = coefficients_mma_vjp.dx(*args)
+    monkeypatch.setattr(coefficients_mma_vjp, "DX_RAW_ROWS", True)
+    emu.launched.clear()
+    together = coefficients_mma_vjp.dx(*args)
+    assert [t["RAW"] for name, t, *_ in emu.launched if name == "mhc_coefficients_dynamic_vjp_dx_mma"] == [True]
+    assert np.array_equal(np64(together), np64(rows))
 
 
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])

@@ -190,6 +190,8 @@ def settings() -> dict:
             "mma_min_elements": coefficients.MMA_MIN_ELEMENTS,
             "mma_x_unroll": coefficients_mma.X_UNROLL,
             "mma_target_warps": coefficients_mma.TARGET_WARPS,
+            "mma_pipeline_x": coefficients_mma.PIPELINE_X,
+            "mma_interleave_k": coefficients_mma.INTERLEAVE_K,
             "mma_vjp": coefficients.MMA_VJP,
             "fused_vjp_glue": coefficients.FUSED_VJP_GLUE,
             "glue_packs": coefficients.GLUE_PACKS,
@@ -205,6 +207,7 @@ def settings() -> dict:
             "defer_post_x": DEFER_POST_X,
             "split_glue_sinkhorn": coefficients.SPLIT_GLUE_SINKHORN,
             "dx_token_major": coefficients_mma_vjp.DX_TOKEN_MAJOR,
+            "dx_raw_rows": coefficients_mma_vjp.DX_RAW_ROWS,
             "sinkhorn_thread_vjp_max_work": sinkhorn.THREAD_VJP_MAX_WORK}
 
 

@@ -105,10 +105,11 @@ def cuda_only_instances():
     for dt in (BF16, F16):
         for n in (1, 2, 4, 8):
             nt = coefficients_mma.n_tiles(n * (n + 2))
-            for ku in (1, 2, 4):
+            for ku, pipe, ki in ((1, False, False), (2, False, False), (4, False, False), (2, True, False),
+                                 (2, False, True), (2, True, True), (1, True, True)):
                 out.append((coefficients_mma.MMA, (dt, BF16, I32), (F32, F32),
                             [("T", dt), ("NT", nt), ("MT", coefficients_mma.token_tiles_per_warp(nt)),
-                             ("PB", coefficients_mma.PHI_PARTS), ("KU", ku)]))
+                             ("PB", coefficients_mma.PHI_PARTS), ("KU", ku), ("PIPE", pipe), ("KI", ki)]))
     for n in (1, 2, 4, 8):
         nt = coefficients_mma.n_tiles(n * (n + 2))
         for ku in (1, 2, 4):
@@ -124,10 +125,10 @@ def cuda_only_instances():
         for n in (1, 2, 4):
             W = n * (n + 2)
             for pre, acc in ((False, False), (True, False), (False, True), (True, True)):
-                for tm in (False, True):
+                for tm, raw in ((False, False), (True, False), (True, True)):
                     out.append((vjp.DX, (BF16, BF16, dt, F32, F32, dt, dt, I32), (dt,),
                                 [("T", dt), ("N", n), ("MT", vjp.DX_TOKEN_TILES), ("KSW", -(-W // 16)), ("PRE", pre),
-                                 ("ACC", acc), ("TM", tm)]))
+                                 ("ACC", acc), ("TM", tm), ("RAW", raw)]))
             out.append((vjp.DPHI, (dt, BF16, I32), (F32,), [("T", dt), ("NT", -(-W // 8)), ("PG", vjp.DPHI_PARTS)]))
     for n, gt in ((1, 128), (4, 128), (4, 32)):
         for after in (False, True):

@@ -43,6 +43,12 @@ TARGET_WARPS = 2048  # ~16 resident warps on each of an H100's 132 SMs
 # 2 did (pack + mma 128.4 against 134.0 µs, then 96.0-110.7 against 130.4-134.1 over five
 # launch sizes; docs/kernel-notes.md, rows 13 and 16).
 X_UNROLL = 2
+# Candidates (2026-11-30, fourth session; the timeline had this kernel at 87-92 µs for 8C bytes per
+# token, ~1.5 TB/s, where pre reads x at ~4 TB/s): PIPELINE_X keeps two steps of x in flight per
+# warp (KLOOP's PIPE); INTERLEAVE_K deals the k steps to the splits round robin (the MMA body's
+# KI), so the warps of one token tile read neighbouring pieces of each row at the same time.
+PIPELINE_X = False
+INTERLEAVE_K = False
 
 # The tensor-core instruction (tests substitute a CPU model of it, with the same fragments).
 PTX_MMA = r"""
@@ -111,83 +117,111 @@ __device__ __forceinline__ void mhc_load_x8(const T* row, int kx, int K, bool xv
 }
 """
 
-# The MMA kernel's k loop over [k0, k1): x's 16-byte loads of a step first, then per k block
-# each A fragment assembled once (not before each of its NT * PB mma's) and phi's fragments
-# loaded from 32-bit offsets. BVEC: phi's fragments by 16-byte loads; without it by 2-byte
-# words (the packed phi is a fresh MLX allocation, so only a misaligned buffer takes that path).
-# H200 (2026-11-29): pack + mma 134.0 / 128.4 µs at KU = 1 / 2 against 156.1 / 164.7 for the
-# earlier loop, which rebuilt each A fragment before every mma and had both load forms inline.
+# The MMA kernel's k loop: steps kb = k0, k0 + kstride, ... below k1, each 32 * KU wide. Per
+# step x's 16-byte loads first (LOAD), then per k block each A fragment assembled once (not
+# before each of its NT * PB mma's) and phi's fragments loaded from 32-bit offsets (STEP).
+# BVEC: phi's fragments by 16-byte loads; without it by 2-byte words (the packed phi is a fresh
+# MLX allocation, so only a misaligned buffer takes that path). H200 (2026-11-29): pack + mma
+# 134.0 / 128.4 µs at KU = 1 / 2 against 156.1 / 164.7 for the earlier loop, which rebuilt each
+# A fragment before every mma and had both load forms inline. PIPE (candidate): the next step's
+# x loads are issued before the current step's mma's (two register buffers), so each warp keeps
+# two steps of x in flight.
 KLOOP = r"""
-template <typename T, int MT, int NT, int PB, int KU, bool BVEC, typename PK>
-__device__ __forceinline__ void mhc_mma_kloop(const T* xin, PK pk, int Ttok, int K, int KB, int k0, int k1,
-                                              int t0, int lane, bool xvec, float (&acc)[MT][NT][4],
-                                              float (&sq)[MT][2]) {
-  constexpr int AP = mhc_x_parts<T>::count;  // bfloat16 parts of x
+template <typename T, int MT, int KU>
+__device__ __forceinline__ void mhc_mma_load_step(const T* xin, int Ttok, int K, int kb, int t0, int lane, bool xvec,
+                                                  uint32_t (&wx)[KU][MT][2][4]) {
   const int g = lane >> 2;
   const int c = lane & 3;
+  #pragma unroll
+  for (int u = 0; u < KU; ++u) {
+    #pragma unroll
+    for (int m = 0; m < MT; ++m) {
+      #pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int t = t0 + 16 * m + g + 8 * h;  // recomputed, not held: fewer live registers
+        mhc_load_x8<T>(t < Ttok ? xin + (int64_t)t * K : nullptr, kb + 8 * KU * c + 8 * u, K, xvec, wx[u][m][h]);
+      }
+    }
+  }
+}
+
+template <typename T, int MT, int NT, int PB, int KU, bool BVEC, typename PK>
+__device__ __forceinline__ void mhc_mma_step(const uint32_t (&wx)[KU][MT][2][4], PK pk, int KB, int kb, int lane,
+                                             float (&acc)[MT][NT][4], float (&sq)[MT][2]) {
+  constexpr int AP = mhc_x_parts<T>::count;  // bfloat16 parts of x
   const uint4* pk4 = reinterpret_cast<const uint4*>(pk) + lane;
   const unsigned short* pk2 = reinterpret_cast<const unsigned short*>(pk) + 8 * lane;
   const int pstride = KB * NT * 32;  // one part of the packed phi, in 8-element words
-  for (int kb = k0; kb < k1; kb += 32 * KU) {
-    uint32_t wx[KU][MT][2][4];
+  #pragma unroll
+  for (int u = 0; u < KU; ++u) {
+    uint32_t af[MT][2][4], afl[MT][2][4];  // [m][s]: a0a1 row g, a2a3 row g + 8, then k + 8
     #pragma unroll
-    for (int u = 0; u < KU; ++u) {
+    for (int m = 0; m < MT; ++m) {
+      uint32_t ah[2][4], al[2][4];
       #pragma unroll
-      for (int m = 0; m < MT; ++m) {
+      for (int h = 0; h < 2; ++h) {
         #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int t = t0 + 16 * m + g + 8 * h;  // recomputed, not held: fewer live registers
-          mhc_load_x8<T>(t < Ttok ? xin + (int64_t)t * K : nullptr, kb + 8 * KU * c + 8 * u, K, xvec, wx[u][m][h]);
-        }
+        for (int q = 0; q < 4; ++q) sq[m][h] += mhc_x_parts<T>::split(wx[u][m][h][q], ah[h][q], al[h][q]);
+      }
+      #pragma unroll
+      for (int s = 0; s < 2; ++s) {
+        af[m][s][0] = ah[0][2 * s]; af[m][s][1] = ah[1][2 * s];
+        af[m][s][2] = ah[0][2 * s + 1]; af[m][s][3] = ah[1][2 * s + 1];
+        afl[m][s][0] = al[0][2 * s]; afl[m][s][1] = al[1][2 * s];
+        afl[m][s][2] = al[0][2 * s + 1]; afl[m][s][3] = al[1][2 * s + 1];
       }
     }
+    const int kofs = ((kb >> 5) + u) * NT * 32;
     #pragma unroll
-    for (int u = 0; u < KU; ++u) {
-      uint32_t af[MT][2][4], afl[MT][2][4];  // [m][s]: a0a1 row g, a2a3 row g + 8, then k + 8
+    for (int j = 0; j < NT; ++j) {
+      uint32_t b[PB][4];
+      #pragma unroll
+      for (int p = 0; p < PB; ++p) {
+        const int w = p * pstride + kofs + j * 32;
+        if (BVEC) {
+          const uint4 v = pk4[w];
+          b[p][0] = v.x; b[p][1] = v.y; b[p][2] = v.z; b[p][3] = v.w;
+        } else {
+          #pragma unroll
+          for (int q = 0; q < 4; ++q) b[p][q] = (uint32_t)pk2[8 * w + 2 * q] | ((uint32_t)pk2[8 * w + 2 * q + 1] << 16);
+        }
+      }
       #pragma unroll
       for (int m = 0; m < MT; ++m) {
-        uint32_t ah[2][4], al[2][4];
-        #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          #pragma unroll
-          for (int q = 0; q < 4; ++q) sq[m][h] += mhc_x_parts<T>::split(wx[u][m][h][q], ah[h][q], al[h][q]);
-        }
         #pragma unroll
         for (int s = 0; s < 2; ++s) {
-          af[m][s][0] = ah[0][2 * s]; af[m][s][1] = ah[1][2 * s];
-          af[m][s][2] = ah[0][2 * s + 1]; af[m][s][3] = ah[1][2 * s + 1];
-          afl[m][s][0] = al[0][2 * s]; afl[m][s][1] = al[1][2 * s];
-          afl[m][s][2] = al[0][2 * s + 1]; afl[m][s][3] = al[1][2 * s + 1];
-        }
-      }
-      const int kofs = ((kb >> 5) + u) * NT * 32;
-      #pragma unroll
-      for (int j = 0; j < NT; ++j) {
-        uint32_t b[PB][4];
-        #pragma unroll
-        for (int p = 0; p < PB; ++p) {
-          const int w = p * pstride + kofs + j * 32;
-          if (BVEC) {
-            const uint4 v = pk4[w];
-            b[p][0] = v.x; b[p][1] = v.y; b[p][2] = v.z; b[p][3] = v.w;
-          } else {
-            #pragma unroll
-            for (int q = 0; q < 4; ++q) b[p][q] = (uint32_t)pk2[8 * w + 2 * q] | ((uint32_t)pk2[8 * w + 2 * q + 1] << 16);
-          }
-        }
-        #pragma unroll
-        for (int m = 0; m < MT; ++m) {
           #pragma unroll
-          for (int s = 0; s < 2; ++s) {
-            #pragma unroll
-            for (int p = 0; p < PB; ++p) {
-              mhc_mma_bf16(acc[m][j], af[m][s], b[p][2 * s], b[p][2 * s + 1]);
-              if (AP == 2) mhc_mma_bf16(acc[m][j], afl[m][s], b[p][2 * s], b[p][2 * s + 1]);
-            }
+          for (int p = 0; p < PB; ++p) {
+            mhc_mma_bf16(acc[m][j], af[m][s], b[p][2 * s], b[p][2 * s + 1]);
+            if (AP == 2) mhc_mma_bf16(acc[m][j], afl[m][s], b[p][2 * s], b[p][2 * s + 1]);
           }
         }
       }
     }
+  }
+}
+
+template <typename T, int MT, int NT, int PB, int KU, bool BVEC, bool PIPE, typename PK>
+__device__ __forceinline__ void mhc_mma_kloop(const T* xin, PK pk, int Ttok, int K, int KB, int k0, int k1,
+                                              int kstride, int t0, int lane, bool xvec, float (&acc)[MT][NT][4],
+                                              float (&sq)[MT][2]) {
+  uint32_t wa[KU][MT][2][4];
+  if (!PIPE) {
+    for (int kb = k0; kb < k1; kb += kstride) {
+      mhc_mma_load_step<T, MT, KU>(xin, Ttok, K, kb, t0, lane, xvec, wa);
+      mhc_mma_step<T, MT, NT, PB, KU, BVEC>(wa, pk, KB, kb, lane, acc, sq);
+    }
+    return;
+  }
+  uint32_t wb[KU][MT][2][4];
+  if (k0 < k1) mhc_mma_load_step<T, MT, KU>(xin, Ttok, K, k0, t0, lane, xvec, wa);
+  for (int kb = k0; kb < k1; kb += 2 * kstride) {
+    const int kn = kb + kstride;
+    if (kn < k1) mhc_mma_load_step<T, MT, KU>(xin, Ttok, K, kn, t0, lane, xvec, wb);
+    mhc_mma_step<T, MT, NT, PB, KU, BVEC>(wa, pk, KB, kb, lane, acc, sq);
+    if (kn >= k1) break;
+    if (kn + kstride < k1) mhc_mma_load_step<T, MT, KU>(xin, Ttok, K, kn + kstride, t0, lane, xvec, wa);
+    mhc_mma_step<T, MT, NT, PB, KU, BVEC>(wb, pk, KB, kn, lane, acc, sq);
   }
 }
 """
@@ -218,8 +252,11 @@ MMA = KernelSpec(
   const int lane = (int)(threadIdx.x & 31u);
   const int g = lane >> 2;
   const int c = lane & 3;
-  const int k0 = split * KS;
-  const int k1 = min(K, k0 + KS);
+  // KI (candidate): split s takes steps s, s + S, s + 2S, ... so that the S warps of a token
+  // tile, in flight together, read S neighbouring steps of each row; else one k range each
+  const int k0 = KI ? split * 32 * KU : split * KS;
+  const int k1 = KI ? K : min(K, k0 + KS);
+  const int kstride = KI ? S * 32 * KU : 32 * KU;
   const int t0 = tile * 16 * MT;
   const bool xvec = (K % 8 == 0) && ((reinterpret_cast<unsigned long long>(xin) & 15ull) == 0ull);
   const bool bvec = (reinterpret_cast<unsigned long long>(pk) & 15ull) == 0ull;
@@ -237,8 +274,8 @@ MMA = KernelSpec(
     }
   }
 
-  if (bvec) mhc_mma_kloop<T, MT, NT, PB, KU, true>(xin, pk, Ttok, K, KB, k0, k1, t0, lane, xvec, acc, sq);
-  else mhc_mma_kloop<T, MT, NT, PB, KU, false>(xin, pk, Ttok, K, KB, k0, k1, t0, lane, xvec, acc, sq);
+  if (bvec) mhc_mma_kloop<T, MT, NT, PB, KU, true, PIPE>(xin, pk, Ttok, K, KB, k0, k1, kstride, t0, lane, xvec, acc, sq);
+  else mhc_mma_kloop<T, MT, NT, PB, KU, false, PIPE>(xin, pk, Ttok, K, KB, k0, k1, kstride, t0, lane, xvec, acc, sq);
 
   // Sums of squares: the four lanes of a row (c = 0..3) hold its partials.
   #pragma unroll
@@ -449,7 +486,8 @@ def partial_products(x2: mx.array, phi: mx.array) -> tuple[mx.array, mx.array]:
         MMA, [x2, pack_phi(phi, ku=ku), int_params(T, K, ks, splits, k_blocks(K, ku))],
         [((splits, T, 8 * NT), F32), ((splits, T), F32)],
         blocks * WARPS_PER_BLOCK * 32, WARPS_PER_BLOCK * 32,
-        [("T", x2.dtype), ("NT", NT), ("MT", MT), ("PB", PHI_PARTS), ("KU", ku)],
+        [("T", x2.dtype), ("NT", NT), ("MT", MT), ("PB", PHI_PARTS), ("KU", ku), ("PIPE", PIPELINE_X),
+         ("KI", INTERLEAVE_K)],
     )
 
 

@@ -41,13 +41,16 @@ DX_PARTS = 2  # bfloat16 parts of gs and of phi in DX
 DPHI_PARTS = 3  # bfloat16 parts of gs in DPHI
 MAX_N = 4
 DX_TOKEN_TILES = 2  # token tiles of 16 per warp in DX (they share each phi fragment)
-# Candidate (written 2026-11-30, third session, after its device time): DX's warps ordered token
-# group first (TM), so a block's warps cover 256 consecutive k of the same 32 tokens: x, gacc
-# and dx are then read and written 512 contiguous bytes per row and block instead of 128 bytes
-# per row with the next warp 32 rows away. The tensor-core forward gained from longer runs per
-# row (row 13: 150.8 -> 130.8 µs); phi's fragments (3 MB in all) stay in L2 either way. Same
-# arithmetic, so the same bits (emulator); not yet run on a GPU.
-DX_TOKEN_MAJOR = False
+# DX's warps ordered token group first (TM), so a block's warps cover 256 consecutive k of the
+# same 32 tokens: x, gacc and dx are then read and written 512 contiguous bytes per row and block
+# instead of 128 bytes per row with the next warp 32 rows away. Same arithmetic, so the same bits.
+# H200, bf16, 4096x4x4096 (2026-11-30, fourth session, medians of 5 alternated runs): DX alone
+# 224.8 against 239.1 µs in k-group-first order, dynamic fwd+bwd 750.1 against 761.9 µs.
+DX_TOKEN_MAJOR = True
+# Candidate (2026-11-30, fourth session): DX loads every row's x and gacc together as 16-byte
+# vectors after its products (the DX body's RAW); DX took ~225 µs alone for 24C bytes per token
+# (~1.8 TB/s) where the token-owning kernels move theirs at ~3-4 TB/s.
+DX_RAW_ROWS = False
 TARGET_WARPS = 2048
 WARPS_PER_BLOCK = 4
 
@@ -130,6 +133,15 @@ PACK_B = KernelSpec(
 # docs/kernel-notes.md row 27) passed the H200 checks on 2026-11-30 (third session); with it the
 # read step at 4096 x 4 x 4096 took 826.8 µs against the chain's 822.3 (still not taken there).
 DX_HELPERS = r"""
+// element e (0..7) of eight 16-bit T in a 16-byte vector, as float (e a compile-time constant
+// in the unrolled loops, so the word is picked without indexing the registers)
+template <typename T>
+__device__ __forceinline__ float mhc_elem16(const uint4& v, int e) {
+  const uint32_t w = (e >> 1) == 0 ? v.x : (e >> 1) == 1 ? v.y : (e >> 1) == 2 ? v.z : v.w;
+  const unsigned short bits = (unsigned short)((e & 1) ? (w >> 16) : (w & 0xffffu));
+  return static_cast<float>(*reinterpret_cast<const T*>(&bits));
+}
+
 // x[t, k0 .. k0 + 15] as floats (zeros past K or for t >= Ttok): two 16-byte loads where vec
 template <typename T, typename P>
 __device__ __forceinline__ void mhc_dx_load_row(float* xl, P xin, int t, int Ttok, int K, int k0, bool vec) {
@@ -258,40 +270,81 @@ DX = KernelSpec(
       }
     }
   }
-  // every row's x first (all loads in flight), then dx
-  float xv[MT][2][16];
-  #pragma unroll
-  for (int m = 0; m < MT; ++m) {
+  // RAW (candidate): every row's x and gacc as 16-byte vectors, all in flight together, then
+  // dx row by row (the same sums in the same order as below). Held unconverted they take the
+  // registers the float x alone takes below, where each row's gacc load waits for the store
+  // before it (the compiler cannot tell gacc and gx apart).
+  if (RAW && vec && (!ACC || KALIGNED16(gacc))) {
+    uint4 xr[MT][2][2];  // 8 elements of T each (T is 16-bit here: x on tensor cores)
+    uint4 gr[MT][2][2];
     #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int t = 16 * (tg * MT + m) + g + 8 * h;
-      mhc_dx_load_row<T>(xv[m][h], xin, t, Ttok, K, k0, vec);
-    }
-  }
-  #pragma unroll
-  for (int m = 0; m < MT; ++m) {
-    #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int t = 16 * (tg * MT + m) + g + 8 * h;
-      if (t >= Ttok) continue;
-      const int64_t row = (int64_t)t * K;
-      float o[16];
+    for (int m = 0; m < MT; ++m) {
       #pragma unroll
-      for (int j = 0; j < 8; ++j) {
+      for (int h = 0; h < 2; ++h) {
+        const int t = 16 * (tg * MT + m) + g + 8 * h;
+        const int64_t off = (int64_t)(t < Ttok ? t : 0) * K + k0;
         #pragma unroll
-        for (int e = 0; e < 2; ++e) o[2 * j + e] = d[m][j][2 * h + e] - xv[m][h][2 * j + e] * c2v[m][h];
+        for (int v = 0; v < 2; ++v) {
+          xr[m][h][v] = *reinterpret_cast<const uint4*>(xin + off + 8 * v);
+          if (ACC) gr[m][h][v] = *reinterpret_cast<const uint4*>(gacc + off + 8 * v);
+        }
       }
-      // dh and gacc row by row between the stores of dx. Loading them with x before the
-      // products (all in flight together) took 226-242 registers against 156-162 and lost on the
-      // H200: 860.0 against 790.6 µs at 4096 x 4 x 4096 fwd+bwd (docs/kernel-notes.md row 31)
-      mhc_dx_addends<T, N, PRE, ACC>(o, hpre, dh, gacc, t, K, Cw, k0, vec);
-      if (vec) {
+    }
+    #pragma unroll
+    for (int m = 0; m < MT; ++m) {
+      #pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int t = 16 * (tg * MT + m) + g + 8 * h;
+        if (t >= Ttok) continue;
+        float o[16];
+        #pragma unroll
+        for (int i = 0; i < 16; ++i) o[i] = d[m][i >> 1][2 * h + (i & 1)] - mhc_elem16<T>(xr[m][h][i >> 3], i & 7) * c2v[m][h];
+        if (PRE) mhc_dx_addends<T, N, true, false>(o, hpre, dh, gacc, t, K, Cw, k0, vec);
+        if (ACC) {
+          #pragma unroll
+          for (int i = 0; i < 16; ++i) o[i] += mhc_elem16<T>(gr[m][h][i >> 3], i & 7);
+        }
+        const int64_t row = (int64_t)t * K;
         kstore<T, 8>(gx, row + k0, o, true);
         kstore<T, 8>(gx, row + k0 + 8, o + 8, true);
-      } else {
+      }
+    }
+  } else {
+    // every row's x first (all loads in flight), then dx
+    float xv[MT][2][16];
+    #pragma unroll
+    for (int m = 0; m < MT; ++m) {
+      #pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int t = 16 * (tg * MT + m) + g + 8 * h;
+        mhc_dx_load_row<T>(xv[m][h], xin, t, Ttok, K, k0, vec);
+      }
+    }
+    #pragma unroll
+    for (int m = 0; m < MT; ++m) {
+      #pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int t = 16 * (tg * MT + m) + g + 8 * h;
+        if (t >= Ttok) continue;
+        const int64_t row = (int64_t)t * K;
+        float o[16];
         #pragma unroll
-        for (int i = 0; i < 16; ++i) {
-          if (k0 + i < K) gx[row + k0 + i] = static_cast<T>(o[i]);
+        for (int j = 0; j < 8; ++j) {
+          #pragma unroll
+          for (int e = 0; e < 2; ++e) o[2 * j + e] = d[m][j][2 * h + e] - xv[m][h][2 * j + e] * c2v[m][h];
+        }
+        // dh and gacc row by row between the stores of dx. Loading them with x before the
+        // products (all in flight together) took 226-242 registers against 156-162 and lost on the
+        // H200: 860.0 against 790.6 µs at 4096 x 4 x 4096 fwd+bwd (docs/kernel-notes.md row 31)
+        mhc_dx_addends<T, N, PRE, ACC>(o, hpre, dh, gacc, t, K, Cw, k0, vec);
+        if (vec) {
+          kstore<T, 8>(gx, row + k0, o, true);
+          kstore<T, 8>(gx, row + k0 + 8, o + 8, true);
+        } else {
+          #pragma unroll
+          for (int i = 0; i < 16; ++i) {
+            if (k0 + i < K) gx[row + k0 + i] = static_cast<T>(o[i]);
+          }
         }
       }
     }
@@ -487,7 +540,8 @@ def dx(x2, phi, gs, c2, pre=None, gacc=None, gsa=None):
         DX, [pack_a(gs, DX_PARTS) if gsa is None else gsa, pack_b(phi, DX_PARTS, True, perm64=True), x2, c2.astype(F32), hpre, dh, acc,
              int_params(T, K, 0, K // n)],
         [((T, K), x2.dtype)], -(-warps // WARPS_PER_BLOCK) * WARPS_PER_BLOCK * 32, WARPS_PER_BLOCK * 32,
-        [("T", x2.dtype), ("N", n), ("MT", DX_TOKEN_TILES), ("KSW", ksw), ("PRE", flag), ("ACC", gacc is not None), ("TM", DX_TOKEN_MAJOR)],
+        [("T", x2.dtype), ("N", n), ("MT", DX_TOKEN_TILES), ("KSW", ksw), ("PRE", flag), ("ACC", gacc is not None), ("TM", DX_TOKEN_MAJOR),
+         ("RAW", DX_RAW_ROWS)],
     )[0]
 
 
