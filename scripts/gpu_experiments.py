@@ -822,8 +822,11 @@ def load_forms(rounds=5):
     mx.eval(gs, c2, gacc)
     rows = {"dx alone (gacc)": lambda: chain_us(lambda a: cmv.dx(a, phi, gs, c2, None, gacc), x, chain_len=10)}
     rows.update(case_rows(("dynamic", "fwd+bwd", (4096, 4, 4096), "throughput")))
-    alternated_settings("dx rows", rows, {"row by row": [(cmv, "DX_RAW_ROWS", False)],
-                                          "rows together": [(cmv, "DX_RAW_ROWS", True)]}, rounds)
+    tiles = cmv.DX_TOKEN_TILES
+    alternated_settings("dx rows", rows, {"row by row": [(cmv, "DX_RAW_ROWS", False), (cmv, "DX_TOKEN_TILES", tiles)],
+                                          "rows together": [(cmv, "DX_RAW_ROWS", True), (cmv, "DX_TOKEN_TILES", tiles)],
+                                          "together, 1 tile": [(cmv, "DX_RAW_ROWS", True), (cmv, "DX_TOKEN_TILES", 1)]},
+                        rounds)
 
 
 # One part of the experiments alone (the module docstring lists them): mode -> function
