@@ -343,15 +343,9 @@ SWITCHES = {
     "--dx-k-major": (coefficients_mma_vjp, "DX_TOKEN_MAJOR", False,
                      "the tensor-core DX kernel's warps k group first (coefficients_mma_vjp.DX_TOKEN_MAJOR = "
                      "False; by default token group first)"),
-    "--mma-pipeline-x": (coefficients_mma, "PIPELINE_X", True,
-                         "candidate: the tensor-core forward keeps two steps of x in flight per warp "
-                         "(coefficients_mma.PIPELINE_X)"),
-    "--mma-interleave-k": (coefficients_mma, "INTERLEAVE_K", True,
-                           "candidate: the tensor-core forward deals its k steps to the splits round robin "
-                           "(coefficients_mma.INTERLEAVE_K)"),
-    "--dx-raw-rows": (coefficients_mma_vjp, "DX_RAW_ROWS", True,
-                      "candidate: the tensor-core DX loads every row's x and gacc together "
-                      "(coefficients_mma_vjp.DX_RAW_ROWS)"),
+    "--dx-row-by-row": (coefficients_mma_vjp, "DX_RAW_ROWS", False,
+                        "the tensor-core DX loads each row's gacc after storing the row before "
+                        "(coefficients_mma_vjp.DX_RAW_ROWS = False; by default every row's x and gacc together)"),
     "--sinkhorn-warp-vjp": (sinkhorn, "THREAD_VJP_MAX_WORK", 0,
                             "use the warp-form Sinkhorn backward everywhere (sinkhorn.THREAD_VJP_MAX_WORK = 0; "
                             "the default takes one thread per matrix for n <= 4)"),

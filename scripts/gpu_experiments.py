@@ -792,11 +792,12 @@ def dx_order(rounds=5):
 
 
 def load_forms(rounds=5):
-    """The fourth session's load candidates, alternated `rounds` times: the tensor-core forward
-    (coefficients_mma.PIPELINE_X, INTERLEAVE_K, X_UNROLL, TARGET_WARPS) alone (chained through
-    phi, so nothing but pack, the partials and two tiny ops runs per application) and in the
-    dynamic site at 4096x4x4096; then DX with its rows loaded together
-    (coefficients_mma_vjp.DX_RAW_ROWS) alone and in the site's fwd+bwd."""
+    """The fourth session's load experiments, alternated `rounds` times: the tensor-core
+    forward's launch size (coefficients_mma.TARGET_WARPS, one wave at 1536 on 132 SMs) alone
+    (chained through phi, so nothing but pack, the partials and two tiny ops runs per
+    application) and in the dynamic site at 4096x4x4096; then DX with its rows loaded together
+    (coefficients_mma_vjp.DX_RAW_ROWS) or row by row, alone and in the site's fwd+bwd. (The
+    forward's two-steps-in-flight and round-robin-k forms that ran beside them are in 72ce94e.)"""
     from mhc_mlx.kernels import coefficients_mma as cm
     from mhc_mlx.kernels import coefficients_mma_vjp as cmv
 
@@ -808,15 +809,8 @@ def load_forms(rounds=5):
         lambda p: p + 1e-30 * mx.sum(cm.partial_products(x, p)[1]), phi, chain_len=20)}
     mma.update(case_rows(("dynamic", "fwd", (4096, 4, 4096), "throughput"),
                          ("dynamic", "fwd+bwd", (4096, 4, 4096), "throughput")))
-    base = [(cm, "PIPELINE_X", False), (cm, "INTERLEAVE_K", False), (cm, "X_UNROLL", 2), (cm, "TARGET_WARPS", 2048)]
-
-    def form(**kw):
-        names = {"pipe": "PIPELINE_X", "ki": "INTERLEAVE_K", "ku": "X_UNROLL", "tw": "TARGET_WARPS"}
-        return base + [(cm, names[k], v) for k, v in kw.items()]
-
-    forms = {"default": base, "ki": form(ki=True), "pipe": form(pipe=True), "pipe+ki": form(pipe=True, ki=True),
-             "ku1 pipe+ki": form(ku=1, pipe=True, ki=True), "tw1536": form(tw=1536), "ki tw1536": form(ki=True, tw=1536)}
-    alternated_settings("tensor-core forward", mma, forms, rounds)
+    alternated_settings("tensor-core forward", mma, {"tw2048": [(cm, "TARGET_WARPS", 2048)],
+                                                     "tw1536": [(cm, "TARGET_WARPS", 1536)]}, rounds)
     gs, c2 = mx.random.normal((T, W)), mx.random.normal((T,))
     gacc = mx.random.normal((T, K)).astype(mx.bfloat16)
     mx.eval(gs, c2, gacc)
@@ -827,7 +821,6 @@ def load_forms(rounds=5):
                                           "rows together": [(cmv, "DX_RAW_ROWS", True), (cmv, "DX_TOKEN_TILES", tiles)],
                                           "together, 1 tile": [(cmv, "DX_RAW_ROWS", True), (cmv, "DX_TOKEN_TILES", 1)]},
                         rounds)
-
 
 # One part of the experiments alone (the module docstring lists them): mode -> function
 MODES = {

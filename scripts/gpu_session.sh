@@ -25,7 +25,7 @@
 #   bash scripts/gpu_session.sh glue         # the glue kernel at 32 threads per group: checks, timings
 #   bash scripts/gpu_session.sh glue-packs   # the glue kernel writing gs's fragments (candidate): checks, timings
 #   bash scripts/gpu_session.sh pending      # the glue packs and DX's vectorized pre share: checks, timings
-#   bash scripts/gpu_session.sh loads        # the tensor-core forward's and DX's load candidates: checks, timings
+#   bash scripts/gpu_session.sh loads        # the tensor-core forward's launch size, DX's row loads: checks, timings
 #   bash scripts/gpu_session.sh gpu-tests    # pytest -m gpu alone
 #   bash scripts/gpu_session.sh timeline     # pytest -m gpu alone, then nsys: each target case's kernels
 #                                            # in stream order with the gaps (defaults; glue packs + read step)
@@ -246,11 +246,10 @@ case "${1:-}" in
     run 150 experiments_chain python scripts/gpu_experiments.py chain
     ;;
   loads)
-    # what the fourth session of 2026-11-30 wrote: the tensor-core forward keeping two steps of x
-    # in flight and dealing its k steps round robin, DX loading its rows together (candidates):
-    # checks with all three on, then their timings against the defaults
-    CHECK_ARGS="--mma-pipeline-x --mma-interleave-k --dx-raw-rows --mma-vjp" \
-      CHECK_ONLY="${CHECK_ONLY:-coefficients,chain}" NO_PYTEST=1 check 200
+    # the fourth session of 2026-11-30: the tensor-core forward in one wave, DX's rows loaded
+    # together (defaults since; the stage as run then also checked and timed two forward load
+    # forms that lost, 72ce94e): checks with the tensor-core backward at every size, the timings
+    CHECK_ARGS="--mma-vjp" CHECK_ONLY="${CHECK_ONLY:-coefficients,chain}" NO_PYTEST=1 check 200
     run 240 experiments_load_forms python scripts/gpu_experiments.py load-forms
     ;;
   gpu-tests)

@@ -156,10 +156,8 @@ def _dynamic_inputs(T, n, C, dtype):
 
 # "mma-ku1", "mma-ku4": the tensor-core form with 1 or 4 x loads per row and lane in a step
 # (coefficients_mma.X_UNROLL; "mma" runs the default, 2)
-# "mma-pipe", "mma-ki", "mma-pipe-ki": coefficients_mma.PIPELINE_X, INTERLEAVE_K (candidates)
-FORMS = [("kernel", 16), ("kernel", 8), ("gemm", None), ("mma", None), ("mma-ku1", None), ("mma-ku4", None),
-         ("mma-pipe", None), ("mma-ki", None), ("mma-pipe-ki", None)]
-FORM_IDS = ["kernel-tb16", "kernel-tb8", "gemm", "mma", "mma-ku1", "mma-ku4", "mma-pipe", "mma-ki", "mma-pipe-ki"]
+FORMS = [("kernel", 16), ("kernel", 8), ("gemm", None), ("mma", None), ("mma-ku1", None), ("mma-ku4", None)]
+FORM_IDS = ["kernel-tb16", "kernel-tb8", "gemm", "mma", "mma-ku1", "mma-ku4"]
 # the tensor-core kernel is CUDA only (never dispatched on Metal)
 FLAVOURED_FORMS = [pytest.param(fl, form, tb, id=f"{fl}-{fid}") for fl in FLAVOURS
                    for (form, tb), fid in zip(FORMS, FORM_IDS) if not (fl == "metal" and form.startswith("mma"))]
@@ -174,10 +172,6 @@ def test_dynamic_coefficients_forward(monkeypatch, flavour, form, tb, dtype, n, 
     monkeypatch.setattr(coefficients, "SMALL_TOKENS", 0)  # the tiled kernel at every T here
     if form.startswith("mma-ku"):
         monkeypatch.setattr(coefficients_mma, "X_UNROLL", int(form[-1]))
-        form = "mma"
-    if form.startswith("mma-"):
-        monkeypatch.setattr(coefficients_mma, "PIPELINE_X", "pipe" in form)
-        monkeypatch.setattr(coefficients_mma, "INTERLEAVE_K", form.endswith("ki"))
         form = "mma"
     if form == "mma":
         monkeypatch.setattr(build, "gpu_backend", lambda: "cuda")
@@ -200,8 +194,6 @@ def test_dynamic_coefficients_forward(monkeypatch, flavour, form, tb, dtype, n, 
         assert "mhc_coefficients_dynamic_mma" in names
         mma_templates = [t for name, t, *_ in emu.launched if name == "mhc_coefficients_dynamic_mma"]
         assert all(t["KU"] == coefficients_mma.X_UNROLL for t in mma_templates)
-        assert all((t["PIPE"], t["KI"]) == (coefficients_mma.PIPELINE_X, coefficients_mma.INTERLEAVE_K)
-                   for t in mma_templates)
     if form == "kernel" or dtype == mx.float32:
         assert "mhc_coefficients_dynamic" in names
 
@@ -357,7 +349,7 @@ def test_tensor_core_dx_in_token_major_order(monkeypatch, n, C, T, acc):
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
 @pytest.mark.parametrize("n,C,T", [(4, 48, 37), (4, 40, 70), (1, 33, 5), (3, 64, 20)])
 def test_tensor_core_dx_with_rows_loaded_together(monkeypatch, pre, acc, dtype, n, C, T):
-    # coefficients_mma_vjp.DX_RAW_ROWS (candidate): every row's x and gacc loaded as vectors
+    # coefficients_mma_vjp.DX_RAW_ROWS (the default): every row's x and gacc loaded as vectors
     # before any dx is stored gives the same bits as the row-by-row form (the same sums in the
     # same order); C = 40 and 33 put lanes on the element-wise path beside vector ones
     x, phi, gs, c2, pre_in, gacc = _dx_inputs(n, C, T, dtype)

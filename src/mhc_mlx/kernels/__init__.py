@@ -190,8 +190,6 @@ def settings() -> dict:
             "mma_min_elements": coefficients.MMA_MIN_ELEMENTS,
             "mma_x_unroll": coefficients_mma.X_UNROLL,
             "mma_target_warps": coefficients_mma.TARGET_WARPS,
-            "mma_pipeline_x": coefficients_mma.PIPELINE_X,
-            "mma_interleave_k": coefficients_mma.INTERLEAVE_K,
             "mma_vjp": coefficients.MMA_VJP,
             "fused_vjp_glue": coefficients.FUSED_VJP_GLUE,
             "glue_packs": coefficients.GLUE_PACKS,

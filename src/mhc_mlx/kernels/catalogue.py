@@ -105,11 +105,10 @@ def cuda_only_instances():
     for dt in (BF16, F16):
         for n in (1, 2, 4, 8):
             nt = coefficients_mma.n_tiles(n * (n + 2))
-            for ku, pipe, ki in ((1, False, False), (2, False, False), (4, False, False), (2, True, False),
-                                 (2, False, True), (2, True, True), (1, True, True)):
+            for ku in (1, 2, 4):
                 out.append((coefficients_mma.MMA, (dt, BF16, I32), (F32, F32),
                             [("T", dt), ("NT", nt), ("MT", coefficients_mma.token_tiles_per_warp(nt)),
-                             ("PB", coefficients_mma.PHI_PARTS), ("KU", ku), ("PIPE", pipe), ("KI", ki)]))
+                             ("PB", coefficients_mma.PHI_PARTS), ("KU", ku)]))
     for n in (1, 2, 4, 8):
         nt = coefficients_mma.n_tiles(n * (n + 2))
         for ku in (1, 2, 4):

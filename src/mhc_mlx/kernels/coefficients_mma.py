@@ -33,7 +33,12 @@ from .build import KernelSpec, float_params, int_params, launch
 F32 = mx.float32
 PHI_PARTS = 3
 WARPS_PER_BLOCK = 4
-TARGET_WARPS = 2048  # ~16 resident warps on each of an H100's 132 SMs
+# Warps of the partials' launch: one wave where 3 blocks of 4 warps fit per SM (nvcc, sm_90a: 136
+# registers at n = 4, bfloat16, X_UNROLL 2) on 132 SMs (H100, H200): 1584 resident, the plan
+# takes 12 splits of 128 warps at 4096 tokens. At 2048 (16 splits) a third of the blocks ran in
+# a second wave: partials alone 110.2 against 133.1 µs, the dynamic fwd 250.9 against 259.1
+# (H200, medians of 5 alternated runs, docs/kernel-notes.md row 34).
+TARGET_WARPS = 1536
 # 16-byte loads of x per row and lane in one step (the MMA and PACK kernels' KU): a step covers
 # 32 * KU consecutive k of each of the warp's token rows, 16 * KU bytes per lane, contiguous
 # across its four lanes. At KU = 1 each row is read in 64-byte pieces one step apart, on
@@ -43,12 +48,6 @@ TARGET_WARPS = 2048  # ~16 resident warps on each of an H100's 132 SMs
 # 2 did (pack + mma 128.4 against 134.0 µs, then 96.0-110.7 against 130.4-134.1 over five
 # launch sizes; docs/kernel-notes.md, rows 13 and 16).
 X_UNROLL = 2
-# Candidates (2026-11-30, fourth session; the timeline had this kernel at 87-92 µs for 8C bytes per
-# token, ~1.5 TB/s, where pre reads x at ~4 TB/s): PIPELINE_X keeps two steps of x in flight per
-# warp (KLOOP's PIPE); INTERLEAVE_K deals the k steps to the splits round robin (the MMA body's
-# KI), so the warps of one token tile read neighbouring pieces of each row at the same time.
-PIPELINE_X = False
-INTERLEAVE_K = False
 
 # The tensor-core instruction (tests substitute a CPU model of it, with the same fragments).
 PTX_MMA = r"""
@@ -117,15 +116,14 @@ __device__ __forceinline__ void mhc_load_x8(const T* row, int kx, int K, bool xv
 }
 """
 
-# The MMA kernel's k loop: steps kb = k0, k0 + kstride, ... below k1, each 32 * KU wide. Per
-# step x's 16-byte loads first (LOAD), then per k block each A fragment assembled once (not
+# The MMA kernel's k loop over [k0, k1) in steps of 32 * KU k. Per step x's 16-byte loads first (LOAD), then per k block each A fragment assembled once (not
 # before each of its NT * PB mma's) and phi's fragments loaded from 32-bit offsets (STEP).
 # BVEC: phi's fragments by 16-byte loads; without it by 2-byte words (the packed phi is a fresh
 # MLX allocation, so only a misaligned buffer takes that path). H200 (2026-11-29): pack + mma
 # 134.0 / 128.4 µs at KU = 1 / 2 against 156.1 / 164.7 for the earlier loop, which rebuilt each
-# A fragment before every mma and had both load forms inline. PIPE (candidate): the next step's
-# x loads are issued before the current step's mma's (two register buffers), so each warp keeps
-# two steps of x in flight.
+# A fragment before every mma and had both load forms inline. Issuing the next step's loads
+# before the current step's mma's (two register buffers, 172 registers) did not gain (docs/
+# kernel-notes.md row 34).
 KLOOP = r"""
 template <typename T, int MT, int KU>
 __device__ __forceinline__ void mhc_mma_load_step(const T* xin, int Ttok, int K, int kb, int t0, int lane, bool xvec,
@@ -201,27 +199,14 @@ __device__ __forceinline__ void mhc_mma_step(const uint32_t (&wx)[KU][MT][2][4],
   }
 }
 
-template <typename T, int MT, int NT, int PB, int KU, bool BVEC, bool PIPE, typename PK>
+template <typename T, int MT, int NT, int PB, int KU, bool BVEC, typename PK>
 __device__ __forceinline__ void mhc_mma_kloop(const T* xin, PK pk, int Ttok, int K, int KB, int k0, int k1,
-                                              int kstride, int t0, int lane, bool xvec, float (&acc)[MT][NT][4],
+                                              int t0, int lane, bool xvec, float (&acc)[MT][NT][4],
                                               float (&sq)[MT][2]) {
-  uint32_t wa[KU][MT][2][4];
-  if (!PIPE) {
-    for (int kb = k0; kb < k1; kb += kstride) {
-      mhc_mma_load_step<T, MT, KU>(xin, Ttok, K, kb, t0, lane, xvec, wa);
-      mhc_mma_step<T, MT, NT, PB, KU, BVEC>(wa, pk, KB, kb, lane, acc, sq);
-    }
-    return;
-  }
-  uint32_t wb[KU][MT][2][4];
-  if (k0 < k1) mhc_mma_load_step<T, MT, KU>(xin, Ttok, K, k0, t0, lane, xvec, wa);
-  for (int kb = k0; kb < k1; kb += 2 * kstride) {
-    const int kn = kb + kstride;
-    if (kn < k1) mhc_mma_load_step<T, MT, KU>(xin, Ttok, K, kn, t0, lane, xvec, wb);
-    mhc_mma_step<T, MT, NT, PB, KU, BVEC>(wa, pk, KB, kb, lane, acc, sq);
-    if (kn >= k1) break;
-    if (kn + kstride < k1) mhc_mma_load_step<T, MT, KU>(xin, Ttok, K, kn + kstride, t0, lane, xvec, wa);
-    mhc_mma_step<T, MT, NT, PB, KU, BVEC>(wb, pk, KB, kn, lane, acc, sq);
+  for (int kb = k0; kb < k1; kb += 32 * KU) {
+    uint32_t wx[KU][MT][2][4];
+    mhc_mma_load_step<T, MT, KU>(xin, Ttok, K, kb, t0, lane, xvec, wx);
+    mhc_mma_step<T, MT, NT, PB, KU, BVEC>(wx, pk, KB, kb, lane, acc, sq);
   }
 }
 """
@@ -252,11 +237,8 @@ MMA = KernelSpec(
   const int lane = (int)(threadIdx.x & 31u);
   const int g = lane >> 2;
   const int c = lane & 3;
-  // KI (candidate): split s takes steps s, s + S, s + 2S, ... so that the S warps of a token
-  // tile, in flight together, read S neighbouring steps of each row; else one k range each
-  const int k0 = KI ? split * 32 * KU : split * KS;
-  const int k1 = KI ? K : min(K, k0 + KS);
-  const int kstride = KI ? S * 32 * KU : 32 * KU;
+  const int k0 = split * KS;
+  const int k1 = min(K, k0 + KS);
   const int t0 = tile * 16 * MT;
   const bool xvec = (K % 8 == 0) && ((reinterpret_cast<unsigned long long>(xin) & 15ull) == 0ull);
   const bool bvec = (reinterpret_cast<unsigned long long>(pk) & 15ull) == 0ull;
@@ -274,8 +256,8 @@ MMA = KernelSpec(
     }
   }
 
-  if (bvec) mhc_mma_kloop<T, MT, NT, PB, KU, true, PIPE>(xin, pk, Ttok, K, KB, k0, k1, kstride, t0, lane, xvec, acc, sq);
-  else mhc_mma_kloop<T, MT, NT, PB, KU, false, PIPE>(xin, pk, Ttok, K, KB, k0, k1, kstride, t0, lane, xvec, acc, sq);
+  if (bvec) mhc_mma_kloop<T, MT, NT, PB, KU, true>(xin, pk, Ttok, K, KB, k0, k1, t0, lane, xvec, acc, sq);
+  else mhc_mma_kloop<T, MT, NT, PB, KU, false>(xin, pk, Ttok, K, KB, k0, k1, t0, lane, xvec, acc, sq);
 
   // Sums of squares: the four lanes of a row (c = 0..3) hold its partials.
   #pragma unroll
@@ -486,8 +468,7 @@ def partial_products(x2: mx.array, phi: mx.array) -> tuple[mx.array, mx.array]:
         MMA, [x2, pack_phi(phi, ku=ku), int_params(T, K, ks, splits, k_blocks(K, ku))],
         [((splits, T, 8 * NT), F32), ((splits, T), F32)],
         blocks * WARPS_PER_BLOCK * 32, WARPS_PER_BLOCK * 32,
-        [("T", x2.dtype), ("NT", NT), ("MT", MT), ("PB", PHI_PARTS), ("KU", ku), ("PIPE", PIPELINE_X),
-         ("KI", INTERLEAVE_K)],
+        [("T", x2.dtype), ("NT", NT), ("MT", MT), ("PB", PHI_PARTS), ("KU", ku)],
     )
 
 

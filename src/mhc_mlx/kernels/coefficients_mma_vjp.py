@@ -47,10 +47,12 @@ DX_TOKEN_TILES = 2  # token tiles of 16 per warp in DX (they share each phi frag
 # H200, bf16, 4096x4x4096 (2026-11-30, fourth session, medians of 5 alternated runs): DX alone
 # 224.8 against 239.1 µs in k-group-first order, dynamic fwd+bwd 750.1 against 761.9 µs.
 DX_TOKEN_MAJOR = True
-# Candidate (2026-11-30, fourth session): DX loads every row's x and gacc together as 16-byte
-# vectors after its products (the DX body's RAW); DX took ~225 µs alone for 24C bytes per token
-# (~1.8 TB/s) where the token-owning kernels move theirs at ~3-4 TB/s.
-DX_RAW_ROWS = False
+# DX loads every row's x and gacc together as 16-byte vectors after its products (the DX body's
+# RAW; 165-187 registers against 156-160). Row by row, each row's gacc load waited for the store
+# before it: H200, bf16, 4096x4x4096 (2026-11-30, fourth session, medians of 5 alternated runs):
+# DX alone 174.4 against 221.0 µs, the dynamic fwd+bwd 694.1 against 743.7 (docs/kernel-notes.md
+# row 35). False: row by row (the same bits).
+DX_RAW_ROWS = True
 TARGET_WARPS = 2048
 WARPS_PER_BLOCK = 4
 
@@ -270,7 +272,7 @@ DX = KernelSpec(
       }
     }
   }
-  // RAW (candidate): every row's x and gacc as 16-byte vectors, all in flight together, then
+  // RAW: every row's x and gacc as 16-byte vectors, all in flight together, then
   // dx row by row (the same sums in the same order as below). Held unconverted they take the
   // registers the float x alone takes below, where each row's gacc load waits for the store
   // before it (the compiler cannot tell gacc and gx apart).
