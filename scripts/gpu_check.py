@@ -346,11 +346,6 @@ SWITCHES = {
     "--dx-row-by-row": (coefficients_mma_vjp, "DX_RAW_ROWS", False,
                         "the tensor-core DX loads each row's gacc after storing the row before "
                         "(coefficients_mma_vjp.DX_RAW_ROWS = False; by default every row's x and gacc together)"),
-    "--pre-vjp-res-loads-first": (site, "PRE_VJP_RES_LOADS_FIRST", True,
-                                  "candidate: pre's deferred backward holds the token's coefficients in registers "
-                                  "and loads each chunk before its stores (site.PRE_VJP_RES_LOADS_FIRST)"),
-    "--pre-vjp-res-8-byte": (site, "PRE_VJP_RES_BUDGET", 16,
-                             "pre's deferred backward by 8-byte vectors at n = 4, 16-bit x (site.PRE_VJP_RES_BUDGET = 16)"),
     "--sinkhorn-warp-vjp": (sinkhorn, "THREAD_VJP_MAX_WORK", 0,
                             "use the warp-form Sinkhorn backward everywhere (sinkhorn.THREAD_VJP_MAX_WORK = 0; "
                             "the default takes one thread per matrix for n <= 4)"),

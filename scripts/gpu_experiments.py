@@ -16,7 +16,6 @@ copy floor two ways, and where B=1 latency goes (Python graph building vs the ev
     python scripts/gpu_experiments.py defer-post  (only post's backward deferring x's and H_res's cotangents)
     python scripts/gpu_experiments.py dx-order  (only DX's warps token-group first vs k-group first)
     python scripts/gpu_experiments.py load-forms  (only the tensor-core forward's launch size and DX's row loads)
-    python scripts/gpu_experiments.py pre-vjp-res  (only pre's deferred backward with its loads first)
     python scripts/gpu_experiments.py glue-threads  (only the glue kernel's group size, and the fragment packs)
     python scripts/gpu_experiments.py b1 [ncu]  (only the B = 1 layer kernel by Sinkhorn iterations)
 """
@@ -823,24 +822,6 @@ def load_forms(rounds=5):
                                           "together, 1 tile": [(cmv, "DX_RAW_ROWS", True), (cmv, "DX_TOKEN_TILES", 1)]},
                         rounds)
 
-def pre_vjp_res_forms(rounds=5):
-    """site.PRE_VJP_RES with the token's coefficients in registers and each chunk's loads before
-    its stores (PRE_VJP_RES_LOADS_FIRST, candidate), at 16- and 8-byte vectors
-    (PRE_VJP_RES_BUDGET 32, 16), against the defaults, alternated `rounds` times: the kernel alone
-    at 4096x4x4096 (chained through g) and the dynamic site's fwd+bwd there."""
-    T, n, C = 4096, 4, 4096
-    x, g = (mx.random.normal((T, n, C)).astype(BF) for _ in range(2))
-    dh = mx.random.normal((T, C)).astype(BF)
-    hp, hr = mx.random.uniform(shape=(T, n)), mx.random.uniform(shape=(T, n, n)) / n
-    mx.eval(x, g, dh, hp, hr)
-    rows = {"pre_vjp_res alone": lambda: chain_us(lambda a: site.pre_vjp_res(x, hp, hr, dh, a)[0], g, chain_len=10)}
-    rows.update(case_rows(("dynamic", "fwd+bwd", (4096, 4, 4096), "throughput")))
-    forms = {"default": [(site, "PRE_VJP_RES_LOADS_FIRST", False), (site, "PRE_VJP_RES_BUDGET", 32)],
-             "loads first, 16 B": [(site, "PRE_VJP_RES_LOADS_FIRST", True), (site, "PRE_VJP_RES_BUDGET", 32)],
-             "loads first, 8 B": [(site, "PRE_VJP_RES_LOADS_FIRST", True), (site, "PRE_VJP_RES_BUDGET", 16)]}
-    alternated_settings("pre vjp res", rows, forms, rounds)
-
-
 # One part of the experiments alone (the module docstring lists them): mode -> function
 MODES = {
     "headers": header_sizes,
@@ -858,7 +839,6 @@ MODES = {
     "defer-post": defer_post,
     "dx-order": dx_order,
     "load-forms": load_forms,
-    "pre-vjp-res": pre_vjp_res_forms,
 }
 
 

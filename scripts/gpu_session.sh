@@ -26,7 +26,6 @@
 #   bash scripts/gpu_session.sh glue-packs   # the glue kernel writing gs's fragments (candidate): checks, timings
 #   bash scripts/gpu_session.sh pending      # the glue packs and DX's vectorized pre share: checks, timings
 #   bash scripts/gpu_session.sh loads        # the tensor-core forward's launch size, DX's row loads: checks, timings
-#   bash scripts/gpu_session.sh pre-res      # pre's deferred backward with its loads first (candidate): checks, timings
 #   bash scripts/gpu_session.sh gpu-tests    # pytest -m gpu alone
 #   bash scripts/gpu_session.sh timeline     # pytest -m gpu alone, then nsys: each target case's kernels
 #                                            # in stream order with the gaps (defaults; glue packs + read step)
@@ -252,13 +251,6 @@ case "${1:-}" in
     # forms that lost, 72ce94e): checks with the tensor-core backward at every size, the timings
     CHECK_ARGS="--mma-vjp" CHECK_ONLY="${CHECK_ONLY:-coefficients,chain}" NO_PYTEST=1 check 200
     run 240 experiments_load_forms python scripts/gpu_experiments.py load-forms
-    ;;
-  pre-res)
-    # pre's deferred backward with its loads first (candidate, 8-byte vectors): the chain checks,
-    # its timings at 16- and 8-byte vectors against the defaults, then the stream timeline
-    CHECK_ARGS="--pre-vjp-res-loads-first --pre-vjp-res-8-byte" CHECK_ONLY="${CHECK_ONLY:-chain}" NO_PYTEST=1 check 200
-    run 150 experiments_pre_vjp_res python scripts/gpu_experiments.py pre-vjp-res
-    timelines defaults
     ;;
   gpu-tests)
     # `pytest -m gpu` alone (53 tests; beside the checks it ran out of 200 s)

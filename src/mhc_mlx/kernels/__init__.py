@@ -184,7 +184,7 @@ def use_candidates(on: bool = True) -> None:
 
 def settings() -> dict:
     """The kernels' tunable forms in this process (docs/kernel-notes.md; benches record them)."""
-    from . import coefficients, coefficients_mma, coefficients_mma_vjp, layer, sinkhorn, site
+    from . import coefficients, coefficients_mma, coefficients_mma_vjp, layer, sinkhorn
 
     return {"dynamic_form": coefficients.DYNAMIC_FORM,
             "mma_min_elements": coefficients.MMA_MIN_ELEMENTS,
@@ -206,8 +206,6 @@ def settings() -> dict:
             "split_glue_sinkhorn": coefficients.SPLIT_GLUE_SINKHORN,
             "dx_token_major": coefficients_mma_vjp.DX_TOKEN_MAJOR,
             "dx_raw_rows": coefficients_mma_vjp.DX_RAW_ROWS,
-            "pre_vjp_res_loads_first": site.PRE_VJP_RES_LOADS_FIRST,
-            "pre_vjp_res_budget": site.PRE_VJP_RES_BUDGET,
             "sinkhorn_thread_vjp_max_work": sinkhorn.THREAD_VJP_MAX_WORK}
 
 

@@ -84,12 +84,8 @@ def instances():
                                 [("T", dt), ("N", n), ("V", V), ("SHARED", shared), ("HGRAD", n <= 8),
                                  ("DEFER", defer)]))
                 if n <= 8:
-                    for lf in (False, True):
-                        out.append((site.PRE_VJP_RES, (dt, F32, F32, dt, dt, I32), (dt, F32, F32),
-                                    [("T", dt), ("N", n), ("V", V), ("SHARED", shared), ("LF", lf)]))
-                if n == 4 and V > 1:  # the loads-first form's 8-byte vectors (PRE_VJP_RES_LOADS_FIRST)
                     out.append((site.PRE_VJP_RES, (dt, F32, F32, dt, dt, I32), (dt, F32, F32),
-                                [("T", dt), ("N", n), ("V", V // 2), ("SHARED", shared), ("LF", True)]))
+                                [("T", dt), ("N", n), ("V", V), ("SHARED", shared)]))
         for n, V, cpt, inline, pf in ((4, 16 // dt.size, 2, True, 0), (4, 16 // dt.size, 2, False, 1),
                                       (4, 16 // dt.size, 2, False, 2), (4, 16 // dt.size, 0, False, 1),
                                       (32, 1, 0, False, 0)):

@@ -22,11 +22,6 @@ MAX_N_REDUCE = 8  # coefficient gradients summed in registers up to n*n + n = 72
 FLAT_THREADS = 256
 TOKEN_THREADS = 256
 MAX_GROUPS = 1056  # persistent backward grids: about 8 groups per SM on a 132-SM GPU
-# Candidate (2026-11-30, fourth session): PRE_VJP_RES holds the token's coefficients in registers
-# and loads a chunk's x rows with dh and g before its stores (LF). It took 149.5 µs for 26C bytes
-# per token (~2.9 TB/s) in the 4096x4x4096 timeline, where post's kernels move theirs at ~3.6.
-PRE_VJP_RES_LOADS_FIRST = False
-PRE_VJP_RES_BUDGET = 32  # vector_width's register budget there (16: 8-byte vectors at n = 4, 16-bit x)
 
 PRE = KernelSpec(
     name="mhc_pre",
@@ -155,33 +150,17 @@ PRE_VJP_RES = KernelSpec(
   KUNROLL for (int a = 0; a < NV; ++a) acc[a] = 0.0f;
   for (int64_t t = KBID; t < Ttok; t += KNB) {
     const int64_t hb = SHARED ? 0 : t;
-    // LF: the token's coefficients in registers, and each chunk's x rows loaded with dh and g
-    // before any of its stores (the compiler cannot tell x and H from gx, so a load after a
-    // store waits for it: n round trips per chunk otherwise)
-    float hpv[LF ? N : 1], av[LF ? N * N : 1];
-    if (LF) {
-      KUNROLL for (int j = 0; j < N; ++j) hpv[j] = hpre[hb * N + j];
-      KUNROLL for (int a = 0; a < N * N; ++a) av[a] = hres[hb * N * N + a];
-    }
     for (int cv = tid; cv < nv; cv += KNT) {
       float dv[V];
       kload<T, V>(dv, gout, t * C + (int64_t)cv * V, vec);
       float g[N][V];
       KUNROLL for (int i = 0; i < N; ++i) kload<T, V>(g[i], gpost, (t * N + i) * C + (int64_t)cv * V, vec);
-      float xs[LF ? N : 1][V];
-      if (LF) {
-        KUNROLL for (int j = 0; j < N; ++j) kload<T, V>(xs[j], xin, (t * N + j) * C + (int64_t)cv * V, vec);
-      }
       KUNROLL for (int j = 0; j < N; ++j) {
         const int64_t off = (t * N + j) * C + (int64_t)cv * V;
         float xv[V];
         float o[V];
-        if (LF) {
-          KUNROLL for (int e = 0; e < V; ++e) xv[e] = xs[LF ? j : 0][e];
-        } else {
-          kload<T, V>(xv, xin, off, vec);
-        }
-        const float hp = LF ? hpv[LF ? j : 0] : hpre[hb * N + j];
+        kload<T, V>(xv, xin, off, vec);
+        const float hp = hpre[hb * N + j];
         float d = 0.0f;
         KUNROLL for (int e = 0; e < V; ++e) {
           o[e] = hp * dv[e];
@@ -189,7 +168,7 @@ PRE_VJP_RES = KernelSpec(
         }
         acc[j] += d;
         KUNROLL for (int i = 0; i < N; ++i) {
-          const float a = LF ? av[LF ? i * N + j : 0] : hres[(hb * N + i) * N + j];
+          const float a = hres[(hb * N + i) * N + j];
           float r = 0.0f;
           KUNROLL for (int e = 0; e < V; ++e) {
             o[e] += a * g[i][e];
@@ -401,13 +380,16 @@ def pre_vjp_res(x, H_pre, H_res, dh, g):
     *lead, n, C = x.shape
     T = math.prod(lead)
     hp, hr, shared = _paired_rows(H_pre, H_res, tuple(lead), n)
-    V = vector_width(C, x.dtype.size, n, budget=PRE_VJP_RES_BUDGET)
+    # x's rows loaded with dh and g before the chunk's stores (the token's coefficients in
+    # registers) lost on the H200: 200.3 / 229.4 µs alone at 8- / 16-byte vectors against 176.4
+    # (docs/kernel-notes.md row 36; 166 registers at 16 bytes)
+    V = vector_width(C, x.dtype.size, n, budget=32)
     groups = _groups(T)
     rows = groups if shared else T
     gx, gp, gr = launch(
         PRE_VJP_RES, [x, hp, hr, dh.astype(x.dtype), g.astype(x.dtype), int_params(T, C)],
         [(x.shape, x.dtype), ((rows, n), F32), ((rows, n, n), F32)], groups * TOKEN_THREADS, TOKEN_THREADS,
-        [("T", x.dtype), ("N", n), ("V", V), ("SHARED", shared), ("LF", PRE_VJP_RES_LOADS_FIRST)],
+        [("T", x.dtype), ("N", n), ("V", V), ("SHARED", shared)],
     )
     if shared:
         gp, gr = mx.sum(gp, axis=0), mx.sum(gr, axis=0)
