@@ -156,8 +156,11 @@ def _dynamic_inputs(T, n, C, dtype):
 
 # "mma-ku1", "mma-ku4": the tensor-core form with 1 or 4 x loads per row and lane in a step
 # (coefficients_mma.X_UNROLL; "mma" runs the default, 2)
-FORMS = [("kernel", 16), ("kernel", 8), ("gemm", None), ("mma", None), ("mma-ku1", None), ("mma-ku4", None)]
-FORM_IDS = ["kernel-tb16", "kernel-tb8", "gemm", "mma", "mma-ku1", "mma-ku4"]
+# "mma-mt1", "mma-finish8": one token tile per warp (coefficients_mma.TOKEN_TILES), 8 tokens per
+# finishing block (FINISH_TOKENS) (candidates)
+FORMS = [("kernel", 16), ("kernel", 8), ("gemm", None), ("mma", None), ("mma-ku1", None), ("mma-ku4", None),
+         ("mma-mt1", None), ("mma-finish8", None)]
+FORM_IDS = ["kernel-tb16", "kernel-tb8", "gemm", "mma", "mma-ku1", "mma-ku4", "mma-mt1", "mma-finish8"]
 # the tensor-core kernel is CUDA only (never dispatched on Metal)
 FLAVOURED_FORMS = [pytest.param(fl, form, tb, id=f"{fl}-{fid}") for fl in FLAVOURS
                    for (form, tb), fid in zip(FORMS, FORM_IDS) if not (fl == "metal" and form.startswith("mma"))]
@@ -172,6 +175,12 @@ def test_dynamic_coefficients_forward(monkeypatch, flavour, form, tb, dtype, n, 
     monkeypatch.setattr(coefficients, "SMALL_TOKENS", 0)  # the tiled kernel at every T here
     if form.startswith("mma-ku"):
         monkeypatch.setattr(coefficients_mma, "X_UNROLL", int(form[-1]))
+        form = "mma"
+    if form == "mma-mt1":
+        monkeypatch.setattr(coefficients_mma, "TOKEN_TILES", 1)
+        form = "mma"
+    if form == "mma-finish8":
+        monkeypatch.setattr(coefficients_mma, "FINISH_TOKENS", 8)
         form = "mma"
     if form == "mma":
         monkeypatch.setattr(build, "gpu_backend", lambda: "cuda")
@@ -194,6 +203,9 @@ def test_dynamic_coefficients_forward(monkeypatch, flavour, form, tb, dtype, n, 
         assert "mhc_coefficients_dynamic_mma" in names
         mma_templates = [t for name, t, *_ in emu.launched if name == "mhc_coefficients_dynamic_mma"]
         assert all(t["KU"] == coefficients_mma.X_UNROLL for t in mma_templates)
+        assert all(t["MT"] == coefficients_mma.token_tiles_per_warp(t["NT"]) for t in mma_templates)
+        assert {t["TB"] for name, t, *_ in emu.launched
+                if name == "mhc_coefficients_dynamic_finish"} == {coefficients_mma.FINISH_TOKENS}
     if form == "kernel" or dtype == mx.float32:
         assert "mhc_coefficients_dynamic" in names
 
@@ -348,12 +360,14 @@ def test_tensor_core_dx_in_token_major_order(monkeypatch, n, C, T, acc):
 @pytest.mark.parametrize("pre,acc", [(False, True), (True, True), (True, False), (False, False)])
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
 @pytest.mark.parametrize("n,C,T", [(4, 48, 37), (4, 40, 70), (1, 33, 5), (3, 64, 20)])
-def test_tensor_core_dx_with_rows_loaded_together(monkeypatch, pre, acc, dtype, n, C, T):
+@pytest.mark.parametrize("tiles", [2, 1])  # DX_TOKEN_TILES
+def test_tensor_core_dx_with_rows_loaded_together(monkeypatch, pre, acc, dtype, n, C, T, tiles):
     # coefficients_mma_vjp.DX_RAW_ROWS (the default): every row's x and gacc loaded as vectors
     # before any dx is stored gives the same bits as the row-by-row form (the same sums in the
     # same order); C = 40 and 33 put lanes on the element-wise path beside vector ones
     x, phi, gs, c2, pre_in, gacc = _dx_inputs(n, C, T, dtype)
     args = (x, phi, gs, c2, pre_in if pre else None, gacc if acc else None)
+    monkeypatch.setattr(coefficients_mma_vjp, "DX_TOKEN_TILES", tiles)
     monkeypatch.setattr(coefficients_mma_vjp, "DX_RAW_ROWS", False)
     rows = coefficients_mma_vjp.dx(*args)
     monkeypatch.setattr(coefficients_mma_vjp, "DX_RAW_ROWS", True)
@@ -361,6 +375,9 @@ def test_tensor_core_dx_with_rows_loaded_together(monkeypatch, pre, acc, dtype, 
     together = coefficients_mma_vjp.dx(*args)
     assert [t["RAW"] for name, t, *_ in emu.launched if name == "mhc_coefficients_dynamic_vjp_dx_mma"] == [True]
     assert np.array_equal(np64(together), np64(rows))
+    if tiles == 1:  # one token tile per warp: the same products per tile, so the same bits as two
+        monkeypatch.setattr(coefficients_mma_vjp, "DX_TOKEN_TILES", 2)
+        assert np.array_equal(np64(coefficients_mma_vjp.dx(*args)), np64(together))
 
 
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])

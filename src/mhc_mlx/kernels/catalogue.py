@@ -106,15 +106,16 @@ def cuda_only_instances():
         for n in (1, 2, 4, 8):
             nt = coefficients_mma.n_tiles(n * (n + 2))
             for ku in (1, 2, 4):
-                out.append((coefficients_mma.MMA, (dt, BF16, I32), (F32, F32),
-                            [("T", dt), ("NT", nt), ("MT", coefficients_mma.token_tiles_per_warp(nt)),
-                             ("PB", coefficients_mma.PHI_PARTS), ("KU", ku)]))
+                for mt in sorted({coefficients_mma.token_tiles_per_warp(nt), 1}):
+                    out.append((coefficients_mma.MMA, (dt, BF16, I32), (F32, F32),
+                                [("T", dt), ("NT", nt), ("MT", mt), ("PB", coefficients_mma.PHI_PARTS), ("KU", ku)]))
     for n in (1, 2, 4, 8):
         nt = coefficients_mma.n_tiles(n * (n + 2))
         for ku in (1, 2, 4):
             out.append((coefficients_mma.PACK, (F32, I32), (BF16,),
                         [("NT", nt), ("PB", coefficients_mma.PHI_PARTS), ("KU", ku)]))
-        out.append((coefficients_mma.FINISH, (F32, F32, F32, F32, I32, F32), (F32,) * 5, [("N", n)]))
+        for tb in (32, 16, 8):
+            out.append((coefficients_mma.FINISH, (F32, F32, F32, F32, I32, F32), (F32,) * 5, [("N", n), ("TB", tb)]))
     vjp = coefficients_mma_vjp
     for parts in (2, 3):
         out.append((vjp.PACK_A, (F32, I32), (BF16,), [("P", parts)]))

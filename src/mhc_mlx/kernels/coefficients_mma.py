@@ -347,7 +347,7 @@ KDEV float mhc_sum_splits(const float* p, int64_t stride, int S) {
 """,
     body=r"""
   constexpr int W = N * (N + 2);
-  constexpr int TB = 32;  // FINISH_TOKENS
+  // TB: FINISH_TOKENS
   KSHARED float hbuf[TB * W];
   KSHARED float rbuf[TB];
   const int Ttok = iparam[0];
@@ -400,7 +400,12 @@ def n_tiles(W: int) -> int:
     return -(-W // 8)
 
 
+TOKEN_TILES = None  # candidate override of token_tiles_per_warp (gpu_experiments.py small-forms)
+
+
 def token_tiles_per_warp(NT: int) -> int:
+    if TOKEN_TILES:
+        return TOKEN_TILES
     # ptxas (sm_90a): n = 4 (NT = 3) uses 78 registers at MT = 2 (bf16; 104 for fp16) but 176
     # at MT = 4; n = 8 (NT = 10) 97 at MT = 1. Below ~100 registers 20+ warps fit on an SM.
     return 2 if NT <= 3 else 1
@@ -495,5 +500,5 @@ def dynamic_forward(x2, phi, alpha, bias, n: int, iters: int, eps: float):
         [part, ssq, alpha.astype(F32), bias.astype(F32),
          int_params(T, K, part.shape[0], iters, part.shape[2]), float_params(eps)],
         [((T, n), F32), ((T, n), F32), ((T, n, n), F32), ((T, W), F32), ((T,), F32)],
-        -(-T // FINISH_TOKENS) * FINISH_THREADS, FINISH_THREADS, [("N", n)],
+        -(-T // FINISH_TOKENS) * FINISH_THREADS, FINISH_THREADS, [("N", n), ("TB", FINISH_TOKENS)],
     )
