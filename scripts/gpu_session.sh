@@ -26,7 +26,7 @@
 #   bash scripts/gpu_session.sh glue-packs   # the glue kernel writing gs's fragments (candidate): checks, timings
 #   bash scripts/gpu_session.sh pending      # the glue packs and DX's vectorized pre share: checks, timings
 #   bash scripts/gpu_session.sh loads        # the tensor-core forward's launch size, DX's row loads: checks, timings
-#   bash scripts/gpu_session.sh small        # launch-shape candidates: forward token tiles, finish tokens, DX tiles
+#   bash scripts/gpu_session.sh small        # launch-shape candidates: finish tokens, DX tiles
 #   bash scripts/gpu_session.sh gpu-tests    # pytest -m gpu alone
 #   bash scripts/gpu_session.sh timeline     # pytest -m gpu alone, then nsys: each target case's kernels
 #                                            # in stream order with the gaps (defaults; glue packs + read step)
@@ -254,7 +254,7 @@ case "${1:-}" in
     run 240 experiments_load_forms python scripts/gpu_experiments.py load-forms
     ;;
   small)
-    # launch-shape candidates (forward token tiles, finish tokens, DX tiles), timings only
+    # launch-shape candidates (finish tokens, DX tiles), timings only
     run 200 experiments_small_forms python scripts/gpu_experiments.py small-forms
     ;;
   gpu-tests)

@@ -156,11 +156,10 @@ def _dynamic_inputs(T, n, C, dtype):
 
 # "mma-ku1", "mma-ku4": the tensor-core form with 1 or 4 x loads per row and lane in a step
 # (coefficients_mma.X_UNROLL; "mma" runs the default, 2)
-# "mma-mt1", "mma-finish8": one token tile per warp (coefficients_mma.TOKEN_TILES), 8 tokens per
-# finishing block (FINISH_TOKENS) (candidates)
+# "mma-finish8": 8 tokens per finishing block (coefficients_mma.FINISH_TOKENS, a template value)
 FORMS = [("kernel", 16), ("kernel", 8), ("gemm", None), ("mma", None), ("mma-ku1", None), ("mma-ku4", None),
-         ("mma-mt1", None), ("mma-finish8", None)]
-FORM_IDS = ["kernel-tb16", "kernel-tb8", "gemm", "mma", "mma-ku1", "mma-ku4", "mma-mt1", "mma-finish8"]
+         ("mma-finish8", None)]
+FORM_IDS = ["kernel-tb16", "kernel-tb8", "gemm", "mma", "mma-ku1", "mma-ku4", "mma-finish8"]
 # the tensor-core kernel is CUDA only (never dispatched on Metal)
 FLAVOURED_FORMS = [pytest.param(fl, form, tb, id=f"{fl}-{fid}") for fl in FLAVOURS
                    for (form, tb), fid in zip(FORMS, FORM_IDS) if not (fl == "metal" and form.startswith("mma"))]
@@ -175,9 +174,6 @@ def test_dynamic_coefficients_forward(monkeypatch, flavour, form, tb, dtype, n, 
     monkeypatch.setattr(coefficients, "SMALL_TOKENS", 0)  # the tiled kernel at every T here
     if form.startswith("mma-ku"):
         monkeypatch.setattr(coefficients_mma, "X_UNROLL", int(form[-1]))
-        form = "mma"
-    if form == "mma-mt1":
-        monkeypatch.setattr(coefficients_mma, "TOKEN_TILES", 1)
         form = "mma"
     if form == "mma-finish8":
         monkeypatch.setattr(coefficients_mma, "FINISH_TOKENS", 8)

@@ -106,9 +106,9 @@ def cuda_only_instances():
         for n in (1, 2, 4, 8):
             nt = coefficients_mma.n_tiles(n * (n + 2))
             for ku in (1, 2, 4):
-                for mt in sorted({coefficients_mma.token_tiles_per_warp(nt), 1}):
-                    out.append((coefficients_mma.MMA, (dt, BF16, I32), (F32, F32),
-                                [("T", dt), ("NT", nt), ("MT", mt), ("PB", coefficients_mma.PHI_PARTS), ("KU", ku)]))
+                out.append((coefficients_mma.MMA, (dt, BF16, I32), (F32, F32),
+                            [("T", dt), ("NT", nt), ("MT", coefficients_mma.token_tiles_per_warp(nt)),
+                             ("PB", coefficients_mma.PHI_PARTS), ("KU", ku)]))
     for n in (1, 2, 4, 8):
         nt = coefficients_mma.n_tiles(n * (n + 2))
         for ku in (1, 2, 4):

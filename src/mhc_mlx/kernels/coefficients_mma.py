@@ -400,12 +400,9 @@ def n_tiles(W: int) -> int:
     return -(-W // 8)
 
 
-TOKEN_TILES = None  # candidate override of token_tiles_per_warp (gpu_experiments.py small-forms)
-
-
 def token_tiles_per_warp(NT: int) -> int:
-    if TOKEN_TILES:
-        return TOKEN_TILES
+    # One token tile per warp at n = 4 (74 registers, 20-24 warps per SM) lost on the H200:
+    # partials alone 145.7-228.9 µs against 108.1 over launch sizes (docs/kernel-notes.md row 37).
     # ptxas (sm_90a): n = 4 (NT = 3) uses 78 registers at MT = 2 (bf16; 104 for fp16) but 176
     # at MT = 4; n = 8 (NT = 10) 97 at MT = 1. Below ~100 registers 20+ warps fit on an SM.
     return 2 if NT <= 3 else 1
