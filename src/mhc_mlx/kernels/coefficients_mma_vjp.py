@@ -443,9 +443,8 @@ DPHI = KernelSpec(
 
 
 # Candidate (coefficients.GLUE_PACKS; passed the H200 checks on 2026-11-30, not faster there
-# beyond the runs' spread; its after-split form timed, not checked: 672.1 against 674.2 µs on 2026-11-30, fourth
-# session, docs/kernel-notes.md row 37): the dynamic
-# backward's glue kernel also writes gs in the two fragment orders DX and DPHI read (as
+# beyond the runs' spread; its after-split form timed, not checked, in the fourth session: 672.1
+# against 674.2 µs, docs/kernel-notes.md row 37): the dynamic backward's glue kernel also writes gs in the two fragment orders DX and DPHI read (as
 # pack_a(gs, DX_PARTS) and pack_b(gs, DPHI_PARTS, False) would), saving their two launches
 # (26.9 µs per application chained for pack_a at 4096 tokens on the H200, docs/kernel-notes.md
 # row 28). Each thread of the glue owns one token, i.e. one row of gs: it re-reads the row it
