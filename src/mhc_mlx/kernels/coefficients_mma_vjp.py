@@ -200,24 +200,14 @@ __device__ __forceinline__ void mhc_dx_addends(float* o, PH hpre, PD dh, PA gacc
 }
 """
 
-DX = KernelSpec(
-    name="mhc_coefficients_dynamic_vjp_dx_mma",
-    inputs=("gsa", "phb", "xin", "ctwo", "hpre", "dh", "gacc", "iparam"),
-    outputs=("gx",),
-    helpers=PTX_MMA + DX_HELPERS,
-    body=r"""
-  const int Ttok = iparam[0];
-  const int K = iparam[1];
-  const int Cw = iparam[3];  // channels per stream (PRE)
-  const int kgroups = (K + 63) / 64;
+DX_GROUP = r"""
+// One warp's MT token tiles (token group tg) by one group of 64 k (kg) of DX: the products, then
+// dx written. Shared by DX (one group per warp) and DX_DPHI (a warp's groups along the tokens).
+template <typename T, int N, int MT, int KSW, bool PRE, bool ACC, bool RAW, typename PGA, typename PPB, typename PX,
+          typename PC, typename PH, typename PD, typename PA, typename PO>
+__device__ __forceinline__ void mhc_dx_group(PGA gsa, PPB phb, PX xin, PC ctwo, PH hpre, PD dh, PA gacc, PO gx,
+                                             int Ttok, int K, int Cw, int kg, int tg) {
   const int tt_all = (Ttok + 15) / 16;
-  const int tgroups = (tt_all + MT - 1) / MT;
-  const int gw = (int)(blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5));
-  if (gw >= tgroups * kgroups) return;  // whole warps only: mma.sync needs all 32 lanes
-  // TM: neighbouring warps share a token group (a block's 4 warps read 512 contiguous bytes of
-  // each row of x, gacc and dx); else a k group (phi's fragments stay in L1, rows 128 B apart)
-  const int kg = TM ? gw % kgroups : gw / tgroups;
-  const int tg = TM ? gw / kgroups : gw - kg * tgroups;
   const int lane = (int)(threadIdx.x & 31u);
   const int g = lane >> 2;
   const int c = lane & 3;
@@ -351,78 +341,79 @@ DX = KernelSpec(
       }
     }
   }
+}
+"""
+
+DX = KernelSpec(
+    name="mhc_coefficients_dynamic_vjp_dx_mma",
+    inputs=("gsa", "phb", "xin", "ctwo", "hpre", "dh", "gacc", "iparam"),
+    outputs=("gx",),
+    helpers=PTX_MMA + DX_HELPERS + DX_GROUP,
+    body=r"""
+  const int Ttok = iparam[0];
+  const int K = iparam[1];
+  const int Cw = iparam[3];  // channels per stream (PRE)
+  const int kgroups = (K + 63) / 64;
+  const int tt_all = (Ttok + 15) / 16;
+  const int tgroups = (tt_all + MT - 1) / MT;
+  const int gw = (int)(blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5));
+  if (gw >= tgroups * kgroups) return;  // whole warps only: mma.sync needs all 32 lanes
+  // TM: neighbouring warps share a token group (a block's 4 warps read 512 contiguous bytes of
+  // each row of x, gacc and dx); else a k group (phi's fragments stay in L1, rows 128 B apart)
+  const int kg = TM ? gw % kgroups : gw / tgroups;
+  const int tg = TM ? gw / kgroups : gw - kg * tgroups;
+  mhc_dx_group<T, N, MT, KSW, PRE, ACC, RAW>(gsa, phb, xin, ctwo, hpre, dh, gacc, gx, Ttok, K, Cw, kg, tg);
 """,
 )
 
 # dphi partials [S, K, 8 NT] = x^T gs over each split of the tokens. A warp owns 64 k (four
 # m-tiles: rows g, g + 8 of tile q are k = kb + 8g + 2q and kb + 8g + 2q + 1) and one split.
-DPHI = KernelSpec(
-    name="mhc_coefficients_dynamic_vjp_dphi_mma",
-    inputs=("xin", "pgs", "iparam"),
-    outputs=("part",),
-    helpers=PTX_MMA + X_PARTS + LOAD_X,
-    body=r"""
+DPHI_STEP = r"""
+// DPHI's step: 16 tokens from ts (below t1) into acc[q][j] for the lane's 8 k from kx (rows g,
+// g + 8 of m-tile q are k = kx + 2q and kx + 2q + 1). Shared by DPHI and DX_DPHI.
+template <typename T, int NT, int PG, typename PX, typename PGS>
+__device__ __forceinline__ void mhc_dphi_step(PX xin, PGS pgs, int t1, int K, int TS16, int ts, int kx, int lane, bool xvec,
+                                              float (&acc)[4][NT][4]) {
   constexpr int AP = mhc_x_parts<T>::count;
-  constexpr int WP = 8 * NT;
-  const int Ttok = iparam[0];
-  const int K = iparam[1];
-  const int TPS = iparam[2];  // tokens per split, a multiple of 16
-  const int S = iparam[3];
-  const int TS16 = (Ttok + 15) / 16;
-  const int kblocks = (K + 63) / 64;
-  const int gw = (int)(blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5));
-  if (gw >= kblocks * S) return;
-  const int split = gw / kblocks;  // neighbouring warps share a split (gs stays in L1/L2)
-  const int kb = (gw - split * kblocks) * 64;
-  const int lane = (int)(threadIdx.x & 31u);
-  const int g = lane >> 2;
   const int c = lane & 3;
-  const int kx = kb + 8 * g;
-  const int t0 = split * TPS;
-  const int t1 = min(Ttok, t0 + TPS);
-  const bool xvec = (K % 8 == 0) && ((reinterpret_cast<unsigned long long>(xin) & 15ull) == 0ull);
-  float acc[4][NT][4];
+  // tokens ts + 2c, ts + 2c + 1, ts + 2c + 8, ts + 2c + 9; word q = the pair (kx + 2q, kx + 2q + 1)
+  uint32_t xh[4][4], xl[4][4];
   #pragma unroll
-  for (int q = 0; q < 4; ++q) {
+  for (int u = 0; u < 4; ++u) {
+    const int t = ts + 2 * c + (u & 1) + 8 * (u >> 1);
+    uint32_t w[4];
+    mhc_load_x8<T>(t < t1 ? xin + (int64_t)t * K : nullptr, kx, K, xvec, w);
     #pragma unroll
-    for (int j = 0; j < NT; ++j) {
-      #pragma unroll
-      for (int e = 0; e < 4; ++e) acc[q][j][e] = 0.0f;
-    }
+    for (int q = 0; q < 4; ++q) mhc_x_parts<T>::split(w[q], xh[u][q], xl[u][q]);
   }
-  for (int ts = t0; ts < t1; ts += 16) {
-    // tokens ts + 2c, ts + 2c + 1, ts + 2c + 8, ts + 2c + 9; word q = the pair (kx + 2q, kx + 2q + 1)
-    uint32_t xh[4][4], xl[4][4];
+  const int step = ts / 16;
+  #pragma unroll
+  for (int j = 0; j < NT; ++j) {
     #pragma unroll
-    for (int u = 0; u < 4; ++u) {
-      const int t = ts + 2 * c + (u & 1) + 8 * (u >> 1);
-      uint32_t w[4];
-      mhc_load_x8<T>(t < t1 ? xin + (int64_t)t * K : nullptr, kx, K, xvec, w);
+    for (int p = 0; p < PG; ++p) {
+      const uint2 bv = *reinterpret_cast<const uint2*>(pgs + ((((int64_t)j * TS16 + step) * PG + p) * 32 + lane) * 4);
       #pragma unroll
-      for (int q = 0; q < 4; ++q) mhc_x_parts<T>::split(w[q], xh[u][q], xl[u][q]);
-    }
-    const int step = ts / 16;
-    #pragma unroll
-    for (int j = 0; j < NT; ++j) {
-      #pragma unroll
-      for (int p = 0; p < PG; ++p) {
-        const uint2 bv = *reinterpret_cast<const uint2*>(pgs + ((((int64_t)j * TS16 + step) * PG + p) * 32 + lane) * 4);
+      for (int q = 0; q < 4; ++q) {
         #pragma unroll
-        for (int q = 0; q < 4; ++q) {
-          #pragma unroll
-          for (int part = 0; part < AP; ++part) {
-            uint32_t (&xs)[4][4] = part == 0 ? xh : xl;
-            const uint32_t af[4] = {
-              (xs[0][q] & 0xffffu) | (xs[1][q] << 16),          // row g (k even), tokens 2c, 2c+1
-              (xs[0][q] >> 16) | (xs[1][q] & 0xffff0000u),      // row g + 8 (k odd)
-              (xs[2][q] & 0xffffu) | (xs[3][q] << 16),          // row g, tokens 2c+8, 2c+9
-              (xs[2][q] >> 16) | (xs[3][q] & 0xffff0000u)};     // row g + 8
-            mhc_mma_bf16(acc[q][j], af, bv.x, bv.y);
-          }
+        for (int part = 0; part < AP; ++part) {
+          uint32_t (&xs)[4][4] = part == 0 ? xh : xl;
+          const uint32_t af[4] = {
+            (xs[0][q] & 0xffffu) | (xs[1][q] << 16),          // row g (k even), tokens 2c, 2c+1
+            (xs[0][q] >> 16) | (xs[1][q] & 0xffff0000u),      // row g + 8 (k odd)
+            (xs[2][q] & 0xffffu) | (xs[3][q] << 16),          // row g, tokens 2c+8, 2c+9
+            (xs[2][q] >> 16) | (xs[3][q] & 0xffff0000u)};     // row g + 8
+          mhc_mma_bf16(acc[q][j], af, bv.x, bv.y);
         }
       }
     }
   }
+}
+
+// acc -> part[split, k, 8 NT] at the lane's k (kx + 2q + h) and columns 8j + 2c, 8j + 2c + 1
+template <int NT, typename PP>
+__device__ __forceinline__ void mhc_dphi_store(PP part, int split, int K, int kx, int lane, const float (&acc)[4][NT][4]) {
+  constexpr int WP = 8 * NT;
+  const int c = lane & 3;
   #pragma unroll
   for (int q = 0; q < 4; ++q) {
     #pragma unroll
@@ -438,6 +429,41 @@ DPHI = KernelSpec(
       }
     }
   }
+}
+"""
+
+DPHI = KernelSpec(
+    name="mhc_coefficients_dynamic_vjp_dphi_mma",
+    inputs=("xin", "pgs", "iparam"),
+    outputs=("part",),
+    helpers=PTX_MMA + X_PARTS + LOAD_X + DPHI_STEP,
+    body=r"""
+  const int Ttok = iparam[0];
+  const int K = iparam[1];
+  const int TPS = iparam[2];  // tokens per split, a multiple of 16
+  const int S = iparam[3];
+  const int TS16 = (Ttok + 15) / 16;
+  const int kblocks = (K + 63) / 64;
+  const int gw = (int)(blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5));
+  if (gw >= kblocks * S) return;
+  const int split = gw / kblocks;  // neighbouring warps share a split (gs stays in L1/L2)
+  const int kb = (gw - split * kblocks) * 64;
+  const int lane = (int)(threadIdx.x & 31u);
+  const int kx = kb + 8 * (lane >> 2);
+  const int t0 = split * TPS;
+  const int t1 = min(Ttok, t0 + TPS);
+  const bool xvec = (K % 8 == 0) && ((reinterpret_cast<unsigned long long>(xin) & 15ull) == 0ull);
+  float acc[4][NT][4];
+  #pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    #pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      #pragma unroll
+      for (int e = 0; e < 4; ++e) acc[q][j][e] = 0.0f;
+    }
+  }
+  for (int ts = t0; ts < t1; ts += 16) mhc_dphi_step<T, NT, PG>(xin, pgs, t1, K, TS16, ts, kx, lane, xvec, acc);
+  mhc_dphi_store<NT>(part, split, K, kx, lane, acc);
 """,
 )
 
