@@ -346,6 +346,9 @@ SWITCHES = {
     "--dx-row-by-row": (coefficients_mma_vjp, "DX_RAW_ROWS", False,
                         "the tensor-core DX loads each row's gacc after storing the row before "
                         "(coefficients_mma_vjp.DX_RAW_ROWS = False; by default every row's x and gacc together)"),
+    "--dx-dphi-one-pass": (coefficients_mma_vjp, "DX_DPHI_ONE_PASS", True,
+                           "candidate: the tensor-core backward's DX and dphi in one launch, x read from DRAM "
+                           "once for both (coefficients_mma_vjp.DX_DPHI_ONE_PASS)"),
     "--sinkhorn-warp-vjp": (sinkhorn, "THREAD_VJP_MAX_WORK", 0,
                             "use the warp-form Sinkhorn backward everywhere (sinkhorn.THREAD_VJP_MAX_WORK = 0; "
                             "the default takes one thread per matrix for n <= 4)"),

@@ -17,6 +17,7 @@ copy floor two ways, and where B=1 latency goes (Python graph building vs the ev
     python scripts/gpu_experiments.py dx-order  (only DX's warps token-group first vs k-group first)
     python scripts/gpu_experiments.py load-forms  (only the tensor-core forward's launch size and DX's row loads)
     python scripts/gpu_experiments.py small-forms  (only launch-shape candidates: finish tokens, DX tiles)
+    python scripts/gpu_experiments.py one-pass  (only DX and dphi in one launch vs two)
     python scripts/gpu_experiments.py glue-threads  (only the glue kernel's group size, and the fragment packs)
     python scripts/gpu_experiments.py b1 [ncu]  (only the B = 1 layer kernel by Sinkhorn iterations)
 """
@@ -848,6 +849,35 @@ def small_forms(rounds=5):
     alternated_settings("dx token tiles", dx_rows, {f"{m} tiles": [(cmv, "DX_TOKEN_TILES", m)] for m in (2, 1)}, rounds)
 
 
+def one_pass(rounds=5):
+    """DX and dphi in one launch (coefficients_mma_vjp.DX_DPHI_ONE_PASS, candidate) against the
+    two launches, alternated `rounds` times: the two products alone at 4096x4x4096 (chained: each
+    application's dx is the next one's gacc and its dphi feeds the next phi, so both are
+    computed), at one and two token tiles per step; then the dynamic site's fwd+bwd there."""
+    from mhc_mlx.kernels import coefficients_mma_vjp as cmv
+
+    T, K, W = 4096, 16384, 24
+    x = mx.random.normal((T, K)).astype(mx.bfloat16)
+    phi = 0.01 * mx.random.normal((K, W))
+    gs, c2 = mx.random.normal((T, W)), mx.random.normal((T,))
+    gacc = mx.random.normal((T, K)).astype(mx.bfloat16)
+    mx.eval(x, phi, gs, c2, gacc)
+
+    def step(carry):
+        g, p = carry
+        d, dp = cmv.vjp_x_phi(x, p, gs, c2, None, g)
+        return d, p + 1e-30 * mx.sum(dp)
+
+    rows = {"dx + dphi alone (gacc)": lambda: chain_us(step, (gacc, phi), chain_len=10)}
+    rows.update(case_rows(("dynamic", "fwd+bwd", (4096, 4, 4096), "throughput")))
+    forms = {"two launches": [(cmv, "DX_DPHI_ONE_PASS", False)],
+             "one pass": [(cmv, "DX_DPHI_ONE_PASS", True), (cmv, "DX_DPHI_TOKEN_TILES", 1)],
+             "one pass, 2 tiles": [(cmv, "DX_DPHI_ONE_PASS", True), (cmv, "DX_DPHI_TOKEN_TILES", 2)],
+             "one pass, 2048 warps": [(cmv, "DX_DPHI_ONE_PASS", True), (cmv, "DX_DPHI_TOKEN_TILES", 1),
+                                      (cmv, "DX_DPHI_TARGET_WARPS", 2048)]}
+    alternated_settings("dx+dphi", rows, forms, rounds)
+
+
 # One part of the experiments alone (the module docstring lists them): mode -> function
 MODES = {
     "headers": header_sizes,
@@ -866,6 +896,7 @@ MODES = {
     "dx-order": dx_order,
     "load-forms": load_forms,
     "small-forms": small_forms,
+    "one-pass": one_pass,
 }
 
 

@@ -376,6 +376,33 @@ def test_tensor_core_dx_with_rows_loaded_together(monkeypatch, pre, acc, dtype, 
         assert np.array_equal(np64(coefficients_mma_vjp.dx(*args)), np64(together))
 
 
+@pytest.mark.parametrize("pre,acc", [(False, True), (True, True), (False, False)])
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
+@pytest.mark.parametrize("n,C,T,warps", [(4, 48, 37, 16), (4, 40, 70, 1), (1, 33, 5, 64), (3, 64, 100, 8),
+                                         (2, 16, 130, 4)])
+@pytest.mark.parametrize("tiles", [1, 2])  # DX_DPHI_TOKEN_TILES
+def test_tensor_core_dx_and_dphi_in_one_pass(monkeypatch, pre, acc, dtype, n, C, T, warps, tiles):
+    # coefficients_mma_vjp.DX_DPHI_ONE_PASS (candidate): one launch gives DX's dx bit for bit and
+    # dphi as DPHI does up to the order of its split sums (warps: the launch size, so one split
+    # or several, the last one partial; K not a multiple of 64 for C = 40, 33; float16 x in two
+    # bfloat16 parts)
+    x, phi, gs, c2, pre_in, gacc = _dx_inputs(n, C, T, dtype)
+    args = (x, phi, gs, c2, pre_in if pre else None, gacc if acc else None)
+    monkeypatch.setattr(coefficients_mma_vjp, "DX_DPHI_TOKEN_TILES", tiles)
+    monkeypatch.setattr(coefficients_mma_vjp, "DX_DPHI_TARGET_WARPS", warps)
+    want_dx, want_dphi = coefficients_mma_vjp.vjp_x_phi(*args)
+    monkeypatch.setattr(coefficients_mma_vjp, "DX_DPHI_ONE_PASS", True)
+    emu.launched.clear()
+    got_dx, got_dphi = coefficients_mma_vjp.vjp_x_phi(*args)
+    names = [name for name, *_ in emu.launched]
+    assert [t["MT"] for name, t, *_ in emu.launched if name == "mhc_coefficients_dynamic_vjp_dx_dphi_mma"] == [tiles]
+    assert "mhc_coefficients_dynamic_vjp_dx_mma" not in names and "mhc_coefficients_dynamic_vjp_dphi_mma" not in names
+    assert np.array_equal(np64(got_dx), np64(want_dx))  # NaN (an unwritten element) fails too
+    x64, gs64 = np64(x).reshape(T, -1), np64(gs)
+    assert rel(got_dphi, x64.T @ gs64) <= 1e-5  # float32 accuracy, as DPHI's
+    assert rel(got_dphi, want_dphi) <= 1e-6
+
+
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
 @pytest.mark.parametrize("n,C,T", [(4, 48, 37), (2, 128, 20), (4, 4096 // 64, 3)])
 def test_tensor_core_dx_pre_share_by_vectors(monkeypatch, dtype, n, C, T):
@@ -883,7 +910,7 @@ def test_tensor_core_coefficient_backward_adds_the_chained_x_cotangent(monkeypat
 
 
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
-@pytest.mark.parametrize("form", ["two ops", "read step", "tensor-core backward", "static"])
+@pytest.mark.parametrize("form", ["two ops", "read step", "tensor-core backward", "tensor-core one pass", "static"])
 @pytest.mark.parametrize("use", ["site", "pre and post", "pre only", "post with other x", "post twice", "res too"])
 @pytest.mark.parametrize("defer", [False, True])
 def test_hyper_connection_with_the_chained_x_cotangent(monkeypatch, defer, dtype, form, use):
@@ -903,7 +930,9 @@ def test_hyper_connection_with_the_chained_x_cotangent(monkeypatch, defer, dtype
     monkeypatch.setattr(kernels, "on_gpu", build.on_gpu)
     monkeypatch.setattr(kernels, "CHAIN_X_COTANGENT", True)
     monkeypatch.setattr(kernels, "FUSED_READ_STEP", form == "read step")
-    monkeypatch.setattr(coefficients, "MMA_VJP", form == "tensor-core backward")
+    monkeypatch.setattr(coefficients, "MMA_VJP", form.startswith("tensor-core"))
+    # "tensor-core one pass": DX and dphi in one launch (coefficients_mma_vjp.DX_DPHI_ONE_PASS)
+    monkeypatch.setattr(coefficients_mma_vjp, "DX_DPHI_ONE_PASS", form == "tensor-core one pass")
     n, C, T = 4, 24, 5
     hc = mhc.HyperConnection(C, n, dynamic=form != "static", init="paper")
     W = n * (n + 2)
@@ -943,6 +972,8 @@ def test_hyper_connection_with_the_chained_x_cotangent(monkeypatch, defer, dtype
     assert chained_kernels & set(launched), launched
     deferred = defer and form != "read step"
     assert ("mhc_pre_vjp_res" in launched) == deferred, launched
+    one_pass = form == "tensor-core one pass" and dtype != mx.float32  # tensor cores take 16-bit x
+    assert ("mhc_coefficients_dynamic_vjp_dx_dphi_mma" in launched) == one_pass, launched
     post_vjps = [t for name, t, *_ in emu.launched if name == "mhc_post_vjp"]
     if use != "pre only":  # deferred where post reads the chained x'
         assert [t["DEFER"] for t in post_vjps] == [deferred and use != "post with other x"] * len(post_vjps)

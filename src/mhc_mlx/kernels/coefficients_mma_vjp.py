@@ -468,6 +468,62 @@ DPHI = KernelSpec(
 )
 
 
+# Candidate (DX_DPHI_ONE_PASS; written 2026-11-30, fourth session, after its device time; not yet
+# run on a GPU): DX and dphi in one pass over x. DX and DPHI each read x from DRAM (24C and 8C
+# bytes per token at n = 4, bf16; the timeline had them at 182.1 and 72.9 µs side by side, ~2.9
+# TB/s together). Here a warp owns one group of 64 k and one split of the tokens and walks the
+# split MT token tiles at a time: DX's group (products, dx written), then DPHI's steps on the same
+# tiles and k, whose x loads hit the lines DX's loads just brought in (L1, else L2), so x comes
+# from DRAM once for both: 24C instead of 32C. A block's warps take neighbouring k groups of the
+# same tokens (512 contiguous bytes per row, as DX_TOKEN_MAJOR). dphi's partials [S, K, 8 NT] as
+# DPHI's, over this kernel's splits.
+DX_DPHI_ONE_PASS = False
+# nvcc (sm_90a), n = 4, 16-bit x: 181 registers at one token tile per step, 255 at two; either
+# way 2 blocks of 4 warps per SM, 1056 warps resident on 132 SMs, so 1024 make one wave
+DX_DPHI_TOKEN_TILES = 1
+DX_DPHI_TARGET_WARPS = 1024
+DX_DPHI = KernelSpec(
+    name="mhc_coefficients_dynamic_vjp_dx_dphi_mma",
+    inputs=("gsa", "phb", "xin", "ctwo", "hpre", "dh", "gacc", "pgs", "iparam"),
+    outputs=("gx", "part"),
+    helpers=PTX_MMA + X_PARTS + LOAD_X + DX_HELPERS + DX_GROUP + DPHI_STEP,
+    body=r"""
+  const int Ttok = iparam[0];
+  const int K = iparam[1];
+  const int TPS = iparam[2];  // tokens per split, a multiple of 16 MT
+  const int Cw = iparam[3];   // channels per stream (PRE)
+  const int S = iparam[4];
+  const int kgroups = (K + 63) / 64;
+  const int TS16 = (Ttok + 15) / 16;
+  const int gw = (int)(blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5));
+  if (gw >= kgroups * S) return;  // whole warps only: mma.sync needs all 32 lanes
+  const int kg = gw % kgroups;
+  const int split = gw / kgroups;
+  const int lane = (int)(threadIdx.x & 31u);
+  const int kx = 64 * kg + 8 * (lane >> 2);  // DPHI's 8 k of this lane
+  const int t0 = split * TPS;
+  const int t1 = min(Ttok, t0 + TPS);
+  const bool xvec = (K % 8 == 0) && KALIGNED16(xin);
+  float acc[4][NT][4];
+  #pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    #pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      #pragma unroll
+      for (int e = 0; e < 4; ++e) acc[q][j][e] = 0.0f;
+    }
+  }
+  for (int ts = t0; ts < t1; ts += 16 * MT) {
+    mhc_dx_group<T, N, MT, KSW, PRE, ACC, RAW>(gsa, phb, xin, ctwo, hpre, dh, gacc, gx, Ttok, K, Cw, kg, ts / (16 * MT));
+    #pragma unroll
+    for (int m = 0; m < MT; ++m) {
+      if (ts + 16 * m < t1) mhc_dphi_step<T, NT, PG>(xin, pgs, t1, K, TS16, ts + 16 * m, kx, lane, xvec, acc);
+    }
+  }
+  mhc_dphi_store<NT>(part, split, K, kx, lane, acc);
+""",
+)
+
 # Candidate (coefficients.GLUE_PACKS; passed the H200 checks on 2026-11-30, not faster there
 # beyond the runs' spread; its after-split form timed, not checked, in the fourth session: 672.1
 # against 674.2 µs, docs/kernel-notes.md row 37): the dynamic backward's glue kernel also writes gs in the two fragment orders DX and DPHI read (as
@@ -548,6 +604,16 @@ def pack_b(src: mx.array, parts: int, transposed: bool, perm64: bool = False) ->
                   -(-total // 256) * 256, 256, [("P", parts), ("TRANS", transposed), ("PERM64", perm64)])[0]
 
 
+def _dx_extras(x2, T, K, n, pre, gacc):
+    """DX's optional inputs: (H_pre, dh, PRE) and gacc, or one-element stand-ins."""
+    if pre is None:
+        hpre, dh, flag = mx.zeros((1,), F32), mx.zeros((1,), x2.dtype), False
+    else:
+        hpre, dh, flag = pre[0].astype(F32).reshape(T, n), pre[1].astype(x2.dtype).reshape(T, K // n), True
+    acc = mx.zeros((1,), x2.dtype) if gacc is None else gacc.astype(x2.dtype).reshape(T, K)
+    return hpre, dh, flag, acc
+
+
 def dx(x2, phi, gs, c2, pre=None, gacc=None, gsa=None):
     """dx [T, K] in x's dtype; pre: (H_pre [T, n], dh [T, C]) adds pre's share, gacc (any shape of
     T * K elements) adds x's cotangent from later in the site, both in the same pass. gsa: gs
@@ -559,11 +625,7 @@ def dx(x2, phi, gs, c2, pre=None, gacc=None, gsa=None):
     tgroups = -(-(-(-T // 16)) // DX_TOKEN_TILES)
     kgroups = -(-K // 64)
     warps = tgroups * kgroups
-    if pre is None:
-        hpre, dh, flag = mx.zeros((1,), F32), mx.zeros((1,), x2.dtype), False
-    else:
-        hpre, dh, flag = pre[0].astype(F32).reshape(T, n), pre[1].astype(x2.dtype).reshape(T, K // n), True
-    acc = mx.zeros((1,), x2.dtype) if gacc is None else gacc.astype(x2.dtype).reshape(T, K)
+    hpre, dh, flag, acc = _dx_extras(x2, T, K, n, pre, gacc)
     return launch(
         DX, [pack_a(gs, DX_PARTS) if gsa is None else gsa, pack_b(phi, DX_PARTS, True, perm64=True), x2, c2.astype(F32), hpre, dh, acc,
              int_params(T, K, 0, K // n)],
@@ -593,8 +655,38 @@ def dphi(x2, gs, gsb=None):
     return mx.sum(part, axis=0)[:, :W]
 
 
+def dx_dphi(x2, phi, gs, c2, pre=None, gacc=None, packed=None):
+    """(dx, dphi) as (dx(...), dphi(...)) in one launch (DX_DPHI, candidate DX_DPHI_ONE_PASS)."""
+    T, K = x2.shape
+    W = phi.shape[1]
+    n = round((W + 1) ** 0.5) - 1
+    NT = -(-W // 8)
+    gsa, gsb = packed if packed is not None else (None, None)
+    hpre, dh, flag, acc = _dx_extras(x2, T, K, n, pre, gacc)
+    kgroups = -(-K // 64)
+    mt = DX_DPHI_TOKEN_TILES
+    steps = -(-T // (16 * mt))
+    splits = max(1, min(-(-DX_DPHI_TARGET_WARPS // kgroups), steps))
+    tps = 16 * mt * -(-steps // splits)
+    splits = -(-T // tps)
+    warps = kgroups * splits
+    gx, part = launch(
+        DX_DPHI,
+        [pack_a(gs, DX_PARTS) if gsa is None else gsa, pack_b(phi, DX_PARTS, True, perm64=True), x2,
+         c2.astype(F32), hpre, dh, acc, pack_b(gs, DPHI_PARTS, False) if gsb is None else gsb,
+         int_params(T, K, tps, K // n, splits)],
+        [((T, K), x2.dtype), ((splits, K, 8 * NT), F32)],
+        -(-warps // WARPS_PER_BLOCK) * WARPS_PER_BLOCK * 32, WARPS_PER_BLOCK * 32,
+        [("T", x2.dtype), ("N", n), ("MT", mt), ("KSW", -(-W // 16)), ("PRE", flag),
+         ("ACC", gacc is not None), ("RAW", DX_RAW_ROWS), ("NT", NT), ("PG", DPHI_PARTS)],
+    )
+    return gx, mx.sum(part, axis=0)[:, :W]
+
+
 def vjp_x_phi(x2, phi, gs, c2, pre=None, gacc=None, packed=None):
     """(dxf [T, K] in x's dtype, dphi [K, W] float32), as coefficients.dynamic_vjp_x_phi.
     packed: (gsa, gsb), gs in both fragment orders (glue_packs_spec), or None."""
+    if DX_DPHI_ONE_PASS:
+        return dx_dphi(x2, phi, gs, c2, pre, gacc, packed)
     gsa, gsb = packed if packed is not None else (None, None)
     return dx(x2, phi, gs, c2, pre, gacc, gsa), dphi(x2, gs, gsb)
