@@ -853,7 +853,8 @@ def one_pass(rounds=5):
     """DX and dphi in one launch (coefficients_mma_vjp.DX_DPHI_ONE_PASS, candidate) against the
     two launches, alternated `rounds` times: the two products alone at 4096x4x4096 (chained: each
     application's dx is the next one's gacc and its dphi feeds the next phi, so both are
-    computed), at one and two token tiles per step; then the dynamic site's fwd+bwd there."""
+    computed), at one and two token tiles per step, 1024 or 2048 warps, with the next step's rows
+    asked of L2 or not; then the dynamic site's fwd+bwd there."""
     from mhc_mlx.kernels import coefficients_mma_vjp as cmv
 
     T, K, W = 4096, 16384, 24
@@ -874,7 +875,9 @@ def one_pass(rounds=5):
              "one pass": [(cmv, "DX_DPHI_ONE_PASS", True), (cmv, "DX_DPHI_TOKEN_TILES", 1)],
              "one pass, 2 tiles": [(cmv, "DX_DPHI_ONE_PASS", True), (cmv, "DX_DPHI_TOKEN_TILES", 2)],
              "one pass, 2048 warps": [(cmv, "DX_DPHI_ONE_PASS", True), (cmv, "DX_DPHI_TOKEN_TILES", 1),
-                                      (cmv, "DX_DPHI_TARGET_WARPS", 2048)]}
+                                      (cmv, "DX_DPHI_TARGET_WARPS", 2048)],
+             "one pass, no prefetch": [(cmv, "DX_DPHI_ONE_PASS", True), (cmv, "DX_DPHI_TOKEN_TILES", 1),
+                                       (cmv, "DX_DPHI_PREFETCH", False)]}
     alternated_settings("dx+dphi", rows, forms, rounds)
 
 

@@ -380,8 +380,8 @@ def test_tensor_core_dx_with_rows_loaded_together(monkeypatch, pre, acc, dtype, 
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
 @pytest.mark.parametrize("n,C,T,warps", [(4, 48, 37, 16), (4, 40, 70, 1), (1, 33, 5, 64), (3, 64, 100, 8),
                                          (2, 16, 130, 4)])
-@pytest.mark.parametrize("tiles", [1, 2])  # DX_DPHI_TOKEN_TILES
-def test_tensor_core_dx_and_dphi_in_one_pass(monkeypatch, pre, acc, dtype, n, C, T, warps, tiles):
+@pytest.mark.parametrize("tiles,prefetch", [(1, True), (2, True), (1, False)])  # DX_DPHI_TOKEN_TILES, _PREFETCH
+def test_tensor_core_dx_and_dphi_in_one_pass(monkeypatch, pre, acc, dtype, n, C, T, warps, tiles, prefetch):
     # coefficients_mma_vjp.DX_DPHI_ONE_PASS (candidate): one launch gives DX's dx bit for bit and
     # dphi as DPHI does up to the order of its split sums (warps: the launch size, so one split
     # or several, the last one partial; K not a multiple of 64 for C = 40, 33; float16 x in two
@@ -390,12 +390,14 @@ def test_tensor_core_dx_and_dphi_in_one_pass(monkeypatch, pre, acc, dtype, n, C,
     args = (x, phi, gs, c2, pre_in if pre else None, gacc if acc else None)
     monkeypatch.setattr(coefficients_mma_vjp, "DX_DPHI_TOKEN_TILES", tiles)
     monkeypatch.setattr(coefficients_mma_vjp, "DX_DPHI_TARGET_WARPS", warps)
+    monkeypatch.setattr(coefficients_mma_vjp, "DX_DPHI_PREFETCH", prefetch)
     want_dx, want_dphi = coefficients_mma_vjp.vjp_x_phi(*args)
     monkeypatch.setattr(coefficients_mma_vjp, "DX_DPHI_ONE_PASS", True)
     emu.launched.clear()
     got_dx, got_dphi = coefficients_mma_vjp.vjp_x_phi(*args)
     names = [name for name, *_ in emu.launched]
-    assert [t["MT"] for name, t, *_ in emu.launched if name == "mhc_coefficients_dynamic_vjp_dx_dphi_mma"] == [tiles]
+    assert [(t["MT"], t["PF"]) for name, t, *_ in emu.launched
+            if name == "mhc_coefficients_dynamic_vjp_dx_dphi_mma"] == [(tiles, prefetch)]
     assert "mhc_coefficients_dynamic_vjp_dx_mma" not in names and "mhc_coefficients_dynamic_vjp_dphi_mma" not in names
     assert np.array_equal(np64(got_dx), np64(want_dx))  # NaN (an unwritten element) fails too
     x64, gs64 = np64(x).reshape(T, -1), np64(gs)

@@ -130,10 +130,11 @@ def cuda_only_instances():
                                 [("T", dt), ("N", n), ("MT", vjp.DX_TOKEN_TILES), ("KSW", -(-W // 16)), ("PRE", pre),
                                  ("ACC", acc), ("TM", tm), ("RAW", raw)]))
             out.append((vjp.DPHI, (dt, BF16, I32), (F32,), [("T", dt), ("NT", -(-W // 8)), ("PG", vjp.DPHI_PARTS)]))
-            for pre, acc, mt in ((False, True, 2), (True, True, 2), (False, False, 2), (False, True, 1)):
+            for pre, acc, mt, pf in ((False, True, 1, True), (True, True, 1, True), (False, False, 1, True),
+                                     (False, True, 2, True), (False, True, 1, False)):
                 out.append((vjp.DX_DPHI, (BF16, BF16, dt, F32, F32, dt, dt, BF16, I32), (dt, F32),
                             [("T", dt), ("N", n), ("MT", mt), ("KSW", -(-W // 16)), ("PRE", pre), ("ACC", acc),
-                             ("RAW", True), ("NT", -(-W // 8)), ("PG", vjp.DPHI_PARTS)]))
+                             ("RAW", True), ("NT", -(-W // 8)), ("PG", vjp.DPHI_PARTS), ("PF", pf)]))
     for n, gt in ((1, 128), (4, 128), (4, 32)):
         for after in (False, True):
             out.append((vjp.glue_packs_spec(after), (F32,) * 9 + (I32,), (F32, F32, F32, BF16, BF16),

@@ -478,10 +478,14 @@ DPHI = KernelSpec(
 # same tokens (512 contiguous bytes per row, as DX_TOKEN_MAJOR). dphi's partials [S, K, 8 NT] as
 # DPHI's, over this kernel's splits.
 DX_DPHI_ONE_PASS = False
-# nvcc (sm_90a), n = 4, 16-bit x: 181 registers at one token tile per step, 255 at two; either
-# way 2 blocks of 4 warps per SM, 1056 warps resident on 132 SMs, so 1024 make one wave
+# nvcc (sm_90a), n = 4, 16-bit x: 168-185 registers at one token tile per step, 255 at two;
+# either way 2 blocks of 4 warps per SM, 1056 warps resident on 132 SMs, so 1024 make one wave
 DX_DPHI_TOKEN_TILES = 1
 DX_DPHI_TARGET_WARPS = 1024
+# With 8 warps per SM each walking its split step by step, a step's loads wait on DRAM with
+# little else in flight: the next step's rows are asked of L2 first (PF; no registers), as the
+# layer kernels' PREFETCH_TOKENS did (docs/kernel-notes.md row 18).
+DX_DPHI_PREFETCH = True
 DX_DPHI = KernelSpec(
     name="mhc_coefficients_dynamic_vjp_dx_dphi_mma",
     inputs=("gsa", "phb", "xin", "ctwo", "hpre", "dh", "gacc", "pgs", "iparam"),
@@ -514,6 +518,16 @@ DX_DPHI = KernelSpec(
     }
   }
   for (int ts = t0; ts < t1; ts += 16 * MT) {
+    if (PF) {
+      // the next step's rows of x (and gacc) asked of L2 while this step runs: the warp's 64 k
+      // of a row are one 128-byte line, one lane per row and array
+      const int tn = ts + 16 * MT;
+      for (int i = lane; i < 16 * MT * (ACC ? 2 : 1); i += 32) {
+        const int t = tn + i % (16 * MT);
+        const int64_t off = (int64_t)t * K + 64 * kg;
+        if (t < t1) KPREFETCH_L2(i < 16 * MT ? (const void*)(xin + off) : (const void*)(gacc + off));
+      }
+    }
     mhc_dx_group<T, N, MT, KSW, PRE, ACC, RAW>(gsa, phb, xin, ctwo, hpre, dh, gacc, gx, Ttok, K, Cw, kg, ts / (16 * MT));
     #pragma unroll
     for (int m = 0; m < MT; ++m) {
@@ -678,7 +692,8 @@ def dx_dphi(x2, phi, gs, c2, pre=None, gacc=None, packed=None):
         [((T, K), x2.dtype), ((splits, K, 8 * NT), F32)],
         -(-warps // WARPS_PER_BLOCK) * WARPS_PER_BLOCK * 32, WARPS_PER_BLOCK * 32,
         [("T", x2.dtype), ("N", n), ("MT", mt), ("KSW", -(-W // 16)), ("PRE", flag),
-         ("ACC", gacc is not None), ("RAW", DX_RAW_ROWS), ("NT", NT), ("PG", DPHI_PARTS)],
+         ("ACC", gacc is not None), ("RAW", DX_RAW_ROWS), ("NT", NT), ("PG", DPHI_PARTS),
+         ("PF", DX_DPHI_PREFETCH)],
     )
     return gx, mx.sum(part, axis=0)[:, :W]
 
