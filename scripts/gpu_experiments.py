@@ -773,6 +773,17 @@ def defer_post(rounds=5):
                          "chain + defer": [(kernels, "DEFER_POST_X", True)] + chain}, rounds)
 
 
+def products_inputs(T=4096, K=16384, W=24):
+    """The tensor-core products' arrays at 4096x4x4096 (n = 4), evaluated: x [T, K] bf16, phi
+    [K, W], gs [T, W], c2 [T] and gacc [T, K] bf16."""
+    x = mx.random.normal((T, K)).astype(mx.bfloat16)
+    phi = 0.01 * mx.random.normal((K, W))
+    gs, c2 = mx.random.normal((T, W)), mx.random.normal((T,))
+    gacc = mx.random.normal((T, K)).astype(mx.bfloat16)
+    mx.eval(x, phi, gs, c2, gacc)
+    return x, phi, gs, c2, gacc
+
+
 def dx_order(rounds=5):
     """The tensor-core DX kernel's warps in token-group-first order
     (coefficients_mma_vjp.DX_TOKEN_MAJOR, candidate) against k-group-first, alternated `rounds`
@@ -783,12 +794,7 @@ def dx_order(rounds=5):
     rows = case_rows(("dynamic", "fwd+bwd", (4096, 4, 4096), "throughput"))
     forms = {"k groups first": [(cmv, "DX_TOKEN_MAJOR", False)], "token groups first": [(cmv, "DX_TOKEN_MAJOR", True)]}
     alternated_settings("dx order", rows, forms, rounds)
-    T, K, W = 4096, 16384, 24
-    x = mx.random.normal((T, K)).astype(mx.bfloat16)
-    phi = 0.01 * mx.random.normal((K, W))
-    gs, c2 = mx.random.normal((T, W)), mx.random.normal((T,))
-    gacc = mx.random.normal((T, K)).astype(mx.bfloat16)
-    mx.eval(x, phi, gs, c2, gacc)
+    x, phi, gs, c2, gacc = products_inputs()
     alone = {"dx alone (gacc)": lambda: chain_us(lambda a: cmv.dx(a, phi, gs, c2, None, gacc), x, chain_len=10)}
     alternated_settings("dx order, DX alone", alone, forms, rounds)
 
@@ -803,19 +809,13 @@ def load_forms(rounds=5):
     from mhc_mlx.kernels import coefficients_mma as cm
     from mhc_mlx.kernels import coefficients_mma_vjp as cmv
 
-    T, K, W = 4096, 16384, 24
-    x = mx.random.normal((T, K)).astype(mx.bfloat16)
-    phi = 0.01 * mx.random.normal((K, W))
-    mx.eval(x, phi)
+    x, phi, gs, c2, gacc = products_inputs()
     mma = {"partials alone": lambda: chain_us(
         lambda p: p + 1e-30 * mx.sum(cm.partial_products(x, p)[1]), phi, chain_len=20)}
     mma.update(case_rows(("dynamic", "fwd", (4096, 4, 4096), "throughput"),
                          ("dynamic", "fwd+bwd", (4096, 4, 4096), "throughput")))
     alternated_settings("tensor-core forward", mma, {"tw2048": [(cm, "TARGET_WARPS", 2048)],
                                                      "tw1536": [(cm, "TARGET_WARPS", 1536)]}, rounds)
-    gs, c2 = mx.random.normal((T, W)), mx.random.normal((T,))
-    gacc = mx.random.normal((T, K)).astype(mx.bfloat16)
-    mx.eval(gs, c2, gacc)
     rows = {"dx alone (gacc)": lambda: chain_us(lambda a: cmv.dx(a, phi, gs, c2, None, gacc), x, chain_len=10)}
     rows.update(case_rows(("dynamic", "fwd+bwd", (4096, 4, 4096), "throughput")))
     tiles = cmv.DX_TOKEN_TILES
@@ -833,17 +833,11 @@ def small_forms(rounds=5):
     from mhc_mlx.kernels import coefficients_mma as cm
     from mhc_mlx.kernels import coefficients_mma_vjp as cmv
 
-    T, K, W = 4096, 16384, 24
-    x = mx.random.normal((T, K)).astype(mx.bfloat16)
-    phi = 0.01 * mx.random.normal((K, W))
-    mx.eval(x, phi)
+    x, phi, gs, c2, gacc = products_inputs()
     site_rows = case_rows(("dynamic", "fwd", (4096, 4, 4096), "throughput"),
                           ("dynamic", "fwd+bwd", (4096, 4, 4096), "throughput"))
     alternated_settings("finish tokens", site_rows,
                         {f"{tb} tokens": [(cm, "FINISH_TOKENS", tb)] for tb in (32, 16, 8)}, rounds)
-    gs, c2 = mx.random.normal((T, W)), mx.random.normal((T,))
-    gacc = mx.random.normal((T, K)).astype(mx.bfloat16)
-    mx.eval(gs, c2, gacc)
     dx_rows = {"dx alone (gacc)": lambda: chain_us(lambda a: cmv.dx(a, phi, gs, c2, None, gacc), x, chain_len=10)}
     dx_rows.update(case_rows(("dynamic", "fwd+bwd", (4096, 4, 4096), "throughput")))
     alternated_settings("dx token tiles", dx_rows, {f"{m} tiles": [(cmv, "DX_TOKEN_TILES", m)] for m in (2, 1)}, rounds)
@@ -857,12 +851,7 @@ def one_pass(rounds=5):
     asked of L2 or not; then the dynamic site's fwd+bwd there."""
     from mhc_mlx.kernels import coefficients_mma_vjp as cmv
 
-    T, K, W = 4096, 16384, 24
-    x = mx.random.normal((T, K)).astype(mx.bfloat16)
-    phi = 0.01 * mx.random.normal((K, W))
-    gs, c2 = mx.random.normal((T, W)), mx.random.normal((T,))
-    gacc = mx.random.normal((T, K)).astype(mx.bfloat16)
-    mx.eval(x, phi, gs, c2, gacc)
+    x, phi, gs, c2, gacc = products_inputs()
 
     def step(carry):
         g, p = carry
