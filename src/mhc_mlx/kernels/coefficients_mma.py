@@ -401,10 +401,10 @@ def n_tiles(W: int) -> int:
 
 
 def token_tiles_per_warp(NT: int) -> int:
-    # One token tile per warp at n = 4 (74 registers, 20-24 warps per SM) lost on the H200:
-    # partials alone 145.7-228.9 µs against 108.1 over launch sizes (docs/kernel-notes.md row 37).
-    # ptxas (sm_90a): n = 4 (NT = 3) uses 78 registers at MT = 2 (bf16; 104 for fp16) but 176
-    # at MT = 4; n = 8 (NT = 10) 97 at MT = 1. Below ~100 registers 20+ warps fit on an SM.
+    # ptxas (sm_90a, the current k loop, X_UNROLL 2): n = 4 (NT = 3) 136 registers at MT = 2
+    # (bf16; 148 for fp16), 74 at MT = 1; n = 8 (NT = 10) 108 at MT = 1. One token tile per warp
+    # at n = 4 (20-24 warps per SM) lost on the H200 all the same: the partials alone 145.7-228.9
+    # µs against 108.1 over launch sizes (docs/kernel-notes.md row 37).
     return 2 if NT <= 3 else 1
 
 
