@@ -18,6 +18,7 @@ copy floor two ways, and where B=1 latency goes (Python graph building vs the ev
     python scripts/gpu_experiments.py load-forms  (only the tensor-core forward's launch size and DX's row loads)
     python scripts/gpu_experiments.py small-forms  (only launch-shape candidates: finish tokens, DX tiles)
     python scripts/gpu_experiments.py one-pass  (only DX and dphi in one launch vs two)
+    python scripts/gpu_experiments.py byte-cuts  (only the one pass and the deferred pre share, alone and together)
     python scripts/gpu_experiments.py glue-threads  (only the glue kernel's group size, and the fragment packs)
     python scripts/gpu_experiments.py b1 [ncu]  (only the B = 1 layer kernel by Sinkhorn iterations)
 """
@@ -870,6 +871,24 @@ def one_pass(rounds=5):
     alternated_settings("dx+dphi", rows, forms, rounds)
 
 
+def byte_cuts(rounds=5):
+    """The fourth session's two byte cuts of the dynamic backward, alone and together, against
+    the defaults, alternated `rounds` times: DX and dphi in one launch
+    (coefficients_mma_vjp.DX_DPHI_ONE_PASS) and pre's dx share deferred to DX (kernels.DEFER_PRE_X);
+    the dynamic fwd+bwd at 4096x4x4096, 512x4x1280 and B = 1."""
+    from mhc_mlx import kernels
+    from mhc_mlx.kernels import coefficients_mma_vjp as cmv
+
+    rows = case_rows(("dynamic", "fwd+bwd", (4096, 4, 4096), "throughput"),
+                     ("dynamic", "fwd+bwd", (512, 4, 1280), "throughput"),
+                     ("dynamic", "fwd+bwd", (1, 4, 512), "latency"))
+    forms = {"defaults": [(cmv, "DX_DPHI_ONE_PASS", False), (kernels, "DEFER_PRE_X", False)],
+             "one pass": [(cmv, "DX_DPHI_ONE_PASS", True), (kernels, "DEFER_PRE_X", False)],
+             "pre deferred": [(cmv, "DX_DPHI_ONE_PASS", False), (kernels, "DEFER_PRE_X", True)],
+             "both": [(cmv, "DX_DPHI_ONE_PASS", True), (kernels, "DEFER_PRE_X", True)]}
+    alternated_settings("byte cuts", rows, forms, rounds)
+
+
 # One part of the experiments alone (the module docstring lists them): mode -> function
 MODES = {
     "headers": header_sizes,
@@ -889,6 +908,7 @@ MODES = {
     "load-forms": load_forms,
     "small-forms": small_forms,
     "one-pass": one_pass,
+    "byte-cuts": byte_cuts,
 }
 
 

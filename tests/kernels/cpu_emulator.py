@@ -444,7 +444,10 @@ def _library(code: str):
     os.makedirs(CACHE, exist_ok=True)
     so = os.path.join(CACHE, f"k_{key}.so")
     if not os.path.exists(so):
-        src = os.path.join(CACHE, f"k_{key}.cpp")
+        # the source and the library under this process's own names until the library is
+        # complete: two test processes share the cache (a local run beside a CI run), and one
+        # could otherwise compile the other's half-written source
+        src = os.path.join(CACHE, f"k_{key}.{os.getpid()}.cpp")
         with open(src, "w") as f:
             f.write(code)
         tmp = f"{so}.{os.getpid()}.tmp"
@@ -453,6 +456,7 @@ def _library(code: str):
         if res.returncode:
             raise RuntimeError(f"the emulator could not compile {src}:\n{res.stderr[-4000:]}")
         os.replace(tmp, so)
+        os.remove(src)
     lib = ctypes.CDLL(so)
     lib.mhc_run.restype = ctypes.c_int
     lib.mhc_run.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_longlong), ctypes.c_int,

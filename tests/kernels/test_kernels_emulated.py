@@ -406,6 +406,45 @@ def test_tensor_core_dx_and_dphi_in_one_pass(monkeypatch, pre, acc, dtype, n, C,
 
 
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
+@pytest.mark.parametrize("n,C,T", [(4, 48, 37), (4, 40, 21), (1, 33, 5), (3, 64, 20), (2, 16, 70)])
+@pytest.mark.parametrize("one_pass", [False, True])
+def test_tensor_core_dx_adds_posts_deferred_share(monkeypatch, dtype, n, C, T, one_pass):
+    # DX's RES (kernels.DEFER_PRE_X): dx + H_pre (x) dh + H_res^T g in DX's pass (and DX_DPHI's)
+    # equals DX with that share given as gacc, within the rounding of x's dtype (C = 48, 64, 16:
+    # the 16-byte path; 40, 33: per element; several and one token tiles)
+    monkeypatch.setattr(coefficients_mma_vjp, "DX_DPHI_ONE_PASS", one_pass)
+    x, phi, gs, c2, pre, _ = _dx_inputs(n, C, T, dtype)
+    H_res = mx.random.uniform(shape=(T, n, n))
+    g = mx.random.normal((T, n, C)).astype(dtype)
+    emu.launched.clear()
+    got, got_phi = coefficients_mma_vjp.vjp_x_phi(x, phi, gs, c2, pre, None, None, (H_res, g))
+    kernel = "mhc_coefficients_dynamic_vjp_dx_dphi_mma" if one_pass else "mhc_coefficients_dynamic_vjp_dx_mma"
+    assert [(t["RES"], t["PRE"]) for name, t, *_ in emu.launched if name == kernel] == [(True, True)]
+    share = np.einsum("tij,tic->tjc", np64(H_res), np64(g)).reshape(T, n * C)
+    x64, gs64, c264, phi64 = np64(x).reshape(T, -1), np64(gs), np64(c2), np64(phi)
+    want = gs64 @ phi64.T - x64 * c264[:, None] + share
+    want += (np64(pre[0])[:, :, None] * np64(pre[1])[:, None, :]).reshape(T, n * C)
+    assert rel(got, want) <= TOL[dtype]
+    assert rel(got_phi, x64.T @ gs64) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,C,lead,shared", [(4, 40, (3,), False), (4, 48, (3,), True), (3, 33, (2, 3), False)])
+def test_pre_backward_reductions_alone(monkeypatch, dtype, n, C, lead, shared):
+    # PRE_VJP_RES without dx (kernels.DEFER_PRE_X): the same dH_pre and dH_res, no dx written
+    monkeypatch.setattr(site, "MAX_GROUPS", 2)
+    x, g = (mx.random.normal((*lead, n, C)).astype(dtype) for _ in range(2))
+    dh = mx.random.normal((*lead, C)).astype(dtype)
+    H_pre = mx.random.uniform(shape=(n,) if shared else (*lead, n))
+    H_res = mx.random.uniform(shape=(n, n) if shared else (*lead, n, n))
+    _, gp_all, gr_all = site.pre_vjp_res(x, H_pre, H_res, dh, g)
+    emu.launched.clear()
+    gx, gp, gr = site.pre_vjp_res(x, H_pre, H_res, dh, g, dx=False)
+    assert gx is None and [t["DX"] for name, t, *_ in emu.launched if name == "mhc_pre_vjp_res"] == [False]
+    assert np.array_equal(np64(gp), np64(gp_all)) and np.array_equal(np64(gr), np64(gr_all))
+
+
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
 @pytest.mark.parametrize("n,C,T", [(4, 48, 37), (2, 128, 20), (4, 4096 // 64, 3)])
 def test_tensor_core_dx_pre_share_by_vectors(monkeypatch, dtype, n, C, T):
     # DX's pre share (the fused read step): with C a multiple of 16 each lane's 16 k lie in one
@@ -912,7 +951,8 @@ def test_tensor_core_coefficient_backward_adds_the_chained_x_cotangent(monkeypat
 
 
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
-@pytest.mark.parametrize("form", ["two ops", "read step", "tensor-core backward", "tensor-core one pass", "static"])
+@pytest.mark.parametrize("form", ["two ops", "read step", "tensor-core backward", "tensor-core one pass",
+                                  "tensor-core pre deferred", "static"])
 @pytest.mark.parametrize("use", ["site", "pre and post", "pre only", "post with other x", "post twice", "res too"])
 @pytest.mark.parametrize("defer", [False, True])
 def test_hyper_connection_with_the_chained_x_cotangent(monkeypatch, defer, dtype, form, use):
@@ -933,8 +973,10 @@ def test_hyper_connection_with_the_chained_x_cotangent(monkeypatch, defer, dtype
     monkeypatch.setattr(kernels, "CHAIN_X_COTANGENT", True)
     monkeypatch.setattr(kernels, "FUSED_READ_STEP", form == "read step")
     monkeypatch.setattr(coefficients, "MMA_VJP", form.startswith("tensor-core"))
-    # "tensor-core one pass": DX and dphi in one launch (coefficients_mma_vjp.DX_DPHI_ONE_PASS)
+    # "tensor-core one pass": DX and dphi in one launch (coefficients_mma_vjp.DX_DPHI_ONE_PASS);
+    # "tensor-core pre deferred": pre's dx share left to DX as well (kernels.DEFER_PRE_X)
     monkeypatch.setattr(coefficients_mma_vjp, "DX_DPHI_ONE_PASS", form == "tensor-core one pass")
+    monkeypatch.setattr(kernels, "DEFER_PRE_X", form == "tensor-core pre deferred")
     n, C, T = 4, 24, 5
     hc = mhc.HyperConnection(C, n, dynamic=form != "static", init="paper")
     W = n * (n + 2)
@@ -976,6 +1018,10 @@ def test_hyper_connection_with_the_chained_x_cotangent(monkeypatch, defer, dtype
     assert ("mhc_pre_vjp_res" in launched) == deferred, launched
     one_pass = form == "tensor-core one pass" and dtype != mx.float32  # tensor cores take 16-bit x
     assert ("mhc_coefficients_dynamic_vjp_dx_dphi_mma" in launched) == one_pass, launched
+    pre_deferred = form == "tensor-core pre deferred" and defer and dtype != mx.float32
+    assert [t["DX"] for name, t, *_ in emu.launched if name == "mhc_pre_vjp_res"] == [not pre_deferred] * deferred
+    assert any(t["RES"] for name, t, *_ in emu.launched
+               if name == "mhc_coefficients_dynamic_vjp_dx_mma") == pre_deferred, launched
     post_vjps = [t for name, t, *_ in emu.launched if name == "mhc_post_vjp"]
     if use != "pre only":  # deferred where post reads the chained x'
         assert [t["DEFER"] for t in post_vjps] == [deferred and use != "post with other x"] * len(post_vjps)

@@ -84,8 +84,9 @@ def instances():
                                 [("T", dt), ("N", n), ("V", V), ("SHARED", shared), ("HGRAD", n <= 8),
                                  ("DEFER", defer)]))
                 if n <= 8:
-                    out.append((site.PRE_VJP_RES, (dt, F32, F32, dt, dt, I32), (dt, F32, F32),
-                                [("T", dt), ("N", n), ("V", V), ("SHARED", shared)]))
+                    for dx in (True, False):
+                        out.append((site.PRE_VJP_RES, (dt, F32, F32, dt, dt, I32), (dt, F32, F32),
+                                    [("T", dt), ("N", n), ("V", V), ("SHARED", shared), ("DX", dx)]))
         for n, V, cpt, inline, pf in ((4, 16 // dt.size, 2, True, 0), (4, 16 // dt.size, 2, False, 1),
                                       (4, 16 // dt.size, 2, False, 2), (4, 16 // dt.size, 0, False, 1),
                                       (32, 1, 0, False, 0)):
@@ -124,17 +125,19 @@ def cuda_only_instances():
     for dt in (BF16, F16):
         for n in (1, 2, 4):
             W = n * (n + 2)
-            for pre, acc in ((False, False), (True, False), (False, True), (True, True)):
+            for pre, acc, res in ((False, False, False), (True, False, False), (False, True, False),
+                                  (True, True, False), (True, False, True)):
                 for tm, raw in ((False, False), (True, False), (True, True)):
-                    out.append((vjp.DX, (BF16, BF16, dt, F32, F32, dt, dt, I32), (dt,),
+                    out.append((vjp.DX, (BF16, BF16, dt, F32, F32, dt, dt, F32, dt, I32), (dt,),
                                 [("T", dt), ("N", n), ("MT", vjp.DX_TOKEN_TILES), ("KSW", -(-W // 16)), ("PRE", pre),
-                                 ("ACC", acc), ("TM", tm), ("RAW", raw)]))
+                                 ("ACC", acc), ("RES", res), ("TM", tm), ("RAW", raw)]))
             out.append((vjp.DPHI, (dt, BF16, I32), (F32,), [("T", dt), ("NT", -(-W // 8)), ("PG", vjp.DPHI_PARTS)]))
-            for pre, acc, mt, pf in ((False, True, 1, True), (True, True, 1, True), (False, False, 1, True),
-                                     (False, True, 2, True), (False, True, 1, False)):
-                out.append((vjp.DX_DPHI, (BF16, BF16, dt, F32, F32, dt, dt, BF16, I32), (dt, F32),
+            for pre, acc, res, mt, pf in ((False, True, False, 1, True), (True, True, False, 1, True),
+                                          (False, False, False, 1, True), (False, True, False, 2, True),
+                                          (False, True, False, 1, False), (True, False, True, 1, True)):
+                out.append((vjp.DX_DPHI, (BF16, BF16, dt, F32, F32, dt, dt, F32, dt, BF16, I32), (dt, F32),
                             [("T", dt), ("N", n), ("MT", mt), ("KSW", -(-W // 16)), ("PRE", pre), ("ACC", acc),
-                             ("RAW", True), ("NT", -(-W // 8)), ("PG", vjp.DPHI_PARTS), ("PF", pf)]))
+                             ("RES", res), ("RAW", True), ("NT", -(-W // 8)), ("PG", vjp.DPHI_PARTS), ("PF", pf)]))
     for n, gt in ((1, 128), (4, 128), (4, 32)):
         for after in (False, True):
             out.append((vjp.glue_packs_spec(after), (F32,) * 9 + (I32,), (F32, F32, F32, BF16, BF16),

@@ -198,15 +198,44 @@ __device__ __forceinline__ void mhc_dx_addends(float* o, PH hpre, PD dh, PA gacc
     for (int i = 0; i < 16; ++i) o[i] += ga[i];
   }
 }
+// o[0 .. 15] (dx at row t, k0 ..) += sum_a H_res[t, a, k / C] g[t, a, k % C] (RES: post's share,
+// deferred to this kernel with pre's, kernels.DEFER_PRE_X): n rows of g [T, n, C] per row of dx
+template <typename T, int N, typename PR, typename PG>
+__device__ __forceinline__ void mhc_dx_res(float* o, PR hres, PG gres, int t, int K, int Cw, int k0, bool vec) {
+  const int st0 = k0 / Cw;
+  if (vec && Cw % 16 == 0 && KALIGNED16(gres)) {  // the 16 k in one stream st0, as PRE's
+    #pragma unroll
+    for (int a = 0; a < N; ++a) {
+      const float hr = hres[((int64_t)t * N + a) * N + st0];
+      const int64_t goff = ((int64_t)t * N + a) * Cw + (k0 - st0 * Cw);
+      float gv[16];
+      kload<T, 8>(gv, gres, goff, true);
+      kload<T, 8>(gv + 8, gres, goff + 8, true);
+      #pragma unroll
+      for (int i = 0; i < 16; ++i) o[i] += hr * gv[i];
+    }
+  } else {
+    #pragma unroll
+    for (int i = 0; i < 16; ++i) {
+      const int kk = k0 + i;
+      if (kk < K) {
+        const int st = kk / Cw;
+        #pragma unroll
+        for (int a = 0; a < N; ++a)
+          o[i] += hres[((int64_t)t * N + a) * N + st] * static_cast<float>(gres[((int64_t)t * N + a) * Cw + (kk - st * Cw)]);
+      }
+    }
+  }
+}
 """
 
 DX_GROUP = r"""
 // One warp's MT token tiles (token group tg) by one group of 64 k (kg) of DX: the products, then
 // dx written. Shared by DX (one group per warp) and DX_DPHI (a warp's groups along the tokens).
-template <typename T, int N, int MT, int KSW, bool PRE, bool ACC, bool RAW, typename PGA, typename PPB, typename PX,
-          typename PC, typename PH, typename PD, typename PA, typename PO>
-__device__ __forceinline__ void mhc_dx_group(PGA gsa, PPB phb, PX xin, PC ctwo, PH hpre, PD dh, PA gacc, PO gx,
-                                             int Ttok, int K, int Cw, int kg, int tg) {
+template <typename T, int N, int MT, int KSW, bool PRE, bool ACC, bool RAW, bool RES, typename PGA, typename PPB,
+          typename PX, typename PC, typename PH, typename PD, typename PA, typename PR, typename PG, typename PO>
+__device__ __forceinline__ void mhc_dx_group(PGA gsa, PPB phb, PX xin, PC ctwo, PH hpre, PD dh, PA gacc, PR hres,
+                                             PG gres, PO gx, int Ttok, int K, int Cw, int kg, int tg) {
   const int tt_all = (Ttok + 15) / 16;
   const int lane = (int)(threadIdx.x & 31u);
   const int g = lane >> 2;
@@ -292,6 +321,7 @@ __device__ __forceinline__ void mhc_dx_group(PGA gsa, PPB phb, PX xin, PC ctwo, 
         #pragma unroll
         for (int i = 0; i < 16; ++i) o[i] = d[m][i >> 1][2 * h + (i & 1)] - mhc_elem16<T>(xr[m][h][i >> 3], i & 7) * c2v[m][h];
         if (PRE) mhc_dx_addends<T, N, true, false>(o, hpre, dh, gacc, t, K, Cw, k0, vec);
+        if (RES) mhc_dx_res<T, N>(o, hres, gres, t, K, Cw, k0, vec);
         if (ACC) {
           #pragma unroll
           for (int i = 0; i < 16; ++i) o[i] += mhc_elem16<T>(gr[m][h][i >> 3], i & 7);
@@ -328,7 +358,9 @@ __device__ __forceinline__ void mhc_dx_group(PGA gsa, PPB phb, PX xin, PC ctwo, 
         // dh and gacc row by row between the stores of dx. Loading them with x before the
         // products (all in flight together) took 226-242 registers against 156-162 and lost on the
         // H200: 860.0 against 790.6 µs at 4096 x 4 x 4096 fwd+bwd (docs/kernel-notes.md row 31)
-        mhc_dx_addends<T, N, PRE, ACC>(o, hpre, dh, gacc, t, K, Cw, k0, vec);
+        mhc_dx_addends<T, N, PRE, false>(o, hpre, dh, gacc, t, K, Cw, k0, vec);
+        if (RES) mhc_dx_res<T, N>(o, hres, gres, t, K, Cw, k0, vec);
+        mhc_dx_addends<T, N, false, ACC>(o, hpre, dh, gacc, t, K, Cw, k0, vec);
         if (vec) {
           kstore<T, 8>(gx, row + k0, o, true);
           kstore<T, 8>(gx, row + k0 + 8, o + 8, true);
@@ -346,7 +378,7 @@ __device__ __forceinline__ void mhc_dx_group(PGA gsa, PPB phb, PX xin, PC ctwo, 
 
 DX = KernelSpec(
     name="mhc_coefficients_dynamic_vjp_dx_mma",
-    inputs=("gsa", "phb", "xin", "ctwo", "hpre", "dh", "gacc", "iparam"),
+    inputs=("gsa", "phb", "xin", "ctwo", "hpre", "dh", "gacc", "hres", "gres", "iparam"),
     outputs=("gx",),
     helpers=PTX_MMA + DX_HELPERS + DX_GROUP,
     body=r"""
@@ -362,7 +394,7 @@ DX = KernelSpec(
   // each row of x, gacc and dx); else a k group (phi's fragments stay in L1, rows 128 B apart)
   const int kg = TM ? gw % kgroups : gw / tgroups;
   const int tg = TM ? gw / kgroups : gw - kg * tgroups;
-  mhc_dx_group<T, N, MT, KSW, PRE, ACC, RAW>(gsa, phb, xin, ctwo, hpre, dh, gacc, gx, Ttok, K, Cw, kg, tg);
+  mhc_dx_group<T, N, MT, KSW, PRE, ACC, RAW, RES>(gsa, phb, xin, ctwo, hpre, dh, gacc, hres, gres, gx, Ttok, K, Cw, kg, tg);
 """,
 )
 
@@ -488,7 +520,7 @@ DX_DPHI_TARGET_WARPS = 1024
 DX_DPHI_PREFETCH = True
 DX_DPHI = KernelSpec(
     name="mhc_coefficients_dynamic_vjp_dx_dphi_mma",
-    inputs=("gsa", "phb", "xin", "ctwo", "hpre", "dh", "gacc", "pgs", "iparam"),
+    inputs=("gsa", "phb", "xin", "ctwo", "hpre", "dh", "gacc", "hres", "gres", "pgs", "iparam"),
     outputs=("gx", "part"),
     helpers=PTX_MMA + X_PARTS + LOAD_X + DX_HELPERS + DX_GROUP + DPHI_STEP,
     body=r"""
@@ -528,7 +560,8 @@ DX_DPHI = KernelSpec(
         if (t < t1) KPREFETCH_L2(i < 16 * MT ? (const void*)(xin + off) : (const void*)(gacc + off));
       }
     }
-    mhc_dx_group<T, N, MT, KSW, PRE, ACC, RAW>(gsa, phb, xin, ctwo, hpre, dh, gacc, gx, Ttok, K, Cw, kg, ts / (16 * MT));
+    mhc_dx_group<T, N, MT, KSW, PRE, ACC, RAW, RES>(gsa, phb, xin, ctwo, hpre, dh, gacc, hres, gres, gx, Ttok, K, Cw, kg,
+                                                   ts / (16 * MT));
     #pragma unroll
     for (int m = 0; m < MT; ++m) {
       if (ts + 16 * m < t1) mhc_dphi_step<T, NT, PG>(xin, pgs, t1, K, TS16, ts + 16 * m, kx, lane, xvec, acc);
@@ -618,20 +651,22 @@ def pack_b(src: mx.array, parts: int, transposed: bool, perm64: bool = False) ->
                   -(-total // 256) * 256, 256, [("P", parts), ("TRANS", transposed), ("PERM64", perm64)])[0]
 
 
-def _dx_extras(x2, T, K, n, pre, gacc):
-    """DX's optional inputs: (H_pre, dh, PRE) and gacc, or one-element stand-ins."""
-    if pre is None:
-        hpre, dh, flag = mx.zeros((1,), F32), mx.zeros((1,), x2.dtype), False
-    else:
-        hpre, dh, flag = pre[0].astype(F32).reshape(T, n), pre[1].astype(x2.dtype).reshape(T, K // n), True
-    acc = mx.zeros((1,), x2.dtype) if gacc is None else gacc.astype(x2.dtype).reshape(T, K)
-    return hpre, dh, flag, acc
+def _dx_extras(x2, T, K, n, pre, gacc, res):
+    """DX's optional inputs as (arrays, template flags): (H_pre, dh) for PRE, gacc for ACC and
+    (H_res, g) for RES, one-element stand-ins where absent."""
+    f32, xd = mx.zeros((1,), F32), mx.zeros((1,), x2.dtype)
+    hpre, dh = (f32, xd) if pre is None else (pre[0].astype(F32).reshape(T, n), pre[1].astype(x2.dtype).reshape(T, K // n))
+    acc = xd if gacc is None else gacc.astype(x2.dtype).reshape(T, K)
+    hres, gres = (f32, xd) if res is None else (res[0].astype(F32).reshape(T, n, n), res[1].astype(x2.dtype).reshape(T, K))
+    flags = [("PRE", pre is not None), ("ACC", gacc is not None), ("RES", res is not None)]
+    return [hpre, dh, acc, hres, gres], flags
 
 
-def dx(x2, phi, gs, c2, pre=None, gacc=None, gsa=None):
+def dx(x2, phi, gs, c2, pre=None, gacc=None, gsa=None, res=None):
     """dx [T, K] in x's dtype; pre: (H_pre [T, n], dh [T, C]) adds pre's share, gacc (any shape of
-    T * K elements) adds x's cotangent from later in the site, both in the same pass. gsa: gs
-    already in DX's fragment order (the glue kernel's, GLUE_PACKS), else packed here."""
+    T * K elements) adds x's cotangent from later in the site, res: (H_res [T, n, n], g [T, n, C])
+    adds post's share H_res^T g (kernels.DEFER_PRE_X), all in the same pass. gsa: gs already in
+    DX's fragment order (the glue kernel's, GLUE_PACKS), else packed here."""
     T, K = x2.shape
     W = phi.shape[1]
     n = round((W + 1) ** 0.5) - 1
@@ -639,12 +674,12 @@ def dx(x2, phi, gs, c2, pre=None, gacc=None, gsa=None):
     tgroups = -(-(-(-T // 16)) // DX_TOKEN_TILES)
     kgroups = -(-K // 64)
     warps = tgroups * kgroups
-    hpre, dh, flag, acc = _dx_extras(x2, T, K, n, pre, gacc)
+    extras, flags = _dx_extras(x2, T, K, n, pre, gacc, res)
     return launch(
-        DX, [pack_a(gs, DX_PARTS) if gsa is None else gsa, pack_b(phi, DX_PARTS, True, perm64=True), x2, c2.astype(F32), hpre, dh, acc,
-             int_params(T, K, 0, K // n)],
+        DX, [pack_a(gs, DX_PARTS) if gsa is None else gsa, pack_b(phi, DX_PARTS, True, perm64=True), x2, c2.astype(F32),
+             *extras, int_params(T, K, 0, K // n)],
         [((T, K), x2.dtype)], -(-warps // WARPS_PER_BLOCK) * WARPS_PER_BLOCK * 32, WARPS_PER_BLOCK * 32,
-        [("T", x2.dtype), ("N", n), ("MT", DX_TOKEN_TILES), ("KSW", ksw), ("PRE", flag), ("ACC", gacc is not None), ("TM", DX_TOKEN_MAJOR),
+        [("T", x2.dtype), ("N", n), ("MT", DX_TOKEN_TILES), ("KSW", ksw), *flags, ("TM", DX_TOKEN_MAJOR),
          ("RAW", DX_RAW_ROWS)],
     )[0]
 
@@ -669,14 +704,14 @@ def dphi(x2, gs, gsb=None):
     return mx.sum(part, axis=0)[:, :W]
 
 
-def dx_dphi(x2, phi, gs, c2, pre=None, gacc=None, packed=None):
+def dx_dphi(x2, phi, gs, c2, pre=None, gacc=None, packed=None, res=None):
     """(dx, dphi) as (dx(...), dphi(...)) in one launch (DX_DPHI, candidate DX_DPHI_ONE_PASS)."""
     T, K = x2.shape
     W = phi.shape[1]
     n = round((W + 1) ** 0.5) - 1
     NT = -(-W // 8)
     gsa, gsb = packed if packed is not None else (None, None)
-    hpre, dh, flag, acc = _dx_extras(x2, T, K, n, pre, gacc)
+    extras, flags = _dx_extras(x2, T, K, n, pre, gacc, res)
     kgroups = -(-K // 64)
     mt = DX_DPHI_TOKEN_TILES
     steps = -(-T // (16 * mt))
@@ -687,21 +722,21 @@ def dx_dphi(x2, phi, gs, c2, pre=None, gacc=None, packed=None):
     gx, part = launch(
         DX_DPHI,
         [pack_a(gs, DX_PARTS) if gsa is None else gsa, pack_b(phi, DX_PARTS, True, perm64=True), x2,
-         c2.astype(F32), hpre, dh, acc, pack_b(gs, DPHI_PARTS, False) if gsb is None else gsb,
+         c2.astype(F32), *extras, pack_b(gs, DPHI_PARTS, False) if gsb is None else gsb,
          int_params(T, K, tps, K // n, splits)],
         [((T, K), x2.dtype), ((splits, K, 8 * NT), F32)],
         -(-warps // WARPS_PER_BLOCK) * WARPS_PER_BLOCK * 32, WARPS_PER_BLOCK * 32,
-        [("T", x2.dtype), ("N", n), ("MT", mt), ("KSW", -(-W // 16)), ("PRE", flag),
-         ("ACC", gacc is not None), ("RAW", DX_RAW_ROWS), ("NT", NT), ("PG", DPHI_PARTS),
-         ("PF", DX_DPHI_PREFETCH)],
+        [("T", x2.dtype), ("N", n), ("MT", mt), ("KSW", -(-W // 16)), *flags, ("RAW", DX_RAW_ROWS), ("NT", NT),
+         ("PG", DPHI_PARTS), ("PF", DX_DPHI_PREFETCH)],
     )
     return gx, mx.sum(part, axis=0)[:, :W]
 
 
-def vjp_x_phi(x2, phi, gs, c2, pre=None, gacc=None, packed=None):
+def vjp_x_phi(x2, phi, gs, c2, pre=None, gacc=None, packed=None, res=None):
     """(dxf [T, K] in x's dtype, dphi [K, W] float32), as coefficients.dynamic_vjp_x_phi.
-    packed: (gsa, gsb), gs in both fragment orders (glue_packs_spec), or None."""
+    packed: (gsa, gsb), gs in both fragment orders (glue_packs_spec), or None. res: (H_res, g),
+    post's deferred share (dx)."""
     if DX_DPHI_ONE_PASS:
-        return dx_dphi(x2, phi, gs, c2, pre, gacc, packed)
+        return dx_dphi(x2, phi, gs, c2, pre, gacc, packed, res)
     gsa, gsb = packed if packed is not None else (None, None)
-    return dx(x2, phi, gs, c2, pre, gacc, gsa), dphi(x2, gs, gsb)
+    return dx(x2, phi, gs, c2, pre, gacc, gsa, res), dphi(x2, gs, gsb)
