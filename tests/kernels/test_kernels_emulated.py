@@ -429,6 +429,23 @@ def test_tensor_core_dx_adds_posts_deferred_share(monkeypatch, dtype, n, C, T, o
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [4, 8])
+def test_posts_deferred_share_off_the_tensor_cores(dtype, n):
+    # res (kernels.DEFER_PRE_X) where the coefficient backward does not take the tensor cores
+    # (float32 x, or the CPU-emulated FP32 kernel, n = 8): H_res^T g folded into gacc by a matmul
+    C, T = 24, 7
+    x, phi, _, _ = _dynamic_inputs(T, n, C, dtype)
+    x2 = x.reshape(T, n * C)
+    gs, c2 = mx.random.normal((T, n * (n + 2))), mx.random.normal((T,))
+    H_res = mx.random.uniform(shape=(T, n, n))
+    g = mx.random.normal((T, n, C)).astype(dtype)
+    got, got_phi = coefficients.dynamic_vjp_x_phi(x2, phi, gs, c2, None, None, None, (H_res, g))
+    share = mx.array(np.einsum("tij,tic->tjc", np64(H_res), np64(g)).astype(np.float32))
+    want, want_phi = coefficients.dynamic_vjp_x_phi(x2, phi, gs, c2, None, share)
+    assert rel(got, want) <= TOL[dtype] and np.array_equal(np64(got_phi), np64(want_phi))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n,C,lead,shared", [(4, 40, (3,), False), (4, 48, (3,), True), (3, 33, (2, 3), False)])
 def test_pre_backward_reductions_alone(monkeypatch, dtype, n, C, lead, shared):
     # PRE_VJP_RES without dx (kernels.DEFER_PRE_X): the same dH_pre and dH_res, no dx written
