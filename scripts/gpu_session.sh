@@ -27,7 +27,7 @@
 #   bash scripts/gpu_session.sh pending      # the glue packs and DX's vectorized pre share: checks, timings
 #   bash scripts/gpu_session.sh loads        # the tensor-core forward's launch size, DX's row loads: checks, timings
 #   bash scripts/gpu_session.sh small        # launch-shape candidates: finish tokens, DX tiles
-#   bash scripts/gpu_session.sh bytes        # DX and dphi in one launch, pre's dx deferred (candidates): checks, timings
+#   bash scripts/gpu_session.sh untried      # the candidates written after the fourth session's device time
 #   bash scripts/gpu_session.sh gpu-tests    # pytest -m gpu alone
 #   bash scripts/gpu_session.sh timeline     # pytest -m gpu alone, then nsys: each target case's kernels
 #                                            # in stream order with the gaps (defaults; glue packs + read step)
@@ -258,12 +258,13 @@ case "${1:-}" in
     # launch-shape candidates (finish tokens, DX tiles), timings only
     run 200 experiments_small_forms python scripts/gpu_experiments.py small-forms
     ;;
-  bytes)
-    # written after the fourth session's device time: DX and dphi in one launch and pre's dx
-    # share deferred to DX (candidates): coefficient, read-step and chain checks with both and
-    # the tensor-core backward at every size, then the one pass's forms, then both cuts timed
-    CHECK_ARGS="--dx-dphi-one-pass --defer-pre-x --mma-vjp" \
+  untried)
+    # written after the fourth session's device time (candidates): DX and dphi in one launch,
+    # pre's dx share deferred to DX, the forward's x staged by cp.async. Coefficient, read-step
+    # and chain checks with all three and the tensor-core backward at every size, then each timed
+    CHECK_ARGS="--dx-dphi-one-pass --defer-pre-x --mma-async-x --mma-vjp" \
       CHECK_ONLY="${CHECK_ONLY:-coefficients,read_step,chain}" NO_PYTEST=1 check 200
+    run 120 experiments_async_x python scripts/gpu_experiments.py async-x
     run 150 experiments_one_pass python scripts/gpu_experiments.py one-pass
     run 150 experiments_byte_cuts python scripts/gpu_experiments.py byte-cuts
     ;;

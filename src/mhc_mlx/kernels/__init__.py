@@ -197,6 +197,8 @@ def settings() -> dict:
             "mma_min_elements": coefficients.MMA_MIN_ELEMENTS,
             "mma_x_unroll": coefficients_mma.X_UNROLL,
             "mma_target_warps": coefficients_mma.TARGET_WARPS,
+            "mma_async_x": coefficients_mma.ASYNC_X,
+            "mma_async_stages": coefficients_mma.ASYNC_STAGES,
             "mma_vjp": coefficients.MMA_VJP,
             "fused_vjp_glue": coefficients.FUSED_VJP_GLUE,
             "glue_packs": coefficients.GLUE_PACKS,
@@ -215,6 +217,7 @@ def settings() -> dict:
             "dx_token_major": coefficients_mma_vjp.DX_TOKEN_MAJOR,
             "dx_raw_rows": coefficients_mma_vjp.DX_RAW_ROWS,
             "dx_dphi_one_pass": coefficients_mma_vjp.DX_DPHI_ONE_PASS,
+            "dx_dphi_prefetch": coefficients_mma_vjp.DX_DPHI_PREFETCH,
             "sinkhorn_thread_vjp_max_work": sinkhorn.THREAD_VJP_MAX_WORK}
 
 
