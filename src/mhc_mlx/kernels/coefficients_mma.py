@@ -346,9 +346,10 @@ MMA = KernelSpec(
       staged = true;
     }
   }
-  if (staged) {
-  } else if (bvec) mhc_mma_kloop<T, MT, NT, PB, KU, true>(xin, pk, Ttok, K, KB, k0, k1, t0, lane, xvec, acc, sq);
-  else mhc_mma_kloop<T, MT, NT, PB, KU, false>(xin, pk, Ttok, K, KB, k0, k1, t0, lane, xvec, acc, sq);
+  if (!staged) {
+    if (bvec) mhc_mma_kloop<T, MT, NT, PB, KU, true>(xin, pk, Ttok, K, KB, k0, k1, t0, lane, xvec, acc, sq);
+    else mhc_mma_kloop<T, MT, NT, PB, KU, false>(xin, pk, Ttok, K, KB, k0, k1, t0, lane, xvec, acc, sq);
+  }
 
   // Sums of squares: the four lanes of a row (c = 0..3) hold its partials.
   #pragma unroll
