@@ -32,6 +32,10 @@ def test_quick_bench_writes_json_and_png(quick_run):
     # the floor is the faster of the copies measured before and after the rows
     assert len(data["copy_floor_runs"]) == 2
     assert data["copy_floor"]["GBps"] == max(c["GBps"] for c in data["copy_floor_runs"])
+    # and the B = 1 ratios' unit is the faster of two tiny-op evals (before and after the rows)
+    assert len(data["tiny_op_runs_us"]) == 2 and data["tiny_op_us"] == min(data["tiny_op_runs_us"])
+    for r in data["rows"]:
+        assert r["x_tiny_op"] == pytest.approx(r["us"] / data["tiny_op_us"])
     impls = {r["impl"] for r in data["rows"]}
     assert {"compiled", "reference"} <= impls
     ids = {r["case"]["id"] for r in data["rows"]}
