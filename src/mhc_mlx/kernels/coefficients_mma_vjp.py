@@ -157,6 +157,16 @@ __device__ __forceinline__ void mhc_dx_load_row(float* xl, P xin, int t, int Tto
   }
 }
 
+// o[0 .. 15] += w p[off .. off + 15] (two 16-byte loads)
+template <typename T, typename P>
+__device__ __forceinline__ void mhc_add_scaled16(float* o, float w, P p, int64_t off) {
+  float v[16];
+  kload<T, 8>(v, p, off, true);
+  kload<T, 8>(v + 8, p, off + 8, true);
+  #pragma unroll
+  for (int i = 0; i < 16; ++i) o[i] += w * v[i];
+}
+
 // o[0 .. 15] (dx at row t, k0 ..) += H_pre[t, k / C] dh[t, k % C] (PRE) + gacc[t, k] (ACC)
 template <typename T, int N, bool PRE, bool ACC, typename PH, typename PD, typename PA>
 __device__ __forceinline__ void mhc_dx_addends(float* o, PH hpre, PD dh, PA gacc, int t, int K, int Cw, int k0,
@@ -168,12 +178,7 @@ __device__ __forceinline__ void mhc_dx_addends(float* o, PH hpre, PD dh, PA gacc
     const int st0 = k0 / Cw;
     const int64_t doff = (int64_t)t * Cw + (k0 - st0 * Cw);
     if (vec && Cw % 16 == 0 && KALIGNED16(dh)) {
-      const float hp = hpre[(int64_t)t * N + st0];
-      float dv[16];
-      kload<T, 8>(dv, dh, doff, true);
-      kload<T, 8>(dv + 8, dh, doff + 8, true);
-      #pragma unroll
-      for (int i = 0; i < 16; ++i) o[i] += hp * dv[i];
+      mhc_add_scaled16<T>(o, hpre[(int64_t)t * N + st0], dh, doff);
     } else {
       #pragma unroll
       for (int i = 0; i < 16; ++i) {
@@ -205,15 +210,8 @@ __device__ __forceinline__ void mhc_dx_res(float* o, PR hres, PG gres, int t, in
   const int st0 = k0 / Cw;
   if (vec && Cw % 16 == 0 && KALIGNED16(gres)) {  // the 16 k in one stream st0, as PRE's
     #pragma unroll
-    for (int a = 0; a < N; ++a) {
-      const float hr = hres[((int64_t)t * N + a) * N + st0];
-      const int64_t goff = ((int64_t)t * N + a) * Cw + (k0 - st0 * Cw);
-      float gv[16];
-      kload<T, 8>(gv, gres, goff, true);
-      kload<T, 8>(gv + 8, gres, goff + 8, true);
-      #pragma unroll
-      for (int i = 0; i < 16; ++i) o[i] += hr * gv[i];
-    }
+    for (int a = 0; a < N; ++a)
+      mhc_add_scaled16<T>(o, hres[((int64_t)t * N + a) * N + st0], gres, ((int64_t)t * N + a) * Cw + (k0 - st0 * Cw));
   } else {
     #pragma unroll
     for (int i = 0; i < 16; ++i) {
