@@ -1,5 +1,6 @@
 """The repo's device scripts on the CPU: scripts/bench_with.py (settings switched before the
-bench, recorded in its JSON) and scripts/gpu_timeline.py's report (stream order, gaps, span)."""
+bench, recorded in its JSON), scripts/gpu_timeline.py's report (stream order, gaps, span) and
+the names scripts/gpu_session.sh's stages pass to the experiment and check scripts."""
 
 from __future__ import annotations
 
@@ -90,3 +91,32 @@ def test_timeline_report_reads_an_nsys_csv_and_fails_without_markers(tmp_path):
     assert "only_kernel" in out.stdout and "span 4.0 µs, kernels 4.0 µs, idle 0.0 µs" in out.stdout
     path.write_text("\n".join(rows[:1] + ['3000,4000,2,"only_kernel"']) + "\n")
     assert _script("gpu_timeline.py", "report", str(path)).returncode == 1  # no case found
+
+
+def _session_text() -> str:
+    with open(os.path.join(SCRIPTS, "gpu_session.sh")) as f:
+        return f.read()
+
+
+def test_gpu_session_stages_name_existing_experiments_and_switches():
+    # a stage that names an experiment mode or a gpu_check switch that does not exist would fail
+    # only on the device, after the wheel install: caught here instead
+    import re
+
+    text = _session_text()
+    sys.path.insert(0, SCRIPTS)
+    sys.path.insert(0, os.path.join(ROOT, "src"))
+    try:
+        import gpu_check
+        import gpu_experiments
+    finally:
+        sys.path.remove(SCRIPTS)
+    modes = set(re.findall(r"gpu_experiments\.py ([a-z][\w-]*)", text))
+    assert modes, "no experiment modes found in gpu_session.sh"
+    assert modes <= set(gpu_experiments.MODES), modes - set(gpu_experiments.MODES)
+    switches = {s for args in re.findall(r'CHECK_ARGS="([^"]*)"', text) for s in args.split() if s.startswith("--")}
+    assert switches, "no CHECK_ARGS switches found in gpu_session.sh"
+    # the SWITCHES table, or gpu_check's own arguments (its --help lists both)
+    help_text = _script("gpu_check.py", "--help").stdout
+    unknown = {s for s in switches - set(gpu_check.SWITCHES) if f"{s} " not in help_text and f"{s}\n" not in help_text}
+    assert not unknown, unknown
