@@ -1179,6 +1179,14 @@ def _same_coefficient_gradients(got, other, primals, cots, iters: int):
         assert grad_rel(a, w, 0.01 * top) <= GRAD_TOL, name
 
 
+def _glue_inputs(T: int, n: int, iters: int, dtype=mx.float32, C: int = 12):
+    """(primals, cotangents of H_pre/H_post/H_res, forward outputs) of the dynamic coefficients
+    for x [T, n, C], for the coefficient backward's glue tests."""
+    x, phi, alpha, bias = _dynamic_inputs(T, n, C, dtype)
+    outputs = coefficients.dynamic_coefficients_forward(x, phi, alpha, bias, n, iters, 1e-6)
+    return [x, phi, alpha, bias], [mx.random.normal(o.shape) for o in outputs[:3]], outputs
+
+
 @pytest.mark.parametrize("flavour", FLAVOURS)
 @pytest.mark.parametrize("n,iters", [(1, 20), (2, 20), (3, 20), (4, 20), (2, 40)])
 @pytest.mark.parametrize("T,threads", [(1, 128), (7, 128), (130, 128), (130, 32), (7, 32)])
@@ -1189,11 +1197,7 @@ def test_dynamic_backward_glue_in_one_launch(monkeypatch, flavour, n, iters, T, 
     # one-kernel form (SPLIT_GLUE_SINKHORN off: its Sinkhorn backward inside)
     monkeypatch.setattr(coefficients, "GLUE_THREADS", threads)
     monkeypatch.setattr(coefficients, "SPLIT_GLUE_SINKHORN", False)
-    C = 12
-    x, phi, alpha, bias = _dynamic_inputs(T, n, C, mx.float32)
-    outputs = coefficients.dynamic_coefficients_forward(x, phi, alpha, bias, n, iters, 1e-6)
-    cots = [mx.random.normal(o.shape) for o in outputs[:3]]
-    primals = [x, phi, alpha, bias]
+    primals, cots, outputs = _glue_inputs(T, n, iters)
     monkeypatch.setattr(coefficients, "FUSED_VJP_GLUE", False)
     emu.launched.clear()
     ops_form = coefficients.dynamic_vjp(primals, cots, outputs, n, iters)
@@ -1215,11 +1219,7 @@ def test_dynamic_backward_glue_with_the_sinkhorn_on_row_lanes(monkeypatch, flavo
     # mid-threadgroup), then the glue without it: the same gradients as the glue with the
     # one-thread backward inside (to float32 rounding: the column sums add in another order)
     # and as the reference's autodiff
-    C = 12
-    x, phi, alpha, bias = _dynamic_inputs(T, n, C, mx.float32)
-    outputs = coefficients.dynamic_coefficients_forward(x, phi, alpha, bias, n, iters, 1e-6)
-    cots = [mx.random.normal(o.shape) for o in outputs[:3]]
-    primals = [x, phi, alpha, bias]
+    primals, cots, outputs = _glue_inputs(T, n, iters)
     monkeypatch.setattr(coefficients, "SPLIT_GLUE_SINKHORN", False)
     one_kernel = coefficients.dynamic_vjp(primals, cots, outputs, n, iters)
     assert "mhc_coefficients_dynamic_vjp_sinkhorn" not in [name for name, *_ in emu.launched]
@@ -1428,9 +1428,8 @@ def test_glue_writes_the_tensor_core_fragments(monkeypatch, split, dtype, n, T, 
     monkeypatch.setattr(coefficients, "MMA_MIN_ELEMENTS", 0)  # the tensor-core backward at this size
     monkeypatch.setattr(coefficients, "GLUE_THREADS", threads)
     C = 12
-    x, phi, alpha, bias = _dynamic_inputs(T, n, C, dtype)
-    outputs = coefficients.dynamic_coefficients_forward(x, phi, alpha, bias, n, 20, 1e-6)
-    cots = [mx.random.normal(o.shape) for o in outputs[:3]]
+    primals, cots, outputs = _glue_inputs(T, n, 20, dtype, C)
+    x, phi, alpha, bias = primals
     H_pre, H_post, _, m, invr = outputs
     *plain, none = coefficients._glue_kernel(m, invr, alpha, bias, H_pre, H_post, cots, n, n * C, 20)
     gs, c2, g_bias, g_alpha, (gsa, gsb) = coefficients._glue_kernel(m, invr, alpha, bias, H_pre, H_post, cots,
@@ -1442,7 +1441,6 @@ def test_glue_writes_the_tensor_core_fragments(monkeypatch, split, dtype, n, T, 
         assert got.shape == want.shape and got.dtype == want.dtype == mx.bfloat16
         assert np.array_equal(np64(got), np64(want))  # NaN (an unwritten element) fails too
 
-    primals = [x, phi, alpha, bias]
     emu.launched.clear()
     without = coefficients.dynamic_vjp(primals, cots, outputs, n, 20)
     assert [name for name, *_ in emu.launched].count("mhc_pack_b_fragments") == 2
