@@ -578,7 +578,8 @@ FUSED_VJP_GLUE = True
 # H200 (2026-11-30, third session; its checks and GPU test passed with the one-kernel glue):
 # dynamic fwd+bwd 4096x4x4096 828.4 against 836.1 µs, 815.5 against 843.1 with the read step
 # (gpu_experiments.py glue-packs, medians of 5 alternated runs): within the runs' spread. Its form
-# after the split-off Sinkhorn backward (SPLIT_GLUE_SINKHORN) has not run on a GPU.
+# after the split-off Sinkhorn backward (SPLIT_GLUE_SINKHORN) was timed, not checked, in the fourth
+# session: 672.1 against 674.2 µs.
 GLUE_PACKS = False
 
 DYNAMIC_THREADS = 256
@@ -830,7 +831,9 @@ def dynamic_vjp_x_phi(x2, phi, gs, c2, pre=None, gacc=None, packed=None, res=Non
     the tensor-core DX's pass, elsewhere as a float32 matmul turned into gacc.
     """
     T, K = x2.shape
-    n = round((phi.shape[1] + 1) ** 0.5) - 1  # W = n (n + 2)
+    from .coefficients_mma_vjp import streams_of_width
+
+    n = streams_of_width(phi.shape[1])
     if res is not None and not backward_on_tensor_cores(x2, n):
         share = mx.matmul(mx.swapaxes(res[0].astype(F32).reshape(T, n, n), -1, -2),
                           res[1].astype(F32).reshape(T, n, K // n)).reshape(T, K)
@@ -875,10 +878,11 @@ def _wide_vjp_x_phi(x2, phi, gs, c2, pre=None, gacc=None):
 
 def _scaled_cotangents(gp, gq, gr, m, invr, scale, n: int, K: int):
     """(gs = dm / r [T, W], c2 [T], g_bias [W], g_alpha [3]) from the logits' cotangents, as MLX
-    ops: the dynamic backward's per-token steps after the activations' (DYNAMIC_VJP_GLUE does them
-    in one launch where the one-thread Sinkhorn backward applies). No mx.compile: inside a custom function's backward MLX keeps every
-    array a tracer (transforms.cpp, RetainGraph) and would run the ops unfused anyway, unless
-    the caller compiles the whole step, whose compile fuses them with the rest."""
+    ops: the dynamic backward's per-token steps after the activations' (DYNAMIC_VJP_GLUE does
+    them in one launch where the one-thread Sinkhorn backward applies). No mx.compile: inside a
+    custom function's backward MLX keeps every array a tracer (transforms.cpp, RetainGraph) and
+    would run the ops unfused anyway, unless the caller compiles the whole step, whose compile
+    fuses them with the rest."""
     gh = mx.concatenate([gp, gq, gr.reshape(gr.shape[0], n * n)], axis=-1)
     ghm = mx.sum(gh * m, axis=0)
     g_alpha = mx.stack([mx.sum(ghm[:n]), mx.sum(ghm[n : 2 * n]), mx.sum(ghm[2 * n :])])

@@ -203,6 +203,7 @@ __device__ __forceinline__ void mhc_dx_addends(float* o, PH hpre, PD dh, PA gacc
     for (int i = 0; i < 16; ++i) o[i] += ga[i];
   }
 }
+
 // o[0 .. 15] (dx at row t, k0 ..) += sum_a H_res[t, a, k / C] g[t, a, k % C] (RES: post's share,
 // deferred to this kernel with pre's, kernels.DEFER_PRE_X): n rows of g [T, n, C] per row of dx
 template <typename T, int N, typename PR, typename PG>
@@ -483,15 +484,7 @@ DPHI = KernelSpec(
   const int t0 = split * TPS;
   const int t1 = min(Ttok, t0 + TPS);
   const bool xvec = (K % 8 == 0) && ((reinterpret_cast<unsigned long long>(xin) & 15ull) == 0ull);
-  float acc[4][NT][4];
-  #pragma unroll
-  for (int q = 0; q < 4; ++q) {
-    #pragma unroll
-    for (int j = 0; j < NT; ++j) {
-      #pragma unroll
-      for (int e = 0; e < 4; ++e) acc[q][j][e] = 0.0f;
-    }
-  }
+  float acc[4][NT][4] = {};
   for (int ts = t0; ts < t1; ts += 16) mhc_dphi_step<T, NT, PG>(xin, pgs, t1, K, TS16, ts, kx, lane, xvec, acc);
   mhc_dphi_store<NT>(part, split, K, kx, lane, acc);
 """,
@@ -538,15 +531,7 @@ DX_DPHI = KernelSpec(
   const int t0 = split * TPS;
   const int t1 = min(Ttok, t0 + TPS);
   const bool xvec = (K % 8 == 0) && KALIGNED16(xin);
-  float acc[4][NT][4];
-  #pragma unroll
-  for (int q = 0; q < 4; ++q) {
-    #pragma unroll
-    for (int j = 0; j < NT; ++j) {
-      #pragma unroll
-      for (int e = 0; e < 4; ++e) acc[q][j][e] = 0.0f;
-    }
-  }
+  float acc[4][NT][4] = {};
   for (int ts = t0; ts < t1; ts += 16 * MT) {
     if (PF) {
       // the next step's rows of x (and gacc) asked of L2 while this step runs: the warp's 64 k
@@ -571,8 +556,9 @@ DX_DPHI = KernelSpec(
 
 # Candidate (coefficients.GLUE_PACKS; passed the H200 checks on 2026-11-30, not faster there
 # beyond the runs' spread; its after-split form timed, not checked, in the fourth session: 672.1
-# against 674.2 µs, docs/kernel-notes.md row 37): the dynamic backward's glue kernel also writes gs in the two fragment orders DX and DPHI read (as
-# pack_a(gs, DX_PARTS) and pack_b(gs, DPHI_PARTS, False) would), saving their two launches
+# against 674.2 µs, docs/kernel-notes.md row 37): the dynamic backward's glue kernel also writes
+# gs in the two fragment orders DX and DPHI read (as pack_a(gs, DX_PARTS) and
+# pack_b(gs, DPHI_PARTS, False) would), saving their two launches
 # (26.9 µs per application chained for pack_a at 4096 tokens on the H200, docs/kernel-notes.md
 # row 28). Each thread of the glue owns one token, i.e. one row of gs: it re-reads the row it
 # wrote and scatters it, rows up to the next multiple of 16 and columns up to the fragments'
@@ -649,6 +635,20 @@ def pack_b(src: mx.array, parts: int, transposed: bool, perm64: bool = False) ->
                   -(-total // 256) * 256, 256, [("P", parts), ("TRANS", transposed), ("PERM64", perm64)])[0]
 
 
+def streams_of_width(W: int) -> int:
+    """n for the coefficient width W = n (n + 2)."""
+    return round((W + 1) ** 0.5) - 1
+
+
+def _token_splits(T: int, kgroups: int, tokens_per_step: int, target_warps: int) -> tuple[int, int]:
+    """(tokens per split, splits) for warps that each own one group of 64 k and walk one split of
+    the T tokens tokens_per_step at a time: about target_warps warps in all."""
+    steps = -(-T // tokens_per_step)
+    splits = max(1, min(-(-target_warps // kgroups), steps))
+    tps = tokens_per_step * -(-steps // splits)
+    return tps, -(-T // tps)
+
+
 def _dx_extras(x2, T, K, n, pre, gacc, res):
     """DX's optional inputs as (arrays, template flags): (H_pre, dh) for PRE, gacc for ACC and
     (H_res, g) for RES, one-element stand-ins where absent."""
@@ -667,7 +667,7 @@ def dx(x2, phi, gs, c2, pre=None, gacc=None, gsa=None, res=None):
     DX's fragment order (the glue kernel's, GLUE_PACKS), else packed here."""
     T, K = x2.shape
     W = phi.shape[1]
-    n = round((W + 1) ** 0.5) - 1
+    n = streams_of_width(W)
     ksw = -(-W // 16)
     tgroups = -(-(-(-T // 16)) // DX_TOKEN_TILES)
     kgroups = -(-K // 64)
@@ -689,10 +689,7 @@ def dphi(x2, gs, gsb=None):
     W = gs.shape[1]
     NT = -(-W // 8)
     kblocks = -(-K // 64)
-    steps = -(-T // 16)
-    splits = max(1, min(-(-TARGET_WARPS // kblocks), steps))
-    tps = 16 * -(-steps // splits)
-    splits = -(-T // tps)
+    tps, splits = _token_splits(T, kblocks, 16, TARGET_WARPS)
     warps = kblocks * splits
     part = launch(
         DPHI, [x2, pack_b(gs, DPHI_PARTS, False) if gsb is None else gsb, int_params(T, K, tps, splits)],
@@ -706,16 +703,13 @@ def dx_dphi(x2, phi, gs, c2, pre=None, gacc=None, packed=None, res=None):
     """(dx, dphi) as (dx(...), dphi(...)) in one launch (DX_DPHI, candidate DX_DPHI_ONE_PASS)."""
     T, K = x2.shape
     W = phi.shape[1]
-    n = round((W + 1) ** 0.5) - 1
+    n = streams_of_width(W)
     NT = -(-W // 8)
     gsa, gsb = packed if packed is not None else (None, None)
     extras, flags = _dx_extras(x2, T, K, n, pre, gacc, res)
     kgroups = -(-K // 64)
     mt = DX_DPHI_TOKEN_TILES
-    steps = -(-T // (16 * mt))
-    splits = max(1, min(-(-DX_DPHI_TARGET_WARPS // kgroups), steps))
-    tps = 16 * mt * -(-steps // splits)
-    splits = -(-T // tps)
+    tps, splits = _token_splits(T, kgroups, 16 * mt, DX_DPHI_TARGET_WARPS)
     warps = kgroups * splits
     gx, part = launch(
         DX_DPHI,
