@@ -786,6 +786,15 @@ def products_inputs(T=4096, K=16384, W=24):
     return x, phi, gs, c2, gacc
 
 
+def partials_alone_row(x, phi):
+    """{"partials alone": µs per application of the tensor-core forward's pack + partials},
+    chained through phi (each application's sum of squares feeds the next phi by a tiny op)."""
+    from mhc_mlx.kernels import coefficients_mma as cm
+
+    return {"partials alone": lambda: chain_us(
+        lambda p: p + 1e-30 * mx.sum(cm.partial_products(x, p)[1]), phi, chain_len=20)}
+
+
 def dx_order(rounds=5):
     """The tensor-core DX kernel's warps in token-group-first order
     (coefficients_mma_vjp.DX_TOKEN_MAJOR, candidate) against k-group-first, alternated `rounds`
@@ -812,8 +821,7 @@ def load_forms(rounds=5):
     from mhc_mlx.kernels import coefficients_mma_vjp as cmv
 
     x, phi, gs, c2, gacc = products_inputs()
-    mma = {"partials alone": lambda: chain_us(
-        lambda p: p + 1e-30 * mx.sum(cm.partial_products(x, p)[1]), phi, chain_len=20)}
+    mma = partials_alone_row(x, phi)
     mma.update(case_rows(("dynamic", "fwd", (4096, 4, 4096), "throughput"),
                          ("dynamic", "fwd+bwd", (4096, 4, 4096), "throughput")))
     alternated_settings("tensor-core forward", mma, {"tw2048": [(cm, "TARGET_WARPS", 2048)],
@@ -897,8 +905,7 @@ def async_x(rounds=5):
     from mhc_mlx.kernels import coefficients_mma as cm
 
     x, phi, *_ = products_inputs()
-    rows = {"partials alone": lambda: chain_us(
-        lambda p: p + 1e-30 * mx.sum(cm.partial_products(x, p)[1]), phi, chain_len=20)}
+    rows = partials_alone_row(x, phi)
     rows.update(case_rows(("dynamic", "fwd", (4096, 4, 4096), "throughput"),
                           ("dynamic", "fwd+bwd", (4096, 4, 4096), "throughput")))
     forms = {"registers": [(cm, "ASYNC_X", False)],
