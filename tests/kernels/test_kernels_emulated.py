@@ -1179,6 +1179,13 @@ def _same_coefficient_gradients(got, other, primals, cots, iters: int):
         assert grad_rel(a, w, 0.01 * top) <= GRAD_TOL, name
 
 
+def _backward_and_launches(primals, cots, outputs, n: int, iters: int):
+    """(the dynamic coefficients' backward, the names of the kernels it launched)."""
+    emu.launched.clear()
+    got = coefficients.dynamic_vjp(primals, cots, outputs, n, iters)
+    return got, [name for name, *_ in emu.launched]
+
+
 def _glue_inputs(T: int, n: int, iters: int, dtype=mx.float32, C: int = 12):
     """(primals, cotangents of H_pre/H_post/H_res, forward outputs) of the dynamic coefficients
     for x [T, n, C], for the coefficient backward's glue tests."""
@@ -1199,13 +1206,10 @@ def test_dynamic_backward_glue_in_one_launch(monkeypatch, flavour, n, iters, T, 
     monkeypatch.setattr(coefficients, "SPLIT_GLUE_SINKHORN", False)
     primals, cots, outputs = _glue_inputs(T, n, iters)
     monkeypatch.setattr(coefficients, "FUSED_VJP_GLUE", False)
-    emu.launched.clear()
-    ops_form = coefficients.dynamic_vjp(primals, cots, outputs, n, iters)
-    assert "mhc_coefficients_dynamic_vjp_glue" not in [name for name, *_ in emu.launched]
+    ops_form, names = _backward_and_launches(primals, cots, outputs, n, iters)
+    assert "mhc_coefficients_dynamic_vjp_glue" not in names
     monkeypatch.setattr(coefficients, "FUSED_VJP_GLUE", True)
-    emu.launched.clear()
-    got = coefficients.dynamic_vjp(primals, cots, outputs, n, iters)
-    names = [name for name, *_ in emu.launched]
+    got, names = _backward_and_launches(primals, cots, outputs, n, iters)
     assert names[0] == "mhc_coefficients_dynamic_vjp_glue" and "mhc_sinkhorn_vjp_thread" not in names, names
     _same_coefficient_gradients(got, ops_form, primals, cots, iters)
 
@@ -1221,12 +1225,10 @@ def test_dynamic_backward_glue_with_the_sinkhorn_on_row_lanes(monkeypatch, flavo
     # and as the reference's autodiff
     primals, cots, outputs = _glue_inputs(T, n, iters)
     monkeypatch.setattr(coefficients, "SPLIT_GLUE_SINKHORN", False)
-    one_kernel = coefficients.dynamic_vjp(primals, cots, outputs, n, iters)
-    assert "mhc_coefficients_dynamic_vjp_sinkhorn" not in [name for name, *_ in emu.launched]
+    one_kernel, names = _backward_and_launches(primals, cots, outputs, n, iters)
+    assert "mhc_coefficients_dynamic_vjp_sinkhorn" not in names
     monkeypatch.setattr(coefficients, "SPLIT_GLUE_SINKHORN", True)
-    emu.launched.clear()
-    got = coefficients.dynamic_vjp(primals, cots, outputs, n, iters)
-    names = [name for name, *_ in emu.launched]
+    got, names = _backward_and_launches(primals, cots, outputs, n, iters)
     assert names[:2] == ["mhc_coefficients_dynamic_vjp_sinkhorn", "mhc_coefficients_dynamic_vjp_glue_after"], names
     _same_coefficient_gradients(got, one_kernel, primals, cots, iters)
 
