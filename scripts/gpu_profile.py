@@ -32,19 +32,23 @@ CASES = (
 )
 
 
+def mark(i: int) -> None:
+    """One eval of a one-thread marker kernel writing i: the profiles split the stream at these."""
+    import mlx.core as mx
+
+    from mhc_mlx.kernels.build import KernelSpec, int_params, launch
+
+    marker = KernelSpec(name=MARKER, inputs=("iparam",), outputs=("out",),
+                        body="  if (KTID == 0) out[0] = iparam[0];\n")
+    mx.eval(launch(marker, [int_params(i)], [((1,), mx.int32)], 32, 32, []))
+
+
 def run(repeats: int = 1) -> int:
     """Each case applied once to build its kernels, then `repeats` times between two markers."""
     import mlx.core as mx
 
     from mhc_mlx.bench import cases
     from mhc_mlx.dispatch import use_backend
-    from mhc_mlx.kernels.build import KernelSpec, int_params, launch
-
-    marker = KernelSpec(name=MARKER, inputs=("iparam",), outputs=("out",),
-                        body="  if (KTID == 0) out[0] = iparam[0];\n")
-
-    def mark(i: int):
-        mx.eval(launch(marker, [int_params(i)], [((1,), mx.int32)], 32, 32, []))
 
     for i, (site, pass_, shape) in enumerate(CASES):
         case = cases.Case(site, pass_, shape, "bfloat16", "latency" if shape[0] == 1 else "throughput")

@@ -6,6 +6,8 @@
     python scripts/gpu_timeline.py report tl_cuda_gpu_trace.csv
     python scripts/gpu_timeline.py run --kineto tl.json [...]   # without nsys: PyTorch's profiler
     python scripts/gpu_timeline.py report tl.json                # (CUPTI) records MLX's kernels too
+    python scripts/gpu_timeline.py run --throughput --kineto tp.json  # the bench's throughput form
+    python scripts/gpu_timeline.py report --throughput tp.json
 
 Unlike `gpu_profile.py` (Nsight Compute: each kernel alone, serialised), this keeps the kernels
 as MLX launches them: `run` applies each case of gpu_profile.CASES REPEATS times between two
@@ -13,6 +15,12 @@ marker launches (once before, to build the kernels); `report` takes the last app
 each case and lists its kernels in stream order with their durations and the idle gaps before
 them, then the span from the first kernel's start to the last one's end. Span minus the sum of
 durations is the time the GPU waited between kernels (launch and host time).
+
+`--throughput` times each large case as `mhc-mlx bench` does (bench/timing.throughput_us: K
+applications on K rotated inputs built first, then one eval), and the copy floor's `x * 1.5` the
+same way, printing the host's µs per application; `report --throughput` then lists each eval's
+kernels by name (count, mean duration), its span, the time no kernel ran, and its largest gaps.
+So a bench row's time splits into the kernels' own time (inputs not in L2) and the GPU's idle.
 """
 
 from __future__ import annotations
@@ -40,9 +48,10 @@ def run(args: list[str]) -> int:
             return 2
         kineto = args[at + 1]
         args = args[:at] + args[at + 2:]
-    unknown = [a for a in args if a not in ("--glue-packs", "--read-step")]
+    unknown = [a for a in args if a not in ("--glue-packs", "--read-step", "--throughput")]
     if unknown:
-        print(f"unknown flag(s) {' '.join(unknown)}; known: --glue-packs --read-step --kineto PATH", file=sys.stderr)
+        print(f"unknown flag(s) {' '.join(unknown)}; known: --glue-packs --read-step --throughput --kineto PATH",
+              file=sys.stderr)
         return 2
     if kineto is not None:
         import torch
@@ -63,7 +72,47 @@ def _run_cases(args: list[str]) -> int:
         coefficients.GLUE_PACKS = True
     if "--read-step" in args:
         kernels.FUSED_READ_STEP = True
+    if "--throughput" in args:
+        return _run_throughput()
     return gpu_profile.run(REPEATS)
+
+
+THROUGHPUT_CASES = tuple(c for c in CASES if c[2][0] > 1) + (("copy", "x * 1.5", (64 << 20,)),)
+
+
+def _run_throughput() -> int:
+    """Each THROUGHPUT_CASES case timed once as the bench times it, between two markers."""
+    import time
+
+    import mlx.core as mx
+
+    from mhc_mlx.bench import cases, timing
+    from mhc_mlx.dispatch import use_backend
+
+    for i, (site, pass_, shape) in enumerate(THROUGHPUT_CASES):
+        if site == "copy":  # timing.copy_floor's arrays: 128 MB of bfloat16 each
+            K = timing.rotation(4 * shape[0])
+            xs = [mx.random.normal(shape).astype(mx.bfloat16) for _ in range(K)]
+            mx.eval(xs)
+            apply = lambda a: a * 1.5  # noqa: E731
+        else:
+            case = cases.Case(site, pass_, shape, "bfloat16", "throughput")
+            K = timing.rotation(case.floor_bytes())
+            apply, xs = cases.prepare(case, K)
+        with use_backend("kernels"):
+            for _ in range(2):  # builds every kernel, warms MLX's buffer cache
+                mx.eval([apply(x) for x in xs])
+            outs = [apply(x) for x in xs]
+            mx.synchronize()
+            gpu_profile.mark(i)
+            t0 = time.perf_counter()
+            mx.eval(outs)
+            us = 1e6 * (time.perf_counter() - t0) / K
+            gpu_profile.mark(i)
+            del outs
+        print(f"case {i}: {site} {pass_} {'x'.join(map(str, shape))}: K = {K}, host {us:.1f} µs per application",
+              flush=True)
+    return 0
 
 
 def _column(header: list[str], *words: str) -> str:
@@ -91,8 +140,7 @@ def _kernels(path: str) -> list[tuple[float, float, str]]:
     return sorted((float(r[c_start]), float(r[c_dur]), r[c_name]) for r in rows if r[c_name] and r[c_dur])
 
 
-def report(path: str) -> int:
-    kernels = _kernels(path)
+def _between_markers(kernels) -> dict[int, list]:
     marks, per_case = 0, {}
     for t0, dur, name in kernels:
         if MARKER in name:
@@ -100,6 +148,38 @@ def report(path: str) -> int:
             continue
         if marks % 2 == 1:
             per_case.setdefault(marks // 2, []).append((t0, dur, name))
+    return per_case
+
+
+def report_throughput(path: str) -> int:
+    per_case = _between_markers(_kernels(path))
+    for i, (site, pass_, shape) in enumerate(THROUGHPUT_CASES):
+        ks = per_case.get(i, [])
+        if not ks:
+            continue
+        # kernels overlap (MLX runs independent ones side by side): busy is their union
+        busy, gaps, end = 0.0, [], None
+        for t0, dur, name in ks:
+            if end is not None and t0 > end:
+                gaps.append((t0 - end, name))
+            busy += max(0.0, t0 + dur - max(t0, end if end is not None else t0))
+            end = t0 + dur if end is None else max(end, t0 + dur)
+        span = end - ks[0][0]
+        by_name: dict[str, list] = {}
+        for _, dur, name in ks:
+            by_name.setdefault(_short(name), []).append(dur)
+        print(f"\n{site} {pass_} {'x'.join(map(str, shape))}: {len(ks)} kernels in one eval")
+        print(f"  span {span / 1e3:.1f} µs, some kernel running {busy / 1e3:.1f} µs, none {(span - busy) / 1e3:.1f} µs")
+        for name, durs in sorted(by_name.items(), key=lambda kv: -sum(kv[1])):
+            print(f"  {len(durs):3d}×  mean {sum(durs) / len(durs) / 1e3:8.1f} µs  "
+                  f"min {min(durs) / 1e3:8.1f}  max {max(durs) / 1e3:8.1f}  {name}")
+        gaps.sort(reverse=True)
+        print("  largest gaps (µs, before): " + ", ".join(f"{g / 1e3:.1f} {_short(n)[-40:]}" for g, n in gaps[:5]))
+    return 0 if per_case else 1
+
+
+def report(path: str) -> int:
+    per_case = _between_markers(_kernels(path))
     found = False
     for i, (site, pass_, shape) in enumerate(CASES):
         ks = per_case.get(i, [])
@@ -129,5 +209,7 @@ if __name__ == "__main__":
         sys.exit(run(sys.argv[2:]))
     if len(sys.argv) == 3 and sys.argv[1] == "report":
         sys.exit(report(sys.argv[2]))
+    if len(sys.argv) == 4 and sys.argv[1:3] == ["report", "--throughput"]:
+        sys.exit(report_throughput(sys.argv[3]))
     print(__doc__, file=sys.stderr)
     sys.exit(2)

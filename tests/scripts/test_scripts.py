@@ -93,6 +93,36 @@ def test_timeline_report_reads_an_nsys_csv_and_fails_without_markers(tmp_path):
     assert _script("gpu_timeline.py", "report", str(path)).returncode == 1  # no case found
 
 
+def test_timeline_throughput_report_takes_overlaps_and_gaps(tmp_path):
+    # one eval per case between markers; kernels may overlap (MLX runs independent ones side by
+    # side), so the time some kernel runs is their union, and the gaps are where none does
+    sys.path.insert(0, SCRIPTS)
+    import gpu_profile
+    import gpu_timeline
+
+    events = []
+    for i in range(len(gpu_timeline.THROUGHPUT_CASES)):
+        base = 1000.0 * i
+        events += [
+            {"ph": "X", "cat": "kernel", "name": gpu_profile.MARKER, "ts": base, "dur": 1.0},
+            {"ph": "X", "cat": "kernel", "name": "k_a", "ts": base + 10.0, "dur": 20.0},
+            {"ph": "X", "cat": "kernel", "name": "k_b", "ts": base + 15.0, "dur": 5.0},  # inside k_a
+            {"ph": "X", "cat": "kernel", "name": "k_a", "ts": base + 40.0, "dur": 30.0},  # 10 µs gap
+            {"ph": "X", "cat": "kernel", "name": gpu_profile.MARKER, "ts": base + 100.0, "dur": 1.0},
+        ]
+    path = tmp_path / "tp.json"
+    path.write_text(json.dumps({"traceEvents": events}))
+    out = _script("gpu_timeline.py", "report", "--throughput", str(path))
+    assert out.returncode == 0, out.stderr
+    blocks = out.stdout.strip().split("\n\n")
+    assert len(blocks) == len(gpu_timeline.THROUGHPUT_CASES)
+    lines = blocks[0].splitlines()
+    assert "3 kernels in one eval" in lines[0]
+    assert lines[1].strip() == "span 60.0 µs, some kernel running 50.0 µs, none 10.0 µs"
+    assert lines[2].split()[:3] == ["2×", "mean", "25.0"] and lines[2].endswith("k_a")
+    assert lines[-1].strip().startswith("largest gaps (µs, before): 10.0 k_a")
+
+
 def _session_text() -> str:
     with open(os.path.join(SCRIPTS, "gpu_session.sh")) as f:
         return f.read()
