@@ -349,9 +349,6 @@ SWITCHES = {
     "--dx-dphi-one-pass": (coefficients_mma_vjp, "DX_DPHI_ONE_PASS", True,
                            "candidate: the tensor-core backward's DX and dphi in one launch, x read from DRAM "
                            "once for both (coefficients_mma_vjp.DX_DPHI_ONE_PASS)"),
-    "--mma-async-x": (coefficients_mma, "ASYNC_X", True,
-                      "candidate: the tensor-core forward stages x in shared memory by cp.async "
-                      "(coefficients_mma.ASYNC_X)"),
     "--defer-pre-x": (kernels, "DEFER_PRE_X", True,
                       "candidate: pre's backward leaves its dx and post's to the coefficient backward's DX "
                       "where that takes tensor cores (kernels.DEFER_PRE_X)"),

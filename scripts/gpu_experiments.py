@@ -19,7 +19,6 @@ copy floor two ways, and where B=1 latency goes (Python graph building vs the ev
     python scripts/gpu_experiments.py small-forms  (only launch-shape candidates: finish tokens, DX tiles)
     python scripts/gpu_experiments.py one-pass  (only DX and dphi in one launch vs two)
     python scripts/gpu_experiments.py byte-cuts  (only the one pass and the deferred pre share, alone and together)
-    python scripts/gpu_experiments.py async-x  (only the tensor-core forward's x staged by cp.async)
     python scripts/gpu_experiments.py glue-threads  (only the glue kernel's group size, and the fragment packs)
     python scripts/gpu_experiments.py b1 [ncu]  (only the B = 1 layer kernel by Sinkhorn iterations)
 """
@@ -898,22 +897,6 @@ def byte_cuts(rounds=5):
     alternated_settings("byte cuts", rows, forms, rounds)
 
 
-def async_x(rounds=5):
-    """The tensor-core forward with x staged in shared memory by cp.async (coefficients_mma.ASYNC_X,
-    candidate) at 3 and 2 stages against the register loads, alternated `rounds` times: the
-    partials alone at 4096x4x4096 (chained through phi), then the dynamic site's fwd and fwd+bwd."""
-    from mhc_mlx.kernels import coefficients_mma as cm
-
-    x, phi, *_ = products_inputs()
-    rows = partials_alone_row(x, phi)
-    rows.update(case_rows(("dynamic", "fwd", (4096, 4, 4096), "throughput"),
-                          ("dynamic", "fwd+bwd", (4096, 4, 4096), "throughput")))
-    forms = {"registers": [(cm, "ASYNC_X", False)],
-             "cp.async, 3 stages": [(cm, "ASYNC_X", True), (cm, "ASYNC_STAGES", 3)],
-             "cp.async, 2 stages": [(cm, "ASYNC_X", True), (cm, "ASYNC_STAGES", 2)]}
-    alternated_settings("forward x loads", rows, forms, rounds)
-
-
 # One part of the experiments alone (the module docstring lists them): mode -> function
 MODES = {
     "headers": header_sizes,
@@ -934,7 +917,6 @@ MODES = {
     "small-forms": small_forms,
     "one-pass": one_pass,
     "byte-cuts": byte_cuts,
-    "async-x": async_x,
 }
 
 

@@ -260,11 +260,11 @@ case "${1:-}" in
     ;;
   untried)
     # written after the fourth session's device time (candidates): DX and dphi in one launch,
-    # pre's dx share deferred to DX, the forward's x staged by cp.async. Coefficient, read-step
-    # and chain checks with all three and the tensor-core backward at every size, then each timed
-    CHECK_ARGS="--dx-dphi-one-pass --defer-pre-x --mma-async-x --mma-vjp" \
+    # pre's dx share deferred to DX (the forward's x staged by cp.async, run beside them, lost:
+    # e5c2dc6). Coefficient, read-step and chain checks with both and the tensor-core backward at
+    # every size, then each timed
+    CHECK_ARGS="--dx-dphi-one-pass --defer-pre-x --mma-vjp" \
       CHECK_ONLY="${CHECK_ONLY:-coefficients,read_step,chain}" NO_PYTEST=1 check 200
-    run 120 experiments_async_x python scripts/gpu_experiments.py async-x
     run 150 experiments_one_pass python scripts/gpu_experiments.py one-pass
     run 150 experiments_byte_cuts python scripts/gpu_experiments.py byte-cuts
     ;;

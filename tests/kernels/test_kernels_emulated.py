@@ -156,12 +156,10 @@ def _dynamic_inputs(T, n, C, dtype):
 
 # "mma-ku1", "mma-ku4": the tensor-core form with 1 or 4 x loads per row and lane in a step
 # (coefficients_mma.X_UNROLL; "mma" runs the default, 2)
-# "mma-finish8": 8 tokens per finishing block (coefficients_mma.FINISH_TOKENS, a template value);
-# "mma-async", "mma-async2": x through shared memory by cp.async, 3 and 2 stages (ASYNC_X, candidate)
+# "mma-finish8": 8 tokens per finishing block (coefficients_mma.FINISH_TOKENS, a template value)
 FORMS = [("kernel", 16), ("kernel", 8), ("gemm", None), ("mma", None), ("mma-ku1", None), ("mma-ku4", None),
-         ("mma-finish8", None), ("mma-async", None), ("mma-async2", None)]
-FORM_IDS = ["kernel-tb16", "kernel-tb8", "gemm", "mma", "mma-ku1", "mma-ku4", "mma-finish8", "mma-async",
-            "mma-async2"]
+         ("mma-finish8", None)]
+FORM_IDS = ["kernel-tb16", "kernel-tb8", "gemm", "mma", "mma-ku1", "mma-ku4", "mma-finish8"]
 # the tensor-core kernel is CUDA only (never dispatched on Metal)
 FLAVOURED_FORMS = [pytest.param(fl, form, tb, id=f"{fl}-{fid}") for fl in FLAVOURS
                    for (form, tb), fid in zip(FORMS, FORM_IDS) if not (fl == "metal" and form.startswith("mma"))]
@@ -179,10 +177,6 @@ def test_dynamic_coefficients_forward(monkeypatch, flavour, form, tb, dtype, n, 
         form = "mma"
     if form == "mma-finish8":
         monkeypatch.setattr(coefficients_mma, "FINISH_TOKENS", 8)
-        form = "mma"
-    if form.startswith("mma-async"):
-        monkeypatch.setattr(coefficients_mma, "ASYNC_X", True)
-        monkeypatch.setattr(coefficients_mma, "ASYNC_STAGES", 2 if form.endswith("2") else 3)
         form = "mma"
     if form == "mma":
         monkeypatch.setattr(build, "gpu_backend", lambda: "cuda")
@@ -206,8 +200,6 @@ def test_dynamic_coefficients_forward(monkeypatch, flavour, form, tb, dtype, n, 
         mma_templates = [t for name, t, *_ in emu.launched if name == "mhc_coefficients_dynamic_mma"]
         assert all(t["KU"] == coefficients_mma.X_UNROLL for t in mma_templates)
         assert all(t["MT"] == coefficients_mma.token_tiles_per_warp(t["NT"]) for t in mma_templates)
-        assert all((t["AS"], t["NS"]) == (coefficients_mma.ASYNC_X, coefficients_mma.ASYNC_STAGES)
-                   for t in mma_templates)
         assert {t["TB"] for name, t, *_ in emu.launched
                 if name == "mhc_coefficients_dynamic_finish"} == {coefficients_mma.FINISH_TOKENS}
     if form == "kernel" or dtype == mx.float32:

@@ -197,8 +197,6 @@ def settings() -> dict:
             "mma_min_elements": coefficients.MMA_MIN_ELEMENTS,
             "mma_x_unroll": coefficients_mma.X_UNROLL,
             "mma_target_warps": coefficients_mma.TARGET_WARPS,
-            "mma_async_x": coefficients_mma.ASYNC_X,
-            "mma_async_stages": coefficients_mma.ASYNC_STAGES,
             "mma_vjp": coefficients.MMA_VJP,
             "fused_vjp_glue": coefficients.FUSED_VJP_GLUE,
             "glue_packs": coefficients.GLUE_PACKS,

@@ -106,11 +106,10 @@ def cuda_only_instances():
     for dt in (BF16, F16):
         for n in (1, 2, 4, 8):
             nt = coefficients_mma.n_tiles(n * (n + 2))
-            for ku, asy, ns in ((1, False, 3), (2, False, 3), (4, False, 3), (2, True, 3), (2, True, 2)):
+            for ku in (1, 2, 4):
                 out.append((coefficients_mma.MMA, (dt, BF16, I32), (F32, F32),
                             [("T", dt), ("NT", nt), ("MT", coefficients_mma.token_tiles_per_warp(nt)),
-                             ("PB", coefficients_mma.PHI_PARTS), ("KU", ku), ("AS", asy), ("NS", ns),
-                             ("WB", coefficients_mma.WARPS_PER_BLOCK)]))
+                             ("PB", coefficients_mma.PHI_PARTS), ("KU", ku)]))
     for n in (1, 2, 4, 8):
         nt = coefficients_mma.n_tiles(n * (n + 2))
         for ku in (1, 2, 4):

@@ -48,13 +48,6 @@ TARGET_WARPS = 1536
 # 2 did (pack + mma 128.4 against 134.0 µs, then 96.0-110.7 against 130.4-134.1 over five
 # launch sizes; docs/kernel-notes.md, rows 13 and 16).
 X_UNROLL = 2
-# Candidate (written 2026-11-30, fourth session, after its device time; not yet run on a GPU): x
-# staged in shared memory by cp.async, ASYNC_STAGES - 1 steps ahead (KLOOP's async loop). The
-# kernel reads x at ~1.9 TB/s (67.6-70.4 µs for 8C bytes per token in the timeline) where pre
-# reads it at ~4; keeping two steps in flight in registers (172 of them) did not help (row 34).
-# Here the waiting loads hold no registers: 3 stages of 4 KB per warp, 48 KB per block of 4.
-ASYNC_X = False
-ASYNC_STAGES = 3
 
 # The tensor-core instruction (tests substitute a CPU model of it, with the same fragments).
 PTX_MMA = r"""
@@ -65,19 +58,6 @@ __device__ __forceinline__ void mhc_mma_bf16(float* d, const uint32_t* a, uint32
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
-"""
-
-# cp.async (sm_80+): 16 bytes from global to shared memory without a register, zero-filled where
-# `valid` is false; a thread's copies are grouped by commit and waited for by group count. (Tests
-# substitute a CPU model that copies at once.)
-PTX_CP_ASYNC = r"""
-__device__ __forceinline__ void mhc_cp_async16(void* smem, const void* gmem, bool valid) {
-  const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(valid ? 16 : 0));
-}
-__device__ __forceinline__ void mhc_cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void mhc_cp_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 """
 
 X_PARTS = r"""
@@ -229,65 +209,6 @@ __device__ __forceinline__ void mhc_mma_kloop(const T* xin, PK pk, int Ttok, int
     mhc_mma_step<T, MT, NT, PB, KU, BVEC>(wx, pk, KB, kb, lane, acc, sq);
   }
 }
-
-// KLOOP with x staged in shared memory by cp.async, NS - 1 steps ahead of the step computed
-// (ASYNC_X, candidate): the loads wait in no register, so a warp has NS - 1 steps of x in flight
-// while it computes. stage: this warp's NS slots of KU MT 2 16-byte pieces per lane, each lane
-// copying and reading only its own (no exchange, so no barrier). For 16-byte-loadable x
-// (xvec); pieces past K or of rows past Ttok are zero-filled, as mhc_load_x8 gives them.
-template <typename T, int MT, int KU>
-__device__ __forceinline__ void mhc_mma_issue_step(const T* xin, int Ttok, int K, int kb, int t0, int lane,
-                                                   uint4 (*slot)[32]) {
-  const int g = lane >> 2;
-  const int c = lane & 3;
-  #pragma unroll
-  for (int u = 0; u < KU; ++u) {
-    #pragma unroll
-    for (int m = 0; m < MT; ++m) {
-      #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int t = t0 + 16 * m + g + 8 * h;
-        const int kx = kb + 8 * KU * c + 8 * u;
-        const bool valid = t < Ttok && kx + 8 <= K;
-        mhc_cp_async16(&slot[(u * MT + m) * 2 + h][lane], valid ? (const void*)(xin + (int64_t)t * K + kx) : (const void*)xin,
-                       valid);
-      }
-    }
-  }
-  mhc_cp_commit();
-}
-
-template <typename T, int MT, int NT, int PB, int KU, int NS, bool BVEC, typename PK>
-__device__ __forceinline__ void mhc_mma_kloop_async(const T* xin, PK pk, int Ttok, int K, int KB, int k0, int k1,
-                                                    int t0, int lane, uint4 (*stage)[KU * MT * 2][32],
-                                                    float (&acc)[MT][NT][4], float (&sq)[MT][2]) {
-  constexpr int STEP = 32 * KU;
-  const int nsteps = (k1 - k0 + STEP - 1) / STEP;
-  #pragma unroll
-  for (int s = 0; s < NS - 1; ++s) {
-    if (s < nsteps) mhc_mma_issue_step<T, MT, KU>(xin, Ttok, K, k0 + s * STEP, t0, lane, stage[s]);
-    else mhc_cp_commit();  // an empty group keeps the count the wait below relies on
-  }
-  for (int i = 0; i < nsteps; ++i) {
-    const int ia = i + NS - 1;
-    if (ia < nsteps) mhc_mma_issue_step<T, MT, KU>(xin, Ttok, K, k0 + ia * STEP, t0, lane, stage[ia % NS]);
-    else mhc_cp_commit();
-    mhc_cp_wait<NS - 1>();  // step i's group (and all before it) has landed
-    uint32_t wx[KU][MT][2][4];
-    #pragma unroll
-    for (int u = 0; u < KU; ++u) {
-      #pragma unroll
-      for (int m = 0; m < MT; ++m) {
-        #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const uint4 v = stage[i % NS][(u * MT + m) * 2 + h][lane];
-          wx[u][m][h][0] = v.x; wx[u][m][h][1] = v.y; wx[u][m][h][2] = v.z; wx[u][m][h][3] = v.w;
-        }
-      }
-    }
-    mhc_mma_step<T, MT, NT, PB, KU, BVEC>(wx, pk, KB, k0 + i * STEP, lane, acc, sq);
-  }
-}
 """
 
 # Lane (g, c) = (lane / 4, lane % 4) of a warp; one step covers k in [kb, kb + 32 KU). For
@@ -300,7 +221,7 @@ MMA = KernelSpec(
     name="mhc_coefficients_dynamic_mma",
     inputs=("xin", "pk", "iparam"),
     outputs=("part", "ssq"),
-    helpers=PTX_MMA + PTX_CP_ASYNC + X_PARTS + LOAD_X + KLOOP,
+    helpers=PTX_MMA + X_PARTS + LOAD_X + KLOOP,
     body=r"""
   constexpr int WP = 8 * NT;                          // padded columns
   const int Ttok = iparam[0];
@@ -335,21 +256,8 @@ MMA = KernelSpec(
     }
   }
 
-  // AS (candidate ASYNC_X): x through shared memory by cp.async, NS stages per warp (compiled in
-  // only when on, so the default kernel has no shared memory)
-  bool staged = false;
-  if constexpr (AS) {
-    KSHARED uint4 mhc_stage[WB][NS][KU * MT * 2][32];
-    if (xvec && bvec) {
-      mhc_mma_kloop_async<T, MT, NT, PB, KU, NS, true>(xin, pk, Ttok, K, KB, k0, k1, t0, lane,
-                                                       mhc_stage[threadIdx.x >> 5], acc, sq);
-      staged = true;
-    }
-  }
-  if (!staged) {
-    if (bvec) mhc_mma_kloop<T, MT, NT, PB, KU, true>(xin, pk, Ttok, K, KB, k0, k1, t0, lane, xvec, acc, sq);
-    else mhc_mma_kloop<T, MT, NT, PB, KU, false>(xin, pk, Ttok, K, KB, k0, k1, t0, lane, xvec, acc, sq);
-  }
+  if (bvec) mhc_mma_kloop<T, MT, NT, PB, KU, true>(xin, pk, Ttok, K, KB, k0, k1, t0, lane, xvec, acc, sq);
+  else mhc_mma_kloop<T, MT, NT, PB, KU, false>(xin, pk, Ttok, K, KB, k0, k1, t0, lane, xvec, acc, sq);
 
   // Sums of squares: the four lanes of a row (c = 0..3) hold its partials.
   #pragma unroll
@@ -562,8 +470,7 @@ def partial_products(x2: mx.array, phi: mx.array) -> tuple[mx.array, mx.array]:
         MMA, [x2, pack_phi(phi, ku=ku), int_params(T, K, ks, splits, k_blocks(K, ku))],
         [((splits, T, 8 * NT), F32), ((splits, T), F32)],
         blocks * WARPS_PER_BLOCK * 32, WARPS_PER_BLOCK * 32,
-        [("T", x2.dtype), ("NT", NT), ("MT", MT), ("PB", PHI_PARTS), ("KU", ku), ("AS", ASYNC_X),
-         ("NS", ASYNC_STAGES), ("WB", WARPS_PER_BLOCK)],
+        [("T", x2.dtype), ("NT", NT), ("MT", MT), ("PB", PHI_PARTS), ("KU", ku)],
     )
 
 
