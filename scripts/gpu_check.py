@@ -346,9 +346,6 @@ SWITCHES = {
     "--dx-row-by-row": (coefficients_mma_vjp, "DX_RAW_ROWS", False,
                         "the tensor-core DX loads each row's gacc after storing the row before "
                         "(coefficients_mma_vjp.DX_RAW_ROWS = False; by default every row's x and gacc together)"),
-    "--dx-dphi-one-pass": (coefficients_mma_vjp, "DX_DPHI_ONE_PASS", True,
-                           "candidate: the tensor-core backward's DX and dphi in one launch, x read from DRAM "
-                           "once for both (coefficients_mma_vjp.DX_DPHI_ONE_PASS)"),
     "--defer-pre-x": (kernels, "DEFER_PRE_X", True,
                       "candidate: pre's backward leaves its dx and post's to the coefficient backward's DX "
                       "where that takes tensor cores (kernels.DEFER_PRE_X)"),

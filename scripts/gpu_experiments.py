@@ -17,8 +17,7 @@ copy floor two ways, and where B=1 latency goes (Python graph building vs the ev
     python scripts/gpu_experiments.py dx-order  (only DX's warps token-group first vs k-group first)
     python scripts/gpu_experiments.py load-forms  (only the tensor-core forward's launch size and DX's row loads)
     python scripts/gpu_experiments.py small-forms  (only launch-shape candidates: finish tokens, DX tiles)
-    python scripts/gpu_experiments.py one-pass  (only DX and dphi in one launch vs two)
-    python scripts/gpu_experiments.py byte-cuts  (only the one pass and the deferred pre share, alone and together)
+    python scripts/gpu_experiments.py byte-cuts  (only the deferred pre share against the defaults)
     python scripts/gpu_experiments.py glue-threads  (only the glue kernel's group size, and the fragment packs)
     python scripts/gpu_experiments.py b1 [ncu]  (only the B = 1 layer kernel by Sinkhorn iterations)
 """
@@ -852,48 +851,16 @@ def small_forms(rounds=5):
     alternated_settings("dx token tiles", dx_rows, {f"{m} tiles": [(cmv, "DX_TOKEN_TILES", m)] for m in (2, 1)}, rounds)
 
 
-def one_pass(rounds=5):
-    """DX and dphi in one launch (coefficients_mma_vjp.DX_DPHI_ONE_PASS, candidate) against the
-    two launches, alternated `rounds` times: the two products alone at 4096x4x4096 (chained: each
-    application's dx is the next one's gacc and its dphi feeds the next phi, so both are
-    computed), at one and two token tiles per step, 1024 or 2048 warps, with the next step's rows
-    asked of L2 or not; then the dynamic site's fwd+bwd there."""
-    from mhc_mlx.kernels import coefficients_mma_vjp as cmv
-
-    x, phi, gs, c2, gacc = products_inputs()
-
-    def step(carry):
-        g, p = carry
-        d, dp = cmv.vjp_x_phi(x, p, gs, c2, None, g)
-        return d, p + 1e-30 * mx.sum(dp)
-
-    rows = {"dx + dphi alone (gacc)": lambda: chain_us(step, (gacc, phi), chain_len=10)}
-    rows.update(case_rows(("dynamic", "fwd+bwd", (4096, 4, 4096), "throughput")))
-    forms = {"two launches": [(cmv, "DX_DPHI_ONE_PASS", False)],
-             "one pass": [(cmv, "DX_DPHI_ONE_PASS", True), (cmv, "DX_DPHI_TOKEN_TILES", 1)],
-             "one pass, 2 tiles": [(cmv, "DX_DPHI_ONE_PASS", True), (cmv, "DX_DPHI_TOKEN_TILES", 2)],
-             "one pass, 2048 warps": [(cmv, "DX_DPHI_ONE_PASS", True), (cmv, "DX_DPHI_TOKEN_TILES", 1),
-                                      (cmv, "DX_DPHI_TARGET_WARPS", 2048)],
-             "one pass, no prefetch": [(cmv, "DX_DPHI_ONE_PASS", True), (cmv, "DX_DPHI_TOKEN_TILES", 1),
-                                       (cmv, "DX_DPHI_PREFETCH", False)]}
-    alternated_settings("dx+dphi", rows, forms, rounds)
-
-
 def byte_cuts(rounds=5):
-    """The fourth session's two byte cuts of the dynamic backward, alone and together, against
-    the defaults, alternated `rounds` times: DX and dphi in one launch
-    (coefficients_mma_vjp.DX_DPHI_ONE_PASS) and pre's dx share deferred to DX (kernels.DEFER_PRE_X);
-    the dynamic fwd+bwd at 4096x4x4096, 512x4x1280 and B = 1."""
+    """Pre's dx share deferred to DX (kernels.DEFER_PRE_X) against the defaults, alternated
+    `rounds` times: the dynamic fwd+bwd at 4096x4x4096, 512x4x1280 and B = 1. (DX and dphi in one
+    launch, timed beside it and lost, is in e5c2dc6.)"""
     from mhc_mlx import kernels
-    from mhc_mlx.kernels import coefficients_mma_vjp as cmv
 
     rows = case_rows(("dynamic", "fwd+bwd", (4096, 4, 4096), "throughput"),
                      ("dynamic", "fwd+bwd", (512, 4, 1280), "throughput"),
                      ("dynamic", "fwd+bwd", (1, 4, 512), "latency"))
-    forms = {"defaults": [(cmv, "DX_DPHI_ONE_PASS", False), (kernels, "DEFER_PRE_X", False)],
-             "one pass": [(cmv, "DX_DPHI_ONE_PASS", True), (kernels, "DEFER_PRE_X", False)],
-             "pre deferred": [(cmv, "DX_DPHI_ONE_PASS", False), (kernels, "DEFER_PRE_X", True)],
-             "both": [(cmv, "DX_DPHI_ONE_PASS", True), (kernels, "DEFER_PRE_X", True)]}
+    forms = {"defaults": [(kernels, "DEFER_PRE_X", False)], "pre deferred": [(kernels, "DEFER_PRE_X", True)]}
     alternated_settings("byte cuts", rows, forms, rounds)
 
 
@@ -915,7 +882,6 @@ MODES = {
     "dx-order": dx_order,
     "load-forms": load_forms,
     "small-forms": small_forms,
-    "one-pass": one_pass,
     "byte-cuts": byte_cuts,
 }
 

@@ -259,13 +259,12 @@ case "${1:-}" in
     run 200 experiments_small_forms python scripts/gpu_experiments.py small-forms
     ;;
   untried)
-    # written after the fourth session's device time (candidates): DX and dphi in one launch,
-    # pre's dx share deferred to DX (the forward's x staged by cp.async, run beside them, lost:
-    # e5c2dc6). Coefficient, read-step and chain checks with both and the tensor-core backward at
-    # every size, then each timed
-    CHECK_ARGS="--dx-dphi-one-pass --defer-pre-x --mma-vjp" \
+    # written after the fourth session's device time (candidate): pre's dx share deferred to DX
+    # (DX and dphi in one launch and the forward's x staged by cp.async, run beside it, lost:
+    # e5c2dc6). Coefficient, read-step and chain checks with it and the tensor-core backward at
+    # every size, then its timings
+    CHECK_ARGS="--defer-pre-x --mma-vjp" \
       CHECK_ONLY="${CHECK_ONLY:-coefficients,read_step,chain}" NO_PYTEST=1 check 200
-    run 150 experiments_one_pass python scripts/gpu_experiments.py one-pass
     run 150 experiments_byte_cuts python scripts/gpu_experiments.py byte-cuts
     ;;
   gpu-tests)

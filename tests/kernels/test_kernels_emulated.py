@@ -376,50 +376,19 @@ def test_tensor_core_dx_with_rows_loaded_together(monkeypatch, pre, acc, dtype, 
         assert np.array_equal(np64(coefficients_mma_vjp.dx(*args)), np64(together))
 
 
-@pytest.mark.parametrize("pre,acc", [(False, True), (True, True), (False, False)])
-@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
-@pytest.mark.parametrize("n,C,T,warps", [(4, 48, 37, 16), (4, 40, 70, 1), (1, 33, 5, 64), (3, 64, 100, 8),
-                                         (2, 16, 130, 4)])
-@pytest.mark.parametrize("tiles,prefetch", [(1, True), (2, True), (1, False)])  # DX_DPHI_TOKEN_TILES, _PREFETCH
-def test_tensor_core_dx_and_dphi_in_one_pass(monkeypatch, pre, acc, dtype, n, C, T, warps, tiles, prefetch):
-    # coefficients_mma_vjp.DX_DPHI_ONE_PASS (candidate): one launch gives DX's dx bit for bit and
-    # dphi as DPHI does up to the order of its split sums (warps: the launch size, so one split
-    # or several, the last one partial; K not a multiple of 64 for C = 40, 33; float16 x in two
-    # bfloat16 parts)
-    x, phi, gs, c2, pre_in, gacc = _dx_inputs(n, C, T, dtype)
-    args = (x, phi, gs, c2, pre_in if pre else None, gacc if acc else None)
-    monkeypatch.setattr(coefficients_mma_vjp, "DX_DPHI_TOKEN_TILES", tiles)
-    monkeypatch.setattr(coefficients_mma_vjp, "DX_DPHI_TARGET_WARPS", warps)
-    monkeypatch.setattr(coefficients_mma_vjp, "DX_DPHI_PREFETCH", prefetch)
-    want_dx, want_dphi = coefficients_mma_vjp.vjp_x_phi(*args)
-    monkeypatch.setattr(coefficients_mma_vjp, "DX_DPHI_ONE_PASS", True)
-    emu.launched.clear()
-    got_dx, got_dphi = coefficients_mma_vjp.vjp_x_phi(*args)
-    names = [name for name, *_ in emu.launched]
-    assert [(t["MT"], t["PF"]) for name, t, *_ in emu.launched
-            if name == "mhc_coefficients_dynamic_vjp_dx_dphi_mma"] == [(tiles, prefetch)]
-    assert "mhc_coefficients_dynamic_vjp_dx_mma" not in names and "mhc_coefficients_dynamic_vjp_dphi_mma" not in names
-    assert np.array_equal(np64(got_dx), np64(want_dx))  # NaN (an unwritten element) fails too
-    x64, gs64 = np64(x).reshape(T, -1), np64(gs)
-    assert rel(got_dphi, x64.T @ gs64) <= 1e-5  # float32 accuracy, as DPHI's
-    assert rel(got_dphi, want_dphi) <= 1e-6
-
-
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
 @pytest.mark.parametrize("n,C,T", [(4, 48, 37), (4, 40, 21), (1, 33, 5), (3, 64, 20), (2, 16, 70)])
-@pytest.mark.parametrize("one_pass", [False, True])
-def test_tensor_core_dx_adds_posts_deferred_share(monkeypatch, dtype, n, C, T, one_pass):
-    # DX's RES (kernels.DEFER_PRE_X): dx + H_pre (x) dh + H_res^T g in DX's pass (and DX_DPHI's)
+def test_tensor_core_dx_adds_posts_deferred_share(dtype, n, C, T):
+    # DX's RES (kernels.DEFER_PRE_X): dx + H_pre (x) dh + H_res^T g in DX's pass
     # equals DX with that share given as gacc, within the rounding of x's dtype (C = 48, 64, 16:
     # the 16-byte path; 40, 33: per element; several and one token tiles)
-    monkeypatch.setattr(coefficients_mma_vjp, "DX_DPHI_ONE_PASS", one_pass)
     x, phi, gs, c2, pre, _ = _dx_inputs(n, C, T, dtype)
     H_res = mx.random.uniform(shape=(T, n, n))
     g = mx.random.normal((T, n, C)).astype(dtype)
     emu.launched.clear()
     got, got_phi = coefficients_mma_vjp.vjp_x_phi(x, phi, gs, c2, pre, None, None, (H_res, g))
-    kernel = "mhc_coefficients_dynamic_vjp_dx_dphi_mma" if one_pass else "mhc_coefficients_dynamic_vjp_dx_mma"
-    assert [(t["RES"], t["PRE"]) for name, t, *_ in emu.launched if name == kernel] == [(True, True)]
+    assert [(t["RES"], t["PRE"]) for name, t, *_ in emu.launched
+            if name == "mhc_coefficients_dynamic_vjp_dx_mma"] == [(True, True)]
     share = np.einsum("tij,tic->tjc", np64(H_res), np64(g)).reshape(T, n * C)
     x64, gs64, c264, phi64 = np64(x).reshape(T, -1), np64(gs), np64(c2), np64(phi)
     want = gs64 @ phi64.T - x64 * c264[:, None] + share
@@ -968,8 +937,8 @@ def test_tensor_core_coefficient_backward_adds_the_chained_x_cotangent(monkeypat
 
 
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
-@pytest.mark.parametrize("form", ["two ops", "read step", "tensor-core backward", "tensor-core one pass",
-                                  "tensor-core pre deferred", "static"])
+@pytest.mark.parametrize("form", ["two ops", "read step", "tensor-core backward", "tensor-core pre deferred",
+                                  "static"])
 @pytest.mark.parametrize("use", ["site", "pre and post", "pre only", "post with other x", "post twice", "res too"])
 @pytest.mark.parametrize("defer", [False, True])
 def test_hyper_connection_with_the_chained_x_cotangent(monkeypatch, defer, dtype, form, use):
@@ -990,9 +959,7 @@ def test_hyper_connection_with_the_chained_x_cotangent(monkeypatch, defer, dtype
     monkeypatch.setattr(kernels, "CHAIN_X_COTANGENT", True)
     monkeypatch.setattr(kernels, "FUSED_READ_STEP", form == "read step")
     monkeypatch.setattr(coefficients, "MMA_VJP", form.startswith("tensor-core"))
-    # "tensor-core one pass": DX and dphi in one launch (coefficients_mma_vjp.DX_DPHI_ONE_PASS);
     # "tensor-core pre deferred": pre's dx share left to DX as well (kernels.DEFER_PRE_X)
-    monkeypatch.setattr(coefficients_mma_vjp, "DX_DPHI_ONE_PASS", form == "tensor-core one pass")
     monkeypatch.setattr(kernels, "DEFER_PRE_X", form == "tensor-core pre deferred")
     n, C, T = 4, 24, 5
     hc = mhc.HyperConnection(C, n, dynamic=form != "static", init="paper")
@@ -1033,8 +1000,6 @@ def test_hyper_connection_with_the_chained_x_cotangent(monkeypatch, defer, dtype
     assert chained_kernels & set(launched), launched
     deferred = defer and form != "read step"
     assert ("mhc_pre_vjp_res" in launched) == deferred, launched
-    one_pass = form == "tensor-core one pass" and dtype != mx.float32  # tensor cores take 16-bit x
-    assert ("mhc_coefficients_dynamic_vjp_dx_dphi_mma" in launched) == one_pass, launched
     pre_deferred = form == "tensor-core pre deferred" and defer and dtype != mx.float32
     assert [t["DX"] for name, t, *_ in emu.launched if name == "mhc_pre_vjp_res"] == [not pre_deferred] * deferred
     assert any(t["RES"] for name, t, *_ in emu.launched

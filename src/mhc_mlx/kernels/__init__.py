@@ -214,8 +214,6 @@ def settings() -> dict:
             "split_glue_sinkhorn": coefficients.SPLIT_GLUE_SINKHORN,
             "dx_token_major": coefficients_mma_vjp.DX_TOKEN_MAJOR,
             "dx_raw_rows": coefficients_mma_vjp.DX_RAW_ROWS,
-            "dx_dphi_one_pass": coefficients_mma_vjp.DX_DPHI_ONE_PASS,
-            "dx_dphi_prefetch": coefficients_mma_vjp.DX_DPHI_PREFETCH,
             "sinkhorn_thread_vjp_max_work": sinkhorn.THREAD_VJP_MAX_WORK}
 
 

@@ -22,7 +22,7 @@ SPECS = (
 # Kernels of the CUDA-only tensor-core path; they never reach a Metal compiler.
 CUDA_ONLY_SPECS = (coefficients_mma.PACK, coefficients_mma.MMA, coefficients_mma.FINISH,
                    coefficients_mma_vjp.PACK_A, coefficients_mma_vjp.PACK_B, coefficients_mma_vjp.DX,
-                   coefficients_mma_vjp.DPHI, coefficients_mma_vjp.DX_DPHI, coefficients_mma_vjp.glue_packs_spec(),
+                   coefficients_mma_vjp.DPHI, coefficients_mma_vjp.glue_packs_spec(),
                    coefficients_mma_vjp.glue_packs_spec(after_sinkhorn=True))
 
 F32, BF16, F16, I32 = mx.float32, mx.bfloat16, mx.float16, mx.int32
@@ -132,12 +132,6 @@ def cuda_only_instances():
                                 [("T", dt), ("N", n), ("MT", vjp.DX_TOKEN_TILES), ("KSW", -(-W // 16)), ("PRE", pre),
                                  ("ACC", acc), ("RES", res), ("TM", tm), ("RAW", raw)]))
             out.append((vjp.DPHI, (dt, BF16, I32), (F32,), [("T", dt), ("NT", -(-W // 8)), ("PG", vjp.DPHI_PARTS)]))
-            for pre, acc, res, mt, pf in ((False, True, False, 1, True), (True, True, False, 1, True),
-                                          (False, False, False, 1, True), (False, True, False, 2, True),
-                                          (False, True, False, 1, False), (True, False, True, 1, True)):
-                out.append((vjp.DX_DPHI, (BF16, BF16, dt, F32, F32, dt, dt, F32, dt, BF16, I32), (dt, F32),
-                            [("T", dt), ("N", n), ("MT", mt), ("KSW", -(-W // 16)), ("PRE", pre), ("ACC", acc),
-                             ("RES", res), ("RAW", True), ("NT", -(-W // 8)), ("PG", vjp.DPHI_PARTS), ("PF", pf)]))
     for n, gt in ((1, 128), (4, 128), (4, 32)):
         for after in (False, True):
             out.append((vjp.glue_packs_spec(after), (F32,) * 9 + (I32,), (F32, F32, F32, BF16, BF16),

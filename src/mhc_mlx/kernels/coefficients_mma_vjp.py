@@ -230,7 +230,7 @@ __device__ __forceinline__ void mhc_dx_res(float* o, PR hres, PG gres, int t, in
 
 DX_GROUP = r"""
 // One warp's MT token tiles (token group tg) by one group of 64 k (kg) of DX: the products, then
-// dx written. Shared by DX (one group per warp) and DX_DPHI (a warp's groups along the tokens).
+// dx written.
 template <typename T, int N, int MT, int KSW, bool PRE, bool ACC, bool RAW, bool RES, typename PGA, typename PPB,
           typename PX, typename PC, typename PH, typename PD, typename PA, typename PR, typename PG, typename PO>
 __device__ __forceinline__ void mhc_dx_group(PGA gsa, PPB phb, PX xin, PC ctwo, PH hpre, PD dh, PA gacc, PR hres,
@@ -401,7 +401,7 @@ DX = KernelSpec(
 # m-tiles: rows g, g + 8 of tile q are k = kb + 8g + 2q and kb + 8g + 2q + 1) and one split.
 DPHI_STEP = r"""
 // DPHI's step: 16 tokens from ts (below t1) into acc[q][j] for the lane's 8 k from kx (rows g,
-// g + 8 of m-tile q are k = kx + 2q and kx + 2q + 1). Shared by DPHI and DX_DPHI.
+// g + 8 of m-tile q are k = kx + 2q and kx + 2q + 1).
 template <typename T, int NT, int PG, typename PX, typename PGS>
 __device__ __forceinline__ void mhc_dphi_step(PX xin, PGS pgs, int t1, int K, int TS16, int ts, int kx, int lane, bool xvec,
                                               float (&acc)[4][NT][4]) {
@@ -490,69 +490,6 @@ DPHI = KernelSpec(
 """,
 )
 
-
-# Candidate (DX_DPHI_ONE_PASS; written 2026-11-30, fourth session, after its device time; not yet
-# run on a GPU): DX and dphi in one pass over x. DX and DPHI each read x from DRAM (24C and 8C
-# bytes per token at n = 4, bf16; the timeline had them at 182.1 and 72.9 µs side by side, ~2.9
-# TB/s together). Here a warp owns one group of 64 k and one split of the tokens and walks the
-# split MT token tiles at a time: DX's group (products, dx written), then DPHI's steps on the same
-# tiles and k, whose x loads hit the lines DX's loads just brought in (L1, else L2), so x comes
-# from DRAM once for both: 24C instead of 32C. A block's warps take neighbouring k groups of the
-# same tokens (512 contiguous bytes per row, as DX_TOKEN_MAJOR). dphi's partials [S, K, 8 NT] as
-# DPHI's, over this kernel's splits.
-DX_DPHI_ONE_PASS = False
-# nvcc (sm_90a), n = 4, 16-bit x: 168-185 registers at one token tile per step, 255 at two;
-# either way 2 blocks of 4 warps per SM, 1056 warps resident on 132 SMs, so 1024 make one wave
-DX_DPHI_TOKEN_TILES = 1
-DX_DPHI_TARGET_WARPS = 1024
-# With 8 warps per SM each walking its split step by step, a step's loads wait on DRAM with
-# little else in flight: the next step's rows are asked of L2 first (PF; no registers), as the
-# layer kernels' PREFETCH_TOKENS did (docs/kernel-notes.md row 18).
-DX_DPHI_PREFETCH = True
-DX_DPHI = KernelSpec(
-    name="mhc_coefficients_dynamic_vjp_dx_dphi_mma",
-    inputs=("gsa", "phb", "xin", "ctwo", "hpre", "dh", "gacc", "hres", "gres", "pgs", "iparam"),
-    outputs=("gx", "part"),
-    helpers=PTX_MMA + X_PARTS + LOAD_X + DX_HELPERS + DX_GROUP + DPHI_STEP,
-    body=r"""
-  const int Ttok = iparam[0];
-  const int K = iparam[1];
-  const int TPS = iparam[2];  // tokens per split, a multiple of 16 MT
-  const int Cw = iparam[3];   // channels per stream (PRE)
-  const int S = iparam[4];
-  const int kgroups = (K + 63) / 64;
-  const int TS16 = (Ttok + 15) / 16;
-  const int gw = (int)(blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5));
-  if (gw >= kgroups * S) return;  // whole warps only: mma.sync needs all 32 lanes
-  const int kg = gw % kgroups;
-  const int split = gw / kgroups;
-  const int lane = (int)(threadIdx.x & 31u);
-  const int kx = 64 * kg + 8 * (lane >> 2);  // DPHI's 8 k of this lane
-  const int t0 = split * TPS;
-  const int t1 = min(Ttok, t0 + TPS);
-  const bool xvec = (K % 8 == 0) && KALIGNED16(xin);
-  float acc[4][NT][4] = {};
-  for (int ts = t0; ts < t1; ts += 16 * MT) {
-    if (PF) {
-      // the next step's rows of x (and gacc) asked of L2 while this step runs: the warp's 64 k
-      // of a row are one 128-byte line, one lane per row and array
-      const int tn = ts + 16 * MT;
-      for (int i = lane; i < 16 * MT * (ACC ? 2 : 1); i += 32) {
-        const int t = tn + i % (16 * MT);
-        const int64_t off = (int64_t)t * K + 64 * kg;
-        if (t < t1) KPREFETCH_L2(i < 16 * MT ? (const void*)(xin + off) : (const void*)(gacc + off));
-      }
-    }
-    mhc_dx_group<T, N, MT, KSW, PRE, ACC, RAW, RES>(gsa, phb, xin, ctwo, hpre, dh, gacc, hres, gres, gx, Ttok, K, Cw, kg,
-                                                   ts / (16 * MT));
-    #pragma unroll
-    for (int m = 0; m < MT; ++m) {
-      if (ts + 16 * m < t1) mhc_dphi_step<T, NT, PG>(xin, pgs, t1, K, TS16, ts + 16 * m, kx, lane, xvec, acc);
-    }
-  }
-  mhc_dphi_store<NT>(part, split, K, kx, lane, acc);
-""",
-)
 
 # Candidate (coefficients.GLUE_PACKS; passed the H200 checks on 2026-11-30, not faster there
 # beyond the runs' spread; its after-split form timed, not checked, in the fourth session: 672.1
@@ -699,36 +636,9 @@ def dphi(x2, gs, gsb=None):
     return mx.sum(part, axis=0)[:, :W]
 
 
-def dx_dphi(x2, phi, gs, c2, pre=None, gacc=None, packed=None, res=None):
-    """(dx, dphi) as (dx(...), dphi(...)) in one launch (DX_DPHI, candidate DX_DPHI_ONE_PASS)."""
-    T, K = x2.shape
-    W = phi.shape[1]
-    n = streams_of_width(W)
-    NT = -(-W // 8)
-    gsa, gsb = packed if packed is not None else (None, None)
-    extras, flags = _dx_extras(x2, T, K, n, pre, gacc, res)
-    kgroups = -(-K // 64)
-    mt = DX_DPHI_TOKEN_TILES
-    tps, splits = _token_splits(T, kgroups, 16 * mt, DX_DPHI_TARGET_WARPS)
-    warps = kgroups * splits
-    gx, part = launch(
-        DX_DPHI,
-        [pack_a(gs, DX_PARTS) if gsa is None else gsa, pack_b(phi, DX_PARTS, True, perm64=True), x2,
-         c2.astype(F32), *extras, pack_b(gs, DPHI_PARTS, False) if gsb is None else gsb,
-         int_params(T, K, tps, K // n, splits)],
-        [((T, K), x2.dtype), ((splits, K, 8 * NT), F32)],
-        -(-warps // WARPS_PER_BLOCK) * WARPS_PER_BLOCK * 32, WARPS_PER_BLOCK * 32,
-        [("T", x2.dtype), ("N", n), ("MT", mt), ("KSW", -(-W // 16)), *flags, ("RAW", DX_RAW_ROWS), ("NT", NT),
-         ("PG", DPHI_PARTS), ("PF", DX_DPHI_PREFETCH)],
-    )
-    return gx, mx.sum(part, axis=0)[:, :W]
-
-
 def vjp_x_phi(x2, phi, gs, c2, pre=None, gacc=None, packed=None, res=None):
     """(dxf [T, K] in x's dtype, dphi [K, W] float32), as coefficients.dynamic_vjp_x_phi.
     packed: (gsa, gsb), gs in both fragment orders (glue_packs_spec), or None. res: (H_res, g),
     post's deferred share (dx)."""
-    if DX_DPHI_ONE_PASS:
-        return dx_dphi(x2, phi, gs, c2, pre, gacc, packed, res)
     gsa, gsb = packed if packed is not None else (None, None)
     return dx(x2, phi, gs, c2, pre, gacc, gsa, res), dphi(x2, gs, gsb)
