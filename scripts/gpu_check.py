@@ -346,9 +346,6 @@ SWITCHES = {
     "--dx-row-by-row": (coefficients_mma_vjp, "DX_RAW_ROWS", False,
                         "the tensor-core DX loads each row's gacc after storing the row before "
                         "(coefficients_mma_vjp.DX_RAW_ROWS = False; by default every row's x and gacc together)"),
-    "--defer-pre-x": (kernels, "DEFER_PRE_X", True,
-                      "candidate: pre's backward leaves its dx and post's to the coefficient backward's DX "
-                      "where that takes tensor cores (kernels.DEFER_PRE_X)"),
     "--sinkhorn-warp-vjp": (sinkhorn, "THREAD_VJP_MAX_WORK", 0,
                             "use the warp-form Sinkhorn backward everywhere (sinkhorn.THREAD_VJP_MAX_WORK = 0; "
                             "the default takes one thread per matrix for n <= 4)"),

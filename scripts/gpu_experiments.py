@@ -17,7 +17,6 @@ copy floor two ways, and where B=1 latency goes (Python graph building vs the ev
     python scripts/gpu_experiments.py dx-order  (only DX's warps token-group first vs k-group first)
     python scripts/gpu_experiments.py load-forms  (only the tensor-core forward's launch size and DX's row loads)
     python scripts/gpu_experiments.py small-forms  (only launch-shape candidates: finish tokens, DX tiles)
-    python scripts/gpu_experiments.py byte-cuts  (only the deferred pre share against the defaults)
     python scripts/gpu_experiments.py glue-threads  (only the glue kernel's group size, and the fragment packs)
     python scripts/gpu_experiments.py b1 [ncu]  (only the B = 1 layer kernel by Sinkhorn iterations)
 """
@@ -851,19 +850,6 @@ def small_forms(rounds=5):
     alternated_settings("dx token tiles", dx_rows, {f"{m} tiles": [(cmv, "DX_TOKEN_TILES", m)] for m in (2, 1)}, rounds)
 
 
-def byte_cuts(rounds=5):
-    """Pre's dx share deferred to DX (kernels.DEFER_PRE_X) against the defaults, alternated
-    `rounds` times: the dynamic fwd+bwd at 4096x4x4096, 512x4x1280 and B = 1. (DX and dphi in one
-    launch, timed beside it and lost, is in e5c2dc6.)"""
-    from mhc_mlx import kernels
-
-    rows = case_rows(("dynamic", "fwd+bwd", (4096, 4, 4096), "throughput"),
-                     ("dynamic", "fwd+bwd", (512, 4, 1280), "throughput"),
-                     ("dynamic", "fwd+bwd", (1, 4, 512), "latency"))
-    forms = {"defaults": [(kernels, "DEFER_PRE_X", False)], "pre deferred": [(kernels, "DEFER_PRE_X", True)]}
-    alternated_settings("byte cuts", rows, forms, rounds)
-
-
 # One part of the experiments alone (the module docstring lists them): mode -> function
 MODES = {
     "headers": header_sizes,
@@ -882,7 +868,6 @@ MODES = {
     "dx-order": dx_order,
     "load-forms": load_forms,
     "small-forms": small_forms,
-    "byte-cuts": byte_cuts,
 }
 
 

@@ -27,7 +27,6 @@
 #   bash scripts/gpu_session.sh pending      # the glue packs and DX's vectorized pre share: checks, timings
 #   bash scripts/gpu_session.sh loads        # the tensor-core forward's launch size, DX's row loads: checks, timings
 #   bash scripts/gpu_session.sh small        # launch-shape candidates: finish tokens, DX tiles
-#   bash scripts/gpu_session.sh untried      # the candidates written after the fourth session's device time
 #   bash scripts/gpu_session.sh gpu-tests    # pytest -m gpu alone
 #   bash scripts/gpu_session.sh timeline     # pytest -m gpu alone, then nsys: each target case's kernels
 #                                            # in stream order with the gaps (defaults; glue packs + read step)
@@ -257,15 +256,6 @@ case "${1:-}" in
   small)
     # launch-shape candidates (finish tokens, DX tiles), timings only
     run 200 experiments_small_forms python scripts/gpu_experiments.py small-forms
-    ;;
-  untried)
-    # written after the fourth session's device time (candidate): pre's dx share deferred to DX
-    # (DX and dphi in one launch and the forward's x staged by cp.async, run beside it, lost:
-    # e5c2dc6). Coefficient, read-step and chain checks with it and the tensor-core backward at
-    # every size, then its timings
-    CHECK_ARGS="--defer-pre-x --mma-vjp" \
-      CHECK_ONLY="${CHECK_ONLY:-coefficients,read_step,chain}" NO_PYTEST=1 check 200
-    run 150 experiments_byte_cuts python scripts/gpu_experiments.py byte-cuts
     ;;
   gpu-tests)
     # `pytest -m gpu` alone (53 tests; beside the checks it ran out of 200 s)

@@ -48,8 +48,7 @@ def run_chained_read(x, phi, alpha, bias, iters: int, eps: float):
     (kernels.CHAIN_X_COTANGENT; CUDA), or None where they do not apply. Post must read x' in
     place of x: x's cotangent then comes back down the chain and is written once
     (kernels/site.py, "chained"). deferred (kernels.DEFER_POST_X): H_res is pre's H_res', and
-    post must be site.mhc_post_deferred on x' and it (its backward leaves both cotangents to pre's;
-    with kernels.DEFER_PRE_X pre's backward leaves its dx and post's to the coefficients')."""
+    post must be site.mhc_post_deferred on x' and it (its backward leaves both cotangents to pre's)."""
     if not kernels.CHAIN_X_COTANGENT or kernels.gpu_backend() != "cuda":
         return None
     from .kernels import coefficients, pre_step, site
@@ -66,10 +65,6 @@ def run_chained_read(x, phi, alpha, bias, iters: int, eps: float):
     elif _takes_read_step(x):
         h, *H, x_post = pre_step.mhc_pre_step_chained(x, phi, alpha, bias, iters, eps)
         return h, tuple(H), x_post, False
-    elif kernels.DEFER_PRE_X and kernels.DEFER_POST_X and coefficients.backward_on_tensor_cores(x):
-        H_pre, H_post, H_res, x_pre, z = coefficients.mhc_coefficients_deferred(x, phi, alpha, bias, iters, eps)
-        h, x_post, H_res = site.mhc_pre_deferred(x_pre, H_pre, H_res, z)
-        return h, (H_pre, H_post, H_res), x_post, True
     else:
         *H, x_pre = coefficients.mhc_coefficients_chained(x, phi, alpha, bias, iters, eps)
     if kernels.DEFER_POST_X and x.shape[-2] <= site.MAX_N_REDUCE:

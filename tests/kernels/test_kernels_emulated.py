@@ -377,60 +377,6 @@ def test_tensor_core_dx_with_rows_loaded_together(monkeypatch, pre, acc, dtype, 
 
 
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
-@pytest.mark.parametrize("n,C,T", [(4, 48, 37), (4, 40, 21), (1, 33, 5), (3, 64, 20), (2, 16, 70)])
-def test_tensor_core_dx_adds_posts_deferred_share(dtype, n, C, T):
-    # DX's RES (kernels.DEFER_PRE_X): dx + H_pre (x) dh + H_res^T g in DX's pass
-    # equals DX with that share given as gacc, within the rounding of x's dtype (C = 48, 64, 16:
-    # the 16-byte path; 40, 33: per element; several and one token tiles)
-    x, phi, gs, c2, pre, _ = _dx_inputs(n, C, T, dtype)
-    H_res = mx.random.uniform(shape=(T, n, n))
-    g = mx.random.normal((T, n, C)).astype(dtype)
-    emu.launched.clear()
-    got, got_phi = coefficients_mma_vjp.vjp_x_phi(x, phi, gs, c2, pre, None, None, (H_res, g))
-    assert [(t["RES"], t["PRE"]) for name, t, *_ in emu.launched
-            if name == "mhc_coefficients_dynamic_vjp_dx_mma"] == [(True, True)]
-    share = np.einsum("tij,tic->tjc", np64(H_res), np64(g)).reshape(T, n * C)
-    x64, gs64, c264, phi64 = np64(x).reshape(T, -1), np64(gs), np64(c2), np64(phi)
-    want = gs64 @ phi64.T - x64 * c264[:, None] + share
-    want += (np64(pre[0])[:, :, None] * np64(pre[1])[:, None, :]).reshape(T, n * C)
-    assert rel(got, want) <= TOL[dtype]
-    assert rel(got_phi, x64.T @ gs64) <= 1e-5
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("n", [4, 8])
-def test_posts_deferred_share_off_the_tensor_cores(dtype, n):
-    # res (kernels.DEFER_PRE_X) where the coefficient backward does not take the tensor cores
-    # (float32 x, or the CPU-emulated FP32 kernel, n = 8): H_res^T g folded into gacc by a matmul
-    C, T = 24, 7
-    x, phi, _, _ = _dynamic_inputs(T, n, C, dtype)
-    x2 = x.reshape(T, n * C)
-    gs, c2 = mx.random.normal((T, n * (n + 2))), mx.random.normal((T,))
-    H_res = mx.random.uniform(shape=(T, n, n))
-    g = mx.random.normal((T, n, C)).astype(dtype)
-    got, got_phi = coefficients.dynamic_vjp_x_phi(x2, phi, gs, c2, None, None, None, (H_res, g))
-    share = mx.array(np.einsum("tij,tic->tjc", np64(H_res), np64(g)).astype(np.float32))
-    want, want_phi = coefficients.dynamic_vjp_x_phi(x2, phi, gs, c2, None, share)
-    assert rel(got, want) <= TOL[dtype] and np.array_equal(np64(got_phi), np64(want_phi))
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("n,C,lead,shared", [(4, 40, (3,), False), (4, 48, (3,), True), (3, 33, (2, 3), False)])
-def test_pre_backward_reductions_alone(monkeypatch, dtype, n, C, lead, shared):
-    # PRE_VJP_RES without dx (kernels.DEFER_PRE_X): the same dH_pre and dH_res, no dx written
-    monkeypatch.setattr(site, "MAX_GROUPS", 2)
-    x, g = (mx.random.normal((*lead, n, C)).astype(dtype) for _ in range(2))
-    dh = mx.random.normal((*lead, C)).astype(dtype)
-    H_pre = mx.random.uniform(shape=(n,) if shared else (*lead, n))
-    H_res = mx.random.uniform(shape=(n, n) if shared else (*lead, n, n))
-    _, gp_all, gr_all = site.pre_vjp_res(x, H_pre, H_res, dh, g)
-    emu.launched.clear()
-    gx, gp, gr = site.pre_vjp_res(x, H_pre, H_res, dh, g, dx=False)
-    assert gx is None and [t["DX"] for name, t, *_ in emu.launched if name == "mhc_pre_vjp_res"] == [False]
-    assert np.array_equal(np64(gp), np64(gp_all)) and np.array_equal(np64(gr), np64(gr_all))
-
-
-@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
 @pytest.mark.parametrize("n,C,T", [(4, 48, 37), (2, 128, 20), (4, 4096 // 64, 3)])
 def test_tensor_core_dx_pre_share_by_vectors(monkeypatch, dtype, n, C, T):
     # DX's pre share (the fused read step): with C a multiple of 16 each lane's 16 k lie in one
@@ -937,8 +883,7 @@ def test_tensor_core_coefficient_backward_adds_the_chained_x_cotangent(monkeypat
 
 
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
-@pytest.mark.parametrize("form", ["two ops", "read step", "tensor-core backward", "tensor-core pre deferred",
-                                  "static"])
+@pytest.mark.parametrize("form", ["two ops", "read step", "tensor-core backward", "static"])
 @pytest.mark.parametrize("use", ["site", "pre and post", "pre only", "post with other x", "post twice", "res too"])
 @pytest.mark.parametrize("defer", [False, True])
 def test_hyper_connection_with_the_chained_x_cotangent(monkeypatch, defer, dtype, form, use):
@@ -959,8 +904,6 @@ def test_hyper_connection_with_the_chained_x_cotangent(monkeypatch, defer, dtype
     monkeypatch.setattr(kernels, "CHAIN_X_COTANGENT", True)
     monkeypatch.setattr(kernels, "FUSED_READ_STEP", form == "read step")
     monkeypatch.setattr(coefficients, "MMA_VJP", form.startswith("tensor-core"))
-    # "tensor-core pre deferred": pre's dx share left to DX as well (kernels.DEFER_PRE_X)
-    monkeypatch.setattr(kernels, "DEFER_PRE_X", form == "tensor-core pre deferred")
     n, C, T = 4, 24, 5
     hc = mhc.HyperConnection(C, n, dynamic=form != "static", init="paper")
     W = n * (n + 2)
@@ -1000,10 +943,6 @@ def test_hyper_connection_with_the_chained_x_cotangent(monkeypatch, defer, dtype
     assert chained_kernels & set(launched), launched
     deferred = defer and form != "read step"
     assert ("mhc_pre_vjp_res" in launched) == deferred, launched
-    pre_deferred = form == "tensor-core pre deferred" and defer and dtype != mx.float32
-    assert [t["DX"] for name, t, *_ in emu.launched if name == "mhc_pre_vjp_res"] == [not pre_deferred] * deferred
-    assert any(t["RES"] for name, t, *_ in emu.launched
-               if name == "mhc_coefficients_dynamic_vjp_dx_mma") == pre_deferred, launched
     post_vjps = [t for name, t, *_ in emu.launched if name == "mhc_post_vjp"]
     if use != "pre only":  # deferred where post reads the chained x'
         assert [t["DEFER"] for t in post_vjps] == [deferred and use != "post with other x"] * len(post_vjps)
@@ -1034,11 +973,10 @@ def test_chained_x_cotangent_with_no_tokens_and_two_leading_dims(monkeypatch, de
     monkeypatch.setattr(kernels, "CHAIN_X_COTANGENT", True)
     monkeypatch.setattr(kernels, "FUSED_READ_STEP", False)  # pre as its own op
     monkeypatch.setattr(kernels, "DEFER_POST_X", defer)
-    # bfloat16 x with the tensor-core backward and pre's dx deferred to it (kernels.DEFER_PRE_X)
-    # where the post share is deferred: the dynamic sites' doubly deferred chain on these shapes
+    # bfloat16 x with the tensor-core backward where the post share is deferred (the dynamic
+    # sites' deferred chain on these shapes, DX adding the chained cotangent)
     tensor_cores = defer and dynamic
     monkeypatch.setattr(coefficients, "MMA_VJP", tensor_cores)
-    monkeypatch.setattr(kernels, "DEFER_PRE_X", tensor_cores)
     n, C = 4, 24
     hc = mhc.HyperConnection(C, n, dynamic=dynamic, init="paper")
     hc.bias = mx.random.normal(hc.bias.shape)
@@ -1054,8 +992,6 @@ def test_chained_x_cotangent_with_no_tokens_and_two_leading_dims(monkeypatch, de
     emu.launched.clear()
     out, got = mx.vjp(site_fn, [x, *params], [cot.astype(x.dtype)])
     assert ("mhc_pre_vjp_res" if defer else "mhc_pre_vjp_acc") in {name for name, *_ in emu.launched}
-    if tensor_cores and lead != (0,):
-        assert [t["DX"] for name, t, *_ in emu.launched if name == "mhc_pre_vjp_res"] == [False]
     assert out[0].shape == x.shape and [g.shape for g in got] == [p.shape for p in [x, *params]]
     with dispatch.use_backend("reference"):
         _, want = mx.vjp(site_fn, [x.astype(mx.float32), *params], [cot])

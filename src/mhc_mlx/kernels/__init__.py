@@ -56,13 +56,6 @@ CHAIN_X_COTANGENT: bool | str = "auto"
 # `mhc-mlx bench` in two processes back to back, 762.0 against 843.4 (512x4x1280: 199.7 against
 # 217.5). False: post's backward reads x and writes x's cotangent itself.
 DEFER_POST_X = True
-# Candidate (written 2026-11-30, fourth session, after its device time; not yet run on a GPU):
-# where the coefficient backward takes the tensor-core products and post's share is deferred,
-# pre's backward leaves its dx and post's to the coefficient backward too (site.mhc_pre_deferred,
-# coefficients.mhc_coefficients_deferred): pre's backward only reduces (18C bytes per token
-# instead of 26C at n = 4, bf16) and DX reads dh and g (10C) instead of gacc (8C): 6C fewer of
-# the site's 106C. False: pre's backward writes dx.
-DEFER_PRE_X = False
 
 
 _IMPLEMENTATIONS: dict = {}
@@ -210,7 +203,6 @@ def settings() -> dict:
             "fused_read_step": FUSED_READ_STEP,
             "chain_x_cotangent": CHAIN_X_COTANGENT,
             "defer_post_x": DEFER_POST_X,
-            "defer_pre_x": DEFER_PRE_X,
             "split_glue_sinkhorn": coefficients.SPLIT_GLUE_SINKHORN,
             "dx_token_major": coefficients_mma_vjp.DX_TOKEN_MAJOR,
             "dx_raw_rows": coefficients_mma_vjp.DX_RAW_ROWS,

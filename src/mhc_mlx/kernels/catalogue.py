@@ -84,9 +84,8 @@ def instances():
                                 [("T", dt), ("N", n), ("V", V), ("SHARED", shared), ("HGRAD", n <= 8),
                                  ("DEFER", defer)]))
                 if n <= 8:
-                    for dx in (True, False):
-                        out.append((site.PRE_VJP_RES, (dt, F32, F32, dt, dt, I32), (dt, F32, F32),
-                                    [("T", dt), ("N", n), ("V", V), ("SHARED", shared), ("DX", dx)]))
+                    out.append((site.PRE_VJP_RES, (dt, F32, F32, dt, dt, I32), (dt, F32, F32),
+                                [("T", dt), ("N", n), ("V", V), ("SHARED", shared)]))
         for n, V, cpt, inline, pf in ((4, 16 // dt.size, 2, True, 0), (4, 16 // dt.size, 2, False, 1),
                                       (4, 16 // dt.size, 2, False, 2), (4, 16 // dt.size, 0, False, 1),
                                       (32, 1, 0, False, 0)):
@@ -125,12 +124,11 @@ def cuda_only_instances():
     for dt in (BF16, F16):
         for n in (1, 2, 4):
             W = n * (n + 2)
-            for pre, acc, res in ((False, False, False), (True, False, False), (False, True, False),
-                                  (True, True, False), (True, False, True)):
+            for pre, acc in ((False, False), (True, False), (False, True), (True, True)):
                 for tm, raw in ((False, False), (True, False), (True, True)):
-                    out.append((vjp.DX, (BF16, BF16, dt, F32, F32, dt, dt, F32, dt, I32), (dt,),
+                    out.append((vjp.DX, (BF16, BF16, dt, F32, F32, dt, dt, I32), (dt,),
                                 [("T", dt), ("N", n), ("MT", vjp.DX_TOKEN_TILES), ("KSW", -(-W // 16)), ("PRE", pre),
-                                 ("ACC", acc), ("RES", res), ("TM", tm), ("RAW", raw)]))
+                                 ("ACC", acc), ("TM", tm), ("RAW", raw)]))
             out.append((vjp.DPHI, (dt, BF16, I32), (F32,), [("T", dt), ("NT", -(-W // 8)), ("PG", vjp.DPHI_PARTS)]))
     for n, gt in ((1, 128), (4, 128), (4, 32)):
         for after in (False, True):

@@ -819,7 +819,7 @@ def backward_on_tensor_cores(x, n: int | None = None) -> bool:
             and x.dtype in (mx.bfloat16, mx.float16) and n <= coefficients_mma_vjp.MAX_N)
 
 
-def dynamic_vjp_x_phi(x2, phi, gs, c2, pre=None, gacc=None, packed=None, res=None):
+def dynamic_vjp_x_phi(x2, phi, gs, c2, pre=None, gacc=None, packed=None):
     """(dxf [T, K] in x's dtype, dphi [K, W] float32) from gs = dm / r [T, W] and c2 [T].
 
     packed: gs in the tensor-core backward's fragment orders (the glue kernel's, GLUE_PACKS);
@@ -827,24 +827,17 @@ def dynamic_vjp_x_phi(x2, phi, gs, c2, pre=None, gacc=None, packed=None, res=Non
 
     pre: (H_pre [T, n], dh [T, C]) adds pre's share H_pre (x) dh to dxf in the same pass.
     gacc: x's cotangent from later in the site ([T, K], or any shape of T*K elements), added too.
-    res: (H_res [T, n, n], g [T, n, C]) adds post's share H_res^T g (kernels.DEFER_PRE_X): in
-    the tensor-core DX's pass, elsewhere as a float32 matmul turned into gacc.
     """
     T, K = x2.shape
     from .coefficients_mma_vjp import streams_of_width
 
     n = streams_of_width(phi.shape[1])
-    if res is not None and not backward_on_tensor_cores(x2, n):
-        share = mx.matmul(mx.swapaxes(res[0].astype(F32).reshape(T, n, n), -1, -2),
-                          res[1].astype(F32).reshape(T, n, K // n)).reshape(T, K)
-        gacc = share if gacc is None else share + gacc.astype(F32).reshape(T, K)
-        res = None
     if n > MAX_N_DYNAMIC:
         return _wide_vjp_x_phi(x2, phi, gs, c2, pre, gacc)
     if backward_on_tensor_cores(x2, n):
         from . import coefficients_mma_vjp
 
-        return coefficients_mma_vjp.vjp_x_phi(x2, phi, gs, c2, pre, gacc, packed, res)
+        return coefficients_mma_vjp.vjp_x_phi(x2, phi, gs, c2, pre, gacc, packed)
     if packed is not None:
         raise ValueError("gs fragments were given, but this backward does not take the tensor cores")
     splits = -(-T // VJP_TOKENS_PER_SPLIT)
@@ -927,12 +920,11 @@ def _glue_kernel(m, invr, alpha, bias, H_pre, H_post, cotangents, n: int, K: int
     return gs, c2, sums[:W], sums[W:], (tuple(packed) if packs else None)
 
 
-def dynamic_vjp(primals, cotangents, outputs, n: int, iters: int, pre=None, gacc=None, res=None):
+def dynamic_vjp(primals, cotangents, outputs, n: int, iters: int, pre=None, gacc=None):
     """Cotangents of (x, phi, alpha, bias) from those of (H_pre, H_post, H_res) (and the saved m, 1/r).
 
     pre: (H_pre, dh), to add pre's share of x's cotangent in the same pass (pre_step.py).
     gacc: x's cotangent from later in the site, added in the same pass (the chained functions).
-    res: (H_res, g), post's share H_res^T g added in the same pass (kernels.DEFER_PRE_X).
     """
     x, phi, alpha, bias = primals
     H_pre, H_post, _, m, invr = outputs
@@ -952,7 +944,7 @@ def dynamic_vjp(primals, cotangents, outputs, n: int, iters: int, pre=None, gacc
                                            cotangents[0].reshape(T, n), cotangents[1].reshape(T, n),
                                            cotangents[2], iters)
         gs, c2, g_bias, g_alpha = _scaled_cotangents(gp, gq, gr, m, invr, scale, n, K)
-    gx, g_phi = dynamic_vjp_x_phi(x2, phi, gs, c2, pre, gacc, packed, res)
+    gx, g_phi = dynamic_vjp_x_phi(x2, phi, gs, c2, pre, gacc, packed)
     return (gx.reshape(x.shape), g_phi.astype(phi.dtype), g_alpha.astype(alpha.dtype),
             g_bias.astype(bias.dtype))
 
@@ -994,27 +986,6 @@ def _chained_function(n: int, iters: int, eps: float):
     return coefficients
 
 
-@lru_cache(maxsize=None)
-def _deferred_function(n: int, iters: int, eps: float):
-    """As _chained_function, and also a [..., C] stand-in z (a broadcast zero: nothing is written)
-    that site.mhc_pre_deferred takes without reading it. That pre's backward returns post's
-    deferred g as x''s cotangent and h's cotangent dh as z's; this backward's DX adds pre's and
-    post's shares H_pre (x) dh + H_res^T g in its pass (kernels.DEFER_PRE_X)."""
-
-    @mx.custom_function
-    def coefficients(x, phi, alpha, bias):
-        z = mx.broadcast_to(mx.zeros((1,), x.dtype), (*x.shape[:-2], x.shape[-1]))
-        return (*dynamic_coefficients_forward(x, phi, alpha, bias, n, iters, eps), x, z)
-
-    @coefficients.vjp
-    def coefficients_vjp(primals, cotangents, outputs):
-        H_pre, H_res = outputs[0], outputs[2]
-        g, dh = cotangents[5], cotangents[6]
-        return dynamic_vjp(primals, cotangents[:3], outputs[:5], n, iters, pre=(H_pre, dh), res=(H_res, g))
-
-    return coefficients
-
-
 def mhc_coefficients(x, phi, alpha, bias, iters: int = 20, eps: float = 1e-6):
     n = x.shape[-2]
     if phi is None:
@@ -1027,10 +998,3 @@ def mhc_coefficients_chained(x, phi, alpha, bias, iters: int = 20, eps: float = 
     in place of x (site.py, "chained")."""
     H_pre, H_post, H_res, _, _, x_next = _chained_function(x.shape[-2], iters, float(eps))(x, phi, alpha, bias)
     return H_pre, H_post, H_res, x_next
-
-
-def mhc_coefficients_deferred(x, phi, alpha, bias, iters: int = 20, eps: float = 1e-6):
-    """(H_pre, H_post, H_res, x', z) for a dynamic site whose pre is site.mhc_pre_deferred(x',
-    H_pre, H_res, z) (kernels.DEFER_PRE_X): x's whole cotangent is then written by this backward."""
-    H_pre, H_post, H_res, _, _, x_next, z = _deferred_function(x.shape[-2], iters, float(eps))(x, phi, alpha, bias)
-    return H_pre, H_post, H_res, x_next, z

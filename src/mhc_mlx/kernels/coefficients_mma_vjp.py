@@ -203,38 +203,15 @@ __device__ __forceinline__ void mhc_dx_addends(float* o, PH hpre, PD dh, PA gacc
     for (int i = 0; i < 16; ++i) o[i] += ga[i];
   }
 }
-
-// o[0 .. 15] (dx at row t, k0 ..) += sum_a H_res[t, a, k / C] g[t, a, k % C] (RES: post's share,
-// deferred to this kernel with pre's, kernels.DEFER_PRE_X): n rows of g [T, n, C] per row of dx
-template <typename T, int N, typename PR, typename PG>
-__device__ __forceinline__ void mhc_dx_res(float* o, PR hres, PG gres, int t, int K, int Cw, int k0, bool vec) {
-  const int st0 = k0 / Cw;
-  if (vec && Cw % 16 == 0 && KALIGNED16(gres)) {  // the 16 k in one stream st0, as PRE's
-    #pragma unroll
-    for (int a = 0; a < N; ++a)
-      mhc_add_scaled16<T>(o, hres[((int64_t)t * N + a) * N + st0], gres, ((int64_t)t * N + a) * Cw + (k0 - st0 * Cw));
-  } else {
-    #pragma unroll
-    for (int i = 0; i < 16; ++i) {
-      const int kk = k0 + i;
-      if (kk < K) {
-        const int st = kk / Cw;
-        #pragma unroll
-        for (int a = 0; a < N; ++a)
-          o[i] += hres[((int64_t)t * N + a) * N + st] * static_cast<float>(gres[((int64_t)t * N + a) * Cw + (kk - st * Cw)]);
-      }
-    }
-  }
-}
 """
 
 DX_GROUP = r"""
 // One warp's MT token tiles (token group tg) by one group of 64 k (kg) of DX: the products, then
 // dx written.
-template <typename T, int N, int MT, int KSW, bool PRE, bool ACC, bool RAW, bool RES, typename PGA, typename PPB,
-          typename PX, typename PC, typename PH, typename PD, typename PA, typename PR, typename PG, typename PO>
-__device__ __forceinline__ void mhc_dx_group(PGA gsa, PPB phb, PX xin, PC ctwo, PH hpre, PD dh, PA gacc, PR hres,
-                                             PG gres, PO gx, int Ttok, int K, int Cw, int kg, int tg) {
+template <typename T, int N, int MT, int KSW, bool PRE, bool ACC, bool RAW, typename PGA, typename PPB, typename PX,
+          typename PC, typename PH, typename PD, typename PA, typename PO>
+__device__ __forceinline__ void mhc_dx_group(PGA gsa, PPB phb, PX xin, PC ctwo, PH hpre, PD dh, PA gacc, PO gx,
+                                             int Ttok, int K, int Cw, int kg, int tg) {
   const int tt_all = (Ttok + 15) / 16;
   const int lane = (int)(threadIdx.x & 31u);
   const int g = lane >> 2;
@@ -320,7 +297,6 @@ __device__ __forceinline__ void mhc_dx_group(PGA gsa, PPB phb, PX xin, PC ctwo, 
         #pragma unroll
         for (int i = 0; i < 16; ++i) o[i] = d[m][i >> 1][2 * h + (i & 1)] - mhc_elem16<T>(xr[m][h][i >> 3], i & 7) * c2v[m][h];
         if (PRE) mhc_dx_addends<T, N, true, false>(o, hpre, dh, gacc, t, K, Cw, k0, vec);
-        if (RES) mhc_dx_res<T, N>(o, hres, gres, t, K, Cw, k0, vec);
         if (ACC) {
           #pragma unroll
           for (int i = 0; i < 16; ++i) o[i] += mhc_elem16<T>(gr[m][h][i >> 3], i & 7);
@@ -357,9 +333,7 @@ __device__ __forceinline__ void mhc_dx_group(PGA gsa, PPB phb, PX xin, PC ctwo, 
         // dh and gacc row by row between the stores of dx. Loading them with x before the
         // products (all in flight together) took 226-242 registers against 156-162 and lost on the
         // H200: 860.0 against 790.6 µs at 4096 x 4 x 4096 fwd+bwd (docs/kernel-notes.md row 31)
-        mhc_dx_addends<T, N, PRE, false>(o, hpre, dh, gacc, t, K, Cw, k0, vec);
-        if (RES) mhc_dx_res<T, N>(o, hres, gres, t, K, Cw, k0, vec);
-        mhc_dx_addends<T, N, false, ACC>(o, hpre, dh, gacc, t, K, Cw, k0, vec);
+        mhc_dx_addends<T, N, PRE, ACC>(o, hpre, dh, gacc, t, K, Cw, k0, vec);
         if (vec) {
           kstore<T, 8>(gx, row + k0, o, true);
           kstore<T, 8>(gx, row + k0 + 8, o + 8, true);
@@ -377,7 +351,7 @@ __device__ __forceinline__ void mhc_dx_group(PGA gsa, PPB phb, PX xin, PC ctwo, 
 
 DX = KernelSpec(
     name="mhc_coefficients_dynamic_vjp_dx_mma",
-    inputs=("gsa", "phb", "xin", "ctwo", "hpre", "dh", "gacc", "hres", "gres", "iparam"),
+    inputs=("gsa", "phb", "xin", "ctwo", "hpre", "dh", "gacc", "iparam"),
     outputs=("gx",),
     helpers=PTX_MMA + DX_HELPERS + DX_GROUP,
     body=r"""
@@ -393,7 +367,7 @@ DX = KernelSpec(
   // each row of x, gacc and dx); else a k group (phi's fragments stay in L1, rows 128 B apart)
   const int kg = TM ? gw % kgroups : gw / tgroups;
   const int tg = TM ? gw / kgroups : gw - kg * tgroups;
-  mhc_dx_group<T, N, MT, KSW, PRE, ACC, RAW, RES>(gsa, phb, xin, ctwo, hpre, dh, gacc, hres, gres, gx, Ttok, K, Cw, kg, tg);
+  mhc_dx_group<T, N, MT, KSW, PRE, ACC, RAW>(gsa, phb, xin, ctwo, hpre, dh, gacc, gx, Ttok, K, Cw, kg, tg);
 """,
 )
 
@@ -586,22 +560,20 @@ def _token_splits(T: int, kgroups: int, tokens_per_step: int, target_warps: int)
     return tps, -(-T // tps)
 
 
-def _dx_extras(x2, T, K, n, pre, gacc, res):
-    """DX's optional inputs as (arrays, template flags): (H_pre, dh) for PRE, gacc for ACC and
-    (H_res, g) for RES, one-element stand-ins where absent."""
+def _dx_extras(x2, T, K, n, pre, gacc):
+    """DX's optional inputs as (arrays, template flags): (H_pre, dh) for PRE and gacc for ACC,
+    one-element stand-ins where absent."""
     f32, xd = mx.zeros((1,), F32), mx.zeros((1,), x2.dtype)
     hpre, dh = (f32, xd) if pre is None else (pre[0].astype(F32).reshape(T, n), pre[1].astype(x2.dtype).reshape(T, K // n))
     acc = xd if gacc is None else gacc.astype(x2.dtype).reshape(T, K)
-    hres, gres = (f32, xd) if res is None else (res[0].astype(F32).reshape(T, n, n), res[1].astype(x2.dtype).reshape(T, K))
-    flags = [("PRE", pre is not None), ("ACC", gacc is not None), ("RES", res is not None)]
-    return [hpre, dh, acc, hres, gres], flags
+    flags = [("PRE", pre is not None), ("ACC", gacc is not None)]
+    return [hpre, dh, acc], flags
 
 
-def dx(x2, phi, gs, c2, pre=None, gacc=None, gsa=None, res=None):
+def dx(x2, phi, gs, c2, pre=None, gacc=None, gsa=None):
     """dx [T, K] in x's dtype; pre: (H_pre [T, n], dh [T, C]) adds pre's share, gacc (any shape of
-    T * K elements) adds x's cotangent from later in the site, res: (H_res [T, n, n], g [T, n, C])
-    adds post's share H_res^T g (kernels.DEFER_PRE_X), all in the same pass. gsa: gs already in
-    DX's fragment order (the glue kernel's, GLUE_PACKS), else packed here."""
+    T * K elements) adds x's cotangent from later in the site, both in the same pass. gsa: gs
+    already in DX's fragment order (the glue kernel's, GLUE_PACKS), else packed here."""
     T, K = x2.shape
     W = phi.shape[1]
     n = streams_of_width(W)
@@ -609,7 +581,7 @@ def dx(x2, phi, gs, c2, pre=None, gacc=None, gsa=None, res=None):
     tgroups = -(-(-(-T // 16)) // DX_TOKEN_TILES)
     kgroups = -(-K // 64)
     warps = tgroups * kgroups
-    extras, flags = _dx_extras(x2, T, K, n, pre, gacc, res)
+    extras, flags = _dx_extras(x2, T, K, n, pre, gacc)
     return launch(
         DX, [pack_a(gs, DX_PARTS) if gsa is None else gsa, pack_b(phi, DX_PARTS, True, perm64=True), x2, c2.astype(F32),
              *extras, int_params(T, K, 0, K // n)],
@@ -636,9 +608,8 @@ def dphi(x2, gs, gsb=None):
     return mx.sum(part, axis=0)[:, :W]
 
 
-def vjp_x_phi(x2, phi, gs, c2, pre=None, gacc=None, packed=None, res=None):
+def vjp_x_phi(x2, phi, gs, c2, pre=None, gacc=None, packed=None):
     """(dxf [T, K] in x's dtype, dphi [K, W] float32), as coefficients.dynamic_vjp_x_phi.
-    packed: (gsa, gsb), gs in both fragment orders (glue_packs_spec), or None. res: (H_res, g),
-    post's deferred share (dx)."""
+    packed: (gsa, gsb), gs in both fragment orders (glue_packs_spec), or None."""
     gsa, gsb = packed if packed is not None else (None, None)
-    return dx(x2, phi, gs, c2, pre, gacc, gsa, res), dphi(x2, gs, gsb)
+    return dx(x2, phi, gs, c2, pre, gacc, gsa), dphi(x2, gs, gsb)

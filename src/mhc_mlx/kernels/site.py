@@ -130,8 +130,7 @@ PRE_VJP_ACC = KernelSpec(
 # dH_res = g x^T per token (summed over tokens where the coefficients are SHARED). Post's
 # backward then reads g and f and writes f's cotangent (12C bytes per token at n = 4, bf16)
 # instead of also reading x and writing x's cotangent (28C); this kernel moves 26C, as pre's
-# accumulating backward does. DX = false (kernels.DEFER_PRE_X, candidate): the coefficient
-# cotangents only (18C), dx = H_pre (x) dh + H_res^T g left to the coefficient backward's DX.
+# accumulating backward does.
 PRE_VJP_RES = KernelSpec(
     name="mhc_pre_vjp_res",
     inputs=("xin", "hpre", "hres", "gout", "gpost", "iparam"),
@@ -146,7 +145,7 @@ PRE_VJP_RES = KernelSpec(
   const int lane = KLANE;
   const int warp = KWARP;
   const int nwarps = KNT / 32;
-  const bool vec = KALIGNED16(xin) && KALIGNED16(gout) && KALIGNED16(gpost) && (!DX || KALIGNED16(gx));
+  const bool vec = KALIGNED16(xin) && KALIGNED16(gout) && KALIGNED16(gpost) && KALIGNED16(gx);
   float acc[NV];
   KUNROLL for (int a = 0; a < NV; ++a) acc[a] = 0.0f;
   for (int64_t t = KBID; t < Ttok; t += KNB) {
@@ -164,7 +163,7 @@ PRE_VJP_RES = KernelSpec(
         const float hp = hpre[hb * N + j];
         float d = 0.0f;
         KUNROLL for (int e = 0; e < V; ++e) {
-          if (DX) o[e] = hp * dv[e];
+          o[e] = hp * dv[e];
           d += dv[e] * xv[e];
         }
         acc[j] += d;
@@ -172,12 +171,12 @@ PRE_VJP_RES = KernelSpec(
           const float a = hres[(hb * N + i) * N + j];
           float r = 0.0f;
           KUNROLL for (int e = 0; e < V; ++e) {
-            if (DX) o[e] += a * g[i][e];
+            o[e] += a * g[i][e];
             r += g[i][e] * xv[e];
           }
           acc[N + i * N + j] += r;
         }
-        if (DX) kstore<T, V>(gx, off, o, vec);
+        kstore<T, V>(gx, off, o, vec);
       }
     }
     if (!SHARED) {
@@ -375,10 +374,9 @@ def pre_vjp(x, H_pre, g, gacc=None):
     return gx, _reduce_to(gh, H_pre)
 
 
-def pre_vjp_res(x, H_pre, H_res, dh, g, dx: bool = True):
+def pre_vjp_res(x, H_pre, H_res, dh, g):
     """(dx, dH_pre, dH_res) of pre together with post's deferred share (PRE_VJP_RES): dh is h's
-    cotangent [..., C], g post's output cotangent [..., n, C] (n <= MAX_N_REDUCE). dx = False:
-    (None, dH_pre, dH_res), dx left to the coefficient backward (kernels.DEFER_PRE_X)."""
+    cotangent [..., C], g post's output cotangent [..., n, C] (n <= MAX_N_REDUCE)."""
     *lead, n, C = x.shape
     T = math.prod(lead)
     hp, hr, shared = _paired_rows(H_pre, H_res, tuple(lead), n)
@@ -390,10 +388,9 @@ def pre_vjp_res(x, H_pre, H_res, dh, g, dx: bool = True):
     rows = groups if shared else T
     gx, gp, gr = launch(
         PRE_VJP_RES, [x, hp, hr, dh.astype(x.dtype), g.astype(x.dtype), int_params(T, C)],
-        [(x.shape if dx else (1,), x.dtype), ((rows, n), F32), ((rows, n, n), F32)], groups * TOKEN_THREADS,
-        TOKEN_THREADS, [("T", x.dtype), ("N", n), ("V", V), ("SHARED", shared), ("DX", bool(dx))],
+        [(x.shape, x.dtype), ((rows, n), F32), ((rows, n, n), F32)], groups * TOKEN_THREADS, TOKEN_THREADS,
+        [("T", x.dtype), ("N", n), ("V", V), ("SHARED", shared)],
     )
-    gx = gx if dx else None
     if shared:
         gp, gr = mx.sum(gp, axis=0), mx.sum(gr, axis=0)
     else:
@@ -529,25 +526,6 @@ def _pre_chained_res_vjp(primals, cotangents, outputs):
     return gx, gp, gr + g_res.astype(gr.dtype)
 
 
-# The doubly deferred chain (kernels.DEFER_PRE_X, candidate): pre's own dx share goes down too.
-# The coefficient op passes x through (x') and outputs a [..., C] stand-in z this pre takes and
-# does not read. This backward only reduces (PRE_VJP_RES without dx: dH_pre, dH_res) and returns
-# post's deferred g as x''s cotangent and dh as z's; the coefficient backward's DX adds
-# H_pre (x) dh + H_res^T g as it writes dx. x' and z reach this pre only, so by linearity, as
-# above, that is right however often post reads x'' and H_res''.
-@mx.custom_function
-def _pre_deferred(x, H_pre, H_res, z):
-    return pre_forward(x, H_pre), x, H_res
-
-
-@_pre_deferred.vjp
-def _pre_deferred_vjp(primals, cotangents, outputs):
-    x, H_pre, H_res, z = primals
-    dh, g, g_res = cotangents
-    _, gp, gr = pre_vjp_res(x, H_pre, H_res, dh, g, dx=False)
-    return g.astype(x.dtype), gp, gr + g_res.astype(gr.dtype), dh.astype(z.dtype)
-
-
 @mx.custom_function
 def _post_deferred(x, f, H_post, H_res):
     return post_forward(x, f, H_post, H_res)
@@ -566,12 +544,6 @@ def mhc_pre(x, H_pre):
 def mhc_pre_chained_res(x, H_pre, H_res):
     """(h, x', H_res'): pre's output, and x and H_res passed through for mhc_post_deferred."""
     return _pre_chained_res(x, H_pre, H_res)
-
-
-def mhc_pre_deferred(x_next, H_pre, H_res, z):
-    """(h, x'', H_res''): mhc_pre_chained_res on the x' and z of
-    coefficients.mhc_coefficients_deferred, its dx left to that op's backward."""
-    return _pre_deferred(x_next, H_pre, H_res, z)
 
 
 def mhc_post_deferred(x_next, f, H_post, H_res_next):
