@@ -6,7 +6,7 @@
     python scripts/gpu_timeline.py report tl_cuda_gpu_trace.csv
     python scripts/gpu_timeline.py run --kineto tl.json [...]   # without nsys: PyTorch's profiler
     python scripts/gpu_timeline.py report tl.json                # (CUPTI) records MLX's kernels too
-    python scripts/gpu_timeline.py run --throughput --kineto tp.json  # the bench's throughput form
+    python scripts/gpu_timeline.py run --throughput [--k=K] --kineto tp.json  # the bench's throughput form
     python scripts/gpu_timeline.py report --throughput tp.json
 
 Unlike `gpu_profile.py` (Nsight Compute: each kernel alone, serialised), this keeps the kernels
@@ -19,8 +19,9 @@ durations is the time the GPU waited between kernels (launch and host time).
 `--throughput` times each large case as `mhc-mlx bench` does (bench/timing.throughput_us: K
 applications on K rotated inputs built first, then one eval), and the copy floor's `x * 1.5` the
 same way, printing the host's µs per application; `report --throughput` then lists each eval's
-kernels by name (count, mean duration), its span, the time no kernel ran, and its largest gaps.
-So a bench row's time splits into the kernels' own time (inputs not in L2) and the GPU's idle.
+kernels by name (count, mean duration), its span, the time no kernel ran, its largest gaps, and
+(from a Kineto trace) the host's CUDA runtime and driver calls meanwhile by total time. So a bench
+row's time splits into the kernels' own time (inputs not in L2), the GPU's idle and host work.
 """
 
 from __future__ import annotations
@@ -48,10 +49,10 @@ def run(args: list[str]) -> int:
             return 2
         kineto = args[at + 1]
         args = args[:at] + args[at + 2:]
-    unknown = [a for a in args if a not in ("--glue-packs", "--read-step", "--throughput")]
+    unknown = [a for a in args if a not in ("--glue-packs", "--read-step", "--throughput") and not a.startswith("--k=")]
     if unknown:
-        print(f"unknown flag(s) {' '.join(unknown)}; known: --glue-packs --read-step --throughput --kineto PATH",
-              file=sys.stderr)
+        print(f"unknown flag(s) {' '.join(unknown)}; known: --glue-packs --read-step --throughput --k=K "
+              "--kineto PATH", file=sys.stderr)
         return 2
     if kineto is not None:
         import torch
@@ -73,15 +74,17 @@ def _run_cases(args: list[str]) -> int:
     if "--read-step" in args:
         kernels.FUSED_READ_STEP = True
     if "--throughput" in args:
-        return _run_throughput()
+        ks = [int(a.split("=", 1)[1]) for a in args if a.startswith("--k=")]
+        return _run_throughput(ks[-1] if ks else None)
     return gpu_profile.run(REPEATS)
 
 
 THROUGHPUT_CASES = tuple(c for c in CASES if c[2][0] > 1) + (("copy", "x * 1.5", (64 << 20,)),)
 
 
-def _run_throughput() -> int:
-    """Each THROUGHPUT_CASES case timed once as the bench times it, between two markers."""
+def _run_throughput(k: int | None = None) -> int:
+    """Each THROUGHPUT_CASES case timed once as the bench times it, between two markers (k: that
+    many applications per eval instead of the bench's rotation)."""
     import time
 
     import mlx.core as mx
@@ -91,13 +94,13 @@ def _run_throughput() -> int:
 
     for i, (site, pass_, shape) in enumerate(THROUGHPUT_CASES):
         if site == "copy":  # timing.copy_floor's arrays: 128 MB of bfloat16 each
-            K = timing.rotation(4 * shape[0])
+            K = k or timing.rotation(4 * shape[0])
             xs = [mx.random.normal(shape).astype(mx.bfloat16) for _ in range(K)]
             mx.eval(xs)
             apply = lambda a: a * 1.5  # noqa: E731
         else:
             case = cases.Case(site, pass_, shape, "bfloat16", "throughput")
-            K = timing.rotation(case.floor_bytes())
+            K = k or timing.rotation(case.floor_bytes())
             apply, xs = cases.prepare(case, K)
         with use_backend("kernels"):
             for _ in range(2):  # builds every kernel, warms MLX's buffer cache
@@ -151,8 +154,34 @@ def _between_markers(kernels) -> dict[int, list]:
     return per_case
 
 
+def _host_calls(path: str) -> dict[int, tuple[float, dict[str, list]]]:
+    """From a Kineto trace: per case, (host ns between its two marker launches, the CUDA runtime
+    and driver calls made in between by name: their durations in ns). Empty for nsys CSVs."""
+    if not path.endswith(".json"):
+        return {}
+    with open(path) as f:
+        events = json.load(f)["traceEvents"]
+    calls = sorted((float(e["ts"]) * 1e3, float(e.get("dur", 0.0)) * 1e3, e["name"], e.get("args", {}).get("correlation"))
+                   for e in events if e.get("cat") in ("cuda_runtime", "cuda_driver") and "ts" in e)
+    marker_ids = [e.get("args", {}).get("correlation") for e in sorted(events, key=lambda e: float(e.get("ts", 0)))
+                  if e.get("cat") == "kernel" and MARKER in e.get("name", "")]
+    launch_at = {c: t for t, _, _, c in calls if c is not None}
+    out = {}
+    for i in range(len(marker_ids) // 2):
+        a, b = launch_at.get(marker_ids[2 * i]), launch_at.get(marker_ids[2 * i + 1])
+        if a is None or b is None:
+            continue
+        by_name: dict[str, list] = {}
+        for t, dur, name, _ in calls:
+            if a < t < b:
+                by_name.setdefault(name, []).append(dur)
+        out[i] = (b - a, by_name)
+    return out
+
+
 def report_throughput(path: str) -> int:
     per_case = _between_markers(_kernels(path))
+    host = _host_calls(path)
     for i, (site, pass_, shape) in enumerate(THROUGHPUT_CASES):
         ks = per_case.get(i, [])
         if not ks:
@@ -175,6 +204,11 @@ def report_throughput(path: str) -> int:
                   f"min {min(durs) / 1e3:8.1f}  max {max(durs) / 1e3:8.1f}  {name}")
         gaps.sort(reverse=True)
         print("  largest gaps (µs, before): " + ", ".join(f"{g / 1e3:.1f} {_short(n)[-40:]}" for g, n in gaps[:5]))
+        if i in host:  # what the host spent its time on meanwhile (the eval between the markers)
+            window, by_name = host[i]
+            print(f"  host: {window / 1e3:.1f} µs between the marker launches; CUDA calls by total time:")
+            for name, durs in sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:8]:
+                print(f"    {len(durs):4d}×  total {sum(durs) / 1e3:8.1f} µs  max {max(durs) / 1e3:7.1f}  {name}")
     return 0 if per_case else 1
 
 

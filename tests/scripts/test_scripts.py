@@ -110,6 +110,19 @@ def test_timeline_throughput_report_takes_overlaps_and_gaps(tmp_path):
             {"ph": "X", "cat": "kernel", "name": "k_a", "ts": base + 40.0, "dur": 30.0},  # 10 µs gap
             {"ph": "X", "cat": "kernel", "name": gpu_profile.MARKER, "ts": base + 100.0, "dur": 1.0},
         ]
+        if i == 0:  # the host's calls: the two marker launches (correlated), and between them two mallocs
+            events[0]["args"] = {"correlation": 7}
+            events[4]["args"] = {"correlation": 9}
+            events += [
+                {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 0.5, "dur": 0.1,
+                 "args": {"correlation": 7}},
+                {"ph": "X", "cat": "cuda_runtime", "name": "cudaMallocAsync", "ts": 2.0, "dur": 3.0},
+                {"ph": "X", "cat": "cuda_runtime", "name": "cudaMallocAsync", "ts": 6.0, "dur": 5.0},
+                {"ph": "X", "cat": "cuda_driver", "name": "cuGraphLaunch", "ts": 12.0, "dur": 1.0},
+                {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 90.5, "dur": 0.1,
+                 "args": {"correlation": 9}},
+                {"ph": "X", "cat": "cuda_runtime", "name": "cudaMallocAsync", "ts": 95.0, "dur": 50.0},  # after
+            ]
     path = tmp_path / "tp.json"
     path.write_text(json.dumps({"traceEvents": events}))
     out = _script("gpu_timeline.py", "report", "--throughput", str(path))
@@ -120,7 +133,12 @@ def test_timeline_throughput_report_takes_overlaps_and_gaps(tmp_path):
     assert "3 kernels in one eval" in lines[0]
     assert lines[1].strip() == "span 60.0 µs, some kernel running 50.0 µs, none 10.0 µs"
     assert lines[2].split()[:3] == ["2×", "mean", "25.0"] and lines[2].endswith("k_a")
-    assert lines[-1].strip().startswith("largest gaps (µs, before): 10.0 k_a")
+    assert lines[4].strip().startswith("largest gaps (µs, before): 10.0 k_a")
+    assert lines[5].strip() == "host: 90.0 µs between the marker launches; CUDA calls by total time:"
+    assert lines[6].split()[:3] == ["2×", "total", "8.0"] and lines[6].endswith("cudaMallocAsync")
+    assert lines[7].split()[:3] == ["1×", "total", "1.0"] and lines[7].endswith("cuGraphLaunch")
+    assert len(lines) == 8
+    assert all(len(b.splitlines()) == 5 for b in blocks[1:])  # no host calls recorded there
 
 
 def _session_text() -> str:
