@@ -751,6 +751,18 @@ def glue_split(rounds=5):
                          "split": [(coefficients, "SPLIT_GLUE_SINKHORN", True)] + both}, rounds)
 
 
+def sinkhorn_jacobian(rounds=5):
+    """The split-off Sinkhorn backward as its Jacobian's transpose (coefficients.SINKHORN_JACOBIAN:
+    the Jacobian from the forward's logits, then one product with the cotangent) against the
+    replaying backward, alternated `rounds` times: the dynamic site fwd+bwd at 4096x4x4096,
+    512x4x1280 and B = 1."""
+    rows = case_rows(("dynamic", "fwd+bwd", (4096, 4, 4096), "throughput"),
+                     ("dynamic", "fwd+bwd", (512, 4, 1280), "throughput"),
+                     ("dynamic", "fwd+bwd", (1, 4, 512), "latency"))
+    alternated_settings("sinkhorn backward", rows, {"replay": [(coefficients, "SINKHORN_JACOBIAN", False)],
+                                                    "jacobian": [(coefficients, "SINKHORN_JACOBIAN", True)]}, rounds)
+
+
 def defer_post(rounds=5):
     """Post's backward leaving x's and H_res's cotangents to pre's (kernels.DEFER_POST_X) against
     post's backward reading x itself, alternated `rounds` times: the dynamic site fwd+bwd at
@@ -864,6 +876,7 @@ MODES = {
     "glue-threads": glue_threads,
     "glue-packs": glue_packs,
     "glue-split": glue_split,
+    "sinkhorn-jacobian": sinkhorn_jacobian,
     "defer-post": defer_post,
     "dx-order": dx_order,
     "load-forms": load_forms,

@@ -27,6 +27,8 @@
 #   bash scripts/gpu_session.sh pending      # the glue packs and DX's vectorized pre share: checks, timings
 #   bash scripts/gpu_session.sh loads        # the tensor-core forward's launch size, DX's row loads: checks, timings
 #   bash scripts/gpu_session.sh small        # launch-shape candidates: finish tokens, DX tiles
+#   bash scripts/gpu_session.sh jacobian     # the Sinkhorn backward by its Jacobian (candidate): checks,
+#                                            # timings, then the target cases' bench (ours, defaults)
 #   bash scripts/gpu_session.sh gpu-tests    # pytest -m gpu alone
 #   bash scripts/gpu_session.sh timeline     # pytest -m gpu alone, then nsys: each target case's kernels
 #                                            # in stream order with the gaps (defaults; glue packs + read step)
@@ -257,8 +259,17 @@ case "${1:-}" in
     # launch-shape candidates (finish tokens, DX tiles), timings only
     run 200 experiments_small_forms python scripts/gpu_experiments.py small-forms
     ;;
+  jacobian)
+    # the fifth session of 2026-11-30: the split-off Sinkhorn backward as its Jacobian's transpose
+    # (coefficients.SINKHORN_JACOBIAN): coefficient and chain checks with it, its timings against
+    # the replaying backward, then the target cases' bench with the defaults (our rows only)
+    CHECK_ARGS="--sinkhorn-jacobian" CHECK_ONLY="${CHECK_ONLY:-coefficients,chain}" NO_PYTEST=1 check 170
+    run 110 experiments_sinkhorn_jacobian python scripts/gpu_experiments.py sinkhorn-jacobian
+    run 150 bench python -m mhc_mlx.cli.main bench --out "$res/bench" --overwrite --seeds "" \
+      --only "$TARGETS" --impl kernels,kernels+step
+    ;;
   gpu-tests)
-    # `pytest -m gpu` alone (53 tests; beside the checks it ran out of 200 s)
+    # `pytest -m gpu` alone (54 tests; beside the checks it ran out of 200 s)
     run 560 pytest_gpu python -m pytest -q -m gpu tests -p no:cacheprovider -rs --durations 15
     ;;
   timeline)

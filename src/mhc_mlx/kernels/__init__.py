@@ -204,6 +204,7 @@ def settings() -> dict:
             "chain_x_cotangent": CHAIN_X_COTANGENT,
             "defer_post_x": DEFER_POST_X,
             "split_glue_sinkhorn": coefficients.SPLIT_GLUE_SINKHORN,
+            "sinkhorn_jacobian": coefficients.SINKHORN_JACOBIAN,
             "dx_token_major": coefficients_mma_vjp.DX_TOKEN_MAJOR,
             "dx_raw_rows": coefficients_mma_vjp.DX_RAW_ROWS,
             "sinkhorn_thread_vjp_max_work": sinkhorn.THREAD_VJP_MAX_WORK}

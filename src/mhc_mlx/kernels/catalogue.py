@@ -16,7 +16,8 @@ SPECS = (
     coefficients.DYNAMIC_VJP, coefficients.DYNAMIC_VJP_PRE, coefficients.DYNAMIC_VJP_ACC, coefficients.DYNAMIC_VJP_PRE_ACC,
     site.PRE, site.PRE_VJP, site.PRE_VJP_ACC, site.PRE_VJP_RES, site.POST, site.POST_VJP, layer.LAYER, layer.LAYER_VJP,
     layer.COEFFICIENTS_VJP, coefficients.DYNAMIC_VJP_GLUE, coefficients.DYNAMIC_VJP_SINKHORN,
-    coefficients.DYNAMIC_VJP_GLUE_AFTER_SINKHORN,
+    coefficients.DYNAMIC_VJP_GLUE_AFTER_SINKHORN, coefficients.DYNAMIC_SINKHORN_JACOBIAN,
+    coefficients.DYNAMIC_VJP_SINKHORN_APPLY,
 )
 
 # Kernels of the CUDA-only tensor-core path; they never reach a Metal compiler.
@@ -42,6 +43,9 @@ def instances():
     for n, iters in ((1, 20), (2, 40), (3, 20), (4, 20)):
         out.append((coefficients.DYNAMIC_VJP_SINKHORN, (F32, F32, F32, F32, I32), (F32,),
                     [("N", n), ("Q", coefficients.group_lanes(n)), ("ITERS", iters)]))
+    for n in (1, 2, 3, 4):
+        out.append((coefficients.DYNAMIC_SINKHORN_JACOBIAN, (F32, F32, F32, I32), (F32,), [("N", n)]))
+        out.append((coefficients.DYNAMIC_VJP_SINKHORN_APPLY, (F32, F32, I32), (F32,), [("N", n)]))
     for n in (1, 4, 9, 32):
         out.append((sinkhorn.FORWARD, (F32, I32), (F32,), [("N", n)]))
         out.append((coefficients.ACTIVATE, (F32, F32, F32, I32), (F32, F32, F32), [("N", n)]))

@@ -562,6 +562,57 @@ DYNAMIC_VJP_GLUE_AFTER_SINKHORN = KernelSpec(
 # critical path).
 SPLIT_GLUE_SINKHORN = True
 
+# Candidate (off, not yet run on a GPU): the split-off Sinkhorn backward as the transpose of its
+# Jacobian, the Jacobian computed from the forward's logits alone (DYNAMIC_SINKHORN_JACOBIAN,
+# forward mode, one lane per input entry: n^2 lanes per token, no exchange). Only the product
+# with the cotangent (DYNAMIC_VJP_SINKHORN_APPLY, n^2 multiply-adds per lane) then waits for
+# pre's backward; the Jacobian, which depends on nothing in the backward, can run beside it.
+# At 4096 tokens the replaying backward took 27.2 µs on the stream's critical path between pre's
+# backward and the glue (H200 timeline, fourth session). Costs 4 n^4 bytes per token (1 KB at
+# n = 4) written and read once.
+SINKHORN_JACOBIAN = False
+DYNAMIC_SINKHORN_JACOBIAN = KernelSpec(
+    name="mhc_coefficients_dynamic_sinkhorn_jacobian",
+    inputs=("mraw", "alpha", "bias", "iparam"),
+    outputs=("jac",),
+    body=r"""
+  constexpr int W = N * (N + 2);
+  constexpr int NN = N * N;
+  const int Ttok = iparam[0];
+  const int iters = iparam[1];
+  const int64_t gid = (int64_t)KBID * KNT + KTID;
+  const int64_t t = gid / NN;
+  const int a = (int)(gid % NN);  // this lane's input entry: column a of the Jacobian
+  if (t >= Ttok) return;
+  const float a2 = alpha[2];
+  float p[NN];
+  float tg[NN];
+  KUNROLL for (int b = 0; b < NN; ++b) {
+    p[b] = mraw[t * W + 2 * N + b] * a2 + bias[2 * N + b];
+    tg[b] = b == a ? 1.0f : 0.0f;
+  }
+  ksinkhorn_thread_jvp<N>(p, tg, iters);
+  // jac[t, b, a] = d P_b / d L_a: the token's lanes write consecutive a
+  KUNROLL for (int b = 0; b < NN; ++b) jac[(t * NN + b) * NN + a] = tg[b];
+""",
+)
+DYNAMIC_VJP_SINKHORN_APPLY = KernelSpec(
+    name="mhc_coefficients_dynamic_vjp_sinkhorn_apply",
+    inputs=("jac", "gres", "iparam"),
+    outputs=("gl",),
+    body=r"""
+  constexpr int NN = N * N;
+  const int Ttok = iparam[0];
+  const int64_t gid = (int64_t)KBID * KNT + KTID;
+  const int64_t t = gid / NN;
+  const int a = (int)(gid % NN);
+  if (t >= Ttok) return;
+  float s = 0.0f;
+  KUNROLL for (int b = 0; b < NN; ++b) s += jac[(t * NN + b) * NN + a] * gres[t * NN + b];
+  gl[t * NN + a] = s;
+""",
+)
+
 
 def group_lanes(n: int) -> int:
     """Q: lanes per matrix in DYNAMIC_VJP_SINKHORN, the power of two >= n (n >= 1)."""
@@ -887,7 +938,8 @@ def _scaled_cotangents(gp, gq, gr, m, invr, scale, n: int, K: int):
 def _glue_kernel(m, invr, alpha, bias, H_pre, H_post, cotangents, n: int, K: int, iters: int,
                  packs: bool = False):
     """(gs [T, W], c2 [T], g_bias [W], g_alpha [3], packed) by DYNAMIC_VJP_GLUE (or, with
-    SPLIT_GLUE_SINKHORN, DYNAMIC_VJP_SINKHORN then DYNAMIC_VJP_GLUE_AFTER_SINKHORN) and one sum over
+    SPLIT_GLUE_SINKHORN, DYNAMIC_VJP_SINKHORN then DYNAMIC_VJP_GLUE_AFTER_SINKHORN; with
+    SINKHORN_JACOBIAN too, the Jacobian and its product in place of the first) and one sum over
     its threadgroups' partials; packs: its CUDA form that also writes gs in the tensor-core
     backward's two fragment orders (packed = (gsa, gsb); else None)."""
     T, W = m.shape
@@ -895,7 +947,16 @@ def _glue_kernel(m, invr, alpha, bias, H_pre, H_post, cotangents, n: int, K: int
     outputs = [((T, W), F32), ((T,), F32), ((blocks, W + 3), F32)]
     spec, template = DYNAMIC_VJP_GLUE, [("N", n), ("ITERS", iters), ("GT", GLUE_THREADS)]
     gres = cotangents[2].astype(F32).reshape(T, n * n)
-    if SPLIT_GLUE_SINKHORN:
+    if SPLIT_GLUE_SINKHORN and SINKHORN_JACOBIAN:
+        lanes = -(-T * n * n // SINKHORN_THREADS) * SINKHORN_THREADS
+        jac = launch(
+            DYNAMIC_SINKHORN_JACOBIAN, [m, alpha.astype(F32), bias.astype(F32), int_params(T, iters)],
+            [((T, n * n, n * n), F32)], lanes, SINKHORN_THREADS, [("N", n)],
+        )[0]
+        gres = launch(DYNAMIC_VJP_SINKHORN_APPLY, [jac, gres, int_params(T)], [((T, n * n), F32)], lanes,
+                      SINKHORN_THREADS, [("N", n)])[0]
+        spec = DYNAMIC_VJP_GLUE_AFTER_SINKHORN
+    elif SPLIT_GLUE_SINKHORN:
         q = group_lanes(n)
         gres = launch(
             DYNAMIC_VJP_SINKHORN, [m, alpha.astype(F32), bias.astype(F32), gres, int_params(T)],

@@ -517,6 +517,63 @@ KDEV void ksinkhorn_thread_vjp(KTHREAD float* lp, KTHREAD float* g) {
   KUNROLL for (int a = 0; a < N * N; ++a)
     if (lp[a] == 0.0f) g[a] -= shift / ties;
 }
+
+//@part ksinkhorn_thread_jvp
+// Forward mode of ksinkhorn_thread: p = logits and t = their tangent on entry; on exit p = the
+// doubly stochastic matrix (the same steps as ksinkhorn_thread) and t = its tangent. The tangent
+// is carried as d(log P), as the backward carries its cotangent: a normalisation out = P / s
+// gives d(log out) = d(log P) - sum(out * d(log P)) over the summed row or column, bounded at any
+// spread; a clamped sum (s <= MHC_TINY, a constant) leaves it as is. Entries whose exp(L - m)
+// underflowed to 0 weigh nothing in the sums and get tangent 0. The max's tangent (split between
+// ties, as autodiff does) only matters where a clamp broke shift invariance. With t = e_a this
+// gives column a of the Jacobian, so the Jacobian transpose applied to a cotangent is the
+// backward (coefficients.SINKHORN_JACOBIAN).
+template <int N>
+KDEV void ksinkhorn_thread_jvp(KTHREAD float* p, KTHREAD float* t, int iters) {
+  float m = MHC_NEG_BIG;
+  KUNROLL for (int a = 0; a < N * N; ++a) m = KMAX(m, p[a]);
+  float ties = 0.0f, dm = 0.0f;
+  KUNROLL for (int a = 0; a < N * N; ++a) {
+    if (p[a] == m) {
+      ties += 1.0f;
+      dm += t[a];
+    }
+  }
+  dm = dm / ties;
+  KUNROLL for (int a = 0; a < N * N; ++a) {
+    p[a] = KEXP(p[a] - m);
+    t[a] -= dm;
+  }
+  for (int it = 0; it < iters; ++it) {
+    KUNROLL for (int j = 0; j < N; ++j) {
+      float s = p[j];
+      KUNROLL for (int i = 1; i < N; ++i) s += p[i * N + j];
+      const float r = KRCP(KMAX(s, MHC_TINY));
+      float w = 0.0f;
+      KUNROLL for (int i = 0; i < N; ++i) {
+        p[i * N + j] *= r;
+        w += p[i * N + j] * t[i * N + j];
+      }
+      if (s > MHC_TINY) {
+        KUNROLL for (int i = 0; i < N; ++i) t[i * N + j] -= w;
+      }
+    }
+    KUNROLL for (int i = 0; i < N; ++i) {
+      float s = p[i * N];
+      KUNROLL for (int j = 1; j < N; ++j) s += p[i * N + j];
+      const float r = KRCP(KMAX(s, MHC_TINY));
+      float w = 0.0f;
+      KUNROLL for (int j = 0; j < N; ++j) {
+        p[i * N + j] *= r;
+        w += p[i * N + j] * t[i * N + j];
+      }
+      if (s > MHC_TINY) {
+        KUNROLL for (int j = 0; j < N; ++j) t[i * N + j] -= w;
+      }
+    }
+  }
+  KUNROLL for (int a = 0; a < N * N; ++a) t[a] *= p[a];  // dP = P d(log P)
+}
 """.replace("@SINKHORN_THREAD_MAX_N@", str(SINKHORN_THREAD_MAX_N))
 
 
