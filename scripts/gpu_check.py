@@ -337,9 +337,10 @@ SWITCHES = {
                           "the dynamic backward's glue as one kernel, the one-thread Sinkhorn backward inside "
                           "(coefficients.SPLIT_GLUE_SINKHORN = False; by default that Sinkhorn backward runs on "
                           "n lanes per token in a launch of its own)"),
-    "--sinkhorn-jacobian": (coefficients, "SINKHORN_JACOBIAN", True,
-                            "the candidate split-off Sinkhorn backward as its Jacobian (from the forward's logits) "
-                            "transposed onto the cotangent (coefficients.SINKHORN_JACOBIAN)"),
+    "--sinkhorn-replay": (coefficients, "SINKHORN_JACOBIAN", False,
+                          "the split-off Sinkhorn backward replaying the forward on n lanes per token "
+                          "(coefficients.SINKHORN_JACOBIAN = False; by default its Jacobian, from the forward's "
+                          "logits, transposed onto the cotangent)"),
     "--no-defer-post-x": (kernels, "DEFER_POST_X", False,
                           "post's backward reads x and writes x's cotangent itself (kernels.DEFER_POST_X = False; "
                           "by default, in the chained forms whose pre is its own op, it leaves both to pre's)"),

@@ -27,8 +27,8 @@
 #   bash scripts/gpu_session.sh pending      # the glue packs and DX's vectorized pre share: checks, timings
 #   bash scripts/gpu_session.sh loads        # the tensor-core forward's launch size, DX's row loads: checks, timings
 #   bash scripts/gpu_session.sh small        # launch-shape candidates: finish tokens, DX tiles
-#   bash scripts/gpu_session.sh jacobian     # the Sinkhorn backward by its Jacobian (candidate): checks,
-#                                            # timings, then the target cases' bench (ours, defaults)
+#   bash scripts/gpu_session.sh jacobian     # the Sinkhorn backward by its Jacobian (default since): checks,
+#                                            # timings against the replay, the target cases' bench (ours)
 #   bash scripts/gpu_session.sh gpu-tests    # pytest -m gpu alone
 #   bash scripts/gpu_session.sh timeline     # pytest -m gpu alone, then nsys: each target case's kernels
 #                                            # in stream order with the gaps (defaults; glue packs + read step)
@@ -261,9 +261,10 @@ case "${1:-}" in
     ;;
   jacobian)
     # the fifth session of 2026-11-30: the split-off Sinkhorn backward as its Jacobian's transpose
-    # (coefficients.SINKHORN_JACOBIAN): coefficient and chain checks with it, its timings against
-    # the replaying backward, then the target cases' bench with the defaults (our rows only)
-    CHECK_ARGS="--sinkhorn-jacobian" CHECK_ONLY="${CHECK_ONLY:-coefficients,chain}" NO_PYTEST=1 check 170
+    # (coefficients.SINKHORN_JACOBIAN, default since; then a candidate switched on by a check flag):
+    # coefficient and chain checks with it, its timings against the replaying backward, then the
+    # target cases' bench (our rows only; run W had the replay)
+    CHECK_ONLY="${CHECK_ONLY:-coefficients,chain}" NO_PYTEST=1 check 170
     run 110 experiments_sinkhorn_jacobian python scripts/gpu_experiments.py sinkhorn-jacobian
     run 150 bench python -m mhc_mlx.cli.main bench --out "$res/bench" --overwrite --seeds "" \
       --only "$TARGETS" --impl kernels,kernels+step

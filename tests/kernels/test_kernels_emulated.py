@@ -1111,12 +1111,14 @@ def test_dynamic_backward_glue_in_one_launch(monkeypatch, flavour, n, iters, T, 
 @pytest.mark.parametrize("n,iters", [(1, 20), (2, 20), (3, 20), (4, 20), (2, 40)])
 @pytest.mark.parametrize("T", [1, 7, 33, 130])
 def test_dynamic_backward_glue_with_the_sinkhorn_on_row_lanes(monkeypatch, flavour, n, iters, T):
-    # coefficients.SPLIT_GLUE_SINKHORN (the default): the res logits' Sinkhorn backward on Q lanes
+    # coefficients.SPLIT_GLUE_SINKHORN (the default) with SINKHORN_JACOBIAN off: the res logits'
+    # Sinkhorn backward replayed on Q lanes
     # per token (one row each; n = 3 leaves a dead row in each group of 4; T = 33 and 130 end
     # mid-threadgroup), then the glue without it: the same gradients as the glue with the
     # one-thread backward inside (to float32 rounding: the column sums add in another order)
     # and as the reference's autodiff
     primals, cots, outputs = _glue_inputs(T, n, iters)
+    monkeypatch.setattr(coefficients, "SINKHORN_JACOBIAN", False)
     monkeypatch.setattr(coefficients, "SPLIT_GLUE_SINKHORN", False)
     one_kernel, names = _backward_and_launches(primals, cots, outputs, n, iters)
     assert "mhc_coefficients_dynamic_vjp_sinkhorn" not in names
@@ -1170,11 +1172,12 @@ def test_row_lane_sinkhorn_backward_at_ties_and_underflow(monkeypatch, flavour, 
 @pytest.mark.parametrize("n,iters", [(1, 20), (2, 20), (3, 20), (4, 20), (2, 40)])
 @pytest.mark.parametrize("T", [1, 7, 33, 130])
 def test_dynamic_backward_sinkhorn_by_its_jacobian(monkeypatch, flavour, n, iters, T):
-    # coefficients.SINKHORN_JACOBIAN (candidate): the Jacobian from the forward's logits (n^2
+    # coefficients.SINKHORN_JACOBIAN (the default): the Jacobian from the forward's logits (n^2
     # lanes per token; T = 33 and 130 end mid-threadgroup), then its transpose on the cotangent,
     # in place of the replaying backward: the same gradients as that backward (float32 rounding)
     # and as the reference's autodiff
     primals, cots, outputs = _glue_inputs(T, n, iters)
+    monkeypatch.setattr(coefficients, "SINKHORN_JACOBIAN", False)
     replay, names = _backward_and_launches(primals, cots, outputs, n, iters)
     assert "mhc_coefficients_dynamic_sinkhorn_jacobian" not in names
     monkeypatch.setattr(coefficients, "SINKHORN_JACOBIAN", True)
@@ -1250,6 +1253,7 @@ def test_dynamic_backward_glue_only_where_the_one_thread_sinkhorn_backward_appli
         names = [name for name, *_ in emu.launched]
         assert not any(name.startswith("mhc_coefficients_dynamic_vjp_glue") for name in names), names
         assert "mhc_coefficients_dynamic_vjp_sinkhorn" not in names, names
+        assert "mhc_coefficients_dynamic_sinkhorn_jacobian" not in names, names
 
 
 def test_emulator_reports_a_deadlock_and_a_partial_warp_exchange():
@@ -1417,7 +1421,8 @@ def test_glue_writes_the_tensor_core_fragments(monkeypatch, split, dtype, n, T, 
     got = coefficients.dynamic_vjp(primals, cots, outputs, n, 20)
     names = [name for name, *_ in emu.launched]
     glue = "mhc_coefficients_dynamic_vjp_glue_after_packs" if split else "mhc_coefficients_dynamic_vjp_glue_packs"
-    assert names[int(split)] == glue, names
+    # after the split-off Sinkhorn backward's two launches (its Jacobian, then the product)
+    assert names[2 * int(split)] == glue, names
     assert "mhc_pack_a_fragments" not in names and names.count("mhc_pack_b_fragments") == 1, names  # phi's
     for name, a, b in zip(("x", "phi", "alpha", "bias"), got, without):
         assert np.array_equal(np64(a), np64(b)), name

@@ -144,11 +144,13 @@ def test_dynamic_site_with_every_candidate_on(monkeypatch, n, C, T, dtype):
         # "mhc_pre_vjp_h": pre's backward without its dx (site.PRE_VJP at DX = false)
         launched = {name + ("_h" if t.get("DX") is False else "") for name, t, *_ in emu.launched}
         assert "mhc_pre_vjp_h" in launched  # the fused read step ran
-        # n <= 4: the backward's glue kernel after the res logits' Sinkhorn backward on row lanes
-        # (SPLIT_GLUE_SINKHORN); with the tensor-core backward its form that writes gs's
-        # fragments (GLUE_PACKS): no pack_a
+        # n <= 4: the backward's glue kernel after the res logits' Sinkhorn backward, split off
+        # (SPLIT_GLUE_SINKHORN) as its Jacobian's transpose (SINKHORN_JACOBIAN); with the
+        # tensor-core backward its form that writes gs's fragments (GLUE_PACKS): no pack_a
         tensor_cores = n <= 4 and dtype != mx.float32
-        assert ("mhc_coefficients_dynamic_vjp_sinkhorn" in launched) == (n <= 4)
+        assert ("mhc_coefficients_dynamic_sinkhorn_jacobian" in launched) == (n <= 4)
+        assert ("mhc_coefficients_dynamic_vjp_sinkhorn_apply" in launched) == (n <= 4)
+        assert "mhc_coefficients_dynamic_vjp_sinkhorn" not in launched
         assert ("mhc_coefficients_dynamic_vjp_glue_after" in launched) == (n <= 4 and not tensor_cores)
         assert ("mhc_coefficients_dynamic_vjp_glue_after_packs" in launched) == tensor_cores
         assert "mhc_pack_a_fragments" not in launched

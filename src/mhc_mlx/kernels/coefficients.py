@@ -562,15 +562,20 @@ DYNAMIC_VJP_GLUE_AFTER_SINKHORN = KernelSpec(
 # critical path).
 SPLIT_GLUE_SINKHORN = True
 
-# Candidate (off, not yet run on a GPU): the split-off Sinkhorn backward as the transpose of its
-# Jacobian, the Jacobian computed from the forward's logits alone (DYNAMIC_SINKHORN_JACOBIAN,
-# forward mode, one lane per input entry: n^2 lanes per token, no exchange). Only the product
-# with the cotangent (DYNAMIC_VJP_SINKHORN_APPLY, n^2 multiply-adds per lane) then waits for
-# pre's backward; the Jacobian, which depends on nothing in the backward, can run beside it.
-# At 4096 tokens the replaying backward took 27.2 µs on the stream's critical path between pre's
-# backward and the glue (H200 timeline, fourth session). Costs 4 n^4 bytes per token (1 KB at
-# n = 4) written and read once.
-SINKHORN_JACOBIAN = False
+# The split-off Sinkhorn backward as the transpose of its Jacobian, the Jacobian computed from
+# the forward's logits alone (DYNAMIC_SINKHORN_JACOBIAN, forward mode, one lane per input entry:
+# n^2 lanes per token, no exchange). Only the product with the cotangent
+# (DYNAMIC_VJP_SINKHORN_APPLY, n^2 multiply-adds per lane) then waits for pre's backward; the
+# Jacobian, which depends on nothing in the backward, can run beside it (not yet seen in a stream
+# timeline). At 4096 tokens the
+# replaying backward took 27.2 µs on the stream's critical path between pre's backward and the
+# glue (H200 timeline, fourth session). Costs 4 n^4 bytes per token (1 KB at n = 4) written and
+# read once. H200 (2026-11-30, fifth session; scripts/gpu_check.py's coefficient and chain checks
+# passed with it in every dtype, and 15 `pytest -m gpu` tests of the dynamic backward): dynamic
+# fwd+bwd, medians of 5 alternated runs (gpu_experiments.py sinkhorn-jacobian), 4096x4x4096
+# 668.5 against 693.3 µs (664-680 against 680-702), 512x4x1280 160.6 against 158.7, B = 1
+# 449.4 against 528.1 (both within the runs' spread). False: the replaying DYNAMIC_VJP_SINKHORN.
+SINKHORN_JACOBIAN = True
 DYNAMIC_SINKHORN_JACOBIAN = KernelSpec(
     name="mhc_coefficients_dynamic_sinkhorn_jacobian",
     inputs=("mraw", "alpha", "bias", "iparam"),
