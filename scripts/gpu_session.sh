@@ -29,6 +29,8 @@
 #   bash scripts/gpu_session.sh small        # launch-shape candidates: finish tokens, DX tiles
 #   bash scripts/gpu_session.sh jacobian     # the Sinkhorn backward by its Jacobian (default since): checks,
 #                                            # timings against the replay, the target cases' bench (ours)
+#   bash scripts/gpu_session.sh throughput   # the large cases timed as the bench times them, traced:
+#                                            # kernels, GPU idle, host CUDA calls; host times at K = 10, 30
 #   bash scripts/gpu_session.sh gpu-tests    # pytest -m gpu alone
 #   bash scripts/gpu_session.sh timeline     # pytest -m gpu alone, then nsys: each target case's kernels
 #                                            # in stream order with the gaps (defaults; glue packs + read step)
@@ -268,6 +270,14 @@ case "${1:-}" in
     run 110 experiments_sinkhorn_jacobian python scripts/gpu_experiments.py sinkhorn-jacobian
     run 150 bench python -m mhc_mlx.cli.main bench --out "$res/bench" --overwrite --seeds "" \
       --only "$TARGETS" --impl kernels,kernels+step
+    ;;
+  throughput)
+    # where a bench row's time goes beyond its kernels (docs/kernel-notes.md row 39; run by hand
+    # in the fifth session of 2026-11-30): the 4096-token cases and the copy floor, each as K
+    # applications on rotated inputs in one eval, under PyTorch's profiler, then untraced at K = 10, 30
+    run 200 timeline_throughput bash -c 'python scripts/gpu_timeline.py run --throughput --kineto "$0/tp.json" &&
+      python scripts/gpu_timeline.py report --throughput "$0/tp.json"; rc=$?; rm -f "$0/tp.json"; exit $rc' "$res"
+    run 200 throughput_host bash -c 'for k in 10 30; do python scripts/gpu_timeline.py run --throughput --k=$k || exit 1; done'
     ;;
   gpu-tests)
     # `pytest -m gpu` alone (54 tests; beside the checks it ran out of 200 s)
