@@ -1110,21 +1110,25 @@ def test_dynamic_backward_glue_in_one_launch(monkeypatch, flavour, n, iters, T, 
 @pytest.mark.parametrize("flavour", FLAVOURS)
 @pytest.mark.parametrize("n,iters", [(1, 20), (2, 20), (3, 20), (4, 20), (2, 40)])
 @pytest.mark.parametrize("T", [1, 7, 33, 130])
-def test_dynamic_backward_glue_with_the_sinkhorn_on_row_lanes(monkeypatch, flavour, n, iters, T):
-    # coefficients.SPLIT_GLUE_SINKHORN (the default) with SINKHORN_JACOBIAN off: the res logits'
-    # Sinkhorn backward replayed on Q lanes
-    # per token (one row each; n = 3 leaves a dead row in each group of 4; T = 33 and 130 end
-    # mid-threadgroup), then the glue without it: the same gradients as the glue with the
-    # one-thread backward inside (to float32 rounding: the column sums add in another order)
+@pytest.mark.parametrize("jacobian", [False, True])
+def test_dynamic_backward_glue_after_the_split_off_sinkhorn_backward(monkeypatch, flavour, n, iters, T, jacobian):
+    # coefficients.SPLIT_GLUE_SINKHORN (the default): the res logits' Sinkhorn backward in
+    # launches of its own, then the glue without it. SINKHORN_JACOBIAN (the default): the
+    # Jacobian from the forward's logits (n^2 lanes per token), then its transpose on the
+    # cotangent; off: the backward replayed on Q lanes per token (one row each; n = 3 leaves a
+    # dead row in each group of 4). T = 33 and 130 end mid-threadgroup. The same gradients as
+    # the glue with the one-thread backward inside (to float32 rounding: sums in another order)
     # and as the reference's autodiff
     primals, cots, outputs = _glue_inputs(T, n, iters)
-    monkeypatch.setattr(coefficients, "SINKHORN_JACOBIAN", False)
+    monkeypatch.setattr(coefficients, "SINKHORN_JACOBIAN", jacobian)
     monkeypatch.setattr(coefficients, "SPLIT_GLUE_SINKHORN", False)
     one_kernel, names = _backward_and_launches(primals, cots, outputs, n, iters)
-    assert "mhc_coefficients_dynamic_vjp_sinkhorn" not in names
+    assert not any("sinkhorn" in name for name in names), names
     monkeypatch.setattr(coefficients, "SPLIT_GLUE_SINKHORN", True)
     got, names = _backward_and_launches(primals, cots, outputs, n, iters)
-    assert names[:2] == ["mhc_coefficients_dynamic_vjp_sinkhorn", "mhc_coefficients_dynamic_vjp_glue_after"], names
+    split = (["mhc_coefficients_dynamic_sinkhorn_jacobian", "mhc_coefficients_dynamic_vjp_sinkhorn_apply"] if jacobian
+             else ["mhc_coefficients_dynamic_vjp_sinkhorn"])
+    assert names[:len(split) + 1] == split + ["mhc_coefficients_dynamic_vjp_glue_after"], names
     _same_coefficient_gradients(got, one_kernel, primals, cots, iters)
 
 
@@ -1166,25 +1170,6 @@ def test_row_lane_sinkhorn_backward_at_ties_and_underflow(monkeypatch, flavour, 
             down[idx] -= 1e-6
             fd[idx] = ((ref64.sinkhorn(up, iters) - ref64.sinkhorn(down, iters)) * gk).sum() / 2e-6
         assert rel(got[k], fd) <= 1e-4, k
-
-
-@pytest.mark.parametrize("flavour", FLAVOURS)
-@pytest.mark.parametrize("n,iters", [(1, 20), (2, 20), (3, 20), (4, 20), (2, 40)])
-@pytest.mark.parametrize("T", [1, 7, 33, 130])
-def test_dynamic_backward_sinkhorn_by_its_jacobian(monkeypatch, flavour, n, iters, T):
-    # coefficients.SINKHORN_JACOBIAN (the default): the Jacobian from the forward's logits (n^2
-    # lanes per token; T = 33 and 130 end mid-threadgroup), then its transpose on the cotangent,
-    # in place of the replaying backward: the same gradients as that backward (float32 rounding)
-    # and as the reference's autodiff
-    primals, cots, outputs = _glue_inputs(T, n, iters)
-    monkeypatch.setattr(coefficients, "SINKHORN_JACOBIAN", False)
-    replay, names = _backward_and_launches(primals, cots, outputs, n, iters)
-    assert "mhc_coefficients_dynamic_sinkhorn_jacobian" not in names
-    monkeypatch.setattr(coefficients, "SINKHORN_JACOBIAN", True)
-    got, names = _backward_and_launches(primals, cots, outputs, n, iters)
-    assert names[:3] == ["mhc_coefficients_dynamic_sinkhorn_jacobian", "mhc_coefficients_dynamic_vjp_sinkhorn_apply",
-                         "mhc_coefficients_dynamic_vjp_glue_after"], names
-    _same_coefficient_gradients(got, replay, primals, cots, iters)
 
 
 def _jacobian_backward(L: np.ndarray, g: mx.array, iters: int) -> mx.array:

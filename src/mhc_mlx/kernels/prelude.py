@@ -529,6 +529,21 @@ KDEV void ksinkhorn_thread_vjp(KTHREAD float* lp, KTHREAD float* g) {
 // gives column a of the Jacobian, so the Jacobian transpose applied to a cotangent is the
 // backward (coefficients.SINKHORN_JACOBIAN).
 template <int N>
+KDEV void ksinkhorn_jvp_normalise(KTHREAD float* p, KTHREAD float* t, int base, int stride) {
+  // one row (stride 1) or column (stride N) of ksinkhorn_thread_jvp's step
+  float s = p[base];
+  KUNROLL for (int k = 1; k < N; ++k) s += p[base + k * stride];
+  const float r = KRCP(KMAX(s, MHC_TINY));
+  float w = 0.0f;
+  KUNROLL for (int k = 0; k < N; ++k) {
+    p[base + k * stride] *= r;
+    w += p[base + k * stride] * t[base + k * stride];
+  }
+  if (s > MHC_TINY) {
+    KUNROLL for (int k = 0; k < N; ++k) t[base + k * stride] -= w;
+  }
+}
+template <int N>
 KDEV void ksinkhorn_thread_jvp(KTHREAD float* p, KTHREAD float* t, int iters) {
   float m = MHC_NEG_BIG;
   KUNROLL for (int a = 0; a < N * N; ++a) m = KMAX(m, p[a]);
@@ -545,32 +560,8 @@ KDEV void ksinkhorn_thread_jvp(KTHREAD float* p, KTHREAD float* t, int iters) {
     t[a] -= dm;
   }
   for (int it = 0; it < iters; ++it) {
-    KUNROLL for (int j = 0; j < N; ++j) {
-      float s = p[j];
-      KUNROLL for (int i = 1; i < N; ++i) s += p[i * N + j];
-      const float r = KRCP(KMAX(s, MHC_TINY));
-      float w = 0.0f;
-      KUNROLL for (int i = 0; i < N; ++i) {
-        p[i * N + j] *= r;
-        w += p[i * N + j] * t[i * N + j];
-      }
-      if (s > MHC_TINY) {
-        KUNROLL for (int i = 0; i < N; ++i) t[i * N + j] -= w;
-      }
-    }
-    KUNROLL for (int i = 0; i < N; ++i) {
-      float s = p[i * N];
-      KUNROLL for (int j = 1; j < N; ++j) s += p[i * N + j];
-      const float r = KRCP(KMAX(s, MHC_TINY));
-      float w = 0.0f;
-      KUNROLL for (int j = 0; j < N; ++j) {
-        p[i * N + j] *= r;
-        w += p[i * N + j] * t[i * N + j];
-      }
-      if (s > MHC_TINY) {
-        KUNROLL for (int j = 0; j < N; ++j) t[i * N + j] -= w;
-      }
-    }
+    KUNROLL for (int j = 0; j < N; ++j) ksinkhorn_jvp_normalise<N>(p, t, j, N);
+    KUNROLL for (int i = 0; i < N; ++i) ksinkhorn_jvp_normalise<N>(p, t, i * N, 1);
   }
   KUNROLL for (int a = 0; a < N * N; ++a) t[a] *= p[a];  // dP = P d(log P)
 }
