@@ -1132,17 +1132,55 @@ def test_dynamic_backward_glue_after_the_split_off_sinkhorn_backward(monkeypatch
     _same_coefficient_gradients(got, one_kernel, primals, cots, iters)
 
 
-@pytest.mark.parametrize("iters", [20, 1])
-@pytest.mark.parametrize("flavour", FLAVOURS)
-def test_row_lane_sinkhorn_backward_at_ties_and_underflow(monkeypatch, flavour, iters):
-    # ksinkhorn_rows_vjp (through DYNAMIC_VJP_SINKHORN with m = the logits, alpha = 1, bias = 0)
-    # on the one-thread form's hard cases: a tie at the max, a row that underflows, a 5e3
-    # spread, a row / a row and a column clamped; against the one-thread form and, where
-    # clamped, float64 central differences
+def _sinkhorn_logits_m(L: np.ndarray) -> mx.array:
+    """The coefficient kernels' m [M, W] whose res logits are L [M, n, n] (alpha = 1, bias = 0)."""
+    M, n = L.shape[0], L.shape[-1]
+    m = np.zeros((M, n * (n + 2)), np.float32)
+    m[:, 2 * n:] = L.reshape(M, n * n)
+    return mx.array(m)
+
+
+def _row_lane_backward(L: np.ndarray, g: mx.array, iters: int) -> mx.array:
+    """dL of the Sinkhorn for logits L [M, n, n] and cotangent g by DYNAMIC_VJP_SINKHORN."""
     from mhc_mlx.kernels.build import int_params, launch
 
-    n, M = 4, 5
+    M, n = L.shape[0], L.shape[-1]
+    q = coefficients.group_lanes(n)
     W = n * (n + 2)
+    return launch(
+        coefficients.DYNAMIC_VJP_SINKHORN, [_sinkhorn_logits_m(L), mx.ones((3,)), mx.zeros((W,)), g.reshape(M, n * n),
+                                            int_params(M)],
+        [((M, n * n), mx.float32)], -(-M * q // 32) * 32, 32, [("N", n), ("Q", q), ("ITERS", iters)],
+    )[0].reshape(M, n, n)
+
+
+def _jacobian_backward(L: np.ndarray, g: mx.array, iters: int) -> tuple[mx.array, mx.array]:
+    """(dL, the Jacobian [M, n^2, n^2]) of the Sinkhorn for logits L [M, n, n] and cotangent g
+    by DYNAMIC_SINKHORN_JACOBIAN and DYNAMIC_VJP_SINKHORN_APPLY."""
+    from mhc_mlx.kernels.build import int_params, launch
+
+    M, n = L.shape[0], L.shape[-1]
+    W = n * (n + 2)
+    lanes = -(-M * n * n // 32) * 32
+    jac = launch(coefficients.DYNAMIC_SINKHORN_JACOBIAN,
+                 [_sinkhorn_logits_m(L), mx.ones((3,)), mx.zeros((W,)), int_params(M, iters)],
+                 [((M, n * n, n * n), mx.float32)], lanes, 32, [("N", n)])[0]
+    got = launch(coefficients.DYNAMIC_VJP_SINKHORN_APPLY, [jac, g.reshape(M, n * n), int_params(M)],
+                 [((M, n * n), mx.float32)], lanes, 32, [("N", n)])[0]
+    return got.reshape(M, n, n), jac
+
+
+@pytest.mark.parametrize("form", ["row lanes", "jacobian"])
+@pytest.mark.parametrize("iters", [20, 1])
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_split_off_sinkhorn_backward_at_ties_and_underflow(monkeypatch, flavour, iters, form):
+    # the split-off Sinkhorn backward, both forms: ksinkhorn_rows_vjp (DYNAMIC_VJP_SINKHORN) and
+    # ksinkhorn_thread_jvp's Jacobian transposed onto g (DYNAMIC_SINKHORN_JACOBIAN, then
+    # DYNAMIC_VJP_SINKHORN_APPLY), with m = the logits, alpha = 1, bias = 0, on the one-thread
+    # form's hard cases: a tie at the max, a row that underflows, a 5e3 spread, a row / a row
+    # and a column clamped; against the one-thread form and, where clamped, float64 central
+    # differences; and one Jacobian column against float64 differences of the forward
+    n, M = 4, 5
     L = np.array(2 * mx.random.normal((M, n, n)), dtype=np.float32)
     L[0, 1, 2] = L[0, 3, 0] = L[0].max() + 1.0
     L[1, 2, :] -= 200.0
@@ -1151,13 +1189,7 @@ def test_row_lane_sinkhorn_backward_at_ties_and_underflow(monkeypatch, flavour, 
     L[4, 1, :] = L[4].max() - 75.0 + 0.1 * np.arange(n)
     L[4, :, 2] = L[4].max() - 75.0 - 0.1 * np.arange(n)
     g = mx.random.normal((M, n, n))
-    m = np.zeros((M, W), np.float32)
-    m[:, 2 * n:] = L.reshape(M, n * n)
-    got = launch(
-        coefficients.DYNAMIC_VJP_SINKHORN,
-        [mx.array(m), mx.ones((3,)), mx.zeros((W,)), g.reshape(M, n * n), int_params(M)],
-        [((M, n * n), mx.float32)], 32, 32, [("N", n), ("Q", 4), ("ITERS", iters)],
-    )[0].reshape(M, n, n)
+    got, jac = _jacobian_backward(L, g, iters) if form == "jacobian" else (_row_lane_backward(L, g, iters), None)
     monkeypatch.setattr(sinkhorn, "THREAD_VJP_MAX_WORK", sinkhorn.THREAD_VJP_DEFAULT_WORK)
     thread = sinkhorn.project_vjp(mx.array(L), g, iters)
     assert np.isfinite(np64(got)).all()
@@ -1170,61 +1202,13 @@ def test_row_lane_sinkhorn_backward_at_ties_and_underflow(monkeypatch, flavour, 
             down[idx] -= 1e-6
             fd[idx] = ((ref64.sinkhorn(up, iters) - ref64.sinkhorn(down, iters)) * gk).sum() / 2e-6
         assert rel(got[k], fd) <= 1e-4, k
-
-
-def _jacobian_backward(L: np.ndarray, g: mx.array, iters: int) -> mx.array:
-    """dL of the Sinkhorn for logits L [M, n, n] and cotangent g by DYNAMIC_SINKHORN_JACOBIAN and
-    DYNAMIC_VJP_SINKHORN_APPLY (m = the logits, alpha = 1, bias = 0), and the Jacobian itself."""
-    from mhc_mlx.kernels.build import int_params, launch
-
-    M, n = L.shape[0], L.shape[-1]
-    W = n * (n + 2)
-    m = np.zeros((M, W), np.float32)
-    m[:, 2 * n:] = L.reshape(M, n * n)
-    lanes = -(-M * n * n // 32) * 32
-    jac = launch(coefficients.DYNAMIC_SINKHORN_JACOBIAN, [mx.array(m), mx.ones((3,)), mx.zeros((W,)), int_params(M, iters)],
-                 [((M, n * n, n * n), mx.float32)], lanes, 32, [("N", n)])[0]
-    got = launch(coefficients.DYNAMIC_VJP_SINKHORN_APPLY, [jac, g.reshape(M, n * n), int_params(M)],
-                 [((M, n * n), mx.float32)], lanes, 32, [("N", n)])[0]
-    return got.reshape(M, n, n), jac
-
-
-@pytest.mark.parametrize("iters", [20, 1])
-@pytest.mark.parametrize("flavour", FLAVOURS)
-def test_sinkhorn_jacobian_at_ties_and_underflow(monkeypatch, flavour, iters):
-    # ksinkhorn_thread_jvp (through the two kernels above) on the backward's hard cases: a tie at
-    # the max, a row that underflows, a 5e3 spread, a row / a row and a column clamped; its
-    # transpose on g against the one-thread backward and, where clamped, float64 central
-    # differences; and one Jacobian column against float64 differences of the forward
-    n, M = 4, 5
-    L = np.array(2 * mx.random.normal((M, n, n)), dtype=np.float32)
-    L[0, 1, 2] = L[0, 3, 0] = L[0].max() + 1.0
-    L[1, 2, :] -= 200.0
-    L[2] *= 5e3
-    L[3, 1, :] = L[3].max() - 75.0 + 0.1 * np.arange(n)
-    L[4, 1, :] = L[4].max() - 75.0 + 0.1 * np.arange(n)
-    L[4, :, 2] = L[4].max() - 75.0 - 0.1 * np.arange(n)
-    g = mx.random.normal((M, n, n))
-    got, jac = _jacobian_backward(L, g, iters)
-    monkeypatch.setattr(sinkhorn, "THREAD_VJP_MAX_WORK", sinkhorn.THREAD_VJP_DEFAULT_WORK)
-    thread = sinkhorn.project_vjp(mx.array(L), g, iters)
-    assert np.isfinite(np64(got)).all() and np.isfinite(np64(jac)).all()
-    assert grad_rel(got, thread) <= 1e-5
-    for k in (3, 4):
-        Lk, gk, fd = L[k].astype(np.float64), np64(g[k]), np.zeros((n, n))
-        for idx in np.ndindex(n, n):
-            up, down = Lk.copy(), Lk.copy()
-            up[idx] += 1e-6
-            down[idx] -= 1e-6
-            fd[idx] = ((ref64.sinkhorn(up, iters) - ref64.sinkhorn(down, iters)) * gk).sum() / 2e-6
-        assert rel(got[k], fd) <= 1e-4, k
-    # column a of token 0's Jacobian: d P / d L_a
-    a = 6
-    up, down = L[0].astype(np.float64), L[0].astype(np.float64)
-    up.flat[a] += 1e-6
-    down.flat[a] -= 1e-6
-    column = ((ref64.sinkhorn(up, iters) - ref64.sinkhorn(down, iters)) / 2e-6).reshape(n * n)
-    assert rel(np64(jac)[0, :, a], column) <= 1e-4
+    if jac is not None:  # column a of token 0's Jacobian: d P / d L_a
+        a = 6
+        up, down = L[0].astype(np.float64), L[0].astype(np.float64)
+        up.flat[a] += 1e-6
+        down.flat[a] -= 1e-6
+        column = ((ref64.sinkhorn(up, iters) - ref64.sinkhorn(down, iters)) / 2e-6).reshape(n * n)
+        assert np.isfinite(np64(jac)).all() and rel(np64(jac)[0, :, a], column) <= 1e-4
 
 
 def test_dynamic_backward_glue_only_where_the_one_thread_sinkhorn_backward_applies(monkeypatch):
