@@ -337,6 +337,9 @@ SWITCHES = {
                           "the dynamic backward's glue as one kernel, the one-thread Sinkhorn backward inside "
                           "(coefficients.SPLIT_GLUE_SINKHORN = False; by default that Sinkhorn backward runs on "
                           "n lanes per token in a launch of its own)"),
+    "--layer-jacobian": (layer, "COEFFICIENTS_JACOBIAN", True,
+                         "the candidate static layer coefficient backward whose Sinkhorn backward is n^2 lanes of "
+                         "forward mode (layer.COEFFICIENTS_JACOBIAN)"),
     "--sinkhorn-replay": (coefficients, "SINKHORN_JACOBIAN", False,
                           "the split-off Sinkhorn backward replaying the forward on n lanes per token "
                           "(coefficients.SINKHORN_JACOBIAN = False; by default its Jacobian, from the forward's "

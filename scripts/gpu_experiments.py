@@ -280,6 +280,18 @@ def layer_coefficient_vjp(rounds=5):
                          "one launch": [(layer, "FUSED_COEFFICIENT_VJP", True)]}, rounds)
 
 
+def layer_jacobian(rounds=5):
+    """The static layer's coefficient backward with its Sinkhorn backward by n^2 lanes of forward
+    mode (layer.COEFFICIENTS_JACOBIAN) against the one-thread replay, alternated `rounds` times:
+    the static forward+backward at 4096x4x4096, 512x4x1280 and B = 1."""
+    rows = case_rows(("static", "fwd+bwd", (4096, 4, 4096), "throughput"),
+                     ("static", "fwd+bwd", (512, 4, 1280), "throughput"),
+                     ("static", "fwd+bwd", (1, 4, 512), "latency"))
+    alternated_settings("layer coefficient backward's Sinkhorn", rows,
+                        {"one thread": [(layer, "COEFFICIENTS_JACOBIAN", False)],
+                         "jacobian": [(layer, "COEFFICIENTS_JACOBIAN", True)]}, rounds)
+
+
 def eval_us(make, reps=200, warmup=5):
     """µs of one mx.eval of make()'s result, its graph built before the clock; median of reps."""
     mx.eval([make() for _ in range(warmup)])
@@ -877,6 +889,7 @@ MODES = {
     "glue-packs": glue_packs,
     "glue-split": glue_split,
     "sinkhorn-jacobian": sinkhorn_jacobian,
+    "layer-jacobian": layer_jacobian,
     "defer-post": defer_post,
     "dx-order": dx_order,
     "load-forms": load_forms,

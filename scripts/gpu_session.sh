@@ -29,6 +29,8 @@
 #   bash scripts/gpu_session.sh small        # launch-shape candidates: finish tokens, DX tiles
 #   bash scripts/gpu_session.sh jacobian     # the Sinkhorn backward by its Jacobian (default since): checks,
 #                                            # timings against the replay, the target cases' bench (ours)
+#   bash scripts/gpu_session.sh layer-jacobian  # the layer coefficient backward's Sinkhorn by forward mode
+#                                            # (candidate): layer and site checks, timings, timeline
 #   bash scripts/gpu_session.sh throughput   # the large cases timed as the bench times them, traced:
 #                                            # kernels, GPU idle, host CUDA calls; host times at K = 10, 30
 #   bash scripts/gpu_session.sh gpu-tests    # pytest -m gpu alone
@@ -270,6 +272,15 @@ case "${1:-}" in
     run 110 experiments_sinkhorn_jacobian python scripts/gpu_experiments.py sinkhorn-jacobian
     run 150 bench python -m mhc_mlx.cli.main bench --out "$res/bench" --overwrite --seeds "" \
       --only "$TARGETS" --impl kernels,kernels+step
+    ;;
+  layer-jacobian)
+    # written in the fifth session of 2026-11-30 after its device time ran out: the static layer's
+    # coefficient backward (94-97 µs in every timeline) with its Sinkhorn backward as n^2 lanes of
+    # forward mode (layer.COEFFICIENTS_JACOBIAN): layer checks with it, its timings, then the
+    # default timeline (whose static fwd+bwd shows that kernel's time as it is)
+    CHECK_ARGS="--layer-jacobian" CHECK_ONLY="${CHECK_ONLY:-layer}" NO_PYTEST=1 check 200
+    run 120 experiments_layer_jacobian python scripts/gpu_experiments.py layer-jacobian
+    timelines defaults
     ;;
   throughput)
     # where a bench row's time goes beyond its kernels (docs/kernel-notes.md row 39; run by hand

@@ -712,10 +712,14 @@ def test_layer_one_pass_backward(monkeypatch, flavour, dtype, n, C, T, threads, 
 # one-warp Sinkhorn backward, the others the one-thread form
 @pytest.mark.parametrize("n,iters", [(1, 20), (2, 20), (3, 20), (4, 20), (4, 40), (8, 20)])
 @pytest.mark.parametrize("groups", [1, 5, 300])
-def test_layer_coefficient_backward_in_one_launch(flavour, n, iters, groups):
+@pytest.mark.parametrize("jacobian", [False, True])
+def test_layer_coefficient_backward_in_one_launch(monkeypatch, flavour, n, iters, groups, jacobian):
     # layer.COEFFICIENTS_VJP: the sum of the layer backward's per-group partials (res | post |
     # pre), the sigmoid derivatives and the Sinkhorn backward, against the same steps as MLX ops
-    # and the reference's autodiff of the activations
+    # and the reference's autodiff of the activations; with the candidate
+    # layer.COEFFICIENTS_JACOBIAN that backward by n^2 lanes of forward mode where the one-thread
+    # form would apply
+    monkeypatch.setattr(layer, "COEFFICIENTS_JACOBIAN", jacobian)
     gcoef = mx.random.normal((groups, n * n + 2 * n))
     raw = [mx.random.normal((n,)), mx.random.normal((n,)), 2 * mx.random.normal((n, n))]
     H_pre, H_post = mx.sigmoid(raw[0]), 2 * mx.sigmoid(raw[1])
@@ -723,6 +727,7 @@ def test_layer_coefficient_backward_in_one_launch(flavour, n, iters, groups):
     got = layer.coefficients_vjp(gcoef, H_pre[None], H_post[None], raw[2], iters)
     assert [name for name, *_ in emu.launched] == ["mhc_layer_coefficients_vjp"]
     assert emu.launched[0][1]["THREAD"] == sinkhorn.uses_thread_vjp(n, iters)
+    assert emu.launched[0][1]["JAC"] == (jacobian and sinkhorn.uses_thread_vjp(n, iters))
     s = np64(gcoef).sum(axis=0)
     cots = [mx.array(s[n * n + n :]), mx.array(s[n * n : n * n + n]), mx.array(s[: n * n].reshape(n, n))]
 

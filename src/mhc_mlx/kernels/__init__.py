@@ -199,6 +199,7 @@ def settings() -> dict:
             "layer_fused_vjp": layer.USE_FUSED_VJP,
             "layer_inline_always": layer.INLINE_ALWAYS,
             "layer_fused_coefficient_vjp": layer.FUSED_COEFFICIENT_VJP,
+            "layer_coefficients_jacobian": layer.COEFFICIENTS_JACOBIAN,
             "layer_prefetch_tokens": layer.PREFETCH_TOKENS,
             "fused_read_step": FUSED_READ_STEP,
             "chain_x_cotangent": CHAIN_X_COTANGENT,

@@ -32,9 +32,10 @@ F32, BF16, F16, I32 = mx.float32, mx.bfloat16, mx.float16, mx.int32
 def instances():
     """(spec, input dtypes, output dtypes, template) tuples covering each kernel's variants."""
     out = []
-    for n, iters, thread in ((1, 20, True), (4, 20, True), (4, 40, False), (8, 20, False)):
+    for n, iters, thread, jac in ((1, 20, True, False), (4, 20, True, False), (4, 40, False, False),
+                                  (8, 20, False, False), (1, 20, True, True), (3, 20, True, True), (4, 20, True, True)):
         out.append((layer.COEFFICIENTS_VJP, (F32, F32, F32, F32, I32), (F32,),
-                    [("N", n), ("ITERS", iters), ("THREAD", thread)]))
+                    [("N", n), ("ITERS", iters), ("THREAD", thread), ("JAC", jac)]))
     for n, iters, gt in ((1, 20, 128), (2, 40, 128), (4, 20, 128), (4, 20, 32)):
         out.append((coefficients.DYNAMIC_VJP_GLUE, (F32,) * 9 + (I32,), (F32, F32, F32),
                     [("N", n), ("ITERS", iters), ("GT", gt)]))

@@ -371,7 +371,22 @@ COEFFICIENTS_VJP = KernelSpec(
     const float h = hpost[tid - N];
     glog[tid] = sums[N * N + tid - N] * h * (1.0f - 0.5f * h);
   }
-  if (THREAD) {
+  if (JAC) {
+    // lane a: column a of the Sinkhorn's Jacobian by forward mode, then its dot with the
+    // cotangent (kernels.layer.COEFFICIENTS_JACOBIAN): n^2 lanes, no exp in the iterations
+    if (tid < N * N) {
+      float p[N * N];
+      float tg[N * N];
+      KUNROLL for (int b = 0; b < N * N; ++b) {
+        p[b] = lres[b];
+        tg[b] = b == tid ? 1.0f : 0.0f;
+      }
+      ksinkhorn_thread_jvp<N>(p, tg, ITERS);
+      float d = 0.0f;
+      KUNROLL for (int b = 0; b < N * N; ++b) d += tg[b] * sums[b];
+      glog[2 * N + tid] = d;
+    }
+  } else if (THREAD) {
     if (tid == 0) {
       float lp[N * N];
       float g[N * N];
@@ -398,6 +413,14 @@ COEFFICIENTS_VJP = KernelSpec(
 """,
 )
 COEFFICIENTS_VJP_THREADS = 256
+# Candidate (off, not yet run on a GPU): COEFFICIENTS_VJP's Sinkhorn backward as n^2 lanes each
+# taking one column of the Jacobian by forward mode (prelude.ksinkhorn_thread_jvp) and its dot
+# with the cotangent, where the one-thread backward applies (n <= 4). In every H200 timeline
+# this one-block kernel took 94-97 µs (ncu 96.5, each kernel alone), on the static fwd+bwd's
+# critical path after the layer backward; its only serial work is the one-thread replay and
+# walk back (640 exps at n = 4, 20 iterations). The forward mode needs no exp inside the
+# iterations. Whether the replay is what costs the 95 µs was not measured.
+COEFFICIENTS_JACOBIAN = False
 # The layer backward's coefficient gradients by COEFFICIENTS_VJP (one launch); False: the same
 # steps as MLX ops. H200 (2026-11-30, scripts/gpu_experiments.py layer-coefficients, medians of
 # 5 alternated runs, static fwd+bwd bf16): 4096x4x4096 301.1 against 321.5 µs, 512x4x1280 119.2
@@ -500,7 +523,8 @@ def coefficients_vjp(gcoef, H_pre, H_post, res_raw, iters: int):
         COEFFICIENTS_VJP,
         [gcoef, H_pre.reshape(n), H_post.reshape(n), res_raw.astype(F32).reshape(n * n), int_params(gcoef.shape[0])],
         [((2 * n + n * n,), F32)], COEFFICIENTS_VJP_THREADS, COEFFICIENTS_VJP_THREADS,
-        [("N", n), ("ITERS", iters), ("THREAD", sinkhorn.uses_thread_vjp(n, iters))],
+        [("N", n), ("ITERS", iters), ("THREAD", sinkhorn.uses_thread_vjp(n, iters)),
+         ("JAC", COEFFICIENTS_JACOBIAN and sinkhorn.uses_thread_vjp(n, iters))],
     )[0]
     return glog[:n], glog[n : 2 * n], glog[2 * n :].reshape(n, n)
 
