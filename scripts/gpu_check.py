@@ -353,6 +353,9 @@ SWITCHES = {
     "--dx-row-by-row": (coefficients_mma_vjp, "DX_RAW_ROWS", False,
                         "the tensor-core DX loads each row's gacc after storing the row before "
                         "(coefficients_mma_vjp.DX_RAW_ROWS = False; by default every row's x and gacc together)"),
+    "--sinkhorn-jacobian-vjp": (sinkhorn, "JACOBIAN_VJP", True,
+                                "the candidate Sinkhorn backward by n^2 lanes of forward mode per matrix where the "
+                                "one-thread form applies (sinkhorn.JACOBIAN_VJP)"),
     "--sinkhorn-warp-vjp": (sinkhorn, "THREAD_VJP_MAX_WORK", 0,
                             "use the warp-form Sinkhorn backward everywhere (sinkhorn.THREAD_VJP_MAX_WORK = 0; "
                             "the default takes one thread per matrix for n <= 4)"),

@@ -49,23 +49,25 @@ def tput(fn, sets, reps=10):
 
 def sinkhorn_forms(Ms=(1, 4096), reps=10):
     """The Sinkhorn backward, warp form vs one thread per matrix (the default for n <= 4 since
-    2026-11-29; n = 4, 20 iterations): one matrix (the static site) and 4096 (the dynamic site)."""
+    2026-11-29) vs n^2 lanes of forward mode (the candidate sinkhorn.JACOBIAN_VJP; n = 4, 20
+    iterations): one matrix (the static site) and 4096 (the dynamic site)."""
     n = 4
-    saved = sinkhorn.THREAD_VJP_MAX_WORK
-    forms = (("warp", 0), ("thread", sinkhorn.THREAD_VJP_DEFAULT_WORK))
+    saved = sinkhorn.THREAD_VJP_MAX_WORK, sinkhorn.JACOBIAN_VJP
+    forms = (("warp", 0, False), ("thread", sinkhorn.THREAD_VJP_DEFAULT_WORK, False),
+             ("jacobian", sinkhorn.THREAD_VJP_DEFAULT_WORK, True))
     try:
         for M in Ms:
             Ls = [2 * mx.random.normal((M, n, n)) for _ in range(10)]
             cs = [mx.random.normal((M, n, n)) for _ in range(10)]
             mx.eval(Ls, cs)
             row = []
-            for label, work in forms:
-                sinkhorn.THREAD_VJP_MAX_WORK = work
+            for label, work, jac in forms:
+                sinkhorn.THREAD_VJP_MAX_WORK, sinkhorn.JACOBIAN_VJP = work, jac
                 us = tput(lambda a, b: sinkhorn.project_vjp(a, b, 20), [[a, b] for a, b in zip(Ls, cs)], reps)
                 row.append(f"{label} {us:6.1f} us")
             print(f"sinkhorn backward M={M} n={n}: " + ", ".join(row))
     finally:
-        sinkhorn.THREAD_VJP_MAX_WORK = saved
+        sinkhorn.THREAD_VJP_MAX_WORK, sinkhorn.JACOBIAN_VJP = saved
 
 
 def sinkhorn_chain(reps=10):
@@ -890,6 +892,7 @@ MODES = {
     "glue-split": glue_split,
     "sinkhorn-jacobian": sinkhorn_jacobian,
     "layer-jacobian": layer_jacobian,
+    "sinkhorn-forms": sinkhorn_forms,
     "defer-post": defer_post,
     "dx-order": dx_order,
     "load-forms": load_forms,

@@ -29,8 +29,8 @@
 #   bash scripts/gpu_session.sh small        # launch-shape candidates: finish tokens, DX tiles
 #   bash scripts/gpu_session.sh jacobian     # the Sinkhorn backward by its Jacobian (default since): checks,
 #                                            # timings against the replay, the target cases' bench (ours)
-#   bash scripts/gpu_session.sh layer-jacobian  # the layer coefficient backward's Sinkhorn by forward mode
-#                                            # (candidate): layer and site checks, timings, timeline
+#   bash scripts/gpu_session.sh layer-jacobian  # the layer coefficient backward's and the Sinkhorn op's
+#                                            # backward by forward mode (candidates): checks, timings, timeline
 #   bash scripts/gpu_session.sh throughput   # the large cases timed as the bench times them, traced:
 #                                            # kernels, GPU idle, host CUDA calls; host times at K = 10, 30
 #   bash scripts/gpu_session.sh gpu-tests    # pytest -m gpu alone
@@ -278,8 +278,11 @@ case "${1:-}" in
     # coefficient backward (94-97 µs in every timeline) with its Sinkhorn backward as n^2 lanes of
     # forward mode (layer.COEFFICIENTS_JACOBIAN): layer checks with it, its timings, then the
     # default timeline (whose static fwd+bwd shows that kernel's time as it is)
-    CHECK_ARGS="--layer-jacobian" CHECK_ONLY="${CHECK_ONLY:-layer}" NO_PYTEST=1 check 200
+    # and the Sinkhorn op's own backward in the same form (sinkhorn.JACOBIAN_VJP)
+    CHECK_ARGS="--layer-jacobian --sinkhorn-jacobian-vjp" CHECK_ONLY="${CHECK_ONLY:-sinkhorn,coefficients,layer}" \
+      NO_PYTEST=1 check 200
     run 120 experiments_layer_jacobian python scripts/gpu_experiments.py layer-jacobian
+    run 60 experiments_sinkhorn_forms python scripts/gpu_experiments.py sinkhorn-forms
     timelines defaults
     ;;
   throughput)

@@ -54,13 +54,16 @@ def test_sinkhorn_forward_and_backward(flavour, n):
 
 @pytest.mark.parametrize("n,iters,M", [(1, 20, 3), (2, 40, 33), (3, 20, 5), (4, 20, 70), (4, 1, 2)])
 @pytest.mark.parametrize("flavour", FLAVOURS)
-def test_sinkhorn_thread_backward(monkeypatch, flavour, n, iters, M):
-    # one thread per matrix (M not a multiple of the group: the tail threads return early)
+@pytest.mark.parametrize("jacobian", [False, True])
+def test_sinkhorn_thread_backward(monkeypatch, flavour, n, iters, M, jacobian):
+    # one thread per matrix (M not a multiple of the group: the tail threads return early); with
+    # the candidate sinkhorn.JACOBIAN_VJP n^2 lanes per matrix instead (the tail likewise)
     monkeypatch.setattr(sinkhorn, "THREAD_VJP_MAX_WORK", sinkhorn.THREAD_VJP_DEFAULT_WORK)
+    monkeypatch.setattr(sinkhorn, "JACOBIAN_VJP", jacobian)
     L = 2 * mx.random.normal((M, n, n))
     g = mx.random.normal((M, n, n))
     got = sinkhorn.project_vjp(L, g, iters)
-    assert [name for name, *_ in emu.launched] == ["mhc_sinkhorn_vjp_thread"]
+    assert [name for name, *_ in emu.launched] == ["mhc_sinkhorn_vjp_jacobian" if jacobian else "mhc_sinkhorn_vjp_thread"]
     want = mx.vjp(lambda a: reference.sinkhorn_knopp(a, iters), [L], [g])[1][0]
     assert grad_rel(got, want) <= GRAD_TOL
 
@@ -84,9 +87,14 @@ def test_sinkhorn_thread_backward_at_ties_and_underflow(monkeypatch, flavour, it
     L, g = mx.array(L), mx.random.normal((5, n, n))
     monkeypatch.setattr(sinkhorn, "THREAD_VJP_MAX_WORK", sinkhorn.THREAD_VJP_DEFAULT_WORK)
     got = sinkhorn.project_vjp(L, g, iters)
+    monkeypatch.setattr(sinkhorn, "JACOBIAN_VJP", True)
+    jacobian = sinkhorn.project_vjp(L, g, iters)
+    monkeypatch.setattr(sinkhorn, "JACOBIAN_VJP", False)
     monkeypatch.setattr(sinkhorn, "THREAD_VJP_MAX_WORK", 0)
     warp = sinkhorn.project_vjp(L, g, iters)
-    assert [name for name, *_ in emu.launched] == ["mhc_sinkhorn_vjp_thread", "mhc_sinkhorn_vjp"]
+    assert [name for name, *_ in emu.launched] == ["mhc_sinkhorn_vjp_thread", "mhc_sinkhorn_vjp_jacobian",
+                                                   "mhc_sinkhorn_vjp"]
+    assert np.isfinite(np64(jacobian)).all() and grad_rel(jacobian, got) <= 1e-5  # the candidate form
     assert np.isfinite(np64(got)).all()
     for k in (0, 1):
         want = mx.vjp(lambda a: reference.sinkhorn_knopp(a, iters), [L[k]], [g[k]])[1][0]

@@ -208,7 +208,8 @@ def settings() -> dict:
             "sinkhorn_jacobian": coefficients.SINKHORN_JACOBIAN,
             "dx_token_major": coefficients_mma_vjp.DX_TOKEN_MAJOR,
             "dx_raw_rows": coefficients_mma_vjp.DX_RAW_ROWS,
-            "sinkhorn_thread_vjp_max_work": sinkhorn.THREAD_VJP_MAX_WORK}
+            "sinkhorn_thread_vjp_max_work": sinkhorn.THREAD_VJP_MAX_WORK,
+            "sinkhorn_jacobian_vjp": sinkhorn.JACOBIAN_VJP}
 
 
 LIMITS_NOTE = (

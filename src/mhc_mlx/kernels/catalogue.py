@@ -11,7 +11,7 @@ import mlx.core as mx
 from . import coefficients, coefficients_mma, coefficients_mma_vjp, layer, sinkhorn, site
 
 SPECS = (
-    sinkhorn.FORWARD, sinkhorn.BACKWARD, sinkhorn.BACKWARD_THREAD, coefficients.ACTIVATE, coefficients.DYNAMIC,
+    sinkhorn.FORWARD, sinkhorn.BACKWARD, sinkhorn.BACKWARD_THREAD, sinkhorn.BACKWARD_JACOBIAN, coefficients.ACTIVATE, coefficients.DYNAMIC,
     coefficients.DYNAMIC_PRE, coefficients.DYNAMIC_SMALL, coefficients.DYNAMIC_SMALL_PRE,
     coefficients.DYNAMIC_VJP, coefficients.DYNAMIC_VJP_PRE, coefficients.DYNAMIC_VJP_ACC, coefficients.DYNAMIC_VJP_PRE_ACC,
     site.PRE, site.PRE_VJP, site.PRE_VJP_ACC, site.PRE_VJP_RES, site.POST, site.POST_VJP, layer.LAYER, layer.LAYER_VJP,
@@ -52,6 +52,8 @@ def instances():
         out.append((coefficients.ACTIVATE, (F32, F32, F32, I32), (F32, F32, F32), [("N", n)]))
     for n, iters in ((4, 20), (8, 20), (32, 20)):
         out.append((sinkhorn.BACKWARD, (F32, F32, I32), (F32,), [("N", n), ("ITERS", iters)]))
+    for n in (1, 2, 3, 4):
+        out.append((sinkhorn.BACKWARD_JACOBIAN, (F32, F32, I32), (F32,), [("N", n)]))
     for n, iters in ((1, 20), (2, 40), (4, 20), (8, 10)):
         out.append((sinkhorn.BACKWARD_THREAD, (F32, F32, I32), (F32,), [("N", n), ("ITERS", iters)]))
     for dt in (F32, BF16, F16):

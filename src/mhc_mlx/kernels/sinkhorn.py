@@ -93,6 +93,40 @@ BACKWARD_THREAD = KernelSpec(
 )
 
 
+# Candidate (off, not yet run on a GPU): where the one-thread backward applies, n^2 lanes per
+# matrix instead, lane a taking column a of the Jacobian by forward mode
+# (prelude.ksinkhorn_thread_jvp: no exp inside the iterations, where the one-thread walk back
+# takes 2 n^2 per step) and its dot with the cotangent. The split-off form of the dynamic
+# backward (coefficients.SINKHORN_JACOBIAN) gained ~25 µs on the H200; this one is for the
+# Sinkhorn op's own backward (static sites' coefficients, `sinkhorn_knopp`).
+JACOBIAN_VJP = False
+BACKWARD_JACOBIAN = KernelSpec(
+    name="mhc_sinkhorn_vjp_jacobian",
+    inputs=("logit", "cot", "iparam"),
+    outputs=("glogit",),
+    body=r"""
+  constexpr int NN = N * N;
+  const int M = iparam[0];
+  const int iters = iparam[1];
+  const int64_t gid = (int64_t)KBID * KNT + KTID;
+  const int64_t mat = gid / NN;
+  const int a = (int)(gid % NN);  // this lane's logit: column a of the Jacobian
+  if (mat >= M) return;
+  const int64_t base = mat * NN;
+  float p[NN];
+  float tg[NN];
+  KUNROLL for (int b = 0; b < NN; ++b) {
+    p[b] = logit[base + b];
+    tg[b] = b == a ? 1.0f : 0.0f;
+  }
+  ksinkhorn_thread_jvp<N>(p, tg, iters);
+  float d = 0.0f;
+  KUNROLL for (int b = 0; b < NN; ++b) d += tg[b] * cot[base + b];
+  glogit[base + a] = d;
+""",
+)
+
+
 def uses_thread_vjp(n: int, iters: int) -> bool:
     return n <= 4 and n * iters <= THREAD_VJP_MAX_WORK
 
@@ -114,6 +148,10 @@ def project_vjp(L: mx.array, cot: mx.array, iters: int) -> mx.array:
     M, n = L.shape[0], L.shape[-1]
     if n * iters > MAX_BACKWARD_WORK:
         return compiled_backward(L, cot, iters)
+    if JACOBIAN_VJP and uses_thread_vjp(n, iters):
+        tg = THREADS_PER_GROUP * 4
+        return launch(BACKWARD_JACOBIAN, [L, cot, int_params(M, iters)], [(L.shape, mx.float32)],
+                      -(-M * n * n // tg) * tg, tg, [("N", n)])[0]
     if uses_thread_vjp(n, iters):
         tg = THREADS_PER_GROUP
         return launch(
