@@ -592,11 +592,8 @@ DYNAMIC_SINKHORN_JACOBIAN = KernelSpec(
   const float a2 = alpha[2];
   float p[NN];
   float tg[NN];
-  KUNROLL for (int b = 0; b < NN; ++b) {
-    p[b] = mraw[t * W + 2 * N + b] * a2 + bias[2 * N + b];
-    tg[b] = b == a ? 1.0f : 0.0f;
-  }
-  ksinkhorn_thread_jvp<N>(p, tg, iters);
+  KUNROLL for (int b = 0; b < NN; ++b) p[b] = mraw[t * W + 2 * N + b] * a2 + bias[2 * N + b];
+  ksinkhorn_jacobian_column<N>(p, tg, a, iters);
   // jac[t, b, a] = d P_b / d L_a: the token's lanes write consecutive a
   KUNROLL for (int b = 0; b < NN; ++b) jac[(t * NN + b) * NN + a] = tg[b];
 """,
@@ -952,10 +949,11 @@ def _glue_kernel(m, invr, alpha, bias, H_pre, H_post, cotangents, n: int, K: int
     outputs = [((T, W), F32), ((T,), F32), ((blocks, W + 3), F32)]
     spec, template = DYNAMIC_VJP_GLUE, [("N", n), ("ITERS", iters), ("GT", GLUE_THREADS)]
     gres = cotangents[2].astype(F32).reshape(T, n * n)
+    alpha, bias = alpha.astype(F32), bias.astype(F32)
     if SPLIT_GLUE_SINKHORN and SINKHORN_JACOBIAN:
         lanes = -(-T * n * n // SINKHORN_THREADS) * SINKHORN_THREADS
         jac = launch(
-            DYNAMIC_SINKHORN_JACOBIAN, [m, alpha.astype(F32), bias.astype(F32), int_params(T, iters)],
+            DYNAMIC_SINKHORN_JACOBIAN, [m, alpha, bias, int_params(T, iters)],
             [((T, n * n, n * n), F32)], lanes, SINKHORN_THREADS, [("N", n)],
         )[0]
         gres = launch(DYNAMIC_VJP_SINKHORN_APPLY, [jac, gres, int_params(T)], [((T, n * n), F32)], lanes,
@@ -964,7 +962,7 @@ def _glue_kernel(m, invr, alpha, bias, H_pre, H_post, cotangents, n: int, K: int
     elif SPLIT_GLUE_SINKHORN:
         q = group_lanes(n)
         gres = launch(
-            DYNAMIC_VJP_SINKHORN, [m, alpha.astype(F32), bias.astype(F32), gres, int_params(T)],
+            DYNAMIC_VJP_SINKHORN, [m, alpha, bias, gres, int_params(T)],
             [((T, n * n), F32)], -(-T * q // SINKHORN_THREADS) * SINKHORN_THREADS, SINKHORN_THREADS,
             [("N", n), ("Q", q), ("ITERS", iters)],
         )[0]
@@ -977,7 +975,7 @@ def _glue_kernel(m, invr, alpha, bias, H_pre, H_post, cotangents, n: int, K: int
         template += [("PA", cmv.DX_PARTS), ("PB", cmv.DPHI_PARTS)]
     gs, c2, part, *packed = launch(
         spec,
-        [m, invr, alpha.astype(F32), bias.astype(F32), H_pre.reshape(T, n), H_post.reshape(T, n),
+        [m, invr, alpha, bias, H_pre.reshape(T, n), H_post.reshape(T, n),
          cotangents[0].astype(F32).reshape(T, n), cotangents[1].astype(F32).reshape(T, n), gres,
          int_params(T, K)],
         outputs, blocks * GLUE_THREADS, GLUE_THREADS, template,

@@ -377,11 +377,8 @@ COEFFICIENTS_VJP = KernelSpec(
     if (tid < N * N) {
       float p[N * N];
       float tg[N * N];
-      KUNROLL for (int b = 0; b < N * N; ++b) {
-        p[b] = lres[b];
-        tg[b] = b == tid ? 1.0f : 0.0f;
-      }
-      ksinkhorn_thread_jvp<N>(p, tg, ITERS);
+      KUNROLL for (int b = 0; b < N * N; ++b) p[b] = lres[b];
+      ksinkhorn_jacobian_column<N>(p, tg, tid, ITERS);
       float d = 0.0f;
       KUNROLL for (int b = 0; b < N * N; ++b) d += tg[b] * sums[b];
       glog[2 * N + tid] = d;

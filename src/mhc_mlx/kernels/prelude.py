@@ -565,6 +565,15 @@ KDEV void ksinkhorn_thread_jvp(KTHREAD float* p, KTHREAD float* t, int iters) {
   }
   KUNROLL for (int a = 0; a < N * N; ++a) t[a] *= p[a];  // dP = P d(log P)
 }
+
+//@part ksinkhorn_jacobian_column
+// Column a of the Sinkhorn's Jacobian, d P / d L_a, into col (N * N), by ksinkhorn_thread_jvp;
+// p holds the logits on entry and the doubly stochastic matrix on exit.
+template <int N>
+KDEV void ksinkhorn_jacobian_column(KTHREAD float* p, KTHREAD float* col, int a, int iters) {
+  KUNROLL for (int b = 0; b < N * N; ++b) col[b] = b == a ? 1.0f : 0.0f;
+  ksinkhorn_thread_jvp<N>(p, col, iters);
+}
 """.replace("@SINKHORN_THREAD_MAX_N@", str(SINKHORN_THREAD_MAX_N))
 
 

@@ -115,11 +115,8 @@ BACKWARD_JACOBIAN = KernelSpec(
   const int64_t base = mat * NN;
   float p[NN];
   float tg[NN];
-  KUNROLL for (int b = 0; b < NN; ++b) {
-    p[b] = logit[base + b];
-    tg[b] = b == a ? 1.0f : 0.0f;
-  }
-  ksinkhorn_thread_jvp<N>(p, tg, iters);
+  KUNROLL for (int b = 0; b < NN; ++b) p[b] = logit[base + b];
+  ksinkhorn_jacobian_column<N>(p, tg, a, iters);
   float d = 0.0f;
   KUNROLL for (int b = 0; b < NN; ++b) d += tg[b] * cot[base + b];
   glogit[base + a] = d;
