@@ -337,9 +337,9 @@ SWITCHES = {
                           "the dynamic backward's glue as one kernel, the one-thread Sinkhorn backward inside "
                           "(coefficients.SPLIT_GLUE_SINKHORN = False; by default that Sinkhorn backward runs on "
                           "n lanes per token in a launch of its own)"),
-    "--layer-jacobian": (layer, "COEFFICIENTS_JACOBIAN", True,
-                         "the candidate static layer coefficient backward whose Sinkhorn backward is n^2 lanes of "
-                         "forward mode (layer.COEFFICIENTS_JACOBIAN)"),
+    "--layer-replay": (layer, "COEFFICIENTS_JACOBIAN", False,
+                       "the static layer coefficient backward's Sinkhorn backward as the one-thread replay "
+                       "(layer.COEFFICIENTS_JACOBIAN = False; by default n^2 lanes of forward mode)"),
     "--sinkhorn-replay": (coefficients, "SINKHORN_JACOBIAN", False,
                           "the split-off Sinkhorn backward replaying the forward on n lanes per token "
                           "(coefficients.SINKHORN_JACOBIAN = False; by default its Jacobian, from the forward's "
@@ -353,9 +353,9 @@ SWITCHES = {
     "--dx-row-by-row": (coefficients_mma_vjp, "DX_RAW_ROWS", False,
                         "the tensor-core DX loads each row's gacc after storing the row before "
                         "(coefficients_mma_vjp.DX_RAW_ROWS = False; by default every row's x and gacc together)"),
-    "--sinkhorn-jacobian-vjp": (sinkhorn, "JACOBIAN_VJP", True,
-                                "the candidate Sinkhorn backward by n^2 lanes of forward mode per matrix where the "
-                                "one-thread form applies (sinkhorn.JACOBIAN_VJP)"),
+    "--sinkhorn-thread-vjp": (sinkhorn, "JACOBIAN_VJP", False,
+                              "the Sinkhorn op's backward as one thread per matrix where that form applies "
+                              "(sinkhorn.JACOBIAN_VJP = False; by default n^2 lanes of forward mode per matrix)"),
     "--sinkhorn-warp-vjp": (sinkhorn, "THREAD_VJP_MAX_WORK", 0,
                             "use the warp-form Sinkhorn backward everywhere (sinkhorn.THREAD_VJP_MAX_WORK = 0; "
                             "the default takes one thread per matrix for n <= 4)"),

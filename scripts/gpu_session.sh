@@ -279,7 +279,8 @@ case "${1:-}" in
     # forward mode (layer.COEFFICIENTS_JACOBIAN): layer checks with it, its timings, then the
     # default timeline (whose static fwd+bwd shows that kernel's time as it is)
     # and the Sinkhorn op's own backward in the same form (sinkhorn.JACOBIAN_VJP)
-    CHECK_ARGS="--layer-jacobian --sinkhorn-jacobian-vjp" CHECK_ONLY="${CHECK_ONLY:-sinkhorn,coefficients,layer}" \
+    # (both the defaults since the sixth session; these checks now run the replaced one-thread forms)
+    CHECK_ARGS="--layer-replay --sinkhorn-thread-vjp" CHECK_ONLY="${CHECK_ONLY:-sinkhorn,coefficients,layer}" \
       NO_PYTEST=1 check 200
     run 120 experiments_layer_jacobian python scripts/gpu_experiments.py layer-jacobian
     run 60 experiments_sinkhorn_forms python scripts/gpu_experiments.py sinkhorn-forms

@@ -57,7 +57,7 @@ def test_sinkhorn_forward_and_backward(flavour, n):
 @pytest.mark.parametrize("jacobian", [False, True])
 def test_sinkhorn_thread_backward(monkeypatch, flavour, n, iters, M, jacobian):
     # one thread per matrix (M not a multiple of the group: the tail threads return early); with
-    # the candidate sinkhorn.JACOBIAN_VJP n^2 lanes per matrix instead (the tail likewise)
+    # sinkhorn.JACOBIAN_VJP (the default) n^2 lanes per matrix instead (the tail likewise)
     monkeypatch.setattr(sinkhorn, "THREAD_VJP_MAX_WORK", sinkhorn.THREAD_VJP_DEFAULT_WORK)
     monkeypatch.setattr(sinkhorn, "JACOBIAN_VJP", jacobian)
     L = 2 * mx.random.normal((M, n, n))
@@ -86,6 +86,7 @@ def test_sinkhorn_thread_backward_at_ties_and_underflow(monkeypatch, flavour, it
     L[4, :, 2] = L[4].max() - 75.0 - 0.1 * np.arange(n)
     L, g = mx.array(L), mx.random.normal((5, n, n))
     monkeypatch.setattr(sinkhorn, "THREAD_VJP_MAX_WORK", sinkhorn.THREAD_VJP_DEFAULT_WORK)
+    monkeypatch.setattr(sinkhorn, "JACOBIAN_VJP", False)
     got = sinkhorn.project_vjp(L, g, iters)
     monkeypatch.setattr(sinkhorn, "JACOBIAN_VJP", True)
     jacobian = sinkhorn.project_vjp(L, g, iters)
@@ -94,7 +95,7 @@ def test_sinkhorn_thread_backward_at_ties_and_underflow(monkeypatch, flavour, it
     warp = sinkhorn.project_vjp(L, g, iters)
     assert [name for name, *_ in emu.launched] == ["mhc_sinkhorn_vjp_thread", "mhc_sinkhorn_vjp_jacobian",
                                                    "mhc_sinkhorn_vjp"]
-    assert np.isfinite(np64(jacobian)).all() and grad_rel(jacobian, got) <= 1e-5  # the candidate form
+    assert np.isfinite(np64(jacobian)).all() and grad_rel(jacobian, got) <= 1e-5  # the default form
     assert np.isfinite(np64(got)).all()
     for k in (0, 1):
         want = mx.vjp(lambda a: reference.sinkhorn_knopp(a, iters), [L[k]], [g[k]])[1][0]
@@ -724,9 +725,8 @@ def test_layer_one_pass_backward(monkeypatch, flavour, dtype, n, C, T, threads, 
 def test_layer_coefficient_backward_in_one_launch(monkeypatch, flavour, n, iters, groups, jacobian):
     # layer.COEFFICIENTS_VJP: the sum of the layer backward's per-group partials (res | post |
     # pre), the sigmoid derivatives and the Sinkhorn backward, against the same steps as MLX ops
-    # and the reference's autodiff of the activations; with the candidate
-    # layer.COEFFICIENTS_JACOBIAN that backward by n^2 lanes of forward mode where the one-thread
-    # form would apply
+    # and the reference's autodiff of the activations; with layer.COEFFICIENTS_JACOBIAN (the
+    # default) that backward by n^2 lanes of forward mode where the one-thread form would apply
     monkeypatch.setattr(layer, "COEFFICIENTS_JACOBIAN", jacobian)
     gcoef = mx.random.normal((groups, n * n + 2 * n))
     raw = [mx.random.normal((n,)), mx.random.normal((n,)), 2 * mx.random.normal((n, n))]

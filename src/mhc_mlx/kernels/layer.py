@@ -410,14 +410,17 @@ COEFFICIENTS_VJP = KernelSpec(
 """,
 )
 COEFFICIENTS_VJP_THREADS = 256
-# Candidate (off, not yet run on a GPU): COEFFICIENTS_VJP's Sinkhorn backward as n^2 lanes each
-# taking one column of the Jacobian by forward mode (prelude.ksinkhorn_thread_jvp) and its dot
-# with the cotangent, where the one-thread backward applies (n <= 4). In every H200 timeline
-# this one-block kernel took 94-97 µs (ncu 96.5, each kernel alone), on the static fwd+bwd's
-# critical path after the layer backward; its only serial work is the one-thread replay and
-# walk back (640 exps at n = 4, 20 iterations). The forward mode needs no exp inside the
-# iterations. Whether the replay is what costs the 95 µs was not measured.
-COEFFICIENTS_JACOBIAN = False
+# COEFFICIENTS_VJP's Sinkhorn backward as n^2 lanes each taking one column of the Jacobian by
+# forward mode (prelude.ksinkhorn_thread_jvp) and its dot with the cotangent, where the one-thread
+# backward applies (n <= 4); 48 registers against the replay's 191. In every H200 timeline the
+# replaying one-block kernel took 94-97 µs (ncu 96.5), on the static fwd+bwd's critical path after
+# the layer backward; its only serial work is the one-thread replay and walk back (640 exps at
+# n = 4, 20 iterations), where forward mode needs no exp inside the iterations. H200 (2026-11-30,
+# sixth session; scripts/gpu_check.py's sinkhorn, coefficient and layer checks passed with it in
+# every dtype): static fwd+bwd bf16, medians of 5 alternated runs (gpu_experiments.py
+# layer-jacobian), 4096x4x4096 285.6 against 305.2 µs (283-289 against 298-318), 512x4x1280 108.7
+# against 117.6, B = 1 206.5 against 241.2. False: the one-thread replay.
+COEFFICIENTS_JACOBIAN = True
 # The layer backward's coefficient gradients by COEFFICIENTS_VJP (one launch); False: the same
 # steps as MLX ops. H200 (2026-11-30, scripts/gpu_experiments.py layer-coefficients, medians of
 # 5 alternated runs, static fwd+bwd bf16): 4096x4x4096 301.1 against 321.5 µs, 512x4x1280 119.2

@@ -93,13 +93,15 @@ BACKWARD_THREAD = KernelSpec(
 )
 
 
-# Candidate (off, not yet run on a GPU): where the one-thread backward applies, n^2 lanes per
-# matrix instead, lane a taking column a of the Jacobian by forward mode
-# (prelude.ksinkhorn_thread_jvp: no exp inside the iterations, where the one-thread walk back
-# takes 2 n^2 per step) and its dot with the cotangent. The split-off form of the dynamic
-# backward (coefficients.SINKHORN_JACOBIAN) gained ~25 µs on the H200; this one is for the
-# Sinkhorn op's own backward (static sites' coefficients, `sinkhorn_knopp`).
-JACOBIAN_VJP = False
+# Where the one-thread backward applies, n^2 lanes per matrix instead, lane a taking column a of
+# the Jacobian by forward mode (prelude.ksinkhorn_thread_jvp: no exp inside the iterations, where
+# the one-thread walk back takes 2 n^2 per step) and its dot with the cotangent; 56 registers
+# against 255. This is the Sinkhorn op's own backward (static sites' coefficients,
+# `sinkhorn_knopp`). H200 (2026-11-30, sixth session; scripts/gpu_check.py's sinkhorn checks
+# passed with it; gpu_experiments.py sinkhorn-forms, n = 4, 20 iterations): M = 4096 matrices
+# 28.8 µs against the one-thread form's 33.6 (warp form 129.9), M = 1 15.5 against 15.2 (launch
+# bound). False: the one-thread form.
+JACOBIAN_VJP = True
 BACKWARD_JACOBIAN = KernelSpec(
     name="mhc_sinkhorn_vjp_jacobian",
     inputs=("logit", "cot", "iparam"),
