@@ -34,6 +34,7 @@
 #   bash scripts/gpu_session.sh throughput   # the large cases timed as the bench times them, traced:
 #                                            # kernels, GPU idle, host CUDA calls; host times at K = 10, 30
 #   bash scripts/gpu_session.sh gpu-tests    # pytest -m gpu alone
+#   bash scripts/gpu_session.sh timelines    # the defaults' timelines: one application, then K = 10 as benched
 #   bash scripts/gpu_session.sh timeline     # pytest -m gpu alone, then nsys: each target case's kernels
 #                                            # in stream order with the gaps (defaults; glue packs + read step)
 #   bash scripts/gpu_session.sh op-paths     # checks of the MLX-op forms the one-launch kernels replaced
@@ -293,6 +294,13 @@ case "${1:-}" in
     run 200 timeline_throughput bash -c 'python scripts/gpu_timeline.py run --throughput --kineto "$0/tp.json" &&
       python scripts/gpu_timeline.py report --throughput "$0/tp.json"; rc=$?; rm -f "$0/tp.json"; exit $rc' "$res"
     run 200 throughput_host bash -c 'for k in 10 30; do python scripts/gpu_timeline.py run --throughput --k=$k || exit 1; done'
+    ;;
+  timelines)
+    # (sixth session of 2026-11-30) the defaults' single-application timelines, then the large
+    # cases as the bench times them (K = 10 in one eval) under PyTorch's profiler
+    timelines defaults
+    run 200 timeline_throughput bash -c 'python scripts/gpu_timeline.py run --throughput --kineto "$0/tp.json" &&
+      python scripts/gpu_timeline.py report --throughput "$0/tp.json"; rc=$?; rm -f "$0/tp.json"; exit $rc' "$res"
     ;;
   gpu-tests)
     # `pytest -m gpu` alone (54 tests; beside the checks it ran out of 200 s)
