@@ -294,6 +294,18 @@ def layer_jacobian(rounds=5):
                          "jacobian": [(layer, "COEFFICIENTS_JACOBIAN", True)]}, rounds)
 
 
+def composite_norm(rounds=5):
+    """The static layer above layer.MAX_N_FUSED (the kernel ops chained) with its RMSNorm by
+    mx.fast.rms_norm (layer.COMPOSITE_FAST_RMS_NORM) against the ops, alternated `rounds`
+    times: the n = 32 static forward at B = 1 and 512 tokens, and its forward+backward."""
+    rows = case_rows(("static", "fwd", (1, 32, 2048), "latency"),
+                     ("static", "fwd", (512, 32, 1280), "throughput"),
+                     ("static", "fwd+bwd", (512, 32, 1280), "throughput"))
+    alternated_settings("layer above MAX_N_FUSED, its RMSNorm", rows,
+                        {"ops": [(layer, "COMPOSITE_FAST_RMS_NORM", False)],
+                         "mx.fast": [(layer, "COMPOSITE_FAST_RMS_NORM", True)]}, rounds)
+
+
 def eval_us(make, reps=200, warmup=5):
     """µs of one mx.eval of make()'s result, its graph built before the clock; median of reps."""
     mx.eval([make() for _ in range(warmup)])
@@ -892,6 +904,7 @@ MODES = {
     "glue-split": glue_split,
     "sinkhorn-jacobian": sinkhorn_jacobian,
     "layer-jacobian": layer_jacobian,
+    "composite-norm": composite_norm,
     "sinkhorn-forms": sinkhorn_forms,
     "defer-post": defer_post,
     "dx-order": dx_order,

@@ -34,6 +34,7 @@
 #   bash scripts/gpu_session.sh throughput   # the large cases timed as the bench times them, traced:
 #                                            # kernels, GPU idle, host CUDA calls; host times at K = 10, 30
 #   bash scripts/gpu_session.sh gpu-tests    # pytest -m gpu alone
+#   bash scripts/gpu_session.sh composite-norm  # the layer above MAX_N_FUSED with mx.fast.rms_norm
 #   bash scripts/gpu_session.sh timelines    # the defaults' timelines: one application, then K = 10 as benched
 #   bash scripts/gpu_session.sh timeline     # pytest -m gpu alone, then nsys: each target case's kernels
 #                                            # in stream order with the gaps (defaults; glue packs + read step)
@@ -301,6 +302,14 @@ case "${1:-}" in
     timelines defaults
     run 200 timeline_throughput bash -c 'python scripts/gpu_timeline.py run --throughput --kineto "$0/tp.json" &&
       python scripts/gpu_timeline.py report --throughput "$0/tp.json"; rc=$?; rm -f "$0/tp.json"; exit $rc' "$res"
+    ;;
+  composite-norm)
+    # (sixth session of 2026-11-30) the layer above MAX_N_FUSED with mx.fast.rms_norm: the layer
+    # checks (n = 32 among them), its alternated timings, the n = 32 static cases' bench with the seeds
+    CHECK_ONLY=layer NO_PYTEST=1 check 150
+    run 150 experiments_composite_norm python scripts/gpu_experiments.py composite-norm
+    run 150 bench python -m mhc_mlx.cli.main bench --out "$res/bench" --overwrite --seeds .seedpkgs \
+      --only static/fwd/1x32x2048,static/fwd/512x32x1280,static/fwd/1x4x512/bfloat16
     ;;
   gpu-tests)
     # `pytest -m gpu` alone (54 tests; beside the checks it ran out of 200 s)

@@ -638,6 +638,23 @@ def test_layer_forward(flavour, dtype, n, C, T, inline):
     assert rel(got, ref64.layer(np64(x), np64(pre), np64(post), np64(res), np64(w), 20, 1e-5)) <= TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fast_norm", [True, False])
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_layer_forward_composed_above_max_n_fused(monkeypatch, flavour, dtype, fast_norm):
+    # n > layer.MAX_N_FUSED: the coefficient, pre and post kernels chained, the RMSNorm between
+    # them by mx.fast.rms_norm (layer.COMPOSITE_FAST_RMS_NORM, the default) or by the ops
+    monkeypatch.setattr(layer, "COMPOSITE_FAST_RMS_NORM", fast_norm)
+    n, C, T = layer.MAX_N_FUSED + 4, 40, 3
+    x = mx.random.normal((T, n, C)).astype(dtype)
+    pre, post = mx.random.normal((n,)), mx.random.normal((n,))
+    res, w = 2 * mx.random.normal((n, n)), mx.random.uniform(0.5, 1.5, (C,))
+    got = layer.mhc_layer(x, pre, post, res, w, 20, 1e-5)
+    assert [name for name, *_ in emu.launched] == ["mhc_coefficients_static", "mhc_pre", "mhc_post"]
+    assert got.dtype == dtype
+    assert rel(got, ref64.layer(np64(x), np64(pre), np64(post), np64(res), np64(w), 20, 1e-5)) <= TOL[dtype]
+
+
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
 # more tokens than threadgroups (each group loops, its first token loaded before the
 # coefficients are ready): x held in registers (CPT > 0) at C = 64, re-read (CPT = 0) at C = 1031

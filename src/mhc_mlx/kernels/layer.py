@@ -43,6 +43,13 @@ PREFETCH_TOKENS = 1
 # spills; measured 1299 µs at 512 x 32 x 1280 against 948 µs compiled), so the layer is
 # composed from the pre and post kernels instead (measured alone: 31 µs and 80 µs there).
 MAX_N_FUSED = 8
+# Above MAX_N_FUSED (and for the unfused backward) the layer is the kernel ops chained, its
+# RMSNorm by mx.fast.rms_norm: on a GPU three MLX primitives (to float32, the norm, back) instead
+# of the 13 of the ops (graph nodes, broadcasts included), each with its own host cost in an eager
+# eval. (MLX's CPU backend runs mx.fast.rms_norm as those same ops.) The n = 32 B = 1 static
+# forward took 322.6 µs in bench run Z (H200, sixth session of 2026-11-30) against mlx-mhc
+# 0.4.1's 137.1. False: the ops.
+COMPOSITE_FAST_RMS_NORM = True
 REGISTER_BUDGET = 64  # floats of x a thread may hold between the two passes
 
 HELPERS = r"""
@@ -550,8 +557,13 @@ def _fused_layer_vjp(primals, cotangent, iters, eps, threads: int = 256, budget:
 def _composite(x, pre_raw, post_raw, res_raw, weight, iters, eps):
     """The same layer from the separate kernel ops (each with its fused backward)."""
     H_pre, H_post, H_res = coefficients.raw_coefficients(pre_raw, post_raw, res_raw, iters)
-    y = site.mhc_pre(x, H_pre).astype(F32)
-    z = y * mx.rsqrt(mx.mean(y * y, axis=-1, keepdims=True) + eps) * weight.astype(F32)
+    y = site.mhc_pre(x, H_pre)
+    if COMPOSITE_FAST_RMS_NORM:
+        # float32 weight, so MLX's kernel runs in float32 and x's dtype is rounded to once
+        z = mx.fast.rms_norm(y, weight.astype(F32), eps)
+    else:
+        y = y.astype(F32)
+        z = y * mx.rsqrt(mx.mean(y * y, axis=-1, keepdims=True) + eps) * weight.astype(F32)
     return site.mhc_post(x, z.astype(x.dtype), H_post, H_res)
 
 
