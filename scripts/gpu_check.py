@@ -292,7 +292,7 @@ def cases_layer():
     for dt in DTYPES:
         # T = 600: more tokens than the forward's and backward's threadgroups (layer.MAX_GROUPS,
         # VJP_MAX_GROUPS = 528), so groups loop over tokens as at the bench's sizes
-        for n, C, T in ((1, 33, 2), (4, 512, 1), (4, 4096, 3), (8, 1000, 5), (32, 64, 3), (4, 256, 600)):
+        for n, C, T in ((1, 33, 2), (4, 512, 1), (4, 4096, 3), (8, 1000, 5), (32, 64, 3), (16, 1000, 2), (4, 256, 600)):
             x = mx.random.normal((T, n, C)).astype(dt)
             pre, post = mx.random.normal((n,)), mx.random.normal((n,))
             res, w = 2 * mx.random.normal((n, n)), mx.random.uniform(0.5, 1.5, (C,))
@@ -337,6 +337,9 @@ SWITCHES = {
                           "the dynamic backward's glue as one kernel, the one-thread Sinkhorn backward inside "
                           "(coefficients.SPLIT_GLUE_SINKHORN = False; by default that Sinkhorn backward runs on "
                           "n lanes per token in a launch of its own)"),
+    "--layer-inline-wide": (layer, "INLINE_MAX_N", 32,
+                            "the candidate single-launch layer forward above MAX_N_FUSED up to n = 32 at "
+                            "T <= LATENCY_TOKENS (layer.INLINE_MAX_N = 32)"),
     "--layer-replay": (layer, "COEFFICIENTS_JACOBIAN", False,
                        "the static layer coefficient backward's Sinkhorn backward as the one-thread replay "
                        "(layer.COEFFICIENTS_JACOBIAN = False; by default n^2 lanes of forward mode)"),

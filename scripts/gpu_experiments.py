@@ -306,6 +306,18 @@ def composite_norm(rounds=5):
                          "mx.fast": [(layer, "COMPOSITE_FAST_RMS_NORM", True)]}, rounds)
 
 
+def inline_wide(rounds=5):
+    """The static layer's single launch above layer.MAX_N_FUSED at T <= LATENCY_TOKENS (the
+    candidate layer.INLINE_MAX_N = 32) against the composite, alternated `rounds` times: n = 32
+    at B = 1 and 16 tokens, and B = 1 forward+backward (whose backward recomputes the composite)."""
+    rows = case_rows(("static", "fwd", (1, 32, 2048), "latency"),
+                     ("static", "fwd", (16, 32, 1280), "latency"),
+                     ("static", "fwd+bwd", (1, 32, 2048), "latency"))
+    alternated_settings("layer single launch above MAX_N_FUSED", rows,
+                        {"composite": [(layer, "INLINE_MAX_N", layer.MAX_N_FUSED)],
+                         "single launch": [(layer, "INLINE_MAX_N", 32)]}, rounds)
+
+
 def eval_us(make, reps=200, warmup=5):
     """µs of one mx.eval of make()'s result, its graph built before the clock; median of reps."""
     mx.eval([make() for _ in range(warmup)])
@@ -905,6 +917,7 @@ MODES = {
     "sinkhorn-jacobian": sinkhorn_jacobian,
     "layer-jacobian": layer_jacobian,
     "composite-norm": composite_norm,
+    "inline-wide": inline_wide,
     "sinkhorn-forms": sinkhorn_forms,
     "defer-post": defer_post,
     "dx-order": dx_order,

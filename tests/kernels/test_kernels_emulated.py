@@ -655,6 +655,25 @@ def test_layer_forward_composed_above_max_n_fused(monkeypatch, flavour, dtype, f
     assert rel(got, ref64.layer(np64(x), np64(pre), np64(post), np64(res), np64(w), 20, 1e-5)) <= TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,C,T", [(12, 40, 3), (32, 64, 1), (32, 2048, 2), (32, 100, 17)])
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_layer_single_launch_above_max_n_fused(monkeypatch, flavour, dtype, n, C, T):
+    # the candidate layer.INLINE_MAX_N: one launch with its Sinkhorn inside up to n = 32 at
+    # T <= LATENCY_TOKENS; more tokens (T = 17) keep the composite
+    monkeypatch.setattr(layer, "INLINE_MAX_N", 32)
+    x = mx.random.normal((T, n, C)).astype(dtype)
+    pre, post = mx.random.normal((n,)), mx.random.normal((n,))
+    res, w = 2 * mx.random.normal((n, n)), mx.random.uniform(0.5, 1.5, (C,))
+    got = layer.mhc_layer(x, pre, post, res, w, 20, 1e-5)
+    single = T <= layer.LATENCY_TOKENS
+    assert [name for name, *_ in emu.launched] == (["mhc_layer"] if single else
+                                                   ["mhc_coefficients_static", "mhc_pre", "mhc_post"])
+    if single:
+        assert emu.launched[0][1]["INLINE"] and emu.launched[0][1]["N"] == n
+    assert rel(got, ref64.layer(np64(x), np64(pre), np64(post), np64(res), np64(w), 20, 1e-5)) <= TOL[dtype]
+
+
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
 # more tokens than threadgroups (each group loops, its first token loaded before the
 # coefficients are ready): x held in registers (CPT > 0) at C = 64, re-read (CPT = 0) at C = 1031

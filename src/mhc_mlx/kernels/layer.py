@@ -50,6 +50,13 @@ MAX_N_FUSED = 8
 # forward took 322.6 µs in bench run Z (H200, sixth session of 2026-11-30) against mlx-mhc
 # 0.4.1's 137.1. False: the ops.
 COMPOSITE_FAST_RMS_NORM = True
+# Candidate (sixth session of 2026-11-30): the single-launch (inline) forward also above
+# MAX_N_FUSED, up to this n, where it runs at T <= LATENCY_TOKENS (decoding): one kernel instead
+# of the composite's three and its norm, whose host costs dominate at B = 1 (mlx-mhc 0.4.1's
+# 1x32x2048 forward took 110.9 µs against the composite's 173.2 in bench run AA). Its register
+# spills at n = 32 cost little on so few tokens. The backward above MAX_N_FUSED stays the
+# composite's. MAX_N_FUSED: off.
+INLINE_MAX_N = MAX_N_FUSED
 REGISTER_BUDGET = 64  # floats of x a thread may hold between the two passes
 
 HELPERS = r"""
@@ -590,7 +597,7 @@ def _function(iters: int, eps: float, inline: bool, threads):
 
     @layer.vjp
     def layer_vjp(primals, cotangents, outputs):
-        if USE_FUSED_VJP:
+        if USE_FUSED_VJP and primals[0].shape[-2] <= MAX_N_FUSED:
             return _fused_layer_vjp(primals, cotangents[0], iters, eps, coefficients_=tuple(outputs[1:]) or None)
         _, grads = mx.vjp(lambda *a: _composite(*a, iters, eps), list(primals), [cotangents[0]])
         return tuple(grads)
@@ -600,11 +607,12 @@ def _function(iters: int, eps: float, inline: bool, threads):
 
 def mhc_layer(x, H_pre_raw, H_post_raw, H_res_raw, rms_weight, iters: int, eps: float,
               inline: bool | None = None, threads: int | None = None):
-    if x.shape[-2] > MAX_N_FUSED:
+    n = x.shape[-2]
+    T = x.size // (n * x.shape[-1]) if x.size else 0
+    if n > MAX_N_FUSED and not (n <= INLINE_MAX_N and T <= LATENCY_TOKENS and inline is not False):
         return _composite(x, H_pre_raw, H_post_raw, H_res_raw, rms_weight, iters, float(eps))
     if inline is None:
-        T = x.size // (x.shape[-2] * x.shape[-1])
-        inline = INLINE_ALWAYS or T <= LATENCY_TOKENS
+        inline = INLINE_ALWAYS or T <= LATENCY_TOKENS or n > MAX_N_FUSED
     return _function(iters, float(eps), bool(inline), threads)(
         x, H_pre_raw, H_post_raw, H_res_raw, rms_weight
     )[0]
