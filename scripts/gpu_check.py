@@ -337,9 +337,9 @@ SWITCHES = {
                           "the dynamic backward's glue as one kernel, the one-thread Sinkhorn backward inside "
                           "(coefficients.SPLIT_GLUE_SINKHORN = False; by default that Sinkhorn backward runs on "
                           "n lanes per token in a launch of its own)"),
-    "--layer-inline-wide": (layer, "INLINE_MAX_N", 32,
-                            "the candidate single-launch layer forward above MAX_N_FUSED up to n = 32 at "
-                            "T <= LATENCY_TOKENS (layer.INLINE_MAX_N = 32)"),
+    "--layer-composite-wide": (layer, "INLINE_MAX_N", layer.MAX_N_FUSED,
+                               "the layer above MAX_N_FUSED always composed from the kernel ops (layer.INLINE_MAX_N = "
+                               "MAX_N_FUSED; by default one launch up to n = 32 at T <= LATENCY_TOKENS)"),
     "--layer-replay": (layer, "COEFFICIENTS_JACOBIAN", False,
                        "the static layer coefficient backward's Sinkhorn backward as the one-thread replay "
                        "(layer.COEFFICIENTS_JACOBIAN = False; by default n^2 lanes of forward mode)"),

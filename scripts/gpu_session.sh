@@ -35,7 +35,7 @@
 #                                            # kernels, GPU idle, host CUDA calls; host times at K = 10, 30
 #   bash scripts/gpu_session.sh gpu-tests    # pytest -m gpu alone
 #   bash scripts/gpu_session.sh composite-norm  # the layer above MAX_N_FUSED with mx.fast.rms_norm
-#   bash scripts/gpu_session.sh inline-wide  # the single-launch layer above MAX_N_FUSED (candidate)
+#   bash scripts/gpu_session.sh inline-wide  # the single-launch layer above MAX_N_FUSED (default since)
 #   bash scripts/gpu_session.sh timelines    # the defaults' timelines: one application, then K = 10 as benched
 #   bash scripts/gpu_session.sh timeline     # pytest -m gpu alone, then nsys: each target case's kernels
 #                                            # in stream order with the gaps (defaults; glue packs + read step)
@@ -313,9 +313,10 @@ case "${1:-}" in
       --only static/fwd/1x32x2048,static/fwd/512x32x1280,static/fwd/1x4x512/bfloat16
     ;;
   inline-wide)
-    # (sixth session of 2026-11-30) the candidate single-launch layer forward above MAX_N_FUSED:
+    # (sixth session of 2026-11-30) the single-launch layer forward above MAX_N_FUSED:
     # the layer checks with it, then its alternated timings
-    CHECK_ARGS="--layer-inline-wide" CHECK_ONLY=layer NO_PYTEST=1 check 150
+    # (the default since that session; --layer-composite-wide checks the replaced composite)
+    CHECK_ARGS="--layer-composite-wide" CHECK_ONLY=layer NO_PYTEST=1 check 150
     run 120 experiments_inline_wide python scripts/gpu_experiments.py inline-wide
     ;;
   gpu-tests)

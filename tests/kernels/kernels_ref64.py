@@ -62,6 +62,25 @@ def layer(x, pre_raw, post_raw, res_raw, w, iters, eps):
     return post(x, rms_norm(pre(x, H_pre), w, eps), H_post, H_res)
 
 
+def layer_logit_grads(x, pre_raw, post_raw, res_raw, w, g, iters, eps, h=1e-6):
+    """float64 gradients of sum(g * layer) with respect to the three raw logits (pre [n], post [n],
+    res [n, n]) by central differences of `layer`: a float64 truth for the few coefficient
+    gradients, where a float32 reference's own error can reach the float32 tolerance (the res
+    logits' gradient at n = 2: up to ~1e-5 of 1 % of the largest gradient)."""
+    args = [f64(a) for a in (x, pre_raw, post_raw, res_raw, w)]
+    g = f64(g)
+    grads = []
+    for k in (1, 2, 3):
+        out = np.zeros_like(args[k])
+        for idx in np.ndindex(out.shape):
+            up, down = [a.copy() for a in args], [a.copy() for a in args]
+            up[k][idx] += h
+            down[k][idx] -= h
+            out[idx] = (np.sum(g * layer(*up, iters, eps)) - np.sum(g * layer(*down, iters, eps))) / (2 * h)
+        grads.append(out)
+    return grads
+
+
 def rel_err(got, want) -> float:
     got, want = f64(got), f64(want)
     if not np.all(np.isfinite(got)):

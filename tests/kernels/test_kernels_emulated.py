@@ -645,7 +645,7 @@ def test_layer_forward_composed_above_max_n_fused(monkeypatch, flavour, dtype, f
     # n > layer.MAX_N_FUSED: the coefficient, pre and post kernels chained, the RMSNorm between
     # them by mx.fast.rms_norm (layer.COMPOSITE_FAST_RMS_NORM, the default) or by the ops
     monkeypatch.setattr(layer, "COMPOSITE_FAST_RMS_NORM", fast_norm)
-    n, C, T = layer.MAX_N_FUSED + 4, 40, 3
+    n, C, T = layer.MAX_N_FUSED + 4, 40, layer.LATENCY_TOKENS + 1
     x = mx.random.normal((T, n, C)).astype(dtype)
     pre, post = mx.random.normal((n,)), mx.random.normal((n,))
     res, w = 2 * mx.random.normal((n, n)), mx.random.uniform(0.5, 1.5, (C,))
@@ -659,7 +659,7 @@ def test_layer_forward_composed_above_max_n_fused(monkeypatch, flavour, dtype, f
 @pytest.mark.parametrize("n,C,T", [(12, 40, 3), (32, 64, 1), (32, 2048, 2), (32, 100, 17)])
 @pytest.mark.parametrize("flavour", FLAVOURS)
 def test_layer_single_launch_above_max_n_fused(monkeypatch, flavour, dtype, n, C, T):
-    # the candidate layer.INLINE_MAX_N: one launch with its Sinkhorn inside up to n = 32 at
+    # layer.INLINE_MAX_N (the default 32): one launch with its Sinkhorn inside up to n = 32 at
     # T <= LATENCY_TOKENS; more tokens (T = 17) keep the composite
     monkeypatch.setattr(layer, "INLINE_MAX_N", 32)
     x = mx.random.normal((T, n, C)).astype(dtype)

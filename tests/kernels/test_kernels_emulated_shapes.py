@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import cpu_emulator as emu
 import kernels_ref64 as ref64
-from kernel_compare import as_cuda, grad_errors, np64, random_dynamic_site, rel
+from kernel_compare import as_cuda, grad_errors, grad_rel, largest, np64, random_dynamic_site, rel
 from mhc_mlx import reference
 from mhc_mlx.kernels import build, coefficients, coefficients_mma, coefficients_mma_vjp, layer, sinkhorn, site
 
@@ -72,6 +72,12 @@ def test_static_layer_on_drawn_shapes(n, C, T, inline, dtype):
     errs = grad_errors(got, want)
     del errs[1]
     if dtype == mx.float32:
+        # x and rms_weight against the float32 reference; H_post_raw and H_res_raw against float64
+        # (central differences), since the float32 reference's own error on them nears GRAD_TOL
+        # (n = 2: up to 1.1e-5 where the kernel's was 1.9e-7 to 2.8e-6 of float64)
+        truth = ref64.layer_logit_grads(np64(x), np64(pre), np64(post), np64(res), np64(w), np64(g), 20, 1e-5)
+        scale = 0.01 * largest(want)
+        errs[1:3] = [grad_rel(got[k], mx.array(truth[k - 1].astype(np.float32)), scale) for k in (2, 3)]
         assert max(errs) <= GRAD_TOL
     else:
         # 16 bits: up to twice the error of the reference run in that dtype (the rounding of f to

@@ -121,14 +121,21 @@ def test_dynamic_coefficient_kernel_fits_metal_threadgroup_memory(n):
     assert smem <= 32 * 1024 and tb % 4 == 0
 
 
-def test_wide_layer_is_composed_from_the_site_kernels():
+@pytest.mark.parametrize("T", [layer.LATENCY_TOKENS + 1, 3])
+def test_wide_layer_is_composed_from_the_site_kernels(T):
+    # above MAX_N_FUSED: the site kernels chained, except at T <= LATENCY_TOKENS (up to
+    # INLINE_MAX_N) one launch; either way the backward is the composite's
     n, C = 16, 24
-    x = mx.zeros((3, n, C))
+    x = mx.zeros((T, n, C))
     params = [mx.zeros((n,)), mx.zeros((n,)), mx.zeros((n, n)), mx.ones((C,))]
     launched.clear()
     assert layer.mhc_layer(x, *params, 20, 1e-5).shape == x.shape
-    assert [name for name, *_ in launched] == ["mhc_coefficients_static", "mhc_pre", "mhc_post"]
+    composite = ["mhc_coefficients_static", "mhc_pre", "mhc_post"]
+    assert [name for name, *_ in launched] == (["mhc_layer"] if T <= layer.LATENCY_TOKENS else composite)
+    launched.clear()
     _grads_match_shapes(lambda *a: layer.mhc_layer(*a, 20, 1e-5), [x, *params])
+    assert "mhc_layer_vjp" not in [name for name, *_ in launched]
+    assert set(composite) <= {name for name, *_ in launched}
 
 
 def test_candidate_layer_backward_gradient_shapes(monkeypatch):

@@ -200,6 +200,8 @@ def settings() -> dict:
             "layer_inline_always": layer.INLINE_ALWAYS,
             "layer_fused_coefficient_vjp": layer.FUSED_COEFFICIENT_VJP,
             "layer_coefficients_jacobian": layer.COEFFICIENTS_JACOBIAN,
+            "layer_inline_max_n": layer.INLINE_MAX_N,
+            "layer_composite_fast_rms_norm": layer.COMPOSITE_FAST_RMS_NORM,
             "layer_prefetch_tokens": layer.PREFETCH_TOKENS,
             "fused_read_step": FUSED_READ_STEP,
             "chain_x_cotangent": CHAIN_X_COTANGENT,

@@ -50,13 +50,16 @@ MAX_N_FUSED = 8
 # forward took 322.6 µs in bench run Z (H200, sixth session of 2026-11-30) against mlx-mhc
 # 0.4.1's 137.1. False: the ops.
 COMPOSITE_FAST_RMS_NORM = True
-# Candidate (sixth session of 2026-11-30): the single-launch (inline) forward also above
-# MAX_N_FUSED, up to this n, where it runs at T <= LATENCY_TOKENS (decoding): one kernel instead
-# of the composite's three and its norm, whose host costs dominate at B = 1 (mlx-mhc 0.4.1's
-# 1x32x2048 forward took 110.9 µs against the composite's 173.2 in bench run AA). Its register
-# spills at n = 32 cost little on so few tokens. The backward above MAX_N_FUSED stays the
-# composite's. MAX_N_FUSED: off.
-INLINE_MAX_N = MAX_N_FUSED
+# The single-launch (inline) forward also above MAX_N_FUSED, up to this n, where it runs at
+# T <= LATENCY_TOKENS (decoding): one kernel instead of the composite's three and its norm, whose
+# host costs dominate there (mlx-mhc 0.4.1's 1x32x2048 forward took 110.9 µs against the
+# composite's 173.2 in bench run AA). Its register spills at n = 32 cost little on so few tokens.
+# The backward above MAX_N_FUSED stays the composite's (recomputing its forward). H200 (sixth
+# session of 2026-11-30; gpu_check.py's layer checks passed with it, f32 / bf16 / f16, among
+# them (32, 64, 3) and (16, 1000, 2)): medians of 5 alternated runs (gpu_experiments.py
+# inline-wide), static fwd 1x32x2048 209.4 against 217.3 µs, 16x32x1280 167.9 against 192.0,
+# fwd+bwd 1x32x2048 977.4 against 1039.2 (930-1199: within the spread). MAX_N_FUSED: off.
+INLINE_MAX_N = 32
 REGISTER_BUDGET = 64  # floats of x a thread may hold between the two passes
 
 HELPERS = r"""
