@@ -214,6 +214,29 @@ def test_layer_gradients(monkeypatch, T, fused_coefficients):
         assert err <= 1e-4 * max(float(np.linalg.norm(np64(b))), 0.01 * top)
 
 
+@pytest.mark.parametrize("n,T", [(16, 3), (32, 1), (32, 17)])
+def test_wide_layer_forward_and_gradients(n, T):
+    # above layer.MAX_N_FUSED: the single launch at T <= LATENCY_TOKENS (layer.INLINE_MAX_N, its
+    # register spills at n = 32), the composite with mx.fast.rms_norm above; the backward is the
+    # composite's either way. Forward against float64, gradients against the reference on the CPU
+    from mhc_mlx import reference
+
+    C = 300
+    x = mx.random.normal((T, n, C))
+    p = [mx.random.normal((n,)), mx.random.normal((n,)), 2 * mx.random.normal((n, n)), mx.random.uniform(0.5, 1.5, (C,))]
+    got = layer.mhc_layer(x, *p, 20, 1e-5)
+    assert ref64.rel_err(np64(got), ref64.layer(np64(x), *[np64(a) for a in p], 20, 1e-5)) <= 1e-5
+    g = mx.random.normal((T, n, C))
+    _, grads = mx.vjp(lambda *a: layer.mhc_layer(*a, 20, 1e-5), [x, *p], [g])
+    with mx.stream(mx.cpu):
+        _, want = mx.vjp(lambda *a: reference.mhc_layer(*a, 20, 1e-5), [x, *p], [g])
+        mx.eval(want)
+    top = max(float(np.linalg.norm(np64(w))) for w in want)
+    for a, b in zip(grads, want):
+        err = float(np.linalg.norm(np64(a) - np64(b)))
+        assert err <= 1e-4 * max(float(np.linalg.norm(np64(b))), 0.01 * top)
+
+
 def test_compiled_path_is_float32_exact_on_gpu():
     """On CUDA, MLX runs float32 matmuls in TF32 by default (MLX_ENABLE_TF32=1), ~1e-3 relative;
     the compiled path's pre/post/coefficients are matmuls, so on a GPU it splits each factor
