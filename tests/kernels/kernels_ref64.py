@@ -65,8 +65,8 @@ def layer(x, pre_raw, post_raw, res_raw, w, iters, eps):
 def layer_logit_grads(x, pre_raw, post_raw, res_raw, w, g, iters, eps, h=1e-6):
     """float64 gradients of sum(g * layer) with respect to the three raw logits (pre [n], post [n],
     res [n, n]) by central differences of `layer`: a float64 truth for the few coefficient
-    gradients, where a float32 reference's own error can reach the float32 tolerance (the res
-    logits' gradient at n = 2: up to ~1e-5 of 1 % of the largest gradient)."""
+    gradients, where a float32 reference's own error can near the float32 tolerance (the res
+    logits' gradient at n = 2: ~1e-5 of 1 % of the largest gradient in a one-off sweep)."""
     args = [f64(a) for a in (x, pre_raw, post_raw, res_raw, w)]
     g = f64(g)
     grads = []

@@ -566,8 +566,8 @@ SPLIT_GLUE_SINKHORN = True
 # the forward's logits alone (DYNAMIC_SINKHORN_JACOBIAN, forward mode, one lane per input entry:
 # n^2 lanes per token, no exchange). Only the product with the cotangent
 # (DYNAMIC_VJP_SINKHORN_APPLY, n^2 multiply-adds per lane) then waits for pre's backward; the
-# Jacobian, which depends on nothing in the backward, can run beside it (not yet seen in a stream
-# timeline). At 4096 tokens the
+# Jacobian, which depends on nothing in the backward, runs beside post's backward (H200 stream
+# timeline, sixth session of 2026-11-30: 23.8 µs, off the critical path). At 4096 tokens the
 # replaying backward took 27.2 µs on the stream's critical path between pre's backward and the
 # glue (H200 timeline, fourth session). Costs 4 n^4 bytes per token (1 KB at n = 4) written and
 # read once. H200 (2026-11-30, fifth session; scripts/gpu_check.py's coefficient and chain checks

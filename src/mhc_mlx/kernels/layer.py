@@ -48,7 +48,9 @@ MAX_N_FUSED = 8
 # of the 13 of the ops (graph nodes, broadcasts included), each with its own host cost in an eager
 # eval. (MLX's CPU backend runs mx.fast.rms_norm as those same ops.) The n = 32 B = 1 static
 # forward took 322.6 µs in bench run Z (H200, sixth session of 2026-11-30) against mlx-mhc
-# 0.4.1's 137.1. False: the ops.
+# 0.4.1's 137.1. H200, the same session (the layer checks passed with it; medians of 5 alternated
+# runs, gpu_experiments.py composite-norm): 1x32x2048 167.6 against 205.2 µs, 512x32x1280 131.5
+# against 144.3, fwd+bwd 512x32x1280 602.8 against 646.5. False: the ops.
 COMPOSITE_FAST_RMS_NORM = True
 # The single-launch (inline) forward also above MAX_N_FUSED, up to this n, where it runs at
 # T <= LATENCY_TOKENS (decoding): one kernel instead of the composite's three and its norm, whose
