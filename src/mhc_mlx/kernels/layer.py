@@ -45,8 +45,9 @@ PREFETCH_TOKENS = 1
 MAX_N_FUSED = 8
 # Above MAX_N_FUSED (and for the unfused backward) the layer is the kernel ops chained, its
 # RMSNorm by mx.fast.rms_norm: on a GPU three MLX primitives (to float32, the norm, back) instead
-# of the 13 of the ops (graph nodes, broadcasts included), each with its own host cost in an eager
-# eval. (MLX's CPU backend runs mx.fast.rms_norm as those same ops.) The n = 32 B = 1 static
+# of the 13 of the ops (graph nodes, broadcasts included: a one-off mx.export_to_dot count), each
+# with its own host cost in an eager eval. (MLX's CPU backend runs mx.fast.rms_norm as those same
+# ops.) The n = 32 B = 1 static
 # forward took 322.6 µs in bench run Z (H200, sixth session of 2026-11-30) against mlx-mhc
 # 0.4.1's 137.1. H200, the same session (the layer checks passed with it; medians of 5 alternated
 # runs, gpu_experiments.py composite-norm): 1x32x2048 167.6 against 205.2 µs, 512x32x1280 131.5
