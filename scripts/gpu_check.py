@@ -359,6 +359,9 @@ SWITCHES = {
     "--sinkhorn-thread-vjp": (sinkhorn, "JACOBIAN_VJP", False,
                               "the Sinkhorn op's backward as one thread per matrix where that form applies "
                               "(sinkhorn.JACOBIAN_VJP = False; by default n^2 lanes of forward mode per matrix)"),
+    "--device-params": (build, "DEVICE_PARAMS", True,
+                        "the kernels' run-time parameter arrays padded and copied into GPU memory once "
+                        "(build.DEVICE_PARAMS; by default host-made arrays, which MLX keeps in managed memory)"),
     "--sinkhorn-warp-vjp": (sinkhorn, "THREAD_VJP_MAX_WORK", 0,
                             "use the warp-form Sinkhorn backward everywhere (sinkhorn.THREAD_VJP_MAX_WORK = 0; "
                             "the default takes one thread per matrix for n <= 4)"),

@@ -18,6 +18,10 @@ copy floor two ways, and where B=1 latency goes (Python graph building vs the ev
     python scripts/gpu_experiments.py load-forms  (only the tensor-core forward's launch size and DX's row loads)
     python scripts/gpu_experiments.py small-forms  (only launch-shape candidates: finish tokens, DX tiles)
     python scripts/gpu_experiments.py glue-threads  (only the glue kernel's group size, and the fragment packs)
+    python scripts/gpu_experiments.py params   (only the kernels' parameter arrays in GPU memory vs host-made)
+    python scripts/gpu_experiments.py b1-split (only B = 1 graph building and eval apart, both parameter forms)
+    python scripts/gpu_experiments.py b1-probe (only the B = 1 layer kernel's eval against the same launch doing nothing)
+    python scripts/gpu_experiments.py flat-logits (only the static layer's logits unreshaped vs reshaped)
     python scripts/gpu_experiments.py b1 [ncu]  (only the B = 1 layer kernel by Sinkhorn iterations)
 """
 
@@ -900,6 +904,123 @@ def small_forms(rounds=5):
     alternated_settings("dx token tiles", dx_rows, {f"{m} tiles": [(cmv, "DX_TOKEN_TILES", m)] for m in (2, 1)}, rounds)
 
 
+def params_residency(rounds=5):
+    """The kernels' run-time parameter arrays in GPU memory (build.DEVICE_PARAMS) against host-made
+    managed memory (the default), alternated `rounds` times: the tiny-op eval (for scale), the
+    B = 1 layer kernel alone (eval of one launch, graph built first), the B = 1 cases as the bench
+    runs them, and the 4096x4x4096 static forward and dynamic forward+backward."""
+    from mhc_mlx.kernels import build
+
+    n, C = 4, 512
+    x1 = mx.random.normal((1, n, C)).astype(BF)
+    raw = [mx.zeros((n,)), mx.zeros((n,)), 3 * mx.eye(n), mx.ones((C,))]
+    a1 = mx.array([1.0])
+    mx.eval(x1, raw, a1)
+    rows = {
+        "tiny op (a + 1) eval": lambda: eval_us(lambda: a1 + 1.0, 200),
+        "B=1 layer kernel alone, eval": lambda: eval_us(lambda: layer.forward(x1, *raw, 20, 1e-5, True), 200),
+    }
+    rows.update(case_rows(("static", "fwd", (1, 4, 512), "latency"),
+                          ("dynamic", "fwd", (1, 4, 512), "latency"),
+                          ("static", "fwd+bwd", (1, 4, 512), "latency"),
+                          ("static", "fwd", (4096, 4, 4096), "throughput"),
+                          ("dynamic", "fwd+bwd", (4096, 4, 4096), "throughput")))
+    alternated_settings("parameter arrays", rows, {"host-made": [(build, "DEVICE_PARAMS", False)],
+                                                   "GPU memory": [(build, "DEVICE_PARAMS", True)]}, rounds)
+
+
+def build_us(make, reps=200, warmup=5):
+    """µs of make() alone (Python graph building, nothing evaluated); median of reps."""
+    for _ in range(warmup):
+        make()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        make()
+        times.append(time.perf_counter() - t0)
+    return 1e6 * statistics.median(times)
+
+
+def b1_split(rounds=5):
+    """Where the B = 1 forward's time goes, graph building and eval apart (n = 4, C = 512, bf16),
+    with the parameter arrays host-made and in GPU memory (build.DEVICE_PARAMS), alternated
+    `rounds` times: the layer kernel alone, the layer function (custom function + kernel), the
+    MHCLayer module, the dynamic site's pre + post, the tiny op for scale."""
+    from mhc_mlx.kernels import build
+
+    n, C = 4, 512
+    x1 = mx.random.normal((1, n, C)).astype(BF)
+    m = mhc.MHCLayer(n, C)
+    hc = mhc.HyperConnection(C, n)
+    a1 = mx.array([1.0])
+    mx.eval(x1, m.parameters(), hc.parameters(), a1)
+    ps = [m.H_pre_raw, m.H_post_raw, m.H_res_raw, m.rms_weight]
+
+    def dyn():
+        h, cf = hc.pre(x1)
+        return hc.post(x1, h, cf)
+
+    makes = {
+        "tiny op": lambda: a1 + 1.0,
+        "layer kernel alone": lambda: layer.forward(x1, *ps, m.sinkhorn_iters, m.eps, True),
+        "layer function": lambda: layer.mhc_layer(x1, *ps, m.sinkhorn_iters, m.eps),
+        "MHCLayer module": lambda: m(x1),
+        "dynamic site pre + post": dyn,
+    }
+    rows = {}
+    for label, make in makes.items():
+        rows[f"{label}: build"] = lambda mk=make: build_us(mk)
+        rows[f"{label}: eval"] = lambda mk=make: eval_us(mk, 200)
+        rows[f"{label}: both"] = lambda mk=make: timing.latency_us(mk, [], repeats=200)
+    alternated_settings("B=1 split", rows, {"host-made": [(build, "DEVICE_PARAMS", False)],
+                                            "GPU memory": [(build, "DEVICE_PARAMS", True)]}, rounds)
+
+
+def b1_probe(rounds=5):
+    """Whether the B = 1 layer kernel's eval costs more than a one-line kernel's because of its
+    GPU time or of host work that grows with its source (n = 4, C = 512, bf16; eval only, the
+    graph built first; medians of `rounds` runs): the tiny op, a one-line kernel with the layer's
+    7 inputs, the layer kernel with `return;` first (same source, header, template and launch;
+    nothing runs), the layer kernel, and the last two chained 100 times in one eval."""
+    import dataclasses
+
+    from mhc_mlx.kernels.build import KernelSpec, float_params, int_params, launch
+
+    n, C = 4, 512
+    x1 = mx.random.normal((1, n, C)).astype(BF)
+    raw = [mx.zeros((n,)), mx.zeros((n,)), 3 * mx.eye(n), mx.ones((C,))]
+    a1 = mx.array([1.0])
+    mx.eval(x1, raw, a1)
+    V, tg, cpt, groups = layer.plan(1, n, C, x1.dtype.size)
+    template = [("T", x1.dtype), ("N", n), ("V", V), ("CPT", cpt), ("INLINE", True), ("PF", layer.PREFETCH_TOKENS)]
+    empty = dataclasses.replace(layer.LAYER, name="mhc_layer_empty", body="  return;\n" + layer.LAYER.body)
+    seven = KernelSpec(name="mhc_one_line7", inputs=layer.LAYER.inputs, outputs=("xout",),
+                       body="  if (KBID == 0) for (int i = KTID; i < 2048; i += KNT) xout[i] = xin[i];\n")
+
+    def run(spec):
+        return lambda v: launch(spec, [v, *raw, int_params(1, C, 20), float_params(1e-5)],
+                                [(v.shape, v.dtype)], groups * tg, tg, template if spec is not seven else [])[0]
+
+    steps = {"one-line kernel, 7 inputs": run(seven), "layer kernel, return first": run(empty),
+             "layer kernel": run(layer.LAYER)}
+    rows = {"tiny op": lambda: eval_us(lambda: a1 + 1.0, 200)}
+    for label, step in steps.items():
+        rows[f"{label}: eval"] = lambda st=step: eval_us(lambda: st(x1), 200)
+    for label in ("layer kernel, return first", "layer kernel"):
+        rows[f"{label}: per application in a chain of 100"] = lambda st=steps[label]: chain_us(st, x1)
+    alternated("B=1 probe", "", rows, {"defaults": lambda: None}, rounds)
+
+
+def flat_logits(rounds=5):
+    """The static layer's two-launch form with the raw logits passed as they are (layer.FLAT_LOGITS,
+    three graph nodes fewer per call) against reshaped first, alternated `rounds` times."""
+    rows = case_rows(("static", "fwd", (4096, 4, 4096), "throughput"),
+                     ("static", "fwd", (2560, 4, 2560), "throughput"),
+                     ("static", "fwd+bwd", (4096, 4, 4096), "throughput"))
+    alternated_settings("static layer logits", rows, {"reshaped": [(layer, "FLAT_LOGITS", False)],
+                                                      "as they are": [(layer, "FLAT_LOGITS", True)]}, rounds)
+
+
 # One part of the experiments alone (the module docstring lists them): mode -> function
 MODES = {
     "headers": header_sizes,
@@ -923,6 +1044,10 @@ MODES = {
     "dx-order": dx_order,
     "load-forms": load_forms,
     "small-forms": small_forms,
+    "params": params_residency,
+    "b1-split": b1_split,
+    "b1-probe": b1_probe,
+    "flat-logits": flat_logits,
 }
 
 

@@ -34,6 +34,10 @@
 #   bash scripts/gpu_session.sh throughput   # the large cases timed as the bench times them, traced:
 #                                            # kernels, GPU idle, host CUDA calls; host times at K = 10, 30
 #   bash scripts/gpu_session.sh gpu-tests    # pytest -m gpu alone
+#   bash scripts/gpu_session.sh b1-split     # B = 1 graph building and eval apart, both parameter forms
+#   bash scripts/gpu_session.sh probe-bench  # the B = 1 layer kernel against an empty launch, the target bench
+#   bash scripts/gpu_session.sh flat-logits  # layer and coefficient checks, the static logits unreshaped vs reshaped
+#   bash scripts/gpu_session.sh params       # the kernels' parameter arrays in GPU memory: checks, timings, bench
 #   bash scripts/gpu_session.sh composite-norm  # the layer above MAX_N_FUSED with mx.fast.rms_norm
 #   bash scripts/gpu_session.sh inline-wide  # the single-launch layer above MAX_N_FUSED (default since)
 #   bash scripts/gpu_session.sh timelines    # the defaults' timelines: one application, then K = 10 as benched
@@ -318,6 +322,31 @@ case "${1:-}" in
     # (the default since that session; --layer-composite-wide checks the replaced composite)
     CHECK_ARGS="--layer-composite-wide" CHECK_ONLY=layer NO_PYTEST=1 check 150
     run 120 experiments_inline_wide python scripts/gpu_experiments.py inline-wide
+    ;;
+  params)
+    # (seventh session of 2026-11-30) the kernels' parameter arrays in GPU memory (build.DEVICE_PARAMS):
+    # the layer, coefficient, site and read-step checks with it, its alternated timings against the
+    # host-made arrays, then the target cases' bench (seeds) with it on
+    CHECK_ARGS="--device-params" CHECK_ONLY=layer,coefficients,site,read_step NO_PYTEST=1 check 200
+    run 150 experiments_params python scripts/gpu_experiments.py params
+    run 240 bench python scripts/bench_with.py build.DEVICE_PARAMS=1 -- bench --out "$res/bench" --overwrite \
+      --seeds .seedpkgs --only "$TARGETS"
+    ;;
+  b1-split)
+    # (seventh session of 2026-11-30) B = 1 graph building and eval apart, both parameter forms
+    run 120 experiments_b1_split python scripts/gpu_experiments.py b1-split
+    ;;
+  probe-bench)
+    # (seventh session of 2026-11-30) the B = 1 layer kernel against the same launch doing
+    # nothing, then the target cases' bench with the seeds on the defaults
+    run 120 experiments_b1_probe python scripts/gpu_experiments.py b1-probe
+    run 300 bench python -m mhc_mlx.cli.main bench --out "$res/bench" --overwrite --seeds .seedpkgs --only "$TARGETS"
+    ;;
+  flat-logits)
+    # (seventh session of 2026-11-30) the layer and coefficient checks on the defaults, then the
+    # static layer's logits passed as they are against reshaped, alternated
+    CHECK_ONLY=layer,coefficients NO_PYTEST=1 check 150
+    run 150 experiments_flat_logits python scripts/gpu_experiments.py flat-logits
     ;;
   gpu-tests)
     # `pytest -m gpu` alone (54 tests; beside the checks it ran out of 200 s)

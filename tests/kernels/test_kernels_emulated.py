@@ -156,6 +156,18 @@ def test_static_coefficients_forward_and_backward(flavour, n):
     assert grad_rel(got, want) <= GRAD_TOL
 
 
+@pytest.mark.parametrize("n", [1, 4, 16])
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_static_coefficients_take_unbatched_logits(flavour, n):
+    # the static layer hands its raw logits [n], [n], [n, n] to the kernel as they are: one row
+    rp, rq, rr = mx.random.normal((n,)), mx.random.normal((n,)), 2 * mx.random.normal((n, n))
+    got = coefficients.activate(rp, rq, rr, 20)
+    assert [tuple(g.shape) for g in got] == [(1, n), (1, n), (1, n, n)]
+    assert rel(got[0][0], ref64.sigmoid(np64(rp))) <= 1e-5
+    assert rel(got[1][0], 2 * ref64.sigmoid(np64(rq))) <= 1e-5
+    assert rel(got[2], ref64.sinkhorn(np64(rr)[None], 20)) <= 1e-5
+
+
 def _dynamic_inputs(T, n, C, dtype):
     W = n * (n + 2)
     x = mx.random.normal((T, n, C)).astype(dtype)

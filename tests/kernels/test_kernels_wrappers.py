@@ -476,3 +476,44 @@ def test_chained_x_cotangent_auto_where_the_backward_takes_tensor_cores(monkeypa
     # on Metal never
     monkeypatch.setattr(build, "gpu_backend", lambda: "metal")
     assert not coefficients.backward_on_tensor_cores(x)
+
+
+@pytest.mark.parametrize("device_params", [False, True])
+def test_parameter_arrays_hold_their_values(monkeypatch, device_params):
+    # build.DEVICE_PARAMS (candidate) pads the arrays and copies them into GPU memory where a GPU
+    # backend exists; the kernels read only the leading values, so those must be exact
+    from mhc_mlx.kernels import build
+
+    monkeypatch.setattr(build, "DEVICE_PARAMS", device_params)
+    ints, floats = build.int_params(7, 4096, 20), build.float_params(1e-5, 2.5)
+    assert ints.dtype == mx.int32 and floats.dtype == mx.float32
+    assert ints.tolist()[:3] == [7, 4096, 20]
+    assert floats.tolist()[:2] == [mx.array(1e-5).item(), 2.5]
+    padded = device_params and build.gpu_backend() is not None
+    assert ints.size == (build.PARAMS_PAD if padded else 3)
+    assert floats.size == (build.PARAMS_PAD if padded else 2)
+    assert not any(ints.tolist()[3:]) and not any(floats.tolist()[2:])
+    assert build.int_params(7, 4096, 20) is ints  # cached: no new array per call
+
+
+def test_static_layer_passes_its_logits_unreshaped(monkeypatch):
+    # layer.FLAT_LOGITS: the two-launch form hands the [n], [n], [n, n] logits to the coefficient
+    # kernel as they are (one row, M = 1), with no reshape node; False reshapes them first
+    n, C = 4, 64
+    x = mx.ones((32, n, C), dtype=mx.bfloat16)
+    raw = [mx.zeros((n,)), mx.zeros((n,)), mx.zeros((n, n)), mx.ones((C,))]
+    real = coefficients.activate
+    for flat in (True, False):
+        monkeypatch.setattr(layer, "FLAT_LOGITS", flat)
+        seen = []
+
+        def spy(rpre, rpost, rres, iters):
+            seen.append((rpre.shape, rres.shape))
+            return real(rpre, rpost, rres, iters)
+
+        monkeypatch.setattr(coefficients, "activate", spy)
+        launched.clear()
+        layer.mhc_layer(x, *raw, 20, 1e-5, inline=False)
+        assert seen == ([((n,), (n, n))] if flat else [((1, n), (1, n, n))])
+        act = next(t for t in launched if t[0] == coefficients.ACTIVATE.name)
+        assert act[2] >= 32  # one row: one warp

@@ -142,18 +142,39 @@ def launch(spec: KernelSpec, inputs, outputs, grid: int, threadgroup: int, templ
     )
 
 
-@lru_cache(maxsize=4096)
+# Candidate (2026-11-30, seventh session): the run-time parameter arrays in GPU memory. MLX's
+# CUDA allocator puts an array made on the host in managed (unified) memory, and any array of
+# <= 8 bytes (float_params(eps)) in one shared managed pool that host-made scalars (every Python
+# number in an MLX op) are written into. A kernel reading such a page after the host wrote it
+# takes a page migration. With DEVICE_PARAMS each parameter array is padded to PARAMS_PAD
+# elements (out of that pool) and copied once by a GPU op, whose output MLX allocates in
+# device memory. Measured by gpu_experiments.py params.
+DEVICE_PARAMS = False
+PARAMS_PAD = 64
+
+
 def int_params(*values: int) -> mx.array:
     """Run-time integers for a body (read as p[0], p[1], ...: the same on CUDA and Metal).
 
     Cached: the same small array is reused, so a hot call makes no new host->device copy.
     """
-    return mx.array(list(values), dtype=mx.int32)
+    return _params(mx.int32, tuple(int(v) for v in values), DEVICE_PARAMS)
+
+
+def float_params(*values: float) -> mx.array:
+    return _params(mx.float32, tuple(float(v) for v in values), DEVICE_PARAMS)
 
 
 @lru_cache(maxsize=4096)
-def float_params(*values: float) -> mx.array:
-    return mx.array(list(values), dtype=mx.float32)
+def _params(dtype, values: tuple, device: bool) -> mx.array:
+    if not device or gpu_backend() is None:
+        return mx.array(list(values), dtype=dtype)
+    padded = mx.array(list(values) + [0] * max(0, PARAMS_PAD - len(values)), dtype=dtype)
+    # a GPU op's output is allocated in device memory; evaluated now (its inputs are constants,
+    # which MLX allows inside compile and grad traces), so later launches only read it
+    resident = mx.multiply(padded, mx.array(1, dtype=dtype), stream=mx.gpu)
+    mx.eval(resident)
+    return resident
 
 
 _CUDA_TYPES = {mx.float32: "float", mx.float16: "__half", mx.bfloat16: "__nv_bfloat16",

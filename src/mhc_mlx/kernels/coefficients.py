@@ -671,8 +671,11 @@ def tokens_per_block(n: int) -> int:
 
 
 def activate(rpre, rpost, rres, iters: int):
-    """Float32 logits [M, n], [M, n], [M, n, n] -> (H_pre, H_post, H_res), one warp per row."""
-    M, n = rres.shape[0], rres.shape[-1]
+    """Float32 logits [M, n], [M, n], [M, n, n] -> (H_pre, H_post, H_res), one warp per row.
+    Unbatched logits ([n], [n], [n, n]) are one row, M = 1: the kernel reads them as they are,
+    so the static layer adds no reshape nodes to the graph (each costs host time per eval)."""
+    n = rres.shape[-1]
+    M = rres.size // (n * n)
     grid, tg = sk._grid(M)
     return launch(
         ACTIVATE, [rpre, rpost, rres, int_params(M, iters)],

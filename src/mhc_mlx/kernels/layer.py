@@ -580,11 +580,19 @@ def _composite(x, pre_raw, post_raw, res_raw, weight, iters, eps):
     return site.mhc_post(x, z.astype(x.dtype), H_post, H_res)
 
 
+# The raw logits go to the coefficient kernel as they are ([n], [n], [n, n]: one row); False:
+# reshaped to [1, n], [1, n], [1, n, n] first, three graph nodes more per call (as before the
+# seventh session of 2026-11-30). Measured by gpu_experiments.py flat-logits.
+FLAT_LOGITS = True
+
+
 def _activate(pre_raw, post_raw, res_raw, iters: int):
     """(H_pre [1, n], H_post [1, n], H_res [1, n, n]) float32 from the raw logits: one launch."""
-    n = pre_raw.shape[-1]
-    return coefficients.activate(pre_raw.astype(F32).reshape(1, n), post_raw.astype(F32).reshape(1, n),
-                                 res_raw.astype(F32).reshape(1, n, n), iters)
+    pre, post, res = pre_raw.astype(F32), post_raw.astype(F32), res_raw.astype(F32)
+    if not FLAT_LOGITS:
+        n = pre.shape[-1]
+        pre, post, res = pre.reshape(1, n), post.reshape(1, n), res.reshape(1, n, n)
+    return coefficients.activate(pre, post, res, iters)
 
 
 @lru_cache(maxsize=None)
