@@ -978,10 +978,11 @@ def b1_split(rounds=5):
 
 def b1_probe(rounds=5):
     """Whether the B = 1 layer kernel's eval costs more than a one-line kernel's because of its
-    GPU time or of host work that grows with its source (n = 4, C = 512, bf16; eval only, the
-    graph built first; medians of `rounds` runs): the tiny op, a one-line kernel with the layer's
-    7 inputs, the layer kernel with `return;` first (same source, header, template and launch;
-    nothing runs), the layer kernel, and the last two chained 100 times in one eval."""
+    GPU time or of host work (n = 4, C = 512, bf16; eval only, the graph built first; the
+    variants interleaved in each of `rounds` rounds, as the process's speed drifts): the tiny
+    op, a one-line kernel with the layer's 7 inputs, the layer kernel with `return;` first (same
+    source, header, template and launch; nothing runs), the layer kernel; then the last two
+    chained 100 times in one eval (per application)."""
     import dataclasses
 
     from mhc_mlx.kernels.build import KernelSpec, float_params, int_params, launch
@@ -1001,14 +1002,15 @@ def b1_probe(rounds=5):
         return lambda v: launch(spec, [v, *raw, int_params(1, C, 20), float_params(1e-5)],
                                 [(v.shape, v.dtype)], groups * tg, tg, template if spec is not seven else [])[0]
 
-    steps = {"one-line kernel, 7 inputs": run(seven), "layer kernel, return first": run(empty),
-             "layer kernel": run(layer.LAYER)}
-    rows = {"tiny op": lambda: eval_us(lambda: a1 + 1.0, 200)}
-    for label, step in steps.items():
-        rows[f"{label}: eval"] = lambda st=step: eval_us(lambda: st(x1), 200)
-    for label in ("layer kernel, return first", "layer kernel"):
-        rows[f"{label}: per application in a chain of 100"] = lambda st=steps[label]: chain_us(st, x1)
-    alternated("B=1 probe", "", rows, {"defaults": lambda: None}, rounds)
+    steps = {"tiny op": lambda v: a1 + 1.0, "one-line kernel, 7 inputs": run(seven),
+             "layer kernel, return first": run(empty), "layer kernel": run(layer.LAYER)}
+    current = {}
+    forms = {label: (lambda st=step: current.update(step=st)) for label, step in steps.items()}
+    rows = {"eval": lambda: eval_us(lambda: current["step"](x1), 200)}
+    alternated("B=1 probe", "", rows, forms, rounds)
+    chain_forms = {label: forms[label] for label in ("layer kernel, return first", "layer kernel")}
+    alternated("B=1 probe", "", {"per application in a chain of 100": lambda: chain_us(current["step"], x1)},
+               chain_forms, rounds)
 
 
 def flat_logits(rounds=5):

@@ -37,6 +37,7 @@
 #   bash scripts/gpu_session.sh b1-split     # B = 1 graph building and eval apart, both parameter forms
 #   bash scripts/gpu_session.sh probe-bench  # the B = 1 layer kernel against an empty launch, the target bench
 #   bash scripts/gpu_session.sh flat-logits  # layer and coefficient checks, the static logits unreshaped vs reshaped
+#   bash scripts/gpu_session.sh probe-tests  # the B = 1 probe (variants interleaved), then pytest -m gpu
 #   bash scripts/gpu_session.sh params       # the kernels' parameter arrays in GPU memory: checks, timings, bench
 #   bash scripts/gpu_session.sh composite-norm  # the layer above MAX_N_FUSED with mx.fast.rms_norm
 #   bash scripts/gpu_session.sh inline-wide  # the single-launch layer above MAX_N_FUSED (default since)
@@ -347,6 +348,12 @@ case "${1:-}" in
     # static layer's logits passed as they are against reshaped, alternated
     CHECK_ONLY=layer,coefficients NO_PYTEST=1 check 150
     run 150 experiments_flat_logits python scripts/gpu_experiments.py flat-logits
+    ;;
+  probe-tests)
+    # (seventh session of 2026-11-30) the B = 1 probe with its variants interleaved, then
+    # `pytest -m gpu` on the session's final code
+    run 60 experiments_b1_probe python scripts/gpu_experiments.py b1-probe
+    run 500 pytest_gpu python -m pytest -q -m gpu tests -p no:cacheprovider -rs --durations 5
     ;;
   gpu-tests)
     # `pytest -m gpu` alone (54 tests; beside the checks it ran out of 200 s)
