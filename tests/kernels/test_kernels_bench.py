@@ -63,6 +63,7 @@ def test_bench_records_the_kernel_settings_and_switches_candidates_on(quick_run,
         with open(tmp_path / "bench.json") as f:
             recorded = json.load(f)["header"]["kernel_settings"]
         assert recorded["layer_inline_always"] is True and defaults["layer_inline_always"] is False
+        assert recorded["device_params"] is True and defaults["device_params"] is False
         # the read step, the tensor-core backward and the chain: at every size with the
         # candidates, by size ("auto") by default
         for k in ("fused_read_step", "mma_vjp", "chain_x_cotangent"):

@@ -170,9 +170,11 @@ def use_candidates(on: bool = True) -> None:
     tensor-core coefficient backward, the fused read step and the chained x cotangent at every
     size (by default each only where it was faster), and the static layer's single-launch
     (inline) form at every token count, which passed scripts/gpu_check.py on the H200 but were
-    slower there than the defaults, and the glue kernel writing the tensor-core backward's
-    fragments of gs (within the runs' spread; docs/kernel-notes.md). Off: the shipped defaults."""
-    from . import coefficients, layer
+    slower there than the defaults, the glue kernel writing the tensor-core backward's
+    fragments of gs (within the runs' spread), and the kernels' parameter arrays copied into GPU
+    memory (faster in one process, not in the next; docs/kernel-notes.md). Off: the shipped
+    defaults."""
+    from . import build, coefficients, layer
 
     global FUSED_READ_STEP, CHAIN_X_COTANGENT
     FUSED_READ_STEP = True if on else "auto"
@@ -180,11 +182,12 @@ def use_candidates(on: bool = True) -> None:
     coefficients.MMA_VJP = True if on else "auto"
     layer.INLINE_ALWAYS = on
     coefficients.GLUE_PACKS = on
+    build.DEVICE_PARAMS = on
 
 
 def settings() -> dict:
     """The kernels' tunable forms in this process (docs/kernel-notes.md; benches record them)."""
-    from . import coefficients, coefficients_mma, coefficients_mma_vjp, layer, sinkhorn
+    from . import build, coefficients, coefficients_mma, coefficients_mma_vjp, layer, sinkhorn
 
     return {"dynamic_form": coefficients.DYNAMIC_FORM,
             "mma_min_elements": coefficients.MMA_MIN_ELEMENTS,
@@ -203,6 +206,8 @@ def settings() -> dict:
             "layer_inline_max_n": layer.INLINE_MAX_N,
             "layer_composite_fast_rms_norm": layer.COMPOSITE_FAST_RMS_NORM,
             "layer_prefetch_tokens": layer.PREFETCH_TOKENS,
+            "layer_flat_logits": layer.FLAT_LOGITS,
+            "device_params": build.DEVICE_PARAMS,
             "fused_read_step": FUSED_READ_STEP,
             "chain_x_cotangent": CHAIN_X_COTANGENT,
             "defer_post_x": DEFER_POST_X,

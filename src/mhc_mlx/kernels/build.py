@@ -167,7 +167,7 @@ def float_params(*values: float) -> mx.array:
 
 @lru_cache(maxsize=4096)
 def _params(dtype, values: tuple, device: bool) -> mx.array:
-    if not device or gpu_backend() is None:
+    if not device or not mx.is_available(mx.gpu):  # the GPU itself, whatever gpu_backend() says
         return mx.array(list(values), dtype=dtype)
     padded = mx.array(list(values) + [0] * max(0, PARAMS_PAD - len(values)), dtype=dtype)
     # a GPU op's output is allocated in device memory; evaluated now (its inputs are constants,
