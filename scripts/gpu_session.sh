@@ -38,6 +38,7 @@
 #   bash scripts/gpu_session.sh probe-bench  # the B = 1 layer kernel against an empty launch, the target bench
 #   bash scripts/gpu_session.sh flat-logits  # layer and coefficient checks, the static logits unreshaped vs reshaped
 #   bash scripts/gpu_session.sh probe-tests  # the B = 1 probe (variants interleaved), then pytest -m gpu
+#   bash scripts/gpu_session.sh ours         # the target cases, our kernels only (a further sample)
 #   bash scripts/gpu_session.sh params       # the kernels' parameter arrays in GPU memory: checks, timings, bench
 #   bash scripts/gpu_session.sh composite-norm  # the layer above MAX_N_FUSED with mx.fast.rms_norm
 #   bash scripts/gpu_session.sh inline-wide  # the single-launch layer above MAX_N_FUSED (default since)
@@ -354,6 +355,11 @@ case "${1:-}" in
     # `pytest -m gpu` on the session's final code
     run 60 experiments_b1_probe python scripts/gpu_experiments.py b1-probe
     run 500 pytest_gpu python -m pytest -q -m gpu tests -p no:cacheprovider -rs --durations 5
+    ;;
+  ours)
+    # the target cases, our kernels only (eager): a quick further sample of the bench's spread
+    run 200 bench python -m mhc_mlx.cli.main bench --out "$res/bench" --overwrite --seeds "" \
+      --only "$TARGETS" --impl kernels
     ;;
   gpu-tests)
     # `pytest -m gpu` alone (54 tests; beside the checks it ran out of 200 s)
