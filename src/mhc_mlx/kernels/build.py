@@ -145,10 +145,11 @@ def launch(spec: KernelSpec, inputs, outputs, grid: int, threadgroup: int, templ
 # Candidate (2026-11-30, seventh session): the run-time parameter arrays in GPU memory. MLX's
 # CUDA allocator puts an array made on the host in managed (unified) memory, and any array of
 # <= 8 bytes (float_params(eps)) in one shared managed pool that host-made scalars (every Python
-# number in an MLX op) are written into. A kernel reading such a page after the host wrote it
-# takes a page migration. With DEVICE_PARAMS each parameter array is padded to PARAMS_PAD
-# elements (out of that pool) and copied once by a GPU op, whose output MLX allocates in
-# device memory. Measured by gpu_experiments.py params.
+# number in an MLX op) are written into. The hypothesis: a kernel reading such a page after the
+# host wrote it takes a page migration. With DEVICE_PARAMS each parameter array is padded to
+# PARAMS_PAD elements (out of that pool) and copied once by a GPU op, whose output MLX allocates
+# in device memory. H200 (gpu_experiments.py params, docs/kernel-notes.md row 45): the B = 1
+# layer kernel's eval 30.0 against 44.1 µs in one process, 36.2 against 36.3 in the next. Off.
 DEVICE_PARAMS = False
 PARAMS_PAD = 64
 
