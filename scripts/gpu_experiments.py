@@ -322,6 +322,25 @@ def inline_wide(rounds=5):
                          "single launch": [(layer, "INLINE_MAX_N", 32)]}, rounds)
 
 
+def one_line_7():
+    """A one-line custom kernel with the B = 1 layer kernel's 7 inputs (it copies 2048 elements of
+    its first): the fixed cost of a custom-kernel launch with those inputs."""
+    from mhc_mlx.kernels.build import KernelSpec
+
+    return KernelSpec(name="mhc_one_line7", inputs=("xin", "a", "b", "c", "w", "ip", "fp"), outputs=("xout",),
+                      body="  if (KBID == 0) for (int i = KTID; i < 2048; i += KNT) xout[i] = xin[i];\n")
+
+
+def b1_inputs(n=4, C=512):
+    """(x [1, n, C] bf16, the layer's raw parameters [pre, post, res, weight], a one-element array
+    for the tiny op), evaluated."""
+    x1 = mx.random.normal((1, n, C)).astype(BF)
+    raw = [mx.zeros((n,)), mx.zeros((n,)), 3 * mx.eye(n), mx.ones((C,))]
+    a1 = mx.array([1.0])
+    mx.eval(x1, raw, a1)
+    return x1, raw, a1
+
+
 def eval_us(make, reps=200, warmup=5):
     """µs of one mx.eval of make()'s result, its graph built before the clock; median of reps."""
     mx.eval([make() for _ in range(warmup)])
@@ -364,8 +383,6 @@ def launch_costs(chain_len=100, repeats=200):
     mx.eval(x1, m.parameters(), hc.parameters())
     one = KernelSpec(name="mhc_one_line", inputs=("vin",), outputs=("vout",),
                      body="  if (KTID == 0 && KBID == 0) vout[0] = vin[0] + 1.0f;\n")
-    seven = KernelSpec(name="mhc_one_line7", inputs=("xin", "a", "b", "c", "w", "ip", "fp"), outputs=("xout",),
-                       body="  if (KBID == 0) for (int i = KTID; i < 2048; i += KNT) xout[i] = xin[i];\n")
     raw = [mx.zeros((n,)), mx.zeros((n,)), 3 * mx.eye(n), mx.ones((C,)), mx.array([1, C, 20], dtype=mx.int32),
            mx.array([1e-5])]
     mx.eval(raw)
@@ -375,6 +392,7 @@ def launch_costs(chain_len=100, repeats=200):
         return hc.post(x, h, cf)
 
     one_fn = lambda v: launch(one, [v], [((1,), mx.float32)], 32, 32, [])[0]  # noqa: E731
+    seven = one_line_7()
     seven_fn = lambda v: launch(seven, [v, *raw], [(v.shape, v.dtype)], 256, 256, [])[0]  # noqa: E731
     layer_fn = lambda v: layer.forward(v, *raw[:4], 20, 1e-5, True)  # noqa: E731
     m_c, dyn_c = mx.compile(m), mx.compile(dyn)
@@ -911,11 +929,7 @@ def params_residency(rounds=5):
     runs them, and the 4096x4x4096 static forward and dynamic forward+backward."""
     from mhc_mlx.kernels import build
 
-    n, C = 4, 512
-    x1 = mx.random.normal((1, n, C)).astype(BF)
-    raw = [mx.zeros((n,)), mx.zeros((n,)), 3 * mx.eye(n), mx.ones((C,))]
-    a1 = mx.array([1.0])
-    mx.eval(x1, raw, a1)
+    x1, raw, a1 = b1_inputs()
     rows = {
         "tiny op (a + 1) eval": lambda: eval_us(lambda: a1 + 1.0, 200),
         "B=1 layer kernel alone, eval": lambda: eval_us(lambda: layer.forward(x1, *raw, 20, 1e-5, True), 200),
@@ -985,18 +999,14 @@ def b1_probe(rounds=5):
     chained 100 times in one eval (per application)."""
     import dataclasses
 
-    from mhc_mlx.kernels.build import KernelSpec, float_params, int_params, launch
+    from mhc_mlx.kernels.build import float_params, int_params, launch
 
     n, C = 4, 512
-    x1 = mx.random.normal((1, n, C)).astype(BF)
-    raw = [mx.zeros((n,)), mx.zeros((n,)), 3 * mx.eye(n), mx.ones((C,))]
-    a1 = mx.array([1.0])
-    mx.eval(x1, raw, a1)
+    x1, raw, a1 = b1_inputs(n, C)
     V, tg, cpt, groups = layer.plan(1, n, C, x1.dtype.size)
     template = [("T", x1.dtype), ("N", n), ("V", V), ("CPT", cpt), ("INLINE", True), ("PF", layer.PREFETCH_TOKENS)]
     empty = dataclasses.replace(layer.LAYER, name="mhc_layer_empty", body="  return;\n" + layer.LAYER.body)
-    seven = KernelSpec(name="mhc_one_line7", inputs=layer.LAYER.inputs, outputs=("xout",),
-                       body="  if (KBID == 0) for (int i = KTID; i < 2048; i += KNT) xout[i] = xin[i];\n")
+    seven = one_line_7()
 
     def run(spec):
         return lambda v: launch(spec, [v, *raw, int_params(1, C, 20), float_params(1e-5)],

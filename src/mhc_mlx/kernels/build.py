@@ -159,11 +159,11 @@ def int_params(*values: int) -> mx.array:
 
     Cached: the same small array is reused, so a hot call makes no new host->device copy.
     """
-    return _params(mx.int32, tuple(int(v) for v in values), DEVICE_PARAMS)
+    return _params(mx.int32, values, DEVICE_PARAMS)
 
 
 def float_params(*values: float) -> mx.array:
-    return _params(mx.float32, tuple(float(v) for v in values), DEVICE_PARAMS)
+    return _params(mx.float32, values, DEVICE_PARAMS)
 
 
 @lru_cache(maxsize=4096)
