@@ -22,6 +22,7 @@ copy floor two ways, and where B=1 latency goes (Python graph building vs the ev
     python scripts/gpu_experiments.py b1-split (only B = 1 graph building and eval apart, both parameter forms)
     python scripts/gpu_experiments.py b1-probe (only the B = 1 layer kernel's eval against the same launch doing nothing)
     python scripts/gpu_experiments.py flat-logits (only the static layer's logits unreshaped vs reshaped)
+    python scripts/gpu_experiments.py b1-sync (only B = 1 eval against a launch's GPU time; compiled B = 1 forms)
     python scripts/gpu_experiments.py b1 [ncu]  (only the B = 1 layer kernel by Sinkhorn iterations)
 """
 
@@ -1023,6 +1024,77 @@ def b1_probe(rounds=5):
                chain_forms, rounds)
 
 
+def spin_spec(touch: bool):
+    """A one-thread CUDA kernel that busy-waits CYC clock cycles (template), then (touch) writes
+    vout[0] = vin[0] + 1: a launch of known GPU time, with and without a memory access."""
+    from mhc_mlx.kernels.build import KernelSpec
+
+    tail = "  vout[0] = static_cast<float>(vin[0]) + 1.0f;\n" if touch else ""
+    return KernelSpec(name="mhc_spin" + ("_touch" if touch else ""), inputs=("vin",), outputs=("vout",),
+                      body="  if (KTID != 0 || KBID != 0) return;\n"
+                           "  const long long t0 = clock64();\n"
+                           "  while (clock64() - t0 < (long long)CYC) {}\n" + tail)
+
+
+def b1_sync(rounds=5):
+    """Does a B = 1 eval cost more once the GPU is still busy when the host waits? MLX 0.32.4
+    waits on a cudaEventBlockingSync event (the host thread sleeps, and wakes on an interrupt).
+    A one-thread kernel spinning CYC cycles (~1.98 per ns) with and without one memory access,
+    eval only (graph built first), the variants interleaved in each of `rounds` rounds; each
+    spin chained 50 times in one eval for its GPU time; then builtin ops on a 1-element and a
+    2048-element array; then the layer function and the dynamic site eager and under one
+    mx.compile of (x, parameters), build + eval as the bench times them."""
+    from mhc_mlx.kernels.build import launch
+
+    n, C = 4, 512
+    x1, raw, a1 = b1_inputs(n, C)
+    out2048 = [((2048,), mx.float32)]
+    steps = {}
+    for touch in (False, True):
+        spec = spin_spec(touch)
+        for us in (0, 1, 2, 3, 4, 6, 8, 12, 16):
+            steps[f"spin {us:2d} us{' + touch' if touch else ''}"] = (
+                lambda v, spec=spec, cyc=int(us * 1980): launch(spec, [v], out2048, 32, 32, [("CYC", cyc)])[0])
+    steps["tiny op (1 element)"] = lambda v: a1 + 1.0
+    steps["x + 1 (2048 bf16)"] = lambda v: x1 + 1.0
+    current = {}
+    forms = {label: (lambda st=step: current.update(step=st)) for label, step in steps.items()}
+    alternated("B=1 sync", "", {"eval": lambda: eval_us(lambda: current["step"](x1), 200)}, forms, rounds)
+    flat = x1.reshape(-1).astype(mx.float32)
+    mx.eval(flat)
+    for label in ("spin  0 us", "spin  4 us", "spin 16 us"):
+        st = steps[label]
+        print(f"B=1 sync: {label} chained 50: {chain_us(lambda v: st(v), flat, 50, 10):6.2f} us per application")
+
+    m = mhc.MHCLayer(n, C)
+    hc = mhc.HyperConnection(C, n)
+    mx.eval(m.parameters(), hc.parameters())
+    ps = [m.H_pre_raw, m.H_post_raw, m.H_res_raw, m.rms_weight]
+
+    def layer_fn(x, *p):
+        return layer.mhc_layer(x, *p, 20, 1e-5)
+
+    def dyn(x, phi, alpha, bias):
+        hc.phi, hc.alpha, hc.bias = phi, alpha, bias
+        h, cf = hc.pre(x)
+        return hc.post(x, h, cf)
+
+    layer_c, dyn_c, m_c = mx.compile(layer_fn), mx.compile(dyn), mx.compile(m)
+    dps = [hc.phi, hc.alpha, hc.bias]
+    makes = {
+        "tiny op": lambda: a1 + 1.0,
+        "layer function eager": lambda: layer_fn(x1, *ps),
+        "layer function compiled (x, params)": lambda: layer_c(x1, *ps),
+        "MHCLayer eager": lambda: m(x1),
+        "MHCLayer under mx.compile(module)": lambda: m_c(x1),
+        "dynamic site eager": lambda: dyn(x1, *dps),
+        "dynamic site compiled (x, params)": lambda: dyn_c(x1, *dps),
+    }
+    forms = {label: (lambda mk=make: current.update(make=mk)) for label, make in makes.items()}
+    alternated("B=1 compiled", "", {"build + eval": lambda: timing.latency_us(current["make"], [], repeats=200)},
+               forms, rounds)
+
+
 def flat_logits(rounds=5):
     """The static layer's two-launch form with the raw logits passed as they are (layer.FLAT_LOGITS,
     three graph nodes fewer per call) against reshaped first, alternated `rounds` times."""
@@ -1060,6 +1132,7 @@ MODES = {
     "b1-split": b1_split,
     "b1-probe": b1_probe,
     "flat-logits": flat_logits,
+    "b1-sync": b1_sync,
 }
 
 

@@ -34,6 +34,7 @@
 #   bash scripts/gpu_session.sh throughput   # the large cases timed as the bench times them, traced:
 #                                            # kernels, GPU idle, host CUDA calls; host times at K = 10, 30
 #   bash scripts/gpu_session.sh gpu-tests    # pytest -m gpu alone
+#   bash scripts/gpu_session.sh b1-sync      # B = 1 eval against a launch's GPU time; compiled B = 1 forms
 #   bash scripts/gpu_session.sh b1-split     # B = 1 graph building and eval apart, both parameter forms
 #   bash scripts/gpu_session.sh probe-bench  # the B = 1 layer kernel against an empty launch, the target bench
 #   bash scripts/gpu_session.sh flat-logits  # layer and coefficient checks, the static logits unreshaped vs reshaped
@@ -333,6 +334,12 @@ case "${1:-}" in
     run 150 experiments_params python scripts/gpu_experiments.py params
     run 240 bench python scripts/bench_with.py build.DEVICE_PARAMS=1 -- bench --out "$res/bench" --overwrite \
       --seeds .seedpkgs --only "$TARGETS"
+    ;;
+  b1-sync)
+    # (eighth session of 2026-11-30) B = 1 eval against a launch's GPU time; the B = 1 forms
+    # eager and compiled; the same without CUDA graphs (MLX_USE_CUDA_GRAPHS=0, for scale)
+    run 120 experiments_b1_sync python scripts/gpu_experiments.py b1-sync
+    MLX_USE_CUDA_GRAPHS=0 run 120 experiments_b1_sync_nographs python scripts/gpu_experiments.py b1-sync
     ;;
   b1-split)
     # (seventh session of 2026-11-30) B = 1 graph building and eval apart, both parameter forms
