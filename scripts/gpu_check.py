@@ -340,6 +340,12 @@ SWITCHES = {
     "--layer-composite-wide": (layer, "INLINE_MAX_N", layer.MAX_N_FUSED,
                                "the layer above MAX_N_FUSED always composed from the kernel ops (layer.INLINE_MAX_N = "
                                "MAX_N_FUSED; by default one launch up to n = 32 at T <= LATENCY_TOKENS)"),
+    "--layer-inline-kernel": (layer, "LATENCY_KERNEL", False,
+                              "the static layer's single launch at T <= LATENCY_TOKENS by LAYER's inline form "
+                              "(layer.LATENCY_KERNEL = False; by default LAYER_LATENCY)"),
+    "--layer-eager": (layer, "COMPILE_LATENCY", False,
+                      "the static layer's latency path eager (layer.COMPILE_LATENCY = False; by default under "
+                      "one mx.compile)"),
     "--layer-replay": (layer, "COEFFICIENTS_JACOBIAN", False,
                        "the static layer coefficient backward's Sinkhorn backward as the one-thread replay "
                        "(layer.COEFFICIENTS_JACOBIAN = False; by default n^2 lanes of forward mode)"),

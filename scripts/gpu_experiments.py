@@ -23,6 +23,7 @@ copy floor two ways, and where B=1 latency goes (Python graph building vs the ev
     python scripts/gpu_experiments.py b1-probe (only the B = 1 layer kernel's eval against the same launch doing nothing)
     python scripts/gpu_experiments.py flat-logits (only the static layer's logits unreshaped vs reshaped)
     python scripts/gpu_experiments.py b1-sync (only B = 1 eval against a launch's GPU time; compiled B = 1 forms)
+    python scripts/gpu_experiments.py b1-latency (only the B = 1 static forward: LAYER_LATENCY, the compiled latency path)
     python scripts/gpu_experiments.py b1 [ncu]  (only the B = 1 layer kernel by Sinkhorn iterations)
 """
 
@@ -1095,6 +1096,24 @@ def b1_sync(rounds=5):
                forms, rounds)
 
 
+def b1_latency(rounds=5):
+    """The B = 1 static forward (n = 4, C = 512, bf16) with LAYER_LATENCY (layer.LATENCY_KERNEL)
+    against LAYER's inline form, each eager and under the compiled latency path
+    (layer.COMPILE_LATENCY), alternated `rounds` times, as the bench times it; with the tiny op
+    for scale and the layer function's eval alone (graph built first). Then the 1 x 32 x 2048
+    static forward the same way."""
+    x1, raw, a1 = b1_inputs(4, 512)
+    forms = {"inline LAYER, eager": [(layer, "LATENCY_KERNEL", False), (layer, "COMPILE_LATENCY", False)],
+             "inline LAYER, compiled": [(layer, "LATENCY_KERNEL", False), (layer, "COMPILE_LATENCY", True)],
+             "LAYER_LATENCY, eager": [(layer, "LATENCY_KERNEL", True), (layer, "COMPILE_LATENCY", False)],
+             "LAYER_LATENCY, compiled": [(layer, "LATENCY_KERNEL", True), (layer, "COMPILE_LATENCY", True)]}
+    rows = {"tiny op (build + eval)": lambda: timing.latency_us(lambda: a1 + 1.0, [], repeats=200),
+            "layer function eval alone": lambda: eval_us(lambda: layer.mhc_layer(x1, *raw, 20, 1e-5), 200)}
+    rows.update(case_rows(("static", "fwd", (1, 4, 512), "latency"), ("dynamic", "fwd", (1, 4, 512), "latency"),
+                          ("static", "fwd", (1, 32, 2048), "latency")))
+    alternated_settings("B=1 latency kernel", rows, forms, rounds)
+
+
 def flat_logits(rounds=5):
     """The static layer's two-launch form with the raw logits passed as they are (layer.FLAT_LOGITS,
     three graph nodes fewer per call) against reshaped first, alternated `rounds` times."""
@@ -1133,6 +1152,7 @@ MODES = {
     "b1-probe": b1_probe,
     "flat-logits": flat_logits,
     "b1-sync": b1_sync,
+    "b1-latency": b1_latency,
 }
 
 

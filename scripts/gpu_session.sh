@@ -34,6 +34,7 @@
 #   bash scripts/gpu_session.sh throughput   # the large cases timed as the bench times them, traced:
 #                                            # kernels, GPU idle, host CUDA calls; host times at K = 10, 30
 #   bash scripts/gpu_session.sh gpu-tests    # pytest -m gpu alone
+#   bash scripts/gpu_session.sh latency      # LAYER_LATENCY + compiled latency path: checks, timings
 #   bash scripts/gpu_session.sh b1-sync      # B = 1 eval against a launch's GPU time; compiled B = 1 forms
 #   bash scripts/gpu_session.sh b1-split     # B = 1 graph building and eval apart, both parameter forms
 #   bash scripts/gpu_session.sh probe-bench  # the B = 1 layer kernel against an empty launch, the target bench
@@ -334,6 +335,13 @@ case "${1:-}" in
     run 150 experiments_params python scripts/gpu_experiments.py params
     run 240 bench python scripts/bench_with.py build.DEVICE_PARAMS=1 -- bench --out "$res/bench" --overwrite \
       --seeds .seedpkgs --only "$TARGETS"
+    ;;
+  latency)
+    # (eighth session of 2026-11-30) LAYER_LATENCY and the compiled latency path: the layer
+    # checks and pytest's layer tests, then their B = 1 timings
+    CHECK_ONLY=layer NO_PYTEST=1 check 240
+    run 300 gpu_tests_layer python -m pytest -q -m gpu tests/kernels/test_kernels_gpu.py -k layer -p no:cacheprovider
+    run 120 experiments_b1_latency python scripts/gpu_experiments.py b1-latency
     ;;
   b1-sync)
     # (eighth session of 2026-11-30) B = 1 eval against a launch's GPU time; the B = 1 forms

@@ -74,6 +74,11 @@ static void prefetch(const void* p) {
     if (c >= buf_start[i] && c < buf_end[i]) return;
   ++bad_prefetches;
 }
+static float bits_float(int b) {  // KBITS_FLOAT: a float template argument passed as its bits
+  float f;
+  memcpy(&f, &b, sizeof f);
+  return f;
+}
 static const size_t STACK = 128 * 1024;
 
 static void yield_to_scheduler() {
@@ -283,6 +288,7 @@ CUDA_LAYER = r"""
 #define KRCP(v) (1.0f / (v))
 #define KALIGNED16(p) ((reinterpret_cast<unsigned long long>(p) & 15ull) == 0ull)
 #define KPREFETCH_L2(p) emu::prefetch(p)
+#define KBITS_FLOAT(b) emu::bits_float(b)
 struct float4 { float x, y, z, w; };
 
 KDEV float kwarp_sum(float v) {
@@ -328,6 +334,7 @@ struct float4 {
   float4() = default;
   float4(float a, float b, float c, float d) : x(a), y(b), z(c), w(d) {}
 };
+template <typename F> static inline F as_type(int b) { return emu::bits_float(b); }
 namespace metal {
 static inline void simdgroup_barrier(mem_flags) { emu::warp_barrier(); }
 namespace precise {

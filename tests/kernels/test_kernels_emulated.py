@@ -639,15 +639,36 @@ def test_fused_read_step_forward_and_backward(monkeypatch, flavour, dtype, n, C,
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("n,C,T", [(1, 33, 2), (4, 40, 3), (4, 512, 1), (8, 100, 2)])
-@pytest.mark.parametrize("inline", [True, False])
+@pytest.mark.parametrize("n,C,T", [(1, 33, 2), (4, 40, 3), (4, 512, 1), (8, 100, 2), (4, 2056, 2)])
+# the single launch by LAYER_LATENCY (layer.LATENCY_KERNEL, T <= LATENCY_TOKENS) or by LAYER's
+# inline form; then the two launches
+@pytest.mark.parametrize("inline,latency", [(True, True), (True, False), (False, False)])
 @pytest.mark.parametrize("flavour", FLAVOURS)
-def test_layer_forward(flavour, dtype, n, C, T, inline):
+def test_layer_forward(monkeypatch, flavour, dtype, n, C, T, inline, latency):
+    monkeypatch.setattr(layer, "LATENCY_KERNEL", latency)
     x = mx.random.normal((T, n, C)).astype(dtype)
     pre, post = mx.random.normal((n,)), mx.random.normal((n,))
     res, w = 2 * mx.random.normal((n, n)), mx.random.uniform(0.5, 1.5, (C,))
     got = layer.mhc_layer(x, pre, post, res, w, 20, 1e-5, inline=inline)
+    names = [name for name, *_ in emu.launched]
+    assert names[-1] == ("mhc_layer_latency" if latency else "mhc_layer"), names
     assert rel(got, ref64.layer(np64(x), np64(pre), np64(post), np64(res), np64(w), 20, 1e-5)) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+@pytest.mark.parametrize("eps", [1e-5, 0.37, 3.0])
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_layer_latency_kernel_reads_eps_and_iters_from_its_template(flavour, dtype, eps):
+    # LAYER_LATENCY takes eps as its float32 bits (EPS_BITS) and the iterations as ITERS: a large
+    # eps and 3 iterations change the result, so a wrong read of either is caught
+    n, C, T = 4, 24, 2
+    x = (0.3 * mx.random.normal((T, n, C))).astype(dtype)
+    pre, post = mx.random.normal((n,)), mx.random.normal((n,))
+    res, w = 2 * mx.random.normal((n, n)), mx.random.uniform(0.5, 1.5, (C,))
+    got = layer.latency_forward(x, pre, post, res, w, 3, eps)
+    name, template, grid, tg = emu.launched[-1]
+    assert name == "mhc_layer_latency" and template["ITERS"] == 3 and grid == T * tg
+    assert rel(got, ref64.layer(np64(x), np64(pre), np64(post), np64(res), np64(w), 3, eps)) <= TOL[dtype]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -679,10 +700,10 @@ def test_layer_single_launch_above_max_n_fused(monkeypatch, flavour, dtype, n, C
     res, w = 2 * mx.random.normal((n, n)), mx.random.uniform(0.5, 1.5, (C,))
     got = layer.mhc_layer(x, pre, post, res, w, 20, 1e-5)
     single = T <= layer.LATENCY_TOKENS
-    assert [name for name, *_ in emu.launched] == (["mhc_layer"] if single else
+    assert [name for name, *_ in emu.launched] == (["mhc_layer_latency"] if single else
                                                    ["mhc_coefficients_static", "mhc_pre", "mhc_post"])
     if single:
-        assert emu.launched[0][1]["INLINE"] and emu.launched[0][1]["N"] == n
+        assert emu.launched[0][1]["N"] == n
     assert rel(got, ref64.layer(np64(x), np64(pre), np64(post), np64(res), np64(w), 20, 1e-5)) <= TOL[dtype]
 
 
@@ -827,7 +848,8 @@ def test_layer_gradients_through_mx_vjp_reuse_the_forward_coefficients(monkeypat
     y, got = mx.vjp(lambda *a: layer.mhc_layer(*a, 20, 1e-5, inline=inline), primals, [g])
     names = [name for name, *_ in emu.launched]
     assert names.count("mhc_coefficients_static") == 1, names
-    assert names.count("mhc_layer") == 1 and names.count("mhc_layer_vjp") == 1, names
+    forward = "mhc_layer_latency" if inline and layer.LATENCY_KERNEL else "mhc_layer"
+    assert names.count(forward) == 1 and names.count("mhc_layer_vjp") == 1, names
     assert names.count("mhc_layer_coefficients_vjp") == fused_coefficients, names
     want_y, want = mx.vjp(lambda *a: reference.mhc_layer(*a, 20, 1e-5), primals, [g])
     assert rel(y[0], np64(want_y[0])) <= 1e-5
@@ -1366,8 +1388,9 @@ def test_emulator_misaligns_every_buffer(monkeypatch):
 # whose channel counts would otherwise take the 16-byte path.
 MISALIGNED_CASES = {
     "pre-post": lambda mp: test_pre_and_post_forward_and_backward("cuda", mx.bfloat16, 4, 64, (3,), False),
-    "layer-forward": lambda mp: test_layer_forward("cuda", mx.bfloat16, 4, 64, 3, False),
-    "layer-forward-inline": lambda mp: test_layer_forward("cuda", mx.float16, 4, 64, 2, True),
+    "layer-forward": lambda mp: test_layer_forward(mp, "cuda", mx.bfloat16, 4, 64, 3, False, False),
+    "layer-forward-inline": lambda mp: test_layer_forward(mp, "cuda", mx.float16, 4, 64, 2, True, False),
+    "layer-forward-latency": lambda mp: test_layer_forward(mp, "cuda", mx.bfloat16, 4, 64, 2, True, True),
     "layer-forward-groups": lambda mp: test_layer_forward_with_fewer_groups_than_tokens(
         mp, "cuda", mx.bfloat16, 4, 64, 7, 2, True, True, 1),
     "layer-backward": lambda mp: test_layer_one_pass_backward(mp, "cuda", mx.bfloat16, 4, 64, 3, None, None, None, True),

@@ -219,6 +219,49 @@ def _layer_gradients_match_the_reference(primals, g):
         assert err <= 1e-4 * max(float(np.linalg.norm(np64(b))), 0.01 * top)
 
 
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16, mx.float16])
+@pytest.mark.parametrize("n,C,T", [(4, 512, 1), (4, 2056, 2), (8, 100, 16), (1, 33, 3), (32, 300, 1)])
+def test_layer_latency_path(monkeypatch, dtype, n, C, T):
+    # T <= LATENCY_TOKENS: LAYER_LATENCY (eps and the iterations in its template) under one
+    # mx.compile (layer.COMPILE_LATENCY): against float64; equal to the eager launch; and new
+    # parameter values of the same shapes are used (inputs of the compiled function, not
+    # constants of its trace)
+    x = mx.random.normal((T, n, C)).astype(dtype)
+    p = [mx.random.normal((n,)), mx.random.normal((n,)), 2 * mx.random.normal((n, n)),
+         mx.random.uniform(0.5, 1.5, (C,))]
+    for eps in (1e-5, 0.5):
+        got = layer.mhc_layer(x, *p, 20, eps)
+        assert ref64.rel_err(np64(got), ref64.layer(np64(x), *[np64(a) for a in p], 20, eps)) <= TOL[dtype]
+        monkeypatch.setattr(layer, "COMPILE_LATENCY", False)
+        eager = layer.mhc_layer(x, *p, 20, eps)
+        monkeypatch.setattr(layer, "COMPILE_LATENCY", True)
+        assert np.array_equal(np64(got), np64(eager))
+    p = [a + 0.5 for a in p]
+    for iters in (20, 7):  # 20: the function compiled above, on the new values
+        got = layer.mhc_layer(x, *p, iters, 1e-5)
+        assert ref64.rel_err(np64(got), ref64.layer(np64(x), *[np64(a) for a in p], iters, 1e-5)) <= TOL[dtype]
+
+
+def test_layer_latency_path_gradients_under_a_users_compile():
+    # the compiled latency path inside a user's mx.compile of a vjp, and under mx.vjp alone
+    from mhc_mlx import reference
+
+    n, C, T = 4, 260, 2
+    primals = [mx.random.normal((T, n, C)), mx.random.normal((n,)), mx.random.normal((n,)),
+               2 * mx.random.normal((n, n)), mx.random.uniform(0.5, 1.5, (C,))]
+    g = mx.random.normal((T, n, C))
+    step = mx.compile(lambda *a: mx.vjp(lambda *b: layer.mhc_layer(*b, 20, 1e-5), list(a), [g]))
+    (y,), got = step(*primals)
+    _layer_gradients_match_the_reference(primals, g)
+    with mx.stream(mx.cpu):
+        (want_y,), want = mx.vjp(lambda *a: reference.mhc_layer(*a, 20, 1e-5), primals, [g])
+        mx.eval(want_y, want)
+    assert ref64.rel_err(np64(y), np64(want_y)) <= 1e-5
+    top = max(float(np.linalg.norm(np64(w))) for w in want)
+    for a, b in zip(got, want):
+        assert float(np.linalg.norm(np64(a) - np64(b))) <= 1e-4 * max(float(np.linalg.norm(np64(b))), 0.01 * top)
+
+
 @pytest.mark.parametrize("n,T", [(16, 3), (32, 1), (32, 17)])
 def test_wide_layer_forward_and_gradients(n, T):
     # above layer.MAX_N_FUSED: the single launch at T <= LATENCY_TOKENS (layer.INLINE_MAX_N, its

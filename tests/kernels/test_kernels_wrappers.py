@@ -89,8 +89,12 @@ def test_layer_gradient_shapes_and_form(inline):
     out = layer.mhc_layer(x, *params, 20, 1e-5, inline=inline)
     names = [name for name, *_ in launched]
     assert out.shape == x.shape
-    assert names == (["mhc_layer"] if inline in (True, None) else ["mhc_coefficients_static", "mhc_layer"])
-    assert launched[-1][1]["INLINE"] is (inline in (True, None))
+    single = inline in (True, None)  # 5 tokens <= LATENCY_TOKENS: LAYER_LATENCY, one launch
+    assert names == (["mhc_layer_latency"] if single else ["mhc_coefficients_static", "mhc_layer"])
+    if single:
+        assert launched[-1][1]["C"] == C and launched[-1][1]["ITERS"] == 20
+    else:
+        assert launched[-1][1]["INLINE"] is False
     _grads_match_shapes(lambda *a: layer.mhc_layer(*a, 20, 1e-5, inline=inline), [x, *params])
 
 
@@ -131,7 +135,7 @@ def test_wide_layer_is_composed_from_the_site_kernels(T):
     launched.clear()
     assert layer.mhc_layer(x, *params, 20, 1e-5).shape == x.shape
     composite = ["mhc_coefficients_static", "mhc_pre", "mhc_post"]
-    assert [name for name, *_ in launched] == (["mhc_layer"] if T <= layer.LATENCY_TOKENS else composite)
+    assert [name for name, *_ in launched] == (["mhc_layer_latency"] if T <= layer.LATENCY_TOKENS else composite)
     launched.clear()
     _grads_match_shapes(lambda *a: layer.mhc_layer(*a, 20, 1e-5), [x, *params])
     assert "mhc_layer_vjp" not in [name for name, *_ in launched]

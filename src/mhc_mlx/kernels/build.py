@@ -9,6 +9,7 @@ never builds a kernel object, and MLX caches the compiled binary per template in
 from __future__ import annotations
 
 import os
+import struct
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -153,6 +154,12 @@ def launch(spec: KernelSpec, inputs, outputs, grid: int, threadgroup: int, templ
 DEVICE_PARAMS = False
 PARAMS_PAD = 64
 
+
+
+def float_bits(value: float) -> int:
+    """value as float32, its bits as a (signed) int: a template constant a body reads back with
+    KBITS_FLOAT, where a parameter array would be one more load to wait for."""
+    return struct.unpack("<i", struct.pack("<f", value))[0]
 
 def int_params(*values: int) -> mx.array:
     """Run-time integers for a body (read as p[0], p[1], ...: the same on CUDA and Metal).

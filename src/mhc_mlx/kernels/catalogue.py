@@ -9,12 +9,13 @@ from __future__ import annotations
 import mlx.core as mx
 
 from . import coefficients, coefficients_mma, coefficients_mma_vjp, layer, sinkhorn, site
+from .build import float_bits
 
 SPECS = (
     sinkhorn.FORWARD, sinkhorn.BACKWARD, sinkhorn.BACKWARD_THREAD, sinkhorn.BACKWARD_JACOBIAN, coefficients.ACTIVATE, coefficients.DYNAMIC,
     coefficients.DYNAMIC_PRE, coefficients.DYNAMIC_SMALL, coefficients.DYNAMIC_SMALL_PRE,
     coefficients.DYNAMIC_VJP, coefficients.DYNAMIC_VJP_PRE, coefficients.DYNAMIC_VJP_ACC, coefficients.DYNAMIC_VJP_PRE_ACC,
-    site.PRE, site.PRE_VJP, site.PRE_VJP_ACC, site.PRE_VJP_RES, site.POST, site.POST_VJP, layer.LAYER, layer.LAYER_VJP,
+    site.PRE, site.PRE_VJP, site.PRE_VJP_ACC, site.PRE_VJP_RES, site.POST, site.POST_VJP, layer.LAYER, layer.LAYER_LATENCY, layer.LAYER_VJP,
     layer.COEFFICIENTS_VJP, coefficients.DYNAMIC_VJP_GLUE, coefficients.DYNAMIC_VJP_SINKHORN,
     coefficients.DYNAMIC_VJP_GLUE_AFTER_SINKHORN, coefficients.DYNAMIC_SINKHORN_JACOBIAN,
     coefficients.DYNAMIC_VJP_SINKHORN_APPLY,
@@ -98,6 +99,11 @@ def instances():
                                       (32, 1, 0, False, 0)):
             out.append((layer.LAYER, (dt, F32, F32, F32, F32, I32, F32), (dt,),
                         [("T", dt), ("N", n), ("V", V), ("CPT", cpt), ("INLINE", inline), ("PF", pf)]))
+        for n, V, cpt, C, iters in ((4, 16 // dt.size, 1, 512, 20), (8, 4, 2, 1000, 20), (1, 1, 1, 33, 7),
+                                    (32, 1, 0, 2048, 20)):
+            out.append((layer.LAYER_LATENCY, (dt, F32, F32, F32, F32), (dt,),
+                        [("T", dt), ("N", n), ("V", V), ("CPT", cpt), ("C", C), ("ITERS", iters),
+                         ("EPS_BITS", float_bits(1e-5))]))
         for n, V, cpt, pf in ((4, 16 // dt.size, 2, 0), (4, 16 // dt.size // 2 or 1, 4, 0),
                               (4, 16 // dt.size // 2 or 1, 4, 1), (4, 16 // dt.size, 0, 1), (8, 4, 1, 1),
                               (1, 1, 0, 1)):

@@ -18,7 +18,7 @@ from functools import lru_cache
 import mlx.core as mx
 
 from . import coefficients, site, sinkhorn
-from .build import KernelSpec, float_params, int_params, launch
+from .build import KernelSpec, _poison, float_bits, float_params, int_params, launch
 
 F32 = mx.float32
 MAX_N = 32
@@ -67,8 +67,9 @@ REGISTER_BUDGET = 64  # floats of x a thread may hold between the two passes
 
 HELPERS = r"""
 // Sum over V channels of y^2, y = sum_i H_pre_i x_i rounded to T (as the unfused chain rounds it).
-template <typename T, int N, int V>
-KDEV float mhc_layer_sumsq(KTHREAD const float* xv, KSHPTR(float) cf) {
+// cf: H_pre first (shared memory, or the latency kernel's registers).
+template <typename T, int N, int V, typename PC>
+KDEV float mhc_layer_sumsq(KTHREAD const float* xv, PC cf) {
   float ss = 0.0f;
   KUNROLL for (int e = 0; e < V; ++e) {
     float y = 0.0f;
@@ -79,16 +80,16 @@ KDEV float mhc_layer_sumsq(KTHREAD const float* xv, KSHPTR(float) cf) {
   return ss;
 }
 
-// Every stream of V channels: out_i = sum_j M_ij x_j + H_post_i * rms(y) * w.
+// Every stream of V channels: out_i = sum_j M_ij x_j + H_post_i * rms(y) * w, w = wts[woff..).
 template <typename T, int N, int V, typename PW, typename PO>
-KDEV void mhc_layer_write(KTHREAD const float* xv, KSHPTR(float) cf, float inv, PW wts, PO xout,
+KDEV void mhc_layer_write(KTHREAD const float* xv, KSHPTR(float) cf, float inv, PW wts, int64_t woff, PO xout,
                           int64_t row, int C, int cv, bool vec) {
   float z[V];
   KUNROLL for (int e = 0; e < V; ++e) {
     float y = 0.0f;
     KUNROLL for (int i = 0; i < N; ++i) y += cf[i] * xv[i * V + e];
     y = static_cast<float>(static_cast<T>(y));
-    z[e] = static_cast<float>(static_cast<T>(y * inv * static_cast<float>(wts[cv * V + e])));
+    z[e] = static_cast<float>(static_cast<T>(y * inv * static_cast<float>(wts[woff + e])));
   }
   KUNROLL for (int i = 0; i < N; ++i) {
     float o[V];
@@ -180,18 +181,106 @@ LAYER = KernelSpec(
     if (CPT > 0) {
       KUNROLL for (int c = 0; c < CP; ++c) {
         const int cv = tid + c * KNT;
-        if (cv < nv) mhc_layer_write<T, N, V>(xr[c], cf, inv, wts, xout, t, C, cv, vec);
+        if (cv < nv) mhc_layer_write<T, N, V>(xr[c], cf, inv, wts, (int64_t)cv * V, xout, t, C, cv, vec);
       }
     } else {
       for (int cv = tid; cv < nv; cv += KNT) {
         float xv[N * V];
         KUNROLL for (int i = 0; i < N; ++i) kload<T, V>(xv + i * V, xin, (t * N + i) * C + (int64_t)cv * V, vec);
-        mhc_layer_write<T, N, V>(xv, cf, inv, wts, xout, t, C, cv, vec);
+        mhc_layer_write<T, N, V>(xv, cf, inv, wts, (int64_t)cv * V, xout, t, C, cv, vec);
       }
     }
   }
 """,
 )
+
+# The single-launch layer at a few tokens (T <= LATENCY_TOKENS), one threadgroup per token, its
+# GPU time made short: MLX's eval waits on a blocking-sync event, so a launch that is still
+# running when the host waits costs ~13 µs more (the host thread sleeps; H200, 2026-11-30,
+# gpu_experiments.py b1-sync: a one-thread kernel spinning ~1 µs evaluated in 16.4 µs, ~2 µs in
+# 30.4). Warp 0 runs the Sinkhorn while the S stream threads (warps 1..) load their token's x and
+# w at once and sum the squares of the aggregate with H_pre in their own registers; one barrier
+# then joins them. Width, Sinkhorn iterations and eps are template constants, so nothing waits on
+# a parameter array (eps's 4 bytes lived in MLX's managed scalar pool, which the host keeps
+# writing). False: the LAYER kernel's inline form.
+LATENCY_KERNEL = True
+
+LAYER_LATENCY = KernelSpec(
+    name="mhc_layer_latency",
+    inputs=("xin", "cpre", "cpost", "cres", "wts"),
+    outputs=("xout",),
+    helpers=HELPERS,
+    body=r"""
+  constexpr int CP = CPT > 0 ? CPT : 1;
+  constexpr int NV = C / V;
+  KSHARED float cf[2 * N + N * N];
+  KSHARED float scratch[32];
+  const float eps = KBITS_FLOAT(EPS_BITS);
+  const int lane = KLANE;
+  const int warp = KWARP;
+  const int64_t t = KBID;
+  const int s = KTID - 32;  // stream thread index (warps 1..)
+  const int S = KNT - 32;
+  const bool vec = KALIGNED16(xin) && KALIGNED16(xout);
+  float xr[CP][N * V];
+  float wr[CP][V];
+  if (warp == 0) {
+    const bool live = lane < N;
+    if (live) {
+      cf[lane] = ksigmoid(cpre[lane]);
+      cf[N + lane] = 2.0f * ksigmoid(cpost[lane]);
+    }
+    float col[N];
+    KUNROLL for (int i = 0; i < N; ++i) col[i] = live ? cres[i * N + lane] : 0.0f;
+    ksinkhorn_warp<N>(col, live, ITERS);
+    if (live) {
+      KUNROLL for (int i = 0; i < N; ++i) cf[2 * N + i * N + lane] = col[i];
+    }
+  } else {
+    float hp[N];  // H_pre as warp 0 computes it, so the sum of squares need not wait for it
+    KUNROLL for (int i = 0; i < N; ++i) hp[i] = ksigmoid(cpre[i]);
+    float ss = 0.0f;
+    if (CPT > 0) {
+      KUNROLL for (int c = 0; c < CP; ++c) {
+        const int cv = s + c * S;
+        if (cv < NV) {
+          KUNROLL for (int i = 0; i < N; ++i) kload<T, V>(xr[c] + i * V, xin, (t * N + i) * C + (int64_t)cv * V, vec);
+          KUNROLL for (int e = 0; e < V; ++e) wr[c][e] = static_cast<float>(wts[cv * V + e]);
+        }
+      }
+      KUNROLL for (int c = 0; c < CP; ++c) {
+        if (s + c * S < NV) ss += mhc_layer_sumsq<T, N, V>(xr[c], hp);
+      }
+    } else {
+      for (int cv = s; cv < NV; cv += S) {
+        float xv[N * V];
+        KUNROLL for (int i = 0; i < N; ++i) kload<T, V>(xv + i * V, xin, (t * N + i) * C + (int64_t)cv * V, vec);
+        ss += mhc_layer_sumsq<T, N, V>(xv, hp);
+      }
+    }
+    ss = kwarp_sum(ss);
+    if (lane == 0) scratch[warp] = ss;
+  }
+  KBARRIER();
+  if (warp == 0) return;
+  float total = 0.0f;
+  for (int w = 1; w < KNT / 32; ++w) total += scratch[w];
+  const float inv = 1.0f / KSQRT(total / (float)C + eps);
+  if (CPT > 0) {
+    KUNROLL for (int c = 0; c < CP; ++c) {
+      const int cv = s + c * S;
+      if (cv < NV) mhc_layer_write<T, N, V>(xr[c], cf, inv, wr[c], 0, xout, t, C, cv, vec);
+    }
+  } else {
+    for (int cv = s; cv < NV; cv += S) {
+      float xv[N * V];
+      KUNROLL for (int i = 0; i < N; ++i) kload<T, V>(xv + i * V, xin, (t * N + i) * C + (int64_t)cv * V, vec);
+      mhc_layer_write<T, N, V>(xv, cf, inv, wts, (int64_t)cv * V, xout, t, C, cv, vec);
+    }
+  }
+""",
+)
+
 
 # The layer's whole backward in one pass over x and the cotangent g (per token: recompute y and
 # the RMS; dz = sum_i H_post_i g_i; RMSNorm backward; dx = M^T g + H_pre (x) dy), with dM,
@@ -484,6 +573,22 @@ def forward(x, pre, post, res, weight, iters: int, eps: float, inline: bool, thr
     )[0]
 
 
+
+def latency_forward(x, pre, post, res, weight, iters: int, eps: float):
+    """The single-launch layer by LAYER_LATENCY: one threadgroup of 32 + S threads per token,
+    S the fewest of plan()'s sizes that cover the token's vectors (a threads hint is not taken:
+    more warps only lengthen the block's sum), for T <= LATENCY_TOKENS."""
+    *lead, n, C = x.shape
+    T = 1
+    for d in lead:
+        T *= d
+    V, tg, cpt, _ = plan(T, n, C, x.dtype.size)
+    return launch(
+        LAYER_LATENCY, [x, pre, post, res, weight], [(x.shape, x.dtype)], T * (tg + 32), tg + 32,
+        [("T", x.dtype), ("N", n), ("V", V), ("CPT", cpt), ("C", C), ("ITERS", iters),
+         ("EPS_BITS", float_bits(eps))],
+    )[0]
+
 def vjp_plan(T: int, n: int, C: int, itemsize: int, threads: int = 256, budget: int | None = None,
              groups: int | None = None):
     """(V, CPT, groups) of the layer backward: V from the per-thread register budget for the
@@ -604,8 +709,11 @@ def _function(iters: int, eps: float, inline: bool, threads):
     @mx.custom_function
     def layer(x, pre_raw, post_raw, res_raw, weight):
         if inline:
-            return (forward(x, pre_raw.astype(F32), post_raw.astype(F32), res_raw.astype(F32),
-                            weight, iters, eps, True, threads),)
+            raw = (pre_raw.astype(F32), post_raw.astype(F32), res_raw.astype(F32), weight)
+            n = x.shape[-2]
+            if LATENCY_KERNEL and x.size // (n * x.shape[-1]) <= LATENCY_TOKENS:
+                return (latency_forward(x, *raw, iters, eps),)
+            return (forward(x, *raw, iters, eps, True, threads),)
         H = _activate(pre_raw, post_raw, res_raw, iters)
         return (forward(x, *H, weight, iters, eps, False, threads), *H)
 
@@ -619,6 +727,30 @@ def _function(iters: int, eps: float, inline: bool, threads):
     return layer
 
 
+# The latency path (T <= LATENCY_TOKENS, the single launch) runs under one mx.compile of (x, the
+# logits, the weight), cached per setting: a call then replays the recorded launch instead of
+# running this package's Python (the custom function, the launch's arguments), which was most of
+# a B = 1 call's graph building. The parameters are inputs of the compiled function, never its
+# constants, so updated parameters are used. H200 (2026-11-30, eighth session, gpu_experiments.py
+# b1-sync, build + eval, medians of 5 alternated runs): the layer function at 1 x 4 x 512 bf16
+# 38.8 µs compiled against 56.1 eager. Only on a GPU (on the CPU no kernel runs; the test
+# emulator evaluates each launch at once, which no trace allows). False: eager.
+COMPILE_LATENCY = True
+
+
+@lru_cache(maxsize=None)
+def _compiled_latency(iters: int, eps: float, threads, latency_kernel: bool, poison):
+    """The single-launch layer under mx.compile; latency_kernel and poison (build's init value,
+    for the GPU checks) are keys only: the trace reads them as module state."""
+    layer = _function(iters, eps, True, threads)
+    return mx.compile(lambda x, pre_raw, post_raw, res_raw, weight: layer(x, pre_raw, post_raw, res_raw, weight)[0])
+
+
+@lru_cache(maxsize=None)
+def _gpu_present() -> bool:
+    return bool(mx.is_available(mx.gpu))
+
+
 def mhc_layer(x, H_pre_raw, H_post_raw, H_res_raw, rms_weight, iters: int, eps: float,
               inline: bool | None = None, threads: int | None = None):
     n = x.shape[-2]
@@ -627,6 +759,9 @@ def mhc_layer(x, H_pre_raw, H_post_raw, H_res_raw, rms_weight, iters: int, eps: 
         return _composite(x, H_pre_raw, H_post_raw, H_res_raw, rms_weight, iters, float(eps))
     if inline is None:
         inline = INLINE_ALWAYS or T <= LATENCY_TOKENS or n > MAX_N_FUSED
+    if inline and COMPILE_LATENCY and T <= LATENCY_TOKENS and _gpu_present():
+        return _compiled_latency(iters, float(eps), threads, LATENCY_KERNEL, _poison[0])(
+            x, H_pre_raw, H_post_raw, H_res_raw, rms_weight)
     return _function(iters, float(eps), bool(inline), threads)(
         x, H_pre_raw, H_post_raw, H_res_raw, rms_weight
     )[0]

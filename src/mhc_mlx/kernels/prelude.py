@@ -45,6 +45,8 @@ CUDA_MACROS = r"""
 #define KALIGNED16(p) ((reinterpret_cast<unsigned long long>(p) & 15ull) == 0ull)
 // A hint to bring p's cache line into L2 (no register, no wait; a no-op where unsupported)
 #define KPREFETCH_L2(p) asm volatile("prefetch.L2 [%0];" ::"l"(p))
+// A float passed as its bits in a template int (no parameter array to read: see build.float_bits)
+#define KBITS_FLOAT(b) __int_as_float(b)
 
 // 1 / s for the Sinkhorn normalisations: the approximate reciprocal and one Newton step (within
 // an ulp of 1.0f / s for the normal s the callers clamp to). With 1.0f / s (a slow-path branch
@@ -111,6 +113,7 @@ METAL_MACROS = r"""
 #define KRCP(v) (1.0f / (v))
 #define KALIGNED16(p) (true)
 #define KPREFETCH_L2(p) ((void)0)
+#define KBITS_FLOAT(b) as_type<float>((int)(b))
 
 KDEV float kwarp_sum(float v) { return metal::simd_sum(v); }
 KDEV float kwarp_max(float v) { return metal::simd_max(v); }
@@ -628,4 +631,5 @@ CUDA_ONLY_TOKENS = (
     "__global__", "__device__", "__shared__", "__syncthreads", "__shfl", "threadIdx",
     "blockIdx", "blockDim", "gridDim", "__forceinline__", "__nv_bfloat16", "__half",
     "cooperative_groups", "AlignedVector", "mlx::core::cu", "expf(", "logf(", "sqrtf(", "fmaxf(",
+    "__int_as_float",
 )
