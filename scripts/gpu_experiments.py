@@ -24,6 +24,7 @@ copy floor two ways, and where B=1 latency goes (Python graph building vs the ev
     python scripts/gpu_experiments.py flat-logits (only the static layer's logits unreshaped vs reshaped)
     python scripts/gpu_experiments.py b1-sync (only B = 1 eval against a launch's GPU time; compiled B = 1 forms)
     python scripts/gpu_experiments.py b1-latency (only the B = 1 static forward: LAYER_LATENCY, the compiled latency path)
+    python scripts/gpu_experiments.py b1-trace (only each B = 1 form's kernel durations, traced as the bench runs it)
     python scripts/gpu_experiments.py b1 [ncu]  (only the B = 1 layer kernel by Sinkhorn iterations)
 """
 
@@ -1114,6 +1115,87 @@ def b1_latency(rounds=5):
     alternated_settings("B=1 latency kernel", rows, forms, rounds)
 
 
+def b1_trace(evals=60):
+    """Each B = 1 form's kernels as the bench runs them (one build + eval per call), traced by
+    PyTorch's profiler (CUPTI sees MLX's launches): per form, the median GPU duration of each
+    kernel and the median gap from one kernel's end to the next's start within a call, next to
+    the host's median µs per call. Spins of known cycles calibrate the clock. Forms: spins of
+    1980 and 3960 cycles, the tiny op, the static layer (defaults; LAYER's inline form eager),
+    the dynamic site's pre + post (eager; and under one mx.compile of (x, parameters))."""
+    import json
+    import tempfile
+
+    import torch
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from gpu_profile import mark
+    from gpu_timeline import _between_markers, _kernels
+    from mhc_mlx.kernels.build import launch
+
+    n, C = 4, 512
+    x1, raw, a1 = b1_inputs(n, C)
+    m = mhc.MHCLayer(n, C)
+    hc = mhc.HyperConnection(C, n)
+    mx.eval(m.parameters(), hc.parameters())
+    dps = [hc.phi, hc.alpha, hc.bias]
+
+    def dyn(x, phi, alpha, bias):
+        hc.phi, hc.alpha, hc.bias = phi, alpha, bias
+        h, cf = hc.pre(x)
+        return hc.post(x, h, cf)
+
+    dyn_c = mx.compile(dyn)
+    touch = spin_spec(True)
+
+    def inline_eager(x):
+        saved = layer.LATENCY_KERNEL, layer.COMPILE_LATENCY
+        layer.LATENCY_KERNEL, layer.COMPILE_LATENCY = False, False
+        try:
+            return m(x)
+        finally:
+            layer.LATENCY_KERNEL, layer.COMPILE_LATENCY = saved
+
+    forms = {
+        "spin 1980 cycles": lambda: launch(touch, [x1], [((2048,), mx.float32)], 32, 32, [("CYC", 1980)])[0],
+        "spin 3960 cycles": lambda: launch(touch, [x1], [((2048,), mx.float32)], 32, 32, [("CYC", 3960)])[0],
+        "tiny op": lambda: a1 + 1.0,
+        "static MHCLayer (defaults)": lambda: m(x1),
+        "static MHCLayer (LAYER inline, eager)": lambda: inline_eager(x1),
+        "dynamic pre + post (eager)": lambda: dyn(x1, *dps),
+        "dynamic pre + post (compiled)": lambda: dyn_c(x1, *dps),
+    }
+    host = {}
+    for make in forms.values():
+        for _ in range(5):
+            mx.eval(make())
+    torch.cuda.init()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for i, (label, make) in enumerate(forms.items()):
+            mx.synchronize()
+            mark(i)
+            times = []
+            for _ in range(evals):
+                t0 = time.perf_counter()
+                mx.eval(make())
+                times.append(time.perf_counter() - t0)
+            host[label] = 1e6 * statistics.median(times)
+            mark(i)
+    path = os.path.join(tempfile.mkdtemp(), "b1_trace.json")
+    prof.export_chrome_trace(path)
+    per_form = _between_markers(_kernels(path))
+    for i, label in enumerate(forms):
+        ks = per_form.get(i, [])
+        by_name, gaps = {}, []
+        for (t0, dur, name), nxt in zip(ks, ks[1:] + [None]):
+            by_name.setdefault(name.split("(")[0][-60:], []).append(dur / 1e3)
+            if nxt is not None and nxt[0] - (t0 + dur) < 5e3:  # within one call (calls are ~20 µs apart)
+                gaps.append((nxt[0] - t0 - dur) / 1e3)
+        cells = ", ".join(f"{nm} x{len(d)} {statistics.median(d):.2f}" for nm, d in by_name.items())
+        gap = f"; gap within a call {statistics.median(gaps):.2f} us" if gaps else ""
+        print(f"B=1 trace: {label}: host {host[label]:.1f} us per call; kernels (median us): {cells}{gap}")
+    print(json.dumps({"host_us": host}))
+
+
 def flat_logits(rounds=5):
     """The static layer's two-launch form with the raw logits passed as they are (layer.FLAT_LOGITS,
     three graph nodes fewer per call) against reshaped first, alternated `rounds` times."""
@@ -1153,6 +1235,7 @@ MODES = {
     "flat-logits": flat_logits,
     "b1-sync": b1_sync,
     "b1-latency": b1_latency,
+    "b1-trace": b1_trace,
 }
 
 

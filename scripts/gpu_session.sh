@@ -35,6 +35,7 @@
 #                                            # kernels, GPU idle, host CUDA calls; host times at K = 10, 30
 #   bash scripts/gpu_session.sh gpu-tests    # pytest -m gpu alone
 #   bash scripts/gpu_session.sh latency      # LAYER_LATENCY + compiled latency path: checks, timings
+#   bash scripts/gpu_session.sh b1-trace     # each B = 1 form's kernels traced, the SM clock; B = 1 static forms
 #   bash scripts/gpu_session.sh b1-sync      # B = 1 eval against a launch's GPU time; compiled B = 1 forms
 #   bash scripts/gpu_session.sh b1-split     # B = 1 graph building and eval apart, both parameter forms
 #   bash scripts/gpu_session.sh probe-bench  # the B = 1 layer kernel against an empty launch, the target bench
@@ -341,6 +342,16 @@ case "${1:-}" in
     # checks and pytest's layer tests, then their B = 1 timings
     CHECK_ONLY=layer NO_PYTEST=1 check 240
     run 300 gpu_tests_layer python -m pytest -q -m gpu tests/kernels/test_kernels_gpu.py -k layer -p no:cacheprovider
+    run 120 experiments_b1_latency python scripts/gpu_experiments.py b1-latency
+    ;;
+  b1-trace)
+    # (eighth session of 2026-11-30) each B = 1 form's kernels traced as the bench runs it, the
+    # SM clock sampled meanwhile; then the B = 1 static forward's forms timed
+    (nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw --format=csv -lms 100 > "$res/clocks.csv" 2>&1 &
+     echo $! > "$res/clocks.pid")
+    run 120 experiments_b1_trace python scripts/gpu_experiments.py b1-trace
+    kill "$(cat "$res/clocks.pid")" 2> /dev/null
+    awk -F', ' 'NR > 1 {print $2}' "$res/clocks.csv" | sort | uniq -c | sort -rn | head -8
     run 120 experiments_b1_latency python scripts/gpu_experiments.py b1-latency
     ;;
   b1-sync)

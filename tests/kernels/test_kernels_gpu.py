@@ -220,7 +220,9 @@ def _layer_gradients_match_the_reference(primals, g):
 
 
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16, mx.float16])
-@pytest.mark.parametrize("n,C,T", [(4, 512, 1), (4, 2056, 2), (8, 100, 16), (1, 33, 3), (32, 300, 1)])
+# (32, 2048, 1) and (16, 4096, 1): 255 registers a thread, so at most 256 threads (LATENCY_MAX_THREADS_WIDE)
+@pytest.mark.parametrize("n,C,T", [(4, 512, 1), (4, 2056, 2), (8, 100, 16), (1, 33, 3), (32, 300, 1), (32, 2048, 1),
+                                   (16, 4096, 1)])
 def test_layer_latency_path(monkeypatch, dtype, n, C, T):
     # T <= LATENCY_TOKENS: LAYER_LATENCY (eps and the iterations in its template) under one
     # mx.compile (layer.COMPILE_LATENCY): against float64; equal to the eager launch; and new

@@ -521,3 +521,15 @@ def test_static_layer_passes_its_logits_unreshaped(monkeypatch):
         assert seen == ([((n,), (n, n))] if flat else [((1, n), (1, n, n))])
         act = next(t for t in launched if t[0] == coefficients.ACTIVATE.name)
         assert act[2] >= 32  # one row: one warp
+
+
+@pytest.mark.parametrize("n,C", [(32, 2048), (16, 4096), (9, 8192), (8, 8192), (4, 4096)])
+def test_layer_latency_threadgroup_fits_wide_registers(n, C):
+    # above MAX_N_FUSED the latency kernel's threads hold up to 255 registers: its threadgroup
+    # (32 + S threads) must stay within LATENCY_MAX_THREADS_WIDE, or the launch fails
+    x = mx.zeros((1, n, C), dtype=mx.bfloat16)
+    launched.clear()
+    layer.latency_forward(x, mx.zeros((n,)), mx.zeros((n,)), mx.zeros((n, n)), mx.ones((C,)), 20, 1e-5)
+    name, template, grid, tg = launched[-1]
+    assert name == "mhc_layer_latency" and grid == tg and tg % 32 == 0
+    assert tg <= layer.LATENCY_MAX_THREADS_WIDE or n <= layer.MAX_N_FUSED

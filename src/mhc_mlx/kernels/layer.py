@@ -204,6 +204,10 @@ LAYER = KernelSpec(
 # a parameter array (eps's 4 bytes lived in MLX's managed scalar pool, which the host keeps
 # writing). False: the LAYER kernel's inline form.
 LATENCY_KERNEL = True
+# Above MAX_N_FUSED the kernel holds up to 255 registers a thread, and a threadgroup may hold 64 K:
+# at most 256 threads (1 x 32 x 2048 with 32 + 256 failed to launch on the H200, "too many
+# resources requested", 2026-11-30).
+LATENCY_MAX_THREADS_WIDE = 256
 
 LAYER_LATENCY = KernelSpec(
     name="mhc_layer_latency",
@@ -583,6 +587,8 @@ def latency_forward(x, pre, post, res, weight, iters: int, eps: float):
     for d in lead:
         T *= d
     V, tg, cpt, _ = plan(T, n, C, x.dtype.size)
+    if n > MAX_N_FUSED and tg + 32 > LATENCY_MAX_THREADS_WIDE:
+        V, tg, cpt, _ = plan(T, n, C, x.dtype.size, LATENCY_MAX_THREADS_WIDE - 32)
     return launch(
         LAYER_LATENCY, [x, pre, post, res, weight], [(x.shape, x.dtype)], T * (tg + 32), tg + 32,
         [("T", x.dtype), ("N", n), ("V", V), ("CPT", cpt), ("C", C), ("ITERS", iters),
