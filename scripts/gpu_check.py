@@ -343,9 +343,10 @@ SWITCHES = {
     "--layer-inline-kernel": (layer, "LATENCY_KERNEL", False,
                               "the static layer's single launch at T <= LATENCY_TOKENS by LAYER's inline form "
                               "(layer.LATENCY_KERNEL = False; by default LAYER_LATENCY)"),
-    "--layer-eager": (layer, "COMPILE_LATENCY", False,
-                      "the static layer's latency path eager (layer.COMPILE_LATENCY = False; by default under "
-                      "one mx.compile)"),
+    "--eager-latency": (build, "COMPILE_LATENCY", False,
+                        "the latency paths eager (build.COMPILE_LATENCY = False; by default the static layer's "
+                        "single launch, the dynamic read step and post run under mx.compile up to "
+                        "LATENCY_COMPILE_TOKENS tokens)"),
     "--layer-replay": (layer, "COEFFICIENTS_JACOBIAN", False,
                        "the static layer coefficient backward's Sinkhorn backward as the one-thread replay "
                        "(layer.COEFFICIENTS_JACOBIAN = False; by default n^2 lanes of forward mode)"),

@@ -41,7 +41,7 @@ import mlx.core as mx  # noqa: E402
 
 import mhc_mlx as mhc  # noqa: E402
 from mhc_mlx.bench import timing  # noqa: E402
-from mhc_mlx.kernels import coefficients, layer, site, sinkhorn  # noqa: E402
+from mhc_mlx.kernels import build, coefficients, layer, site, sinkhorn  # noqa: E402
 
 BF = mx.bfloat16
 
@@ -1098,16 +1098,19 @@ def b1_sync(rounds=5):
 
 
 def b1_latency(rounds=5):
-    """The B = 1 static forward (n = 4, C = 512, bf16) with LAYER_LATENCY (layer.LATENCY_KERNEL)
-    against LAYER's inline form, each eager and under the compiled latency path
-    (layer.COMPILE_LATENCY), alternated `rounds` times, as the bench times it; with the tiny op
-    for scale and the layer function's eval alone (graph built first). Then the 1 x 32 x 2048
-    static forward the same way."""
+    """The B = 1 forwards (n = 4, C = 512, bf16) with the latency kernels (layer.LATENCY_KERNEL's
+    LAYER_LATENCY, coefficients.SPLIT_SMALL's split read step) against the kernels before them
+    (LAYER's inline form, one threadgroup per token), each eager and under the compiled latency
+    paths (build.COMPILE_LATENCY), alternated `rounds` times, as the bench times them; with the
+    tiny op for scale and the layer function's eval alone (graph built first). Then the
+    1 x 32 x 2048 static forward the same way."""
     x1, raw, a1 = b1_inputs(4, 512)
-    forms = {"inline LAYER, eager": [(layer, "LATENCY_KERNEL", False), (layer, "COMPILE_LATENCY", False)],
-             "inline LAYER, compiled": [(layer, "LATENCY_KERNEL", False), (layer, "COMPILE_LATENCY", True)],
-             "LAYER_LATENCY, eager": [(layer, "LATENCY_KERNEL", True), (layer, "COMPILE_LATENCY", False)],
-             "LAYER_LATENCY, compiled": [(layer, "LATENCY_KERNEL", True), (layer, "COMPILE_LATENCY", True)]}
+    def form(kernels_new, compile_):
+        return [(layer, "LATENCY_KERNEL", kernels_new), (coefficients, "SPLIT_SMALL", kernels_new),
+                (build, "COMPILE_LATENCY", compile_)]
+
+    forms = {"before (eager)": form(False, False), "compiled": form(False, True),
+             "new kernels (eager)": form(True, False), "new kernels, compiled (defaults)": form(True, True)}
     rows = {"tiny op (build + eval)": lambda: timing.latency_us(lambda: a1 + 1.0, [], repeats=200),
             "layer function eval alone": lambda: eval_us(lambda: layer.mhc_layer(x1, *raw, 20, 1e-5), 200)}
     rows.update(case_rows(("static", "fwd", (1, 4, 512), "latency"), ("dynamic", "fwd", (1, 4, 512), "latency"),
@@ -1121,7 +1124,8 @@ def b1_trace(evals=60):
     kernel and the median gap from one kernel's end to the next's start within a call, next to
     the host's median µs per call. Spins of known cycles calibrate the clock. Forms: spins of
     1980 and 3960 cycles, the tiny op, the static layer (defaults; LAYER's inline form eager),
-    the dynamic site's pre + post (eager; and under one mx.compile of (x, parameters))."""
+    the dynamic site's pre + post (defaults; the kernels before the latency kernels, eager; and
+    the defaults under one more mx.compile of (x, parameters))."""
     import json
     import tempfile
 
@@ -1147,22 +1151,25 @@ def b1_trace(evals=60):
     dyn_c = mx.compile(dyn)
     touch = spin_spec(True)
 
-    def inline_eager(x):
-        saved = layer.LATENCY_KERNEL, layer.COMPILE_LATENCY
-        layer.LATENCY_KERNEL, layer.COMPILE_LATENCY = False, False
-        try:
-            return m(x)
-        finally:
-            layer.LATENCY_KERNEL, layer.COMPILE_LATENCY = saved
+    def before(fn):  # the kernels before the latency kernels, eager
+        def run(*a):
+            saved = layer.LATENCY_KERNEL, coefficients.SPLIT_SMALL, build.COMPILE_LATENCY
+            layer.LATENCY_KERNEL, coefficients.SPLIT_SMALL, build.COMPILE_LATENCY = False, False, False
+            try:
+                return fn(*a)
+            finally:
+                layer.LATENCY_KERNEL, coefficients.SPLIT_SMALL, build.COMPILE_LATENCY = saved
+        return run
 
     forms = {
         "spin 1980 cycles": lambda: launch(touch, [x1], [((2048,), mx.float32)], 32, 32, [("CYC", 1980)])[0],
         "spin 3960 cycles": lambda: launch(touch, [x1], [((2048,), mx.float32)], 32, 32, [("CYC", 3960)])[0],
         "tiny op": lambda: a1 + 1.0,
         "static MHCLayer (defaults)": lambda: m(x1),
-        "static MHCLayer (LAYER inline, eager)": lambda: inline_eager(x1),
-        "dynamic pre + post (eager)": lambda: dyn(x1, *dps),
-        "dynamic pre + post (compiled)": lambda: dyn_c(x1, *dps),
+        "static MHCLayer (before: LAYER inline, eager)": lambda: before(m)(x1),
+        "dynamic pre + post (defaults)": lambda: dyn(x1, *dps),
+        "dynamic pre + post (before: one threadgroup, eager)": lambda: before(dyn)(x1, *dps),
+        "dynamic pre + post (defaults, under one more mx.compile)": lambda: dyn_c(x1, *dps),
     }
     host = {}
     for make in forms.values():

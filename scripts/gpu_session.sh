@@ -35,6 +35,7 @@
 #                                            # kernels, GPU idle, host CUDA calls; host times at K = 10, 30
 #   bash scripts/gpu_session.sh gpu-tests    # pytest -m gpu alone
 #   bash scripts/gpu_session.sh latency      # LAYER_LATENCY + compiled latency path: checks, timings
+#   bash scripts/gpu_session.sh latency2     # the split read step and the latency paths: checks, B = 1 trace, timings
 #   bash scripts/gpu_session.sh b1-trace     # each B = 1 form's kernels traced, the SM clock; B = 1 static forms
 #   bash scripts/gpu_session.sh b1-sync      # B = 1 eval against a launch's GPU time; compiled B = 1 forms
 #   bash scripts/gpu_session.sh b1-split     # B = 1 graph building and eval apart, both parameter forms
@@ -343,6 +344,14 @@ case "${1:-}" in
     CHECK_ONLY=layer NO_PYTEST=1 check 240
     run 300 gpu_tests_layer python -m pytest -q -m gpu tests/kernels/test_kernels_gpu.py -k layer -p no:cacheprovider
     run 120 experiments_b1_latency python scripts/gpu_experiments.py b1-latency
+    ;;
+  latency2)
+    # (eighth session of 2026-11-30) the split read step (coefficients.SPLIT_SMALL) with the rest
+    # of the latency paths: the coefficient, read-step and layer checks, then the B = 1 trace
+    # and timings
+    CHECK_ONLY=coefficients,read_step,layer NO_PYTEST=1 check 300
+    run 120 experiments_b1_trace python scripts/gpu_experiments.py b1-trace
+    run 150 experiments_b1_latency python scripts/gpu_experiments.py b1-latency
     ;;
   b1-trace)
     # (eighth session of 2026-11-30) each B = 1 form's kernels traced as the bench runs it, the

@@ -260,16 +260,25 @@ def test_dynamic_coefficients_with_pre_in_one_launch(monkeypatch, flavour, tb, d
 @pytest.mark.parametrize("dtype", DTYPES)
 # odd C, C = 1, n = 1 and 8, K below, at and above the threadgroup's 256 rows (several rows a
 # thread), one token and several
-@pytest.mark.parametrize("n,C,T", [(4, 40, 3), (2, 33, 5), (8, 16, 2), (1, 7, 1), (3, 1, 4), (4, 64, 1), (4, 300, 2)])
-def test_dynamic_coefficients_one_threadgroup_per_token(monkeypatch, flavour, dtype, n, C, T):
-    # coefficients.DYNAMIC_SMALL / DYNAMIC_SMALL_PRE (candidate, up to SMALL_TOKENS tokens): the
-    # five outputs against float64 as the tiled kernel's, the read step's h as pre's own kernel's
+@pytest.mark.parametrize("n,C,T", [(4, 40, 3), (2, 33, 5), (8, 16, 2), (1, 7, 1), (3, 1, 4), (4, 64, 1), (4, 300, 2),
+                                   (8, 100, 1)])
+# split: DYNAMIC_SPLIT_PARTIAL + DYNAMIC_SPLIT_FINISH (coefficients.SPLIT_SMALL, the default;
+# K = n * C over 256 rows takes several partial threadgroups), else one threadgroup per token
+@pytest.mark.parametrize("split", [True, False])
+def test_dynamic_coefficients_one_threadgroup_per_token(monkeypatch, flavour, dtype, n, C, T, split):
+    # coefficients.DYNAMIC_SMALL / DYNAMIC_SMALL_PRE (up to SMALL_TOKENS tokens): the five
+    # outputs against float64 as the tiled kernel's, the read step's h as pre's own kernel's
     monkeypatch.setattr(coefficients, "SMALL_TOKENS", 8)
+    monkeypatch.setattr(coefficients, "SPLIT_SMALL", split)
     x, phi, alpha, bias = _dynamic_inputs(T, n, C, dtype)
     x2 = x.reshape(T, n * C)
     emu.launched.clear()
     five = coefficients.dynamic_forward(x2, phi, alpha, bias, n, 20, 1e-6, form="kernel")
-    assert [name for name, *_ in emu.launched] == ["mhc_coefficients_dynamic_small"]
+    small = (["mhc_coefficients_split_partial", "mhc_coefficients_split_finish"] if split
+             else ["mhc_coefficients_dynamic_small"])
+    assert [name for name, *_ in emu.launched] == small
+    if split:
+        assert emu.launched[0][2] == T * -(-(n * C) // 256) * 256 and emu.launched[1][1]["PRE"] is False
     want = ref64.coefficients(np64(x), np64(phi), np64(alpha), np64(bias), 20, 1e-6)
     for got, w in zip(five[:3], want):
         assert rel(got.reshape(w.shape), w) <= 1e-5
@@ -279,7 +288,7 @@ def test_dynamic_coefficients_one_threadgroup_per_token(monkeypatch, flavour, dt
     assert rel(five[4], invr64) <= 1e-6
     emu.launched.clear()
     *again, h = coefficients.dynamic_read_forward(x2, phi, alpha, bias, n, 20, 1e-6)
-    assert [name for name, *_ in emu.launched] == ["mhc_coefficients_dynamic_small_pre"]
+    assert [name for name, *_ in emu.launched] == (small if split else ["mhc_coefficients_dynamic_small_pre"])
     for a, b in zip(again, five):
         assert np.array_equal(np64(a), np64(b))
     assert h.shape == (T, C) and h.dtype == dtype
@@ -292,6 +301,13 @@ def test_dynamic_coefficients_one_threadgroup_per_token(monkeypatch, flavour, dt
     assert [name for name, *_ in emu.launched] == ["mhc_coefficients_dynamic"] * 2
 
 
+def small_launches(pre: bool) -> list[str]:
+    """The few-token coefficient forward's launches under coefficients.SPLIT_SMALL."""
+    if coefficients.SPLIT_SMALL:
+        return ["mhc_coefficients_split_partial", "mhc_coefficients_split_finish"]
+    return ["mhc_coefficients_dynamic_small_pre" if pre else "mhc_coefficients_dynamic_small"]
+
+
 def test_one_threadgroup_per_token_is_the_default_up_to_16_tokens():
     # the default since the H200 (2026-11-30): B = 1 and 16 tokens take one threadgroup per
     # token, 17 the tiled kernel
@@ -302,7 +318,7 @@ def test_one_threadgroup_per_token_is_the_default_up_to_16_tokens():
         emu.launched.clear()
         coefficients.dynamic_forward(x.reshape(T, 96), phi, alpha, bias, 4, 20, 1e-6, form="kernel")
         launched += [name for name, *_ in emu.launched]
-    assert launched == ["mhc_coefficients_dynamic_small"] * 2 + ["mhc_coefficients_dynamic"]
+    assert launched == small_launches(False) * 2 + ["mhc_coefficients_dynamic"]
 
 
 @pytest.mark.parametrize("ku", [1, 2, 4])
@@ -600,7 +616,7 @@ def test_fused_read_step_forward_and_backward(monkeypatch, flavour, dtype, n, C,
     # (up to coefficients.SMALL_TOKENS tokens, as here, their one-threadgroup-per-token forms)
     one_launch = build.gpu_backend() == "cuda"
     assert [name for name, *_ in emu.launched] == (
-        ["mhc_coefficients_dynamic_small_pre"] if one_launch else ["mhc_coefficients_dynamic_small", "mhc_pre"])
+        small_launches(True) if one_launch else small_launches(False) + ["mhc_pre"])
     want = ref64.coefficients(np64(x), np64(phi), np64(alpha), np64(bias), 20, 1e-6)
     for got, w in zip((H_pre, H_post, H_res), want):
         assert rel(got, w.reshape(got.shape)) <= 1e-5
@@ -1398,7 +1414,9 @@ MISALIGNED_CASES = {
     "coefficients-mma": lambda mp: test_dynamic_coefficients_forward(mp, "cuda", "mma", None, mx.bfloat16, 4, 40, 19),
     "coefficients-mma-f16": lambda mp: test_dynamic_coefficients_forward(mp, "cuda", "mma", None, mx.float16, 4, 24, 70),
     "coefficients-small": lambda mp: test_dynamic_coefficients_one_threadgroup_per_token(
-        mp, "cuda", mx.bfloat16, 4, 40, 3),
+        mp, "cuda", mx.bfloat16, 4, 40, 3, False),
+    "coefficients-split": lambda mp: test_dynamic_coefficients_one_threadgroup_per_token(
+        mp, "cuda", mx.bfloat16, 4, 300, 2, True),
     "coefficients-backward": lambda mp: test_dynamic_coefficients_backward(mp, "cuda", None, None, mx.bfloat16),
     "mma-backward": lambda mp: test_tensor_core_coefficient_backward_products(mx.bfloat16, 4, 40, 37),
     "read-step": lambda mp: test_fused_read_step_forward_and_backward(mp, "cuda", mx.bfloat16, 4, 24, (7,)),

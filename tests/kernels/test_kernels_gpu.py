@@ -225,7 +225,7 @@ def _layer_gradients_match_the_reference(primals, g):
                                    (16, 4096, 1)])
 def test_layer_latency_path(monkeypatch, dtype, n, C, T):
     # T <= LATENCY_TOKENS: LAYER_LATENCY (eps and the iterations in its template) under one
-    # mx.compile (layer.COMPILE_LATENCY): against float64; equal to the eager launch; and new
+    # mx.compile (build.COMPILE_LATENCY): against float64; equal to the eager launch; and new
     # parameter values of the same shapes are used (inputs of the compiled function, not
     # constants of its trace)
     x = mx.random.normal((T, n, C)).astype(dtype)
@@ -234,14 +234,47 @@ def test_layer_latency_path(monkeypatch, dtype, n, C, T):
     for eps in (1e-5, 0.5):
         got = layer.mhc_layer(x, *p, 20, eps)
         assert ref64.rel_err(np64(got), ref64.layer(np64(x), *[np64(a) for a in p], 20, eps)) <= TOL[dtype]
-        monkeypatch.setattr(layer, "COMPILE_LATENCY", False)
+        monkeypatch.setattr(build, "COMPILE_LATENCY", False)
         eager = layer.mhc_layer(x, *p, 20, eps)
-        monkeypatch.setattr(layer, "COMPILE_LATENCY", True)
+        monkeypatch.setattr(build, "COMPILE_LATENCY", True)
         assert np.array_equal(np64(got), np64(eager))
     p = [a + 0.5 for a in p]
     for iters in (20, 7):  # 20: the function compiled above, on the new values
         got = layer.mhc_layer(x, *p, iters, 1e-5)
         assert ref64.rel_err(np64(got), ref64.layer(np64(x), *[np64(a) for a in p], iters, 1e-5)) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+@pytest.mark.parametrize("T", [1, 16, 17])
+def test_dynamic_site_latency_path(monkeypatch, dtype, T):
+    # up to build.LATENCY_COMPILE_TOKENS tokens the dynamic read step and post run under
+    # mx.compile: the site's output equals the eager path's, its gradients match them, and new
+    # parameter values (same shapes) are used, not the trace's
+    import mhc_mlx as mhc
+
+    n, C = 4, 512
+    hc = mhc.HyperConnection(C, n, init="paper")
+    x = mx.random.normal((T, n, C)).astype(dtype)
+    g = mx.random.normal((T, n, C)).astype(dtype)
+
+    def site_fn(x, phi, alpha, bias):
+        hc.phi, hc.alpha, hc.bias = phi, alpha, bias
+        h, coeffs = hc.pre(x)
+        return hc.post(x, h * 0.5, coeffs)
+
+    def run(params, compile_latency):
+        monkeypatch.setattr(build, "COMPILE_LATENCY", compile_latency)
+        (out,), grads = mx.vjp(site_fn, [x, *params], [g])
+        mx.eval(out, grads)
+        return out, grads
+
+    params = [0.05 * mx.random.normal(hc.phi.shape), mx.array([0.3, 0.2, 0.1]), 0.5 * mx.random.normal(hc.bias.shape)]
+    for p in (params, [a * 1.5 + 0.01 for a in params]):
+        out, grads = run(p, True)
+        want_out, want_grads = run(p, False)
+        assert np.array_equal(np64(out), np64(want_out))
+        for a, b in zip(grads, want_grads):
+            assert ref64.rel_err(np64(a), np64(b)) <= 1e-5
 
 
 def test_layer_latency_path_gradients_under_a_users_compile():

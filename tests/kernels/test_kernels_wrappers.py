@@ -16,10 +16,15 @@ MODULES = (coefficients, coefficients_mma, coefficients_mma_vjp, layer, sinkhorn
 launched = []
 
 
-def _fused_dynamic(tokens: int) -> str:
-    """The fused dynamic coefficient kernel for this many tokens: one threadgroup per token up to
-    coefficients.SMALL_TOKENS, the tiled kernel above."""
-    return "mhc_coefficients_dynamic_small" if tokens <= coefficients.SMALL_TOKENS else "mhc_coefficients_dynamic"
+def _fused_dynamic(tokens: int, pre: bool = False) -> str:
+    """The fused dynamic coefficient kernel for this many tokens (its last launch): up to
+    coefficients.SMALL_TOKENS the split form's finishing kernel (coefficients.SPLIT_SMALL) or one
+    threadgroup per token, the tiled kernel above."""
+    if tokens > coefficients.SMALL_TOKENS:
+        return "mhc_coefficients_dynamic"
+    if coefficients.SPLIT_SMALL:
+        return "mhc_coefficients_split_finish"
+    return "mhc_coefficients_dynamic_small_pre" if pre else "mhc_coefficients_dynamic_small"
 
 
 @pytest.fixture(autouse=True)
@@ -402,7 +407,7 @@ def test_read_step_auto_only_where_its_forward_is_one_launch(monkeypatch, backen
     launched.clear()
     mx.eval(hc(x, lambda h: h * 2))
     names = {name for name, *_ in launched}
-    assert ("mhc_coefficients_dynamic_small_pre" in names) == one_launch, names  # 6 tokens
+    assert (_fused_dynamic(6, pre=True) in names) == one_launch, names  # 6 tokens
     assert ("mhc_pre" in names) == (not one_launch), names
     # on Metal there is no one-launch read step (the two ops' kernels carry the first-use checks)
     monkeypatch.setattr(build, "gpu_backend", lambda: "metal")

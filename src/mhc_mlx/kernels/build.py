@@ -28,6 +28,41 @@ def poison_outputs(value: float | None) -> None:
     _poison[0] = value
 
 
+
+# The latency paths (a few tokens: the static layer's single launch, the dynamic read step, post)
+# run under mx.compile, cached per setting: a call then replays the recorded launches instead of
+# running this package's Python (custom functions, the launches' arguments), which was most of a
+# B = 1 call's graph building. The parameters are inputs of the compiled functions, never their
+# constants, so updated parameters are used. H200 (2026-11-30, eighth session,
+# gpu_experiments.py b1-sync, build + eval, medians of 5 alternated runs): the static layer
+# function at 1 x 4 x 512 bf16 38.8 µs compiled against 56.1 eager, the dynamic site's pre +
+# post 90.5 against 178.8. Only on a GPU: on the CPU no kernel runs, and the test emulator
+# evaluates each launch at once, which no trace allows. False: eager.
+COMPILE_LATENCY = True
+LATENCY_COMPILE_TOKENS = 16  # up to this many tokens
+
+
+@lru_cache(maxsize=None)
+def gpu_present() -> bool:
+    """Whether this MLX has a GPU device (the real one, whatever a test stands in)."""
+    return bool(mx.is_available(mx.gpu))
+
+
+def compiles_latency(tokens: int) -> bool:
+    """Whether a call of `tokens` tokens takes its op's compiled latency path (compiled())."""
+    return COMPILE_LATENCY and tokens <= LATENCY_COMPILE_TOKENS and gpu_present()
+
+
+@lru_cache(maxsize=None)
+def _compiled(fn, key):
+    return mx.compile(fn)
+
+
+def compiled(fn, *key):
+    """fn under mx.compile, one per (fn, key, the poison value): `key` holds the settings fn's
+    trace reads (a trace is reused for every call of the same input shapes and dtypes)."""
+    return _compiled(fn, (key, _poison[0]))
+
 @dataclass(frozen=True)
 class KernelSpec:
     name: str

@@ -14,6 +14,7 @@ from .build import float_bits
 SPECS = (
     sinkhorn.FORWARD, sinkhorn.BACKWARD, sinkhorn.BACKWARD_THREAD, sinkhorn.BACKWARD_JACOBIAN, coefficients.ACTIVATE, coefficients.DYNAMIC,
     coefficients.DYNAMIC_PRE, coefficients.DYNAMIC_SMALL, coefficients.DYNAMIC_SMALL_PRE,
+    coefficients.DYNAMIC_SPLIT_PARTIAL, coefficients.DYNAMIC_SPLIT_FINISH,
     coefficients.DYNAMIC_VJP, coefficients.DYNAMIC_VJP_PRE, coefficients.DYNAMIC_VJP_ACC, coefficients.DYNAMIC_VJP_PRE_ACC,
     site.PRE, site.PRE_VJP, site.PRE_VJP_ACC, site.PRE_VJP_RES, site.POST, site.POST_VJP, layer.LAYER, layer.LAYER_LATENCY, layer.LAYER_VJP,
     layer.COEFFICIENTS_VJP, coefficients.DYNAMIC_VJP_GLUE, coefficients.DYNAMIC_VJP_SINKHORN,
@@ -68,6 +69,12 @@ def instances():
                         [("T", dt), ("N", n)]))
             out.append((coefficients.DYNAMIC_SMALL_PRE, (dt, F32, F32, F32, I32, F32), (F32,) * 5 + (dt,),
                         [("T", dt), ("N", n)]))
+            K = n * (1000 if n == 1 else 512)
+            out.append((coefficients.DYNAMIC_SPLIT_PARTIAL, (dt, F32), (F32,), [("T", dt), ("N", n), ("K", K)]))
+            for pre in (True, False):
+                out.append((coefficients.DYNAMIC_SPLIT_FINISH, (dt, F32, F32, F32), (F32,) * 5 + (dt,),
+                            [("T", dt), ("N", n), ("K", K), ("V", 16 // dt.size if n > 1 else 1), ("ITERS", 20),
+                             ("EPS_BITS", float_bits(1e-6)), ("PRE", pre)]))
             out.append((coefficients.DYNAMIC_VJP, (dt, F32, F32, F32, I32), (dt, F32),
                         [("T", dt), ("N", n)]))
             out.append((coefficients.DYNAMIC_VJP_PRE, (dt, F32, F32, F32, F32, dt, I32), (dt, F32),

@@ -320,6 +320,140 @@ DYNAMIC_SMALL_PRE = KernelSpec(
   }
 """,
 )
+# The same few-token forward split over the GPU (coefficients.SPLIT_SMALL): at B = 1 the one
+# threadgroup of DYNAMIC_SMALL_PRE read all of phi ([n*C, W] float32, 196 KB at n = 4, C = 512)
+# through one SM, 12.2 µs of GPU time against 2.9 for post (H200, 2026-11-30, eighth session,
+# gpu_experiments.py b1-trace; the launch's GPU time adds to a B = 1 eval, see layer.LAYER_LATENCY).
+# DYNAMIC_SPLIT_PARTIAL: T * P threadgroups of 256 threads, P = ceil(K / 256), each thread one row
+# of x and phi: its W products and x^2, summed over the threadgroup into part [T, P, W + 1].
+# DYNAMIC_SPLIT_FINISH: one threadgroup per token; warp 0 sums the P partials and finishes as
+# DYNAMIC_SMALL does (the same outputs, the dot products summed in another order); with PRE the
+# stream threads (warps 1..) compute H_pre from the same partials themselves, so h = sum_i H_pre_i
+# x_i needs no barrier and no wait for the Sinkhorn. K, the iterations and eps are template
+# constants: nothing waits on a parameter array.
+SPLIT_ROWS = 256  # rows of x and phi per partial threadgroup (one a thread)
+DYNAMIC_SPLIT_PARTIAL = KernelSpec(
+    name="mhc_coefficients_split_partial",
+    inputs=("xin", "phi"),
+    outputs=("part",),
+    body=r"""
+  constexpr int W = N * (N + 2);
+  constexpr int P = (K + 255) / 256;  // launched with SPLIT_ROWS = 256 threads
+  constexpr int NW = 256 / 32;
+  KSHARED float red[NW * (W + 1)];
+  const int64_t t = KBID / P;
+  const int p = KBID % P;
+  const int lane = KLANE;
+  const int warp = KWARP;
+  const int k = p * 256 + KTID;
+  float acc[W + 1];
+  if (k < K) {
+    const float xv = static_cast<float>(xin[t * K + k]);
+    float ph[W];
+    if (W % 4 == 0) {
+      const bool vec = KALIGNED16(phi);
+      KUNROLL for (int q = 0; q < W / 4; ++q) kload<float, 4>(ph + 4 * q, phi, (int64_t)k * W + 4 * q, vec);
+    } else {
+      KUNROLL for (int c = 0; c < W; ++c) ph[c] = phi[(int64_t)k * W + c];
+    }
+    KUNROLL for (int c = 0; c < W; ++c) acc[c] = xv * ph[c];
+    acc[W] = xv * xv;
+  } else {
+    KUNROLL for (int c = 0; c <= W; ++c) acc[c] = 0.0f;
+  }
+  if (W + 1 <= 32) {  // lane c gets the warp's sum of column c: 31 shuffles, not 5 per column
+    const float v = ktranspose_row_sum<(W + 1 <= 32 ? W + 1 : 1)>(acc);
+    if (lane <= W) red[warp * (W + 1) + lane] = v;
+  } else {
+    KUNROLL for (int c = 0; c <= W; ++c) {
+      const float v = kwarp_sum(acc[c]);
+      if (lane == 0) red[warp * (W + 1) + c] = v;
+    }
+  }
+  KBARRIER();
+  for (int c = KTID; c <= W; c += KNT) {
+    float v = 0.0f;
+    for (int w = 0; w < NW; ++w) v += red[w * (W + 1) + c];
+    part[(t * P + p) * (W + 1) + c] = v;
+  }
+""",
+)
+DYNAMIC_SPLIT_FINISH = KernelSpec(
+    name="mhc_coefficients_split_finish",
+    inputs=("xin", "part", "alpha", "bias"),
+    outputs=("hpre", "hpost", "hres", "mraw", "invr", "hout"),
+    body=r"""
+  constexpr int W = N * (N + 2);
+  constexpr int R = (W + 31) / 32;
+  constexpr int P = (K + 255) / 256;
+  constexpr int CW = K / N;  // channels per stream
+  KSHARED float lg[W];
+  const float eps = KBITS_FLOAT(EPS_BITS);
+  const int64_t t = KBID;
+  const int lane = KLANE;
+  const int warp = KWARP;
+  const int64_t row = t * P * (W + 1);
+  if (warp == 0) {
+    float ss = 0.0f;
+    for (int p = 0; p < P; ++p) ss += part[row + p * (W + 1) + W];
+    const float rr = KSQRT(ss / (float)K + eps);
+    KUNROLL for (int r = 0; r < R; ++r) {
+      const int c = lane + 32 * r;
+      if (c < W) {
+        float d = 0.0f;
+        for (int p = 0; p < P; ++p) d += part[row + p * (W + 1) + c];
+        const float m = d / rr;
+        const float a = alpha[c < N ? 0 : (c < 2 * N ? 1 : 2)];
+        mraw[t * W + c] = m;
+        lg[c] = m * a + bias[c];
+      }
+    }
+    if (lane == 0) invr[t] = 1.0f / rr;
+    KWARP_SYNC();
+    const bool live = lane < N;
+    if (live) {
+      hpre[t * N + lane] = ksigmoid(lg[lane]);
+      hpost[t * N + lane] = 2.0f * ksigmoid(lg[N + lane]);
+    }
+    float col[N];
+    KUNROLL for (int i = 0; i < N; ++i) col[i] = live ? lg[2 * N + i * N + lane] : 0.0f;
+    ksinkhorn_warp<N>(col, live, ITERS);
+    if (live) {
+      KUNROLL for (int i = 0; i < N; ++i) hres[(t * N + i) * N + lane] = col[i];
+    }
+  } else if (PRE) {
+    // h = sum_i H_pre_i x_i (as site.PRE sums it), H_pre from the partials as warp 0 computes it
+    const int s = KTID - 32;
+    const int S = KNT - 32;
+    const bool vec = KALIGNED16(xin) && KALIGNED16(hout);
+    float ss = 0.0f;
+    for (int p = 0; p < P; ++p) ss += part[row + p * (W + 1) + W];
+    const float rr = KSQRT(ss / (float)K + eps);
+    float hp[N];
+    KUNROLL for (int i = 0; i < N; ++i) {
+      float d = 0.0f;
+      for (int p = 0; p < P; ++p) d += part[row + p * (W + 1) + i];
+      hp[i] = ksigmoid(d / rr * alpha[0] + bias[i]);
+    }
+    for (int cv = s; cv < CW / V; cv += S) {
+      float xv[N * V];
+      KUNROLL for (int i = 0; i < N; ++i) kload<T, V>(xv + i * V, xin, t * K + (int64_t)i * CW + (int64_t)cv * V, vec);
+      float o[V];
+      KUNROLL for (int e = 0; e < V; ++e) {
+        float v = 0.0f;
+        KUNROLL for (int i = 0; i < N; ++i) v += hp[i] * xv[i * V + e];
+        o[e] = v;
+      }
+      kstore<T, V>(hout, t * CW + (int64_t)cv * V, o, vec);
+    }
+  }
+""",
+)
+# False: DYNAMIC_SMALL / DYNAMIC_SMALL_PRE (one threadgroup per token).
+SPLIT_SMALL = True
+SPLIT_FINISH_MAX_THREADS = 256  # stream threads of the finishing kernel, at most
+
+
 # Up to this many tokens the kernel form takes DYNAMIC_SMALL (DYNAMIC_SMALL_PRE for the read
 # step): one threadgroup per token instead of the tiled kernel's idle lanes; 0: never. 16 since
 # H200 2026-11-30 (docs/kernel-notes.md row 26).
@@ -842,6 +976,8 @@ def _dynamic_kernel(spec, x2, phi, alpha, bias, n: int, iters: int, eps: float, 
         outputs.append(((T, K // n), x2.dtype))
     inputs = [x2, phi.astype(F32), alpha.astype(F32), bias.astype(F32), int_params(T, K, iters), float_params(eps)]
     if tb is None and T <= SMALL_TOKENS:
+        if SPLIT_SMALL:
+            return _split_small(x2, phi, alpha, bias, n, iters, eps, with_h)
         return launch(DYNAMIC_SMALL_PRE if with_h else DYNAMIC_SMALL, inputs, outputs, T * SMALL_THREADS,
                       SMALL_THREADS, [("T", x2.dtype), ("N", n)])
     tb = tb or tokens_per_block(n)
@@ -849,6 +985,26 @@ def _dynamic_kernel(spec, x2, phi, alpha, bias, n: int, iters: int, eps: float, 
     return launch(spec, inputs, outputs, blocks * DYNAMIC_THREADS, DYNAMIC_THREADS,
                   [("T", x2.dtype), ("N", n), ("TB", tb)])
 
+
+
+def _split_small(x2, phi, alpha, bias, n: int, iters: int, eps: float, with_h: bool):
+    """DYNAMIC_SMALL's outputs (and h with with_h) by DYNAMIC_SPLIT_PARTIAL + DYNAMIC_SPLIT_FINISH."""
+    from .site import vector_width
+
+    T, K = x2.shape
+    W = n * (n + 2)
+    P = -(-K // SPLIT_ROWS)
+    part = launch(DYNAMIC_SPLIT_PARTIAL, [x2, phi.astype(F32)], [((T, P, W + 1), F32)], T * P * SPLIT_ROWS,
+                  SPLIT_ROWS, [("T", x2.dtype), ("N", n), ("K", K)])[0]
+    C = K // n
+    V = vector_width(C, x2.dtype.size, n, budget=32)
+    S = min(SPLIT_FINISH_MAX_THREADS, -(-(C // V) // 32) * 32) if with_h else 0
+    outputs = [((T, n), F32), ((T, n), F32), ((T, n, n), F32), ((T, W), F32), ((T,), F32),
+               ((T, C) if with_h else (1,), x2.dtype)]
+    out = launch(DYNAMIC_SPLIT_FINISH, [x2, part, alpha.astype(F32), bias.astype(F32)], outputs, T * (32 + S),
+                 32 + S, [("T", x2.dtype), ("N", n), ("K", K), ("V", V), ("ITERS", iters),
+                          ("EPS_BITS", build.float_bits(eps)), ("PRE", with_h)])
+    return out if with_h else out[:5]
 
 def dynamic_read_forward(x2, phi, alpha, bias, n: int, iters: int, eps: float, form: str | None = None):
     """(H_pre, H_post, H_res, m, 1/r, h [T, C]) in one launch (DYNAMIC_PRE) where the forward

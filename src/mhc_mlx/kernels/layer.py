@@ -18,7 +18,7 @@ from functools import lru_cache
 import mlx.core as mx
 
 from . import coefficients, site, sinkhorn
-from .build import KernelSpec, _poison, float_bits, float_params, int_params, launch
+from .build import KernelSpec, compiled, compiles_latency, float_bits, float_params, int_params, launch
 
 F32 = mx.float32
 MAX_N = 32
@@ -733,28 +733,11 @@ def _function(iters: int, eps: float, inline: bool, threads):
     return layer
 
 
-# The latency path (T <= LATENCY_TOKENS, the single launch) runs under one mx.compile of (x, the
-# logits, the weight), cached per setting: a call then replays the recorded launch instead of
-# running this package's Python (the custom function, the launch's arguments), which was most of
-# a B = 1 call's graph building. The parameters are inputs of the compiled function, never its
-# constants, so updated parameters are used. H200 (2026-11-30, eighth session, gpu_experiments.py
-# b1-sync, build + eval, medians of 5 alternated runs): the layer function at 1 x 4 x 512 bf16
-# 38.8 µs compiled against 56.1 eager. Only on a GPU (on the CPU no kernel runs; the test
-# emulator evaluates each launch at once, which no trace allows). False: eager.
-COMPILE_LATENCY = True
-
-
 @lru_cache(maxsize=None)
-def _compiled_latency(iters: int, eps: float, threads, latency_kernel: bool, poison):
-    """The single-launch layer under mx.compile; latency_kernel and poison (build's init value,
-    for the GPU checks) are keys only: the trace reads them as module state."""
+def _latency_call(iters: int, eps: float, threads):
+    """The single-launch layer as a plain function of its arrays (for build.compiled)."""
     layer = _function(iters, eps, True, threads)
-    return mx.compile(lambda x, pre_raw, post_raw, res_raw, weight: layer(x, pre_raw, post_raw, res_raw, weight)[0])
-
-
-@lru_cache(maxsize=None)
-def _gpu_present() -> bool:
-    return bool(mx.is_available(mx.gpu))
+    return lambda x, pre_raw, post_raw, res_raw, weight: layer(x, pre_raw, post_raw, res_raw, weight)[0]
 
 
 def mhc_layer(x, H_pre_raw, H_post_raw, H_res_raw, rms_weight, iters: int, eps: float,
@@ -765,8 +748,8 @@ def mhc_layer(x, H_pre_raw, H_post_raw, H_res_raw, rms_weight, iters: int, eps: 
         return _composite(x, H_pre_raw, H_post_raw, H_res_raw, rms_weight, iters, float(eps))
     if inline is None:
         inline = INLINE_ALWAYS or T <= LATENCY_TOKENS or n > MAX_N_FUSED
-    if inline and COMPILE_LATENCY and T <= LATENCY_TOKENS and _gpu_present():
-        return _compiled_latency(iters, float(eps), threads, LATENCY_KERNEL, _poison[0])(
+    if inline and T <= LATENCY_TOKENS and compiles_latency(T):  # the trace reads LATENCY_KERNEL
+        return compiled(_latency_call(iters, float(eps), threads), LATENCY_KERNEL)(
             x, H_pre_raw, H_post_raw, H_res_raw, rms_weight)
     return _function(iters, float(eps), bool(inline), threads)(
         x, H_pre_raw, H_post_raw, H_res_raw, rms_weight

@@ -22,7 +22,7 @@ from functools import lru_cache
 
 import mlx.core as mx
 
-from . import coefficients, site
+from . import build, coefficients, site
 
 
 @lru_cache(maxsize=None)
@@ -58,9 +58,21 @@ def _function(n: int, iters: int, eps: float, chained: bool = False):
     return read_step
 
 
+@lru_cache(maxsize=None)
+def _call(n: int, iters: int, eps: float):
+    """The read step as a plain function of its arrays, its four outputs (for build.compiled)."""
+    read_step = _function(n, iters, eps)
+    return lambda x, phi, alpha, bias: read_step(x, phi, alpha, bias)[:4]
+
+
 def mhc_pre_step(x, phi, alpha, bias, iters: int = 20, eps: float = 1e-6):
     """(h [..., C], H_pre [..., n], H_post [..., n], H_res [..., n, n]) for x [..., n, C]."""
-    h, H_pre, H_post, H_res, _, _ = _function(x.shape[-2], iters, float(eps))(x, phi, alpha, bias)
+    n = x.shape[-2]
+    if build.compiles_latency(x.size // (n * x.shape[-1]) if x.size else 0):
+        # the trace reads the coefficient kernels' form settings
+        return build.compiled(_call(n, iters, float(eps)), coefficients.DYNAMIC_FORM, coefficients.SMALL_TOKENS,
+                              coefficients.WIDE_N)(x, phi, alpha, bias)
+    h, H_pre, H_post, H_res, _, _ = _function(n, iters, float(eps))(x, phi, alpha, bias)
     return h, H_pre, H_post, H_res
 
 

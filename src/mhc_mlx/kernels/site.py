@@ -14,6 +14,7 @@ import math
 import mlx.core as mx
 
 from ..compiled import matmul
+from . import build
 from .build import KernelSpec, edited, int_params, launch
 
 F32 = mx.float32
@@ -557,5 +558,11 @@ def mhc_pre_chained(x, H_pre):
     return _pre_chained(x, H_pre)
 
 
+def _post_call(x, f, H_post, H_res):
+    return _post(x, f, H_post, H_res)
+
+
 def mhc_post(x, f, H_post, H_res):
+    if build.compiles_latency(x.size // (x.shape[-2] * x.shape[-1]) if x.size else 0):
+        return build.compiled(_post_call)(x, f, H_post, H_res)
     return _post(x, f, H_post, H_res)
