@@ -35,6 +35,7 @@
 #                                            # kernels, GPU idle, host CUDA calls; host times at K = 10, 30
 #   bash scripts/gpu_session.sh gpu-tests    # pytest -m gpu alone
 #   bash scripts/gpu_session.sh latency      # LAYER_LATENCY + compiled latency path: checks, timings
+#   bash scripts/gpu_session.sh latency3     # the latency paths' GPU tests, B = 1 timings, the target bench
 #   bash scripts/gpu_session.sh latency2     # the split read step and the latency paths: checks, B = 1 trace, timings
 #   bash scripts/gpu_session.sh b1-trace     # each B = 1 form's kernels traced, the SM clock; B = 1 static forms
 #   bash scripts/gpu_session.sh b1-sync      # B = 1 eval against a launch's GPU time; compiled B = 1 forms
@@ -344,6 +345,16 @@ case "${1:-}" in
     CHECK_ONLY=layer NO_PYTEST=1 check 240
     run 300 gpu_tests_layer python -m pytest -q -m gpu tests/kernels/test_kernels_gpu.py -k layer -p no:cacheprovider
     run 120 experiments_b1_latency python scripts/gpu_experiments.py b1-latency
+    ;;
+  latency3)
+    # (eighth session of 2026-11-30) the latency paths' GPU tests (the layer's latency kernel,
+    # the dynamic site under its compiled latency path), the B = 1 timings, then the target
+    # cases' bench with the seeds
+    run 240 gpu_tests_latency python -m pytest -q -m gpu tests/kernels/test_kernels_gpu.py -k "latency or dynamic_site" \
+      -p no:cacheprovider
+    run 60 core_latency_compile python -m pytest -q tests/core/test_core_latency_compile.py -p no:cacheprovider
+    run 150 experiments_b1_latency python scripts/gpu_experiments.py b1-latency
+    run 300 bench python -m mhc_mlx.cli.main bench --out "$res/bench" --overwrite --seeds .seedpkgs --only "$TARGETS"
     ;;
   latency2)
     # (eighth session of 2026-11-30) the split read step (coefficients.SPLIT_SMALL) with the rest

@@ -10,6 +10,9 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+from functools import lru_cache
+
+import mlx.core as mx
 
 from . import compiled, kernels, reference
 
@@ -80,3 +83,39 @@ def explain(op: str) -> str:
     if not reason:
         return f"kernels ({kernels.status()[op]['reason']}; {kernels.LIMITS_NOTE})"
     return f"compiled (kernels unavailable: {reason})"
+
+
+def trace_key() -> tuple:
+    """What a module's compiled latency path keys on: the forced backend (use_backend's and the
+    environment's, raw), the Metal switch, the default device (a trace's launches are bound to
+    its stream) and the kernels' forward settings."""
+    return (getattr(_forced, "name", None), os.environ.get(ENV_BACKEND), os.environ.get(ENV_DISABLE_METAL),
+            str(mx.default_device()), kernels.trace_key())  # (a Device hashes by identity)
+
+
+_metal_checked = []
+
+
+def latency_compiles(tokens: int) -> bool:
+    """Whether a module call of `tokens` tokens runs its dispatch and ops under one mx.compile
+    (kernels.build.COMPILE_LATENCY: a few tokens, a GPU present). On Metal the kernels' first-use
+    checks run first, eagerly: none can run while mx.compile traces."""
+    from .kernels import build
+
+    if not build.compiles_latency(tokens):
+        return False
+    if not _metal_checked:
+        kernels.check_metal_kernels()
+        _metal_checked.append(True)
+    return True
+
+
+@lru_cache(maxsize=None)
+def _compiled_latency(fn, key):
+    return mx.compile(fn)
+
+
+def compiled_latency(fn, *settings):
+    """fn under mx.compile for a module's latency path: one per (fn, its Python settings, the
+    trace key of this call). fn's arrays are its inputs, never constants of the trace."""
+    return _compiled_latency(fn, (settings, trace_key()))

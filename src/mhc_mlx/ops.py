@@ -131,13 +131,18 @@ def mhc_pre(x: mx.array, H_pre: mx.array) -> mx.array:
     return run_pre(x, H_pre)
 
 
-def mhc_post(x: mx.array, f: mx.array, H_post: mx.array, H_res: mx.array) -> mx.array:
-    """Mix and write: x_next = H_res x + H_post (x) f  ->  [..., n, C] in x's dtype."""
+def check_post(x: mx.array, f: mx.array, H_post: mx.array, H_res: mx.array) -> None:
+    """mhc_post's input checks."""
     n, C = _checks.check_streams(x, "x")
     lead = tuple(x.shape[:-2])
     _checks.check_sublayer_output(f, lead, C)
     _checks.check_coefficient(H_post, "H_post", n, (n,), lead)
     _checks.check_coefficient(H_res, "H_res", n, (n, n), lead)
+
+
+def mhc_post(x: mx.array, f: mx.array, H_post: mx.array, H_res: mx.array) -> mx.array:
+    """Mix and write: x_next = H_res x + H_post (x) f  ->  [..., n, C] in x's dtype."""
+    check_post(x, f, H_post, H_res)
     return run_post(x, f, H_post, H_res)
 
 

@@ -219,6 +219,17 @@ def settings() -> dict:
             "sinkhorn_jacobian_vjp": sinkhorn.JACOBIAN_VJP}
 
 
+
+def trace_key() -> tuple:
+    """The settings a latency path's forward trace reads (build.compiled keys on them, so a
+    changed setting takes a new trace instead of replaying a stale one). Cheaper than settings()."""
+    from . import build, coefficients, layer
+
+    return (layer.LATENCY_KERNEL, layer.INLINE_MAX_N, layer.MAX_N_FUSED, layer.LATENCY_TOKENS, layer.INLINE_ALWAYS,
+            layer.FLAT_LOGITS, layer.PREFETCH_TOKENS, layer.COMPOSITE_FAST_RMS_NORM, coefficients.DYNAMIC_FORM,
+            coefficients.SMALL_TOKENS, coefficients.SPLIT_SMALL, coefficients.WIDE_N, coefficients.MMA_MIN_ELEMENTS,
+            FUSED_READ_STEP, CHAIN_X_COTANGENT, DEFER_POST_X, build.DEVICE_PARAMS, build.COMPILE_LATENCY, build._poison[0])
+
 LIMITS_NOTE = (
     f"kernels cover n <= {MAX_N} streams (dynamic coefficients above n = {MAX_N_DYNAMIC} by MLX "
     "matmuls and kernels); larger n takes the compiled path"

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Callable, NamedTuple
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from .. import _checks, kernels, ops
+from .. import _checks, dispatch, kernels, ops
 from ..compiled.site import hc_coefficients
 from . import init as site_init
 
@@ -92,9 +93,18 @@ class HyperConnection(nn.Module):
             return SiteCoefficients(*hc_coefficients(x, phi, alpha, self.bias, self.eps))
         return SiteCoefficients(*ops.run_coefficients(x, phi, alpha, self.bias, self.sinkhorn_iters, self.eps))
 
+    def _params(self) -> tuple:
+        return (self.phi, self.alpha, self.bias) if self.dynamic else (self.bias,)
+
     def pre(self, x: mx.array) -> tuple[mx.array, SiteCoefficients]:
         """Read the streams: returns the sublayer input [..., dims] and the coefficients."""
         _checks.check_streams(x, "x", n=self.n, C=self.dims)
+        if self.variant == "mhc" and kernels.CHAIN_X_COTANGENT != True and _latency(x):  # noqa: E712
+            # a few tokens: this read's dispatch and ops under one mx.compile (no chained read
+            # there: "auto" takes it only where the backward takes tensor cores, many tokens)
+            read = dispatch.compiled_latency(_read(self.dynamic, self.sinkhorn_iters, self.eps))
+            h, H = read(x, *self._params())
+            return h, SiteCoefficients(*H)
         if kernels.CHAIN_X_COTANGENT and self.variant == "mhc":
             phi, alpha = (self.phi, self.alpha) if self.dynamic else (None, None)
             chained = ops.run_chained_read(x, phi, alpha, self.bias, self.sinkhorn_iters, self.eps)
@@ -115,7 +125,11 @@ class HyperConnection(nn.Module):
         if _deferred_chain(x, coeffs):
             _checks.check_sublayer_output(f, tuple(x.shape[:-2]), self.dims)
             return _post_deferred(coeffs, f)
-        return ops.mhc_post(_streams_for_post(x, coeffs), f, coeffs.post, coeffs.res)
+        x = _streams_for_post(x, coeffs)
+        if _latency(x):
+            ops.check_post(x, f, coeffs.post, coeffs.res)
+            return dispatch.compiled_latency(ops.run_post)(x, f, coeffs.post, coeffs.res)
+        return ops.mhc_post(x, f, coeffs.post, coeffs.res)
 
     def __call__(self, x: mx.array, sublayer: Callable[[mx.array], mx.array]) -> mx.array:
         h, coeffs = self.pre(x)
@@ -124,7 +138,32 @@ class HyperConnection(nn.Module):
         _checks.check_sublayer_output(f, tuple(x.shape[:-2]), self.dims)
         if _deferred_chain(x, coeffs):
             return _post_deferred(coeffs, f)
-        return ops.run_post(_streams_for_post(x, coeffs), f, coeffs.post, coeffs.res)
+        x = _streams_for_post(x, coeffs)
+        if _latency(x):
+            return dispatch.compiled_latency(ops.run_post)(x, f, coeffs.post, coeffs.res)
+        return ops.run_post(x, f, coeffs.post, coeffs.res)
+
+
+def _latency(x: mx.array) -> bool:
+    """A call of a few tokens, whose dispatch and ops run under mx.compile (dispatch.latency_compiles)."""
+    return dispatch.latency_compiles(x.size // (x.shape[-2] * x.shape[-1]) if x.size else 0)
+
+
+@lru_cache(maxsize=None)
+def _read(dynamic: bool, iters: int, eps: float):
+    """The read (pre) of an mHC site as a function of x and the parameters, without the
+    chained forms: (h, (H_pre, H_post, H_res)). For dispatch.compiled_latency."""
+
+    def read(x, *params):
+        phi, alpha, bias = params if dynamic else (None, None, params[0])
+        if kernels.FUSED_READ_STEP and dynamic:
+            fused = ops.run_pre_step(x, phi, alpha, bias, iters, eps)
+            if fused is not None:
+                return fused[0], tuple(fused[1:])
+        H = ops.run_coefficients(x, phi, alpha, bias, iters, eps)
+        return ops.run_pre(x, H[0]), tuple(H)
+
+    return read
 
 
 def _streams_for_post(x: mx.array, coeffs: SiteCoefficients) -> mx.array:
