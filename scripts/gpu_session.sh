@@ -35,6 +35,7 @@
 #                                            # kernels, GPU idle, host CUDA calls; host times at K = 10, 30
 #   bash scripts/gpu_session.sh gpu-tests    # pytest -m gpu alone
 #   bash scripts/gpu_session.sh latency      # LAYER_LATENCY + compiled latency path: checks, timings
+#   bash scripts/gpu_session.sh latency4     # the rest of latency3's GPU tests, a further target sample (ours)
 #   bash scripts/gpu_session.sh latency3     # the latency paths' GPU tests, B = 1 timings, the target bench
 #   bash scripts/gpu_session.sh latency2     # the split read step and the latency paths: checks, B = 1 trace, timings
 #   bash scripts/gpu_session.sh b1-trace     # each B = 1 form's kernels traced, the SM clock; B = 1 static forms
@@ -345,6 +346,14 @@ case "${1:-}" in
     CHECK_ONLY=layer NO_PYTEST=1 check 240
     run 300 gpu_tests_layer python -m pytest -q -m gpu tests/kernels/test_kernels_gpu.py -k layer -p no:cacheprovider
     run 120 experiments_b1_latency python scripts/gpu_experiments.py b1-latency
+    ;;
+  latency4)
+    # (eighth session of 2026-11-30) the rest of latency3's GPU tests (its pytest ran past its
+    # limit after 24 passed), then a further sample of the target cases, our kernels only
+    run 170 gpu_tests_latency_rest python -m pytest -q -m gpu tests/kernels/test_kernels_gpu.py \
+      -k "dynamic_site or users_compile" -p no:cacheprovider
+    run 150 bench python -m mhc_mlx.cli.main bench --out "$res/bench" --overwrite --seeds "" \
+      --only "$TARGETS" --impl kernels
     ;;
   latency3)
     # (eighth session of 2026-11-30) the latency paths' GPU tests (the layer's latency kernel,
