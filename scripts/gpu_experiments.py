@@ -25,6 +25,7 @@ copy floor two ways, and where B=1 latency goes (Python graph building vs the ev
     python scripts/gpu_experiments.py b1-sync (only B = 1 eval against a launch's GPU time; compiled B = 1 forms)
     python scripts/gpu_experiments.py b1-latency (only the B = 1 static forward: LAYER_LATENCY, the compiled latency path)
     python scripts/gpu_experiments.py b1-trace (only each B = 1 form's kernel durations, traced as the bench runs it)
+    python scripts/gpu_experiments.py layer-source (only the static forward's LAYER now against before the eighth session)
     python scripts/gpu_experiments.py b1 [ncu]  (only the B = 1 layer kernel by Sinkhorn iterations)
 """
 
@@ -1203,6 +1204,32 @@ def b1_trace(evals=60):
     print(json.dumps({"host_us": host}))
 
 
+def layer_before_woff():
+    """LAYER as it was before the eighth session of 2026-11-30 (b62757b): mhc_layer_write read
+    w at wts[cv * V + e] without the woff argument, mhc_layer_sumsq took a shared-memory cf."""
+    import dataclasses
+
+    helpers = layer.HELPERS
+    for new, old in (("template <typename T, int N, int V, typename PC>\nKDEV float mhc_layer_sumsq(KTHREAD const float* xv, PC cf) {",
+                      "template <typename T, int N, int V>\nKDEV float mhc_layer_sumsq(KTHREAD const float* xv, KSHPTR(float) cf) {"),
+                     ("float inv, PW wts, int64_t woff, PO xout,", "float inv, PW wts, PO xout,"),
+                     ("wts[woff + e]", "wts[cv * V + e]")):
+        assert new in helpers, new
+        helpers = helpers.replace(new, old)
+    assert "wts, (int64_t)cv * V, xout" in layer.LAYER.body
+    body = layer.LAYER.body.replace("wts, (int64_t)cv * V, xout", "wts, xout")
+    return dataclasses.replace(layer.LAYER, name="mhc_layer_before", helpers=helpers, body=body)
+
+
+def layer_source(rounds=5):
+    """The static forward with LAYER as now against LAYER before the eighth session's helper
+    change (layer_before_woff), alternated `rounds` times: bench runs AE and AF took 115.1 and
+    114.2 µs at 4096 x 4 x 4096 against 100.0-109.9 in runs AB-AD."""
+    rows = case_rows(("static", "fwd", (4096, 4, 4096), "throughput"), ("static", "fwd", (2560, 4, 2560), "throughput"))
+    alternated_settings("LAYER source", rows, {"before (b62757b)": [(layer, "LAYER", layer_before_woff())],
+                                               "now": [(layer, "LAYER", layer.LAYER)]}, rounds)
+
+
 def flat_logits(rounds=5):
     """The static layer's two-launch form with the raw logits passed as they are (layer.FLAT_LOGITS,
     three graph nodes fewer per call) against reshaped first, alternated `rounds` times."""
@@ -1243,6 +1270,7 @@ MODES = {
     "b1-sync": b1_sync,
     "b1-latency": b1_latency,
     "b1-trace": b1_trace,
+    "layer-source": layer_source,
 }
 
 

@@ -35,6 +35,7 @@
 #                                            # kernels, GPU idle, host CUDA calls; host times at K = 10, 30
 #   bash scripts/gpu_session.sh gpu-tests    # pytest -m gpu alone
 #   bash scripts/gpu_session.sh latency      # LAYER_LATENCY + compiled latency path: checks, timings
+#   bash scripts/gpu_session.sh layer-source # the static forward's LAYER now against before the eighth session
 #   bash scripts/gpu_session.sh latency4     # the rest of latency3's GPU tests, a further target sample (ours)
 #   bash scripts/gpu_session.sh latency3     # the latency paths' GPU tests, B = 1 timings, the target bench
 #   bash scripts/gpu_session.sh latency2     # the split read step and the latency paths: checks, B = 1 trace, timings
@@ -346,6 +347,10 @@ case "${1:-}" in
     CHECK_ONLY=layer NO_PYTEST=1 check 240
     run 300 gpu_tests_layer python -m pytest -q -m gpu tests/kernels/test_kernels_gpu.py -k layer -p no:cacheprovider
     run 120 experiments_b1_latency python scripts/gpu_experiments.py b1-latency
+    ;;
+  layer-source)
+    # (eighth session of 2026-11-30) the static forward's LAYER now against before this session
+    run 150 experiments_layer_source python scripts/gpu_experiments.py layer-source
     ;;
   latency4)
     # (eighth session of 2026-11-30) the rest of latency3's GPU tests (its pytest ran past its
