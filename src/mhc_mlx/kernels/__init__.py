@@ -9,8 +9,12 @@ Choice per backend and shape:
 - Metal: the same, once that op's kernel has matched the reference on this machine
   (safety.py); MHC_MLX_DISABLE_METAL=1 turns Metal kernels off.
 - mhc_layer picks its form by size: up to LATENCY_TOKENS tokens one launch computes the
-  coefficients inside the kernel (latency); above, a one-warp kernel computes them once and
-  the layer kernel reads them (throughput). MHCLayer's dispatch_policy forces either.
+  coefficients inside the kernel (latency: layer.LAYER_LATENCY); above, a one-warp kernel
+  computes them once and the layer kernel reads them (throughput). MHCLayer's dispatch_policy
+  forces either.
+- A few tokens (build.LATENCY_COMPILE_TOKENS) on a GPU: the latency paths (the layer's single
+  launch, the dynamic read step, post, and HyperConnection's dispatch around them) run under
+  mx.compile, so a call replays its launches instead of running this package's Python.
 - rms_norm stays on mx.fast.rms_norm: MLX's own kernel is already one fused pass.
 """
 
@@ -216,7 +220,11 @@ def settings() -> dict:
             "dx_token_major": coefficients_mma_vjp.DX_TOKEN_MAJOR,
             "dx_raw_rows": coefficients_mma_vjp.DX_RAW_ROWS,
             "sinkhorn_thread_vjp_max_work": sinkhorn.THREAD_VJP_MAX_WORK,
-            "sinkhorn_jacobian_vjp": sinkhorn.JACOBIAN_VJP}
+            "sinkhorn_jacobian_vjp": sinkhorn.JACOBIAN_VJP,
+            "layer_latency_kernel": layer.LATENCY_KERNEL,
+            "dynamic_split_small": coefficients.SPLIT_SMALL,
+            "compile_latency": build.COMPILE_LATENCY,
+            "latency_compile_tokens": build.LATENCY_COMPILE_TOKENS}
 
 
 
