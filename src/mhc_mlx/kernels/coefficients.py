@@ -237,7 +237,6 @@ DYNAMIC_PRE = KernelSpec(
 SMALL_THREADS = 256
 _SMALL_BODY = r"""
   constexpr int W = N * (N + 2);
-  constexpr int R = (W + 31) / 32;
   constexpr int NW = 256 / 32;  // warps (launched with SMALL_THREADS = 256)
   KSHARED float red[NW * W];
   KSHARED float ssq[NW];
@@ -270,36 +269,50 @@ _SMALL_BODY = r"""
     float ss = 0.0f;
     for (int w = 0; w < NW; ++w) ss += ssq[w];
     const float rr = KSQRT(ss / (float)K + eps);
-    KUNROLL for (int r = 0; r < R; ++r) {
-      const int c = lane + 32 * r;
-      if (c < W) {
-        float d = 0.0f;
-        for (int w = 0; w < NW; ++w) d += red[w * W + c];
-        const float m = d / rr;
-        const float a = alpha[c < N ? 0 : (c < 2 * N ? 1 : 2)];
-        mraw[t * W + c] = m;
-        lg[c] = m * a + bias[c];
-      }
-    }
-    if (lane == 0) invr[t] = 1.0f / rr;
-    KWARP_SYNC();
-    const bool live = lane < N;
-    if (live) {
-      hpre[t * N + lane] = ksigmoid(lg[lane]);
-      hpost[t * N + lane] = 2.0f * ksigmoid(lg[N + lane]);
-    }
-    float col[N];
-    KUNROLL for (int i = 0; i < N; ++i) col[i] = live ? lg[2 * N + i * N + lane] : 0.0f;
-    ksinkhorn_warp<N>(col, live, iters);
-    if (live) {
-      KUNROLL for (int i = 0; i < N; ++i) hres[(t * N + i) * N + lane] = col[i];
+    mhc_dyn_finish<N>(red, W, NW, rr, alpha, bias, mraw, lg, invr, hpre, hpost, hres, t, lane, iters);
+  }
+"""
+# Warp 0's finish of one token (DYNAMIC_SMALL, DYNAMIC_SPLIT_FINISH): each of the W dot products
+# summed from `count` partials src[j * stride + c] (lane c + 32 r holds column c), scaled by
+# 1 / rr; then the logits, 1 / rr, H_pre, H_post and the Sinkhorn of the res logits.
+_FINISH_HELPER = r"""
+template <int N, typename PS, typename PA, typename PB, typename PM, typename PI, typename PP, typename PQ,
+          typename PR>
+KDEV void mhc_dyn_finish(PS src, int stride, int count, float rr, PA alpha, PB bias, PM mraw, KSHPTR(float) lg,
+                         PI invr, PP hpre, PQ hpost, PR hres, int64_t t, int lane, int iters) {
+  constexpr int W = N * (N + 2);
+  constexpr int R = (W + 31) / 32;
+  KUNROLL for (int r = 0; r < R; ++r) {
+    const int c = lane + 32 * r;
+    if (c < W) {
+      float d = 0.0f;
+      for (int j = 0; j < count; ++j) d += src[j * stride + c];
+      const float m = d / rr;
+      const float a = alpha[c < N ? 0 : (c < 2 * N ? 1 : 2)];
+      mraw[t * W + c] = m;
+      lg[c] = m * a + bias[c];
     }
   }
+  if (lane == 0) invr[t] = 1.0f / rr;
+  KWARP_SYNC();
+  const bool live = lane < N;
+  if (live) {
+    hpre[t * N + lane] = ksigmoid(lg[lane]);
+    hpost[t * N + lane] = 2.0f * ksigmoid(lg[N + lane]);
+  }
+  float col[N];
+  KUNROLL for (int i = 0; i < N; ++i) col[i] = live ? lg[2 * N + i * N + lane] : 0.0f;
+  ksinkhorn_warp<N>(col, live, iters);
+  if (live) {
+    KUNROLL for (int i = 0; i < N; ++i) hres[(t * N + i) * N + lane] = col[i];
+  }
+}
 """
 DYNAMIC_SMALL = KernelSpec(
     name="mhc_coefficients_dynamic_small",
     inputs=DYNAMIC.inputs,
     outputs=DYNAMIC.outputs,
+    helpers=_FINISH_HELPER,
     body=_SMALL_BODY,
 )
 # ... and the read step's h, as DYNAMIC_PRE (same sum order as site.PRE)
@@ -307,6 +320,7 @@ DYNAMIC_SMALL_PRE = KernelSpec(
     name="mhc_coefficients_dynamic_small_pre",
     inputs=DYNAMIC.inputs,
     outputs=DYNAMIC.outputs + ("hout",),
+    helpers=_FINISH_HELPER,
     body=_SMALL_BODY + r"""
   KSHARED float hps[N];
   KBARRIER();
@@ -382,9 +396,9 @@ DYNAMIC_SPLIT_FINISH = KernelSpec(
     name="mhc_coefficients_split_finish",
     inputs=("xin", "part", "alpha", "bias"),
     outputs=("hpre", "hpost", "hres", "mraw", "invr", "hout"),
+    helpers=_FINISH_HELPER,
     body=r"""
   constexpr int W = N * (N + 2);
-  constexpr int R = (W + 31) / 32;
   constexpr int P = (K + 255) / 256;
   constexpr int CW = K / N;  // channels per stream
   KSHARED float lg[W];
@@ -397,30 +411,7 @@ DYNAMIC_SPLIT_FINISH = KernelSpec(
     float ss = 0.0f;
     for (int p = 0; p < P; ++p) ss += part[row + p * (W + 1) + W];
     const float rr = KSQRT(ss / (float)K + eps);
-    KUNROLL for (int r = 0; r < R; ++r) {
-      const int c = lane + 32 * r;
-      if (c < W) {
-        float d = 0.0f;
-        for (int p = 0; p < P; ++p) d += part[row + p * (W + 1) + c];
-        const float m = d / rr;
-        const float a = alpha[c < N ? 0 : (c < 2 * N ? 1 : 2)];
-        mraw[t * W + c] = m;
-        lg[c] = m * a + bias[c];
-      }
-    }
-    if (lane == 0) invr[t] = 1.0f / rr;
-    KWARP_SYNC();
-    const bool live = lane < N;
-    if (live) {
-      hpre[t * N + lane] = ksigmoid(lg[lane]);
-      hpost[t * N + lane] = 2.0f * ksigmoid(lg[N + lane]);
-    }
-    float col[N];
-    KUNROLL for (int i = 0; i < N; ++i) col[i] = live ? lg[2 * N + i * N + lane] : 0.0f;
-    ksinkhorn_warp<N>(col, live, ITERS);
-    if (live) {
-      KUNROLL for (int i = 0; i < N; ++i) hres[(t * N + i) * N + lane] = col[i];
-    }
+    mhc_dyn_finish<N>(part + row, W + 1, P, rr, alpha, bias, mraw, lg, invr, hpre, hpost, hres, t, lane, ITERS);
   } else if (PRE) {
     // h = sum_i H_pre_i x_i (as site.PRE sums it), H_pre from the partials as warp 0 computes it
     const int s = KTID - 32;

@@ -66,6 +66,23 @@ INLINE_MAX_N = 32
 REGISTER_BUDGET = 64  # floats of x a thread may hold between the two passes
 
 HELPERS = r"""
+// Warp 0 (lane j) writes the coefficients from the raw logits to cf: H_pre = sigmoid,
+// H_post = 2 sigmoid, H_res = the Sinkhorn of the res logits (lane j holds column j).
+template <int N, typename PP, typename PQ, typename PR>
+KDEV void mhc_layer_coefficients(PP cpre, PQ cpost, PR cres, KSHPTR(float) cf, int lane, int iters) {
+  const bool live = lane < N;
+  if (live) {
+    cf[lane] = ksigmoid(cpre[lane]);
+    cf[N + lane] = 2.0f * ksigmoid(cpost[lane]);
+  }
+  float col[N];
+  KUNROLL for (int i = 0; i < N; ++i) col[i] = live ? cres[i * N + lane] : 0.0f;
+  ksinkhorn_warp<N>(col, live, iters);
+  if (live) {
+    KUNROLL for (int i = 0; i < N; ++i) cf[2 * N + i * N + lane] = col[i];
+  }
+}
+
 // Sum over V channels of y^2, y = sum_i H_pre_i x_i rounded to T (as the unfused chain rounds it).
 // cf: H_pre first (shared memory, or the latency kernel's registers).
 template <typename T, int N, int V, typename PC>
@@ -135,19 +152,7 @@ LAYER = KernelSpec(
     }
   }
   if (INLINE) {
-    if (warp == 0) {
-      const bool live = lane < N;
-      if (live) {
-        cf[lane] = ksigmoid(cpre[lane]);
-        cf[N + lane] = 2.0f * ksigmoid(cpost[lane]);
-      }
-      float col[N];
-      KUNROLL for (int i = 0; i < N; ++i) col[i] = live ? cres[i * N + lane] : 0.0f;
-      ksinkhorn_warp<N>(col, live, iters);
-      if (live) {
-        KUNROLL for (int i = 0; i < N; ++i) cf[2 * N + i * N + lane] = col[i];
-      }
-    }
+    if (warp == 0) mhc_layer_coefficients<N>(cpre, cpost, cres, cf, lane, iters);
   } else {
     for (int a = tid; a < NC; a += KNT)
       cf[a] = a < N ? cpre[a] : (a < 2 * N ? cpost[a - N] : cres[a - 2 * N]);
@@ -229,17 +234,7 @@ LAYER_LATENCY = KernelSpec(
   float xr[CP][N * V];
   float wr[CP][V];
   if (warp == 0) {
-    const bool live = lane < N;
-    if (live) {
-      cf[lane] = ksigmoid(cpre[lane]);
-      cf[N + lane] = 2.0f * ksigmoid(cpost[lane]);
-    }
-    float col[N];
-    KUNROLL for (int i = 0; i < N; ++i) col[i] = live ? cres[i * N + lane] : 0.0f;
-    ksinkhorn_warp<N>(col, live, ITERS);
-    if (live) {
-      KUNROLL for (int i = 0; i < N; ++i) cf[2 * N + i * N + lane] = col[i];
-    }
+    mhc_layer_coefficients<N>(cpre, cpost, cres, cf, lane, ITERS);
   } else {
     float hp[N];  // H_pre as warp 0 computes it, so the sum of squares need not wait for it
     KUNROLL for (int i = 0; i < N; ++i) hp[i] = ksigmoid(cpre[i]);
