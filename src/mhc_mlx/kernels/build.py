@@ -28,7 +28,6 @@ def poison_outputs(value: float | None) -> None:
     _poison[0] = value
 
 
-
 # The latency paths (a few tokens: the static layer's single launch, the dynamic read step, post)
 # run under mx.compile, cached per setting: a call then replays the recorded launches instead of
 # running this package's Python (custom functions, the launches' arguments), which was most of a
@@ -62,6 +61,7 @@ def compiled(fn, *key):
     """fn under mx.compile, one per (fn, key, the poison value): `key` holds the settings fn's
     trace reads (a trace is reused for every call of the same input shapes and dtypes)."""
     return _compiled(fn, (key, _poison[0]))
+
 
 @dataclass(frozen=True)
 class KernelSpec:
@@ -190,11 +190,11 @@ DEVICE_PARAMS = False
 PARAMS_PAD = 64
 
 
-
 def float_bits(value: float) -> int:
     """value as float32, its bits as a (signed) int: a template constant a body reads back with
     KBITS_FLOAT, where a parameter array would be one more load to wait for."""
     return struct.unpack("<i", struct.pack("<f", value))[0]
+
 
 def int_params(*values: int) -> mx.array:
     """Run-time integers for a body (read as p[0], p[1], ...: the same on CUDA and Metal).

@@ -202,12 +202,13 @@ LAYER = KernelSpec(
 # The single-launch layer at a few tokens (T <= LATENCY_TOKENS), one threadgroup per token, its
 # GPU time made short: MLX's eval waits on a blocking-sync event, so a launch that is still
 # running when the host waits costs ~13 µs more (the host thread sleeps; H200, 2026-11-30,
-# gpu_experiments.py b1-sync: a one-thread kernel spinning ~1 µs evaluated in 16.4 µs, ~2 µs in
-# 30.4). Warp 0 runs the Sinkhorn while the S stream threads (warps 1..) load their token's x and
-# w at once and sum the squares of the aggregate with H_pre in their own registers; one barrier
-# then joins them. Width, Sinkhorn iterations and eps are template constants, so nothing waits on
-# a parameter array (eps's 4 bytes lived in MLX's managed scalar pool, which the host keeps
-# writing). False: the LAYER kernel's inline form.
+# gpu_experiments.py b1-sync and b1-trace: a one-thread kernel spinning 1980 cycles, 1.98 µs
+# traced, evaluated in 16.4 µs, one spinning 3960 cycles, 2.98 µs, in 30.4). Warp 0 runs the
+# Sinkhorn while the S stream threads (warps 1..) load their token's x and w at once and sum the
+# squares of the aggregate with H_pre in their own registers; one barrier then joins them. Width,
+# Sinkhorn iterations and eps are template constants, so nothing waits on a parameter array.
+# Traced: 3.71 µs against 5.50 for LAYER's inline form (docs/kernel-notes.md row 50), still above
+# the step. False: the LAYER kernel's inline form.
 LATENCY_KERNEL = True
 # Above MAX_N_FUSED the kernel holds up to 255 registers a thread, and a threadgroup may hold 64 K:
 # at most 256 threads (1 x 32 x 2048 with 32 + 256 failed to launch on the H200, "too many
