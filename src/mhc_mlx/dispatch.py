@@ -10,11 +10,10 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from functools import lru_cache
-
 import mlx.core as mx
 
 from . import compiled, kernels, reference
+from .kernels import build
 
 BACKENDS = ("reference", "compiled", "kernels")
 ENV_BACKEND = "MHC_MLX_BACKEND"
@@ -96,13 +95,11 @@ def trace_key() -> tuple:
 _metal_checked = []
 
 
-def latency_compiles(tokens: int) -> bool:
-    """Whether a module call of `tokens` tokens runs its dispatch and ops under one mx.compile
+def latency_compiles(x) -> bool:
+    """Whether a module call on stream state x runs its dispatch and ops under one mx.compile
     (kernels.build.COMPILE_LATENCY: a few tokens, a GPU present). On Metal the kernels' first-use
     checks run first, eagerly: none can run while mx.compile traces."""
-    from .kernels import build
-
-    if not build.compiles_latency(tokens):
+    if not build.compiles_latency(x):
         return False
     if not _metal_checked:
         kernels.check_metal_kernels()
@@ -110,12 +107,7 @@ def latency_compiles(tokens: int) -> bool:
     return True
 
 
-@lru_cache(maxsize=None)
-def _compiled_latency(fn, key):
-    return mx.compile(fn)
-
-
 def compiled_latency(fn, *settings):
     """fn under mx.compile for a module's latency path: one per (fn, its Python settings, the
     trace key of this call). fn's arrays are its inputs, never constants of the trace."""
-    return _compiled_latency(fn, (settings, trace_key()))
+    return build.compiled_for(fn, (settings, trace_key()))

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 import mhc_mlx as mhc
-from mhc_mlx import dispatch
 from mhc_mlx.kernels import build
 
 
@@ -20,7 +19,7 @@ def latency_on(monkeypatch):
     monkeypatch.setattr(build, "gpu_present", lambda: True)
     monkeypatch.setattr(build, "COMPILE_LATENCY", True)
     traced = []
-    real = dispatch._compiled_latency.__wrapped__
+    real = build.compiled_for.__wrapped__
 
     def counting(fn, key):
         traced.append(key)
@@ -33,7 +32,7 @@ def latency_on(monkeypatch):
             cache[(fn, key)] = counting(fn, key)
         return cache[(fn, key)]
 
-    monkeypatch.setattr(dispatch, "_compiled_latency", cached)
+    monkeypatch.setattr(build, "compiled_for", cached)
     return traced
 
 

@@ -47,20 +47,26 @@ def gpu_present() -> bool:
     return bool(mx.is_available(mx.gpu))
 
 
-def compiles_latency(tokens: int) -> bool:
-    """Whether a call of `tokens` tokens takes its op's compiled latency path (compiled())."""
-    return COMPILE_LATENCY and tokens <= LATENCY_COMPILE_TOKENS and gpu_present()
+def tokens(x) -> int:
+    """Tokens of a stream state x [..., n, C]."""
+    return x.size // (x.shape[-2] * x.shape[-1]) if x.size else 0
+
+
+def compiles_latency(x) -> bool:
+    """Whether a call on stream state x [..., n, C] takes its op's compiled latency path."""
+    return COMPILE_LATENCY and tokens(x) <= LATENCY_COMPILE_TOKENS and gpu_present()
 
 
 @lru_cache(maxsize=None)
-def _compiled(fn, key):
+def compiled_for(fn, key):
+    """fn under mx.compile, one per (fn, key): `key` holds everything fn's trace reads besides its
+    arrays (a trace is reused for every call of the same input shapes and dtypes)."""
     return mx.compile(fn)
 
 
 def compiled(fn, *key):
-    """fn under mx.compile, one per (fn, key, the poison value): `key` holds the settings fn's
-    trace reads (a trace is reused for every call of the same input shapes and dtypes)."""
-    return _compiled(fn, (key, _poison[0]))
+    """compiled_for(fn, ...) keyed by `key` and the poison value (launch reads it)."""
+    return compiled_for(fn, (key, _poison[0]))
 
 
 @dataclass(frozen=True)
@@ -210,7 +216,7 @@ def float_params(*values: float) -> mx.array:
 
 @lru_cache(maxsize=4096)
 def _params(dtype, values: tuple, device: bool) -> mx.array:
-    if not device or not mx.is_available(mx.gpu):  # the GPU itself, whatever gpu_backend() says
+    if not device or not gpu_present():  # the GPU itself, whatever gpu_backend() says
         return mx.array(list(values), dtype=dtype)
     padded = mx.array(list(values) + [0] * max(0, PARAMS_PAD - len(values)), dtype=dtype)
     # a GPU op's output is allocated in device memory; evaluated now (its inputs are constants,

@@ -18,7 +18,7 @@ from functools import lru_cache
 import mlx.core as mx
 
 from . import coefficients, site, sinkhorn
-from .build import KernelSpec, compiled, compiles_latency, float_bits, float_params, int_params, launch
+from .build import KernelSpec, compiled, compiles_latency, float_bits, float_params, int_params, launch, tokens
 
 F32 = mx.float32
 MAX_N = 32
@@ -712,8 +712,7 @@ def _function(iters: int, eps: float, inline: bool, threads):
     def layer(x, pre_raw, post_raw, res_raw, weight):
         if inline:
             raw = (pre_raw.astype(F32), post_raw.astype(F32), res_raw.astype(F32), weight)
-            n = x.shape[-2]
-            if LATENCY_KERNEL and x.size // (n * x.shape[-1]) <= LATENCY_TOKENS:
+            if LATENCY_KERNEL and tokens(x) <= LATENCY_TOKENS:
                 return (latency_forward(x, *raw, iters, eps),)
             return (forward(x, *raw, iters, eps, True, threads),)
         H = _activate(pre_raw, post_raw, res_raw, iters)
@@ -738,13 +737,12 @@ def _latency_call(iters: int, eps: float, threads):
 
 def mhc_layer(x, H_pre_raw, H_post_raw, H_res_raw, rms_weight, iters: int, eps: float,
               inline: bool | None = None, threads: int | None = None):
-    n = x.shape[-2]
-    T = x.size // (n * x.shape[-1]) if x.size else 0
+    n, T = x.shape[-2], tokens(x)
     if n > MAX_N_FUSED and not (n <= INLINE_MAX_N and T <= LATENCY_TOKENS and inline is not False):
         return _composite(x, H_pre_raw, H_post_raw, H_res_raw, rms_weight, iters, float(eps))
     if inline is None:
         inline = INLINE_ALWAYS or T <= LATENCY_TOKENS or n > MAX_N_FUSED
-    if inline and T <= LATENCY_TOKENS and compiles_latency(T):  # the trace reads LATENCY_KERNEL
+    if inline and T <= LATENCY_TOKENS and compiles_latency(x):  # the trace reads LATENCY_KERNEL
         return compiled(_latency_call(iters, float(eps), threads), LATENCY_KERNEL)(
             x, H_pre_raw, H_post_raw, H_res_raw, rms_weight)
     return _function(iters, float(eps), bool(inline), threads)(

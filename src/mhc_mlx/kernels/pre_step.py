@@ -68,7 +68,7 @@ def _call(n: int, iters: int, eps: float):
 def mhc_pre_step(x, phi, alpha, bias, iters: int = 20, eps: float = 1e-6):
     """(h [..., C], H_pre [..., n], H_post [..., n], H_res [..., n, n]) for x [..., n, C]."""
     n = x.shape[-2]
-    if build.compiles_latency(x.size // (n * x.shape[-1]) if x.size else 0):
+    if build.compiles_latency(x):
         # the trace reads the coefficient kernels' form settings
         return build.compiled(_call(n, iters, float(eps)), coefficients.DYNAMIC_FORM, coefficients.SMALL_TOKENS,
                               coefficients.WIDE_N)(x, phi, alpha, bias)

@@ -99,24 +99,22 @@ class HyperConnection(nn.Module):
     def pre(self, x: mx.array) -> tuple[mx.array, SiteCoefficients]:
         """Read the streams: returns the sublayer input [..., dims] and the coefficients."""
         _checks.check_streams(x, "x", n=self.n, C=self.dims)
-        if self.variant == "mhc" and kernels.CHAIN_X_COTANGENT != True and _latency(x):  # noqa: E712
-            # a few tokens: this read's dispatch and ops under one mx.compile (no chained read
-            # there: "auto" takes it only where the backward takes tensor cores, many tokens)
-            read = dispatch.compiled_latency(_read(self.dynamic, self.sinkhorn_iters, self.eps))
+        if self.variant == "mhc":
+            read = _read(self.dynamic, self.sinkhorn_iters, self.eps)
+            if kernels.CHAIN_X_COTANGENT != True and _latency(x):  # noqa: E712
+                # a few tokens: this read's dispatch and ops under one mx.compile (no chained read
+                # there: "auto" takes it only where the backward takes tensor cores, many tokens)
+                read = dispatch.compiled_latency(read)
+            elif kernels.CHAIN_X_COTANGENT:
+                phi, alpha = (self.phi, self.alpha) if self.dynamic else (None, None)
+                chained = ops.run_chained_read(x, phi, alpha, self.bias, self.sinkhorn_iters, self.eps)
+                if chained is not None:
+                    h, H, x_post, deferred = chained
+                    coeffs = _ChainedCoefficients(*H)
+                    coeffs.chain = (x, x_post, deferred)
+                    return h, coeffs
             h, H = read(x, *self._params())
             return h, SiteCoefficients(*H)
-        if kernels.CHAIN_X_COTANGENT and self.variant == "mhc":
-            phi, alpha = (self.phi, self.alpha) if self.dynamic else (None, None)
-            chained = ops.run_chained_read(x, phi, alpha, self.bias, self.sinkhorn_iters, self.eps)
-            if chained is not None:
-                h, H, x_post, deferred = chained
-                coeffs = _ChainedCoefficients(*H)
-                coeffs.chain = (x, x_post, deferred)
-                return h, coeffs
-        if kernels.FUSED_READ_STEP and self.dynamic and self.variant == "mhc":
-            fused = ops.run_pre_step(x, self.phi, self.alpha, self.bias, self.sinkhorn_iters, self.eps)
-            if fused is not None:
-                return fused[0], SiteCoefficients(*fused[1:])
         coeffs = self._coefficients(x)
         return ops.run_pre(x, coeffs.pre), coeffs
 
@@ -126,10 +124,8 @@ class HyperConnection(nn.Module):
             _checks.check_sublayer_output(f, tuple(x.shape[:-2]), self.dims)
             return _post_deferred(coeffs, f)
         x = _streams_for_post(x, coeffs)
-        if _latency(x):
-            ops.check_post(x, f, coeffs.post, coeffs.res)
-            return dispatch.compiled_latency(ops.run_post)(x, f, coeffs.post, coeffs.res)
-        return ops.mhc_post(x, f, coeffs.post, coeffs.res)
+        ops.check_post(x, f, coeffs.post, coeffs.res)
+        return _run_post(x, f, coeffs)
 
     def __call__(self, x: mx.array, sublayer: Callable[[mx.array], mx.array]) -> mx.array:
         h, coeffs = self.pre(x)
@@ -138,21 +134,24 @@ class HyperConnection(nn.Module):
         _checks.check_sublayer_output(f, tuple(x.shape[:-2]), self.dims)
         if _deferred_chain(x, coeffs):
             return _post_deferred(coeffs, f)
-        x = _streams_for_post(x, coeffs)
-        if _latency(x):
-            return dispatch.compiled_latency(ops.run_post)(x, f, coeffs.post, coeffs.res)
-        return ops.run_post(x, f, coeffs.post, coeffs.res)
+        return _run_post(_streams_for_post(x, coeffs), f, coeffs)
+
+
+def _run_post(x: mx.array, f: mx.array, coeffs: SiteCoefficients) -> mx.array:
+    """The post op after its checks (a few tokens: its dispatch and op under one mx.compile)."""
+    run = dispatch.compiled_latency(ops.run_post) if _latency(x) else ops.run_post
+    return run(x, f, coeffs.post, coeffs.res)
 
 
 def _latency(x: mx.array) -> bool:
     """A call of a few tokens, whose dispatch and ops run under mx.compile (dispatch.latency_compiles)."""
-    return dispatch.latency_compiles(x.size // (x.shape[-2] * x.shape[-1]) if x.size else 0)
+    return dispatch.latency_compiles(x)
 
 
 @lru_cache(maxsize=None)
 def _read(dynamic: bool, iters: int, eps: float):
     """The read (pre) of an mHC site as a function of x and the parameters, without the
-    chained forms: (h, (H_pre, H_post, H_res)). For dispatch.compiled_latency."""
+    chained forms: (h, (H_pre, H_post, H_res)); eager, or under dispatch.compiled_latency."""
 
     def read(x, *params):
         phi, alpha, bias = params if dynamic else (None, None, params[0])
