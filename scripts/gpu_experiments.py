@@ -1240,6 +1240,147 @@ def flat_logits(rounds=5):
                                                       "as they are": [(layer, "FLAT_LOGITS", True)]}, rounds)
 
 
+FAST_SINKHORN_HELPERS = r"""
+// The layer's coefficients with the Sinkhorn's sums as trees and reciprocals without the Newton
+// step (rcp.approx: within an ulp): a shorter dependent chain per normalisation.
+template <int N>
+KDEV void ksinkhorn_thread_short(KTHREAD float* p, int iters) {
+  float m = MHC_NEG_BIG;
+  KUNROLL for (int a = 0; a < N * N; ++a) m = KMAX(m, p[a]);
+  KUNROLL for (int a = 0; a < N * N; ++a) p[a] = KEXP(p[a] - m);
+  for (int it = 0; it < iters; ++it) {
+    KUNROLL for (int j = 0; j < N; ++j) {
+      float s[N];
+      KUNROLL for (int i = 0; i < N; ++i) s[i] = p[i * N + j];
+      KUNROLL for (int w = 1; w < N; w *= 2) KUNROLL for (int i = 0; i + w < N; i += 2 * w) s[i] += s[i + w];
+      float r;
+      asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(KMAX(s[0], MHC_TINY)));
+      KUNROLL for (int i = 0; i < N; ++i) p[i * N + j] *= r;
+    }
+    KUNROLL for (int i = 0; i < N; ++i) {
+      float s[N];
+      KUNROLL for (int j = 0; j < N; ++j) s[j] = p[i * N + j];
+      KUNROLL for (int w = 1; w < N; w *= 2) KUNROLL for (int j = 0; j + w < N; j += 2 * w) s[j] += s[j + w];
+      float r;
+      asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(KMAX(s[0], MHC_TINY)));
+      KUNROLL for (int j = 0; j < N; ++j) p[i * N + j] *= r;
+    }
+  }
+}
+template <int N, typename PP, typename PQ, typename PR>
+KDEV void mhc_layer_coefficients_short(PP cpre, PQ cpost, PR cres, KSHPTR(float) cf, int lane, int iters) {
+  const bool live = lane < N;
+  if (live) {
+    cf[lane] = ksigmoid(cpre[lane]);
+    cf[N + lane] = 2.0f * ksigmoid(cpost[lane]);
+  }
+  float p[N * N];
+  KUNROLL for (int i = 0; i < N; ++i) {
+    const float c = live ? cres[i * N + lane] : MHC_NEG_BIG;
+    KUNROLL for (int j = 0; j < N; ++j) p[i * N + j] = kshfl(c, j);
+  }
+  ksinkhorn_thread_short<N>(p, iters);
+  if (live) {
+    KUNROLL for (int i = 0; i < N; ++i) {
+      float v = 0.0f;
+      KUNROLL for (int j = 0; j < N; ++j) v = (lane == j) ? p[i * N + j] : v;
+      cf[2 * N + i * N + lane] = v;
+    }
+  }
+}
+"""
+
+
+def b1_anatomy(rounds=5, evals=60):
+    """Where the B = 1 static launch's 3.7 µs go (n = 4, C = 512, bf16): LAYER_LATENCY and variants
+    of its text, each traced (GPU duration, PyTorch's profiler) and its eval timed (graph built
+    first; the variants interleaved in each of `rounds` rounds), beside spins of known cycles:
+    the kernel as it is; with 0 Sinkhorn iterations; with `return;` first (the launch alone);
+    warp 0 alone (parameters, activations, Sinkhorn; no stream warps); the stream warps with the
+    coefficients copied raw (no activations, no Sinkhorn); the Sinkhorn's sums as trees and its
+    reciprocals without the Newton step."""
+    import dataclasses
+    import json
+    import tempfile
+
+    import torch
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from gpu_profile import mark
+    from gpu_timeline import _between_markers, _kernels
+    from mhc_mlx.kernels.build import edited, float_bits, launch
+
+    n, C = 4, 512
+    x1, raw, a1 = b1_inputs(n, C)
+    mx.eval(raw)
+    V, tg, cpt, _ = layer.plan(1, n, C, x1.dtype.size)
+    base = layer.LAYER_LATENCY
+    call = "mhc_layer_coefficients<N>(cpre, cpost, cres, cf, lane, ITERS);"
+
+    def variant(name, body=None, helpers=None):
+        return dataclasses.replace(base, name=f"mhc_layer_latency_{name}", body=body or base.body,
+                                   helpers=helpers or base.helpers)
+
+    specs = {
+        "as it is": (base, tg + 32, 20),
+        "0 Sinkhorn iterations": (variant("it0"), tg + 32, 0),
+        "return first (launch alone)": (variant("empty", "  return;\n" + base.body), tg + 32, 20),
+        "warp 0 alone": (variant("w0"), 32, 20),
+        "stream warps, raw coefficients": (variant("raw", edited(base.body, [(call, (
+            "for (int a = lane; a < 2 * N + N * N; a += 32)\n"
+            "      cf[a] = a < N ? cpre[a] : (a < 2 * N ? cpost[a - N] : cres[a - 2 * N]);"))])), tg + 32, 20),
+        "Sinkhorn short chain": (variant("short", edited(base.body, [(call, call.replace(
+            "coefficients<N>", "coefficients_short<N>"))]), base.helpers + FAST_SINKHORN_HELPERS), tg + 32, 20),
+    }
+    touch = spin_spec(True)
+    forms = {}
+    for label, (spec, threads, iters) in specs.items():
+        forms[label] = (lambda spec=spec, threads=threads, iters=iters: launch(
+            spec, [x1, *raw], [(x1.shape, x1.dtype)], threads, threads,
+            [("T", x1.dtype), ("N", n), ("V", V), ("CPT", cpt), ("C", C), ("ITERS", iters),
+             ("EPS_BITS", float_bits(1e-5))])[0])
+    for cyc in (0, 990, 1980, 2970, 3960):
+        forms[f"spin {cyc} cycles"] = (lambda cyc=cyc: launch(touch, [x1], [((2048,), mx.float32)], 32, 32,
+                                                              [("CYC", cyc)])[0])
+    forms["tiny op"] = lambda: a1 + 1.0
+    ref = forms["as it is"]()
+    for label in ("0 Sinkhorn iterations", "Sinkhorn short chain"):
+        got = forms[label]()
+        print(f"B=1 anatomy: {label}: max |diff| against the kernel as it is "
+              f"{mx.abs(got.astype(mx.float32) - ref.astype(mx.float32)).max().item():.3g}")
+    current = {}
+    switch = {label: (lambda mk=make: current.update(make=mk)) for label, make in forms.items()}
+    alternated("B=1 anatomy", "", {"eval (graph built first)": lambda: eval_us(lambda: current["make"](), 200)},
+               switch, rounds)
+    for make in forms.values():
+        for _ in range(5):
+            mx.eval(make())
+    torch.cuda.init()
+    host = {}
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for i, (label, make) in enumerate(forms.items()):
+            mx.synchronize()
+            mark(i)
+            times = []
+            for _ in range(evals):
+                t0 = time.perf_counter()
+                mx.eval(make())
+                times.append(time.perf_counter() - t0)
+            host[label] = 1e6 * statistics.median(times)
+            mark(i)
+    path = os.path.join(tempfile.mkdtemp(), "b1_anatomy.json")
+    prof.export_chrome_trace(path)
+    per_form = _between_markers(_kernels(path))
+    durations = {}
+    for i, label in enumerate(forms):
+        ks = per_form.get(i, [])
+        d = [dur / 1e3 for _, dur, _ in ks]
+        durations[label] = statistics.median(d) if d else float("nan")
+        print(f"B=1 anatomy trace: {label:<32} GPU {durations[label]:5.2f} us (x{len(d)}), "
+              f"build + eval {host[label]:6.1f} us")
+    print(json.dumps({"gpu_us": durations, "host_us": host}))
+
+
 # One part of the experiments alone (the module docstring lists them): mode -> function
 MODES = {
     "headers": header_sizes,
@@ -1271,6 +1412,7 @@ MODES = {
     "b1-latency": b1_latency,
     "b1-trace": b1_trace,
     "layer-source": layer_source,
+    "b1-anatomy": b1_anatomy,
 }
 
 

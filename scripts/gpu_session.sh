@@ -33,6 +33,8 @@
 #                                            # backward by forward mode (candidates): checks, timings, timeline
 #   bash scripts/gpu_session.sh throughput   # the large cases timed as the bench times them, traced:
 #                                            # kernels, GPU idle, host CUDA calls; host times at K = 10, 30
+#   bash scripts/gpu_session.sh verify9      # every check, pytest -m gpu in four shards beside them
+#   bash scripts/gpu_session.sh anatomy-bench  # where the B = 1 static launch's time goes; the target bench
 #   bash scripts/gpu_session.sh gpu-tests    # pytest -m gpu alone
 #   bash scripts/gpu_session.sh latency      # LAYER_LATENCY + compiled latency path: checks, timings
 #   bash scripts/gpu_session.sh layer-source # the static forward's LAYER now against before the eighth session
@@ -140,7 +142,13 @@ check() {
         --mma-x-unroll $ku --dtypes bf16,f16 --out "$res/coefficients_mma_ku$ku"
     done
   fi
-  [ -z "${NO_PYTEST:-}" ] && start pytest_gpu python -m pytest -q -m gpu tests -p no:cacheprovider
+  if [ -z "${NO_PYTEST:-}" ] && [ -n "${PYTEST_SHARDS:-}" ]; then  # k pytest processes side by side
+    for ((i = 0; i < PYTEST_SHARDS; i++)); do
+      MHC_TEST_SHARD="$i/$PYTEST_SHARDS" start "pytest_gpu_$i" python -m pytest -q -rs -m gpu tests -p no:cacheprovider --durations 5
+    done
+  elif [ -z "${NO_PYTEST:-}" ]; then
+    start pytest_gpu python -m pytest -q -m gpu tests -p no:cacheprovider
+  fi
   for i in "${!labels[@]}"; do
     wait "${pids[$i]}"; TAIL=7 report "${labels[$i]}" $?
   done
@@ -420,6 +428,16 @@ case "${1:-}" in
     # the target cases, our kernels only (eager): a quick further sample of the bench's spread
     run 200 bench python -m mhc_mlx.cli.main bench --out "$res/bench" --overwrite --seeds "" \
       --only "$TARGETS" --impl kernels
+    ;;
+  verify9)
+    # (ninth session of 2026-11-30) every check with pytest -m gpu in four shards beside them
+    PYTEST_SHARDS=4 check 420
+    ;;
+  anatomy-bench)
+    # (ninth session of 2026-11-30) where the B = 1 static launch's time goes, then the target
+    # cases' bench with the seeds
+    run 150 experiments_b1_anatomy python scripts/gpu_experiments.py b1-anatomy
+    run 300 bench python -m mhc_mlx.cli.main bench --out "$res/bench" --overwrite --seeds .seedpkgs --only "$TARGETS"
     ;;
   gpu-tests)
     # `pytest -m gpu` alone (54 tests; beside the checks it ran out of 200 s)

@@ -1,4 +1,9 @@
-"""Shared test settings: the `gpu` marker skips (with its reason shown by -ra) on CPU-only MLX."""
+"""Shared test settings: the `gpu` marker skips (with its reason shown by -ra) on CPU-only MLX.
+
+MHC_TEST_SHARD=i/k keeps every k-th collected test from the i-th (0 <= i < k), so a GPU session
+can run k pytest processes side by side (the kernels' NVRTC builds are CPU-bound)."""
+
+import os
 
 import mlx.core as mx
 import pytest
@@ -13,7 +18,23 @@ def gpu_backend() -> str | None:
     return None
 
 
+def _shard(config, items):
+    spec = os.environ.get("MHC_TEST_SHARD", "").strip()
+    if not spec:
+        return
+    try:
+        i, k = (int(v) for v in spec.split("/"))
+        if not 0 <= i < k:
+            raise ValueError
+    except ValueError:
+        raise pytest.UsageError(f"MHC_TEST_SHARD={spec!r}: expected i/k with 0 <= i < k") from None
+    keep = [it for j, it in enumerate(items) if j % k == i]
+    config.hook.pytest_deselected(items=[it for j, it in enumerate(items) if j % k != i])
+    items[:] = keep
+
+
 def pytest_collection_modifyitems(config, items):
+    _shard(config, items)
     if gpu_backend() is not None:
         return
     skip = pytest.mark.skip(reason="needs MLX with a GPU backend (CUDA or Metal); this MLX runs on the CPU only")
