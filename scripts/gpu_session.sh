@@ -433,6 +433,11 @@ case "${1:-}" in
     # (ninth session of 2026-11-30) every check with pytest -m gpu in four shards beside them
     PYTEST_SHARDS=4 check 420
     ;;
+  anatomy-verify)
+    # (ninth session of 2026-11-30) the B = 1 anatomy alone, then verify9
+    run 150 experiments_b1_anatomy python scripts/gpu_experiments.py b1-anatomy
+    PYTEST_SHARDS=4 check 400
+    ;;
   anatomy-bench)
     # (ninth session of 2026-11-30) where the B = 1 static launch's time goes, then the target
     # cases' bench with the seeds
