@@ -1381,6 +1381,40 @@ def b1_anatomy(rounds=5, evals=60):
     print(json.dumps({"gpu_us": durations, "host_us": host}))
 
 
+def b1_host(rounds=5):
+    """The B = 1 calls (n = 4, C = 512, bf16) as the bench times them (graph building + eval), after
+    the ninth session's host trims (docs/kernel-notes.md row 56), interleaved in each of `rounds`
+    rounds: the tiny op; the layer function under the compiled latency path (the module's floor);
+    MHCLayer; the dynamic site's pre + post, eager and under one mx.compile of (x, parameters);
+    then each one's graph building alone (no eval)."""
+    n, C = 4, 512
+    x1, raw, a1 = b1_inputs(n, C)
+    m = mhc.MHCLayer(n, C)
+    hc = mhc.HyperConnection(C, n)
+    mx.eval(m.parameters(), hc.parameters())
+    ps = [m.H_pre_raw, m.H_post_raw, m.H_res_raw, m.rms_weight]
+
+    def dyn(x, phi, alpha, bias):
+        hc.phi, hc.alpha, hc.bias = phi, alpha, bias
+        h, cf = hc.pre(x)
+        return hc.post(x, h, cf)
+
+    dyn_c = mx.compile(dyn)
+    dps = [hc.phi, hc.alpha, hc.bias]
+    makes = {
+        "tiny op": lambda: a1 + 1.0,
+        "layer function (compiled latency path)": lambda: layer.mhc_layer(x1, *ps, 20, 1e-5),
+        "MHCLayer": lambda: m(x1),
+        "dynamic site eager": lambda: (lambda h_cf: hc.post(x1, *h_cf))(hc.pre(x1)),
+        "dynamic site under mx.compile (x, params)": lambda: dyn_c(x1, *dps),
+    }
+    current = {}
+    forms = {label: (lambda mk=make: current.update(make=mk)) for label, make in makes.items()}
+    alternated("B=1 host", "", {"build + eval": lambda: timing.latency_us(current["make"], [], repeats=200)},
+               forms, rounds)
+    alternated("B=1 host", "", {"build alone": lambda: build_us(current["make"], 200)}, forms, rounds)
+
+
 # One part of the experiments alone (the module docstring lists them): mode -> function
 MODES = {
     "headers": header_sizes,
@@ -1413,6 +1447,7 @@ MODES = {
     "b1-trace": b1_trace,
     "layer-source": layer_source,
     "b1-anatomy": b1_anatomy,
+    "b1-host": b1_host,
 }
 
 

@@ -34,6 +34,8 @@
 #   bash scripts/gpu_session.sh throughput   # the large cases timed as the bench times them, traced:
 #                                            # kernels, GPU idle, host CUDA calls; host times at K = 10, 30
 #   bash scripts/gpu_session.sh verify9      # every check, pytest -m gpu in four shards beside them
+#   bash scripts/gpu_session.sh verify-host  # pytest -m gpu (four shards) beside the layer and read-step checks
+#   bash scripts/gpu_session.sh host-bench   # the B = 1 calls' host time; the target bench (seeds), ours again
 #   bash scripts/gpu_session.sh anatomy-bench  # where the B = 1 static launch's time goes; the target bench
 #   bash scripts/gpu_session.sh gpu-tests    # pytest -m gpu alone
 #   bash scripts/gpu_session.sh latency      # LAYER_LATENCY + compiled latency path: checks, timings
@@ -432,6 +434,19 @@ case "${1:-}" in
   verify9)
     # (ninth session of 2026-11-30) every check with pytest -m gpu in four shards beside them
     PYTEST_SHARDS=4 check 420
+    ;;
+  verify-host)
+    # (ninth session of 2026-11-30) after the host trims: pytest -m gpu in four shards beside the
+    # layer and read-step checks
+    PYTEST_SHARDS=4 CHECK_ONLY=layer,read_step check 330
+    ;;
+  host-bench)
+    # (ninth session of 2026-11-30) the B = 1 calls after the host trims, then the target cases'
+    # bench with the seeds, then a further sample of ours alone
+    run 90 experiments_b1_host python scripts/gpu_experiments.py b1-host
+    run 300 bench python -m mhc_mlx.cli.main bench --out "$res/bench" --overwrite --seeds .seedpkgs --only "$TARGETS"
+    run 170 bench_ours python -m mhc_mlx.cli.main bench --out "$res/bench_ours" --overwrite --seeds "" \
+      --only "$TARGETS" --impl kernels
     ;;
   anatomy-verify)
     # (ninth session of 2026-11-30) the B = 1 anatomy alone, then verify9

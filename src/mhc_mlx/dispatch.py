@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+from functools import partial
+
 import mlx.core as mx
 
 from . import compiled, kernels, reference
@@ -21,6 +23,25 @@ ENV_DISABLE_METAL = "MHC_MLX_DISABLE_METAL"
 
 _PATHS = {"reference": reference, "compiled": compiled}
 _forced = threading.local()
+
+# os.environ's own dict on POSIX CPython (bytes to bytes): a lookup there skips os.environ.get's
+# re-encoding of key and value, a tenth of its ~0.5 µs, on every call of the few-token paths.
+# os.environ's assignments (and so pytest's monkeypatch.setenv) update it; elsewhere: None.
+_ENVIRON_BYTES = getattr(os.environ, "_data", None) if os.name == "posix" else None
+if not isinstance(_ENVIRON_BYTES, dict):
+    _ENVIRON_BYTES = None
+
+
+_ENV_BACKEND_BYTES = ENV_BACKEND.encode()
+_ENV_DISABLE_METAL_BYTES = ENV_DISABLE_METAL.encode()
+
+
+def _env(name: str) -> str | None:
+    """os.environ.get(name)."""
+    if _ENVIRON_BYTES is None:
+        return os.environ.get(name)
+    value = _ENVIRON_BYTES.get(name.encode())
+    return None if value is None else os.fsdecode(value)
 
 
 def _check_name(name: str, where: str) -> str:
@@ -34,7 +55,10 @@ def forced_backend() -> str | None:
     name = getattr(_forced, "name", None)
     if name is not None:
         return name
-    env = os.environ.get(ENV_BACKEND, "").strip().lower()
+    env = _env(ENV_BACKEND)
+    if not env:
+        return None
+    env = env.strip().lower()
     if not env or env == "auto":
         return None
     return _check_name(env, f"environment variable {ENV_BACKEND}")
@@ -54,7 +78,7 @@ def use_backend(name: str | None):
 
 
 def metal_disabled() -> bool:
-    return os.environ.get(ENV_DISABLE_METAL, "0").strip() not in ("", "0", "false", "False")
+    return (_env(ENV_DISABLE_METAL) or "0").strip() not in ("", "0", "false", "False")
 
 
 def choose(op: str, *arrays, **params) -> tuple[str, object]:
@@ -73,6 +97,17 @@ def choose(op: str, *arrays, **params) -> tuple[str, object]:
     return "compiled", getattr(compiled, op)
 
 
+def resolve_layer(x, iters: int, eps: float, **params) -> tuple[str, object]:
+    """(backend name, fn) for mhc_layer on stream state x, fn a function of (x, H_pre_raw,
+    H_post_raw, H_res_raw, rms_weight) with iters, eps and every per-call decision bound: what a
+    module may keep while x's shape and dtype and state() stay the same."""
+    name, impl = choose("mhc_layer", x, **params)
+    if name == "kernels":
+        return name, kernels.resolve_layer(x, iters, eps, params.get("threads_per_group"),
+                                           params.get("policy", "auto"))
+    return name, partial(impl, iters=iters, eps=eps)
+
+
 def explain(op: str) -> str:
     """One line for `mhc-mlx info`: which path `op` takes by default here and why."""
     name = forced_backend()
@@ -88,8 +123,20 @@ def trace_key() -> tuple:
     """What a module's compiled latency path keys on: the forced backend (use_backend's and the
     environment's, raw), the Metal switch, the default device (a trace's launches are bound to
     its stream) and the kernels' forward settings."""
-    return (getattr(_forced, "name", None), os.environ.get(ENV_BACKEND), os.environ.get(ENV_DISABLE_METAL),
+    return (getattr(_forced, "name", None), _env(ENV_BACKEND), _env(ENV_DISABLE_METAL),
             str(mx.default_device()), kernels.trace_key())  # (a Device hashes by identity)
+
+
+def state() -> tuple:
+    """Everything a dispatch decision reads besides the arrays' shapes and dtypes: the forced
+    backend, the environment, the default device, and the settings epoch (any assignment
+    to a kernel or dispatch module attribute, a Metal first-use result) in place of the settings
+    themselves. A module may keep its decision for a shape and dtype while this stays equal."""
+    if _ENVIRON_BYTES is None:
+        env = (os.environ.get(ENV_BACKEND), os.environ.get(ENV_DISABLE_METAL))
+    else:
+        env = (_ENVIRON_BYTES.get(_ENV_BACKEND_BYTES), _ENVIRON_BYTES.get(_ENV_DISABLE_METAL_BYTES))
+    return (getattr(_forced, "name", None), env, str(mx.default_device()), build._epoch[0])
 
 
 _metal_checked = []
@@ -107,7 +154,25 @@ def latency_compiles(x) -> bool:
     return True
 
 
+_compiled_latency: dict = {}  # (fn, settings, state()) -> the compiled fn
+_COMPILED_LATENCY_SIZE = 256
+
+
 def compiled_latency(fn, *settings):
     """fn under mx.compile for a module's latency path: one per (fn, its Python settings, the
-    trace key of this call). fn's arrays are its inputs, never constants of the trace."""
-    return build.compiled_for(fn, (settings, trace_key()))
+    trace key of this call). fn's arrays are its inputs, never constants of the trace. Found by
+    state(), cheaper than the trace key, while that stays the same."""
+    key = (fn, settings, state())
+    out = _compiled_latency.get(key)
+    if out is None:
+        out = build.compiled_for(fn, (settings, trace_key()))
+        if len(_compiled_latency) >= _COMPILED_LATENCY_SIZE:
+            _compiled_latency.clear()
+        _compiled_latency[key] = out
+    return out
+
+
+# assignments to these modules' attributes (settings; the paths' functions, which tests stand in)
+# bump build.settings_epoch, which state() and the modules' kept decisions read
+for _module in (__name__, compiled.__name__, reference.__name__):
+    build.watch(_module)

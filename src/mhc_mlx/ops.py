@@ -131,13 +131,28 @@ def mhc_pre(x: mx.array, H_pre: mx.array) -> mx.array:
     return run_pre(x, H_pre)
 
 
+_POST_CHECKED: set = set()  # the (shape, dtype) signatures check_post has passed
+_POST_CHECKED_SIZE = 256
+
+
 def check_post(x: mx.array, f: mx.array, H_post: mx.array, H_res: mx.array) -> None:
-    """mhc_post's input checks."""
+    """mhc_post's input checks. They read shapes and dtypes only, so a signature that passed once
+    passes again without them (2.6 µs a call on this project's CPU, at B = 1 a tenth of a site's)."""
+    arrays = (x, f, H_post, H_res)
+    signature = None
+    if all(isinstance(a, mx.array) for a in arrays):
+        signature = tuple((a.shape, a.dtype) for a in arrays)
+        if signature in _POST_CHECKED:
+            return
     n, C = _checks.check_streams(x, "x")
     lead = tuple(x.shape[:-2])
     _checks.check_sublayer_output(f, lead, C)
     _checks.check_coefficient(H_post, "H_post", n, (n,), lead)
     _checks.check_coefficient(H_res, "H_res", n, (n, n), lead)
+    if signature is not None:
+        if len(_POST_CHECKED) >= _POST_CHECKED_SIZE:
+            _POST_CHECKED.clear()
+        _POST_CHECKED.add(signature)
 
 
 def mhc_post(x: mx.array, f: mx.array, H_post: mx.array, H_res: mx.array) -> mx.array:

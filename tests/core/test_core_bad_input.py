@@ -297,3 +297,32 @@ def test_nan_modules(dynamic, backend, rng):
     conn = mlx_mhc.ManifoldHyperConnection(c, expansion=n)
     nan_token_check(conn(as_mx(h), mx.zeros((4, c))), 3, "ManifoldHyperConnection (hidden)")
     nan_token_check(conn(xn, mx.zeros((4, c))), 1, "ManifoldHyperConnection (streams)")
+
+
+def test_checks_kept_for_good_calls_still_refuse_bad_ones(backend):
+    # ops.check_post keeps the signatures that passed, the modules their decisions per shape and
+    # dtype: a new shape or dtype after good calls must still be checked, and refused
+    x, f, h_post, h_res = streams(2), mx.zeros((2, C)), mx.zeros((N,)), mx.zeros((N, N))
+    for _ in range(2):
+        mx.eval(mhc.mhc_post(x, f, h_post, h_res))
+    with pytest.raises(ValueError, match=r"H_res must have shape \[\.\.\., 4, 4\]"):
+        mhc.mhc_post(x, f, h_post, mx.zeros((N, N + 1)))
+    with pytest.raises(TypeError, match=r"int32"):
+        mhc.mhc_post(x, f.astype(mx.int32), h_post, h_res)
+    with pytest.raises(ValueError, match=r"f \(the sublayer output\) must have shape \(2, 8\)"):
+        mhc.mhc_post(x, mx.zeros((3, C)), h_post, h_res)
+    hc = mhc.HyperConnection(C, n=N)
+    for _ in range(2):
+        h, coeffs = hc.pre(x)
+        mx.eval(hc.post(x, h, coeffs))
+    with pytest.raises(ValueError, match=r"expected n=4"):
+        hc.pre(streams(2, n=3))
+    with pytest.raises(ValueError, match=r"must have shape \(2, 8\)"):
+        hc.post(x, mx.zeros((2, C + 1)), coeffs)
+    layer = mhc.MHCLayer(N, C)
+    for _ in range(2):
+        mx.eval(layer(x))
+    with pytest.raises(ValueError, match=r"expected C=8"):
+        layer(streams(2, c=C + 1))
+    with pytest.raises(TypeError, match=r"int32"):
+        layer(x.astype(mx.int32))

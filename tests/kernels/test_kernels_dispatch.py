@@ -126,3 +126,111 @@ def test_disable_metal_env(fake_gpu, monkeypatch):
 def test_unknown_op_is_refused():
     with pytest.raises(ValueError, match="unknown op"):
         kernels.why_not("mhc_everything")
+
+
+def test_env_reads_follow_os_environ(monkeypatch):
+    # dispatch._env reads os.environ's own dict on POSIX: it must see every way os.environ changes
+    monkeypatch.delenv(dispatch.ENV_BACKEND, raising=False)
+    assert dispatch._env(dispatch.ENV_BACKEND) is None
+    assert dispatch.forced_backend() is None
+    monkeypatch.setenv(dispatch.ENV_BACKEND, " Reference ")
+    assert dispatch._env(dispatch.ENV_BACKEND) == " Reference "
+    assert dispatch.forced_backend() == "reference"
+    monkeypatch.setenv(dispatch.ENV_BACKEND, "auto")
+    assert dispatch.forced_backend() is None
+    monkeypatch.setenv(dispatch.ENV_BACKEND, "fastest")
+    with pytest.raises(ValueError, match="MHC_MLX_BACKEND"):
+        dispatch.forced_backend()
+    monkeypatch.setenv(dispatch.ENV_DISABLE_METAL, "1")
+    assert dispatch.metal_disabled()
+    monkeypatch.setenv(dispatch.ENV_DISABLE_METAL, "0")
+    assert not dispatch.metal_disabled()
+
+
+def test_settings_epoch_moves_with_every_watched_setting(monkeypatch):
+    from mhc_mlx import compiled, reference
+    from mhc_mlx.kernels import coefficients, site
+
+    watched = [(layer, "LATENCY_TOKENS", 3), (coefficients, "SPLIT_SMALL", False), (site, "FLAT_THREADS", 64),
+               (kernels, "FUSED_READ_STEP", False), (build, "COMPILE_LATENCY", False),
+               (dispatch, "ENV_BACKEND", "MHC_MLX_BACKEND"), (compiled, "mhc_layer", reference.mhc_layer)]
+    for module, name, value in watched:
+        before = build.settings_epoch()
+        monkeypatch.setattr(module, name, value)
+        assert build.settings_epoch() > before, (module.__name__, name)
+    before = build.settings_epoch()
+    build.poison_outputs(None)
+    safety.reset()
+    assert build.settings_epoch() >= before + 2
+    # the trace key is kept between changes but follows them
+    assert kernels.trace_key()[3] == 3
+    monkeypatch.setattr(layer, "LATENCY_TOKENS", 5)
+    assert kernels.trace_key()[3] == 5
+    assert kernels.trace_key() == kernels._settings_key()
+    kernels.use_candidates(True)
+    try:
+        assert kernels.trace_key() == kernels._settings_key()
+    finally:
+        kernels.use_candidates(False)
+    assert kernels.trace_key() == kernels._settings_key()
+
+
+def test_layer_keeps_its_decision_until_shape_dtype_or_state_change(monkeypatch):
+    from mhc_mlx import reference
+
+    decisions = []
+    resolve = dispatch.resolve_layer
+
+    def counting(*args, **kwargs):
+        decisions.append(dispatch.forced_backend())
+        return resolve(*args, **kwargs)
+
+    monkeypatch.setattr(dispatch, "resolve_layer", counting)
+    m = mhc.MHCLayer(4, 8, identity_init=False)
+    m.update({"H_pre_raw": mx.random.normal((4,)), "H_post_raw": mx.random.normal((4,)),
+              "H_res_raw": mx.random.normal((4, 4)), "rms_weight": mx.random.normal((8,))})
+    x = mx.random.normal((3, 4, 8))
+    params = [m.H_pre_raw, m.H_post_raw, m.H_res_raw, m.rms_weight]
+    first = m(x)
+    assert mx.array_equal(m(x), first) and len(decisions) == 1
+    m(mx.random.normal((5, 4, 8)))
+    m(x.astype(mx.bfloat16))
+    assert len(decisions) == 3
+    with dispatch.use_backend("reference"):
+        got = m(x)
+    assert decisions[-1] == "reference" and len(decisions) == 4
+    assert mx.allclose(got, reference.mhc_layer(x, *params, 20, 1e-5), atol=1e-6)
+    monkeypatch.setenv(dispatch.ENV_BACKEND, "reference")
+    m(x)
+    assert decisions[-1] == "reference" and len(decisions) == 5
+    monkeypatch.delenv(dispatch.ENV_BACKEND)
+    # a changed setting of the layer itself, or of the kernels, decides again
+    m.sinkhorn_iters = 3
+    fresh = mhc.MHCLayer(4, 8, sinkhorn_iters=3, identity_init=False)
+    fresh.update(dict(m.parameters()))
+    assert mx.allclose(m(x), fresh(x), atol=1e-6) and not mx.allclose(m(x), first, atol=1e-4)
+    count = len(decisions)
+    monkeypatch.setattr(layer, "LATENCY_TOKENS", layer.LATENCY_TOKENS + 1)
+    m(x)
+    assert len(decisions) == count + 1
+    # updated parameters are read on every call
+    m.update({"rms_weight": 2 * m.rms_weight})
+    params = [m.H_pre_raw, m.H_post_raw, m.H_res_raw, m.rms_weight]
+    assert mx.allclose(m(x), reference.mhc_layer(x, *params, 3, 1e-5), atol=1e-5)
+    assert not mx.allclose(m(x), fresh(x), atol=1e-4)  # fresh keeps the old weight
+    # the kept decisions are no parameters
+    assert set(dict(m.parameters())) == {"H_pre_raw", "H_post_raw", "H_res_raw", "rms_weight"}
+
+
+def test_layer_still_refuses_bad_input_after_good_calls():
+    m = mhc.MHCLayer(4, 8)
+    m(mx.zeros((2, 4, 8)))
+    with pytest.raises(ValueError, match="expected n=4"):
+        m(mx.zeros((2, 3, 8)))
+    with pytest.raises(ValueError, match="expected C=8"):
+        m(mx.zeros((2, 4, 9)))
+    with pytest.raises(TypeError, match="dtype"):
+        m(mx.zeros((2, 4, 8), dtype=mx.int32))
+    with pytest.raises(TypeError, match="mlx.core.array"):
+        m([[0.0] * 8] * 4)
+    assert m(mx.zeros((2, 4, 8))).shape == (2, 4, 8)

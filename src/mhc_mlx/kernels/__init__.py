@@ -25,7 +25,7 @@ from functools import partial
 import mlx.core as mx
 
 from . import safety
-from .build import gpu_backend, metal_disabled, on_gpu
+from .build import gpu_backend, metal_disabled, on_gpu, settings_epoch, watch
 
 OPS = ("sinkhorn_knopp", "mhc_coefficients", "mhc_pre", "mhc_post", "rms_norm", "mhc_layer")
 ACTIVATIONS = (mx.float32, mx.bfloat16, mx.float16)
@@ -134,6 +134,15 @@ def kernel_for(op: str, *arrays, **params):
     return impl
 
 
+def resolve_layer(x, iters: int, eps: float, threads_per_group=None, policy: str = "auto"):
+    """mhc_layer's kernel form for x (kernel_for said a kernel runs it), as a function of the
+    five arrays with every decision made (layer.resolve)."""
+    from . import layer
+
+    inline = {"latency": True, "throughput": False}.get(policy)
+    return layer.resolve(x, iters, eps, inline=inline, threads=threads_per_group)
+
+
 def why_not(op: str, *arrays, **params) -> str:
     """Why `op` (on these arrays, if given) takes the compiled path; '' when kernels run it."""
     reason = _backend_reason(op)
@@ -178,11 +187,13 @@ def use_candidates(on: bool = True) -> None:
     fragments of gs (within the runs' spread), and the kernels' parameter arrays copied into GPU
     memory (faster in one process, not in the next; docs/kernel-notes.md). Off: the shipped
     defaults."""
+    import sys
+
     from . import build, coefficients, layer
 
-    global FUSED_READ_STEP, CHAIN_X_COTANGENT
-    FUSED_READ_STEP = True if on else "auto"
-    CHAIN_X_COTANGENT = True if on else "auto"
+    this = sys.modules[__name__]  # assigned as attributes, so the settings epoch sees them
+    this.FUSED_READ_STEP = True if on else "auto"
+    this.CHAIN_X_COTANGENT = True if on else "auto"
     coefficients.MMA_VJP = True if on else "auto"
     layer.INLINE_ALWAYS = on
     coefficients.GLUE_PACKS = on
@@ -228,9 +239,21 @@ def settings() -> dict:
 
 
 
+_trace_key = [None, None]  # (settings epoch, key)
+
+
 def trace_key() -> tuple:
     """The settings a latency path's forward trace reads (build.compiled keys on them, so a
-    changed setting takes a new trace instead of replaying a stale one). Cheaper than settings()."""
+    changed setting takes a new trace instead of replaying a stale one), recomputed only when the
+    settings epoch moved. Cheaper than settings()."""
+    epoch = settings_epoch()
+    if _trace_key[0] != epoch:
+        _trace_key[1] = _settings_key()
+        _trace_key[0] = epoch
+    return _trace_key[1]
+
+
+def _settings_key() -> tuple:
     from . import build, coefficients, layer
 
     return (layer.LATENCY_KERNEL, layer.INLINE_MAX_N, layer.MAX_N_FUSED, layer.LATENCY_TOKENS, layer.INLINE_ALWAYS,
@@ -242,3 +265,6 @@ LIMITS_NOTE = (
     f"kernels cover n <= {MAX_N} streams (dynamic coefficients above n = {MAX_N_DYNAMIC} by MLX "
     "matmuls and kernels); larger n takes the compiled path"
 )
+
+
+watch(__name__)  # settings assigned later bump build.settings_epoch

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import struct
+import sys
+import types
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -26,6 +28,38 @@ _poison: list[float | None] = [None]
 def poison_outputs(value: float | None) -> None:
     """Fill kernel outputs with `value` before each launch (None: leave them unfilled)."""
     _poison[0] = value
+    bump_settings()
+
+
+# The settings epoch: a count bumped whenever an attribute of a watched module is assigned (the
+# kernels' modules, the dispatcher's: their settings, and what tests stand in), so hot paths keep
+# what they derive from those settings (a dispatch decision, a trace key) until one changes,
+# instead of reading a score of module attributes on every call.
+_epoch = [0]
+
+
+class _WatchedModule(types.ModuleType):
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        _epoch[0] += 1
+
+    def __delattr__(self, name):
+        super().__delattr__(name)
+        _epoch[0] += 1
+
+
+def watch(module_name: str) -> None:
+    """Bump the settings epoch on every attribute assignment to this module from now on."""
+    sys.modules[module_name].__class__ = _WatchedModule
+
+
+def settings_epoch() -> int:
+    return _epoch[0]
+
+
+def bump_settings() -> None:
+    """A setting held outside module attributes changed (the poison value, a Metal check's result)."""
+    _epoch[0] += 1
 
 
 # The latency paths (a few tokens: the static layer's single launch, the dynamic read step, post)
@@ -65,8 +99,9 @@ def compiled_for(fn, key):
 
 
 def compiled(fn, *key):
-    """compiled_for(fn, ...) keyed by `key` and the poison value (launch reads it)."""
-    return compiled_for(fn, (key, _poison[0]))
+    """compiled_for(fn, ...) keyed by `key`, the poison value (launch reads it) and the default
+    device (a trace's launches are bound to the stream it was traced on)."""
+    return compiled_for(fn, (key, _poison[0], str(mx.default_device())))
 
 
 @dataclass(frozen=True)
@@ -250,3 +285,6 @@ def render_cuda(spec: KernelSpec, input_dtypes, output_dtypes, template) -> str:
             lines.append(f"  using {name} = {_CUDA_TYPES[value]};")
     lines += [spec.source(), "}", "} // namespace mlx::core::cu"]
     return "\n".join(lines)
+
+
+watch(__name__)

@@ -16,7 +16,7 @@ from ..compiled import matmul
 from ..compiled.site import scale_index
 from . import build
 from . import sinkhorn as sk
-from .build import KernelSpec, edited, float_params, int_params, launch
+from .build import KernelSpec, edited, float_params, int_params, launch, watch
 
 F32 = mx.float32
 MAX_N_DYNAMIC = 8  # W = n(n+2) <= 80 accumulators per lane in the fused kernels
@@ -1212,3 +1212,6 @@ def mhc_coefficients_chained(x, phi, alpha, bias, iters: int = 20, eps: float = 
     in place of x (site.py, "chained")."""
     H_pre, H_post, H_res, _, _, x_next = _chained_function(x.shape[-2], iters, float(eps))(x, phi, alpha, bias)
     return H_pre, H_post, H_res, x_next
+
+
+watch(__name__)  # settings assigned later bump build.settings_epoch

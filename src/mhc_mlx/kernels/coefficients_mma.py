@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from .build import KernelSpec, float_params, int_params, launch
+from .build import KernelSpec, float_params, int_params, launch, watch
 
 F32 = mx.float32
 PHI_PARTS = 3
@@ -499,3 +499,6 @@ def dynamic_forward(x2, phi, alpha, bias, n: int, iters: int, eps: float):
         [((T, n), F32), ((T, n), F32), ((T, n, n), F32), ((T, W), F32), ((T,), F32)],
         -(-T // FINISH_TOKENS) * FINISH_THREADS, FINISH_THREADS, [("N", n), ("TB", FINISH_TOKENS)],
     )
+
+
+watch(__name__)  # settings assigned later bump build.settings_epoch

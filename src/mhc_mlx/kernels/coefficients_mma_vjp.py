@@ -33,7 +33,7 @@ import mlx.core as mx
 
 from functools import lru_cache
 
-from .build import KernelSpec, edited, int_params, launch
+from .build import KernelSpec, edited, int_params, launch, watch
 from .coefficients_mma import LOAD_X, PTX_MMA, X_PARTS
 
 F32 = mx.float32
@@ -613,3 +613,6 @@ def vjp_x_phi(x2, phi, gs, c2, pre=None, gacc=None, packed=None):
     packed: (gsa, gsb), gs in both fragment orders (glue_packs_spec), or None."""
     gsa, gsb = packed if packed is not None else (None, None)
     return dx(x2, phi, gs, c2, pre, gacc, gsa), dphi(x2, gs, gsb)
+
+
+watch(__name__)  # settings assigned later bump build.settings_epoch

@@ -13,12 +13,12 @@ dtype, as the unfused pre -> rms_norm -> post chain does.
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import lru_cache, partial
 
 import mlx.core as mx
 
 from . import coefficients, site, sinkhorn
-from .build import KernelSpec, compiled, compiles_latency, float_bits, float_params, int_params, launch, tokens
+from .build import KernelSpec, compiled, compiles_latency, float_bits, float_params, int_params, launch, tokens, watch
 
 F32 = mx.float32
 MAX_N = 32
@@ -737,14 +737,27 @@ def _latency_call(iters: int, eps: float, threads):
 
 def mhc_layer(x, H_pre_raw, H_post_raw, H_res_raw, rms_weight, iters: int, eps: float,
               inline: bool | None = None, threads: int | None = None):
-    n, T = x.shape[-2], tokens(x)
+    return resolve(x, iters, eps, inline, threads)(x, H_pre_raw, H_post_raw, H_res_raw, rms_weight)
+
+
+def resolve(x, iters: int, eps: float, inline: bool | None = None, threads: int | None = None):
+    """The layer's form for stream state x's shape and dtype under the current settings, chosen
+    once: a function of (x, H_pre_raw, H_post_raw, H_res_raw, rms_weight). Valid while neither
+    x's shape and dtype nor the settings change (MHCLayer keeps it per dispatch.state())."""
+    n, T, eps = x.shape[-2], tokens(x), float(eps)
     if n > MAX_N_FUSED and not (n <= INLINE_MAX_N and T <= LATENCY_TOKENS and inline is not False):
-        return _composite(x, H_pre_raw, H_post_raw, H_res_raw, rms_weight, iters, float(eps))
+        return partial(_composite, iters=iters, eps=eps)
     if inline is None:
         inline = INLINE_ALWAYS or T <= LATENCY_TOKENS or n > MAX_N_FUSED
     if inline and T <= LATENCY_TOKENS and compiles_latency(x):  # the trace reads LATENCY_KERNEL
-        return compiled(_latency_call(iters, float(eps), threads), LATENCY_KERNEL)(
-            x, H_pre_raw, H_post_raw, H_res_raw, rms_weight)
-    return _function(iters, float(eps), bool(inline), threads)(
-        x, H_pre_raw, H_post_raw, H_res_raw, rms_weight
-    )[0]
+        return compiled(_latency_call(iters, eps, threads), LATENCY_KERNEL)
+    return _first(_function(iters, eps, bool(inline), threads))
+
+
+@lru_cache(maxsize=None)
+def _first(fn):
+    """fn's first output."""
+    return lambda *arrays: fn(*arrays)[0]
+
+
+watch(__name__)  # settings assigned later bump build.settings_epoch

@@ -23,6 +23,7 @@ from functools import lru_cache
 import mlx.core as mx
 
 from . import build, coefficients, site
+from .build import watch
 
 
 @lru_cache(maxsize=None)
@@ -80,3 +81,6 @@ def mhc_pre_step_chained(x, phi, alpha, bias, iters: int = 20, eps: float = 1e-6
     """As mhc_pre_step, and x' (x passed through) for post to read in place of x."""
     h, H_pre, H_post, H_res, _, _, x_next = _function(x.shape[-2], iters, float(eps), True)(x, phi, alpha, bias)
     return h, H_pre, H_post, H_res, x_next
+
+
+watch(__name__)  # settings assigned later bump build.settings_epoch

@@ -15,6 +15,7 @@ import warnings
 import mlx.core as mx
 
 from .. import reference
+from .build import bump_settings, watch
 
 # op -> "ok" or "failed: <why>"
 _results: dict[str, str] = {}
@@ -27,6 +28,7 @@ def result(op: str) -> str | None:
 
 def reset() -> None:
     _results.clear()
+    bump_settings()
 
 
 # The cases each op's check runs: (n, dtype of x). n = 4 in each activation dtype (each is its
@@ -140,6 +142,7 @@ def verified(op: str, impl) -> bool:
         if "function transformations" in message or "compile" in message.lower() and "eval" in message:
             return False  # inside mx.compile: try again at the next eager call
         _results[op] = f"failed: {type(e).__name__}: {message.splitlines()[0] if message else ''}"
+        bump_settings()
         warnings.warn(
             f"mhc-mlx: the Metal kernel for {op} failed its first-use check ({_results[op][8:]}); "
             "using the compiled path for it in this process (see `mhc-mlx info`)",
@@ -148,4 +151,8 @@ def verified(op: str, impl) -> bool:
         )
         return False
     _results[op] = "ok"
+    bump_settings()
     return True
+
+
+watch(__name__)  # a recorded first-use result bumps build.settings_epoch

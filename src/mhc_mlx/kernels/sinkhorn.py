@@ -11,7 +11,7 @@ from functools import lru_cache
 import mlx.core as mx
 
 from ..compiled.sinkhorn import _backward as compiled_backward
-from .build import KernelSpec, int_params, launch
+from .build import KernelSpec, int_params, launch, watch
 
 MAX_N = 32
 # The fused backward unrolls n x iters steps with per-step registers; past this it would
@@ -184,3 +184,6 @@ def _function(iters: int):
 
 def sinkhorn_knopp(logits: mx.array, iters: int = 20) -> mx.array:
     return _function(iters)(logits)
+
+
+watch(__name__)  # settings assigned later bump build.settings_epoch

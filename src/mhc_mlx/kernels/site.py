@@ -15,7 +15,7 @@ import mlx.core as mx
 
 from ..compiled import matmul
 from . import build
-from .build import KernelSpec, edited, int_params, launch
+from .build import KernelSpec, edited, int_params, launch, watch
 
 F32 = mx.float32
 MAX_N = 32
@@ -566,3 +566,6 @@ def mhc_post(x, f, H_post, H_res):
     if build.compiles_latency(x):
         return build.compiled(_post_call)(x, f, H_post, H_res)
     return _post(x, f, H_post, H_res)
+
+
+watch(__name__)  # settings assigned later bump build.settings_epoch

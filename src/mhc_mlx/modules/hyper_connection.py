@@ -94,7 +94,8 @@ class HyperConnection(nn.Module):
         return SiteCoefficients(*ops.run_coefficients(x, phi, alpha, self.bias, self.sinkhorn_iters, self.eps))
 
     def _params(self) -> tuple:
-        return (self.phi, self.alpha, self.bias) if self.dynamic else (self.bias,)
+        # item access: nn.Module's attribute fallback costs ~0.4 µs a parameter (B = 1 calls)
+        return (self["phi"], self["alpha"], self["bias"]) if self.dynamic else (self["bias"],)
 
     def pre(self, x: mx.array) -> tuple[mx.array, SiteCoefficients]:
         """Read the streams: returns the sublayer input [..., dims] and the coefficients."""

@@ -20,6 +20,19 @@ _RETIRED = (
 )
 
 
+# Decisions a layer keeps (shape, dtype and dispatch state -> implementation) before it starts over.
+_MEMO_SIZE = 32
+
+
+class _Memo:
+    """A plain object (an nn.Module files dict and list attributes among its parameters)."""
+
+    __slots__ = ("table",)
+
+    def __init__(self):
+        self.table = {}
+
+
 class MHCLayer(nn.Module):
     """out = sinkhorn(H_res_raw) x + 2 sigmoid(H_post_raw) (x) rms_norm(sum_i sigmoid(H_pre_raw)_i x_i).
 
@@ -86,6 +99,12 @@ class MHCLayer(nn.Module):
             self.H_res_raw = mx.zeros((n, n))
         self.H_post_raw = mx.zeros((n,))
         self.rms_weight = mx.ones((C,))
+        self._memo = _Memo()
+
+    def __setattr__(self, key, val):
+        super().__setattr__(key, val)
+        if key != "_memo" and not isinstance(val, mx.array) and "_memo" in self.__dict__:
+            self._memo.table.clear()  # a setting changed (n, C, iters, eps, use_metal, ...)
 
     def _extra_repr(self) -> str:
         return f"n={self.n}, C={self.C}, sinkhorn_iters={self.sinkhorn_iters}, eps={self.eps}"
@@ -97,18 +116,27 @@ class MHCLayer(nn.Module):
         return sinkhorn_knopp(self.H_res_raw, self.sinkhorn_iters)
 
     def _implementation(self, x):
+        """This layer's op for x, a function of x and the four parameters (dispatch.resolve_layer)."""
+        iters, eps = self.sinkhorn_iters, self.eps
         if not self.use_metal:
             path = "compiled" if self.compile_reference in (None, True) else "reference"
             with dispatch.use_backend(dispatch.forced_backend() or path):
-                return dispatch.choose("mhc_layer", x)[1]
-        return dispatch.choose(
-            "mhc_layer", x, threads_per_group=self.threads_per_group, policy=self.dispatch_policy
+                return dispatch.resolve_layer(x, iters, eps)[1]
+        return dispatch.resolve_layer(
+            x, iters, eps, threads_per_group=self.threads_per_group, policy=self.dispatch_policy
         )[1]
 
     def __call__(self, x: mx.array) -> mx.array:
-        _checks.check_streams(x, "x", n=self.n, C=self.C)
-        impl = self._implementation(x)
-        return impl(
-            x, self.H_pre_raw, self.H_post_raw, self.H_res_raw, self.rms_weight,
-            self.sinkhorn_iters, self.eps,
-        )
+        # The checks and the dispatch read only x's shape and dtype and the dispatch state, so
+        # their outcome is kept per (shape, dtype, state): at B = 1 they were most of this
+        # call's own Python (5 of 8 µs on this project's CPU, scripts/host_overhead.py).
+        key = (x.shape, x.dtype, dispatch.state()) if isinstance(x, mx.array) else None
+        memo = self._memo.table
+        impl = memo.get(key)
+        if impl is None:
+            _checks.check_streams(x, "x", n=self.n, C=self.C)
+            impl = self._implementation(x)
+            if len(memo) >= _MEMO_SIZE:
+                memo.clear()
+            memo[key] = impl
+        return impl(x, self["H_pre_raw"], self["H_post_raw"], self["H_res_raw"], self["rms_weight"])
