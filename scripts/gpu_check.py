@@ -366,6 +366,11 @@ SWITCHES = {
     "--sinkhorn-thread-vjp": (sinkhorn, "JACOBIAN_VJP", False,
                               "the Sinkhorn op's backward as one thread per matrix where that form applies "
                               "(sinkhorn.JACOBIAN_VJP = False; by default n^2 lanes of forward mode per matrix)"),
+    "--one-launch-small": (coefficients, "ONE_LAUNCH_SMALL", True,
+                           "the few-token dynamic forward and read step in one launch (coefficients.ONE_LAUNCH_SMALL, "
+                           "DYNAMIC_ONE, candidate; by default the split form's two)"),
+    "--stream-hints": (layer, "STREAM_HINTS", True,
+                       "the layer forward's loads and stores marked as streamed (layer.STREAM_HINTS, candidate)"),
     "--device-params": (build, "DEVICE_PARAMS", True,
                         "the kernels' run-time parameter arrays padded and copied into GPU memory once "
                         "(build.DEVICE_PARAMS; by default host-made arrays, which MLX keeps in managed memory)"),

@@ -1008,7 +1008,8 @@ def b1_probe(rounds=5):
     n, C = 4, 512
     x1, raw, a1 = b1_inputs(n, C)
     V, tg, cpt, groups = layer.plan(1, n, C, x1.dtype.size)
-    template = [("T", x1.dtype), ("N", n), ("V", V), ("CPT", cpt), ("INLINE", True), ("PF", layer.PREFETCH_TOKENS)]
+    template = [("T", x1.dtype), ("N", n), ("V", V), ("CPT", cpt), ("INLINE", True), ("PF", layer.PREFETCH_TOKENS),
+                ("CS", layer.STREAM_HINTS)]
     empty = dataclasses.replace(layer.LAYER, name="mhc_layer_empty", body="  return;\n" + layer.LAYER.body)
     seven = one_line_7()
 
@@ -1390,17 +1391,17 @@ def b1_host(rounds=5):
     n, C = 4, 512
     x1, raw, a1 = b1_inputs(n, C)
     m = mhc.MHCLayer(n, C)
-    hc = mhc.HyperConnection(C, n)
-    mx.eval(m.parameters(), hc.parameters())
+    hc, hc_traced = mhc.HyperConnection(C, n), mhc.HyperConnection(C, n)
+    mx.eval(m.parameters(), hc.parameters(), hc_traced.parameters())
     ps = [m.H_pre_raw, m.H_post_raw, m.H_res_raw, m.rms_weight]
 
-    def dyn(x, phi, alpha, bias):
-        hc.phi, hc.alpha, hc.bias = phi, alpha, bias
-        h, cf = hc.pre(x)
-        return hc.post(x, h, cf)
+    def dyn(x, phi, alpha, bias):  # its module holds the trace's arrays afterwards: its own module
+        hc_traced.phi, hc_traced.alpha, hc_traced.bias = phi, alpha, bias
+        h, cf = hc_traced.pre(x)
+        return hc_traced.post(x, h, cf)
 
     dyn_c = mx.compile(dyn)
-    dps = [hc.phi, hc.alpha, hc.bias]
+    dps = [hc_traced.phi, hc_traced.alpha, hc_traced.bias]
     makes = {
         "tiny op": lambda: a1 + 1.0,
         "layer function (compiled latency path)": lambda: layer.mhc_layer(x1, *ps, 20, 1e-5),
@@ -1413,6 +1414,102 @@ def b1_host(rounds=5):
     alternated("B=1 host", "", {"build + eval": lambda: timing.latency_us(current["make"], [], repeats=200)},
                forms, rounds)
     alternated("B=1 host", "", {"build alone": lambda: build_us(current["make"], 200)}, forms, rounds)
+
+
+def layer_forms(rounds=5, sizes=((4096, 4096), (2560, 2560))):
+    """The static layer forward kernel's memory forms at 4096x4x4096 and 2560x4x2560 bf16 (the
+    kernel alone, 10 rotated inputs; then the bench's static forward), alternated `rounds` times:
+    the default (256 threads, x in registers, 528 groups, one token's L2 prefetch); its loads and
+    stores marked as streamed (layer.STREAM_HINTS, 108 registers against 128); 512 threads with
+    one chunk each; 128 threads reading x twice (its second pass from L2); streamed at 264 groups."""
+    from mhc_mlx.bench import cases as bench_cases
+
+    n = 4
+    forms_spec = {"default": (False, None, None), "streamed": (True, None, None),
+                  "512 threads": (False, 512, 264), "128 threads, two passes": (False, 128, 1056),
+                  "streamed, 264 groups": (True, None, 264)}
+    for C, T in sizes:
+        H = coefficients.activate(mx.zeros((1, n)), mx.zeros((1, n)), mx.eye(n)[None] * 3, 20)
+        w = mx.ones((C,))
+        xs = [mx.random.normal((T, n, C)).astype(BF) for _ in range(10)]
+        mx.eval(H, w, xs)
+        fwd_case = bench_cases.Case("static", "fwd", (T, n, C), "bfloat16", "throughput")
+        fwd, fwd_xs = bench_cases.prepare(fwd_case, 10)
+        current = {}
+
+        def form(cs, threads, groups):
+            def switch():
+                layer.STREAM_HINTS = cs
+                current.update(threads=threads, groups=groups)
+            return switch
+
+        forms = {label: form(*spec) for label, spec in forms_spec.items()}
+        rows = {
+            "layer kernel alone": lambda: tput(lambda x: layer.forward(x, H[0], H[1], H[2], w, 20, 1e-5, False,
+                                                                      current["threads"], current["groups"]),
+                                               [[x] for x in xs]),
+            "static fwd (bench case; threads and groups default)": lambda: tput(fwd, [[x] for x in fwd_xs]),
+        }
+        saved = layer.STREAM_HINTS
+        try:
+            alternated("layer forms", f" {T}x{n}x{C}", rows, forms, rounds,
+                       skip={("static fwd (bench case; threads and groups default)", f)
+                             for f in ("512 threads", "128 threads, two passes", "streamed, 264 groups")})
+        finally:
+            layer.STREAM_HINTS = saved
+        floor = bench_cases.Case("static", "fwd", (T, n, C), "bfloat16", "throughput").floor_bytes()
+        print(f"layer forms: {T}x{n}x{C} moves {floor / 1e6:.0f} MB (read x, write out)")
+
+
+def one_launch(rounds=5):
+    """The few-token dynamic read step in one launch (coefficients.ONE_LAUNCH_SMALL, DYNAMIC_ONE)
+    against the split form's two (the default), alternated `rounds` times: the bench's B = 1 and
+    16 x 4 x 512 dynamic forwards, the B = 1 fwd+bwd, and the B = 1 site's graph building +
+    eval as b1-host times it; with the tiny op for scale. Then each form's kernels traced."""
+    import tempfile
+
+    import torch
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from gpu_profile import mark
+    from gpu_timeline import _between_markers, _kernels
+
+    n, C = 4, 512
+    x1, _, a1 = b1_inputs(n, C)
+    hc = mhc.HyperConnection(C, n)
+    mx.eval(hc.parameters())
+    rows = {"tiny op (build + eval)": lambda: timing.latency_us(lambda: a1 + 1.0, [], repeats=200),
+            "dynamic site pre + post (build + eval)": lambda: timing.latency_us(
+                lambda: (lambda h_cf: hc.post(x1, *h_cf))(hc.pre(x1)), [], repeats=200)}
+    rows.update(case_rows(("dynamic", "fwd", (1, 4, 512), "latency"), ("dynamic", "fwd", (16, 4, 512), "latency"),
+                          ("dynamic", "fwd+bwd", (1, 4, 512), "latency")))
+    forms = {"split (two launches)": [(coefficients, "ONE_LAUNCH_SMALL", False)],
+             "one launch": [(coefficients, "ONE_LAUNCH_SMALL", True)]}
+    alternated_settings("one launch", rows, forms, rounds)
+    saved = coefficients.ONE_LAUNCH_SMALL
+    durations = {}
+    try:
+        for on in (False, True):
+            coefficients.ONE_LAUNCH_SMALL = on
+            for _ in range(5):
+                mx.eval(hc.post(x1, *hc.pre(x1)))
+            torch.cuda.init()
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                mx.synchronize()
+                mark(0)
+                for _ in range(60):
+                    mx.eval(hc.post(x1, *hc.pre(x1)))
+                mark(0)
+            path = os.path.join(tempfile.mkdtemp(), "one_launch.json")
+            prof.export_chrome_trace(path)
+            by_name = {}
+            for _, dur, name in _between_markers(_kernels(path)).get(0, []):
+                by_name.setdefault(name.split("(")[0][-50:], []).append(dur / 1e3)
+            durations[on] = ", ".join(f"{k} x{len(v)} {statistics.median(v):.2f}" for k, v in by_name.items())
+    finally:
+        coefficients.ONE_LAUNCH_SMALL = saved
+    for on, text in durations.items():
+        print(f"one launch trace ({'one launch' if on else 'split'}): kernels (median us): {text}")
 
 
 # One part of the experiments alone (the module docstring lists them): mode -> function
@@ -1448,6 +1545,8 @@ MODES = {
     "layer-source": layer_source,
     "b1-anatomy": b1_anatomy,
     "b1-host": b1_host,
+    "layer-forms": layer_forms,
+    "one-launch": one_launch,
 }
 
 

@@ -36,6 +36,9 @@
 #   bash scripts/gpu_session.sh verify9      # every check, pytest -m gpu in four shards beside them
 #   bash scripts/gpu_session.sh verify-host  # pytest -m gpu (four shards) beside the layer and read-step checks
 #   bash scripts/gpu_session.sh host-bench   # the B = 1 calls' host time; the target bench (seeds), ours again
+#   bash scripts/gpu_session.sh one-launch   # the few-token read step in one launch: checks, GPU tests, timings
+#   bash scripts/gpu_session.sh one-launch2  # its timings again (traces keyed on every setting), bench with it on
+#   bash scripts/gpu_session.sh layer-forms  # layer checks with streamed loads/stores; B = 1 host; layer memory forms
 #   bash scripts/gpu_session.sh anatomy-bench  # where the B = 1 static launch's time goes; the target bench
 #   bash scripts/gpu_session.sh gpu-tests    # pytest -m gpu alone
 #   bash scripts/gpu_session.sh latency      # LAYER_LATENCY + compiled latency path: checks, timings
@@ -447,6 +450,29 @@ case "${1:-}" in
     run 300 bench python -m mhc_mlx.cli.main bench --out "$res/bench" --overwrite --seeds .seedpkgs --only "$TARGETS"
     run 170 bench_ours python -m mhc_mlx.cli.main bench --out "$res/bench_ours" --overwrite --seeds "" \
       --only "$TARGETS" --impl kernels
+    ;;
+  one-launch)
+    # (ninth session of 2026-11-30) the few-token dynamic read step in one launch (DYNAMIC_ONE):
+    # coefficient and read-step checks with it, its GPU test, then its timings against the split
+    CHECK_ARGS="--one-launch-small" CHECK_ONLY=coefficients,read_step NO_PYTEST=1 check 240
+    run 200 gpu_tests_one python -m pytest -q -m gpu tests/kernels/test_kernels_gpu.py \
+      -k "one_threadgroup_per_token or dynamic_site" -p no:cacheprovider
+    run 150 experiments_one_launch python scripts/gpu_experiments.py one-launch
+    ;;
+  one-launch2)
+    # (ninth session of 2026-11-30) one-launch's timings again, its traces now keyed on every
+    # setting (the first run's module path had kept the split's trace), then the target cases'
+    # bench with the seeds and DYNAMIC_ONE on
+    run 120 experiments_one_launch python scripts/gpu_experiments.py one-launch
+    run 300 bench_one python scripts/bench_with.py coefficients.ONE_LAUNCH_SMALL=1 -- bench --out "$res/bench_one" \
+      --overwrite --seeds .seedpkgs --only "$TARGETS"
+    ;;
+  layer-forms)
+    # (ninth session of 2026-11-30) the layer checks with the streamed loads and stores, the
+    # B = 1 calls' host time, then the layer forward's memory forms alternated
+    CHECK_ARGS="--stream-hints" CHECK_ONLY=layer NO_PYTEST=1 check 200
+    run 90 experiments_b1_host python scripts/gpu_experiments.py b1-host
+    run 200 experiments_layer_forms python scripts/gpu_experiments.py layer-forms
     ;;
   anatomy-verify)
     # (ninth session of 2026-11-30) the B = 1 anatomy alone, then verify9

@@ -160,12 +160,13 @@ _COMPILED_LATENCY_SIZE = 256
 
 def compiled_latency(fn, *settings):
     """fn under mx.compile for a module's latency path: one per (fn, its Python settings, the
-    trace key of this call). fn's arrays are its inputs, never constants of the trace. Found by
-    state(), cheaper than the trace key, while that stays the same."""
+    trace key of this call, the settings epoch: see build.compiled). fn's arrays are its inputs,
+    never constants of the trace. Found by state(), cheaper than the trace key, while that stays
+    the same."""
     key = (fn, settings, state())
     out = _compiled_latency.get(key)
     if out is None:
-        out = build.compiled_for(fn, (settings, trace_key()))
+        out = build.compiled_for(fn, (settings, trace_key(), build.settings_epoch()))
         if len(_compiled_latency) >= _COMPILED_LATENCY_SIZE:
             _compiled_latency.clear()
         _compiled_latency[key] = out

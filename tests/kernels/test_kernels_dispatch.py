@@ -234,3 +234,39 @@ def test_layer_still_refuses_bad_input_after_good_calls():
     with pytest.raises(TypeError, match="mlx.core.array"):
         m([[0.0] * 8] * 4)
     assert m(mx.zeros((2, 4, 8))).shape == (2, 4, 8)
+
+
+def test_compiled_traces_follow_every_setting(monkeypatch):
+    # a latency path's trace reads settings no key names (here one the trace keys did not list,
+    # coefficients.ONE_MAX_K): any assignment to a watched module gives a new trace
+    from mhc_mlx.kernels import coefficients
+
+    def f(x):
+        return x + 1
+
+    kernel_level, module_level = build.compiled(f, "key"), dispatch.compiled_latency(f, "key")
+    assert build.compiled(f, "key") is kernel_level and dispatch.compiled_latency(f, "key") is module_level
+    monkeypatch.setattr(coefficients, "ONE_MAX_K", coefficients.ONE_MAX_K + 1)
+    assert build.compiled(f, "key") is not kernel_level
+    assert dispatch.compiled_latency(f, "key") is not module_level
+    assert mx.array_equal(build.compiled(f, "key")(mx.array([1.0])), mx.array([2.0]))
+
+
+@pytest.mark.parametrize("compiled_by", ["build.compiled", "dispatch.compiled_latency"])
+def test_a_new_setting_is_traced_not_replayed(monkeypatch, compiled_by):
+    # MLX keys its traces by the compiled function's identity: the traces of one function under
+    # two settings must still be two (they were one until 2026-11-30, ninth session)
+    from mhc_mlx.kernels import coefficients
+
+    compile_ = build.compiled if compiled_by == "build.compiled" else dispatch.compiled_latency
+
+    def f(x):
+        return x + 1 if coefficients.ONE_LAUNCH_SMALL else x * 10
+
+    x = mx.array([3.0])
+    monkeypatch.setattr(coefficients, "ONE_LAUNCH_SMALL", False)
+    assert [compile_(f, "key")(x).item() for _ in range(3)] == [30.0] * 3
+    monkeypatch.setattr(coefficients, "ONE_LAUNCH_SMALL", True)
+    assert [compile_(f, "key")(x).item() for _ in range(3)] == [4.0] * 3
+    monkeypatch.setattr(coefficients, "ONE_LAUNCH_SMALL", False)
+    assert [compile_(f, "key")(x).item() for _ in range(3)] == [30.0] * 3

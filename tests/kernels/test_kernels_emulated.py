@@ -263,20 +263,30 @@ def test_dynamic_coefficients_with_pre_in_one_launch(monkeypatch, flavour, tb, d
 @pytest.mark.parametrize("n,C,T", [(4, 40, 3), (2, 33, 5), (8, 16, 2), (1, 7, 1), (3, 1, 4), (4, 64, 1), (4, 300, 2),
                                    (8, 100, 1)])
 # split: DYNAMIC_SPLIT_PARTIAL + DYNAMIC_SPLIT_FINISH (coefficients.SPLIT_SMALL, the default;
-# K = n * C over 256 rows takes several partial threadgroups), else one threadgroup per token
-@pytest.mark.parametrize("split", [True, False])
-def test_dynamic_coefficients_one_threadgroup_per_token(monkeypatch, flavour, dtype, n, C, T, split):
-    # coefficients.DYNAMIC_SMALL / DYNAMIC_SMALL_PRE (up to SMALL_TOKENS tokens): the five
-    # outputs against float64 as the tiled kernel's, the read step's h as pre's own kernel's
+# K = n * C over 256 rows takes several partial threadgroups); one: DYNAMIC_ONE (coefficients.
+# ONE_LAUNCH_SMALL, where n <= ONE_MAX_N and K <= ONE_MAX_K, else the split form); small: one
+# threadgroup of 256 threads per token
+@pytest.mark.parametrize("form", ["split", "one", "small"])
+def test_dynamic_coefficients_one_threadgroup_per_token(monkeypatch, flavour, dtype, n, C, T, form):
+    # the few-token forms (up to SMALL_TOKENS tokens): the five outputs against float64 as the
+    # tiled kernel's, the read step's h as pre's own kernel's
     monkeypatch.setattr(coefficients, "SMALL_TOKENS", 8)
-    monkeypatch.setattr(coefficients, "SPLIT_SMALL", split)
+    monkeypatch.setattr(coefficients, "SPLIT_SMALL", form != "small")
+    monkeypatch.setattr(coefficients, "ONE_LAUNCH_SMALL", form == "one")
+    one = form == "one" and n <= coefficients.ONE_MAX_N and n * C <= coefficients.ONE_MAX_K
+    split = form != "small" and not one
     x, phi, alpha, bias = _dynamic_inputs(T, n, C, dtype)
     x2 = x.reshape(T, n * C)
     emu.launched.clear()
     five = coefficients.dynamic_forward(x2, phi, alpha, bias, n, 20, 1e-6, form="kernel")
-    small = (["mhc_coefficients_split_partial", "mhc_coefficients_split_finish"] if split
+    small = (["mhc_coefficients_one"] if one else
+             ["mhc_coefficients_split_partial", "mhc_coefficients_split_finish"] if split
              else ["mhc_coefficients_dynamic_small"])
     assert [name for name, *_ in emu.launched] == small
+    if one:
+        tg = emu.launched[0][3]
+        assert emu.launched[0][2] == T * tg and tg == coefficients.one_threads(n * C, n)
+        assert emu.launched[0][1]["PRE"] is False
     if split:
         assert emu.launched[0][2] == T * -(-(n * C) // 256) * 256 and emu.launched[1][1]["PRE"] is False
     want = ref64.coefficients(np64(x), np64(phi), np64(alpha), np64(bias), 20, 1e-6)
@@ -288,7 +298,7 @@ def test_dynamic_coefficients_one_threadgroup_per_token(monkeypatch, flavour, dt
     assert rel(five[4], invr64) <= 1e-6
     emu.launched.clear()
     *again, h = coefficients.dynamic_read_forward(x2, phi, alpha, bias, n, 20, 1e-6)
-    assert [name for name, *_ in emu.launched] == (small if split else ["mhc_coefficients_dynamic_small_pre"])
+    assert [name for name, *_ in emu.launched] == (small if split or one else ["mhc_coefficients_dynamic_small_pre"])
     for a, b in zip(again, five):
         assert np.array_equal(np64(a), np64(b))
     assert h.shape == (T, C) and h.dtype == dtype

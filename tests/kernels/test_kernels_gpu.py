@@ -84,10 +84,13 @@ def test_dynamic_coefficients_with_pre_in_one_launch(dtype):
 
 
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16, mx.float16])
-@pytest.mark.parametrize("n,C,T", [(4, 97, 3), (8, 33, 2), (1, 700, 1)])
-def test_dynamic_coefficients_one_threadgroup_per_token(monkeypatch, dtype, n, C, T):
-    # coefficients.DYNAMIC_SMALL (and its read-step form; default up to 16 tokens), on the GPU
+@pytest.mark.parametrize("n,C,T", [(4, 97, 3), (8, 33, 2), (1, 700, 1), (4, 512, 1), (3, 1000, 2)])
+@pytest.mark.parametrize("one_launch", [False, True])
+def test_dynamic_coefficients_one_threadgroup_per_token(monkeypatch, dtype, n, C, T, one_launch):
+    # the few-token forms (default up to 16 tokens), on the GPU: the split form (default), or
+    # DYNAMIC_ONE (coefficients.ONE_LAUNCH_SMALL) where it applies
     monkeypatch.setattr(coefficients, "SMALL_TOKENS", 16)
+    monkeypatch.setattr(coefficients, "ONE_LAUNCH_SMALL", one_launch)
     W = n * (n + 2)
     x = mx.random.normal((T, n, C)).astype(dtype)
     phi = mx.random.normal((n * C, W)) / np.sqrt(n * C)

@@ -91,17 +91,26 @@ def compiles_latency(x) -> bool:
     return COMPILE_LATENCY and tokens(x) <= LATENCY_COMPILE_TOKENS and gpu_present()
 
 
-@lru_cache(maxsize=None)
+@lru_cache(maxsize=256)
 def compiled_for(fn, key):
     """fn under mx.compile, one per (fn, key): `key` holds everything fn's trace reads besides its
-    arrays (a trace is reused for every call of the same input shapes and dtypes)."""
-    return mx.compile(fn)
+    arrays (a trace is reused for every call of the same input shapes and dtypes). Each key
+    compiles a function object of its own: MLX keys its traces by the compiled function's
+    identity, so two mx.compile wrappers of one function share (and replay) one trace."""
+
+    def traced(*arrays):
+        return fn(*arrays)
+
+    return mx.compile(traced)
 
 
 def compiled(fn, *key):
-    """compiled_for(fn, ...) keyed by `key`, the poison value (launch reads it) and the default
-    device (a trace's launches are bound to the stream it was traced on)."""
-    return compiled_for(fn, (key, _poison[0], str(mx.default_device())))
+    """compiled_for(fn, ...) keyed by `key`, the poison value (launch reads it), the default
+    device (a trace's launches are bound to the stream it was traced on) and the settings epoch:
+    a trace reads settings that no key names (a kernel's form, its launch shape), and a setting
+    assigned after it was made takes a new trace (2026-11-30: ONE_LAUNCH_SMALL switched on was
+    not seen by a trace keyed on named settings only)."""
+    return compiled_for(fn, (key, _poison[0], str(mx.default_device()), _epoch[0]))
 
 
 @dataclass(frozen=True)

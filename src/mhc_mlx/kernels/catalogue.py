@@ -14,7 +14,7 @@ from .build import float_bits
 SPECS = (
     sinkhorn.FORWARD, sinkhorn.BACKWARD, sinkhorn.BACKWARD_THREAD, sinkhorn.BACKWARD_JACOBIAN, coefficients.ACTIVATE, coefficients.DYNAMIC,
     coefficients.DYNAMIC_PRE, coefficients.DYNAMIC_SMALL, coefficients.DYNAMIC_SMALL_PRE,
-    coefficients.DYNAMIC_SPLIT_PARTIAL, coefficients.DYNAMIC_SPLIT_FINISH,
+    coefficients.DYNAMIC_SPLIT_PARTIAL, coefficients.DYNAMIC_SPLIT_FINISH, coefficients.DYNAMIC_ONE,
     coefficients.DYNAMIC_VJP, coefficients.DYNAMIC_VJP_PRE, coefficients.DYNAMIC_VJP_ACC, coefficients.DYNAMIC_VJP_PRE_ACC,
     site.PRE, site.PRE_VJP, site.PRE_VJP_ACC, site.PRE_VJP_RES, site.POST, site.POST_VJP, layer.LAYER, layer.LAYER_LATENCY, layer.LAYER_VJP,
     layer.COEFFICIENTS_VJP, coefficients.DYNAMIC_VJP_GLUE, coefficients.DYNAMIC_VJP_SINKHORN,
@@ -59,6 +59,12 @@ def instances():
     for n, iters in ((1, 20), (2, 40), (4, 20), (8, 10)):
         out.append((sinkhorn.BACKWARD_THREAD, (F32, F32, I32), (F32,), [("N", n), ("ITERS", iters)]))
     for dt in (F32, BF16, F16):
+        for n in (1, 3, 4):
+            for K in ((33,) if n == 1 else (n * 512, n * 1000)):
+                out.append((coefficients.DYNAMIC_ONE, (dt, F32, F32, F32), (F32,) * 5 + (dt,),
+                            [("T", dt), ("N", n), ("K", K), ("V", 16 // dt.size if n > 1 and K % (n * 16) == 0 else 1),
+                             ("TG", coefficients.one_threads(K, n)), ("ITERS", 20), ("EPS_BITS", float_bits(1e-6)),
+                             ("PRE", True)]))
         for n in (1, 4, 8):
             tb = coefficients.tokens_per_block(n)
             out.append((coefficients.DYNAMIC, (dt, F32, F32, F32, I32, F32), (F32,) * 5,
@@ -101,11 +107,12 @@ def instances():
                 if n <= 8:
                     out.append((site.PRE_VJP_RES, (dt, F32, F32, dt, dt, I32), (dt, F32, F32),
                                 [("T", dt), ("N", n), ("V", V), ("SHARED", shared)]))
-        for n, V, cpt, inline, pf in ((4, 16 // dt.size, 2, True, 0), (4, 16 // dt.size, 2, False, 1),
-                                      (4, 16 // dt.size, 2, False, 2), (4, 16 // dt.size, 0, False, 1),
-                                      (32, 1, 0, False, 0)):
+        for n, V, cpt, inline, pf, cs in ((4, 16 // dt.size, 2, True, 0, False), (4, 16 // dt.size, 2, False, 1, False),
+                                          (4, 16 // dt.size, 2, False, 1, True), (4, 16 // dt.size, 2, False, 2, False),
+                                          (4, 16 // dt.size, 0, False, 1, False), (32, 1, 0, False, 0, False)):
             out.append((layer.LAYER, (dt, F32, F32, F32, F32, I32, F32), (dt,),
-                        [("T", dt), ("N", n), ("V", V), ("CPT", cpt), ("INLINE", inline), ("PF", pf)]))
+                        [("T", dt), ("N", n), ("V", V), ("CPT", cpt), ("INLINE", inline), ("PF", pf),
+                         ("CS", cs)]))
         for n, V, cpt, C, iters in ((4, 16 // dt.size, 1, 512, 20), (8, 4, 2, 1000, 20), (1, 1, 1, 33, 7),
                                     (32, 1, 0, 2048, 20)):
             out.append((layer.LAYER_LATENCY, (dt, F32, F32, F32, F32), (dt,),

@@ -440,6 +440,101 @@ DYNAMIC_SPLIT_FINISH = KernelSpec(
   }
 """,
 )
+# The few-token forward in one launch again, now as wide as a threadgroup goes (DYNAMIC_ONE): one
+# threadgroup of ONE_THREADS threads per token, thread i taking rows i, i + ONE_THREADS, ... of x
+# and phi (K / ONE_THREADS of them, loaded before any product; phi by 16-byte vectors), the
+# products summed over the threadgroup, then warp 0 finishing as DYNAMIC_SPLIT_FINISH does while
+# the other warps compute h. Where it applies (K <= ONE_MAX_K), one launch instead of the split's
+# two: in the ninth session an eval of a B = 1 dynamic site (three launches) took ~64 µs against
+# ~39 for the static layer's one (H200, gpu_experiments.py b1-host), ~12 µs a launch.
+ONE_LAUNCH_SMALL = False
+# 512: two rows a thread at a time hold ~60 registers; 1024 threads would allow 64 a thread
+ONE_THREADS = 512
+ONE_MAX_K = 4 * 1024  # rows of x and phi a token; above it the split form
+ONE_MAX_N = 4  # the W + 1 <= 32 column sums by one transpose-reduce, W * 2 floats of phi in registers
+DYNAMIC_ONE = KernelSpec(
+    name="mhc_coefficients_one",
+    inputs=("xin", "phi", "alpha", "bias"),
+    outputs=("hpre", "hpost", "hres", "mraw", "invr", "hout"),
+    helpers=_FINISH_HELPER,
+    body=r"""
+  constexpr int W = N * (N + 2);
+  constexpr int R = (K + TG - 1) / TG;  // rows of x and phi per thread
+  constexpr int NW = TG / 32;
+  constexpr int CW = K / N;  // channels per stream
+  KSHARED float red[NW * (W + 1)];
+  KSHARED float tot[W + 1];
+  KSHARED float lg[W];
+  const float eps = KBITS_FLOAT(EPS_BITS);
+  const int64_t t = KBID;
+  const int tid = KTID;
+  const int lane = KLANE;
+  const int warp = KWARP;
+  constexpr int RB = R < 2 ? R : 2;  // rows loaded before their products (registers: RB * W)
+  const bool pvec = (W % 4 == 0) && KALIGNED16(phi);
+  float acc[W + 1];
+  KUNROLL for (int c = 0; c <= W; ++c) acc[c] = 0.0f;
+  for (int r0 = 0; r0 < R; r0 += RB) {
+    float xv[RB];
+    float ph[RB][W];
+    KUNROLL for (int r = 0; r < RB; ++r) {
+      const int k = tid + (r0 + r) * TG;
+      xv[r] = 0.0f;
+      KUNROLL for (int c = 0; c < W; ++c) ph[r][c] = 0.0f;
+      if (r0 + r < R && k < K) {
+        xv[r] = static_cast<float>(xin[t * K + k]);
+        if (W % 4 == 0) {
+          KUNROLL for (int q = 0; q < W / 4; ++q) kload<float, 4>(ph[r] + 4 * q, phi, (int64_t)k * W + 4 * q, pvec);
+        } else {
+          KUNROLL for (int c = 0; c < W; ++c) ph[r][c] = phi[(int64_t)k * W + c];
+        }
+      }
+    }
+    KUNROLL for (int r = 0; r < RB; ++r) {
+      KUNROLL for (int c = 0; c < W; ++c) acc[c] += xv[r] * ph[r][c];
+      acc[W] += xv[r] * xv[r];
+    }
+  }
+  if (W + 1 <= 32) {  // lane c gets the warp's sum of column c
+    const float v = ktranspose_row_sum<(W + 1 <= 32 ? W + 1 : 1)>(acc);
+    if (lane <= W) red[warp * (W + 1) + lane] = v;
+  } else {
+    KUNROLL for (int c = 0; c <= W; ++c) {
+      const float v = kwarp_sum(acc[c]);
+      if (lane == 0) red[warp * (W + 1) + c] = v;
+    }
+  }
+  KBARRIER();
+  for (int c = tid; c <= W; c += TG) {
+    float v = 0.0f;
+    for (int w = 0; w < NW; ++w) v += red[w * (W + 1) + c];
+    tot[c] = v;
+  }
+  KBARRIER();
+  const float rr = KSQRT(tot[W] / (float)K + eps);
+  if (warp == 0) {
+    mhc_dyn_finish<N>(tot, 0, 1, rr, alpha, bias, mraw, lg, invr, hpre, hpost, hres, t, lane, ITERS);
+  } else if (PRE) {  // h = sum_i H_pre_i x_i (as site.PRE sums it), H_pre as warp 0 computes it
+    const int s = tid - 32;
+    const int S = TG - 32;
+    const bool vec = KALIGNED16(xin) && KALIGNED16(hout);
+    float hp[N];
+    KUNROLL for (int i = 0; i < N; ++i) hp[i] = ksigmoid(tot[i] / rr * alpha[0] + bias[i]);
+    for (int cv = s; cv < CW / V; cv += S) {
+      float xh[N * V];
+      KUNROLL for (int i = 0; i < N; ++i) kload<T, V>(xh + i * V, xin, t * K + (int64_t)i * CW + (int64_t)cv * V, vec);
+      float o[V];
+      KUNROLL for (int e = 0; e < V; ++e) {
+        float v = 0.0f;
+        KUNROLL for (int i = 0; i < N; ++i) v += hp[i] * xh[i * V + e];
+        o[e] = v;
+      }
+      kstore<T, V>(hout, t * CW + (int64_t)cv * V, o, vec);
+    }
+  }
+""",
+)
+
 # False: DYNAMIC_SMALL / DYNAMIC_SMALL_PRE (one threadgroup per token).
 SPLIT_SMALL = True
 SPLIT_FINISH_MAX_THREADS = 256  # stream threads of the finishing kernel, at most
@@ -967,6 +1062,8 @@ def _dynamic_kernel(spec, x2, phi, alpha, bias, n: int, iters: int, eps: float, 
         outputs.append(((T, K // n), x2.dtype))
     inputs = [x2, phi.astype(F32), alpha.astype(F32), bias.astype(F32), int_params(T, K, iters), float_params(eps)]
     if tb is None and T <= SMALL_TOKENS:
+        if ONE_LAUNCH_SMALL and K <= ONE_MAX_K and n <= ONE_MAX_N:
+            return _one_small(x2, phi, alpha, bias, n, iters, eps, with_h)
         if SPLIT_SMALL:
             return _split_small(x2, phi, alpha, bias, n, iters, eps, with_h)
         return launch(DYNAMIC_SMALL_PRE if with_h else DYNAMIC_SMALL, inputs, outputs, T * SMALL_THREADS,
@@ -996,6 +1093,32 @@ def _split_small(x2, phi, alpha, bias, n: int, iters: int, eps: float, with_h: b
                  32 + S, [("T", x2.dtype), ("N", n), ("K", K), ("V", V), ("ITERS", iters),
                           ("EPS_BITS", build.float_bits(eps)), ("PRE", with_h)])
     return out if with_h else out[:5]
+
+def one_threads(K: int, n: int) -> int:
+    """DYNAMIC_ONE's threadgroup for K rows: a power of two, at least 64 (warp 0 finishes, the
+    others write h), at most ONE_THREADS, no more than the rows need."""
+    tg = 64
+    while tg < ONE_THREADS and tg < K:
+        tg *= 2
+    return tg
+
+
+def _one_small(x2, phi, alpha, bias, n: int, iters: int, eps: float, with_h: bool):
+    """DYNAMIC_SMALL's outputs (and h with with_h) by DYNAMIC_ONE, one launch."""
+    from .site import vector_width
+
+    T, K = x2.shape
+    W = n * (n + 2)
+    C = K // n
+    V = vector_width(C, x2.dtype.size, n, budget=32)
+    tg = one_threads(K, n)
+    outputs = [((T, n), F32), ((T, n), F32), ((T, n, n), F32), ((T, W), F32), ((T,), F32),
+               ((T, C) if with_h else (1,), x2.dtype)]
+    out = launch(DYNAMIC_ONE, [x2, phi.astype(F32), alpha.astype(F32), bias.astype(F32)], outputs, T * tg, tg,
+                 [("T", x2.dtype), ("N", n), ("K", K), ("V", V), ("TG", tg), ("ITERS", iters),
+                  ("EPS_BITS", build.float_bits(eps)), ("PRE", with_h)])
+    return out if with_h else out[:5]
+
 
 def dynamic_read_forward(x2, phi, alpha, bias, n: int, iters: int, eps: float, form: str | None = None):
     """(H_pre, H_post, H_res, m, 1/r, h [T, C]) in one launch (DYNAMIC_PRE) where the forward
