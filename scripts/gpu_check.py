@@ -369,8 +369,6 @@ SWITCHES = {
     "--one-launch-small": (coefficients, "ONE_LAUNCH_SMALL", True,
                            "the few-token dynamic forward and read step in one launch (coefficients.ONE_LAUNCH_SMALL, "
                            "DYNAMIC_ONE, candidate; by default the split form's two)"),
-    "--stream-hints": (layer, "STREAM_HINTS", True,
-                       "the layer forward's loads and stores marked as streamed (layer.STREAM_HINTS, candidate)"),
     "--device-params": (build, "DEVICE_PARAMS", True,
                         "the kernels' run-time parameter arrays padded and copied into GPU memory once "
                         "(build.DEVICE_PARAMS; by default host-made arrays, which MLX keeps in managed memory)"),

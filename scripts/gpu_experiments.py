@@ -1008,8 +1008,7 @@ def b1_probe(rounds=5):
     n, C = 4, 512
     x1, raw, a1 = b1_inputs(n, C)
     V, tg, cpt, groups = layer.plan(1, n, C, x1.dtype.size)
-    template = [("T", x1.dtype), ("N", n), ("V", V), ("CPT", cpt), ("INLINE", True), ("PF", layer.PREFETCH_TOKENS),
-                ("CS", layer.STREAM_HINTS)]
+    template = [("T", x1.dtype), ("N", n), ("V", V), ("CPT", cpt), ("INLINE", True), ("PF", layer.PREFETCH_TOKENS)]
     empty = dataclasses.replace(layer.LAYER, name="mhc_layer_empty", body="  return;\n" + layer.LAYER.body)
     seven = one_line_7()
 
@@ -1417,17 +1416,16 @@ def b1_host(rounds=5):
 
 
 def layer_forms(rounds=5, sizes=((4096, 4096), (2560, 2560))):
-    """The static layer forward kernel's memory forms at 4096x4x4096 and 2560x4x2560 bf16 (the
+    """The static layer forward kernel's launch forms at 4096x4x4096 and 2560x4x2560 bf16 (the
     kernel alone, 10 rotated inputs; then the bench's static forward), alternated `rounds` times:
-    the default (256 threads, x in registers, 528 groups, one token's L2 prefetch); its loads and
-    stores marked as streamed (layer.STREAM_HINTS, 108 registers against 128); 512 threads with
-    one chunk each; 128 threads reading x twice (its second pass from L2); streamed at 264 groups."""
+    the default (256 threads, x in registers, 528 groups, one token's L2 prefetch); 512 threads
+    with one chunk each; 128 threads reading x twice (its second pass from L2). (Run in the ninth
+    session of 2026-11-30 with a fourth form, its loads and stores marked as streamed, ld/st.cs:
+    slower, removed; in 202ba81.)"""
     from mhc_mlx.bench import cases as bench_cases
 
     n = 4
-    forms_spec = {"default": (False, None, None), "streamed": (True, None, None),
-                  "512 threads": (False, 512, 264), "128 threads, two passes": (False, 128, 1056),
-                  "streamed, 264 groups": (True, None, 264)}
+    forms_spec = {"default": (None, None), "512 threads": (512, 264), "128 threads, two passes": (128, 1056)}
     for C, T in sizes:
         H = coefficients.activate(mx.zeros((1, n)), mx.zeros((1, n)), mx.eye(n)[None] * 3, 20)
         w = mx.ones((C,))
@@ -1437,11 +1435,8 @@ def layer_forms(rounds=5, sizes=((4096, 4096), (2560, 2560))):
         fwd, fwd_xs = bench_cases.prepare(fwd_case, 10)
         current = {}
 
-        def form(cs, threads, groups):
-            def switch():
-                layer.STREAM_HINTS = cs
-                current.update(threads=threads, groups=groups)
-            return switch
+        def form(threads, groups):
+            return lambda: current.update(threads=threads, groups=groups)
 
         forms = {label: form(*spec) for label, spec in forms_spec.items()}
         rows = {
@@ -1450,14 +1445,10 @@ def layer_forms(rounds=5, sizes=((4096, 4096), (2560, 2560))):
                                                [[x] for x in xs]),
             "static fwd (bench case; threads and groups default)": lambda: tput(fwd, [[x] for x in fwd_xs]),
         }
-        saved = layer.STREAM_HINTS
-        try:
-            alternated("layer forms", f" {T}x{n}x{C}", rows, forms, rounds,
-                       skip={("static fwd (bench case; threads and groups default)", f)
-                             for f in ("512 threads", "128 threads, two passes", "streamed, 264 groups")})
-        finally:
-            layer.STREAM_HINTS = saved
-        floor = bench_cases.Case("static", "fwd", (T, n, C), "bfloat16", "throughput").floor_bytes()
+        alternated("layer forms", f" {T}x{n}x{C}", rows, forms, rounds,
+                   skip={("static fwd (bench case; threads and groups default)", f)
+                         for f in ("512 threads", "128 threads, two passes")})
+        floor = fwd_case.floor_bytes()
         print(f"layer forms: {T}x{n}x{C} moves {floor / 1e6:.0f} MB (read x, write out)")
 
 

@@ -38,7 +38,7 @@
 #   bash scripts/gpu_session.sh host-bench   # the B = 1 calls' host time; the target bench (seeds), ours again
 #   bash scripts/gpu_session.sh one-launch   # the few-token read step in one launch: checks, GPU tests, timings
 #   bash scripts/gpu_session.sh one-launch2  # its timings again (traces keyed on every setting), bench with it on
-#   bash scripts/gpu_session.sh layer-forms  # layer checks with streamed loads/stores; B = 1 host; layer memory forms
+#   bash scripts/gpu_session.sh layer-forms  # B = 1 host time; the layer forward's launch forms
 #   bash scripts/gpu_session.sh anatomy-bench  # where the B = 1 static launch's time goes; the target bench
 #   bash scripts/gpu_session.sh gpu-tests    # pytest -m gpu alone
 #   bash scripts/gpu_session.sh latency      # LAYER_LATENCY + compiled latency path: checks, timings
@@ -468,9 +468,8 @@ case "${1:-}" in
       --overwrite --seeds .seedpkgs --only "$TARGETS"
     ;;
   layer-forms)
-    # (ninth session of 2026-11-30) the layer checks with the streamed loads and stores, the
-    # B = 1 calls' host time, then the layer forward's memory forms alternated
-    CHECK_ARGS="--stream-hints" CHECK_ONLY=layer NO_PYTEST=1 check 200
+    # (ninth session of 2026-11-30) the B = 1 calls' host time, then the layer forward's launch
+    # forms alternated (run then with the layer checks and a streamed-load form, since removed)
     run 90 experiments_b1_host python scripts/gpu_experiments.py b1-host
     run 200 experiments_layer_forms python scripts/gpu_experiments.py layer-forms
     ;;

@@ -309,10 +309,6 @@ template <typename T, int V, typename P>
 KDEV void kstore(P p, int64_t off, const float* src, bool vec) {
   for (int e = 0; e < V; ++e) p[off + e] = static_cast<T>(src[e]);
 }
-template <typename T, int V, bool CS, typename P>
-KDEV void kload_hint(float* dst, P p, int64_t off, bool vec) { kload<T, V>(dst, p, off, vec); }
-template <typename T, int V, bool CS, typename P>
-KDEV void kstore_hint(P p, int64_t off, const float* src, bool vec) { kstore<T, V>(p, off, src, vec); }
 """
 
 # The "metal" flavour compiles prelude.METAL_MACROS itself (the attribute names, simd

@@ -235,7 +235,6 @@ def settings() -> dict:
             "layer_latency_kernel": layer.LATENCY_KERNEL,
             "dynamic_split_small": coefficients.SPLIT_SMALL,
             "dynamic_one_launch_small": coefficients.ONE_LAUNCH_SMALL,
-            "layer_stream_hints": layer.STREAM_HINTS,
             "compile_latency": build.COMPILE_LATENCY,
             "latency_compile_tokens": build.LATENCY_COMPILE_TOKENS}
 

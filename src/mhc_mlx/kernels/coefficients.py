@@ -444,9 +444,12 @@ DYNAMIC_SPLIT_FINISH = KernelSpec(
 # threadgroup of ONE_THREADS threads per token, thread i taking rows i, i + ONE_THREADS, ... of x
 # and phi (K / ONE_THREADS of them, loaded before any product; phi by 16-byte vectors), the
 # products summed over the threadgroup, then warp 0 finishing as DYNAMIC_SPLIT_FINISH does while
-# the other warps compute h. Where it applies (K <= ONE_MAX_K), one launch instead of the split's
-# two: in the ninth session an eval of a B = 1 dynamic site (three launches) took ~64 µs against
-# ~39 for the static layer's one (H200, gpu_experiments.py b1-host), ~12 µs a launch.
+# the other warps compute h. Where it applies (n <= ONE_MAX_N, K <= ONE_MAX_K), one launch instead
+# of the split's two: in the ninth session of 2026-11-30 an eval of a B = 1 dynamic site (three
+# launches) took ~64 µs against ~39 for the static layer's one (H200, gpu_experiments.py b1-host),
+# ~12 µs a launch. Candidate: it passed the coefficient and read-step checks and its GPU tests on
+# the H200 that session; its timings there were void (docs/kernel-notes.md rows 58, 59), so it is
+# not yet known to be faster (gpu_experiments.py one-launch). False: the split form.
 ONE_LAUNCH_SMALL = False
 # 512: two rows a thread at a time hold ~60 registers; 1024 threads would allow 64 a thread
 ONE_THREADS = 512

@@ -64,10 +64,6 @@ COMPOSITE_FAST_RMS_NORM = True
 # fwd+bwd 1x32x2048 977.4 against 1039.2 (930-1199: within the spread). MAX_N_FUSED: off.
 INLINE_MAX_N = 32
 REGISTER_BUDGET = 64  # floats of x a thread may hold between the two passes
-# Candidate (ninth session of 2026-11-30): the layer forward's loads of x and stores of its output
-# marked as streamed (ld.global.cs / st.global.cs, 16-byte vectors), so they do not push the next
-# token's x, prefetched into L2 (PREFETCH_TOKENS), out of it. False: plain loads and stores.
-STREAM_HINTS = False
 
 HELPERS = r"""
 // Warp 0 (lane j) writes the coefficients from the raw logits to cf: H_pre = sigmoid,
@@ -102,7 +98,7 @@ KDEV float mhc_layer_sumsq(KTHREAD const float* xv, PC cf) {
 }
 
 // Every stream of V channels: out_i = sum_j M_ij x_j + H_post_i * rms(y) * w, w = wts[woff..).
-template <typename T, int N, int V, bool CS = false, typename PW, typename PO>
+template <typename T, int N, int V, typename PW, typename PO>
 KDEV void mhc_layer_write(KTHREAD const float* xv, KSHPTR(float) cf, float inv, PW wts, int64_t woff, PO xout,
                           int64_t row, int C, int cv, bool vec) {
   float z[V];
@@ -119,7 +115,7 @@ KDEV void mhc_layer_write(KTHREAD const float* xv, KSHPTR(float) cf, float inv, 
       const float a = cf[2 * N + i * N + j];
       KUNROLL for (int e = 0; e < V; ++e) o[e] += a * xv[j * V + e];
     }
-    kstore_hint<T, V, CS>(xout, (row * N + i) * C + (int64_t)cv * V, o, vec);
+    kstore<T, V>(xout, (row * N + i) * C + (int64_t)cv * V, o, vec);
   }
 }
 """
@@ -151,7 +147,7 @@ LAYER = KernelSpec(
     KUNROLL for (int c = 0; c < CP; ++c) {
       const int cv = tid + c * KNT;
       if (cv < nv) {
-        KUNROLL for (int i = 0; i < N; ++i) kload_hint<T, V, CS>(xr[c] + i * V, xin, ((int64_t)KBID * N + i) * C + (int64_t)cv * V, vec);
+        KUNROLL for (int i = 0; i < N; ++i) kload<T, V>(xr[c] + i * V, xin, ((int64_t)KBID * N + i) * C + (int64_t)cv * V, vec);
       }
     }
   }
@@ -169,7 +165,7 @@ LAYER = KernelSpec(
         const int cv = tid + c * KNT;
         if (cv < nv) {
           if (t != KBID) {
-            KUNROLL for (int i = 0; i < N; ++i) kload_hint<T, V, CS>(xr[c] + i * V, xin, (t * N + i) * C + (int64_t)cv * V, vec);
+            KUNROLL for (int i = 0; i < N; ++i) kload<T, V>(xr[c] + i * V, xin, (t * N + i) * C + (int64_t)cv * V, vec);
           }
           ss += mhc_layer_sumsq<T, N, V>(xr[c], cf);
         }
@@ -177,7 +173,7 @@ LAYER = KernelSpec(
     } else {
       for (int cv = tid; cv < nv; cv += KNT) {
         float xv[N * V];
-        KUNROLL for (int i = 0; i < N; ++i) kload_hint<T, V, CS>(xv + i * V, xin, (t * N + i) * C + (int64_t)cv * V, vec);
+        KUNROLL for (int i = 0; i < N; ++i) kload<T, V>(xv + i * V, xin, (t * N + i) * C + (int64_t)cv * V, vec);
         ss += mhc_layer_sumsq<T, N, V>(xv, cf);
       }
     }
@@ -190,13 +186,13 @@ LAYER = KernelSpec(
     if (CPT > 0) {
       KUNROLL for (int c = 0; c < CP; ++c) {
         const int cv = tid + c * KNT;
-        if (cv < nv) mhc_layer_write<T, N, V, CS>(xr[c], cf, inv, wts, (int64_t)cv * V, xout, t, C, cv, vec);
+        if (cv < nv) mhc_layer_write<T, N, V>(xr[c], cf, inv, wts, (int64_t)cv * V, xout, t, C, cv, vec);
       }
     } else {
       for (int cv = tid; cv < nv; cv += KNT) {
         float xv[N * V];
-        KUNROLL for (int i = 0; i < N; ++i) kload_hint<T, V, CS>(xv + i * V, xin, (t * N + i) * C + (int64_t)cv * V, vec);
-        mhc_layer_write<T, N, V, CS>(xv, cf, inv, wts, (int64_t)cv * V, xout, t, C, cv, vec);
+        KUNROLL for (int i = 0; i < N; ++i) kload<T, V>(xv + i * V, xin, (t * N + i) * C + (int64_t)cv * V, vec);
+        mhc_layer_write<T, N, V>(xv, cf, inv, wts, (int64_t)cv * V, xout, t, C, cv, vec);
       }
     }
   }
@@ -573,8 +569,7 @@ def forward(x, pre, post, res, weight, iters: int, eps: float, inline: bool, thr
         LAYER,
         [x, pre, post, res, weight, int_params(T, C, iters), float_params(eps)],
         [(x.shape, x.dtype)], groups * tg, tg,
-        [("T", x.dtype), ("N", n), ("V", V), ("CPT", cpt), ("INLINE", inline), ("PF", PREFETCH_TOKENS),
-         ("CS", STREAM_HINTS)],
+        [("T", x.dtype), ("N", n), ("V", V), ("CPT", cpt), ("INLINE", inline), ("PF", PREFETCH_TOKENS)],
     )[0]
 
 

@@ -88,28 +88,6 @@ KDEV void kstore(P p, int64_t off, const float* src, bool vec) {
     KUNROLL for (int e = 0; e < V; ++e) p[off + e] = static_cast<T>(src[e]);
   }
 }
-// kload / kstore with CS: 16-byte vectors marked as streamed (ld.global.cs / st.global.cs: read
-// or written once, first out of the caches), so they do not push other lines out of L2.
-template <typename T, int V, bool CS, typename P>
-KDEV void kload_hint(float* dst, P p, int64_t off, bool vec) {
-  if (CS && V > 1 && vec && sizeof(T) * V == 16) {
-    union { uint4 u; mlx::core::cu::AlignedVector<T, V> w; } r;
-    r.u = __ldcs(reinterpret_cast<const uint4*>(p + off));
-    KUNROLL for (int e = 0; e < V; ++e) dst[e] = static_cast<float>(r.w[e]);
-  } else {
-    kload<T, V>(dst, p, off, vec);
-  }
-}
-template <typename T, int V, bool CS, typename P>
-KDEV void kstore_hint(P p, int64_t off, const float* src, bool vec) {
-  if (CS && V > 1 && vec && sizeof(T) * V == 16) {
-    union { uint4 u; mlx::core::cu::AlignedVector<T, V> w; } r;
-    KUNROLL for (int e = 0; e < V; ++e) r.w[e] = static_cast<T>(src[e]);
-    __stcs(reinterpret_cast<uint4*>(p + off), r.u);
-  } else {
-    kstore<T, V>(p, off, src, vec);
-  }
-}
 """
 
 METAL_MACROS = r"""
@@ -150,14 +128,6 @@ KDEV void kload(thread float* dst, P p, int64_t off, bool vec) {
 template <typename T, int V, typename P>
 KDEV void kstore(P p, int64_t off, thread const float* src, bool vec) {
   KUNROLL for (int e = 0; e < V; ++e) p[off + e] = static_cast<T>(src[e]);
-}
-template <typename T, int V, bool CS, typename P>
-KDEV void kload_hint(thread float* dst, P p, int64_t off, bool vec) {
-  kload<T, V>(dst, p, off, vec);
-}
-template <typename T, int V, bool CS, typename P>
-KDEV void kstore_hint(P p, int64_t off, thread const float* src, bool vec) {
-  kstore<T, V>(p, off, src, vec);
 }
 """
 
