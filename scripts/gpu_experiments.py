@@ -1119,6 +1119,39 @@ def b1_latency(rounds=5):
     alternated_settings("B=1 latency kernel", rows, forms, rounds)
 
 
+def traced_forms(forms, evals=60):
+    """Each form (label -> a function building one call's graph) built and evaluated `evals` times
+    under PyTorch's profiler (its CUPTI sees MLX's launches), between markers: ({label: the host's
+    median µs per call}, {form index: [(start, duration, kernel name), ...]})."""
+    import tempfile
+
+    import torch
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from gpu_profile import mark
+    from gpu_timeline import _between_markers, _kernels
+
+    host = {}
+    for make in forms.values():
+        for _ in range(5):
+            mx.eval(make())
+    torch.cuda.init()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for i, (label, make) in enumerate(forms.items()):
+            mx.synchronize()
+            mark(i)
+            times = []
+            for _ in range(evals):
+                t0 = time.perf_counter()
+                mx.eval(make())
+                times.append(time.perf_counter() - t0)
+            host[label] = 1e6 * statistics.median(times)
+            mark(i)
+    path = os.path.join(tempfile.mkdtemp(), "traced_forms.json")
+    prof.export_chrome_trace(path)
+    return host, _between_markers(_kernels(path))
+
+
 def b1_trace(evals=60):
     """Each B = 1 form's kernels as the bench runs them (one build + eval per call), traced by
     PyTorch's profiler (CUPTI sees MLX's launches): per form, the median GPU duration of each
@@ -1128,13 +1161,7 @@ def b1_trace(evals=60):
     the dynamic site's pre + post (defaults; the kernels before the latency kernels, eager; and
     the defaults under one more mx.compile of (x, parameters))."""
     import json
-    import tempfile
 
-    import torch
-
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from gpu_profile import mark
-    from gpu_timeline import _between_markers, _kernels
     from mhc_mlx.kernels.build import launch
 
     n, C = 4, 512
@@ -1172,25 +1199,7 @@ def b1_trace(evals=60):
         "dynamic pre + post (before: one threadgroup, eager)": lambda: before(dyn)(x1, *dps),
         "dynamic pre + post (defaults, under one more mx.compile)": lambda: dyn_c(x1, *dps),
     }
-    host = {}
-    for make in forms.values():
-        for _ in range(5):
-            mx.eval(make())
-    torch.cuda.init()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for i, (label, make) in enumerate(forms.items()):
-            mx.synchronize()
-            mark(i)
-            times = []
-            for _ in range(evals):
-                t0 = time.perf_counter()
-                mx.eval(make())
-                times.append(time.perf_counter() - t0)
-            host[label] = 1e6 * statistics.median(times)
-            mark(i)
-    path = os.path.join(tempfile.mkdtemp(), "b1_trace.json")
-    prof.export_chrome_trace(path)
-    per_form = _between_markers(_kernels(path))
+    host, per_form = traced_forms(forms, evals)
     for i, label in enumerate(forms):
         ks = per_form.get(i, [])
         by_name, gaps = {}, []
@@ -1301,13 +1310,7 @@ def b1_anatomy(rounds=5, evals=60):
     reciprocals without the Newton step."""
     import dataclasses
     import json
-    import tempfile
 
-    import torch
-
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from gpu_profile import mark
-    from gpu_timeline import _between_markers, _kernels
     from mhc_mlx.kernels.build import edited, float_bits, launch
 
     n, C = 4, 512
@@ -1352,25 +1355,7 @@ def b1_anatomy(rounds=5, evals=60):
     switch = {label: (lambda mk=make: current.update(make=mk)) for label, make in forms.items()}
     alternated("B=1 anatomy", "", {"eval (graph built first)": lambda: eval_us(lambda: current["make"](), 200)},
                switch, rounds)
-    for make in forms.values():
-        for _ in range(5):
-            mx.eval(make())
-    torch.cuda.init()
-    host = {}
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for i, (label, make) in enumerate(forms.items()):
-            mx.synchronize()
-            mark(i)
-            times = []
-            for _ in range(evals):
-                t0 = time.perf_counter()
-                mx.eval(make())
-                times.append(time.perf_counter() - t0)
-            host[label] = 1e6 * statistics.median(times)
-            mark(i)
-    path = os.path.join(tempfile.mkdtemp(), "b1_anatomy.json")
-    prof.export_chrome_trace(path)
-    per_form = _between_markers(_kernels(path))
+    host, per_form = traced_forms(forms, evals)
     durations = {}
     for i, label in enumerate(forms):
         ks = per_form.get(i, [])

@@ -308,6 +308,43 @@ KDEV void mhc_dyn_finish(PS src, int stride, int count, float rr, PA alpha, PB b
   }
 }
 """
+# Each warp's sums of the W + 1 columns of acc (W products and x^2) into red[warp * (W + 1) + c]:
+# one transpose-reduce (lane c gets column c, 31 shuffles) where W + 1 <= 32, else a warp sum a
+# column (DYNAMIC_SPLIT_PARTIAL, DYNAMIC_ONE).
+_WARP_SUMS_HELPER = r"""
+template <int W>
+KDEV void mhc_dyn_warp_sums(KTHREAD float* acc, KSHPTR(float) red, int lane, int warp) {
+  if (W + 1 <= 32) {
+    const float v = ktranspose_row_sum<(W + 1 <= 32 ? W + 1 : 1)>(acc);
+    if (lane <= W) red[warp * (W + 1) + lane] = v;
+  } else {
+    KUNROLL for (int c = 0; c <= W; ++c) {
+      const float v = kwarp_sum(acc[c]);
+      if (lane == 0) red[warp * (W + 1) + c] = v;
+    }
+  }
+}
+"""
+# The read step's h for token t, h = sum_i hp_i x_i over its K / N channels (as site.PRE sums it),
+# by threads s of S (DYNAMIC_SPLIT_FINISH, DYNAMIC_ONE: the warps beside warp 0's finish).
+_WRITE_H_HELPER = r"""
+template <typename T, int N, int V, typename PX, typename PH>
+KDEV void mhc_dyn_write_h(KTHREAD const float* hp, PX xin, PH hout, int64_t t, int K, int s, int S) {
+  const int CW = K / N;
+  const bool vec = KALIGNED16(xin) && KALIGNED16(hout);
+  for (int cv = s; cv < CW / V; cv += S) {
+    float xh[N * V];
+    KUNROLL for (int i = 0; i < N; ++i) kload<T, V>(xh + i * V, xin, t * K + (int64_t)i * CW + (int64_t)cv * V, vec);
+    float o[V];
+    KUNROLL for (int e = 0; e < V; ++e) {
+      float v = 0.0f;
+      KUNROLL for (int i = 0; i < N; ++i) v += hp[i] * xh[i * V + e];
+      o[e] = v;
+    }
+    kstore<T, V>(hout, t * CW + (int64_t)cv * V, o, vec);
+  }
+}
+"""
 DYNAMIC_SMALL = KernelSpec(
     name="mhc_coefficients_dynamic_small",
     inputs=DYNAMIC.inputs,
@@ -350,6 +387,7 @@ DYNAMIC_SPLIT_PARTIAL = KernelSpec(
     name="mhc_coefficients_split_partial",
     inputs=("xin", "phi"),
     outputs=("part",),
+    helpers=_WARP_SUMS_HELPER,
     body=r"""
   constexpr int W = N * (N + 2);
   constexpr int P = (K + 255) / 256;  // launched with SPLIT_ROWS = 256 threads
@@ -375,15 +413,7 @@ DYNAMIC_SPLIT_PARTIAL = KernelSpec(
   } else {
     KUNROLL for (int c = 0; c <= W; ++c) acc[c] = 0.0f;
   }
-  if (W + 1 <= 32) {  // lane c gets the warp's sum of column c: 31 shuffles, not 5 per column
-    const float v = ktranspose_row_sum<(W + 1 <= 32 ? W + 1 : 1)>(acc);
-    if (lane <= W) red[warp * (W + 1) + lane] = v;
-  } else {
-    KUNROLL for (int c = 0; c <= W; ++c) {
-      const float v = kwarp_sum(acc[c]);
-      if (lane == 0) red[warp * (W + 1) + c] = v;
-    }
-  }
+  mhc_dyn_warp_sums<W>(acc, red, lane, warp);
   KBARRIER();
   for (int c = KTID; c <= W; c += KNT) {
     float v = 0.0f;
@@ -396,11 +426,10 @@ DYNAMIC_SPLIT_FINISH = KernelSpec(
     name="mhc_coefficients_split_finish",
     inputs=("xin", "part", "alpha", "bias"),
     outputs=("hpre", "hpost", "hres", "mraw", "invr", "hout"),
-    helpers=_FINISH_HELPER,
+    helpers=_FINISH_HELPER + _WRITE_H_HELPER,
     body=r"""
   constexpr int W = N * (N + 2);
   constexpr int P = (K + 255) / 256;
-  constexpr int CW = K / N;  // channels per stream
   KSHARED float lg[W];
   const float eps = KBITS_FLOAT(EPS_BITS);
   const int64_t t = KBID;
@@ -414,9 +443,6 @@ DYNAMIC_SPLIT_FINISH = KernelSpec(
     mhc_dyn_finish<N>(part + row, W + 1, P, rr, alpha, bias, mraw, lg, invr, hpre, hpost, hres, t, lane, ITERS);
   } else if (PRE) {
     // h = sum_i H_pre_i x_i (as site.PRE sums it), H_pre from the partials as warp 0 computes it
-    const int s = KTID - 32;
-    const int S = KNT - 32;
-    const bool vec = KALIGNED16(xin) && KALIGNED16(hout);
     float ss = 0.0f;
     for (int p = 0; p < P; ++p) ss += part[row + p * (W + 1) + W];
     const float rr = KSQRT(ss / (float)K + eps);
@@ -426,17 +452,7 @@ DYNAMIC_SPLIT_FINISH = KernelSpec(
       for (int p = 0; p < P; ++p) d += part[row + p * (W + 1) + i];
       hp[i] = ksigmoid(d / rr * alpha[0] + bias[i]);
     }
-    for (int cv = s; cv < CW / V; cv += S) {
-      float xv[N * V];
-      KUNROLL for (int i = 0; i < N; ++i) kload<T, V>(xv + i * V, xin, t * K + (int64_t)i * CW + (int64_t)cv * V, vec);
-      float o[V];
-      KUNROLL for (int e = 0; e < V; ++e) {
-        float v = 0.0f;
-        KUNROLL for (int i = 0; i < N; ++i) v += hp[i] * xv[i * V + e];
-        o[e] = v;
-      }
-      kstore<T, V>(hout, t * CW + (int64_t)cv * V, o, vec);
-    }
+    mhc_dyn_write_h<T, N, V>(hp, xin, hout, t, K, KTID - 32, KNT - 32);
   }
 """,
 )
@@ -459,12 +475,11 @@ DYNAMIC_ONE = KernelSpec(
     name="mhc_coefficients_one",
     inputs=("xin", "phi", "alpha", "bias"),
     outputs=("hpre", "hpost", "hres", "mraw", "invr", "hout"),
-    helpers=_FINISH_HELPER,
+    helpers=_FINISH_HELPER + _WARP_SUMS_HELPER + _WRITE_H_HELPER,
     body=r"""
   constexpr int W = N * (N + 2);
   constexpr int R = (K + TG - 1) / TG;  // rows of x and phi per thread
   constexpr int NW = TG / 32;
-  constexpr int CW = K / N;  // channels per stream
   KSHARED float red[NW * (W + 1)];
   KSHARED float tot[W + 1];
   KSHARED float lg[W];
@@ -498,15 +513,7 @@ DYNAMIC_ONE = KernelSpec(
       acc[W] += xv[r] * xv[r];
     }
   }
-  if (W + 1 <= 32) {  // lane c gets the warp's sum of column c
-    const float v = ktranspose_row_sum<(W + 1 <= 32 ? W + 1 : 1)>(acc);
-    if (lane <= W) red[warp * (W + 1) + lane] = v;
-  } else {
-    KUNROLL for (int c = 0; c <= W; ++c) {
-      const float v = kwarp_sum(acc[c]);
-      if (lane == 0) red[warp * (W + 1) + c] = v;
-    }
-  }
+  mhc_dyn_warp_sums<W>(acc, red, lane, warp);
   KBARRIER();
   for (int c = tid; c <= W; c += TG) {
     float v = 0.0f;
@@ -517,23 +524,10 @@ DYNAMIC_ONE = KernelSpec(
   const float rr = KSQRT(tot[W] / (float)K + eps);
   if (warp == 0) {
     mhc_dyn_finish<N>(tot, 0, 1, rr, alpha, bias, mraw, lg, invr, hpre, hpost, hres, t, lane, ITERS);
-  } else if (PRE) {  // h = sum_i H_pre_i x_i (as site.PRE sums it), H_pre as warp 0 computes it
-    const int s = tid - 32;
-    const int S = TG - 32;
-    const bool vec = KALIGNED16(xin) && KALIGNED16(hout);
+  } else if (PRE) {  // h = sum_i H_pre_i x_i, H_pre as warp 0 computes it
     float hp[N];
     KUNROLL for (int i = 0; i < N; ++i) hp[i] = ksigmoid(tot[i] / rr * alpha[0] + bias[i]);
-    for (int cv = s; cv < CW / V; cv += S) {
-      float xh[N * V];
-      KUNROLL for (int i = 0; i < N; ++i) kload<T, V>(xh + i * V, xin, t * K + (int64_t)i * CW + (int64_t)cv * V, vec);
-      float o[V];
-      KUNROLL for (int e = 0; e < V; ++e) {
-        float v = 0.0f;
-        KUNROLL for (int i = 0; i < N; ++i) v += hp[i] * xh[i * V + e];
-        o[e] = v;
-      }
-      kstore<T, V>(hout, t * CW + (int64_t)cv * V, o, vec);
-    }
+    mhc_dyn_write_h<T, N, V>(hp, xin, hout, t, K, tid - 32, TG - 32);
   }
 """,
 )
