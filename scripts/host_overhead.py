@@ -3,6 +3,7 @@
 
     python scripts/host_overhead.py            # this machine's real paths
     python scripts/host_overhead.py --stand-in # the kernel path on a CPU-only MLX
+    python scripts/host_overhead.py --stand-in --latency  # ... as on a GPU: few-token calls compiled
 
 At B = 1 the host builds the graph on every call, so its cost adds to the device time
 (docs/kernel-notes.md). With --stand-in, kernel launches are replaced by a zeros op of the
@@ -50,9 +51,18 @@ def per_call_us(fn, calls: int = 500, runs: int = 5) -> float:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--stand-in", action="store_true", help="time the kernel path with stand-in launches")
+    ap.add_argument("--latency", action="store_true",
+                    help="with --stand-in: stand in a GPU's presence too, so few-token calls take the compiled "
+                         "latency paths (kernels.build.COMPILE_LATENCY) as they do on a GPU")
     args = ap.parse_args(argv)
+    if args.latency and not args.stand_in:
+        ap.error("--latency needs --stand-in (on a machine with a GPU the latency paths are the real ones)")
     if args.stand_in:
         stand_in_kernels()
+    if args.latency:
+        from mhc_mlx.kernels import build
+
+        build.gpu_present = lambda: True
 
     from mhc_mlx import HyperConnection, MHCLayer, dispatch
 

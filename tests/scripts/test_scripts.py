@@ -168,3 +168,14 @@ def test_gpu_session_stages_name_existing_experiments_and_switches():
     help_text = _script("gpu_check.py", "--help").stdout
     unknown = {s for s in switches - set(gpu_check.SWITCHES) if f"{s} " not in help_text and f"{s}\n" not in help_text}
     assert not unknown, unknown
+
+
+def test_host_overhead_stands_in_the_latency_paths():
+    # --latency stands in a GPU's presence (few-token calls compiled, as on a GPU); only with
+    # --stand-in, since with a real GPU the latency paths are the real ones
+    refused = _script("host_overhead.py", "--latency")
+    assert refused.returncode == 2 and "--latency needs --stand-in" in refused.stderr
+    ran = _script("host_overhead.py", "--stand-in", "--latency")
+    assert ran.returncode == 0, ran.stderr
+    rows = {line.split()[0]: line.split() for line in ran.stdout.splitlines() if line.startswith("MHCLayer")}
+    assert rows["MHCLayer"][1] == "kernels" and float(rows["MHCLayer"][2]) > 0
