@@ -1249,55 +1249,36 @@ def flat_logits(rounds=5):
                                                       "as they are": [(layer, "FLAT_LOGITS", True)]}, rounds)
 
 
-FAST_SINKHORN_HELPERS = r"""
-// The layer's coefficients with the Sinkhorn's sums as trees and reciprocals without the Newton
-// step (rcp.approx: within an ulp): a shorter dependent chain per normalisation.
-template <int N>
-KDEV void ksinkhorn_thread_short(KTHREAD float* p, int iters) {
-  float m = MHC_NEG_BIG;
-  KUNROLL for (int a = 0; a < N * N; ++a) m = KMAX(m, p[a]);
-  KUNROLL for (int a = 0; a < N * N; ++a) p[a] = KEXP(p[a] - m);
-  for (int it = 0; it < iters; ++it) {
-    KUNROLL for (int j = 0; j < N; ++j) {
-      float s[N];
-      KUNROLL for (int i = 0; i < N; ++i) s[i] = p[i * N + j];
-      KUNROLL for (int w = 1; w < N; w *= 2) KUNROLL for (int i = 0; i + w < N; i += 2 * w) s[i] += s[i + w];
-      float r;
-      asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(KMAX(s[0], MHC_TINY)));
-      KUNROLL for (int i = 0; i < N; ++i) p[i * N + j] *= r;
-    }
-    KUNROLL for (int i = 0; i < N; ++i) {
-      float s[N];
-      KUNROLL for (int j = 0; j < N; ++j) s[j] = p[i * N + j];
-      KUNROLL for (int w = 1; w < N; w *= 2) KUNROLL for (int j = 0; j + w < N; j += 2 * w) s[j] += s[j + w];
-      float r;
-      asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(KMAX(s[0], MHC_TINY)));
-      KUNROLL for (int j = 0; j < N; ++j) p[i * N + j] *= r;
-    }
-  }
-}
-template <int N, typename PP, typename PQ, typename PR>
-KDEV void mhc_layer_coefficients_short(PP cpre, PQ cpost, PR cres, KSHPTR(float) cf, int lane, int iters) {
-  const bool live = lane < N;
-  if (live) {
-    cf[lane] = ksigmoid(cpre[lane]);
-    cf[N + lane] = 2.0f * ksigmoid(cpost[lane]);
-  }
-  float p[N * N];
-  KUNROLL for (int i = 0; i < N; ++i) {
-    const float c = live ? cres[i * N + lane] : MHC_NEG_BIG;
-    KUNROLL for (int j = 0; j < N; ++j) p[i * N + j] = kshfl(c, j);
-  }
-  ksinkhorn_thread_short<N>(p, iters);
-  if (live) {
-    KUNROLL for (int i = 0; i < N; ++i) {
-      float v = 0.0f;
-      KUNROLL for (int j = 0; j < N; ++j) v = (lane == j) ? p[i * N + j] : v;
-      cf[2 * N + i * N + lane] = v;
-    }
-  }
-}
-"""
+def short_sinkhorn_helpers() -> str:
+    """mhc_layer_coefficients_short: the static layer's coefficients (layer.HELPERS) with the
+    Sinkhorn's sums as trees and its reciprocals without the Newton step (rcp.approx: within an
+    ulp), a shorter dependent chain per normalisation; derived from the kernels' own text
+    (prelude's ksinkhorn_thread and ksinkhorn_warp, CUDA only). The ninth session of 2026-11-30
+    ran a hand-written copy of the same code (in 2fde9f1)."""
+    from mhc_mlx.kernels import prelude
+    from mhc_mlx.kernels.build import edited
+
+    parts = dict(prelude.COMMON_PARTS)
+    tree = ("float s[N];\n      KUNROLL for (int {a} = 0; {a} < N; ++{a}) s[{a}] = p[i * N + j];\n"
+            "      KUNROLL for (int w = 1; w < N; w *= 2) KUNROLL for (int {a} = 0; {a} + w < N; {a} += 2 * w) "
+            "s[{a}] += s[{a} + w];\n"
+            "      float r;\n"
+            "      asm(\"rcp.approx.ftz.f32 %0, %1;\" : \"=f\"(r) : \"f\"(KMAX(s[0], MHC_TINY)));")
+    thread = edited(parts["ksinkhorn_thread"], [
+        ("KDEV void ksinkhorn_thread(", "KDEV void ksinkhorn_thread_short("),
+        ("float s = p[j];\n      KUNROLL for (int i = 1; i < N; ++i) s += p[i * N + j];\n"
+         "      const float r = KRCP(KMAX(s, MHC_TINY));", tree.format(a="i")),
+        ("float s = p[i * N];\n      KUNROLL for (int j = 1; j < N; ++j) s += p[i * N + j];\n"
+         "      const float r = KRCP(KMAX(s, MHC_TINY));", tree.format(a="j")),
+    ])
+    warp = edited(parts["ksinkhorn_warp"], [("KDEV void ksinkhorn_warp(", "KDEV void ksinkhorn_warp_short("),
+                                            ("ksinkhorn_thread<PN>(p, iters);", "ksinkhorn_thread_short<PN>(p, iters);")])
+    start = layer.HELPERS.index("template <int N, typename PP, typename PQ, typename PR>")
+    coefficients_fn = layer.HELPERS[start:layer.HELPERS.index("\n}\n", start) + 3]
+    coefficients_fn = edited(coefficients_fn, [
+        ("KDEV void mhc_layer_coefficients(", "KDEV void mhc_layer_coefficients_short("),
+        ("ksinkhorn_warp<N>(col, live, iters);", "ksinkhorn_warp_short<N>(col, live, iters);")])
+    return thread + warp + coefficients_fn
 
 
 def b1_anatomy(rounds=5, evals=60):
@@ -1333,7 +1314,7 @@ def b1_anatomy(rounds=5, evals=60):
             "for (int a = lane; a < 2 * N + N * N; a += 32)\n"
             "      cf[a] = a < N ? cpre[a] : (a < 2 * N ? cpost[a - N] : cres[a - 2 * N]);"))])), tg + 32, 20),
         "Sinkhorn short chain": (variant("short", edited(base.body, [(call, call.replace(
-            "coefficients<N>", "coefficients_short<N>"))]), base.helpers + FAST_SINKHORN_HELPERS), tg + 32, 20),
+            "coefficients<N>", "coefficients_short<N>"))]), base.helpers + short_sinkhorn_helpers()), tg + 32, 20),
     }
     touch = spin_spec(True)
     forms = {}

@@ -30,18 +30,20 @@ _forced = threading.local()
 _ENVIRON_BYTES = getattr(os.environ, "_data", None) if os.name == "posix" else None
 if not isinstance(_ENVIRON_BYTES, dict):
     _ENVIRON_BYTES = None
+_ENV_KEYS = {name: name.encode() for name in (ENV_BACKEND, ENV_DISABLE_METAL)}
 
 
-_ENV_BACKEND_BYTES = ENV_BACKEND.encode()
-_ENV_DISABLE_METAL_BYTES = ENV_DISABLE_METAL.encode()
+def _raw_env(name: str):
+    """os.environ.get(name), as the bytes it holds on POSIX (a key for state())."""
+    if _ENVIRON_BYTES is None:
+        return os.environ.get(name)
+    return _ENVIRON_BYTES.get(_ENV_KEYS.get(name) or name.encode())
 
 
 def _env(name: str) -> str | None:
     """os.environ.get(name)."""
-    if _ENVIRON_BYTES is None:
-        return os.environ.get(name)
-    value = _ENVIRON_BYTES.get(name.encode())
-    return None if value is None else os.fsdecode(value)
+    value = _raw_env(name)
+    return value if value is None or isinstance(value, str) else os.fsdecode(value)
 
 
 def _check_name(name: str, where: str) -> str:
@@ -78,7 +80,7 @@ def use_backend(name: str | None):
 
 
 def metal_disabled() -> bool:
-    return (_env(ENV_DISABLE_METAL) or "0").strip() not in ("", "0", "false", "False")
+    return build.metal_disabled()
 
 
 def choose(op: str, *arrays, **params) -> tuple[str, object]:
@@ -119,24 +121,15 @@ def explain(op: str) -> str:
     return f"compiled (kernels unavailable: {reason})"
 
 
-def trace_key() -> tuple:
-    """What a module's compiled latency path keys on: the forced backend (use_backend's and the
-    environment's, raw), the Metal switch, the default device (a trace's launches are bound to
-    its stream) and the kernels' forward settings."""
-    return (getattr(_forced, "name", None), _env(ENV_BACKEND), _env(ENV_DISABLE_METAL),
-            str(mx.default_device()), kernels.trace_key())  # (a Device hashes by identity)
-
-
 def state() -> tuple:
-    """Everything a dispatch decision reads besides the arrays' shapes and dtypes: the forced
-    backend, the environment, the default device, and the settings epoch (any assignment
-    to a kernel or dispatch module attribute, a Metal first-use result) in place of the settings
-    themselves. A module may keep its decision for a shape and dtype while this stays equal."""
-    if _ENVIRON_BYTES is None:
-        env = (os.environ.get(ENV_BACKEND), os.environ.get(ENV_DISABLE_METAL))
-    else:
-        env = (_ENVIRON_BYTES.get(_ENV_BACKEND_BYTES), _ENVIRON_BYTES.get(_ENV_DISABLE_METAL_BYTES))
-    return (getattr(_forced, "name", None), env, str(mx.default_device()), build._epoch[0])
+    """Everything a dispatch decision or a latency path's trace reads besides the arrays' shapes
+    and dtypes: the forced backend (use_backend's), the environment (raw), the default device (a
+    trace's launches are bound to its stream; a Device hashes by identity, so its name), and the
+    settings epoch (any assignment to a kernel or dispatch module attribute, a Metal first-use
+    result) in place of the settings themselves. A module may keep its decision for a shape and
+    dtype, and a trace is reused, while this stays equal."""
+    return (getattr(_forced, "name", None), _raw_env(ENV_BACKEND), _raw_env(ENV_DISABLE_METAL),
+            str(mx.default_device()), build.settings_epoch())
 
 
 _metal_checked = []
@@ -154,23 +147,10 @@ def latency_compiles(x) -> bool:
     return True
 
 
-_compiled_latency: dict = {}  # (fn, settings, state()) -> the compiled fn
-_COMPILED_LATENCY_SIZE = 256
-
-
 def compiled_latency(fn, *settings):
-    """fn under mx.compile for a module's latency path: one per (fn, its Python settings, the
-    trace key of this call, the settings epoch: see build.compiled). fn's arrays are its inputs,
-    never constants of the trace. Found by state(), cheaper than the trace key, while that stays
-    the same."""
-    key = (fn, settings, state())
-    out = _compiled_latency.get(key)
-    if out is None:
-        out = build.compiled_for(fn, (settings, trace_key(), build.settings_epoch()))
-        if len(_compiled_latency) >= _COMPILED_LATENCY_SIZE:
-            _compiled_latency.clear()
-        _compiled_latency[key] = out
-    return out
+    """fn under mx.compile for a module's latency path: one per (fn, its Python settings,
+    state()). fn's arrays are its inputs, never constants of the trace."""
+    return build.compiled_for(fn, (settings, state()))
 
 
 # assignments to these modules' attributes (settings; the paths' functions, which tests stand in)

@@ -25,7 +25,7 @@ from functools import partial
 import mlx.core as mx
 
 from . import safety
-from .build import gpu_backend, metal_disabled, on_gpu, settings_epoch, watch
+from .build import gpu_backend, metal_disabled, on_gpu, watch
 
 OPS = ("sinkhorn_knopp", "mhc_coefficients", "mhc_pre", "mhc_post", "rms_norm", "mhc_layer")
 ACTIVATIONS = (mx.float32, mx.bfloat16, mx.float16)
@@ -128,10 +128,14 @@ def kernel_for(op: str, *arrays, **params):
     if gpu_backend() == "metal" and not safety.verified(op, impl):
         return None
     if op == "mhc_layer":
-        policy = params.get("policy", "auto")
-        inline = {"latency": True, "throughput": False}.get(policy)
-        impl = partial(impl, inline=inline, threads=params.get("threads_per_group"))
+        impl = partial(impl, inline=_layer_inline(params.get("policy", "auto")),
+                       threads=params.get("threads_per_group"))
     return impl
+
+
+def _layer_inline(policy: str):
+    """mhc_layer's inline argument for MHCLayer's dispatch_policy (None: by token count)."""
+    return {"latency": True, "throughput": False}.get(policy)
 
 
 def resolve_layer(x, iters: int, eps: float, threads_per_group=None, policy: str = "auto"):
@@ -139,8 +143,7 @@ def resolve_layer(x, iters: int, eps: float, threads_per_group=None, policy: str
     five arrays with every decision made (layer.resolve)."""
     from . import layer
 
-    inline = {"latency": True, "throughput": False}.get(policy)
-    return layer.resolve(x, iters, eps, inline=inline, threads=threads_per_group)
+    return layer.resolve(x, iters, eps, inline=_layer_inline(policy), threads=threads_per_group)
 
 
 def why_not(op: str, *arrays, **params) -> str:
@@ -238,29 +241,6 @@ def settings() -> dict:
             "compile_latency": build.COMPILE_LATENCY,
             "latency_compile_tokens": build.LATENCY_COMPILE_TOKENS}
 
-
-
-_trace_key = [None, None]  # (settings epoch, key)
-
-
-def trace_key() -> tuple:
-    """The settings a latency path's forward trace reads (build.compiled keys on them, so a
-    changed setting takes a new trace instead of replaying a stale one), recomputed only when the
-    settings epoch moved. Cheaper than settings()."""
-    epoch = settings_epoch()
-    if _trace_key[0] != epoch:
-        _trace_key[1] = _settings_key()
-        _trace_key[0] = epoch
-    return _trace_key[1]
-
-
-def _settings_key() -> tuple:
-    from . import build, coefficients, layer
-
-    return (layer.LATENCY_KERNEL, layer.INLINE_MAX_N, layer.MAX_N_FUSED, layer.LATENCY_TOKENS, layer.INLINE_ALWAYS,
-            layer.FLAT_LOGITS, layer.PREFETCH_TOKENS, layer.COMPOSITE_FAST_RMS_NORM, coefficients.DYNAMIC_FORM,
-            coefficients.SMALL_TOKENS, coefficients.SPLIT_SMALL, coefficients.WIDE_N, coefficients.MMA_MIN_ELEMENTS,
-            FUSED_READ_STEP, CHAIN_X_COTANGENT, DEFER_POST_X, build.DEVICE_PARAMS, build.COMPILE_LATENCY, build._poison[0])
 
 LIMITS_NOTE = (
     f"kernels cover n <= {MAX_N} streams (dynamic coefficients above n = {MAX_N_DYNAMIC} by MLX "

@@ -105,12 +105,12 @@ def compiled_for(fn, key):
 
 
 def compiled(fn, *key):
-    """compiled_for(fn, ...) keyed by `key`, the poison value (launch reads it), the default
-    device (a trace's launches are bound to the stream it was traced on) and the settings epoch:
-    a trace reads settings that no key names (a kernel's form, its launch shape), and a setting
-    assigned after it was made takes a new trace (2026-11-30: ONE_LAUNCH_SMALL switched on was
-    not seen by a trace keyed on named settings only)."""
-    return compiled_for(fn, (key, _poison[0], str(mx.default_device()), _epoch[0]))
+    """compiled_for(fn, ...) keyed by `key`, the default device (a trace's launches are bound to
+    the stream it was traced on) and the settings epoch, which every setting a trace reads moves
+    when assigned (the poison value too): a setting assigned after a trace was made takes a new
+    one (2026-11-30: ONE_LAUNCH_SMALL switched on was not seen by a trace keyed on named settings
+    only)."""
+    return compiled_for(fn, (key, str(mx.default_device()), _epoch[0]))
 
 
 @dataclass(frozen=True)
@@ -144,6 +144,7 @@ def edited(body: str, edits) -> str:
 
 
 def metal_disabled() -> bool:
+    """MHC_MLX_DISABLE_METAL set to anything but empty, 0 or false."""
     return os.environ.get(ENV_DISABLE_METAL, "0").strip() not in ("", "0", "false", "False")
 
 

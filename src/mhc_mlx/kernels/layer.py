@@ -749,8 +749,8 @@ def resolve(x, iters: int, eps: float, inline: bool | None = None, threads: int 
         return partial(_composite, iters=iters, eps=eps)
     if inline is None:
         inline = INLINE_ALWAYS or T <= LATENCY_TOKENS or n > MAX_N_FUSED
-    if inline and T <= LATENCY_TOKENS and compiles_latency(x):  # the trace reads LATENCY_KERNEL
-        return compiled(_latency_call(iters, eps, threads), LATENCY_KERNEL)
+    if inline and T <= LATENCY_TOKENS and compiles_latency(x):
+        return compiled(_latency_call(iters, eps, threads))
     return _first(_function(iters, eps, bool(inline), threads))
 
 

@@ -70,9 +70,7 @@ def mhc_pre_step(x, phi, alpha, bias, iters: int = 20, eps: float = 1e-6):
     """(h [..., C], H_pre [..., n], H_post [..., n], H_res [..., n, n]) for x [..., n, C]."""
     n = x.shape[-2]
     if build.compiles_latency(x):
-        # the trace reads the coefficient kernels' form settings
-        return build.compiled(_call(n, iters, float(eps)), coefficients.DYNAMIC_FORM, coefficients.SMALL_TOKENS,
-                              coefficients.WIDE_N)(x, phi, alpha, bias)
+        return build.compiled(_call(n, iters, float(eps)))(x, phi, alpha, bias)
     h, H_pre, H_post, H_res, _, _ = _function(n, iters, float(eps))(x, phi, alpha, bias)
     return h, H_pre, H_post, H_res
 

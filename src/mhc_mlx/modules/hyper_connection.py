@@ -102,7 +102,7 @@ class HyperConnection(nn.Module):
         _checks.check_streams(x, "x", n=self.n, C=self.dims)
         if self.variant == "mhc":
             read = _read(self.dynamic, self.sinkhorn_iters, self.eps)
-            if kernels.CHAIN_X_COTANGENT != True and _latency(x):  # noqa: E712
+            if kernels.CHAIN_X_COTANGENT != True and dispatch.latency_compiles(x):  # noqa: E712
                 # a few tokens: this read's dispatch and ops under one mx.compile (no chained read
                 # there: "auto" takes it only where the backward takes tensor cores, many tokens)
                 read = dispatch.compiled_latency(read)
@@ -140,13 +140,8 @@ class HyperConnection(nn.Module):
 
 def _run_post(x: mx.array, f: mx.array, coeffs: SiteCoefficients) -> mx.array:
     """The post op after its checks (a few tokens: its dispatch and op under one mx.compile)."""
-    run = dispatch.compiled_latency(ops.run_post) if _latency(x) else ops.run_post
+    run = dispatch.compiled_latency(ops.run_post) if dispatch.latency_compiles(x) else ops.run_post
     return run(x, f, coeffs.post, coeffs.res)
-
-
-def _latency(x: mx.array) -> bool:
-    """A call of a few tokens, whose dispatch and ops run under mx.compile (dispatch.latency_compiles)."""
-    return dispatch.latency_compiles(x)
 
 
 @lru_cache(maxsize=None)

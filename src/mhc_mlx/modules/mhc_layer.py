@@ -24,15 +24,6 @@ _RETIRED = (
 _MEMO_SIZE = 32
 
 
-class _Memo:
-    """A plain object (an nn.Module files dict and list attributes among its parameters)."""
-
-    __slots__ = ("table",)
-
-    def __init__(self):
-        self.table = {}
-
-
 class MHCLayer(nn.Module):
     """out = sinkhorn(H_res_raw) x + 2 sigmoid(H_post_raw) (x) rms_norm(sum_i sigmoid(H_pre_raw)_i x_i).
 
@@ -99,12 +90,13 @@ class MHCLayer(nn.Module):
             self.H_res_raw = mx.zeros((n, n))
         self.H_post_raw = mx.zeros((n,))
         self.rms_weight = mx.ones((C,))
-        self._memo = _Memo()
+        # a plain attribute, not one of the module's children (nn.Module files dicts there)
+        object.__setattr__(self, "_memo", {})
 
     def __setattr__(self, key, val):
         super().__setattr__(key, val)
-        if key != "_memo" and not isinstance(val, mx.array) and "_memo" in self.__dict__:
-            self._memo.table.clear()  # a setting changed (n, C, iters, eps, use_metal, ...)
+        if not isinstance(val, mx.array) and "_memo" in self.__dict__:
+            self._memo.clear()  # a setting changed (n, C, iters, eps, use_metal, ...)
 
     def _extra_repr(self) -> str:
         return f"n={self.n}, C={self.C}, sinkhorn_iters={self.sinkhorn_iters}, eps={self.eps}"
@@ -131,7 +123,7 @@ class MHCLayer(nn.Module):
         # their outcome is kept per (shape, dtype, state): at B = 1 they were most of this
         # call's own Python (5 of 8 µs on this project's CPU, scripts/host_overhead.py).
         key = (x.shape, x.dtype, dispatch.state()) if isinstance(x, mx.array) else None
-        memo = self._memo.table
+        memo = self._memo
         impl = memo.get(key)
         if impl is None:
             _checks.check_streams(x, "x", n=self.n, C=self.C)
