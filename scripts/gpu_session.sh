@@ -39,6 +39,11 @@
 #   bash scripts/gpu_session.sh one-launch   # the few-token read step in one launch: checks, GPU tests, timings
 #   bash scripts/gpu_session.sh one-launch2  # its timings again (traces keyed on every setting), bench with it on
 #   bash scripts/gpu_session.sh layer-forms  # B = 1 host time; the layer forward's launch forms
+#   bash scripts/gpu_session.sh paired-graphs  # B = 1 with and without CUDA graphs; the target bench
+#                                            # (seeds) with B = 1 rows paired with the tiny op
+#   bash scripts/gpu_session.sh graphs-ab    # B = 1 with and without CUDA graphs, 3 processes each, pinned
+#   bash scripts/gpu_session.sh pinned-bench # the target cases' bench (seeds), pinned to one CPU core
+#   bash scripts/gpu_session.sh verify10     # pytest -m gpu (four shards) + read-step checks; B = 1 pinned
 #   bash scripts/gpu_session.sh anatomy-bench  # where the B = 1 static launch's time goes; the target bench
 #   bash scripts/gpu_session.sh gpu-tests    # pytest -m gpu alone
 #   bash scripts/gpu_session.sh latency      # LAYER_LATENCY + compiled latency path: checks, timings
@@ -466,6 +471,49 @@ case "${1:-}" in
     run 120 experiments_one_launch python scripts/gpu_experiments.py one-launch
     run 300 bench_one python scripts/bench_with.py coefficients.ONE_LAUNCH_SMALL=1 -- bench --out "$res/bench_one" \
       --overwrite --seeds .seedpkgs --only "$TARGETS"
+    ;;
+  paired-graphs)
+    # (tenth session of 2026-11-30) B = 1 without CUDA graphs (MLX_USE_CUDA_GRAPHS=0: each kernel
+    # launched directly) against with them, each in its own process: the b1-host timings and the
+    # bench's B = 1 rows; then the target cases' bench with the seeds, B = 1 rows paired with the
+    # tiny op
+    for g in 0 1; do
+      MLX_USE_CUDA_GRAPHS=$g run 90 "experiments_b1_host_graphs$g" python scripts/gpu_experiments.py b1-host
+      MLX_USE_CUDA_GRAPHS=$g run 90 "bench_b1_graphs$g" python -m mhc_mlx.cli.main bench --out "$res/bench_b1_graphs$g" \
+        --overwrite --seeds "" --only static/fwd/1x4x512/bfloat16,dynamic/fwd/1x4x512 --impl kernels
+    done
+    run 300 bench python -m mhc_mlx.cli.main bench --out "$res/bench" --overwrite --seeds .seedpkgs --only "$TARGETS"
+    ;;
+  graphs-ab)
+    # (tenth session of 2026-11-30) paired-graphs again, three processes of each, alternated and
+    # pinned to one CPU core (processes on this host differed by up to 1.7x in host time): the
+    # bench's B = 1 rows (kernels), then b1-host once each
+    echo "== host: $(nproc) cores; $(grep -m1 'model name' /proc/cpuinfo)"
+    for rep in 1 2 3; do
+      for g in 0 1; do
+        MLX_USE_CUDA_GRAPHS=$g run 60 "bench_b1_graphs${g}_$rep" taskset -c 3 python -m mhc_mlx.cli.main bench \
+          --out "$res/bench_b1_graphs${g}_$rep" --overwrite --seeds "" --only static/fwd/1x4x512/bfloat16,dynamic/fwd/1x4x512 --impl kernels
+      done
+    done
+    for g in 0 1; do
+      MLX_USE_CUDA_GRAPHS=$g run 90 "experiments_b1_host_graphs$g" taskset -c 3 python scripts/gpu_experiments.py b1-host
+    done
+    ;;
+  verify10)
+    # (tenth session of 2026-11-30) HyperConnection keeping its latency decision: pytest -m gpu in
+    # four shards beside the read-step checks, then the bench's B = 1 rows pinned, twice
+    PYTEST_SHARDS=4 CHECK_ONLY=read_step check 330
+    for rep in 1 2; do
+      run 60 "bench_b1_$rep" taskset -c 3 python -m mhc_mlx.cli.main bench --out "$res/bench_b1_$rep" --overwrite \
+        --seeds "" --only static/fwd/1x4x512/bfloat16,dynamic/fwd/1x4x512 --impl kernels
+    done
+    ;;
+  pinned-bench)
+    # (tenth session of 2026-11-30) the target cases' bench with the seeds, the process (and the
+    # seeds' subprocesses) pinned to one CPU core as graphs-ab's were
+    run 300 bench taskset -c 3 python -m mhc_mlx.cli.main bench --out "$res/bench" --overwrite --seeds .seedpkgs --only "$TARGETS"
+    run 200 bench_ours taskset -c 3 python -m mhc_mlx.cli.main bench --out "$res/bench_ours" --overwrite --seeds "" \
+      --only "$TARGETS" --impl kernels
     ;;
   layer-forms)
     # (ninth session of 2026-11-30) the B = 1 calls' host time, then the layer forward's launch

@@ -104,3 +104,65 @@ def test_post_latency_path_still_checks_its_inputs(latency_on):
     h, coeffs = hc.pre(x)
     with pytest.raises(ValueError, match="f"):
         hc.post(x, mx.zeros((1, C + 1)), coeffs)
+
+
+def test_site_keeps_its_latency_decision_until_shape_dtype_or_state_change(monkeypatch, latency_on):
+    # HyperConnection keeps its checks' and latency choice's outcome per (shape, dtype,
+    # dispatch.state()), as MHCLayer does: decided again for a new shape, dtype, forced backend or
+    # setting, for a changed setting of the site itself, and never keeping a parameter
+    from mhc_mlx import dispatch
+
+    decisions = []
+    real = dispatch.latency_compiles
+
+    def counting(x):
+        decisions.append(tuple(x.shape))
+        return real(x)
+
+    monkeypatch.setattr(dispatch, "latency_compiles", counting)
+    n, C = 4, 24
+    hc, fresh = mhc.HyperConnection(C, n, init="paper"), mhc.HyperConnection(C, n, init="paper")
+    hc.bias = 2 * mx.random.normal(hc.bias.shape)  # H_res far from uniform: iterations matter
+    x = mx.random.normal((1, n, C))
+
+    def site(m, x):
+        h, coeffs = m.pre(x)
+        return m.post(x, h * 0.5, coeffs)
+
+    def eager_twin(x):  # a fresh site with hc's parameters and settings, off the latency path
+        fresh.update(dict(hc.parameters()))
+        fresh.sinkhorn_iters = hc.sinkhorn_iters
+        return _eager(monkeypatch, lambda: site(fresh, x))
+
+    first = site(hc, x)
+    assert mx.array_equal(site(hc, x), first) and mx.array_equal(hc(x, lambda h: h * 0.5), first)
+    assert len(decisions) == 1
+    np.testing.assert_allclose(_np(first), _np(eager_twin(x)), rtol=1e-6, atol=1e-6)
+    count = len(decisions)
+    site(hc, mx.random.normal((2, n, C)))
+    site(hc, x.astype(mx.bfloat16))
+    assert len(decisions) == count + 2
+    with mhc.use_backend("reference"):
+        ref = site(hc, x)
+    assert len(decisions) == count + 3
+    np.testing.assert_allclose(_np(ref), _np(first), rtol=1e-5, atol=1e-6)
+    # updated parameters are read on every call, not kept (eager_twin's settings moved the state:
+    # one call decides again first)
+    site(hc, x)
+    count = len(decisions)
+    hc.bias = hc.bias + 0.3
+    moved = site(hc, x)
+    assert len(decisions) == count and not mx.allclose(moved, first, atol=1e-4)
+    np.testing.assert_allclose(_np(moved), _np(eager_twin(x)), rtol=1e-6, atol=1e-6)
+    # a setting of the site itself decides again, and takes effect
+    hc.sinkhorn_iters = 2
+    count = len(decisions)
+    few = site(hc, x)
+    assert len(decisions) == count + 1 and not mx.allclose(few, moved, atol=1e-4)
+    np.testing.assert_allclose(_np(few), _np(eager_twin(x)), rtol=1e-6, atol=1e-6)
+    # what the site keeps is no parameter; bad input after good calls is still refused
+    assert set(dict(hc.parameters())) == {"phi", "alpha", "bias"}
+    with pytest.raises(ValueError, match="expected n=4"):
+        hc.pre(mx.random.normal((1, 3, C)))
+    with pytest.raises(ValueError, match="expected C=24"):
+        hc.pre(mx.random.normal((1, n, C + 1)))

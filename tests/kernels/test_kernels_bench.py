@@ -28,6 +28,8 @@ def test_quick_bench_writes_json_and_png(quick_run):
     with open(os.path.join(out, "bench.json")) as f:
         data = json.load(f)
     assert data["header"]["quick"] is True
+    if hasattr(os, "sched_getaffinity"):  # the cores the run could use, recorded (Linux)
+        assert data["header"]["cpu_affinity"] == sorted(os.sched_getaffinity(0))
     assert data["copy_floor"]["GBps"] > 0 and data["tiny_op_us"] > 0
     # the floor is the faster of the copies measured before and after the rows
     assert len(data["copy_floor_runs"]) == 2
@@ -36,6 +38,16 @@ def test_quick_bench_writes_json_and_png(quick_run):
     assert len(data["tiny_op_runs_us"]) == 2 and data["tiny_op_us"] == min(data["tiny_op_runs_us"])
     for r in data["rows"]:
         assert r["x_tiny_op"] == pytest.approx(r["us"] / data["tiny_op_us"])
+    # our latency rows were timed beside the tiny op, in alternating rounds (3 in a quick run)
+    latency = [r for r in data["rows"] if r["case"]["mode"] == "latency"]
+    assert latency
+    for r in latency:
+        rounds = r["paired_rounds"]
+        assert len(rounds) == 3 and all(t > 0 and u > 0 for t, u in rounds)
+        assert r["x_tiny_paired"] == pytest.approx(float(np.median([u / t for t, u in rounds])))
+        assert r["tiny_paired_us"] == pytest.approx(float(np.median([t for t, _ in rounds])))
+        assert r["us"] == pytest.approx(float(np.median([u for _, u in rounds])))
+        assert r["x_tiny"] == r["x_tiny_paired"]
     impls = {r["impl"] for r in data["rows"]}
     assert {"compiled", "reference"} <= impls
     ids = {r["case"]["id"] for r in data["rows"]}
@@ -107,6 +119,41 @@ def test_targets_are_judged_only_on_measured_rows():
     report.enrich([step], copy_GBps=2600.0, tiny_us=20.0)
     (goal,) = report.targets([row, step], tiny_us=20.0, impl="kernels+step")
     assert goal["value"] == step["pct_of_copy"] != row["pct_of_copy"]
+
+
+def test_b1_targets_use_the_tiny_op_timed_beside_the_row():
+    row = {"case": cases.Case("static", "fwd", (1, 4, 512), "bfloat16", "latency").as_dict(),
+           "impl": "kernels", "us": 60.0, "x_tiny_paired": 1.4}
+    report.enrich([row], copy_GBps=2600.0, tiny_us=20.0)
+    (goal,) = report.targets([row], tiny_us=20.0)
+    # 3.0 x against the run's unit, 1.4 x against the tiny op beside it: the latter is judged
+    assert row["x_tiny_op"] == pytest.approx(3.0) and goal["value"] == 1.4 and goal["met"]
+    del row["x_tiny_paired"]  # a row without a paired figure (an older JSON) falls back to the unit
+    (goal,) = report.targets([row], tiny_us=20.0)
+    assert goal["value"] == pytest.approx(3.0) and not goal["met"]
+
+
+def test_paired_latency_alternates_and_takes_medians(monkeypatch):
+    from mhc_mlx.bench import timing
+
+    calls = []
+    # a state that drifts: every eval, the row's or the tiny op's, costs more in later rounds
+    def fake_latency(fn, args, repeats=50, warmup=5):
+        calls.append("tiny" if args and args[0].size == 1 and fn is not row else "row")
+        state = 1 + (len(calls) - 1) // 2  # one state per round
+        return (10.0 if calls[-1] == "tiny" else 25.0) * state
+
+    def row(v):
+        return v
+
+    monkeypatch.setattr(timing, "latency_us", fake_latency)
+    got = timing.paired_latency_us(row, [mx.zeros((2,))], repeats=50, rounds=5)
+    assert calls == ["tiny", "row", "row", "tiny", "tiny", "row", "row", "tiny", "tiny", "row"]
+    assert got["ratio"] == pytest.approx(2.5)  # the drift cancels within each pair
+    assert len(got["rounds"]) == 5
+    assert got["tiny_us"] == pytest.approx(float(np.median([t for t, _ in got["rounds"]])))
+    with pytest.raises(ValueError, match="rounds"):
+        timing.paired_latency_us(row, [], repeats=3, rounds=5)
 
 
 def test_seed_install_unpacks_into_its_own_folder(tmp_path):

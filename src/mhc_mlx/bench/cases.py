@@ -150,13 +150,14 @@ def prepare(case: Case, count: int, compile_step: bool = False):
 STEP = "+step"  # an impl name's suffix: the application compiled as one step (prepare)
 
 
-def time_ours(case: Case, backend: str, K: int, repeats: int) -> float:
+def time_ours(case: Case, backend: str, K: int, repeats: int) -> float | dict:
     """µs per application of our site on `backend` ('kernels', 'compiled' or 'reference', or
-    one of them + STEP)."""
+    one of them + STEP); for a latency case timing.paired_latency_us's dict (the row beside the
+    tiny op, in alternating rounds)."""
     compile_step = backend.endswith(STEP)
     backend = backend.removesuffix(STEP)
     apply, xs = prepare(case, K if case.mode == "throughput" else 1, compile_step)
     with use_backend(backend):
         if case.mode == "latency":
-            return timing.latency_us(apply, [xs[0]], repeats=repeats)
+            return timing.paired_latency_us(apply, [xs[0]], repeats=repeats, rounds=min(5, repeats))
         return timing.throughput_us(apply, [[x] for x in xs], repeats=repeats)

@@ -19,6 +19,10 @@ def enrich(rows: list[dict], copy_GBps: float, tiny_us: float) -> None:
         r["GBps"] = r["case"]["floor_bytes"] / us / 1e3
         r["pct_of_copy"] = 100.0 * r["GBps"] / copy_GBps
         r["x_tiny_op"] = us / tiny_us
+        if "x_tiny_paired" in r:
+            r["x_tiny"] = r["x_tiny_paired"]  # against the tiny op timed beside the row
+        else:
+            r["x_tiny"] = r["x_tiny_op"]
         k = ours.get(r["case"]["id"])
         if k:
             r["kernels_speedup"] = us / k
@@ -32,10 +36,13 @@ def table(rows: list[dict]) -> str:
         if isinstance(us, float):
             lines.append(
                 f"{r['case']['id']:<44} {r['impl']:<14} {us:>10.1f} {r['GBps']:>8.0f} "
-                f"{r['pct_of_copy']:>6.0f}% {r['x_tiny_op']:>7.2f} {r.get('kernels_speedup', float('nan')):>7.2f}"
+                f"{r['pct_of_copy']:>6.0f}% {r['x_tiny']:>7.2f} {r.get('kernels_speedup', float('nan')):>7.2f}"
             )
         else:
             lines.append(f"{r['case']['id']:<44} {r['impl']:<14} {str(us)[:60]}")
+    if any("x_tiny_paired" in r for r in rows):
+        lines.append("×tiny: our latency rows against the tiny op timed beside them (alternating rounds); "
+                     "the other rows against the run's unit")
     return "\n".join(lines)
 
 
@@ -65,12 +72,13 @@ def targets(rows: list[dict], tiny_us: float, impl: str = "kernels") -> list[dic
     r = find("static", "fwd", big, bf, "throughput")
     add("static fwd 4096x4x4096: ≥ 80 % of copy bandwidth", r, r and r["pct_of_copy"], 80, "%",
         r and r["pct_of_copy"] >= 80)
+    def x_tiny(row):  # against the tiny op timed beside the row where it was, else the run's unit
+        return row.get("x_tiny_paired", row["us"] / tiny_us)
+
     r = find("static", "fwd", (1, 4, 512), bf, "latency")
-    add("static fwd B=1 n=4 C=512: ≤ 1.5 × tiny-op eval", r, r and r["us"] / tiny_us, 1.5, "×",
-        r and r["us"] / tiny_us <= 1.5)
+    add("static fwd B=1 n=4 C=512: ≤ 1.5 × tiny-op eval", r, r and x_tiny(r), 1.5, "×", r and x_tiny(r) <= 1.5)
     r = find("dynamic", "fwd", (1, 4, 512), bf, "latency")
-    add("dynamic fwd B=1 n=4 C=512: ≤ 2.5 × tiny-op eval", r, r and r["us"] / tiny_us, 2.5, "×",
-        r and r["us"] / tiny_us <= 2.5)
+    add("dynamic fwd B=1 n=4 C=512: ≤ 2.5 × tiny-op eval", r, r and x_tiny(r), 2.5, "×", r and x_tiny(r) <= 2.5)
     r = find("dynamic", "fwd", big, bf, "throughput")
     add("dynamic fwd 4096 tokens C=4096: ≥ 70 % of its (4n+2)·C·2 B floor", r, r and r["pct_of_copy"], 70, "%",
         r and r["pct_of_copy"] >= 70)

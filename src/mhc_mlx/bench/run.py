@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import os
 import platform
 import time
 
@@ -13,6 +14,16 @@ from ..kernels import build
 from ..kernels.build import gpu_backend
 from . import cases as bench_cases
 from . import report, seeds, timing
+
+
+def _cpu_affinity() -> list[int] | None:
+    """The CPU cores this process may run on (Linux), recorded because pinning moved the B = 1
+    rows: on the H200's host, unpinned processes differed by up to 1.7x in host time
+    (docs/benchmarks.md, tenth session)."""
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # macOS has no sched_getaffinity
+        return None
 
 
 def run(out_dir: str, quick: bool = False, seeds_dir: str | None = ".seedpkgs", overwrite: bool = False,
@@ -38,7 +49,7 @@ def run(out_dir: str, quick: bool = False, seeds_dir: str | None = ".seedpkgs", 
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "mhc_mlx": __version__, "mlx": mx.__version__, "backend": backend or "cpu",
         "device": str(mx.default_device()), "device_name": build.device_name(),
-        "platform": platform.platform(), "quick": quick,
+        "platform": platform.platform(), "quick": quick, "cpu_affinity": _cpu_affinity(),
     }
     header["kernel_settings"] = kernels.settings()  # what the kernels would run (used on GPUs only)
     log(f"bench: {header}")
@@ -59,9 +70,16 @@ def run(out_dir: str, quick: bool = False, seeds_dir: str | None = ".seedpkgs", 
                 us = bench_cases.time_ours(case, impl, K, latency_reps if case.mode == "latency" else tput_reps)
             except Exception as e:  # noqa: BLE001 -- a row says why, the run goes on
                 us = f"error: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
-            rows.append({"case": case.as_dict(), "impl": impl, "us": us, "K": K})
+            row = {"case": case.as_dict(), "impl": impl, "us": us, "K": K}
+            paired = ""
+            if isinstance(us, dict):  # a latency row, timed beside the tiny op
+                row.update(us=us["us"], tiny_paired_us=us["tiny_us"], x_tiny_paired=us["ratio"],
+                           paired_rounds=us["rounds"])
+                paired = f"  (× {us['ratio']:.2f} the tiny op beside it, {us['tiny_us']:.1f} µs)"
+            rows.append(row)
+            us = row["us"]
             log(f"  {case.id:<44} {impl:<10} {us if isinstance(us, str) else f'{us:10.1f} µs'}"
-                f"  ({time.perf_counter() - t0:.1f} s)")
+                f"  ({time.perf_counter() - t0:.1f} s){paired}")
     # The copy is measured again after the rows and the faster of the two is the floor: one
     # measurement alone varied 2646-3235 GB/s between runs on one H200, and a slow one would
     # flatter every row's share of it.
@@ -70,8 +88,9 @@ def run(out_dir: str, quick: bool = False, seeds_dir: str | None = ".seedpkgs", 
         f"{max(copy['GBps'], again['GBps']):.0f} GB/s")
     copies = [copy, again]
     copy = max(copies, key=lambda c: c["GBps"])
-    # The tiny op likewise, and the faster is the B = 1 targets' unit: run V (H200, 2026-11-30)
-    # measured 48.0 µs where the run before measured 23.8, which halved its B = 1 ratios.
+    # The tiny op likewise, and the faster is the run's unit (seed rows, the chart): run V (H200,
+    # 2026-11-30) measured 48.0 µs where the run before measured 23.8. The B = 1 targets use each
+    # row's own tiny op, timed beside it (timing.paired_latency_us).
     tinies = [tiny, timing.tiny_op_us(repeats=20 if quick else 300)]
     tiny = min(tinies)
     log(f"tiny-op eval again after the rows: {tinies[1]:.1f} µs; the unit is the faster, {tiny:.1f} µs")

@@ -8,6 +8,8 @@
 - copy floor: a large `x * 1.5`, bytes read + written over its time (run.py measures it before
   and after the rows and keeps the faster).
 - tiny op: one eval of one op on a 1-element array (the fixed cost of an eval).
+- paired latency: a latency row and the tiny op timed in alternating rounds, so that the B = 1
+  ratios compare the two under the same host and GPU state (paired_latency_us).
 """
 
 from __future__ import annotations
@@ -34,6 +36,31 @@ def latency_us(fn, args, repeats: int = 50, warmup: int = 5) -> float:
         mx.eval(fn(*args))
         times.append(time.perf_counter() - t0)
     return 1e6 * statistics.median(times)
+
+
+def paired_latency_us(fn, args, repeats: int = 100, rounds: int = 5) -> dict:
+    """A latency row and the tiny op in `rounds` alternating rounds (the order flips each round),
+    each round a median over repeats // rounds calls: {"us", "tiny_us", "ratio", "rounds"}, with us
+    and tiny_us the medians of the rounds' medians and ratio the median of the rounds' ratios.
+    Why: the eval's fixed cost moves within one process (an H200 run of 2026-11-30 measured the
+    tiny op at 65.0 µs before its B = 1 rows and 33.6 after them), so a ratio of two figures
+    taken minutes apart measured the process's state as much as the row."""
+    if rounds < 1 or repeats < rounds:
+        raise ValueError(f"paired_latency_us needs 1 <= rounds <= repeats, got rounds={rounds}, repeats={repeats}")
+    tiny_in = mx.array([1.0])
+    mx.eval(tiny_in)
+    per_round = repeats // rounds
+    pairs = []
+    for r in range(rounds):
+        if r % 2 == 0:
+            tiny = latency_us(lambda v: v + 1.0, [tiny_in], repeats=per_round)
+            us = latency_us(fn, args, repeats=per_round)
+        else:
+            us = latency_us(fn, args, repeats=per_round)
+            tiny = latency_us(lambda v: v + 1.0, [tiny_in], repeats=per_round)
+        pairs.append((tiny, us))
+    return {"us": statistics.median(u for _, u in pairs), "tiny_us": statistics.median(t for t, _ in pairs),
+            "ratio": statistics.median(u / t for t, u in pairs), "rounds": [list(p) for p in pairs]}
 
 
 def rotation(bytes_per_application: int, minimum: int = 10, maximum: int = 64) -> int:

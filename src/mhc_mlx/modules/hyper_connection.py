@@ -14,6 +14,10 @@ from . import init as site_init
 
 VARIANTS = ("mhc", "hc")
 
+# Latency-path decisions a site keeps (shape, dtype and dispatch state -> its compiled read and
+# post, or None where the call takes the general path) before it starts over.
+_MEMO_SIZE = 32
+
 
 class SiteCoefficients(NamedTuple):
     """What `pre` computed and `post` needs: H_pre [..., n], H_post [..., n], H_res [..., n, n]."""
@@ -74,6 +78,34 @@ class HyperConnection(nn.Module):
             self.phi = site_init.site_phi(n, dims)
             self.alpha = site_init.site_alpha(init)
         self.bias = site_init.site_bias(n, init, free_res=variant == "hc")
+        # a plain attribute, not one of the module's children (nn.Module files dicts there)
+        object.__setattr__(self, "_memo", {})
+
+    def __setattr__(self, key, val):
+        super().__setattr__(key, val)
+        if not isinstance(val, mx.array) and "_memo" in self.__dict__:
+            self._memo.clear()  # a setting changed (n, dims, iters, eps, variant, ...)
+
+    def _latency_path(self, x) -> tuple:
+        """(compiled read, compiled post) for x where its calls take the few-token latency path,
+        each None where not; kept per (shape, dtype, dispatch.state()) like MHCLayer's decision, since the
+        checks and the choice read nothing else. At B = 1 the per-call checks and lookups were a
+        fifth of this site's own Python (scripts/host_overhead.py --stand-in --latency)."""
+        key = (x.shape, x.dtype, dispatch.state()) if isinstance(x, mx.array) else None
+        memo = self._memo
+        if key in memo:
+            return memo[key]
+        _checks.check_streams(x, "x", n=self.n, C=self.dims)
+        read = post = None
+        if dispatch.latency_compiles(x):
+            post = dispatch.compiled_latency(ops.run_post)
+            if self.variant == "mhc" and kernels.CHAIN_X_COTANGENT != True:  # noqa: E712
+                read = dispatch.compiled_latency(_read(self.dynamic, self.sinkhorn_iters, self.eps))
+        path = (read, post)
+        if len(memo) >= _MEMO_SIZE:
+            memo.clear()
+        memo[key] = path
+        return path
 
     def _extra_repr(self) -> str:
         return (
@@ -99,14 +131,15 @@ class HyperConnection(nn.Module):
 
     def pre(self, x: mx.array) -> tuple[mx.array, SiteCoefficients]:
         """Read the streams: returns the sublayer input [..., dims] and the coefficients."""
-        _checks.check_streams(x, "x", n=self.n, C=self.dims)
+        read = self._latency_path(x)[0]  # x checked there (or its check's outcome kept)
+        if read is not None:
+            # a few tokens: this read's dispatch and ops under one mx.compile (no chained read
+            # there: "auto" takes it only where the backward takes tensor cores, many tokens)
+            h, H = read(x, *self._params())
+            return h, SiteCoefficients(*H)
         if self.variant == "mhc":
             read = _read(self.dynamic, self.sinkhorn_iters, self.eps)
-            if kernels.CHAIN_X_COTANGENT != True and dispatch.latency_compiles(x):  # noqa: E712
-                # a few tokens: this read's dispatch and ops under one mx.compile (no chained read
-                # there: "auto" takes it only where the backward takes tensor cores, many tokens)
-                read = dispatch.compiled_latency(read)
-            elif kernels.CHAIN_X_COTANGENT:
+            if kernels.CHAIN_X_COTANGENT:
                 phi, alpha = (self.phi, self.alpha) if self.dynamic else (None, None)
                 chained = ops.run_chained_read(x, phi, alpha, self.bias, self.sinkhorn_iters, self.eps)
                 if chained is not None:
@@ -126,7 +159,7 @@ class HyperConnection(nn.Module):
             return _post_deferred(coeffs, f)
         x = _streams_for_post(x, coeffs)
         ops.check_post(x, f, coeffs.post, coeffs.res)
-        return _run_post(x, f, coeffs)
+        return self._run_post(x, f, coeffs)
 
     def __call__(self, x: mx.array, sublayer: Callable[[mx.array], mx.array]) -> mx.array:
         h, coeffs = self.pre(x)
@@ -135,13 +168,13 @@ class HyperConnection(nn.Module):
         _checks.check_sublayer_output(f, tuple(x.shape[:-2]), self.dims)
         if _deferred_chain(x, coeffs):
             return _post_deferred(coeffs, f)
-        return _run_post(_streams_for_post(x, coeffs), f, coeffs)
+        return self._run_post(_streams_for_post(x, coeffs), f, coeffs)
 
-
-def _run_post(x: mx.array, f: mx.array, coeffs: SiteCoefficients) -> mx.array:
-    """The post op after its checks (a few tokens: its dispatch and op under one mx.compile)."""
-    run = dispatch.compiled_latency(ops.run_post) if dispatch.latency_compiles(x) else ops.run_post
-    return run(x, f, coeffs.post, coeffs.res)
+    def _run_post(self, x: mx.array, f: mx.array, coeffs: SiteCoefficients) -> mx.array:
+        """The post op after its checks (a few tokens: its dispatch and op under one mx.compile).
+        x's own check: the post checks' (ops.check_post) before, or pre's in __call__."""
+        run = self._latency_path(x)[1] or ops.run_post
+        return run(x, f, coeffs.post, coeffs.res)
 
 
 @lru_cache(maxsize=None)
