@@ -538,3 +538,31 @@ def test_layer_latency_threadgroup_fits_wide_registers(n, C):
     name, template, grid, tg = launched[-1]
     assert name == "mhc_layer_latency" and grid == tg and tg % 32 == 0
     assert tg <= layer.LATENCY_MAX_THREADS_WIDE or n <= layer.MAX_N_FUSED
+
+
+def test_unread_inputs_are_host_made_standins(monkeypatch):
+    # an input a launch's template flags leave unread is build.standin's cached array, made from
+    # host data: an mx.zeros made per call was one more launch (copy_s) in every dynamic backward
+    from mhc_mlx.kernels import build
+
+    seen = {}
+
+    def recording(spec, inputs, outputs, grid, threadgroup, template, backend=None):
+        seen[spec.name] = (list(inputs), dict(template))
+        return [mx.ones(shape, dtype) for shape, dtype in outputs]
+
+    for m in MODULES:
+        monkeypatch.setattr(m, "launch", recording)
+    T, n, C = 32, 4, 64
+    x2 = mx.random.normal((T, n * C)).astype(mx.bfloat16)
+    phi, gs, c2 = mx.random.normal((n * C, n * n + 2 * n)), mx.random.normal((T, n * n + 2 * n)), mx.ones((T,))
+    mx.eval(x2, phi, gs, c2)
+    coefficients_mma_vjp.dx(x2, phi, gs, c2)
+    (_, _, _, _, hpre, dh, gacc, _), flags = seen["mhc_coefficients_dynamic_vjp_dx_mma"]
+    assert not flags["PRE"] and not flags["ACC"]
+    assert hpre is build.standin(mx.float32) and dh is gacc is build.standin(mx.bfloat16)
+    assert build.standin(mx.float32).tolist() == [0.0]
+    x = x2.reshape(T, n, C)
+    site.pre_vjp_coefficients(x, mx.ones((T, C), mx.bfloat16))
+    inputs, flags = seen["mhc_pre_vjp"]
+    assert not flags["DX"] and inputs[1] is build.standin(mx.float32)

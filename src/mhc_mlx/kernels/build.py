@@ -259,6 +259,13 @@ def float_params(*values: float) -> mx.array:
     return _params(mx.float32, values, DEVICE_PARAMS)
 
 
+def standin(dtype) -> mx.array:
+    """A one-element array of `dtype` for an input a kernel's template flags leave unread: made
+    once from host data (no op: an `mx.zeros` made per call was one more launch, `copy_s`, in every
+    dynamic backward)."""
+    return _params(dtype, (0,), False)
+
+
 @lru_cache(maxsize=4096)
 def _params(dtype, values: tuple, device: bool) -> mx.array:
     if not device or not gpu_present():  # the GPU itself, whatever gpu_backend() says

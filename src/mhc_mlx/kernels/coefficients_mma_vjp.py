@@ -33,7 +33,7 @@ import mlx.core as mx
 
 from functools import lru_cache
 
-from .build import KernelSpec, edited, int_params, launch, watch
+from .build import KernelSpec, edited, int_params, launch, standin, watch
 from .coefficients_mma import LOAD_X, PTX_MMA, X_PARTS
 
 F32 = mx.float32
@@ -563,7 +563,7 @@ def _token_splits(T: int, kgroups: int, tokens_per_step: int, target_warps: int)
 def _dx_extras(x2, T, K, n, pre, gacc):
     """DX's optional inputs as (arrays, template flags): (H_pre, dh) for PRE and gacc for ACC,
     one-element stand-ins where absent."""
-    f32, xd = mx.zeros((1,), F32), mx.zeros((1,), x2.dtype)
+    f32, xd = standin(F32), standin(x2.dtype)
     hpre, dh = (f32, xd) if pre is None else (pre[0].astype(F32).reshape(T, n), pre[1].astype(x2.dtype).reshape(T, K // n))
     acc = xd if gacc is None else gacc.astype(x2.dtype).reshape(T, K)
     flags = [("PRE", pre is not None), ("ACC", gacc is not None)]

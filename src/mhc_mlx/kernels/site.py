@@ -15,7 +15,7 @@ import mlx.core as mx
 
 from ..compiled import matmul
 from . import build
-from .build import KernelSpec, edited, int_params, launch, watch
+from .build import KernelSpec, edited, int_params, launch, standin, watch
 
 F32 = mx.float32
 MAX_N = 32
@@ -406,7 +406,7 @@ def pre_vjp_coefficients(x, g):
     T = math.prod(lead)
     V = vector_width(C, x.dtype.size, n, budget=64)
     return launch(
-        PRE_VJP, [x, mx.zeros((1,), F32), g.astype(x.dtype), int_params(T, C)], [((1,), x.dtype), ((T, n), F32)],
+        PRE_VJP, [x, standin(F32), g.astype(x.dtype), int_params(T, C)], [((1,), x.dtype), ((T, n), F32)],
         _groups(T) * TOKEN_THREADS, TOKEN_THREADS, [("T", x.dtype), ("N", n), ("V", V), ("SHARED", False), ("DX", False)],
     )[1]
 
