@@ -44,6 +44,7 @@
 #   bash scripts/gpu_session.sh graphs-ab    # B = 1 with and without CUDA graphs, 3 processes each, pinned
 #   bash scripts/gpu_session.sh pinned-bench # the target cases' bench (seeds), pinned to one CPU core
 #   bash scripts/gpu_session.sh verify10     # pytest -m gpu (four shards) + read-step checks; B = 1 pinned
+#   bash scripts/gpu_session.sh verify-standins  # coefficient, chain and read-step checks (build.standin)
 #   bash scripts/gpu_session.sh anatomy-bench  # where the B = 1 static launch's time goes; the target bench
 #   bash scripts/gpu_session.sh gpu-tests    # pytest -m gpu alone
 #   bash scripts/gpu_session.sh latency      # LAYER_LATENCY + compiled latency path: checks, timings
@@ -507,6 +508,11 @@ case "${1:-}" in
       run 60 "bench_b1_$rep" taskset -c 3 python -m mhc_mlx.cli.main bench --out "$res/bench_b1_$rep" --overwrite \
         --seeds "" --only static/fwd/1x4x512/bfloat16,dynamic/fwd/1x4x512 --impl kernels
     done
+    ;;
+  verify-standins)
+    # (tenth session of 2026-11-30) the kernels' unread inputs as cached host-made stand-ins
+    # (build.standin): the coefficient (tensor-core backward), chain and read-step checks
+    CHECK_ONLY=coefficients,chain,read_step NO_PYTEST=1 check 200
     ;;
   pinned-bench)
     # (tenth session of 2026-11-30) the target cases' bench with the seeds, the process (and the
