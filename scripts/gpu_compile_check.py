@@ -22,16 +22,36 @@ from mhc_mlx.kernels import catalogue
 from mhc_mlx.kernels.build import render_cuda
 
 
+def experiment_instances() -> list:
+    """scripts/tile_reuse.py's kernels at the shapes gpu_experiments.py tile-reuse runs."""
+    import mlx.core as mx
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import tile_reuse as tr
+
+    bf, f32, i32 = mx.bfloat16, mx.float32, mx.int32
+    out = [(tr.SUMSQ, (bf, i32), (f32,), [("T", bf)]), (tr.SCALE, (bf, f32, i32), (bf,), [("T", bf)])]
+    for spec in (tr.LAST, tr.WAIT):
+        template = [("T", bf), ("TT", 16), ("VPT", 4)] + ([("SPIN", tr.SPIN_LIMIT)] if spec is tr.WAIT else [])
+        out.append((spec, (bf, i32, i32), (bf, f32), template))
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mlx-include", required=True, help="folder holding mlx/backend/cuda/device/utils.cuh")
     ap.add_argument("--cccl", default="/usr/local/cuda/include/cccl", help="CUDA's cccl include folder")
     ap.add_argument("--arch", default="sm_90a")
     ap.add_argument("--only", default="", help="substring of kernel names to compile")
+    ap.add_argument("--experiments", action="store_true",
+                    help="also the experiment-only kernels of scripts/ (tile_reuse.py)")
     args = ap.parse_args(argv)
     failures = 0
+    instances = catalogue.instances() + catalogue.cuda_only_instances()
+    if args.experiments:
+        instances += experiment_instances()
     with tempfile.TemporaryDirectory() as tmp:
-        for spec, in_dtypes, out_dtypes, template in catalogue.instances() + catalogue.cuda_only_instances():
+        for spec, in_dtypes, out_dtypes, template in instances:
             label = f"{spec.name}[{', '.join(f'{k}={v}' for k, v in template)}]"
             if args.only and args.only not in label:
                 continue

@@ -1470,7 +1470,46 @@ def one_launch(rounds=5):
 
 
 # One part of the experiments alone (the module docstring lists them): mode -> function
+def tile_reuse_forms(rounds=5, T=4096, K=16384, TT=16, S=32):
+    """scripts/tile_reuse.py: y = x * rsqrt(mean(x^2) + eps) on x [T, K] bf16 (128 MB at the
+    defaults, the dynamic site's x at 4096 x 4 x 4096) in two launches (x read twice, as the
+    dynamic backward's pre and DX read it today), in one launch whose tile's last threadgroup
+    re-reads the tile from L2, and in one launch whose threadgroups wait for their tile's sums
+    with their slice in registers; with the copy (x * 1.5) and MLX's ops for scale. Each form
+    checked against MLX's ops first; then 10 rotated inputs per timing, alternated `rounds`
+    times; GB/s on read x + write y."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import tile_reuse as tr
+
+    xs = [mx.random.normal((T, K)).astype(BF) * (1 + mx.arange(T).reshape(T, 1) % 7) for _ in range(10)]
+    mx.eval(xs)
+    forms = {"two launches": tr.two_launches, "last re-reads": lambda x: tr.one_launch(x, "last", TT, S),
+             "wait": lambda x: tr.one_launch(x, "wait", TT, S)}
+    want = tr.reference(xs[0]).astype(mx.float32)
+    for label, fn in forms.items():
+        got = fn(xs[0]).astype(mx.float32)
+        err = (mx.max(mx.abs(got - want)) / mx.max(mx.abs(want))).item()
+        finite = mx.all(mx.isfinite(got)).item()
+        print(f"tile reuse check: {label:<14} max rel err {err:.1e} (bf16 output), all finite {finite}")
+    ref_c = mx.compile(tr.reference)
+    rows = {"copy x * 1.5": lambda x: x * 1.5, "MLX ops, compiled": ref_c, **forms}
+    current = {}
+    switches = {label: (lambda f=fn: current.update(fn=f)) for label, fn in rows.items()}
+    moved = 2 * T * K * 2
+    times = {label: [] for label in rows}
+    for _ in range(rounds):
+        for label, switch in switches.items():
+            switch()
+            times[label].append(tput(lambda x: current["fn"](x), [[x] for x in xs]))
+    copy = statistics.median(times["copy x * 1.5"])
+    for label, t in times.items():
+        us = statistics.median(t)
+        print(f"tile reuse {T}x{K} bf16, {label:<18} {us:7.1f} us  {moved / us / 1e3:6.0f} GB/s  "
+              f"{100 * copy / us:5.1f} % of the copy's rate  ({' '.join(f'{v:.0f}' for v in t)})")
+
+
 MODES = {
+    "tile-reuse": tile_reuse_forms,
     "headers": header_sizes,
     "read-step": read_step,
     "chain": chain,

@@ -45,6 +45,7 @@
 #   bash scripts/gpu_session.sh pinned-bench # the target cases' bench (seeds), pinned to one CPU core
 #   bash scripts/gpu_session.sh verify10     # pytest -m gpu (four shards) + read-step checks; B = 1 pinned
 #   bash scripts/gpu_session.sh verify-standins  # coefficient, chain and read-step checks (build.standin)
+#   bash scripts/gpu_session.sh tile-reuse   # one launch reading a tile once for row sums and output (not yet run)
 #   bash scripts/gpu_session.sh anatomy-bench  # where the B = 1 static launch's time goes; the target bench
 #   bash scripts/gpu_session.sh gpu-tests    # pytest -m gpu alone
 #   bash scripts/gpu_session.sh latency      # LAYER_LATENCY + compiled latency path: checks, timings
@@ -508,6 +509,12 @@ case "${1:-}" in
       run 60 "bench_b1_$rep" taskset -c 3 python -m mhc_mlx.cli.main bench --out "$res/bench_b1_$rep" --overwrite \
         --seeds "" --only static/fwd/1x4x512/bfloat16,dynamic/fwd/1x4x512 --impl kernels
     done
+    ;;
+  tile-reuse)
+    # (written in the tenth session of 2026-11-30, after its device time) can one launch read a
+    # token tile once for per-row sums and still write what needs them, at copy speed? The
+    # question a one-pass dynamic backward hangs on (scripts/tile_reuse.py)
+    run 150 experiments_tile_reuse python scripts/gpu_experiments.py tile-reuse
     ;;
   verify-standins)
     # (tenth session of 2026-11-30) the kernels' unread inputs as cached host-made stand-ins

@@ -120,6 +120,10 @@ class KernelSpec:
     outputs: tuple[str, ...]
     body: str
     helpers: str = ""  # device functions for this kernel only (K* macros, no thread attributes)
+    # inputs the kernel writes into as scratch (counters its caller zeroes per call, never read
+    # afterwards): MLX declares every input const, so such a kernel casts it; the CPU emulator's
+    # check that no input is written skips these
+    scratch: tuple[str, ...] = ()
 
     def source(self) -> str:
         return self.body + prelude.ATTRIBUTES_NOTE

@@ -1,0 +1,234 @@
+#!/usr/bin/env python3
+"""Can one launch read a token tile from DRAM once for per-row sums and still write an output
+that needs those sums, at copy speed? The question behind a one-pass dynamic backward
+(docs/kernel-notes.md, "Where each target stands", tenth session): there, x's cotangent needs
+per-token sums over the whole row (the coefficient cotangents) before any of it can be written,
+so today x is read twice from DRAM (pre's backward, then DX).
+
+The stand-in problem: y = x * rsqrt(mean(x^2 over the row) + eps) for x [T, K] bfloat16 (the
+sum over a row, then a pass that needs it), in four forms:
+
+- two launches (SUMSQ, then SCALE): x read twice from DRAM, as the backward does today;
+- LAST: a tile of TT rows split over S threadgroups by columns; each writes its slice's
+  partial sums and counts itself in (an atomic counter per tile); the tile's last threadgroup
+  sums the partials and writes the whole tile's y, re-reading x from L2 (it was read moments
+  before by the tile's other threadgroups);
+- WAIT: as LAST, but every threadgroup keeps its slice of x in registers, waits for the tile's
+  count to reach S, and writes its own slice: x read once, nothing re-read. It relies on a
+  tile's S threadgroups being resident together (consecutive block indices, S far below the
+  GPU's resident threadgroups); a bounded spin writes NaN rather than hang if they are not;
+- the same in MLX ops, for scale.
+
+    python scripts/gpu_experiments.py tile-reuse      # on a CUDA GPU: checks, then timings
+
+The counters are a scratch input the kernels write (KernelSpec.scratch), zeroed per call by
+mx.zeros. CUDA only (atomics and a device-wide fence); tests/kernels/test_tile_reuse_emulated.py
+runs SUMSQ, SCALE and LAST on the CPU emulator (one threadgroup at a time, so WAIT cannot run
+there: its first threadgroup would wait for ones that never start).
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from mhc_mlx.kernels.build import KernelSpec, int_params, launch
+
+EPS = 1e-6
+THREADS = 256
+SPIN_LIMIT = 1 << 24  # polls before WAIT gives up (NaN out) instead of hanging the device
+
+HELPERS = r"""
+#ifdef MHC_BACKEND_CPU_EMULATION
+KDEV int tr_atomic_add(int* p, int v) { int o = *p; *p = o + v; return o; }
+KDEV void tr_fence() {}
+KDEV int tr_load(const int* p) { return *p; }
+#else
+KDEV int tr_atomic_add(int* p, int v) { return atomicAdd(p, v); }
+KDEV void tr_fence() { __threadfence(); }
+KDEV int tr_load(const int* p) { return *(volatile const int*)p; }
+#endif
+// the sum of v over the 64 threads of a row group (two warps): warp sums, then the pair
+KDEV float tr_pair_sum(float v, KSHPTR(float) red) {
+  v = kwarp_sum(v);
+  if (KLANE == 0) red[KWARP] = v;
+  KBARRIER();
+  const float s = red[KWARP & ~1] + red[KWARP | 1];
+  KBARRIER();
+  return s;
+}
+"""
+
+# inv[t] = rsqrt(mean(x[t]^2) + eps): one threadgroup per row
+SUMSQ = KernelSpec(
+    name="mhc_tile_reuse_sumsq",
+    inputs=("x", "iparam"),
+    outputs=("inv",),
+    helpers=HELPERS,
+    body=r"""
+  const int K = iparam[1];
+  KSHARED float red[32];
+  const int64_t row = (int64_t)KBID * K;
+  float s = 0.0f;
+  for (int k = 8 * KTID; k < K; k += 8 * KNT) {
+    float v[8];
+    kload<T, 8>(v, x, row + k, true);
+    KUNROLL for (int e = 0; e < 8; ++e) s += v[e] * v[e];
+  }
+  s = kwarp_sum(s);
+  if (KLANE == 0) red[KWARP] = s;
+  KBARRIER();
+  if (KTID == 0) {
+    float t = 0.0f;
+    for (int w = 0; w < KNT / 32; ++w) t += red[w];
+    inv[KBID] = 1.0f / KSQRT(t / (float)K + 1e-6f);
+  }
+""",
+)
+
+# y = x * inv[row], eight elements a thread
+SCALE = KernelSpec(
+    name="mhc_tile_reuse_scale",
+    inputs=("x", "inv", "iparam"),
+    outputs=("y",),
+    body=r"""
+  const int rows = iparam[0];
+  const int K = iparam[1];
+  const int64_t i = 8 * ((int64_t)KBID * KNT + KTID);
+  if (i >= (int64_t)rows * K) return;
+  const float s = inv[i / K];
+  float v[8];
+  kload<T, 8>(v, x, i, true);
+  KUNROLL for (int e = 0; e < 8; ++e) v[e] *= s;
+  kstore<T, 8>(y, i, v, true);
+""",
+)
+
+# LAST and WAIT: threadgroup b owns tile b / S (rows TT * (b / S) ..) and columns (b % S) * KS ..
+# (KS = K / S = 512, so a row of the slice is 64 vectors: two warps); its 256 threads hold the
+# slice's TT * 64 vectors, VPT = TT / 4 each, four rows apart.
+_TILE_BODY = r"""
+  const int K = iparam[1];
+  const int S = iparam[2];
+  const int KS = K / S;
+  const int VR = KS / 8;  // vectors per row of the slice
+  const int tile = KBID / S, slice = KBID % S;
+  KSHARED float red[32];
+  KSHARED float inv_s[TT];
+  KSHARED int last_s;
+  const int64_t base = (int64_t)tile * TT * K + (int64_t)slice * KS;
+  float v[VPT][8];
+  float sums[VPT];
+  KUNROLL for (int j = 0; j < VPT; ++j) {
+    const int q = KTID + j * KNT, r = q / VR, c = 8 * (q % VR);
+    kload<T, 8>(v[j], x, base + (int64_t)r * K + c, true);
+    float s = 0.0f;
+    KUNROLL for (int e = 0; e < 8; ++e) s += v[j][e] * v[j][e];
+    sums[j] = s;
+  }
+  // each row of the slice is VR = 64 consecutive threads (two warps) in every j
+  KUNROLL for (int j = 0; j < VPT; ++j) {
+    const float s = tr_pair_sum(sums[j], red);
+    const int r = (KTID + j * KNT) / VR;
+    if (KTID % VR == 0) partial[((int64_t)tile * S + slice) * TT + r] = s;
+  }
+  tr_fence();  // the partials reach every SM before the count does
+  KBARRIER();
+"""
+
+_INV = r"""
+  if (KTID < TT) {
+    float t = 0.0f;
+    // volatile: past this SM's L1, which holds nothing of the other slices' partials anyway
+    for (int s2 = 0; s2 < S; ++s2) t += ((volatile const float*)partial)[((int64_t)tile * S + s2) * TT + KTID];
+    inv_s[KTID] = 1.0f / KSQRT(t / (float)K + 1e-6f);
+  }
+  KBARRIER();
+"""
+
+LAST = KernelSpec(
+    name="mhc_tile_reuse_last",
+    inputs=("x", "counters", "iparam"),
+    outputs=("y", "partial"),
+    helpers=HELPERS,
+    scratch=("counters",),
+    body=_TILE_BODY + r"""
+  if (KTID == 0) last_s = tr_atomic_add((int*)counters + tile, 1) == S - 1;
+  KBARRIER();
+  if (!last_s) return;
+  tr_fence();
+""" + _INV + r"""
+  // the whole tile, re-read (from L2: the other slices were read moments before)
+  const int64_t t0 = (int64_t)tile * TT * K;
+  for (int64_t i = 8 * (int64_t)KTID; i < (int64_t)TT * K; i += 8 * KNT) {
+    float w[8];
+    kload<T, 8>(w, x, t0 + i, true);
+    const float s = inv_s[i / K];
+    KUNROLL for (int e = 0; e < 8; ++e) w[e] *= s;
+    kstore<T, 8>(y, t0 + i, w, true);
+  }
+""",
+)
+
+WAIT = KernelSpec(
+    name="mhc_tile_reuse_wait",
+    inputs=("x", "counters", "iparam"),
+    outputs=("y", "partial"),
+    helpers=HELPERS,
+    scratch=("counters",),
+    body=_TILE_BODY + r"""
+  if (KTID == 0) {
+    tr_atomic_add((int*)counters + tile, 1);
+    int polls = 0;
+    while (tr_load(counters + tile) < S && ++polls < SPIN) {}
+    last_s = polls < SPIN;
+  }
+  KBARRIER();
+  tr_fence();
+""" + _INV + r"""
+  const float nan = KBITS_FLOAT(0x7fc00000);
+  KUNROLL for (int j = 0; j < VPT; ++j) {
+    const int q = KTID + j * KNT, r = q / VR, c = 8 * (q % VR);
+    const float s = last_s ? inv_s[r] : nan;
+    KUNROLL for (int e = 0; e < 8; ++e) v[j][e] *= s;
+    kstore<T, 8>(y, base + (int64_t)r * K + c, v[j], true);
+  }
+""",
+)
+
+
+def _check(x, TT, S):
+    T, K = x.shape if x.ndim == 2 else (0, 0)
+    if x.ndim != 2 or x.dtype not in (mx.bfloat16, mx.float16) or T % TT or K != 512 * S or TT % 4:
+        raise ValueError(f"tile_reuse needs 16-bit x [T, K] with T a multiple of TT = {TT} (itself of 4) "
+                         f"and K = 512 S = {512 * S}; got {x.dtype} {tuple(x.shape)}")
+
+
+def two_launches(x):
+    """SUMSQ then SCALE: y with x read twice."""
+    T, K = x.shape
+    inv = launch(SUMSQ, [x, int_params(T, K)], [((T,), mx.float32)], T * THREADS, THREADS,
+                 [("T", x.dtype)])[0]
+    n = T * K // 8
+    return launch(SCALE, [x, inv, int_params(T, K)], [((T, K), x.dtype)], -(-n // THREADS) * THREADS, THREADS,
+                  [("T", x.dtype)])[0]
+
+
+def one_launch(x, form: str = "last", TT: int = 16, S: int = 32):
+    """LAST or WAIT: y in one launch (x read once from DRAM; LAST re-reads each tile from L2)."""
+    _check(x, TT, S)
+    T, K = x.shape
+    spec = {"last": LAST, "wait": WAIT}[form]
+    tiles = T // TT
+    counters = mx.zeros((tiles,), mx.int32)  # fresh per call: the kernel counts into it
+    template = [("T", x.dtype), ("TT", TT), ("VPT", TT // 4)]
+    if form == "wait":
+        template.append(("SPIN", SPIN_LIMIT))
+    return launch(spec, [x, counters, int_params(T, K, S)], [((T, K), x.dtype), ((tiles, S, TT), mx.float32)],
+                  tiles * S * THREADS, THREADS, template)[0]
+
+
+def reference(x):
+    """The same y in MLX ops (float32 sums)."""
+    xf = x.astype(mx.float32)
+    return (xf * mx.rsqrt(mx.mean(xf * xf, axis=-1, keepdims=True) + EPS)).astype(x.dtype)
+
