@@ -145,13 +145,13 @@ _INV = r"""
   KBARRIER();
 """
 
-LAST = KernelSpec(
-    name="mhc_tile_reuse_last",
-    inputs=("x", "counters", "iparam"),
-    outputs=("y", "partial"),
-    helpers=HELPERS,
-    scratch=("counters",),
-    body=_TILE_BODY + r"""
+def _tile_spec(name: str, tail: str) -> KernelSpec:
+    """A one-launch form: the tile's shared first part (_TILE_BODY), then `tail`."""
+    return KernelSpec(name=name, inputs=("x", "counters", "iparam"), outputs=("y", "partial"), helpers=HELPERS,
+                      scratch=("counters",), body=_TILE_BODY + tail)
+
+
+LAST = _tile_spec("mhc_tile_reuse_last", r"""
   if (KTID == 0) last_s = tr_atomic_add((int*)counters + tile, 1) == S - 1;
   KBARRIER();
   if (!last_s) return;
@@ -166,16 +166,9 @@ LAST = KernelSpec(
     KUNROLL for (int e = 0; e < 8; ++e) w[e] *= s;
     kstore<T, 8>(y, t0 + i, w, true);
   }
-""",
-)
+""")
 
-WAIT = KernelSpec(
-    name="mhc_tile_reuse_wait",
-    inputs=("x", "counters", "iparam"),
-    outputs=("y", "partial"),
-    helpers=HELPERS,
-    scratch=("counters",),
-    body=_TILE_BODY + r"""
+WAIT = _tile_spec("mhc_tile_reuse_wait", r"""
   if (KTID == 0) {
     tr_atomic_add((int*)counters + tile, 1);
     int polls = 0;
@@ -192,8 +185,7 @@ WAIT = KernelSpec(
     KUNROLL for (int e = 0; e < 8; ++e) v[j][e] *= s;
     kstore<T, 8>(y, base + (int64_t)r * K + c, v[j], true);
   }
-""",
-)
+""")
 
 
 def _check(x, TT, S):
