@@ -46,6 +46,7 @@
 #   bash scripts/gpu_session.sh verify10     # pytest -m gpu (four shards) + read-step checks; B = 1 pinned
 #   bash scripts/gpu_session.sh verify-standins  # coefficient, chain and read-step checks (build.standin)
 #   bash scripts/gpu_session.sh tile-reuse   # one launch reading a tile once for row sums and output (not yet run)
+#   bash scripts/gpu_session.sh one-pass     # tile-reuse, then the one-pass dynamic backward candidate (not yet run)
 #   bash scripts/gpu_session.sh anatomy-bench  # where the B = 1 static launch's time goes; the target bench
 #   bash scripts/gpu_session.sh gpu-tests    # pytest -m gpu alone
 #   bash scripts/gpu_session.sh latency      # LAYER_LATENCY + compiled latency path: checks, timings
@@ -515,6 +516,14 @@ case "${1:-}" in
     # token tile once for per-row sums and still write what needs them, at copy speed? The
     # question a one-pass dynamic backward hangs on (scripts/tile_reuse.py)
     run 150 experiments_tile_reuse python scripts/gpu_experiments.py tile-reuse
+    ;;
+  one-pass)
+    # (written in the tenth session of 2026-11-30, after its device time) the tile-reuse
+    # question, then the candidate one-pass dynamic backward (kernels/one_pass_vjp.py): its GPU
+    # test and its timings against pre's backward + glue + DX
+    run 150 experiments_tile_reuse python scripts/gpu_experiments.py tile-reuse
+    run 200 gpu_tests_one_pass python -m pytest -q -m gpu tests/kernels/test_kernels_gpu.py -k one_pass -p no:cacheprovider
+    run 200 experiments_one_pass python scripts/gpu_experiments.py one-pass-vjp
     ;;
   verify-standins)
     # (tenth session of 2026-11-30) the kernels' unread inputs as cached host-made stand-ins

@@ -61,3 +61,39 @@ def random_dynamic_site(C: int, n: int):
     hc.alpha, hc.bias = mx.random.uniform(0.2, 1.5, (3,)), mx.random.normal((W,))
     names = ["phi", "alpha", "bias"]
     return hc, names, [getattr(hc, k) for k in names]
+
+
+def one_pass_inputs(T: int, n: int, C: int, dtype, iters: int = 20) -> dict:
+    """kernels/one_pass_vjp.py's arguments for a dynamic site x [T, n, C]: the coefficients' forward
+    (its kernels), drawn cotangents dh, g, dH_post, and the res logits' Sinkhorn Jacobian (its
+    kernel). The launches go through the kernel modules' `launch` (the emulator's where patched)."""
+    from mhc_mlx.kernels import coefficients
+    from mhc_mlx.kernels.build import int_params
+
+    W = n * (n + 2)
+    x = mx.random.normal((T, n, C)).astype(dtype)
+    phi = mx.random.normal((n * C, W)) / np.sqrt(n * C)
+    alpha, bias = mx.random.uniform(0.2, 1.5, (3,)), mx.random.normal((W,))
+    H_pre, H_post, H_res, m, invr = coefficients.dynamic_coefficients_forward(x, phi, alpha, bias, n, iters, 1e-6)
+    lanes = -(-T * n * n // coefficients.SINKHORN_THREADS) * coefficients.SINKHORN_THREADS
+    jac = coefficients.launch(coefficients.DYNAMIC_SINKHORN_JACOBIAN, [m, alpha, bias, int_params(T, iters)],
+                              [((T, n * n, n * n), mx.float32)], lanes, coefficients.SINKHORN_THREADS, [("N", n)])[0]
+    return dict(x=x, dh=mx.random.normal((T, C)).astype(dtype), g=mx.random.normal((T, n, C)).astype(dtype),
+                H_pre=H_pre, H_res=H_res, jac=jac, m=m, invr=invr, alpha=alpha, bias=bias, H_post=H_post,
+                dH_post=mx.random.normal((T, n)), phi=phi)
+
+
+def one_pass_composed(a: dict, n: int, C: int, iters: int = 20):
+    """(dx, gs, c2, g_bias, g_alpha) as the kernels compute them today: pre's deferred backward
+    (site.PRE_VJP_RES), the glue (coefficients._glue_kernel), then DX's dx = share + gs phi^T - x c2
+    in float32 MLX ops."""
+    from mhc_mlx.kernels import coefficients, site
+
+    share, dH_pre, dH_res = site.pre_vjp_res(a["x"], a["H_pre"], a["H_res"], a["dh"], a["g"])
+    gs, c2, g_bias, g_alpha, _ = coefficients._glue_kernel(a["m"], a["invr"], a["alpha"], a["bias"], a["H_pre"],
+                                                           a["H_post"], [dH_pre, a["dH_post"], dH_res], n, n * C,
+                                                           iters)
+    T = a["x"].shape[0]
+    x2 = a["x"].reshape(T, n * C).astype(mx.float32)
+    dx = share.reshape(T, n * C).astype(mx.float32) + gs @ a["phi"].T - x2 * c2[:, None]
+    return dx.reshape(T, n, C), gs, c2, g_bias, g_alpha

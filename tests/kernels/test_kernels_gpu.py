@@ -382,3 +382,23 @@ def test_glue_writes_the_tensor_core_fragments(monkeypatch, T):
     for got, want in ((gsa, cmv.pack_a(gs, cmv.DX_PARTS)), (gsb, cmv.pack_b(gs, cmv.DPHI_PARTS, False))):
         assert got.shape == want.shape
         assert np.array_equal(np64(got), np64(want))
+
+
+@pytest.mark.parametrize("T,n,C", [(37, 4, 256), (4096, 4, 4096), (50, 2, 64), (16, 1, 128)])
+def test_one_pass_vjp_candidate(T, n, C):
+    # kernels/one_pass_vjp.py (a candidate, CUDA only): the one launch, whose threadgroups count
+    # into their tile's counter and wait for its glue, equals its split form (the same text in two
+    # launches, no waits) bit for bit, and the kernels it would replace within bf16 rounding
+    from kernel_compare import one_pass_composed, one_pass_inputs
+    from mhc_mlx.kernels import one_pass_vjp
+
+    if build.gpu_backend() != "cuda":
+        pytest.skip("one_pass_vjp is CUDA-only (atomics, a device-wide fence)")
+    a = one_pass_inputs(T, n, C, mx.bfloat16)
+    one = one_pass_vjp.one_pass_vjp(**a)
+    split = one_pass_vjp.one_pass_vjp(**a, split=True)
+    for got, same in zip(one, split):
+        assert np.array_equal(np64(got), np64(same))  # NaN (an element left unwritten) fails too
+    want = one_pass_composed(a, n, C)
+    for got, ref, tol in zip(one, want, (2e-2, 1e-5, 1e-5, 1e-5, 1e-5)):
+        assert ref64.rel_err(np64(got), np64(ref)) <= tol

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from . import coefficients, coefficients_mma, coefficients_mma_vjp, layer, sinkhorn, site
+from . import coefficients, coefficients_mma, coefficients_mma_vjp, layer, one_pass_vjp, sinkhorn, site
 from .build import float_bits
 
 SPECS = (
@@ -26,7 +26,8 @@ SPECS = (
 CUDA_ONLY_SPECS = (coefficients_mma.PACK, coefficients_mma.MMA, coefficients_mma.FINISH,
                    coefficients_mma_vjp.PACK_A, coefficients_mma_vjp.PACK_B, coefficients_mma_vjp.DX,
                    coefficients_mma_vjp.DPHI, coefficients_mma_vjp.glue_packs_spec(),
-                   coefficients_mma_vjp.glue_packs_spec(after_sinkhorn=True))
+                   coefficients_mma_vjp.glue_packs_spec(after_sinkhorn=True),
+                   one_pass_vjp.ONE_PASS, one_pass_vjp.ONE_PASS_FROM_PARTIALS)
 
 F32, BF16, F16, I32 = mx.float32, mx.bfloat16, mx.float16, mx.int32
 
@@ -156,6 +157,15 @@ def cuda_only_instances():
                                 [("T", dt), ("N", n), ("MT", vjp.DX_TOKEN_TILES), ("KSW", -(-W // 16)), ("PRE", pre),
                                  ("ACC", acc), ("TM", tm), ("RAW", raw)]))
             out.append((vjp.DPHI, (dt, BF16, I32), (F32,), [("T", dt), ("NT", -(-W // 8)), ("PG", vjp.DPHI_PARTS)]))
+    opv = one_pass_vjp
+    for dt in (BF16, F16):
+        for n in (1, 2, 4):
+            base = [("T", dt), ("N", n), ("TT", opv.TT), ("CS", opv.CS), ("SPIN", opv.SPIN_LIMIT)]
+            arrays = (dt, dt, dt) + (F32,) * 10
+            for phase in (0, 1):
+                out.append((opv.ONE_PASS, arrays + (I32, I32), (dt, F32, F32, F32, F32), base + [("PHASE", phase)]))
+            out.append((opv.ONE_PASS_FROM_PARTIALS, arrays + (F32, I32, I32), (dt, F32, F32, F32),
+                        base + [("PHASE", 3)]))
     for n, gt in ((1, 128), (4, 128), (4, 32)):
         for after in (False, True):
             out.append((vjp.glue_packs_spec(after), (F32,) * 9 + (I32,), (F32, F32, F32, BF16, BF16),

@@ -1,0 +1,310 @@
+"""CUDA only, a candidate not yet wired into any path: the dynamic site's backward from pre's
+backward to x's cotangent in one pass over x (docs/kernel-notes.md, tenth session).
+
+Today, at tensor-core sizes, pre's backward (site.PRE_VJP_RES) reads x, dh and g and writes its
+share of x's cotangent; the glue (coefficients.DYNAMIC_VJP_SINKHORN_APPLY, then
+DYNAMIC_VJP_GLUE_AFTER_SINKHORN) turns the token's row sums into the coefficient cotangents gs;
+and DX reads x and that share again to write dx = share + gs phi^T - x c2: x comes from DRAM
+twice (~50C bytes a token at n = 4 for what ~26C can do), because no element of dx can be
+written before its token's whole-row sums exist.
+
+Here threadgroup b owns tile b / S (TT tokens) and channel slice b % S (CS channels of every
+stream): it loads its slice of x, g and dh once and keeps them in registers; writes the slice's
+row sums (dH_pre = x . dh, dH_res = g x^T per token) as partials and counts itself into the
+tile's counter; the tile's last threadgroup to arrive sums the partials, runs the glue for the
+tile's tokens (the res logits' Sinkhorn backward as the Jacobian's transpose, the activations'
+backward, the scaling: as the glue kernels) and publishes gs and c2; every threadgroup then
+writes its slice of dx = H_pre (x) dh + H_res^T g + gs phi^T - x c2 from its registers and its
+rows of phi (staged in shared memory). dphi = x^T gs stays a launch of its own.
+
+The waits need a tile's S threadgroups resident together: consecutive block indices, S far
+below the GPU's resident threadgroups; a bounded spin writes NaN rather than hang. Whether the
+waits cost less than the second read is what scripts/tile_reuse.py's WAIT form measures first.
+
+PHASE (template): 0 the one launch above (GPU); the CPU emulator runs one threadgroup at a time,
+so its tests run PHASE 1 (the partials alone) and then PHASE 3 (SPLIT: the partials as an input,
+every threadgroup running its tile's glue itself, then writing its slice): the same text but the
+count, the wait and the publishing. n <= 4.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from .build import KernelSpec, int_params, launch, standin, watch
+
+F32 = mx.float32
+TT = 16  # tokens per tile: 16 threads per token in a 256-thread group
+CS = 64  # channels per slice (of every stream): 4 per thread
+THREADS = 256
+MAX_N = 4
+SPIN_LIMIT = 1 << 24
+
+HELPERS = r"""
+#ifdef MHC_BACKEND_CPU_EMULATION
+KDEV int opv_atomic_add(int* p, int v) { int o = *p; *p = o + v; return o; }
+KDEV void opv_fence() {}
+KDEV int opv_load(const int* p) { return *p; }
+#else
+KDEV int opv_atomic_add(int* p, int v) { return atomicAdd(p, v); }
+KDEV void opv_fence() { __threadfence(); }
+KDEV int opv_load(const int* p) { return *(volatile const int*)p; }
+#endif
+"""
+
+_BODY = r"""
+  constexpr int W = N * (N + 2);
+  constexpr int NN = N * N;
+  constexpr int NV = N + NN;  // dH_pre, then dH_res row-major
+  constexpr int TPT = 16;     // threads per token
+  constexpr int CPT = CS / TPT;
+  KSHARED float phis[N * CS * W];
+  KSHARED float gs_s[TT * W];
+  KSHARED float c2_s[TT];
+  KSHARED float hp_s[TT * N];
+  KSHARED float hr_s[TT * NN];
+  KSHARED float rows[TT * (W + 3)];
+  KSHARED float sums_s[TT * NV];
+  KSHARED float gl_s[TT * NN];
+  KSHARED int flag_s;
+  const int Ttok = iparam[0];
+  const int C = iparam[1];
+  const int S = iparam[2];
+  const int K = N * C;
+  const int tile = KBID / S, slice = KBID % S;
+  const int r = KTID / TPT, q = KTID % TPT;
+  const int64_t t = (int64_t)tile * TT + r;
+  const bool live = t < Ttok;
+  const int c0 = slice * CS + q * CPT;
+  // phi's rows of this slice (k = i C + c), staged while x, g and dh arrive
+  for (int e = KTID; e < N * CS * W; e += KNT) {
+    const int w = e % W, row = e / W, i = row / CS, c = row % CS;
+    phis[e] = phi[((int64_t)i * C + slice * CS + c) * W + w];
+  }
+  const bool vec = KALIGNED16(xin) && KALIGNED16(gout) && KALIGNED16(dh) && KALIGNED16(gx);
+  float xv[N][CPT], gv[N][CPT], dv[CPT];
+  KUNROLL for (int e = 0; e < CPT; ++e) dv[e] = 0.0f;
+  KUNROLL for (int i = 0; i < N; ++i) KUNROLL for (int e = 0; e < CPT; ++e) xv[i][e] = gv[i][e] = 0.0f;
+  if (live) {
+    kload<T, CPT>(dv, dh, t * C + c0, vec);
+    KUNROLL for (int i = 0; i < N; ++i) {
+      kload<T, CPT>(xv[i], xin, (t * N + i) * C + c0, vec);
+      kload<T, CPT>(gv[i], gout, (t * N + i) * C + c0, vec);
+    }
+  }
+  if (PHASE != 3) {
+    // the slice's row sums of this token, over its 16 threads (half a warp), written by thread 0
+    float acc[NV];
+    KUNROLL for (int j = 0; j < N; ++j) {
+      float d = 0.0f;
+      KUNROLL for (int e = 0; e < CPT; ++e) d += dv[e] * xv[j][e];
+      acc[j] = d;
+      KUNROLL for (int i = 0; i < N; ++i) {
+        float s = 0.0f;
+        KUNROLL for (int e = 0; e < CPT; ++e) s += gv[i][e] * xv[j][e];
+        acc[N + i * N + j] = s;
+      }
+    }
+    KUNROLL for (int a = 0; a < NV; ++a) {
+      KUNROLL for (int o = 8; o > 0; o >>= 1) acc[a] += kshfl_xor(acc[a], o);
+    }
+    if (q == 0) {
+      KUNROLL for (int a = 0; a < NV; ++a) ((float*)partial)[(((int64_t)tile * S + slice) * TT + r) * NV + a] = acc[a];
+    }
+    if (PHASE == 1) return;
+    opv_fence();
+    KBARRIER();
+    if (KTID == 0) flag_s = opv_atomic_add((int*)counters + tile, 1) == S - 1;
+    KBARRIER();
+    opv_fence();
+  } else {
+    flag_s = 1;  // SPLIT: every threadgroup runs its tile's glue from the partials
+    KBARRIER();
+  }
+  if (flag_s) {
+    // the glue for the tile's tokens (as DYNAMIC_VJP_SINKHORN_APPLY, then
+    // DYNAMIC_VJP_GLUE_AFTER_SINKHORN; the tile's partials of g_bias and g_alpha in `part`), its
+    // sums and the Jacobian's product spread over the threadgroup: every other threadgroup of
+    // the tile waits for it. First each (token, value) pair summed over the S slices
+    for (int e = KTID; e < TT * NV; e += KNT) {
+      const int ul = e / NV, a = e % NV;
+      float s = 0.0f;
+      if ((int64_t)tile * TT + ul < Ttok) {
+        for (int s2 = 0; s2 < S; ++s2) s += ((volatile const float*)partial)[(((int64_t)tile * S + s2) * TT + ul) * NV + a];
+      }
+      sums_s[e] = s;
+    }
+    KBARRIER();
+    // the res logits' cotangent: the Sinkhorn Jacobian's transpose times dH_res, per (token, entry)
+    for (int e = KTID; e < TT * NN; e += KNT) {
+      const int ul = e / NN, a = e % NN;
+      const int64_t u = (int64_t)tile * TT + ul;
+      float s = 0.0f;
+      if (u < Ttok) {
+        KUNROLL for (int b = 0; b < NN; ++b) s += jac[(u * NN + b) * NN + a] * sums_s[ul * NV + N + b];
+      }
+      gl_s[e] = s;
+    }
+    KBARRIER();
+    if (KTID < TT) {
+      const int64_t u = (int64_t)tile * TT + KTID;
+      const bool ulive = u < Ttok;
+      const float a0 = alpha[0], a1 = alpha[1], a2 = alpha[2];
+      float gh[W];
+      KUNROLL for (int i = 0; i < N; ++i) {
+        const float hp = ulive ? hpre[u * N + i] : 0.0f;
+        const float hq = ulive ? hpost[u * N + i] : 0.0f;
+        gh[i] = ulive ? sums_s[KTID * NV + i] * hp * (1.0f - hp) : 0.0f;
+        gh[N + i] = ulive ? dhpost[u * N + i] * hq * (1.0f - 0.5f * hq) : 0.0f;
+      }
+      KUNROLL for (int a = 0; a < NN; ++a) gh[2 * N + a] = gl_s[KTID * NN + a];
+      const float ir = ulive ? invr[u] : 0.0f;
+      float s = 0.0f, seg0 = 0.0f, seg1 = 0.0f, seg2 = 0.0f;
+      KUNROLL for (int c = 0; c < W; ++c) {
+        const float mv = ulive ? mraw[u * W + c] : 0.0f;
+        const float sc = c < N ? a0 : (c < 2 * N ? a1 : a2);
+        const float gm = gh[c] * sc;
+        s += gm * mv;
+        gs_s[KTID * W + c] = gm * ir;
+        const float ghm = gh[c] * mv;
+        if (c < N) seg0 += ghm;
+        else if (c < 2 * N) seg1 += ghm;
+        else seg2 += ghm;
+        rows[KTID * (W + 3) + c] = gh[c];
+      }
+      rows[KTID * (W + 3) + W] = seg0;
+      rows[KTID * (W + 3) + W + 1] = seg1;
+      rows[KTID * (W + 3) + W + 2] = seg2;
+      c2_s[KTID] = ir * ir / (float)K * s;
+      if (ulive && (PHASE == 0 || slice == 0)) {
+        KUNROLL for (int c = 0; c < W; ++c) gsc[u * W + c] = gs_s[KTID * W + c];
+        ctwo[u] = c2_s[KTID];
+      }
+    }
+    KBARRIER();
+    if ((PHASE == 0 || slice == 0) && KTID < W + 3) {
+      float total = 0.0f;
+      for (int u = 0; u < TT; ++u) total += rows[u * (W + 3) + KTID];
+      part[(int64_t)tile * (W + 3) + KTID] = total;
+    }
+    if (PHASE == 0) {
+      opv_fence();
+      KBARRIER();
+      if (KTID == 0) opv_atomic_add((int*)counters + tile, 1);  // S + 1: published
+    }
+  } else {
+    // wait for the tile's glue (bounded: NaN out rather than a hung device), then read it
+    if (KTID == 0) {
+      int polls = 0;
+      while (opv_load(counters + tile) <= S && ++polls < SPIN) {}
+      flag_s = polls < SPIN;
+    }
+    KBARRIER();
+    opv_fence();
+    const float bad = flag_s ? 0.0f : KBITS_FLOAT(0x7fc00000);
+    for (int e = KTID; e < TT * W; e += KNT) {
+      const int64_t u = (int64_t)tile * TT + e / W;
+      gs_s[e] = (u < Ttok ? ((volatile const float*)gsc)[u * W + e % W] : 0.0f) + bad;
+    }
+    if (KTID < TT) {
+      const int64_t u = (int64_t)tile * TT + KTID;
+      c2_s[KTID] = (u < Ttok ? ((volatile const float*)ctwo)[u] : 0.0f) + bad;
+    }
+  }
+  if (KTID < TT * N) {
+    const int64_t u = (int64_t)tile * TT + KTID / N;
+    hp_s[KTID] = u < Ttok ? hpre[u * N + KTID % N] : 0.0f;
+  }
+  for (int e = KTID; e < TT * NN; e += KNT) {
+    const int64_t u = (int64_t)tile * TT + e / NN;
+    hr_s[e] = u < Ttok ? hres[u * NN + e % NN] : 0.0f;
+  }
+  KBARRIER();
+  if (!live) return;
+  // dx = H_pre (x) dh + H_res^T g + gs phi^T - x c2 over this thread's CPT channels of each stream
+  const float c2 = c2_s[r];
+  KUNROLL for (int i = 0; i < N; ++i) {
+    float o[CPT];
+    const float hp = hp_s[r * N + i];
+    KUNROLL for (int e = 0; e < CPT; ++e) o[e] = hp * dv[e] - xv[i][e] * c2;
+    KUNROLL for (int j = 0; j < N; ++j) {
+      const float a = hr_s[r * NN + j * N + i];
+      KUNROLL for (int e = 0; e < CPT; ++e) o[e] += a * gv[j][e];
+    }
+    KUNROLL for (int e = 0; e < CPT; ++e) {
+      const float* ph = phis + ((i * CS) + q * CPT + e) * W;
+      float acc = 0.0f;
+      KUNROLL for (int w = 0; w < W; ++w) acc += gs_s[r * W + w] * ph[w];
+      o[e] += acc;
+    }
+    kstore<T, CPT>(gx, (t * N + i) * C + c0, o, vec);
+  }
+"""
+
+_INPUTS = ("xin", "dh", "gout", "hpre", "hres", "jac", "mraw", "invr", "alpha", "bias", "hpost", "dhpost", "phi")
+
+# One launch on the GPU (PHASE 0), or PHASE 1 of the emulator's split: the partials are an output.
+ONE_PASS = KernelSpec(
+    name="mhc_one_pass_vjp",
+    inputs=(*_INPUTS, "counters", "iparam"),
+    outputs=("gx", "gsc", "ctwo", "part", "partial"),
+    body=_BODY,
+    helpers=HELPERS,
+    scratch=("counters",),
+)
+# The emulator's second launch (PHASE 3): the partials are its input.
+ONE_PASS_FROM_PARTIALS = KernelSpec(
+    name="mhc_one_pass_vjp_from_partials",
+    inputs=(*_INPUTS, "partial", "counters", "iparam"),
+    outputs=("gx", "gsc", "ctwo", "part"),
+    body=_BODY,
+    helpers=HELPERS,
+)
+
+
+def applies(x) -> bool:
+    """Whether this form covers x [..., n, C]: n <= 4, C a multiple of CS, 16-bit x."""
+    n, C = x.shape[-2], x.shape[-1]
+    return n <= MAX_N and C % CS == 0 and x.dtype in (mx.bfloat16, mx.float16)
+
+
+def one_pass_vjp(x, dh, g, H_pre, H_res, jac, m, invr, alpha, bias, H_post, dH_post, phi, split: bool = False):
+    """(dx [..., n, C] in x's dtype, gs [T, W], c2 [T], g_bias [W], g_alpha [3]) for a dynamic site's
+    x [..., n, C], h's cotangent dh [..., C], post's output cotangent g [..., n, C] (the deferred
+    chain's: post leaves x's and H_res's cotangents to pre), the per-token coefficients H_pre
+    [T, n], H_res [T, n, n], H_post [T, n] and H_post's cotangent dH_post [T, n], the res logits'
+    Sinkhorn Jacobian jac [T, n^2, n^2] (coefficients.DYNAMIC_SINKHORN_JACOBIAN), the forward's
+    saved m [T, W] and 1/r [T], alpha [3], bias [W], phi [n C, W]. dphi = x^T gs is the caller's.
+    split: PHASE 1 then PHASE 3 (two launches, no waits: the CPU emulator's form)."""
+    *lead, n, C = x.shape
+    if not applies(x):
+        raise ValueError(f"one_pass_vjp covers 16-bit x with n <= {MAX_N} and C a multiple of {CS}; got "
+                         f"{x.dtype} {tuple(x.shape)}")
+    T = 1
+    for d in lead:
+        T *= d
+    W = n * (n + 2)
+    S = C // CS
+    tiles = -(-T // TT)
+    arrays = [x.reshape(T, n, C), dh.astype(x.dtype).reshape(T, C), g.astype(x.dtype).reshape(T, n, C),
+              H_pre.astype(F32).reshape(T, n), H_res.astype(F32).reshape(T, n * n), jac.astype(F32),
+              m.astype(F32), invr.astype(F32), alpha.astype(F32), bias.astype(F32), H_post.astype(F32).reshape(T, n),
+              dH_post.astype(F32).reshape(T, n), phi.astype(F32)]
+    params = int_params(T, C, S)
+    outs = [((T, n, C), x.dtype), ((T, W), F32), ((T,), F32), ((tiles, W + 3), F32)]
+    grid = tiles * S * THREADS
+    base = [("T", x.dtype), ("N", n), ("TT", TT), ("CS", CS), ("SPIN", SPIN_LIMIT)]
+    if split:
+        partial = launch(ONE_PASS, [*arrays, standin(mx.int32), params], [*outs, ((tiles, S, TT, n + n * n), F32)],
+                         grid, THREADS, [*base, ("PHASE", 1)])[4]
+        gx, gs, c2, part = launch(ONE_PASS_FROM_PARTIALS, [*arrays, partial, standin(mx.int32), params], outs,
+                                  grid, THREADS, [*base, ("PHASE", 3)])
+    else:
+        counters = mx.zeros((tiles,), mx.int32)  # fresh per call: the tiles count into it
+        gx, gs, c2, part, _ = launch(ONE_PASS, [*arrays, counters, params],
+                                     [*outs, ((tiles, S, TT, n + n * n), F32)], grid, THREADS, [*base, ("PHASE", 0)])
+    sums = mx.sum(part, axis=0)
+    return gx.reshape(x.shape), gs, c2, sums[:W], sums[W:]
+
+
+watch(__name__)  # settings assigned later bump build.settings_epoch

@@ -1,0 +1,109 @@
+"""kernels/one_pass_vjp.py (a CUDA candidate, not yet wired into any path) on the CPU emulator:
+its split form (the partials, then every threadgroup running its tile's glue and writing its
+slice) against the kernels it would replace, composed: pre's deferred backward
+(site.PRE_VJP_RES), the glue (the Sinkhorn Jacobian's transpose, then the activations'
+backward) and DX's dx = share + gs phi^T - x c2, and against the reference's float64 autodiff.
+The one-launch form's count, wait and publishing run only on a GPU."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import cpu_emulator as emu
+from mhc_mlx import reference
+from mhc_mlx.kernels import build, coefficients, one_pass_vjp, site
+from kernel_compare import one_pass_composed, one_pass_inputs
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True)
+def emulated(monkeypatch):
+    for module in (build, coefficients, site, one_pass_vjp):
+        monkeypatch.setattr(module, "launch", emu.launch)
+    emu.use_flavour("cuda")
+    emu.launched.clear()
+    yield
+
+
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
+@pytest.mark.parametrize("n,T,C", [(4, 20, 128), (4, 16, 64), (2, 33, 192), (1, 5, 64), (3, 17, 128)])
+def test_split_form_equals_the_kernels_it_replaces(dtype, n, T, C):
+    # T = 20, 33, 17, 5: a partial last tile (its tokens past T neither read nor written); C = 64 to
+    # 192: one to three slices per tile
+    a = one_pass_inputs(T, n, C, dtype)
+    dx_want, gs_want, c2_want, gb_want, ga_want = one_pass_composed(a, n, C)
+    emu.launched.clear()
+    dx, gs, c2, g_bias, g_alpha = one_pass_vjp.one_pass_vjp(**a, split=True)
+    assert [name for name, *_ in emu.launched] == ["mhc_one_pass_vjp", "mhc_one_pass_vjp_from_partials"]
+    assert dx.shape == a["x"].shape and dx.dtype == dtype
+    for got, want in ((gs, gs_want), (c2, c2_want), (g_bias, gb_want), (g_alpha, ga_want)):
+        got, want = np.array(got, dtype=np.float64), np.array(want, dtype=np.float64)
+        assert np.isfinite(got).all()
+        assert np.max(np.abs(got - want)) <= 1e-5 * max(1.0, np.max(np.abs(want)))
+    got, want = np.array(dx.astype(mx.float32), dtype=np.float64), np.array(dx_want, dtype=np.float64)
+    assert np.isfinite(got).all()  # every element written (the emulator's outputs start as NaN)
+    assert np.max(np.abs(got - want)) / np.max(np.abs(want)) <= 1e-2
+
+
+def test_split_form_gives_the_reference_gradients():
+    # end to end against the reference site's float32 autodiff: L = <post(x, f, H_post, H_res), g>
+    # + <pre(x, H_pre), dh> with the sublayer's output f held fixed (its backward is the caller's:
+    # dh stands for it), so H_post's cotangent is post's backward's sum_c g_i f_c; the kernel's dx
+    # and, through gs, phi's, alpha's and bias's cotangents must be the reference's
+    n, C, T, iters = 4, 128, 20, 20
+    a = one_pass_inputs(T, n, C, mx.float16, iters)
+    g32, dh32 = a["g"].astype(mx.float32), a["dh"].astype(mx.float32)
+    x32 = a["x"].astype(mx.float32)
+    f = mx.random.normal((T, C))
+
+    def loss(x, phi, alpha, bias):
+        H_pre, H_post, H_res = reference.mhc_coefficients(x, phi, alpha, bias, iters, 1e-6)
+        out = reference.mhc_post(x, f, H_post, H_res)
+        return (out * g32).sum() + (reference.mhc_pre(x, H_pre) * dh32).sum()
+
+    want = mx.grad(loss, argnums=(0, 1, 2, 3))(x32, a["phi"], a["alpha"], a["bias"])
+    a["dH_post"] = (g32 * f[:, None, :]).sum(axis=-1)
+    dx, gs, c2, g_bias, g_alpha = one_pass_vjp.one_pass_vjp(**a, split=True)
+    g_phi = x32.reshape(T, n * C).T @ gs
+    for got, ref, tol in ((dx.astype(mx.float32), want[0], 1e-2), (g_phi, want[1], 1e-3),
+                          (g_alpha, want[2], 1e-3), (g_bias, want[3], 1e-3)):
+        got, ref = np.array(got, dtype=np.float64), np.array(ref, dtype=np.float64)
+        assert got.shape == ref.shape
+        assert np.max(np.abs(got - ref)) / np.max(np.abs(ref)) <= tol
+
+
+def test_refuses_what_it_does_not_cover():
+    with pytest.raises(ValueError, match="n <= 4 and C a multiple of 64"):
+        one_pass_vjp.one_pass_vjp(*([mx.zeros((2, 4, 100), mx.bfloat16)] + [None] * 12))
+    assert not one_pass_vjp.applies(mx.zeros((2, 8, 128), mx.bfloat16))
+    assert not one_pass_vjp.applies(mx.zeros((2, 4, 128)))
+    assert one_pass_vjp.applies(mx.zeros((2, 4, 128), mx.float16))
+
+
+def test_the_timing_experiment_runs(monkeypatch, capsys):
+    # gpu_experiments.py one-pass-vjp, small, on the emulator: today's three steps (the tensor-core
+    # DX among them), the one launch and the split form all run; the one launch cannot complete
+    # here (one threadgroup at a time: its bounded wait gives NaN), which its check line reports
+    import os
+    import sys
+
+    from mhc_mlx.kernels import coefficients_mma, coefficients_mma_vjp
+
+    for module in (coefficients_mma, coefficients_mma_vjp):
+        monkeypatch.setattr(module, "launch", emu.launch)
+    monkeypatch.setattr(one_pass_vjp, "SPIN_LIMIT", 100)
+    scripts = os.path.join(os.path.dirname(__file__), "..", "..", "scripts")
+    sys.path.insert(0, scripts)
+    try:
+        import gpu_experiments
+    finally:
+        sys.path.remove(scripts)
+    # each form evaluated once in place of the timing's repeats: the emulator is slow, and only
+    # that every form runs is checked here
+    monkeypatch.setattr(gpu_experiments, "tput", lambda fn, sets, reps=10: (mx.eval([fn(*a) for a in sets]), 1.0)[1])
+    gpu_experiments.one_pass_vjp_forms(rounds=1, T=32, n=4, C=128)
+    out = capsys.readouterr().out
+    assert "one launch equals the split form False, all finite False" in out, out
+    for form in ("today (pre bwd + glue + DX)", "one launch", "split (two launches)"):
+        assert f"bf16, {form}" in out, out
