@@ -520,10 +520,12 @@ case "${1:-}" in
   one-pass)
     # (written in the tenth session of 2026-11-30, after its device time) the tile-reuse
     # question, then the candidate one-pass dynamic backward (kernels/one_pass_vjp.py): its GPU
-    # test and its timings against pre's backward + glue + DX
+    # tests, its timings against pre's backward + glue + DX, the dynamic fwd+bwd bench with it on
     run 150 experiments_tile_reuse python scripts/gpu_experiments.py tile-reuse
     run 200 gpu_tests_one_pass python -m pytest -q -m gpu tests/kernels/test_kernels_gpu.py -k one_pass -p no:cacheprovider
     run 200 experiments_one_pass python scripts/gpu_experiments.py one-pass-vjp
+    run 200 bench_one_pass python scripts/bench_with.py kernels.ONE_PASS_VJP=1 -- bench --out "$res/bench_one_pass" \
+      --overwrite --seeds "" --only dynamic/fwd+bwd/4096x4x4096,dynamic/fwd+bwd/512x4x1280 --impl kernels
     ;;
   verify-standins)
     # (tenth session of 2026-11-30) the kernels' unread inputs as cached host-made stand-ins

@@ -43,6 +43,14 @@ def run_pre_step(x, phi, alpha, bias, iters: int, eps: float):
     return pre_step.mhc_pre_step(x, phi, alpha, bias, iters, eps)
 
 
+def _one_pass_applies(x) -> bool:
+    """kernels.ONE_PASS_VJP's reach: where the coefficient backward takes tensor cores and the
+    one pass covers x (16-bit, n <= 4, C a multiple of its slice)."""
+    from .kernels import coefficients, one_pass_vjp
+
+    return one_pass_vjp.applies(x) and coefficients.backward_on_tensor_cores(x)
+
+
 def run_chained_read(x, phi, alpha, bias, iters: int, eps: float):
     """(h, (H_pre, H_post, H_res), x', deferred) through the chained kernel forms
     (kernels.CHAIN_X_COTANGENT; CUDA), or None where they do not apply. Post must read x' in
@@ -62,6 +70,11 @@ def run_chained_read(x, phi, alpha, bias, iters: int, eps: float):
         H, x_pre = run_coefficients(x, None, None, bias, iters, eps), x
     elif choose("mhc_coefficients", x, phi, alpha, bias, iters=iters, eps=eps)[0] != "kernels":
         H, x_pre = run_coefficients(x, phi, alpha, bias, iters, eps), x
+    elif kernels.ONE_PASS_VJP and kernels.DEFER_POST_X and _one_pass_applies(x):
+        from .kernels import one_pass_vjp
+
+        h, H_pre, H_post, _, x_post, H_res = one_pass_vjp.mhc_read_one_pass(x, phi, alpha, bias, iters, eps)
+        return h, (H_pre, H_post, H_res), x_post, True
     elif _takes_read_step(x):
         h, *H, x_post = pre_step.mhc_pre_step_chained(x, phi, alpha, bias, iters, eps)
         return h, tuple(H), x_post, False

@@ -402,3 +402,34 @@ def test_one_pass_vjp_candidate(T, n, C):
     want = one_pass_composed(a, n, C)
     for got, ref, tol in zip(one, want, (2e-2, 1e-5, 1e-5, 1e-5, 1e-5)):
         assert ref64.rel_err(np64(got), np64(ref)) <= tol
+
+
+@pytest.mark.parametrize("T,C", [(37, 256), (4096, 4096)])
+def test_one_pass_vjp_through_a_hyper_connection(monkeypatch, T, C):
+    # kernels.ONE_PASS_VJP (candidate, CUDA only): a dynamic site's gradients with the one-pass
+    # backward (one launch, waits included) against the reference backend's float32 autodiff on
+    # the CPU, as the chained forms' GPU test
+    import mhc_mlx as mhc
+    from mhc_mlx import dispatch, kernels
+
+    if build.gpu_backend() != "cuda":
+        pytest.skip("one_pass_vjp is CUDA-only (atomics, a device-wide fence)")
+    monkeypatch.setattr(kernels, "ONE_PASS_VJP", True)
+    monkeypatch.setattr(coefficients, "MMA_VJP", True)
+    n = 4
+    hc = mhc.HyperConnection(C, n, init="paper")
+    hc.update({"bias": mx.random.normal(hc.bias.shape), "phi": mx.random.normal(hc.phi.shape) / 20})
+    names = ["phi", "alpha", "bias"]
+    params = [getattr(hc, k) for k in names]
+    x, cot, w = mx.random.normal((T, n, C)), mx.random.normal((T, n, C)), mx.random.normal((C,))
+
+    def site_fn(x_, *ps):
+        hc.update(dict(zip(names, ps)))
+        return hc(x_, lambda h: (h.astype(mx.float32) * w).astype(h.dtype))
+
+    _, got = mx.vjp(site_fn, [x.astype(mx.bfloat16), *params], [cot.astype(mx.bfloat16)])
+    with dispatch.use_backend("reference"), mx.stream(mx.cpu):  # the CPU: no TF32 matmuls
+        _, want = mx.vjp(site_fn, [x, *params], [cot])
+        mx.eval(want)
+    for g, r in zip(got, want):
+        assert ref64.rel_err(np64(g), np64(r)) <= 2e-2

@@ -107,3 +107,63 @@ def test_the_timing_experiment_runs(monkeypatch, capsys):
     assert "one launch equals the split form False, all finite False" in out, out
     for form in ("today (pre bwd + glue + DX)", "one launch", "split (two launches)"):
         assert f"bf16, {form}" in out, out
+
+
+@pytest.mark.parametrize("use", ["site", "pre and post", "pre only", "post with other x", "post twice", "res too"])
+@pytest.mark.parametrize("T,C", [(5, 64), (20, 128)])
+def test_hyper_connection_with_the_one_pass_backward(monkeypatch, use, T, C):
+    # kernels.ONE_PASS_VJP (candidate) through a HyperConnection on the emulated CUDA kernels (its
+    # split form, one_pass_vjp.SPLIT): the read as one custom function whose backward is the one
+    # pass; gradients as the reference backend's autodiff however post and the coefficients are
+    # used (as the chained forms' test: post on x' once or twice, pre's output alone, post on
+    # another array, the caller using H_res too)
+    import mhc_mlx as mhc
+    from mhc_mlx import dispatch, kernels
+    from mhc_mlx.kernels import coefficients_mma, coefficients_mma_vjp
+
+    from kernel_compare import as_cuda, grad_rel, largest, rel
+
+    for module in (coefficients_mma, coefficients_mma_vjp):
+        monkeypatch.setattr(module, "launch", emu.launch)
+    as_cuda(monkeypatch)
+    monkeypatch.setattr(kernels, "CHAIN_X_COTANGENT", True)
+    monkeypatch.setattr(kernels, "ONE_PASS_VJP", True)
+    monkeypatch.setattr(coefficients, "MMA_VJP", True)
+    monkeypatch.setattr(one_pass_vjp, "SPLIT", True)
+    n, dtype = 4, mx.bfloat16
+    hc = mhc.HyperConnection(C, n, init="paper")
+    W = n * (n + 2)
+    hc.phi = mx.random.normal((n * C, W)) / np.sqrt(n * C)
+    hc.alpha, hc.bias = mx.random.uniform(0.2, 1.5, (3,)), mx.random.normal((W,))
+    names = ["phi", "alpha", "bias"]
+    params = [getattr(hc, k) for k in names]
+    x, cot, w = mx.random.normal((T, n, C)).astype(dtype), mx.random.normal((T, n, C)).astype(dtype), mx.random.normal((C,))
+
+    def sub(h):
+        return (h.astype(mx.float32) * w).astype(h.dtype)
+
+    def site_fn(x_, *ps):
+        hc.update(dict(zip(names, ps)))
+        if use == "site":
+            return hc(x_, sub)
+        h, coeffs = hc.pre(x_)
+        if use == "pre only":
+            return mx.broadcast_to(h[..., None, :], x_.shape) * 2
+        other = x_ * 1 if use == "post with other x" else x_
+        out = hc.post(other, sub(h), coeffs)
+        if use == "post twice":
+            out = out + 0.5 * hc.post(other, sub(h) * 0.5, coeffs)
+        if use == "res too":
+            out = out + mx.sum(coeffs.res * coeffs.res, axis=(-1, -2))[..., None, None].astype(out.dtype)
+        return out
+
+    emu.launched.clear()
+    out, got = mx.vjp(site_fn, [x, *params], [cot])
+    launched = [name for name, *_ in emu.launched]
+    assert "mhc_one_pass_vjp_from_partials" in launched and "mhc_pre_vjp_res" not in launched, launched
+    with dispatch.use_backend("reference"):
+        want_out, want = mx.vjp(site_fn, [x.astype(mx.float32), *params], [cot.astype(mx.float32)])
+    assert rel(out[0], want_out[0], floor=0.1 * float(np.linalg.norm(np.array(x.astype(mx.float32))))) <= 2e-2
+    top = largest(want)
+    for name, a, b in zip(["x", *names], got, want):
+        assert grad_rel(a, b, 0.05 * top) <= 2e-2, name

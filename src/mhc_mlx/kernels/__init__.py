@@ -60,6 +60,11 @@ CHAIN_X_COTANGENT: bool | str = "auto"
 # `mhc-mlx bench` in two processes back to back, 762.0 against 843.4 (512x4x1280: 199.7 against
 # 217.5). False: post's backward reads x and writes x's cotangent itself.
 DEFER_POST_X = True
+# Candidate (not yet run on a GPU; not among use_candidates'): in the deferred chain at dynamic
+# sites whose backward takes tensor cores (16-bit x, n <= 4, C a multiple of 64), the read as
+# one custom function whose backward runs pre's backward, the glue and DX in one pass over x
+# (one_pass_vjp.py), then dphi. docs/kernel-notes.md (tenth session).
+ONE_PASS_VJP = False
 
 
 _IMPLEMENTATIONS: dict = {}
@@ -229,6 +234,7 @@ def settings() -> dict:
             "fused_read_step": FUSED_READ_STEP,
             "chain_x_cotangent": CHAIN_X_COTANGENT,
             "defer_post_x": DEFER_POST_X,
+            "one_pass_vjp": ONE_PASS_VJP,
             "split_glue_sinkhorn": coefficients.SPLIT_GLUE_SINKHORN,
             "sinkhorn_jacobian": coefficients.SINKHORN_JACOBIAN,
             "dx_token_major": coefficients_mma_vjp.DX_TOKEN_MAJOR,

@@ -160,8 +160,8 @@ def cuda_only_instances():
     opv = one_pass_vjp
     for dt in (BF16, F16):
         for n in (1, 2, 4):
-            base = [("T", dt), ("N", n), ("TT", opv.TT), ("CS", opv.CS), ("SPIN", opv.SPIN_LIMIT)]
-            arrays = (dt, dt, dt) + (F32,) * 10
+            base = [("T", dt), ("N", n), ("TT", opv.TT), ("CS", opv.CS), ("SPIN", opv.SPIN_LIMIT), ("EXT", n != 2)]
+            arrays = (dt, dt, dt) + (F32,) * 13
             for phase in (0, 1):
                 out.append((opv.ONE_PASS, arrays + (I32, I32), (dt, F32, F32, F32, F32), base + [("PHASE", phase)]))
             out.append((opv.ONE_PASS_FROM_PARTIALS, arrays + (F32, I32, I32), (dt, F32, F32, F32),

@@ -1207,6 +1207,15 @@ def _scaled_cotangents(gp, gq, gr, m, invr, scale, n: int, K: int):
     return gm * invr[:, None], c2, mx.sum(gh, axis=0), g_alpha
 
 
+def sinkhorn_jacobian(m, alpha, bias, n: int, iters: int) -> mx.array:
+    """[T, n^2, n^2] float32: each token's res logits' Sinkhorn Jacobian (DYNAMIC_SINKHORN_JACOBIAN),
+    from the forward's saved m [T, W]."""
+    T = m.shape[0]
+    lanes = -(-T * n * n // SINKHORN_THREADS) * SINKHORN_THREADS
+    return launch(DYNAMIC_SINKHORN_JACOBIAN, [m, alpha.astype(F32), bias.astype(F32), int_params(T, iters)],
+                  [((T, n * n, n * n), F32)], lanes, SINKHORN_THREADS, [("N", n)])[0]
+
+
 def _glue_kernel(m, invr, alpha, bias, H_pre, H_post, cotangents, n: int, K: int, iters: int,
                  packs: bool = False):
     """(gs [T, W], c2 [T], g_bias [W], g_alpha [3], packed) by DYNAMIC_VJP_GLUE (or, with
@@ -1222,10 +1231,7 @@ def _glue_kernel(m, invr, alpha, bias, H_pre, H_post, cotangents, n: int, K: int
     alpha, bias = alpha.astype(F32), bias.astype(F32)
     if SPLIT_GLUE_SINKHORN and SINKHORN_JACOBIAN:
         lanes = -(-T * n * n // SINKHORN_THREADS) * SINKHORN_THREADS
-        jac = launch(
-            DYNAMIC_SINKHORN_JACOBIAN, [m, alpha, bias, int_params(T, iters)],
-            [((T, n * n, n * n), F32)], lanes, SINKHORN_THREADS, [("N", n)],
-        )[0]
+        jac = sinkhorn_jacobian(m, alpha, bias, n, iters)
         gres = launch(DYNAMIC_VJP_SINKHORN_APPLY, [jac, gres, int_params(T)], [((T, n * n), F32)], lanes,
                       SINKHORN_THREADS, [("N", n)])[0]
         spec = DYNAMIC_VJP_GLUE_AFTER_SINKHORN

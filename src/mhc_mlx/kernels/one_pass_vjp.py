@@ -29,6 +29,8 @@ count, the wait and the publishing. n <= 4.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import mlx.core as mx
 
 from .build import KernelSpec, int_params, launch, standin, watch
@@ -38,7 +40,10 @@ TT = 16  # tokens per tile: 16 threads per token in a 256-thread group
 CS = 64  # channels per slice (of every stream): 4 per thread
 THREADS = 256
 MAX_N = 4
-SPIN_LIMIT = 1 << 24
+SPIN_LIMIT = 1 << 20  # polls (each an L2 round trip, ~1 µs) before a wait gives up: NaN, not a hang
+# The split form (PHASE 1, then PHASE 3: two launches, no waits) in place of the one launch: what
+# the CPU emulator runs (it cannot run a threadgroup that waits for another), and a fallback.
+SPLIT = False
 
 HELPERS = r"""
 #ifdef MHC_BACKEND_CPU_EMULATION
@@ -128,8 +133,10 @@ _BODY = r"""
     // the tile waits for it. First each (token, value) pair summed over the S slices
     for (int e = KTID; e < TT * NV; e += KNT) {
       const int ul = e / NV, a = e % NV;
+      const int64_t u = (int64_t)tile * TT + ul;
       float s = 0.0f;
-      if ((int64_t)tile * TT + ul < Ttok) {
+      if (u < Ttok) {
+        if (EXT) s = a < N ? extp[u * N + a] : extr[u * NN + a - N] + extr2[u * NN + a - N];  // other uses
         for (int s2 = 0; s2 < S; ++s2) s += ((volatile const float*)partial)[(((int64_t)tile * S + s2) * TT + ul) * NV + a];
       }
       sums_s[e] = s;
@@ -241,7 +248,8 @@ _BODY = r"""
   }
 """
 
-_INPUTS = ("xin", "dh", "gout", "hpre", "hres", "jac", "mraw", "invr", "alpha", "bias", "hpost", "dhpost", "phi")
+_INPUTS = ("xin", "dh", "gout", "hpre", "hres", "jac", "mraw", "invr", "alpha", "bias", "hpost", "dhpost", "phi",
+           "extp", "extr", "extr2")
 
 # One launch on the GPU (PHASE 0), or PHASE 1 of the emulator's split: the partials are an output.
 ONE_PASS = KernelSpec(
@@ -268,14 +276,18 @@ def applies(x) -> bool:
     return n <= MAX_N and C % CS == 0 and x.dtype in (mx.bfloat16, mx.float16)
 
 
-def one_pass_vjp(x, dh, g, H_pre, H_res, jac, m, invr, alpha, bias, H_post, dH_post, phi, split: bool = False):
+def one_pass_vjp(x, dh, g, H_pre, H_res, jac, m, invr, alpha, bias, H_post, dH_post, phi, ext=None,
+                 split: bool | None = None):  # noqa: PLR0913 -- the kernel's inputs, named
     """(dx [..., n, C] in x's dtype, gs [T, W], c2 [T], g_bias [W], g_alpha [3]) for a dynamic site's
     x [..., n, C], h's cotangent dh [..., C], post's output cotangent g [..., n, C] (the deferred
     chain's: post leaves x's and H_res's cotangents to pre), the per-token coefficients H_pre
     [T, n], H_res [T, n, n], H_post [T, n] and H_post's cotangent dH_post [T, n], the res logits'
     Sinkhorn Jacobian jac [T, n^2, n^2] (coefficients.DYNAMIC_SINKHORN_JACOBIAN), the forward's
-    saved m [T, W] and 1/r [T], alpha [3], bias [W], phi [n C, W]. dphi = x^T gs is the caller's.
-    split: PHASE 1 then PHASE 3 (two launches, no waits: the CPU emulator's form)."""
+    saved m [T, W] and 1/r [T], alpha [3], bias [W], phi [n C, W]; ext: (H_pre's [.., n], H_res's
+    [.., n, n], H_res's again [.., n, n]) cotangents from other uses, added to the row sums (None:
+    none). dphi = x^T gs is the
+    caller's. split: PHASE 1 then PHASE 3 (two launches, no waits: the CPU emulator's form; None:
+    SPLIT)."""
     *lead, n, C = x.shape
     if not applies(x):
         raise ValueError(f"one_pass_vjp covers 16-bit x with n <= {MAX_N} and C a multiple of {CS}; got "
@@ -290,10 +302,16 @@ def one_pass_vjp(x, dh, g, H_pre, H_res, jac, m, invr, alpha, bias, H_post, dH_p
               H_pre.astype(F32).reshape(T, n), H_res.astype(F32).reshape(T, n * n), jac.astype(F32),
               m.astype(F32), invr.astype(F32), alpha.astype(F32), bias.astype(F32), H_post.astype(F32).reshape(T, n),
               dH_post.astype(F32).reshape(T, n), phi.astype(F32)]
+    if ext is None:
+        arrays += [standin(F32)] * 3
+    else:
+        arrays += [ext[0].astype(F32).reshape(T, n), ext[1].astype(F32).reshape(T, n * n),
+                   ext[2].astype(F32).reshape(T, n * n)]
+    split = SPLIT if split is None else split
     params = int_params(T, C, S)
     outs = [((T, n, C), x.dtype), ((T, W), F32), ((T,), F32), ((tiles, W + 3), F32)]
     grid = tiles * S * THREADS
-    base = [("T", x.dtype), ("N", n), ("TT", TT), ("CS", CS), ("SPIN", SPIN_LIMIT)]
+    base = [("T", x.dtype), ("N", n), ("TT", TT), ("CS", CS), ("SPIN", SPIN_LIMIT), ("EXT", ext is not None)]
     if split:
         partial = launch(ONE_PASS, [*arrays, standin(mx.int32), params], [*outs, ((tiles, S, TT, n + n * n), F32)],
                          grid, THREADS, [*base, ("PHASE", 1)])[4]
@@ -305,6 +323,39 @@ def one_pass_vjp(x, dh, g, H_pre, H_res, jac, m, invr, alpha, bias, H_post, dH_p
                                      [*outs, ((tiles, S, TT, n + n * n), F32)], grid, THREADS, [*base, ("PHASE", 0)])
     sums = mx.sum(part, axis=0)
     return gx.reshape(x.shape), gs, c2, sums[:W], sums[W:]
+
+
+@lru_cache(maxsize=None)
+def _read_function(n: int, iters: int, eps: float):
+    """A dynamic site's read (coefficients + pre) as one custom function for the deferred chain:
+    (h, H_pre, H_post, H_res, x', H_res', m, 1/r), x' and H_res' passed through for
+    site.mhc_post_deferred, whose backward hands its output cotangent g down as x''s and leaves
+    H_res''s to this one; the backward is one_pass_vjp, then dphi on tensor cores."""
+    from . import coefficients, coefficients_mma_vjp, site
+
+    @mx.custom_function
+    def read(x, phi, alpha, bias):
+        H_pre, H_post, H_res, m, invr = coefficients.dynamic_coefficients_forward(x, phi, alpha, bias, n, iters, eps)
+        return site.pre_forward(x, H_pre), H_pre, H_post, H_res, x, H_res, m, invr
+
+    @read.vjp
+    def read_vjp(primals, cotangents, outputs):
+        x, phi, alpha, bias = primals
+        dh, g_pre, g_post, g_res, g, g_res_next = cotangents[:6]
+        _, H_pre, H_post, H_res, _, _, m, invr = outputs
+        jac = coefficients.sinkhorn_jacobian(m, alpha, bias, n, iters)
+        dx, gs, _, g_bias, g_alpha = one_pass_vjp(x, dh, g, H_pre, H_res, jac, m, invr, alpha, bias, H_post, g_post,
+                                                  phi, ext=(g_pre, g_res, g_res_next))
+        g_phi = coefficients_mma_vjp.dphi(x.reshape(m.shape[0], -1), gs)
+        return dx, g_phi.astype(phi.dtype), g_alpha.astype(alpha.dtype), g_bias.astype(bias.dtype)
+
+    return read
+
+
+def mhc_read_one_pass(x, phi, alpha, bias, iters: int = 20, eps: float = 1e-6):
+    """(h, H_pre, H_post, H_res, x', H_res') of a dynamic site whose backward is the one pass:
+    post must be site.mhc_post_deferred(x', f, H_post, H_res')."""
+    return _read_function(x.shape[-2], iters, float(eps))(x, phi, alpha, bias)[:6]
 
 
 watch(__name__)  # settings assigned later bump build.settings_epoch
