@@ -28,9 +28,13 @@ def emulated(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
 @pytest.mark.parametrize("n,T,C", [(4, 20, 128), (4, 16, 64), (2, 33, 192), (1, 5, 64), (3, 17, 128)])
-def test_split_form_equals_the_kernels_it_replaces(dtype, n, T, C):
+@pytest.mark.parametrize("tt,cs", [(16, 64), (8, 64), (4, 32)])
+def test_split_form_equals_the_kernels_it_replaces(monkeypatch, dtype, n, T, C, tt, cs):
     # T = 20, 33, 17, 5: a partial last tile (its tokens past T neither read nor written); C = 64 to
-    # 192: one to three slices per tile
+    # 192: one to six slices per tile; the launch shapes a GPU run may tune (TT tokens a tile,
+    # CS channels a slice; 16 TT threads a group)
+    monkeypatch.setattr(one_pass_vjp, "TT", tt)
+    monkeypatch.setattr(one_pass_vjp, "CS", cs)
     a = one_pass_inputs(T, n, C, dtype)
     dx_want, gs_want, c2_want, gb_want, ga_want = one_pass_composed(a, n, C)
     emu.launched.clear()
@@ -73,6 +77,16 @@ def test_split_form_gives_the_reference_gradients():
         assert np.max(np.abs(got - ref)) / np.max(np.abs(ref)) <= tol
 
 
+def test_refuses_launch_shapes_beyond_static_shared_memory(monkeypatch):
+    # phi's rows of a slice sit in static shared memory (48 KB at most): CS = 128 at n = 4 needs
+    # 48 KB for them alone
+    monkeypatch.setattr(one_pass_vjp, "CS", 128)
+    a = one_pass_inputs(16, 4, 128, mx.bfloat16)
+    with pytest.raises(ValueError, match="shared memory"):
+        one_pass_vjp.one_pass_vjp(**a, split=True)
+    assert one_pass_vjp.shared_bytes(4, 16, 64) <= 48 * 1024 < one_pass_vjp.shared_bytes(4, 8, 128)
+
+
 def test_refuses_what_it_does_not_cover():
     with pytest.raises(ValueError, match="n <= 4 and C a multiple of 64"):
         one_pass_vjp.one_pass_vjp(*([mx.zeros((2, 4, 100), mx.bfloat16)] + [None] * 12))
@@ -105,7 +119,7 @@ def test_the_timing_experiment_runs(monkeypatch, capsys):
     gpu_experiments.one_pass_vjp_forms(rounds=1, T=32, n=4, C=128)
     out = capsys.readouterr().out
     assert "one launch equals the split form False, all finite False" in out, out
-    for form in ("today (pre bwd + glue + DX)", "one launch", "split (two launches)"):
+    for form in ("today (pre bwd + glue + DX)", "one launch", "one launch, TT 8", "one launch, TT 4", "split (two launches)"):
         assert f"bf16, {form}" in out, out
 
 

@@ -158,9 +158,9 @@ def cuda_only_instances():
                                  ("ACC", acc), ("TM", tm), ("RAW", raw)]))
             out.append((vjp.DPHI, (dt, BF16, I32), (F32,), [("T", dt), ("NT", -(-W // 8)), ("PG", vjp.DPHI_PARTS)]))
     opv = one_pass_vjp
-    for dt in (BF16, F16):
-        for n in (1, 2, 4):
-            base = [("T", dt), ("N", n), ("TT", opv.TT), ("CS", opv.CS), ("SPIN", opv.SPIN_LIMIT), ("EXT", n != 2)]
+    for dt, n, tt, cs in [(dt, n, opv.TT, opv.CS) for dt in (BF16, F16) for n in (1, 2, 4)] + [(BF16, 4, 8, 64)]:
+        if True:
+            base = [("T", dt), ("N", n), ("TT", tt), ("CS", cs), ("SPIN", opv.SPIN_LIMIT), ("EXT", n != 2)]
             arrays = (dt, dt, dt) + (F32,) * 13
             for phase in (0, 1):
                 out.append((opv.ONE_PASS, arrays + (I32, I32), (dt, F32, F32, F32, F32), base + [("PHASE", phase)]))

@@ -36,9 +36,12 @@ import mlx.core as mx
 from .build import KernelSpec, int_params, launch, standin, watch
 
 F32 = mx.float32
-TT = 16  # tokens per tile: 16 threads per token in a 256-thread group
-CS = 64  # channels per slice (of every stream): 4 per thread
-THREADS = 256
+# The launch's shape, template values (a GPU run tunes them: gpu_experiments.py one-pass-vjp):
+# TT tokens per tile, 16 threads per token (16 TT threads a group), CS channels of every stream
+# per slice (CS / 16 per thread: their x and g in registers, 2 n CS / 16 values). n = 4: TT 16,
+# CS 64 took 118 registers, 31.5 KB of shared memory (nvcc sm_90a).
+TT = 16
+CS = 64
 MAX_N = 4
 SPIN_LIMIT = 1 << 20  # polls (each an L2 round trip, ~1 µs) before a wait gives up: NaN, not a hang
 # The split form (PHASE 1, then PHASE 3: two launches, no waits) in place of the one launch: what
@@ -270,10 +273,16 @@ ONE_PASS_FROM_PARTIALS = KernelSpec(
 )
 
 
+def shared_bytes(n: int, tt: int, cs: int) -> int:
+    """The kernel's static shared memory (phi's slice rows and the tile's per-token values)."""
+    W, NN = n * (n + 2), n * n
+    return 4 * (n * cs * W + tt * (W + 1 + n + NN + (W + 3) + (n + NN) + NN)) + 4
+
+
 def applies(x) -> bool:
     """Whether this form covers x [..., n, C]: n <= 4, C a multiple of CS, 16-bit x."""
     n, C = x.shape[-2], x.shape[-1]
-    return n <= MAX_N and C % CS == 0 and x.dtype in (mx.bfloat16, mx.float16)
+    return n <= MAX_N and C % CS == 0 and CS % 16 == 0 and x.dtype in (mx.bfloat16, mx.float16)
 
 
 def one_pass_vjp(x, dh, g, H_pre, H_res, jac, m, invr, alpha, bias, H_post, dH_post, phi, ext=None,
@@ -292,6 +301,9 @@ def one_pass_vjp(x, dh, g, H_pre, H_res, jac, m, invr, alpha, bias, H_post, dH_p
     if not applies(x):
         raise ValueError(f"one_pass_vjp covers 16-bit x with n <= {MAX_N} and C a multiple of {CS}; got "
                          f"{x.dtype} {tuple(x.shape)}")
+    if shared_bytes(n, TT, CS) > 48 * 1024:
+        raise ValueError(f"one_pass_vjp at TT = {TT}, CS = {CS}, n = {n} needs {shared_bytes(n, TT, CS)} bytes "
+                         "of static shared memory; CUDA allows 48 KB")
     T = 1
     for d in lead:
         T *= d
@@ -310,17 +322,18 @@ def one_pass_vjp(x, dh, g, H_pre, H_res, jac, m, invr, alpha, bias, H_post, dH_p
     split = SPLIT if split is None else split
     params = int_params(T, C, S)
     outs = [((T, n, C), x.dtype), ((T, W), F32), ((T,), F32), ((tiles, W + 3), F32)]
-    grid = tiles * S * THREADS
+    threads = 16 * TT
+    grid = tiles * S * threads
     base = [("T", x.dtype), ("N", n), ("TT", TT), ("CS", CS), ("SPIN", SPIN_LIMIT), ("EXT", ext is not None)]
     if split:
         partial = launch(ONE_PASS, [*arrays, standin(mx.int32), params], [*outs, ((tiles, S, TT, n + n * n), F32)],
-                         grid, THREADS, [*base, ("PHASE", 1)])[4]
+                         grid, threads, [*base, ("PHASE", 1)])[4]
         gx, gs, c2, part = launch(ONE_PASS_FROM_PARTIALS, [*arrays, partial, standin(mx.int32), params], outs,
-                                  grid, THREADS, [*base, ("PHASE", 3)])
+                                  grid, threads, [*base, ("PHASE", 3)])
     else:
         counters = mx.zeros((tiles,), mx.int32)  # fresh per call: the tiles count into it
         gx, gs, c2, part, _ = launch(ONE_PASS, [*arrays, counters, params],
-                                     [*outs, ((tiles, S, TT, n + n * n), F32)], grid, THREADS, [*base, ("PHASE", 0)])
+                                     [*outs, ((tiles, S, TT, n + n * n), F32)], grid, threads, [*base, ("PHASE", 0)])
     sums = mx.sum(part, axis=0)
     return gx.reshape(x.shape), gs, c2, sums[:W], sums[W:]
 
