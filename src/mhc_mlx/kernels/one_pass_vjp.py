@@ -74,7 +74,9 @@ _BODY = r"""
   KSHARED float rows[TT * (W + 3)];
   KSHARED float sums_s[TT * NV];
   KSHARED float gl_s[TT * NN];
-  KSHARED int flag_s;
+  KSHARED int flag_s;  // this threadgroup publishes the tile's glue (read by all after a barrier)
+  KSHARED int ok_s;    // the wait ended in time (its own variable: thread 0 writes it while others
+                       // may still be reading flag_s to pick their branch)
   const int Ttok = iparam[0];
   const int C = iparam[1];
   const int S = iparam[2];
@@ -207,11 +209,11 @@ _BODY = r"""
     if (KTID == 0) {
       int polls = 0;
       while (opv_load(counters + tile) <= S && ++polls < SPIN) {}
-      flag_s = polls < SPIN;
+      ok_s = polls < SPIN;
     }
     KBARRIER();
     opv_fence();
-    const float bad = flag_s ? 0.0f : KBITS_FLOAT(0x7fc00000);
+    const float bad = ok_s ? 0.0f : KBITS_FLOAT(0x7fc00000);
     for (int e = KTID; e < TT * W; e += KNT) {
       const int64_t u = (int64_t)tile * TT + e / W;
       gs_s[e] = (u < Ttok ? ((volatile const float*)gsc)[u * W + e % W] : 0.0f) + bad;
