@@ -446,3 +446,20 @@ def test_one_pass_vjp_through_a_hyper_connection(monkeypatch, T, C):
         assert ref64.rel_err(np64(g), np64(r)) <= 2e-2
     for g, r in zip(second, want2):
         assert ref64.rel_err(np64(g), np64(r)) <= 2e-2
+    # two sites in one compiled step: each backward counts into counters of its own (an mx.zeros
+    # there would be merged by mx.compile's simplification into one buffer for both)
+    hc2 = mhc.HyperConnection(C, n, init="paper")
+    hc2.update({"bias": mx.random.normal(hc2.bias.shape), "phi": mx.random.normal(hc2.phi.shape) / 20})
+
+    def two_sites(x_, *ps):
+        hc.update(dict(zip(names, ps)))
+        y = hc(x_, lambda h: (h.astype(mx.float32) * w).astype(h.dtype))
+        return hc2(y, lambda h: (h.astype(mx.float32) * w).astype(h.dtype))
+
+    step2 = mx.compile(lambda x_, c_, *ps: mx.vjp(two_sites, [x_, *ps], [c_])[1])
+    got2 = step2(x.astype(mx.bfloat16), cot.astype(mx.bfloat16), *params)
+    with dispatch.use_backend("reference"), mx.stream(mx.cpu):
+        _, want3 = mx.vjp(two_sites, [x, *params], [cot])
+        mx.eval(want3)
+    for g, r in zip(got2, want3):
+        assert ref64.rel_err(np64(g), np64(r)) <= 3e-2

@@ -27,7 +27,7 @@ CUDA_ONLY_SPECS = (coefficients_mma.PACK, coefficients_mma.MMA, coefficients_mma
                    coefficients_mma_vjp.PACK_A, coefficients_mma_vjp.PACK_B, coefficients_mma_vjp.DX,
                    coefficients_mma_vjp.DPHI, coefficients_mma_vjp.glue_packs_spec(),
                    coefficients_mma_vjp.glue_packs_spec(after_sinkhorn=True),
-                   one_pass_vjp.ONE_PASS, one_pass_vjp.ONE_PASS_FROM_PARTIALS)
+                   one_pass_vjp.ONE_PASS, one_pass_vjp.ONE_PASS_FROM_PARTIALS, one_pass_vjp.ZERO_COUNTERS)
 
 F32, BF16, F16, I32 = mx.float32, mx.bfloat16, mx.float16, mx.int32
 
@@ -158,6 +158,7 @@ def cuda_only_instances():
                                  ("ACC", acc), ("TM", tm), ("RAW", raw)]))
             out.append((vjp.DPHI, (dt, BF16, I32), (F32,), [("T", dt), ("NT", -(-W // 8)), ("PG", vjp.DPHI_PARTS)]))
     opv = one_pass_vjp
+    out.append((opv.ZERO_COUNTERS, (F32, I32), (I32,), []))
     for dt, n, tt, cs in [(dt, n, opv.TT, opv.CS) for dt in (BF16, F16) for n in (1, 2, 4)] + [(BF16, 4, 8, 64)]:
         if True:
             base = [("T", dt), ("N", n), ("TT", tt), ("CS", cs), ("SPIN", opv.SPIN_LIMIT), ("EXT", n != 2)]

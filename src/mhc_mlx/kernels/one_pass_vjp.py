@@ -253,6 +253,26 @@ _BODY = r"""
   }
 """
 
+# The tiles' counters, zeroed by a launch of their own that reads the site's own `dep` (an
+# array of the call's): an `mx.zeros` would be a Full node that mx.compile's simplification merges
+# with every other equal one in the trace (same primitive, same scalar input), so two sites of one
+# compiled step would count into one buffer, the second finding it already past S.
+ZERO_COUNTERS = KernelSpec(
+    name="mhc_one_pass_counters",
+    inputs=("dep", "iparam"),
+    outputs=("z",),
+    body=r"""
+  const int64_t i = (int64_t)KBID * KNT + KTID;
+  if (i < iparam[0]) z[i] = 0;
+""",
+)
+
+
+def fresh_counters(tiles: int, dep: mx.array) -> mx.array:
+    """[tiles] int32 zeros of this call's own (see ZERO_COUNTERS); dep: any array of the call."""
+    return launch(ZERO_COUNTERS, [dep, int_params(tiles)], [((tiles,), mx.int32)], -(-tiles // 128) * 128, 128, [])[0]
+
+
 _INPUTS = ("xin", "dh", "gout", "hpre", "hres", "jac", "mraw", "invr", "alpha", "bias", "hpost", "dhpost", "phi",
            "extp", "extr", "extr2")
 
@@ -333,7 +353,7 @@ def one_pass_vjp(x, dh, g, H_pre, H_res, jac, m, invr, alpha, bias, H_post, dH_p
         gx, gs, c2, part = launch(ONE_PASS_FROM_PARTIALS, [*arrays, partial, standin(mx.int32), params], outs,
                                   grid, threads, [*base, ("PHASE", 3)])
     else:
-        counters = mx.zeros((tiles,), mx.int32)  # fresh per call: the tiles count into it
+        counters = fresh_counters(tiles, arrays[7])  # this call's own zeros (its 1/r the dependency)
         gx, gs, c2, part, _ = launch(ONE_PASS, [*arrays, counters, params],
                                      [*outs, ((tiles, S, TT, n + n * n), F32)], grid, threads, [*base, ("PHASE", 0)])
     sums = mx.sum(part, axis=0)
