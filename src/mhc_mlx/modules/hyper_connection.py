@@ -88,9 +88,9 @@ class HyperConnection(nn.Module):
 
     def _latency_path(self, x) -> tuple:
         """(compiled read, compiled post) for x where its calls take the few-token latency path,
-        each None where not; kept per (shape, dtype, dispatch.state()) like MHCLayer's decision, since the
-        checks and the choice read nothing else. At B = 1 the per-call checks and lookups were a
-        fifth of this site's own Python (scripts/host_overhead.py --stand-in --latency)."""
+        each None where not; kept per (shape, dtype, dispatch.state()) like MHCLayer's decision,
+        since the checks and the choice read nothing else (x's check included: a kept key has
+        passed it). scripts/host_overhead.py --stand-in --latency: 15.9 -> 14.8 µs a dynamic site."""
         key = (x.shape, x.dtype, dispatch.state()) if isinstance(x, mx.array) else None
         memo = self._memo
         if key in memo:
