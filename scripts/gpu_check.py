@@ -369,6 +369,10 @@ SWITCHES = {
     "--one-launch-small": (coefficients, "ONE_LAUNCH_SMALL", True,
                            "the few-token dynamic forward and read step in one launch (coefficients.ONE_LAUNCH_SMALL, "
                            "DYNAMIC_ONE, candidate; by default the split form's two)"),
+    "--one-pass-vjp": (kernels, "ONE_PASS_VJP", True,
+                       "the dynamic backward from pre's backward to x's cotangent in one pass over x, in the deferred "
+                       "chain where the coefficient backward takes tensor cores (kernels.ONE_PASS_VJP, candidate; "
+                       "with --mma-vjp at every chain size with 16-bit x, n <= 4 and C a multiple of 64)"),
     "--device-params": (build, "DEVICE_PARAMS", True,
                         "the kernels' run-time parameter arrays padded and copied into GPU memory once "
                         "(build.DEVICE_PARAMS; by default host-made arrays, which MLX keeps in managed memory)"),

@@ -522,6 +522,7 @@ case "${1:-}" in
     # question, then the candidate one-pass dynamic backward (kernels/one_pass_vjp.py): its GPU
     # tests, its timings against pre's backward + glue + DX, the dynamic fwd+bwd bench with it on
     run 150 experiments_tile_reuse python scripts/gpu_experiments.py tile-reuse
+    CHECK_ARGS="--one-pass-vjp --mma-vjp" CHECK_ONLY=chain NO_PYTEST=1 check 200
     run 200 gpu_tests_one_pass python -m pytest -q -m gpu tests/kernels/test_kernels_gpu.py -k one_pass -p no:cacheprovider
     run 200 experiments_one_pass python scripts/gpu_experiments.py one-pass-vjp
     run 200 bench_one_pass python scripts/bench_with.py kernels.ONE_PASS_VJP=1 -- bench --out "$res/bench_one_pass" \
