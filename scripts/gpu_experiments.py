@@ -1515,7 +1515,8 @@ def one_pass_vjp_forms(rounds=5, T=4096, n=4, C=4096):
     DX with pre's share added (ACC), as the dynamic backward runs them today; the one launch; its
     split form (two launches, no waits). The Jacobian is made once, outside the timings (today it
     runs beside post's backward). Checked first: the one launch equals the split form bit for bit.
-    The one launch also at 8 and 4 tokens a tile (more tiles in flight, fewer values a thread)."""
+    The one launch also at 8 and 4 tokens a tile (more tiles in flight, fewer values a thread), and
+    in its "last" form (no waits: each tile's last threadgroup writes the whole tile)."""
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "kernels"))
     from kernel_compare import one_pass_inputs
 
@@ -1536,18 +1537,19 @@ def one_pass_vjp_forms(rounds=5, T=4096, n=4, C=4096):
         dx = coefficients_mma_vjp.dx(a["x"].reshape(T, n * C), a["phi"], gs, c2, gacc=share)
         return dx, gs, c2, g_bias, g_alpha
 
-    def at(tt, split=False):  # the one pass at TT tokens a tile (16 TT threads a group), CS 64
+    def at(tt, split=False, form="wait"):  # the one pass at TT tokens a tile (16 TT threads a group), CS 64
         def run(a):
-            one_pass_vjp.TT = tt
+            one_pass_vjp.TT, one_pass_vjp.FORM = tt, form
             try:
                 return one_pass_vjp.one_pass_vjp(**a, split=split)
             finally:
-                one_pass_vjp.TT = saved
+                one_pass_vjp.TT, one_pass_vjp.FORM = saved
         return run
 
-    saved = one_pass_vjp.TT
-    forms = {"today (pre bwd + glue + DX)": today, "one launch": at(saved), "one launch, TT 8": at(8),
-             "one launch, TT 4": at(4), "split (two launches)": at(saved, split=True)}
+    saved = one_pass_vjp.TT, one_pass_vjp.FORM
+    forms = {"today (pre bwd + glue + DX)": today, "one launch": at(saved[0]), "one launch, TT 8": at(8),
+             "one launch, TT 4": at(4), "last writes the tile": at(saved[0], form="last"),
+             "last, TT 8": at(8, form="last"), "split (two launches)": at(saved[0], split=True)}
     times = {label: [] for label in forms}
     for _ in range(rounds):
         for label, fn in forms.items():

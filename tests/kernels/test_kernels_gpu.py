@@ -384,19 +384,22 @@ def test_glue_writes_the_tensor_core_fragments(monkeypatch, T):
         assert np.array_equal(np64(got), np64(want))
 
 
+@pytest.mark.parametrize("form", ["wait", "last"])
 @pytest.mark.parametrize("T,n,C", [(37, 4, 256), (4096, 4, 4096), (50, 2, 64), (16, 1, 128)])
-def test_one_pass_vjp_candidate(T, n, C):
-    # kernels/one_pass_vjp.py (a candidate, CUDA only): the one launch, whose threadgroups count
-    # into their tile's counter and wait for its glue, equals its split form (the same text in two
-    # launches, no waits) bit for bit, and the kernels it would replace within bf16 rounding
+def test_one_pass_vjp_candidate(monkeypatch, T, n, C, form):
+    # kernels/one_pass_vjp.py (a candidate, CUDA only): the one launch (FORM "wait": its
+    # threadgroups count into their tile's counter and wait for its glue; "last": the tile's last
+    # threadgroup writes it all) equals the wait form's split form (the same text in two launches,
+    # no waits) bit for bit, and the kernels it would replace within bf16 rounding
     from kernel_compare import one_pass_composed, one_pass_inputs
     from mhc_mlx.kernels import one_pass_vjp
 
     if build.gpu_backend() != "cuda":
         pytest.skip("one_pass_vjp is CUDA-only (atomics, a device-wide fence)")
     a = one_pass_inputs(T, n, C, mx.bfloat16)
-    one = one_pass_vjp.one_pass_vjp(**a)
     split = one_pass_vjp.one_pass_vjp(**a, split=True)
+    monkeypatch.setattr(one_pass_vjp, "FORM", form)
+    one = one_pass_vjp.one_pass_vjp(**a, split=False)
     for got, same in zip(one, split):
         assert np.array_equal(np64(got), np64(same))  # NaN (an element left unwritten) fails too
     want = one_pass_composed(a, n, C)
@@ -404,18 +407,21 @@ def test_one_pass_vjp_candidate(T, n, C):
         assert ref64.rel_err(np64(got), np64(ref)) <= tol
 
 
+@pytest.mark.parametrize("form", ["wait", "last"])
 @pytest.mark.parametrize("T,C", [(37, 256), (4096, 4096)])
-def test_one_pass_vjp_through_a_hyper_connection(monkeypatch, T, C):
+def test_one_pass_vjp_through_a_hyper_connection(monkeypatch, T, C, form):
     # kernels.ONE_PASS_VJP (candidate, CUDA only): a dynamic site's gradients with the one-pass
     # backward (one launch, waits included) against the reference backend's float32 autodiff on
     # the CPU, as the chained forms' GPU test
     import mhc_mlx as mhc
     from mhc_mlx import dispatch, kernels
+    from mhc_mlx.kernels import one_pass_vjp
 
     if build.gpu_backend() != "cuda":
         pytest.skip("one_pass_vjp is CUDA-only (atomics, a device-wide fence)")
     monkeypatch.setattr(kernels, "ONE_PASS_VJP", True)
     monkeypatch.setattr(coefficients, "MMA_VJP", True)
+    monkeypatch.setattr(one_pass_vjp, "FORM", form)
     n = 4
     hc = mhc.HyperConnection(C, n, init="paper")
     hc.update({"bias": mx.random.normal(hc.bias.shape), "phi": mx.random.normal(hc.phi.shape) / 20})

@@ -29,17 +29,23 @@ def emulated(monkeypatch):
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
 @pytest.mark.parametrize("n,T,C", [(4, 20, 128), (4, 16, 64), (2, 33, 192), (1, 5, 64), (3, 17, 128)])
 @pytest.mark.parametrize("tt,cs", [(16, 64), (8, 64), (4, 32)])
-def test_split_form_equals_the_kernels_it_replaces(monkeypatch, dtype, n, T, C, tt, cs):
+@pytest.mark.parametrize("form", ["wait", "last"])
+def test_split_form_equals_the_kernels_it_replaces(monkeypatch, dtype, n, T, C, tt, cs, form):
     # T = 20, 33, 17, 5: a partial last tile (its tokens past T neither read nor written); C = 64 to
     # 192: one to six slices per tile; the launch shapes a GPU run may tune (TT tokens a tile,
-    # CS channels a slice; 16 TT threads a group)
+    # CS channels a slice; 16 TT threads a group). FORM "wait" as its split form (the emulator
+    # cannot run its waits); "last" as it runs on a GPU: the tile's last threadgroup (here the
+    # tile's last in order) writes every slice
     monkeypatch.setattr(one_pass_vjp, "TT", tt)
     monkeypatch.setattr(one_pass_vjp, "CS", cs)
+    monkeypatch.setattr(one_pass_vjp, "FORM", form)
     a = one_pass_inputs(T, n, C, dtype)
     dx_want, gs_want, c2_want, gb_want, ga_want = one_pass_composed(a, n, C)
     emu.launched.clear()
     dx, gs, c2, g_bias, g_alpha = one_pass_vjp.one_pass_vjp(**a, split=True)
-    assert [name for name, *_ in emu.launched] == ["mhc_one_pass_vjp", "mhc_one_pass_vjp_from_partials"]
+    want_launches = (["mhc_one_pass_vjp", "mhc_one_pass_vjp_from_partials"] if form == "wait"
+                     else ["mhc_one_pass_counters", "mhc_one_pass_vjp"])
+    assert [name for name, *_ in emu.launched] == want_launches
     assert dx.shape == a["x"].shape and dx.dtype == dtype
     for got, want in ((gs, gs_want), (c2, c2_want), (g_bias, gb_want), (g_alpha, ga_want)):
         got, want = np.array(got, dtype=np.float64), np.array(want, dtype=np.float64)
@@ -75,6 +81,12 @@ def test_split_form_gives_the_reference_gradients():
         got, ref = np.array(got, dtype=np.float64), np.array(ref, dtype=np.float64)
         assert got.shape == ref.shape
         assert np.max(np.abs(got - ref)) / np.max(np.abs(ref)) <= tol
+
+
+def test_refuses_an_unknown_form(monkeypatch):
+    monkeypatch.setattr(one_pass_vjp, "FORM", "spin")
+    with pytest.raises(ValueError, match="FORM must be 'wait' or 'last'"):
+        one_pass_vjp.one_pass_vjp(**one_pass_inputs(16, 4, 64, mx.bfloat16))
 
 
 def test_refuses_launch_shapes_beyond_static_shared_memory(monkeypatch):
@@ -119,13 +131,14 @@ def test_the_timing_experiment_runs(monkeypatch, capsys):
     gpu_experiments.one_pass_vjp_forms(rounds=1, T=32, n=4, C=128)
     out = capsys.readouterr().out
     assert "one launch equals the split form False, all finite False" in out, out
-    for form in ("today (pre bwd + glue + DX)", "one launch", "one launch, TT 8", "one launch, TT 4", "split (two launches)"):
+    for form in ("today (pre bwd + glue + DX)", "one launch", "one launch, TT 8", "one launch, TT 4",
+                 "last writes the tile", "last, TT 8", "split (two launches)"):
         assert f"bf16, {form}" in out, out
 
 
 @pytest.mark.parametrize("use", ["site", "pre and post", "pre only", "post with other x", "post twice", "res too"])
-@pytest.mark.parametrize("T,C", [(5, 64), (20, 128)])
-def test_hyper_connection_with_the_one_pass_backward(monkeypatch, use, T, C):
+@pytest.mark.parametrize("T,C,form", [(5, 64, "wait"), (20, 128, "wait"), (20, 128, "last")])
+def test_hyper_connection_with_the_one_pass_backward(monkeypatch, use, T, C, form):
     # kernels.ONE_PASS_VJP (candidate) through a HyperConnection on the emulated CUDA kernels (its
     # split form, one_pass_vjp.SPLIT): the read as one custom function whose backward is the one
     # pass; gradients as the reference backend's autodiff however post and the coefficients are
@@ -144,6 +157,7 @@ def test_hyper_connection_with_the_one_pass_backward(monkeypatch, use, T, C):
     monkeypatch.setattr(kernels, "ONE_PASS_VJP", True)
     monkeypatch.setattr(coefficients, "MMA_VJP", True)
     monkeypatch.setattr(one_pass_vjp, "SPLIT", True)
+    monkeypatch.setattr(one_pass_vjp, "FORM", form)
     n, dtype = 4, mx.bfloat16
     hc = mhc.HyperConnection(C, n, init="paper")
     W = n * (n + 2)
@@ -174,7 +188,8 @@ def test_hyper_connection_with_the_one_pass_backward(monkeypatch, use, T, C):
     emu.launched.clear()
     out, got = mx.vjp(site_fn, [x, *params], [cot])
     launched = [name for name, *_ in emu.launched]
-    assert "mhc_one_pass_vjp_from_partials" in launched and "mhc_pre_vjp_res" not in launched, launched
+    one_pass = "mhc_one_pass_vjp_from_partials" if form == "wait" else "mhc_one_pass_vjp"
+    assert one_pass in launched and "mhc_pre_vjp_res" not in launched, launched
     with dispatch.use_backend("reference"):
         want_out, want = mx.vjp(site_fn, [x.astype(mx.float32), *params], [cot.astype(mx.float32)])
     assert rel(out[0], want_out[0], floor=0.1 * float(np.linalg.norm(np.array(x.astype(mx.float32))))) <= 2e-2

@@ -21,6 +21,9 @@ The waits need a tile's S threadgroups resident together: consecutive block indi
 below the GPU's resident threadgroups; a bounded spin writes NaN rather than hang. Whether the
 waits cost less than the second read is what scripts/tile_reuse.py's WAIT form measures first.
 
+FORM "last" (template LASTW): no waits; the tile's last threadgroup writes the whole tile's dx,
+re-reading each slice (L2) after the glue, and the others leave once counted.
+
 PHASE (template): 0 the one launch above (GPU); the CPU emulator runs one threadgroup at a time,
 so its tests run PHASE 1 (the partials alone) and then PHASE 3 (SPLIT: the partials as an input,
 every threadgroup running its tile's glue itself, then writing its slice): the same text but the
@@ -47,6 +50,11 @@ SPIN_LIMIT = 1 << 20  # polls (each an L2 round trip, ~1 µs) before a wait give
 # The split form (PHASE 1, then PHASE 3: two launches, no waits) in place of the one launch: what
 # the CPU emulator runs (it cannot run a threadgroup that waits for another), and a fallback.
 SPLIT = False
+# "wait": every threadgroup waits for its tile's glue and writes its own slice from registers;
+# "last": no waits, the tile's last threadgroup writes the whole tile's dx, re-reading x, g and dh
+# (from L2: the tile's other threadgroups read them moments before) and phi slice by slice.
+# scripts/tile_reuse.py measures the two patterns on a simpler problem.
+FORM = "wait"
 
 HELPERS = r"""
 #ifdef MHC_BACKEND_CPU_EMULATION
@@ -126,6 +134,7 @@ _BODY = r"""
     KBARRIER();
     if (KTID == 0) flag_s = opv_atomic_add((int*)counters + tile, 1) == S - 1;
     KBARRIER();
+    if (LASTW && !flag_s) return;  // the tile's last threadgroup writes all of its dx
     opv_fence();
   } else {
     flag_s = 1;  // SPLIT: every threadgroup runs its tile's glue from the partials
@@ -199,7 +208,7 @@ _BODY = r"""
       for (int u = 0; u < TT; ++u) total += rows[u * (W + 3) + KTID];
       part[(int64_t)tile * (W + 3) + KTID] = total;
     }
-    if (PHASE == 0) {
+    if (PHASE == 0 && !LASTW) {
       opv_fence();
       KBARRIER();
       if (KTID == 0) opv_atomic_add((int*)counters + tile, 1);  // S + 1: published
@@ -232,24 +241,44 @@ _BODY = r"""
     hr_s[e] = u < Ttok ? hres[u * NN + e % NN] : 0.0f;
   }
   KBARRIER();
-  if (!live) return;
-  // dx = H_pre (x) dh + H_res^T g + gs phi^T - x c2 over this thread's CPT channels of each stream
+  // dx = H_pre (x) dh + H_res^T g + gs phi^T - x c2 over this thread's CPT channels of each stream:
+  // of its own slice, or (LASTW) of every slice of the tile, each re-read (from L2) with its phi rows
   const float c2 = c2_s[r];
-  KUNROLL for (int i = 0; i < N; ++i) {
-    float o[CPT];
-    const float hp = hp_s[r * N + i];
-    KUNROLL for (int e = 0; e < CPT; ++e) o[e] = hp * dv[e] - xv[i][e] * c2;
-    KUNROLL for (int j = 0; j < N; ++j) {
-      const float a = hr_s[r * NN + j * N + i];
-      KUNROLL for (int e = 0; e < CPT; ++e) o[e] += a * gv[j][e];
+  for (int s3 = LASTW ? 0 : slice; s3 < (LASTW ? S : slice + 1); ++s3) {
+    const int c3 = s3 * CS + q * CPT;
+    if (LASTW) {
+      KBARRIER();  // the slice before's phi rows are read
+      for (int e = KTID; e < N * CS * W; e += KNT) {
+        const int w = e % W, row = e / W, i = row / CS, c = row % CS;
+        phis[e] = phi[((int64_t)i * C + s3 * CS + c) * W + w];
+      }
+      if (live) {
+        kload<T, CPT>(dv, dh, t * C + c3, vec);
+        KUNROLL for (int i = 0; i < N; ++i) {
+          kload<T, CPT>(xv[i], xin, (t * N + i) * C + c3, vec);
+          kload<T, CPT>(gv[i], gout, (t * N + i) * C + c3, vec);
+        }
+      }
+      KBARRIER();
     }
-    KUNROLL for (int e = 0; e < CPT; ++e) {
-      const float* ph = phis + ((i * CS) + q * CPT + e) * W;
-      float acc = 0.0f;
-      KUNROLL for (int w = 0; w < W; ++w) acc += gs_s[r * W + w] * ph[w];
-      o[e] += acc;
+    if (live) {
+      KUNROLL for (int i = 0; i < N; ++i) {
+        float o[CPT];
+        const float hp = hp_s[r * N + i];
+        KUNROLL for (int e = 0; e < CPT; ++e) o[e] = hp * dv[e] - xv[i][e] * c2;
+        KUNROLL for (int j = 0; j < N; ++j) {
+          const float a = hr_s[r * NN + j * N + i];
+          KUNROLL for (int e = 0; e < CPT; ++e) o[e] += a * gv[j][e];
+        }
+        KUNROLL for (int e = 0; e < CPT; ++e) {
+          const float* ph = phis + ((i * CS) + q * CPT + e) * W;
+          float acc = 0.0f;
+          KUNROLL for (int w = 0; w < W; ++w) acc += gs_s[r * W + w] * ph[w];
+          o[e] += acc;
+        }
+        kstore<T, CPT>(gx, (t * N + i) * C + c3, o, vec);
+      }
     }
-    kstore<T, CPT>(gx, (t * N + i) * C + c0, o, vec);
   }
 """
 
@@ -316,9 +345,8 @@ def one_pass_vjp(x, dh, g, H_pre, H_res, jac, m, invr, alpha, bias, H_post, dH_p
     Sinkhorn Jacobian jac [T, n^2, n^2] (coefficients.DYNAMIC_SINKHORN_JACOBIAN), the forward's
     saved m [T, W] and 1/r [T], alpha [3], bias [W], phi [n C, W]; ext: (H_pre's [.., n], H_res's
     [.., n, n], H_res's again [.., n, n]) cotangents from other uses, added to the row sums (None:
-    none). dphi = x^T gs is the
-    caller's. split: PHASE 1 then PHASE 3 (two launches, no waits: the CPU emulator's form; None:
-    SPLIT)."""
+    none). dphi = x^T gs is the caller's. split: PHASE 1 then PHASE 3 (two launches, no waits: the
+    CPU emulator's form of FORM "wait"; None: SPLIT; FORM "last" has no waits and ignores it)."""
     *lead, n, C = x.shape
     if not applies(x):
         raise ValueError(f"one_pass_vjp covers 16-bit x with n <= {MAX_N} and C a multiple of {CS}; got "
@@ -346,7 +374,12 @@ def one_pass_vjp(x, dh, g, H_pre, H_res, jac, m, invr, alpha, bias, H_post, dH_p
     outs = [((T, n, C), x.dtype), ((T, W), F32), ((T,), F32), ((tiles, W + 3), F32)]
     threads = 16 * TT
     grid = tiles * S * threads
-    base = [("T", x.dtype), ("N", n), ("TT", TT), ("CS", CS), ("SPIN", SPIN_LIMIT), ("EXT", ext is not None)]
+    if FORM not in ("wait", "last"):
+        raise ValueError(f"one_pass_vjp.FORM must be 'wait' or 'last', got {FORM!r}")
+    last = FORM == "last"
+    split = split and not last  # the last form has no waits: the emulator runs it as it is
+    base = [("T", x.dtype), ("N", n), ("TT", TT), ("CS", CS), ("SPIN", SPIN_LIMIT), ("EXT", ext is not None),
+            ("LASTW", last)]
     if split:
         partial = launch(ONE_PASS, [*arrays, standin(mx.int32), params], [*outs, ((tiles, S, TT, n + n * n), F32)],
                          grid, threads, [*base, ("PHASE", 1)])[4]
