@@ -47,6 +47,7 @@
 #   bash scripts/gpu_session.sh verify-standins  # coefficient, chain and read-step checks (build.standin)
 #   bash scripts/gpu_session.sh tile-reuse   # one launch reading a tile once for row sums and output (not yet run)
 #   bash scripts/gpu_session.sh one-pass     # tile-reuse, then the one-pass dynamic backward candidate (not yet run)
+#   bash scripts/gpu_session.sh one-pass2    # its chain checks, then the dynamic fwd+bwd bench with it on
 #   bash scripts/gpu_session.sh anatomy-bench  # where the B = 1 static launch's time goes; the target bench
 #   bash scripts/gpu_session.sh gpu-tests    # pytest -m gpu alone
 #   bash scripts/gpu_session.sh latency      # LAYER_LATENCY + compiled latency path: checks, timings
@@ -520,11 +521,15 @@ case "${1:-}" in
   one-pass)
     # (written in the tenth session of 2026-11-30, after its device time) the tile-reuse
     # question, then the candidate one-pass dynamic backward (kernels/one_pass_vjp.py): its GPU
-    # tests, its timings against pre's backward + glue + DX, the dynamic fwd+bwd bench with it on
-    run 150 experiments_tile_reuse python scripts/gpu_experiments.py tile-reuse
-    CHECK_ARGS="--one-pass-vjp --mma-vjp" CHECK_ONLY=chain NO_PYTEST=1 check 200
-    run 200 gpu_tests_one_pass python -m pytest -q -m gpu tests/kernels/test_kernels_gpu.py -k one_pass -p no:cacheprovider
+    # tests (both forms), then its timings against pre's backward + glue + DX
+    run 120 experiments_tile_reuse python scripts/gpu_experiments.py tile-reuse
+    run 200 gpu_tests_one_pass python -m pytest -q -m gpu tests/kernels/test_kernels_gpu.py -k one_pass -p no:cacheprovider \
+      -o faulthandler_timeout=60
     run 200 experiments_one_pass python scripts/gpu_experiments.py one-pass-vjp
+    ;;
+  one-pass2)
+    # the chain checks with the one-pass backward on, then the dynamic fwd+bwd bench with it on
+    CHECK_ARGS="--one-pass-vjp --mma-vjp" CHECK_ONLY=chain NO_PYTEST=1 check 240
     run 200 bench_one_pass python scripts/bench_with.py kernels.ONE_PASS_VJP=1 -- bench --out "$res/bench_one_pass" \
       --overwrite --seeds "" --only dynamic/fwd+bwd/4096x4x4096,dynamic/fwd+bwd/512x4x1280 --impl kernels
     ;;
