@@ -31,22 +31,14 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from mhc_mlx.kernels import one_pass_vjp
 from mhc_mlx.kernels.build import KernelSpec, int_params, launch
 
 EPS = 1e-6
 THREADS = 256
 SPIN_LIMIT = 1 << 20  # polls (each an L2 round trip, ~1 µs) before WAIT gives up (NaN out) instead of hanging
 
-HELPERS = r"""
-#ifdef MHC_BACKEND_CPU_EMULATION
-KDEV int tr_atomic_add(int* p, int v) { int o = *p; *p = o + v; return o; }
-KDEV void tr_fence() {}
-KDEV int tr_load(const int* p) { return *p; }
-#else
-KDEV int tr_atomic_add(int* p, int v) { return atomicAdd(p, v); }
-KDEV void tr_fence() { __threadfence(); }
-KDEV int tr_load(const int* p) { return *(volatile const int*)p; }
-#endif
+HELPERS = one_pass_vjp.HELPERS + r"""
 // the sum of v over the 64 threads of a row group (two warps): warp sums, then the pair
 KDEV float tr_pair_sum(float v, KSHPTR(float) red) {
   v = kwarp_sum(v);
@@ -131,7 +123,7 @@ _TILE_BODY = r"""
     const int r = (KTID + j * KNT) / VR;
     if (KTID % VR == 0) partial[((int64_t)tile * S + slice) * TT + r] = s;
   }
-  tr_fence();  // the partials reach every SM before the count does
+  opv_fence();  // the partials reach every SM before the count does
   KBARRIER();
 """
 
@@ -152,10 +144,10 @@ def _tile_spec(name: str, tail: str) -> KernelSpec:
 
 
 LAST = _tile_spec("mhc_tile_reuse_last", r"""
-  if (KTID == 0) last_s = tr_atomic_add((int*)counters + tile, 1) == S - 1;
+  if (KTID == 0) last_s = opv_atomic_add((int*)counters + tile, 1) == S - 1;
   KBARRIER();
   if (!last_s) return;
-  tr_fence();
+  opv_fence();
 """ + _INV + r"""
   // the whole tile, re-read (from L2: the other slices were read moments before)
   const int64_t t0 = (int64_t)tile * TT * K;
@@ -170,13 +162,13 @@ LAST = _tile_spec("mhc_tile_reuse_last", r"""
 
 WAIT = _tile_spec("mhc_tile_reuse_wait", r"""
   if (KTID == 0) {
-    tr_atomic_add((int*)counters + tile, 1);
+    opv_atomic_add((int*)counters + tile, 1);
     int polls = 0;
-    while (tr_load(counters + tile) < S && ++polls < SPIN) {}
+    while (opv_load(counters + tile) < S && ++polls < SPIN) {}
     last_s = polls < SPIN;
   }
   KBARRIER();
-  tr_fence();
+  opv_fence();
 """ + _INV + r"""
   const float nan = KBITS_FLOAT(0x7fc00000);
   KUNROLL for (int j = 0; j < VPT; ++j) {

@@ -97,3 +97,30 @@ def one_pass_composed(a: dict, n: int, C: int, iters: int = 20):
     x2 = a["x"].reshape(T, n * C).astype(mx.float32)
     dx = share.reshape(T, n * C).astype(mx.float32) + gs @ a["phi"].T - x2 * c2[:, None]
     return dx.reshape(T, n, C), gs, c2, g_bias, g_alpha
+
+
+SITE_USES = ("site", "pre and post", "pre only", "post with other x", "post twice", "res too")
+
+
+def site_use(hc, names, use: str, sub):
+    """A function of (x, *parameters named `names`) that uses HyperConnection hc as `use` says
+    (SITE_USES): the site call, pre then post on the same x, pre's output alone, post on another
+    array than pre's x, post twice on pre's x, or the caller also using H_res; sub is the
+    sublayer. The chained forms' tests run every use through the kernels and the reference."""
+
+    def site_fn(x_, *ps):
+        hc.update(dict(zip(names, ps)))
+        if use == "site":
+            return hc(x_, sub)
+        h, coeffs = hc.pre(x_)
+        if use == "pre only":
+            return mx.broadcast_to(h[..., None, :], x_.shape) * 2
+        other = x_ * 1 if use == "post with other x" else x_
+        out = hc.post(other, sub(h), coeffs)
+        if use == "post twice":
+            out = out + 0.5 * hc.post(other, sub(h) * 0.5, coeffs)
+        if use == "res too":
+            out = out + mx.sum(coeffs.res * coeffs.res, axis=(-1, -2))[..., None, None].astype(out.dtype)
+        return out
+
+    return site_fn

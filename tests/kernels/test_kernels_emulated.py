@@ -14,7 +14,7 @@ import pytest
 
 import cpu_emulator as emu
 import kernels_ref64 as ref64
-from kernel_compare import as_cuda, grad_rel, largest, np64, random_dynamic_site, rel
+from kernel_compare import SITE_USES, as_cuda, grad_rel, largest, np64, random_dynamic_site, rel, site_use
 from mhc_mlx.compiled.sinkhorn import sinkhorn_knopp as compiled_sinkhorn
 from mhc_mlx import reference
 from mhc_mlx.kernels import build, coefficients, coefficients_mma, coefficients_mma_vjp, layer, pre_step, sinkhorn, site
@@ -993,7 +993,7 @@ def test_tensor_core_coefficient_backward_adds_the_chained_x_cotangent(monkeypat
 
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
 @pytest.mark.parametrize("form", ["two ops", "read step", "tensor-core backward", "static"])
-@pytest.mark.parametrize("use", ["site", "pre and post", "pre only", "post with other x", "post twice", "res too"])
+@pytest.mark.parametrize("use", SITE_USES)
 @pytest.mark.parametrize("defer", [False, True])
 def test_hyper_connection_with_the_chained_x_cotangent(monkeypatch, defer, dtype, form, use):
     # kernels.CHAIN_X_COTANGENT through a HyperConnection on the emulated CUDA kernels: gradients
@@ -1029,20 +1029,7 @@ def test_hyper_connection_with_the_chained_x_cotangent(monkeypatch, defer, dtype
     def sub(h):
         return (h.astype(mx.float32) * w).astype(h.dtype)
 
-    def site_fn(x_, *ps):
-        hc.update(dict(zip(names, ps)))
-        if use == "site":
-            return hc(x_, sub)
-        h, coeffs = hc.pre(x_)
-        if use == "pre only":
-            return mx.broadcast_to(h[..., None, :], x_.shape) * 2
-        other = x_ * 1 if use == "post with other x" else x_
-        out = hc.post(other, sub(h), coeffs)
-        if use == "post twice":
-            out = out + 0.5 * hc.post(other, sub(h) * 0.5, coeffs)
-        if use == "res too":
-            out = out + mx.sum(coeffs.res * coeffs.res, axis=(-1, -2))[..., None, None].astype(out.dtype)
-        return out
+    site_fn = site_use(hc, names, use, sub)
 
     emu.launched.clear()
     out, got = mx.vjp(site_fn, [x, *params], [cot])

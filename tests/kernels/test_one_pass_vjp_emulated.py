@@ -12,7 +12,7 @@ import pytest
 import cpu_emulator as emu
 from mhc_mlx import reference
 from mhc_mlx.kernels import build, coefficients, one_pass_vjp, site
-from kernel_compare import one_pass_composed, one_pass_inputs
+from kernel_compare import SITE_USES, one_pass_composed, one_pass_inputs
 
 pytestmark = pytest.mark.slow
 
@@ -136,7 +136,7 @@ def test_the_timing_experiment_runs(monkeypatch, capsys):
         assert f"bf16, {form}" in out, out
 
 
-@pytest.mark.parametrize("use", ["site", "pre and post", "pre only", "post with other x", "post twice", "res too"])
+@pytest.mark.parametrize("use", SITE_USES)
 @pytest.mark.parametrize("T,C,form", [(5, 64, "wait"), (20, 128, "wait"), (20, 128, "last")])
 def test_hyper_connection_with_the_one_pass_backward(monkeypatch, use, T, C, form):
     # kernels.ONE_PASS_VJP (candidate) through a HyperConnection on the emulated CUDA kernels (its
@@ -148,7 +148,7 @@ def test_hyper_connection_with_the_one_pass_backward(monkeypatch, use, T, C, for
     from mhc_mlx import dispatch, kernels
     from mhc_mlx.kernels import coefficients_mma, coefficients_mma_vjp
 
-    from kernel_compare import as_cuda, grad_rel, largest, rel
+    from kernel_compare import as_cuda, grad_rel, largest, rel, site_use
 
     for module in (coefficients_mma, coefficients_mma_vjp):
         monkeypatch.setattr(module, "launch", emu.launch)
@@ -170,20 +170,7 @@ def test_hyper_connection_with_the_one_pass_backward(monkeypatch, use, T, C, for
     def sub(h):
         return (h.astype(mx.float32) * w).astype(h.dtype)
 
-    def site_fn(x_, *ps):
-        hc.update(dict(zip(names, ps)))
-        if use == "site":
-            return hc(x_, sub)
-        h, coeffs = hc.pre(x_)
-        if use == "pre only":
-            return mx.broadcast_to(h[..., None, :], x_.shape) * 2
-        other = x_ * 1 if use == "post with other x" else x_
-        out = hc.post(other, sub(h), coeffs)
-        if use == "post twice":
-            out = out + 0.5 * hc.post(other, sub(h) * 0.5, coeffs)
-        if use == "res too":
-            out = out + mx.sum(coeffs.res * coeffs.res, axis=(-1, -2))[..., None, None].astype(out.dtype)
-        return out
+    site_fn = site_use(hc, names, use, sub)
 
     emu.launched.clear()
     out, got = mx.vjp(site_fn, [x, *params], [cot])
