@@ -130,8 +130,8 @@ _TILE_BODY = r"""
 _INV = r"""
   if (KTID < TT) {
     float t = 0.0f;
-    // volatile: past this SM's L1, which holds nothing of the other slices' partials anyway
-    for (int s2 = 0; s2 < S; ++s2) t += ((volatile const float*)partial)[((int64_t)tile * S + s2) * TT + KTID];
+    // past L1 (ld.global.cg), not volatile: the S loads in flight together
+    for (int s2 = 0; s2 < S; ++s2) t += opv_ldcg((const float*)partial + ((int64_t)tile * S + s2) * TT + KTID);
     inv_s[KTID] = 1.0f / KSQRT(t / (float)K + 1e-6f);
   }
   KBARRIER();

@@ -61,10 +61,12 @@ HELPERS = r"""
 KDEV int opv_atomic_add(int* p, int v) { int o = *p; *p = o + v; return o; }
 KDEV void opv_fence() {}
 KDEV int opv_load(const int* p) { return *p; }
+KDEV float opv_ldcg(const float* p) { return *p; }
 #else
 KDEV int opv_atomic_add(int* p, int v) { return atomicAdd(p, v); }
 KDEV void opv_fence() { __threadfence(); }
 KDEV int opv_load(const int* p) { return *(volatile const int*)p; }
+KDEV float opv_ldcg(const float* p) { return __ldcg(p); }
 #endif
 """
 
@@ -151,7 +153,19 @@ _BODY = r"""
       float s = 0.0f;
       if (u < Ttok) {
         if (EXT) s = a < N ? extp[u * N + a] : extr[u * NN + a - N] + extr2[u * NN + a - N];  // other uses
-        for (int s2 = 0; s2 < S; ++s2) s += ((volatile const float*)partial)[(((int64_t)tile * S + s2) * TT + ul) * NV + a];
+        // past L1 (ld.global.cg: L2 holds the other threadgroups' partials) but not volatile, so
+        // the S loads stay in flight together instead of one L2 round trip each
+        const float* pp = (const float*)partial + ((int64_t)tile * S * TT + ul) * NV + a;
+        float s1 = 0.0f, s2v = 0.0f, s3v = 0.0f;
+        int s2 = 0;
+        for (; s2 + 4 <= S; s2 += 4) {
+          s += opv_ldcg(pp + (int64_t)s2 * TT * NV);
+          s1 += opv_ldcg(pp + (int64_t)(s2 + 1) * TT * NV);
+          s2v += opv_ldcg(pp + (int64_t)(s2 + 2) * TT * NV);
+          s3v += opv_ldcg(pp + (int64_t)(s2 + 3) * TT * NV);
+        }
+        for (; s2 < S; ++s2) s += opv_ldcg(pp + (int64_t)s2 * TT * NV);
+        s += (s1 + s2v) + s3v;
       }
       sums_s[e] = s;
     }
@@ -225,11 +239,11 @@ _BODY = r"""
     const float bad = ok_s ? 0.0f : KBITS_FLOAT(0x7fc00000);
     for (int e = KTID; e < TT * W; e += KNT) {
       const int64_t u = (int64_t)tile * TT + e / W;
-      gs_s[e] = (u < Ttok ? ((volatile const float*)gsc)[u * W + e % W] : 0.0f) + bad;
+      gs_s[e] = (u < Ttok ? opv_ldcg(gsc + u * W + e % W) : 0.0f) + bad;
     }
     if (KTID < TT) {
       const int64_t u = (int64_t)tile * TT + KTID;
-      c2_s[KTID] = (u < Ttok ? ((volatile const float*)ctwo)[u] : 0.0f) + bad;
+      c2_s[KTID] = (u < Ttok ? opv_ldcg(ctwo + u) : 0.0f) + bad;
     }
   }
   if (KTID < TT * N) {
