@@ -102,11 +102,15 @@ def one_pass_composed(a: dict, n: int, C: int, iters: int = 20):
 SITE_USES = ("site", "pre and post", "pre only", "post with other x", "post twice", "res too")
 
 
-def site_use(hc, names, use: str, sub):
+def site_use(hc, names, use: str, w):
     """A function of (x, *parameters named `names`) that uses HyperConnection hc as `use` says
     (SITE_USES): the site call, pre then post on the same x, pre's output alone, post on another
-    array than pre's x, post twice on pre's x, or the caller also using H_res; sub is the
-    sublayer. The chained forms' tests run every use through the kernels and the reference."""
+    array than pre's x, post twice on pre's x, or the caller also using H_res; the sublayer
+    scales h by w [C]. The chained forms' tests run every use through the kernels and the
+    reference."""
+
+    def sub(h):
+        return (h.astype(mx.float32) * w).astype(h.dtype)
 
     def site_fn(x_, *ps):
         hc.update(dict(zip(names, ps)))
@@ -124,3 +128,16 @@ def site_use(hc, names, use: str, sub):
         return out
 
     return site_fn
+
+
+def assert_site_matches_reference(site_fn, x, params, names, cot, out, got, out_tol: float, grad_tol: float):
+    """The kernels' (out, gradients) of site_fn against the reference backend's float32 autodiff:
+    the output relative to a tenth of x's norm, each gradient to 5 % of the largest."""
+    from mhc_mlx import dispatch
+
+    with dispatch.use_backend("reference"):
+        want_out, want = mx.vjp(site_fn, [x.astype(mx.float32), *params], [cot.astype(mx.float32)])
+    assert rel(out[0], want_out[0], floor=0.1 * float(np.linalg.norm(np64(x)))) <= out_tol
+    top = largest(want)
+    for name, a, b in zip(["x", *names], got, want):
+        assert grad_rel(a, b, 0.05 * top) <= grad_tol, name

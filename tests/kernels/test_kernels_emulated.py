@@ -14,7 +14,8 @@ import pytest
 
 import cpu_emulator as emu
 import kernels_ref64 as ref64
-from kernel_compare import SITE_USES, as_cuda, grad_rel, largest, np64, random_dynamic_site, rel, site_use
+from kernel_compare import (SITE_USES, as_cuda, assert_site_matches_reference, grad_rel, largest, np64,
+                            random_dynamic_site, rel, site_use)
 from mhc_mlx.compiled.sinkhorn import sinkhorn_knopp as compiled_sinkhorn
 from mhc_mlx import reference
 from mhc_mlx.kernels import build, coefficients, coefficients_mma, coefficients_mma_vjp, layer, pre_step, sinkhorn, site
@@ -1003,7 +1004,7 @@ def test_hyper_connection_with_the_chained_x_cotangent(monkeypatch, defer, dtype
     # twice, or the caller also uses H_res; with post's x and H_res cotangents deferred to pre's
     # backward (kernels.DEFER_POST_X, where pre is its own op) or not
     import mhc_mlx as mhc
-    from mhc_mlx import dispatch, kernels
+    from mhc_mlx import kernels
 
     monkeypatch.setattr(kernels, "DEFER_POST_X", defer)
     monkeypatch.setattr(build, "gpu_backend", lambda: "cuda")
@@ -1026,10 +1027,7 @@ def test_hyper_connection_with_the_chained_x_cotangent(monkeypatch, defer, dtype
     cot = mx.random.normal((T, n, C)).astype(dtype)
     w = mx.random.normal((C,))
 
-    def sub(h):
-        return (h.astype(mx.float32) * w).astype(h.dtype)
-
-    site_fn = site_use(hc, names, use, sub)
+    site_fn = site_use(hc, names, use, w)
 
     emu.launched.clear()
     out, got = mx.vjp(site_fn, [x, *params], [cot])
@@ -1042,14 +1040,8 @@ def test_hyper_connection_with_the_chained_x_cotangent(monkeypatch, defer, dtype
     post_vjps = [t for name, t, *_ in emu.launched if name == "mhc_post_vjp"]
     if use != "pre only":  # deferred where post reads the chained x'
         assert [t["DEFER"] for t in post_vjps] == [deferred and use != "post with other x"] * len(post_vjps)
-    up = [x.astype(mx.float32), *params]
-    with dispatch.use_backend("reference"):
-        want_out, want = mx.vjp(site_fn, up, [cot.astype(mx.float32)])
-    assert rel(out[0], want_out[0], floor=0.1 * float(np.linalg.norm(np64(x)))) <= TOL[dtype]
-    top = largest(want)
-    tol = GRAD_TOL if dtype == mx.float32 else TOL[dtype]
-    for name, a, b in zip(["x", *names], got, want):
-        assert grad_rel(a, b, 0.05 * top) <= tol, name
+    assert_site_matches_reference(site_fn, x, params, names, cot, out, got, TOL[dtype],
+                                  GRAD_TOL if dtype == mx.float32 else TOL[dtype])
 
 
 @pytest.mark.parametrize("dynamic", [True, False])

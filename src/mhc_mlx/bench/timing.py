@@ -49,16 +49,12 @@ def paired_latency_us(fn, args, repeats: int = 100, rounds: int = 5) -> dict:
         raise ValueError(f"paired_latency_us needs 1 <= rounds <= repeats, got rounds={rounds}, repeats={repeats}")
     tiny_in = mx.array([1.0])
     mx.eval(tiny_in)
-    per_round = repeats // rounds
+    calls = {"tiny": (lambda v: v + 1.0, [tiny_in]), "row": (fn, args)}
     pairs = []
     for r in range(rounds):
-        if r % 2 == 0:
-            tiny = latency_us(lambda v: v + 1.0, [tiny_in], repeats=per_round)
-            us = latency_us(fn, args, repeats=per_round)
-        else:
-            us = latency_us(fn, args, repeats=per_round)
-            tiny = latency_us(lambda v: v + 1.0, [tiny_in], repeats=per_round)
-        pairs.append((tiny, us))
+        timed = {which: latency_us(*calls[which], repeats=repeats // rounds)
+                 for which in (("tiny", "row") if r % 2 == 0 else ("row", "tiny"))}
+        pairs.append((timed["tiny"], timed["row"]))
     return {"us": statistics.median(u for _, u in pairs), "tiny_us": statistics.median(t for t, _ in pairs),
             "ratio": statistics.median(u / t for t, u in pairs), "rounds": [list(p) for p in pairs]}
 

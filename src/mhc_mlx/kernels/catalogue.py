@@ -160,14 +160,13 @@ def cuda_only_instances():
     opv = one_pass_vjp
     out.append((opv.ZERO_COUNTERS, (F32, I32), (I32,), []))
     for dt, n, tt, cs in [(dt, n, opv.TT, opv.CS) for dt in (BF16, F16) for n in (1, 2, 4)] + [(BF16, 4, 8, 64)]:
-        if True:
-            base = [("T", dt), ("N", n), ("TT", tt), ("CS", cs), ("SPIN", opv.SPIN_LIMIT), ("EXT", n != 2)]
-            arrays = (dt, dt, dt) + (F32,) * 13
-            for phase, lastw in ((0, False), (0, True), (1, False)):
-                out.append((opv.ONE_PASS, arrays + (I32, I32), (dt, F32, F32, F32, F32),
-                            base + [("LASTW", lastw), ("PHASE", phase)]))
-            out.append((opv.ONE_PASS_FROM_PARTIALS, arrays + (F32, I32, I32), (dt, F32, F32, F32),
-                        base + [("LASTW", False), ("PHASE", 3)]))
+        base = [("T", dt), ("N", n), ("TT", tt), ("CS", cs), ("SPIN", opv.SPIN_LIMIT), ("EXT", n != 2)]
+        arrays = (dt, dt, dt) + (F32,) * 13
+        for phase, lastw in ((0, False), (0, True), (1, False)):
+            out.append((opv.ONE_PASS, arrays + (I32, I32), (dt, F32, F32, F32, F32),
+                        base + [("LASTW", lastw), ("PHASE", phase)]))
+        out.append((opv.ONE_PASS_FROM_PARTIALS, arrays + (F32, I32, I32), (dt, F32, F32, F32),
+                    base + [("LASTW", False), ("PHASE", 3)]))
     for n, gt in ((1, 128), (4, 128), (4, 32)):
         for after in (False, True):
             out.append((vjp.glue_packs_spec(after), (F32,) * 9 + (I32,), (F32, F32, F32, BF16, BF16),

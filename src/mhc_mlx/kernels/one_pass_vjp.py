@@ -32,6 +32,7 @@ count, the wait and the publishing. n <= 4.
 
 from __future__ import annotations
 
+import math
 from functools import lru_cache
 
 import mlx.core as mx
@@ -368,9 +369,7 @@ def one_pass_vjp(x, dh, g, H_pre, H_res, jac, m, invr, alpha, bias, H_post, dH_p
     if shared_bytes(n, TT, CS) > 48 * 1024:
         raise ValueError(f"one_pass_vjp at TT = {TT}, CS = {CS}, n = {n} needs {shared_bytes(n, TT, CS)} bytes "
                          "of static shared memory; CUDA allows 48 KB")
-    T = 1
-    for d in lead:
-        T *= d
+    T = math.prod(lead)
     W = n * (n + 2)
     S = C // CS
     tiles = -(-T // TT)
