@@ -5,7 +5,8 @@
         bench --only dynamic/fwd+bwd/4096x4x4096 --out runs/bench_candidates --seeds ""
 
 Each setting is module.ATTRIBUTE=value under mhc_mlx.kernels (kernels. for the package itself);
-value 1/0/true/false/auto or an integer. The bench's JSON header records every kernel setting
+value 1/0/true/false/auto or an integer, or the word itself for a setting that is a word
+(one_pass_vjp.FORM=last). The bench's JSON header records every kernel setting
 (kernels.settings()), so a run states what it ran.
 """
 
@@ -46,7 +47,8 @@ def main(argv: list[str]) -> int:
         module = importlib.import_module(name)
         if not hasattr(module, attribute):
             raise SystemExit(f"bench_with.py: {name} has no setting {attribute}")
-        setattr(module, attribute, _value(value))
+        # a setting whose value is a word (one_pass_vjp.FORM) takes the text as it is
+        setattr(module, attribute, value if isinstance(getattr(module, attribute), str) else _value(value))
     from mhc_mlx.cli.main import main as cli
 
     return cli(argv[cut + 1:])

@@ -1512,19 +1512,29 @@ def one_pass_vjp_forms(rounds=5, T=4096, n=4, C=4096):
     """kernels/one_pass_vjp.py (candidate) against what it would replace at T x n x C bf16, each
     on 10 rotated inputs, alternated `rounds` times: pre's deferred backward (site.PRE_VJP_RES),
     the glue (the Sinkhorn Jacobian's product and the activations' backward) and the tensor-core
-    DX with pre's share added (ACC), as the dynamic backward runs them today; the one launch; its
-    split form (two launches, no waits). The Jacobian is made once, outside the timings (today it
-    runs beside post's backward). Checked first: the one launch equals the split form bit for bit.
-    The one launch also at 8 and 4 tokens a tile (more tiles in flight, fewer values a thread), and
-    in its "last" form (no waits: each tile's last threadgroup writes the whole tile)."""
+    DX with pre's share added (ACC), as the dynamic backward runs them today; the split form
+    (three launches, no waits); the one launch ("wait"), also at 8 tokens a tile; the "last" form
+    (no waits: each tile's last threadgroup writes the whole tile), also at 8. The Jacobian is made
+    once, outside the timings (today it runs beside post's backward). Checked first: the one
+    launch equals the split form bit for bit."""
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "kernels"))
     from kernel_compare import one_pass_inputs
 
     from mhc_mlx.kernels import coefficients_mma_vjp, one_pass_vjp
 
+    def at(form, tt=one_pass_vjp.TT):  # the one pass in `form` at TT tokens a tile (16 TT threads a group)
+        def run(a):
+            saved = one_pass_vjp.TT, one_pass_vjp.FORM
+            one_pass_vjp.TT, one_pass_vjp.FORM = tt, form
+            try:
+                return one_pass_vjp.one_pass_vjp(**a)
+            finally:
+                one_pass_vjp.TT, one_pass_vjp.FORM = saved
+        return run
+
     sets = [one_pass_inputs(T, n, C, BF) for _ in range(10)]
     mx.eval(sets)
-    one, split = one_pass_vjp.one_pass_vjp(**sets[0]), one_pass_vjp.one_pass_vjp(**sets[0], split=True)
+    one, split = at("wait")(sets[0]), at("split")(sets[0])
     same = all(mx.array_equal(a, b).item() for a, b in zip(one, split))
     finite = all(mx.all(mx.isfinite(a)).item() for a in one)
     print(f"one-pass vjp check {T}x{n}x{C}: one launch equals the split form {same}, all finite {finite}")
@@ -1537,19 +1547,9 @@ def one_pass_vjp_forms(rounds=5, T=4096, n=4, C=4096):
         dx = coefficients_mma_vjp.dx(a["x"].reshape(T, n * C), a["phi"], gs, c2, gacc=share)
         return dx, gs, c2, g_bias, g_alpha
 
-    def at(tt, split=False, form="wait"):  # the one pass at TT tokens a tile (16 TT threads a group), CS 64
-        def run(a):
-            one_pass_vjp.TT, one_pass_vjp.FORM = tt, form
-            try:
-                return one_pass_vjp.one_pass_vjp(**a, split=split)
-            finally:
-                one_pass_vjp.TT, one_pass_vjp.FORM = saved
-        return run
-
-    saved = one_pass_vjp.TT, one_pass_vjp.FORM
-    forms = {"today (pre bwd + glue + DX)": today, "one launch": at(saved[0]), "one launch, TT 8": at(8),
-             "one launch, TT 4": at(4), "last writes the tile": at(saved[0], form="last"),
-             "last, TT 8": at(8, form="last"), "split (two launches)": at(saved[0], split=True)}
+    forms = {"today (pre bwd + glue + DX)": today, "split (three launches)": at("split"),
+             "one launch (wait)": at("wait"), "wait, TT 8": at("wait", 8), "last writes the tile": at("last"),
+             "last, TT 8": at("last", 8)}
     times = {label: [] for label in forms}
     for _ in range(rounds):
         for label, fn in forms.items():

@@ -533,6 +533,25 @@ case "${1:-}" in
     run 200 bench_one_pass python scripts/bench_with.py kernels.ONE_PASS_VJP=1 -- bench --out "$res/bench_one_pass" \
       --overwrite --seeds "" --only dynamic/fwd+bwd/4096x4x4096,dynamic/fwd+bwd/512x4x1280 --impl kernels
     ;;
+  one-pass3)
+    # (eleventh session of 2026-11-30) the one pass again after the first run's 2.2-2.8 ms (phi's
+    # staged rows read with 16-way bank conflicts): its timings in every form, the split's three
+    # launches among them, then its GPU tests
+    run 150 experiments_one_pass python scripts/gpu_experiments.py one-pass-vjp
+    run 330 gpu_tests_one_pass python -m pytest -q -m gpu tests/kernels/test_kernels_gpu.py -k one_pass -p no:cacheprovider \
+      -o faulthandler_timeout=60
+    ;;
+  one-pass4)
+    # (eleventh session of 2026-11-30) the chain checks with the one pass on in FORM (default
+    # split), then the dynamic fwd+bwd bench with it on and off, each in its own process, twice
+    CHECK_ARGS="--one-pass-vjp --mma-vjp" CHECK_ONLY=chain NO_PYTEST=1 check 200
+    for rep in 1 2; do
+      run 100 "bench_one_pass_$rep" python scripts/bench_with.py kernels.ONE_PASS_VJP=1 "one_pass_vjp.FORM=${FORM:-split}" -- \
+        bench --out "$res/bench_one_pass_$rep" --overwrite --seeds "" --only dynamic/fwd+bwd/4096x4x4096,dynamic/fwd+bwd/512x4x1280 --impl kernels
+      run 100 "bench_today_$rep" python -m mhc_mlx.cli.main bench --out "$res/bench_today_$rep" --overwrite --seeds "" \
+        --only dynamic/fwd+bwd/4096x4x4096,dynamic/fwd+bwd/512x4x1280 --impl kernels
+    done
+    ;;
   verify-standins)
     # (tenth session of 2026-11-30) the kernels' unread inputs as cached host-made stand-ins
     # (build.standin): the coefficient (tensor-core backward), chain and read-step checks

@@ -389,8 +389,8 @@ def test_glue_writes_the_tensor_core_fragments(monkeypatch, T):
 def test_one_pass_vjp_candidate(monkeypatch, T, n, C, form):
     # kernels/one_pass_vjp.py (a candidate, CUDA only): the one launch (FORM "wait": its
     # threadgroups count into their tile's counter and wait for its glue; "last": the tile's last
-    # threadgroup writes it all) equals the wait form's split form (the same text in two launches,
-    # no waits) bit for bit, and the kernels it would replace within bf16 rounding
+    # threadgroup writes it all) equals the split form (the same text in three launches, no waits)
+    # bit for bit, and the kernels it would replace within bf16 rounding
     from kernel_compare import one_pass_composed, one_pass_inputs
     from mhc_mlx.kernels import one_pass_vjp
 
@@ -407,11 +407,11 @@ def test_one_pass_vjp_candidate(monkeypatch, T, n, C, form):
         assert ref64.rel_err(np64(got), np64(ref)) <= tol
 
 
-@pytest.mark.parametrize("form", ["wait", "last"])
+@pytest.mark.parametrize("form", ["wait", "last", "split"])
 @pytest.mark.parametrize("T,C", [(37, 256), (4096, 4096)])
 def test_one_pass_vjp_through_a_hyper_connection(monkeypatch, T, C, form):
     # kernels.ONE_PASS_VJP (candidate, CUDA only): a dynamic site's gradients with the one-pass
-    # backward (one launch, waits included) against the reference backend's float32 autodiff on
+    # backward (the one launch, waits included, or the split's three launches) against the reference backend's float32 autodiff on
     # the CPU, as the chained forms' GPU test
     import mhc_mlx as mhc
     from mhc_mlx import dispatch, kernels

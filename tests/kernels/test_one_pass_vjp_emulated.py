@@ -1,6 +1,6 @@
-"""kernels/one_pass_vjp.py (a CUDA candidate, not yet wired into any path) on the CPU emulator:
-its split form (the partials, then every threadgroup running its tile's glue and writing its
-slice) against the kernels it would replace, composed: pre's deferred backward
+"""kernels/one_pass_vjp.py (a CUDA candidate, kernels.ONE_PASS_VJP) on the CPU emulator: its split
+form (the partials, the glue a threadgroup a tile, then dx; the "wait" form's text but the count,
+the wait and the publishing) and its "last" form against the kernels it would replace, composed: pre's deferred backward
 (site.PRE_VJP_RES), the glue (the Sinkhorn Jacobian's transpose, then the activations'
 backward) and DX's dx = share + gs phi^T - x c2, and against the reference's float64 autodiff.
 The one-launch form's count, wait and publishing run only on a GPU."""
@@ -27,13 +27,15 @@ def emulated(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
-@pytest.mark.parametrize("n,T,C", [(4, 20, 128), (4, 16, 64), (2, 33, 192), (1, 5, 64), (3, 17, 128)])
-@pytest.mark.parametrize("tt,cs", [(16, 64), (8, 64), (4, 32)])
-@pytest.mark.parametrize("form", ["wait", "last"])
+@pytest.mark.parametrize("n,T,C,tt,cs", [(4, 20, 128, 16, 64), (4, 16, 64, 16, 64), (2, 33, 192, 16, 64), (1, 5, 64, 16, 64),
+                                         (3, 17, 128, 16, 64), (4, 20, 128, 8, 64), (2, 33, 192, 8, 64),
+                                         (4, 20, 128, 4, 64), (3, 17, 128, 4, 64), (2, 33, 256, 4, 128),
+                                         (1, 5, 128, 8, 128)])
+@pytest.mark.parametrize("form", ["wait", "last", "split"])
 def test_split_form_equals_the_kernels_it_replaces(monkeypatch, dtype, n, T, C, tt, cs, form):
     # T = 20, 33, 17, 5: a partial last tile (its tokens past T neither read nor written); C = 64 to
-    # 192: one to six slices per tile; the launch shapes a GPU run may tune (TT tokens a tile,
-    # CS channels a slice; 16 TT threads a group). FORM "wait" as its split form (the emulator
+    # 256: one to six slices per tile; the launch shapes a GPU run may tune (TT tokens a tile,
+    # CS channels a slice, 4 or 8 a thread; 16 TT threads a group). FORM "wait" as its split form (the emulator
     # cannot run its waits); "last" as it runs on a GPU: the tile's last threadgroup (here the
     # tile's last in order) writes every slice
     monkeypatch.setattr(one_pass_vjp, "TT", tt)
@@ -43,8 +45,8 @@ def test_split_form_equals_the_kernels_it_replaces(monkeypatch, dtype, n, T, C, 
     dx_want, gs_want, c2_want, gb_want, ga_want = one_pass_composed(a, n, C)
     emu.launched.clear()
     dx, gs, c2, g_bias, g_alpha = one_pass_vjp.one_pass_vjp(**a, split=True)
-    want_launches = (["mhc_one_pass_vjp", "mhc_one_pass_vjp_from_partials"] if form == "wait"
-                     else ["mhc_one_pass_counters", "mhc_one_pass_vjp"])
+    want_launches = (["mhc_one_pass_counters", "mhc_one_pass_vjp"] if form == "last"
+                     else ["mhc_one_pass_partials", "mhc_one_pass_glue", "mhc_one_pass_dx"])
     assert [name for name, *_ in emu.launched] == want_launches
     assert dx.shape == a["x"].shape and dx.dtype == dtype
     for got, want in ((gs, gs_want), (c2, c2_want), (g_bias, gb_want), (g_alpha, ga_want)):
@@ -85,7 +87,7 @@ def test_split_form_gives_the_reference_gradients():
 
 def test_refuses_an_unknown_form(monkeypatch):
     monkeypatch.setattr(one_pass_vjp, "FORM", "spin")
-    with pytest.raises(ValueError, match="FORM must be 'wait' or 'last'"):
+    with pytest.raises(ValueError, match="FORM must be one of"):
         one_pass_vjp.one_pass_vjp(**one_pass_inputs(16, 4, 64, mx.bfloat16))
 
 
@@ -131,13 +133,13 @@ def test_the_timing_experiment_runs(monkeypatch, capsys):
     gpu_experiments.one_pass_vjp_forms(rounds=1, T=32, n=4, C=128)
     out = capsys.readouterr().out
     assert "one launch equals the split form False, all finite False" in out, out
-    for form in ("today (pre bwd + glue + DX)", "one launch", "one launch, TT 8", "one launch, TT 4",
-                 "last writes the tile", "last, TT 8", "split (two launches)"):
+    for form in ("today (pre bwd + glue + DX)", "split (three launches)", "one launch (wait)", "wait, TT 8",
+                 "last writes the tile", "last, TT 8"):
         assert f"bf16, {form}" in out, out
 
 
 @pytest.mark.parametrize("use", SITE_USES)
-@pytest.mark.parametrize("T,C,form", [(5, 64, "wait"), (20, 128, "wait"), (20, 128, "last")])
+@pytest.mark.parametrize("T,C,form", [(5, 64, "wait"), (20, 128, "split"), (20, 128, "last")])
 def test_hyper_connection_with_the_one_pass_backward(monkeypatch, use, T, C, form):
     # kernels.ONE_PASS_VJP (candidate) through a HyperConnection on the emulated CUDA kernels (its
     # split form, one_pass_vjp.SPLIT): the read as one custom function whose backward is the one
@@ -172,6 +174,6 @@ def test_hyper_connection_with_the_one_pass_backward(monkeypatch, use, T, C, for
     emu.launched.clear()
     out, got = mx.vjp(site_fn, [x, *params], [cot])
     launched = [name for name, *_ in emu.launched]
-    one_pass = "mhc_one_pass_vjp_from_partials" if form == "wait" else "mhc_one_pass_vjp"
+    one_pass = "mhc_one_pass_vjp" if form == "last" else "mhc_one_pass_dx"
     assert one_pass in launched and "mhc_pre_vjp_res" not in launched, launched
     assert_site_matches_reference(site_fn, x, params, names, cot, out, got, 2e-2, 2e-2)

@@ -60,10 +60,10 @@ CHAIN_X_COTANGENT: bool | str = "auto"
 # `mhc-mlx bench` in two processes back to back, 762.0 against 843.4 (512x4x1280: 199.7 against
 # 217.5). False: post's backward reads x and writes x's cotangent itself.
 DEFER_POST_X = True
-# Candidate (not yet run on a GPU; not among use_candidates'): in the deferred chain at dynamic
-# sites whose backward takes tensor cores (16-bit x, n <= 4, C a multiple of 64), the read as
-# one custom function whose backward runs pre's backward, the glue and DX in one pass over x
-# (one_pass_vjp.py), then dphi. docs/kernel-notes.md (tenth session).
+# Candidate (not among use_candidates'): in the deferred chain at dynamic sites whose backward
+# takes tensor cores (16-bit x, n <= 4, C a multiple of 64), the read as one custom function
+# whose backward runs pre's backward, the glue and DX in one pass over x (one_pass_vjp.py, in
+# its FORM), then dphi. docs/kernel-notes.md (tenth and eleventh sessions).
 ONE_PASS_VJP = False
 
 
@@ -210,7 +210,7 @@ def use_candidates(on: bool = True) -> None:
 
 def settings() -> dict:
     """The kernels' tunable forms in this process (docs/kernel-notes.md; benches record them)."""
-    from . import build, coefficients, coefficients_mma, coefficients_mma_vjp, layer, sinkhorn
+    from . import build, coefficients, coefficients_mma, coefficients_mma_vjp, layer, one_pass_vjp, sinkhorn
 
     return {"dynamic_form": coefficients.DYNAMIC_FORM,
             "mma_min_elements": coefficients.MMA_MIN_ELEMENTS,
@@ -235,6 +235,7 @@ def settings() -> dict:
             "chain_x_cotangent": CHAIN_X_COTANGENT,
             "defer_post_x": DEFER_POST_X,
             "one_pass_vjp": ONE_PASS_VJP,
+            "one_pass_vjp_form": one_pass_vjp.FORM,
             "split_glue_sinkhorn": coefficients.SPLIT_GLUE_SINKHORN,
             "sinkhorn_jacobian": coefficients.SINKHORN_JACOBIAN,
             "dx_token_major": coefficients_mma_vjp.DX_TOKEN_MAJOR,

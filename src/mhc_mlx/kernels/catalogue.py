@@ -27,7 +27,7 @@ CUDA_ONLY_SPECS = (coefficients_mma.PACK, coefficients_mma.MMA, coefficients_mma
                    coefficients_mma_vjp.PACK_A, coefficients_mma_vjp.PACK_B, coefficients_mma_vjp.DX,
                    coefficients_mma_vjp.DPHI, coefficients_mma_vjp.glue_packs_spec(),
                    coefficients_mma_vjp.glue_packs_spec(after_sinkhorn=True),
-                   one_pass_vjp.ONE_PASS, one_pass_vjp.ONE_PASS_FROM_PARTIALS, one_pass_vjp.ZERO_COUNTERS)
+                   *one_pass_vjp.SPECS)
 
 F32, BF16, F16, I32 = mx.float32, mx.bfloat16, mx.float16, mx.int32
 
@@ -160,13 +160,15 @@ def cuda_only_instances():
     opv = one_pass_vjp
     out.append((opv.ZERO_COUNTERS, (F32, I32), (I32,), []))
     for dt, n, tt, cs in [(dt, n, opv.TT, opv.CS) for dt in (BF16, F16) for n in (1, 2, 4)] + [(BF16, 4, 8, 64)]:
-        base = [("T", dt), ("N", n), ("TT", tt), ("CS", cs), ("SPIN", opv.SPIN_LIMIT), ("EXT", n != 2)]
-        arrays = (dt, dt, dt) + (F32,) * 13
-        for phase, lastw in ((0, False), (0, True), (1, False)):
-            out.append((opv.ONE_PASS, arrays + (I32, I32), (dt, F32, F32, F32, F32),
-                        base + [("LASTW", lastw), ("PHASE", phase)]))
-        out.append((opv.ONE_PASS_FROM_PARTIALS, arrays + (F32, I32, I32), (dt, F32, F32, F32),
-                    base + [("LASTW", False), ("PHASE", 3)]))
+        base = [("T", dt), ("N", n), ("TT", tt), ("CS", cs)]
+        ext = n != 2
+        tensors, glue = (dt, dt, dt), (F32,) * 10
+        for lastw in (False, True):
+            out.append((opv.ONE_PASS, tensors + glue + (F32, F32, I32, I32), (dt, F32, F32, F32, F32),
+                        base + [("SPIN", opv.SPIN_LIMIT), ("EXT", ext), ("LASTW", lastw)]))
+        out.append((opv.PARTIALS, tensors + (I32,), (F32,), base))
+        out.append((opv.GLUE, (F32,) + glue + (I32,), (F32, F32, F32), [("N", n), ("TT", tt), ("CS", cs), ("EXT", ext)]))
+        out.append((opv.DX, tensors + (F32,) * 5 + (I32,), (dt,), base))
     for n, gt in ((1, 128), (4, 128), (4, 32)):
         for after in (False, True):
             out.append((vjp.glue_packs_spec(after), (F32,) * 9 + (I32,), (F32, F32, F32, BF16, BF16),
