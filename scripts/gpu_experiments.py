@@ -1561,8 +1561,88 @@ def one_pass_vjp_forms(rounds=5, T=4096, n=4, C=4096):
               f"one pass's {moved / 1e6:.0f} MB)  ({' '.join(f'{v:.0f}' for v in t)})")
 
 
+def one_pass_split(rounds=5, T=4096, n=4, C=4096):
+    """Where the one pass's split form (kernels/one_pass_vjp.py FORM "split") spends its time at
+    T x n x C bf16, beside today's steps, each launch timed alone on its own inputs (10 rotated
+    sets, alternated `rounds` times): PARTIALS at 64 / 128 / 256 channels a slice, GLUE, DX one
+    threadgroup a (tile, slice) or in ~264 / 528 / 1056 looping threadgroups; today's pre backward
+    (site.PRE_VJP_RES), glue and tensor-core DX alone; then the whole split in its default and
+    in two tuned settings, and today's three steps together."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "kernels"))
+    from kernel_compare import one_pass_inputs
+
+    from mhc_mlx.kernels import coefficients_mma_vjp
+    from mhc_mlx.kernels import one_pass_vjp as opv
+
+    F = mx.float32
+    sets = []
+    for _ in range(10):
+        a = one_pass_inputs(T, n, C, BF)
+        a["glue"] = [a["H_pre"], a["jac"], a["m"], a["invr"], a["alpha"], a["H_post"], a["dH_post"],
+                     mx.zeros((T, n), F), mx.zeros((T, n * n), F), mx.zeros((T, n * n), F)]
+        a["h_res"], a["phit"] = a["H_res"].reshape(T, n * n), a["phi"].T
+        a["partial"], a["sp"] = opv.partials(a["x"], a["dh"], a["g"])
+        a["gs"], a["c2"], _ = opv.glue_from_partials(a["partial"], a["glue"], T, C, a["sp"], True)
+        share, dH_pre, dH_res = site.pre_vjp_res(a["x"], a["H_pre"], a["H_res"], a["dh"], a["g"])
+        a["share"], a["today_cots"] = share, [dH_pre, a["dH_post"], dH_res]
+        sets.append(a)
+    mx.eval(sets)
+
+    def with_settings(fn, **kw):
+        def run(a):
+            saved = {k: getattr(opv, k) for k in kw}
+            for k, v in kw.items():
+                setattr(opv, k, v)
+            try:
+                return fn(a)
+            finally:
+                for k, v in saved.items():
+                    setattr(opv, k, v)
+        return run
+
+    def whole(a):
+        return opv.one_pass_vjp(a["x"], a["dh"], a["g"], a["H_pre"], a["H_res"], a["jac"], a["m"], a["invr"],
+                                a["alpha"], a["bias"], a["H_post"], a["dH_post"], a["phi"], ext=tuple(a["glue"][7:]))
+
+    def today(a):
+        share, dH_pre, dH_res = site.pre_vjp_res(a["x"], a["H_pre"], a["H_res"], a["dh"], a["g"])
+        gs, c2, *_ = coefficients._glue_kernel(a["m"], a["invr"], a["alpha"], a["bias"], a["H_pre"], a["H_post"],
+                                               [dH_pre, a["dH_post"], dH_res], n, n * C, 20)
+        return coefficients_mma_vjp.dx(a["x"].reshape(T, n * C), a["phi"], gs, c2, gacc=share), gs
+
+    partials = lambda a: opv.partials(a["x"], a["dh"], a["g"])[0]  # noqa: E731
+    dx = lambda a: opv.split_dx(a["x"], a["dh"], a["g"], a["H_pre"], a["h_res"], a["phit"], a["gs"], a["c2"])  # noqa: E731
+    forms = {
+        "PARTIALS 64": with_settings(partials, PARTIAL_CS=64),
+        "PARTIALS 128": with_settings(partials, PARTIAL_CS=128),
+        "PARTIALS 256": with_settings(partials, PARTIAL_CS=256),
+        "GLUE": lambda a: opv.glue_from_partials(a["partial"], a["glue"], T, C, a["sp"], True)[0],
+        "DX a block a tile": with_settings(dx, DX_BLOCKS=0),
+        "DX 264 blocks": with_settings(dx, DX_BLOCKS=264),
+        "DX 528 blocks": with_settings(dx, DX_BLOCKS=528),
+        "DX 1056 blocks": with_settings(dx, DX_BLOCKS=1056),
+        "today: pre bwd": lambda a: site.pre_vjp_res(a["x"], a["H_pre"], a["H_res"], a["dh"], a["g"])[0],
+        "today: glue": lambda a: coefficients._glue_kernel(a["m"], a["invr"], a["alpha"], a["bias"], a["H_pre"],
+                                                           a["H_post"], a["today_cots"], n, n * C, 20)[0],
+        "today: DX (ACC)": lambda a: coefficients_mma_vjp.dx(a["x"].reshape(T, n * C), a["phi"], a["gs"], a["c2"],
+                                                             gacc=a["share"]),
+        "split, defaults": with_settings(whole, FORM="split"),
+        "split, 128 / 528": with_settings(whole, FORM="split", PARTIAL_CS=128, DX_BLOCKS=528),
+        "split, 256 / 1056": with_settings(whole, FORM="split", PARTIAL_CS=256, DX_BLOCKS=1056),
+        "today, three steps": today,
+    }
+    times = {label: [] for label in forms}
+    for _ in range(rounds):
+        for label, fn in forms.items():
+            times[label].append(tput(fn, [[a] for a in sets]))
+    for label, t in times.items():
+        print(f"one-pass split {T}x{n}x{C} bf16, {label:<20} {statistics.median(t):7.1f} us  "
+              f"({' '.join(f'{v:.0f}' for v in t)})")
+
+
 MODES = {
     "one-pass-vjp": one_pass_vjp_forms,
+    "one-pass-split": one_pass_split,
     "tile-reuse": tile_reuse_forms,
     "headers": header_sizes,
     "read-step": read_step,

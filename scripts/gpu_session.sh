@@ -541,6 +541,11 @@ case "${1:-}" in
     run 330 gpu_tests_one_pass python -m pytest -q -m gpu tests/kernels/test_kernels_gpu.py -k one_pass -p no:cacheprovider \
       -o faulthandler_timeout=60
     ;;
+  one-pass-split)
+    # (eleventh session of 2026-11-30) where the split form's time goes: each launch alone in its
+    # settings beside today's steps alone, then the whole forms
+    run 200 experiments_one_pass_split python scripts/gpu_experiments.py one-pass-split
+    ;;
   one-pass4)
     # (eleventh session of 2026-11-30) the chain checks with the one pass on in FORM (default
     # split), then the dynamic fwd+bwd bench with it on and off, each in its own process, twice

@@ -58,6 +58,33 @@ def test_split_form_equals_the_kernels_it_replaces(monkeypatch, dtype, n, T, C, 
     assert np.max(np.abs(got - want)) / np.max(np.abs(want)) <= 1e-2
 
 
+@pytest.mark.parametrize("n,T,C", [(4, 40, 256), (2, 33, 512)])
+@pytest.mark.parametrize("partial_cs,dx_blocks", [(128, 1), (128, 5), (256, 0), (512, 3), (96, 2)])
+def test_split_launch_shapes(monkeypatch, n, T, C, partial_cs, dx_blocks):
+    # the split's tuning: PARTIALS over wider slices than DX's (PARTIAL_CS; 96 is no multiple of
+    # 64 and 512 does not divide C = 256: both fall back to CS), DX in few threadgroups that each
+    # loop over tiles (DX_BLOCKS 1: one a slice, every tile in turn; 5: tiles 0, 2, ... and 1, 3,
+    # ... of each slice, the last tile partial); the results as the kernels it replaces
+    monkeypatch.setattr(one_pass_vjp, "FORM", "split")
+    monkeypatch.setattr(one_pass_vjp, "PARTIAL_CS", partial_cs)
+    monkeypatch.setattr(one_pass_vjp, "DX_BLOCKS", dx_blocks)
+    a = one_pass_inputs(T, n, C, mx.bfloat16)
+    want = one_pass_composed(a, n, C)
+    emu.launched.clear()
+    got = one_pass_vjp.one_pass_vjp(**a)
+    sp = C // (partial_cs if partial_cs % 64 == 0 and C % partial_cs == 0 else one_pass_vjp.CS)
+    tiles = -(-T // one_pass_vjp.TT)
+    groups = tiles if dx_blocks == 0 else min(tiles, -(-dx_blocks // (C // one_pass_vjp.CS)))
+    threads = 16 * one_pass_vjp.TT
+    assert [(name, grid) for name, _, grid, _ in emu.launched] == [
+        ("mhc_one_pass_partials", tiles * sp * threads), ("mhc_one_pass_glue", tiles * threads),
+        ("mhc_one_pass_dx", groups * (C // one_pass_vjp.CS) * threads)]
+    for g, w, tol in zip(got, want, (1e-2, 1e-5, 1e-5, 1e-5, 1e-5)):
+        g, w = np.array(g.astype(mx.float32), dtype=np.float64), np.array(w, dtype=np.float64)
+        assert np.isfinite(g).all()
+        assert np.max(np.abs(g - w)) <= tol * max(1.0, np.max(np.abs(w)))
+
+
 def test_split_form_gives_the_reference_gradients():
     # end to end against the reference site's float32 autodiff: L = <post(x, f, H_post, H_res), g>
     # + <pre(x, H_pre), dh> with the sublayer's output f held fixed (its backward is the caller's:
@@ -177,3 +204,27 @@ def test_hyper_connection_with_the_one_pass_backward(monkeypatch, use, T, C, for
     one_pass = "mhc_one_pass_vjp" if form == "last" else "mhc_one_pass_dx"
     assert one_pass in launched and "mhc_pre_vjp_res" not in launched, launched
     assert_site_matches_reference(site_fn, x, params, names, cot, out, got, 2e-2, 2e-2)
+
+
+def test_the_split_breakdown_experiment_runs(monkeypatch, capsys):
+    # gpu_experiments.py one-pass-split, small, on the emulator: every launch timed alone and every
+    # whole form runs (each evaluated once in place of the timing's repeats)
+    import os
+    import sys
+
+    from mhc_mlx.kernels import coefficients_mma, coefficients_mma_vjp
+
+    for module in (coefficients_mma, coefficients_mma_vjp):
+        monkeypatch.setattr(module, "launch", emu.launch)
+    scripts = os.path.join(os.path.dirname(__file__), "..", "..", "scripts")
+    sys.path.insert(0, scripts)
+    try:
+        import gpu_experiments
+    finally:
+        sys.path.remove(scripts)
+    monkeypatch.setattr(gpu_experiments, "tput", lambda fn, sets, reps=10: (mx.eval([fn(*a) for a in sets]), 1.0)[1])
+    gpu_experiments.one_pass_split(rounds=1, T=32, n=4, C=256)
+    out = capsys.readouterr().out
+    for form in ("PARTIALS 64", "PARTIALS 256", "GLUE", "DX a block a tile", "DX 1056 blocks", "today: pre bwd",
+                 "today: DX (ACC)", "split, 256 / 1056", "today, three steps"):
+        assert f"bf16, {form}" in out, out

@@ -169,6 +169,8 @@ def cuda_only_instances():
         out.append((opv.PARTIALS, tensors + (I32,), (F32,), base))
         out.append((opv.GLUE, (F32,) + glue + (I32,), (F32, F32, F32), [("N", n), ("TT", tt), ("CS", cs), ("EXT", ext)]))
         out.append((opv.DX, tensors + (F32,) * 5 + (I32,), (dt,), base))
+    for cs in (128, 256):  # the split's wider PARTIALS slices (one_pass_vjp.PARTIAL_CS)
+        out.append((opv.PARTIALS, (BF16,) * 3 + (I32,), (F32,), [("T", BF16), ("N", 4), ("TT", opv.TT), ("CS", cs)]))
     for n, gt in ((1, 128), (4, 128), (4, 32)):
         for after in (False, True):
             out.append((vjp.glue_packs_spec(after), (F32,) * 9 + (I32,), (F32, F32, F32, BF16, BF16),

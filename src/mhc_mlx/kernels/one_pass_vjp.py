@@ -48,6 +48,12 @@ TT = 16
 CS = 64
 MAX_N = 4
 SPIN_LIMIT = 1 << 20  # polls (each an L2 round trip, ~1 µs) before a wait gives up: NaN, not a hang
+# The split's PARTIALS at PARTIAL_CS channels a slice (a multiple of 64 that divides C, else CS):
+# wider slices, fewer shuffle reductions and partials (16 PARTIAL_CS / 16 ... per thread).
+PARTIAL_CS = 64
+# The split's DX in about DX_BLOCKS threadgroups, each staging its slice of phi once and looping
+# over the tiles (0: a threadgroup a (tile, slice), phi staged by each).
+DX_BLOCKS = 0
 # FORM "wait" run as its split form (three launches, no waits): what the CPU emulator runs.
 SPLIT = False
 # "wait", "last" or "split" (the module's docstring). scripts/tile_reuse.py measured the first two
@@ -285,32 +291,34 @@ _STAGE_H = r"""
 
 def _dx(slice_expr: str) -> str:
     """dx = H_pre (x) dh + H_res^T g + gs phi^T - x c2 over this thread's CPT channels of each
-    stream of slice `slice_expr` (its x, g, dh in registers, phi's rows in phis4)."""
+    stream of slice `slice_expr` (its x, g, dh in registers, phi's rows in phis4): the x, g and dh
+    terms first, so their registers are free before the w loop (which reads each gs once)."""
     return r"""
   if (live) {
     const int c3 = (SLICE) * CS + q * CPT;
-    float gsr[W];
-    KUNROLL for (int w = 0; w < W; ++w) gsr[w] = gs_s[r * W + w];
     const float c2 = c2_s[r];
+    float o[N][CPT];
     KUNROLL for (int i = 0; i < N; ++i) {
-      float o[CPT];
       const float hp = hp_s[r * N + i];
-      KUNROLL for (int e = 0; e < CPT; ++e) o[e] = hp * dv[e] - xv[i][e] * c2;
+      KUNROLL for (int e = 0; e < CPT; ++e) o[i][e] = hp * dv[e] - xv[i][e] * c2;
       KUNROLL for (int j = 0; j < N; ++j) {
         const float a = hr_s[r * NN + j * N + i];
-        KUNROLL for (int e = 0; e < CPT; ++e) o[e] += a * gv[j][e];
+        KUNROLL for (int e = 0; e < CPT; ++e) o[i][e] += a * gv[j][e];
       }
-      KUNROLL for (int w = 0; w < W; ++w) {
+    }
+    KUNROLL for (int w = 0; w < W; ++w) {
+      const float gw = gs_s[r * W + w];
+      KUNROLL for (int i = 0; i < N; ++i) {
         KUNROLL for (int e4 = 0; e4 < CPT / 4; ++e4) {
           const float4 p = phis4[(w * N + i) * (CS / 4) + q * (CPT / 4) + e4];
-          o[4 * e4] += gsr[w] * p.x;
-          o[4 * e4 + 1] += gsr[w] * p.y;
-          o[4 * e4 + 2] += gsr[w] * p.z;
-          o[4 * e4 + 3] += gsr[w] * p.w;
+          o[i][4 * e4] += gw * p.x;
+          o[i][4 * e4 + 1] += gw * p.y;
+          o[i][4 * e4 + 2] += gw * p.z;
+          o[i][4 * e4 + 3] += gw * p.w;
         }
       }
-      kstore<T, CPT>(gx, (t * N + i) * C + c3, o, vec);
     }
+    KUNROLL for (int i = 0; i < N; ++i) kstore<T, CPT>(gx, (t * N + i) * C + c3, o[i], vec);
   }
 """.replace("SLICE", slice_expr)
 
@@ -408,12 +416,28 @@ GLUE = KernelSpec(
     body=_DECL + _SHARED_GLUE + "\n  const int tile = KBID;\n" + _glue(False),
     helpers=HELPERS,
 )
+# The split's dx: threadgroup b stages slice b % S of phi once, then writes that slice of tiles
+# b / S, b / S + P, ... (P = iparam[3]).
+_DX_BODY = (_DECL + _SHARED_DX + r"""
+  const int slice = KBID % S;
+  const int P = iparam[3];
+  const int tiles = (Ttok + TT - 1) / TT;
+  const int r = KTID / TPT, q = KTID % TPT;
+""" + _registers(True) + _stage_phi("slice") + r"""
+  _Pragma("unroll 1") for (int tile = KBID / S; tile < tiles; tile += P) {
+    const int64_t t = (int64_t)tile * TT + r;
+    const bool live = t < Ttok;
+""" + _load("slice") + _read_glue("0.0f") + _STAGE_H + r"""
+    KBARRIER();
+""" + _dx("slice") + r"""
+    KBARRIER();  // the tile's gs_s, c2_s, hp_s and hr_s are read: the next tile's may go in
+  }
+""")
 DX = KernelSpec(
     name="mhc_one_pass_dx",
     inputs=(*_TENSORS, "hpre", "hres", "phit", "gsc", "ctwo", "iparam"),
     outputs=("gx",),
-    body=(_DECL + _SHARED_DX + _SLICE + _registers(True) + _load("slice") + _stage_phi("slice") + _read_glue("0.0f")
-          + _STAGE_H + "\n  KBARRIER();\n" + _dx("slice")),
+    body=_DX_BODY,
     helpers=HELPERS,
 )
 SPECS = (ONE_PASS, PARTIALS, GLUE, DX, ZERO_COUNTERS)
@@ -430,6 +454,38 @@ def applies(x) -> bool:
     """Whether this form covers x [..., n, C]: n <= 4, C a multiple of CS, 16-bit x."""
     n, C = x.shape[-2], x.shape[-1]
     return n <= MAX_N and C % CS == 0 and CS % 64 == 0 and x.dtype in (mx.bfloat16, mx.float16)
+
+
+def partials(x, dh, g) -> tuple[mx.array, int]:
+    """The split's first launch: (partial [tiles, S', TT, n + n^2], S') of x [T, n, C], dh [T, C],
+    g [T, n, C]: each (tile, slice)'s row sums, S' slices of PARTIAL_CS channels (CS where that
+    does not divide C)."""
+    T, n, C = x.shape
+    cs = PARTIAL_CS if PARTIAL_CS % 64 == 0 and C % PARTIAL_CS == 0 else CS
+    sp, tiles = C // cs, -(-T // TT)
+    out = launch(PARTIALS, [x, dh, g, int_params(T, C, sp)], [((tiles, sp, TT, n + n * n), F32)],
+                 tiles * sp * 16 * TT, 16 * TT, [("T", x.dtype), ("N", n), ("TT", TT), ("CS", cs)])[0]
+    return out, sp
+
+
+def glue_from_partials(partial, glue, T: int, C: int, sp: int, ext: bool):
+    """The split's second launch, a threadgroup a tile: (gs [T, W], c2 [T], part [tiles, W + 3])
+    from the partials and the glue's inputs (H_pre, jac, m, 1/r, alpha, H_post, dH_post and the
+    three other uses' cotangents, as one_pass_vjp lists them)."""
+    n = glue[0].shape[-1]
+    W, tiles = n * (n + 2), -(-T // TT)
+    return launch(GLUE, [partial, *glue, int_params(T, C, sp)], [((T, W), F32), ((T,), F32), ((tiles, W + 3), F32)],
+                  tiles * 16 * TT, 16 * TT, [("N", n), ("TT", TT), ("CS", CS), ("EXT", ext)])
+
+
+def split_dx(x, dh, g, H_pre, h_res, phit, gs, c2) -> mx.array:
+    """The split's third launch: dx [T, n, C] (x's dtype) of x [T, n, C], dh [T, C], g [T, n, C],
+    H_pre [T, n], H_res [T, n^2], phi^T [W, n C], gs [T, W] and c2 [T]."""
+    T, n, C = x.shape
+    S, tiles = C // CS, -(-T // TT)
+    groups = tiles if DX_BLOCKS <= 0 else max(1, min(tiles, -(-DX_BLOCKS // S)))
+    return launch(DX, [x, dh, g, H_pre, h_res, phit, gs, c2, int_params(T, C, S, groups)], [((T, n, C), x.dtype)],
+                  groups * S * 16 * TT, 16 * TT, [("T", x.dtype), ("N", n), ("TT", TT), ("CS", CS)])[0]
 
 
 def one_pass_vjp(x, dh, g, H_pre, H_res, jac, m, invr, alpha, bias, H_post, dH_post, phi, ext=None,
@@ -456,8 +512,6 @@ def one_pass_vjp(x, dh, g, H_pre, H_res, jac, m, invr, alpha, bias, H_post, dH_p
                          "of static shared memory; CUDA allows 48 KB")
     T = math.prod(lead)
     W = n * (n + 2)
-    S = C // CS
-    tiles = -(-T // TT)
     tensors = [x.reshape(T, n, C), dh.astype(x.dtype).reshape(T, C), g.astype(x.dtype).reshape(T, n, C)]
     glue = [H_pre.astype(F32).reshape(T, n), jac.astype(F32), m.astype(F32), invr.astype(F32), alpha.astype(F32),
             H_post.astype(F32).reshape(T, n), dH_post.astype(F32).reshape(T, n)]
@@ -467,24 +521,18 @@ def one_pass_vjp(x, dh, g, H_pre, H_res, jac, m, invr, alpha, bias, H_post, dH_p
         glue += [ext[0].astype(F32).reshape(T, n), ext[1].astype(F32).reshape(T, n * n),
                  ext[2].astype(F32).reshape(T, n * n)]
     h_res, phit = H_res.astype(F32).reshape(T, n * n), phi.astype(F32).T  # phi^T: its staging reads rows of it
-    params = int_params(T, C, S)
-    dx_out = ((T, n, C), x.dtype)
-    glue_outs = [((T, W), F32), ((T,), F32), ((tiles, W + 3), F32)]
-    partial_out = ((tiles, S, TT, n + n * n), F32)
-    threads = 16 * TT
-    grid = tiles * S * threads
-    base = [("T", x.dtype), ("N", n), ("TT", TT), ("CS", CS)]
-    three = FORM == "split" or (FORM == "wait" and (SPLIT if split is None else split))
-    if three:
-        partial = launch(PARTIALS, [*tensors, params], [partial_out], grid, threads, base)[0]
-        gs, c2, part = launch(GLUE, [partial, *glue, params], glue_outs, tiles * threads, threads,
-                              [("N", n), ("TT", TT), ("CS", CS), ("EXT", ext is not None)])
-        gx = launch(DX, [*tensors, glue[0], h_res, phit, gs, c2, params], [dx_out], grid, threads, base)[0]
+    if FORM == "split" or (FORM == "wait" and (SPLIT if split is None else split)):
+        partial, sp = partials(*tensors)
+        gs, c2, part = glue_from_partials(partial, glue, T, C, sp, ext is not None)
+        gx = split_dx(*tensors, glue[0], h_res, phit, gs, c2)
     else:
+        S, tiles, threads = C // CS, -(-T // TT), 16 * TT
         counters = fresh_counters(tiles, glue[3])  # this call's own zeros (its 1/r the dependency)
-        gx, gs, c2, part, _ = launch(ONE_PASS, [*tensors, *glue, h_res, phit, counters, params],
-                                     [dx_out, *glue_outs, partial_out], grid, threads,
-                                     [*base, ("SPIN", SPIN_LIMIT), ("EXT", ext is not None), ("LASTW", FORM == "last")])
+        gx, gs, c2, part, _ = launch(
+            ONE_PASS, [*tensors, *glue, h_res, phit, counters, int_params(T, C, S)],
+            [((T, n, C), x.dtype), ((T, W), F32), ((T,), F32), ((tiles, W + 3), F32), ((tiles, S, TT, n + n * n), F32)],
+            tiles * S * threads, threads, [("T", x.dtype), ("N", n), ("TT", TT), ("CS", CS), ("SPIN", SPIN_LIMIT),
+                                           ("EXT", ext is not None), ("LASTW", FORM == "last")])
     sums = mx.sum(part, axis=0)
     return gx.reshape(x.shape), gs, c2, sums[:W], sums[W:]
 
