@@ -33,7 +33,8 @@ import mlx.core as mx  # noqa: E402
 
 import kernels_ref64 as ref64  # noqa: E402
 from mhc_mlx import kernels, reference  # noqa: E402
-from mhc_mlx.kernels import build, coefficients, coefficients_mma, coefficients_mma_vjp, layer, sinkhorn, site  # noqa: E402
+from mhc_mlx.kernels import (build, coefficients, coefficients_mma, coefficients_mma_vjp, layer,  # noqa: E402
+                             one_pass_vjp, sinkhorn, site)
 
 TOL = {mx.float32: 1e-5, mx.bfloat16: 2e-2, mx.float16: 2e-2}
 DTYPES = (mx.float32, mx.bfloat16, mx.float16)
@@ -373,6 +374,9 @@ SWITCHES = {
                        "the dynamic backward from pre's backward to x's cotangent in one pass over x, in the deferred "
                        "chain where the coefficient backward takes tensor cores (kernels.ONE_PASS_VJP, candidate; "
                        "with --mma-vjp at every chain size with 16-bit x, n <= 4 and C a multiple of 64)"),
+    "--one-pass-mma": (one_pass_vjp, "FORM", "mma",
+                       "the one pass (with --one-pass-vjp) in its FORM \"mma\": the split's partials and glue, then "
+                       "the tensor-core DX adding pre's and post's shares (one_pass_vjp.FORM; by default \"split\")"),
     "--device-params": (build, "DEVICE_PARAMS", True,
                         "the kernels' run-time parameter arrays padded and copied into GPU memory once "
                         "(build.DEVICE_PARAMS; by default host-made arrays, which MLX keeps in managed memory)"),

@@ -1564,10 +1564,11 @@ def one_pass_vjp_forms(rounds=5, T=4096, n=4, C=4096):
 def one_pass_split(rounds=5, T=4096, n=4, C=4096):
     """Where the one pass's split form (kernels/one_pass_vjp.py FORM "split") spends its time at
     T x n x C bf16, beside today's steps, each launch timed alone on its own inputs (10 rotated
-    sets, alternated `rounds` times): PARTIALS at 64 / 128 / 256 channels a slice, GLUE, DX one
-    threadgroup a (tile, slice) or in ~264 / 528 / 1056 looping threadgroups; today's pre backward
-    (site.PRE_VJP_RES), glue and tensor-core DX alone; then the whole split in its default and
-    in two tuned settings, and today's three steps together."""
+    sets, alternated `rounds` times): PARTIALS at 64 / 128 channels a slice, GLUE, the FP32 DX in
+    ~1056 looping threadgroups, the tensor-core DX adding pre's and post's shares (FORM "mma");
+    today's pre backward (site.PRE_VJP_RES), glue and tensor-core DX alone; then the whole split
+    and "mma" forms, and today's three steps together. (The first run, 2026-11-30 eleventh
+    session, also timed PARTIALS 256 and the FP32 DX a threadgroup a tile and in 264 / 528.)"""
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "kernels"))
     from kernel_compare import one_pass_inputs
 
@@ -1612,23 +1613,24 @@ def one_pass_split(rounds=5, T=4096, n=4, C=4096):
 
     partials = lambda a: opv.partials(a["x"], a["dh"], a["g"])[0]  # noqa: E731
     dx = lambda a: opv.split_dx(a["x"], a["dh"], a["g"], a["H_pre"], a["h_res"], a["phit"], a["gs"], a["c2"])  # noqa: E731
+    def dx_mma(a):  # the tensor-core DX adding pre's and post's shares itself (FORM "mma")
+        return coefficients_mma_vjp.dx(a["x"].reshape(T, n * C), a["phi"], a["gs"], a["c2"], pre=(a["H_pre"], a["dh"]),
+                                       res=(a["h_res"], a["g"]))
+
     forms = {
         "PARTIALS 64": with_settings(partials, PARTIAL_CS=64),
         "PARTIALS 128": with_settings(partials, PARTIAL_CS=128),
-        "PARTIALS 256": with_settings(partials, PARTIAL_CS=256),
         "GLUE": lambda a: opv.glue_from_partials(a["partial"], a["glue"], T, C, a["sp"], True)[0],
-        "DX a block a tile": with_settings(dx, DX_BLOCKS=0),
-        "DX 264 blocks": with_settings(dx, DX_BLOCKS=264),
-        "DX 528 blocks": with_settings(dx, DX_BLOCKS=528),
         "DX 1056 blocks": with_settings(dx, DX_BLOCKS=1056),
+        "DX mma (PRE, RES)": dx_mma,
         "today: pre bwd": lambda a: site.pre_vjp_res(a["x"], a["H_pre"], a["H_res"], a["dh"], a["g"])[0],
         "today: glue": lambda a: coefficients._glue_kernel(a["m"], a["invr"], a["alpha"], a["bias"], a["H_pre"],
                                                            a["H_post"], a["today_cots"], n, n * C, 20)[0],
         "today: DX (ACC)": lambda a: coefficients_mma_vjp.dx(a["x"].reshape(T, n * C), a["phi"], a["gs"], a["c2"],
                                                              gacc=a["share"]),
-        "split, defaults": with_settings(whole, FORM="split"),
-        "split, 128 / 528": with_settings(whole, FORM="split", PARTIAL_CS=128, DX_BLOCKS=528),
-        "split, 256 / 1056": with_settings(whole, FORM="split", PARTIAL_CS=256, DX_BLOCKS=1056),
+        "split, 128 / 1056": with_settings(whole, FORM="split", PARTIAL_CS=128, DX_BLOCKS=1056),
+        "mma, 64": with_settings(whole, FORM="mma", PARTIAL_CS=64),
+        "mma, 128": with_settings(whole, FORM="mma", PARTIAL_CS=128),
         "today, three steps": today,
     }
     times = {label: [] for label in forms}

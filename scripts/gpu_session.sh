@@ -48,6 +48,10 @@
 #   bash scripts/gpu_session.sh tile-reuse   # one launch reading a tile once for row sums and output (not yet run)
 #   bash scripts/gpu_session.sh one-pass     # tile-reuse, then the one-pass dynamic backward candidate (not yet run)
 #   bash scripts/gpu_session.sh one-pass2    # its chain checks, then the dynamic fwd+bwd bench with it on
+#   bash scripts/gpu_session.sh one-pass3    # the one pass's forms timed (after the bank-conflict fix), GPU tests
+#   bash scripts/gpu_session.sh one-pass-split  # each launch of the split form alone beside today's
+#   bash scripts/gpu_session.sh one-pass4    # chain checks with the one pass in $FORM, bench on / off twice
+#   bash scripts/gpu_session.sh one-pass-mma # FORM mma: the breakdown, its GPU tests, one-pass4's checks, bench
 #   bash scripts/gpu_session.sh anatomy-bench  # where the B = 1 static launch's time goes; the target bench
 #   bash scripts/gpu_session.sh gpu-tests    # pytest -m gpu alone
 #   bash scripts/gpu_session.sh latency      # LAYER_LATENCY + compiled latency path: checks, timings
@@ -129,6 +133,18 @@ timelines() {  # forms (defaults, glue-packs-read-step): each target case's kern
     rm -f "$res/tl_$form.nsys-rep" "$res/tl_$form.sqlite" "$res/tl_$form.json"
     [ $rc != 0 ] && tail -5 "$res/timeline_$form.log"
     TAIL=200 report "timeline_${form}_report" $rc
+  done
+}
+
+one_pass_chain_bench() {  # the chain checks with the one pass on in $FORM, then the dynamic
+  # fwd+bwd bench with it on and off, each in its own process, twice
+  CHECK_ARGS="--one-pass-vjp --mma-vjp ${ONE_PASS_CHECK_ARGS:-}" CHECK_ONLY=chain NO_PYTEST=1 check 200
+  local rep
+  for rep in 1 2; do
+    run 100 "bench_one_pass_$rep" python scripts/bench_with.py kernels.ONE_PASS_VJP=1 "one_pass_vjp.FORM=${FORM:-split}" -- \
+      bench --out "$res/bench_one_pass_$rep" --overwrite --seeds "" --only dynamic/fwd+bwd/4096x4x4096,dynamic/fwd+bwd/512x4x1280 --impl kernels
+    run 100 "bench_today_$rep" python -m mhc_mlx.cli.main bench --out "$res/bench_today_$rep" --overwrite --seeds "" \
+      --only dynamic/fwd+bwd/4096x4x4096,dynamic/fwd+bwd/512x4x1280 --impl kernels
   done
 }
 
@@ -546,16 +562,19 @@ case "${1:-}" in
     # settings beside today's steps alone, then the whole forms
     run 200 experiments_one_pass_split python scripts/gpu_experiments.py one-pass-split
     ;;
+  one-pass-mma)
+    # (eleventh session of 2026-11-30) the "mma" form (the split's partials and glue, then the
+    # tensor-core DX adding both shares): the breakdown, its GPU tests, the chain checks with it,
+    # then the dynamic fwd+bwd bench with it on and off (one-pass4's)
+    run 120 experiments_one_pass_split python scripts/gpu_experiments.py one-pass-split
+    run 200 gpu_tests_one_pass python -m pytest -q -m gpu tests/kernels/test_kernels_gpu.py -k "one_pass and mma" \
+      -p no:cacheprovider -o faulthandler_timeout=60
+    ONE_PASS_CHECK_ARGS=--one-pass-mma FORM=mma one_pass_chain_bench
+    ;;
   one-pass4)
     # (eleventh session of 2026-11-30) the chain checks with the one pass on in FORM (default
     # split), then the dynamic fwd+bwd bench with it on and off, each in its own process, twice
-    CHECK_ARGS="--one-pass-vjp --mma-vjp" CHECK_ONLY=chain NO_PYTEST=1 check 200
-    for rep in 1 2; do
-      run 100 "bench_one_pass_$rep" python scripts/bench_with.py kernels.ONE_PASS_VJP=1 "one_pass_vjp.FORM=${FORM:-split}" -- \
-        bench --out "$res/bench_one_pass_$rep" --overwrite --seeds "" --only dynamic/fwd+bwd/4096x4x4096,dynamic/fwd+bwd/512x4x1280 --impl kernels
-      run 100 "bench_today_$rep" python -m mhc_mlx.cli.main bench --out "$res/bench_today_$rep" --overwrite --seeds "" \
-        --only dynamic/fwd+bwd/4096x4x4096,dynamic/fwd+bwd/512x4x1280 --impl kernels
-    done
+    one_pass_chain_bench
     ;;
   verify-standins)
     # (tenth session of 2026-11-30) the kernels' unread inputs as cached host-made stand-ins

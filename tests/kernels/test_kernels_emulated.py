@@ -401,16 +401,23 @@ def test_tensor_core_dx_in_token_major_order(monkeypatch, n, C, T, acc):
     assert np.array_equal(np64(token_major), np64(k_major))  # NaN (an unwritten element) fails too
 
 
-@pytest.mark.parametrize("pre,acc", [(False, True), (True, True), (True, False), (False, False)])
+def _dx_res(n: int, C: int, T: int, dtype):
+    """DX's RES inputs: (H_res [T, n, n], g [T, n, C]), random."""
+    return mx.random.uniform(shape=(T, n, n)), mx.random.normal((T, n, C)).astype(dtype)
+
+
+@pytest.mark.parametrize("pre,acc,res", [(False, True, False), (True, True, False), (True, False, False),
+                                         (False, False, False), (True, False, True), (False, True, True)])
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
 @pytest.mark.parametrize("n,C,T", [(4, 48, 37), (4, 40, 70), (1, 33, 5), (3, 64, 20)])
 @pytest.mark.parametrize("tiles", [2, 1])  # DX_TOKEN_TILES
-def test_tensor_core_dx_with_rows_loaded_together(monkeypatch, pre, acc, dtype, n, C, T, tiles):
+def test_tensor_core_dx_with_rows_loaded_together(monkeypatch, pre, acc, res, dtype, n, C, T, tiles):
     # coefficients_mma_vjp.DX_RAW_ROWS (the default): every row's x and gacc loaded as vectors
     # before any dx is stored gives the same bits as the row-by-row form (the same sums in the
     # same order); C = 40 and 33 put lanes on the element-wise path beside vector ones
     x, phi, gs, c2, pre_in, gacc = _dx_inputs(n, C, T, dtype)
-    args = (x, phi, gs, c2, pre_in if pre else None, gacc if acc else None)
+    args = (x, phi, gs, c2, pre_in if pre else None, gacc if acc else None, None,
+            _dx_res(n, C, T, dtype) if res else None)
     monkeypatch.setattr(coefficients_mma_vjp, "DX_TOKEN_TILES", tiles)
     monkeypatch.setattr(coefficients_mma_vjp, "DX_RAW_ROWS", False)
     rows = coefficients_mma_vjp.dx(*args)
@@ -439,6 +446,28 @@ def test_tensor_core_dx_pre_share_by_vectors(monkeypatch, dtype, n, C, T):
     want = (np64(gs) @ np64(phi).T - np64(x) * np64(c2)[:, None]
             + (np64(H_pre)[:, :, None] * np64(dh)[:, None, :]).reshape(T, K) + np64(gacc))
     assert rel(aligned, want) <= (4e-3 if dtype == mx.bfloat16 else 6e-4)
+
+
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
+@pytest.mark.parametrize("n,C,T", [(4, 48, 37), (2, 128, 20), (3, 40, 17), (1, 33, 5)])
+@pytest.mark.parametrize("acc", [False, True])
+def test_tensor_core_dx_res_share(monkeypatch, dtype, n, C, T, acc):
+    # DX's RES (one_pass_vjp FORM "mma"): post's deferred share H_res^T g added in the same pass
+    # as pre's, against float64; by vectors (C a multiple of 16: each stream's g at the lane's
+    # channels) or per element (C = 40 / 33, or misaligned buffers), the same bits either way
+    K = n * C
+    x, phi, gs, c2, (H_pre, dh), gacc = _dx_inputs(n, C, T, dtype)
+    H_res, g = _dx_res(n, C, T, dtype)
+    gacc = gacc if acc else None
+    got = coefficients_mma_vjp.dx(x, phi, gs, c2, (H_pre, dh), gacc, res=(H_res, g))
+    want = (np64(gs) @ np64(phi).T - np64(x) * np64(c2)[:, None]
+            + (np64(H_pre)[:, :, None] * np64(dh)[:, None, :]).reshape(T, K)
+            + np.einsum("tji,tjc->tic", np64(H_res), np64(g)).reshape(T, K))
+    if acc:
+        want = want + np64(gacc)
+    assert rel(got, want) <= (4e-3 if dtype == mx.bfloat16 else 6e-4)
+    monkeypatch.setattr(emu, "MISALIGN", True)
+    assert np.array_equal(np64(coefficients_mma_vjp.dx(x, phi, gs, c2, (H_pre, dh), gacc, res=(H_res, g))), np64(got))
 
 
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])

@@ -151,11 +151,12 @@ def cuda_only_instances():
     for dt in (BF16, F16):
         for n in (1, 2, 4):
             W = n * (n + 2)
-            for pre, acc in ((False, False), (True, False), (False, True), (True, True)):
+            for pre, acc, res in ((False, False, False), (True, False, False), (False, True, False),
+                                  (True, True, False), (True, False, True), (False, True, True)):
                 for tm, raw in ((False, False), (True, False), (True, True)):
-                    out.append((vjp.DX, (BF16, BF16, dt, F32, F32, dt, dt, I32), (dt,),
+                    out.append((vjp.DX, (BF16, BF16, dt, F32, F32, dt, dt, F32, dt, I32), (dt,),
                                 [("T", dt), ("N", n), ("MT", vjp.DX_TOKEN_TILES), ("KSW", -(-W // 16)), ("PRE", pre),
-                                 ("ACC", acc), ("TM", tm), ("RAW", raw)]))
+                                 ("ACC", acc), ("RES", res), ("TM", tm), ("RAW", raw)]))
             out.append((vjp.DPHI, (dt, BF16, I32), (F32,), [("T", dt), ("NT", -(-W // 8)), ("PG", vjp.DPHI_PARTS)]))
     opv = one_pass_vjp
     out.append((opv.ZERO_COUNTERS, (F32, I32), (I32,), []))

@@ -168,9 +168,11 @@ __device__ __forceinline__ void mhc_add_scaled16(float* o, float w, P p, int64_t
 }
 
 // o[0 .. 15] (dx at row t, k0 ..) += H_pre[t, k / C] dh[t, k % C] (PRE) + gacc[t, k] (ACC)
-template <typename T, int N, bool PRE, bool ACC, typename PH, typename PD, typename PA>
-__device__ __forceinline__ void mhc_dx_addends(float* o, PH hpre, PD dh, PA gacc, int t, int K, int Cw, int k0,
-                                               bool vec) {
+// + sum_j H_res[t, j, k / C] g[t, j, k % C] (RES: post's deferred share, g laid out as x)
+template <typename T, int N, bool PRE, bool ACC, bool RES, typename PH, typename PD, typename PA, typename PR,
+          typename PG>
+__device__ __forceinline__ void mhc_dx_addends(float* o, PH hpre, PD dh, PA gacc, PR hres, PG gres, int t, int K,
+                                               int Cw, int k0, bool vec) {
   const int64_t row = (int64_t)t * K;
   if (PRE) {
     // the 16 k lie in one stream st when C is a multiple of 16 (k0 is): one H_pre and dh by
@@ -202,16 +204,39 @@ __device__ __forceinline__ void mhc_dx_addends(float* o, PH hpre, PD dh, PA gacc
     #pragma unroll
     for (int i = 0; i < 16; ++i) o[i] += ga[i];
   }
+  if (RES) {
+    // as PRE: with C a multiple of 16 the 16 k lie in one stream st, and each stream j's g at
+    // the same channels is two 16-byte vectors (the n lanes of a token that share these
+    // channels read them from L2 but the first); else per element
+    const int st0 = k0 / Cw;
+    const int64_t c0 = k0 - st0 * Cw;
+    if (vec && Cw % 16 == 0 && KALIGNED16(gres)) {
+      #pragma unroll
+      for (int j = 0; j < N; ++j) mhc_add_scaled16<T>(o, hres[((int64_t)t * N + j) * N + st0], gres, row + j * Cw + c0);
+    } else {
+      #pragma unroll
+      for (int i = 0; i < 16; ++i) {
+        const int kk = k0 + i;
+        if (kk < K) {
+          const int st = kk / Cw;
+          const int64_t c = kk - st * Cw;
+          #pragma unroll
+          for (int j = 0; j < N; ++j)
+            o[i] += hres[((int64_t)t * N + j) * N + st] * static_cast<float>(gres[row + j * Cw + c]);
+        }
+      }
+    }
+  }
 }
 """
 
 DX_GROUP = r"""
 // One warp's MT token tiles (token group tg) by one group of 64 k (kg) of DX: the products, then
 // dx written.
-template <typename T, int N, int MT, int KSW, bool PRE, bool ACC, bool RAW, typename PGA, typename PPB, typename PX,
-          typename PC, typename PH, typename PD, typename PA, typename PO>
-__device__ __forceinline__ void mhc_dx_group(PGA gsa, PPB phb, PX xin, PC ctwo, PH hpre, PD dh, PA gacc, PO gx,
-                                             int Ttok, int K, int Cw, int kg, int tg) {
+template <typename T, int N, int MT, int KSW, bool PRE, bool ACC, bool RES, bool RAW, typename PGA, typename PPB,
+          typename PX, typename PC, typename PH, typename PD, typename PA, typename PR, typename PG, typename PO>
+__device__ __forceinline__ void mhc_dx_group(PGA gsa, PPB phb, PX xin, PC ctwo, PH hpre, PD dh, PA gacc, PR hres,
+                                             PG gres, PO gx, int Ttok, int K, int Cw, int kg, int tg) {
   const int tt_all = (Ttok + 15) / 16;
   const int lane = (int)(threadIdx.x & 31u);
   const int g = lane >> 2;
@@ -296,11 +321,12 @@ __device__ __forceinline__ void mhc_dx_group(PGA gsa, PPB phb, PX xin, PC ctwo, 
         float o[16];
         #pragma unroll
         for (int i = 0; i < 16; ++i) o[i] = d[m][i >> 1][2 * h + (i & 1)] - mhc_elem16<T>(xr[m][h][i >> 3], i & 7) * c2v[m][h];
-        if (PRE) mhc_dx_addends<T, N, true, false>(o, hpre, dh, gacc, t, K, Cw, k0, vec);
+        if (PRE) mhc_dx_addends<T, N, true, false, false>(o, hpre, dh, gacc, hres, gres, t, K, Cw, k0, vec);
         if (ACC) {
           #pragma unroll
           for (int i = 0; i < 16; ++i) o[i] += mhc_elem16<T>(gr[m][h][i >> 3], i & 7);
         }
+        if (RES) mhc_dx_addends<T, N, false, false, true>(o, hpre, dh, gacc, hres, gres, t, K, Cw, k0, vec);
         const int64_t row = (int64_t)t * K;
         kstore<T, 8>(gx, row + k0, o, true);
         kstore<T, 8>(gx, row + k0 + 8, o + 8, true);
@@ -333,7 +359,7 @@ __device__ __forceinline__ void mhc_dx_group(PGA gsa, PPB phb, PX xin, PC ctwo, 
         // dh and gacc row by row between the stores of dx. Loading them with x before the
         // products (all in flight together) took 226-242 registers against 156-162 and lost on the
         // H200: 860.0 against 790.6 µs at 4096 x 4 x 4096 fwd+bwd (docs/kernel-notes.md row 31)
-        mhc_dx_addends<T, N, PRE, ACC>(o, hpre, dh, gacc, t, K, Cw, k0, vec);
+        mhc_dx_addends<T, N, PRE, ACC, RES>(o, hpre, dh, gacc, hres, gres, t, K, Cw, k0, vec);
         if (vec) {
           kstore<T, 8>(gx, row + k0, o, true);
           kstore<T, 8>(gx, row + k0 + 8, o + 8, true);
@@ -351,7 +377,7 @@ __device__ __forceinline__ void mhc_dx_group(PGA gsa, PPB phb, PX xin, PC ctwo, 
 
 DX = KernelSpec(
     name="mhc_coefficients_dynamic_vjp_dx_mma",
-    inputs=("gsa", "phb", "xin", "ctwo", "hpre", "dh", "gacc", "iparam"),
+    inputs=("gsa", "phb", "xin", "ctwo", "hpre", "dh", "gacc", "hres", "gres", "iparam"),
     outputs=("gx",),
     helpers=PTX_MMA + DX_HELPERS + DX_GROUP,
     body=r"""
@@ -367,7 +393,8 @@ DX = KernelSpec(
   // each row of x, gacc and dx); else a k group (phi's fragments stay in L1, rows 128 B apart)
   const int kg = TM ? gw % kgroups : gw / tgroups;
   const int tg = TM ? gw / kgroups : gw - kg * tgroups;
-  mhc_dx_group<T, N, MT, KSW, PRE, ACC, RAW>(gsa, phb, xin, ctwo, hpre, dh, gacc, gx, Ttok, K, Cw, kg, tg);
+  mhc_dx_group<T, N, MT, KSW, PRE, ACC, RES, RAW>(gsa, phb, xin, ctwo, hpre, dh, gacc, hres, gres, gx, Ttok, K, Cw, kg,
+                                                  tg);
 """,
 )
 
@@ -560,20 +587,22 @@ def _token_splits(T: int, kgroups: int, tokens_per_step: int, target_warps: int)
     return tps, -(-T // tps)
 
 
-def _dx_extras(x2, T, K, n, pre, gacc):
-    """DX's optional inputs as (arrays, template flags): (H_pre, dh) for PRE and gacc for ACC,
-    one-element stand-ins where absent."""
+def _dx_extras(x2, T, K, n, pre, gacc, res=None):
+    """DX's optional inputs as (arrays, template flags): (H_pre, dh) for PRE, gacc for ACC and
+    (H_res, g) for RES, one-element stand-ins where absent."""
     f32, xd = standin(F32), standin(x2.dtype)
     hpre, dh = (f32, xd) if pre is None else (pre[0].astype(F32).reshape(T, n), pre[1].astype(x2.dtype).reshape(T, K // n))
     acc = xd if gacc is None else gacc.astype(x2.dtype).reshape(T, K)
-    flags = [("PRE", pre is not None), ("ACC", gacc is not None)]
-    return [hpre, dh, acc], flags
+    hres, g = (f32, xd) if res is None else (res[0].astype(F32).reshape(T, n * n), res[1].astype(x2.dtype).reshape(T, K))
+    flags = [("PRE", pre is not None), ("ACC", gacc is not None), ("RES", res is not None)]
+    return [hpre, dh, acc, hres, g], flags
 
 
-def dx(x2, phi, gs, c2, pre=None, gacc=None, gsa=None):
+def dx(x2, phi, gs, c2, pre=None, gacc=None, gsa=None, res=None):
     """dx [T, K] in x's dtype; pre: (H_pre [T, n], dh [T, C]) adds pre's share, gacc (any shape of
-    T * K elements) adds x's cotangent from later in the site, both in the same pass. gsa: gs
-    already in DX's fragment order (the glue kernel's, GLUE_PACKS), else packed here."""
+    T * K elements) adds x's cotangent from later in the site, res: (H_res [T, n, n], g [T, n, C])
+    adds post's deferred share H_res^T g, all in the same pass. gsa: gs already in DX's fragment
+    order (the glue kernel's, GLUE_PACKS), else packed here."""
     T, K = x2.shape
     W = phi.shape[1]
     n = streams_of_width(W)
@@ -581,7 +610,7 @@ def dx(x2, phi, gs, c2, pre=None, gacc=None, gsa=None):
     tgroups = -(-(-(-T // 16)) // DX_TOKEN_TILES)
     kgroups = -(-K // 64)
     warps = tgroups * kgroups
-    extras, flags = _dx_extras(x2, T, K, n, pre, gacc)
+    extras, flags = _dx_extras(x2, T, K, n, pre, gacc, res)
     return launch(
         DX, [pack_a(gs, DX_PARTS) if gsa is None else gsa, pack_b(phi, DX_PARTS, True, perm64=True), x2, c2.astype(F32),
              *extras, int_params(T, K, 0, K // n)],

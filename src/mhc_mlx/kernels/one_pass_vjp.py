@@ -24,7 +24,11 @@ FORM "last" (template LASTW): no waits; the tile's last threadgroup writes the w
 re-reading each slice (L2) after the glue, and the others leave once counted.
 FORM "split": three launches, no counters: PARTIALS (x, g, dh read for the row sums), GLUE (one
 threadgroup a tile), DX (x, g, dh read again with gs and c2): ~44C a token against today's ~50C,
-and no share written or read. The CPU emulator, which runs one threadgroup at a time and so
+and no share written or read. On the H200 its DX (gs phi^T by FP32 multiply-adds from shared
+memory) took 416-450 µs against the tensor-core DX's 182 (docs/kernel-notes.md row 65), so:
+FORM "mma": PARTIALS and GLUE, then the tensor-core DX (coefficients_mma_vjp.DX) adding pre's
+share H_pre (x) dh and post's H_res^T g itself (its PRE and RES), reading g and dh in place of a
+share written by pre's backward: the same ~44C a token. The CPU emulator, which runs one threadgroup at a time and so
 cannot run a wait, tests the "wait" form as this split: the same text but the count, the wait
 and the publishing.
 n <= 4; CS a multiple of 64 (a thread's channels are whole float4s of phi's staged rows).
@@ -60,7 +64,7 @@ SPLIT = False
 # patterns on a simpler problem: on the H200, "last" ran at the two launches' speed, "wait" at 63 %
 # of it (docs/kernel-notes.md row 64).
 FORM = "split"
-FORMS = ("wait", "last", "split")
+FORMS = ("wait", "last", "split", "mma")
 
 HELPERS = r"""
 #ifdef MHC_BACKEND_CPU_EMULATION
@@ -521,10 +525,16 @@ def one_pass_vjp(x, dh, g, H_pre, H_res, jac, m, invr, alpha, bias, H_post, dH_p
         glue += [ext[0].astype(F32).reshape(T, n), ext[1].astype(F32).reshape(T, n * n),
                  ext[2].astype(F32).reshape(T, n * n)]
     h_res, phit = H_res.astype(F32).reshape(T, n * n), phi.astype(F32).T  # phi^T: its staging reads rows of it
-    if FORM == "split" or (FORM == "wait" and (SPLIT if split is None else split)):
+    if FORM in ("split", "mma") or (FORM == "wait" and (SPLIT if split is None else split)):
         partial, sp = partials(*tensors)
         gs, c2, part = glue_from_partials(partial, glue, T, C, sp, ext is not None)
-        gx = split_dx(*tensors, glue[0], h_res, phit, gs, c2)
+        if FORM == "mma":
+            from . import coefficients_mma_vjp
+
+            gx = coefficients_mma_vjp.dx(tensors[0].reshape(T, n * C), phi, gs, c2, pre=(glue[0], tensors[1]),
+                                         res=(h_res, tensors[2]))
+        else:
+            gx = split_dx(*tensors, glue[0], h_res, phit, gs, c2)
     else:
         S, tiles, threads = C // CS, -(-T // TT), 16 * TT
         counters = fresh_counters(tiles, glue[3])  # this call's own zeros (its 1/r the dependency)
