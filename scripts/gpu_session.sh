@@ -52,6 +52,7 @@
 #   bash scripts/gpu_session.sh one-pass-split  # each launch of the split form alone beside today's
 #   bash scripts/gpu_session.sh one-pass4    # chain checks with the one pass in $FORM, bench on / off twice
 #   bash scripts/gpu_session.sh one-pass-mma # FORM mma: the breakdown, its GPU tests, one-pass4's checks, bench
+#   bash scripts/gpu_session.sh verify11     # coefficient and chain checks, the target bench (seeds), pinned
 #   bash scripts/gpu_session.sh anatomy-bench  # where the B = 1 static launch's time goes; the target bench
 #   bash scripts/gpu_session.sh gpu-tests    # pytest -m gpu alone
 #   bash scripts/gpu_session.sh latency      # LAYER_LATENCY + compiled latency path: checks, timings
@@ -570,6 +571,13 @@ case "${1:-}" in
     run 200 gpu_tests_one_pass python -m pytest -q -m gpu tests/kernels/test_kernels_gpu.py -k "one_pass and mma" \
       -p no:cacheprovider -o faulthandler_timeout=60
     ONE_PASS_CHECK_ARGS=--one-pass-mma FORM=mma one_pass_chain_bench
+    ;;
+  verify11)
+    # (eleventh session of 2026-11-30) the defaults after DX's new RES flag (two more inputs, off
+    # by default): the coefficient and chain checks, then the target cases' bench with the seeds,
+    # pinned to one CPU core
+    CHECK_ONLY=coefficients,chain NO_PYTEST=1 check 200
+    run 330 bench taskset -c 3 python -m mhc_mlx.cli.main bench --out "$res/bench" --overwrite --seeds .seedpkgs --only "$TARGETS"
     ;;
   one-pass4)
     # (eleventh session of 2026-11-30) the chain checks with the one pass on in FORM (default
