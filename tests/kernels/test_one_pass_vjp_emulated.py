@@ -87,7 +87,8 @@ def test_split_launch_shapes(monkeypatch, n, T, C, partial_cs, dx_blocks):
         assert np.max(np.abs(g - w)) <= tol * max(1.0, np.max(np.abs(w)))
 
 
-def test_split_form_gives_the_reference_gradients():
+@pytest.mark.parametrize("form", ["split", "mma"])
+def test_split_form_gives_the_reference_gradients(monkeypatch, form):
     # end to end against the reference site's float32 autodiff: L = <post(x, f, H_post, H_res), g>
     # + <pre(x, H_pre), dh> with the sublayer's output f held fixed (its backward is the caller's:
     # dh stands for it), so H_post's cotangent is post's backward's sum_c g_i f_c; the kernel's dx
@@ -105,7 +106,8 @@ def test_split_form_gives_the_reference_gradients():
 
     want = mx.grad(loss, argnums=(0, 1, 2, 3))(x32, a["phi"], a["alpha"], a["bias"])
     a["dH_post"] = (g32 * f[:, None, :]).sum(axis=-1)
-    dx, gs, c2, g_bias, g_alpha = one_pass_vjp.one_pass_vjp(**a, split=True)
+    monkeypatch.setattr(one_pass_vjp, "FORM", form)
+    dx, gs, c2, g_bias, g_alpha = one_pass_vjp.one_pass_vjp(**a)
     g_phi = x32.reshape(T, n * C).T @ gs
     for got, ref, tol in ((dx.astype(mx.float32), want[0], 1e-2), (g_phi, want[1], 1e-3),
                           (g_alpha, want[2], 1e-3), (g_bias, want[3], 1e-3)):

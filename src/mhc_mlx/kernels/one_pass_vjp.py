@@ -1,5 +1,6 @@
-"""CUDA only, a candidate (kernels.ONE_PASS_VJP, off): the dynamic site's backward from pre's
-backward to x's cotangent in one pass over x (docs/kernel-notes.md, tenth and eleventh sessions).
+"""CUDA only, a candidate (kernels.ONE_PASS_VJP, off: every form lost on the H200): the dynamic
+site's backward from pre's backward to x's cotangent reading x less often (docs/kernel-notes.md,
+tenth session's section and rows 64-67).
 
 Today, at tensor-core sizes, pre's backward (site.PRE_VJP_RES) reads x, dh and g and writes its
 share of x's cotangent; the glue (coefficients.DYNAMIC_VJP_SINKHORN_APPLY, then
@@ -52,18 +53,21 @@ TT = 16
 CS = 64
 MAX_N = 4
 SPIN_LIMIT = 1 << 20  # polls (each an L2 round trip, ~1 µs) before a wait gives up: NaN, not a hang
-# The split's PARTIALS at PARTIAL_CS channels a slice (a multiple of 64 that divides C, else CS):
-# wider slices, fewer shuffle reductions and partials (16 PARTIAL_CS / 16 ... per thread).
+# PARTIALS at PARTIAL_CS channels a slice (a multiple of 64 that divides C, else CS): wider
+# slices, fewer shuffle reductions and partials (PARTIAL_CS / 16 channels a thread). H200: 64
+# 122.6 µs, 128 109.9, 256 116.0 (row 66).
 PARTIAL_CS = 64
 # The split's DX in about DX_BLOCKS threadgroups, each staging its slice of phi once and looping
-# over the tiles (0: a threadgroup a (tile, slice), phi staged by each).
+# over the tiles (0: a threadgroup a (tile, slice), phi staged by each). H200: 0 449.8 µs, 1056
+# 415.9 (row 66).
 DX_BLOCKS = 0
 # FORM "wait" run as its split form (three launches, no waits): what the CPU emulator runs.
 SPLIT = False
-# "wait", "last" or "split" (the module's docstring). scripts/tile_reuse.py measured the first two
-# patterns on a simpler problem: on the H200, "last" ran at the two launches' speed, "wait" at 63 %
-# of it (docs/kernel-notes.md row 64).
-FORM = "split"
+# "wait", "last", "split" or "mma" (the module's docstring). H200, 4096 x 4 x 4096 bf16, these
+# steps alone (docs/kernel-notes.md rows 65-67): wait 1117.6 µs, last 1102.9, split 580.7 (541.4
+# tuned), mma 423.0, against today's pre backward + glue + DX 355.3-371.8: every form lost, "mma"
+# least. On a simpler problem (row 64) "last" ran at two launches' speed and "wait" at 63 % of it.
+FORM = "mma"
 FORMS = ("wait", "last", "split", "mma")
 
 HELPERS = r"""
