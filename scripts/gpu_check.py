@@ -374,9 +374,9 @@ SWITCHES = {
                        "the dynamic backward from pre's backward to x's cotangent in one pass over x, in the deferred "
                        "chain where the coefficient backward takes tensor cores (kernels.ONE_PASS_VJP, candidate; "
                        "with --mma-vjp at every chain size with 16-bit x, n <= 4 and C a multiple of 64)"),
-    "--one-pass-mma": (one_pass_vjp, "FORM", "mma",
-                       "the one pass (with --one-pass-vjp) in its FORM \"mma\": the split's partials and glue, then "
-                       "the tensor-core DX adding pre's and post's shares (one_pass_vjp.FORM; by default \"split\")"),
+    "--one-pass-split": (one_pass_vjp, "FORM", "split",
+                         "the one pass (with --one-pass-vjp) with dx by its FP32 DX (one_pass_vjp.FORM \"split\"; by "
+                         "default \"mma\", the tensor-core DX adding pre's and post's shares)"),
     "--device-params": (build, "DEVICE_PARAMS", True,
                         "the kernels' run-time parameter arrays padded and copied into GPU memory once "
                         "(build.DEVICE_PARAMS; by default host-made arrays, which MLX keeps in managed memory)"),

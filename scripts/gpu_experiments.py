@@ -1508,59 +1508,6 @@ def tile_reuse_forms(rounds=5, T=4096, K=16384, TT=16, S=32):
               f"{100 * copy / us:5.1f} % of the copy's rate  ({' '.join(f'{v:.0f}' for v in t)})")
 
 
-def one_pass_vjp_forms(rounds=5, T=4096, n=4, C=4096):
-    """kernels/one_pass_vjp.py (candidate) against what it would replace at T x n x C bf16, each
-    on 10 rotated inputs, alternated `rounds` times: pre's deferred backward (site.PRE_VJP_RES),
-    the glue (the Sinkhorn Jacobian's product and the activations' backward) and the tensor-core
-    DX with pre's share added (ACC), as the dynamic backward runs them today; the split form
-    (three launches, no waits); the one launch ("wait"), also at 8 tokens a tile; the "last" form
-    (no waits: each tile's last threadgroup writes the whole tile), also at 8. The Jacobian is made
-    once, outside the timings (today it runs beside post's backward). Checked first: the one
-    launch equals the split form bit for bit."""
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "kernels"))
-    from kernel_compare import one_pass_inputs
-
-    from mhc_mlx.kernels import coefficients_mma_vjp, one_pass_vjp
-
-    def at(form, tt=one_pass_vjp.TT):  # the one pass in `form` at TT tokens a tile (16 TT threads a group)
-        def run(a):
-            saved = one_pass_vjp.TT, one_pass_vjp.FORM
-            one_pass_vjp.TT, one_pass_vjp.FORM = tt, form
-            try:
-                return one_pass_vjp.one_pass_vjp(**a)
-            finally:
-                one_pass_vjp.TT, one_pass_vjp.FORM = saved
-        return run
-
-    sets = [one_pass_inputs(T, n, C, BF) for _ in range(10)]
-    mx.eval(sets)
-    one, split = at("wait")(sets[0]), at("split")(sets[0])
-    same = all(mx.array_equal(a, b).item() for a, b in zip(one, split))
-    finite = all(mx.all(mx.isfinite(a)).item() for a in one)
-    print(f"one-pass vjp check {T}x{n}x{C}: one launch equals the split form {same}, all finite {finite}")
-
-    def today(a):
-        share, dH_pre, dH_res = site.pre_vjp_res(a["x"], a["H_pre"], a["H_res"], a["dh"], a["g"])
-        gs, c2, g_bias, g_alpha, _ = coefficients._glue_kernel(a["m"], a["invr"], a["alpha"], a["bias"], a["H_pre"],
-                                                               a["H_post"], [dH_pre, a["dH_post"], dH_res], n,
-                                                               n * C, 20)
-        dx = coefficients_mma_vjp.dx(a["x"].reshape(T, n * C), a["phi"], gs, c2, gacc=share)
-        return dx, gs, c2, g_bias, g_alpha
-
-    forms = {"today (pre bwd + glue + DX)": today, "split (three launches)": at("split"),
-             "one launch (wait)": at("wait"), "wait, TT 8": at("wait", 8), "last writes the tile": at("last"),
-             "last, TT 8": at("last", 8)}
-    times = {label: [] for label in forms}
-    for _ in range(rounds):
-        for label, fn in forms.items():
-            times[label].append(tput(fn, [[a] for a in sets]))
-    moved = T * C * 2 * (3 * n + 1)  # x, g, dh read and dx written once: the one pass's bytes
-    for label, t in times.items():
-        us = statistics.median(t)
-        print(f"one-pass vjp {T}x{n}x{C} bf16, {label:<28} {us:7.1f} us  ({moved / us / 1e3:5.0f} GB/s on the "
-              f"one pass's {moved / 1e6:.0f} MB)  ({' '.join(f'{v:.0f}' for v in t)})")
-
-
 def one_pass_split(rounds=5, T=4096, n=4, C=4096):
     """Where the one pass's split form (kernels/one_pass_vjp.py FORM "split") spends its time at
     T x n x C bf16, beside today's steps, each launch timed alone on its own inputs (10 rotated
@@ -1643,7 +1590,6 @@ def one_pass_split(rounds=5, T=4096, n=4, C=4096):
 
 
 MODES = {
-    "one-pass-vjp": one_pass_vjp_forms,
     "one-pass-split": one_pass_split,
     "tile-reuse": tile_reuse_forms,
     "headers": header_sizes,

@@ -45,10 +45,7 @@
 #   bash scripts/gpu_session.sh pinned-bench # the target cases' bench (seeds), pinned to one CPU core
 #   bash scripts/gpu_session.sh verify10     # pytest -m gpu (four shards) + read-step checks; B = 1 pinned
 #   bash scripts/gpu_session.sh verify-standins  # coefficient, chain and read-step checks (build.standin)
-#   bash scripts/gpu_session.sh tile-reuse   # one launch reading a tile once for row sums and output (not yet run)
-#   bash scripts/gpu_session.sh one-pass     # tile-reuse, then the one-pass dynamic backward candidate (not yet run)
-#   bash scripts/gpu_session.sh one-pass2    # its chain checks, then the dynamic fwd+bwd bench with it on
-#   bash scripts/gpu_session.sh one-pass3    # the one pass's forms timed (after the bank-conflict fix), GPU tests
+#   bash scripts/gpu_session.sh tile-reuse   # one launch reading a tile once for row sums and output
 #   bash scripts/gpu_session.sh one-pass-split  # each launch of the split form alone beside today's
 #   bash scripts/gpu_session.sh one-pass4    # chain checks with the one pass in $FORM, bench on / off twice
 #   bash scripts/gpu_session.sh one-pass-mma # FORM mma: the breakdown, its GPU tests, one-pass4's checks, bench
@@ -137,12 +134,12 @@ timelines() {  # forms (defaults, glue-packs-read-step): each target case's kern
   done
 }
 
-one_pass_chain_bench() {  # the chain checks with the one pass on in $FORM, then the dynamic
-  # fwd+bwd bench with it on and off, each in its own process, twice
+one_pass_chain_bench() {  # the chain checks with the one pass on (its FORM by ONE_PASS_CHECK_ARGS),
+  # then the dynamic fwd+bwd bench with it on in $FORM and off, each in its own process, twice
   CHECK_ARGS="--one-pass-vjp --mma-vjp ${ONE_PASS_CHECK_ARGS:-}" CHECK_ONLY=chain NO_PYTEST=1 check 200
   local rep
   for rep in 1 2; do
-    run 100 "bench_one_pass_$rep" python scripts/bench_with.py kernels.ONE_PASS_VJP=1 "one_pass_vjp.FORM=${FORM:-split}" -- \
+    run 100 "bench_one_pass_$rep" python scripts/bench_with.py kernels.ONE_PASS_VJP=1 "one_pass_vjp.FORM=${FORM:-mma}" -- \
       bench --out "$res/bench_one_pass_$rep" --overwrite --seeds "" --only dynamic/fwd+bwd/4096x4x4096,dynamic/fwd+bwd/512x4x1280 --impl kernels
     run 100 "bench_today_$rep" python -m mhc_mlx.cli.main bench --out "$res/bench_today_$rep" --overwrite --seeds "" \
       --only dynamic/fwd+bwd/4096x4x4096,dynamic/fwd+bwd/512x4x1280 --impl kernels
@@ -535,29 +532,6 @@ case "${1:-}" in
     # question a one-pass dynamic backward hangs on (scripts/tile_reuse.py)
     run 150 experiments_tile_reuse python scripts/gpu_experiments.py tile-reuse
     ;;
-  one-pass)
-    # (written in the tenth session of 2026-11-30, after its device time) the tile-reuse
-    # question, then the candidate one-pass dynamic backward (kernels/one_pass_vjp.py): its GPU
-    # tests (both forms), then its timings against pre's backward + glue + DX
-    run 120 experiments_tile_reuse python scripts/gpu_experiments.py tile-reuse
-    run 200 gpu_tests_one_pass python -m pytest -q -m gpu tests/kernels/test_kernels_gpu.py -k one_pass -p no:cacheprovider \
-      -o faulthandler_timeout=60
-    run 200 experiments_one_pass python scripts/gpu_experiments.py one-pass-vjp
-    ;;
-  one-pass2)
-    # the chain checks with the one-pass backward on, then the dynamic fwd+bwd bench with it on
-    CHECK_ARGS="--one-pass-vjp --mma-vjp" CHECK_ONLY=chain NO_PYTEST=1 check 240
-    run 200 bench_one_pass python scripts/bench_with.py kernels.ONE_PASS_VJP=1 -- bench --out "$res/bench_one_pass" \
-      --overwrite --seeds "" --only dynamic/fwd+bwd/4096x4x4096,dynamic/fwd+bwd/512x4x1280 --impl kernels
-    ;;
-  one-pass3)
-    # (eleventh session of 2026-11-30) the one pass again after the first run's 2.2-2.8 ms (phi's
-    # staged rows read with 16-way bank conflicts): its timings in every form, the split's three
-    # launches among them, then its GPU tests
-    run 150 experiments_one_pass python scripts/gpu_experiments.py one-pass-vjp
-    run 330 gpu_tests_one_pass python -m pytest -q -m gpu tests/kernels/test_kernels_gpu.py -k one_pass -p no:cacheprovider \
-      -o faulthandler_timeout=60
-    ;;
   one-pass-split)
     # (eleventh session of 2026-11-30) where the split form's time goes: each launch alone in its
     # settings beside today's steps alone, then the whole forms
@@ -568,9 +542,9 @@ case "${1:-}" in
     # tensor-core DX adding both shares): the breakdown, its GPU tests, the chain checks with it,
     # then the dynamic fwd+bwd bench with it on and off (one-pass4's)
     run 120 experiments_one_pass_split python scripts/gpu_experiments.py one-pass-split
-    run 200 gpu_tests_one_pass python -m pytest -q -m gpu tests/kernels/test_kernels_gpu.py -k "one_pass and mma" \
+    run 200 gpu_tests_one_pass python -m pytest -q -m gpu tests/kernels/test_kernels_gpu.py -k one_pass \
       -p no:cacheprovider -o faulthandler_timeout=60
-    ONE_PASS_CHECK_ARGS=--one-pass-mma FORM=mma one_pass_chain_bench
+    FORM=mma one_pass_chain_bench
     ;;
   verify11)
     # (eleventh session of 2026-11-30) the defaults after DX's new RES flag (two more inputs, off
@@ -581,7 +555,8 @@ case "${1:-}" in
     ;;
   one-pass4)
     # (eleventh session of 2026-11-30) the chain checks with the one pass on in FORM (default
-    # split), then the dynamic fwd+bwd bench with it on and off, each in its own process, twice
+    # mma; FORM=split with ONE_PASS_CHECK_ARGS=--one-pass-split), then the dynamic fwd+bwd bench
+    # with it on and off, each in its own process, twice
     one_pass_chain_bench
     ;;
   verify-standins)

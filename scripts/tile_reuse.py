@@ -31,14 +31,25 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from mhc_mlx.kernels import one_pass_vjp
 from mhc_mlx.kernels.build import KernelSpec, int_params, launch
 
 EPS = 1e-6
 THREADS = 256
 SPIN_LIMIT = 1 << 20  # polls (each an L2 round trip, ~1 µs) before WAIT gives up (NaN out) instead of hanging
 
-HELPERS = one_pass_vjp.HELPERS + r"""
+HELPERS = r"""
+#ifdef MHC_BACKEND_CPU_EMULATION
+KDEV int opv_atomic_add(int* p, int v) { int o = *p; *p = o + v; return o; }
+KDEV void opv_fence() {}
+KDEV int opv_load(const int* p) { return *p; }
+KDEV float opv_ldcg(const float* p) { return *p; }
+#else
+KDEV int opv_atomic_add(int* p, int v) { return atomicAdd(p, v); }
+KDEV void opv_fence() { __threadfence(); }
+KDEV int opv_load(const int* p) { return *(volatile const int*)p; }
+// past L1 but not volatile: several such loads stay in flight together
+KDEV float opv_ldcg(const float* p) { return __ldcg(p); }
+#endif
 // the sum of v over the 64 threads of a row group (two warps): warp sums, then the pair
 KDEV float tr_pair_sum(float v, KSHPTR(float) red) {
   v = kwarp_sum(v);

@@ -384,44 +384,40 @@ def test_glue_writes_the_tensor_core_fragments(monkeypatch, T):
         assert np.array_equal(np64(got), np64(want))
 
 
-@pytest.mark.parametrize("form", ["wait", "last", "mma"])
 @pytest.mark.parametrize("T,n,C", [(37, 4, 256), (4096, 4, 4096), (50, 2, 64), (16, 1, 128)])
-def test_one_pass_vjp_candidate(monkeypatch, T, n, C, form):
-    # kernels/one_pass_vjp.py (a candidate, CUDA only): the one launch (FORM "wait": its
-    # threadgroups count into their tile's counter and wait for its glue; "last": the tile's last
-    # threadgroup writes it all) equals the split form (the same text in three launches, no waits)
-    # bit for bit, "mma" (its dx on tensor cores) in all but dx, and the kernels they would
-    # replace within bf16 rounding
+def test_one_pass_vjp_candidate(monkeypatch, T, n, C):
+    # kernels/one_pass_vjp.py (a candidate, CUDA only): its two forms (dx by the FP32 DX, "split",
+    # or by the tensor-core DX adding both shares, "mma") give the same partials and glue bit for
+    # bit, and each matches the kernels they would replace within bf16 rounding
     from kernel_compare import one_pass_composed, one_pass_inputs
     from mhc_mlx.kernels import one_pass_vjp
 
     if build.gpu_backend() != "cuda":
-        pytest.skip("one_pass_vjp is CUDA-only (atomics, a device-wide fence)")
+        pytest.skip("one_pass_vjp is CUDA-only (the tensor-core DX, phi staged as float4s)")
     a = one_pass_inputs(T, n, C, mx.bfloat16)
-    monkeypatch.setattr(one_pass_vjp, "FORM", "split")
-    split = one_pass_vjp.one_pass_vjp(**a)
-    monkeypatch.setattr(one_pass_vjp, "FORM", form)
-    one = one_pass_vjp.one_pass_vjp(**a, split=False)
-    # "mma": the same partials and glue, its dx by the tensor-core DX (other roundings)
-    for got, same in zip(one[1:] if form == "mma" else one, split[1:] if form == "mma" else split):
-        assert np.array_equal(np64(got), np64(same))  # NaN (an element left unwritten) fails too
     want = one_pass_composed(a, n, C)
-    for got, ref, tol in zip(one, want, (2e-2, 1e-5, 1e-5, 1e-5, 1e-5)):
-        assert ref64.rel_err(np64(got), np64(ref)) <= tol
+    outs = {}
+    for form in ("split", "mma"):
+        monkeypatch.setattr(one_pass_vjp, "FORM", form)
+        outs[form] = one_pass_vjp.one_pass_vjp(**a)
+        for got, ref, tol in zip(outs[form], want, (2e-2, 1e-5, 1e-5, 1e-5, 1e-5)):
+            assert ref64.rel_err(np64(got), np64(ref)) <= tol  # NaN (an element left unwritten) fails too
+    for got, same in zip(outs["mma"][1:], outs["split"][1:]):
+        assert np.array_equal(np64(got), np64(same))
 
 
-@pytest.mark.parametrize("form", ["wait", "last", "split", "mma"])
+@pytest.mark.parametrize("form", ["split", "mma"])
 @pytest.mark.parametrize("T,C", [(37, 256), (4096, 4096)])
 def test_one_pass_vjp_through_a_hyper_connection(monkeypatch, T, C, form):
     # kernels.ONE_PASS_VJP (candidate, CUDA only): a dynamic site's gradients with the one-pass
-    # backward (the one launch, waits included, or the split's three launches) against the reference backend's float32 autodiff on
+    # backward (the partials, the glue, then either dx) against the reference backend's float32 autodiff on
     # the CPU, as the chained forms' GPU test
     import mhc_mlx as mhc
     from mhc_mlx import dispatch, kernels
     from mhc_mlx.kernels import one_pass_vjp
 
     if build.gpu_backend() != "cuda":
-        pytest.skip("one_pass_vjp is CUDA-only (atomics, a device-wide fence)")
+        pytest.skip("one_pass_vjp is CUDA-only (the tensor-core DX, phi staged as float4s)")
     monkeypatch.setattr(kernels, "ONE_PASS_VJP", True)
     monkeypatch.setattr(coefficients, "MMA_VJP", True)
     monkeypatch.setattr(one_pass_vjp, "FORM", form)
@@ -441,8 +437,7 @@ def test_one_pass_vjp_through_a_hyper_connection(monkeypatch, T, C, form):
         _, want = mx.vjp(site_fn, [x, *params], [cot])
         mx.eval(want)
     _all_close(got, want, 2e-2)
-    # under mx.compile, twice: the tiles' counters must be fresh zeros on every call of the trace,
-    # or the second call's waits would read a stale count
+    # under mx.compile, twice (the trace replayed on new inputs)
     step = mx.compile(lambda x_, c_, *ps: mx.vjp(site_fn, [x_, *ps], [c_])[1])
     first = step(x.astype(mx.bfloat16), cot.astype(mx.bfloat16), *params)
     x2, cot2 = mx.random.normal(x.shape), mx.random.normal(x.shape)
@@ -452,8 +447,7 @@ def test_one_pass_vjp_through_a_hyper_connection(monkeypatch, T, C, form):
         mx.eval(want2)
     _all_close(first, want, 2e-2)
     _all_close(second, want2, 2e-2)
-    # two sites in one compiled step: each backward counts into counters of its own (an mx.zeros
-    # there would be merged by mx.compile's simplification into one buffer for both)
+    # two sites in one compiled step, each with its own backward
     hc2 = mhc.HyperConnection(C, n, init="paper")
     hc2.update({"bias": mx.random.normal(hc2.bias.shape), "phi": mx.random.normal(hc2.phi.shape) / 20})
 

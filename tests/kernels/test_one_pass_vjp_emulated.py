@@ -1,9 +1,8 @@
-"""kernels/one_pass_vjp.py (a CUDA candidate, kernels.ONE_PASS_VJP) on the CPU emulator: its split
-form (the partials, the glue a threadgroup a tile, then dx; the "wait" form's text but the count,
-the wait and the publishing) and its "last" form against the kernels it would replace, composed: pre's deferred backward
-(site.PRE_VJP_RES), the glue (the Sinkhorn Jacobian's transpose, then the activations'
-backward) and DX's dx = share + gs phi^T - x c2, and against the reference's float64 autodiff.
-The one-launch form's count, wait and publishing run only on a GPU."""
+"""kernels/one_pass_vjp.py (a CUDA candidate, kernels.ONE_PASS_VJP) on the CPU emulator: its two
+forms (the partials, the glue a threadgroup a tile, then dx by the FP32 DX or the tensor-core DX
+adding both shares) against the kernels they would replace, composed: pre's deferred backward
+(site.PRE_VJP_RES), the glue (the Sinkhorn Jacobian's transpose, then the activations' backward)
+and DX's dx = share + gs phi^T - x c2, and against the reference's float64 autodiff."""
 
 import mlx.core as mx
 import numpy as np
@@ -31,23 +30,21 @@ def emulated(monkeypatch):
                                          (3, 17, 128, 16, 64), (4, 20, 128, 8, 64), (2, 33, 192, 8, 64),
                                          (4, 20, 128, 4, 64), (3, 17, 128, 4, 64), (2, 33, 256, 4, 128),
                                          (1, 5, 128, 8, 128)])
-@pytest.mark.parametrize("form", ["wait", "last", "split", "mma"])
-def test_split_form_equals_the_kernels_it_replaces(monkeypatch, dtype, n, T, C, tt, cs, form):
+@pytest.mark.parametrize("form", ["split", "mma"])
+def test_forms_equal_the_kernels_they_replace(monkeypatch, dtype, n, T, C, tt, cs, form):
     # T = 20, 33, 17, 5: a partial last tile (its tokens past T neither read nor written); C = 64 to
     # 256: one to six slices per tile; the launch shapes a GPU run may tune (TT tokens a tile,
-    # CS channels a slice, 4 or 8 a thread; 16 TT threads a group). FORM "wait" as its split form (the emulator
-    # cannot run its waits); "last" as it runs on a GPU: the tile's last threadgroup (here the
-    # tile's last in order) writes every slice
+    # CS channels a slice, 4 or 8 a thread; 16 TT threads a group); dx by the FP32 DX (split) or
+    # the tensor-core DX (mma)
     monkeypatch.setattr(one_pass_vjp, "TT", tt)
     monkeypatch.setattr(one_pass_vjp, "CS", cs)
     monkeypatch.setattr(one_pass_vjp, "FORM", form)
     a = one_pass_inputs(T, n, C, dtype)
     dx_want, gs_want, c2_want, gb_want, ga_want = one_pass_composed(a, n, C)
     emu.launched.clear()
-    dx, gs, c2, g_bias, g_alpha = one_pass_vjp.one_pass_vjp(**a, split=True)
-    want_launches = {"last": ["mhc_one_pass_counters", "mhc_one_pass_vjp"],
-                     "mma": ["mhc_one_pass_partials", "mhc_one_pass_glue", "mhc_coefficients_dynamic_vjp_dx_mma"]}.get(
-        form, ["mhc_one_pass_partials", "mhc_one_pass_glue", "mhc_one_pass_dx"])
+    dx, gs, c2, g_bias, g_alpha = one_pass_vjp.one_pass_vjp(**a)
+    want_launches = ["mhc_one_pass_partials", "mhc_one_pass_glue",
+                     "mhc_coefficients_dynamic_vjp_dx_mma" if form == "mma" else "mhc_one_pass_dx"]
     # (the tensor-core DX's fragment packing launches between them are not this test's)
     assert [name for name, *_ in emu.launched if "pack" not in name] == want_launches
     assert dx.shape == a["x"].shape and dx.dtype == dtype
@@ -126,9 +123,10 @@ def test_refuses_launch_shapes_beyond_static_shared_memory(monkeypatch):
     # phi's rows of a slice sit in static shared memory (48 KB at most): CS = 128 at n = 4 needs
     # 48 KB for them alone
     monkeypatch.setattr(one_pass_vjp, "CS", 128)
+    monkeypatch.setattr(one_pass_vjp, "FORM", "split")
     a = one_pass_inputs(16, 4, 128, mx.bfloat16)
     with pytest.raises(ValueError, match="shared memory"):
-        one_pass_vjp.one_pass_vjp(**a, split=True)
+        one_pass_vjp.one_pass_vjp(**a)
     assert one_pass_vjp.shared_bytes(4, 16, 64) <= 48 * 1024 < one_pass_vjp.shared_bytes(4, 8, 128)
 
 
@@ -140,41 +138,12 @@ def test_refuses_what_it_does_not_cover():
     assert one_pass_vjp.applies(mx.zeros((2, 4, 128), mx.float16))
 
 
-def test_the_timing_experiment_runs(monkeypatch, capsys):
-    # gpu_experiments.py one-pass-vjp, small, on the emulator: today's three steps (the tensor-core
-    # DX among them), the one launch and the split form all run; the one launch cannot complete
-    # here (one threadgroup at a time: its bounded wait gives NaN), which its check line reports
-    import os
-    import sys
-
-    from mhc_mlx.kernels import coefficients_mma, coefficients_mma_vjp
-
-    for module in (coefficients_mma, coefficients_mma_vjp):
-        monkeypatch.setattr(module, "launch", emu.launch)
-    monkeypatch.setattr(one_pass_vjp, "SPIN_LIMIT", 100)
-    scripts = os.path.join(os.path.dirname(__file__), "..", "..", "scripts")
-    sys.path.insert(0, scripts)
-    try:
-        import gpu_experiments
-    finally:
-        sys.path.remove(scripts)
-    # each form evaluated once in place of the timing's repeats: the emulator is slow, and only
-    # that every form runs is checked here
-    monkeypatch.setattr(gpu_experiments, "tput", lambda fn, sets, reps=10: (mx.eval([fn(*a) for a in sets]), 1.0)[1])
-    gpu_experiments.one_pass_vjp_forms(rounds=1, T=32, n=4, C=128)
-    out = capsys.readouterr().out
-    assert "one launch equals the split form False, all finite False" in out, out
-    for form in ("today (pre bwd + glue + DX)", "split (three launches)", "one launch (wait)", "wait, TT 8",
-                 "last writes the tile", "last, TT 8"):
-        assert f"bf16, {form}" in out, out
-
-
 @pytest.mark.parametrize("use", SITE_USES)
-@pytest.mark.parametrize("T,C,form", [(5, 64, "wait"), (20, 128, "split"), (20, 128, "last"), (20, 128, "mma")])
+@pytest.mark.parametrize("T,C,form", [(5, 64, "split"), (20, 128, "split"), (5, 64, "mma"), (20, 128, "mma")])
 def test_hyper_connection_with_the_one_pass_backward(monkeypatch, use, T, C, form):
-    # kernels.ONE_PASS_VJP (candidate) through a HyperConnection on the emulated CUDA kernels (its
-    # split form, one_pass_vjp.SPLIT): the read as one custom function whose backward is the one
-    # pass; gradients as the reference backend's autodiff however post and the coefficients are
+    # kernels.ONE_PASS_VJP (candidate) through a HyperConnection on the emulated CUDA kernels, in
+    # both forms: the read as one custom function whose backward is the partials, the glue and
+    # dx; gradients as the reference backend's autodiff however post and the coefficients are
     # used (as the chained forms' test: post on x' once or twice, pre's output alone, post on
     # another array, the caller using H_res too)
     import mhc_mlx as mhc
@@ -189,7 +158,6 @@ def test_hyper_connection_with_the_one_pass_backward(monkeypatch, use, T, C, for
     monkeypatch.setattr(kernels, "CHAIN_X_COTANGENT", True)
     monkeypatch.setattr(kernels, "ONE_PASS_VJP", True)
     monkeypatch.setattr(coefficients, "MMA_VJP", True)
-    monkeypatch.setattr(one_pass_vjp, "SPLIT", True)
     monkeypatch.setattr(one_pass_vjp, "FORM", form)
     n, dtype = 4, mx.bfloat16
     hc = mhc.HyperConnection(C, n, init="paper")
@@ -205,8 +173,9 @@ def test_hyper_connection_with_the_one_pass_backward(monkeypatch, use, T, C, for
     emu.launched.clear()
     out, got = mx.vjp(site_fn, [x, *params], [cot])
     launched = [name for name, *_ in emu.launched]
-    one_pass = {"last": "mhc_one_pass_vjp", "mma": "mhc_one_pass_glue"}.get(form, "mhc_one_pass_dx")
-    assert one_pass in launched and "mhc_pre_vjp_res" not in launched, launched
+    one_pass = "mhc_coefficients_dynamic_vjp_dx_mma" if form == "mma" else "mhc_one_pass_dx"
+    assert {one_pass, "mhc_one_pass_partials", "mhc_one_pass_glue"} <= set(launched), launched
+    assert "mhc_pre_vjp_res" not in launched, launched
     assert_site_matches_reference(site_fn, x, params, names, cot, out, got, 2e-2, 2e-2)
 
 

@@ -159,16 +159,11 @@ def cuda_only_instances():
                                  ("ACC", acc), ("RES", res), ("TM", tm), ("RAW", raw)]))
             out.append((vjp.DPHI, (dt, BF16, I32), (F32,), [("T", dt), ("NT", -(-W // 8)), ("PG", vjp.DPHI_PARTS)]))
     opv = one_pass_vjp
-    out.append((opv.ZERO_COUNTERS, (F32, I32), (I32,), []))
     for dt, n, tt, cs in [(dt, n, opv.TT, opv.CS) for dt in (BF16, F16) for n in (1, 2, 4)] + [(BF16, 4, 8, 64)]:
         base = [("T", dt), ("N", n), ("TT", tt), ("CS", cs)]
-        ext = n != 2
-        tensors, glue = (dt, dt, dt), (F32,) * 10
-        for lastw in (False, True):
-            out.append((opv.ONE_PASS, tensors + glue + (F32, F32, I32, I32), (dt, F32, F32, F32, F32),
-                        base + [("SPIN", opv.SPIN_LIMIT), ("EXT", ext), ("LASTW", lastw)]))
+        tensors = (dt, dt, dt)
         out.append((opv.PARTIALS, tensors + (I32,), (F32,), base))
-        out.append((opv.GLUE, (F32,) + glue + (I32,), (F32, F32, F32), [("N", n), ("TT", tt), ("CS", cs), ("EXT", ext)]))
+        out.append((opv.GLUE, (F32,) * 11 + (I32,), (F32, F32, F32), [("N", n), ("TT", tt), ("CS", cs), ("EXT", n != 2)]))
         out.append((opv.DX, tensors + (F32,) * 5 + (I32,), (dt,), base))
     for cs in (128, 256):  # the split's wider PARTIALS slices (one_pass_vjp.PARTIAL_CS)
         out.append((opv.PARTIALS, (BF16,) * 3 + (I32,), (F32,), [("T", BF16), ("N", 4), ("TT", opv.TT), ("CS", cs)]))

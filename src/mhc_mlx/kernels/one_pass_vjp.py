@@ -1,37 +1,28 @@
-"""CUDA only, a candidate (kernels.ONE_PASS_VJP, off: every form lost on the H200): the dynamic
-site's backward from pre's backward to x's cotangent reading x less often (docs/kernel-notes.md,
-tenth session's section and rows 64-67).
+"""CUDA only, a candidate (kernels.ONE_PASS_VJP, off: slower than the defaults on the H200): the
+dynamic site's backward from pre's backward to x's cotangent without pre's share of dx written
+and read back (docs/kernel-notes.md, the tenth session's section and rows 64-67).
 
 Today, at tensor-core sizes, pre's backward (site.PRE_VJP_RES) reads x, dh and g and writes its
 share of x's cotangent; the glue (coefficients.DYNAMIC_VJP_SINKHORN_APPLY, then
 DYNAMIC_VJP_GLUE_AFTER_SINKHORN) turns the token's row sums into the coefficient cotangents gs;
-and DX reads x and that share again to write dx = share + gs phi^T - x c2: x comes from DRAM
-twice (~50C bytes a token at n = 4 for what ~26C can do), because no element of dx can be
-written before its token's whole-row sums exist.
+and DX reads x and that share again to write dx = share + gs phi^T - x c2: ~50C bytes a token at
+n = 4, because no element of dx can be written before its token's whole-row sums exist.
 
-Here threadgroup b owns tile b / S (TT tokens) and channel slice b % S (CS channels of every
-stream): it loads its slice of x, g and dh once and keeps them in registers; writes the slice's
-row sums (dH_pre = x . dh, dH_res = g x^T per token) as partials and counts itself into the
-tile's counter; the tile's last threadgroup to arrive sums the partials, runs the glue for the
-tile's tokens (the res logits' Sinkhorn backward as the Jacobian's transpose, the activations'
-backward, the scaling: as the glue kernels) and publishes gs and c2; every threadgroup then
-writes its slice of dx = H_pre (x) dh + H_res^T g + gs phi^T - x c2 from its registers and its
-rows of phi (staged in shared memory from phi^T). dphi = x^T gs stays a launch of its own.
+Here, in three launches: PARTIALS (threadgroup b: tile b / S of TT tokens, channel slice b % S of
+every stream; x, g, dh read for the slice's row sums dH_pre = x . dh and dH_res = g x^T per
+token), GLUE (a threadgroup a tile: the partials summed with the other uses' cotangents, then
+the res logits' Sinkhorn backward as the Jacobian's transpose, the activations' backward and the
+scaling, as the glue kernels), then dx from x, g, dh, gs and c2:
+FORM "split": an FP32 DX here (gs phi^T by multiply-adds from phi's rows staged in shared memory
+from phi^T); FORM "mma": the tensor-core DX (coefficients_mma_vjp.DX) adding pre's share
+H_pre (x) dh and post's H_res^T g itself (PRE, RES). ~44C a token; dphi = x^T gs stays the
+caller's launch. On the H200 (rows 66-67) the FP32 product was slower than tensor cores (DX
+416-450 µs against 175-182), and the tensor-core lane reading g in all n streams slower than
+reading pre's share (322.5 µs against 174.9).
 
-FORM "wait": as above. The waits need a tile's S threadgroups resident together: consecutive
-block indices, S far below the GPU's resident threadgroups; a bounded spin writes NaN rather than
-hang.
-FORM "last" (template LASTW): no waits; the tile's last threadgroup writes the whole tile's dx,
-re-reading each slice (L2) after the glue, and the others leave once counted.
-FORM "split": three launches, no counters: PARTIALS (x, g, dh read for the row sums), GLUE (one
-threadgroup a tile), DX (x, g, dh read again with gs and c2): ~44C a token against today's ~50C,
-and no share written or read. On the H200 its DX (gs phi^T by FP32 multiply-adds from shared
-memory) took 416-450 µs against the tensor-core DX's 182 (docs/kernel-notes.md row 65), so:
-FORM "mma": PARTIALS and GLUE, then the tensor-core DX (coefficients_mma_vjp.DX) adding pre's
-share H_pre (x) dh and post's H_res^T g itself (its PRE and RES), reading g and dh in place of a
-share written by pre's backward: the same ~44C a token. The CPU emulator, which runs one threadgroup at a time and so
-cannot run a wait, tests the "wait" form as this split: the same text but the count, the wait
-and the publishing.
+One-launch forms (a tile's threadgroups waiting on a per-tile counter for its glue, or its last
+threadgroup writing the whole tile) ran 876-1118 µs against today's 372 and were removed; they
+are in commit 9b1003a (row 65).
 n <= 4; CS a multiple of 64 (a thread's channels are whole float4s of phi's staged rows).
 """
 
@@ -45,41 +36,33 @@ import mlx.core as mx
 from .build import KernelSpec, int_params, launch, standin, watch
 
 F32 = mx.float32
-# The launch's shape, template values (a GPU run tunes them: gpu_experiments.py one-pass-vjp):
-# TT tokens per tile, 16 threads per token (16 TT threads a group), CS channels of every stream
-# per slice (CS / 16 per thread: their x and g in registers, 2 n CS / 16 values). n = 4: TT 16,
-# CS 64: phi's staged rows 24 KB of shared memory.
+# The launch's shape, template values (gpu_experiments.py one-pass-split times them): TT tokens
+# per tile, 16 threads per token (16 TT threads a group), CS channels of every stream per slice
+# (CS / 16 per thread: their x and g in registers, 2 n CS / 16 values). n = 4: TT 16, CS 64:
+# phi's staged rows 24 KB of shared memory in the FP32 DX.
 TT = 16
 CS = 64
 MAX_N = 4
-SPIN_LIMIT = 1 << 20  # polls (each an L2 round trip, ~1 µs) before a wait gives up: NaN, not a hang
 # PARTIALS at PARTIAL_CS channels a slice (a multiple of 64 that divides C, else CS): wider
 # slices, fewer shuffle reductions and partials (PARTIAL_CS / 16 channels a thread). H200: 64
 # 122.6 µs, 128 109.9, 256 116.0 (row 66).
 PARTIAL_CS = 64
-# The split's DX in about DX_BLOCKS threadgroups, each staging its slice of phi once and looping
+# The FP32 DX in about DX_BLOCKS threadgroups, each staging its slice of phi once and looping
 # over the tiles (0: a threadgroup a (tile, slice), phi staged by each). H200: 0 449.8 µs, 1056
 # 415.9 (row 66).
 DX_BLOCKS = 0
-# FORM "wait" run as its split form (three launches, no waits): what the CPU emulator runs.
-SPLIT = False
-# "wait", "last", "split" or "mma" (the module's docstring). H200, 4096 x 4 x 4096 bf16, these
-# steps alone (docs/kernel-notes.md rows 65-67): wait 1117.6 µs, last 1102.9, split 580.7 (541.4
-# tuned), mma 423.0, against today's pre backward + glue + DX 355.3-371.8: every form lost, "mma"
-# least. On a simpler problem (row 64) "last" ran at two launches' speed and "wait" at 63 % of it.
+# "split" or "mma" (the docstring). H200, 4096 x 4 x 4096 bf16, these steps alone (rows 66-67):
+# split 580.7 µs (541.4 tuned), mma 423.0 (PARTIALS 128), against today's pre backward + glue +
+# DX 355.3-371.8.
 FORM = "mma"
-FORMS = ("wait", "last", "split", "mma")
+FORMS = ("split", "mma")
 
+# Loads past L1 (ld.global.cg), as the kernels were timed on the H200 (rows 66-67); several stay in
+# flight together. Plain loads instead changed the FP32 DX from 99 to 134 registers (nvcc sm_90a).
 HELPERS = r"""
 #ifdef MHC_BACKEND_CPU_EMULATION
-KDEV int opv_atomic_add(int* p, int v) { int o = *p; *p = o + v; return o; }
-KDEV void opv_fence() {}
-KDEV int opv_load(const int* p) { return *p; }
 KDEV float opv_ldcg(const float* p) { return *p; }
 #else
-KDEV int opv_atomic_add(int* p, int v) { return atomicAdd(p, v); }
-KDEV void opv_fence() { __threadfence(); }
-KDEV int opv_load(const int* p) { return *(volatile const int*)p; }
 KDEV float opv_ldcg(const float* p) { return __ldcg(p); }
 #endif
 """
@@ -184,9 +167,9 @@ _PARTIALS = r"""
 """
 
 # The glue for tile `tile`'s tokens (as DYNAMIC_VJP_SINKHORN_APPLY, then
-# DYNAMIC_VJP_GLUE_AFTER_SINKHORN), spread over the threadgroup: gs and c2 into gs_s, c2_s, gsc,
-# ctwo; the tile's partials of g_bias and g_alpha into part. First each (token, value) pair summed
-# over the S slices' partials.
+# DYNAMIC_VJP_GLUE_AFTER_SINKHORN), spread over the threadgroup: gs and c2 into gsc and ctwo; the
+# tile's partials of g_bias and g_alpha into part. First each (token, value) pair summed over the
+# S slices' partials.
 _GLUE = r"""
   for (int e = KTID; e < TT * NV; e += KNT) {
     const int ul = e / NV, a = e % NV;
@@ -194,9 +177,8 @@ _GLUE = r"""
     float s = 0.0f;
     if (u < Ttok) {
       if (EXT) s = a < N ? extp[u * N + a] : extr[u * NN + a - N] + extr2[u * NN + a - N];  // other uses
-      // past L1 (ld.global.cg: in the one launch L2 holds the other threadgroups' partials) but
-      // not volatile, so the S loads stay in flight together instead of one L2 round trip each
-      const float* pp = (const float*)partial + ((int64_t)tile * S * TT + ul) * NV + a;
+      // four independent sums, so the S loads stay in flight together
+      const float* pp = partial + ((int64_t)tile * S * TT + ul) * NV + a;
       float s1 = 0.0f, s2v = 0.0f, s3v = 0.0f;
       int s2 = 0;
       for (; s2 + 4 <= S; s2 += 4) {
@@ -241,7 +223,6 @@ _GLUE = r"""
       const float sc = c < N ? a0 : (c < 2 * N ? a1 : a2);
       const float gm = gh[c] * sc;
       s += gm * mv;
-      GS_LOCAL(KTID * W + c, gm * ir);
       const float ghm = gh[c] * mv;
       if (c < N) seg0 += ghm;
       else if (c < 2 * N) seg1 += ghm;
@@ -252,7 +233,6 @@ _GLUE = r"""
     rows[KTID * (W + 3) + W] = seg0;
     rows[KTID * (W + 3) + W + 1] = seg1;
     rows[KTID * (W + 3) + W + 2] = seg2;
-    C2_LOCAL(KTID, ir * ir / (float)K * s);
     if (ulive) ctwo[u] = ir * ir / (float)K * s;
   }
   KBARRIER();
@@ -264,25 +244,17 @@ _GLUE = r"""
 """
 
 
-def _glue(keep: bool) -> str:
-    """_GLUE, also keeping gs and c2 in gs_s and c2_s for the threadgroup's own dx (keep)."""
-    return (_GLUE.replace("GS_LOCAL(KTID * W + c, gm * ir);", "gs_s[KTID * W + c] = gm * ir;" if keep else "")
-            .replace("C2_LOCAL(KTID, ir * ir / (float)K * s);", "c2_s[KTID] = ir * ir / (float)K * s;" if keep else ""))
-
-
-def _read_glue(bad: str) -> str:
-    """gs and c2 of the tile's tokens from gsc and ctwo (past L1: another threadgroup wrote them
-    moments before in the one launch), plus `bad` (NaN where a wait gave up)."""
-    return r"""
+# gs and c2 of the tile's tokens, from GLUE's outputs
+_READ_GLUE = r"""
   for (int e = KTID; e < TT * W; e += KNT) {
     const int64_t u = (int64_t)tile * TT + e / W;
-    gs_s[e] = (u < Ttok ? opv_ldcg(gsc + u * W + e % W) : 0.0f) + BAD;
+    gs_s[e] = u < Ttok ? opv_ldcg(gsc + u * W + e % W) : 0.0f;
   }
   if (KTID < TT) {
     const int64_t u = (int64_t)tile * TT + KTID;
-    c2_s[KTID] = (u < Ttok ? opv_ldcg(ctwo + u) : 0.0f) + BAD;
+    c2_s[KTID] = u < Ttok ? opv_ldcg(ctwo + u) : 0.0f;
   }
-""".replace("BAD", bad)
+"""
 
 
 _STAGE_H = r"""
@@ -331,86 +303,11 @@ def _dx(slice_expr: str) -> str:
 """.replace("SLICE", slice_expr)
 
 
-# The one launch: loads, the partials, the count; the tile's last threadgroup runs the glue and
-# publishes it (counter S + 1); "wait": the others wait for it and write their own slice from
-# registers; "last" (LASTW): the others leave, and the last writes every slice of the tile.
-_ONE_PASS_BODY = (_DECL + _SHARED_GLUE + _SHARED_DX + r"""
-  KSHARED int flag_s;  // this threadgroup publishes the tile's glue (read by all after a barrier)
-  KSHARED int ok_s;    // the wait ended in time (its own variable: thread 0 writes it while others
-                       // may still be reading flag_s to pick their branch)
-""" + _SLICE + _registers(True) + _load("slice") + _stage_phi("slice") + _PARTIALS + r"""
-  opv_fence();
-  KBARRIER();
-  if (KTID == 0) flag_s = opv_atomic_add((int*)counters + tile, 1) == S - 1;
-  KBARRIER();
-  if (LASTW && !flag_s) return;  // the tile's last threadgroup writes all of its dx
-  opv_fence();
-  if (flag_s) {
-""" + _glue(True) + r"""
-    if (!LASTW) {
-      opv_fence();
-      KBARRIER();
-      if (KTID == 0) opv_atomic_add((int*)counters + tile, 1);  // S + 1: published
-    }
-  } else {
-    // wait for the tile's glue (bounded: NaN out rather than a hung device), then read it
-    if (KTID == 0) {
-      int polls = 0;
-      while (opv_load(counters + tile) <= S && ++polls < SPIN) {}
-      ok_s = polls < SPIN;
-    }
-    KBARRIER();
-    opv_fence();
-    const float bad = ok_s ? 0.0f : KBITS_FLOAT(0x7fc00000);
-""" + _read_glue("bad") + r"""
-  }
-""" + _STAGE_H + r"""
-  KBARRIER();
-  if (!LASTW) {
-""" + _dx("slice") + r"""
-  } else {
-    for (int s3 = 0; s3 < S; ++s3) {
-      KBARRIER();  // the slice before's phi rows are read
-""" + _stage_phi("s3") + _load("s3") + r"""
-      KBARRIER();
-""" + _dx("s3") + r"""
-    }
-  }
-""")
-
-# The tiles' counters, zeroed by a launch of their own that reads the site's own `dep` (an
-# array of the call's): an `mx.zeros` would be a Full node that mx.compile's simplification merges
-# with every other equal one in the trace (same primitive, same scalar input), so two sites of one
-# compiled step would count into one buffer, the second finding it already past S.
-ZERO_COUNTERS = KernelSpec(
-    name="mhc_one_pass_counters",
-    inputs=("dep", "iparam"),
-    outputs=("z",),
-    body=r"""
-  const int64_t i = (int64_t)KBID * KNT + KTID;
-  if (i < iparam[0]) z[i] = 0;
-""",
-)
-
-
-def fresh_counters(tiles: int, dep: mx.array) -> mx.array:
-    """[tiles] int32 zeros of this call's own (see ZERO_COUNTERS); dep: any array of the call."""
-    return launch(ZERO_COUNTERS, [dep, int_params(tiles)], [((tiles,), mx.int32)], -(-tiles // 128) * 128, 128, [])[0]
-
-
 _TENSORS = ("xin", "dh", "gout")
 _GLUE_INPUTS = ("hpre", "jac", "mraw", "invr", "alpha", "hpost", "dhpost", "extp", "extr", "extr2")
 
-# "wait" and "last": the one launch.
-ONE_PASS = KernelSpec(
-    name="mhc_one_pass_vjp",
-    inputs=(*_TENSORS, *_GLUE_INPUTS, "hres", "phit", "counters", "iparam"),
-    outputs=("gx", "gsc", "ctwo", "part", "partial"),
-    body=_ONE_PASS_BODY,
-    helpers=HELPERS,
-    scratch=("counters",),
-)
-# "split": the partials, then the glue (a threadgroup a tile), then dx.
+# The partials, then the glue (a threadgroup a tile), then dx (FORM "split"; "mma" takes
+# coefficients_mma_vjp.DX).
 PARTIALS = KernelSpec(
     name="mhc_one_pass_partials",
     inputs=(*_TENSORS, "iparam"),
@@ -421,7 +318,7 @@ GLUE = KernelSpec(
     name="mhc_one_pass_glue",
     inputs=("partial", *_GLUE_INPUTS, "iparam"),
     outputs=("gsc", "ctwo", "part"),
-    body=_DECL + _SHARED_GLUE + "\n  const int tile = KBID;\n" + _glue(False),
+    body=_DECL + _SHARED_GLUE + "\n  const int tile = KBID;\n" + _GLUE,
     helpers=HELPERS,
 )
 # The split's dx: threadgroup b stages slice b % S of phi once, then writes that slice of tiles
@@ -435,7 +332,7 @@ _DX_BODY = (_DECL + _SHARED_DX + r"""
   _Pragma("unroll 1") for (int tile = KBID / S; tile < tiles; tile += P) {
     const int64_t t = (int64_t)tile * TT + r;
     const bool live = t < Ttok;
-""" + _load("slice") + _read_glue("0.0f") + _STAGE_H + r"""
+""" + _load("slice") + _READ_GLUE + _STAGE_H + r"""
     KBARRIER();
 """ + _dx("slice") + r"""
     KBARRIER();  // the tile's gs_s, c2_s, hp_s and hr_s are read: the next tile's may go in
@@ -448,14 +345,13 @@ DX = KernelSpec(
     body=_DX_BODY,
     helpers=HELPERS,
 )
-SPECS = (ONE_PASS, PARTIALS, GLUE, DX, ZERO_COUNTERS)
+SPECS = (PARTIALS, GLUE, DX)
 
 
 def shared_bytes(n: int, tt: int, cs: int) -> int:
-    """The one launch's static shared memory (phi's slice rows and the tile's per-token values);
-    the split's launches take less."""
+    """The FP32 DX's static shared memory: phi's slice rows and the tile's per-token values."""
     W, NN = n * (n + 2), n * n
-    return 4 * (n * cs * W + tt * (W + 1 + n + NN + (W + 3) + (n + NN) + NN)) + 8
+    return 4 * (n * cs * W + tt * (W + 1 + n + NN))
 
 
 def applies(x) -> bool:
@@ -465,7 +361,7 @@ def applies(x) -> bool:
 
 
 def partials(x, dh, g) -> tuple[mx.array, int]:
-    """The split's first launch: (partial [tiles, S', TT, n + n^2], S') of x [T, n, C], dh [T, C],
+    """The first launch: (partial [tiles, S', TT, n + n^2], S') of x [T, n, C], dh [T, C],
     g [T, n, C]: each (tile, slice)'s row sums, S' slices of PARTIAL_CS channels (CS where that
     does not divide C)."""
     T, n, C = x.shape
@@ -477,7 +373,7 @@ def partials(x, dh, g) -> tuple[mx.array, int]:
 
 
 def glue_from_partials(partial, glue, T: int, C: int, sp: int, ext: bool):
-    """The split's second launch, a threadgroup a tile: (gs [T, W], c2 [T], part [tiles, W + 3])
+    """The second launch, a threadgroup a tile: (gs [T, W], c2 [T], part [tiles, W + 3])
     from the partials and the glue's inputs (H_pre, jac, m, 1/r, alpha, H_post, dH_post and the
     three other uses' cotangents, as one_pass_vjp lists them)."""
     n = glue[0].shape[-1]
@@ -487,7 +383,7 @@ def glue_from_partials(partial, glue, T: int, C: int, sp: int, ext: bool):
 
 
 def split_dx(x, dh, g, H_pre, h_res, phit, gs, c2) -> mx.array:
-    """The split's third launch: dx [T, n, C] (x's dtype) of x [T, n, C], dh [T, C], g [T, n, C],
+    """FORM "split"'s third launch: dx [T, n, C] (x's dtype) of x [T, n, C], dh [T, C], g [T, n, C],
     H_pre [T, n], H_res [T, n^2], phi^T [W, n C], gs [T, W] and c2 [T]."""
     T, n, C = x.shape
     S, tiles = C // CS, -(-T // TT)
@@ -496,8 +392,8 @@ def split_dx(x, dh, g, H_pre, h_res, phit, gs, c2) -> mx.array:
                   groups * S * 16 * TT, 16 * TT, [("T", x.dtype), ("N", n), ("TT", TT), ("CS", CS)])[0]
 
 
-def one_pass_vjp(x, dh, g, H_pre, H_res, jac, m, invr, alpha, bias, H_post, dH_post, phi, ext=None,
-                 split: bool | None = None):  # noqa: PLR0913 -- the kernel's inputs, named
+def one_pass_vjp(x, dh, g, H_pre, H_res, jac, m, invr, alpha, bias, H_post, dH_post, phi,
+                 ext=None):  # noqa: PLR0913 -- the kernels' inputs, named
     """(dx [..., n, C] in x's dtype, gs [T, W], c2 [T], g_bias [W], g_alpha [3]) for a dynamic site's
     x [..., n, C], h's cotangent dh [..., C], post's output cotangent g [..., n, C] (the deferred
     chain's: post leaves x's and H_res's cotangents to pre), the per-token coefficients H_pre
@@ -506,8 +402,7 @@ def one_pass_vjp(x, dh, g, H_pre, H_res, jac, m, invr, alpha, bias, H_post, dH_p
     saved m [T, W] and 1/r [T], alpha [3], bias [W] (its cotangent needs only the activations'
     outputs: unread), phi [n C, W]; ext: (H_pre's [.., n], H_res's [.., n, n], H_res's again
     [.., n, n]) cotangents from other uses, added to the row sums (None: none). dphi = x^T gs is
-    the caller's. split: FORM "wait" run as the split's three launches (None: SPLIT); FORM "split"
-    always is, FORM "last" (no waits: the emulator runs it as it is) never."""
+    the caller's. FORM picks the dx launch."""
     del bias
     *lead, n, C = x.shape
     if FORM not in FORMS:
@@ -515,9 +410,9 @@ def one_pass_vjp(x, dh, g, H_pre, H_res, jac, m, invr, alpha, bias, H_post, dH_p
     if not applies(x):
         raise ValueError(f"one_pass_vjp covers 16-bit x with n <= {MAX_N} and C a multiple of {CS} (itself a "
                          f"multiple of 64); got {x.dtype} {tuple(x.shape)}")
-    if shared_bytes(n, TT, CS) > 48 * 1024:
-        raise ValueError(f"one_pass_vjp at TT = {TT}, CS = {CS}, n = {n} needs {shared_bytes(n, TT, CS)} bytes "
-                         "of static shared memory; CUDA allows 48 KB")
+    if FORM == "split" and shared_bytes(n, TT, CS) > 48 * 1024:
+        raise ValueError(f"one_pass_vjp's FP32 DX at TT = {TT}, CS = {CS}, n = {n} needs {shared_bytes(n, TT, CS)} "
+                         "bytes of static shared memory; CUDA allows 48 KB")
     T = math.prod(lead)
     W = n * (n + 2)
     tensors = [x.reshape(T, n, C), dh.astype(x.dtype).reshape(T, C), g.astype(x.dtype).reshape(T, n, C)]
@@ -528,25 +423,16 @@ def one_pass_vjp(x, dh, g, H_pre, H_res, jac, m, invr, alpha, bias, H_post, dH_p
     else:
         glue += [ext[0].astype(F32).reshape(T, n), ext[1].astype(F32).reshape(T, n * n),
                  ext[2].astype(F32).reshape(T, n * n)]
-    h_res, phit = H_res.astype(F32).reshape(T, n * n), phi.astype(F32).T  # phi^T: its staging reads rows of it
-    if FORM in ("split", "mma") or (FORM == "wait" and (SPLIT if split is None else split)):
-        partial, sp = partials(*tensors)
-        gs, c2, part = glue_from_partials(partial, glue, T, C, sp, ext is not None)
-        if FORM == "mma":
-            from . import coefficients_mma_vjp
+    h_res = H_res.astype(F32).reshape(T, n * n)
+    partial, sp = partials(*tensors)
+    gs, c2, part = glue_from_partials(partial, glue, T, C, sp, ext is not None)
+    if FORM == "mma":
+        from . import coefficients_mma_vjp
 
-            gx = coefficients_mma_vjp.dx(tensors[0].reshape(T, n * C), phi, gs, c2, pre=(glue[0], tensors[1]),
-                                         res=(h_res, tensors[2]))
-        else:
-            gx = split_dx(*tensors, glue[0], h_res, phit, gs, c2)
-    else:
-        S, tiles, threads = C // CS, -(-T // TT), 16 * TT
-        counters = fresh_counters(tiles, glue[3])  # this call's own zeros (its 1/r the dependency)
-        gx, gs, c2, part, _ = launch(
-            ONE_PASS, [*tensors, *glue, h_res, phit, counters, int_params(T, C, S)],
-            [((T, n, C), x.dtype), ((T, W), F32), ((T,), F32), ((tiles, W + 3), F32), ((tiles, S, TT, n + n * n), F32)],
-            tiles * S * threads, threads, [("T", x.dtype), ("N", n), ("TT", TT), ("CS", CS), ("SPIN", SPIN_LIMIT),
-                                           ("EXT", ext is not None), ("LASTW", FORM == "last")])
+        gx = coefficients_mma_vjp.dx(tensors[0].reshape(T, n * C), phi, gs, c2, pre=(glue[0], tensors[1]),
+                                     res=(h_res, tensors[2]))
+    else:  # phi^T: the FP32 DX stages rows of it
+        gx = split_dx(*tensors, glue[0], h_res, phi.astype(F32).T, gs, c2)
     sums = mx.sum(part, axis=0)
     return gx.reshape(x.shape), gs, c2, sums[:W], sums[W:]
 
