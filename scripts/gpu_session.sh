@@ -50,6 +50,7 @@
 #   bash scripts/gpu_session.sh one-pass4    # chain checks with the one pass in $FORM, bench on / off twice
 #   bash scripts/gpu_session.sh one-pass-mma # FORM mma: the breakdown, its GPU tests, one-pass4's checks, bench
 #   bash scripts/gpu_session.sh verify11     # coefficient and chain checks, the target bench (seeds), pinned
+#   bash scripts/gpu_session.sh verify11b    # the dynamic backward's GPU tests (chain, coefficient gradients, one pass)
 #   bash scripts/gpu_session.sh anatomy-bench  # where the B = 1 static launch's time goes; the target bench
 #   bash scripts/gpu_session.sh gpu-tests    # pytest -m gpu alone
 #   bash scripts/gpu_session.sh latency      # LAYER_LATENCY + compiled latency path: checks, timings
@@ -552,6 +553,13 @@ case "${1:-}" in
     # pinned to one CPU core
     CHECK_ONLY=coefficients,chain NO_PYTEST=1 check 200
     run 330 bench taskset -c 3 python -m mhc_mlx.cli.main bench --out "$res/bench" --overwrite --seeds .seedpkgs --only "$TARGETS"
+    ;;
+  verify11b)
+    # (eleventh session of 2026-11-30) the GPU tests of the dynamic backward after DX's RES flag
+    # and the one pass's cleanup: the chained x cotangent, the dynamic coefficient gradients and
+    # the one-pass candidate's tests
+    run 270 gpu_tests_dynamic python -m pytest -q -m gpu tests/kernels/test_kernels_gpu.py -p no:cacheprovider \
+      -o faulthandler_timeout=100 -k "chained_x_cotangent or dynamic_coefficient_gradients or one_pass"
     ;;
   one-pass4)
     # (eleventh session of 2026-11-30) the chain checks with the one pass on in FORM (default
