@@ -430,8 +430,9 @@ def test_one_pass_vjp_through_a_hyper_connection(monkeypatch, T, C, form):
     params = [getattr(hc, k) for k in names]
     # drawn in bf16, so the float32 reference sees the kernels' very inputs: with float32 draws
     # alpha's gradient missed 2e-2 once on the H200 (2.17 % at 37 x 4 x 256, split) and in 60 draws
-    # on the CPU emulator reached 2.43 %; with bf16 draws 200 emulated draws stayed under 1.67 %,
-    # this form and the default backward alike (its sums cancel: input rounding carries far)
+    # on the CPU emulator reached 2.43 %; with bf16 draws 200 emulated draws stayed under 1.67 %
+    # in this form and the default backward alike (a one-off check, not kept: its sums cancel, so
+    # input rounding carries far)
     x, cot = (mx.random.normal((T, n, C)).astype(mx.bfloat16).astype(mx.float32) for _ in range(2))
     w = mx.random.normal((C,))
 
