@@ -79,7 +79,8 @@ _DECL = r"""
   const int K = N * C;
 """
 
-# A (tile, slice) threadgroup's thread: token row r of the tile, CPT channels of every stream from c0.
+# A (tile, slice) threadgroup's thread: token row r of the tile, CPT channels (from q CPT) of the
+# slice in every stream.
 _SLICE = r"""
   const int tile = KBID / S, slice = KBID % S;
   const int r = KTID / TPT, q = KTID % TPT;
@@ -106,11 +107,10 @@ _SHARED_DX = r"""
 """
 
 
-def _load(slice_expr: str) -> str:
-    """x, g and dh of this thread's channels of slice `slice_expr` into registers."""
-    return r"""
+# x, g and dh of this thread's channels of its slice into registers
+_LOAD = r"""
   {
-    const int c3 = (SLICE) * CS + q * CPT;
+    const int c3 = slice * CS + q * CPT;
     if (live) {
       kload<T, CPT>(dv, dh, t * C + c3, vec);
       KUNROLL for (int i = 0; i < N; ++i) {
@@ -119,7 +119,7 @@ def _load(slice_expr: str) -> str:
       }
     }
   }
-""".replace("SLICE", slice_expr)
+"""
 
 
 def _registers(writes_dx: bool) -> str:
@@ -132,15 +132,14 @@ def _registers(writes_dx: bool) -> str:
 """.replace("GX", " && KALIGNED16(gx)" if writes_dx else "")
 
 
-def _stage_phi(slice_expr: str) -> str:
-    """phi's rows of slice `slice_expr` into phis4, read from phi^T [W, n C] in order."""
-    return r"""
+# phi's rows of this threadgroup's slice into phis4, read from phi^T [W, n C] in order
+_STAGE_PHI = r"""
   for (int e = KTID; e < W * N * (CS / 4); e += KNT) {
     const int c4 = e % (CS / 4), wi = e / (CS / 4);  // wi = w N + i
-    const float* src = phit + (int64_t)(wi / N) * K + (int64_t)(wi % N) * C + (SLICE) * CS + 4 * c4;
+    const float* src = phit + (int64_t)(wi / N) * K + (int64_t)(wi % N) * C + slice * CS + 4 * c4;
     phis4[e] = KFLOAT4(src[0], src[1], src[2], src[3]);
   }
-""".replace("SLICE", slice_expr)
+"""
 
 
 # The slice's row sums of this token over its 16 threads (half a warp), written by thread 0.
@@ -269,13 +268,12 @@ _STAGE_H = r"""
 """
 
 
-def _dx(slice_expr: str) -> str:
-    """dx = H_pre (x) dh + H_res^T g + gs phi^T - x c2 over this thread's CPT channels of each
-    stream of slice `slice_expr` (its x, g, dh in registers, phi's rows in phis4): the x, g and dh
-    terms first, so their registers are free before the w loop (which reads each gs once)."""
-    return r"""
+# dx = H_pre (x) dh + H_res^T g + gs phi^T - x c2 over this thread's CPT channels of each stream
+# of its slice (its x, g, dh in registers, phi's rows in phis4): the x, g and dh terms first, so
+# their registers are free before the w loop (which reads each gs once)
+_DX = r"""
   if (live) {
-    const int c3 = (SLICE) * CS + q * CPT;
+    const int c3 = slice * CS + q * CPT;
     const float c2 = c2_s[r];
     float o[N][CPT];
     KUNROLL for (int i = 0; i < N; ++i) {
@@ -300,7 +298,7 @@ def _dx(slice_expr: str) -> str:
     }
     KUNROLL for (int i = 0; i < N; ++i) kstore<T, CPT>(gx, (t * N + i) * C + c3, o[i], vec);
   }
-""".replace("SLICE", slice_expr)
+"""
 
 
 _TENSORS = ("xin", "dh", "gout")
@@ -312,7 +310,7 @@ PARTIALS = KernelSpec(
     name="mhc_one_pass_partials",
     inputs=(*_TENSORS, "iparam"),
     outputs=("partial",),
-    body=_DECL + _SLICE + _registers(False) + _load("slice") + _PARTIALS,
+    body=_DECL + _SLICE + _registers(False) + _LOAD + _PARTIALS,
 )
 GLUE = KernelSpec(
     name="mhc_one_pass_glue",
@@ -328,13 +326,13 @@ _DX_BODY = (_DECL + _SHARED_DX + r"""
   const int P = iparam[3];
   const int tiles = (Ttok + TT - 1) / TT;
   const int r = KTID / TPT, q = KTID % TPT;
-""" + _registers(True) + _stage_phi("slice") + r"""
+""" + _registers(True) + _STAGE_PHI + r"""
   _Pragma("unroll 1") for (int tile = KBID / S; tile < tiles; tile += P) {
     const int64_t t = (int64_t)tile * TT + r;
     const bool live = t < Ttok;
-""" + _load("slice") + _READ_GLUE + _STAGE_H + r"""
+""" + _LOAD + _READ_GLUE + _STAGE_H + r"""
     KBARRIER();
-""" + _dx("slice") + r"""
+""" + _DX + r"""
     KBARRIER();  // the tile's gs_s, c2_s, hp_s and hr_s are read: the next tile's may go in
   }
 """)
