@@ -6,7 +6,7 @@
 
 Each setting is module.ATTRIBUTE=value under mhc_mlx.kernels (kernels. for the package itself);
 value 1/0/true/false/auto or an integer, or the word itself for a setting that is a word
-(one_pass_vjp.FORM=last). The bench's JSON header records every kernel setting
+(one_pass_vjp.FORM=split). The bench's JSON header records every kernel setting
 (kernels.settings()), so a run states what it ran.
 """
 
