@@ -35,13 +35,13 @@ def test_bench_with_refuses_a_bad_setting(setting, message):
 
 def test_bench_with_records_the_settings_it_switched(tmp_path):
     out = _script("bench_with.py", "kernels.DEFER_POST_X=0", "coefficients.SPLIT_GLUE_SINKHORN=false",
-                  "coefficients_mma_vjp.DX_TOKEN_MAJOR=0", "one_pass_vjp.FORM=last", "--", "bench", "--quick", "--only",
+                  "coefficients_mma_vjp.DX_TOKEN_MAJOR=0", "one_pass_vjp.FORM=split", "--", "bench", "--quick", "--only",
                   "static/fwd/1x4x64/float32", "--impl", "compiled", "--seeds", "", "--out", str(tmp_path))
     assert out.returncode == 0, out.stderr
     settings = json.load(open(tmp_path / "bench.json"))["header"]["kernel_settings"]
     assert settings["defer_post_x"] is False and settings["split_glue_sinkhorn"] is False
     assert settings["dx_token_major"] is False
-    assert settings["one_pass_vjp_form"] == "last"  # a word-valued setting taken as it is
+    assert settings["one_pass_vjp_form"] == "split"  # a word-valued setting taken as it is (default "mma")
 
 
 def test_timeline_report_lists_the_last_application_with_gaps(tmp_path):
