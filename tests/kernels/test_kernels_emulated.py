@@ -1532,3 +1532,41 @@ def test_glue_packs_only_where_the_backward_takes_tensor_cores(monkeypatch):
     with pytest.raises(ValueError, match="fragments"):
         coefficients.dynamic_vjp_x_phi(x.reshape(5, 32), phi, mx.zeros((5, 24)), mx.zeros((5,)),
                                        packed=(mx.zeros((1,)), mx.zeros((1,))))
+
+
+@pytest.mark.parametrize("pre,acc,res", [(True, False, True), (False, True, False), (True, True, True),
+                                         (False, False, False)])
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
+@pytest.mark.parametrize("n,C,T", [(4, 48, 37), (4, 16, 5), (2, 96, 20), (2, 32, 33)])
+def test_tensor_core_dx_stream_interleaved(monkeypatch, pre, acc, res, dtype, n, C, T):
+    # DX's stream-interleaved form (dx(streams=True), one_pass_vjp's FORM "streams"): phi's rows
+    # packed so each lane holds its channels in every stream; the same products and addends in
+    # the same order, so the same bits as the plain form, and float64 within rounding; on
+    # misaligned buffers (per-element loads) the same bits again
+    K = n * C
+    x, phi, gs, c2, pre_in, gacc = _dx_inputs(n, C, T, dtype)
+    args = (x, phi, gs, c2, pre_in if pre else None, gacc if acc else None, None, _dx_res(n, C, T, dtype) if res else None)
+    plain = coefficients_mma_vjp.dx(*args)
+    emu.launched.clear()
+    streams = coefficients_mma_vjp.dx(*args, streams=True)
+    assert [t["SI"] for name, t, *_ in emu.launched if name == "mhc_coefficients_dynamic_vjp_dx_mma"] == [True]
+    assert np.array_equal(np64(streams), np64(plain))  # NaN (an unwritten element) fails too
+    want = np64(gs) @ np64(phi).T - np64(x) * np64(c2)[:, None]
+    if pre:
+        want = want + (np64(pre_in[0])[:, :, None] * np64(pre_in[1])[:, None, :]).reshape(T, K)
+    if acc:
+        want = want + np64(gacc)
+    if res:
+        H_res, g = args[-1]
+        want = want + np.einsum("tji,tjc->tic", np64(H_res), np64(g)).reshape(T, K)
+    assert rel(streams, want) <= (4e-3 if dtype == mx.bfloat16 else 6e-4)
+    monkeypatch.setattr(emu, "MISALIGN", True)
+    assert np.array_equal(np64(coefficients_mma_vjp.dx(*args, streams=True)), np64(plain))
+
+
+@pytest.mark.parametrize("n,C", [(3, 64), (1, 64), (4, 40), (2, 48)])
+def test_tensor_core_dx_stream_interleaved_refuses_what_it_does_not_cover(n, C):
+    x, phi, gs, c2, _, _ = _dx_inputs(n, C, 4, mx.bfloat16)
+    assert not coefficients_mma_vjp.streams_apply(n, C)
+    with pytest.raises(ValueError, match="stream-interleaved form covers n = 2 or 4"):
+        coefficients_mma_vjp.dx(x, phi, gs, c2, streams=True)
