@@ -68,16 +68,13 @@ def one_pass_inputs(T: int, n: int, C: int, dtype, iters: int = 20) -> dict:
     (its kernels), drawn cotangents dh, g, dH_post, and the res logits' Sinkhorn Jacobian (its
     kernel). The launches go through the kernel modules' `launch` (the emulator's where patched)."""
     from mhc_mlx.kernels import coefficients
-    from mhc_mlx.kernels.build import int_params
 
     W = n * (n + 2)
     x = mx.random.normal((T, n, C)).astype(dtype)
     phi = mx.random.normal((n * C, W)) / np.sqrt(n * C)
     alpha, bias = mx.random.uniform(0.2, 1.5, (3,)), mx.random.normal((W,))
     H_pre, H_post, H_res, m, invr = coefficients.dynamic_coefficients_forward(x, phi, alpha, bias, n, iters, 1e-6)
-    lanes = -(-T * n * n // coefficients.SINKHORN_THREADS) * coefficients.SINKHORN_THREADS
-    jac = coefficients.launch(coefficients.DYNAMIC_SINKHORN_JACOBIAN, [m, alpha, bias, int_params(T, iters)],
-                              [((T, n * n, n * n), mx.float32)], lanes, coefficients.SINKHORN_THREADS, [("N", n)])[0]
+    jac = coefficients.sinkhorn_jacobian(m, alpha, bias, n, iters)
     return dict(x=x, dh=mx.random.normal((T, C)).astype(dtype), g=mx.random.normal((T, n, C)).astype(dtype),
                 H_pre=H_pre, H_res=H_res, jac=jac, m=m, invr=invr, alpha=alpha, bias=bias, H_post=H_post,
                 dH_post=mx.random.normal((T, n)), phi=phi)

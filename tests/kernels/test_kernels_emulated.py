@@ -286,7 +286,7 @@ def test_dynamic_coefficients_one_threadgroup_per_token(monkeypatch, flavour, dt
     assert [name for name, *_ in emu.launched] == small
     if one:
         tg = emu.launched[0][3]
-        assert emu.launched[0][2] == T * tg and tg == coefficients.one_threads(n * C, n)
+        assert emu.launched[0][2] == T * tg and tg == coefficients.one_threads(n * C)
         assert emu.launched[0][1]["PRE"] is False
     if split:
         assert emu.launched[0][2] == T * -(-(n * C) // 256) * 256 and emu.launched[1][1]["PRE"] is False

@@ -64,7 +64,7 @@ def instances():
             for K in ((33,) if n == 1 else (n * 512, n * 1000)):
                 out.append((coefficients.DYNAMIC_ONE, (dt, F32, F32, F32), (F32,) * 5 + (dt,),
                             [("T", dt), ("N", n), ("K", K), ("V", 16 // dt.size if n > 1 and K % (n * 16) == 0 else 1),
-                             ("TG", coefficients.one_threads(K, n)), ("ITERS", 20), ("EPS_BITS", float_bits(1e-6)),
+                             ("TG", coefficients.one_threads(K)), ("ITERS", 20), ("EPS_BITS", float_bits(1e-6)),
                              ("PRE", True)]))
         for n in (1, 4, 8):
             tb = coefficients.tokens_per_block(n)

@@ -1091,7 +1091,8 @@ def _split_small(x2, phi, alpha, bias, n: int, iters: int, eps: float, with_h: b
                           ("EPS_BITS", build.float_bits(eps)), ("PRE", with_h)])
     return out if with_h else out[:5]
 
-def one_threads(K: int, n: int) -> int:
+
+def one_threads(K: int) -> int:
     """DYNAMIC_ONE's threadgroup for K rows: a power of two, at least 64 (warp 0 finishes, the
     others write h), at most ONE_THREADS, no more than the rows need."""
     tg = 64
@@ -1108,7 +1109,7 @@ def _one_small(x2, phi, alpha, bias, n: int, iters: int, eps: float, with_h: boo
     W = n * (n + 2)
     C = K // n
     V = vector_width(C, x2.dtype.size, n, budget=32)
-    tg = one_threads(K, n)
+    tg = one_threads(K)
     outputs = [((T, n), F32), ((T, n), F32), ((T, n, n), F32), ((T, W), F32), ((T,), F32),
                ((T, C) if with_h else (1,), x2.dtype)]
     out = launch(DYNAMIC_ONE, [x2, phi.astype(F32), alpha.astype(F32), bias.astype(F32)], outputs, T * tg, tg,

@@ -6,17 +6,13 @@ from functools import lru_cache
 from typing import Callable, NamedTuple
 
 import mlx.core as mx
-import mlx.nn as nn
 
 from .. import _checks, dispatch, kernels, ops
 from ..compiled.site import hc_coefficients
 from . import init as site_init
+from .kept import KeepsDecisions
 
 VARIANTS = ("mhc", "hc")
-
-# Latency-path decisions a site keeps (shape, dtype and dispatch state -> its compiled read and
-# post, or None where the call takes the general path) before it starts over.
-_MEMO_SIZE = 32
 
 
 class SiteCoefficients(NamedTuple):
@@ -33,7 +29,7 @@ class _ChainedCoefficients(SiteCoefficients):
     leaves x's and H_res's cotangents to pre's, kernels.DEFER_POST_X)."""
 
 
-class HyperConnection(nn.Module):
+class HyperConnection(KeepsDecisions):
     """x_next = H_res x + H_post (x) sublayer(H_pre x), over stream state x of shape [..., n, dims].
 
     Args:
@@ -78,34 +74,23 @@ class HyperConnection(nn.Module):
             self.phi = site_init.site_phi(n, dims)
             self.alpha = site_init.site_alpha(init)
         self.bias = site_init.site_bias(n, init, free_res=variant == "hc")
-        # a plain attribute, not one of the module's children (nn.Module files dicts there)
-        object.__setattr__(self, "_memo", {})
-
-    def __setattr__(self, key, val):
-        super().__setattr__(key, val)
-        if not isinstance(val, mx.array) and "_memo" in self.__dict__:
-            self._memo.clear()  # a setting changed (n, dims, iters, eps, variant, ...)
 
     def _latency_path(self, x) -> tuple:
         """(compiled read, compiled post) for x where its calls take the few-token latency path,
         each None where not; kept per (shape, dtype, dispatch.state()) like MHCLayer's decision,
         since the checks and the choice read nothing else (x's check included: a kept key has
         passed it). scripts/host_overhead.py --stand-in --latency: 15.9 -> 14.8 µs a dynamic site."""
-        key = (x.shape, x.dtype, dispatch.state()) if isinstance(x, mx.array) else None
-        memo = self._memo
-        if key in memo:
-            return memo[key]
+        key = self.signature(x)
+        path = self._kept.get(key)
+        if path is not None:
+            return path
         _checks.check_streams(x, "x", n=self.n, C=self.dims)
         read = post = None
         if dispatch.latency_compiles(x):
             post = dispatch.compiled_latency(ops.run_post)
             if self.variant == "mhc" and kernels.CHAIN_X_COTANGENT != True:  # noqa: E712
                 read = dispatch.compiled_latency(_read(self.dynamic, self.sinkhorn_iters, self.eps))
-        path = (read, post)
-        if len(memo) >= _MEMO_SIZE:
-            memo.clear()
-        memo[key] = path
-        return path
+        return self.keep(key, (read, post))
 
     def _extra_repr(self) -> str:
         return (

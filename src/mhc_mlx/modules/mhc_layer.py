@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import mlx.core as mx
-import mlx.nn as nn
 
 from .. import _checks, dispatch
 from . import init as site_init
+from .kept import KeepsDecisions
 
 DISPATCH_POLICIES = ("auto", "latency", "throughput")
 
@@ -20,11 +20,7 @@ _RETIRED = (
 )
 
 
-# Decisions a layer keeps (shape, dtype and dispatch state -> implementation) before it starts over.
-_MEMO_SIZE = 32
-
-
-class MHCLayer(nn.Module):
+class MHCLayer(KeepsDecisions):
     """out = sinkhorn(H_res_raw) x + 2 sigmoid(H_post_raw) (x) rms_norm(sum_i sigmoid(H_pre_raw)_i x_i).
 
     Input and output: stream state [..., n, C] (the seeds' [B, n, C]).
@@ -90,13 +86,6 @@ class MHCLayer(nn.Module):
             self.H_res_raw = mx.zeros((n, n))
         self.H_post_raw = mx.zeros((n,))
         self.rms_weight = mx.ones((C,))
-        # a plain attribute, not one of the module's children (nn.Module files dicts there)
-        object.__setattr__(self, "_memo", {})
-
-    def __setattr__(self, key, val):
-        super().__setattr__(key, val)
-        if not isinstance(val, mx.array) and "_memo" in self.__dict__:
-            self._memo.clear()  # a setting changed (n, C, iters, eps, use_metal, ...)
 
     def _extra_repr(self) -> str:
         return f"n={self.n}, C={self.C}, sinkhorn_iters={self.sinkhorn_iters}, eps={self.eps}"
@@ -122,13 +111,9 @@ class MHCLayer(nn.Module):
         # The checks and the dispatch read only x's shape and dtype and the dispatch state, so
         # their outcome is kept per (shape, dtype, state): at B = 1 they were most of this
         # call's own Python (5 of 8 µs on this project's CPU, scripts/host_overhead.py).
-        key = (x.shape, x.dtype, dispatch.state()) if isinstance(x, mx.array) else None
-        memo = self._memo
-        impl = memo.get(key)
+        key = self.signature(x)
+        impl = self._kept.get(key)
         if impl is None:
             _checks.check_streams(x, "x", n=self.n, C=self.C)
-            impl = self._implementation(x)
-            if len(memo) >= _MEMO_SIZE:
-                memo.clear()
-            memo[key] = impl
+            impl = self.keep(key, self._implementation(x))
         return impl(x, self["H_pre_raw"], self["H_post_raw"], self["H_res_raw"], self["rms_weight"])
