@@ -377,9 +377,6 @@ SWITCHES = {
     "--one-pass-split": (one_pass_vjp, "FORM", "split",
                          "the one pass (with --one-pass-vjp) with dx by its FP32 DX (one_pass_vjp.FORM \"split\"; by "
                          "default \"mma\", the tensor-core DX adding pre's and post's shares)"),
-    "--one-pass-streams": (one_pass_vjp, "FORM", "streams",
-                           "the one pass (with --one-pass-vjp) with dx by the tensor-core DX, phi's rows packed "
-                           "stream-interleaved (one_pass_vjp.FORM \"streams\", not yet run on a GPU)"),
     "--device-params": (build, "DEVICE_PARAMS", True,
                         "the kernels' run-time parameter arrays padded and copied into GPU memory once "
                         "(build.DEVICE_PARAMS; by default host-made arrays, which MLX keeps in managed memory)"),

@@ -1512,8 +1512,7 @@ def one_pass_split(rounds=5, T=4096, n=4, C=4096):
     """Where the one pass's split form (kernels/one_pass_vjp.py FORM "split") spends its time at
     T x n x C bf16, beside today's steps, each launch timed alone on its own inputs (10 rotated
     sets, alternated `rounds` times): PARTIALS at 64 / 128 channels a slice, GLUE, the FP32 DX in
-    ~1056 looping threadgroups, the tensor-core DX adding pre's and post's shares (FORM "mma"),
-    and the same with phi's rows stream-interleaved (FORM "streams");
+    ~1056 looping threadgroups, the tensor-core DX adding pre's and post's shares (FORM "mma");
     today's pre backward (site.PRE_VJP_RES), glue and tensor-core DX alone; then the whole split
     and "mma" forms, and today's three steps together. (The first run, 2026-11-30 eleventh
     session, also timed PARTIALS 256 and the FP32 DX a threadgroup a tile and in 264 / 528.)"""
@@ -1561,9 +1560,9 @@ def one_pass_split(rounds=5, T=4096, n=4, C=4096):
 
     partials = lambda a: opv.partials(a["x"], a["dh"], a["g"])[0]  # noqa: E731
     dx = lambda a: opv.split_dx(a["x"], a["dh"], a["g"], a["H_pre"], a["h_res"], a["phit"], a["gs"], a["c2"])  # noqa: E731
-    def dx_mma(a, streams=False):  # the tensor-core DX adding pre's and post's shares itself (FORM "mma")
+    def dx_mma(a):  # the tensor-core DX adding pre's and post's shares itself (FORM "mma")
         return coefficients_mma_vjp.dx(a["x"].reshape(T, n * C), a["phi"], a["gs"], a["c2"], pre=(a["H_pre"], a["dh"]),
-                                       res=(a["h_res"], a["g"]), streams=streams)
+                                       res=(a["h_res"], a["g"]))
 
     forms = {
         "PARTIALS 64": with_settings(partials, PARTIAL_CS=64),
@@ -1571,7 +1570,6 @@ def one_pass_split(rounds=5, T=4096, n=4, C=4096):
         "GLUE": lambda a: opv.glue_from_partials(a["partial"], a["glue"], T, C, a["sp"], True)[0],
         "DX 1056 blocks": with_settings(dx, DX_BLOCKS=1056),
         "DX mma (PRE, RES)": dx_mma,
-        "DX streams (PRE, RES)": lambda a: dx_mma(a, streams=True),
         "today: pre bwd": lambda a: site.pre_vjp_res(a["x"], a["H_pre"], a["H_res"], a["dh"], a["g"])[0],
         "today: glue": lambda a: coefficients._glue_kernel(a["m"], a["invr"], a["alpha"], a["bias"], a["H_pre"],
                                                            a["H_post"], a["today_cots"], n, n * C, 20)[0],
@@ -1580,7 +1578,6 @@ def one_pass_split(rounds=5, T=4096, n=4, C=4096):
         "split, 128 / 1056": with_settings(whole, FORM="split", PARTIAL_CS=128, DX_BLOCKS=1056),
         "mma, 64": with_settings(whole, FORM="mma", PARTIAL_CS=64),
         "mma, 128": with_settings(whole, FORM="mma", PARTIAL_CS=128),
-        "streams, 128": with_settings(whole, FORM="streams", PARTIAL_CS=128),
         "today, three steps": today,
     }
     times = {label: [] for label in forms}

@@ -49,7 +49,6 @@
 #   bash scripts/gpu_session.sh one-pass-split  # each launch of the split form alone beside today's
 #   bash scripts/gpu_session.sh one-pass4    # chain checks with the one pass in $FORM, bench on / off twice
 #   bash scripts/gpu_session.sh one-pass-mma # FORM mma: the breakdown, its GPU tests, one-pass4's checks, bench
-#   bash scripts/gpu_session.sh one-pass-streams  # FORM streams (not yet run): breakdown, GPU tests, checks, bench
 #   bash scripts/gpu_session.sh verify11     # coefficient and chain checks, the target bench (seeds), pinned
 #   bash scripts/gpu_session.sh verify11b    # the dynamic backward's GPU tests (chain, coefficient gradients, one pass)
 #   bash scripts/gpu_session.sh anatomy-bench  # where the B = 1 static launch's time goes; the target bench
@@ -547,15 +546,6 @@ case "${1:-}" in
     run 200 gpu_tests_one_pass python -m pytest -q -m gpu tests/kernels/test_kernels_gpu.py -k one_pass \
       -p no:cacheprovider -o faulthandler_timeout=60
     FORM=mma one_pass_chain_bench
-    ;;
-  one-pass-streams)
-    # (written after the eleventh session's device time of 2026-11-30) FORM "streams": the
-    # breakdown (the stream-interleaved DX alone beside DX (ACC) and the mma form's), the one
-    # pass's GPU tests, the chain checks with it, then the dynamic fwd+bwd bench with it on and off
-    run 120 experiments_one_pass_split python scripts/gpu_experiments.py one-pass-split
-    run 240 gpu_tests_one_pass python -m pytest -q -m gpu tests/kernels/test_kernels_gpu.py -k one_pass \
-      -p no:cacheprovider -o faulthandler_timeout=60
-    ONE_PASS_CHECK_ARGS=--one-pass-streams FORM=streams one_pass_chain_bench
     ;;
   verify11)
     # (eleventh session of 2026-11-30) the defaults after DX's new RES flag (two more inputs, off

@@ -1,9 +1,8 @@
-"""kernels/one_pass_vjp.py (a CUDA candidate, kernels.ONE_PASS_VJP) on the CPU emulator: its
+"""kernels/one_pass_vjp.py (a CUDA candidate, kernels.ONE_PASS_VJP) on the CPU emulator: its two
 forms (the partials, the glue a threadgroup a tile, then dx by the FP32 DX or the tensor-core DX
-adding both shares, plain or stream-interleaved) against the kernels they would replace,
-composed: pre's deferred backward (site.PRE_VJP_RES), the glue (the Sinkhorn Jacobian's
-transpose, then the activations' backward) and DX's dx = share + gs phi^T - x c2, and against the
-reference's float64 autodiff."""
+adding both shares) against the kernels they would replace, composed: pre's deferred backward
+(site.PRE_VJP_RES), the glue (the Sinkhorn Jacobian's transpose, then the activations' backward)
+and DX's dx = share + gs phi^T - x c2, and against the reference's float64 autodiff."""
 
 import mlx.core as mx
 import numpy as np
@@ -31,7 +30,7 @@ def emulated(monkeypatch):
                                          (3, 17, 128, 16, 64), (4, 20, 128, 8, 64), (2, 33, 192, 8, 64),
                                          (4, 20, 128, 4, 64), (3, 17, 128, 4, 64), (2, 33, 256, 4, 128),
                                          (1, 5, 128, 8, 128)])
-@pytest.mark.parametrize("form", ["split", "mma", "streams"])
+@pytest.mark.parametrize("form", ["split", "mma"])
 def test_forms_equal_the_kernels_they_replace(monkeypatch, dtype, n, T, C, tt, cs, form):
     # T = 20, 33, 17, 5: a partial last tile (its tokens past T neither read nor written); C = 64 to
     # 256: one to six slices per tile; the launch shapes a GPU run may tune (TT tokens a tile,
@@ -45,10 +44,7 @@ def test_forms_equal_the_kernels_they_replace(monkeypatch, dtype, n, T, C, tt, c
     emu.launched.clear()
     dx, gs, c2, g_bias, g_alpha = one_pass_vjp.one_pass_vjp(**a)
     want_launches = ["mhc_one_pass_partials", "mhc_one_pass_glue",
-                     "mhc_one_pass_dx" if form == "split" else "mhc_coefficients_dynamic_vjp_dx_mma"]
-    if form == "streams":  # stream-interleaved where it covers n (2, 4), else the plain tensor-core DX
-        dx_flags = [t["SI"] for name, t, *_ in emu.launched if name == "mhc_coefficients_dynamic_vjp_dx_mma"]
-        assert dx_flags == [n in (2, 4)]
+                     "mhc_coefficients_dynamic_vjp_dx_mma" if form == "mma" else "mhc_one_pass_dx"]
     # (the tensor-core DX's fragment packing launches between them are not this test's)
     assert [name for name, *_ in emu.launched if "pack" not in name] == want_launches
     assert dx.shape == a["x"].shape and dx.dtype == dtype
@@ -88,7 +84,7 @@ def test_split_launch_shapes(monkeypatch, n, T, C, partial_cs, dx_blocks):
         assert np.max(np.abs(g - w)) <= tol * max(1.0, np.max(np.abs(w)))
 
 
-@pytest.mark.parametrize("form", ["split", "mma", "streams"])
+@pytest.mark.parametrize("form", ["split", "mma"])
 def test_split_form_gives_the_reference_gradients(monkeypatch, form):
     # end to end against the reference site's float32 autodiff: L = <post(x, f, H_post, H_res), g>
     # + <pre(x, H_pre), dh> with the sublayer's output f held fixed (its backward is the caller's:
@@ -143,8 +139,7 @@ def test_refuses_what_it_does_not_cover():
 
 
 @pytest.mark.parametrize("use", SITE_USES)
-@pytest.mark.parametrize("T,C,form", [(5, 64, "split"), (20, 128, "split"), (5, 64, "mma"), (20, 128, "mma"),
-                                      (20, 128, "streams")])
+@pytest.mark.parametrize("T,C,form", [(5, 64, "split"), (20, 128, "split"), (5, 64, "mma"), (20, 128, "mma")])
 def test_hyper_connection_with_the_one_pass_backward(monkeypatch, use, T, C, form):
     # kernels.ONE_PASS_VJP (candidate) through a HyperConnection on the emulated CUDA kernels, in
     # both forms: the read as one custom function whose backward is the partials, the glue and
@@ -178,7 +173,7 @@ def test_hyper_connection_with_the_one_pass_backward(monkeypatch, use, T, C, for
     emu.launched.clear()
     out, got = mx.vjp(site_fn, [x, *params], [cot])
     launched = [name for name, *_ in emu.launched]
-    one_pass = "mhc_one_pass_dx" if form == "split" else "mhc_coefficients_dynamic_vjp_dx_mma"
+    one_pass = "mhc_coefficients_dynamic_vjp_dx_mma" if form == "mma" else "mhc_one_pass_dx"
     assert {one_pass, "mhc_one_pass_partials", "mhc_one_pass_glue"} <= set(launched), launched
     assert "mhc_pre_vjp_res" not in launched, launched
     assert_site_matches_reference(site_fn, x, params, names, cot, out, got, 2e-2, 2e-2)
@@ -203,7 +198,6 @@ def test_the_split_breakdown_experiment_runs(monkeypatch, capsys):
     monkeypatch.setattr(gpu_experiments, "tput", lambda fn, sets, reps=10: (mx.eval([fn(*a) for a in sets]), 1.0)[1])
     gpu_experiments.one_pass_split(rounds=1, T=32, n=4, C=256)
     out = capsys.readouterr().out
-    for form in ("PARTIALS 64", "PARTIALS 128", "GLUE", "DX 1056 blocks", "DX mma (PRE, RES)", "DX streams (PRE, RES)",
-                 "today: pre bwd", "today: DX (ACC)", "split, 128 / 1056", "mma, 64", "mma, 128", "streams, 128",
-                 "today, three steps"):
+    for form in ("PARTIALS 64", "PARTIALS 128", "GLUE", "DX 1056 blocks", "DX mma (PRE, RES)", "today: pre bwd",
+                 "today: DX (ACC)", "split, 128 / 1056", "mma, 64", "mma, 128", "today, three steps"):
         assert f"bf16, {form}" in out, out

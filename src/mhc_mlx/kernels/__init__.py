@@ -63,7 +63,7 @@ DEFER_POST_X = True
 # Candidate (not among use_candidates'): in the deferred chain at dynamic sites whose backward
 # takes tensor cores (16-bit x, n <= 4, C a multiple of 64), the read as one custom function
 # whose backward runs pre's backward, the glue and DX reading x less often (one_pass_vjp.py, in
-# its FORM), then dphi. H200 (docs/kernel-notes.md rows 64-67): every form slower; with its
+# its FORM), then dphi. H200 (docs/kernel-notes.md rows 64-68): every form slower; with its
 # fastest ("mma") the dynamic fwd+bwd at 4096 x 4 x 4096 took 800 µs against 660-664 without.
 ONE_PASS_VJP = False
 

@@ -154,10 +154,9 @@ def cuda_only_instances():
             for pre, acc, res in ((False, False, False), (True, False, False), (False, True, False),
                                   (True, True, False), (True, False, True), (False, True, True)):
                 for tm, raw in ((False, False), (True, False), (True, True)):
-                    for si in (False, True) if n in (2, 4) and tm and raw and res else (False,):
-                        out.append((vjp.DX, (BF16, BF16, dt, F32, F32, dt, dt, F32, dt, I32), (dt,),
-                                    [("T", dt), ("N", n), ("MT", vjp.DX_TOKEN_TILES), ("KSW", -(-W // 16)),
-                                     ("PRE", pre), ("ACC", acc), ("RES", res), ("TM", tm), ("RAW", raw), ("SI", si)]))
+                    out.append((vjp.DX, (BF16, BF16, dt, F32, F32, dt, dt, F32, dt, I32), (dt,),
+                                [("T", dt), ("N", n), ("MT", vjp.DX_TOKEN_TILES), ("KSW", -(-W // 16)), ("PRE", pre),
+                                 ("ACC", acc), ("RES", res), ("TM", tm), ("RAW", raw)]))
             out.append((vjp.DPHI, (dt, BF16, I32), (F32,), [("T", dt), ("NT", -(-W // 8)), ("PG", vjp.DPHI_PARTS)]))
     opv = one_pass_vjp
     for dt, n, tt, cs in [(dt, n, opv.TT, opv.CS) for dt in (BF16, F16) for n in (1, 2, 4)] + [(BF16, 4, 8, 64)]:

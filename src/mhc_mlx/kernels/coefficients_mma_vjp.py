@@ -234,9 +234,8 @@ __device__ __forceinline__ void mhc_dx_addends(float* o, PH hpre, PD dh, PA gacc
 DX_GROUP = r"""
 // One warp's MT token tiles (token group tg) by one group of 64 k (kg) of DX: the products, then
 // dx written.
-template <typename T, int N, int MT, int KSW, bool PRE, bool ACC, bool RES, bool RAW, bool SI, typename PGA,
-          typename PPB, typename PX, typename PC, typename PH, typename PD, typename PA, typename PR, typename PG,
-          typename PO>
+template <typename T, int N, int MT, int KSW, bool PRE, bool ACC, bool RES, bool RAW, typename PGA, typename PPB,
+          typename PX, typename PC, typename PH, typename PD, typename PA, typename PR, typename PG, typename PO>
 __device__ __forceinline__ void mhc_dx_group(PGA gsa, PPB phb, PX xin, PC ctwo, PH hpre, PD dh, PA gacc, PR hres,
                                              PG gres, PO gx, int Ttok, int K, int Cw, int kg, int tg) {
   const int tt_all = (Ttok + 15) / 16;
@@ -293,65 +292,6 @@ __device__ __forceinline__ void mhc_dx_group(PGA gsa, PPB phb, PX xin, PC ctwo, 
         mhc_mma_bf16(d[m][j], a[m][s][1], b[s][0][0], b[s][0][1]);
       }
     }
-  }
-  if (SI) {
-    // phi's rows were packed stream-interleaved (dx()'s streams): the lane's 16 columns are its
-    // CPS = 16 / N channels ch0 .. in each of the N streams (column s CPS + e: stream s, channel
-    // ch0 + e), so x, g and dh at those channels are read once by this lane for every stream's dx
-    // (N = 2 or 4; C a multiple of 64 / N: whole k groups)
-    constexpr int CPS = 16 / N;
-    const int ch0 = (64 / N) * kg + CPS * c;
-    const bool svec = KALIGNED16(xin) && KALIGNED16(gx) && (!PRE || KALIGNED16(dh)) && (!ACC || KALIGNED16(gacc)) &&
-                      (!RES || KALIGNED16(gres));
-    #pragma unroll
-    for (int m = 0; m < MT; ++m) {
-      #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int t = 16 * (tg * MT + m) + g + 8 * h;
-        if (t >= Ttok) continue;
-        const int64_t row = (int64_t)t * K;
-        float dv[CPS];
-        if (PRE) kload<T, CPS>(dv, dh, (int64_t)t * Cw + ch0, svec);
-        float gv[N][CPS];
-        if (RES) {
-          #pragma unroll
-          for (int j = 0; j < N; ++j) kload<T, CPS>(gv[j], gres, row + (int64_t)j * Cw + ch0, svec);
-        }
-        #pragma unroll
-        for (int st = 0; st < N; ++st) {
-          const int64_t off = row + (int64_t)st * Cw + ch0;
-          float xs[CPS], o[CPS];
-          kload<T, CPS>(xs, xin, off, svec);
-          #pragma unroll
-          for (int e = 0; e < CPS; ++e) {
-            const int i = st * CPS + e;
-            o[e] = d[m][i >> 1][2 * h + (i & 1)] - xs[e] * c2v[m][h];
-          }
-          // the addends in DX's order: PRE, ACC, RES (the same sums as the unpermuted form)
-          if (PRE) {
-            const float hp = hpre[(int64_t)t * N + st];
-            #pragma unroll
-            for (int e = 0; e < CPS; ++e) o[e] += hp * dv[e];
-          }
-          if (ACC) {
-            float ga[CPS];
-            kload<T, CPS>(ga, gacc, off, svec);
-            #pragma unroll
-            for (int e = 0; e < CPS; ++e) o[e] += ga[e];
-          }
-          if (RES) {
-            #pragma unroll
-            for (int j = 0; j < N; ++j) {
-              const float a = hres[((int64_t)t * N + j) * N + st];
-              #pragma unroll
-              for (int e = 0; e < CPS; ++e) o[e] += a * gv[j][e];
-            }
-          }
-          kstore<T, CPS>(gx, off, o, svec);
-        }
-      }
-    }
-    return;
   }
   // RAW: every row's x and gacc as 16-byte vectors, all in flight together, then
   // dx row by row (the same sums in the same order as below). Held unconverted they take the
@@ -454,8 +394,8 @@ DX = KernelSpec(
   // each row of x, gacc and dx); else a k group (phi's fragments stay in L1, rows 128 B apart)
   const int kg = TM ? gw % kgroups : gw / tgroups;
   const int tg = TM ? gw / kgroups : gw - kg * tgroups;
-  mhc_dx_group<T, N, MT, KSW, PRE, ACC, RES, RAW, SI>(gsa, phb, xin, ctwo, hpre, dh, gacc, hres, gres, gx, Ttok, K, Cw,
-                                                      kg, tg);
+  mhc_dx_group<T, N, MT, KSW, PRE, ACC, RES, RAW>(gsa, phb, xin, ctwo, hpre, dh, gacc, hres, gres, gx, Ttok, K, Cw, kg,
+                                                  tg);
 """,
 )
 
@@ -659,48 +599,25 @@ def _dx_extras(x2, T, K, n, pre, gacc, res=None):
     return [hpre, dh, acc, hres, g], flags
 
 
-@lru_cache(maxsize=64)
-def _stream_rows(n: int, C: int) -> mx.array:
-    """phi's row order for DX's stream-interleaved form: row v of the permuted phi is phi's row
-    k(v), v = 64 kg + 16 c + CPS s + e -> k = s C + (64 / n) kg + CPS c + e (CPS = 16 / n), so
-    lane c of k group kg ends with channels CPS c .. of group kg in each stream s."""
-    cps = 16 // n
-    # host data (no op): made inside a compile or grad trace, it stays a constant
-    return mx.array([(v % 16) // cps * C + (64 // n) * (v // 64) + cps * ((v % 64) // 16) + v % cps
-                     for v in range(n * C)], dtype=mx.int32)
-
-
-def streams_apply(n: int, C: int) -> bool:
-    """Whether DX's stream-interleaved form covers n streams of C channels: n 2 or 4 (the lane's
-    16 columns a whole number of channels a stream) and C a multiple of 64 / n."""
-    return n in (2, 4) and C % (64 // n) == 0
-
-
-def dx(x2, phi, gs, c2, pre=None, gacc=None, gsa=None, res=None, streams: bool = False):
+def dx(x2, phi, gs, c2, pre=None, gacc=None, gsa=None, res=None):
     """dx [T, K] in x's dtype; pre: (H_pre [T, n], dh [T, C]) adds pre's share, gacc (any shape of
     T * K elements) adds x's cotangent from later in the site, res: (H_res [T, n, n], g [T, n, C])
     adds post's deferred share H_res^T g, all in the same pass. gsa: gs already in DX's fragment
-    order (the glue kernel's, GLUE_PACKS), else packed here. streams: phi's rows packed
-    stream-interleaved (streams_apply), so each lane reads x, g and dh at its channels once for
-    all n streams (one_pass_vjp's FORM "streams"; not yet run on a GPU)."""
+    order (the glue kernel's, GLUE_PACKS), else packed here."""
     T, K = x2.shape
     W = phi.shape[1]
     n = streams_of_width(W)
-    if streams and not streams_apply(n, K // n):
-        raise ValueError(f"DX's stream-interleaved form covers n = 2 or 4 with C a multiple of 64 / n; got n = {n}, "
-                         f"C = {K // n}")
     ksw = -(-W // 16)
     tgroups = -(-(-(-T // 16)) // DX_TOKEN_TILES)
     kgroups = -(-K // 64)
     warps = tgroups * kgroups
     extras, flags = _dx_extras(x2, T, K, n, pre, gacc, res)
-    rows = mx.take(phi, _stream_rows(n, K // n), axis=0) if streams else phi
     return launch(
-        DX, [pack_a(gs, DX_PARTS) if gsa is None else gsa, pack_b(rows, DX_PARTS, True, perm64=True), x2,
-             c2.astype(F32), *extras, int_params(T, K, 0, K // n)],
+        DX, [pack_a(gs, DX_PARTS) if gsa is None else gsa, pack_b(phi, DX_PARTS, True, perm64=True), x2, c2.astype(F32),
+             *extras, int_params(T, K, 0, K // n)],
         [((T, K), x2.dtype)], -(-warps // WARPS_PER_BLOCK) * WARPS_PER_BLOCK * 32, WARPS_PER_BLOCK * 32,
         [("T", x2.dtype), ("N", n), ("MT", DX_TOKEN_TILES), ("KSW", ksw), *flags, ("TM", DX_TOKEN_MAJOR),
-         ("RAW", DX_RAW_ROWS), ("SI", streams)],
+         ("RAW", DX_RAW_ROWS)],
     )[0]
 
 

@@ -1,6 +1,6 @@
 """CUDA only, a candidate (kernels.ONE_PASS_VJP, off: slower than the defaults on the H200): the
 dynamic site's backward from pre's backward to x's cotangent without pre's share of dx written
-and read back (docs/kernel-notes.md, the tenth session's section and rows 64-67).
+and read back (docs/kernel-notes.md, the tenth session's section and rows 64-68).
 
 Today, at tensor-core sizes, pre's backward (site.PRE_VJP_RES) reads x, dh and g and writes its
 share of x's cotangent; the glue (coefficients.DYNAMIC_VJP_SINKHORN_APPLY, then
@@ -18,10 +18,10 @@ from phi^T); FORM "mma": the tensor-core DX (coefficients_mma_vjp.DX) adding pre
 H_pre (x) dh and post's H_res^T g itself (PRE, RES). ~44C a token; dphi = x^T gs stays the
 caller's launch. On the H200 (rows 66-67) the FP32 product was slower than tensor cores (DX
 416-450 µs against 175-182), and the tensor-core lane reading g in all n streams slower than
-reading pre's share (322.5 µs against 174.9). So, written after that session's device time and
-not yet run on a GPU: FORM "streams", the tensor-core DX with phi's rows packed
-stream-interleaved (dx(streams=True)), each lane holding 16 / n channels of every stream, so it
-reads x, g and dh at them once (n 2 or 4; "mma" elsewhere).
+reading pre's share (322.5 µs against 174.9). A third form with phi's rows packed
+stream-interleaved, so each tensor-core lane read x, g and dh at 16 / n channels of every stream
+once, was slower still (twelfth session, row 68: that DX 372.1 µs, the whole 475.1 against today's
+351.5) and was removed; it is in commit e2eed4a.
 
 One-launch forms (a tile's threadgroups waiting on a per-tile counter for its glue, or its last
 threadgroup writing the whole tile) ran 876-1118 µs against today's 372 and were removed; they
@@ -54,11 +54,11 @@ PARTIAL_CS = 64
 # over the tiles (0: a threadgroup a (tile, slice), phi staged by each). H200: 0 449.8 µs, 1056
 # 415.9 (row 66).
 DX_BLOCKS = 0
-# "split", "mma" or "streams" (the docstring). H200, 4096 x 4 x 4096 bf16, these steps alone
-# (rows 66-67): split 580.7 µs (541.4 tuned), mma 423.0 (PARTIALS 128), against today's pre
-# backward + glue + DX 355.3-371.8; streams not yet timed.
+# "split" or "mma" (the docstring). H200, 4096 x 4 x 4096 bf16, these steps alone (rows 66-67):
+# split 580.7 µs (541.4 tuned), mma 423.0 (PARTIALS 128), against today's pre backward + glue +
+# DX 355.3-371.8.
 FORM = "mma"
-FORMS = ("split", "mma", "streams")
+FORMS = ("split", "mma")
 
 # Loads past L1 (ld.global.cg), as the kernels were timed on the H200 (rows 66-67); several stay in
 # flight together. Plain loads instead changed the FP32 DX from 99 to 134 registers (nvcc sm_90a).
@@ -427,11 +427,11 @@ def one_pass_vjp(x, dh, g, H_pre, H_res, jac, m, invr, alpha, bias, H_post, dH_p
     h_res = H_res.astype(F32).reshape(T, n * n)
     partial, sp = partials(*tensors)
     gs, c2, part = glue_from_partials(partial, glue, T, C, sp, ext is not None)
-    if FORM in ("mma", "streams"):
-        from . import coefficients_mma_vjp as cmv
+    if FORM == "mma":
+        from . import coefficients_mma_vjp
 
-        gx = cmv.dx(tensors[0].reshape(T, n * C), phi, gs, c2, pre=(glue[0], tensors[1]), res=(h_res, tensors[2]),
-                    streams=FORM == "streams" and cmv.streams_apply(n, C))
+        gx = coefficients_mma_vjp.dx(tensors[0].reshape(T, n * C), phi, gs, c2, pre=(glue[0], tensors[1]),
+                                     res=(h_res, tensors[2]))
     else:  # phi^T: the FP32 DX stages rows of it
         gx = split_dx(*tensors, glue[0], h_res, phi.astype(F32).T, gs, c2)
     sums = mx.sum(part, axis=0)
