@@ -161,3 +161,14 @@ def time_ours(case: Case, backend: str, K: int, repeats: int) -> float | dict:
         if case.mode == "latency":
             return timing.paired_latency_us(apply, [xs[0]], repeats=repeats, rounds=min(5, repeats))
         return timing.throughput_us(apply, [[x] for x in xs], repeats=repeats)
+
+
+def time_ours_pipelined(case: Case, backend: str, K: int, repeats: int) -> float:
+    """µs per application of our site in a throughput case, several evals of K applications
+    handed to MLX back to back (timing.pipelined_throughput_us)."""
+    if case.mode != "throughput":
+        raise ValueError(f"pipelined timing is for throughput cases, not {case.id}")
+    compile_step = backend.endswith(STEP)
+    apply, xs = prepare(case, K, compile_step)
+    with use_backend(backend.removesuffix(STEP)):
+        return timing.pipelined_throughput_us(apply, [[x] for x in xs], repeats=repeats)

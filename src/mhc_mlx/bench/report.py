@@ -31,6 +31,33 @@ def enrich(rows: list[dict], copy_GBps: float, tiny_us: float) -> None:
             r["kernels_speedup"] = us / k
 
 
+def enrich_pipelined(rows: list[dict], copy_GBps: float) -> None:
+    """GB/s and % of the pipelined copy floor for every row timed pipelined (pipelined_us)."""
+    for r in rows:
+        us = r.get("pipelined_us")
+        if isinstance(us, float):
+            r["pipelined_GBps"] = r["case"]["floor_bytes"] / us / 1e3
+            r["pipelined_pct_of_copy"] = 100.0 * r["pipelined_GBps"] / copy_GBps
+
+
+def pipelined_rows(rows: list[dict]) -> list[dict]:
+    """The rows timed pipelined, with their pipelined figures in place of the one-eval ones (for
+    targets())."""
+    return [{**r, "us": r["pipelined_us"], "GBps": r["pipelined_GBps"], "pct_of_copy": r["pipelined_pct_of_copy"]}
+            for r in rows if isinstance(r.get("pipelined_us"), float) and "pipelined_pct_of_copy" in r]
+
+
+def pipelined_table(rows: list[dict], copy_GBps: float) -> str:
+    head = f"{'pipelined (copy timed alike: ' + f'{copy_GBps:.0f} GB/s)':<44} {'impl':<14} {'one eval':>10} " \
+           f"{'pipelined':>10} {'%floor':>7}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        if "pipelined_pct_of_copy" in r:
+            lines.append(f"{r['case']['id']:<44} {r['impl']:<14} {r['us']:>10.1f} {r['pipelined_us']:>10.1f} "
+                         f"{r['pipelined_pct_of_copy']:>6.0f}%")
+    return "\n".join(lines)
+
+
 def table(rows: list[dict]) -> str:
     head = f"{'case':<44} {'impl':<14} {'µs':>10} {'GB/s':>8} {'%floor':>7} {'×tiny':>7} {'kern×':>7}"
     lines = [head, "-" * len(head)]

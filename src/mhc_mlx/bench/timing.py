@@ -7,6 +7,8 @@
   the inputs together exceed the GPU's L2 so no application reads a cached input.
 - copy floor: a large `x * 1.5`, bytes read + written over its time (run.py measures it before
   and after the rows and keeps the faster).
+- pipelined throughput (`--pipelined`): several such evals handed to MLX back to back, so the
+  host encodes one while the GPU runs the last (pipelined_throughput_us).
 - tiny op: one eval of one op on a 1-element array (the fixed cost of an eval).
 - paired latency: a latency row and the tiny op timed in alternating rounds, so that the B = 1
   ratios compare the two under the same host and GPU state (paired_latency_us).
@@ -82,14 +84,43 @@ def throughput_us(fn, input_sets, repeats: int = 10, warmup: int = 2) -> float:
     return 1e6 * statistics.median(times) / K
 
 
-def copy_floor(array_bytes: int = 128 << 20, dtype=mx.bfloat16, repeats: int = 10) -> dict:
+def pipelined_throughput_us(fn, input_sets, evals: int = 4, repeats: int = 5, warmup: int = 1) -> float:
+    """As throughput_us, but `evals` evals of the K applications handed to MLX back to back by
+    mx.async_eval, every graph built before the clock; median over repeats of wall / (evals K).
+    Why: MLX encodes an eval's kernels on the host before the GPU runs them (on CUDA it launches
+    a graph only once ~100 nodes or ~1000 MB are in it), so one eval's time is the host's encoding
+    plus the GPU's run. Handed over one after another, the host encodes eval e + 1 while the GPU
+    runs eval e, as in a training loop with many sites per step or mlx-lm's generation loop: the
+    figure is the pipeline's rate, bounded below by the GPU's time."""
+    if evals < 1 or repeats < 1:
+        raise ValueError(f"pipelined_throughput_us needs evals >= 1 and repeats >= 1, got {evals}, {repeats}")
+    K = len(input_sets)
+    for _ in range(warmup):
+        mx.eval([fn(*a) for a in input_sets])
+    _sync()
+    times = []
+    for _ in range(repeats):
+        batches = [[fn(*a) for a in input_sets] for _ in range(evals)]
+        _sync()
+        t0 = time.perf_counter()
+        for outs in batches:
+            mx.async_eval(outs)
+        _sync()
+        times.append(time.perf_counter() - t0)
+        del batches
+    return 1e6 * statistics.median(times) / (evals * K)
+
+
+def copy_floor(array_bytes: int = 128 << 20, dtype=mx.bfloat16, repeats: int = 10, pipelined: bool = False) -> dict:
     """Copy bandwidth of `x * 1.5`, timed like the throughput rows (K rotated inputs of
-    array_bytes each, one eval): bytes read + written per second."""
+    array_bytes each, one eval; pipelined: as pipelined_throughput_us): bytes read + written per
+    second."""
     n = array_bytes // dtype.size
     K = rotation(2 * array_bytes)
     xs = [mx.random.normal((n,)).astype(dtype) for _ in range(K)]
     mx.eval(xs)
-    us = throughput_us(lambda a: a * 1.5, [[x] for x in xs], repeats=repeats)
+    timer = pipelined_throughput_us if pipelined else throughput_us
+    us = timer(lambda a: a * 1.5, [[x] for x in xs], repeats=repeats)
     return {"bytes": 2 * n * dtype.size, "us": us, "GBps": 2 * n * dtype.size / us / 1e3}
 
 
