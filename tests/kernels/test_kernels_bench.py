@@ -196,3 +196,61 @@ def test_compiled_step_impls_are_accepted_and_unknown_ones_refused(tmp_path, cap
     assert rows and {r["impl"] for r in rows} == {"compiled+step"} and all(isinstance(r["us"], float) for r in rows)
     assert bench_cli.main(["--quick", "--out", str(tmp_path / "b"), "--seeds", "", "--impl", "kernels+steps"]) == 2
     assert "unknown --impl kernels+steps" in capsys.readouterr().err
+
+
+def test_pipelined_throughput_hands_every_eval_over_and_divides_by_all(monkeypatch):
+    from mhc_mlx.bench import timing
+
+    built, handed, synced = [], [], []
+
+    def fn(x):
+        built.append(x)
+        return x * 2.0
+
+    clock = iter(range(100))
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: float(next(clock)))
+    monkeypatch.setattr(timing.mx, "async_eval", lambda outs: handed.append(len(outs)))
+    monkeypatch.setattr(timing, "_sync", lambda: synced.append(len(handed)))
+    inputs = [[mx.ones((3,))] for _ in range(5)]
+    us = timing.pipelined_throughput_us(fn, inputs, evals=4, repeats=3, warmup=1)
+    # warmup: one eval of the K applications; then per repeat 4 evals built, then handed over
+    assert len(built) == 5 * (1 + 4 * 3)
+    assert handed == [5] * 12
+    # every repeat synchronizes before its clock starts and after its last eval is handed over
+    assert synced == [0, 0, 4, 4, 8, 8, 12]
+    # the fake clock ticks once per reading: one tick per repeat, over 4 evals x 5 applications
+    assert us == pytest.approx(1e6 * 1 / 20)
+    with pytest.raises(ValueError, match="evals"):
+        timing.pipelined_throughput_us(fn, inputs, evals=0)
+
+
+def test_quick_bench_pipelined_rows_and_floor(tmp_path):
+    out = str(tmp_path)
+    assert cli_main.main(["bench", "--quick", "--pipelined", "--out", out, "--seeds", "", "--impl", "compiled",
+                          "--only", "static/fwd/64x4x128"]) == 0
+    with open(os.path.join(out, "bench.json")) as f:
+        data = json.load(f)
+    assert data["header"]["pipelined"] is True
+    runs = data["copy_floor_pipelined_runs"]
+    assert len(runs) == 2 and data["copy_floor_pipelined"]["GBps"] == max(c["GBps"] for c in runs)
+    (row,) = data["rows"]
+    assert row["pipelined_us"] > 0
+    assert row["pipelined_pct_of_copy"] == pytest.approx(
+        100 * row["case"]["floor_bytes"] / row["pipelined_us"] / 1e3 / data["copy_floor_pipelined"]["GBps"])
+    # no kernels row on the CPU, so no judged targets; the one-eval figures stay in us and pct_of_copy
+    assert row["us"] != row["pipelined_us"] and data["targets_pipelined"] == []
+
+
+def test_pipelined_targets_are_judged_on_the_pipelined_figures():
+    row = {"case": cases.Case("static", "fwd", (4096, 4, 4096), "bfloat16", "throughput").as_dict(),
+           "impl": "kernels", "us": 130.0, "pipelined_us": 100.0}
+    report.enrich([row], copy_GBps=2600.0, tiny_us=20.0)
+    report.enrich_pipelined([row], copy_GBps=3000.0)
+    (one_eval,) = report.targets([row], tiny_us=20.0)
+    (piped,) = report.targets(report.pipelined_rows([row]), tiny_us=20.0)
+    assert one_eval["value"] == pytest.approx(100 * 268435456 / 130.0 / 1e3 / 2600.0)
+    assert piped["value"] == pytest.approx(100 * 268435456 / 100.0 / 1e3 / 3000.0)
+    assert not one_eval["met"] and piped["met"]
+    # a row never timed pipelined is left out of the pipelined judgement
+    del row["pipelined_us"], row["pipelined_pct_of_copy"]
+    assert report.pipelined_rows([row]) == []
