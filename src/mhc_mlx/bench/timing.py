@@ -67,33 +67,9 @@ def rotation(bytes_per_application: int, minimum: int = 10, maximum: int = 64) -
     return max(minimum, min(maximum, need))
 
 
-def throughput_us(fn, input_sets, repeats: int = 10, warmup: int = 2) -> float:
-    """Median over repeats of (one eval of all applications) / K, graph built before the clock."""
-    K = len(input_sets)
-    for _ in range(warmup):
-        mx.eval([fn(*a) for a in input_sets])
-    _sync()
-    times = []
-    for _ in range(repeats):
-        outs = [fn(*a) for a in input_sets]
-        _sync()
-        t0 = time.perf_counter()
-        mx.eval(outs)
-        times.append(time.perf_counter() - t0)
-        del outs
-    return 1e6 * statistics.median(times) / K
-
-
-def pipelined_throughput_us(fn, input_sets, evals: int = 4, repeats: int = 5, warmup: int = 1) -> float:
-    """As throughput_us, but `evals` evals of the K applications handed to MLX back to back by
-    mx.async_eval, every graph built before the clock; median over repeats of wall / (evals K).
-    Why: MLX encodes an eval's kernels on the host before the GPU runs them (on CUDA it launches
-    a graph only once ~100 nodes or ~1000 MB are in it), so one eval's time is the host's encoding
-    plus the GPU's run. Handed over one after another, the host encodes eval e + 1 while the GPU
-    runs eval e, as in a training loop with many sites per step or mlx-lm's generation loop: the
-    figure is the pipeline's rate, bounded below by the GPU's time."""
-    if evals < 1 or repeats < 1:
-        raise ValueError(f"pipelined_throughput_us needs evals >= 1 and repeats >= 1, got {evals}, {repeats}")
+def _wall_per_application(fn, input_sets, evals: int, repeats: int, warmup: int, hand_over) -> float:
+    """Median over repeats of the wall time of hand_over(batches) / (evals K), where batches are
+    `evals` lists of the K applications' outputs, every graph built before the clock."""
     K = len(input_sets)
     for _ in range(warmup):
         mx.eval([fn(*a) for a in input_sets])
@@ -103,12 +79,36 @@ def pipelined_throughput_us(fn, input_sets, evals: int = 4, repeats: int = 5, wa
         batches = [[fn(*a) for a in input_sets] for _ in range(evals)]
         _sync()
         t0 = time.perf_counter()
-        for outs in batches:
-            mx.async_eval(outs)
-        _sync()
+        hand_over(batches)
         times.append(time.perf_counter() - t0)
         del batches
     return 1e6 * statistics.median(times) / (evals * K)
+
+
+def throughput_us(fn, input_sets, repeats: int = 10, warmup: int = 2) -> float:
+    """Median over repeats of (one eval of all applications) / K, graph built before the clock."""
+    return _wall_per_application(fn, input_sets, 1, repeats, warmup, lambda batches: mx.eval(batches[0]))
+
+
+def _one_after_another(batches) -> None:
+    for outs in batches:
+        mx.async_eval(outs)
+    _sync()
+
+
+def pipelined_throughput_us(fn, input_sets, evals: int = 4, repeats: int = 5, warmup: int = 1) -> float:
+    """As throughput_us, but `evals` evals of the K applications handed to MLX back to back by
+    mx.async_eval, every graph built before the clock; median over repeats of wall / (evals K).
+    Why: within one eval the GPU does not overlap all of MLX's host work for it (H200,
+    docs/kernel-notes.md row 69: the static layer's one eval took 107-119 µs per application
+    against a traced GPU span of 77.1, and a CUDA graph every ~4 launches instead of 100 changed
+    nothing). Handed over one
+    after another, one eval's host work overlaps the GPU's run of the last, as in a training loop
+    with many sites per step or mlx-lm's generation loop: the figure is the pipeline's rate,
+    bounded below by the GPU's time."""
+    if evals < 1 or repeats < 1:
+        raise ValueError(f"pipelined_throughput_us needs evals >= 1 and repeats >= 1, got {evals}, {repeats}")
+    return _wall_per_application(fn, input_sets, evals, repeats, warmup, _one_after_another)
 
 
 def copy_floor(array_bytes: int = 128 << 20, dtype=mx.bfloat16, repeats: int = 10, pipelined: bool = False) -> dict:

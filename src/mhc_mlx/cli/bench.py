@@ -21,7 +21,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    help="add the +step form of the kernels and the compiled path to the default implementations")
     p.add_argument("--pipelined", action="store_true",
                    help="also time our throughput rows and the copy with several evals handed to MLX back "
-                        "to back (mx.async_eval), so the host encodes one while the GPU runs the last; reported "
+                        "to back (mx.async_eval), so one eval's host work overlaps the GPU's run of the last; reported "
                         "beside the one-eval figures, on which the targets stay judged")
     p.add_argument("--only", default="", help="only cases whose id contains one of these comma-separated texts, e.g. 'static/fwd/4096'")
     p.add_argument("--candidates", action="store_true",
