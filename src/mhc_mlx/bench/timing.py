@@ -8,7 +8,7 @@
 - copy floor: a large `x * 1.5`, bytes read + written over its time (run.py measures it before
   and after the rows and keeps the faster).
 - pipelined throughput (`--pipelined`): several such evals handed to MLX back to back, so the
-  host encodes one while the GPU runs the last (pipelined_throughput_us).
+  host work for one overlaps the GPU's run of the last (pipelined_throughput_us).
 - tiny op: one eval of one op on a 1-element array (the fixed cost of an eval).
 - paired latency: a latency row and the tiny op timed in alternating rounds, so that the B = 1
   ratios compare the two under the same host and GPU state (paired_latency_us).
