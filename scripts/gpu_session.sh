@@ -51,6 +51,7 @@
 #   bash scripts/gpu_session.sh one-pass-mma # FORM mma: the breakdown, its GPU tests, one-pass4's checks, bench
 #   bash scripts/gpu_session.sh verify11     # coefficient and chain checks, the target bench (seeds), pinned
 #   bash scripts/gpu_session.sh verify11b    # the dynamic backward's GPU tests (chain, coefficient gradients, one pass)
+#   bash scripts/gpu_session.sh pipelined    # the target cases' bench with --pipelined (ours), then the throughput trace
 #   bash scripts/gpu_session.sh anatomy-bench  # where the B = 1 static launch's time goes; the target bench
 #   bash scripts/gpu_session.sh gpu-tests    # pytest -m gpu alone
 #   bash scripts/gpu_session.sh latency      # LAYER_LATENCY + compiled latency path: checks, timings
@@ -452,6 +453,15 @@ case "${1:-}" in
     # `pytest -m gpu` on the session's final code
     run 60 experiments_b1_probe python scripts/gpu_experiments.py b1-probe
     run 500 pytest_gpu python -m pytest -q -m gpu tests -p no:cacheprovider -rs --durations 5
+    ;;
+  pipelined)
+    # (twelfth session of 2026-11-30) the target cases, our kernels, one eval and pipelined
+    # (several evals handed to MLX back to back), then the throughput cases traced as the bench
+    # times them (docs/kernel-notes.md row 69)
+    run 240 bench python -m mhc_mlx.cli.main bench --pipelined --out "$res/bench" --overwrite --seeds "" \
+      --only "$TARGETS" --impl kernels
+    run 200 timeline_throughput bash -c 'python scripts/gpu_timeline.py run --throughput --kineto "$0/tp.json" &&
+      python scripts/gpu_timeline.py report --throughput "$0/tp.json"; rc=$?; rm -f "$0/tp.json"; exit $rc' "$res"
     ;;
   ours)
     # the target cases, our kernels only (eager): a quick further sample of the bench's spread
