@@ -254,3 +254,18 @@ def test_pipelined_targets_are_judged_on_the_pipelined_figures():
     # a row never timed pipelined is left out of the pipelined judgement
     del row["pipelined_us"], row["pipelined_pct_of_copy"]
     assert report.pipelined_rows([row]) == []
+
+
+def test_a_failed_pipelined_timing_is_the_rows_not_the_runs(tmp_path, monkeypatch, capsys):
+    def fail(*a, **k):
+        raise MemoryError("four evals did not fit")
+
+    monkeypatch.setattr(cases, "time_ours_pipelined", fail)
+    out = str(tmp_path)
+    assert cli_main.main(["bench", "--quick", "--pipelined", "--out", out, "--seeds", "", "--impl", "compiled",
+                          "--only", "static/fwd/64x4x128"]) == 0
+    with open(os.path.join(out, "bench.json")) as f:
+        (row,) = json.load(f)["rows"]
+    assert isinstance(row["us"], float) and row["pipelined_us"] == "error: MemoryError: four evals did not fit"
+    assert "pipelined_pct_of_copy" not in row
+    assert "error: MemoryError" in capsys.readouterr().out

@@ -55,6 +55,8 @@ def pipelined_table(rows: list[dict], copy_GBps: float) -> str:
         if "pipelined_pct_of_copy" in r:
             lines.append(f"{r['case']['id']:<44} {r['impl']:<14} {r['us']:>10.1f} {r['pipelined_us']:>10.1f} "
                          f"{r['pipelined_pct_of_copy']:>6.0f}%")
+        elif isinstance(r.get("pipelined_us"), str):  # its error
+            lines.append(f"{r['case']['id']:<44} {r['impl']:<14} {r['us']:>10.1f} {r['pipelined_us'][:60]}")
     return "\n".join(lines)
 
 
