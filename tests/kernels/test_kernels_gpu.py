@@ -415,6 +415,7 @@ def test_one_pass_vjp_through_a_hyper_connection(monkeypatch, T, C, form):
     # backward (the partials, the glue, then either dx) against the reference backend's float32 autodiff on
     # the CPU, as the chained forms' GPU test
     import mhc_mlx as mhc
+    from kernel_compare import site_use
     from mhc_mlx import dispatch, kernels
     from mhc_mlx.kernels import one_pass_vjp
 
@@ -435,10 +436,7 @@ def test_one_pass_vjp_through_a_hyper_connection(monkeypatch, T, C, form):
     # input rounding carries far)
     x, cot = (mx.random.normal((T, n, C)).astype(mx.bfloat16).astype(mx.float32) for _ in range(2))
     w = mx.random.normal((C,))
-
-    def site_fn(x_, *ps):
-        hc.update(dict(zip(names, ps)))
-        return hc(x_, lambda h: (h.astype(mx.float32) * w).astype(h.dtype))
+    site_fn = site_use(hc, names, "site", w)
 
     _, got = mx.vjp(site_fn, [x.astype(mx.bfloat16), *params], [cot.astype(mx.bfloat16)])
     with dispatch.use_backend("reference"), mx.stream(mx.cpu):  # the CPU: no TF32 matmuls

@@ -150,25 +150,18 @@ def prepare(case: Case, count: int, compile_step: bool = False):
 STEP = "+step"  # an impl name's suffix: the application compiled as one step (prepare)
 
 
-def time_ours(case: Case, backend: str, K: int, repeats: int) -> float | dict:
+def time_ours(case: Case, backend: str, K: int, repeats: int, pipelined: bool = False) -> float | dict:
     """µs per application of our site on `backend` ('kernels', 'compiled' or 'reference', or
     one of them + STEP); for a latency case timing.paired_latency_us's dict (the row beside the
-    tiny op, in alternating rounds)."""
+    tiny op, in alternating rounds). pipelined (throughput cases): several evals of K applications
+    handed to MLX back to back (timing.pipelined_throughput_us)."""
+    if pipelined and case.mode != "throughput":
+        raise ValueError(f"pipelined timing is for throughput cases, not {case.id}")
     compile_step = backend.endswith(STEP)
     backend = backend.removesuffix(STEP)
     apply, xs = prepare(case, K if case.mode == "throughput" else 1, compile_step)
     with use_backend(backend):
         if case.mode == "latency":
             return timing.paired_latency_us(apply, [xs[0]], repeats=repeats, rounds=min(5, repeats))
-        return timing.throughput_us(apply, [[x] for x in xs], repeats=repeats)
-
-
-def time_ours_pipelined(case: Case, backend: str, K: int, repeats: int) -> float:
-    """µs per application of our site in a throughput case, several evals of K applications
-    handed to MLX back to back (timing.pipelined_throughput_us)."""
-    if case.mode != "throughput":
-        raise ValueError(f"pipelined timing is for throughput cases, not {case.id}")
-    compile_step = backend.endswith(STEP)
-    apply, xs = prepare(case, K, compile_step)
-    with use_backend(backend.removesuffix(STEP)):
-        return timing.pipelined_throughput_us(apply, [[x] for x in xs], repeats=repeats)
+        timer = timing.pipelined_throughput_us if pipelined else timing.throughput_us
+        return timer(apply, [[x] for x in xs], repeats=repeats)

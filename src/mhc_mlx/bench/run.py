@@ -26,6 +26,11 @@ def _cpu_affinity() -> list[int] | None:
         return None
 
 
+def _error_text(e: Exception) -> str:
+    """A failed row's figure: the error's type and first line."""
+    return f"error: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+
+
 def run(out_dir: str, quick: bool = False, seeds_dir: str | None = ".seedpkgs", overwrite: bool = False,
         impls: tuple[str, ...] | None = None, only: str = "", log=print, compiled_step: bool = False,
         pipelined: bool = False) -> dict:
@@ -74,7 +79,7 @@ def run(out_dir: str, quick: bool = False, seeds_dir: str | None = ".seedpkgs", 
             try:
                 us = bench_cases.time_ours(case, impl, K, latency_reps if case.mode == "latency" else tput_reps)
             except Exception as e:  # noqa: BLE001 -- a row says why, the run goes on
-                us = f"error: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+                us = _error_text(e)
             row = {"case": case.as_dict(), "impl": impl, "us": us, "K": K}
             paired = ""
             if isinstance(us, dict):  # a latency row, timed beside the tiny op
@@ -83,10 +88,10 @@ def run(out_dir: str, quick: bool = False, seeds_dir: str | None = ".seedpkgs", 
                 paired = f"  (× {us['ratio']:.2f} the tiny op beside it, {us['tiny_us']:.1f} µs)"
             if pipelined and case.mode == "throughput" and isinstance(us, float):
                 try:  # four evals' outputs held at once: a failure (memory) is the row's, not the run's
-                    row["pipelined_us"] = bench_cases.time_ours_pipelined(case, impl, K, 3 if quick else 5)
+                    row["pipelined_us"] = bench_cases.time_ours(case, impl, K, 3 if quick else 5, pipelined=True)
                     paired = f"  (pipelined {row['pipelined_us']:.1f} µs)"
                 except Exception as e:  # noqa: BLE001
-                    row["pipelined_us"] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+                    row["pipelined_us"] = _error_text(e)
                     paired = f"  (pipelined: {row['pipelined_us']})"
             rows.append(row)
             us = row["us"]

@@ -102,10 +102,9 @@ def pipelined_throughput_us(fn, input_sets, evals: int = 4, repeats: int = 5, wa
     Why: within one eval the GPU does not overlap all of MLX's host work for it (H200,
     docs/kernel-notes.md row 69: the static layer's one eval took 107-119 µs per application
     against a traced GPU span of 77.1, and a CUDA graph every ~4 launches instead of 100 changed
-    nothing). Handed over one
-    after another, one eval's host work overlaps the GPU's run of the last, as in a training loop
-    with many sites per step or mlx-lm's generation loop: the figure is the pipeline's rate,
-    bounded below by the GPU's time."""
+    nothing). Handed over one after another, one eval's host work overlaps the GPU's run of the
+    last, as in a training loop with many sites per step or mlx-lm's generation loop: the figure
+    is the pipeline's rate, bounded below by the GPU's time."""
     if evals < 1 or repeats < 1:
         raise ValueError(f"pipelined_throughput_us needs evals >= 1 and repeats >= 1, got {evals}, {repeats}")
     return _wall_per_application(fn, input_sets, evals, repeats, warmup, _one_after_another)
