@@ -1589,7 +1589,53 @@ def one_pass_split(rounds=5, T=4096, n=4, C=4096):
               f"({' '.join(f'{v:.0f}' for v in t)})")
 
 
+def vendor_gemm(rounds=5, T=4096, K=16384, W=24):
+    """The coefficient products beside MLX's own matmul of the same shapes (cuBLAS on CUDA), each
+    on 10 rotated x [T, K] bf16 (4096 x 4 x 4096's), medians of `rounds` alternated rounds, and
+    the copy of x beside them: does the vendor's GEMM read x for a 24-wide product faster than
+    ours? MLX's bf16 matmul writes bf16 (the logits' relative error ~2^-9), where ours keep
+    float32 (phi in three bf16 parts); its float32 matmul would first cast x (twice x's bytes).
+    So the vendor rows bound what such a product can take here, they are not a form we could use
+    as they are. Bytes per row: what it must move at least (x read; DX and addmm also an
+    accumulator read and the output written)."""
+    from mhc_mlx.kernels import coefficients_mma as cm
+    from mhc_mlx.kernels import coefficients_mma_vjp as cmv
+
+    xs = [mx.random.normal((T, K)).astype(BF) for _ in range(10)]
+    phi = 0.01 * mx.random.normal((K, W))
+    gs, c2 = mx.random.normal((T, W)) * 0.01, mx.random.normal((T,)) * 0.01
+    gacc = mx.random.normal((T, K)).astype(BF)
+    phib = phi.astype(BF)
+    hi = phi.astype(BF)
+    mid = (phi - hi.astype(mx.float32)).astype(BF)
+    lo = (phi - hi.astype(mx.float32) - mid.astype(mx.float32)).astype(BF)
+    phi3 = mx.concatenate([hi, mid, lo], axis=1)
+    gsb, phitb = gs.astype(BF), mx.contiguous(phib.T)
+    mx.eval(xs, phi, gs, c2, gacc, phib, phi3, gsb, phitb)
+    xb = xs[0].nbytes
+    rows = {
+        "copy x * 1.5": (lambda x: x * 1.5, 2 * xb),
+        "ours: forward products (pack, partials, sums)": (lambda x: cm.dot_and_ssq(x, phi), xb),
+        "mlx: x @ phi bf16 [K, 24]": (lambda x: x @ phib, xb),
+        "mlx: x @ phi bf16 [K, 72] (three parts)": (lambda x: x @ phi3, xb),
+        "ours: dphi (pack, partials, sum)": (lambda x: cmv.dphi(x, gs), xb),
+        "mlx: x^T @ gs bf16": (lambda x: x.T @ gsb, xb),
+        "ours: DX (gacc)": (lambda x: cmv.dx(x, phi, gs, c2, None, gacc), 3 * xb),
+        "mlx: addmm(x, gs, phi^T) bf16": (lambda x: mx.addmm(x, gsb, phitb), 2 * xb),
+    }
+    sets = [[x] for x in xs]
+    times = {label: [] for label in rows}
+    for _ in range(rounds):
+        for label, (fn, _) in rows.items():
+            times[label].append(tput(fn, sets))
+    print(f"vendor GEMM, {T} x {K} bf16 x, W = {W}, 10 rotated x, medians of {rounds} alternated rounds")
+    for label, t in times.items():
+        us = statistics.median(t)
+        print(f"  {label:<46} {us:7.1f} us {gbps(rows[label][1], us)}  ({' '.join(f'{v:.0f}' for v in t)})")
+
+
 MODES = {
+    "vendor-gemm": vendor_gemm,
     "one-pass-split": one_pass_split,
     "tile-reuse": tile_reuse_forms,
     "headers": header_sizes,

@@ -51,6 +51,8 @@
 #   bash scripts/gpu_session.sh one-pass-mma # FORM mma: the breakdown, its GPU tests, one-pass4's checks, bench
 #   bash scripts/gpu_session.sh verify11     # coefficient and chain checks, the target bench (seeds), pinned
 #   bash scripts/gpu_session.sh verify11b    # the dynamic backward's GPU tests (chain, coefficient gradients, one pass)
+#   bash scripts/gpu_session.sh vendor       # the coefficient products beside MLX's matmul (cuBLAS), the
+#                                            # one pass's GPU tests, then the pipelined stage
 #   bash scripts/gpu_session.sh pipelined    # the target cases' bench with --pipelined (ours), then the throughput trace
 #   bash scripts/gpu_session.sh anatomy-bench  # where the B = 1 static launch's time goes; the target bench
 #   bash scripts/gpu_session.sh gpu-tests    # pytest -m gpu alone
@@ -453,6 +455,16 @@ case "${1:-}" in
     # `pytest -m gpu` on the session's final code
     run 60 experiments_b1_probe python scripts/gpu_experiments.py b1-probe
     run 500 pytest_gpu python -m pytest -q -m gpu tests -p no:cacheprovider -rs --durations 5
+    ;;
+  vendor)
+    # (thirteenth session of 2026-11-30) the tensor-core products beside MLX's own matmul of the
+    # same shapes; the one pass's GPU tests (one edited in the twelfth session's review, not run
+    # since); then the pipelined stage's target bench, a second sample
+    run 150 experiments_vendor_gemm python scripts/gpu_experiments.py vendor-gemm
+    run 150 gpu_tests_one_pass python -m pytest -q -m gpu tests/kernels/test_kernels_gpu.py -k one_pass \
+      -p no:cacheprovider -o faulthandler_timeout=60
+    run 240 bench python -m mhc_mlx.cli.main bench --pipelined --out "$res/bench" --overwrite --seeds "" \
+      --only "$TARGETS" --impl kernels
     ;;
   pipelined)
     # (twelfth session of 2026-11-30) the target cases, our kernels, one eval and pipelined
