@@ -1589,6 +1589,39 @@ def one_pass_split(rounds=5, T=4096, n=4, C=4096):
               f"({' '.join(f'{v:.0f}' for v in t)})")
 
 
+def traced_rows(rows, sets, path):
+    """{label: (kernels by name: [µs each], span µs)} of one eval of each row's K applications
+    (graph built first, kernels built before), traced by PyTorch's profiler between two marker
+    launches per row (gpu_timeline's method)."""
+    import torch
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import gpu_profile
+    from gpu_timeline import _between_markers, _kernels
+
+    torch.cuda.init()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for i, fn in enumerate(rows.values()):
+            mx.eval([fn(*a) for a in sets])
+            outs = [fn(*a) for a in sets]
+            mx.synchronize()
+            gpu_profile.mark(i)
+            mx.eval(outs)
+            mx.synchronize()
+            gpu_profile.mark(i)
+            del outs
+    prof.export_chrome_trace(path)
+    out = {}
+    for i, kernels in _between_markers(_kernels(path)).items():
+        by_name = {}
+        for _, dur, name in kernels:
+            by_name.setdefault(name, []).append(dur / 1e3)
+        span = (max(t + d for t, d, _ in kernels) - min(t for t, _, _ in kernels)) / 1e3
+        out[list(rows)[i]] = (by_name, span)
+    os.remove(path)
+    return out
+
+
 def vendor_gemm(rounds=5, T=4096, K=16384, W=24):
     """The coefficient products beside MLX's own matmul of the same shapes (cuBLAS on CUDA), each
     on 10 rotated x [T, K] bf16 (4096 x 4 x 4096's), medians of `rounds` alternated rounds, and
@@ -1597,7 +1630,10 @@ def vendor_gemm(rounds=5, T=4096, K=16384, W=24):
     float32 (phi in three bf16 parts); its float32 matmul would first cast x (twice x's bytes).
     So the vendor rows bound what such a product can take here, they are not a form we could use
     as they are. Bytes per row: what it must move at least (x read; DX and addmm also an
-    accumulator read and the output written)."""
+    accumulator read and the output written). Our partials are timed with phi / gs packed
+    before (the packs depend on the parameters only) and, for the forward, at several token
+    tiles per warp (coefficients_mma.TOKEN_TILES) and launch sizes; dphi at several launch sizes.
+    Then one eval of the main rows traced, kernel by kernel."""
     from mhc_mlx.kernels import coefficients_mma as cm
     from mhc_mlx.kernels import coefficients_mma_vjp as cmv
 
@@ -1605,24 +1641,58 @@ def vendor_gemm(rounds=5, T=4096, K=16384, W=24):
     phi = 0.01 * mx.random.normal((K, W))
     gs, c2 = mx.random.normal((T, W)) * 0.01, mx.random.normal((T,)) * 0.01
     gacc = mx.random.normal((T, K)).astype(BF)
-    phib = phi.astype(BF)
     hi = phi.astype(BF)
     mid = (phi - hi.astype(mx.float32)).astype(BF)
     lo = (phi - hi.astype(mx.float32) - mid.astype(mx.float32)).astype(BF)
     phi3 = mx.concatenate([hi, mid, lo], axis=1)
-    gsb, phitb = gs.astype(BF), mx.contiguous(phib.T)
-    mx.eval(xs, phi, gs, c2, gacc, phib, phi3, gsb, phitb)
+    gsb, phitb = gs.astype(BF), mx.contiguous(hi.T)
+    packed = {ku: cm.pack_phi(phi, ku=ku) for ku in (1, 2)}
+    gs_packed = cmv.pack_b(gs, cmv.DPHI_PARTS, False)
+    mx.eval(xs, phi, gs, c2, gacc, hi, phi3, gsb, phitb, packed, gs_packed)
     xb = xs[0].nbytes
+
+    def mma(mt, ku, tw):
+        def run(x):
+            saved = cm.TOKEN_TILES, cm.X_UNROLL, cm.TARGET_WARPS
+            cm.TOKEN_TILES, cm.X_UNROLL, cm.TARGET_WARPS = mt, ku, tw
+            try:
+                return cm.partial_products(x, phi, packed[ku])
+            finally:
+                cm.TOKEN_TILES, cm.X_UNROLL, cm.TARGET_WARPS = saved
+        return run
+
+    def dphi(tw):
+        def run(x):
+            saved = cmv.TARGET_WARPS
+            cmv.TARGET_WARPS = tw
+            try:
+                return cmv.dphi(x, gs, gs_packed)
+            finally:
+                cmv.TARGET_WARPS = saved
+        return run
+
     rows = {
         "copy x * 1.5": (lambda x: x * 1.5, 2 * xb),
-        "ours: forward products (pack, partials, sums)": (lambda x: cm.dot_and_ssq(x, phi), xb),
-        "mlx: x @ phi bf16 [K, 24]": (lambda x: x @ phib, xb),
+        "ours: forward MMA (MT 2, KU 2, 1536 warps; default)": (mma(2, 2, 1536), xb),
+        "ours: forward MMA (MT 4, KU 1, 1024 warps)": (mma(4, 1, 1024), xb),
+        "ours: forward MMA (MT 4, KU 1, 1536 warps)": (mma(4, 1, 1536), xb),
+        "ours: forward MMA (MT 4, KU 2, 1024 warps)": (mma(4, 2, 1024), xb),
+        "ours: forward MMA (MT 1, KU 2, 3072 warps)": (mma(1, 2, 3072), xb),
+        "mlx: x @ phi bf16 [K, 24]": (lambda x: x @ hi, xb),
         "mlx: x @ phi bf16 [K, 72] (three parts)": (lambda x: x @ phi3, xb),
-        "ours: dphi (pack, partials, sum)": (lambda x: cmv.dphi(x, gs), xb),
+        "ours: dphi (2048 warps; default) + sum": (dphi(2048), xb),
+        "ours: dphi (1024 warps) + sum": (dphi(1024), xb),
+        "ours: dphi (4096 warps) + sum": (dphi(4096), xb),
         "mlx: x^T @ gs bf16": (lambda x: x.T @ gsb, xb),
         "ours: DX (gacc)": (lambda x: cmv.dx(x, phi, gs, c2, None, gacc), 3 * xb),
         "mlx: addmm(x, gs, phi^T) bf16": (lambda x: mx.addmm(x, gsb, phitb), 2 * xb),
     }
+    # the token-tile forms against the default: the same sums (the order of the k sum differs)
+    ref = mx.sum(mma(2, 2, 1536)(xs[0])[0], axis=0)
+    for mt, ku, tw in ((4, 1, 1024), (4, 2, 1024), (1, 2, 3072)):
+        got = mx.sum(mma(mt, ku, tw)(xs[0])[0], axis=0)
+        err = mx.max(mx.abs(got - ref)).item() / max(mx.max(mx.abs(ref)).item(), 1e-30)
+        print(f"forward MMA MT {mt} KU {ku}: max |diff| / max |ref| against the default {err:.2e}")
     sets = [[x] for x in xs]
     times = {label: [] for label in rows}
     for _ in range(rounds):
@@ -1631,7 +1701,17 @@ def vendor_gemm(rounds=5, T=4096, K=16384, W=24):
     print(f"vendor GEMM, {T} x {K} bf16 x, W = {W}, 10 rotated x, medians of {rounds} alternated rounds")
     for label, t in times.items():
         us = statistics.median(t)
-        print(f"  {label:<46} {us:7.1f} us {gbps(rows[label][1], us)}  ({' '.join(f'{v:.0f}' for v in t)})")
+        print(f"  {label:<54} {us:7.1f} us {gbps(rows[label][1], us)}  ({' '.join(f'{v:.0f}' for v in t)})")
+    traced = ["copy x * 1.5", "ours: forward MMA (MT 2, KU 2, 1536 warps; default)", "mlx: x @ phi bf16 [K, 24]",
+              "mlx: x @ phi bf16 [K, 72] (three parts)", "ours: dphi (2048 warps; default) + sum", "mlx: x^T @ gs bf16",
+              "ours: DX (gacc)", "mlx: addmm(x, gs, phi^T) bf16"]
+    found = traced_rows({label: rows[label][0] for label in traced}, sets, "/tmp/vendor_trace.json")
+    print(f"traced, one eval of {len(sets)} applications per row: span / application, then each kernel's "
+          "count and mean µs")
+    for label, (by_name, span) in found.items():
+        print(f"  {label:<54} span {span / len(sets):7.1f} us")
+        for name, durs in sorted(by_name.items(), key=lambda kv: -sum(kv[1])):
+            print(f"      {len(durs):3d} x {statistics.mean(durs):7.1f} us  {name[:90]}")
 
 
 MODES = {

@@ -460,11 +460,16 @@ case "${1:-}" in
     # (thirteenth session of 2026-11-30) the tensor-core products beside MLX's own matmul of the
     # same shapes; the one pass's GPU tests (one edited in the twelfth session's review, not run
     # since); then the pipelined stage's target bench, a second sample
-    run 150 experiments_vendor_gemm python scripts/gpu_experiments.py vendor-gemm
+    run 240 experiments_vendor_gemm python scripts/gpu_experiments.py vendor-gemm
     run 150 gpu_tests_one_pass python -m pytest -q -m gpu tests/kernels/test_kernels_gpu.py -k one_pass \
       -p no:cacheprovider -o faulthandler_timeout=60
     run 240 bench python -m mhc_mlx.cli.main bench --pipelined --out "$res/bench" --overwrite --seeds "" \
       --only "$TARGETS" --impl kernels
+    ;;
+  vendor2)
+    # (thirteenth session of 2026-11-30) vendor-gemm again with our partials' packs taken out,
+    # the forward at more token tiles per warp, dphi's launch sizes, and a kernel-level trace
+    run 300 experiments_vendor_gemm python scripts/gpu_experiments.py vendor-gemm
     ;;
   pipelined)
     # (twelfth session of 2026-11-30) the target cases, our kernels, one eval and pipelined

@@ -48,6 +48,11 @@ TARGET_WARPS = 1536
 # 2 did (pack + mma 128.4 against 134.0 µs, then 96.0-110.7 against 130.4-134.1 over five
 # launch sizes; docs/kernel-notes.md, rows 13 and 16).
 X_UNROLL = 2
+# Token tiles of 16 per warp in the partials (MT); None: token_tiles_per_warp's rule. Each warp
+# loads phi's fragments once per k step for all its tiles, so more tiles read phi fewer times per
+# byte of x (at MT = 2 a step reads 2.25 times as many bytes of phi as of x, from L1/L2) for more
+# registers (nvcc sm_90a, n = 4 bf16: MT 2 KU 2 136, MT 4 KU 1 176, MT 4 KU 2 194). A candidate.
+TOKEN_TILES = None
 
 # The tensor-core instruction (tests substitute a CPU model of it, with the same fragments).
 PTX_MMA = r"""
@@ -405,6 +410,8 @@ def token_tiles_per_warp(NT: int) -> int:
     # (bf16; 148 for fp16), 74 at MT = 1; n = 8 (NT = 10) 108 at MT = 1. One token tile per warp
     # at n = 4 (20-24 warps per SM) lost on the H200 all the same: the partials alone 145.7-228.9
     # µs against 108.1 over launch sizes (docs/kernel-notes.md row 37).
+    if TOKEN_TILES is not None:
+        return TOKEN_TILES
     return 2 if NT <= 3 else 1
 
 
@@ -460,14 +467,15 @@ def plan(T: int, K: int, NT: int, ku: int | None = None) -> tuple[int, int, int,
     return MT, splits, ks, tiles * splits
 
 
-def partial_products(x2: mx.array, phi: mx.array) -> tuple[mx.array, mx.array]:
-    """Split-K partials (part [S, T, 8 NT] of xf @ phi, ssq [S, T] of Σ xf²) for 16-bit x2 [T, K]."""
+def partial_products(x2: mx.array, phi: mx.array, pk: mx.array | None = None) -> tuple[mx.array, mx.array]:
+    """Split-K partials (part [S, T, 8 NT] of xf @ phi, ssq [S, T] of Σ xf²) for 16-bit x2 [T, K]
+    (pk: phi already packed by pack_phi at today's X_UNROLL, else packed here)."""
     T, K = x2.shape
     NT, ku = n_tiles(phi.shape[1]), X_UNROLL
     MT, splits, ks, warps = plan(T, K, NT, ku)
     blocks = -(-warps // WARPS_PER_BLOCK)
     return launch(
-        MMA, [x2, pack_phi(phi, ku=ku), int_params(T, K, ks, splits, k_blocks(K, ku))],
+        MMA, [x2, pack_phi(phi, ku=ku) if pk is None else pk, int_params(T, K, ks, splits, k_blocks(K, ku))],
         [((splits, T, 8 * NT), F32), ((splits, T), F32)],
         blocks * WARPS_PER_BLOCK * 32, WARPS_PER_BLOCK * 32,
         [("T", x2.dtype), ("NT", NT), ("MT", MT), ("PB", PHI_PARTS), ("KU", ku)],
