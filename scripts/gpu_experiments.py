@@ -1714,7 +1714,69 @@ def vendor_gemm(rounds=5, T=4096, K=16384, W=24):
             print(f"      {len(durs):3d} x {statistics.mean(durs):7.1f} us  {name[:90]}")
 
 
+def mma_pipe(rounds=5, T=4096, K=16384, W=24):
+    """The tensor-core forward's partials through the block-wide cp.async pipeline
+    (coefficients_mma.PIPE, candidate) against the MMA kernel, phi packed before: alone on 10
+    rotated x [T, K] bf16 at several depths and launch sizes (medians of `rounds` alternated
+    rounds; each form's sums against the MMA kernel's), one eval of each traced; then the dynamic
+    site's forward and forward+backward at 4096x4x4096 and 512x4x1280 with it off and on."""
+    from mhc_mlx.kernels import coefficients_mma as cm
+
+    xs = [mx.random.normal((T, K)).astype(BF) for _ in range(10)]
+    phi = 0.01 * mx.random.normal((K, W))
+    pk = cm.pack_phi(phi)
+    mx.eval(xs, phi, pk)
+    xb = xs[0].nbytes
+
+    def form(pipe, stages=4, blocks=256):
+        def run(x):
+            saved = cm.PIPE, cm.PIPE_STAGES, cm.PIPE_TARGET_BLOCKS
+            cm.PIPE, cm.PIPE_STAGES, cm.PIPE_TARGET_BLOCKS = pipe, stages, blocks
+            try:
+                return cm.partial_products(x, phi, pk)
+            finally:
+                cm.PIPE, cm.PIPE_STAGES, cm.PIPE_TARGET_BLOCKS = saved
+        return run
+
+    rows = {"copy x * 1.5": lambda x: x * 1.5, "MMA (default)": form(False)}
+    for stages, blocks in ((4, 256), (3, 256), (6, 128), (8, 128), (4, 128)):
+        rows[f"pipe {stages} stages, {blocks} blocks"] = form(True, stages, blocks)
+    ref = mx.sum(form(False)(xs[0])[0], axis=0)
+    ref_ssq = mx.sum(form(False)(xs[0])[1], axis=0)
+    for label, fn in list(rows.items())[2:]:
+        part, ssq = fn(xs[0])
+        err = mx.max(mx.abs(mx.sum(part, axis=0) - ref)).item() / max(mx.max(mx.abs(ref)).item(), 1e-30)
+        err_ssq = mx.max(mx.abs(mx.sum(ssq, axis=0) - ref_ssq) / ref_ssq).item()
+        print(f"{label}: dot max |diff| / max |MMA's| {err:.2e}, sum of squares max rel diff {err_ssq:.2e}")
+    sets = [[x] for x in xs]
+    times = {label: [] for label in rows}
+    for _ in range(rounds):
+        for label, fn in rows.items():
+            times[label].append(tput(fn, sets))
+    print(f"forward partials, {T} x {K} bf16 x, W = {W}, phi packed before, medians of {rounds} alternated rounds")
+    for label, t in times.items():
+        us = statistics.median(t)
+        nbytes = 2 * xb if label.startswith("copy") else xb
+        print(f"  {label:<30} {us:7.1f} us {gbps(nbytes, us)}  ({' '.join(f'{v:.0f}' for v in t)})")
+    found = traced_rows(rows, sets, "/tmp/pipe_trace.json")
+    print(f"traced, one eval of {len(sets)} applications per row: span / application, each kernel's count and mean µs")
+    for label, (by_name, span) in found.items():
+        print(f"  {label:<30} span {span / len(sets):7.1f} us {gbps(2 * xb if label.startswith('copy') else xb, span / len(sets))}")
+        for name, durs in sorted(by_name.items(), key=lambda kv: -sum(kv[1])):
+            print(f"      {len(durs):3d} x {statistics.mean(durs):7.1f} us  {name[:90]}")
+    site_rows = case_rows(("dynamic", "fwd", (4096, 4, 4096), "throughput"),
+                          ("dynamic", "fwd+bwd", (4096, 4, 4096), "throughput"),
+                          ("dynamic", "fwd", (512, 4, 1280), "throughput"),
+                          ("dynamic", "fwd+bwd", (512, 4, 1280), "throughput"))
+    alternated_settings("forward partials", site_rows,
+                        {"MMA": [(cm, "PIPE", False)],
+                         "pipe 4/256": [(cm, "PIPE", True), (cm, "PIPE_STAGES", 4), (cm, "PIPE_TARGET_BLOCKS", 256)],
+                         "pipe 8/128": [(cm, "PIPE", True), (cm, "PIPE_STAGES", 8), (cm, "PIPE_TARGET_BLOCKS", 128)]},
+                        rounds)
+
+
 MODES = {
+    "pipe": mma_pipe,
     "vendor-gemm": vendor_gemm,
     "one-pass-split": one_pass_split,
     "tile-reuse": tile_reuse_forms,
