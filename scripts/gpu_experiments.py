@@ -1775,7 +1775,68 @@ def mma_pipe(rounds=5, T=4096, K=16384, W=24):
                         rounds)
 
 
+def product_parts(rounds=5, T=4096, K=16384, W=24):
+    """Is the tensor-core forward (and dphi) bound by its mma count? The partials with phi in 3
+    (the default: float32's 24 bits), 2 and 1 bfloat16 parts, and dphi with gs in 3, 2 and 1
+    parts: each alone on 10 rotated x [T, K] bf16 (medians of `rounds` alternated rounds), its
+    error against the 3-part result, then one eval of each traced. (A diagnosis: fewer parts
+    round phi or gs, which the float32 coefficient contract does not allow.)"""
+    from mhc_mlx.kernels import coefficients_mma as cm
+    from mhc_mlx.kernels import coefficients_mma_vjp as cmv
+
+    xs = [mx.random.normal((T, K)).astype(BF) for _ in range(10)]
+    phi = 0.01 * mx.random.normal((K, W))
+    gs = mx.random.normal((T, W)) * 0.01
+    pks = {p: cm.pack_phi(phi, parts=p) for p in (3, 2, 1)}
+    gsbs = {p: cmv.pack_b(gs, p, False) for p in (3, 2, 1)}
+    mx.eval(xs, phi, gs, pks, gsbs)
+
+    def fwd(p):
+        def run(x):
+            saved = cm.PHI_PARTS
+            cm.PHI_PARTS = p
+            try:
+                return cm.partial_products(x, phi, pks[p])
+            finally:
+                cm.PHI_PARTS = saved
+        return run
+
+    def dphi(p):
+        def run(x):
+            saved = cmv.DPHI_PARTS
+            cmv.DPHI_PARTS = p
+            try:
+                return cmv.dphi(x, gs, gsbs[p])
+            finally:
+                cmv.DPHI_PARTS = saved
+        return run
+
+    rows = {f"forward, phi in {p} parts": fwd(p) for p in (3, 2, 1)}
+    rows.update({f"dphi, gs in {p} parts": dphi(p) for p in (3, 2, 1)})
+    ref_f, ref_d = mx.sum(fwd(3)(xs[0])[0], axis=0), dphi(3)(xs[0])
+    for p in (2, 1):
+        got_f, got_d = mx.sum(fwd(p)(xs[0])[0], axis=0), dphi(p)(xs[0])
+        ef = mx.max(mx.abs(got_f - ref_f)).item() / mx.max(mx.abs(ref_f)).item()
+        ed = mx.max(mx.abs(got_d - ref_d)).item() / mx.max(mx.abs(ref_d)).item()
+        print(f"{p} parts: forward max |diff| / max |3 parts| {ef:.2e}, dphi {ed:.2e}")
+    sets = [[x] for x in xs]
+    times = {label: [] for label in rows}
+    for _ in range(rounds):
+        for label, fn in rows.items():
+            times[label].append(tput(fn, sets))
+    print(f"products by parts, {T} x {K} bf16 x, W = {W}, packed before, medians of {rounds} alternated rounds")
+    for label, t in times.items():
+        print(f"  {label:<26} {statistics.median(t):7.1f} us  ({' '.join(f'{v:.0f}' for v in t)})")
+    found = traced_rows(rows, sets, "/tmp/parts_trace.json")
+    print(f"traced, one eval of {len(sets)} applications per row: span / application, each kernel's count and mean µs")
+    for label, (by_name, span) in found.items():
+        print(f"  {label:<26} span {span / len(sets):7.1f} us")
+        for name, durs in sorted(by_name.items(), key=lambda kv: -sum(kv[1])):
+            print(f"      {len(durs):3d} x {statistics.mean(durs):7.1f} us  {name[:90]}")
+
+
 MODES = {
+    "parts": product_parts,
     "pipe": mma_pipe,
     "vendor-gemm": vendor_gemm,
     "one-pass-split": one_pass_split,

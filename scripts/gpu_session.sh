@@ -473,6 +473,11 @@ case "${1:-}" in
     CHECK_ONLY=coefficients CHECK_ARGS="--mma-pipe" NO_PYTEST=1 check 200
     run 300 experiments_pipe python scripts/gpu_experiments.py pipe
     ;;
+  parts)
+    # (thirteenth session of 2026-11-30) is the tensor-core forward (and dphi) bound by its mma
+    # count? phi and gs in 3 / 2 / 1 bfloat16 parts, alone and traced
+    run 200 experiments_parts python scripts/gpu_experiments.py parts
+    ;;
   vendor2)
     # (thirteenth session of 2026-11-30) vendor-gemm again with our partials' packs taken out,
     # the forward at more token tiles per warp, dphi's launch sizes, and a kernel-level trace
