@@ -331,9 +331,6 @@ SWITCHES = {
     "--chain": (kernels, "CHAIN_X_COTANGENT", True,
                 "the chained x cotangent of HyperConnection sites at every size (kernels.CHAIN_X_COTANGENT = True; "
                 "by default where the coefficient backward takes tensor cores)"),
-    "--mma-pipe": (coefficients_mma, "PIPE", True,
-                   "the candidate tensor-core forward partials through a block-wide cp.async pipeline "
-                   "(coefficients_mma.PIPE)"),
     "--glue-packs": (coefficients, "GLUE_PACKS", True,
                      "the candidate glue kernel that also writes gs in the tensor-core backward's fragment orders "
                      "(coefficients.GLUE_PACKS)"),

@@ -1631,9 +1631,9 @@ def vendor_gemm(rounds=5, T=4096, K=16384, W=24):
     So the vendor rows bound what such a product can take here, they are not a form we could use
     as they are. Bytes per row: what it must move at least (x read; DX and addmm also an
     accumulator read and the output written). Our partials are timed with phi / gs packed
-    before (the packs depend on the parameters only) and, for the forward, at several token
-    tiles per warp (coefficients_mma.TOKEN_TILES) and launch sizes; dphi at several launch sizes.
-    Then one eval of the main rows traced, kernel by kernel."""
+    before (the packs depend on the parameters only); dphi at several launch sizes. Then one eval
+    of the main rows traced, kernel by kernel. (The forward at 1 and 4 token tiles per warp, run
+    beside them in the thirteenth session and slower, is in 7e2909e.)"""
     from mhc_mlx.kernels import coefficients_mma as cm
     from mhc_mlx.kernels import coefficients_mma_vjp as cmv
 
@@ -1651,14 +1651,14 @@ def vendor_gemm(rounds=5, T=4096, K=16384, W=24):
     mx.eval(xs, phi, gs, c2, gacc, hi, phi3, gsb, phitb, packed, gs_packed)
     xb = xs[0].nbytes
 
-    def mma(mt, ku, tw):
+    def mma(ku, tw):
         def run(x):
-            saved = cm.TOKEN_TILES, cm.X_UNROLL, cm.TARGET_WARPS
-            cm.TOKEN_TILES, cm.X_UNROLL, cm.TARGET_WARPS = mt, ku, tw
+            saved = cm.X_UNROLL, cm.TARGET_WARPS
+            cm.X_UNROLL, cm.TARGET_WARPS = ku, tw
             try:
                 return cm.partial_products(x, phi, packed[ku])
             finally:
-                cm.TOKEN_TILES, cm.X_UNROLL, cm.TARGET_WARPS = saved
+                cm.X_UNROLL, cm.TARGET_WARPS = saved
         return run
 
     def dphi(tw):
@@ -1673,11 +1673,7 @@ def vendor_gemm(rounds=5, T=4096, K=16384, W=24):
 
     rows = {
         "copy x * 1.5": (lambda x: x * 1.5, 2 * xb),
-        "ours: forward MMA (MT 2, KU 2, 1536 warps; default)": (mma(2, 2, 1536), xb),
-        "ours: forward MMA (MT 4, KU 1, 1024 warps)": (mma(4, 1, 1024), xb),
-        "ours: forward MMA (MT 4, KU 1, 1536 warps)": (mma(4, 1, 1536), xb),
-        "ours: forward MMA (MT 4, KU 2, 1024 warps)": (mma(4, 2, 1024), xb),
-        "ours: forward MMA (MT 1, KU 2, 3072 warps)": (mma(1, 2, 3072), xb),
+        "ours: forward MMA (KU 2, 1536 warps; default)": (mma(2, 1536), xb),
         "mlx: x @ phi bf16 [K, 24]": (lambda x: x @ hi, xb),
         "mlx: x @ phi bf16 [K, 72] (three parts)": (lambda x: x @ phi3, xb),
         "ours: dphi (2048 warps; default) + sum": (dphi(2048), xb),
@@ -1687,12 +1683,6 @@ def vendor_gemm(rounds=5, T=4096, K=16384, W=24):
         "ours: DX (gacc)": (lambda x: cmv.dx(x, phi, gs, c2, None, gacc), 3 * xb),
         "mlx: addmm(x, gs, phi^T) bf16": (lambda x: mx.addmm(x, gsb, phitb), 2 * xb),
     }
-    # the token-tile forms against the default: the same sums (the order of the k sum differs)
-    ref = mx.sum(mma(2, 2, 1536)(xs[0])[0], axis=0)
-    for mt, ku, tw in ((4, 1, 1024), (4, 2, 1024), (1, 2, 3072)):
-        got = mx.sum(mma(mt, ku, tw)(xs[0])[0], axis=0)
-        err = mx.max(mx.abs(got - ref)).item() / max(mx.max(mx.abs(ref)).item(), 1e-30)
-        print(f"forward MMA MT {mt} KU {ku}: max |diff| / max |ref| against the default {err:.2e}")
     sets = [[x] for x in xs]
     times = {label: [] for label in rows}
     for _ in range(rounds):
@@ -1702,7 +1692,7 @@ def vendor_gemm(rounds=5, T=4096, K=16384, W=24):
     for label, t in times.items():
         us = statistics.median(t)
         print(f"  {label:<54} {us:7.1f} us {gbps(rows[label][1], us)}  ({' '.join(f'{v:.0f}' for v in t)})")
-    traced = ["copy x * 1.5", "ours: forward MMA (MT 2, KU 2, 1536 warps; default)", "mlx: x @ phi bf16 [K, 24]",
+    traced = ["copy x * 1.5", "ours: forward MMA (KU 2, 1536 warps; default)", "mlx: x @ phi bf16 [K, 24]",
               "mlx: x @ phi bf16 [K, 72] (three parts)", "ours: dphi (2048 warps; default) + sum", "mlx: x^T @ gs bf16",
               "ours: DX (gacc)", "mlx: addmm(x, gs, phi^T) bf16"]
     found = traced_rows({label: rows[label][0] for label in traced}, sets, "/tmp/vendor_trace.json")
@@ -1712,67 +1702,6 @@ def vendor_gemm(rounds=5, T=4096, K=16384, W=24):
         print(f"  {label:<54} span {span / len(sets):7.1f} us")
         for name, durs in sorted(by_name.items(), key=lambda kv: -sum(kv[1])):
             print(f"      {len(durs):3d} x {statistics.mean(durs):7.1f} us  {name[:90]}")
-
-
-def mma_pipe(rounds=5, T=4096, K=16384, W=24):
-    """The tensor-core forward's partials through the block-wide cp.async pipeline
-    (coefficients_mma.PIPE, candidate) against the MMA kernel, phi packed before: alone on 10
-    rotated x [T, K] bf16 at several depths and launch sizes (medians of `rounds` alternated
-    rounds; each form's sums against the MMA kernel's), one eval of each traced; then the dynamic
-    site's forward and forward+backward at 4096x4x4096 and 512x4x1280 with it off and on."""
-    from mhc_mlx.kernels import coefficients_mma as cm
-
-    xs = [mx.random.normal((T, K)).astype(BF) for _ in range(10)]
-    phi = 0.01 * mx.random.normal((K, W))
-    pk = cm.pack_phi(phi)
-    mx.eval(xs, phi, pk)
-    xb = xs[0].nbytes
-
-    def form(pipe, stages=4, blocks=256):
-        def run(x):
-            saved = cm.PIPE, cm.PIPE_STAGES, cm.PIPE_TARGET_BLOCKS
-            cm.PIPE, cm.PIPE_STAGES, cm.PIPE_TARGET_BLOCKS = pipe, stages, blocks
-            try:
-                return cm.partial_products(x, phi, pk)
-            finally:
-                cm.PIPE, cm.PIPE_STAGES, cm.PIPE_TARGET_BLOCKS = saved
-        return run
-
-    rows = {"copy x * 1.5": lambda x: x * 1.5, "MMA (default)": form(False)}
-    for stages, blocks in ((4, 256), (3, 256), (6, 128), (8, 128), (4, 128)):
-        rows[f"pipe {stages} stages, {blocks} blocks"] = form(True, stages, blocks)
-    ref = mx.sum(form(False)(xs[0])[0], axis=0)
-    ref_ssq = mx.sum(form(False)(xs[0])[1], axis=0)
-    for label, fn in list(rows.items())[2:]:
-        part, ssq = fn(xs[0])
-        err = mx.max(mx.abs(mx.sum(part, axis=0) - ref)).item() / max(mx.max(mx.abs(ref)).item(), 1e-30)
-        err_ssq = mx.max(mx.abs(mx.sum(ssq, axis=0) - ref_ssq) / ref_ssq).item()
-        print(f"{label}: dot max |diff| / max |MMA's| {err:.2e}, sum of squares max rel diff {err_ssq:.2e}")
-    sets = [[x] for x in xs]
-    times = {label: [] for label in rows}
-    for _ in range(rounds):
-        for label, fn in rows.items():
-            times[label].append(tput(fn, sets))
-    print(f"forward partials, {T} x {K} bf16 x, W = {W}, phi packed before, medians of {rounds} alternated rounds")
-    for label, t in times.items():
-        us = statistics.median(t)
-        nbytes = 2 * xb if label.startswith("copy") else xb
-        print(f"  {label:<30} {us:7.1f} us {gbps(nbytes, us)}  ({' '.join(f'{v:.0f}' for v in t)})")
-    found = traced_rows(rows, sets, "/tmp/pipe_trace.json")
-    print(f"traced, one eval of {len(sets)} applications per row: span / application, each kernel's count and mean µs")
-    for label, (by_name, span) in found.items():
-        print(f"  {label:<30} span {span / len(sets):7.1f} us {gbps(2 * xb if label.startswith('copy') else xb, span / len(sets))}")
-        for name, durs in sorted(by_name.items(), key=lambda kv: -sum(kv[1])):
-            print(f"      {len(durs):3d} x {statistics.mean(durs):7.1f} us  {name[:90]}")
-    site_rows = case_rows(("dynamic", "fwd", (4096, 4, 4096), "throughput"),
-                          ("dynamic", "fwd+bwd", (4096, 4, 4096), "throughput"),
-                          ("dynamic", "fwd", (512, 4, 1280), "throughput"),
-                          ("dynamic", "fwd+bwd", (512, 4, 1280), "throughput"))
-    alternated_settings("forward partials", site_rows,
-                        {"MMA": [(cm, "PIPE", False)],
-                         "pipe 4/256": [(cm, "PIPE", True), (cm, "PIPE_STAGES", 4), (cm, "PIPE_TARGET_BLOCKS", 256)],
-                         "pipe 8/128": [(cm, "PIPE", True), (cm, "PIPE_STAGES", 8), (cm, "PIPE_TARGET_BLOCKS", 128)]},
-                        rounds)
 
 
 def product_parts(rounds=5, T=4096, K=16384, W=24):
@@ -1837,7 +1766,6 @@ def product_parts(rounds=5, T=4096, K=16384, W=24):
 
 MODES = {
     "parts": product_parts,
-    "pipe": mma_pipe,
     "vendor-gemm": vendor_gemm,
     "one-pass-split": one_pass_split,
     "tile-reuse": tile_reuse_forms,

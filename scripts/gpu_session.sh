@@ -53,7 +53,6 @@
 #   bash scripts/gpu_session.sh verify11b    # the dynamic backward's GPU tests (chain, coefficient gradients, one pass)
 #   bash scripts/gpu_session.sh vendor       # the coefficient products beside MLX's matmul (cuBLAS), the
 #                                            # one pass's GPU tests, then the pipelined stage
-#   bash scripts/gpu_session.sh pipe         # the forward partials through a cp.async pipeline: checks, timings
 #   bash scripts/gpu_session.sh pipelined    # the target cases' bench with --pipelined (ours), then the throughput trace
 #   bash scripts/gpu_session.sh anatomy-bench  # where the B = 1 static launch's time goes; the target bench
 #   bash scripts/gpu_session.sh gpu-tests    # pytest -m gpu alone
@@ -466,12 +465,6 @@ case "${1:-}" in
       -p no:cacheprovider -o faulthandler_timeout=60
     run 240 bench python -m mhc_mlx.cli.main bench --pipelined --out "$res/bench" --overwrite --seeds "" \
       --only "$TARGETS" --impl kernels
-    ;;
-  pipe)
-    # (thirteenth session of 2026-11-30) the candidate forward partials through a block-wide
-    # cp.async pipeline: the coefficient checks with it on, then its timings and trace
-    CHECK_ONLY=coefficients CHECK_ARGS="--mma-pipe" NO_PYTEST=1 check 200
-    run 300 experiments_pipe python scripts/gpu_experiments.py pipe
     ;;
   parts)
     # (thirteenth session of 2026-11-30) is the tensor-core forward (and dphi) bound by its mma

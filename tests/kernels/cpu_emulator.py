@@ -387,18 +387,8 @@ _POISON = {mx.float32: np.float32(np.nan), mx.bfloat16: np.uint16(0x7FC0), mx.fl
            mx.int32: np.int32(-(2 ** 31)), mx.uint32: np.uint32(0xFFFFFFFF)}
 
 # Substitutes for the PTX pieces of CUDA-only kernels (the rest of their helpers compiles as is):
-# mhc_mma_bf16 is defined by RUNTIME above;
-# cp.async copies (or zero-fills) at once, so its commit and wait have nothing left to do, and
-# dynamic shared memory is function-static storage like the rest (one block at a time).
-PIPE_CPU = r"""
-#define MHC_DYNAMIC_SHARED(type, name, count) static type name[count]
-static inline void mhc_cp_async16(void* smem, const void* gmem, bool valid) {
-  if (valid) memcpy(smem, gmem, 16); else memset(smem, 0, 16);
-}
-static inline void mhc_cp_commit() {}
-template <int N> static inline void mhc_cp_wait() {}
-"""
-CPU_HELPERS = {coefficients_mma.PTX_MMA: "", coefficients_mma.PTX_PIPE: PIPE_CPU}
+# mhc_mma_bf16 is defined by RUNTIME above.
+CPU_HELPERS = {coefficients_mma.PTX_MMA: ""}
 
 
 def _helpers(spec) -> str:

@@ -179,13 +179,9 @@ def _dynamic_inputs(T, n, C, dtype):
 # "mma-ku1", "mma-ku4": the tensor-core form with 1 or 4 x loads per row and lane in a step
 # (coefficients_mma.X_UNROLL; "mma" runs the default, 2)
 # "mma-finish8": 8 tokens per finishing block (coefficients_mma.FINISH_TOKENS, a template value)
-# "mma-pipe": the partials through the block-wide cp.async pipeline (coefficients_mma.PIPE), 3
-# stages; "mma-pipe-1": the same in one block per token tile (PIPE_TARGET_BLOCKS 1), so a block
-# runs every step of K and its stage ring wraps (13 steps at n*C = 800). n*C = 66 is not
-# 16-byte loadable: the pipe kernel's warps run MMA's k loop there
 FORMS = [("kernel", 16), ("kernel", 8), ("gemm", None), ("mma", None), ("mma-ku1", None), ("mma-ku4", None),
-         ("mma-finish8", None), ("mma-pipe", None), ("mma-pipe-1", None)]
-FORM_IDS = ["kernel-tb16", "kernel-tb8", "gemm", "mma", "mma-ku1", "mma-ku4", "mma-finish8", "mma-pipe", "mma-pipe-1"]
+         ("mma-finish8", None)]
+FORM_IDS = ["kernel-tb16", "kernel-tb8", "gemm", "mma", "mma-ku1", "mma-ku4", "mma-finish8"]
 # the tensor-core kernel is CUDA only (never dispatched on Metal)
 FLAVOURED_FORMS = [pytest.param(fl, form, tb, id=f"{fl}-{fid}") for fl in FLAVOURS
                    for (form, tb), fid in zip(FORMS, FORM_IDS) if not (fl == "metal" and form.startswith("mma"))]
@@ -203,13 +199,6 @@ def test_dynamic_coefficients_forward(monkeypatch, flavour, form, tb, dtype, n, 
         form = "mma"
     if form == "mma-finish8":
         monkeypatch.setattr(coefficients_mma, "FINISH_TOKENS", 8)
-        form = "mma"
-    pipe = form.startswith("mma-pipe")
-    if pipe:
-        monkeypatch.setattr(coefficients_mma, "PIPE", True)
-        monkeypatch.setattr(coefficients_mma, "PIPE_STAGES", 3)
-        if form == "mma-pipe-1":
-            monkeypatch.setattr(coefficients_mma, "PIPE_TARGET_BLOCKS", 1)
         form = "mma"
     if form == "mma":
         monkeypatch.setattr(build, "gpu_backend", lambda: "cuda")
@@ -229,12 +218,8 @@ def test_dynamic_coefficients_forward(monkeypatch, flavour, form, tb, dtype, n, 
     assert rel(invr, invr64) <= 1e-6
     names = {name for name, *_ in emu.launched}
     if dtype != mx.float32 and form == "mma":
-        partials = coefficients_mma.MMA_PIPE.name if pipe else coefficients_mma.MMA.name
-        assert any(name.startswith(partials) for name in names)
-        assert pipe == any(name.startswith(coefficients_mma.MMA_PIPE.name) for name in names)
-        mma_templates = [t for name, t, *_ in emu.launched if name.startswith(partials)]
-        if pipe:
-            assert all(t["NS"] == 3 for t in mma_templates)
+        assert "mhc_coefficients_dynamic_mma" in names
+        mma_templates = [t for name, t, *_ in emu.launched if name == "mhc_coefficients_dynamic_mma"]
         assert all(t["KU"] == coefficients_mma.X_UNROLL for t in mma_templates)
         assert all(t["MT"] == coefficients_mma.token_tiles_per_warp(t["NT"]) for t in mma_templates)
         assert {t["TB"] for name, t, *_ in emu.launched

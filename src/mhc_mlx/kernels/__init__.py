@@ -217,7 +217,6 @@ def settings() -> dict:
             "mma_min_elements": coefficients.MMA_MIN_ELEMENTS,
             "mma_x_unroll": coefficients_mma.X_UNROLL,
             "mma_target_warps": coefficients_mma.TARGET_WARPS,
-            "mma_token_tiles": coefficients_mma.TOKEN_TILES,
             "dphi_target_warps": coefficients_mma_vjp.TARGET_WARPS,
             "mma_vjp": coefficients.MMA_VJP,
             "fused_vjp_glue": coefficients.FUSED_VJP_GLUE,

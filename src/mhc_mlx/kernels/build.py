@@ -124,9 +124,6 @@ class KernelSpec:
     # afterwards): MLX declares every input const, so such a kernel casts it; the CPU emulator's
     # check that no input is written skips these
     scratch: tuple[str, ...] = ()
-    # dynamic shared memory in bytes (CUDA only: MLX's cuda_kernel raises the kernel's limit above
-    # 48 KB itself); the body declares it with MHC_DYNAMIC_SHARED
-    shared_memory: int = 0
 
     def source(self) -> str:
         return self.body + prelude.ATTRIBUTES_NOTE
@@ -202,7 +199,6 @@ def _compiled_kernel(spec: KernelSpec, backend: str, full_headers: bool):
             output_names=list(spec.outputs),
             source=spec.source(),
             header=spec.header("cuda"),
-            **({"shared_memory": spec.shared_memory} if spec.shared_memory else {}),
         )
     if backend == "metal":
         return mx.fast.metal_kernel(

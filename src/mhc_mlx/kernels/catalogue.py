@@ -23,7 +23,7 @@ SPECS = (
 )
 
 # Kernels of the CUDA-only tensor-core path; they never reach a Metal compiler.
-CUDA_ONLY_SPECS = (coefficients_mma.PACK, coefficients_mma.MMA, coefficients_mma.MMA_PIPE, coefficients_mma.FINISH,
+CUDA_ONLY_SPECS = (coefficients_mma.PACK, coefficients_mma.MMA, coefficients_mma.FINISH,
                    coefficients_mma_vjp.PACK_A, coefficients_mma_vjp.PACK_B, coefficients_mma_vjp.DX,
                    coefficients_mma_vjp.DPHI, coefficients_mma_vjp.glue_packs_spec(),
                    coefficients_mma_vjp.glue_packs_spec(after_sinkhorn=True),
@@ -136,14 +136,6 @@ def cuda_only_instances():
                 out.append((coefficients_mma.MMA, (dt, BF16, I32), (F32, F32),
                             [("T", dt), ("NT", nt), ("MT", coefficients_mma.token_tiles_per_warp(nt)),
                              ("PB", coefficients_mma.PHI_PARTS), ("KU", ku)]))
-    for dt in (BF16, F16):  # the candidate pipeline (coefficients_mma.PIPE) at n = 4 and 8
-        for n, stages in ((4, 4), (4, 8), (8, 4)):
-            nt = coefficients_mma.n_tiles(n * (n + 2))
-            mt = coefficients_mma.token_tiles_per_warp(nt)
-            spec = coefficients_mma.pipe_spec(coefficients_mma.pipe_shared_bytes(nt, mt, 2, stages))
-            out.append((spec, (dt, BF16, I32), (F32, F32),
-                        [("T", dt), ("NT", nt), ("MT", mt), ("PB", coefficients_mma.PHI_PARTS), ("KU", 2),
-                         ("NS", stages), ("WB", coefficients_mma.WARPS_PER_BLOCK)]))
     for n in (1, 2, 4, 8):
         nt = coefficients_mma.n_tiles(n * (n + 2))
         for ku in (1, 2, 4):

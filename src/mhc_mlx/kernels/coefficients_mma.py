@@ -26,9 +26,6 @@ logic is checked on the CPU by a NumPy model of the lanes and the g++ emulator (
 
 from __future__ import annotations
 
-from dataclasses import replace
-from functools import lru_cache
-
 import mlx.core as mx
 
 from .build import KernelSpec, float_params, int_params, launch, watch
@@ -51,25 +48,6 @@ TARGET_WARPS = 1536
 # 2 did (pack + mma 128.4 against 134.0 µs, then 96.0-110.7 against 130.4-134.1 over five
 # launch sizes; docs/kernel-notes.md, rows 13 and 16).
 X_UNROLL = 2
-# Token tiles of 16 per warp in the partials (MT); None: token_tiles_per_warp's rule. Each warp
-# loads phi's fragments once per k step for all its tiles, so more tiles read phi fewer times per
-# byte of x (at MT = 2 a step reads 2.25 times as many bytes of phi as of x, from L1/L2) for more
-# registers (nvcc sm_90a, n = 4 bf16: MT 2 KU 2 136, MT 4 KU 1 176, MT 4 KU 2 194). A candidate.
-TOKEN_TILES = None
-# Candidate (thirteenth session of 2026-11-30): the partials through a block-wide cp.async
-# pipeline (MMA_PIPE). H200, 4096 x 16384 bf16 x, one eval of 10 applications traced
-# (gpu_experiments.py vendor-gemm): the MMA kernel spans 67.3 µs per application (~2.0 TB/s of
-# x), cuBLAS's x @ phi in bf16 33.6 µs (~4.0 TB/s; 37.8 with phi's three parts as 72 columns). Its
-# kernel (nvjet ..._64x10_..._splitK) keeps 10 stages of 64 k in flight per block; the MMA kernel
-# waits on each step's x and then on phi's fragments from L1/L2 (ncu: 13 of 17 cycles per issued
-# instruction on L1TEX), and x staged per warp by cp.async at 2-3 stages (48 KB a block, row 38)
-# did not help. Here a block of WARPS_PER_BLOCK warps stages both x (its 16 MT tokens a warp) and
-# the step's phi fragments in dynamic shared memory, PIPE_STAGES steps deep, so no load the mma's
-# wait on is more than a shared-memory read.
-PIPE = False
-PIPE_STAGES = 4
-PIPE_TARGET_BLOCKS = 256  # 2 blocks of 110.6 KB (4 stages at n = 4) fit per SM: one wave on 132
-PIPE_MAX_SHARED = 200 * 1024  # larger stages (large n) take the MMA kernel
 
 # The tensor-core instruction (tests substitute a CPU model of it, with the same fragments).
 PTX_MMA = r"""
@@ -80,21 +58,6 @@ __device__ __forceinline__ void mhc_mma_bf16(float* d, const uint32_t* a, uint32
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
-"""
-
-# cp.async (sm_80+): 16 bytes from global to shared memory without a register, zero-filled where
-# `valid` is false; a thread's copies are grouped by commit and waited for by group count. Dynamic
-# shared memory is declared by MHC_DYNAMIC_SHARED (KernelSpec.shared_memory gives its size). The
-# emulator substitutes this text (copies at once, function-static storage).
-PTX_PIPE = r"""
-#define MHC_DYNAMIC_SHARED(type, name, count) extern __shared__ __align__(16) type name[]
-__device__ __forceinline__ void mhc_cp_async16(void* smem, const void* gmem, bool valid) {
-  const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(valid ? 16 : 0) : "memory");
-}
-__device__ __forceinline__ void mhc_cp_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void mhc_cp_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
 """
 
 X_PARTS = r"""
@@ -246,42 +209,6 @@ __device__ __forceinline__ void mhc_mma_kloop(const T* xin, PK pk, int Ttok, int
     mhc_mma_step<T, MT, NT, PB, KU, BVEC>(wx, pk, KB, kb, lane, acc, sq);
   }
 }
-
-// The warp's results: sums of squares (the four lanes of a row, c = 0..3, hold its partials),
-// then the accumulators (d0, d1 at row g, columns 2c, 2c+1 of the n tile; d2, d3 at row g + 8).
-template <int MT, int NT>
-__device__ __forceinline__ void mhc_mma_store(float* part, float* ssq, int split, int Ttok, int t0, int lane,
-                                              const float (&acc)[MT][NT][4], const float (&sq)[MT][2]) {
-  constexpr int WP = 8 * NT;  // padded columns
-  const int g = lane >> 2;
-  const int c = lane & 3;
-  #pragma unroll
-  for (int m = 0; m < MT; ++m) {
-    #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      float v = sq[m][h];
-      v += __shfl_xor_sync(0xffffffffu, v, 1);
-      v += __shfl_xor_sync(0xffffffffu, v, 2);
-      const int t = t0 + 16 * m + g + 8 * h;
-      if (c == 0 && t < Ttok) ssq[(int64_t)split * Ttok + t] = v;
-    }
-  }
-  #pragma unroll
-  for (int m = 0; m < MT; ++m) {
-    #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int t = t0 + 16 * m + g + 8 * h;
-      if (t < Ttok) {
-        float* out = part + ((int64_t)split * Ttok + t) * WP;
-        #pragma unroll
-        for (int j = 0; j < NT; ++j) {
-          out[8 * j + 2 * c] = acc[m][j][2 * h];
-          out[8 * j + 2 * c + 1] = acc[m][j][2 * h + 1];
-        }
-      }
-    }
-  }
-}
 """
 
 # Lane (g, c) = (lane / 4, lane % 4) of a warp; one step covers k in [kb, kb + 32 KU). For
@@ -296,6 +223,7 @@ MMA = KernelSpec(
     outputs=("part", "ssq"),
     helpers=PTX_MMA + X_PARTS + LOAD_X + KLOOP,
     body=r"""
+  constexpr int WP = 8 * NT;                          // padded columns
   const int Ttok = iparam[0];
   const int K = iparam[1];
   const int KS = iparam[2];   // k per split, a multiple of 32 KU
@@ -307,6 +235,8 @@ MMA = KernelSpec(
   const int split = gw / tiles;  // neighbouring warps share a k slice (phi stays in L1/L2)
   const int tile = gw - split * tiles;
   const int lane = (int)(threadIdx.x & 31u);
+  const int g = lane >> 2;
+  const int c = lane & 3;
   const int k0 = split * KS;
   const int k1 = min(K, k0 + KS);
   const int t0 = tile * 16 * MT;
@@ -329,163 +259,36 @@ MMA = KernelSpec(
   if (bvec) mhc_mma_kloop<T, MT, NT, PB, KU, true>(xin, pk, Ttok, K, KB, k0, k1, t0, lane, xvec, acc, sq);
   else mhc_mma_kloop<T, MT, NT, PB, KU, false>(xin, pk, Ttok, K, KB, k0, k1, t0, lane, xvec, acc, sq);
 
-  mhc_mma_store<MT, NT>(part, ssq, split, Ttok, t0, lane, acc, sq);
-""",
-)
-
-
-# MMA_PIPE's step: the block's copies of one step (k from 8 kb8, in 16-byte pieces of 8 elements)
-# into stage slot st: x rows tb0 .. tb0 + TB (XC pieces a row, rows RS pieces apart: one piece of
-# padding keeps a warp's 16-byte reads of rows g and g + 1 in different banks), then the packed
-# phi's PB parts of the step (PP pieces each, from pofs in each part of pstride pieces).
-PIPE_STEP = r"""
-template <int TB, int XC, int RS, int PB, int PP>
-__device__ __forceinline__ void mhc_pipe_issue(const uint4* x4, const uint4* pk4, int Ttok, int K8, int kb8, int tb0,
-                                               int pofs, int pstride, uint4* st, int tid, int nthreads) {
-  for (int q = tid; q < TB * XC; q += nthreads) {
-    const int r = q / XC;
-    const int col = q - r * XC;
-    const int t = tb0 + r;
-    const bool valid = t < Ttok && kb8 + col < K8;
-    mhc_cp_async16(st + r * RS + col, valid ? (const void*)(x4 + (int64_t)t * K8 + kb8 + col) : (const void*)x4, valid);
-  }
-  uint4* sp = st + TB * RS;
-  for (int q = tid; q < PB * PP; q += nthreads) {
-    const int p = q / PP;
-    mhc_cp_async16(sp + q, pk4 + (int64_t)p * pstride + pofs + (q - p * PP), true);
-  }
-  mhc_cp_commit();
-}
-"""
-
-# The partials (as MMA's, same outputs and launch parameters) with x and phi staged through
-# shared memory by a pipeline NS steps deep (candidate PIPE). A block of WB warps owns 16 MT WB
-# tokens and one k split; per step (32 KU k) every thread copies its share of the block's x rows
-# and of phi's fragments into the slot NS - 1 steps ahead, waits for the step's own slot, and the
-# warps read their A fragments (the words KLOOP's loads give) and B fragments from shared memory
-# into MMA's step. x not 16-byte loadable (K % 8, alignment) or phi misaligned: each warp runs
-# MMA's k loop instead (the same partition, no shared memory use).
-MMA_PIPE = KernelSpec(
-    name="mhc_coefficients_dynamic_mma_pipe",
-    inputs=("xin", "pk", "iparam"),
-    outputs=("part", "ssq"),
-    helpers=PTX_MMA + PTX_PIPE + X_PARTS + LOAD_X + KLOOP + PIPE_STEP,
-    body=r"""
-  constexpr int TB = WB * 16 * MT;         // tokens per block
-  constexpr int XC = 4 * KU;               // 16-byte pieces of a row per step
-  constexpr int RS = XC + 1;               // a staged row, padded
-  constexpr int PP = KU * NT * 32;         // phi's pieces per part per step
-  constexpr int SLOT = TB * RS + PB * PP;  // a stage, in 16-byte pieces
-  MHC_DYNAMIC_SHARED(uint4, mhc_stage, NS * SLOT);
-  const int Ttok = iparam[0];
-  const int K = iparam[1];
-  const int KS = iparam[2];   // k per split, a multiple of 32 KU
-  const int S = iparam[3];
-  const int KB = iparam[4];   // 32-wide k blocks in the packed phi (a multiple of KU)
-  const int tiles = (Ttok + TB - 1) / TB;
-  const int bid = (int)blockIdx.x;
-  if (bid >= tiles * S) return;  // whole blocks only (barriers below)
-  const int split = bid / tiles;  // neighbouring blocks share a k slice (phi stays in L2)
-  const int tile = bid - split * tiles;
-  const int tid = (int)threadIdx.x;
-  const int lane = tid & 31;
-  const int g = lane >> 2;
-  const int c = lane & 3;
-  const int k0 = split * KS;
-  const int k1 = min(K, k0 + KS);
-  const int tb0 = tile * TB;
-  const int wrow = (tid >> 5) * 16 * MT;  // the warp's first row in the block
-  const bool xvec = (K % 8 == 0) && ((reinterpret_cast<unsigned long long>(xin) & 15ull) == 0ull);
-  const bool bvec = (reinterpret_cast<unsigned long long>(pk) & 15ull) == 0ull;
-
-  float acc[MT][NT][4];
-  float sq[MT][2];
+  // Sums of squares: the four lanes of a row (c = 0..3) hold its partials.
   #pragma unroll
   for (int m = 0; m < MT; ++m) {
-    sq[m][0] = 0.0f;
-    sq[m][1] = 0.0f;
     #pragma unroll
-    for (int j = 0; j < NT; ++j) {
-      #pragma unroll
-      for (int e = 0; e < 4; ++e) acc[m][j][e] = 0.0f;
+    for (int h = 0; h < 2; ++h) {
+      float v = sq[m][h];
+      v += __shfl_xor_sync(0xffffffffu, v, 1);
+      v += __shfl_xor_sync(0xffffffffu, v, 2);
+      const int t = t0 + 16 * m + g + 8 * h;
+      if (c == 0 && t < Ttok) ssq[(int64_t)split * Ttok + t] = v;
     }
   }
-
-  if (xvec && bvec) {
-    const uint4* x4 = reinterpret_cast<const uint4*>(xin);
-    const uint4* pk4 = reinterpret_cast<const uint4*>(pk);
-    const int K8 = K / 8;
-    const int pstride = KB * NT * 32;
-    const int nsteps = (k1 - k0 + 32 * KU - 1) / (32 * KU);
-    const int nthreads = (int)blockDim.x;
-    #pragma unroll 1
-    for (int s = 0; s < NS - 1; ++s) {
-      const int kb = k0 + s * 32 * KU;
-      if (s < nsteps) {
-        mhc_pipe_issue<TB, XC, RS, PB, PP>(x4, pk4, Ttok, K8, kb / 8, tb0, (kb >> 5) * NT * 32, pstride,
-                                           mhc_stage + s * SLOT, tid, nthreads);
-      } else {
-        mhc_cp_commit();  // an empty group keeps the count the wait relies on
-      }
-    }
-    #pragma unroll 1
-    for (int i = 0; i < nsteps; ++i) {
-      mhc_cp_wait<NS - 2>();  // this thread's copies of step i have landed
-      KBARRIER();             // everyone's have; and step i - 1's slot is free
-      const int ia = i + NS - 1;
-      if (ia < nsteps) {
-        const int kb = k0 + ia * 32 * KU;
-        mhc_pipe_issue<TB, XC, RS, PB, PP>(x4, pk4, Ttok, K8, kb / 8, tb0, (kb >> 5) * NT * 32, pstride,
-                                           mhc_stage + (ia % NS) * SLOT, tid, nthreads);
-      } else {
-        mhc_cp_commit();
-      }
-      const uint4* st = mhc_stage + (i % NS) * SLOT;
-      uint32_t wx[KU][MT][2][4];
-      #pragma unroll
-      for (int u = 0; u < KU; ++u) {
+  // Accumulators: d0, d1 at row g, columns 2c, 2c+1 of the n tile; d2, d3 at row g + 8.
+  #pragma unroll
+  for (int m = 0; m < MT; ++m) {
+    #pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int t = t0 + 16 * m + g + 8 * h;
+      if (t < Ttok) {
+        float* out = part + ((int64_t)split * Ttok + t) * WP;
         #pragma unroll
-        for (int m = 0; m < MT; ++m) {
-          #pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const uint4 v = st[(wrow + 16 * m + g + 8 * h) * RS + KU * c + u];
-            wx[u][m][h][0] = v.x; wx[u][m][h][1] = v.y; wx[u][m][h][2] = v.z; wx[u][m][h][3] = v.w;
-          }
+        for (int j = 0; j < NT; ++j) {
+          out[8 * j + 2 * c] = acc[m][j][2 * h];
+          out[8 * j + 2 * c + 1] = acc[m][j][2 * h + 1];
         }
       }
-      mhc_mma_step<T, MT, NT, PB, KU, true>(wx, st + TB * RS, KU, 0, lane, acc, sq);
     }
-  } else if (bvec) {
-    mhc_mma_kloop<T, MT, NT, PB, KU, true>(xin, pk, Ttok, K, KB, k0, k1, tb0 + wrow, lane, xvec, acc, sq);
-  } else {
-    mhc_mma_kloop<T, MT, NT, PB, KU, false>(xin, pk, Ttok, K, KB, k0, k1, tb0 + wrow, lane, xvec, acc, sq);
   }
-
-  mhc_mma_store<MT, NT>(part, ssq, split, Ttok, tb0 + wrow, lane, acc, sq);
 """,
 )
-
-
-def pipe_shared_bytes(NT: int, MT: int, ku: int, stages: int) -> int:
-    """MMA_PIPE's dynamic shared memory: stages x (the block's x rows + phi's fragments)."""
-    rows = WARPS_PER_BLOCK * 16 * MT
-    return 16 * stages * (rows * (4 * ku + 1) + PHI_PARTS * ku * NT * 32)
-
-
-@lru_cache(maxsize=None)
-def pipe_spec(shared_bytes: int) -> KernelSpec:
-    """MMA_PIPE with its shared memory size (one kernel object per size)."""
-    return replace(MMA_PIPE, name=f"{MMA_PIPE.name}_{shared_bytes}", shared_memory=shared_bytes)
-
-
-def pipe_plan(T: int, K: int, MT: int, ku: int) -> tuple[int, int, int]:
-    """(token tiles of the block's width, splits, k per split) for MMA_PIPE: about
-    PIPE_TARGET_BLOCKS blocks; k per split a multiple of 32 * ku, at least 4 k blocks of 32."""
-    tiles = -(-T // (WARPS_PER_BLOCK * 16 * MT))
-    steps = -(-K // (32 * ku))
-    splits = max(1, min(-(-PIPE_TARGET_BLOCKS // tiles), -(-steps * ku // 4)))
-    ks = 32 * ku * -(-steps // splits)
-    return tiles, -(-K // ks), ks
 
 
 # phi [K, W] float32 -> its three bfloat16 parts in B-fragment order (see pack_phi), in one
@@ -598,12 +401,13 @@ def n_tiles(W: int) -> int:
 
 
 def token_tiles_per_warp(NT: int) -> int:
+    # H200 (2026-11-30, thirteenth session; gpu_experiments.py vendor-gemm, the kernel alone, phi
+    # packed before): MT 2 KU 2 88.3 µs, MT 4 KU 1 129.7 (176 registers), MT 4 KU 2 102.8 (194),
+    # MT 1 KU 2 129.3: fewer phi reads per byte of x did not pay for the registers (row 70).
     # ptxas (sm_90a, the current k loop, X_UNROLL 2): n = 4 (NT = 3) 136 registers at MT = 2
     # (bf16; 148 for fp16), 74 at MT = 1; n = 8 (NT = 10) 108 at MT = 1. One token tile per warp
     # at n = 4 (20-24 warps per SM) lost on the H200 all the same: the partials alone 145.7-228.9
     # µs against 108.1 over launch sizes (docs/kernel-notes.md row 37).
-    if TOKEN_TILES is not None:
-        return TOKEN_TILES
     return 2 if NT <= 3 else 1
 
 
@@ -664,20 +468,10 @@ def partial_products(x2: mx.array, phi: mx.array, pk: mx.array | None = None) ->
     (pk: phi already packed by pack_phi at today's X_UNROLL, else packed here)."""
     T, K = x2.shape
     NT, ku = n_tiles(phi.shape[1]), X_UNROLL
-    pk = pack_phi(phi, ku=ku) if pk is None else pk
     MT, splits, ks, warps = plan(T, K, NT, ku)
-    if PIPE and pipe_shared_bytes(NT, MT, ku, PIPE_STAGES) <= PIPE_MAX_SHARED:
-        tiles, splits, ks = pipe_plan(T, K, MT, ku)
-        return launch(
-            pipe_spec(pipe_shared_bytes(NT, MT, ku, PIPE_STAGES)), [x2, pk, int_params(T, K, ks, splits, k_blocks(K, ku))],
-            [((splits, T, 8 * NT), F32), ((splits, T), F32)],
-            tiles * splits * WARPS_PER_BLOCK * 32, WARPS_PER_BLOCK * 32,
-            [("T", x2.dtype), ("NT", NT), ("MT", MT), ("PB", PHI_PARTS), ("KU", ku), ("NS", PIPE_STAGES),
-             ("WB", WARPS_PER_BLOCK)],
-        )
     blocks = -(-warps // WARPS_PER_BLOCK)
     return launch(
-        MMA, [x2, pk, int_params(T, K, ks, splits, k_blocks(K, ku))],
+        MMA, [x2, pack_phi(phi, ku=ku) if pk is None else pk, int_params(T, K, ks, splits, k_blocks(K, ku))],
         [((splits, T, 8 * NT), F32), ((splits, T), F32)],
         blocks * WARPS_PER_BLOCK * 32, WARPS_PER_BLOCK * 32,
         [("T", x2.dtype), ("NT", NT), ("MT", MT), ("PB", PHI_PARTS), ("KU", ku)],
