@@ -331,12 +331,6 @@ SWITCHES = {
     "--chain": (kernels, "CHAIN_X_COTANGENT", True,
                 "the chained x cotangent of HyperConnection sites at every size (kernels.CHAIN_X_COTANGENT = True; "
                 "by default where the coefficient backward takes tensor cores)"),
-    "--mma-interleave": (coefficients_mma, "MMA_INTERLEAVE", True,
-                         "the candidate order of the tensor-core forward's mma's, independent accumulators "
-                         "innermost (coefficients_mma.MMA_INTERLEAVE)"),
-    "--dphi-interleave": (coefficients_mma_vjp, "DPHI_INTERLEAVE", True,
-                          "the candidate order of DPHI's mma's, independent accumulators innermost "
-                          "(coefficients_mma_vjp.DPHI_INTERLEAVE)"),
     "--glue-packs": (coefficients, "GLUE_PACKS", True,
                      "the candidate glue kernel that also writes gs in the tensor-core backward's fragment orders "
                      "(coefficients.GLUE_PACKS)"),

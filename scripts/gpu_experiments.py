@@ -1764,68 +1764,7 @@ def product_parts(rounds=5, T=4096, K=16384, W=24):
             print(f"      {len(durs):3d} x {statistics.mean(durs):7.1f} us  {name[:90]}")
 
 
-def interleave(rounds=5, T=4096, K=16384, W=24):
-    """The candidate mma orders (coefficients_mma.MMA_INTERLEAVE, coefficients_mma_vjp.
-    DPHI_INTERLEAVE: independent accumulators innermost) against the default order: the forward's
-    partials and dphi alone on 10 rotated x [T, K] bf16 (packed operands made before; medians of
-    `rounds` alternated rounds; each form's outputs against the default's), one eval of each
-    traced, then the dynamic site at 4096x4x4096 and 512x4x1280, forward and forward+backward, with
-    both off and on."""
-    from mhc_mlx.kernels import coefficients_mma as cm
-    from mhc_mlx.kernels import coefficients_mma_vjp as cmv
-
-    xs = [mx.random.normal((T, K)).astype(BF) for _ in range(10)]
-    phi = 0.01 * mx.random.normal((K, W))
-    gs = mx.random.normal((T, W)) * 0.01
-    pk, gsb = cm.pack_phi(phi), cmv.pack_b(gs, cmv.DPHI_PARTS, False)
-    mx.eval(xs, phi, gs, pk, gsb)
-
-    def with_il(fn, il):
-        def run(x):
-            saved = cm.MMA_INTERLEAVE, cmv.DPHI_INTERLEAVE
-            cm.MMA_INTERLEAVE = cmv.DPHI_INTERLEAVE = il
-            try:
-                return fn(x)
-            finally:
-                cm.MMA_INTERLEAVE, cmv.DPHI_INTERLEAVE = saved
-        return run
-
-    forward = lambda x: cm.partial_products(x, phi, pk)  # noqa: E731
-    dphi = lambda x: cmv.dphi(x, gs, gsb)  # noqa: E731
-    rows = {"forward partials, default order": with_il(forward, False),
-            "forward partials, interleaved": with_il(forward, True),
-            "dphi, default order": with_il(dphi, False),
-            "dphi, interleaved": with_il(dphi, True)}
-    for a, b in ((forward, "forward"), (dphi, "dphi")):
-        off, on = with_il(a, False)(xs[0]), with_il(a, True)(xs[0])
-        same = all(mx.array_equal(u, v).item() for u, v in zip(off if isinstance(off, (list, tuple)) else [off],
-                                                                  on if isinstance(on, (list, tuple)) else [on]))
-        print(f"{b}: interleaved equal to the default order bit for bit: {same}")
-    sets = [[x] for x in xs]
-    times = {label: [] for label in rows}
-    for _ in range(rounds):
-        for label, fn in rows.items():
-            times[label].append(tput(fn, sets))
-    print(f"mma order, {T} x {K} bf16 x, W = {W}, packed before, medians of {rounds} alternated rounds")
-    for label, t in times.items():
-        print(f"  {label:<34} {statistics.median(t):7.1f} us  ({' '.join(f'{v:.0f}' for v in t)})")
-    found = traced_rows(rows, sets, "/tmp/interleave_trace.json")
-    print(f"traced, one eval of {len(sets)} applications per row: span / application, each kernel's count and mean µs")
-    for label, (by_name, span) in found.items():
-        print(f"  {label:<34} span {span / len(sets):7.1f} us")
-        for name, durs in sorted(by_name.items(), key=lambda kv: -sum(kv[1])):
-            print(f"      {len(durs):3d} x {statistics.mean(durs):7.1f} us  {name[:90]}")
-    site_rows = case_rows(("dynamic", "fwd", (4096, 4, 4096), "throughput"),
-                          ("dynamic", "fwd+bwd", (4096, 4, 4096), "throughput"),
-                          ("dynamic", "fwd", (512, 4, 1280), "throughput"),
-                          ("dynamic", "fwd+bwd", (512, 4, 1280), "throughput"))
-    alternated_settings("mma order", site_rows,
-                        {"default": [(cm, "MMA_INTERLEAVE", False), (cmv, "DPHI_INTERLEAVE", False)],
-                         "interleaved": [(cm, "MMA_INTERLEAVE", True), (cmv, "DPHI_INTERLEAVE", True)]}, rounds)
-
-
 MODES = {
-    "interleave": interleave,
     "parts": product_parts,
     "vendor-gemm": vendor_gemm,
     "one-pass-split": one_pass_split,

@@ -53,7 +53,6 @@
 #   bash scripts/gpu_session.sh verify11b    # the dynamic backward's GPU tests (chain, coefficient gradients, one pass)
 #   bash scripts/gpu_session.sh vendor       # the coefficient products beside MLX's matmul (cuBLAS), the
 #                                            # one pass's GPU tests, then the pipelined stage
-#   bash scripts/gpu_session.sh interleave   # the products' mma's, independent accumulators innermost: checks, timings
 #   bash scripts/gpu_session.sh pipelined    # the target cases' bench with --pipelined (ours), then the throughput trace
 #   bash scripts/gpu_session.sh anatomy-bench  # where the B = 1 static launch's time goes; the target bench
 #   bash scripts/gpu_session.sh gpu-tests    # pytest -m gpu alone
@@ -466,13 +465,6 @@ case "${1:-}" in
       -p no:cacheprovider -o faulthandler_timeout=60
     run 240 bench python -m mhc_mlx.cli.main bench --pipelined --out "$res/bench" --overwrite --seeds "" \
       --only "$TARGETS" --impl kernels
-    ;;
-  interleave)
-    # (thirteenth session of 2026-11-30) the tensor-core forward's and dphi's mma's with their
-    # independent accumulators innermost (candidates): the coefficient checks with both on (the
-    # tensor-core backward at every size), then their timings and trace
-    CHECK_ONLY=coefficients CHECK_ARGS="--mma-interleave --dphi-interleave --mma-vjp" NO_PYTEST=1 check 200
-    run 300 experiments_interleave python scripts/gpu_experiments.py interleave
     ;;
   parts)
     # (thirteenth session of 2026-11-30) is the tensor-core forward (and dphi) bound by its mma

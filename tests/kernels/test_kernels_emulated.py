@@ -375,31 +375,6 @@ def test_tensor_core_coefficient_backward_products(dtype, n, C, T):
             assert rel(got_acc, want + np64(gacc).reshape(T, K)) <= (4e-3 if dtype == mx.bfloat16 else 6e-4)
 
 
-@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
-# T not a multiple of 16 (nor of 32, a warp's token tiles), K a multiple of 8 or not, n = 1..4, 8
-@pytest.mark.parametrize("n,C,T", [(4, 40, 37), (1, 33, 5), (2, 64, 70), (8, 16, 9), (4, 24, 300)])
-def test_tensor_core_products_interleaved_are_the_same_bits(monkeypatch, dtype, n, C, T):
-    # the candidates coefficients_mma.MMA_INTERLEAVE and coefficients_mma_vjp.DPHI_INTERLEAVE
-    # issue the same mma's in another order, each accumulator's terms in the same order: the
-    # partials and dphi equal the default order's bit for bit (which the tests above check
-    # against float64), and the launch carries the flag
-    W, K = n * (n + 2), n * C
-    x = mx.random.normal((T, K)).astype(dtype)
-    phi = mx.random.normal((K, W)) / np.sqrt(K)
-    gs = mx.random.normal((T, W)) * mx.exp(mx.random.normal((T, 1)))
-    got = {}
-    for il in (False, True):
-        monkeypatch.setattr(coefficients_mma, "MMA_INTERLEAVE", il)
-        monkeypatch.setattr(coefficients_mma_vjp, "DPHI_INTERLEAVE", il)
-        emu.launched.clear()
-        got[il] = (*coefficients_mma.partial_products(x, phi), coefficients_mma_vjp.dphi(x, gs))
-        flags = {name: t["IL"] for name, t, *_ in emu.launched if "IL" in t}
-        assert flags == {coefficients_mma.MMA.name: il, coefficients_mma_vjp.DPHI.name: il}
-    for a, b in zip(got[False], got[True]):
-        assert np.array_equal(np64(a), np64(b))
-    assert rel(mx.sum(got[True][0], axis=0)[:, :W], np64(x) @ np64(phi)) <= 1e-5
-
-
 def _dx_inputs(n: int, C: int, T: int, dtype):
     """DX's inputs for x [T, n*C]: x, phi, gs, c2, pre = (H_pre, dh) and gacc, random."""
     W, K = n * (n + 2), n * C

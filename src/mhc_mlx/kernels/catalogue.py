@@ -132,10 +132,10 @@ def cuda_only_instances():
     for dt in (BF16, F16):
         for n in (1, 2, 4, 8):
             nt = coefficients_mma.n_tiles(n * (n + 2))
-            for ku, il in ((1, False), (2, False), (4, False), (2, True)):  # IL: MMA_INTERLEAVE
+            for ku in (1, 2, 4):
                 out.append((coefficients_mma.MMA, (dt, BF16, I32), (F32, F32),
                             [("T", dt), ("NT", nt), ("MT", coefficients_mma.token_tiles_per_warp(nt)),
-                             ("PB", coefficients_mma.PHI_PARTS), ("KU", ku), ("IL", il)]))
+                             ("PB", coefficients_mma.PHI_PARTS), ("KU", ku)]))
     for n in (1, 2, 4, 8):
         nt = coefficients_mma.n_tiles(n * (n + 2))
         for ku in (1, 2, 4):
@@ -157,9 +157,7 @@ def cuda_only_instances():
                     out.append((vjp.DX, (BF16, BF16, dt, F32, F32, dt, dt, F32, dt, I32), (dt,),
                                 [("T", dt), ("N", n), ("MT", vjp.DX_TOKEN_TILES), ("KSW", -(-W // 16)), ("PRE", pre),
                                  ("ACC", acc), ("RES", res), ("TM", tm), ("RAW", raw)]))
-            for il in (False, True):  # IL: DPHI_INTERLEAVE
-                out.append((vjp.DPHI, (dt, BF16, I32), (F32,),
-                            [("T", dt), ("NT", -(-W // 8)), ("PG", vjp.DPHI_PARTS), ("IL", il)]))
+            out.append((vjp.DPHI, (dt, BF16, I32), (F32,), [("T", dt), ("NT", -(-W // 8)), ("PG", vjp.DPHI_PARTS)]))
     opv = one_pass_vjp
     for dt, n, tt, cs in [(dt, n, opv.TT, opv.CS) for dt in (BF16, F16) for n in (1, 2, 4)] + [(BF16, 4, 8, 64)]:
         base = [("T", dt), ("N", n), ("TT", tt), ("CS", cs)]

@@ -48,13 +48,6 @@ TARGET_WARPS = 1536
 # 2 did (pack + mma 128.4 against 134.0 µs, then 96.0-110.7 against 130.4-134.1 over five
 # launch sizes; docs/kernel-notes.md, rows 13 and 16).
 X_UNROLL = 2
-# Candidate (thirteenth session of 2026-11-30): the k step's mma's ordered with the MT * NT
-# independent accumulators innermost (template IL). In the default order each accumulator takes
-# its PB * 2 terms back to back, and the mma's are volatile asm, issued in source order: each
-# waits on the last. H200, the partials alone (gpu_experiments.py parts): the span was 66.9 / 53.9
-# / 46.3 µs per application with phi in 3 / 2 / 1 parts, and a cp.async pipeline that took every
-# load wait away spanned 64.3 (row 71): the kernel is bound by its mma's, not by memory.
-MMA_INTERLEAVE = False
 
 # The tensor-core instruction (tests substitute a CPU model of it, with the same fragments).
 PTX_MMA = r"""
@@ -150,7 +143,7 @@ __device__ __forceinline__ void mhc_mma_load_step(const T* xin, int Ttok, int K,
   }
 }
 
-template <typename T, int MT, int NT, int PB, int KU, bool BVEC, bool IL, typename PK>
+template <typename T, int MT, int NT, int PB, int KU, bool BVEC, typename PK>
 __device__ __forceinline__ void mhc_mma_step(const uint32_t (&wx)[KU][MT][2][4], PK pk, int KB, int kb, int lane,
                                              float (&acc)[MT][NT][4], float (&sq)[MT][2]) {
   constexpr int AP = mhc_x_parts<T>::count;  // bfloat16 parts of x
@@ -177,41 +170,6 @@ __device__ __forceinline__ void mhc_mma_step(const uint32_t (&wx)[KU][MT][2][4],
       }
     }
     const int kofs = ((kb >> 5) + u) * NT * 32;
-    if constexpr (IL) {
-      // all of the step's phi fragments first, then the mma's with the MT * NT accumulators
-      // innermost: consecutive mma's never wait on each other (each accumulator still takes
-      // its (s, p) terms in the order below, so the sums are the same bit for bit)
-      uint32_t b[PB][NT][4];
-      #pragma unroll
-      for (int p = 0; p < PB; ++p) {
-        #pragma unroll
-        for (int j = 0; j < NT; ++j) {
-          const int w = p * pstride + kofs + j * 32;
-          if (BVEC) {
-            const uint4 v = pk4[w];
-            b[p][j][0] = v.x; b[p][j][1] = v.y; b[p][j][2] = v.z; b[p][j][3] = v.w;
-          } else {
-            #pragma unroll
-            for (int q = 0; q < 4; ++q) b[p][j][q] = (uint32_t)pk2[8 * w + 2 * q] | ((uint32_t)pk2[8 * w + 2 * q + 1] << 16);
-          }
-        }
-      }
-      #pragma unroll
-      for (int s = 0; s < 2; ++s) {
-        #pragma unroll
-        for (int p = 0; p < PB; ++p) {
-          #pragma unroll
-          for (int a = 0; a < AP; ++a) {
-            #pragma unroll
-            for (int m = 0; m < MT; ++m) {
-              #pragma unroll
-              for (int j = 0; j < NT; ++j) mhc_mma_bf16(acc[m][j], a == 0 ? af[m][s] : afl[m][s], b[p][j][2 * s], b[p][j][2 * s + 1]);
-            }
-          }
-        }
-      }
-      continue;
-    }
     #pragma unroll
     for (int j = 0; j < NT; ++j) {
       uint32_t b[PB][4];
@@ -241,14 +199,14 @@ __device__ __forceinline__ void mhc_mma_step(const uint32_t (&wx)[KU][MT][2][4],
   }
 }
 
-template <typename T, int MT, int NT, int PB, int KU, bool BVEC, bool IL, typename PK>
+template <typename T, int MT, int NT, int PB, int KU, bool BVEC, typename PK>
 __device__ __forceinline__ void mhc_mma_kloop(const T* xin, PK pk, int Ttok, int K, int KB, int k0, int k1,
                                               int t0, int lane, bool xvec, float (&acc)[MT][NT][4],
                                               float (&sq)[MT][2]) {
   for (int kb = k0; kb < k1; kb += 32 * KU) {
     uint32_t wx[KU][MT][2][4];
     mhc_mma_load_step<T, MT, KU>(xin, Ttok, K, kb, t0, lane, xvec, wx);
-    mhc_mma_step<T, MT, NT, PB, KU, BVEC, IL>(wx, pk, KB, kb, lane, acc, sq);
+    mhc_mma_step<T, MT, NT, PB, KU, BVEC>(wx, pk, KB, kb, lane, acc, sq);
   }
 }
 """
@@ -298,9 +256,8 @@ MMA = KernelSpec(
     }
   }
 
-  // IL (candidate MMA_INTERLEAVE): the step's mma's with independent accumulators back to back
-  if (bvec) mhc_mma_kloop<T, MT, NT, PB, KU, true, IL>(xin, pk, Ttok, K, KB, k0, k1, t0, lane, xvec, acc, sq);
-  else mhc_mma_kloop<T, MT, NT, PB, KU, false, IL>(xin, pk, Ttok, K, KB, k0, k1, t0, lane, xvec, acc, sq);
+  if (bvec) mhc_mma_kloop<T, MT, NT, PB, KU, true>(xin, pk, Ttok, K, KB, k0, k1, t0, lane, xvec, acc, sq);
+  else mhc_mma_kloop<T, MT, NT, PB, KU, false>(xin, pk, Ttok, K, KB, k0, k1, t0, lane, xvec, acc, sq);
 
   // Sums of squares: the four lanes of a row (c = 0..3) hold its partials.
   #pragma unroll
@@ -517,7 +474,7 @@ def partial_products(x2: mx.array, phi: mx.array, pk: mx.array | None = None) ->
         MMA, [x2, pack_phi(phi, ku=ku) if pk is None else pk, int_params(T, K, ks, splits, k_blocks(K, ku))],
         [((splits, T, 8 * NT), F32), ((splits, T), F32)],
         blocks * WARPS_PER_BLOCK * 32, WARPS_PER_BLOCK * 32,
-        [("T", x2.dtype), ("NT", NT), ("MT", MT), ("PB", PHI_PARTS), ("KU", ku), ("IL", MMA_INTERLEAVE)],
+        [("T", x2.dtype), ("NT", NT), ("MT", MT), ("PB", PHI_PARTS), ("KU", ku)],
     )
 
 

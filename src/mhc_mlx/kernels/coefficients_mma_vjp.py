@@ -39,10 +39,6 @@ from .coefficients_mma import LOAD_X, PTX_MMA, X_PARTS
 F32 = mx.float32
 DX_PARTS = 2  # bfloat16 parts of gs and of phi in DX
 DPHI_PARTS = 3  # bfloat16 parts of gs in DPHI
-# Candidate (thirteenth session of 2026-11-30): DPHI's mma's with its independent accumulators
-# innermost (template IL), as coefficients_mma.MMA_INTERLEAVE for the forward. H200, dphi alone
-# (gpu_experiments.py parts): 70.8 / 56.6 / 46.8 µs per application with gs in 3 / 2 / 1 parts.
-DPHI_INTERLEAVE = False
 MAX_N = 4
 DX_TOKEN_TILES = 2  # token tiles of 16 per warp in DX (they share each phi fragment)
 # DX's warps ordered token group first (TM), so a block's warps cover 256 consecutive k of the
@@ -408,7 +404,7 @@ DX = KernelSpec(
 DPHI_STEP = r"""
 // DPHI's step: 16 tokens from ts (below t1) into acc[q][j] for the lane's 8 k from kx (rows g,
 // g + 8 of m-tile q are k = kx + 2q and kx + 2q + 1).
-template <typename T, int NT, int PG, bool IL, typename PX, typename PGS>
+template <typename T, int NT, int PG, typename PX, typename PGS>
 __device__ __forceinline__ void mhc_dphi_step(PX xin, PGS pgs, int t1, int K, int TS16, int ts, int kx, int lane, bool xvec,
                                               float (&acc)[4][NT][4]) {
   constexpr int AP = mhc_x_parts<T>::count;
@@ -424,36 +420,6 @@ __device__ __forceinline__ void mhc_dphi_step(PX xin, PGS pgs, int t1, int K, in
     for (int q = 0; q < 4; ++q) mhc_x_parts<T>::split(w[q], xh[u][q], xl[u][q]);
   }
   const int step = ts / 16;
-  if constexpr (IL) {
-    // (candidate DPHI_INTERLEAVE) every fragment of gs first, then the mma's with the 4 NT
-    // accumulators innermost, so consecutive mma's never wait on each other; each accumulator
-    // takes its (p, part) terms in the same order as below (the same sums bit for bit)
-    uint2 bv[PG][NT];
-    #pragma unroll
-    for (int p = 0; p < PG; ++p) {
-      #pragma unroll
-      for (int j = 0; j < NT; ++j)
-        bv[p][j] = *reinterpret_cast<const uint2*>(pgs + ((((int64_t)j * TS16 + step) * PG + p) * 32 + lane) * 4);
-    }
-    #pragma unroll
-    for (int p = 0; p < PG; ++p) {
-      #pragma unroll
-      for (int part = 0; part < AP; ++part) {
-        uint32_t (&xs)[4][4] = part == 0 ? xh : xl;
-        #pragma unroll
-        for (int q = 0; q < 4; ++q) {
-          const uint32_t af[4] = {
-            (xs[0][q] & 0xffffu) | (xs[1][q] << 16),
-            (xs[0][q] >> 16) | (xs[1][q] & 0xffff0000u),
-            (xs[2][q] & 0xffffu) | (xs[3][q] << 16),
-            (xs[2][q] >> 16) | (xs[3][q] & 0xffff0000u)};
-          #pragma unroll
-          for (int j = 0; j < NT; ++j) mhc_mma_bf16(acc[q][j], af, bv[p][j].x, bv[p][j].y);
-        }
-      }
-    }
-    return;
-  }
   #pragma unroll
   for (int j = 0; j < NT; ++j) {
     #pragma unroll
@@ -521,7 +487,7 @@ DPHI = KernelSpec(
   const int t1 = min(Ttok, t0 + TPS);
   const bool xvec = (K % 8 == 0) && ((reinterpret_cast<unsigned long long>(xin) & 15ull) == 0ull);
   float acc[4][NT][4] = {};
-  for (int ts = t0; ts < t1; ts += 16) mhc_dphi_step<T, NT, PG, IL>(xin, pgs, t1, K, TS16, ts, kx, lane, xvec, acc);
+  for (int ts = t0; ts < t1; ts += 16) mhc_dphi_step<T, NT, PG>(xin, pgs, t1, K, TS16, ts, kx, lane, xvec, acc);
   mhc_dphi_store<NT>(part, split, K, kx, lane, acc);
 """,
 )
@@ -667,7 +633,7 @@ def dphi(x2, gs, gsb=None):
     part = launch(
         DPHI, [x2, pack_b(gs, DPHI_PARTS, False) if gsb is None else gsb, int_params(T, K, tps, splits)],
         [((splits, K, 8 * NT), F32)], -(-warps // WARPS_PER_BLOCK) * WARPS_PER_BLOCK * 32,
-        WARPS_PER_BLOCK * 32, [("T", x2.dtype), ("NT", NT), ("PG", DPHI_PARTS), ("IL", DPHI_INTERLEAVE)],
+        WARPS_PER_BLOCK * 32, [("T", x2.dtype), ("NT", NT), ("PG", DPHI_PARTS)],
     )[0]
     return mx.sum(part, axis=0)[:, :W]
 
