@@ -331,6 +331,8 @@ SWITCHES = {
     "--chain": (kernels, "CHAIN_X_COTANGENT", True,
                 "the chained x cotangent of HyperConnection sites at every size (kernels.CHAIN_X_COTANGENT = True; "
                 "by default where the coefficient backward takes tensor cores)"),
+    "--wgmma": (coefficients_mma, "WGMMA", True,
+                "the candidate tensor-core forward partials by warpgroup MMA (coefficients_mma.WGMMA; bf16, n = 4)"),
     "--glue-packs": (coefficients, "GLUE_PACKS", True,
                      "the candidate glue kernel that also writes gs in the tensor-core backward's fragment orders "
                      "(coefficients.GLUE_PACKS)"),

@@ -1764,7 +1764,61 @@ def product_parts(rounds=5, T=4096, K=16384, W=24):
             print(f"      {len(durs):3d} x {statistics.mean(durs):7.1f} us  {name[:90]}")
 
 
+def wgmma(rounds=5, T=4096, K=16384, W=24):
+    """The forward partials by warpgroup MMA (coefficients_mma.WGMMA, candidate) against the MMA
+    kernel: first each descriptor reading (WG_SWAP_OFFSETS off / on) against the MMA kernel's
+    sums on one x; then, phi packed before for each, both alone on 10 rotated x [T, K] bf16
+    (medians of `rounds` alternated rounds), one eval of each traced, and the dynamic site at
+    4096x4x4096 and 512x4x1280, forward and forward+backward, with it off and on."""
+    from mhc_mlx.kernels import coefficients_mma as cm
+
+    xs = [mx.random.normal((T, K)).astype(BF) for _ in range(10)]
+    phi = 0.01 * mx.random.normal((K, W))
+    pk, pk_wg = cm.pack_phi(phi), cm.pack_phi_wg(phi)
+    mx.eval(xs, phi, pk, pk_wg)
+
+    def form(wg, swap=False):
+        def run(x):
+            saved = cm.WGMMA, cm.WG_SWAP_OFFSETS
+            cm.WGMMA, cm.WG_SWAP_OFFSETS = wg, swap
+            try:
+                return cm.partial_products(x, phi, pk_wg if wg else pk)
+            finally:
+                cm.WGMMA, cm.WG_SWAP_OFFSETS = saved
+        return run
+
+    ref = mx.sum(form(False)(xs[0])[0], axis=0)
+    ref_ssq = mx.sum(form(False)(xs[0])[1], axis=0)
+    for swap in (False, True):
+        part, ssq = form(True, swap)(xs[0])
+        err = mx.max(mx.abs(mx.sum(part, axis=0) - ref)).item() / mx.max(mx.abs(ref)).item()
+        err_ssq = mx.max(mx.abs(mx.sum(ssq, axis=0) - ref_ssq) / ref_ssq).item()
+        print(f"wgmma, offsets swapped {swap}: dot max |diff| / max |MMA's| {err:.2e}, sum of squares {err_ssq:.2e}")
+    rows = {"MMA (default)": form(False), "wgmma": form(True)}
+    sets = [[x] for x in xs]
+    times = {label: [] for label in rows}
+    for _ in range(rounds):
+        for label, fn in rows.items():
+            times[label].append(tput(fn, sets))
+    print(f"forward partials, {T} x {K} bf16 x, W = {W}, phi packed before, medians of {rounds} alternated rounds")
+    for label, t in times.items():
+        print(f"  {label:<16} {statistics.median(t):7.1f} us  ({' '.join(f'{v:.0f}' for v in t)})")
+    found = traced_rows(rows, sets, "/tmp/wgmma_trace.json")
+    print(f"traced, one eval of {len(sets)} applications per row: span / application, each kernel's count and mean µs")
+    for label, (by_name, span) in found.items():
+        print(f"  {label:<16} span {span / len(sets):7.1f} us {gbps(xs[0].nbytes, span / len(sets))}")
+        for name, durs in sorted(by_name.items(), key=lambda kv: -sum(kv[1])):
+            print(f"      {len(durs):3d} x {statistics.mean(durs):7.1f} us  {name[:90]}")
+    site_rows = case_rows(("dynamic", "fwd", (4096, 4, 4096), "throughput"),
+                          ("dynamic", "fwd+bwd", (4096, 4, 4096), "throughput"),
+                          ("dynamic", "fwd", (512, 4, 1280), "throughput"),
+                          ("dynamic", "fwd+bwd", (512, 4, 1280), "throughput"))
+    alternated_settings("forward partials", site_rows,
+                        {"MMA": [(cm, "WGMMA", False)], "wgmma": [(cm, "WGMMA", True)]}, rounds)
+
+
 MODES = {
+    "wgmma": wgmma,
     "parts": product_parts,
     "vendor-gemm": vendor_gemm,
     "one-pass-split": one_pass_split,

@@ -53,6 +53,7 @@
 #   bash scripts/gpu_session.sh verify11b    # the dynamic backward's GPU tests (chain, coefficient gradients, one pass)
 #   bash scripts/gpu_session.sh vendor       # the coefficient products beside MLX's matmul (cuBLAS), the
 #                                            # one pass's GPU tests, then the pipelined stage
+#   bash scripts/gpu_session.sh wgmma        # the forward partials by warpgroup MMA: timings, checks
 #   bash scripts/gpu_session.sh pipelined    # the target cases' bench with --pipelined (ours), then the throughput trace
 #   bash scripts/gpu_session.sh anatomy-bench  # where the B = 1 static launch's time goes; the target bench
 #   bash scripts/gpu_session.sh gpu-tests    # pytest -m gpu alone
@@ -465,6 +466,13 @@ case "${1:-}" in
       -p no:cacheprovider -o faulthandler_timeout=60
     run 240 bench python -m mhc_mlx.cli.main bench --pipelined --out "$res/bench" --overwrite --seeds "" \
       --only "$TARGETS" --impl kernels
+    ;;
+  wgmma)
+    # (thirteenth session of 2026-11-30) the forward partials by warpgroup MMA (candidate): its
+    # timings and trace (its descriptor reading against the MMA kernel first), then the
+    # coefficient checks with it on
+    run 200 experiments_wgmma python scripts/gpu_experiments.py wgmma
+    CHECK_ONLY=coefficients CHECK_ARGS="--wgmma" NO_PYTEST=1 check 200
     ;;
   parts)
     # (thirteenth session of 2026-11-30) is the tensor-core forward (and dphi) bound by its mma

@@ -388,7 +388,55 @@ _POISON = {mx.float32: np.float32(np.nan), mx.bfloat16: np.uint16(0x7FC0), mx.fl
 
 # Substitutes for the PTX pieces of CUDA-only kernels (the rest of their helpers compiles as is):
 # mhc_mma_bf16 is defined by RUNTIME above.
-CPU_HELPERS = {coefficients_mma.PTX_MMA: ""}
+# wgmma (MMA_WG): a descriptor is a slot of a table holding the shared-memory pointer and the two
+# core-matrix offsets (read as the GPU kernel's descriptor is assumed to be read: LBO along k,
+# SBO along the columns); the warpgroup's A registers are exchanged at a block barrier (the
+# block is one warpgroup); the fences, commit and wait have nothing to do when the product is
+# computed at once.
+WGMMA_CPU = r"""
+namespace emu {
+static const void* wg_ptr[4096];
+static int wg_lbo[4096], wg_sbo[4096];
+static unsigned wg_next = 0;
+}
+static inline uint64_t mhc_wg_desc(const void* smem, int lbo, int sbo) {
+  const unsigned i = emu::wg_next++ % 4096u;
+  emu::wg_ptr[i] = smem; emu::wg_lbo[i] = lbo; emu::wg_sbo[i] = sbo;
+  return i;
+}
+static inline void mhc_wg_fence() {}
+static inline void mhc_wg_commit() {}
+static inline void mhc_wg_wait() {}
+static inline void mhc_smem_to_async() {}
+static inline void mhc_wgmma_n24(float (&d)[12], const uint32_t (&a)[4], uint64_t desc) {
+  const int tid = emu::G.cur, w = tid / 32, lane = tid % 32;
+  uint32_t* mine = &emu::G.scratch[(size_t)tid * 8];
+  for (int r = 0; r < 4; ++r) mine[r] = a[r];
+  emu::block_barrier();
+  const unsigned char* base = static_cast<const unsigned char*>(emu::wg_ptr[desc]);
+  const int lbo = emu::wg_lbo[desc], sbo = emu::wg_sbo[desc];
+  auto A = [&](int r, int l) {
+    const int ww = r / 16, rr = r % 16, src = (rr % 8) * 4 + (l % 8) / 2, reg = (rr >= 8 ? 1 : 0) + (l >= 8 ? 2 : 0);
+    return mhc_bf16_half(emu::G.scratch[((size_t)ww * 32 + src) * 8 + reg], l % 2);
+  };
+  auto B = [&](int l, int n) {
+    uint16_t v;
+    memcpy(&v, base + (l / 8) * lbo + (n / 8) * sbo + (n % 8) * 16 + (l % 8) * 2, 2);
+    return __uint_as_float((uint32_t)v << 16);
+  };
+  const int g = lane / 4, c = lane % 4;
+  float out[12];
+  for (int i = 0; i < 12; ++i) {
+    const int j = i / 4, e = i % 4, r = 16 * w + g + 8 * (e / 2), n = 8 * j + 2 * c + e % 2;
+    float s = 0.0f;
+    for (int l = 0; l < 16; ++l) s += A(r, l) * B(l, n);
+    out[i] = d[i] + s;
+  }
+  emu::block_barrier();
+  for (int i = 0; i < 12; ++i) d[i] = out[i];
+}
+"""
+CPU_HELPERS = {coefficients_mma.PTX_MMA: "", coefficients_mma.PTX_WGMMA: WGMMA_CPU}
 
 
 def _helpers(spec) -> str:

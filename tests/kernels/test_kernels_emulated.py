@@ -179,9 +179,11 @@ def _dynamic_inputs(T, n, C, dtype):
 # "mma-ku1", "mma-ku4": the tensor-core form with 1 or 4 x loads per row and lane in a step
 # (coefficients_mma.X_UNROLL; "mma" runs the default, 2)
 # "mma-finish8": 8 tokens per finishing block (coefficients_mma.FINISH_TOKENS, a template value)
+# "mma-wg": the partials by warpgroup MMA (coefficients_mma.WGMMA, candidate; bfloat16 x, n = 4;
+# the other cases take the MMA kernel)
 FORMS = [("kernel", 16), ("kernel", 8), ("gemm", None), ("mma", None), ("mma-ku1", None), ("mma-ku4", None),
-         ("mma-finish8", None)]
-FORM_IDS = ["kernel-tb16", "kernel-tb8", "gemm", "mma", "mma-ku1", "mma-ku4", "mma-finish8"]
+         ("mma-finish8", None), ("mma-wg", None)]
+FORM_IDS = ["kernel-tb16", "kernel-tb8", "gemm", "mma", "mma-ku1", "mma-ku4", "mma-finish8", "mma-wg"]
 # the tensor-core kernel is CUDA only (never dispatched on Metal)
 FLAVOURED_FORMS = [pytest.param(fl, form, tb, id=f"{fl}-{fid}") for fl in FLAVOURS
                    for (form, tb), fid in zip(FORMS, FORM_IDS) if not (fl == "metal" and form.startswith("mma"))]
@@ -199,6 +201,10 @@ def test_dynamic_coefficients_forward(monkeypatch, flavour, form, tb, dtype, n, 
         form = "mma"
     if form == "mma-finish8":
         monkeypatch.setattr(coefficients_mma, "FINISH_TOKENS", 8)
+        form = "mma"
+    wg = form == "mma-wg" and dtype == mx.bfloat16 and n == 4
+    if form == "mma-wg":
+        monkeypatch.setattr(coefficients_mma, "WGMMA", True)
         form = "mma"
     if form == "mma":
         monkeypatch.setattr(build, "gpu_backend", lambda: "cuda")
@@ -218,7 +224,8 @@ def test_dynamic_coefficients_forward(monkeypatch, flavour, form, tb, dtype, n, 
     assert rel(invr, invr64) <= 1e-6
     names = {name for name, *_ in emu.launched}
     if dtype != mx.float32 and form == "mma":
-        assert "mhc_coefficients_dynamic_mma" in names
+        assert (coefficients_mma.MMA_WG.name in names) == wg
+        assert ("mhc_coefficients_dynamic_mma" in names) == (not wg)
         mma_templates = [t for name, t, *_ in emu.launched if name == "mhc_coefficients_dynamic_mma"]
         assert all(t["KU"] == coefficients_mma.X_UNROLL for t in mma_templates)
         assert all(t["MT"] == coefficients_mma.token_tiles_per_warp(t["NT"]) for t in mma_templates)

@@ -23,7 +23,7 @@ SPECS = (
 )
 
 # Kernels of the CUDA-only tensor-core path; they never reach a Metal compiler.
-CUDA_ONLY_SPECS = (coefficients_mma.PACK, coefficients_mma.MMA, coefficients_mma.FINISH,
+CUDA_ONLY_SPECS = (coefficients_mma.PACK, coefficients_mma.MMA, coefficients_mma.MMA_WG, coefficients_mma.FINISH,
                    coefficients_mma_vjp.PACK_A, coefficients_mma_vjp.PACK_B, coefficients_mma_vjp.DX,
                    coefficients_mma_vjp.DPHI, coefficients_mma_vjp.glue_packs_spec(),
                    coefficients_mma_vjp.glue_packs_spec(after_sinkhorn=True),
@@ -136,6 +136,9 @@ def cuda_only_instances():
                 out.append((coefficients_mma.MMA, (dt, BF16, I32), (F32, F32),
                             [("T", dt), ("NT", nt), ("MT", coefficients_mma.token_tiles_per_warp(nt)),
                              ("PB", coefficients_mma.PHI_PARTS), ("KU", ku)]))
+    for swap in (False, True):  # the candidate warpgroup-MMA partials (coefficients_mma.WGMMA)
+        out.append((coefficients_mma.MMA_WG, (BF16, BF16, I32), (F32, F32),
+                    [("T", BF16), ("PB", coefficients_mma.PHI_PARTS), ("MW", 2), ("WGSWAP", swap)]))
     for n in (1, 2, 4, 8):
         nt = coefficients_mma.n_tiles(n * (n + 2))
         for ku in (1, 2, 4):

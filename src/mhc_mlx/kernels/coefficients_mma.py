@@ -48,6 +48,18 @@ TARGET_WARPS = 1536
 # 2 did (pack + mma 128.4 against 134.0 µs, then 96.0-110.7 against 130.4-134.1 over five
 # launch sizes; docs/kernel-notes.md, rows 13 and 16).
 X_UNROLL = 2
+# Candidate (thirteenth session of 2026-11-30): the partials by Hopper's warpgroup MMA (MMA_WG,
+# sm_90a; MLX compiles custom kernels for sm_90a on such GPUs). H200 (gpu_experiments.py parts,
+# vendor-gemm): the MMA kernel spans 66.9 / 53.9 / 46.3 µs per application with phi in 3 / 2 / 1
+# parts, and staging every load through shared memory did not change it (64.3): it is bound by
+# its mma.sync's (36 m16n8k16 per 64 tokens and k16 step at n = 4), where cuBLAS's wgmma kernel
+# does the same 72-column product in 37.8. Here a warpgroup issues 3 m64n24k16 per 64 tokens and
+# k16 step, A (x) from registers as MMA loads it, B (phi's parts) from shared memory.
+WGMMA = False
+# The wgmma descriptor's byte offsets between phi's 8x8 core matrices: along k (LBO) and along the
+# columns (SBO) as the PTX ISA's K-major no-swizzle layout reads them. WG_SWAP_OFFSETS swaps the
+# two (a check of that reading on the GPU: only one of the two can match the MMA kernel).
+WG_SWAP_OFFSETS = False
 
 # The tensor-core instruction (tests substitute a CPU model of it, with the same fragments).
 PTX_MMA = r"""
@@ -291,6 +303,235 @@ MMA = KernelSpec(
 )
 
 
+# Warpgroup MMA (sm_90a), m64n24k16, A from registers (each warp's 16 rows as mma.sync's A
+# fragment), B from shared memory by descriptor (no swizzle), f32 accumulators: warp w, lane
+# 4 g + c holds d[4 j + e] at row 16 w + g + 8 (e / 2), column 8 j + 2 c + e % 2. The emulator
+# substitutes this text.
+PTX_WGMMA = r"""
+__device__ __forceinline__ uint64_t mhc_wg_desc(const void* smem, int lbo, int sbo) {
+  const uint64_t a = (uint64_t)(__cvta_generic_to_shared(smem) & 0x3FFFF);
+  return (a >> 4) | ((uint64_t)((lbo >> 4) & 0x3FFF) << 16) | ((uint64_t)((sbo >> 4) & 0x3FFF) << 32);
+}
+__device__ __forceinline__ void mhc_wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void mhc_wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void mhc_wg_wait() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+__device__ __forceinline__ void mhc_smem_to_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+__device__ __forceinline__ void mhc_wgmma_n24(float (&d)[12], const uint32_t (&a)[4], uint64_t desc) {
+  asm volatile(
+      "wgmma.mma_async.sync.aligned.m64n24k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11}, {%12, %13, %14, %15}, %16, 1, 1, 1, 0;\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc)
+      : "memory");
+}
+"""
+
+# The partials (MMA's outputs and parameters) by warpgroup MMA, bfloat16 x, n = 4 (24 columns).
+# A block is one warpgroup (4 warps) owning 64 MW tokens and one k split. Per 64-k chunk each
+# thread loads its x words as MMA does at X_UNROLL 2 (rows 64 mw + 16 w + g and + 8, 16 bytes at
+# k + 16 c + 8 u), the next chunk's x and phi are loaded while this chunk's wgmma's run, and phi's
+# chunk (pk in pack_phi_wg's order: [chunk][step][part][k half][column group][8][8]) goes to
+# shared memory (two buffers) before them. Step st = 2 u + s of a chunk uses the A words MMA's
+# step (u, s) uses; pack_phi_wg puts phi's rows at the same k.
+MMA_WG = KernelSpec(
+    name="mhc_coefficients_dynamic_mma_wg",
+    inputs=("xin", "pk", "iparam"),
+    outputs=("part", "ssq"),
+    helpers=PTX_WGMMA + X_PARTS + LOAD_X,
+    body=r"""
+  constexpr int NT = 3;                      // 24 columns (n = 4)
+  constexpr int WP = 8 * NT;
+  constexpr int TB = 64 * MW;                // tokens per block
+  constexpr int CH = 4 * PB * 2 * NT * 64;   // phi's bf16 elements per 64-k chunk
+  constexpr int CH16 = CH / 8;               // ... in 16-byte pieces
+  constexpr int PPT = (CH16 + 127) / 128;    // pieces per thread
+  KSHARED uint4 mhc_phi[2][CH16];
+  const int Ttok = iparam[0];
+  const int K = iparam[1];
+  const int KS = iparam[2];   // k per split, a multiple of 64
+  const int S = iparam[3];
+  const int tiles = (Ttok + TB - 1) / TB;
+  const int bid = (int)blockIdx.x;
+  if (bid >= tiles * S) return;  // whole blocks (warpgroup instructions and barriers below)
+  const int split = bid / tiles;
+  const int tile = bid - split * tiles;
+  const int tid = (int)threadIdx.x;
+  const int w = tid >> 5;
+  const int lane = tid & 31;
+  const int g = lane >> 2;
+  const int c = lane & 3;
+  const int k0 = split * KS;
+  const int k1 = min(K, k0 + KS);
+  const int nch = (k1 - k0 + 63) / 64;
+  const int tb0 = tile * TB;
+  const bool xvec = (K % 8 == 0) && ((reinterpret_cast<unsigned long long>(xin) & 15ull) == 0ull);
+  const uint4* pk4 = reinterpret_cast<const uint4*>(pk);
+  const int lbo = WGSWAP ? 128 : 128 * NT;  // core matrices: along k 128 NT bytes apart, along columns 128
+  const int sbo = WGSWAP ? 128 * NT : 128;
+
+  float d[MW][12];
+  float sq[MW][2];
+  #pragma unroll
+  for (int m = 0; m < MW; ++m) {
+    sq[m][0] = 0.0f;
+    sq[m][1] = 0.0f;
+    #pragma unroll
+    for (int e = 0; e < 12; ++e) d[m][e] = 0.0f;
+  }
+  uint32_t wx[MW][2][2][4];  // [m][u][h][word] of the chunk computed
+  uint32_t wn[MW][2][2][4];  // ... of the next chunk
+  uint4 pn[PPT];             // the next chunk's phi pieces of this thread
+  auto load_x = [&](int kb, uint32_t (&dst)[MW][2][2][4]) {
+    #pragma unroll
+    for (int m = 0; m < MW; ++m) {
+      #pragma unroll
+      for (int u = 0; u < 2; ++u) {
+        #pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int t = tb0 + 64 * m + 16 * w + g + 8 * h;
+          mhc_load_x8<T>(t < Ttok ? xin + (int64_t)t * K : nullptr, kb + 16 * c + 8 * u, K, xvec, dst[m][u][h]);
+        }
+      }
+    }
+  };
+  auto load_phi = [&](int ch) {
+    #pragma unroll
+    for (int i = 0; i < PPT; ++i) {
+      const int q = tid + 128 * i;
+      if (q < CH16) pn[i] = pk4[(int64_t)ch * CH16 + q];
+    }
+  };
+  auto store_phi = [&](int buf) {
+    #pragma unroll
+    for (int i = 0; i < PPT; ++i) {
+      const int q = tid + 128 * i;
+      if (q < CH16) mhc_phi[buf][q] = pn[i];
+    }
+    mhc_smem_to_async();  // generic-proxy writes, read next by the async proxy (wgmma)
+  };
+  const int kch0 = k0 / 64;  // k0 is a multiple of 64
+  if (nch > 0) {
+    load_x(k0, wx);
+    load_phi(kch0);
+    store_phi(0);
+  }
+  KBARRIER();
+  for (int i = 0; i < nch; ++i) {
+    const int buf = i & 1;
+    if (i + 1 < nch) {
+      load_x(k0 + 64 * (i + 1), wn);
+      load_phi(kch0 + i + 1);
+    }
+    // sums of squares of this chunk's x (MMA's split of each word)
+    uint32_t af[MW][4][4];  // [m][step][A register]
+    #pragma unroll
+    for (int m = 0; m < MW; ++m) {
+      #pragma unroll
+      for (int u = 0; u < 2; ++u) {
+        uint32_t ah[2][4], al[2][4];
+        #pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          #pragma unroll
+          for (int q = 0; q < 4; ++q) sq[m][h] += mhc_x_parts<T>::split(wx[m][u][h][q], ah[h][q], al[h][q]);
+        }
+        #pragma unroll
+        for (int s = 0; s < 2; ++s) {
+          af[m][2 * u + s][0] = ah[0][2 * s]; af[m][2 * u + s][1] = ah[1][2 * s];
+          af[m][2 * u + s][2] = ah[0][2 * s + 1]; af[m][2 * u + s][3] = ah[1][2 * s + 1];
+        }
+      }
+    }
+    mhc_wg_fence();
+    #pragma unroll
+    for (int st = 0; st < 4; ++st) {
+      #pragma unroll
+      for (int p = 0; p < PB; ++p) {
+        const uint64_t desc = mhc_wg_desc(&mhc_phi[buf][(st * PB + p) * (2 * NT * 8)], lbo, sbo);
+        #pragma unroll
+        for (int m = 0; m < MW; ++m) mhc_wgmma_n24(d[m], af[m][st], desc);
+      }
+    }
+    mhc_wg_commit();
+    mhc_wg_wait();
+    if (i + 1 < nch) {
+      store_phi(buf ^ 1);  // that buffer's last readers (chunk i - 1's wgmma's) have completed
+      #pragma unroll
+      for (int m = 0; m < MW; ++m) {
+        #pragma unroll
+        for (int u = 0; u < 2; ++u) {
+          #pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            #pragma unroll
+            for (int q = 0; q < 4; ++q) wx[m][u][h][q] = wn[m][u][h][q];
+          }
+        }
+      }
+    }
+    KBARRIER();
+  }
+
+  #pragma unroll
+  for (int m = 0; m < MW; ++m) {
+    #pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float v = sq[m][h];
+      v += __shfl_xor_sync(0xffffffffu, v, 1);
+      v += __shfl_xor_sync(0xffffffffu, v, 2);
+      const int t = tb0 + 64 * m + 16 * w + g + 8 * h;
+      if (c == 0 && t < Ttok) ssq[(int64_t)split * Ttok + t] = v;
+      if (t < Ttok) {
+        float* out = part + ((int64_t)split * Ttok + t) * WP;
+        #pragma unroll
+        for (int j = 0; j < NT; ++j) {
+          out[8 * j + 2 * c] = d[m][4 * j + 2 * h];
+          out[8 * j + 2 * c + 1] = d[m][4 * j + 2 * h + 1];
+        }
+      }
+    }
+  }
+""",
+)
+
+WG_TOKENS = 128  # tokens per MMA_WG block (MW = 2)
+
+
+def pack_phi_wg(phi: mx.array, parts: int = PHI_PARTS) -> mx.array:
+    """phi [K, 24] float32 -> MMA_WG's order: [K / 64 chunks, 4 steps, parts, 2 k halves, 3 column
+    groups, 8 columns, 8 k] bfloat16 (zeros past K). Step st = 2 u + s of chunk b holds logical k
+    l in [0, 16) at physical k = 64 b + 16 c + 8 u + 4 s + 2 (l // 8) + l % 2 with c = (l % 8) // 2,
+    the k MMA's A words give that step (MLX ops; one call per phi)."""
+    K, W = phi.shape
+    if W != 24:
+        raise ValueError(f"pack_phi_wg: 24 columns (n = 4), got {W}")
+    chunks = -(-K // 64)
+    rest = mx.pad(phi.astype(F32), [(0, 64 * chunks - K), (0, 0)])
+    split = []
+    for _ in range(parts):
+        p = rest.astype(mx.bfloat16)
+        split.append(p)
+        rest = rest - p.astype(F32)
+    # physical k = 64 b + 16 c + 8 u + 4 s + 2 hi + e  ->  [p, b, c, u, s, hi, e, n]
+    a = mx.stack(split).reshape(parts, chunks, 4, 2, 2, 2, 2, 3, 8)  # [p, b, c, u, s, hi, e, ng, n8]
+    # -> [b, u, s, p, hi, ng, n8, c, e] (logical k in a half: l % 8 = 2 c + e)
+    a = a.transpose(1, 3, 4, 0, 5, 7, 8, 2, 6)
+    return a.reshape(chunks, 4, parts, 2, 3, 8, 8)
+
+
+def wg_applies(x2: mx.array, W: int) -> bool:
+    return WGMMA and x2.dtype == mx.bfloat16 and W == 24
+
+
+def wg_plan(T: int, K: int) -> tuple[int, int, int]:
+    """(token tiles, splits, k per split) for MMA_WG: about TARGET_WARPS warps, k per split a
+    multiple of 64 and at least 128."""
+    tiles = -(-T // WG_TOKENS)
+    chunks = -(-K // 64)
+    splits = max(1, min(-(-TARGET_WARPS // (4 * tiles)), -(-chunks // 2)))
+    ks = 64 * -(-chunks // splits)
+    return tiles, -(-K // ks), ks
+
+
 # phi [K, W] float32 -> its three bfloat16 parts in B-fragment order (see pack_phi), in one
 # launch: the MLX-op form (pad, three casts, two subtractions, stack, transpose) took about ten.
 PACK = KernelSpec(
@@ -467,6 +708,13 @@ def partial_products(x2: mx.array, phi: mx.array, pk: mx.array | None = None) ->
     """Split-K partials (part [S, T, 8 NT] of xf @ phi, ssq [S, T] of Σ xf²) for 16-bit x2 [T, K]
     (pk: phi already packed by pack_phi at today's X_UNROLL, else packed here)."""
     T, K = x2.shape
+    if wg_applies(x2, phi.shape[1]):
+        tiles, splits, ks = wg_plan(T, K)
+        return launch(
+            MMA_WG, [x2, pack_phi_wg(phi) if pk is None else pk, int_params(T, K, ks, splits)],
+            [((splits, T, 24), F32), ((splits, T), F32)], tiles * splits * 128, 128,
+            [("T", x2.dtype), ("PB", PHI_PARTS), ("MW", WG_TOKENS // 64), ("WGSWAP", WG_SWAP_OFFSETS)],
+        )
     NT, ku = n_tiles(phi.shape[1]), X_UNROLL
     MT, splits, ks, warps = plan(T, K, NT, ku)
     blocks = -(-warps // WARPS_PER_BLOCK)
