@@ -382,6 +382,19 @@ def test_tensor_core_coefficient_backward_products(dtype, n, C, T):
             assert rel(got_acc, want + np64(gacc).reshape(T, K)) <= (4e-3 if dtype == mx.bfloat16 else 6e-4)
 
 
+@pytest.mark.parametrize("K", [64, 800, 130, 8])
+def test_pack_phi_wg_matches_its_statement(K):
+    # PACK_WG (one launch) against pack_phi_wg_reference (MLX ops): the same bits, zeros past K
+    phi = mx.random.normal((K, 24)) * mx.exp(2 * mx.random.normal((K, 1)))
+    got, want = coefficients_mma.pack_phi_wg(phi), coefficients_mma.pack_phi_wg_reference(phi)
+    assert got.shape == want.shape == (-(-K // 64), 4, coefficients_mma.PHI_PARTS, 2, 3, 8, 8)
+    assert np.array_equal(np.array(got.view(mx.uint16)), np.array(want.view(mx.uint16)))
+    # the parts add up to phi to float32's precision: the first part alone is phi to bfloat16's
+    summed = mx.sum(want.astype(mx.float32), axis=2)
+    assert rel(summed, np64(coefficients_mma.pack_phi_wg_reference(phi, 1)[:, :, 0])) < 1e-2
+    assert rel(mx.sum(summed), np.sum(np64(phi))) < 1e-5
+
+
 def _dx_inputs(n: int, C: int, T: int, dtype):
     """DX's inputs for x [T, n*C]: x, phi, gs, c2, pre = (H_pre, dh) and gacc, random."""
     W, K = n * (n + 2), n * C

@@ -23,7 +23,8 @@ SPECS = (
 )
 
 # Kernels of the CUDA-only tensor-core path; they never reach a Metal compiler.
-CUDA_ONLY_SPECS = (coefficients_mma.PACK, coefficients_mma.MMA, coefficients_mma.MMA_WG, coefficients_mma.FINISH,
+CUDA_ONLY_SPECS = (coefficients_mma.PACK, coefficients_mma.MMA, coefficients_mma.MMA_WG, coefficients_mma.PACK_WG,
+                   coefficients_mma.FINISH,
                    coefficients_mma_vjp.PACK_A, coefficients_mma_vjp.PACK_B, coefficients_mma_vjp.DX,
                    coefficients_mma_vjp.DPHI, coefficients_mma_vjp.glue_packs_spec(),
                    coefficients_mma_vjp.glue_packs_spec(after_sinkhorn=True),
@@ -139,6 +140,7 @@ def cuda_only_instances():
     for swap in (False, True):  # the candidate warpgroup-MMA partials (coefficients_mma.WGMMA)
         out.append((coefficients_mma.MMA_WG, (BF16, BF16, I32), (F32, F32),
                     [("T", BF16), ("PB", coefficients_mma.PHI_PARTS), ("MW", 2), ("WGSWAP", swap)]))
+    out.append((coefficients_mma.PACK_WG, (F32, I32), (BF16,), [("PB", coefficients_mma.PHI_PARTS)]))
     for n in (1, 2, 4, 8):
         nt = coefficients_mma.n_tiles(n * (n + 2))
         for ku in (1, 2, 4):

@@ -496,11 +496,53 @@ MMA_WG = KernelSpec(
 WG_TOKENS = 128  # tokens per MMA_WG block (MW = 2)
 
 
+# phi [K, 24] float32 -> pack_phi_wg's order in one launch (one thread per element of a part,
+# writing all its parts), as PACK for MMA's order.
+PACK_WG = KernelSpec(
+    name="mhc_coefficients_pack_phi_wg",
+    inputs=("phi", "iparam"),
+    outputs=("pk",),
+    body=r"""
+  const int K = iparam[0];
+  const int chunks = iparam[1];
+  const int64_t idx = (int64_t)KBID * KNT + KTID;
+  if (idx >= (int64_t)chunks * 1536) return;
+  const int l8 = (int)(idx & 7);  // logical k in its half: 2 c + e
+  const int n8 = (int)((idx >> 3) & 7);
+  int64_t r = idx >> 6;
+  const int ng = (int)(r % 3);
+  r /= 3;
+  const int hi = (int)(r & 1);
+  r >>= 1;
+  const int st = (int)(r & 3);
+  const int64_t b = r >> 2;
+  const int64_t k = 64 * b + 16 * (l8 >> 1) + 8 * (st >> 1) + 4 * (st & 1) + 2 * hi + (l8 & 1);
+  float v = k < K ? phi[k * 24 + 8 * ng + n8] : 0.0f;
+  #pragma unroll
+  for (int p = 0; p < PB; ++p) {
+    const __nv_bfloat16 bf = __float2bfloat16_rn(v);  // round to nearest even, as MLX's astype
+    pk[((((b * 4 + st) * PB + p) * 2 + hi) * 3 + ng) * 64 + n8 * 8 + l8] = bf;
+    v -= __bfloat162float(bf);
+  }
+""",
+)
+
+
 def pack_phi_wg(phi: mx.array, parts: int = PHI_PARTS) -> mx.array:
+    """phi [K, 24] float32 -> MMA_WG's order (see pack_phi_wg_reference), in one launch."""
+    K, W = phi.shape
+    if W != 24:
+        raise ValueError(f"pack_phi_wg: 24 columns (n = 4), got {W}")
+    chunks = -(-K // 64)
+    return launch(PACK_WG, [phi.astype(F32), int_params(K, chunks)], [((chunks, 4, parts, 2, 3, 8, 8), mx.bfloat16)],
+                  -(-chunks * 1536 // 256) * 256, 256, [("PB", parts)])[0]
+
+
+def pack_phi_wg_reference(phi: mx.array, parts: int = PHI_PARTS) -> mx.array:
     """phi [K, 24] float32 -> MMA_WG's order: [K / 64 chunks, 4 steps, parts, 2 k halves, 3 column
     groups, 8 columns, 8 k] bfloat16 (zeros past K). Step st = 2 u + s of chunk b holds logical k
     l in [0, 16) at physical k = 64 b + 16 c + 8 u + 4 s + 2 (l // 8) + l % 2 with c = (l % 8) // 2,
-    the k MMA's A words give that step (MLX ops; one call per phi)."""
+    the k MMA's A words give that step (MLX ops: the statement PACK_WG is tested against)."""
     K, W = phi.shape
     if W != 24:
         raise ValueError(f"pack_phi_wg: 24 columns (n = 4), got {W}")
