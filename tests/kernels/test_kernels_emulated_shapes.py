@@ -163,7 +163,10 @@ def test_dynamic_site_with_every_candidate_on(monkeypatch, n, C, T, dtype):
         assert "mhc_pack_a_fragments" not in launched
         assert ("mhc_sinkhorn_vjp" in launched) == (n > 4)
         assert ("mhc_coefficients_dynamic_vjp_dx_mma" in launched) == (n <= 4 and dtype != mx.float32)
-        assert ("mhc_coefficients_dynamic_mma" in launched) == (dtype != mx.float32)
+        # the tensor-core forward's partials: by warpgroup MMA (WGMMA) for bfloat16 x at n = 4
+        wg = n == 4 and dtype == mx.bfloat16
+        assert ("mhc_coefficients_dynamic_mma_wg" in launched) == wg
+        assert ("mhc_coefficients_dynamic_mma" in launched) == (dtype != mx.float32 and not wg)
         # the chained x cotangent: post's comes back to the read step, whose backward kernel adds
         # it (the FP32 kernel's accumulating form, or the tensor-core DX kernel's ACC)
         assert ("mhc_coefficients_dynamic_vjp_pre_acc" in launched) == (not tensor_cores)
