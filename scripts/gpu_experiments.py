@@ -1622,6 +1622,43 @@ def traced_rows(rows, sets, path):
     return out
 
 
+def under(settings, fn):
+    """fn with each (module, attribute, value) of settings assigned while it runs (so the kernels
+    it builds take them), the old values restored after."""
+    def run(*args):
+        saved = [(m, a, getattr(m, a)) for m, a, _ in settings]
+        for m, a, v in settings:
+            setattr(m, a, v)
+        try:
+            return fn(*args)
+        finally:
+            for m, a, v in saved:
+                setattr(m, a, v)
+    return run
+
+
+def timed_and_traced(title, rows, sets, rounds, path, nbytes=None, traced=None):
+    """Each row (label -> fn of one input set) timed as the bench times throughput (tput),
+    medians of `rounds` alternated rounds; then one eval of each row in `traced` (default all)
+    traced by traced_rows. Prints both; nbytes (label -> bytes) adds GB/s to the lines."""
+    times = {label: [] for label in rows}
+    for _ in range(rounds):
+        for label, fn in rows.items():
+            times[label].append(tput(fn, sets))
+    width = max(len(label) for label in rows) + 2
+    rate = lambda label, us: gbps(nbytes[label], us) if nbytes else ""  # noqa: E731
+    print(f"{title}, medians of {rounds} alternated rounds")
+    for label, t in times.items():
+        us = statistics.median(t)
+        print(f"  {label:<{width}} {us:7.1f} us {rate(label, us)}  ({' '.join(f'{v:.0f}' for v in t)})")
+    found = traced_rows({label: rows[label] for label in (traced or rows)}, sets, path)
+    print(f"traced, one eval of {len(sets)} applications per row: span / application, each kernel's count and mean µs")
+    for label, (by_name, span) in found.items():
+        print(f"  {label:<{width}} span {span / len(sets):7.1f} us {rate(label, span / len(sets))}")
+        for name, durs in sorted(by_name.items(), key=lambda kv: -sum(kv[1])):
+            print(f"      {len(durs):3d} x {statistics.mean(durs):7.1f} us  {name[:90]}")
+
+
 def vendor_gemm(rounds=5, T=4096, K=16384, W=24):
     """The coefficient products beside MLX's own matmul of the same shapes (cuBLAS on CUDA), each
     on 10 rotated x [T, K] bf16 (4096 x 4 x 4096's), medians of `rounds` alternated rounds, and
@@ -1652,24 +1689,10 @@ def vendor_gemm(rounds=5, T=4096, K=16384, W=24):
     xb = xs[0].nbytes
 
     def mma(ku, tw):
-        def run(x):
-            saved = cm.X_UNROLL, cm.TARGET_WARPS
-            cm.X_UNROLL, cm.TARGET_WARPS = ku, tw
-            try:
-                return cm.partial_products(x, phi, packed[ku])
-            finally:
-                cm.X_UNROLL, cm.TARGET_WARPS = saved
-        return run
+        return under([(cm, "X_UNROLL", ku), (cm, "TARGET_WARPS", tw)], lambda x: cm.partial_products(x, phi, packed[ku]))
 
     def dphi(tw):
-        def run(x):
-            saved = cmv.TARGET_WARPS
-            cmv.TARGET_WARPS = tw
-            try:
-                return cmv.dphi(x, gs, gs_packed)
-            finally:
-                cmv.TARGET_WARPS = saved
-        return run
+        return under([(cmv, "TARGET_WARPS", tw)], lambda x: cmv.dphi(x, gs, gs_packed))
 
     rows = {
         "copy x * 1.5": (lambda x: x * 1.5, 2 * xb),
@@ -1683,25 +1706,11 @@ def vendor_gemm(rounds=5, T=4096, K=16384, W=24):
         "ours: DX (gacc)": (lambda x: cmv.dx(x, phi, gs, c2, None, gacc), 3 * xb),
         "mlx: addmm(x, gs, phi^T) bf16": (lambda x: mx.addmm(x, gsb, phitb), 2 * xb),
     }
-    sets = [[x] for x in xs]
-    times = {label: [] for label in rows}
-    for _ in range(rounds):
-        for label, (fn, _) in rows.items():
-            times[label].append(tput(fn, sets))
-    print(f"vendor GEMM, {T} x {K} bf16 x, W = {W}, 10 rotated x, medians of {rounds} alternated rounds")
-    for label, t in times.items():
-        us = statistics.median(t)
-        print(f"  {label:<54} {us:7.1f} us {gbps(rows[label][1], us)}  ({' '.join(f'{v:.0f}' for v in t)})")
     traced = ["copy x * 1.5", "ours: forward MMA (KU 2, 1536 warps; default)", "mlx: x @ phi bf16 [K, 24]",
               "mlx: x @ phi bf16 [K, 72] (three parts)", "ours: dphi (2048 warps; default) + sum", "mlx: x^T @ gs bf16",
               "ours: DX (gacc)", "mlx: addmm(x, gs, phi^T) bf16"]
-    found = traced_rows({label: rows[label][0] for label in traced}, sets, "/tmp/vendor_trace.json")
-    print(f"traced, one eval of {len(sets)} applications per row: span / application, then each kernel's "
-          "count and mean µs")
-    for label, (by_name, span) in found.items():
-        print(f"  {label:<54} span {span / len(sets):7.1f} us")
-        for name, durs in sorted(by_name.items(), key=lambda kv: -sum(kv[1])):
-            print(f"      {len(durs):3d} x {statistics.mean(durs):7.1f} us  {name[:90]}")
+    timed_and_traced(f"vendor GEMM, {T} x {K} bf16 x, W = {W}, 10 rotated x", {k: v[0] for k, v in rows.items()},
+                     [[x] for x in xs], rounds, "/tmp/vendor_trace.json", {k: v[1] for k, v in rows.items()}, traced)
 
 
 def product_parts(rounds=5, T=4096, K=16384, W=24):
@@ -1721,24 +1730,10 @@ def product_parts(rounds=5, T=4096, K=16384, W=24):
     mx.eval(xs, phi, gs, pks, gsbs)
 
     def fwd(p):
-        def run(x):
-            saved = cm.PHI_PARTS
-            cm.PHI_PARTS = p
-            try:
-                return cm.partial_products(x, phi, pks[p])
-            finally:
-                cm.PHI_PARTS = saved
-        return run
+        return under([(cm, "PHI_PARTS", p)], lambda x: cm.partial_products(x, phi, pks[p]))
 
     def dphi(p):
-        def run(x):
-            saved = cmv.DPHI_PARTS
-            cmv.DPHI_PARTS = p
-            try:
-                return cmv.dphi(x, gs, gsbs[p])
-            finally:
-                cmv.DPHI_PARTS = saved
-        return run
+        return under([(cmv, "DPHI_PARTS", p)], lambda x: cmv.dphi(x, gs, gsbs[p]))
 
     rows = {f"forward, phi in {p} parts": fwd(p) for p in (3, 2, 1)}
     rows.update({f"dphi, gs in {p} parts": dphi(p) for p in (3, 2, 1)})
@@ -1748,20 +1743,8 @@ def product_parts(rounds=5, T=4096, K=16384, W=24):
         ef = mx.max(mx.abs(got_f - ref_f)).item() / mx.max(mx.abs(ref_f)).item()
         ed = mx.max(mx.abs(got_d - ref_d)).item() / mx.max(mx.abs(ref_d)).item()
         print(f"{p} parts: forward max |diff| / max |3 parts| {ef:.2e}, dphi {ed:.2e}")
-    sets = [[x] for x in xs]
-    times = {label: [] for label in rows}
-    for _ in range(rounds):
-        for label, fn in rows.items():
-            times[label].append(tput(fn, sets))
-    print(f"products by parts, {T} x {K} bf16 x, W = {W}, packed before, medians of {rounds} alternated rounds")
-    for label, t in times.items():
-        print(f"  {label:<26} {statistics.median(t):7.1f} us  ({' '.join(f'{v:.0f}' for v in t)})")
-    found = traced_rows(rows, sets, "/tmp/parts_trace.json")
-    print(f"traced, one eval of {len(sets)} applications per row: span / application, each kernel's count and mean µs")
-    for label, (by_name, span) in found.items():
-        print(f"  {label:<26} span {span / len(sets):7.1f} us")
-        for name, durs in sorted(by_name.items(), key=lambda kv: -sum(kv[1])):
-            print(f"      {len(durs):3d} x {statistics.mean(durs):7.1f} us  {name[:90]}")
+    timed_and_traced(f"products by parts, {T} x {K} bf16 x, W = {W}, packed before", rows, [[x] for x in xs],
+                     rounds, "/tmp/parts_trace.json")
 
 
 def wgmma(rounds=5, T=4096, K=16384, W=24):
@@ -1778,14 +1761,8 @@ def wgmma(rounds=5, T=4096, K=16384, W=24):
     mx.eval(xs, phi, pk, pk_wg)
 
     def form(wg, swap=False):
-        def run(x):
-            saved = cm.WGMMA, cm.WG_SWAP_OFFSETS
-            cm.WGMMA, cm.WG_SWAP_OFFSETS = wg, swap
-            try:
-                return cm.partial_products(x, phi, pk_wg if wg else pk)
-            finally:
-                cm.WGMMA, cm.WG_SWAP_OFFSETS = saved
-        return run
+        return under([(cm, "WGMMA", wg), (cm, "WG_SWAP_OFFSETS", swap)],
+                     lambda x: cm.partial_products(x, phi, pk_wg if wg else pk))
 
     ref = mx.sum(form(False)(xs[0])[0], axis=0)
     ref_ssq = mx.sum(form(False)(xs[0])[1], axis=0)
@@ -1795,20 +1772,8 @@ def wgmma(rounds=5, T=4096, K=16384, W=24):
         err_ssq = mx.max(mx.abs(mx.sum(ssq, axis=0) - ref_ssq) / ref_ssq).item()
         print(f"wgmma, offsets swapped {swap}: dot max |diff| / max |MMA's| {err:.2e}, sum of squares {err_ssq:.2e}")
     rows = {"MMA (default)": form(False), "wgmma": form(True)}
-    sets = [[x] for x in xs]
-    times = {label: [] for label in rows}
-    for _ in range(rounds):
-        for label, fn in rows.items():
-            times[label].append(tput(fn, sets))
-    print(f"forward partials, {T} x {K} bf16 x, W = {W}, phi packed before, medians of {rounds} alternated rounds")
-    for label, t in times.items():
-        print(f"  {label:<16} {statistics.median(t):7.1f} us  ({' '.join(f'{v:.0f}' for v in t)})")
-    found = traced_rows(rows, sets, "/tmp/wgmma_trace.json")
-    print(f"traced, one eval of {len(sets)} applications per row: span / application, each kernel's count and mean µs")
-    for label, (by_name, span) in found.items():
-        print(f"  {label:<16} span {span / len(sets):7.1f} us {gbps(xs[0].nbytes, span / len(sets))}")
-        for name, durs in sorted(by_name.items(), key=lambda kv: -sum(kv[1])):
-            print(f"      {len(durs):3d} x {statistics.mean(durs):7.1f} us  {name[:90]}")
+    timed_and_traced(f"forward partials, {T} x {K} bf16 x, W = {W}, phi packed before", rows, [[x] for x in xs],
+                     rounds, "/tmp/wgmma_trace.json", {label: xs[0].nbytes for label in rows})
     site_rows = case_rows(("dynamic", "fwd", (4096, 4, 4096), "throughput"),
                           ("dynamic", "fwd+bwd", (4096, 4, 4096), "throughput"),
                           ("dynamic", "fwd", (512, 4, 1280), "throughput"),
