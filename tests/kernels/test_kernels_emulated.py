@@ -205,6 +205,7 @@ def test_dynamic_coefficients_forward(monkeypatch, flavour, form, tb, dtype, n, 
     wg = form == "mma-wg" and dtype == mx.bfloat16 and n == 4
     if form == "mma-wg":
         monkeypatch.setattr(coefficients_mma, "WGMMA", True)
+        monkeypatch.setattr(coefficients_mma, "hopper", lambda: True)  # the emulated GPU is an sm_90
         form = "mma"
     if form == "mma":
         monkeypatch.setattr(build, "gpu_backend", lambda: "cuda")
@@ -380,6 +381,24 @@ def test_tensor_core_coefficient_backward_products(dtype, n, C, T):
         for g in (gacc, mx.swapaxes(mx.swapaxes(gacc, 0, 1).astype(dtype), 0, 1)):
             got_acc = coefficients_mma_vjp.dx(x, phi, gs, c2, (H_pre, dh) if with_pre else None, g)
             assert rel(got_acc, want + np64(gacc).reshape(T, K)) <= (4e-3 if dtype == mx.bfloat16 else 6e-4)
+
+
+def test_wgmma_only_on_hopper(monkeypatch):
+    # wgmma exists on compute capability 9.x only: elsewhere (Ampere, Blackwell, no GPU) the
+    # candidate leaves the partials to the MMA kernel
+    x = mx.zeros((4, 16), mx.bfloat16)
+    asks_the_device = coefficients_mma.hopper.__wrapped__
+    monkeypatch.setattr(coefficients_mma, "WGMMA", True)
+    for hopper in (True, False):
+        monkeypatch.setattr(coefficients_mma, "hopper", lambda h=hopper: h)
+        assert coefficients_mma.wg_applies(x, 24) == hopper
+    monkeypatch.setattr(coefficients_mma, "hopper", lambda: True)
+    assert not coefficients_mma.wg_applies(x.astype(mx.float16), 24)  # bfloat16 x only
+    assert not coefficients_mma.wg_applies(x, 15)  # n = 4 (24 columns) only
+    # asking the device does not fail (a CPU-only MLX answers no)
+    assert isinstance(asks_the_device(), bool)
+    if not mx.metal.is_available() and not (getattr(mx, "cuda", None) and mx.cuda.is_available()):
+        assert asks_the_device() is False
 
 
 @pytest.mark.parametrize("K", [64, 800, 130, 8])

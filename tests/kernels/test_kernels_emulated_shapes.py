@@ -135,6 +135,7 @@ def test_dynamic_site_with_every_candidate_on(monkeypatch, n, C, T, dtype):
 
     as_cuda(monkeypatch)
     monkeypatch.setattr(coefficients, "MMA_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(coefficients_mma, "hopper", lambda: True)  # the emulated GPU is an sm_90
     kernels.use_candidates(True)
     try:
         hc, names, params = random_dynamic_site(C, n)

@@ -26,6 +26,8 @@ logic is checked on the CPU by a NumPy model of the lanes and the g++ emulator (
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import mlx.core as mx
 
 from .build import KernelSpec, float_params, int_params, launch, watch
@@ -560,8 +562,19 @@ def pack_phi_wg_reference(phi: mx.array, parts: int = PHI_PARTS) -> mx.array:
     return a.reshape(chunks, 4, parts, 2, 3, 8, 8)
 
 
+@lru_cache(maxsize=None)
+def hopper() -> bool:
+    """True on a compute capability 9.x GPU (sm_90a, which MLX compiles for there): the only
+    architecture with wgmma (Blackwell's sm_100a has other MMA instructions)."""
+    try:
+        return int(mx.device_info().get("compute_capability_major", 0)) == 9
+    except Exception:  # noqa: BLE001 -- unknown device: not Hopper
+        return False
+
+
 def wg_applies(x2: mx.array, W: int) -> bool:
-    return WGMMA and x2.dtype == mx.bfloat16 and W == 24
+    """MMA_WG takes the partials: the candidate on, bfloat16 x, 24 columns (n = 4), a Hopper GPU."""
+    return WGMMA and x2.dtype == mx.bfloat16 and W == 24 and hopper()
 
 
 def wg_plan(T: int, K: int) -> tuple[int, int, int]:
