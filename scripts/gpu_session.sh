@@ -481,7 +481,8 @@ case "${1:-}" in
     ;;
   vendor2)
     # (thirteenth session of 2026-11-30) vendor-gemm again with our partials' packs taken out,
-    # the forward at more token tiles per warp, dphi's launch sizes, and a kernel-level trace
+    # dphi's launch sizes and a kernel-level trace (its run also timed the forward at 1 and 4
+    # token tiles per warp, since removed: in 7e2909e)
     run 300 experiments_vendor_gemm python scripts/gpu_experiments.py vendor-gemm
     ;;
   pipelined)
