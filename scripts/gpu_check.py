@@ -333,6 +333,9 @@ SWITCHES = {
                 "by default where the coefficient backward takes tensor cores)"),
     "--wgmma": (coefficients_mma, "WGMMA", True,
                 "the candidate tensor-core forward partials by warpgroup MMA (coefficients_mma.WGMMA; bf16, n = 4)"),
+    "--dphi-wgmma": (coefficients_mma_vjp, "DPHI_WGMMA", True,
+                     "the candidate dphi by warpgroup MMA (coefficients_mma_vjp.DPHI_WGMMA; bf16, n = 4; "
+                     "written after the thirteenth session's device time)"),
     "--glue-packs": (coefficients, "GLUE_PACKS", True,
                      "the candidate glue kernel that also writes gs in the tensor-core backward's fragment orders "
                      "(coefficients.GLUE_PACKS)"),

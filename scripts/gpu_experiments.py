@@ -1782,7 +1782,35 @@ def wgmma(rounds=5, T=4096, K=16384, W=24):
                         {"MMA": [(cm, "WGMMA", False)], "wgmma": [(cm, "WGMMA", True)]}, rounds)
 
 
+def wgmma_dphi(rounds=5, T=4096, K=16384, W=24):
+    """dphi by warpgroup MMA (coefficients_mma_vjp.DPHI_WGMMA, candidate, written after the
+    thirteenth session's device time) against DPHI: its result against DPHI's on one x (equal
+    bits where the token splits agree, else float32 rounding), both alone on 10 rotated x [T, K]
+    bf16 (gs packed inside: the bench's path) and traced; then the dynamic site at 4096x4x4096 and
+    512x4x1280, forward+backward, with neither, the forward's (WGMMA) and both."""
+    from mhc_mlx.kernels import coefficients_mma as cm
+    from mhc_mlx.kernels import coefficients_mma_vjp as cmv
+
+    xs = [mx.random.normal((T, K)).astype(BF) for _ in range(10)]
+    gs = mx.random.normal((T, W)) * 0.01
+    mx.eval(xs, gs)
+    forms = {on: under([(cmv, "DPHI_WGMMA", on)], lambda x: cmv.dphi(x, gs)) for on in (False, True)}
+    ref, got = forms[False](xs[0]), forms[True](xs[0])
+    err = mx.max(mx.abs(got - ref)).item() / mx.max(mx.abs(ref)).item()
+    print(f"dphi by wgmma: max |diff| / max |DPHI's| {err:.2e}")
+    rows = {"DPHI (default)": forms[False], "dphi by wgmma": forms[True]}
+    timed_and_traced(f"dphi, {T} x {K} bf16 x, W = {W}", rows, [[x] for x in xs], rounds, "/tmp/wgmma_dphi_trace.json",
+                     {label: xs[0].nbytes for label in rows})
+    site_rows = case_rows(("dynamic", "fwd+bwd", (4096, 4, 4096), "throughput"),
+                          ("dynamic", "fwd+bwd", (512, 4, 1280), "throughput"))
+    alternated_settings("warpgroup MMA", site_rows,
+                        {"neither": [(cm, "WGMMA", False), (cmv, "DPHI_WGMMA", False)],
+                         "forward": [(cm, "WGMMA", True), (cmv, "DPHI_WGMMA", False)],
+                         "both": [(cm, "WGMMA", True), (cmv, "DPHI_WGMMA", True)]}, rounds)
+
+
 MODES = {
+    "wgmma-dphi": wgmma_dphi,
     "wgmma": wgmma,
     "parts": product_parts,
     "vendor-gemm": vendor_gemm,

@@ -54,6 +54,7 @@
 #   bash scripts/gpu_session.sh vendor       # the coefficient products beside MLX's matmul (cuBLAS), the
 #                                            # one pass's GPU tests, then the pipelined stage
 #   bash scripts/gpu_session.sh wgmma        # the forward partials by warpgroup MMA: timings, checks
+#   bash scripts/gpu_session.sh wgmma2       # dphi by warpgroup MMA (not yet run): timings, checks with both
 #   bash scripts/gpu_session.sh pipelined    # the target cases' bench with --pipelined (ours), then the throughput trace
 #   bash scripts/gpu_session.sh anatomy-bench  # where the B = 1 static launch's time goes; the target bench
 #   bash scripts/gpu_session.sh gpu-tests    # pytest -m gpu alone
@@ -473,6 +474,13 @@ case "${1:-}" in
     # coefficient checks with it on
     run 200 experiments_wgmma python scripts/gpu_experiments.py wgmma
     [ -z "${NO_CHECK:-}" ] && CHECK_ONLY=coefficients CHECK_ARGS="--wgmma" NO_PYTEST=1 check 200
+    ;;
+  wgmma2)
+    # (written in the thirteenth session of 2026-11-30 after its device time) dphi by warpgroup
+    # MMA: its timings beside DPHI, the fwd+bwd with neither / the forward's / both; then the
+    # coefficient (tensor-core backward at every size), chain and read-step checks with both on
+    run 200 experiments_wgmma_dphi python scripts/gpu_experiments.py wgmma-dphi
+    CHECK_ONLY=coefficients,chain,read_step CHECK_ARGS="--wgmma --dphi-wgmma --mma-vjp" NO_PYTEST=1 check 240
     ;;
   parts)
     # (thirteenth session of 2026-11-30) is the tensor-core forward (and dphi) bound by its mma

@@ -401,6 +401,55 @@ def test_wgmma_only_on_hopper(monkeypatch):
         assert asks_the_device() is False
 
 
+@pytest.mark.parametrize("T", [16, 37, 300, 5])
+def test_pack_gs_wg_matches_its_statement(T):
+    # PACK_GS_WG (one launch) against pack_gs_wg_reference (MLX ops): the same bits, zeros past T
+    gs = mx.random.normal((T, 24)) * mx.exp(2 * mx.random.normal((T, 1)))
+    got, want = coefficients_mma_vjp.pack_gs_wg(gs), coefficients_mma_vjp.pack_gs_wg_reference(gs)
+    assert got.shape == want.shape == (-(-T // 16), coefficients_mma_vjp.DPHI_PARTS, 2, 3, 8, 8)
+    assert np.array_equal(np.array(got.view(mx.uint16)), np.array(want.view(mx.uint16)))
+    # element [step, part, half, group, column, token] is part of gs[16 step + 8 half + token, 8 group + column]
+    g64 = np64(gs)
+    summed = np.sum(np64(want), axis=1)  # the parts add up to gs
+    for st, h, ng, n8, l8 in [(0, 0, 0, 0, 0), (0, 1, 2, 7, 3), (-(-T // 16) - 1, 0, 1, 2, 4)]:
+        t = 16 * st + 8 * h + l8
+        want_v = g64[t, 8 * ng + n8] if t < T else 0.0
+        assert abs(summed[st, h, ng, n8, l8] - want_v) <= 1e-6 * max(1.0, abs(want_v))
+
+
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
+# T not a multiple of 16 and splits over tokens; K a multiple of 8 or not, not of 256 (a partial
+# k group of the warpgroup), n = 4 (the candidate's only width) and n = 2 (the DPHI kernel)
+@pytest.mark.parametrize("n,C,T,blocks", [(4, 40, 37, 384), (4, 24, 300, 2), (4, 33, 70, 3), (2, 64, 20, 384)])
+def test_dphi_by_warpgroup_mma(monkeypatch, dtype, n, C, T, blocks):
+    # coefficients_mma_vjp.DPHI_WGMMA (candidate): x^T gs against float64 and, where it applies
+    # (bfloat16 x, n = 4), equal to DPHI's bits (the same order of terms per accumulator)
+    monkeypatch.setattr(coefficients_mma, "hopper", lambda: True)  # the emulated GPU is an sm_90
+    monkeypatch.setattr(coefficients_mma_vjp, "DPHI_WG_TARGET_BLOCKS", blocks)
+    W, K = n * (n + 2), n * C
+    x = mx.random.normal((T, K)).astype(dtype)
+    gs = mx.random.normal((T, W)) * mx.exp(mx.random.normal((T, 1)))
+    got = {}
+    for on in (False, True):
+        monkeypatch.setattr(coefficients_mma_vjp, "DPHI_WGMMA", on)
+        emu.launched.clear()
+        got[on] = coefficients_mma_vjp.dphi(x, gs)
+        names = {name for name, *_ in emu.launched}
+        wg = on and dtype == mx.bfloat16 and n == 4
+        assert (coefficients_mma_vjp.DPHI_WG.name in names) == wg
+        assert (coefficients_mma_vjp.DPHI.name in names) == (not wg)
+    assert rel(got[True], np64(x).T @ np64(gs)) <= 1e-5
+    if dtype == mx.bfloat16 and n == 4:
+        # a different split of the tokens sums in another order: equal bits only at equal splits
+        T16 = -(-T // 16)
+        kb, kg = -(-K // 64), -(-K // 256)
+        same = (coefficients_mma_vjp._token_splits(T, kb, 16, coefficients_mma_vjp.TARGET_WARPS)
+                == coefficients_mma_vjp._token_splits(T, kg, 16, blocks))
+        assert T16 >= 1
+        if same:
+            assert np.array_equal(np64(got[True]), np64(got[False]))
+
+
 @pytest.mark.parametrize("K", [64, 800, 130, 8])
 def test_pack_phi_wg_matches_its_statement(K):
     # PACK_WG (one launch) against pack_phi_wg_reference (MLX ops): the same bits, zeros past K

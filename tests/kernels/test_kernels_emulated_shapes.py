@@ -187,3 +187,47 @@ def test_dynamic_site_with_every_candidate_on(monkeypatch, n, C, T, dtype):
     errs, own_errs = grad_errors(got, want), grad_errors(own, want)
     for e, o in zip(errs, own_errs):
         assert e <= (GRAD_TOL if dtype == mx.float32 else ref64.rounding_bound(TOL[dtype], o))
+
+
+@pytest.mark.parametrize("C,T", [(40, 37), (64, 20), (33, 5)])
+def test_dynamic_site_with_warpgroup_mma_products(monkeypatch, C, T):
+    # The warpgroup-MMA candidates (coefficients_mma.WGMMA, coefficients_mma_vjp.DPHI_WGMMA;
+    # bfloat16 x, n = 4, an sm_90 GPU): a HyperConnection's forward and backward through the
+    # dispatcher on the (emulated) CUDA kernels with the tensor-core forward and backward forced,
+    # against the reference backend's autodiff, and equal to the default products' result
+    from mhc_mlx import dispatch
+
+    n, dtype = 4, mx.bfloat16
+    as_cuda(monkeypatch)
+    monkeypatch.setattr(coefficients, "MMA_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(coefficients, "MMA_VJP", True)
+    monkeypatch.setattr(coefficients_mma, "hopper", lambda: True)  # the emulated GPU is an sm_90
+    hc, names, params = random_dynamic_site(C, n)
+    x = mx.random.normal((T, n, C)).astype(dtype)
+    cot = mx.random.normal((T, n, C)).astype(dtype)
+
+    def site_fn(x_, *ps):
+        hc.update(dict(zip(names, ps)))
+        return hc(x_, lambda h: h)
+
+    runs = {}
+    for on in (False, True):
+        monkeypatch.setattr(coefficients_mma, "WGMMA", on)
+        monkeypatch.setattr(coefficients_mma_vjp, "DPHI_WGMMA", on)
+        emu.launched.clear()
+        runs[on] = mx.vjp(site_fn, [x, *params], [cot])
+        launched = {name for name, *_ in emu.launched}
+        assert ("mhc_coefficients_dynamic_mma_wg" in launched) == on
+        assert ("mhc_coefficients_dynamic_vjp_dphi_wg" in launched) == on
+    with dispatch.use_backend("reference"):
+        want_out = site_fn(x.astype(mx.float32), *params)
+        want = mx.vjp(site_fn, [x.astype(mx.float32), *params], [cot.astype(mx.float32)])[1]
+        own = mx.vjp(site_fn, [x, *params], [cot])[1]
+    out, got = runs[True]
+    assert rel(out[0], want_out, floor=0.1 * np.linalg.norm(np64(x))) <= TOL[dtype]
+    for e, o in zip(grad_errors(got, want), grad_errors(own, want)):
+        assert e <= ref64.rounding_bound(TOL[dtype], o)
+    # phi's gradient (float32) from the warpgroup dphi against the default's: float32 rounding
+    # of the same sums (the token splits can differ, so not always the same bits)
+    assert rel(got[1], np64(runs[False][1][1])) <= 1e-5
+

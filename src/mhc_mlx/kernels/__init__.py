@@ -221,6 +221,7 @@ def settings() -> dict:
             "mma_target_warps": coefficients_mma.TARGET_WARPS,
             "dphi_target_warps": coefficients_mma_vjp.TARGET_WARPS,
             "mma_wgmma": coefficients_mma.WGMMA,
+            "dphi_wgmma": coefficients_mma_vjp.DPHI_WGMMA,
             "mma_vjp": coefficients.MMA_VJP,
             "fused_vjp_glue": coefficients.FUSED_VJP_GLUE,
             "glue_packs": coefficients.GLUE_PACKS,

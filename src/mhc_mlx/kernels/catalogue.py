@@ -26,7 +26,8 @@ SPECS = (
 CUDA_ONLY_SPECS = (coefficients_mma.PACK, coefficients_mma.MMA, coefficients_mma.MMA_WG, coefficients_mma.PACK_WG,
                    coefficients_mma.FINISH,
                    coefficients_mma_vjp.PACK_A, coefficients_mma_vjp.PACK_B, coefficients_mma_vjp.DX,
-                   coefficients_mma_vjp.DPHI, coefficients_mma_vjp.glue_packs_spec(),
+                   coefficients_mma_vjp.DPHI, coefficients_mma_vjp.DPHI_WG, coefficients_mma_vjp.PACK_GS_WG,
+                   coefficients_mma_vjp.glue_packs_spec(),
                    coefficients_mma_vjp.glue_packs_spec(after_sinkhorn=True),
                    *one_pass_vjp.SPECS)
 
@@ -141,6 +142,9 @@ def cuda_only_instances():
         out.append((coefficients_mma.MMA_WG, (BF16, BF16, I32), (F32, F32),
                     [("T", BF16), ("PB", coefficients_mma.PHI_PARTS), ("MW", 2), ("WGSWAP", swap)]))
     out.append((coefficients_mma.PACK_WG, (F32, I32), (BF16,), [("PB", coefficients_mma.PHI_PARTS)]))
+    vjp = coefficients_mma_vjp  # the candidate warpgroup-MMA dphi (DPHI_WGMMA) and its pack
+    out.append((vjp.DPHI_WG, (BF16, BF16, I32), (F32,), [("T", BF16), ("PG", vjp.DPHI_PARTS)]))
+    out.append((vjp.PACK_GS_WG, (F32, I32), (BF16,), [("PG", vjp.DPHI_PARTS)]))
     for n in (1, 2, 4, 8):
         nt = coefficients_mma.n_tiles(n * (n + 2))
         for ku in (1, 2, 4):

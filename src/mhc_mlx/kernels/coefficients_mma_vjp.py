@@ -34,11 +34,17 @@ import mlx.core as mx
 from functools import lru_cache
 
 from .build import KernelSpec, edited, int_params, launch, standin, watch
-from .coefficients_mma import LOAD_X, PTX_MMA, X_PARTS
+from . import coefficients_mma
+from .coefficients_mma import LOAD_X, PTX_MMA, PTX_WGMMA, X_PARTS
 
 F32 = mx.float32
 DX_PARTS = 2  # bfloat16 parts of gs and of phi in DX
 DPHI_PARTS = 3  # bfloat16 parts of gs in DPHI
+# Candidate (written in the thirteenth session of 2026-11-30 after its device time; not yet run
+# on a GPU): dphi by warpgroup MMA (DPHI_WG), as coefficients_mma.WGMMA for the forward, whose
+# descriptor reading and bits were confirmed on the H200 there (docs/kernel-notes.md row 74).
+# DPHI spans ~70 µs per application at 4096 x 4 x 4096 against cuBLAS's 31.5 for the same bytes.
+DPHI_WGMMA = False
 MAX_N = 4
 DX_TOKEN_TILES = 2  # token tiles of 16 per warp in DX (they share each phi fragment)
 # DX's warps ordered token group first (TM), so a block's warps cover 256 consecutive k of the
@@ -55,6 +61,7 @@ DX_TOKEN_MAJOR = True
 DX_RAW_ROWS = True
 TARGET_WARPS = 2048
 WARPS_PER_BLOCK = 4
+DPHI_WG_TARGET_BLOCKS = 384  # DPHI_WG's blocks of one warpgroup: about 3 per SM on 132 SMs
 
 # mat [R, KD] float32 -> A fragments [ceil(R/16), ceil(KD/16), P, 32 lanes, 8] bfloat16: lane
 # (g, c), element e is register e / 2, half e % 2: row g + 8 (r & 1), column 2c + 8 (r >> 1) + h.
@@ -493,6 +500,182 @@ DPHI = KernelSpec(
 )
 
 
+# dphi partials by warpgroup MMA (candidate DPHI_WGMMA; bfloat16 x, n = 4, sm_90a): a block is
+# one warpgroup owning 256 k (each warp its 64 k as DPHI's four m-tiles q) and one split of the
+# tokens. Per 16-token step each thread loads its x words as DPHI does, builds DPHI's A fragments,
+# and the warpgroup issues one m64n24k16 per tile q and part of gs: the 64 rows of wgmma q are
+# tile q of the four warps, so its accumulators are DPHI's acc[q]. gs's parts for the step (in
+# pack_gs_wg's order: [step][part][token half][column group][8 columns][8 tokens]) sit in shared
+# memory, two buffers, the next step's x and gs loaded while this step's wgmma's run.
+DPHI_WG = KernelSpec(
+    name="mhc_coefficients_dynamic_vjp_dphi_wg",
+    inputs=("xin", "pgs", "iparam"),
+    outputs=("part",),
+    helpers=PTX_MMA + PTX_WGMMA + X_PARTS + LOAD_X + DPHI_STEP,
+    body=r"""
+  constexpr int NT = 3;                      // 24 columns (n = 4)
+  constexpr int ST16 = PG * 2 * NT * 64 / 8; // gs's 16-byte pieces per 16-token step
+  constexpr int PPT = (ST16 + 127) / 128;    // pieces per thread
+  KSHARED uint4 mhc_gs[2][ST16];
+  const int Ttok = iparam[0];
+  const int K = iparam[1];
+  const int TPS = iparam[2];  // tokens per split, a multiple of 16
+  const int S = iparam[3];
+  const int kgroups = (K + 255) / 256;
+  const int bid = (int)blockIdx.x;
+  if (bid >= kgroups * S) return;  // whole blocks (warpgroup instructions and barriers below)
+  const int split = bid / kgroups;  // neighbouring blocks share a split (gs stays in L2)
+  const int kg = bid - split * kgroups;
+  const int tid = (int)threadIdx.x;
+  const int lane = tid & 31;
+  const int c = lane & 3;
+  const int kx = kg * 256 + 64 * (tid >> 5) + 8 * (lane >> 2);
+  const int t0 = split * TPS;
+  const int t1 = min(Ttok, t0 + TPS);
+  const int nst = (t1 - t0 + 15) / 16;
+  const bool xvec = (K % 8 == 0) && ((reinterpret_cast<unsigned long long>(xin) & 15ull) == 0ull);
+  const uint4* gs4 = reinterpret_cast<const uint4*>(pgs);
+  float acc[4][NT][4];
+  #pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    #pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      #pragma unroll
+      for (int e = 0; e < 4; ++e) acc[q][j][e] = 0.0f;
+    }
+  }
+  uint32_t xw[4][4];  // [u][word]: tokens ts + 2c + (u & 1) + 8 (u >> 1), k kx .. kx + 8
+  uint32_t xn[4][4];  // ... of the next step
+  uint4 gn[PPT];      // the next step's gs pieces of this thread
+  auto load_x = [&](int ts, uint32_t (&dst)[4][4]) {
+    #pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      const int t = ts + 2 * c + (u & 1) + 8 * (u >> 1);
+      mhc_load_x8<T>(t < t1 ? xin + (int64_t)t * K : nullptr, kx, K, xvec, dst[u]);
+    }
+  };
+  auto load_gs = [&](int step) {
+    #pragma unroll
+    for (int i = 0; i < PPT; ++i) {
+      const int q = tid + 128 * i;
+      if (q < ST16) gn[i] = gs4[(int64_t)step * ST16 + q];
+    }
+  };
+  auto store_gs = [&](int buf) {
+    #pragma unroll
+    for (int i = 0; i < PPT; ++i) {
+      const int q = tid + 128 * i;
+      if (q < ST16) mhc_gs[buf][q] = gn[i];
+    }
+    mhc_smem_to_async();  // generic-proxy writes, read next by the async proxy (wgmma)
+  };
+  const int s0 = t0 / 16;
+  if (nst > 0) {
+    load_x(t0, xw);
+    load_gs(s0);
+    store_gs(0);
+  }
+  KBARRIER();
+  for (int i = 0; i < nst; ++i) {
+    const int buf = i & 1;
+    if (i + 1 < nst) {
+      load_x(t0 + 16 * (i + 1), xn);
+      load_gs(s0 + i + 1);
+    }
+    uint32_t af[4][4];  // DPHI's A fragment of tile q (bfloat16 x: the words are the parts)
+    #pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      af[q][0] = (xw[0][q] & 0xffffu) | (xw[1][q] << 16);
+      af[q][1] = (xw[0][q] >> 16) | (xw[1][q] & 0xffff0000u);
+      af[q][2] = (xw[2][q] & 0xffffu) | (xw[3][q] << 16);
+      af[q][3] = (xw[2][q] >> 16) | (xw[3][q] & 0xffff0000u);
+    }
+    mhc_wg_fence();
+    #pragma unroll
+    for (int p = 0; p < PG; ++p) {
+      // core matrices of 8 columns x 8 tokens: along the tokens 128 NT bytes apart, along the
+      // columns 128 (the reading the forward's MMA_WG confirmed)
+      const uint64_t desc = mhc_wg_desc(&mhc_gs[buf][p * 2 * NT * 8], 128 * NT, 128);
+      #pragma unroll
+      for (int q = 0; q < 4; ++q) mhc_wgmma_n24(*reinterpret_cast<float(*)[12]>(&acc[q][0][0]), af[q], desc);
+    }
+    mhc_wg_commit();
+    mhc_wg_wait();
+    if (i + 1 < nst) {
+      store_gs(buf ^ 1);  // that buffer's last readers (step i - 1's wgmma's) have completed
+      #pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        #pragma unroll
+        for (int q = 0; q < 4; ++q) xw[u][q] = xn[u][q];
+      }
+    }
+    KBARRIER();
+  }
+  mhc_dphi_store<NT>(part, split, K, kx, lane, acc);
+""",
+)
+
+# gs [T, 24] float32 -> pack_gs_wg's order in one launch (one thread per element of a part,
+# writing all its parts).
+PACK_GS_WG = KernelSpec(
+    name="mhc_pack_gs_wg",
+    inputs=("gs", "iparam"),
+    outputs=("pgs",),
+    body=r"""
+  const int Ttok = iparam[0];
+  const int steps = iparam[1];
+  const int64_t idx = (int64_t)KBID * KNT + KTID;
+  if (idx >= (int64_t)steps * 384) return;
+  const int l8 = (int)(idx & 7);  // token in its half
+  const int n8 = (int)((idx >> 3) & 7);
+  int64_t r = idx >> 6;
+  const int ng = (int)(r % 3);
+  r /= 3;
+  const int h = (int)(r & 1);
+  const int64_t st = r >> 1;
+  const int64_t t = 16 * st + 8 * h + l8;
+  float v = t < Ttok ? gs[t * 24 + 8 * ng + n8] : 0.0f;
+  #pragma unroll
+  for (int p = 0; p < PG; ++p) {
+    const __nv_bfloat16 bf = __float2bfloat16_rn(v);  // round to nearest even, as MLX's astype
+    pgs[(((st * PG + p) * 2 + h) * 3 + ng) * 64 + n8 * 8 + l8] = bf;
+    v -= __bfloat162float(bf);
+  }
+""",
+)
+
+
+def pack_gs_wg(gs: mx.array, parts: int = DPHI_PARTS) -> mx.array:
+    """gs [T, 24] float32 -> DPHI_WG's order (see pack_gs_wg_reference), in one launch."""
+    T, W = gs.shape
+    if W != 24:
+        raise ValueError(f"pack_gs_wg: 24 columns (n = 4), got {W}")
+    steps = -(-T // 16)
+    return launch(PACK_GS_WG, [gs.astype(F32), int_params(T, steps)], [((steps, parts, 2, 3, 8, 8), mx.bfloat16)],
+                  -(-steps * 384 // 256) * 256, 256, [("PG", parts)])[0]
+
+
+def pack_gs_wg_reference(gs: mx.array, parts: int = DPHI_PARTS) -> mx.array:
+    """gs [T, 24] float32 -> [T / 16 steps, parts, 2 token halves, 3 column groups, 8 columns, 8
+    tokens] bfloat16 parts adding up to gs (zeros past T), the K-major, unswizzled B of a wgmma
+    over 16 tokens (MLX ops: the statement PACK_GS_WG is tested against)."""
+    T, W = gs.shape
+    steps = -(-T // 16)
+    rest = mx.pad(gs.astype(F32), [(0, 16 * steps - T), (0, 0)])
+    split = []
+    for _ in range(parts):
+        b = rest.astype(mx.bfloat16)
+        split.append(b)
+        rest = rest - b.astype(F32)
+    a = mx.stack(split).reshape(parts, steps, 2, 8, 3, 8)  # [p, step, half, token, ng, n8]
+    return a.transpose(1, 0, 2, 4, 5, 3)
+
+
+def dphi_wg_applies(x2: mx.array, W: int) -> bool:
+    """DPHI_WG takes dphi: the candidate on, bfloat16 x, 24 columns (n = 4), a Hopper GPU."""
+    return DPHI_WGMMA and x2.dtype == mx.bfloat16 and W == 24 and coefficients_mma.hopper()
+
+
 # Candidate (coefficients.GLUE_PACKS; passed the H200 checks on 2026-11-30, not faster there
 # beyond the runs' spread; its after-split form timed, not checked, in the fourth session: 672.1
 # against 674.2 µs, docs/kernel-notes.md row 37): the dynamic backward's glue kernel also writes
@@ -626,6 +809,12 @@ def dphi(x2, gs, gsb=None):
     DPHI's fragment order, else packed here)."""
     T, K = x2.shape
     W = gs.shape[1]
+    if dphi_wg_applies(x2, W):  # (gsb, DPHI's order, is not this kernel's)
+        kgroups = -(-K // 256)
+        tps, splits = _token_splits(T, kgroups, 16, DPHI_WG_TARGET_BLOCKS)
+        part = launch(DPHI_WG, [x2, pack_gs_wg(gs), int_params(T, K, tps, splits)], [((splits, K, 24), F32)],
+                      kgroups * splits * 128, 128, [("T", x2.dtype), ("PG", DPHI_PARTS)])[0]
+        return mx.sum(part, axis=0)
     NT = -(-W // 8)
     kblocks = -(-K // 64)
     tps, splits = _token_splits(T, kblocks, 16, TARGET_WARPS)
