@@ -12,25 +12,10 @@ value 1/0/true/false/auto or an integer, or the word itself for a setting that i
 
 from __future__ import annotations
 
-import importlib
 import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src"))
-
-
-def _value(text: str):
-    low = text.strip().lower()
-    if low in ("1", "true", "on"):
-        return True
-    if low in ("0", "false", "off"):
-        return False
-    if low == "auto":
-        return "auto"
-    try:
-        return int(low)
-    except ValueError:
-        raise SystemExit(f"bench_with.py: value {text!r} is not 1/0/true/false/auto or an integer") from None
 
 
 def main(argv: list[str]) -> int:
@@ -38,17 +23,12 @@ def main(argv: list[str]) -> int:
         print(__doc__, file=sys.stderr)
         return 2
     cut = argv.index("--")
-    for item in argv[:cut]:
-        target, sep, value = item.partition("=")
-        module_name, _, attribute = target.rpartition(".")
-        if not sep or not module_name:
-            raise SystemExit(f"bench_with.py: expected module.ATTRIBUTE=value, got {item!r}")
-        name = "mhc_mlx.kernels" if module_name == "kernels" else f"mhc_mlx.kernels.{module_name}"
-        module = importlib.import_module(name)
-        if not hasattr(module, attribute):
-            raise SystemExit(f"bench_with.py: {name} has no setting {attribute}")
-        # a setting whose value is a word (one_pass_vjp.FORM) takes the text as it is
-        setattr(module, attribute, value if isinstance(getattr(module, attribute), str) else _value(value))
+    from mhc_mlx import kernels
+
+    try:
+        kernels.assign_settings(argv[:cut])
+    except ValueError as err:
+        raise SystemExit(f"bench_with.py: {err}") from None
     from mhc_mlx.cli.main import main as cli
 
     return cli(argv[cut + 1:])

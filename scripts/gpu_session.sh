@@ -55,6 +55,7 @@
 #                                            # one pass's GPU tests, then the pipelined stage
 #   bash scripts/gpu_session.sh wgmma        # the forward partials by warpgroup MMA: timings, checks
 #   bash scripts/gpu_session.sh wgmma2       # dphi by warpgroup MMA (not yet run): timings, checks with both
+#   bash scripts/gpu_session.sh wgmma-verify # both warpgroup-MMA products on: site/layer checks, pytest -m gpu
 #   bash scripts/gpu_session.sh pipelined    # the target cases' bench with --pipelined (ours), then the throughput trace
 #   bash scripts/gpu_session.sh anatomy-bench  # where the B = 1 static launch's time goes; the target bench
 #   bash scripts/gpu_session.sh gpu-tests    # pytest -m gpu alone
@@ -481,6 +482,13 @@ case "${1:-}" in
     # coefficient (tensor-core backward at every size), chain and read-step checks with both on
     run 200 experiments_wgmma_dphi python scripts/gpu_experiments.py wgmma-dphi
     CHECK_ONLY=coefficients,chain,read_step CHECK_ARGS="--wgmma --dphi-wgmma --mma-vjp" NO_PYTEST=1 check 240
+    ;;
+  wgmma-verify)
+    # (written in the thirteenth session of 2026-11-30 after its device time) with both
+    # warpgroup-MMA products on: the site and layer checks and the whole pytest -m gpu in four
+    # shards (MHC_TEST_KERNEL_SETTINGS makes them the tests' defaults); run after wgmma2 wins
+    MHC_TEST_KERNEL_SETTINGS="coefficients_mma.WGMMA=1 coefficients_mma_vjp.DPHI_WGMMA=1" PYTEST_SHARDS=4 \
+      CHECK_ONLY=site,layer CHECK_ARGS="--wgmma --dphi-wgmma" check 420
     ;;
   parts)
     # (thirteenth session of 2026-11-30) is the tensor-core forward (and dphi) bound by its mma

@@ -1,7 +1,10 @@
 """Shared test settings: the `gpu` marker skips (with its reason shown by -ra) on CPU-only MLX.
 
 MHC_TEST_SHARD=i/k keeps every k-th collected test from the i-th (0 <= i < k), so a GPU session
-can run k pytest processes side by side (the kernels' NVRTC builds are CPU-bound)."""
+can run k pytest processes side by side (the kernels' NVRTC builds are CPU-bound).
+MHC_TEST_KERNEL_SETTINGS="module.ATTRIBUTE=value ..." assigns kernel settings before any test
+(kernels.assign_settings), so the GPU tests run a candidate as the default (tests that set a
+setting themselves still do)."""
 
 import os
 
@@ -41,3 +44,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_configure(config):
+    items = os.environ.get("MHC_TEST_KERNEL_SETTINGS", "").replace(",", " ").split()
+    if items:
+        from mhc_mlx import kernels
+
+        try:
+            kernels.assign_settings(items)
+        except ValueError as err:
+            raise pytest.UsageError(f"MHC_TEST_KERNEL_SETTINGS: {err}") from None
+

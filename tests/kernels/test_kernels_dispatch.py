@@ -271,3 +271,26 @@ def test_a_new_setting_is_traced_not_replayed(monkeypatch, compiled_by):
     assert [compile_(f, "key")(x).item() for _ in range(3)] == [4.0] * 3
     monkeypatch.setattr(coefficients, "ONE_LAUNCH_SMALL", False)
     assert [compile_(f, "key")(x).item() for _ in range(3)] == [30.0] * 3
+
+
+def test_assign_settings_parses_checks_and_assigns(monkeypatch):
+    # kernels.assign_settings (scripts/bench_with.py, the tests' MHC_TEST_KERNEL_SETTINGS)
+    from mhc_mlx import kernels
+    from mhc_mlx.kernels import coefficients_mma, one_pass_vjp
+
+    for module, name in ((coefficients_mma, "WGMMA"), (coefficients_mma, "TARGET_WARPS"), (one_pass_vjp, "FORM"),
+                         (kernels, "FUSED_READ_STEP")):
+        monkeypatch.setattr(module, name, getattr(module, name))  # restored after the test
+    kernels.assign_settings(["coefficients_mma.WGMMA=1", "coefficients_mma.TARGET_WARPS=1024",
+                             "one_pass_vjp.FORM=split", "kernels.FUSED_READ_STEP=on"])
+    assert coefficients_mma.WGMMA is True and coefficients_mma.TARGET_WARPS == 1024
+    assert one_pass_vjp.FORM == "split" and kernels.FUSED_READ_STEP is True
+    kernels.assign_settings(["kernels.FUSED_READ_STEP=auto", "coefficients_mma.WGMMA=off"])
+    assert kernels.FUSED_READ_STEP == "auto" and coefficients_mma.WGMMA is False
+    # a bad item names itself, and nothing of the batch is assigned
+    for bad, words in (("coefficients_mma.WGMMA", "module.ATTRIBUTE=value"), ("nosuch.X=1", "no kernel module"),
+                       ("coefficients_mma.NOPE=1", "no setting NOPE"), ("coefficients_mma.WGMMA=maybe", "'maybe'"),
+                       ("coefficients_mma.hopper=1", "no setting hopper")):
+        with pytest.raises(ValueError, match=words):
+            kernels.assign_settings(["coefficients_mma.TARGET_WARPS=7", bad])
+        assert coefficients_mma.TARGET_WARPS == 1024

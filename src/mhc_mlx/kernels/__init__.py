@@ -187,6 +187,50 @@ def status() -> dict:
     return out
 
 
+def _setting_value(text: str, current):
+    """1/0/true/false/on/off, auto or an integer; any other word for a setting that is a word
+    (one_pass_vjp.FORM)."""
+    low = text.strip().lower()
+    if low in ("1", "true", "on"):
+        return True
+    if low in ("0", "false", "off"):
+        return False
+    if low == "auto":
+        return "auto"
+    try:
+        return int(low)
+    except ValueError:
+        if isinstance(current, str) and low:
+            return text.strip()
+        raise ValueError(f"kernel setting value {text!r} is not 1/0/true/false/on/off/auto or an integer") from None
+
+
+def assign_settings(items) -> None:
+    """Assign kernel settings given as 'module.ATTRIBUTE=value' (module under mhc_mlx.kernels,
+    'kernels' for this package): value 1/0/true/false/on/off, auto, an integer, or a word for a
+    setting that is a word. For side-by-side runs of candidates (scripts/bench_with.py, the
+    tests' MHC_TEST_KERNEL_SETTINGS). Every item is checked before any is assigned; a bad one
+    raises ValueError naming it."""
+    import importlib
+
+    planned = []
+    for item in items:
+        target, sep, text = item.partition("=")
+        module_name, _, attribute = target.strip().rpartition(".")
+        if not sep or not module_name or not attribute:
+            raise ValueError(f"expected module.ATTRIBUTE=value, got {item!r}")
+        name = __name__ if module_name == "kernels" else f"{__name__}.{module_name}"
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            raise ValueError(f"{item!r}: no kernel module {name}") from None
+        if not attribute.isupper() or not hasattr(module, attribute):
+            raise ValueError(f"{item!r}: {name} has no setting {attribute}")
+        planned.append((module, attribute, _setting_value(text, getattr(module, attribute))))
+    for module, attribute, value in planned:
+        setattr(module, attribute, value)
+
+
 def use_candidates(on: bool = True) -> None:
     """Switch this process's kernel candidates on or off (`mhc-mlx bench --candidates`): the
     tensor-core coefficient backward, the fused read step and the chained x cotangent at every
