@@ -383,6 +383,28 @@ def test_tensor_core_coefficient_backward_products(dtype, n, C, T):
             assert rel(got_acc, want + np64(gacc).reshape(T, K)) <= (4e-3 if dtype == mx.bfloat16 else 6e-4)
 
 
+@pytest.mark.parametrize("T,C", [(21, 33), (130, 17), (5, 64), (129, 1)])
+def test_wgmma_partials_at_odd_widths_and_token_counts(monkeypatch, T, C):
+    # MMA_WG where x is not 16-byte loadable (K = 4 C not a multiple of 8: the element loads),
+    # K not a multiple of 64 (a partial chunk) and T not a multiple of its 128 tokens: the sums of
+    # its partials against float64 and against the MMA kernel's (float32 rounding apart)
+    monkeypatch.setattr(coefficients_mma, "hopper", lambda: True)  # the emulated GPU is an sm_90
+    K = 4 * C
+    x = mx.random.normal((T, K)).astype(mx.bfloat16)
+    phi = mx.random.normal((K, 24)) / np.sqrt(K)
+    sums = {}
+    for on in (False, True):
+        monkeypatch.setattr(coefficients_mma, "WGMMA", on)
+        emu.launched.clear()
+        part, ssq = coefficients_mma.partial_products(x, phi)
+        assert any(name == coefficients_mma.MMA_WG.name for name, *_ in emu.launched) == on
+        sums[on] = (mx.sum(part, axis=0)[:, :24], mx.sum(ssq, axis=0))
+    x64 = np64(x)
+    assert rel(sums[True][0], x64 @ np64(phi)) <= 1e-5
+    assert rel(sums[True][1], np.sum(x64 ** 2, axis=1)) <= 1e-6
+    assert rel(sums[True][0], np64(sums[False][0])) <= 1e-5
+
+
 def test_wgmma_only_on_hopper(monkeypatch):
     # wgmma exists on compute capability 9.x only: elsewhere (Ampere, Blackwell, no GPU) the
     # candidate leaves the partials to the MMA kernel
