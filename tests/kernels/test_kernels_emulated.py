@@ -425,7 +425,7 @@ def test_wgmma_only_on_hopper(monkeypatch):
 
 @pytest.mark.parametrize("T", [16, 37, 300, 5])
 def test_pack_gs_wg_matches_its_statement(T):
-    # PACK_GS_WG (one launch) against pack_gs_wg_reference (MLX ops): the same bits, zeros past T
+    # PACK_WG in gs's order (one launch) against pack_gs_wg_reference (MLX ops): the same bits, zeros past T
     gs = mx.random.normal((T, 24)) * mx.exp(2 * mx.random.normal((T, 1)))
     got, want = coefficients_mma_vjp.pack_gs_wg(gs), coefficients_mma_vjp.pack_gs_wg_reference(gs)
     assert got.shape == want.shape == (-(-T // 16), coefficients_mma_vjp.DPHI_PARTS, 2, 3, 8, 8)

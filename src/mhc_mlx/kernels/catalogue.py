@@ -26,7 +26,7 @@ SPECS = (
 CUDA_ONLY_SPECS = (coefficients_mma.PACK, coefficients_mma.MMA, coefficients_mma.MMA_WG, coefficients_mma.PACK_WG,
                    coefficients_mma.FINISH,
                    coefficients_mma_vjp.PACK_A, coefficients_mma_vjp.PACK_B, coefficients_mma_vjp.DX,
-                   coefficients_mma_vjp.DPHI, coefficients_mma_vjp.DPHI_WG, coefficients_mma_vjp.PACK_GS_WG,
+                   coefficients_mma_vjp.DPHI, coefficients_mma_vjp.DPHI_WG,
                    coefficients_mma_vjp.glue_packs_spec(),
                    coefficients_mma_vjp.glue_packs_spec(after_sinkhorn=True),
                    *one_pass_vjp.SPECS)
@@ -141,10 +141,10 @@ def cuda_only_instances():
     for swap in (False, True):  # the candidate warpgroup-MMA partials (coefficients_mma.WGMMA)
         out.append((coefficients_mma.MMA_WG, (BF16, BF16, I32), (F32, F32),
                     [("T", BF16), ("PB", coefficients_mma.PHI_PARTS), ("MW", 2), ("WGSWAP", swap)]))
-    out.append((coefficients_mma.PACK_WG, (F32, I32), (BF16,), [("PB", coefficients_mma.PHI_PARTS)]))
-    vjp = coefficients_mma_vjp  # the candidate warpgroup-MMA dphi (DPHI_WGMMA) and its pack
+    for perm in (True, False):  # phi's order (MMA_WG) and gs's (DPHI_WG)
+        out.append((coefficients_mma.PACK_WG, (F32, I32), (BF16,), [("PB", coefficients_mma.PHI_PARTS), ("PERM", perm)]))
+    vjp = coefficients_mma_vjp  # the candidate warpgroup-MMA dphi (DPHI_WGMMA)
     out.append((vjp.DPHI_WG, (BF16, BF16, I32), (F32,), [("T", BF16), ("PG", vjp.DPHI_PARTS)]))
-    out.append((vjp.PACK_GS_WG, (F32, I32), (BF16,), [("PG", vjp.DPHI_PARTS)]))
     for n in (1, 2, 4, 8):
         nt = coefficients_mma.n_tiles(n * (n + 2))
         for ku in (1, 2, 4):

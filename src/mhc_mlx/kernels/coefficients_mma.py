@@ -329,6 +329,30 @@ __device__ __forceinline__ void mhc_wgmma_n24(float (&d)[12], const uint32_t (&a
 }
 """
 
+# A warpgroup's copy of N 16-byte pieces from global to shared memory through registers: each of
+# its 128 threads fetches its pieces (mhc_wg_fetch, early, so the loads fly while wgmma's run),
+# later stores them and makes the writes visible to the async proxy wgmma reads by
+# (mhc_wg_stage; a barrier follows before the wgmma's).
+WG_STAGE = r"""
+template <int N>
+__device__ __forceinline__ void mhc_wg_fetch(const uint4* src, uint4 (&r)[(N + 127) / 128], int tid) {
+  #pragma unroll
+  for (int i = 0; i < (N + 127) / 128; ++i) {
+    const int q = tid + 128 * i;
+    if (q < N) r[i] = src[q];
+  }
+}
+template <int N>
+__device__ __forceinline__ void mhc_wg_stage(uint4* dst, const uint4 (&r)[(N + 127) / 128], int tid) {
+  #pragma unroll
+  for (int i = 0; i < (N + 127) / 128; ++i) {
+    const int q = tid + 128 * i;
+    if (q < N) dst[q] = r[i];
+  }
+  mhc_smem_to_async();
+}
+"""
+
 # The partials (MMA's outputs and parameters) by warpgroup MMA, bfloat16 x, n = 4 (24 columns).
 # A block is one warpgroup (4 warps) owning 64 MW tokens and one k split. Per 64-k chunk each
 # thread loads its x words as MMA does at X_UNROLL 2 (rows 64 mw + 16 w + g and + 8, 16 bytes at
@@ -340,14 +364,13 @@ MMA_WG = KernelSpec(
     name="mhc_coefficients_dynamic_mma_wg",
     inputs=("xin", "pk", "iparam"),
     outputs=("part", "ssq"),
-    helpers=PTX_WGMMA + X_PARTS + LOAD_X,
+    helpers=PTX_WGMMA + WG_STAGE + X_PARTS + LOAD_X,
     body=r"""
   constexpr int NT = 3;                      // 24 columns (n = 4)
   constexpr int WP = 8 * NT;
   constexpr int TB = 64 * MW;                // tokens per block
   constexpr int CH = 4 * PB * 2 * NT * 64;   // phi's bf16 elements per 64-k chunk
   constexpr int CH16 = CH / 8;               // ... in 16-byte pieces
-  constexpr int PPT = (CH16 + 127) / 128;    // pieces per thread
   KSHARED uint4 mhc_phi[2][CH16];
   const int Ttok = iparam[0];
   const int K = iparam[1];
@@ -383,7 +406,7 @@ MMA_WG = KernelSpec(
   }
   uint32_t wx[MW][2][2][4];  // [m][u][h][word] of the chunk computed
   uint32_t wn[MW][2][2][4];  // ... of the next chunk
-  uint4 pn[PPT];             // the next chunk's phi pieces of this thread
+  uint4 pn[(CH16 + 127) / 128];  // the next chunk's phi pieces of this thread
   auto load_x = [&](int kb, uint32_t (&dst)[MW][2][2][4]) {
     #pragma unroll
     for (int m = 0; m < MW; ++m) {
@@ -397,33 +420,18 @@ MMA_WG = KernelSpec(
       }
     }
   };
-  auto load_phi = [&](int ch) {
-    #pragma unroll
-    for (int i = 0; i < PPT; ++i) {
-      const int q = tid + 128 * i;
-      if (q < CH16) pn[i] = pk4[(int64_t)ch * CH16 + q];
-    }
-  };
-  auto store_phi = [&](int buf) {
-    #pragma unroll
-    for (int i = 0; i < PPT; ++i) {
-      const int q = tid + 128 * i;
-      if (q < CH16) mhc_phi[buf][q] = pn[i];
-    }
-    mhc_smem_to_async();  // generic-proxy writes, read next by the async proxy (wgmma)
-  };
-  const int kch0 = k0 / 64;  // k0 is a multiple of 64
+  const uint4* pkc = pk4 + (int64_t)(k0 / 64) * CH16;  // the split's first chunk (k0 a multiple of 64)
   if (nch > 0) {
     load_x(k0, wx);
-    load_phi(kch0);
-    store_phi(0);
+    mhc_wg_fetch<CH16>(pkc, pn, tid);
+    mhc_wg_stage<CH16>(mhc_phi[0], pn, tid);
   }
   KBARRIER();
   for (int i = 0; i < nch; ++i) {
     const int buf = i & 1;
     if (i + 1 < nch) {
       load_x(k0 + 64 * (i + 1), wn);
-      load_phi(kch0 + i + 1);
+      mhc_wg_fetch<CH16>(pkc + (int64_t)(i + 1) * CH16, pn, tid);
     }
     // sums of squares of this chunk's x (MMA's split of each word)
     uint32_t af[MW][4][4];  // [m][step][A register]
@@ -457,7 +465,7 @@ MMA_WG = KernelSpec(
     mhc_wg_commit();
     mhc_wg_wait();
     if (i + 1 < nch) {
-      store_phi(buf ^ 1);  // that buffer's last readers (chunk i - 1's wgmma's) have completed
+      mhc_wg_stage<CH16>(mhc_phi[buf ^ 1], pn, tid);  // its last readers (chunk i - 1's wgmma's) are done
       #pragma unroll
       for (int m = 0; m < MW; ++m) {
         #pragma unroll
@@ -498,46 +506,66 @@ MMA_WG = KernelSpec(
 WG_TOKENS = 128  # tokens per MMA_WG block (MW = 2)
 
 
-# phi [K, 24] float32 -> pack_phi_wg's order in one launch (one thread per element of a part,
-# writing all its parts), as PACK for MMA's order.
+# src [R, 24] float32 -> the bfloat16 parts of a warpgroup MMA's B, [steps][part][k half][column
+# group][8 columns][8 k] (K-major, unswizzled; zeros past R), in one launch (one thread per
+# element of a part, writing all its parts). PERM (phi for MMA_WG, R = K): step st holds step
+# st % 4 of k chunk st / 4 at the k MMA's A words give it (pack_phi_wg_reference); else (gs for
+# coefficients_mma_vjp.DPHI_WG, R = T): step st holds rows 16 st .. 16 st + 15 in order.
 PACK_WG = KernelSpec(
-    name="mhc_coefficients_pack_phi_wg",
-    inputs=("phi", "iparam"),
-    outputs=("pk",),
+    name="mhc_pack_wg_fragments",
+    inputs=("src", "iparam"),
+    outputs=("dst",),
     body=r"""
-  const int K = iparam[0];
-  const int chunks = iparam[1];
+  const int R = iparam[0];
+  const int steps = iparam[1];
   const int64_t idx = (int64_t)KBID * KNT + KTID;
-  if (idx >= (int64_t)chunks * 1536) return;
-  const int l8 = (int)(idx & 7);  // logical k in its half: 2 c + e
+  if (idx >= (int64_t)steps * 384) return;
+  const int l8 = (int)(idx & 7);  // k in its half (PERM: 2 c + e)
   const int n8 = (int)((idx >> 3) & 7);
   int64_t r = idx >> 6;
   const int ng = (int)(r % 3);
   r /= 3;
-  const int hi = (int)(r & 1);
-  r >>= 1;
-  const int st = (int)(r & 3);
-  const int64_t b = r >> 2;
-  const int64_t k = 64 * b + 16 * (l8 >> 1) + 8 * (st >> 1) + 4 * (st & 1) + 2 * hi + (l8 & 1);
-  float v = k < K ? phi[k * 24 + 8 * ng + n8] : 0.0f;
+  const int h = (int)(r & 1);
+  const int64_t st = r >> 1;
+  const int64_t row = PERM ? 64 * (st >> 2) + 16 * (l8 >> 1) + 8 * ((st & 3) >> 1) + 4 * (st & 1) + 2 * h + (l8 & 1)
+                           : 16 * st + 8 * h + l8;
+  float v = row < R ? src[row * 24 + 8 * ng + n8] : 0.0f;
   #pragma unroll
   for (int p = 0; p < PB; ++p) {
     const __nv_bfloat16 bf = __float2bfloat16_rn(v);  // round to nearest even, as MLX's astype
-    pk[((((b * 4 + st) * PB + p) * 2 + hi) * 3 + ng) * 64 + n8 * 8 + l8] = bf;
+    dst[(((st * PB + p) * 2 + h) * 3 + ng) * 64 + n8 * 8 + l8] = bf;
     v -= __bfloat162float(bf);
   }
 """,
 )
 
 
+def pack_wg(src: mx.array, parts: int, perm: bool) -> mx.array:
+    """PACK_WG of src [R, 24] float32: perm (phi) [R / 64 chunks, 4 steps, parts, 2, 3, 8, 8],
+    else (gs) [R / 16 steps, parts, 2, 3, 8, 8] bfloat16."""
+    R, W = src.shape
+    if W != 24:
+        raise ValueError(f"the warpgroup MMA's B holds 24 columns (n = 4), got {W}")
+    steps = 4 * -(-R // 64) if perm else -(-R // 16)
+    shape = (steps // 4, 4, parts, 2, 3, 8, 8) if perm else (steps, parts, 2, 3, 8, 8)
+    return launch(PACK_WG, [src.astype(F32), int_params(R, steps)], [(shape, mx.bfloat16)],
+                  -(-steps * 384 // 256) * 256, 256, [("PB", parts), ("PERM", perm)])[0]
+
+
+def bf16_parts(a: mx.array, parts: int) -> mx.array:
+    """[parts, *a.shape] bfloat16 parts of float32 a, each the rounding of what the earlier ones
+    left (they add up to a to float32's precision at 3 parts): the packs' MLX-op statements."""
+    rest, out = a.astype(F32), []
+    for _ in range(parts):
+        part = rest.astype(mx.bfloat16)
+        out.append(part)
+        rest = rest - part.astype(F32)
+    return mx.stack(out)
+
+
 def pack_phi_wg(phi: mx.array, parts: int = PHI_PARTS) -> mx.array:
     """phi [K, 24] float32 -> MMA_WG's order (see pack_phi_wg_reference), in one launch."""
-    K, W = phi.shape
-    if W != 24:
-        raise ValueError(f"pack_phi_wg: 24 columns (n = 4), got {W}")
-    chunks = -(-K // 64)
-    return launch(PACK_WG, [phi.astype(F32), int_params(K, chunks)], [((chunks, 4, parts, 2, 3, 8, 8), mx.bfloat16)],
-                  -(-chunks * 1536 // 256) * 256, 256, [("PB", parts)])[0]
+    return pack_wg(phi, parts, True)
 
 
 def pack_phi_wg_reference(phi: mx.array, parts: int = PHI_PARTS) -> mx.array:
@@ -549,14 +577,9 @@ def pack_phi_wg_reference(phi: mx.array, parts: int = PHI_PARTS) -> mx.array:
     if W != 24:
         raise ValueError(f"pack_phi_wg: 24 columns (n = 4), got {W}")
     chunks = -(-K // 64)
-    rest = mx.pad(phi.astype(F32), [(0, 64 * chunks - K), (0, 0)])
-    split = []
-    for _ in range(parts):
-        p = rest.astype(mx.bfloat16)
-        split.append(p)
-        rest = rest - p.astype(F32)
+    split = bf16_parts(mx.pad(phi.astype(F32), [(0, 64 * chunks - K), (0, 0)]), parts)
     # physical k = 64 b + 16 c + 8 u + 4 s + 2 hi + e  ->  [p, b, c, u, s, hi, e, n]
-    a = mx.stack(split).reshape(parts, chunks, 4, 2, 2, 2, 2, 3, 8)  # [p, b, c, u, s, hi, e, ng, n8]
+    a = split.reshape(parts, chunks, 4, 2, 2, 2, 2, 3, 8)  # [p, b, c, u, s, hi, e, ng, n8]
     # -> [b, u, s, p, hi, ng, n8, c, e] (logical k in a half: l % 8 = 2 c + e)
     a = a.transpose(1, 3, 4, 0, 5, 7, 8, 2, 6)
     return a.reshape(chunks, 4, parts, 2, 3, 8, 8)
@@ -735,14 +758,9 @@ def pack_phi_reference(phi: mx.array, parts: int = PHI_PARTS, ku: int | None = N
     ku = ku or X_UNROLL
     K, W = phi.shape
     NT, KB = n_tiles(W), k_blocks(K, ku)
-    rest = mx.pad(phi.astype(F32), [(0, 32 * KB - K), (0, 8 * NT - W)])
-    split = []
-    for _ in range(parts):
-        p = rest.astype(mx.bfloat16)
-        split.append(p)
-        rest = rest - p.astype(F32)
+    split = bf16_parts(mx.pad(phi.astype(F32), [(0, 32 * KB - K), (0, 8 * NT - W)]), parts)
     # k = 32 ku b + 8 ku c + 8 u + e, column 8 j + g  ->  [p, b, u, j, lane = 4 g + c, e]
-    packed = mx.stack(split).reshape(parts, KB // ku, 4, ku, 8, NT, 8)  # [p, b, c, u, e, j, g]
+    packed = split.reshape(parts, KB // ku, 4, ku, 8, NT, 8)  # [p, b, c, u, e, j, g]
     return packed.transpose(0, 1, 3, 5, 6, 2, 4).reshape(parts, KB, NT, 32, 8)
 
 

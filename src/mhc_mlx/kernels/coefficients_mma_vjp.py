@@ -35,7 +35,7 @@ from functools import lru_cache
 
 from .build import KernelSpec, edited, int_params, launch, standin, watch
 from . import coefficients_mma
-from .coefficients_mma import LOAD_X, PTX_MMA, PTX_WGMMA, X_PARTS
+from .coefficients_mma import LOAD_X, PTX_MMA, PTX_WGMMA, WG_STAGE, X_PARTS
 
 F32 = mx.float32
 DX_PARTS = 2  # bfloat16 parts of gs and of phi in DX
@@ -511,11 +511,10 @@ DPHI_WG = KernelSpec(
     name="mhc_coefficients_dynamic_vjp_dphi_wg",
     inputs=("xin", "pgs", "iparam"),
     outputs=("part",),
-    helpers=PTX_MMA + PTX_WGMMA + X_PARTS + LOAD_X + DPHI_STEP,
+    helpers=PTX_MMA + PTX_WGMMA + WG_STAGE + X_PARTS + LOAD_X + DPHI_STEP,
     body=r"""
   constexpr int NT = 3;                      // 24 columns (n = 4)
   constexpr int ST16 = PG * 2 * NT * 64 / 8; // gs's 16-byte pieces per 16-token step
-  constexpr int PPT = (ST16 + 127) / 128;    // pieces per thread
   KSHARED uint4 mhc_gs[2][ST16];
   const int Ttok = iparam[0];
   const int K = iparam[1];
@@ -546,7 +545,7 @@ DPHI_WG = KernelSpec(
   }
   uint32_t xw[4][4];  // [u][word]: tokens ts + 2c + (u & 1) + 8 (u >> 1), k kx .. kx + 8
   uint32_t xn[4][4];  // ... of the next step
-  uint4 gn[PPT];      // the next step's gs pieces of this thread
+  uint4 gn[(ST16 + 127) / 128];  // the next step's gs pieces of this thread
   auto load_x = [&](int ts, uint32_t (&dst)[4][4]) {
     #pragma unroll
     for (int u = 0; u < 4; ++u) {
@@ -554,33 +553,18 @@ DPHI_WG = KernelSpec(
       mhc_load_x8<T>(t < t1 ? xin + (int64_t)t * K : nullptr, kx, K, xvec, dst[u]);
     }
   };
-  auto load_gs = [&](int step) {
-    #pragma unroll
-    for (int i = 0; i < PPT; ++i) {
-      const int q = tid + 128 * i;
-      if (q < ST16) gn[i] = gs4[(int64_t)step * ST16 + q];
-    }
-  };
-  auto store_gs = [&](int buf) {
-    #pragma unroll
-    for (int i = 0; i < PPT; ++i) {
-      const int q = tid + 128 * i;
-      if (q < ST16) mhc_gs[buf][q] = gn[i];
-    }
-    mhc_smem_to_async();  // generic-proxy writes, read next by the async proxy (wgmma)
-  };
-  const int s0 = t0 / 16;
+  const uint4* gsc = gs4 + (int64_t)(t0 / 16) * ST16;  // the split's first step
   if (nst > 0) {
     load_x(t0, xw);
-    load_gs(s0);
-    store_gs(0);
+    mhc_wg_fetch<ST16>(gsc, gn, tid);
+    mhc_wg_stage<ST16>(mhc_gs[0], gn, tid);
   }
   KBARRIER();
   for (int i = 0; i < nst; ++i) {
     const int buf = i & 1;
     if (i + 1 < nst) {
       load_x(t0 + 16 * (i + 1), xn);
-      load_gs(s0 + i + 1);
+      mhc_wg_fetch<ST16>(gsc + (int64_t)(i + 1) * ST16, gn, tid);
     }
     uint32_t af[4][4];  // DPHI's A fragment of tile q (bfloat16 x: the words are the parts)
     #pragma unroll
@@ -602,7 +586,7 @@ DPHI_WG = KernelSpec(
     mhc_wg_commit();
     mhc_wg_wait();
     if (i + 1 < nst) {
-      store_gs(buf ^ 1);  // that buffer's last readers (step i - 1's wgmma's) have completed
+      mhc_wg_stage<ST16>(mhc_gs[buf ^ 1], gn, tid);  // its last readers (step i - 1's wgmma's) are done
       #pragma unroll
       for (int u = 0; u < 4; ++u) {
         #pragma unroll
@@ -615,59 +599,20 @@ DPHI_WG = KernelSpec(
 """,
 )
 
-# gs [T, 24] float32 -> pack_gs_wg's order in one launch (one thread per element of a part,
-# writing all its parts).
-PACK_GS_WG = KernelSpec(
-    name="mhc_pack_gs_wg",
-    inputs=("gs", "iparam"),
-    outputs=("pgs",),
-    body=r"""
-  const int Ttok = iparam[0];
-  const int steps = iparam[1];
-  const int64_t idx = (int64_t)KBID * KNT + KTID;
-  if (idx >= (int64_t)steps * 384) return;
-  const int l8 = (int)(idx & 7);  // token in its half
-  const int n8 = (int)((idx >> 3) & 7);
-  int64_t r = idx >> 6;
-  const int ng = (int)(r % 3);
-  r /= 3;
-  const int h = (int)(r & 1);
-  const int64_t st = r >> 1;
-  const int64_t t = 16 * st + 8 * h + l8;
-  float v = t < Ttok ? gs[t * 24 + 8 * ng + n8] : 0.0f;
-  #pragma unroll
-  for (int p = 0; p < PG; ++p) {
-    const __nv_bfloat16 bf = __float2bfloat16_rn(v);  // round to nearest even, as MLX's astype
-    pgs[(((st * PG + p) * 2 + h) * 3 + ng) * 64 + n8 * 8 + l8] = bf;
-    v -= __bfloat162float(bf);
-  }
-""",
-)
-
-
 def pack_gs_wg(gs: mx.array, parts: int = DPHI_PARTS) -> mx.array:
-    """gs [T, 24] float32 -> DPHI_WG's order (see pack_gs_wg_reference), in one launch."""
-    T, W = gs.shape
-    if W != 24:
-        raise ValueError(f"pack_gs_wg: 24 columns (n = 4), got {W}")
-    steps = -(-T // 16)
-    return launch(PACK_GS_WG, [gs.astype(F32), int_params(T, steps)], [((steps, parts, 2, 3, 8, 8), mx.bfloat16)],
-                  -(-steps * 384 // 256) * 256, 256, [("PG", parts)])[0]
+    """gs [T, 24] float32 -> DPHI_WG's order (see pack_gs_wg_reference), in one launch
+    (coefficients_mma.PACK_WG)."""
+    return coefficients_mma.pack_wg(gs, parts, False)
 
 
 def pack_gs_wg_reference(gs: mx.array, parts: int = DPHI_PARTS) -> mx.array:
     """gs [T, 24] float32 -> [T / 16 steps, parts, 2 token halves, 3 column groups, 8 columns, 8
     tokens] bfloat16 parts adding up to gs (zeros past T), the K-major, unswizzled B of a wgmma
-    over 16 tokens (MLX ops: the statement PACK_GS_WG is tested against)."""
+    over 16 tokens (MLX ops: the statement coefficients_mma.PACK_WG is tested against)."""
     T, W = gs.shape
     steps = -(-T // 16)
-    rest = mx.pad(gs.astype(F32), [(0, 16 * steps - T), (0, 0)])
-    split = []
-    for _ in range(parts):
-        b = rest.astype(mx.bfloat16)
-        split.append(b)
-        rest = rest - b.astype(F32)
-    a = mx.stack(split).reshape(parts, steps, 2, 8, 3, 8)  # [p, step, half, token, ng, n8]
+    split = coefficients_mma.bf16_parts(mx.pad(gs.astype(F32), [(0, 16 * steps - T), (0, 0)]), parts)
+    a = split.reshape(parts, steps, 2, 8, 3, 8)  # [p, step, half, token, ng, n8]
     return a.transpose(1, 0, 2, 4, 5, 3)
 
 
