@@ -1683,20 +1683,18 @@ def vendor_gemm(rounds=5, T=4096, K=16384, W=24):
     lo = (phi - hi.astype(mx.float32) - mid.astype(mx.float32)).astype(BF)
     phi3 = mx.concatenate([hi, mid, lo], axis=1)
     gsb, phitb = gs.astype(BF), mx.contiguous(hi.T)
-    packed = {ku: cm.pack_phi(phi, ku=ku) for ku in (1, 2)}
+    packed = cm.pack_phi(phi)
     gs_packed = cmv.pack_b(gs, cmv.DPHI_PARTS, False)
     mx.eval(xs, phi, gs, c2, gacc, hi, phi3, gsb, phitb, packed, gs_packed)
     xb = xs[0].nbytes
 
-    def mma(ku, tw):
-        return under([(cm, "X_UNROLL", ku), (cm, "TARGET_WARPS", tw)], lambda x: cm.partial_products(x, phi, packed[ku]))
 
     def dphi(tw):
         return under([(cmv, "TARGET_WARPS", tw)], lambda x: cmv.dphi(x, gs, gs_packed))
 
     rows = {
         "copy x * 1.5": (lambda x: x * 1.5, 2 * xb),
-        "ours: forward MMA (KU 2, 1536 warps; default)": (mma(2, 1536), xb),
+        "ours: forward MMA (the default)": (lambda x: cm.partial_products(x, phi, packed), xb),
         "mlx: x @ phi bf16 [K, 24]": (lambda x: x @ hi, xb),
         "mlx: x @ phi bf16 [K, 72] (three parts)": (lambda x: x @ phi3, xb),
         "ours: dphi (2048 warps; default) + sum": (dphi(2048), xb),
@@ -1706,7 +1704,7 @@ def vendor_gemm(rounds=5, T=4096, K=16384, W=24):
         "ours: DX (gacc)": (lambda x: cmv.dx(x, phi, gs, c2, None, gacc), 3 * xb),
         "mlx: addmm(x, gs, phi^T) bf16": (lambda x: mx.addmm(x, gsb, phitb), 2 * xb),
     }
-    traced = ["copy x * 1.5", "ours: forward MMA (KU 2, 1536 warps; default)", "mlx: x @ phi bf16 [K, 24]",
+    traced = ["copy x * 1.5", "ours: forward MMA (the default)", "mlx: x @ phi bf16 [K, 24]",
               "mlx: x @ phi bf16 [K, 72] (three parts)", "ours: dphi (2048 warps; default) + sum", "mlx: x^T @ gs bf16",
               "ours: DX (gacc)", "mlx: addmm(x, gs, phi^T) bf16"]
     timed_and_traced(f"vendor GEMM, {T} x {K} bf16 x, W = {W}, 10 rotated x", {k: v[0] for k, v in rows.items()},
@@ -1749,10 +1747,11 @@ def product_parts(rounds=5, T=4096, K=16384, W=24):
 
 def wgmma(rounds=5, T=4096, K=16384, W=24):
     """The forward partials by warpgroup MMA (coefficients_mma.WGMMA, candidate) against the MMA
-    kernel: first each descriptor reading (WG_SWAP_OFFSETS off / on) against the MMA kernel's
-    sums on one x; then, phi packed before for each, both alone on 10 rotated x [T, K] bf16
-    (medians of `rounds` alternated rounds), one eval of each traced, and the dynamic site at
-    4096x4x4096 and 512x4x1280, forward and forward+backward, with it off and on."""
+    kernel: first its sums against the MMA kernel's on one x (a probe of the swapped descriptor
+    reading, in the first run, made an illegal memory access; removed); then, phi packed before for
+    each, both alone on 10 rotated x [T, K] bf16 (medians of `rounds` alternated rounds), one eval
+    of each traced, and the dynamic site at 4096x4x4096 and 512x4x1280, forward and
+    forward+backward, with it off and on."""
     from mhc_mlx.kernels import coefficients_mma as cm
 
     xs = [mx.random.normal((T, K)).astype(BF) for _ in range(10)]
@@ -1760,17 +1759,14 @@ def wgmma(rounds=5, T=4096, K=16384, W=24):
     pk, pk_wg = cm.pack_phi(phi), cm.pack_phi_wg(phi)
     mx.eval(xs, phi, pk, pk_wg)
 
-    def form(wg, swap=False):
-        return under([(cm, "WGMMA", wg), (cm, "WG_SWAP_OFFSETS", swap)],
-                     lambda x: cm.partial_products(x, phi, pk_wg if wg else pk))
+    def form(wg):
+        return under([(cm, "WGMMA", wg)], lambda x: cm.partial_products(x, phi, pk_wg if wg else pk))
 
-    ref = mx.sum(form(False)(xs[0])[0], axis=0)
-    ref_ssq = mx.sum(form(False)(xs[0])[1], axis=0)
-    for swap in (False,):  # (swapped, the first run's kernel read outside shared memory: an illegal access)
-        part, ssq = form(True, swap)(xs[0])
-        err = mx.max(mx.abs(mx.sum(part, axis=0) - ref)).item() / mx.max(mx.abs(ref)).item()
-        err_ssq = mx.max(mx.abs(mx.sum(ssq, axis=0) - ref_ssq) / ref_ssq).item()
-        print(f"wgmma, offsets swapped {swap}: dot max |diff| / max |MMA's| {err:.2e}, sum of squares {err_ssq:.2e}")
+    ref, ref_ssq = (mx.sum(a, axis=0) for a in form(False)(xs[0]))
+    dot, ssq = (mx.sum(a, axis=0) for a in form(True)(xs[0]))
+    err = mx.max(mx.abs(dot - ref)).item() / mx.max(mx.abs(ref)).item()
+    err_ssq = mx.max(mx.abs(ssq - ref_ssq) / ref_ssq).item()
+    print(f"wgmma: dot max |diff| / max |MMA's| {err:.2e}, sum of squares {err_ssq:.2e}")
     rows = {"MMA (default)": form(False), "wgmma": form(True)}
     timed_and_traced(f"forward partials, {T} x {K} bf16 x, W = {W}, phi packed before", rows, [[x] for x in xs],
                      rounds, "/tmp/wgmma_trace.json", {label: xs[0].nbytes for label in rows})

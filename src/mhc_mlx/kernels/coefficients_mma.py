@@ -58,10 +58,6 @@ X_UNROLL = 2
 # does the same 72-column product in 37.8. Here a warpgroup issues 3 m64n24k16 per 64 tokens and
 # k16 step, A (x) from registers as MMA loads it, B (phi's parts) from shared memory.
 WGMMA = False
-# The wgmma descriptor's byte offsets between phi's 8x8 core matrices: along k (LBO) and along the
-# columns (SBO) as the PTX ISA's K-major no-swizzle layout reads them. WG_SWAP_OFFSETS swaps the
-# two (a check of that reading on the GPU: only one of the two can match the MMA kernel).
-WG_SWAP_OFFSETS = False
 
 # The tensor-core instruction (tests substitute a CPU model of it, with the same fragments).
 PTX_MMA = r"""
@@ -392,8 +388,11 @@ MMA_WG = KernelSpec(
   const int tb0 = tile * TB;
   const bool xvec = (K % 8 == 0) && ((reinterpret_cast<unsigned long long>(xin) & 15ull) == 0ull);
   const uint4* pk4 = reinterpret_cast<const uint4*>(pk);
-  const int lbo = WGSWAP ? 128 : 128 * NT;  // core matrices: along k 128 NT bytes apart, along columns 128
-  const int sbo = WGSWAP ? 128 * NT : 128;
+  // the descriptor's byte offsets between phi's 8x8 core matrices, as the PTX ISA's K-major
+  // unswizzled B reads them: along k (LBO) 128 NT, along the columns (SBO) 128. On the H200 this
+  // reading gave the MMA kernel's bits; the swapped one made an illegal memory access (row 74)
+  constexpr int lbo = 128 * NT;
+  constexpr int sbo = 128;
 
   float d[MW][12];
   float sq[MW][2];
@@ -786,7 +785,7 @@ def partial_products(x2: mx.array, phi: mx.array, pk: mx.array | None = None) ->
         return launch(
             MMA_WG, [x2, pack_phi_wg(phi) if pk is None else pk, int_params(T, K, ks, splits)],
             [((splits, T, 24), F32), ((splits, T), F32)], tiles * splits * 128, 128,
-            [("T", x2.dtype), ("PB", PHI_PARTS), ("MW", WG_TOKENS // 64), ("WGSWAP", WG_SWAP_OFFSETS)],
+            [("T", x2.dtype), ("PB", PHI_PARTS), ("MW", WG_TOKENS // 64)],
         )
     NT, ku = n_tiles(phi.shape[1]), X_UNROLL
     MT, splits, ks, warps = plan(T, K, NT, ku)
