@@ -463,11 +463,9 @@ def test_dphi_by_warpgroup_mma(monkeypatch, dtype, n, C, T, blocks):
     assert rel(got[True], np64(x).T @ np64(gs)) <= 1e-5
     if dtype == mx.bfloat16 and n == 4:
         # a different split of the tokens sums in another order: equal bits only at equal splits
-        T16 = -(-T // 16)
         kb, kg = -(-K // 64), -(-K // 256)
         same = (coefficients_mma_vjp._token_splits(T, kb, 16, coefficients_mma_vjp.TARGET_WARPS)
                 == coefficients_mma_vjp._token_splits(T, kg, 16, blocks))
-        assert T16 >= 1
         if same:
             assert np.array_equal(np64(got[True]), np64(got[False]))
 
