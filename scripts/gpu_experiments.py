@@ -1793,7 +1793,7 @@ def wgmma_dphi(rounds=5, T=4096, K=16384, W=24):
     # the forward's kernel text changed after its last run (shared staging, constant descriptor
     # offsets, one pack): its sums against the MMA kernel's again
     phi = 0.01 * mx.random.normal((K, W))
-    fwd = {wg: under([(cm, "WGMMA", wg)], lambda x: cm.partial_products(
+    fwd = {wg: under([(cm, "WGMMA", wg)], lambda x, wg=wg: cm.partial_products(
         x, phi, cm.pack_phi_wg(phi) if wg else cm.pack_phi(phi))) for wg in (False, True)}
     (ref_dot, ref_ssq), (dot, ssq) = ([mx.sum(a, axis=0) for a in fwd[wg](xs[0])] for wg in (False, True))
     print(f"forward by wgmma: dot max |diff| / max |MMA's| "

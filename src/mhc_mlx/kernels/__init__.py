@@ -238,12 +238,10 @@ def use_candidates(on: bool = True) -> None:
     (inline) form at every token count, which passed scripts/gpu_check.py on the H200 but were
     slower there than the defaults, the glue kernel writing the tensor-core backward's
     fragments of gs (within the runs' spread), the kernels' parameter arrays copied into GPU
-    memory (faster in one process, not in the next), and the tensor-core forward's partials by
-    warpgroup MMA (coefficients_mma.WGMMA: its checks passed, its GPU tests not yet run;
-    docs/kernel-notes.md). Off: the shipped defaults."""
+    memory (faster in one process, not in the next). Off: the shipped defaults."""
     import sys
 
-    from . import build, coefficients, coefficients_mma, layer
+    from . import build, coefficients, layer
 
     this = sys.modules[__name__]  # assigned as attributes, so the settings epoch sees them
     this.FUSED_READ_STEP = True if on else "auto"
@@ -252,7 +250,6 @@ def use_candidates(on: bool = True) -> None:
     layer.INLINE_ALWAYS = on
     coefficients.GLUE_PACKS = on
     build.DEVICE_PARAMS = on
-    coefficients_mma.WGMMA = on
 
 
 def settings() -> dict:

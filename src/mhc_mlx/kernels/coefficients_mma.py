@@ -50,14 +50,17 @@ TARGET_WARPS = 1536
 # 2 did (pack + mma 128.4 against 134.0 µs, then 96.0-110.7 against 130.4-134.1 over five
 # launch sizes; docs/kernel-notes.md, rows 13 and 16).
 X_UNROLL = 2
-# Candidate (thirteenth session of 2026-11-30): the partials by Hopper's warpgroup MMA (MMA_WG,
-# sm_90a; MLX compiles custom kernels for sm_90a on such GPUs). H200 (gpu_experiments.py parts,
-# vendor-gemm): the MMA kernel spans 66.9 / 53.9 / 46.3 µs per application with phi in 3 / 2 / 1
-# parts, and staging every load through shared memory did not change it (64.3): it is bound by
-# its mma.sync's (36 m16n8k16 per 64 tokens and k16 step at n = 4), where cuBLAS's wgmma kernel
-# does the same 72-column product in 37.8. Here a warpgroup issues 3 m64n24k16 per 64 tokens and
-# k16 step, A (x) from registers as MMA loads it, B (phi's parts) from shared memory.
-WGMMA = False
+# The partials by Hopper's warpgroup MMA (MMA_WG, sm_90a; MLX compiles custom kernels for sm_90a
+# on such GPUs) for bfloat16 x at n = 4; elsewhere the MMA kernel. H200 (gpu_experiments.py
+# parts, vendor-gemm): the MMA kernel spans 66.9 / 53.9 / 46.3 µs per application with phi in
+# 3 / 2 / 1 parts, and staging every load through shared memory did not change it (64.3): it is
+# bound by its mma.sync's (36 m16n8k16 per 64 tokens and k16 step at n = 4), where cuBLAS's wgmma
+# kernel does the same 72-column product in 37.8. Here a warpgroup issues 3 m64n24k16 per 64
+# tokens and k16 step, A (x) from registers as MMA loads it, B (phi's parts) from shared memory:
+# the same bits as MMA, 49.2 µs against 66.6-68.0, ~15 µs off the dynamic fwd+bwd (a candidate
+# in the thirteenth session, the default since the fourteenth's GPU tests; docs/kernel-notes.md
+# rows 74-75). False: the MMA kernel everywhere.
+WGMMA = True
 
 # The tensor-core instruction (tests substitute a CPU model of it, with the same fragments).
 PTX_MMA = r"""

@@ -40,11 +40,11 @@ from .coefficients_mma import LOAD_X, PTX_MMA, PTX_WGMMA, WG_STAGE, X_PARTS
 F32 = mx.float32
 DX_PARTS = 2  # bfloat16 parts of gs and of phi in DX
 DPHI_PARTS = 3  # bfloat16 parts of gs in DPHI
-# Candidate (written in the thirteenth session of 2026-11-30 after its device time; not yet run
-# on a GPU): dphi by warpgroup MMA (DPHI_WG), as coefficients_mma.WGMMA for the forward, whose
-# descriptor reading and bits were confirmed on the H200 there (docs/kernel-notes.md row 74).
-# DPHI spans ~70 µs per application at 4096 x 4 x 4096 against cuBLAS's 31.5 for the same bytes.
-DPHI_WGMMA = False
+# dphi by warpgroup MMA (DPHI_WG; bfloat16 x, n = 4, Hopper), as coefficients_mma.WGMMA for the
+# forward; elsewhere DPHI. DPHI spans ~70-77 µs per application at 4096 x 4 x 4096 against
+# cuBLAS's 31.5 for the same bytes; DPHI_WG 65.3 against 76.7 (H200, fourteenth session of
+# 2026-11-30, docs/kernel-notes.md row 75). False: DPHI everywhere.
+DPHI_WGMMA = True
 MAX_N = 4
 DX_TOKEN_TILES = 2  # token tiles of 16 per warp in DX (they share each phi fragment)
 # DX's warps ordered token group first (TM), so a block's warps cover 256 consecutive k of the
