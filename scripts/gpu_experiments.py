@@ -1814,7 +1814,23 @@ def wgmma_dphi(rounds=5, T=4096, K=16384, W=24):
                          "both": [(cm, "WGMMA", True), (cmv, "DPHI_WGMMA", True)]}, rounds)
 
 
+def wgmma_ab(rounds=9):
+    """(fourteenth session) the warpgroup-MMA products, now the defaults, against the MMA kernels
+    in the dynamic site at 4096x4x4096, forward and forward+backward: neither / the forward's
+    only / both, medians of `rounds` alternated rounds in one process."""
+    from mhc_mlx.kernels import coefficients_mma as cm
+    from mhc_mlx.kernels import coefficients_mma_vjp as cmv
+
+    site_rows = case_rows(("dynamic", "fwd", (4096, 4, 4096), "throughput"),
+                          ("dynamic", "fwd+bwd", (4096, 4, 4096), "throughput"))
+    alternated_settings("warpgroup MMA", site_rows,
+                        {"neither": [(cm, "WGMMA", False), (cmv, "DPHI_WGMMA", False)],
+                         "forward": [(cm, "WGMMA", True), (cmv, "DPHI_WGMMA", False)],
+                         "both": [(cm, "WGMMA", True), (cmv, "DPHI_WGMMA", True)]}, rounds)
+
+
 MODES = {
+    "wgmma-ab": wgmma_ab,
     "wgmma-dphi": wgmma_dphi,
     "wgmma": wgmma,
     "parts": product_parts,

@@ -55,6 +55,7 @@
 #                                            # one pass's GPU tests, then the pipelined stage
 #   bash scripts/gpu_session.sh wgmma        # the forward partials by warpgroup MMA: timings, checks
 #   bash scripts/gpu_session.sh wgmma2       # dphi by warpgroup MMA (not yet run): timings, checks with both
+#   bash scripts/gpu_session.sh wgmma-ab     # the warpgroup-MMA products (defaults) against the MMA kernels, site
 #   bash scripts/gpu_session.sh wgmma-verify # both warpgroup-MMA products on: site/layer checks, pytest -m gpu
 #   bash scripts/gpu_session.sh pipelined    # the target cases' bench with --pipelined (ours), then the throughput trace
 #   bash scripts/gpu_session.sh anatomy-bench  # where the B = 1 static launch's time goes; the target bench
@@ -482,6 +483,11 @@ case "${1:-}" in
     # coefficient (tensor-core backward at every size), chain and read-step checks with both on
     run 200 experiments_wgmma_dphi python scripts/gpu_experiments.py wgmma-dphi
     CHECK_ONLY=coefficients,chain,read_step CHECK_ARGS="--wgmma --dphi-wgmma --mma-vjp" NO_PYTEST=1 check 240
+    ;;
+  wgmma-ab)
+    # (fourteenth session of 2026-11-30) the warpgroup-MMA products (the defaults since) against
+    # the MMA kernels in the dynamic site, 9 alternated rounds in one process
+    run 300 experiments_wgmma_ab python scripts/gpu_experiments.py wgmma-ab
     ;;
   wgmma-verify)
     # (written in the thirteenth session of 2026-11-30 after its device time) with both
