@@ -332,10 +332,15 @@ SWITCHES = {
                 "the chained x cotangent of HyperConnection sites at every size (kernels.CHAIN_X_COTANGENT = True; "
                 "by default where the coefficient backward takes tensor cores)"),
     "--wgmma": (coefficients_mma, "WGMMA", True,
-                "the candidate tensor-core forward partials by warpgroup MMA (coefficients_mma.WGMMA; bf16, n = 4)"),
+                "the tensor-core forward partials by warpgroup MMA (coefficients_mma.WGMMA; bf16, n = 4, Hopper; "
+                "the default since the fourteenth session of 2026-11-30, kept for the stages that name it)"),
     "--dphi-wgmma": (coefficients_mma_vjp, "DPHI_WGMMA", True,
-                     "the candidate dphi by warpgroup MMA (coefficients_mma_vjp.DPHI_WGMMA; bf16, n = 4; "
-                     "written after the thirteenth session's device time)"),
+                     "dphi by warpgroup MMA (coefficients_mma_vjp.DPHI_WGMMA; bf16, n = 4, Hopper; the default "
+                     "since the fourteenth session of 2026-11-30, kept for the stages that name it)"),
+    "--no-wgmma": (coefficients_mma, "WGMMA", False,
+                   "the mma.sync forward partials on Hopper too (coefficients_mma.WGMMA = False)"),
+    "--no-dphi-wgmma": (coefficients_mma_vjp, "DPHI_WGMMA", False,
+                        "DPHI (mma.sync) on Hopper too (coefficients_mma_vjp.DPHI_WGMMA = False)"),
     "--glue-packs": (coefficients, "GLUE_PACKS", True,
                      "the candidate glue kernel that also writes gs in the tensor-core backward's fragment orders "
                      "(coefficients.GLUE_PACKS)"),

@@ -179,7 +179,7 @@ def _dynamic_inputs(T, n, C, dtype):
 # "mma-ku1", "mma-ku4": the tensor-core form with 1 or 4 x loads per row and lane in a step
 # (coefficients_mma.X_UNROLL; "mma" runs the default, 2)
 # "mma-finish8": 8 tokens per finishing block (coefficients_mma.FINISH_TOKENS, a template value)
-# "mma-wg": the partials by warpgroup MMA (coefficients_mma.WGMMA, candidate; bfloat16 x, n = 4;
+# "mma-wg": the partials by warpgroup MMA (coefficients_mma.WGMMA, the default on Hopper; bfloat16 x, n = 4;
 # the other cases take the MMA kernel)
 FORMS = [("kernel", 16), ("kernel", 8), ("gemm", None), ("mma", None), ("mma-ku1", None), ("mma-ku4", None),
          ("mma-finish8", None), ("mma-wg", None)]
@@ -441,10 +441,10 @@ def test_pack_gs_wg_matches_its_statement(T):
 
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
 # T not a multiple of 16 and splits over tokens; K a multiple of 8 or not, not of 256 (a partial
-# k group of the warpgroup), n = 4 (the candidate's only width) and n = 2 (the DPHI kernel)
+# k group of the warpgroup), n = 4 (DPHI_WG's only width) and n = 2 (the DPHI kernel)
 @pytest.mark.parametrize("n,C,T,blocks", [(4, 40, 37, 384), (4, 24, 300, 2), (4, 33, 70, 3), (2, 64, 20, 384)])
 def test_dphi_by_warpgroup_mma(monkeypatch, dtype, n, C, T, blocks):
-    # coefficients_mma_vjp.DPHI_WGMMA (candidate): x^T gs against float64 and, where it applies
+    # coefficients_mma_vjp.DPHI_WGMMA (the default on Hopper): x^T gs against float64 and, where it applies
     # (bfloat16 x, n = 4), equal to DPHI's bits (the same order of terms per accumulator)
     monkeypatch.setattr(coefficients_mma, "hopper", lambda: True)  # the emulated GPU is an sm_90
     monkeypatch.setattr(coefficients_mma_vjp, "DPHI_WG_TARGET_BLOCKS", blocks)

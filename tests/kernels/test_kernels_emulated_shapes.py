@@ -191,10 +191,10 @@ def test_dynamic_site_with_every_candidate_on(monkeypatch, n, C, T, dtype):
 
 @pytest.mark.parametrize("C,T", [(40, 37), (64, 20), (33, 5)])
 def test_dynamic_site_with_warpgroup_mma_products(monkeypatch, C, T):
-    # The warpgroup-MMA candidates (coefficients_mma.WGMMA, coefficients_mma_vjp.DPHI_WGMMA;
+    # The warpgroup-MMA products (coefficients_mma.WGMMA, coefficients_mma_vjp.DPHI_WGMMA;
     # bfloat16 x, n = 4, an sm_90 GPU): a HyperConnection's forward and backward through the
     # dispatcher on the (emulated) CUDA kernels with the tensor-core forward and backward forced,
-    # against the reference backend's autodiff, and equal to the default products' result
+    # against the reference backend's autodiff, and equal to the mma.sync products' result
     from mhc_mlx import dispatch
 
     n, dtype = 4, mx.bfloat16
@@ -227,7 +227,7 @@ def test_dynamic_site_with_warpgroup_mma_products(monkeypatch, C, T):
     assert rel(out[0], want_out, floor=0.1 * np.linalg.norm(np64(x))) <= TOL[dtype]
     for e, o in zip(grad_errors(got, want), grad_errors(own, want)):
         assert e <= ref64.rounding_bound(TOL[dtype], o)
-    # phi's gradient (float32) from the warpgroup dphi against the default's: float32 rounding
+    # phi's gradient (float32) from the warpgroup dphi against DPHI's: float32 rounding
     # of the same sums (the token splits can differ, so not always the same bits)
     assert rel(got[1], np64(runs[False][1][1])) <= 1e-5
 

@@ -138,12 +138,12 @@ def cuda_only_instances():
                 out.append((coefficients_mma.MMA, (dt, BF16, I32), (F32, F32),
                             [("T", dt), ("NT", nt), ("MT", coefficients_mma.token_tiles_per_warp(nt)),
                              ("PB", coefficients_mma.PHI_PARTS), ("KU", ku)]))
-    # the candidate warpgroup-MMA partials (coefficients_mma.WGMMA)
+    # the warpgroup-MMA partials (coefficients_mma.WGMMA; Hopper)
     out.append((coefficients_mma.MMA_WG, (BF16, BF16, I32), (F32, F32),
                 [("T", BF16), ("PB", coefficients_mma.PHI_PARTS), ("MW", 2)]))
     for perm in (True, False):  # phi's order (MMA_WG) and gs's (DPHI_WG)
         out.append((coefficients_mma.PACK_WG, (F32, I32), (BF16,), [("PB", coefficients_mma.PHI_PARTS), ("PERM", perm)]))
-    vjp = coefficients_mma_vjp  # the candidate warpgroup-MMA dphi (DPHI_WGMMA)
+    vjp = coefficients_mma_vjp  # the warpgroup-MMA dphi (DPHI_WGMMA; Hopper)
     out.append((vjp.DPHI_WG, (BF16, BF16, I32), (F32,), [("T", BF16), ("PG", vjp.DPHI_PARTS)]))
     for n in (1, 2, 4, 8):
         nt = coefficients_mma.n_tiles(n * (n + 2))

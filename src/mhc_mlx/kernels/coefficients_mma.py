@@ -598,7 +598,7 @@ def hopper() -> bool:
 
 
 def wg_applies(x2: mx.array, W: int) -> bool:
-    """MMA_WG takes the partials: the candidate on, bfloat16 x, 24 columns (n = 4), a Hopper GPU."""
+    """MMA_WG takes the partials: WGMMA on (the default), bfloat16 x, 24 columns (n = 4), a Hopper GPU."""
     return WGMMA and x2.dtype == mx.bfloat16 and W == 24 and hopper()
 
 

@@ -500,7 +500,7 @@ DPHI = KernelSpec(
 )
 
 
-# dphi partials by warpgroup MMA (candidate DPHI_WGMMA; bfloat16 x, n = 4, sm_90a): a block is
+# dphi partials by warpgroup MMA (DPHI_WGMMA, the default; bfloat16 x, n = 4, sm_90a): a block is
 # one warpgroup owning 256 k (each warp its 64 k as DPHI's four m-tiles q) and one split of the
 # tokens. Per 16-token step each thread loads its x words as DPHI does, builds DPHI's A fragments,
 # and the warpgroup issues one m64n24k16 per tile q and part of gs: the 64 rows of wgmma q are
@@ -617,7 +617,7 @@ def pack_gs_wg_reference(gs: mx.array, parts: int = DPHI_PARTS) -> mx.array:
 
 
 def dphi_wg_applies(x2: mx.array, W: int) -> bool:
-    """DPHI_WG takes dphi: the candidate on, bfloat16 x, 24 columns (n = 4), a Hopper GPU."""
+    """DPHI_WG takes dphi: DPHI_WGMMA on (the default), bfloat16 x, 24 columns (n = 4), a Hopper GPU."""
     return DPHI_WGMMA and x2.dtype == mx.bfloat16 and W == 24 and coefficients_mma.hopper()
 
 
