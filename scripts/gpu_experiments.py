@@ -1806,8 +1806,16 @@ def wgmma_dphi(rounds=5, T=4096, K=16384, W=24):
     rows = {"DPHI (default)": forms[False], "dphi by wgmma": forms[True]}
     timed_and_traced(f"dphi, {T} x {K} bf16 x, W = {W}", rows, [[x] for x in xs], rounds, "/tmp/wgmma_dphi_trace.json",
                      {label: xs[0].nbytes for label in rows})
-    site_rows = case_rows(("dynamic", "fwd+bwd", (4096, 4, 4096), "throughput"),
-                          ("dynamic", "fwd+bwd", (512, 4, 1280), "throughput"))
+    warpgroup_site_ab(rounds, ("fwd+bwd", (4096, 4, 4096)), ("fwd+bwd", (512, 4, 1280)))
+
+
+def warpgroup_site_ab(rounds, *cases):
+    """The dynamic site's (pass, shape) cases with neither / the forward's / both warpgroup-MMA
+    products, medians of `rounds` alternated rounds in one process."""
+    from mhc_mlx.kernels import coefficients_mma as cm
+    from mhc_mlx.kernels import coefficients_mma_vjp as cmv
+
+    site_rows = case_rows(*(("dynamic", pass_, shape, "throughput") for pass_, shape in cases))
     alternated_settings("warpgroup MMA", site_rows,
                         {"neither": [(cm, "WGMMA", False), (cmv, "DPHI_WGMMA", False)],
                          "forward": [(cm, "WGMMA", True), (cmv, "DPHI_WGMMA", False)],
@@ -1816,17 +1824,8 @@ def wgmma_dphi(rounds=5, T=4096, K=16384, W=24):
 
 def wgmma_ab(rounds=9):
     """(fourteenth session) the warpgroup-MMA products, now the defaults, against the MMA kernels
-    in the dynamic site at 4096x4x4096, forward and forward+backward: neither / the forward's
-    only / both, medians of `rounds` alternated rounds in one process."""
-    from mhc_mlx.kernels import coefficients_mma as cm
-    from mhc_mlx.kernels import coefficients_mma_vjp as cmv
-
-    site_rows = case_rows(("dynamic", "fwd", (4096, 4, 4096), "throughput"),
-                          ("dynamic", "fwd+bwd", (4096, 4, 4096), "throughput"))
-    alternated_settings("warpgroup MMA", site_rows,
-                        {"neither": [(cm, "WGMMA", False), (cmv, "DPHI_WGMMA", False)],
-                         "forward": [(cm, "WGMMA", True), (cmv, "DPHI_WGMMA", False)],
-                         "both": [(cm, "WGMMA", True), (cmv, "DPHI_WGMMA", True)]}, rounds)
+    in the dynamic site at 4096x4x4096, forward and forward+backward."""
+    warpgroup_site_ab(rounds, ("fwd", (4096, 4, 4096)), ("fwd+bwd", (4096, 4, 4096)))
 
 
 MODES = {
