@@ -1822,6 +1822,32 @@ def warpgroup_site_ab(rounds, *cases):
                          "both": [(cm, "WGMMA", True), (cmv, "DPHI_WGMMA", True)]}, rounds)
 
 
+def wg_plan_sizes(rounds=5, T=4096, K=16384, W=24):
+    """(fourteenth session) the warpgroup-MMA products' launch sizes, each alone on 10 rotated x
+    [T, K] bf16 (medians of `rounds` alternated rounds) and traced: the forward's partials
+    (phi packed before) at coefficients_mma.TARGET_WARPS 768 / 1536 (default) / 3072, which sets
+    MMA_WG's k splits, and dphi (gs packed inside) at DPHI_WG_TARGET_BLOCKS 132 / 264 / 384
+    (default) / 528 / 792, which sets DPHI_WG's token splits."""
+    from mhc_mlx.kernels import coefficients_mma as cm
+    from mhc_mlx.kernels import coefficients_mma_vjp as cmv
+
+    xs = [mx.random.normal((T, K)).astype(BF) for _ in range(10)]
+    phi = 0.01 * mx.random.normal((K, W))
+    gs = mx.random.normal((T, W)) * 0.01
+    pk = cm.pack_phi_wg(phi)
+    mx.eval(xs, phi, gs, pk)
+    fwd = {f"forward, TARGET_WARPS {w}": under([(cm, "WGMMA", True), (cm, "TARGET_WARPS", w)],
+                                               lambda x: cm.partial_products(x, phi, pk))
+           for w in (768, 1536, 3072)}
+    timed_and_traced(f"forward partials by wgmma, {T} x {K} bf16 x", fwd, [[x] for x in xs], rounds,
+                     "/tmp/wg_plan_fwd.json", {label: xs[0].nbytes for label in fwd})
+    dphi = {f"dphi, blocks {b}": under([(cmv, "DPHI_WGMMA", True), (cmv, "DPHI_WG_TARGET_BLOCKS", b)],
+                                       lambda x: cmv.dphi(x, gs))
+            for b in (132, 264, 384, 528, 792)}
+    timed_and_traced(f"dphi by wgmma, {T} x {K} bf16 x", dphi, [[x] for x in xs], rounds,
+                     "/tmp/wg_plan_dphi.json", {label: xs[0].nbytes for label in dphi})
+
+
 def wgmma_ab(rounds=9):
     """(fourteenth session) the warpgroup-MMA products, now the defaults, against the MMA kernels
     in the dynamic site at 4096x4x4096, forward and forward+backward."""
@@ -1829,6 +1855,7 @@ def wgmma_ab(rounds=9):
 
 
 MODES = {
+    "wg-plan": wg_plan_sizes,
     "wgmma-ab": wgmma_ab,
     "wgmma-dphi": wgmma_dphi,
     "wgmma": wgmma,
