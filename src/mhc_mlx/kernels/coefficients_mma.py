@@ -57,9 +57,10 @@ X_UNROLL = 2
 # bound by its mma.sync's (36 m16n8k16 per 64 tokens and k16 step at n = 4), where cuBLAS's wgmma
 # kernel does the same 72-column product in 37.8. Here a warpgroup issues 3 m64n24k16 per 64
 # tokens and k16 step, A (x) from registers as MMA loads it, B (phi's parts) from shared memory:
-# the same bits as MMA, 49.2 µs against 66.6-68.0, ~15 µs off the dynamic fwd+bwd (a candidate
-# in the thirteenth session, the default since the fourteenth's GPU tests; docs/kernel-notes.md
-# rows 74-75). False: the MMA kernel everywhere.
+# the same bits as MMA, 49.2 µs against 66.6-68.0; with dphi's (coefficients_mma_vjp.DPHI_WGMMA)
+# 14-22 µs off the dynamic fwd+bwd in one process (a candidate in the thirteenth session, the
+# default since the fourteenth's GPU tests; docs/kernel-notes.md rows 74-75). False: the MMA
+# kernel everywhere.
 WGMMA = True
 
 # The tensor-core instruction (tests substitute a CPU model of it, with the same fragments).
