@@ -47,6 +47,32 @@ def test_info_runs(command):
     import mlx.core as mx
 
     assert info["device_name"] == mx.device_info().get("device_name", "")
+    assert info["tensor_cores"] and re.search(r"^tensor\s+\S", run(*command).stdout, re.M)
+
+
+def test_info_says_which_tensor_core_products_run(monkeypatch):
+    # `mhc-mlx info`'s tensor line follows the GPU and the settings: none without CUDA, mma.sync
+    # before Hopper, warpgroup MMA on Hopper for the products switched on
+    from mhc_mlx.cli import info
+    from mhc_mlx.kernels import build, coefficients_mma, coefficients_mma_vjp
+
+    monkeypatch.setattr(build, "gpu_backend", lambda: None)
+    assert info._tensor_core_note().startswith("none")
+    monkeypatch.setattr(build, "gpu_backend", lambda: "cuda")
+    monkeypatch.setattr(build, "device_name", lambda: "NVIDIA A100")
+    monkeypatch.setattr(coefficients_mma, "hopper", lambda: False)
+    assert info._tensor_core_note().startswith("mma.sync") and "NVIDIA A100" in info._tensor_core_note()
+    monkeypatch.setattr(coefficients_mma, "hopper", lambda: True)
+    for fwd, dphi, words in ((True, True, "forward and dphi"), (True, False, "the forward coefficient"),
+                             (False, True, "the dphi coefficient")):
+        monkeypatch.setattr(coefficients_mma, "WGMMA", fwd)
+        monkeypatch.setattr(coefficients_mma_vjp, "DPHI_WGMMA", dphi)
+        assert info._tensor_core_note().startswith("warpgroup MMA") and words in info._tensor_core_note()
+    monkeypatch.setattr(coefficients_mma, "WGMMA", False)
+    monkeypatch.setattr(coefficients_mma_vjp, "DPHI_WGMMA", False)
+    assert "switched off" in info._tensor_core_note()
+    rendered = info.render({**info.collect(), "tensor_cores": info._tensor_core_note()})
+    assert re.search(r"^tensor\s+mma\.sync .*switched off", rendered, re.M), rendered
 
 
 @pytest.mark.parametrize("command", [["mhc-mlx", "info"], ["mhc-mlx-info"]], ids=["mhc-mlx info", "mhc-mlx-info"])

@@ -27,6 +27,22 @@ def _matmul_note() -> str:
     return "full float32 on this device: the compiled path multiplies directly"
 
 
+def _tensor_core_note() -> str:
+    """Which tensor-core products the dynamic coefficients take here (CUDA only; 16-bit x from
+    coefficients.MMA_MIN_ELEMENTS elements)."""
+    from ..kernels import build, coefficients_mma, coefficients_mma_vjp
+
+    if build.gpu_backend() != "cuda":
+        return "none: the tensor-core coefficient kernels are CUDA only"
+    if not coefficients_mma.hopper():
+        return ("mma.sync for the coefficient products (warpgroup MMA needs compute capability 9.x; "
+                f"this GPU is {build.device_name() or 'unnamed'})")
+    wg = [name for name, on in (("forward", coefficients_mma.WGMMA), ("dphi", coefficients_mma_vjp.DPHI_WGMMA)) if on]
+    if not wg:
+        return "mma.sync for the coefficient products (warpgroup MMA switched off)"
+    return f"warpgroup MMA (sm_90a) for the {' and '.join(wg)} coefficient products at bfloat16, n = 4; mma.sync elsewhere"
+
+
 def collect() -> dict:
     import mlx.core as mx
 
@@ -59,6 +75,7 @@ def collect() -> dict:
             dispatch.ENV_DISABLE_METAL: os.environ.get(dispatch.ENV_DISABLE_METAL, "(unset)"),
         },
         "float32_matmuls": _matmul_note(),
+        "tensor_cores": _tensor_core_note(),
         "ops": {op: dispatch.explain(op) for op in kernels.OPS},
         "kernels": kernels.status(),
         "kernel_settings": kernels.settings(),
@@ -75,6 +92,7 @@ def render(info: dict) -> str:
         "backends  " + ", ".join(f"{k}: {'yes' if v else 'no'}" for k, v in info["backends"].items()),
         f"cpu       {info['cpu_compile']}",
         f"matmuls   {info['float32_matmuls']}",
+        f"tensor    {info['tensor_cores']}",
     ]
     lines += [f"env       {k}={v}" for k, v in info["env"].items()]
     # the kernels' forms and launch settings (docs/kernel-notes.md)
