@@ -103,6 +103,13 @@ template <> struct mhc_x_parts<__half> {
     return f.x * f.x + f.y * f.y;
   }
 };
+
+// The A registers of k step s (0, 1: k + 0..7, k + 8..15 of a row's 16) of an m16n8k16 tile
+// from the words of its rows g (w[0]) and g + 8 (w[1]): the same for mma.sync and wgmma.
+__device__ __forceinline__ void mhc_a_step(const uint32_t (&w)[2][4], int s, uint32_t (&a)[4]) {
+  a[0] = w[0][2 * s]; a[1] = w[1][2 * s];
+  a[2] = w[0][2 * s + 1]; a[3] = w[1][2 * s + 1];
+}
 """
 
 # 8 consecutive elements of x from row[kx] as four 32-bit words (lower k in the low half; zeros
@@ -177,10 +184,8 @@ __device__ __forceinline__ void mhc_mma_step(const uint32_t (&wx)[KU][MT][2][4],
       }
       #pragma unroll
       for (int s = 0; s < 2; ++s) {
-        af[m][s][0] = ah[0][2 * s]; af[m][s][1] = ah[1][2 * s];
-        af[m][s][2] = ah[0][2 * s + 1]; af[m][s][3] = ah[1][2 * s + 1];
-        afl[m][s][0] = al[0][2 * s]; afl[m][s][1] = al[1][2 * s];
-        afl[m][s][2] = al[0][2 * s + 1]; afl[m][s][3] = al[1][2 * s + 1];
+        mhc_a_step(ah, s, af[m][s]);
+        mhc_a_step(al, s, afl[m][s]);
       }
     }
     const int kofs = ((kb >> 5) + u) * NT * 32;
@@ -449,10 +454,7 @@ MMA_WG = KernelSpec(
           for (int q = 0; q < 4; ++q) sq[m][h] += mhc_x_parts<T>::split(wx[m][u][h][q], ah[h][q], al[h][q]);
         }
         #pragma unroll
-        for (int s = 0; s < 2; ++s) {
-          af[m][2 * u + s][0] = ah[0][2 * s]; af[m][2 * u + s][1] = ah[1][2 * s];
-          af[m][2 * u + s][2] = ah[0][2 * s + 1]; af[m][2 * u + s][3] = ah[1][2 * s + 1];
-        }
+        for (int s = 0; s < 2; ++s) mhc_a_step(ah, s, af[m][2 * u + s]);
       }
     }
     mhc_wg_fence();

@@ -409,6 +409,16 @@ DX = KernelSpec(
 # dphi partials [S, K, 8 NT] = x^T gs over each split of the tokens. A warp owns 64 k (four
 # m-tiles: rows g, g + 8 of tile q are k = kb + 8g + 2q and kb + 8g + 2q + 1) and one split.
 DPHI_STEP = r"""
+// DPHI's A fragment of m-tile q from the words of tokens 2c, 2c + 1, 2c + 8, 2c + 9 (xs[u][q]:
+// the pair k = kx + 2q, kx + 2q + 1): rows g (k even) and g + 8 (k odd), the same for mma.sync
+// and wgmma.
+__device__ __forceinline__ void mhc_dphi_a(const uint32_t (&xs)[4][4], int q, uint32_t (&af)[4]) {
+  af[0] = (xs[0][q] & 0xffffu) | (xs[1][q] << 16);      // row g, tokens 2c, 2c+1
+  af[1] = (xs[0][q] >> 16) | (xs[1][q] & 0xffff0000u);  // row g + 8
+  af[2] = (xs[2][q] & 0xffffu) | (xs[3][q] << 16);      // row g, tokens 2c+8, 2c+9
+  af[3] = (xs[2][q] >> 16) | (xs[3][q] & 0xffff0000u);  // row g + 8
+}
+
 // DPHI's step: 16 tokens from ts (below t1) into acc[q][j] for the lane's 8 k from kx (rows g,
 // g + 8 of m-tile q are k = kx + 2q and kx + 2q + 1).
 template <typename T, int NT, int PG, typename PX, typename PGS>
@@ -436,12 +446,8 @@ __device__ __forceinline__ void mhc_dphi_step(PX xin, PGS pgs, int t1, int K, in
       for (int q = 0; q < 4; ++q) {
         #pragma unroll
         for (int part = 0; part < AP; ++part) {
-          uint32_t (&xs)[4][4] = part == 0 ? xh : xl;
-          const uint32_t af[4] = {
-            (xs[0][q] & 0xffffu) | (xs[1][q] << 16),          // row g (k even), tokens 2c, 2c+1
-            (xs[0][q] >> 16) | (xs[1][q] & 0xffff0000u),      // row g + 8 (k odd)
-            (xs[2][q] & 0xffffu) | (xs[3][q] << 16),          // row g, tokens 2c+8, 2c+9
-            (xs[2][q] >> 16) | (xs[3][q] & 0xffff0000u)};     // row g + 8
+          uint32_t af[4];
+          mhc_dphi_a(part == 0 ? xh : xl, q, af);
           mhc_mma_bf16(acc[q][j], af, bv.x, bv.y);
         }
       }
@@ -568,12 +574,7 @@ DPHI_WG = KernelSpec(
     }
     uint32_t af[4][4];  // DPHI's A fragment of tile q (bfloat16 x: the words are the parts)
     #pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      af[q][0] = (xw[0][q] & 0xffffu) | (xw[1][q] << 16);
-      af[q][1] = (xw[0][q] >> 16) | (xw[1][q] & 0xffff0000u);
-      af[q][2] = (xw[2][q] & 0xffffu) | (xw[3][q] << 16);
-      af[q][3] = (xw[2][q] >> 16) | (xw[3][q] & 0xffff0000u);
-    }
+    for (int q = 0; q < 4; ++q) mhc_dphi_a(xw, q, af[q]);
     mhc_wg_fence();
     #pragma unroll
     for (int p = 0; p < PG; ++p) {
