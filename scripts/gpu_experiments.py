@@ -26,6 +26,7 @@ copy floor two ways, and where B=1 latency goes (Python graph building vs the ev
     python scripts/gpu_experiments.py b1-latency (only the B = 1 static forward: LAYER_LATENCY, the compiled latency path)
     python scripts/gpu_experiments.py b1-trace (only each B = 1 form's kernel durations, traced as the bench runs it)
     python scripts/gpu_experiments.py layer-source (only the static forward's LAYER now against before the eighth session)
+    python scripts/gpu_experiments.py static-host (only the static forward's host costs per launch and custom function)
     python scripts/gpu_experiments.py b1 [ncu]  (only the B = 1 layer kernel by Sinkhorn iterations)
 """
 
@@ -1854,7 +1855,76 @@ def wgmma_ab(rounds=9):
     warpgroup_site_ab(rounds, ("fwd", (4096, 4, 4096)), ("fwd+bwd", (4096, 4, 4096)))
 
 
+def static_host(rounds=7, T=4096, n=4, C=4096):
+    """(fifteenth session) where the static forward's one-eval time goes beyond the GPU's, at
+    T x n x C bf16, 10 rotated inputs, one eval (the bench's method), medians of `rounds`
+    alternated rounds, then each row traced (its GPU span per application): the copy; the layer
+    kernel launched alone with its coefficients given; the coefficient and layer kernels launched
+    bare; the inline layer launched bare; those two forms as the custom function the module
+    calls (four outputs / one); the two launches under a custom function of one output; the
+    MHCLayer module (the bench case) with layer.INLINE_ALWAYS off and on. Then the bench's
+    static fwd and fwd+bwd cases with INLINE_ALWAYS off and on."""
+    xs = [mx.random.normal((T, n, C)).astype(BF) for _ in range(10)]
+    raw = (mx.zeros((n,)), mx.zeros((n,)), 3.0 * mx.eye(n))
+    w = mx.ones((C,))
+    H = coefficients.activate(*raw, 20)
+    module = mhc.MHCLayer(n, C)
+    mx.eval(xs, raw, w, H, module.parameters())
+    params = (module.H_pre_raw, module.H_post_raw, module.H_res_raw, module.rms_weight)
+
+    @mx.custom_function
+    def two_launches_one_output(x, p, q, r, wt):
+        return layer.forward(x, *coefficients.activate(p, q, r, 20), wt, 20, 1e-5, False)
+
+    four, one = layer._function(20, 1e-5, False, None), layer._function(20, 1e-5, True, None)
+    # compiled once here; the parameters are inputs, not constants of the trace
+    compiled_four = mx.compile(lambda x, p, q, r, wt: four(x, p, q, r, wt)[0])
+    compiled_one = mx.compile(lambda x, p, q, r, wt: one(x, p, q, r, wt)[0])
+    compiled_module = mx.compile(module)
+    rows = {
+        "copy x * 1.5": lambda x: x * 1.5,
+        "LAYER launch (coefficients given)": lambda x: layer.forward(x, *H, w, 20, 1e-5, False),
+        "ACTIVATE + LAYER launches": lambda x: layer.forward(x, *coefficients.activate(*raw, 20), w, 20, 1e-5, False),
+        "LAYER inline launch": lambda x: layer.forward(x, *raw, w, 20, 1e-5, True),
+        "custom fn, 2 launches, 4 outputs": lambda x: four(x, *params)[0],
+        "custom fn, 2 launches, 1 output": lambda x: two_launches_one_output(x, *params),
+        "custom fn, inline, 1 output": lambda x: one(x, *params)[0],
+        "compiled: custom fn, 2 launches, 4 outputs": lambda x: compiled_four(x, *params),
+        "compiled: custom fn, inline, 1 output": lambda x: compiled_one(x, *params),
+        "MHCLayer (INLINE_ALWAYS off)": module,
+        "MHCLayer under mx.compile": lambda x: compiled_module(x),
+        "MHCLayer (INLINE_ALWAYS on)": under([(layer, "INLINE_ALWAYS", True)], module),
+    }
+    timed_and_traced(f"static forward host costs, {T}x{n}x{C} bf16", rows, [[x] for x in xs], rounds,
+                     "/tmp/static_host.json", {label: 2 * xs[0].nbytes for label in rows})
+    bench_rows = case_rows(("static", "fwd", (T, n, C), "throughput"), ("static", "fwd+bwd", (T, n, C), "throughput"))
+    alternated_settings("layer.INLINE_ALWAYS", bench_rows,
+                        {"off": [(layer, "INLINE_ALWAYS", False)], "on": [(layer, "INLINE_ALWAYS", True)]}, rounds)
+    step_rows(rounds, ("static", "fwd", (T, n, C)), ("static", "fwd+bwd", (T, n, C)), ("dynamic", "fwd", (T, n, C)),
+              ("dynamic", "fwd+bwd", (T, n, C)))
+
+
+def step_rows(rounds, *specs):
+    """The bench's throughput cases (site, pass, shape; bf16, 10 rotated inputs) eager and as one
+    mx.compile'd step (the bench's +step rows), alternated `rounds` times in this process."""
+    from mhc_mlx.bench import cases as bench_cases
+
+    for site_, pass_, shape in specs:
+        case = bench_cases.Case(site_, pass_, shape, "bfloat16", "throughput")
+        forms = {}
+        for label, step in (("eager", False), ("+step", True)):
+            apply, xs = bench_cases.prepare(case, 10, step)
+            forms[label] = (apply, [[x] for x in xs])
+        times = {label: [] for label in forms}
+        for _ in range(rounds):
+            for label, (apply, sets) in forms.items():
+                times[label].append(tput(apply, sets))
+        cells = [f"{label} {statistics.median(t):6.1f} ({' '.join(f'{v:.0f}' for v in t)})" for label, t in times.items()]
+        print(f"eager / +step, {case.id}, median of {rounds} alternated (us): " + ", ".join(cells))
+
+
 MODES = {
+    "static-host": static_host,
     "wg-plan": wg_plan_sizes,
     "wgmma-ab": wgmma_ab,
     "wgmma-dphi": wgmma_dphi,

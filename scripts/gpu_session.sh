@@ -484,6 +484,11 @@ case "${1:-}" in
     run 200 experiments_wgmma_dphi python scripts/gpu_experiments.py wgmma-dphi
     CHECK_ONLY=coefficients,chain,read_step CHECK_ARGS="--wgmma --dphi-wgmma --mma-vjp" NO_PYTEST=1 check 240
     ;;
+  static-host)
+    # (fifteenth session of 2026-11-30) the static forward's host costs per launch, custom
+    # function output and StopGradient; INLINE_ALWAYS; the bench cases eager against +step
+    run 400 experiments_static_host python scripts/gpu_experiments.py static-host
+    ;;
   wgmma-ab)
     # (fourteenth session of 2026-11-30) the warpgroup-MMA products (the defaults since) against
     # the MMA kernels in the dynamic site, 9 alternated rounds in one process
