@@ -1897,7 +1897,9 @@ def static_host(rounds=7, T=4096, n=4, C=4096):
     }
     timed_and_traced(f"static forward host costs, {T}x{n}x{C} bf16", rows, [[x] for x in xs], rounds,
                      "/tmp/static_host.json", {label: 2 * xs[0].nbytes for label in rows})
-    bench_rows = case_rows(("static", "fwd", (T, n, C), "throughput"), ("static", "fwd+bwd", (T, n, C), "throughput"))
+    bench_rows = case_rows(("static", "fwd", (T, n, C), "throughput"), ("static", "fwd+bwd", (T, n, C), "throughput"),
+                           ("static", "fwd", (2560, n, 2560), "throughput"), ("static", "fwd", (512, n, 1280), "throughput"),
+                           ("static", "fwd", (320, n, 1280), "throughput"), ("static", "fwd+bwd", (512, n, 1280), "throughput"))
     alternated_settings("layer.INLINE_ALWAYS", bench_rows,
                         {"off": [(layer, "INLINE_ALWAYS", False)], "on": [(layer, "INLINE_ALWAYS", True)]}, rounds)
     step_rows(rounds, ("static", "fwd", (T, n, C)), ("static", "fwd+bwd", (T, n, C)), ("dynamic", "fwd", (T, n, C)),

@@ -489,6 +489,13 @@ case "${1:-}" in
     # function output and StopGradient; INLINE_ALWAYS; the bench cases eager against +step
     run 400 experiments_static_host python scripts/gpu_experiments.py static-host
     ;;
+  inline-fix)
+    # (fifteenth session of 2026-11-30) the layer's inline form without x held across its
+    # Sinkhorn (128 registers instead of 144): static-host, then the layer checks with
+    # INLINE_ALWAYS on
+    run 400 experiments_static_host python scripts/gpu_experiments.py static-host
+    CHECK_ONLY=layer CHECK_ARGS="--layer-candidates" NO_PYTEST=1 check 240
+    ;;
   wgmma-ab)
     # (fourteenth session of 2026-11-30) the warpgroup-MMA products (the defaults since) against
     # the MMA kernels in the dynamic site, 9 alternated rounds in one process

@@ -141,9 +141,15 @@ LAYER = KernelSpec(
   const int nwarps = KNT / 32;
   const bool vec = KALIGNED16(xin) && KALIGNED16(xout);
   float xr[CP][N * V];
-  // The first token's x (held in registers) is loaded before the coefficients are ready, so
-  // its loads are in flight while warp 0 runs the Sinkhorn (INLINE) or cf is filled.
-  if (CPT > 0 && KBID < Ttok) {
+  // The first token's x is on its way while the coefficients are made: held in registers when
+  // cf is only filled; asked of L2 while warp 0 runs the Sinkhorn (INLINE), since x held across
+  // the Sinkhorn took 144 registers (one group of 256 threads per SM instead of two).
+  if (INLINE && KBID < Ttok) {
+    for (int cv = tid; cv < nv; cv += KNT) {
+      KUNROLL for (int i = 0; i < N; ++i) KPREFETCH_L2(xin + ((int64_t)KBID * N + i) * C + (int64_t)cv * V);
+    }
+  }
+  if (CPT > 0 && !INLINE && KBID < Ttok) {
     KUNROLL for (int c = 0; c < CP; ++c) {
       const int cv = tid + c * KNT;
       if (cv < nv) {
@@ -164,7 +170,7 @@ LAYER = KernelSpec(
       KUNROLL for (int c = 0; c < CP; ++c) {
         const int cv = tid + c * KNT;
         if (cv < nv) {
-          if (t != KBID) {
+          if (t != KBID || INLINE) {
             KUNROLL for (int i = 0; i < N; ++i) kload<T, V>(xr[c] + i * V, xin, (t * N + i) * C + (int64_t)cv * V, vec);
           }
           ss += mhc_layer_sumsq<T, N, V>(xr[c], cf);
