@@ -316,9 +316,12 @@ SWITCHES = {
     "--mma-vjp": (coefficients, "MMA_VJP", True,
                   "the tensor-core backward of the dynamic coefficients (16-bit x, n <= 4) at every size "
                   "(coefficients.MMA_VJP = True; by default from MMA_MIN_ELEMENTS elements of x)"),
+    "--no-layer-inline": (layer, "INLINE_ALWAYS", False,
+                          "the static layer's two-launch form above LATENCY_TOKENS (a coefficient kernel, then "
+                          "the layer kernel) instead of its single launch (layer.INLINE_ALWAYS = False)"),
     "--layer-candidates": (layer, "INLINE_ALWAYS", True,
-                           "switch on the static layer's candidate: the single-launch form at every token "
-                           "count (layer.INLINE_ALWAYS)"),
+                           "the static layer's single launch at every token count (layer.INLINE_ALWAYS; the "
+                           "default since the fifteenth session of 2026-11-30, kept for the older session stages)"),
     "--layer-coefficient-ops": (layer, "FUSED_COEFFICIENT_VJP", False,
                                 "the layer backward's coefficient gradients as MLX ops instead of one launch "
                                 "(layer.FUSED_COEFFICIENT_VJP = False)"),

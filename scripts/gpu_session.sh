@@ -494,7 +494,7 @@ case "${1:-}" in
     # Sinkhorn (128 registers instead of 144): static-host, then the layer checks with
     # INLINE_ALWAYS on
     run 400 experiments_static_host python scripts/gpu_experiments.py static-host
-    CHECK_ONLY=layer CHECK_ARGS="--layer-candidates" NO_PYTEST=1 check 240
+    CHECK_ONLY=layer CHECK_ARGS="--layer-candidates" NO_PYTEST=1 check 240  # the default since
     ;;
   wgmma-ab)
     # (fourteenth session of 2026-11-30) the warpgroup-MMA products (the defaults since) against

@@ -290,7 +290,7 @@ def test_static_coefficients_and_layer_backward_take_no_gather(monkeypatch, tmp_
     monkeypatch.setattr(kernels, "gpu_backend", build.gpu_backend)
     monkeypatch.setattr(kernels, "on_gpu", build.on_gpu)
     n, C = 4, 24
-    x = mx.zeros((40, n, C))  # 40 tokens: the layer's two-launch form
+    x = mx.zeros((40, n, C))  # 40 tokens: above the latency forms
     hc, ml = mhc.HyperConnection(C, n, dynamic=False), mhc.MHCLayer(n, C)
     mx.eval(hc.parameters(), ml.parameters())
     names = ["H_pre_raw", "H_post_raw", "H_res_raw", "rms_weight"]

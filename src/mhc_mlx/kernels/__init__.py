@@ -234,20 +234,18 @@ def assign_settings(items) -> None:
 def use_candidates(on: bool = True) -> None:
     """Switch this process's kernel candidates on or off (`mhc-mlx bench --candidates`): the
     tensor-core coefficient backward, the fused read step and the chained x cotangent at every
-    size (by default each only where it was faster), and the static layer's single-launch
-    (inline) form at every token count, which passed scripts/gpu_check.py on the H200 but were
-    slower there than the defaults, the glue kernel writing the tensor-core backward's
+    size (by default each only where it was faster), which passed scripts/gpu_check.py on the
+    H200 but were slower there than the defaults, the glue kernel writing the tensor-core backward's
     fragments of gs (within the runs' spread), the kernels' parameter arrays copied into GPU
     memory (faster in one process, not in the next). Off: the shipped defaults."""
     import sys
 
-    from . import build, coefficients, layer
+    from . import build, coefficients
 
     this = sys.modules[__name__]  # assigned as attributes, so the settings epoch sees them
     this.FUSED_READ_STEP = True if on else "auto"
     this.CHAIN_X_COTANGENT = True if on else "auto"
     coefficients.MMA_VJP = True if on else "auto"
-    layer.INLINE_ALWAYS = on
     coefficients.GLUE_PACKS = on
     build.DEVICE_PARAMS = on
 

@@ -23,12 +23,18 @@ from .build import KernelSpec, compiled, compiles_latency, float_bits, float_par
 F32 = mx.float32
 MAX_N = 32
 LATENCY_TOKENS = 16  # up to this many tokens the inline (single-launch) form is used
-# Candidate: the inline form at every token count (one launch instead of the static coefficient
-# kernel's and the layer's). H200 (2026-11-29, 4096 x 4 x 4096 bf16, medians of 5 alternated
-# runs): static fwd 124.3 / 125.3 / 121.1 µs against 124.7 / 131.7 / 117.8 for two launches
-# (three runs), fwd+bwd 370.9 / 366.3 against 359.6 / 364.8, and slower than either with the L2
-# prefetch. Off.
-INLINE_ALWAYS = False
+# The inline form (one launch: each threadgroup runs the Sinkhorn of the raw logits itself) at
+# every token count, not only at T <= LATENCY_TOKENS; False: a one-warp coefficient kernel first,
+# then the layer kernel (two launches). In one eval of many applications the host's work for the
+# second launch is not hidden. H200 (fifteenth session of 2026-11-30, gpu_experiments.py
+# static-host, bf16, 10 rotated inputs, medians of 7 alternated rounds, once the inline form held
+# 128 registers instead of 144): static fwd 4096x4x4096 104.9 µs against 121.4, 2560x4x2560
+# 58.0 / 66.3, 512x4x1280 25.9 / 41.6, 320x4x1280 24.2 / 36.5; fwd+bwd 4096x4x4096 291.8 / 291.4,
+# 512x4x1280 94.7 / 84.7 (both spreads 78-126); traced GPU span at 4096 tokens 71.8 against 73.0
+# µs per application. (Before, with x held across the Sinkhorn, one group fitted per SM: 2026-11-29
+# within the spread, 2026-11-30 149.4 against 115.0 µs.) The backward then runs the coefficient
+# kernel itself.
+INLINE_ALWAYS = True
 # The layer kernels' PF: while a threadgroup writes one token it asks L2 for its token
 # PREFETCH_TOKENS ahead (x, and g in the backward; 0: none), so DRAM keeps reading between a
 # group's load phases; the forward holds 128 registers at 256 threads (two groups per SM), so
