@@ -496,6 +496,11 @@ case "${1:-}" in
     run 400 experiments_static_host python scripts/gpu_experiments.py static-host
     CHECK_ONLY=layer CHECK_ARGS="--layer-candidates" NO_PYTEST=1 check 240  # the default since
     ;;
+  inline-verify)
+    # (fifteenth session of 2026-11-30) the whole pytest -m gpu in four shards with the static
+    # layer's single launch at every token count the default (layer.INLINE_ALWAYS)
+    CHECK_ONLY=none PYTEST_SHARDS=4 check 420
+    ;;
   wgmma-ab)
     # (fourteenth session of 2026-11-30) the warpgroup-MMA products (the defaults since) against
     # the MMA kernels in the dynamic site, 9 alternated rounds in one process
