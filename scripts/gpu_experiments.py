@@ -27,6 +27,7 @@ copy floor two ways, and where B=1 latency goes (Python graph building vs the ev
     python scripts/gpu_experiments.py b1-trace (only each B = 1 form's kernel durations, traced as the bench runs it)
     python scripts/gpu_experiments.py layer-source (only the static forward's LAYER now against before the eighth session)
     python scripts/gpu_experiments.py static-host (only the static forward's host costs per launch and custom function)
+    python scripts/gpu_experiments.py step-trace (only the dynamic fwd+bwd eager against one compiled step, traced)
     python scripts/gpu_experiments.py b1 [ncu]  (only the B = 1 layer kernel by Sinkhorn iterations)
 """
 
@@ -1925,7 +1926,21 @@ def step_rows(rounds, *specs):
         print(f"eager / +step, {case.id}, median of {rounds} alternated (us): " + ", ".join(cells))
 
 
+def step_trace(rounds=3, T=4096, n=4, C=4096):
+    """(fifteenth session) why the dynamic fwd+bwd as one compiled step (+step) ran ~50 µs slower
+    than eager in two processes (kernel-notes row 78): both timed and traced, their kernels listed
+    (an extra copy or a changed kernel form would show there)."""
+    from mhc_mlx.bench import cases as bench_cases
+
+    case = bench_cases.Case("dynamic", "fwd+bwd", (T, n, C), "bfloat16", "throughput")
+    eager, xs = bench_cases.prepare(case, 10)
+    step, _ = bench_cases.prepare(case, 1, True)
+    timed_and_traced(f"dynamic fwd+bwd {T}x{n}x{C} bf16, eager and as one compiled step",
+                     {"eager": eager, "+step": step}, [[x] for x in xs], rounds, "/tmp/step_trace.json")
+
+
 MODES = {
+    "step-trace": step_trace,
     "static-host": static_host,
     "wg-plan": wg_plan_sizes,
     "wgmma-ab": wgmma_ab,

@@ -496,6 +496,10 @@ case "${1:-}" in
     run 400 experiments_static_host python scripts/gpu_experiments.py static-host
     CHECK_ONLY=layer CHECK_ARGS="--layer-candidates" NO_PYTEST=1 check 240  # the default since
     ;;
+  step-trace)
+    # (fifteenth session of 2026-11-30) the dynamic fwd+bwd eager and as one compiled step, traced
+    run 200 experiments_step_trace python scripts/gpu_experiments.py step-trace
+    ;;
   inline-verify)
     # (fifteenth session of 2026-11-30) the whole pytest -m gpu in four shards with the static
     # layer's single launch at every token count the default (layer.INLINE_ALWAYS)
