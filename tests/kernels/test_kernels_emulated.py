@@ -8,6 +8,8 @@ fails; buffers sit between NaN guard regions, so out-of-bounds reads poison the 
 out-of-bounds writes (or writes into inputs) raise. Shapes are small (each GPU thread is a fiber here); the GPU sweep is gpu_check.py.
 """
 
+import inspect
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -1247,6 +1249,38 @@ def test_metal_first_use_checks_pass_on_the_emulated_metal_kernels(monkeypatch, 
         backward = {"sinkhorn_knopp": "mhc_sinkhorn_vjp", "mhc_coefficients": "mhc_coefficients_dynamic_vjp",
                     "mhc_pre": "mhc_pre_vjp", "mhc_post": "mhc_post_vjp", "mhc_layer": "mhc_layer_vjp"}[op]
         assert any(name.startswith(backward) for name in names), names  # its backward kernel ran
+    finally:
+        safety.reset()
+
+
+@pytest.mark.parametrize("flavour", ["metal"])
+def test_metal_first_use_check_runs_every_form_of_the_layer(monkeypatch, flavour):
+    # the layer's check runs the latency kernel, the layer kernel's inline form (what
+    # layer.INLINE_ALWAYS runs above LATENCY_TOKENS) and its two-launch form; an inline form
+    # wrong only above LATENCY_TOKENS fails the check
+    from mhc_mlx import kernels
+    from mhc_mlx.kernels import safety
+
+    monkeypatch.setattr(build, "gpu_backend", lambda: "metal")
+    safety.reset()
+    try:
+        emu.launched.clear()
+        assert safety.verified("mhc_layer", kernels._implementation("mhc_layer")), safety.result("mhc_layer")
+        forms = {(name, template.get("INLINE")) for name, template, *_ in emu.launched
+                 if name.startswith("mhc_layer") and not name.startswith("mhc_layer_vjp")}
+        assert {("mhc_layer_latency", None), ("mhc_layer", True), ("mhc_layer", False)} <= forms, forms
+        right = layer.forward
+        signature = inspect.signature(right)
+
+        def wrong_inline(x, *a, **k):
+            out = right(x, *a, **k)
+            inline = signature.bind(x, *a, **k).arguments["inline"]
+            return out * 1.05 if inline and x.shape[0] > layer.LATENCY_TOKENS else out
+
+        monkeypatch.setattr(layer, "forward", wrong_inline)
+        safety.reset()
+        with pytest.warns(RuntimeWarning, match="one launch"):
+            assert not safety.verified("mhc_layer", kernels._implementation("mhc_layer"))
     finally:
         safety.reset()
 

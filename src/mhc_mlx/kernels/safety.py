@@ -118,16 +118,21 @@ def _check_case(op: str, impl, n: int, dtype) -> None:
     elif op == "mhc_layer":
         pre, post = mx.random.normal((n,), key=k2), mx.random.normal((n,), key=k3)
         res, w = mx.random.normal((n, n), key=k4), mx.ones((C,))
-        # both forms: coefficients inside the one launch, and computed by a launch of their own
-        # (the backward then reuses them)
-        for inline in (True, False):
+        # every form: coefficients inside the one launch (at a few tokens the latency kernel,
+        # above them the layer kernel's inline form, which layer.INLINE_ALWAYS runs there), and
+        # computed by a launch of their own (the backward then reuses them)
+        from .layer import LATENCY_TOKENS
+
+        longer = mx.random.normal((LATENCY_TOKENS + 4, n, C), key=k1).astype(dtype)
+        for x_, inline in ((x, True), (x, False), (longer, True)):
             def kernel_layer(*a, inline=inline):
                 return impl(*a, iters, 1e-5, inline=inline)
 
             def reference_layer(*a):
                 return reference.mhc_layer(*a, iters, 1e-5)
 
-            _matches(kernel_layer, reference_layer, [x, pre, post, res, w], what, dtype)
+            _matches(kernel_layer, reference_layer, [x_, pre, post, res, w],
+                     what + f" ({x_.shape[0]} tokens, {'one launch' if inline else 'two launches'})", dtype)
 
 
 def verified(op: str, impl) -> bool:
