@@ -3,9 +3,10 @@
 out = H_res x + H_post (x) rms_norm(sum_i H_pre_i x_i) * w. A threadgroup owns whole tokens
 (persistent loop): pass 1 sums the squares of the aggregate, pass 2 writes every stream. When
 a thread's share of the token fits in registers (CPT chunks), pass 2 reuses it; else it
-re-reads x (from L2). INLINE (latency path) computes the coefficients inside the kernel from
-the raw logits -- one launch for the whole layer; otherwise a one-warp kernel computes them
-once and every group reads them (throughput path).
+re-reads x (from L2). INLINE computes the coefficients inside the kernel from the raw logits
+(warp 0 of each group) -- one launch for the whole layer, the default at every token count
+(INLINE_ALWAYS); otherwise a one-warp kernel computes them once and every group reads them.
+At a few tokens LAYER_LATENCY, a kernel of its own, takes the single launch.
 
 Roundings follow the reference: the aggregate and the normalised value are rounded to x's
 dtype, as the unfused pre -> rms_norm -> post chain does.
