@@ -235,9 +235,9 @@ def use_candidates(on: bool = True) -> None:
     """Switch this process's kernel candidates on or off (`mhc-mlx bench --candidates`): the
     tensor-core coefficient backward, the fused read step and the chained x cotangent at every
     size (by default each only where it was faster), which passed scripts/gpu_check.py on the
-    H200 but were slower there than the defaults, the glue kernel writing the tensor-core backward's
-    fragments of gs (within the runs' spread), the kernels' parameter arrays copied into GPU
-    memory (faster in one process, not in the next). Off: the shipped defaults."""
+    H200 but were slower there than the defaults; the glue kernel writing the tensor-core
+    backward's fragments of gs (within the runs' spread); the kernels' parameter arrays copied
+    into GPU memory (faster in one process, not in the next). Off: the shipped defaults."""
     import sys
 
     from . import build, coefficients

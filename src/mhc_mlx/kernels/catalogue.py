@@ -110,9 +110,9 @@ def instances():
                 if n <= 8:
                     out.append((site.PRE_VJP_RES, (dt, F32, F32, dt, dt, I32), (dt, F32, F32),
                                 [("T", dt), ("N", n), ("V", V), ("SHARED", shared)]))
-        for n, V, cpt, inline, pf in ((4, 16 // dt.size, 2, True, 0), (4, 16 // dt.size, 2, True, 1), (4, 16 // dt.size, 2, False, 1),
-                                      (4, 16 // dt.size, 2, False, 2), (4, 16 // dt.size, 0, False, 1),
-                                      (32, 1, 0, False, 0)):
+        for n, V, cpt, inline, pf in ((4, 16 // dt.size, 2, True, 0), (4, 16 // dt.size, 2, True, 1),
+                                      (4, 16 // dt.size, 2, False, 1), (4, 16 // dt.size, 2, False, 2),
+                                      (4, 16 // dt.size, 0, False, 1), (32, 1, 0, False, 0)):
             out.append((layer.LAYER, (dt, F32, F32, F32, F32, I32, F32), (dt,),
                         [("T", dt), ("N", n), ("V", V), ("CPT", cpt), ("INLINE", inline), ("PF", pf)]))
         for n, V, cpt, C, iters in ((4, 16 // dt.size, 1, 512, 20), (8, 4, 2, 1000, 20), (1, 1, 1, 33, 7),

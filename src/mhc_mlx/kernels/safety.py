@@ -16,6 +16,7 @@ import mlx.core as mx
 
 from .. import reference
 from .build import bump_settings, watch
+from .layer import LATENCY_TOKENS
 
 # op -> "ok" or "failed: <why>"
 _results: dict[str, str] = {}
@@ -121,8 +122,6 @@ def _check_case(op: str, impl, n: int, dtype) -> None:
         # every form: coefficients inside the one launch (at a few tokens the latency kernel,
         # above them the layer kernel's inline form, which layer.INLINE_ALWAYS runs there), and
         # computed by a launch of their own (the backward then reuses them)
-        from .layer import LATENCY_TOKENS
-
         longer = mx.random.normal((LATENCY_TOKENS + 4, n, C), key=k1).astype(dtype)
         for x_, inline in ((x, True), (x, False), (longer, True)):
             def kernel_layer(*a, inline=inline):
