@@ -57,6 +57,10 @@
 #   bash scripts/gpu_session.sh wgmma2       # dphi by warpgroup MMA (not yet run): timings, checks with both
 #   bash scripts/gpu_session.sh wgmma-ab     # the warpgroup-MMA products (defaults) against the MMA kernels, site
 #   bash scripts/gpu_session.sh wgmma-verify # both warpgroup-MMA products on: site/layer checks, pytest -m gpu
+#   bash scripts/gpu_session.sh static-host  # the static forward's host costs: launches, custom function, +step
+#   bash scripts/gpu_session.sh inline-fix   # static-host again, then the layer checks with the single launch
+#   bash scripts/gpu_session.sh inline-verify # pytest -m gpu in four shards (the single-launch layer the default)
+#   bash scripts/gpu_session.sh step-trace   # the dynamic fwd+bwd eager against one compiled step, traced
 #   bash scripts/gpu_session.sh pipelined    # the target cases' bench with --pipelined (ours), then the throughput trace
 #   bash scripts/gpu_session.sh anatomy-bench  # where the B = 1 static launch's time goes; the target bench
 #   bash scripts/gpu_session.sh gpu-tests    # pytest -m gpu alone
@@ -494,7 +498,7 @@ case "${1:-}" in
     # Sinkhorn (128 registers instead of 144): static-host, then the layer checks with
     # INLINE_ALWAYS on
     run 400 experiments_static_host python scripts/gpu_experiments.py static-host
-    CHECK_ONLY=layer CHECK_ARGS="--layer-candidates" NO_PYTEST=1 check 240  # the default since
+    CHECK_ONLY=layer CHECK_ARGS="--layer-candidates" NO_PYTEST=1 check 240
     ;;
   step-trace)
     # (fifteenth session of 2026-11-30) the dynamic fwd+bwd eager and as one compiled step, traced
