@@ -1939,7 +1939,27 @@ def step_trace(rounds=3, T=4096, n=4, C=4096):
                      {"eager": eager, "+step": step}, [[x] for x in xs], rounds, "/tmp/step_trace.json")
 
 
+def wg_time(rounds=5, T=4096, K=16384, W=24):
+    """(fifteenth session) the warpgroup-MMA products at their default launch sizes, each alone on
+    10 rotated x [T, K] bf16, timed and traced: the forward's partials (phi packed before) and
+    dphi (gs packed inside), after their double-buffered loop became one shared helper
+    (mhc_wg_steps); rows 74-76 measured them before."""
+    from mhc_mlx.kernels import coefficients_mma as cm
+    from mhc_mlx.kernels import coefficients_mma_vjp as cmv
+
+    xs = [mx.random.normal((T, K)).astype(BF) for _ in range(10)]
+    phi = 0.01 * mx.random.normal((K, W))
+    gs = mx.random.normal((T, W)) * 0.01
+    pk = cm.pack_phi_wg(phi)
+    mx.eval(xs, phi, gs, pk)
+    rows = {"forward partials (MMA_WG)": lambda x: cm.partial_products(x, phi, pk),
+            "dphi (DPHI_WG)": lambda x: cmv.dphi(x, gs)}
+    timed_and_traced(f"warpgroup products, {T} x {K} bf16 x", rows, [[x] for x in xs], rounds,
+                     "/tmp/wg_time.json", {label: xs[0].nbytes for label in rows})
+
+
 MODES = {
+    "wg-time": wg_time,
     "step-trace": step_trace,
     "static-host": static_host,
     "wg-plan": wg_plan_sizes,

@@ -61,6 +61,7 @@
 #   bash scripts/gpu_session.sh inline-fix   # static-host again, then the layer checks with the single launch
 #   bash scripts/gpu_session.sh inline-verify # pytest -m gpu in four shards (the single-launch layer the default)
 #   bash scripts/gpu_session.sh step-trace   # the dynamic fwd+bwd eager against one compiled step, traced
+#   bash scripts/gpu_session.sh wg-steps     # the warpgroup kernels' shared loop: checks, GPU tests, timing
 #   bash scripts/gpu_session.sh pipelined    # the target cases' bench with --pipelined (ours), then the throughput trace
 #   bash scripts/gpu_session.sh anatomy-bench  # where the B = 1 static launch's time goes; the target bench
 #   bash scripts/gpu_session.sh gpu-tests    # pytest -m gpu alone
@@ -503,6 +504,14 @@ case "${1:-}" in
   step-trace)
     # (fifteenth session of 2026-11-30) the dynamic fwd+bwd eager and as one compiled step, traced
     run 200 experiments_step_trace python scripts/gpu_experiments.py step-trace
+    ;;
+  wg-steps)
+    # (fifteenth session of 2026-11-30) MMA_WG and DPHI_WG with their loop in one helper
+    # (mhc_wg_steps): the coefficient checks with the tensor-core backward at every size, the
+    # warpgroup GPU tests, then both kernels timed and traced
+    CHECK_ONLY=coefficients CHECK_ARGS="--mma-vjp" NO_PYTEST=1 check 150
+    run 100 pytest_warpgroup python -m pytest -q -m gpu tests -p no:cacheprovider -k warpgroup -rs
+    run 60 experiments_wg_time python scripts/gpu_experiments.py wg-time
     ;;
   inline-verify)
     # (fifteenth session of 2026-11-30) the whole pytest -m gpu in four shards with the static

@@ -356,6 +356,43 @@ __device__ __forceinline__ void mhc_wg_stage(uint4* dst, const uint4 (&r)[(N + 1
   }
   mhc_smem_to_async();
 }
+// a = b for the x words of a step, an array of any rank (unrolled to its words)
+template <typename W>
+__device__ __forceinline__ void mhc_wg_copy(W& a, const W& b) { a = b; }
+template <typename W, int M>
+__device__ __forceinline__ void mhc_wg_copy(W (&a)[M], const W (&b)[M]) {
+  #pragma unroll
+  for (int i = 0; i < M; ++i) mhc_wg_copy(a[i], b[i]);
+}
+// The double-buffered loop both warpgroup kernels run over `steps` steps. Step i's B pieces (N
+// 16-byte pieces at src + i N) wait in smem[i & 1] and its x words in cur; the next step's x
+// (load(i + 1, nxt)) and B pieces (registers) are loaded before step i's products
+// (product(buf): its wgmma's, committed and waited on), and staged after them, as the buffer's
+// last readers are then done.
+template <int N, typename XW, typename Load, typename Product>
+__device__ __forceinline__ void mhc_wg_steps(int steps, const uint4* src, uint4 (*smem)[N], int tid, XW& cur,
+                                             XW& nxt, Load load, Product product) {
+  uint4 pn[(N + 127) / 128];  // the next step's B pieces of this thread
+  if (steps > 0) {
+    load(0, cur);
+    mhc_wg_fetch<N>(src, pn, tid);
+    mhc_wg_stage<N>(smem[0], pn, tid);
+  }
+  KBARRIER();
+  for (int i = 0; i < steps; ++i) {
+    const int buf = i & 1;
+    if (i + 1 < steps) {
+      load(i + 1, nxt);
+      mhc_wg_fetch<N>(src + (int64_t)(i + 1) * N, pn, tid);
+    }
+    product(buf);
+    if (i + 1 < steps) {
+      mhc_wg_stage<N>(smem[buf ^ 1], pn, tid);
+      mhc_wg_copy(cur, nxt);
+    }
+    KBARRIER();
+  }
+}
 """
 
 # The partials (MMA's outputs and parameters) by warpgroup MMA, bfloat16 x, n = 4 (24 columns).
@@ -414,8 +451,8 @@ MMA_WG = KernelSpec(
   }
   uint32_t wx[MW][2][2][4];  // [m][u][h][word] of the chunk computed
   uint32_t wn[MW][2][2][4];  // ... of the next chunk
-  uint4 pn[(CH16 + 127) / 128];  // the next chunk's phi pieces of this thread
-  auto load_x = [&](int kb, uint32_t (&dst)[MW][2][2][4]) {
+  auto load_x = [&](int chunk, uint32_t (&dst)[MW][2][2][4]) {
+    const int kb = k0 + 64 * chunk;
     #pragma unroll
     for (int m = 0; m < MW; ++m) {
       #pragma unroll
@@ -428,19 +465,7 @@ MMA_WG = KernelSpec(
       }
     }
   };
-  const uint4* pkc = pk4 + (int64_t)(k0 / 64) * CH16;  // the split's first chunk (k0 a multiple of 64)
-  if (nch > 0) {
-    load_x(k0, wx);
-    mhc_wg_fetch<CH16>(pkc, pn, tid);
-    mhc_wg_stage<CH16>(mhc_phi[0], pn, tid);
-  }
-  KBARRIER();
-  for (int i = 0; i < nch; ++i) {
-    const int buf = i & 1;
-    if (i + 1 < nch) {
-      load_x(k0 + 64 * (i + 1), wn);
-      mhc_wg_fetch<CH16>(pkc + (int64_t)(i + 1) * CH16, pn, tid);
-    }
+  auto products = [&](int buf) {
     // sums of squares of this chunk's x (MMA's split of each word)
     uint32_t af[MW][4][4];  // [m][step][A register]
     #pragma unroll
@@ -469,22 +494,9 @@ MMA_WG = KernelSpec(
     }
     mhc_wg_commit();
     mhc_wg_wait();
-    if (i + 1 < nch) {
-      mhc_wg_stage<CH16>(mhc_phi[buf ^ 1], pn, tid);  // its last readers (chunk i - 1's wgmma's) are done
-      #pragma unroll
-      for (int m = 0; m < MW; ++m) {
-        #pragma unroll
-        for (int u = 0; u < 2; ++u) {
-          #pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            #pragma unroll
-            for (int q = 0; q < 4; ++q) wx[m][u][h][q] = wn[m][u][h][q];
-          }
-        }
-      }
-    }
-    KBARRIER();
-  }
+  };
+  // the split's first chunk (k0 a multiple of 64)
+  mhc_wg_steps<CH16>(nch, pk4 + (int64_t)(k0 / 64) * CH16, mhc_phi, tid, wx, wn, load_x, products);
 
   #pragma unroll
   for (int m = 0; m < MW; ++m) {

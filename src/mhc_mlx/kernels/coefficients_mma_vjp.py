@@ -551,27 +551,15 @@ DPHI_WG = KernelSpec(
   }
   uint32_t xw[4][4];  // [u][word]: tokens ts + 2c + (u & 1) + 8 (u >> 1), k kx .. kx + 8
   uint32_t xn[4][4];  // ... of the next step
-  uint4 gn[(ST16 + 127) / 128];  // the next step's gs pieces of this thread
-  auto load_x = [&](int ts, uint32_t (&dst)[4][4]) {
+  auto load_x = [&](int step, uint32_t (&dst)[4][4]) {
+    const int ts = t0 + 16 * step;
     #pragma unroll
     for (int u = 0; u < 4; ++u) {
       const int t = ts + 2 * c + (u & 1) + 8 * (u >> 1);
       mhc_load_x8<T>(t < t1 ? xin + (int64_t)t * K : nullptr, kx, K, xvec, dst[u]);
     }
   };
-  const uint4* gsc = gs4 + (int64_t)(t0 / 16) * ST16;  // the split's first step
-  if (nst > 0) {
-    load_x(t0, xw);
-    mhc_wg_fetch<ST16>(gsc, gn, tid);
-    mhc_wg_stage<ST16>(mhc_gs[0], gn, tid);
-  }
-  KBARRIER();
-  for (int i = 0; i < nst; ++i) {
-    const int buf = i & 1;
-    if (i + 1 < nst) {
-      load_x(t0 + 16 * (i + 1), xn);
-      mhc_wg_fetch<ST16>(gsc + (int64_t)(i + 1) * ST16, gn, tid);
-    }
+  auto products = [&](int buf) {
     uint32_t af[4][4];  // DPHI's A fragment of tile q (bfloat16 x: the words are the parts)
     #pragma unroll
     for (int q = 0; q < 4; ++q) mhc_dphi_a(xw, q, af[q]);
@@ -586,16 +574,9 @@ DPHI_WG = KernelSpec(
     }
     mhc_wg_commit();
     mhc_wg_wait();
-    if (i + 1 < nst) {
-      mhc_wg_stage<ST16>(mhc_gs[buf ^ 1], gn, tid);  // its last readers (step i - 1's wgmma's) are done
-      #pragma unroll
-      for (int u = 0; u < 4; ++u) {
-        #pragma unroll
-        for (int q = 0; q < 4; ++q) xw[u][q] = xn[u][q];
-      }
-    }
-    KBARRIER();
-  }
+  };
+  // the split's first step
+  mhc_wg_steps<ST16>(nst, gs4 + (int64_t)(t0 / 16) * ST16, mhc_gs, tid, xw, xn, load_x, products);
   mhc_dphi_store<NT>(part, split, K, kx, lane, acc);
 """,
 )
