@@ -612,9 +612,14 @@ def hopper() -> bool:
         return False
 
 
+def warpgroup_fits(x2: mx.array, W: int) -> bool:
+    """What both warpgroup-MMA kernels take: bfloat16 x, 24 columns (n = 4), a Hopper GPU."""
+    return x2.dtype == mx.bfloat16 and W == 24 and hopper()
+
+
 def wg_applies(x2: mx.array, W: int) -> bool:
-    """MMA_WG takes the partials: WGMMA on (the default), bfloat16 x, 24 columns (n = 4), a Hopper GPU."""
-    return WGMMA and x2.dtype == mx.bfloat16 and W == 24 and hopper()
+    """MMA_WG takes the partials: WGMMA on (the default) and warpgroup_fits."""
+    return WGMMA and warpgroup_fits(x2, W)
 
 
 def wg_plan(T: int, K: int) -> tuple[int, int, int]:

@@ -581,6 +581,7 @@ DPHI_WG = KernelSpec(
 """,
 )
 
+
 def pack_gs_wg(gs: mx.array, parts: int = DPHI_PARTS) -> mx.array:
     """gs [T, 24] float32 -> DPHI_WG's order (see pack_gs_wg_reference), in one launch
     (coefficients_mma.PACK_WG)."""
@@ -599,8 +600,8 @@ def pack_gs_wg_reference(gs: mx.array, parts: int = DPHI_PARTS) -> mx.array:
 
 
 def dphi_wg_applies(x2: mx.array, W: int) -> bool:
-    """DPHI_WG takes dphi: DPHI_WGMMA on (the default), bfloat16 x, 24 columns (n = 4), a Hopper GPU."""
-    return DPHI_WGMMA and x2.dtype == mx.bfloat16 and W == 24 and coefficients_mma.hopper()
+    """DPHI_WG takes dphi: DPHI_WGMMA on (the default) and coefficients_mma.warpgroup_fits."""
+    return DPHI_WGMMA and coefficients_mma.warpgroup_fits(x2, W)
 
 
 # Candidate (coefficients.GLUE_PACKS; passed the H200 checks on 2026-11-30, not faster there
