@@ -46,6 +46,7 @@
 #   bash scripts/gpu_session.sh verify10     # pytest -m gpu (four shards) + read-step checks; B = 1 pinned
 #   bash scripts/gpu_session.sh verify-standins  # coefficient, chain and read-step checks (build.standin)
 #   bash scripts/gpu_session.sh tile-reuse   # one launch reading a tile once for row sums and output
+#   bash scripts/gpu_session.sh clusters     # tile-reuse with the thread-block cluster form; malloc-growth
 #   bash scripts/gpu_session.sh one-pass-split  # each launch of the split form alone beside today's
 #   bash scripts/gpu_session.sh one-pass4    # chain checks with the one pass in $FORM, bench on / off twice
 #   bash scripts/gpu_session.sh one-pass-mma # FORM mma: the breakdown, its GPU tests, one-pass4's checks, bench
@@ -504,6 +505,14 @@ case "${1:-}" in
   step-trace)
     # (fifteenth session of 2026-11-30) the dynamic fwd+bwd eager and as one compiled step, traced
     run 200 experiments_step_trace python scripts/gpu_experiments.py step-trace
+    ;;
+  clusters)
+    # (sixteenth session of 2026-11-30) does a compile-time thread-block cluster survive MLX's
+    # launch, and does a tile exchanging its sums in the cluster read x once at copy speed
+    # (tile_reuse.py's CLUSTER form beside its other forms)? Then does the bench's eval still
+    # allocate from CUDA after its warm-up (MLX's held memory per eval)?
+    run 150 experiments_tile_reuse python scripts/gpu_experiments.py tile-reuse
+    run 90 experiments_malloc_growth python scripts/gpu_experiments.py malloc-growth
     ;;
   wg-steps)
     # (fifteenth session of 2026-11-30) MMA_WG and DPHI_WG with their loop in one helper

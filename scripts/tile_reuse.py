@@ -29,6 +29,8 @@ there: its first threadgroup would wait for ones that never start).
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import mlx.core as mx
 
 from mhc_mlx.kernels.build import KernelSpec, int_params, launch
@@ -189,6 +191,98 @@ WAIT = _tile_spec("mhc_tile_reuse_wait", r"""
     kstore<T, 8>(y, base + (int64_t)r * K + c, v[j], true);
   }
 """)
+
+
+# CLUSTER: as WAIT (each threadgroup keeps its slice of x in registers and writes it), but a
+# tile's S threadgroups are one thread-block cluster (sm_90): they exchange their slices' row
+# sums through distributed shared memory and wait at the cluster's hardware barrier instead of
+# a global counter. MLX 0.32.4 launches custom kernels without a cluster dimension and writes
+# the kernel's declaration itself; a cluster size given at compile time (__cluster_dims__) is
+# honoured by a plain launch, so the header redefines __global__ to carry it. Threadgroup b:
+# tile b / S, columns (b % S) * KS .. (its rank in the cluster); a row of the slice is VR = KS / 8
+# vectors, A = VR / KNT per thread, VPT = TT * A in all. On the CPU emulator S must be 1 (one
+# threadgroup at a time): its cluster calls are then a threadgroup barrier and a local pointer.
+CLUSTER_HELPERS = r"""
+#ifdef MHC_BACKEND_CPU_EMULATION
+KDEV void tr_cluster_sync() { KBARRIER(); }
+KDEV const float* tr_cluster_peer(const float* p, int rank) { return p; }
+#else
+#undef __global__
+#define __global__ __attribute__((global)) __cluster_dims__(TR_CLUSTER_S, 1, 1)
+// barrier.cluster.arrive.release + wait.acquire: this threadgroup's shared writes are seen by
+// the cluster's other threadgroups after it, and every thread of the cluster waits at it
+KDEV void tr_cluster_sync() { cooperative_groups::this_cluster().sync(); }
+KDEV const float* tr_cluster_peer(const float* p, int rank) {
+  return cooperative_groups::this_cluster().map_shared_rank(const_cast<float*>(p), rank);
+}
+#endif
+"""
+
+
+@lru_cache(maxsize=None)
+def cluster_spec(S: int) -> KernelSpec:
+    """The CLUSTER form for clusters of S threadgroups (S is part of the header, not a template
+    value: the declaration's attribute needs it before the body's constants exist)."""
+    return KernelSpec(
+        name=f"mhc_tile_reuse_cluster{S}", inputs=("x", "iparam"), outputs=("y",),
+        helpers=f"#define TR_CLUSTER_S {S}\n" + CLUSTER_HELPERS, body=r"""
+  const int K = iparam[1];
+  const int KS = K / S;
+  const int VR = KS / 8;
+  const int tile = KBID / S, slice = KBID % S;
+  KSHARED float red[VPT][32];
+  KSHARED float rows_s[TT];  // this slice's sums of squares per row, read by the whole cluster
+  KSHARED float inv_s[TT];
+  const int64_t base = (int64_t)tile * TT * K + (int64_t)slice * KS;
+  float v[VPT][8];
+  KUNROLL for (int j = 0; j < VPT; ++j) {
+    const int q = KTID + j * KNT, r = q / VR, c = 8 * (q % VR);
+    kload<T, 8>(v[j], x, base + (int64_t)r * K + c, true);
+  }
+  KUNROLL for (int j = 0; j < VPT; ++j) {
+    float s = 0.0f;
+    KUNROLL for (int e = 0; e < 8; ++e) s += v[j][e] * v[j][e];
+    s = kwarp_sum(s);
+    if (KLANE == 0) red[j][KWARP] = s;
+  }
+  KBARRIER();
+  // row r is j = r A .. r A + A - 1 over all warps (VR = A KNT)
+  if (KTID < TT) {
+    const int A = VPT / TT;
+    float t = 0.0f;
+    for (int j = KTID * A; j < (KTID + 1) * A; ++j)
+      for (int w = 0; w < KNT / 32; ++w) t += red[j][w];
+    rows_s[KTID] = t;
+  }
+  tr_cluster_sync();
+  if (KTID < TT) {
+    float t = 0.0f;
+    for (int s2 = 0; s2 < S; ++s2) t += tr_cluster_peer(rows_s, s2)[KTID];
+    inv_s[KTID] = 1.0f / KSQRT(t / (float)K + 1e-6f);
+  }
+  // every peer's reads of rows_s done before any threadgroup of the cluster leaves, and inv_s
+  // seen by the whole threadgroup
+  tr_cluster_sync();
+  KUNROLL for (int j = 0; j < VPT; ++j) {
+    const int q = KTID + j * KNT, r = q / VR, c = 8 * (q % VR);
+    const float s = inv_s[r];
+    KUNROLL for (int e = 0; e < 8; ++e) v[j][e] *= s;
+    kstore<T, 8>(y, base + (int64_t)r * K + c, v[j], true);
+  }
+""")
+
+
+def cluster_launch(x, TT: int = 4, S: int = 8):
+    """CLUSTER: y in one launch, x read once, a tile's sums exchanged inside its cluster."""
+    T, K = x.shape if x.ndim == 2 else (0, 0)
+    if (x.ndim != 2 or x.dtype not in (mx.bfloat16, mx.float16) or S not in (1, 2, 4, 8) or T % TT
+            or K % (8 * THREADS * S)):
+        raise ValueError(f"the cluster form needs 16-bit x [T, K] with T a multiple of TT = {TT}, S in 1, 2, 4, 8 "
+                         f"and K a multiple of 8 * {THREADS} * S = {8 * THREADS * S}; got {x.dtype} {tuple(x.shape)}")
+    tiles = T // TT
+    vpt = TT * (K // S // 8 // THREADS)
+    return launch(cluster_spec(S), [x, int_params(T, K)], [((T, K), x.dtype)], tiles * S * THREADS, THREADS,
+                  [("T", x.dtype), ("TT", TT), ("VPT", vpt), ("S", S)])[0]
 
 
 def _check(x, TT, S):

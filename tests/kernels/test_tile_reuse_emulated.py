@@ -1,7 +1,8 @@
 """scripts/tile_reuse.py's experiment kernels on the CPU emulator against float64: the two-launch
-form and the one-launch form whose last threadgroup per tile writes the tile (WAIT needs its
-tile's threadgroups resident together, which the emulator's one-at-a-time cannot give; it is
-checked against the reference on the GPU before it is timed, gpu_experiments.py tile-reuse)."""
+form, the one-launch form whose last threadgroup per tile writes the tile, and the cluster form
+with clusters of one threadgroup (WAIT and clusters of several need their tile's threadgroups
+resident together, which the emulator's one-at-a-time cannot give; they are checked against the
+reference on the GPU before they are timed, gpu_experiments.py tile-reuse)."""
 
 import os
 import sys
@@ -36,19 +37,26 @@ def _want(x):
 
 
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
-@pytest.mark.parametrize("form", ["two launches", "last"])
+@pytest.mark.parametrize("form", ["two launches", "last", "cluster"])
 def test_tile_reuse_forms_match_float64(tile_reuse, dtype, form):
     T, S, TT = 32, 4, 16
     x = (3 * mx.random.normal((T, 512 * S))).astype(dtype)
     # rows of very different scales, so a row given another row's sum would show
     x = x * mx.arange(1, T + 1).reshape(T, 1).astype(dtype)
     mx.eval(x)
-    y = tile_reuse.two_launches(x) if form == "two launches" else tile_reuse.one_launch(x, "last", TT=TT, S=S)
+    if form == "two launches":
+        y = tile_reuse.two_launches(x)
+    elif form == "last":
+        y = tile_reuse.one_launch(x, "last", TT=TT, S=S)
+    else:  # one threadgroup a cluster, a tile of 4 rows, each row's 2048 channels one vector a thread
+        y = tile_reuse.cluster_launch(x, TT=4, S=1)
     got = np.array(y.astype(mx.float32), dtype=np.float64)
     want = _want(x)
     assert np.isfinite(got).all()
     assert np.max(np.abs(got - want)) / np.max(np.abs(want)) <= 1e-2
     names = [name for name, *_ in emu.launched]
+    if form == "cluster":
+        assert names == ["mhc_tile_reuse_cluster1"]
     if form == "last":
         assert names == ["mhc_tile_reuse_last"]
         # the MLX-ops form the GPU experiment also times, as a check of the reference itself
@@ -97,3 +105,10 @@ def test_the_experiment_runs_and_reports_every_form(tile_reuse, monkeypatch, cap
     assert "all finite False" in checks["wait"]
     for form in ("two launches", "last re-reads"):
         assert float(checks[form].split("max rel err ")[1].split()[0]) <= 1e-2
+
+
+def test_the_cluster_form_refuses_shapes_it_does_not_cover(tile_reuse):
+    with pytest.raises(ValueError, match="S in 1, 2, 4, 8"):
+        tile_reuse.cluster_launch(mx.zeros((32, 2048), mx.bfloat16), TT=4, S=3)
+    with pytest.raises(ValueError, match="K a multiple of"):
+        tile_reuse.cluster_launch(mx.zeros((32, 2048), mx.bfloat16), TT=4, S=2)
