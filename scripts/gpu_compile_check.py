@@ -35,7 +35,8 @@ def experiment_instances() -> list:
         template = [("T", bf), ("TT", 16), ("VPT", 4)] + ([("SPIN", tr.SPIN_LIMIT)] if spec is tr.WAIT else [])
         out.append((spec, (bf, i32, i32), (bf, f32), template))
     for S in (2, 4, 8):
-        out.append((tr.cluster_spec(S), (bf, i32), (bf,), [("T", bf), ("TT", 4), ("VPT", 4 * 8 // S), ("S", S)]))
+        for spec in (tr.cluster_spec(S), tr.persistent_spec(S)):
+            out.append((spec, (bf, i32), (bf,), [("T", bf), ("TT", 4), ("VPT", 4 * 8 // S), ("S", S)]))
     return out
 
 

@@ -1489,8 +1489,12 @@ exchanging its sums through distributed shared memory; with the copy (x * 1.5) a
     forms = {"two launches": tr.two_launches, "last re-reads": lambda x: tr.one_launch(x, "last", TT, S),
              "wait": lambda x: tr.one_launch(x, "wait", TT, S)}
     # the cluster form (sixteenth session): a tile's threadgroups one thread-block cluster
-    for cs, ct in ((8, 4), (8, 8), (4, 4)):
-        forms[f"cluster {cs}, {ct} rows"] = lambda x, cs=cs, ct=ct: tr.cluster_launch(x, ct, cs)
+    # (first run: 8 a cluster, 4 rows a tile 166.9 µs; 8 rows 386.2; 4 a cluster 388.1, against
+    # two launches' 127.4), then persistent clusters with the next tile's loads in flight
+    forms["cluster 8, 4 rows"] = lambda x: tr.cluster_launch(x, 4, 8)
+    for ct, groups in ((4, 264), (4, 132), (2, 528), (2, 396)):
+        forms[f"persistent 8, {ct} rows, {groups} groups"] = (
+            lambda x, ct=ct, groups=groups: tr.persistent_launch(x, ct, 8, groups))
     want = tr.reference(xs[0]).astype(mx.float32)
     for label in list(forms):
         try:

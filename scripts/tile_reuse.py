@@ -272,13 +272,105 @@ def cluster_spec(S: int) -> KernelSpec:
 """)
 
 
-def cluster_launch(x, TT: int = 4, S: int = 8):
-    """CLUSTER: y in one launch, x read once, a tile's sums exchanged inside its cluster."""
+# PERSISTENT: the CLUSTER form with fewer clusters than tiles, each looping over tiles, and the
+# next tile's slice loaded into a second set of registers before this tile's exchange, so a
+# threadgroup keeps loads in flight while it waits at the cluster barrier (the CLUSTER form sits
+# idle there). rows_s is double-buffered: a peer may still read one tile's sums while this
+# threadgroup writes the next's; the one after that reuses the buffer only past another cluster
+# barrier, which every peer reaches after its reads.
+@lru_cache(maxsize=None)
+def persistent_spec(S: int) -> KernelSpec:
+    return KernelSpec(
+        name=f"mhc_tile_reuse_persistent{S}", inputs=("x", "iparam"), outputs=("y",),
+        helpers=f"#define TR_CLUSTER_S {S}\n" + CLUSTER_HELPERS, body=r"""
+  const int rows = iparam[0];
+  const int K = iparam[1];
+  const int KS = K / S;
+  const int VR = KS / 8;
+  const int tiles = rows / TT;
+  const int slice = KBID % S, clusters = KNB / S;
+  KSHARED float red[VPT][32];
+  KSHARED float rows_s[2][TT];
+  KSHARED float inv_s[TT];
+  float v[VPT][8], vn[VPT][8];
+  int tile = KBID / S;
+  int buf = 0;
+  if (tile < tiles) {
+    const int64_t base = (int64_t)tile * TT * K + (int64_t)slice * KS;
+    KUNROLL for (int j = 0; j < VPT; ++j) {
+      const int q = KTID + j * KNT, r = q / VR, c = 8 * (q % VR);
+      kload<T, 8>(v[j], x, base + (int64_t)r * K + c, true);
+    }
+  }
+  for (; tile < tiles; tile += clusters, buf ^= 1) {
+    const int64_t base = (int64_t)tile * TT * K + (int64_t)slice * KS;
+    KUNROLL for (int j = 0; j < VPT; ++j) {
+      float s = 0.0f;
+      KUNROLL for (int e = 0; e < 8; ++e) s += v[j][e] * v[j][e];
+      s = kwarp_sum(s);
+      if (KLANE == 0) red[j][KWARP] = s;
+    }
+    KBARRIER();
+    if (KTID < TT) {
+      const int A = VPT / TT;
+      float t = 0.0f;
+      for (int j = KTID * A; j < (KTID + 1) * A; ++j)
+        for (int w = 0; w < KNT / 32; ++w) t += red[j][w];
+      rows_s[buf][KTID] = t;
+    }
+    const int next = tile + clusters;
+    if (next < tiles) {  // in flight across the exchange
+      const int64_t nbase = (int64_t)next * TT * K + (int64_t)slice * KS;
+      KUNROLL for (int j = 0; j < VPT; ++j) {
+        const int q = KTID + j * KNT, r = q / VR, c = 8 * (q % VR);
+        kload<T, 8>(vn[j], x, nbase + (int64_t)r * K + c, true);
+      }
+    }
+    tr_cluster_sync();
+    if (KTID < TT) {
+      float t = 0.0f;
+      for (int s2 = 0; s2 < S; ++s2) t += tr_cluster_peer(&rows_s[buf][0], s2)[KTID];
+      inv_s[KTID] = 1.0f / KSQRT(t / (float)K + 1e-6f);
+    }
+    KBARRIER();
+    KUNROLL for (int j = 0; j < VPT; ++j) {
+      const int q = KTID + j * KNT, r = q / VR, c = 8 * (q % VR);
+      const float sc = inv_s[r];
+      KUNROLL for (int e = 0; e < 8; ++e) v[j][e] *= sc;
+      kstore<T, 8>(y, base + (int64_t)r * K + c, v[j], true);
+    }
+    KUNROLL for (int j = 0; j < VPT; ++j)
+      KUNROLL for (int e = 0; e < 8; ++e) v[j][e] = vn[j][e];
+    // red and inv_s are rewritten next tile: every thread past its reads of both
+    KBARRIER();
+  }
+  tr_cluster_sync();  // no threadgroup leaves while a peer may still read its rows_s
+""")
+
+
+def persistent_launch(x, TT: int = 4, S: int = 8, groups: int = 264):
+    """PERSISTENT: as cluster_launch, in about `groups` threadgroups (a multiple of S) looping over
+    the tiles with the next tile's loads in flight across each exchange."""
+    _cluster_check(x, TT, S)
+    T, K = x.shape
+    nb = S * max(1, min(T // TT, groups // S))
+    vpt = TT * (K // S // 8 // THREADS)
+    return launch(persistent_spec(S), [x, int_params(T, K)], [((T, K), x.dtype)], nb * THREADS, THREADS,
+                  [("T", x.dtype), ("TT", TT), ("VPT", vpt), ("S", S)])[0]
+
+
+def _cluster_check(x, TT, S):
     T, K = x.shape if x.ndim == 2 else (0, 0)
     if (x.ndim != 2 or x.dtype not in (mx.bfloat16, mx.float16) or S not in (1, 2, 4, 8) or T % TT
             or K % (8 * THREADS * S)):
         raise ValueError(f"the cluster form needs 16-bit x [T, K] with T a multiple of TT = {TT}, S in 1, 2, 4, 8 "
                          f"and K a multiple of 8 * {THREADS} * S = {8 * THREADS * S}; got {x.dtype} {tuple(x.shape)}")
+
+
+def cluster_launch(x, TT: int = 4, S: int = 8):
+    """CLUSTER: y in one launch, x read once, a tile's sums exchanged inside its cluster."""
+    _cluster_check(x, TT, S)
+    T, K = x.shape
     tiles = T // TT
     vpt = TT * (K // S // 8 // THREADS)
     return launch(cluster_spec(S), [x, int_params(T, K)], [((T, K), x.dtype)], tiles * S * THREADS, THREADS,

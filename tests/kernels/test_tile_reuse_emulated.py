@@ -1,7 +1,8 @@
 """scripts/tile_reuse.py's experiment kernels on the CPU emulator against float64: the two-launch
 form, the one-launch form whose last threadgroup per tile writes the tile, and the cluster form
 with clusters of one threadgroup (WAIT and clusters of several need their tile's threadgroups
-resident together, which the emulator's one-at-a-time cannot give; they are checked against the
+resident together, which the emulator's one-at-a-time cannot give (the persistent cluster form
+runs there with clusters of one as well); they are checked against the
 reference on the GPU before they are timed, gpu_experiments.py tile-reuse)."""
 
 import os
@@ -37,7 +38,7 @@ def _want(x):
 
 
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
-@pytest.mark.parametrize("form", ["two launches", "last", "cluster"])
+@pytest.mark.parametrize("form", ["two launches", "last", "cluster", "persistent"])
 def test_tile_reuse_forms_match_float64(tile_reuse, dtype, form):
     T, S, TT = 32, 4, 16
     x = (3 * mx.random.normal((T, 512 * S))).astype(dtype)
@@ -48,15 +49,17 @@ def test_tile_reuse_forms_match_float64(tile_reuse, dtype, form):
         y = tile_reuse.two_launches(x)
     elif form == "last":
         y = tile_reuse.one_launch(x, "last", TT=TT, S=S)
-    else:  # one threadgroup a cluster, a tile of 4 rows, each row's 2048 channels one vector a thread
+    elif form == "cluster":  # one threadgroup a cluster, a tile of 4 rows, a row's 2048 channels a vector a thread
         y = tile_reuse.cluster_launch(x, TT=4, S=1)
+    else:  # three threadgroups looping over the 8 tiles, the next one's loads before each exchange
+        y = tile_reuse.persistent_launch(x, TT=4, S=1, groups=3)
     got = np.array(y.astype(mx.float32), dtype=np.float64)
     want = _want(x)
     assert np.isfinite(got).all()
     assert np.max(np.abs(got - want)) / np.max(np.abs(want)) <= 1e-2
     names = [name for name, *_ in emu.launched]
-    if form == "cluster":
-        assert names == ["mhc_tile_reuse_cluster1"]
+    if form in ("cluster", "persistent"):
+        assert names == [f"mhc_tile_reuse_{form}1"]
     if form == "last":
         assert names == ["mhc_tile_reuse_last"]
         # the MLX-ops form the GPU experiment also times, as a check of the reference itself
