@@ -112,6 +112,27 @@ __device__ __forceinline__ void mhc_a_step(const uint32_t (&w)[2][4], int s, uin
 }
 """
 
+# One token row's outputs, shared by MMA and MMA_WG: its sum of squares (the row's four lanes c
+# hold partials; every lane of the warp takes part in the shuffles) and its accumulators, which
+# both product forms leave as d[4 j + 2 h + e] at column 8 j + 2 c + e (h: the row's half of the
+# 16-row tile, rows g and g + 8).
+PARTIALS_ROW = r"""
+template <int NT>
+__device__ __forceinline__ void mhc_partials_row(float* part, float* ssq, int64_t row, bool valid, int c, int h,
+                                                 float sq, const float* d) {
+  sq += __shfl_xor_sync(0xffffffffu, sq, 1);
+  sq += __shfl_xor_sync(0xffffffffu, sq, 2);
+  if (!valid) return;
+  if (c == 0) ssq[row] = sq;
+  float* out = part + row * (8 * NT);
+  #pragma unroll
+  for (int j = 0; j < NT; ++j) {
+    out[8 * j + 2 * c] = d[4 * j + 2 * h];
+    out[8 * j + 2 * c + 1] = d[4 * j + 2 * h + 1];
+  }
+}
+"""
+
 # 8 consecutive elements of x from row[kx] as four 32-bit words (lower k in the low half; zeros
 # past K, or everywhere for row == nullptr): one 16-byte load when xvec, else element by element.
 # Shared by the tensor-core kernels here and in coefficients_mma_vjp.py.
@@ -240,9 +261,8 @@ MMA = KernelSpec(
     name="mhc_coefficients_dynamic_mma",
     inputs=("xin", "pk", "iparam"),
     outputs=("part", "ssq"),
-    helpers=PTX_MMA + X_PARTS + LOAD_X + KLOOP,
+    helpers=PTX_MMA + X_PARTS + LOAD_X + KLOOP + PARTIALS_ROW,
     body=r"""
-  constexpr int WP = 8 * NT;                          // padded columns
   const int Ttok = iparam[0];
   const int K = iparam[1];
   const int KS = iparam[2];   // k per split, a multiple of 32 KU
@@ -278,32 +298,13 @@ MMA = KernelSpec(
   if (bvec) mhc_mma_kloop<T, MT, NT, PB, KU, true>(xin, pk, Ttok, K, KB, k0, k1, t0, lane, xvec, acc, sq);
   else mhc_mma_kloop<T, MT, NT, PB, KU, false>(xin, pk, Ttok, K, KB, k0, k1, t0, lane, xvec, acc, sq);
 
-  // Sums of squares: the four lanes of a row (c = 0..3) hold its partials.
-  #pragma unroll
-  for (int m = 0; m < MT; ++m) {
-    #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      float v = sq[m][h];
-      v += __shfl_xor_sync(0xffffffffu, v, 1);
-      v += __shfl_xor_sync(0xffffffffu, v, 2);
-      const int t = t0 + 16 * m + g + 8 * h;
-      if (c == 0 && t < Ttok) ssq[(int64_t)split * Ttok + t] = v;
-    }
-  }
-  // Accumulators: d0, d1 at row g, columns 2c, 2c+1 of the n tile; d2, d3 at row g + 8.
+  // each row's sum of squares and accumulators (acc[m] as d[4 j + e])
   #pragma unroll
   for (int m = 0; m < MT; ++m) {
     #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int t = t0 + 16 * m + g + 8 * h;
-      if (t < Ttok) {
-        float* out = part + ((int64_t)split * Ttok + t) * WP;
-        #pragma unroll
-        for (int j = 0; j < NT; ++j) {
-          out[8 * j + 2 * c] = acc[m][j][2 * h];
-          out[8 * j + 2 * c + 1] = acc[m][j][2 * h + 1];
-        }
-      }
+      mhc_partials_row<NT>(part, ssq, (int64_t)split * Ttok + t, t < Ttok, c, h, sq[m][h], &acc[m][0][0]);
     }
   }
 """,
@@ -406,10 +407,9 @@ MMA_WG = KernelSpec(
     name="mhc_coefficients_dynamic_mma_wg",
     inputs=("xin", "pk", "iparam"),
     outputs=("part", "ssq"),
-    helpers=PTX_WGMMA + WG_STAGE + X_PARTS + LOAD_X,
+    helpers=PTX_WGMMA + WG_STAGE + X_PARTS + LOAD_X + PARTIALS_ROW,
     body=r"""
   constexpr int NT = 3;                      // 24 columns (n = 4)
-  constexpr int WP = 8 * NT;
   constexpr int TB = 64 * MW;                // tokens per block
   constexpr int CH = 4 * PB * 2 * NT * 64;   // phi's bf16 elements per 64-k chunk
   constexpr int CH16 = CH / 8;               // ... in 16-byte pieces
@@ -502,19 +502,8 @@ MMA_WG = KernelSpec(
   for (int m = 0; m < MW; ++m) {
     #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      float v = sq[m][h];
-      v += __shfl_xor_sync(0xffffffffu, v, 1);
-      v += __shfl_xor_sync(0xffffffffu, v, 2);
       const int t = tb0 + 64 * m + 16 * w + g + 8 * h;
-      if (c == 0 && t < Ttok) ssq[(int64_t)split * Ttok + t] = v;
-      if (t < Ttok) {
-        float* out = part + ((int64_t)split * Ttok + t) * WP;
-        #pragma unroll
-        for (int j = 0; j < NT; ++j) {
-          out[8 * j + 2 * c] = d[m][4 * j + 2 * h];
-          out[8 * j + 2 * c + 1] = d[m][4 * j + 2 * h + 1];
-        }
-      }
+      mhc_partials_row<NT>(part, ssq, (int64_t)split * Ttok + t, t < Ttok, c, h, sq[m][h], d[m]);
     }
   }
 """,
