@@ -47,6 +47,8 @@
 #   bash scripts/gpu_session.sh verify-standins  # coefficient, chain and read-step checks (build.standin)
 #   bash scripts/gpu_session.sh tile-reuse   # one launch reading a tile once for row sums and output
 #   bash scripts/gpu_session.sh clusters     # tile-reuse with the thread-block cluster form; malloc-growth
+#   bash scripts/gpu_session.sh epilogue-verify  # coefficient, read-step, chain checks + pytest -m gpu
+#   bash scripts/gpu_session.sh final16      # pinned-bench, then pipelined (its runs under pipelined/)
 #   bash scripts/gpu_session.sh one-pass-split  # each launch of the split form alone beside today's
 #   bash scripts/gpu_session.sh one-pass4    # chain checks with the one pass in $FORM, bench on / off twice
 #   bash scripts/gpu_session.sh one-pass-mma # FORM mma: the breakdown, its GPU tests, one-pass4's checks, bench
@@ -505,6 +507,26 @@ case "${1:-}" in
   step-trace)
     # (fifteenth session of 2026-11-30) the dynamic fwd+bwd eager and as one compiled step, traced
     run 200 experiments_step_trace python scripts/gpu_experiments.py step-trace
+    ;;
+  epilogue-verify)
+    # (sixteenth session of 2026-11-30) MMA's and MMA_WG's shared epilogue (mhc_partials_row):
+    # the coefficient checks with the tensor-core backward (MMA_WG for bfloat16 n = 4, MMA for
+    # the rest, and MMA forced at X_UNROLL 1 and 4), the read-step and chain checks, and the whole
+    # pytest -m gpu in four shards beside them
+    CHECK_ONLY=coefficients,read_step,chain CHECK_ARGS="--mma-vjp" CHECK_EXTRA=1 PYTEST_SHARDS=4 check 420
+    ;;
+  final16)
+    # (sixteenth session of 2026-11-30) the target cases' bench pinned to one CPU core with the
+    # seeds and ours alone (as pinned-bench), then ours unpinned, one eval and pipelined, and the
+    # throughput cases traced as the bench times them (as pipelined), into pipelined/
+    run 300 bench taskset -c 3 python -m mhc_mlx.cli.main bench --out "$res/bench" --overwrite --seeds .seedpkgs --only "$TARGETS"
+    run 200 bench_ours taskset -c 3 python -m mhc_mlx.cli.main bench --out "$res/bench_ours" --overwrite --seeds "" \
+      --only "$TARGETS" --impl kernels
+    mkdir -p "$res/pipelined"
+    run 240 bench_pipelined python -m mhc_mlx.cli.main bench --pipelined --out "$res/pipelined/bench" --overwrite \
+      --seeds "" --only "$TARGETS" --impl kernels
+    run 200 timeline_throughput bash -c 'python scripts/gpu_timeline.py run --throughput --kineto "$0/tp.json" &&
+      python scripts/gpu_timeline.py report --throughput "$0/tp.json"; rc=$?; rm -f "$0/tp.json"; exit $rc' "$res"
     ;;
   clusters)
     # (sixteenth session of 2026-11-30) does a compile-time thread-block cluster survive MLX's
