@@ -216,6 +216,43 @@ KDEV const float* tr_cluster_peer(const float* p, int rank) {
   return cooperative_groups::this_cluster().map_shared_rank(const_cast<float*>(p), rank);
 }
 #endif
+// A threadgroup's slice of a tile: vector j of this thread is row (KTID + j KNT) / VR of the
+// slice at 8 ((KTID + j KNT) % VR) (VR = A KNT vectors a row, so row r is j = r A .. r A + A - 1)
+template <typename T, int VPT>
+KDEV void tr_load_slice(float (&v)[VPT][8], const T* x, int64_t base, int K, int VR) {
+  KUNROLL for (int j = 0; j < VPT; ++j) {
+    const int q = KTID + j * KNT;
+    kload<T, 8>(v[j], x, base + (int64_t)(q / VR) * K + 8 * (q % VR), true);
+  }
+}
+// rows[r] = the slice's sum of squares of row r (r < TT), through red [VPT][32]
+template <int VPT, int TT>
+KDEV void tr_slice_row_sums(const float (&v)[VPT][8], KSHPTR(float) red, KSHPTR(float) rows) {
+  KUNROLL for (int j = 0; j < VPT; ++j) {
+    float s = 0.0f;
+    KUNROLL for (int e = 0; e < 8; ++e) s += v[j][e] * v[j][e];
+    s = kwarp_sum(s);
+    if (KLANE == 0) red[32 * j + KWARP] = s;
+  }
+  KBARRIER();
+  if (KTID < TT) {
+    const int A = VPT / TT;
+    float t = 0.0f;
+    for (int j = KTID * A; j < (KTID + 1) * A; ++j)
+      for (int w = 0; w < KNT / 32; ++w) t += red[32 * j + w];
+    rows[KTID] = t;
+  }
+}
+// y's slice = v scaled by its row's inv
+template <typename T, int VPT>
+KDEV void tr_store_scaled(float (&v)[VPT][8], T* y, int64_t base, int K, int VR, KSHPTR(float) inv) {
+  KUNROLL for (int j = 0; j < VPT; ++j) {
+    const int q = KTID + j * KNT, r = q / VR;
+    const float sc = inv[r];
+    KUNROLL for (int e = 0; e < 8; ++e) v[j][e] *= sc;
+    kstore<T, 8>(y, base + (int64_t)r * K + 8 * (q % VR), v[j], true);
+  }
+}
 """
 
 
@@ -230,30 +267,13 @@ def cluster_spec(S: int) -> KernelSpec:
   const int KS = K / S;
   const int VR = KS / 8;
   const int tile = KBID / S, slice = KBID % S;
-  KSHARED float red[VPT][32];
+  KSHARED float red[VPT * 32];
   KSHARED float rows_s[TT];  // this slice's sums of squares per row, read by the whole cluster
   KSHARED float inv_s[TT];
   const int64_t base = (int64_t)tile * TT * K + (int64_t)slice * KS;
   float v[VPT][8];
-  KUNROLL for (int j = 0; j < VPT; ++j) {
-    const int q = KTID + j * KNT, r = q / VR, c = 8 * (q % VR);
-    kload<T, 8>(v[j], x, base + (int64_t)r * K + c, true);
-  }
-  KUNROLL for (int j = 0; j < VPT; ++j) {
-    float s = 0.0f;
-    KUNROLL for (int e = 0; e < 8; ++e) s += v[j][e] * v[j][e];
-    s = kwarp_sum(s);
-    if (KLANE == 0) red[j][KWARP] = s;
-  }
-  KBARRIER();
-  // row r is j = r A .. r A + A - 1 over all warps (VR = A KNT)
-  if (KTID < TT) {
-    const int A = VPT / TT;
-    float t = 0.0f;
-    for (int j = KTID * A; j < (KTID + 1) * A; ++j)
-      for (int w = 0; w < KNT / 32; ++w) t += red[j][w];
-    rows_s[KTID] = t;
-  }
+  tr_load_slice<T, VPT>(v, x, base, K, VR);
+  tr_slice_row_sums<VPT, TT>(v, red, rows_s);
   tr_cluster_sync();
   if (KTID < TT) {
     float t = 0.0f;
@@ -263,12 +283,7 @@ def cluster_spec(S: int) -> KernelSpec:
   // every peer's reads of rows_s done before any threadgroup of the cluster leaves, and inv_s
   // seen by the whole threadgroup
   tr_cluster_sync();
-  KUNROLL for (int j = 0; j < VPT; ++j) {
-    const int q = KTID + j * KNT, r = q / VR, c = 8 * (q % VR);
-    const float s = inv_s[r];
-    KUNROLL for (int e = 0; e < 8; ++e) v[j][e] *= s;
-    kstore<T, 8>(y, base + (int64_t)r * K + c, v[j], true);
-  }
+  tr_store_scaled<T, VPT>(v, y, base, K, VR, inv_s);
 """)
 
 
@@ -289,43 +304,19 @@ def persistent_spec(S: int) -> KernelSpec:
   const int VR = KS / 8;
   const int tiles = rows / TT;
   const int slice = KBID % S, clusters = KNB / S;
-  KSHARED float red[VPT][32];
+  KSHARED float red[VPT * 32];
   KSHARED float rows_s[2][TT];
   KSHARED float inv_s[TT];
   float v[VPT][8], vn[VPT][8];
   int tile = KBID / S;
   int buf = 0;
-  if (tile < tiles) {
-    const int64_t base = (int64_t)tile * TT * K + (int64_t)slice * KS;
-    KUNROLL for (int j = 0; j < VPT; ++j) {
-      const int q = KTID + j * KNT, r = q / VR, c = 8 * (q % VR);
-      kload<T, 8>(v[j], x, base + (int64_t)r * K + c, true);
-    }
-  }
+  if (tile < tiles) tr_load_slice<T, VPT>(v, x, (int64_t)tile * TT * K + (int64_t)slice * KS, K, VR);
   for (; tile < tiles; tile += clusters, buf ^= 1) {
     const int64_t base = (int64_t)tile * TT * K + (int64_t)slice * KS;
-    KUNROLL for (int j = 0; j < VPT; ++j) {
-      float s = 0.0f;
-      KUNROLL for (int e = 0; e < 8; ++e) s += v[j][e] * v[j][e];
-      s = kwarp_sum(s);
-      if (KLANE == 0) red[j][KWARP] = s;
-    }
-    KBARRIER();
-    if (KTID < TT) {
-      const int A = VPT / TT;
-      float t = 0.0f;
-      for (int j = KTID * A; j < (KTID + 1) * A; ++j)
-        for (int w = 0; w < KNT / 32; ++w) t += red[j][w];
-      rows_s[buf][KTID] = t;
-    }
+    tr_slice_row_sums<VPT, TT>(v, red, &rows_s[buf][0]);
     const int next = tile + clusters;
-    if (next < tiles) {  // in flight across the exchange
-      const int64_t nbase = (int64_t)next * TT * K + (int64_t)slice * KS;
-      KUNROLL for (int j = 0; j < VPT; ++j) {
-        const int q = KTID + j * KNT, r = q / VR, c = 8 * (q % VR);
-        kload<T, 8>(vn[j], x, nbase + (int64_t)r * K + c, true);
-      }
-    }
+    if (next < tiles)  // in flight across the exchange
+      tr_load_slice<T, VPT>(vn, x, (int64_t)next * TT * K + (int64_t)slice * KS, K, VR);
     tr_cluster_sync();
     if (KTID < TT) {
       float t = 0.0f;
@@ -333,12 +324,7 @@ def persistent_spec(S: int) -> KernelSpec:
       inv_s[KTID] = 1.0f / KSQRT(t / (float)K + 1e-6f);
     }
     KBARRIER();
-    KUNROLL for (int j = 0; j < VPT; ++j) {
-      const int q = KTID + j * KNT, r = q / VR, c = 8 * (q % VR);
-      const float sc = inv_s[r];
-      KUNROLL for (int e = 0; e < 8; ++e) v[j][e] *= sc;
-      kstore<T, 8>(y, base + (int64_t)r * K + c, v[j], true);
-    }
+    tr_store_scaled<T, VPT>(v, y, base, K, VR, inv_s);
     KUNROLL for (int j = 0; j < VPT; ++j)
       KUNROLL for (int e = 0; e < 8; ++e) v[j][e] = vn[j][e];
     // red and inv_s are rewritten next tile: every thread past its reads of both
