@@ -6,7 +6,7 @@ per-token sums over the whole row (the coefficient cotangents) before any of it 
 so today x is read twice from DRAM (pre's backward, then DX).
 
 The stand-in problem: y = x * rsqrt(mean(x^2 over the row) + eps) for x [T, K] bfloat16 (the
-sum over a row, then a pass that needs it), in four forms:
+sum over a row, then a pass that needs it), in these forms:
 
 - two launches (SUMSQ, then SCALE): x read twice from DRAM, as the backward does today;
 - LAST: a tile of TT rows split over S threadgroups by columns; each writes its slice's
@@ -17,6 +17,9 @@ sum over a row, then a pass that needs it), in four forms:
   count to reach S, and writes its own slice: x read once, nothing re-read. It relies on a
   tile's S threadgroups being resident together (consecutive block indices, S far below the
   GPU's resident threadgroups); a bounded spin writes NaN rather than hang if they are not;
+- CLUSTER and PERSISTENT (sixteenth session): as WAIT, but a tile's threadgroups are one
+  thread-block cluster exchanging their sums through distributed shared memory (PERSISTENT:
+  fewer clusters looping over the tiles, the next tile's loads in flight across each exchange);
 - the same in MLX ops, for scale.
 
     python scripts/gpu_experiments.py tile-reuse      # on a CUDA GPU: checks, then timings

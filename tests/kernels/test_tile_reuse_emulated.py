@@ -1,9 +1,8 @@
 """scripts/tile_reuse.py's experiment kernels on the CPU emulator against float64: the two-launch
-form, the one-launch form whose last threadgroup per tile writes the tile, and the cluster form
-with clusters of one threadgroup (WAIT and clusters of several need their tile's threadgroups
-resident together, which the emulator's one-at-a-time cannot give (the persistent cluster form
-runs there with clusters of one as well); they are checked against the
-reference on the GPU before they are timed, gpu_experiments.py tile-reuse)."""
+form, the one-launch form whose last threadgroup per tile writes the tile, and both cluster forms
+with clusters of one threadgroup. WAIT and clusters of several need their tile's threadgroups
+resident together, which the emulator's one-at-a-time cannot give; they are checked against the
+reference on the GPU before they are timed (gpu_experiments.py tile-reuse)."""
 
 import os
 import sys
