@@ -126,6 +126,20 @@ run() {  # seconds, label, then the command
   report "$label" $?
 }
 
+pinned_bench() {  # the target cases' bench with the seeds, then ours alone, pinned to one CPU core
+  run 300 bench taskset -c 3 python -m mhc_mlx.cli.main bench --out "$res/bench" --overwrite --seeds .seedpkgs --only "$TARGETS"
+  run 200 bench_ours taskset -c 3 python -m mhc_mlx.cli.main bench --out "$res/bench_ours" --overwrite --seeds "" \
+    --only "$TARGETS" --impl kernels
+}
+
+pipelined_bench() {  # label, output folder: the target cases, ours, one eval and pipelined; then
+  # the throughput cases traced as the bench times them
+  run 240 "$1" python -m mhc_mlx.cli.main bench --pipelined --out "$2" --overwrite --seeds "" \
+    --only "$TARGETS" --impl kernels
+  run 200 timeline_throughput bash -c 'python scripts/gpu_timeline.py run --throughput --kineto "$0/tp.json" &&
+    python scripts/gpu_timeline.py report --throughput "$0/tp.json"; rc=$?; rm -f "$0/tp.json"; exit $rc' "$res"
+}
+
 timelines() {  # forms (defaults, glue-packs-read-step): each target case's kernels in stream order
   local nsys form flags rc     # with the gaps: Nsight Systems where installed, else PyTorch's profiler
   nsys=$(command -v nsys || ls /usr/local/cuda*/bin/nsys /opt/nvidia/nsight-systems/*/bin/nsys 2> /dev/null | head -1)
@@ -519,14 +533,9 @@ case "${1:-}" in
     # (sixteenth session of 2026-11-30) the target cases' bench pinned to one CPU core with the
     # seeds and ours alone (as pinned-bench), then ours unpinned, one eval and pipelined, and the
     # throughput cases traced as the bench times them (as pipelined), into pipelined/
-    run 300 bench taskset -c 3 python -m mhc_mlx.cli.main bench --out "$res/bench" --overwrite --seeds .seedpkgs --only "$TARGETS"
-    run 200 bench_ours taskset -c 3 python -m mhc_mlx.cli.main bench --out "$res/bench_ours" --overwrite --seeds "" \
-      --only "$TARGETS" --impl kernels
+    pinned_bench
     mkdir -p "$res/pipelined"
-    run 240 bench_pipelined python -m mhc_mlx.cli.main bench --pipelined --out "$res/pipelined/bench" --overwrite \
-      --seeds "" --only "$TARGETS" --impl kernels
-    run 200 timeline_throughput bash -c 'python scripts/gpu_timeline.py run --throughput --kineto "$0/tp.json" &&
-      python scripts/gpu_timeline.py report --throughput "$0/tp.json"; rc=$?; rm -f "$0/tp.json"; exit $rc' "$res"
+    pipelined_bench bench_pipelined "$res/pipelined/bench"
     ;;
   clusters)
     # (sixteenth session of 2026-11-30) does a compile-time thread-block cluster survive MLX's
@@ -576,10 +585,7 @@ case "${1:-}" in
     # (twelfth session of 2026-11-30) the target cases, our kernels, one eval and pipelined
     # (several evals handed to MLX back to back), then the throughput cases traced as the bench
     # times them (docs/kernel-notes.md row 69)
-    run 240 bench python -m mhc_mlx.cli.main bench --pipelined --out "$res/bench" --overwrite --seeds "" \
-      --only "$TARGETS" --impl kernels
-    run 200 timeline_throughput bash -c 'python scripts/gpu_timeline.py run --throughput --kineto "$0/tp.json" &&
-      python scripts/gpu_timeline.py report --throughput "$0/tp.json"; rc=$?; rm -f "$0/tp.json"; exit $rc' "$res"
+    pipelined_bench bench "$res/bench"
     ;;
   ours)
     # the target cases, our kernels only (eager): a quick further sample of the bench's spread
@@ -703,9 +709,7 @@ case "${1:-}" in
   pinned-bench)
     # (tenth session of 2026-11-30) the target cases' bench with the seeds, the process (and the
     # seeds' subprocesses) pinned to one CPU core as graphs-ab's were
-    run 300 bench taskset -c 3 python -m mhc_mlx.cli.main bench --out "$res/bench" --overwrite --seeds .seedpkgs --only "$TARGETS"
-    run 200 bench_ours taskset -c 3 python -m mhc_mlx.cli.main bench --out "$res/bench_ours" --overwrite --seeds "" \
-      --only "$TARGETS" --impl kernels
+    pinned_bench
     ;;
   layer-forms)
     # (ninth session of 2026-11-30) the B = 1 calls' host time, then the layer forward's launch

@@ -340,30 +340,29 @@ def persistent_spec(S: int) -> KernelSpec:
 def persistent_launch(x, TT: int = 4, S: int = 8, groups: int = 264):
     """PERSISTENT: as cluster_launch, in about `groups` threadgroups (a multiple of S) looping over
     the tiles with the next tile's loads in flight across each exchange."""
-    _cluster_check(x, TT, S)
+    template = _cluster_template(x, TT, S)
     T, K = x.shape
     nb = S * max(1, min(T // TT, groups // S))
-    vpt = TT * (K // S // 8 // THREADS)
     return launch(persistent_spec(S), [x, int_params(T, K)], [((T, K), x.dtype)], nb * THREADS, THREADS,
-                  [("T", x.dtype), ("TT", TT), ("VPT", vpt), ("S", S)])[0]
+                  template)[0]
 
 
-def _cluster_check(x, TT, S):
+def cluster_launch(x, TT: int = 4, S: int = 8):
+    """CLUSTER: y in one launch, x read once, a tile's sums exchanged inside its cluster."""
+    template = _cluster_template(x, TT, S)
+    T, K = x.shape
+    return launch(cluster_spec(S), [x, int_params(T, K)], [((T, K), x.dtype)], T // TT * S * THREADS, THREADS,
+                  template)[0]
+
+
+def _cluster_template(x, TT, S):
+    """The cluster forms' template for x, after its checks: VPT = TT A vectors a thread (A = K / (8 S KNT))."""
     T, K = x.shape if x.ndim == 2 else (0, 0)
     if (x.ndim != 2 or x.dtype not in (mx.bfloat16, mx.float16) or S not in (1, 2, 4, 8) or T % TT
             or K % (8 * THREADS * S)):
         raise ValueError(f"the cluster form needs 16-bit x [T, K] with T a multiple of TT = {TT}, S in 1, 2, 4, 8 "
                          f"and K a multiple of 8 * {THREADS} * S = {8 * THREADS * S}; got {x.dtype} {tuple(x.shape)}")
-
-
-def cluster_launch(x, TT: int = 4, S: int = 8):
-    """CLUSTER: y in one launch, x read once, a tile's sums exchanged inside its cluster."""
-    _cluster_check(x, TT, S)
-    T, K = x.shape
-    tiles = T // TT
-    vpt = TT * (K // S // 8 // THREADS)
-    return launch(cluster_spec(S), [x, int_params(T, K)], [((T, K), x.dtype)], tiles * S * THREADS, THREADS,
-                  [("T", x.dtype), ("TT", TT), ("VPT", vpt), ("S", S)])[0]
+    return [("T", x.dtype), ("TT", TT), ("VPT", TT * (K // S // 8 // THREADS)), ("S", S)]
 
 
 def _check(x, TT, S):
