@@ -28,6 +28,8 @@ copy floor two ways, and where B=1 latency goes (Python graph building vs the ev
     python scripts/gpu_experiments.py layer-source (only the static forward's LAYER now against before the eighth session)
     python scripts/gpu_experiments.py static-host (only the static forward's host costs per launch and custom function)
     python scripts/gpu_experiments.py step-trace (only the dynamic fwd+bwd eager against one compiled step, traced)
+    python scripts/gpu_experiments.py encode-cost (only the host's encoding cost per launch, by kind of launch)
+    python scripts/gpu_experiments.py eval-anatomy (only a throughput eval's GPU start, span and tail; eager against compiled steps)
     python scripts/gpu_experiments.py b1 [ncu]  (only the B = 1 layer kernel by Sinkhorn iterations)
 """
 
@@ -2058,7 +2060,175 @@ def two_site_draws(draws=3, T=4096, C=4096, seed=0):
         kernels.ONE_PASS_VJP, coefficients.MMA_VJP, one_pass_vjp.FORM = saved
 
 
+def _graph_nodes(outs) -> dict:
+    """Primitive name -> count in the graph of outs (MLX's dot export; arrays without a
+    primitive, the inputs and constants, are not counted)."""
+    import collections
+    import io
+    import re
+
+    buf = io.StringIO()
+    mx.export_to_dot(buf, outs)
+    labels = re.findall(r'label\s*=\s*"([^"]*)"', buf.getvalue())
+    return dict(collections.Counter(re.sub(r"\s.*", "", lab) for lab in labels
+                                    if not lab.startswith("array") and not lab[:1].isdigit()))
+
+
+def eval_anatomy(rounds=5, T=4096, n=4, C=4096):
+    """(seventeenth session) where a throughput row's one-eval wall time goes beyond the GPU's
+    span, and why the dynamic fwd+bwd as one compiled step ran ~50 µs an application slower than
+    eager with the same kernels and span (row 80). Rows: the copy, the static forward, the
+    dynamic forward and fwd+bwd eagerly, the fwd+bwd compiled as the bench compiles it (its
+    parameters and cotangent constants of the trace) and compiled with them as inputs (as a
+    training step passes them). Each timed as the bench times throughput (K = 10 rotated inputs,
+    graphs built before the clock), medians of `rounds` alternated rounds; then one eval of each
+    traced: the GPU's start after the eval began (first kernel against the marker before it),
+    its span, its tail (the marker after it against the last kernel: the host's wake-up), the
+    CUDA calls the host made meanwhile, and the graph's nodes per application by primitive."""
+    import torch
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import gpu_profile
+    from gpu_timeline import _host_calls, _kernels
+
+    from mhc_mlx.bench import cases as bench_cases
+    from mhc_mlx.dispatch import use_backend
+
+    K = 10
+    rows, sets = {}, None
+    for label, kind, pass_ in (("static fwd", "static", "fwd"), ("dynamic fwd", "dynamic", "fwd"),
+                               ("dynamic fwd+bwd", "dynamic", "fwd+bwd")):
+        case = bench_cases.Case(kind, pass_, (T, n, C), "bfloat16", "throughput")
+        apply, xs = bench_cases.prepare(case, K)
+        sets = sets or [[x] for x in xs]
+        rows[label] = apply
+    case = bench_cases.Case("dynamic", "fwd+bwd", (T, n, C), "bfloat16", "throughput")
+    rows["fwd+bwd +step (constants)"] = bench_cases.prepare(case, 1, True)[0]
+    # the same step with the parameters and cotangent as inputs of the compiled function
+    forward, names, module = bench_cases._site(case)
+    params = [getattr(module, nm) for nm in names]
+    cot = mx.random.normal((T, n, C)).astype(BF)
+    mx.eval(cot, module.parameters())
+
+    def vjp_step(x, c, *ps):
+        def f(x_, *ps_):
+            for nm, p in zip(names, ps_):
+                setattr(module, nm, p)
+            return forward(x_)
+        return mx.vjp(f, [x, *ps], [c])
+
+    stepped = mx.compile(vjp_step)
+    rows["fwd+bwd +step (inputs)"] = lambda x: stepped(x, cot, *params)
+    rows["copy x * 1.5"] = lambda x: x * 1.5
+
+    with use_backend("kernels"):
+        for label, fn in rows.items():
+            print(f"  nodes per application, {label}: {_graph_nodes(fn(*sets[0]))}", flush=True)
+        times = {label: [] for label in rows}
+        for _ in range(rounds):
+            for label, fn in rows.items():
+                times[label].append(tput(fn, sets))
+        print(f"eval anatomy {T}x{n}x{C} bf16, K = {K}: one eval's wall / application, medians of {rounds} "
+              "alternated rounds")
+        for label, t in times.items():
+            print(f"  {label:<28} {statistics.median(t):7.1f} us  ({' '.join(f'{v:.0f}' for v in t)})", flush=True)
+        path = "/tmp/eval_anatomy.json"
+        torch.cuda.init()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for i, fn in enumerate(rows.values()):
+                mx.eval([fn(*a) for a in sets])
+                outs = [fn(*a) for a in sets]
+                mx.synchronize()
+                gpu_profile.mark(i)
+                mx.eval(outs)
+                mx.synchronize()
+                gpu_profile.mark(i)
+                del outs
+        prof.export_chrome_trace(path)
+    events = _kernels(path)
+    host = _host_calls(path)
+    marks = [(t, d) for t, d, name in events if gpu_profile.MARKER in name]
+    print("traced, one eval per row (µs per application; start and tail per eval): GPU start after the "
+          "marker, span, tail to the next marker; host CUDA calls between the markers")
+    for i, label in enumerate(rows):
+        (m0, d0), (m1, _) = marks[2 * i], marks[2 * i + 1]
+        ks = [(t, d) for t, d, name in events if m0 + d0 <= t < m1 and gpu_profile.MARKER not in name]
+        first, last = min(t for t, _ in ks), max(t + d for t, d in ks)
+        print(f"  {label:<28} start {(first - m0 - d0) / 1e3:7.1f} us  span {(last - first) / 1e3 / K:7.1f}  "
+              f"tail {(m1 - last) / 1e3:7.1f}  kernels {len(ks)}", flush=True)
+        if i in host:
+            window, by_name = host[i]
+            top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:7]
+            print(f"      host {window / 1e3:.1f} us between the markers: "
+                  + ", ".join(f"{nm} {len(d)}x {sum(d) / 1e3:.1f}" for nm, d in top))
+    os.remove(path)
+
+
+def encode_cost(K=100, rounds=5, T=64, n=4, C=512):
+    """(seventeenth session) the host's cost of encoding one launch into an eval, per kind of
+    launch: K independent applications on K inputs of T x n x C bf16 (small: the GPU's share
+    is a few µs each), their graph built before the clock; `encode` is the wall time of
+    mx.async_eval (MLX encodes every node and commits its CUDA graphs, then returns), `eval` of
+    mx.eval, both per application, medians of `rounds` alternated rounds. eval-anatomy found the
+    GPU of a one-eval throughput row waiting 26 µs an application for the static layer's
+    encoding (its whole eval is one CUDA graph) against 8 for the copy's `x * 1.5`."""
+    from mhc_mlx.bench import cases as bench_cases
+    from mhc_mlx.dispatch import use_backend
+    from mhc_mlx.kernels.build import KernelSpec, launch
+
+    xs = [mx.random.normal((T, n, C)).astype(BF) for _ in range(K)]
+    raw = [mx.zeros((n,)), mx.zeros((n,)), 3 * mx.eye(n), mx.ones((C,)), mx.array([1, C, 20], dtype=mx.int32),
+           mx.array([1e-5])]
+    mx.eval(xs, raw)
+    one = KernelSpec(name="mhc_one_line", inputs=("vin",), outputs=("vout",),
+                     body="  if (KTID == 0 && KBID == 0) vout[0] = vin[0];\n")
+    padded = KernelSpec(name="mhc_one_line_16k", inputs=("vin",), outputs=("vout",),
+                        body="  if (KTID == 0 && KBID == 0) vout[0] = vin[0];\n"
+                             + ("  // padding: a long kernel text, as a real kernel's\n" * 320))
+    seven = one_line_7()
+    static = mhc.MHCLayer(n, C)
+    mx.eval(static.parameters())
+    rows = {
+        "x * 1.5 (MLX op)": lambda x: x * 1.5,
+        "one-line kernel, 1 input": lambda x: launch(one, [x], [((1,), BF)], 32, 32, [])[0],
+        "one-line kernel, 1 input, +16 KB text": lambda x: launch(padded, [x], [((1,), BF)], 32, 32, [])[0],
+        "one-line kernel, 7 inputs": lambda x: launch(seven, [x, *raw], [(x.shape, x.dtype)], 256, 256, [])[0],
+        "layer kernel alone": lambda x: layer.forward(x, *raw[:4], 20, 1e-5, True),
+        "MHCLayer": static,
+    }
+    for kind, pass_ in (("dynamic", "fwd"), ("dynamic", "fwd+bwd"), ("static", "fwd+bwd")):
+        apply, _ = bench_cases.prepare(bench_cases.Case(kind, pass_, (T, n, C), "bfloat16", "throughput"), 1)
+        rows[f"{kind} {pass_} (bench's application)"] = apply
+
+    def timed(fn, hand_over):
+        outs = [fn(x) for x in xs]
+        mx.synchronize()
+        t0 = time.perf_counter()
+        hand_over(outs)
+        us = 1e6 * (time.perf_counter() - t0) / K
+        mx.synchronize()
+        return us
+
+    with use_backend("kernels"):
+        for fn in rows.values():  # kernels built, caches warm
+            mx.eval([fn(x) for x in xs])
+        enc = {label: [] for label in rows}
+        full = {label: [] for label in rows}
+        for _ in range(rounds):
+            for label, fn in rows.items():
+                enc[label].append(timed(fn, mx.async_eval))
+                full[label].append(timed(fn, mx.eval))
+        nodes = {label: sum(_graph_nodes(fn(xs[0])).values()) for label, fn in rows.items()}
+    print(f"encode cost, {K} independent applications of {T}x{n}x{C} bf16 per eval, medians of {rounds} "
+          "alternated rounds, µs per application: async_eval (encode and commit) / eval; graph nodes")
+    for label in rows:
+        print(f"  {label:<40} encode {statistics.median(enc[label]):7.1f}  eval {statistics.median(full[label]):7.1f}"
+              f"  nodes {nodes[label]:3d}", flush=True)
+
+
 MODES = {
+    "encode-cost": encode_cost,
+    "eval-anatomy": eval_anatomy,
     "two-site-draws": two_site_draws,
     "malloc-growth": malloc_growth,
     "wg-time": wg_time,

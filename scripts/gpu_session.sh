@@ -63,6 +63,8 @@
 #   bash scripts/gpu_session.sh static-host  # the static forward's host costs: launches, custom function, +step
 #   bash scripts/gpu_session.sh inline-fix   # static-host again, then the layer checks with the single launch
 #   bash scripts/gpu_session.sh inline-verify # pytest -m gpu in four shards (the single-launch layer the default)
+#   bash scripts/gpu_session.sh encode       # the host's encoding cost per launch, by kind of launch
+#   bash scripts/gpu_session.sh anatomy      # a throughput eval's GPU start, span, tail; eager vs compiled steps
 #   bash scripts/gpu_session.sh step-trace   # the dynamic fwd+bwd eager against one compiled step, traced
 #   bash scripts/gpu_session.sh wg-steps     # the warpgroup kernels' shared loop: checks, GPU tests, timing
 #   bash scripts/gpu_session.sh pipelined    # the target cases' bench with --pipelined (ours), then the throughput trace
@@ -517,6 +519,20 @@ case "${1:-}" in
     # INLINE_ALWAYS on
     run 400 experiments_static_host python scripts/gpu_experiments.py static-host
     CHECK_ONLY=layer CHECK_ARGS="--layer-candidates" NO_PYTEST=1 check 240
+    ;;
+  encode)
+    # (seventeenth session of 2026-12-01) the host's encoding cost per launch by kind of launch
+    # (MLX op, one-line kernels, the layer kernel, the modules, the bench's small applications)
+    run 200 experiments_encode_cost python scripts/gpu_experiments.py encode-cost
+    ;;
+  anatomy)
+    # (seventeenth session of 2026-12-01) a throughput eval's GPU start, span and tail and the
+    # host's CUDA calls, eager against the compiled step (constants or inputs); in three
+    # processes: MLX's defaults, CUDA graphs off, a CUDA graph committed every 200 M elements
+    # of inputs (MLX_MAX_MB_PER_BUFFER counts elements, 1000 by default on sm_90)
+    run 200 experiments_eval_anatomy python scripts/gpu_experiments.py eval-anatomy
+    run 200 experiments_eval_anatomy_nographs env MLX_USE_CUDA_GRAPHS=0 python scripts/gpu_experiments.py eval-anatomy
+    run 200 experiments_eval_anatomy_mb200 env MLX_MAX_MB_PER_BUFFER=200 python scripts/gpu_experiments.py eval-anatomy
     ;;
   step-trace)
     # (fifteenth session of 2026-11-30) the dynamic fwd+bwd eager and as one compiled step, traced

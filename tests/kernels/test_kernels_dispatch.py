@@ -176,6 +176,27 @@ def test_settings_epoch_moves_with_every_watched_setting(monkeypatch):
         kernels.use_candidates(False)
 
 
+
+def test_state_follows_the_default_device_and_the_threads_forced_backend(monkeypatch):
+    # state() keeps the last device's name (a Device compares by value, str() is dearer): it must
+    # still change with every change of the default device, and use_backend is per thread
+    import threading
+
+    devices = iter([mx.Device(mx.cpu, 0), mx.Device(mx.gpu, 0), mx.Device(mx.gpu, 0), mx.Device(mx.cpu, 0)])
+    monkeypatch.setattr(dispatch.mx, "default_device", lambda: next(devices))
+    names = [dispatch.state()[3] for _ in range(4)]
+    assert names == ["Device(cpu, 0)", "Device(gpu, 0)", "Device(gpu, 0)", "Device(cpu, 0)"]
+    monkeypatch.undo()
+    assert dispatch.state()[3] == str(mx.default_device())
+    seen = {}
+    with dispatch.use_backend("reference"):
+        worker = threading.Thread(target=lambda: seen.update(other=dispatch.state()[0]))
+        worker.start()
+        worker.join()
+        seen["here"] = dispatch.state()[0]
+    assert seen == {"here": "reference", "other": None} and dispatch.state()[0] is None
+
+
 def test_layer_keeps_its_decision_until_shape_dtype_or_state_change(monkeypatch):
     from mhc_mlx import reference
 
