@@ -2199,6 +2199,9 @@ def encode_cost(K=100, rounds=5, T=64, n=4, C=512):
     for kind, pass_ in (("dynamic", "fwd"), ("dynamic", "fwd+bwd"), ("static", "fwd+bwd")):
         apply, _ = bench_cases.prepare(bench_cases.Case(kind, pass_, (T, n, C), "bfloat16", "throughput"), 1)
         rows[f"{kind} {pass_} (bench's application)"] = apply
+    # the dynamic fwd+bwd as the bench's +step compiles it: does a compiled graph cost more to encode?
+    rows["dynamic fwd+bwd, +step"] = bench_cases.prepare(
+        bench_cases.Case("dynamic", "fwd+bwd", (T, n, C), "bfloat16", "throughput"), 1, True)[0]
 
     def timed(fn, hand_over):
         outs = [fn(x) for x in xs]

@@ -63,6 +63,7 @@
 #   bash scripts/gpu_session.sh static-host  # the static forward's host costs: launches, custom function, +step
 #   bash scripts/gpu_session.sh inline-fix   # static-host again, then the layer checks with the single launch
 #   bash scripts/gpu_session.sh inline-verify # pytest -m gpu in four shards (the single-launch layer the default)
+#   bash scripts/gpu_session.sh b1-ab        # B = 1 dynamic: the one-launch read step against two, pinned processes
 #   bash scripts/gpu_session.sh encode       # the host's encoding cost per launch, by kind of launch
 #   bash scripts/gpu_session.sh anatomy      # a throughput eval's GPU start, span, tail; eager vs compiled steps
 #   bash scripts/gpu_session.sh step-trace   # the dynamic fwd+bwd eager against one compiled step, traced
@@ -519,6 +520,19 @@ case "${1:-}" in
     # INLINE_ALWAYS on
     run 400 experiments_static_host python scripts/gpu_experiments.py static-host
     CHECK_ONLY=layer CHECK_ARGS="--layer-candidates" NO_PYTEST=1 check 240
+    ;;
+  b1-ab)
+    # (seventeenth session of 2026-12-01) the B = 1 dynamic forward with the read step in one
+    # launch (coefficients.ONE_LAUNCH_SMALL, a candidate: one launch fewer to encode, ~6 µs by
+    # encode-cost, ~1 µs more on the GPU by row 60) against the default two, in alternating
+    # processes pinned to one CPU core, each the bench's B = 1 rows beside the tiny op
+    for rep in 1 2 3; do
+      run 90 "bench_b1_default_$rep" taskset -c 3 python -m mhc_mlx.cli.main bench --out "$res/b1_default_$rep" \
+        --overwrite --seeds "" --impl kernels --only "static/fwd/1x4x512/bfloat16,dynamic/fwd/1x4x512"
+      run 90 "bench_b1_one_launch_$rep" taskset -c 3 python scripts/bench_with.py coefficients.ONE_LAUNCH_SMALL=1 -- \
+        bench --out "$res/b1_one_launch_$rep" --overwrite --seeds "" --impl kernels \
+        --only "static/fwd/1x4x512/bfloat16,dynamic/fwd/1x4x512"
+    done
     ;;
   encode)
     # (seventeenth session of 2026-12-01) the host's encoding cost per launch by kind of launch
