@@ -382,7 +382,10 @@ SWITCHES = {
                               "(sinkhorn.JACOBIAN_VJP = False; by default n^2 lanes of forward mode per matrix)"),
     "--one-launch-small": (coefficients, "ONE_LAUNCH_SMALL", True,
                            "the few-token dynamic forward and read step in one launch (coefficients.ONE_LAUNCH_SMALL, "
-                           "DYNAMIC_ONE, candidate; by default the split form's two)"),
+                           "DYNAMIC_ONE; the default since the seventeenth session, kept for the stages that name it)"),
+    "--split-small": (coefficients, "ONE_LAUNCH_SMALL", False,
+                      "the few-token dynamic forward and read step in the split form's two launches "
+                      "(coefficients.ONE_LAUNCH_SMALL = False; by default one launch where n <= 4 and n C <= 4096)"),
     "--one-pass-vjp": (kernels, "ONE_PASS_VJP", True,
                        "the dynamic backward from pre's backward to x's cotangent in one pass over x, in the deferred "
                        "chain where the coefficient backward takes tensor cores (kernels.ONE_PASS_VJP, candidate; "

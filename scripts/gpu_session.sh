@@ -63,6 +63,8 @@
 #   bash scripts/gpu_session.sh static-host  # the static forward's host costs: launches, custom function, +step
 #   bash scripts/gpu_session.sh inline-fix   # static-host again, then the layer checks with the single launch
 #   bash scripts/gpu_session.sh inline-verify # pytest -m gpu in four shards (the single-launch layer the default)
+#   bash scripts/gpu_session.sh verify17     # coefficient, read-step, chain checks + pytest -m gpu (one-launch read step)
+#   bash scripts/gpu_session.sh final17      # as final16, on the seventeenth session's defaults
 #   bash scripts/gpu_session.sh b1-ab        # B = 1 dynamic: the one-launch read step against two, pinned processes
 #   bash scripts/gpu_session.sh encode       # the host's encoding cost per launch, by kind of launch
 #   bash scripts/gpu_session.sh anatomy      # a throughput eval's GPU start, span, tail; eager vs compiled steps
@@ -520,6 +522,19 @@ case "${1:-}" in
     # INLINE_ALWAYS on
     run 400 experiments_static_host python scripts/gpu_experiments.py static-host
     CHECK_ONLY=layer CHECK_ARGS="--layer-candidates" NO_PYTEST=1 check 240
+    ;;
+  verify17)
+    # (seventeenth session of 2026-12-01) the few-token read step in one launch the default
+    # (coefficients.ONE_LAUNCH_SMALL): the coefficient checks with the tensor-core backward, the
+    # read-step and chain checks, and the whole pytest -m gpu in four shards beside them
+    CHECK_ONLY=coefficients,read_step,chain CHECK_ARGS="--mma-vjp" CHECK_EXTRA=1 PYTEST_SHARDS=4 check 420
+    ;;
+  final17)
+    # (seventeenth session of 2026-12-01) as final16: the target cases' bench pinned (seeds, then
+    # ours), then ours unpinned, one eval and pipelined, and the throughput trace
+    pinned_bench
+    mkdir -p "$res/pipelined"
+    pipelined_bench bench_pipelined "$res/pipelined/bench"
     ;;
   b1-ab)
     # (seventeenth session of 2026-12-01) the B = 1 dynamic forward with the read step in one

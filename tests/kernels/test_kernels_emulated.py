@@ -322,8 +322,11 @@ def test_dynamic_coefficients_one_threadgroup_per_token(monkeypatch, flavour, dt
     assert [name for name, *_ in emu.launched] == ["mhc_coefficients_dynamic"] * 2
 
 
-def small_launches(pre: bool) -> list[str]:
-    """The few-token coefficient forward's launches under coefficients.SPLIT_SMALL."""
+def small_launches(pre: bool, n: int = 4, K: int = 96) -> list[str]:
+    """The few-token coefficient forward's launches under coefficients.ONE_LAUNCH_SMALL (where n
+    and K = n C allow it) and SPLIT_SMALL."""
+    if coefficients.ONE_LAUNCH_SMALL and n <= coefficients.ONE_MAX_N and K <= coefficients.ONE_MAX_K:
+        return ["mhc_coefficients_one"]
     if coefficients.SPLIT_SMALL:
         return ["mhc_coefficients_split_partial", "mhc_coefficients_split_finish"]
     return ["mhc_coefficients_dynamic_small_pre" if pre else "mhc_coefficients_dynamic_small"]
@@ -767,7 +770,7 @@ def test_fused_read_step_forward_and_backward(monkeypatch, flavour, dtype, n, C,
     # (up to coefficients.SMALL_TOKENS tokens, as here, their one-threadgroup-per-token forms)
     one_launch = build.gpu_backend() == "cuda"
     assert [name for name, *_ in emu.launched] == (
-        small_launches(True) if one_launch else small_launches(False) + ["mhc_pre"])
+        small_launches(True, n, n * C) if one_launch else small_launches(False, n, n * C) + ["mhc_pre"])
     want = ref64.coefficients(np64(x), np64(phi), np64(alpha), np64(bias), 20, 1e-6)
     for got, w in zip((H_pre, H_post, H_res), want):
         assert rel(got, w.reshape(got.shape)) <= 1e-5
@@ -1281,6 +1284,34 @@ def test_metal_first_use_check_runs_every_form_of_the_layer(monkeypatch, flavour
         safety.reset()
         with pytest.warns(RuntimeWarning, match="one launch"):
             assert not safety.verified("mhc_layer", kernels._implementation("mhc_layer"))
+    finally:
+        safety.reset()
+
+
+@pytest.mark.parametrize("flavour", ["metal"])
+def test_metal_first_use_check_runs_both_few_token_coefficient_forms(monkeypatch, flavour):
+    # the coefficient check runs the one-launch form (coefficients.ONE_LAUNCH_SMALL, n C up to
+    # ONE_MAX_K) and the split form past it, in every dtype of safety.CASES; a split form wrong
+    # only there fails the check
+    from mhc_mlx import kernels
+    from mhc_mlx.kernels import safety
+
+    monkeypatch.setattr(build, "gpu_backend", lambda: "metal")
+    safety.reset()
+    try:
+        emu.launched.clear()
+        assert safety.verified("mhc_coefficients", kernels._implementation("mhc_coefficients"))
+        dtypes = {}
+        for name, template, *_ in emu.launched:
+            if name in ("mhc_coefficients_one", "mhc_coefficients_split_partial"):
+                dtypes.setdefault(name, set()).add(template.get("T"))
+        assert set(dtypes) == {"mhc_coefficients_one", "mhc_coefficients_split_partial"}, dtypes
+        assert all(len(seen) == 3 for seen in dtypes.values()), dtypes  # float32, bfloat16, float16
+        right = coefficients._split_small
+        monkeypatch.setattr(coefficients, "_split_small", lambda *a: tuple(o * 1.05 for o in right(*a)))
+        safety.reset()
+        with pytest.warns(RuntimeWarning):
+            assert not safety.verified("mhc_coefficients", kernels._implementation("mhc_coefficients"))
     finally:
         safety.reset()
 

@@ -463,10 +463,13 @@ DYNAMIC_SPLIT_FINISH = KernelSpec(
 # the other warps compute h. Where it applies (n <= ONE_MAX_N, K <= ONE_MAX_K), one launch instead
 # of the split's two: in the ninth session of 2026-11-30 an eval of a B = 1 dynamic site (three
 # launches) took ~64 µs against ~39 for the static layer's one (H200, gpu_experiments.py b1-host),
-# ~12 µs a launch. Candidate: it passed the coefficient and read-step checks and its GPU tests on
-# the H200 that session; its timings there were void (docs/kernel-notes.md rows 58, 59), so it is
-# not yet known to be faster (gpu_experiments.py one-launch). False: the split form.
-ONE_LAUNCH_SMALL = False
+# ~12 µs a launch. It passed the coefficient and read-step checks and its GPU tests on the H200
+# (docs/kernel-notes.md row 59). Default since the seventeenth session (row 89): encoding a launch
+# costs the host ~6 µs (row 87) against this kernel's ~1 µs more of GPU time than the split's two,
+# and the bench's B = 1 dynamic forward took 80.4 µs (median of 15 rounds in three pinned
+# processes) against 84.8 for the split form, alternated (row 60's tenth-session timing: 99.1
+# against 101.6). False: the split form.
+ONE_LAUNCH_SMALL = True
 # 512: two rows a thread at a time hold ~60 registers; 1024 threads would allow 64 a thread
 ONE_THREADS = 512
 ONE_MAX_K = 4 * 1024  # rows of x and phi a token; above it the split form

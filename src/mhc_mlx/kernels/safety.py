@@ -16,6 +16,7 @@ import mlx.core as mx
 
 from .. import reference
 from .build import bump_settings, watch
+from .coefficients import ONE_MAX_K, ONE_MAX_N
 from .layer import LATENCY_TOKENS
 
 # op -> "ok" or "failed: <why>"
@@ -105,6 +106,14 @@ def _check_case(op: str, impl, n: int, dtype) -> None:
         bias = mx.random.normal((W,), key=k3)
         _matches(lambda *a: impl(*a, iters, 1e-6), lambda *a: reference.mhc_coefficients(*a, iters, 1e-6),
                  [x, phi, alpha, bias], what + " (dynamic)", dtype)
+        if n <= ONE_MAX_N:
+            # a few tokens with n C past ONE_MAX_K: the split form's two launches, which the one
+            # launch (coefficients.ONE_LAUNCH_SMALL) replaces below it, in this dtype too
+            C_wide = ONE_MAX_K // n + 16
+            x_wide = mx.random.normal((T, n, C_wide), key=k4).astype(dtype)
+            phi_wide = 0.1 * mx.random.normal((n * C_wide, W), key=k2) / (C_wide / C) ** 0.5
+            _matches(lambda *a: impl(*a, iters, 1e-6), lambda *a: reference.mhc_coefficients(*a, iters, 1e-6),
+                     [x_wide, phi_wide, alpha, bias], what + f" (dynamic, C = {C_wide})", dtype)
         _matches(lambda x_, b: impl(x_, None, None, b, iters, 1e-6),
                  lambda x_, b: reference.mhc_coefficients(x_, None, None, b, iters, 1e-6), [x, bias],
                  what + " (static)", dtype)
