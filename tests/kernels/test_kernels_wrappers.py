@@ -16,12 +16,15 @@ MODULES = (coefficients, coefficients_mma, coefficients_mma_vjp, layer, sinkhorn
 launched = []
 
 
-def _fused_dynamic(tokens: int, pre: bool = False) -> str:
-    """The fused dynamic coefficient kernel for this many tokens (its last launch): up to
-    coefficients.SMALL_TOKENS the split form's finishing kernel (coefficients.SPLIT_SMALL) or one
-    threadgroup per token, the tiled kernel above."""
+def _fused_dynamic(tokens: int, K: int, pre: bool = False, n: int = 4) -> str:
+    """The fused dynamic coefficient kernel for this many tokens of K = n C columns (its last
+    launch): up to coefficients.SMALL_TOKENS the one-launch form (coefficients.ONE_LAUNCH_SMALL,
+    where n and K allow it), else the split form's finishing kernel (coefficients.SPLIT_SMALL) or
+    one threadgroup per token; the tiled kernel above."""
     if tokens > coefficients.SMALL_TOKENS:
         return "mhc_coefficients_dynamic"
+    if coefficients.ONE_LAUNCH_SMALL and n <= coefficients.ONE_MAX_N and K <= coefficients.ONE_MAX_K:
+        return "mhc_coefficients_one"
     if coefficients.SPLIT_SMALL:
         return "mhc_coefficients_split_finish"
     return "mhc_coefficients_dynamic_small_pre" if pre else "mhc_coefficients_dynamic_small"
@@ -180,9 +183,9 @@ def test_candidate_gemm_form_of_dynamic_coefficients(monkeypatch, dtype):
                         [x, mx.zeros((n * C, W)), mx.zeros((3,)), mx.zeros((W,))])
     names = [name for name, *_ in launched]
     if dtype == mx.float32:
-        assert _fused_dynamic(6) in names
+        assert _fused_dynamic(6, n * C) in names
     else:
-        assert _fused_dynamic(6) not in names and "mhc_coefficients_static" in names
+        assert _fused_dynamic(6, n * C) not in names and "mhc_coefficients_static" in names
         assert "mhc_coefficients_dynamic_vjp" in names  # the backward is the same kernel
     with pytest.raises(ValueError, match="unknown dynamic coefficient form"):
         coefficients.dynamic_forward(x.reshape(6, n * C), mx.zeros((n * C, W)), mx.zeros((3,)),
@@ -221,9 +224,9 @@ def test_mma_form_of_dynamic_coefficients(monkeypatch, dtype):
                         [x, mx.zeros((n * C, W)), mx.zeros((3,)), mx.zeros((W,))])
     names = [name for name, *_ in launched]
     if dtype == mx.float32:
-        assert "mhc_coefficients_dynamic_mma" not in names and _fused_dynamic(6) in names
+        assert "mhc_coefficients_dynamic_mma" not in names and _fused_dynamic(6, n * C) in names
     else:
-        assert "mhc_coefficients_dynamic_mma" in names and _fused_dynamic(6) not in names
+        assert "mhc_coefficients_dynamic_mma" in names and _fused_dynamic(6, n * C) not in names
         # three launches: phi packed, the tensor-core partials, the finish (no MLX-op glue)
         assert {"mhc_coefficients_pack_phi", "mhc_coefficients_dynamic_finish"} <= set(names)
         template = dict(next(t for name, t, *_ in launched if name == "mhc_coefficients_dynamic_mma"))
@@ -242,7 +245,7 @@ def test_cuda_only_kernel_never_runs_on_metal(monkeypatch):
     coefficients.mhc_coefficients(mx.zeros((3, n, C), dtype=mx.bfloat16), mx.zeros((n * C, W)), mx.zeros((3,)),
                                   mx.zeros((W,)), 20, 1e-6)
     names = [name for name, *_ in launched]
-    assert "mhc_coefficients_dynamic_mma" not in names and _fused_dynamic(3) in names
+    assert "mhc_coefficients_dynamic_mma" not in names and _fused_dynamic(3, n * C) in names
 
 
 @pytest.mark.parametrize("tokens,C", [(1, 8), (255, 4096), (256, 4096), (1000, 1280), (1024, 1024)])
@@ -259,9 +262,9 @@ def test_default_dynamic_form_is_the_fused_kernel_below_mma_min_elements(monkeyp
                                   mx.zeros((3,)), mx.zeros((W,)), 20, 1e-6)
     names = [name for name, *_ in launched]
     if tokens * n * C >= coefficients.MMA_MIN_ELEMENTS:
-        assert "mhc_coefficients_dynamic_mma" in names and _fused_dynamic(tokens) not in names
+        assert "mhc_coefficients_dynamic_mma" in names and _fused_dynamic(tokens, n * C) not in names
     else:
-        assert _fused_dynamic(tokens) in names and "mhc_coefficients_dynamic_mma" not in names
+        assert _fused_dynamic(tokens, n * C) in names and "mhc_coefficients_dynamic_mma" not in names
 
 
 def _last_op(a: mx.array, tmp_path) -> str:
@@ -407,7 +410,7 @@ def test_read_step_auto_only_where_its_forward_is_one_launch(monkeypatch, backen
     launched.clear()
     mx.eval(hc(x, lambda h: h * 2))
     names = {name for name, *_ in launched}
-    assert (_fused_dynamic(6, pre=True) in names) == one_launch, names  # 6 tokens
+    assert (_fused_dynamic(6, n * C, pre=True) in names) == one_launch, names  # 6 tokens
     assert ("mhc_pre" in names) == (not one_launch), names
     # on Metal there is no one-launch read step (the two ops' kernels carry the first-use checks)
     monkeypatch.setattr(build, "gpu_backend", lambda: "metal")
