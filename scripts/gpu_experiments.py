@@ -29,6 +29,7 @@ copy floor two ways, and where B=1 latency goes (Python graph building vs the ev
     python scripts/gpu_experiments.py static-host (only the static forward's host costs per launch and custom function)
     python scripts/gpu_experiments.py step-trace (only the dynamic fwd+bwd eager against one compiled step, traced)
     python scripts/gpu_experiments.py encode-cost (only the host's encoding cost per launch, by kind of launch)
+    python scripts/gpu_experiments.py encode-cost-paper (the same at 512 x 4 x 1280, a paper size, K = 50)
     python scripts/gpu_experiments.py eval-anatomy (only a throughput eval's GPU start, span and tail; eager against compiled steps)
     python scripts/gpu_experiments.py b1 [ncu]  (only the B = 1 layer kernel by Sinkhorn iterations)
 """
@@ -2190,6 +2191,10 @@ def encode_cost(K=100, rounds=5, T=64, n=4, C=512):
     mx.eval(static.parameters())
     rows = {
         "x * 1.5 (MLX op)": lambda x: x * 1.5,
+        # what a graph node that moves nothing costs to encode (our ops' reshapes, and the
+        # StopGradient MLX puts on every output of an mx.custom_function)
+        "x * 1.5 after 3 reshapes": lambda x: x.reshape(T, n * C).reshape(T * n, C).reshape(T, n, C) * 1.5,
+        "x * 1.5 after 3 stop_gradients": lambda x: mx.stop_gradient(mx.stop_gradient(mx.stop_gradient(x))) * 1.5,
         "one-line kernel, 1 input": lambda x: launch(one, [x], [((1,), BF)], 32, 32, [])[0],
         "one-line kernel, 1 input, +16 KB text": lambda x: launch(padded, [x], [((1,), BF)], 32, 32, [])[0],
         "one-line kernel, 7 inputs": lambda x: launch(seven, [x, *raw], [(x.shape, x.dtype)], 256, 256, [])[0],
@@ -2231,6 +2236,7 @@ def encode_cost(K=100, rounds=5, T=64, n=4, C=512):
 
 MODES = {
     "encode-cost": encode_cost,
+    "encode-cost-paper": lambda: encode_cost(K=50, T=512, C=1280),
     "eval-anatomy": eval_anatomy,
     "two-site-draws": two_site_draws,
     "malloc-growth": malloc_growth,

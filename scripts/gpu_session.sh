@@ -553,6 +553,7 @@ case "${1:-}" in
     # (seventeenth session of 2026-12-01) the host's encoding cost per launch by kind of launch
     # (MLX op, one-line kernels, the layer kernel, the modules, the bench's small applications)
     run 200 experiments_encode_cost python scripts/gpu_experiments.py encode-cost
+    run 200 experiments_encode_cost_paper python scripts/gpu_experiments.py encode-cost-paper
     ;;
   anatomy)
     # (seventeenth session of 2026-12-01) a throughput eval's GPU start, span and tail and the
