@@ -1607,15 +1607,14 @@ def one_pass_split(rounds=5, T=4096, n=4, C=4096):
               f"({' '.join(f'{v:.0f}' for v in t)})")
 
 
-def traced_rows(rows, sets, path):
-    """{label: (kernels by name: [µs each], span µs)} of one eval of each row's K applications
-    (graph built first, kernels built before), traced by PyTorch's profiler between two marker
-    launches per row (gpu_timeline's method)."""
+def record_trace(rows, sets, path):
+    """One eval of each row's K applications (graph built first, kernels built before) under
+    PyTorch's profiler, between two marker launches per row (gpu_timeline's method); the trace
+    written to path."""
     import torch
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import gpu_profile
-    from gpu_timeline import _between_markers, _kernels
 
     torch.cuda.init()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
@@ -1629,6 +1628,15 @@ def traced_rows(rows, sets, path):
             gpu_profile.mark(i)
             del outs
     prof.export_chrome_trace(path)
+
+
+def traced_rows(rows, sets, path):
+    """{label: (kernels by name: [µs each], span µs)} of one eval of each row's K applications,
+    traced by record_trace."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from gpu_timeline import _between_markers, _kernels
+
+    record_trace(rows, sets, path)
     out = {}
     for i, kernels in _between_markers(_kernels(path)).items():
         by_name = {}
@@ -2086,8 +2094,6 @@ def eval_anatomy(rounds=5, T=4096, n=4, C=4096):
     traced: the GPU's start after the eval began (first kernel against the marker before it),
     its span, its tail (the marker after it against the last kernel: the host's wake-up), the
     CUDA calls the host made meanwhile, and the graph's nodes per application by primitive."""
-    import torch
-
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import gpu_profile
     from gpu_timeline import _host_calls, _kernels
@@ -2134,18 +2140,7 @@ def eval_anatomy(rounds=5, T=4096, n=4, C=4096):
         for label, t in times.items():
             print(f"  {label:<28} {statistics.median(t):7.1f} us  ({' '.join(f'{v:.0f}' for v in t)})", flush=True)
         path = "/tmp/eval_anatomy.json"
-        torch.cuda.init()
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            for i, fn in enumerate(rows.values()):
-                mx.eval([fn(*a) for a in sets])
-                outs = [fn(*a) for a in sets]
-                mx.synchronize()
-                gpu_profile.mark(i)
-                mx.eval(outs)
-                mx.synchronize()
-                gpu_profile.mark(i)
-                del outs
-        prof.export_chrome_trace(path)
+        record_trace(rows, sets, path)
     events = _kernels(path)
     host = _host_calls(path)
     marks = [(t, d) for t, d, name in events if gpu_profile.MARKER in name]

@@ -1256,64 +1256,64 @@ def test_metal_first_use_checks_pass_on_the_emulated_metal_kernels(monkeypatch, 
         safety.reset()
 
 
+@pytest.fixture
+def metal_checks(monkeypatch):
+    """kernels.safety with the Metal source run by the emulator: a function that runs op's
+    first-use check from a clean state and returns (whether it passed, the launches it made)."""
+    from mhc_mlx import kernels
+    from mhc_mlx.kernels import safety
+
+    monkeypatch.setattr(build, "gpu_backend", lambda: "metal")
+
+    def check(op: str):
+        safety.reset()
+        emu.launched.clear()
+        return safety.verified(op, kernels._implementation(op)), list(emu.launched)
+
+    yield check
+    safety.reset()
+
+
 @pytest.mark.parametrize("flavour", ["metal"])
-def test_metal_first_use_check_runs_every_form_of_the_layer(monkeypatch, flavour):
+def test_metal_first_use_check_runs_every_form_of_the_layer(monkeypatch, flavour, metal_checks):
     # the layer's check runs the latency kernel, the layer kernel's inline form (what
     # layer.INLINE_ALWAYS runs above LATENCY_TOKENS) and its two-launch form; an inline form
     # wrong only above LATENCY_TOKENS fails the check
-    from mhc_mlx import kernels
-    from mhc_mlx.kernels import safety
+    ok, launched = metal_checks("mhc_layer")
+    assert ok
+    forms = {(name, template.get("INLINE")) for name, template, *_ in launched
+             if name.startswith("mhc_layer") and not name.startswith("mhc_layer_vjp")}
+    assert {("mhc_layer_latency", None), ("mhc_layer", True), ("mhc_layer", False)} <= forms, forms
+    right = layer.forward
+    signature = inspect.signature(right)
 
-    monkeypatch.setattr(build, "gpu_backend", lambda: "metal")
-    safety.reset()
-    try:
-        emu.launched.clear()
-        assert safety.verified("mhc_layer", kernels._implementation("mhc_layer")), safety.result("mhc_layer")
-        forms = {(name, template.get("INLINE")) for name, template, *_ in emu.launched
-                 if name.startswith("mhc_layer") and not name.startswith("mhc_layer_vjp")}
-        assert {("mhc_layer_latency", None), ("mhc_layer", True), ("mhc_layer", False)} <= forms, forms
-        right = layer.forward
-        signature = inspect.signature(right)
+    def wrong_inline(x, *a, **k):
+        out = right(x, *a, **k)
+        inline = signature.bind(x, *a, **k).arguments["inline"]
+        return out * 1.05 if inline and x.shape[0] > layer.LATENCY_TOKENS else out
 
-        def wrong_inline(x, *a, **k):
-            out = right(x, *a, **k)
-            inline = signature.bind(x, *a, **k).arguments["inline"]
-            return out * 1.05 if inline and x.shape[0] > layer.LATENCY_TOKENS else out
-
-        monkeypatch.setattr(layer, "forward", wrong_inline)
-        safety.reset()
-        with pytest.warns(RuntimeWarning, match="one launch"):
-            assert not safety.verified("mhc_layer", kernels._implementation("mhc_layer"))
-    finally:
-        safety.reset()
+    monkeypatch.setattr(layer, "forward", wrong_inline)
+    with pytest.warns(RuntimeWarning, match="one launch"):
+        assert not metal_checks("mhc_layer")[0]
 
 
 @pytest.mark.parametrize("flavour", ["metal"])
-def test_metal_first_use_check_runs_both_few_token_coefficient_forms(monkeypatch, flavour):
+def test_metal_first_use_check_runs_both_few_token_coefficient_forms(monkeypatch, flavour, metal_checks):
     # the coefficient check runs the one-launch form (coefficients.ONE_LAUNCH_SMALL, n C up to
     # ONE_MAX_K) and the split form past it, in every dtype of safety.CASES; a split form wrong
     # only there fails the check
-    from mhc_mlx import kernels
-    from mhc_mlx.kernels import safety
-
-    monkeypatch.setattr(build, "gpu_backend", lambda: "metal")
-    safety.reset()
-    try:
-        emu.launched.clear()
-        assert safety.verified("mhc_coefficients", kernels._implementation("mhc_coefficients"))
-        dtypes = {}
-        for name, template, *_ in emu.launched:
-            if name in ("mhc_coefficients_one", "mhc_coefficients_split_partial"):
-                dtypes.setdefault(name, set()).add(template.get("T"))
-        assert set(dtypes) == {"mhc_coefficients_one", "mhc_coefficients_split_partial"}, dtypes
-        assert all(len(seen) == 3 for seen in dtypes.values()), dtypes  # float32, bfloat16, float16
-        right = coefficients._split_small
-        monkeypatch.setattr(coefficients, "_split_small", lambda *a: tuple(o * 1.05 for o in right(*a)))
-        safety.reset()
-        with pytest.warns(RuntimeWarning):
-            assert not safety.verified("mhc_coefficients", kernels._implementation("mhc_coefficients"))
-    finally:
-        safety.reset()
+    ok, launched = metal_checks("mhc_coefficients")
+    assert ok
+    dtypes = {}
+    for name, template, *_ in launched:
+        if name in ("mhc_coefficients_one", "mhc_coefficients_split_partial"):
+            dtypes.setdefault(name, set()).add(template.get("T"))
+    assert set(dtypes) == {"mhc_coefficients_one", "mhc_coefficients_split_partial"}, dtypes
+    assert all(len(seen) == 3 for seen in dtypes.values()), dtypes  # float32, bfloat16, float16
+    right = coefficients._split_small
+    monkeypatch.setattr(coefficients, "_split_small", lambda *a: tuple(o * 1.05 for o in right(*a)))
+    with pytest.warns(RuntimeWarning):
+        assert not metal_checks("mhc_coefficients")[0]
 
 
 @pytest.mark.parametrize("flavour", ["metal"])
