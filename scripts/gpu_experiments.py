@@ -31,6 +31,7 @@ copy floor two ways, and where B=1 latency goes (Python graph building vs the ev
     python scripts/gpu_experiments.py encode-cost (only the host's encoding cost per launch, by kind of launch)
     python scripts/gpu_experiments.py encode-cost-paper (the same at 512 x 4 x 1280, a paper size, K = 50)
     python scripts/gpu_experiments.py eval-anatomy (only a throughput eval's GPU start, span and tail; eager against compiled steps)
+    python scripts/gpu_experiments.py eval-anatomy-paper (the same at 512 x 4 x 1280)
     python scripts/gpu_experiments.py b1 [ncu]  (only the B = 1 layer kernel by Sinkhorn iterations)
 """
 
@@ -2233,6 +2234,7 @@ MODES = {
     "encode-cost": encode_cost,
     "encode-cost-paper": lambda: encode_cost(K=50, T=512, C=1280),
     "eval-anatomy": eval_anatomy,
+    "eval-anatomy-paper": lambda: eval_anatomy(T=512, C=1280),
     "two-site-draws": two_site_draws,
     "malloc-growth": malloc_growth,
     "wg-time": wg_time,
