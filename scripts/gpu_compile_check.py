@@ -23,7 +23,7 @@ from mhc_mlx.kernels.build import render_cuda
 
 
 def experiment_instances() -> list:
-    """scripts/tile_reuse.py's kernels at the shapes gpu_experiments.py tile-reuse runs."""
+    """scripts/tile_reuse.py's and backward_tile.py's kernels at the shapes gpu_experiments.py runs them."""
     import mlx.core as mx
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -37,6 +37,12 @@ def experiment_instances() -> list:
     for S in (2, 4, 8):
         for spec in (tr.cluster_spec(S), tr.persistent_spec(S)):
             out.append((spec, (bf, i32), (bf,), [("T", bf), ("TT", 4), ("VPT", 4 * 8 // S), ("S", S)]))
+    # scripts/backward_tile.py at C = 4096: tiles of 4 tokens in clusters of 8
+    import backward_tile as bt
+
+    base = [("T", bf), ("N", bt.N)]
+    out += [(bt.SHARE, (bf, bf, bf, f32, f32, i32), (bf, f32), base), (bt.FINISH, (bf, bf, f32, i32), (bf,), base),
+            (bt.fused_spec(8), (bf, bf, bf, f32, f32, i32), (bf,), base + [("TT", 4), ("S", 8)])]
     return out
 
 
@@ -47,7 +53,7 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", default="sm_90a")
     ap.add_argument("--only", default="", help="substring of kernel names to compile")
     ap.add_argument("--experiments", action="store_true",
-                    help="also the experiment-only kernels of scripts/ (tile_reuse.py)")
+                    help="also the experiment-only kernels of scripts/ (tile_reuse.py, backward_tile.py)")
     args = ap.parse_args(argv)
     failures = 0
     instances = catalogue.instances() + catalogue.cuda_only_instances()

@@ -28,6 +28,7 @@ copy floor two ways, and where B=1 latency goes (Python graph building vs the ev
     python scripts/gpu_experiments.py layer-source (only the static forward's LAYER now against before the eighth session)
     python scripts/gpu_experiments.py static-host (only the static forward's host costs per launch and custom function)
     python scripts/gpu_experiments.py step-trace (only the dynamic fwd+bwd eager against one compiled step, traced)
+    python scripts/gpu_experiments.py backward-tile (only the one-read backward's memory side: two launches vs one cluster launch)
     python scripts/gpu_experiments.py encode-cost (only the host's encoding cost per launch, by kind of launch)
     python scripts/gpu_experiments.py encode-cost-paper (the same at 512 x 4 x 1280, a paper size, K = 50)
     python scripts/gpu_experiments.py eval-anatomy (only a throughput eval's GPU start, span and tail; eager against compiled steps)
@@ -2230,7 +2231,57 @@ def encode_cost(K=100, rounds=5, T=64, n=4, C=512):
               f"  nodes {nodes[label]:3d}", flush=True)
 
 
+def backward_tile_forms(rounds=5, T=4096, C=4096):
+    """(seventeenth session) scripts/backward_tile.py: the one-read dynamic backward's memory side
+    (x, g, dh read, each token's n + n^2 row sums exchanged, dx written) at T x 4 x C bf16: today's
+    two-kernel traffic (SHARE + FINISH, 25 units of [T, C] bf16) against one persistent cluster
+    launch (13 units) at several launch sizes, beside the copy (x * 1.5, 2 units). Each form
+    checked against MLX's ops first; then 10 rotated input sets per timing, alternated `rounds`
+    times; each form's rate on its own bytes and as a % of the copy's. kernel-notes: the fused
+    form must run at >= ~80 % of the copy's rate, with gs phi^T and the glue still to add, for the
+    dynamic fwd+bwd target."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import backward_tile as bt
+
+    n = bt.N
+    sets = []
+    for _ in range(10):
+        x = mx.random.normal((T, n, C)).astype(BF) * (1 + mx.arange(T).reshape(T, 1, 1) % 7)
+        sets.append([x, mx.random.normal((T, n, C)).astype(BF), mx.random.normal((T, C)).astype(BF),
+                     mx.random.uniform(shape=(T, n)), mx.random.uniform(shape=(T, n, n))])
+    mx.eval(sets)
+    forms = {"two launches (25 units)": (bt.two, 25)}
+    for groups in (128, 64, 256):
+        forms[f"fused, clusters of 8, {groups} groups (13 units)"] = (
+            lambda *a, groups=groups: bt.fused(*a, S=8, groups=groups), 13)
+    want = bt.reference(*sets[0]).astype(mx.float32)
+    for label in list(forms):
+        try:
+            got = forms[label][0](*sets[0]).astype(mx.float32)
+            err = (mx.max(mx.abs(got - want)) / mx.max(mx.abs(want))).item()
+            finite = mx.all(mx.isfinite(got)).item()
+        except Exception as e:  # a form that cannot launch here is reported and left out
+            print(f"backward tile check: {label} FAILED: {type(e).__name__}: {str(e)[:300]}")
+            del forms[label]
+            continue
+        print(f"backward tile check: {label:<44} max rel err {err:.1e} (bf16 output), all finite {finite}")
+    unit = T * C * 2
+    rows = {"copy x * 1.5 (2 units)": (lambda *a: a[0] * 1.5, 2), **forms}
+    times = {label: [] for label in rows}
+    for _ in range(rounds):
+        for label, (fn, _) in rows.items():
+            times[label].append(tput(fn, sets))
+    copy_rate = 2 * unit / statistics.median(times["copy x * 1.5 (2 units)"])
+    for label, (_, units) in rows.items():
+        us = statistics.median(times[label])
+        rate = units * unit / us
+        print(f"backward tile {T}x{n}x{C} bf16, {label:<44} {us:7.1f} us  {rate / 1e3:6.0f} GB/s  "
+              f"{100 * rate / copy_rate:5.1f} % of the copy's rate  ({' '.join(f'{v:.0f}' for v in times[label])})",
+              flush=True)
+
+
 MODES = {
+    "backward-tile": backward_tile_forms,
     "encode-cost": encode_cost,
     "encode-cost-paper": lambda: encode_cost(K=50, T=512, C=1280),
     "eval-anatomy": eval_anatomy,

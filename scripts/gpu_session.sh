@@ -67,6 +67,7 @@
 #   bash scripts/gpu_session.sh final17      # as final16, on the seventeenth session's defaults
 #   bash scripts/gpu_session.sh b1-ab        # B = 1 dynamic: the one-launch read step against two, pinned processes
 #   bash scripts/gpu_session.sh encode       # the host's encoding cost per launch, by kind of launch
+#   bash scripts/gpu_session.sh backward-tile  # the one-read backward's memory side: two launches vs a cluster launch
 #   bash scripts/gpu_session.sh anatomy-paper  # eval-anatomy at 512 x 4 x 1280, two processes
 #   bash scripts/gpu_session.sh anatomy      # a throughput eval's GPU start, span, tail; eager vs compiled steps
 #   bash scripts/gpu_session.sh step-trace   # the dynamic fwd+bwd eager against one compiled step, traced
@@ -564,6 +565,11 @@ case "${1:-}" in
     run 200 experiments_eval_anatomy python scripts/gpu_experiments.py eval-anatomy
     run 200 experiments_eval_anatomy_nographs env MLX_USE_CUDA_GRAPHS=0 python scripts/gpu_experiments.py eval-anatomy
     run 200 experiments_eval_anatomy_mb200 env MLX_MAX_MB_PER_BUFFER=200 python scripts/gpu_experiments.py eval-anatomy
+    ;;
+  backward-tile)
+    # (seventeenth session of 2026-12-01) the one-read dynamic backward's memory side
+    # (scripts/backward_tile.py): today's two-kernel traffic against one persistent cluster launch
+    run 200 experiments_backward_tile python scripts/gpu_experiments.py backward-tile
     ;;
   anatomy-paper)
     # (seventeenth session of 2026-12-01) eval-anatomy at 512 x 4 x 1280, where the host's

@@ -1,0 +1,82 @@
+"""scripts/backward_tile.py's two forms on the CPU emulator against float64: SHARE + FINISH, and
+the fused persistent form with clusters of one threadgroup (the emulator runs one threadgroup at
+a time; clusters of several are checked against MLX's ops on the GPU before they are timed,
+gpu_experiments.py backward-tile)."""
+
+import os
+import sys
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import cpu_emulator as emu
+
+pytestmark = pytest.mark.slow
+SCRIPTS = os.path.join(os.path.dirname(__file__), "..", "..", "scripts")
+
+
+@pytest.fixture
+def backward_tile(monkeypatch):
+    sys.path.insert(0, SCRIPTS)
+    try:
+        import backward_tile
+    finally:
+        sys.path.remove(SCRIPTS)
+    monkeypatch.setattr(backward_tile, "launch", emu.launch)
+    emu.use_flavour("cuda")
+    emu.launched.clear()
+    return backward_tile
+
+
+def _inputs(T, C, dtype):
+    n = 4
+    # tokens of very different scales, so a token given another token's sums would show
+    scale = mx.arange(1, T + 1).reshape(T, 1, 1).astype(mx.float32)
+    x = (mx.random.normal((T, n, C)) * scale).astype(dtype)
+    g = mx.random.normal((T, n, C)).astype(dtype)
+    dh = mx.random.normal((T, C)).astype(dtype)
+    hpre, hres = mx.random.uniform(shape=(T, n)), mx.random.uniform(shape=(T, n, n))
+    mx.eval(x, g, dh, hpre, hres)
+    return x, g, dh, hpre, hres
+
+
+def _want(x, g, dh, hpre, hres):
+    x64, g64, d64 = (np.array(a.astype(mx.float32), dtype=np.float64) for a in (x, g, dh))
+    hp, hr = np.array(hpre, dtype=np.float64), np.array(hres, dtype=np.float64)
+    dpre = np.einsum("tc,tic->ti", d64, x64)
+    dres = np.einsum("tic,tjc->tij", g64, x64).reshape(x64.shape[0], -1)
+    s = 1.0 / (1.0 + (np.abs(dpre).sum(-1) + np.abs(dres).sum(-1)) / x64.shape[2])
+    return hp[:, :, None] * d64[:, None, :] + np.einsum("tji,tjc->tic", hr, g64) + s[:, None, None] * x64
+
+
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
+@pytest.mark.parametrize("form", ["two", "fused"])
+def test_backward_tile_forms_match_float64(backward_tile, dtype, form):
+    args = _inputs(16, 512, dtype)
+    if form == "two":
+        dx = backward_tile.two(*args)
+        names = ["mhc_backward_tile_share", "mhc_backward_tile_finish"]
+    else:  # three threadgroups looping over four tiles of 4 tokens, the next one's loads before each exchange
+        dx = backward_tile.fused(*args, S=1, groups=3)
+        names = ["mhc_backward_tile_fused1"]
+    assert [name for name, *_ in emu.launched] == names
+    got = np.array(dx.astype(mx.float32), dtype=np.float64)
+    want = _want(*args)
+    assert np.isfinite(got).all()
+    assert np.max(np.abs(got - want)) / np.max(np.abs(want)) <= 1e-2
+    # the MLX-ops form the GPU experiment checks the kernels against, itself against float64
+    ref = np.array(backward_tile.reference(*args).astype(mx.float32), dtype=np.float64)
+    assert np.max(np.abs(ref - want)) / np.max(np.abs(want)) <= 1e-2
+
+
+def test_backward_tile_refuses_what_it_does_not_cover(backward_tile):
+    x, g, dh, hpre, hres = _inputs(16, 512, mx.bfloat16)
+    with pytest.raises(ValueError, match="16-bit"):
+        backward_tile.two(x.astype(mx.float32), g, dh, hpre, hres)
+    with pytest.raises(ValueError, match="dh"):
+        backward_tile.fused(x, g, dh[:, :256], hpre, hres, S=1)
+    with pytest.raises(ValueError, match="S in 1, 2, 4, 8"):
+        backward_tile.fused(x, g, dh, hpre, hres, S=3)
+    with pytest.raises(ValueError, match="multiple of its tile"):
+        backward_tile.fused(*_inputs(6, 512, mx.bfloat16), S=1)
