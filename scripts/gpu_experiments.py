@@ -2235,7 +2235,7 @@ def backward_tile_forms(rounds=5, T=4096, C=4096):
     """(seventeenth session) scripts/backward_tile.py: the one-read dynamic backward's memory side
     (x, g, dh read, each token's n + n^2 row sums exchanged, dx written) at T x 4 x C bf16: today's
     two-kernel traffic (SHARE + FINISH, 25 units of [T, C] bf16) against one persistent cluster
-    launch (13 units) at several launch sizes, beside the copy (x * 1.5, 2 units). Each form
+    launch (13 units) at several launch sizes, beside the copy (x * 1.5, 2 n units). Each form
     checked against MLX's ops first; then 10 rotated input sets per timing, alternated `rounds`
     times; each form's rate on its own bytes and as a % of the copy's. kernel-notes: the fused
     form must run at >= ~80 % of the copy's rate, with gs phi^T and the glue still to add, for the
@@ -2266,12 +2266,13 @@ def backward_tile_forms(rounds=5, T=4096, C=4096):
             continue
         print(f"backward tile check: {label:<44} max rel err {err:.1e} (bf16 output), all finite {finite}")
     unit = T * C * 2
-    rows = {"copy x * 1.5 (2 units)": (lambda *a: a[0] * 1.5, 2), **forms}
+    copy_label = f"copy x * 1.5 ({2 * n} units)"  # x is n units: read and written
+    rows = {copy_label: (lambda *a: a[0] * 1.5, 2 * n), **forms}
     times = {label: [] for label in rows}
     for _ in range(rounds):
         for label, (fn, _) in rows.items():
             times[label].append(tput(fn, sets))
-    copy_rate = 2 * unit / statistics.median(times["copy x * 1.5 (2 units)"])
+    copy_rate = 2 * n * unit / statistics.median(times[copy_label])
     for label, (_, units) in rows.items():
         us = statistics.median(times[label])
         rate = units * unit / us
