@@ -22,7 +22,9 @@ whole-row sums, as DX's x term does; DX's gs phi^T is left out.) Forms:
 - FUSED: persistent clusters of S threadgroups, a tile of TT tokens a cluster at a time, each
   threadgroup KS = C / S channels of every stream; the sums exchanged through distributed shared
   memory (tile_reuse's cluster helpers), the next tile's loads in flight across the exchange;
-  13 units.
+  13 units;
+- FUSED_ASYNC: FUSED with the loads staged two tiles deep in shared memory by asynchronous copies
+  (no registers hold a tile in flight), smaller threadgroups, several an SM.
 
     python scripts/gpu_experiments.py backward-tile     # on a CUDA GPU (sm_90): checks, timings
 
@@ -219,6 +221,117 @@ def fused_spec(S: int) -> KernelSpec:
 """)
 
 
+# FUSED_ASYNC: FUSED with each thread's loads issued as asynchronous copies into shared memory
+# (cp.async, 16 bytes each) two tiles deep, so no registers hold a tile in flight: 2 tokens a tile,
+# 128 threads a threadgroup (both buffers 36.9 KB of static shared memory), several threadgroups
+# an SM, one's exchange overlapping another's loads. Each thread reads back only its own copies,
+# which cp.async.wait_group makes visible to it.
+ASYNC_THREADS = 128
+ASYNC_HELPERS = r"""
+#ifdef MHC_BACKEND_CPU_EMULATION
+KDEV void bt_cp16(void* dst, const void* src) { memcpy(dst, src, 16); }
+KDEV void bt_cp_commit() {}
+template <int P> KDEV void bt_cp_wait() {}
+#else
+KDEV void bt_cp16(void* dst, const void* src) {
+  const unsigned s = (unsigned)__cvta_generic_to_shared(dst);
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(src));
+}
+KDEV void bt_cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int P> KDEV void bt_cp_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(P)); }
+#endif
+// this thread's 2 N + 1 vectors of 8 channels (x's N, g's N, dh) of token t into dst
+template <typename T, int N>
+KDEV void bt_stage(float4* dst, const T* x, const T* g, const T* dh, int64_t t, int C, int c0) {
+  KUNROLL for (int i = 0; i < N; ++i) {
+    bt_cp16(dst + i, x + (t * N + i) * C + c0);
+    bt_cp16(dst + N + i, g + (t * N + i) * C + c0);
+  }
+  bt_cp16(dst + 2 * N, dh + t * C + c0);
+}
+"""
+
+
+@lru_cache(maxsize=None)
+def fused_async_spec(S: int) -> KernelSpec:
+    """FUSED_ASYNC for clusters of S threadgroups."""
+    return KernelSpec(
+        name=f"mhc_backward_tile_fused_async{S}",
+        inputs=("x", "g", "dh", "hpre", "hres", "iparam"),
+        outputs=("dx",),
+        helpers=f"#define TR_CLUSTER_S {S}\n" + CLUSTER_HELPERS + _HEADER + ASYNC_HELPERS,
+        body=r"""
+  constexpr int NV = N + N * N;
+  constexpr int NVEC = 2 * N + 1;  // a thread's staged vectors a tile
+  const int Ttok = iparam[0];
+  const int C = iparam[1];
+  const int KS = C / S;
+  const int VR = KS / 8;
+  const int tiles = Ttok / TT;
+  const int rank = KBID % S, clusters = KNB / S;
+  const int r = KTID / VR;
+  const int c0 = rank * KS + 8 * (KTID % VR);
+  KSHARED float4 stage[2 * TG * NVEC];
+  KSHARED float red[(TG / 32) * NV];
+  KSHARED float rows_s[2][TT * NV];
+  KSHARED float tot_s[TT * NV];
+  KSHARED float s_s[TT];
+  int tile = KBID / S;
+  int buf = 0;
+  if (tile < tiles) bt_stage<T, N>(stage + KTID * NVEC, x, g, dh, (int64_t)tile * TT + r, C, c0);
+  bt_cp_commit();
+  for (; tile < tiles; tile += clusters, buf ^= 1) {
+    const int64_t t = (int64_t)tile * TT + r;
+    const int next = tile + clusters;
+    if (next < tiles)
+      bt_stage<T, N>(stage + ((buf ^ 1) * TG + KTID) * NVEC, x, g, dh, (int64_t)next * TT + r, C, c0);
+    bt_cp_commit();
+    bt_cp_wait<1>();  // this tile's copies (all but the group just issued) have landed
+    float xv[N][8], gv[N][8], dv[8];
+    {
+      const T* mine = reinterpret_cast<const T*>(stage + (buf * TG + KTID) * NVEC);
+      KUNROLL for (int i = 0; i < N; ++i) {
+        kload<T, 8>(xv[i], mine, 8 * i, true);
+        kload<T, 8>(gv[i], mine, 8 * (N + i), true);
+      }
+      kload<T, 8>(dv, mine, 8 * 2 * N, true);
+    }
+    float part[NV], sh[N][8];
+    KUNROLL for (int k = 0; k < NV; ++k) part[k] = 0.0f;
+    bt_share<N>(xv, gv, dv, hpre, hres, t, part, sh);
+    KUNROLL for (int k = 0; k < NV; ++k) {
+      const float v = kwarp_sum(part[k]);
+      if (KLANE == 0) red[KWARP * NV + k] = v;
+    }
+    KBARRIER();
+    if (KTID < TT * NV) {
+      const int rr = KTID / NV, k = KTID % NV;
+      float s = 0.0f;
+      for (int w = rr * (VR / 32); w < (rr + 1) * (VR / 32); ++w) s += red[w * NV + k];
+      rows_s[buf][KTID] = s;
+    }
+    tr_cluster_sync();
+    if (KTID < TT * NV) {
+      float s = 0.0f;
+      for (int p = 0; p < S; ++p) s += tr_cluster_peer(&rows_s[buf][0], p)[KTID];
+      tot_s[KTID] = s;
+    }
+    KBARRIER();
+    if (KTID < TT) s_s[KTID] = bt_scale(tot_s + KTID * NV, C);
+    KBARRIER();
+    const float sc = s_s[r];
+    KUNROLL for (int i = 0; i < N; ++i) {
+      KUNROLL for (int e = 0; e < 8; ++e) sh[i][e] += sc * xv[i][e];
+      kstore<T, 8>(dx, (t * N + i) * C + c0, sh[i], true);
+    }
+    // red, tot_s, s_s and this buffer are rewritten from the next tile on
+    KBARRIER();
+  }
+  bt_cp_wait<0>();
+  tr_cluster_sync();  // no threadgroup leaves while a peer may still read its rows_s
+""")
+
+
 def _check(x, g, dh, hpre, hres):
     if (x.ndim != 3 or x.shape[1] != N or x.dtype not in (mx.bfloat16, mx.float16) or g.shape != x.shape
             or g.dtype != x.dtype or dh.shape != (x.shape[0], x.shape[2]) or dh.dtype != x.dtype
@@ -268,3 +381,21 @@ def reference(x, g, dh, hpre, hres):
     s = 1.0 / (1.0 + (mx.sum(mx.abs(dpre), -1) + mx.sum(mx.abs(dres), -1)) / x.shape[2])
     share = hpre.astype(f32)[:, :, None] * df[:, None, :] + mx.einsum("tji,tjc->tic", hres.astype(f32), gf)
     return (share + s[:, None, None] * xf).astype(x.dtype)
+
+
+def fused_async(x, g, dh, hpre, hres, S: int = 8, groups: int = 512):
+    """FUSED_ASYNC: as fused, the loads staged two tiles deep by asynchronous copies, in about
+    `groups` threadgroups of ASYNC_THREADS (a tile of TT = ASYNC_THREADS / (C / 8 S) tokens)."""
+    _check(x, g, dh, hpre, hres)
+    T, _, C = x.shape
+    if S not in (1, 2, 4, 8) or C % (8 * S) or ASYNC_THREADS % (C // S // 8) or (C // S // 8) % 32:
+        raise ValueError(f"the async form needs S in 1, 2, 4, 8 with C / (8 S) a multiple of 32 dividing "
+                         f"{ASYNC_THREADS}; got C = {C}, S = {S}")
+    TT = ASYNC_THREADS // (C // S // 8)
+    if T % TT:
+        raise ValueError(f"the async form needs T a multiple of its tile, {TT} tokens; got T = {T}")
+    nb = S * max(1, min(T // TT, groups // S))
+    f32 = mx.float32
+    return launch(fused_async_spec(S), [x, g, dh, hpre.astype(f32), hres.astype(f32), int_params(T, C)],
+                  [(x.shape, x.dtype)], nb * ASYNC_THREADS, ASYNC_THREADS,
+                  [("T", x.dtype), ("N", N), ("TT", TT), ("S", S), ("TG", ASYNC_THREADS)])[0]

@@ -2254,6 +2254,10 @@ def backward_tile_forms(rounds=5, T=4096, C=4096):
     for groups in (128, 64, 256):
         forms[f"fused, clusters of 8, {groups} groups (13 units)"] = (
             lambda *a, groups=groups: bt.fused(*a, S=8, groups=groups), 13)
+    # staged by asynchronous copies two tiles deep, 128-thread threadgroups, several an SM
+    for groups in (392, 264, 784):
+        forms[f"fused async, clusters of 8, {groups} groups (13 units)"] = (
+            lambda *a, groups=groups: bt.fused_async(*a, S=8, groups=groups), 13)
     want = bt.reference(*sets[0]).astype(mx.float32)
     for label in list(forms):
         try:

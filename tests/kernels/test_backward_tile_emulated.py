@@ -1,5 +1,5 @@
-"""scripts/backward_tile.py's two forms on the CPU emulator against float64: SHARE + FINISH, and
-the fused persistent form with clusters of one threadgroup (the emulator runs one threadgroup at
+"""scripts/backward_tile.py's forms on the CPU emulator against float64: SHARE + FINISH, and
+the fused persistent forms (registers, or staged by asynchronous copies) with clusters of one threadgroup (the emulator runs one threadgroup at
 a time; clusters of several are checked against MLX's ops on the GPU before they are timed,
 gpu_experiments.py backward-tile)."""
 
@@ -51,15 +51,18 @@ def _want(x, g, dh, hpre, hres):
 
 
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
-@pytest.mark.parametrize("form", ["two", "fused"])
+@pytest.mark.parametrize("form", ["two", "fused", "fused async"])
 def test_backward_tile_forms_match_float64(backward_tile, dtype, form):
     args = _inputs(16, 512, dtype)
     if form == "two":
         dx = backward_tile.two(*args)
         names = ["mhc_backward_tile_share", "mhc_backward_tile_finish"]
-    else:  # three threadgroups looping over four tiles of 4 tokens, the next one's loads before each exchange
+    elif form == "fused":  # three threadgroups looping over four tiles of 4 tokens, the next one's loads before each exchange
         dx = backward_tile.fused(*args, S=1, groups=3)
         names = ["mhc_backward_tile_fused1"]
+    else:  # three threadgroups of 128 looping over eight tiles of 2 tokens, staged two tiles deep
+        dx = backward_tile.fused_async(*args, S=1, groups=3)
+        names = ["mhc_backward_tile_fused_async1"]
     assert [name for name, *_ in emu.launched] == names
     got = np.array(dx.astype(mx.float32), dtype=np.float64)
     want = _want(*args)
@@ -80,3 +83,5 @@ def test_backward_tile_refuses_what_it_does_not_cover(backward_tile):
         backward_tile.fused(x, g, dh, hpre, hres, S=3)
     with pytest.raises(ValueError, match="multiple of its tile"):
         backward_tile.fused(*_inputs(6, 512, mx.bfloat16), S=1)
+    with pytest.raises(ValueError, match="multiple of its tile"):
+        backward_tile.fused_async(*_inputs(5, 512, mx.bfloat16), S=1)
