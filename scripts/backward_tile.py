@@ -240,6 +240,15 @@ KDEV void bt_cp16(void* dst, const void* src) {
 KDEV void bt_cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int P> KDEV void bt_cp_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(P)); }
 #endif
+// x, g and dh of this thread's staged vectors, as floats
+template <typename T, int N>
+KDEV void bt_unstage(float (&xv)[N][8], float (&gv)[N][8], float (&dv)[8], const T* mine) {
+  KUNROLL for (int i = 0; i < N; ++i) {
+    kload<T, 8>(xv[i], mine, 8 * i, true);
+    kload<T, 8>(gv[i], mine, 8 * (N + i), true);
+  }
+  kload<T, 8>(dv, mine, 8 * 2 * N, true);
+}
 // this thread's 2 N + 1 vectors of 8 channels (x's N, g's N, dh) of token t into dst
 template <typename T, int N>
 KDEV void bt_stage(float4* dst, const T* x, const T* g, const T* dh, int64_t t, int C, int c0) {
@@ -287,18 +296,23 @@ def fused_async_spec(S: int) -> KernelSpec:
       bt_stage<T, N>(stage + ((buf ^ 1) * TG + KTID) * NVEC, x, g, dh, (int64_t)next * TT + r, C, c0);
     bt_cp_commit();
     bt_cp_wait<1>();  // this tile's copies (all but the group just issued) have landed
-    float xv[N][8], gv[N][8], dv[8];
-    {
-      const T* mine = reinterpret_cast<const T*>(stage + (buf * TG + KTID) * NVEC);
-      KUNROLL for (int i = 0; i < N; ++i) {
-        kload<T, 8>(xv[i], mine, 8 * i, true);
-        kload<T, 8>(gv[i], mine, 8 * (N + i), true);
-      }
-      kload<T, 8>(dv, mine, 8 * 2 * N, true);
-    }
-    float part[NV], sh[N][8];
+    const T* mine = reinterpret_cast<const T*>(stage + (buf * TG + KTID) * NVEC);
+    float part[NV];
     KUNROLL for (int k = 0; k < NV; ++k) part[k] = 0.0f;
-    bt_share<N>(xv, gv, dv, hpre, hres, t, part, sh);
+    if (REREAD) {
+      // the sums only: x, g and dh are read from the stage again for dx after the exchange (the
+      // stage's buffer for this tile is rewritten only from the tile after next), so nothing of
+      // the tile stays in registers across it
+      float xv[N][8], gv[N][8], dv[8], sh[N][8];
+      bt_unstage<T, N>(xv, gv, dv, mine);
+      bt_share<N>(xv, gv, dv, hpre, hres, t, part, sh);
+    }
+    float xv[N][8], sh[N][8];
+    if (!REREAD) {
+      float gv[N][8], dv[8];
+      bt_unstage<T, N>(xv, gv, dv, mine);
+      bt_share<N>(xv, gv, dv, hpre, hres, t, part, sh);
+    }
     KUNROLL for (int k = 0; k < NV; ++k) {
       const float v = kwarp_sum(part[k]);
       if (KLANE == 0) red[KWARP * NV + k] = v;
@@ -320,6 +334,11 @@ def fused_async_spec(S: int) -> KernelSpec:
     if (KTID < TT) s_s[KTID] = bt_scale(tot_s + KTID * NV, C);
     KBARRIER();
     const float sc = s_s[r];
+    if (REREAD) {
+      float gv[N][8], dv[8], unused[NV];
+      bt_unstage<T, N>(xv, gv, dv, mine);
+      bt_share<N>(xv, gv, dv, hpre, hres, t, unused, sh);
+    }
     KUNROLL for (int i = 0; i < N; ++i) {
       KUNROLL for (int e = 0; e < 8; ++e) sh[i][e] += sc * xv[i][e];
       kstore<T, 8>(dx, (t * N + i) * C + c0, sh[i], true);
@@ -383,9 +402,11 @@ def reference(x, g, dh, hpre, hres):
     return (share + s[:, None, None] * xf).astype(x.dtype)
 
 
-def fused_async(x, g, dh, hpre, hres, S: int = 8, groups: int = 512):
+def fused_async(x, g, dh, hpre, hres, S: int = 8, groups: int = 512, reread: bool = False):
     """FUSED_ASYNC: as fused, the loads staged two tiles deep by asynchronous copies, in about
-    `groups` threadgroups of ASYNC_THREADS (a tile of TT = ASYNC_THREADS / (C / 8 S) tokens)."""
+    `groups` threadgroups of ASYNC_THREADS (a tile of TT = ASYNC_THREADS / (C / 8 S) tokens).
+    reread: x, g and dh read from the stage again after the exchange instead of the tile's x and
+    share held in registers across it (fewer registers, more threadgroups an SM)."""
     _check(x, g, dh, hpre, hres)
     T, _, C = x.shape
     if S not in (1, 2, 4, 8) or C % (8 * S) or ASYNC_THREADS % (C // S // 8) or (C // S // 8) % 32:
@@ -398,4 +419,4 @@ def fused_async(x, g, dh, hpre, hres, S: int = 8, groups: int = 512):
     f32 = mx.float32
     return launch(fused_async_spec(S), [x, g, dh, hpre.astype(f32), hres.astype(f32), int_params(T, C)],
                   [(x.shape, x.dtype)], nb * ASYNC_THREADS, ASYNC_THREADS,
-                  [("T", x.dtype), ("N", N), ("TT", TT), ("S", S), ("TG", ASYNC_THREADS)])[0]
+                  [("T", x.dtype), ("N", N), ("TT", TT), ("S", S), ("TG", ASYNC_THREADS), ("REREAD", reread)])[0]

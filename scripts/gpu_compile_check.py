@@ -43,8 +43,8 @@ def experiment_instances() -> list:
     base = [("T", bf), ("N", bt.N)]
     out += [(bt.SHARE, (bf, bf, bf, f32, f32, i32), (bf, f32), base), (bt.FINISH, (bf, bf, f32, i32), (bf,), base),
             (bt.fused_spec(8), (bf, bf, bf, f32, f32, i32), (bf,), base + [("TT", 4), ("S", 8)]),
-            (bt.fused_async_spec(8), (bf, bf, bf, f32, f32, i32), (bf,),
-             base + [("TT", 2), ("S", 8), ("TG", bt.ASYNC_THREADS)])]
+            *[(bt.fused_async_spec(8), (bf, bf, bf, f32, f32, i32), (bf,),
+               base + [("TT", 2), ("S", 8), ("TG", bt.ASYNC_THREADS), ("REREAD", reread)]) for reread in (False, True)]]
     return out
 
 

@@ -2258,6 +2258,10 @@ def backward_tile_forms(rounds=5, T=4096, C=4096):
     for groups in (392, 264, 784):
         forms[f"fused async, clusters of 8, {groups} groups (13 units)"] = (
             lambda *a, groups=groups: bt.fused_async(*a, S=8, groups=groups), 13)
+    # the same re-reading the stage after the exchange (fewer registers, more threadgroups an SM)
+    for groups in (528, 784, 1056):
+        forms[f"fused async reread, clusters of 8, {groups} groups (13 units)"] = (
+            lambda *a, groups=groups: bt.fused_async(*a, S=8, groups=groups, reread=True), 13)
     want = bt.reference(*sets[0]).astype(mx.float32)
     for label in list(forms):
         try:

@@ -51,7 +51,7 @@ def _want(x, g, dh, hpre, hres):
 
 
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
-@pytest.mark.parametrize("form", ["two", "fused", "fused async"])
+@pytest.mark.parametrize("form", ["two", "fused", "fused async", "fused async reread"])
 def test_backward_tile_forms_match_float64(backward_tile, dtype, form):
     args = _inputs(16, 512, dtype)
     if form == "two":
@@ -61,7 +61,7 @@ def test_backward_tile_forms_match_float64(backward_tile, dtype, form):
         dx = backward_tile.fused(*args, S=1, groups=3)
         names = ["mhc_backward_tile_fused1"]
     else:  # three threadgroups of 128 looping over eight tiles of 2 tokens, staged two tiles deep
-        dx = backward_tile.fused_async(*args, S=1, groups=3)
+        dx = backward_tile.fused_async(*args, S=1, groups=3, reread=form.endswith("reread"))
         names = ["mhc_backward_tile_fused_async1"]
     assert [name for name, *_ in emu.launched] == names
     got = np.array(dx.astype(mx.float32), dtype=np.float64)
