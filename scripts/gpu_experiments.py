@@ -2262,6 +2262,10 @@ def backward_tile_forms(rounds=5, T=4096, C=4096):
     for groups in (528, 784, 1056):
         forms[f"fused async reread, clusters of 8, {groups} groups (13 units)"] = (
             lambda *a, groups=groups: bt.fused_async(*a, S=8, groups=groups, reread=True), 13)
+    # clusters of 4: half the peers to read, a token a tile (1024 channels of every stream a threadgroup)
+    for groups in (528, 1056):
+        forms[f"fused async reread, clusters of 4, {groups} groups (13 units)"] = (
+            lambda *a, groups=groups: bt.fused_async(*a, S=4, groups=groups, reread=True), 13)
     want = bt.reference(*sets[0]).astype(mx.float32)
     for label in list(forms):
         try:
