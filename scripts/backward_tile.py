@@ -152,17 +152,50 @@ FINISH = KernelSpec(
 )
 
 
-@lru_cache(maxsize=None)
-def fused_spec(S: int) -> KernelSpec:
-    """FUSED for clusters of S threadgroups (S in the header: the declaration's attribute needs it)."""
-    return KernelSpec(
-        name=f"mhc_backward_tile_fused{S}",
-        inputs=("x", "g", "dh", "hpre", "hres", "iparam"),
-        outputs=("dx",),
-        helpers=f"#define TR_CLUSTER_S {S}\n" + CLUSTER_HELPERS + _HEADER,
-        body=r"""
-  // threadgroup b: rank b % S of cluster b / S, channels rank KS .. of every stream; thread:
-  // token r = KTID / VR of the tile, channels 8 (KTID % VR) .. of the slice (VR = KS / 8 a token)
+# The fused forms' shared steps (after tile_reuse's cluster helpers): a slice's row sums, the
+# cluster's exchange into each token's scale, dx's store.
+_TILE_HELPERS = r"""
+// part summed over each token's VR threads (VR / 32 whole warps) into rows [TT * NV]
+template <int TT, int NV>
+KDEV void bt_slice_sums(const float (&part)[NV], KSHPTR(float) red, KSHPTR(float) rows, int VR) {
+  KUNROLL for (int k = 0; k < NV; ++k) {
+    const float v = kwarp_sum(part[k]);
+    if (KLANE == 0) red[KWARP * NV + k] = v;
+  }
+  KBARRIER();
+  if (KTID < TT * NV) {
+    const int rr = KTID / NV, k = KTID % NV;
+    float s = 0.0f;
+    for (int w = rr * (VR / 32); w < (rr + 1) * (VR / 32); ++w) s += red[w * NV + k];
+    rows[KTID] = s;
+  }
+}
+// at the cluster's barrier: the tile's sums over its S slices, then each token's scale into s_s
+template <int TT, int NV, int S>
+KDEV void bt_tile_scales(const float* rows, KSHPTR(float) tot, KSHPTR(float) s_s, int C) {
+  tr_cluster_sync();
+  if (KTID < TT * NV) {
+    float s = 0.0f;
+    for (int p = 0; p < S; ++p) s += tr_cluster_peer(rows, p)[KTID];
+    tot[KTID] = s;
+  }
+  KBARRIER();
+  if (KTID < TT) s_s[KTID] = bt_scale(tot + KTID * NV, C);
+  KBARRIER();
+}
+// dx = share + sc x for this thread's 8 channels of every stream
+template <typename T, int N>
+KDEV void bt_store(float (&sh)[N][8], const float (&xv)[N][8], float sc, T* dx, int64_t t, int C, int c0) {
+  KUNROLL for (int i = 0; i < N; ++i) {
+    KUNROLL for (int e = 0; e < 8; ++e) sh[i][e] += sc * xv[i][e];
+    kstore<T, 8>(dx, (t * N + i) * C + c0, sh[i], true);
+  }
+}
+"""
+
+# threadgroup b: rank b % S of cluster b / S, channels rank KS .. of every stream; thread: token
+# r = KTID / VR of the tile, channels 8 (KTID % VR) .. of the slice (VR = KS / 8 a token)
+_PROLOGUE = r"""
   constexpr int NV = N + N * N;
   const int Ttok = iparam[0];
   const int C = iparam[1];
@@ -172,50 +205,39 @@ def fused_spec(S: int) -> KernelSpec:
   const int rank = KBID % S, clusters = KNB / S;
   const int r = KTID / VR;
   const int c0 = rank * KS + 8 * (KTID % VR);
-  KSHARED float red[32 * NV];
   KSHARED float rows_s[2][TT * NV];  // this slice's sums, read by the whole cluster
   KSHARED float tot_s[TT * NV];
   KSHARED float s_s[TT];
-  float xv[N][8], gv[N][8], dv[8];
   int tile = KBID / S;
   int buf = 0;
+"""
+
+
+@lru_cache(maxsize=None)
+def fused_spec(S: int) -> KernelSpec:
+    """FUSED for clusters of S threadgroups (S in the header: the declaration's attribute needs it)."""
+    return KernelSpec(
+        name=f"mhc_backward_tile_fused{S}",
+        inputs=("x", "g", "dh", "hpre", "hres", "iparam"),
+        outputs=("dx",),
+        helpers=f"#define TR_CLUSTER_S {S}\n" + CLUSTER_HELPERS + _HEADER + _TILE_HELPERS,
+        body=_PROLOGUE + r"""
+  KSHARED float red[32 * NV];
+  float xv[N][8], gv[N][8], dv[8];
   if (tile < tiles) bt_load<T, N>(xv, gv, dv, x, g, dh, (int64_t)tile * TT + r, C, c0);
   for (; tile < tiles; tile += clusters, buf ^= 1) {
     const int64_t t = (int64_t)tile * TT + r;
     float part[NV], sh[N][8];
     KUNROLL for (int k = 0; k < NV; ++k) part[k] = 0.0f;
     bt_share<N>(xv, gv, dv, hpre, hres, t, part, sh);
-    // a token's VR threads are VR / 32 whole warps
-    KUNROLL for (int k = 0; k < NV; ++k) {
-      const float v = kwarp_sum(part[k]);
-      if (KLANE == 0) red[KWARP * NV + k] = v;
-    }
-    KBARRIER();
-    if (KTID < TT * NV) {
-      const int rr = KTID / NV, k = KTID % NV;
-      float s = 0.0f;
-      for (int w = rr * (VR / 32); w < (rr + 1) * (VR / 32); ++w) s += red[w * NV + k];
-      rows_s[buf][KTID] = s;
-    }
+    bt_slice_sums<TT, NV>(part, red, &rows_s[buf][0], VR);
     // the next tile's loads in flight across the exchange: its g and dh in place of this tile's
     // (their share is in sh), its x beside this tile's (still needed for s x)
     const int next = tile + clusters;
     float xn[N][8];
     if (next < tiles) bt_load<T, N>(xn, gv, dv, x, g, dh, (int64_t)next * TT + r, C, c0);
-    tr_cluster_sync();
-    if (KTID < TT * NV) {
-      float s = 0.0f;
-      for (int p = 0; p < S; ++p) s += tr_cluster_peer(&rows_s[buf][0], p)[KTID];
-      tot_s[KTID] = s;
-    }
-    KBARRIER();
-    if (KTID < TT) s_s[KTID] = bt_scale(tot_s + KTID * NV, C);
-    KBARRIER();
-    const float sc = s_s[r];
-    KUNROLL for (int i = 0; i < N; ++i) {
-      KUNROLL for (int e = 0; e < 8; ++e) sh[i][e] += sc * xv[i][e];
-      kstore<T, 8>(dx, (t * N + i) * C + c0, sh[i], true);
-    }
+    bt_tile_scales<TT, NV, S>(&rows_s[buf][0], tot_s, s_s, C);
+    bt_store<T, N>(sh, xv, s_s[r], dx, t, C, c0);
     if (next < tiles)
       KUNROLL for (int i = 0; i < N; ++i) KUNROLL for (int e = 0; e < 8; ++e) xv[i][e] = xn[i][e];
     // red, tot_s and s_s are rewritten next tile: every thread past its reads of them
@@ -272,25 +294,11 @@ def fused_async_spec(S: int) -> KernelSpec:
         name=f"mhc_backward_tile_fused_async{S}",
         inputs=("x", "g", "dh", "hpre", "hres", "iparam"),
         outputs=("dx",),
-        helpers=f"#define TR_CLUSTER_S {S}\n" + CLUSTER_HELPERS + _HEADER + ASYNC_HELPERS,
-        body=r"""
-  constexpr int NV = N + N * N;
+        helpers=f"#define TR_CLUSTER_S {S}\n" + CLUSTER_HELPERS + _HEADER + ASYNC_HELPERS + _TILE_HELPERS,
+        body=_PROLOGUE + r"""
   constexpr int NVEC = 2 * N + 1;  // a thread's staged vectors a tile
-  const int Ttok = iparam[0];
-  const int C = iparam[1];
-  const int KS = C / S;
-  const int VR = KS / 8;
-  const int tiles = Ttok / TT;
-  const int rank = KBID % S, clusters = KNB / S;
-  const int r = KTID / VR;
-  const int c0 = rank * KS + 8 * (KTID % VR);
   KSHARED float4 stage[2 * TG * NVEC];
   KSHARED float red[(TG / 32) * NV];
-  KSHARED float rows_s[2][TT * NV];
-  KSHARED float tot_s[TT * NV];
-  KSHARED float s_s[TT];
-  int tile = KBID / S;
-  int buf = 0;
   if (tile < tiles) bt_stage<T, N>(stage + KTID * NVEC, x, g, dh, (int64_t)tile * TT + r, C, c0);
   bt_cp_commit();
   for (; tile < tiles; tile += clusters, buf ^= 1) {
@@ -317,36 +325,14 @@ def fused_async_spec(S: int) -> KernelSpec:
       bt_unstage<T, N>(xv, gv, dv, mine);
       bt_share<N>(xv, gv, dv, hpre, hres, t, part, sh);
     }
-    KUNROLL for (int k = 0; k < NV; ++k) {
-      const float v = kwarp_sum(part[k]);
-      if (KLANE == 0) red[KWARP * NV + k] = v;
-    }
-    KBARRIER();
-    if (KTID < TT * NV) {
-      const int rr = KTID / NV, k = KTID % NV;
-      float s = 0.0f;
-      for (int w = rr * (VR / 32); w < (rr + 1) * (VR / 32); ++w) s += red[w * NV + k];
-      rows_s[buf][KTID] = s;
-    }
-    tr_cluster_sync();
-    if (KTID < TT * NV) {
-      float s = 0.0f;
-      for (int p = 0; p < S; ++p) s += tr_cluster_peer(&rows_s[buf][0], p)[KTID];
-      tot_s[KTID] = s;
-    }
-    KBARRIER();
-    if (KTID < TT) s_s[KTID] = bt_scale(tot_s + KTID * NV, C);
-    KBARRIER();
-    const float sc = s_s[r];
+    bt_slice_sums<TT, NV>(part, red, &rows_s[buf][0], VR);
+    bt_tile_scales<TT, NV, S>(&rows_s[buf][0], tot_s, s_s, C);
     if (REREAD) {
       float gv[N][8], dv[8], unused[NV];
       bt_unstage<T, N>(xv, gv, dv, mine);
       bt_share<N>(xv, gv, dv, hpre, hres, t, unused, sh);
     }
-    KUNROLL for (int i = 0; i < N; ++i) {
-      KUNROLL for (int e = 0; e < 8; ++e) sh[i][e] += sc * xv[i][e];
-      kstore<T, 8>(dx, (t * N + i) * C + c0, sh[i], true);
-    }
+    bt_store<T, N>(sh, xv, s_s[r], dx, t, C, c0);
     // red, tot_s, s_s and this buffer are rewritten from the next tile on
     KBARRIER();
   }
@@ -378,21 +364,29 @@ def two(x, g, dh, hpre, hres):
                   -(-vectors // THREADS) * THREADS, THREADS, [("T", x.dtype), ("N", N)])[0]
 
 
+def _persistent(spec, what: str, threads: int, args, S: int, groups: int, template):
+    """A fused form's launch: its shape checks, then about `groups` threadgroups (a multiple of S)
+    of `threads`, a tile of TT = threads / (C / 8 S) tokens a cluster at a time."""
+    x = args[0]
+    _check(*args)
+    T, _, C = x.shape
+    if S not in (1, 2, 4, 8) or C % (8 * S) or threads % (C // S // 8) or (C // S // 8) % 32:
+        raise ValueError(f"the {what} form needs S in 1, 2, 4, 8 with C / (8 S) a multiple of 32 dividing "
+                         f"{threads}; got C = {C}, S = {S}")
+    TT = threads // (C // S // 8)
+    if T % TT:
+        raise ValueError(f"the {what} form needs T a multiple of its tile, {TT} tokens; got T = {T}")
+    nb = S * max(1, min(T // TT, groups // S))
+    x, g, dh, hpre, hres = args
+    f32 = mx.float32
+    return launch(spec, [x, g, dh, hpre.astype(f32), hres.astype(f32), int_params(T, C)], [(x.shape, x.dtype)],
+                  nb * threads, threads, [("T", x.dtype), ("N", N), ("TT", TT), ("S", S), *template])[0]
+
+
 def fused(x, g, dh, hpre, hres, S: int = 8, groups: int = 264):
     """FUSED: dx in one launch, x, g and dh read once (13 units), in about `groups` threadgroups
     (a multiple of S) of THREADS: a tile of TT = THREADS / (C / 8 S) tokens a cluster at a time."""
-    _check(x, g, dh, hpre, hres)
-    T, _, C = x.shape
-    if S not in (1, 2, 4, 8) or C % (8 * S) or THREADS % (C // S // 8) or (C // S // 8) % 32:
-        raise ValueError(f"the fused form needs S in 1, 2, 4, 8 with C / (8 S) a multiple of 32 dividing {THREADS}; "
-                         f"got C = {C}, S = {S}")
-    TT = THREADS // (C // S // 8)
-    if T % TT:
-        raise ValueError(f"the fused form needs T a multiple of its tile, {TT} tokens; got T = {T}")
-    nb = S * max(1, min(T // TT, groups // S))
-    f32 = mx.float32
-    return launch(fused_spec(S), [x, g, dh, hpre.astype(f32), hres.astype(f32), int_params(T, C)],
-                  [(x.shape, x.dtype)], nb * THREADS, THREADS, [("T", x.dtype), ("N", N), ("TT", TT), ("S", S)])[0]
+    return _persistent(fused_spec(S), "fused", THREADS, (x, g, dh, hpre, hres), S, groups, ())
 
 
 def reference(x, g, dh, hpre, hres):
@@ -411,16 +405,5 @@ def fused_async(x, g, dh, hpre, hres, S: int = 8, groups: int = 512, reread: boo
     `groups` threadgroups of ASYNC_THREADS (a tile of TT = ASYNC_THREADS / (C / 8 S) tokens).
     reread: x, g and dh read from the stage again after the exchange instead of the tile's x and
     share held in registers across it (fewer registers, more threadgroups an SM)."""
-    _check(x, g, dh, hpre, hres)
-    T, _, C = x.shape
-    if S not in (1, 2, 4, 8) or C % (8 * S) or ASYNC_THREADS % (C // S // 8) or (C // S // 8) % 32:
-        raise ValueError(f"the async form needs S in 1, 2, 4, 8 with C / (8 S) a multiple of 32 dividing "
-                         f"{ASYNC_THREADS}; got C = {C}, S = {S}")
-    TT = ASYNC_THREADS // (C // S // 8)
-    if T % TT:
-        raise ValueError(f"the async form needs T a multiple of its tile, {TT} tokens; got T = {T}")
-    nb = S * max(1, min(T // TT, groups // S))
-    f32 = mx.float32
-    return launch(fused_async_spec(S), [x, g, dh, hpre.astype(f32), hres.astype(f32), int_params(T, C)],
-                  [(x.shape, x.dtype)], nb * ASYNC_THREADS, ASYNC_THREADS,
-                  [("T", x.dtype), ("N", N), ("TT", TT), ("S", S), ("TG", ASYNC_THREADS), ("REREAD", reread)])[0]
+    return _persistent(fused_async_spec(S), "async", ASYNC_THREADS, (x, g, dh, hpre, hres), S, groups,
+                       (("TG", ASYNC_THREADS), ("REREAD", reread)))

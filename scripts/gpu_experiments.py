@@ -1477,6 +1477,23 @@ def one_launch(rounds=5):
 
 
 # One part of the experiments alone (the module docstring lists them): mode -> function
+def check_forms(what, forms, call, want, width):
+    """Each of forms (label -> form) run by call(form) and checked against want (the largest
+    difference relative to want's largest element, and whether every element is finite); a form
+    that cannot launch here is reported and removed from forms."""
+    want = want.astype(mx.float32)
+    for label in list(forms):
+        try:
+            got = call(forms[label]).astype(mx.float32)
+            err = (mx.max(mx.abs(got - want)) / mx.max(mx.abs(want))).item()
+            finite = mx.all(mx.isfinite(got)).item()
+        except Exception as e:  # noqa: BLE001 -- reported, and the form left out of the timings
+            print(f"{what} check: {label:<{width}} FAILED: {type(e).__name__}: {str(e)[:300]}")
+            del forms[label]
+            continue
+        print(f"{what} check: {label:<{width}} max rel err {err:.1e} (bf16 output), all finite {finite}")
+
+
 def tile_reuse_forms(rounds=5, T=4096, K=16384, TT=16, S=32):
     """scripts/tile_reuse.py: y = x * rsqrt(mean(x^2) + eps) on x [T, K] bf16 (128 MB at the
     defaults, the dynamic site's x at 4096 x 4 x 4096) in two launches (x read twice, as the
@@ -1500,17 +1517,7 @@ exchanging its sums through distributed shared memory; with the copy (x * 1.5) a
     for ct, groups in ((4, 264), (4, 132), (2, 528), (2, 396)):
         forms[f"persistent 8, {ct} rows, {groups} groups"] = (
             lambda x, ct=ct, groups=groups: tr.persistent_launch(x, ct, 8, groups))
-    want = tr.reference(xs[0]).astype(mx.float32)
-    for label in list(forms):
-        try:
-            got = forms[label](xs[0]).astype(mx.float32)
-            err = (mx.max(mx.abs(got - want)) / mx.max(mx.abs(want))).item()
-            finite = mx.all(mx.isfinite(got)).item()
-        except Exception as e:  # a form that cannot launch here is reported and left out
-            print(f"tile reuse check: {label:<14} FAILED: {type(e).__name__}: {str(e)[:300]}")
-            del forms[label]
-            continue
-        print(f"tile reuse check: {label:<14} max rel err {err:.1e} (bf16 output), all finite {finite}")
+    check_forms("tile reuse", forms, lambda f: f(xs[0]), tr.reference(xs[0]), 14)
     ref_c = mx.compile(tr.reference)
     rows = {"copy x * 1.5": lambda x: x * 1.5, "MLX ops, compiled": ref_c, **forms}
     current = {}
@@ -2266,17 +2273,7 @@ def backward_tile_forms(rounds=5, T=4096, C=4096):
     for groups in (528, 1056):
         forms[f"fused async reread, clusters of 4, {groups} groups (13 units)"] = (
             lambda *a, groups=groups: bt.fused_async(*a, S=4, groups=groups, reread=True), 13)
-    want = bt.reference(*sets[0]).astype(mx.float32)
-    for label in list(forms):
-        try:
-            got = forms[label][0](*sets[0]).astype(mx.float32)
-            err = (mx.max(mx.abs(got - want)) / mx.max(mx.abs(want))).item()
-            finite = mx.all(mx.isfinite(got)).item()
-        except Exception as e:  # a form that cannot launch here is reported and left out
-            print(f"backward tile check: {label} FAILED: {type(e).__name__}: {str(e)[:300]}")
-            del forms[label]
-            continue
-        print(f"backward tile check: {label:<44} max rel err {err:.1e} (bf16 output), all finite {finite}")
+    check_forms("backward tile", forms, lambda form: form[0](*sets[0]), bt.reference(*sets[0]), 44)
     unit = T * C * 2
     copy_label = f"copy x * 1.5 ({2 * n} units)"  # x is n units: read and written
     rows = {copy_label: (lambda *a: a[0] * 1.5, 2 * n), **forms}

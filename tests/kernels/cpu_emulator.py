@@ -606,3 +606,23 @@ def launch(spec, inputs, outputs, grid: int, threadgroup: int, template, backend
                       _POISON[d])
         outs.append(middle.reshape(tuple(shape)).copy())
     return [_to_mlx(o, d) for o, (_, d) in zip(outs, outputs)]
+
+
+def script_module(name: str, monkeypatch):
+    """scripts/<name>.py imported with its kernel launches on this emulator (its module-level
+    `launch` replaced), the CUDA flavour, and the launch record cleared: the experiment scripts'
+    kernels checked on the CPU."""
+    import importlib
+    import os
+    import sys
+
+    scripts = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "scripts")
+    sys.path.insert(0, scripts)
+    try:
+        module = importlib.import_module(name)
+    finally:
+        sys.path.remove(scripts)
+    monkeypatch.setattr(module, "launch", launch)
+    use_flavour("cuda")
+    launched.clear()
+    return module

@@ -1,10 +1,7 @@
-"""scripts/backward_tile.py's forms on the CPU emulator against float64: SHARE + FINISH, and
-the fused persistent forms (registers, or staged by asynchronous copies) with clusters of one threadgroup (the emulator runs one threadgroup at
-a time; clusters of several are checked against MLX's ops on the GPU before they are timed,
-gpu_experiments.py backward-tile)."""
-
-import os
-import sys
+"""scripts/backward_tile.py's forms on the CPU emulator against float64: SHARE + FINISH, and the
+fused persistent forms (the next tile in registers, or staged by asynchronous copies) with
+clusters of one threadgroup (the emulator runs one threadgroup at a time; clusters of several are
+checked against MLX's ops on the GPU before they are timed, gpu_experiments.py backward-tile)."""
 
 import mlx.core as mx
 import numpy as np
@@ -13,20 +10,11 @@ import pytest
 import cpu_emulator as emu
 
 pytestmark = pytest.mark.slow
-SCRIPTS = os.path.join(os.path.dirname(__file__), "..", "..", "scripts")
 
 
 @pytest.fixture
 def backward_tile(monkeypatch):
-    sys.path.insert(0, SCRIPTS)
-    try:
-        import backward_tile
-    finally:
-        sys.path.remove(SCRIPTS)
-    monkeypatch.setattr(backward_tile, "launch", emu.launch)
-    emu.use_flavour("cuda")
-    emu.launched.clear()
-    return backward_tile
+    return emu.script_module("backward_tile", monkeypatch)
 
 
 def _inputs(T, C, dtype):

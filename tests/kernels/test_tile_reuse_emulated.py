@@ -20,15 +20,7 @@ SCRIPTS = os.path.join(os.path.dirname(__file__), "..", "..", "scripts")
 
 @pytest.fixture
 def tile_reuse(monkeypatch):
-    sys.path.insert(0, SCRIPTS)
-    try:
-        import tile_reuse
-    finally:
-        sys.path.remove(SCRIPTS)
-    monkeypatch.setattr(tile_reuse, "launch", emu.launch)
-    emu.use_flavour("cuda")
-    emu.launched.clear()
-    return tile_reuse
+    return emu.script_module("tile_reuse", monkeypatch)
 
 
 def _want(x):
