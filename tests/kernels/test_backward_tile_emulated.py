@@ -73,3 +73,29 @@ def test_backward_tile_refuses_what_it_does_not_cover(backward_tile):
         backward_tile.fused(*_inputs(6, 512, mx.bfloat16), S=1)
     with pytest.raises(ValueError, match="multiple of its tile"):
         backward_tile.fused_async(*_inputs(5, 512, mx.bfloat16), S=1)
+
+
+def test_the_experiment_runs_and_reports_every_form(backward_tile, monkeypatch, capsys):
+    # gpu_experiments.py backward-tile, small, on the emulator: every form checked against MLX's
+    # ops, then timed (clusters of one here: the emulator runs one threadgroup at a time)
+    import os
+    import sys
+
+    scripts = os.path.join(os.path.dirname(__file__), "..", "..", "scripts")
+    sys.path.insert(0, scripts)
+    try:
+        import gpu_experiments
+    finally:
+        sys.path.remove(scripts)
+    for name in ("fused", "fused_async"):
+        form = getattr(backward_tile, name)
+        monkeypatch.setattr(backward_tile, name, lambda *a, form=form, S=8, groups=0, **kw: form(*a, S=1, groups=3, **kw))
+    # each form evaluated once in place of the timing's repeats: only that every form runs is checked
+    monkeypatch.setattr(gpu_experiments, "tput", lambda fn, sets, reps=10: (mx.eval([fn(*a) for a in sets]), 1.0)[1])
+    gpu_experiments.backward_tile_forms(rounds=1, T=16, C=512)
+    out = capsys.readouterr().out
+    checks = [line for line in out.splitlines() if "backward tile check:" in line]
+    timed = [line for line in out.splitlines() if line.startswith("backward tile 16x4x512")]
+    assert len(checks) == 12 and len(timed) == 13, out  # 12 forms, and the copy beside them
+    for line in checks:
+        assert "all finite True" in line and float(line.split("max rel err ")[1].split()[0]) <= 1e-2, line
