@@ -28,12 +28,12 @@ whole-row sums, as DX's x term does; DX's gs phi^T is left out.) Forms:
 
     python scripts/gpu_experiments.py backward-tile     # on a CUDA GPU (sm_90): checks, timings
 
-H200, 2026-12-01 (docs/kernel-notes.md row 91): TWO 234-242 µs; FUSED 330-354 (41-44 % of the
-copy's rate); FUSED_ASYNC 235-260 in clusters of 8; with REREAD 230-251 in clusters of 8 and
-217-223 in clusters of 4 (65-67 %), the first one-read form faster than two launches.
+H200, 2026-12-01 (docs/kernel-notes.md row 91): TWO 233-242 µs; FUSED 302-354 (41-47 % of the
+copy's rate); FUSED_ASYNC 233-260 in clusters of 8; with REREAD 224-251 in clusters of 8 and
+213-223 in clusters of 4 (65-67 %), the first one-read form faster than two launches.
 
-tests/kernels/test_backward_tile_emulated.py runs both forms on the CPU emulator (FUSED with
-clusters of one threadgroup) against float64.
+tests/kernels/test_backward_tile_emulated.py runs every form on the CPU emulator (the fused ones
+with clusters of one threadgroup) against float64.
 """
 
 from __future__ import annotations
