@@ -253,6 +253,8 @@ def fused_spec(S: int) -> KernelSpec:
 # an SM, one's exchange overlapping another's loads. Each thread reads back only its own copies,
 # which cp.async.wait_group makes visible to it.
 ASYNC_THREADS = 128
+# the largest stage kept in static shared memory (48 KB a threadgroup, less the forms' other arrays)
+STATIC_STAGE_BYTES = 40 * 1024
 ASYNC_HELPERS = r"""
 #ifdef MHC_BACKEND_CPU_EMULATION
 KDEV void bt_cp16(void* dst, const void* src) { memcpy(dst, src, 16); }
@@ -288,33 +290,47 @@ KDEV void bt_stage(float4* dst, const T* x, const T* g, const T* dh, int64_t t, 
 
 
 @lru_cache(maxsize=None)
-def fused_async_spec(S: int) -> KernelSpec:
-    """FUSED_ASYNC for clusters of S threadgroups."""
+def fused_async_spec(S: int, shared_memory: int = 0) -> KernelSpec:
+    """FUSED_ASYNC for clusters of S threadgroups; shared_memory: the stage's bytes as dynamic
+    shared memory (past the 48 KB a threadgroup's static shared memory may hold), 0: static."""
+    # the emulator has no dynamic shared memory: there the stage is a static array of its size
+    stage = ("#ifdef MHC_BACKEND_CPU_EMULATION\n  KSHARED float4 stage[STAGES * TG * NVEC];\n#else\n"
+             "  extern __shared__ float4 stage[];\n#endif\n" if shared_memory
+             else "  KSHARED float4 stage[STAGES * TG * NVEC];\n")
     return KernelSpec(
-        name=f"mhc_backward_tile_fused_async{S}",
+        name=f"mhc_backward_tile_fused_async{S}" + ("_dyn" if shared_memory else ""),
         inputs=("x", "g", "dh", "hpre", "hres", "iparam"),
         outputs=("dx",),
         helpers=f"#define TR_CLUSTER_S {S}\n" + CLUSTER_HELPERS + _HEADER + ASYNC_HELPERS + _TILE_HELPERS,
+        shared_memory=shared_memory,
         body=_PROLOGUE + r"""
   constexpr int NVEC = 2 * N + 1;  // a thread's staged vectors a tile
-  KSHARED float4 stage[2 * TG * NVEC];
-  KSHARED float red[(TG / 32) * NV];
-  if (tile < tiles) bt_stage<T, N>(stage + KTID * NVEC, x, g, dh, (int64_t)tile * TT + r, C, c0);
-  bt_cp_commit();
-  for (; tile < tiles; tile += clusters, buf ^= 1) {
-    const int64_t t = (int64_t)tile * TT + r;
-    const int next = tile + clusters;
-    if (next < tiles)
-      bt_stage<T, N>(stage + ((buf ^ 1) * TG + KTID) * NVEC, x, g, dh, (int64_t)next * TT + r, C, c0);
+""" + stage + r"""  KSHARED float red[(TG / 32) * NV];
+  // STAGES - 1 tiles in flight ahead of the one being summed: slot (it % STAGES) is this tile's,
+  // and each thread stages and reads back only its own vectors of a slot
+  KUNROLL for (int p = 0; p < STAGES - 1; ++p) {
+    const int tp = tile + p * clusters;
+    if (tp < tiles) bt_stage<T, N>(stage + (p * TG + KTID) * NVEC, x, g, dh, (int64_t)tp * TT + r, C, c0);
     bt_cp_commit();
-    bt_cp_wait<1>();  // this tile's copies (all but the group just issued) have landed
-    const T* mine = reinterpret_cast<const T*>(stage + (buf * TG + KTID) * NVEC);
+  }
+  for (int it = 0; tile < tiles; tile += clusters, buf ^= 1, ++it) {
+    const int64_t t = (int64_t)tile * TT + r;
+    // two stages: the slots are rows_s's buf (the form the H200 timed, 94 registers at clusters
+    // of 4; counting it modulo 2 instead took 113 in nvcc)
+    const int slot = STAGES == 2 ? buf : it % STAGES;
+    const int ahead_slot = STAGES == 2 ? (buf ^ 1) : (it + STAGES - 1) % STAGES;
+    const int ahead = tile + (STAGES - 1) * clusters;
+    if (ahead < tiles)
+      bt_stage<T, N>(stage + (ahead_slot * TG + KTID) * NVEC, x, g, dh, (int64_t)ahead * TT + r, C, c0);
+    bt_cp_commit();
+    bt_cp_wait<STAGES - 1>();  // this tile's copies (all but the groups issued after them) have landed
+    const T* mine = reinterpret_cast<const T*>(stage + (slot * TG + KTID) * NVEC);
     float part[NV];
     KUNROLL for (int k = 0; k < NV; ++k) part[k] = 0.0f;
     if (REREAD) {
-      // the sums only: x, g and dh are read from the stage again for dx after the exchange (the
-      // stage's buffer for this tile is rewritten only from the tile after next), so nothing of
-      // the tile stays in registers across it
+      // the sums only: x, g and dh are read from the stage again for dx after the exchange (this
+      // tile's slot is rewritten only STAGES - 1 tiles later), so nothing of the tile stays in
+      // registers across it
       float xv[N][8], gv[N][8], dv[8], sh[N][8];
       bt_unstage<T, N>(xv, gv, dv, mine);
       bt_share<N>(xv, gv, dv, hpre, hres, t, part, sh);
@@ -333,7 +349,7 @@ def fused_async_spec(S: int) -> KernelSpec:
       bt_share<N>(xv, gv, dv, hpre, hres, t, unused, sh);
     }
     bt_store<T, N>(sh, xv, s_s[r], dx, t, C, c0);
-    // red, tot_s, s_s and this buffer are rewritten from the next tile on
+    // red, tot_s and s_s are rewritten next tile (this tile's slot STAGES - 1 tiles later)
     KBARRIER();
   }
   bt_cp_wait<0>();
@@ -400,10 +416,17 @@ def reference(x, g, dh, hpre, hres):
     return (share + s[:, None, None] * xf).astype(x.dtype)
 
 
-def fused_async(x, g, dh, hpre, hres, S: int = 8, groups: int = 512, reread: bool = False):
-    """FUSED_ASYNC: as fused, the loads staged two tiles deep by asynchronous copies, in about
-    `groups` threadgroups of ASYNC_THREADS (a tile of TT = ASYNC_THREADS / (C / 8 S) tokens).
-    reread: x, g and dh read from the stage again after the exchange instead of the tile's x and
-    share held in registers across it (fewer registers, more threadgroups an SM)."""
-    return _persistent(fused_async_spec(S), "async", ASYNC_THREADS, (x, g, dh, hpre, hres), S, groups,
-                       (("TG", ASYNC_THREADS), ("REREAD", reread)))
+def fused_async(x, g, dh, hpre, hres, S: int = 8, groups: int = 512, reread: bool = False,
+                threads: int = ASYNC_THREADS, stages: int = 2):
+    """FUSED_ASYNC: as fused, the loads staged `stages` tiles deep by asynchronous copies, in about
+    `groups` threadgroups of `threads` (a tile of TT = threads / (C / 8 S) tokens); a stage past
+    STATIC_STAGE_BYTES is dynamic shared memory. reread: x, g and dh read from the stage again
+    after the exchange instead of the tile's x and share held in registers across it (fewer
+    registers, more threadgroups an SM)."""
+    if stages < 2 or threads % 32 or not 32 <= threads <= 1024:
+        raise ValueError(f"the async form needs stages >= 2 and threads a multiple of 32 up to 1024; "
+                         f"got stages = {stages}, threads = {threads}")
+    stage_bytes = stages * threads * (2 * N + 1) * 16
+    spec = fused_async_spec(S, stage_bytes if stage_bytes > STATIC_STAGE_BYTES else 0)
+    return _persistent(spec, "async", threads, (x, g, dh, hpre, hres), S, groups,
+                       (("TG", threads), ("REREAD", reread), ("STAGES", stages)))

@@ -44,9 +44,13 @@ def experiment_instances() -> list:
     out += [(bt.SHARE, (bf, bf, bf, f32, f32, i32), (bf, f32), base), (bt.FINISH, (bf, bf, f32, i32), (bf,), base),
             (bt.fused_spec(8), (bf, bf, bf, f32, f32, i32), (bf,), base + [("TT", 4), ("S", 8)]),
             *[(bt.fused_async_spec(8), (bf, bf, bf, f32, f32, i32), (bf,),
-               base + [("TT", 2), ("S", 8), ("TG", bt.ASYNC_THREADS), ("REREAD", reread)]) for reread in (False, True)],
+               base + [("TT", 2), ("S", 8), ("TG", bt.ASYNC_THREADS), ("REREAD", reread), ("STAGES", 2)])
+              for reread in (False, True)],
             (bt.fused_async_spec(4), (bf, bf, bf, f32, f32, i32), (bf,),
-             base + [("TT", 1), ("S", 4), ("TG", bt.ASYNC_THREADS), ("REREAD", True)])]
+             base + [("TT", 1), ("S", 4), ("TG", bt.ASYNC_THREADS), ("REREAD", True), ("STAGES", 2)]),
+            # the stage in dynamic shared memory: 256 threads, 3 tiles deep
+            (bt.fused_async_spec(4, 3 * 256 * 9 * 16), (bf, bf, bf, f32, f32, i32), (bf,),
+             base + [("TT", 2), ("S", 4), ("TG", 256), ("REREAD", True), ("STAGES", 3)])]
     return out
 
 

@@ -2273,6 +2273,14 @@ def backward_tile_forms(rounds=5, T=4096, C=4096):
     for groups in (528, 1056):
         forms[f"fused async reread, clusters of 4, {groups} groups (13 units)"] = (
             lambda *a, groups=groups: bt.fused_async(*a, S=4, groups=groups, reread=True), 13)
+    # (written after this session's device time; not yet run) deeper stages and larger
+    # threadgroups, the stage in dynamic shared memory past 40 KB: clusters of 4 with 256 threads
+    # (2 tokens a tile) 2 or 3 tiles deep, with 128 threads 3 or 4 deep; clusters of 8 with 256
+    for S, threads, stages, groups in ((4, 256, 2, 264), (4, 256, 3, 264), (4, 128, 3, 396), (4, 128, 4, 396),
+                                       (8, 256, 2, 264)):
+        forms[f"fused async reread, clusters of {S}, {threads} threads, {stages} stages, {groups} groups (13 units)"] = (
+            lambda *a, S=S, threads=threads, stages=stages, groups=groups: bt.fused_async(
+                *a, S=S, groups=groups, reread=True, threads=threads, stages=stages), 13)
     check_forms("backward tile", forms, lambda form: form[0](*sets[0]), bt.reference(*sets[0]), 44)
     unit = T * C * 2
     copy_label = f"copy x * 1.5 ({2 * n} units)"  # x is n units: read and written

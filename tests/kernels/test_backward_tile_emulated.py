@@ -39,7 +39,8 @@ def _want(x, g, dh, hpre, hres):
 
 
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
-@pytest.mark.parametrize("form", ["two", "fused", "fused async", "fused async reread"])
+@pytest.mark.parametrize("form", ["two", "fused", "fused async", "fused async reread", "fused async 3 stages",
+                                  "fused async reread 256 threads 3 stages"])
 def test_backward_tile_forms_match_float64(backward_tile, dtype, form):
     args = _inputs(16, 512, dtype)
     if form == "two":
@@ -48,9 +49,14 @@ def test_backward_tile_forms_match_float64(backward_tile, dtype, form):
     elif form == "fused":  # three threadgroups looping over four tiles of 4 tokens, the next one's loads before each exchange
         dx = backward_tile.fused(*args, S=1, groups=3)
         names = ["mhc_backward_tile_fused1"]
-    else:  # three threadgroups of 128 looping over eight tiles of 2 tokens, staged two tiles deep
-        dx = backward_tile.fused_async(*args, S=1, groups=3, reread=form.endswith("reread"))
-        names = ["mhc_backward_tile_fused_async1"]
+    else:  # three threadgroups of 128 (256) looping over eight (four) tiles of 2 (4) tokens, staged 2 or 3 deep
+        threads, stages = (256 if "256" in form else 128), (3 if "3 stages" in form else 2)
+        dx = backward_tile.fused_async(*args, S=1, groups=3, reread="reread" in form, threads=threads, stages=stages)
+        # past 40 KB the stage is dynamic shared memory (a static array on the emulator)
+        dynamic = stages * threads * 9 * 16 > backward_tile.STATIC_STAGE_BYTES
+        names = ["mhc_backward_tile_fused_async1" + ("_dyn" if dynamic else "")]
+        assert backward_tile.fused_async_spec(1, stages * threads * 9 * 16 if dynamic else 0).shared_memory == (
+            stages * threads * 9 * 16 if dynamic else 0)
     assert [name for name, *_ in emu.launched] == names
     got = np.array(dx.astype(mx.float32), dtype=np.float64)
     want = _want(*args)
@@ -96,6 +102,6 @@ def test_the_experiment_runs_and_reports_every_form(backward_tile, monkeypatch, 
     out = capsys.readouterr().out
     checks = [line for line in out.splitlines() if "backward tile check:" in line]
     timed = [line for line in out.splitlines() if line.startswith("backward tile 16x4x512")]
-    assert len(checks) == 12 and len(timed) == 13, out  # 12 forms, and the copy beside them
+    assert len(checks) == 17 and len(timed) == 18, out  # 17 forms, and the copy beside them
     for line in checks:
         assert "all finite True" in line and float(line.split("max rel err ")[1].split()[0]) <= 1e-2, line

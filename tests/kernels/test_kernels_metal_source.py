@@ -113,3 +113,21 @@ def test_compact_drops_only_comment_lines_and_blank_lines():
                 dropped = not line.strip() or line.lstrip().startswith("//")
                 assert not (dropped and before.rstrip().endswith("\\")), (spec.name, before)
     assert prelude.compact("int a; // trailing stays\n  // gone\n\nint b;\n") == "int a; // trailing stays\nint b;\n"
+
+
+def test_dynamic_shared_memory_is_asked_of_cuda_only(monkeypatch):
+    # KernelSpec.shared_memory reaches mx.fast.cuda_kernel (MLX then requests it at each launch);
+    # a spec without it is built as before; a Metal form of such a spec is refused, not built
+    # without the memory its body needs
+    from mhc_mlx.kernels import build
+
+    made = []
+    monkeypatch.setattr(mx.fast, "cuda_kernel", lambda **kw: made.append(kw) or object(), raising=False)
+    body = "  if (KTID == 0) out[0] = 1.0f;\n"
+    build._compiled_kernel(build.KernelSpec("mhc_dyn_smem_probe", ("a",), ("out",), body, shared_memory=65536),
+                           "cuda", False)
+    build._compiled_kernel(build.KernelSpec("mhc_no_dyn_smem_probe", ("a",), ("out",), body), "cuda", False)
+    assert made[0]["shared_memory"] == 65536 and "shared_memory" not in made[1]
+    with pytest.raises(ValueError, match="only its CUDA form"):
+        build._compiled_kernel(build.KernelSpec("mhc_dyn_smem_probe2", ("a",), ("out",), body, shared_memory=1024),
+                               "metal", False)

@@ -124,6 +124,9 @@ class KernelSpec:
     # afterwards): MLX declares every input const, so such a kernel casts it; the CPU emulator's
     # check that no input is written skips these
     scratch: tuple[str, ...] = ()
+    # bytes of dynamic shared memory a launch requests (CUDA only: a body declaring `extern
+    # __shared__` storage past the 48 KB of static shared memory a threadgroup may hold); 0: none
+    shared_memory: int = 0
 
     def source(self) -> str:
         return self.body + prelude.ATTRIBUTES_NOTE
@@ -193,13 +196,17 @@ def compiled_kernel(spec: KernelSpec, backend: str):
 @lru_cache(maxsize=None)
 def _compiled_kernel(spec: KernelSpec, backend: str, full_headers: bool):
     if backend == "cuda":
+        extra = {"shared_memory": spec.shared_memory} if spec.shared_memory else {}
         return mx.fast.cuda_kernel(
             name=spec.name,
             input_names=list(spec.inputs),
             output_names=list(spec.outputs),
             source=spec.source(),
             header=spec.header("cuda"),
+            **extra,
         )
+    if spec.shared_memory:
+        raise ValueError(f"kernel {spec.name} asks for dynamic shared memory, which only its CUDA form has")
     if backend == "metal":
         return mx.fast.metal_kernel(
             name=spec.name,
