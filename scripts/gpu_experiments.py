@@ -2126,14 +2126,7 @@ def eval_anatomy(rounds=5, T=4096, n=4, C=4096):
     cot = mx.random.normal((T, n, C)).astype(BF)
     mx.eval(cot, module.parameters())
 
-    def vjp_step(x, c, *ps):
-        def f(x_, *ps_):
-            for nm, p in zip(names, ps_):
-                setattr(module, nm, p)
-            return forward(x_)
-        return mx.vjp(f, [x, *ps], [c])
-
-    stepped = mx.compile(vjp_step)
+    stepped = mx.compile(bench_cases.vjp_step(forward, names, module))
     rows["fwd+bwd +step (inputs)"] = lambda x: stepped(x, cot, *params)
     rows["copy x * 1.5"] = lambda x: x * 1.5
 
@@ -2258,29 +2251,23 @@ def backward_tile_forms(rounds=5, T=4096, C=4096):
                      mx.random.uniform(shape=(T, n)), mx.random.uniform(shape=(T, n, n))])
     mx.eval(sets)
     forms = {"two launches (25 units)": (bt.two, 25)}
-    for groups in (128, 64, 256):
-        forms[f"fused, clusters of 8, {groups} groups (13 units)"] = (
-            lambda *a, groups=groups: bt.fused(*a, S=8, groups=groups), 13)
-    # staged by asynchronous copies two tiles deep, 128-thread threadgroups, several an SM
-    for groups in (392, 264, 784):
-        forms[f"fused async, clusters of 8, {groups} groups (13 units)"] = (
-            lambda *a, groups=groups: bt.fused_async(*a, S=8, groups=groups), 13)
-    # the same re-reading the stage after the exchange (fewer registers, more threadgroups an SM)
-    for groups in (528, 784, 1056):
-        forms[f"fused async reread, clusters of 8, {groups} groups (13 units)"] = (
-            lambda *a, groups=groups: bt.fused_async(*a, S=8, groups=groups, reread=True), 13)
-    # clusters of 4: half the peers to read, a token a tile (1024 channels of every stream a threadgroup)
-    for groups in (528, 1056):
-        forms[f"fused async reread, clusters of 4, {groups} groups (13 units)"] = (
-            lambda *a, groups=groups: bt.fused_async(*a, S=4, groups=groups, reread=True), 13)
-    # (written after this session's device time; not yet run) deeper stages and larger
-    # threadgroups, the stage in dynamic shared memory past 40 KB: clusters of 4 with 256 threads
-    # (2 tokens a tile) 2 or 3 tiles deep, with 128 threads 3 or 4 deep; clusters of 8 with 256
-    for S, threads, stages, groups in ((4, 256, 2, 264), (4, 256, 3, 264), (4, 128, 3, 396), (4, 128, 4, 396),
-                                       (8, 256, 2, 264)):
-        forms[f"fused async reread, clusters of {S}, {threads} threads, {stages} stages, {groups} groups (13 units)"] = (
-            lambda *a, S=S, threads=threads, stages=stages, groups=groups: bt.fused_async(
-                *a, S=S, groups=groups, reread=True, threads=threads, stages=stages), 13)
+    # (name, fused form, S, groups, keyword arguments): the next tile in registers; staged by
+    # asynchronous copies two tiles deep in 128-thread threadgroups, several an SM; the same
+    # re-reading the stage after the exchange (fewer registers); clusters of 4 (half the peers, a
+    # token a tile). Then, written after this session's device time and not yet run: deeper
+    # stages and larger threadgroups, the stage in dynamic shared memory past 40 KB
+    reread = {"reread": True}
+    table = [("fused", bt.fused, 8, g, {}) for g in (128, 64, 256)]
+    table += [("fused async", bt.fused_async, 8, g, {}) for g in (392, 264, 784)]
+    table += [("fused async reread", bt.fused_async, 8, g, reread) for g in (528, 784, 1056)]
+    table += [("fused async reread", bt.fused_async, 4, g, reread) for g in (528, 1056)]
+    table += [("fused async reread", bt.fused_async, S, g, {**reread, "threads": th, "stages": st})
+              for S, th, st, g in ((4, 256, 2, 264), (4, 256, 3, 264), (4, 128, 3, 396), (4, 128, 4, 396),
+                                   (8, 256, 2, 264))]
+    for name, form, S, groups, kw in table:
+        shape = f"{kw['threads']} threads, {kw['stages']} stages, " if "stages" in kw else ""
+        forms[f"{name}, clusters of {S}, {shape}{groups} groups (13 units)"] = (
+            lambda *a, form=form, S=S, groups=groups, kw=kw: form(*a, S=S, groups=groups, **kw), 13)
     check_forms("backward tile", forms, lambda form: form[0](*sets[0]), bt.reference(*sets[0]), 44)
     unit = T * C * 2
     copy_label = f"copy x * 1.5 ({2 * n} units)"  # x is n units: read and written

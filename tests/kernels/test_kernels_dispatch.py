@@ -176,7 +176,6 @@ def test_settings_epoch_moves_with_every_watched_setting(monkeypatch):
         kernels.use_candidates(False)
 
 
-
 def test_state_follows_the_default_device_and_the_threads_forced_backend(monkeypatch):
     # state() keeps the last device's name (a Device compares by value, str() is dearer): it must
     # still change with every change of the default device, and use_backend is per thread

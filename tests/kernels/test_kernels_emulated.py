@@ -325,7 +325,7 @@ def test_dynamic_coefficients_one_threadgroup_per_token(monkeypatch, flavour, dt
 def small_launches(pre: bool, n: int = 4, K: int = 96) -> list[str]:
     """The few-token coefficient forward's launches under coefficients.ONE_LAUNCH_SMALL (where n
     and K = n C allow it) and SPLIT_SMALL."""
-    if coefficients.ONE_LAUNCH_SMALL and n <= coefficients.ONE_MAX_N and K <= coefficients.ONE_MAX_K:
+    if coefficients.one_launch_applies(n, K):
         return ["mhc_coefficients_one"]
     if coefficients.SPLIT_SMALL:
         return ["mhc_coefficients_split_partial", "mhc_coefficients_split_finish"]

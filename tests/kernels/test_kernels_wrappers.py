@@ -23,7 +23,7 @@ def _fused_dynamic(tokens: int, K: int, pre: bool = False, n: int = 4) -> str:
     one threadgroup per token; the tiled kernel above."""
     if tokens > coefficients.SMALL_TOKENS:
         return "mhc_coefficients_dynamic"
-    if coefficients.ONE_LAUNCH_SMALL and n <= coefficients.ONE_MAX_N and K <= coefficients.ONE_MAX_K:
+    if coefficients.one_launch_applies(n, K):
         return "mhc_coefficients_one"
     if coefficients.SPLIT_SMALL:
         return "mhc_coefficients_split_finish"

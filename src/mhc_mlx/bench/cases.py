@@ -132,13 +132,10 @@ def prepare(case: Case, count: int, compile_step: bool = False):
         def apply(x):
             return forward(x)
     else:
-        def apply(x):
-            def f(x_, *ps):
-                for nm, p in zip(names, ps):
-                    setattr(module, nm, p)
-                return forward(x_)
+        step = vjp_step(forward, names, module)
 
-            return mx.vjp(f, [x, *params], [cot])
+        def apply(x):
+            return step(x, cot, *params)
 
     if compile_step:
         # the parameters and the cotangent are fixed arrays of the closure (constants of the
@@ -146,6 +143,20 @@ def prepare(case: Case, count: int, compile_step: bool = False):
         apply = mx.compile(apply)
     return apply, xs
 
+
+
+def vjp_step(forward, names, module):
+    """step(x, cot, *params): forward and backward of the site through mx.vjp, the module's
+    parameters `names` given as arrays (so a compiled step may take them as inputs)."""
+    def step(x, cot, *params):
+        def f(x_, *ps):
+            for nm, p in zip(names, ps):
+                setattr(module, nm, p)
+            return forward(x_)
+
+        return mx.vjp(f, [x, *params], [cot])
+
+    return step
 
 STEP = "+step"  # an impl name's suffix: the application compiled as one step (prepare)
 

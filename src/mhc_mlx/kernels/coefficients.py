@@ -1051,6 +1051,11 @@ def _form(x2, form: str | None = None) -> str:
     return form
 
 
+def one_launch_applies(n: int, K: int) -> bool:
+    """Whether a few-token dynamic forward of n streams and K = n C columns takes DYNAMIC_ONE
+    (ONE_LAUNCH_SMALL, within ONE_MAX_N and ONE_MAX_K) rather than the split form."""
+    return ONE_LAUNCH_SMALL and n <= ONE_MAX_N and K <= ONE_MAX_K
+
 def _dynamic_kernel(spec, x2, phi, alpha, bias, n: int, iters: int, eps: float, tb: int | None = None):
     """DYNAMIC or DYNAMIC_PRE for x2 [T, K]; up to SMALL_TOKENS tokens (and no tb asked for) their
     one-threadgroup-per-token forms."""
@@ -1062,7 +1067,7 @@ def _dynamic_kernel(spec, x2, phi, alpha, bias, n: int, iters: int, eps: float, 
         outputs.append(((T, K // n), x2.dtype))
     inputs = [x2, phi.astype(F32), alpha.astype(F32), bias.astype(F32), int_params(T, K, iters), float_params(eps)]
     if tb is None and T <= SMALL_TOKENS:
-        if ONE_LAUNCH_SMALL and K <= ONE_MAX_K and n <= ONE_MAX_N:
+        if one_launch_applies(n, K):
             return _one_small(x2, phi, alpha, bias, n, iters, eps, with_h)
         if SPLIT_SMALL:
             return _split_small(x2, phi, alpha, bias, n, iters, eps, with_h)
