@@ -30,7 +30,9 @@ whole-row sums, as DX's x term does; DX's gs phi^T is left out.) Forms:
 
 H200, 2026-12-01 (docs/kernel-notes.md row 91): TWO 233-242 µs; FUSED 302-354 (41-47 % of the
 copy's rate); FUSED_ASYNC 233-260 in clusters of 8; with REREAD 224-251 in clusters of 8 and
-213-223 in clusters of 4 (65-67 %), the first one-read form faster than two launches.
+213-223 in clusters of 4 (65-67 %), the first one-read form faster than two launches. Row 92
+(eighteenth session): staged 3-4 tiles deep or in 256-thread threadgroups, 242-277 µs (51-59 %):
+each slower than the two-stage, 128-thread form.
 
 tests/kernels/test_backward_tile_emulated.py runs every form on the CPU emulator (the fused ones
 with clusters of one threadgroup) against float64.

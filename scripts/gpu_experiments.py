@@ -2254,8 +2254,8 @@ def backward_tile_forms(rounds=5, T=4096, C=4096):
     # (name, fused form, S, groups, keyword arguments): the next tile in registers; staged by
     # asynchronous copies two tiles deep in 128-thread threadgroups, several an SM; the same
     # re-reading the stage after the exchange (fewer registers); clusters of 4 (half the peers, a
-    # token a tile). Then, written after this session's device time and not yet run: deeper
-    # stages and larger threadgroups, the stage in dynamic shared memory past 40 KB
+    # token a tile). Then deeper stages and larger threadgroups, the stage in dynamic shared
+    # memory past 40 KB (run in the eighteenth session: each slower, kernel-notes row 92)
     reread = {"reread": True}
     table = [("fused", bt.fused, 8, g, {}) for g in (128, 64, 256)]
     table += [("fused async", bt.fused_async, 8, g, {}) for g in (392, 264, 784)]
