@@ -237,7 +237,8 @@ for ku in (1, 2, 4):
 
 profile() {
   echo "== profile: ncu over scripts/gpu_profile.py run"
-  timeout -k 5 "$1" ncu --clock-control none --metrics gpu__time_duration.sum --csv \
+  timeout -k 5 "$1" ncu --clock-control none \
+    --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum --csv \
     --log-file "$res/profile.csv" python scripts/gpu_profile.py run > "$res/profile_run.log" 2>&1
   echo "   ncu exit $?"; tail -n 5 "$res/profile_run.log"
   python scripts/gpu_profile.py report "$res/profile.csv" > "$res/profile.log" 2>&1

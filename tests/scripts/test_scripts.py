@@ -180,3 +180,58 @@ def test_host_overhead_stands_in_the_latency_paths():
     assert ran.returncode == 0, ran.stderr
     rows = {line.split()[0]: line.split() for line in ran.stdout.splitlines() if line.startswith("MHCLayer")}
     assert rows["MHCLayer"][1] == "kernels" and float(rows["MHCLayer"][2]) > 0
+
+
+def test_profile_report_lists_each_kernels_bytes_and_rate_against_the_copy(tmp_path):
+    # an ncu CSV (one row per launch and metric, its notes first): per case two markers around
+    # its kernels, then the copy's; the report sums each case and rates each kernel against the
+    # copy's DRAM rate under ncu
+    sys.path.insert(0, SCRIPTS)
+    import gpu_profile
+
+    rows = ['"ID","Kernel Name","Metric Name","Metric Unit","Metric Value"']
+    ident = 0
+
+    def launch(name, us, read_mb=None, write_mb=None):
+        nonlocal ident
+        rows.append(f'"{ident}","{name}","gpu__time_duration.sum","usecond","{us}"')
+        if read_mb is not None:
+            rows.append(f'"{ident}","{name}","dram__bytes_read.sum","Mbyte","{read_mb}"')
+            rows.append(f'"{ident}","{name}","dram__bytes_write.sum","Mbyte","{write_mb}"')
+        ident += 1
+
+    for i in range(len(gpu_profile.CASES)):
+        launch(gpu_profile.MARKER, 1.0, 0.0, 0.0)
+        if i == 3:
+            launch("slow_kernel<float>(int)", 100.0, 150.0, 50.0)  # 2000 GB/s: half the copy's rate
+            launch("fast_kernel", 25.0, 75.0, 25.0)  # the copy's rate
+        launch(gpu_profile.MARKER, 1.0, 0.0, 0.0)
+    launch(gpu_profile.MARKER, 1.0, 0.0, 0.0)
+    launch("copy_kernel", 50.0, 100.0, 100.0)  # 200 MB in 50 µs: 4000 GB/s
+    launch(gpu_profile.MARKER, 1.0, 0.0, 0.0)
+    path = tmp_path / "prof.csv"
+    path.write_text("==PROF== a note ncu prints first\n" + "\n".join(rows) + "\n")
+    out = _script("gpu_profile.py", "report", str(path))
+    assert out.returncode == 0, out.stderr
+    assert "under ncu: 50.0 µs, 4000 GB/s" in out.stdout
+    block = [b for b in out.stdout.split("\n\n") if b.startswith("dynamic fwd+bwd")][0]
+    assert "2 kernels, 125.0 µs of GPU time, 300.0 MB of DRAM traffic; at the copy's rate 75.0 µs" in block
+    slow = [ln for ln in block.splitlines() if ln.endswith("slow_kernel")][0]
+    assert "200.0 MB" in slow and "2000 GB/s" in slow and "50.0 % of the copy's" in slow
+    fast = [ln for ln in block.splitlines() if ln.endswith("fast_kernel")][0]
+    assert "100.0 % of the copy's" in fast
+
+
+def test_profile_report_takes_a_durations_only_csv(tmp_path):
+    # the older form (durations only): kernels listed without bytes, no rate
+    sys.path.insert(0, SCRIPTS)
+    import gpu_profile
+
+    rows = ['"ID","Kernel Name","Metric Name","Metric Unit","Metric Value"']
+    for ident, name in enumerate([gpu_profile.MARKER, "only_kernel", gpu_profile.MARKER]):
+        rows.append(f'"{ident}","{name}","gpu__time_duration.sum","nsecond","{"1,500" if name == "only_kernel" else "1000"}"')
+    path = tmp_path / "prof.csv"
+    path.write_text("\n".join(rows) + "\n")
+    out = _script("gpu_profile.py", "report", str(path))
+    assert out.returncode == 0, out.stderr
+    assert "1 kernels, 1.5 µs of GPU time\n" in out.stdout and "MB" not in out.stdout
