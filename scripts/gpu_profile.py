@@ -4,6 +4,7 @@
     ncu --clock-control none --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum \
         --csv --log-file prof.csv python scripts/gpu_profile.py run
     python scripts/gpu_profile.py report prof.csv
+    ... python scripts/gpu_profile.py run build.DEVICE_PARAMS=1   # with kernel settings switched first
 
 `run` applies each case of the bench's targets once to build its kernels, then once more
 between two marker launches, and last the copy the bench's floor times (x * 1.5 on a
@@ -140,6 +141,13 @@ def report(path: str) -> int:
 
 if __name__ == "__main__":
     if len(sys.argv) >= 2 and sys.argv[1] == "run":
+        # optional kernel settings first, as scripts/bench_with.py takes them (module.ATTRIBUTE=value)
+        from mhc_mlx import kernels
+
+        try:
+            kernels.assign_settings(sys.argv[2:])
+        except ValueError as err:
+            raise SystemExit(f"gpu_profile.py: {err}") from None
         sys.exit(run())
     if len(sys.argv) == 3 and sys.argv[1] == "report":
         sys.exit(report(sys.argv[2]))

@@ -6,7 +6,9 @@
 #   bash scripts/gpu_session.sh bench        # mhc-mlx bench: the target cases, seeds included
 #   bash scripts/gpu_session.sh bench-full   # mhc-mlx bench: every case
 #   bash scripts/gpu_session.sh check-bench-full  # CHECK_ONLY's checks, then every case
-#   bash scripts/gpu_session.sh profile      # ncu: each target case's kernels and their times
+#   bash scripts/gpu_session.sh profile      # ncu: each target case's kernels, their times and DRAM bytes
+#   bash scripts/gpu_session.sh profile-params  # ncu and the bench with the kernels' parameter arrays
+#                                            # host-made (default) against copied into GPU memory
 #   bash scripts/gpu_session.sh experiments  # kernel-level timings (docs/kernel-notes.md)
 #   bash scripts/gpu_session.sh all          # check, bench, profile, experiments
 #   bash scripts/gpu_session.sh tune         # checks (+ X_UNROLL 2, 4), experiments, ncu, bench, profile
@@ -235,14 +237,15 @@ for ku in (1, 2, 4):
   report ncu_mma $?
 }
 
-profile() {
-  echo "== profile: ncu over scripts/gpu_profile.py run"
+profile() {  # profile LIMIT [NAME [module.ATTRIBUTE=value ...]]: ncu with kernel settings switched first
+  local name="${2:-profile}"
+  echo "== $name: ncu over scripts/gpu_profile.py run ${*:3}"
   timeout -k 5 "$1" ncu --clock-control none \
     --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum --csv \
-    --log-file "$res/profile.csv" python scripts/gpu_profile.py run > "$res/profile_run.log" 2>&1
-  echo "   ncu exit $?"; tail -n 5 "$res/profile_run.log"
-  python scripts/gpu_profile.py report "$res/profile.csv" > "$res/profile.log" 2>&1
-  report profile $?
+    --log-file "$res/$name.csv" python scripts/gpu_profile.py run "${@:3}" > "$res/${name}_run.log" 2>&1
+  echo "   ncu exit $?"; tail -n 5 "$res/${name}_run.log"
+  python scripts/gpu_profile.py report "$res/$name.csv" > "$res/$name.log" 2>&1
+  report "$name" $?
 }
 
 case "${1:-}" in
@@ -254,6 +257,24 @@ case "${1:-}" in
     run 400 bench python -m mhc_mlx.cli.main bench --out "$res/bench" --overwrite --seeds .seedpkgs
     ;;
   profile) profile 240 ;;
+  profile-params)
+    # (eighteenth session of 2026-12-01) the small kernels of the dynamic fwd+bwd took 9-29 µs
+    # each under ncu with almost no DRAM traffic: is it their run-time parameter arrays, which
+    # MLX keeps in managed memory (build.DEVICE_PARAMS, kernel-notes row 45)? ncu with them host-made
+    # (the default), then copied into GPU memory, then the default again
+    profile 200 profile_default
+    profile 200 profile_device_params build.DEVICE_PARAMS=1
+    profile 200 profile_default2
+    # and in the bench's own timing: alternated pinned processes, ours only, the cases with the
+    # most small launches per byte
+    only="dynamic/fwd/1x4x512,dynamic/fwd+bwd/4096x4x4096,dynamic/fwd/512x4x1280,dynamic/fwd+bwd/512x4x1280"
+    for rep in 1 2; do
+      run 90 "bench_default_$rep" taskset -c 3 python -m mhc_mlx.cli.main bench --out "$res/default_$rep" \
+        --overwrite --seeds "" --impl kernels --only "$only"
+      run 90 "bench_device_params_$rep" taskset -c 3 python scripts/bench_with.py build.DEVICE_PARAMS=1 -- \
+        bench --out "$res/device_params_$rep" --overwrite --seeds "" --impl kernels --only "$only"
+    done
+    ;;
   candidates)
     # the checks with every candidate on, the four candidates written on 2026-11-29 without a
     # GPU timed against the defaults (alternated), then the target cases' bench with every
