@@ -395,7 +395,11 @@ SWITCHES = {
                          "default \"mma\", the tensor-core DX adding pre's and post's shares)"),
     "--device-params": (build, "DEVICE_PARAMS", True,
                         "the kernels' run-time parameter arrays padded and copied into GPU memory once "
-                        "(build.DEVICE_PARAMS; by default host-made arrays, which MLX keeps in managed memory)"),
+                        "(build.DEVICE_PARAMS; the default on CUDA since the eighteenth session, kept for the "
+                        "stages that name it)"),
+    "--host-params": (build, "DEVICE_PARAMS", False,
+                      "the kernels' run-time parameter arrays made on the host, which MLX keeps in managed "
+                      "memory (build.DEVICE_PARAMS = False; by default on CUDA copied into GPU memory once)"),
     "--sinkhorn-warp-vjp": (sinkhorn, "THREAD_VJP_MAX_WORK", 0,
                             "use the warp-form Sinkhorn backward everywhere (sinkhorn.THREAD_VJP_MAX_WORK = 0; "
                             "the default takes one thread per matrix for n <= 4)"),

@@ -67,6 +67,7 @@
 #   bash scripts/gpu_session.sh inline-verify # pytest -m gpu in four shards (the single-launch layer the default)
 #   bash scripts/gpu_session.sh verify17     # coefficient, read-step, chain checks + pytest -m gpu (one-launch read step)
 #   bash scripts/gpu_session.sh final17      # as final16, on the seventeenth session's defaults
+#   bash scripts/gpu_session.sh verify18     # parameter arrays in GPU memory the default: bench (ours), verify17
 #   bash scripts/gpu_session.sh b1-ab        # B = 1 dynamic: the one-launch read step against two, pinned processes
 #   bash scripts/gpu_session.sh encode       # the host's encoding cost per launch, by kind of launch
 #   bash scripts/gpu_session.sh backward-tile  # the one-read backward's memory side: two launches vs a cluster launch
@@ -552,6 +553,14 @@ case "${1:-}" in
     # (coefficients.ONE_LAUNCH_SMALL): the coefficient checks with the tensor-core backward, the
     # read-step and chain checks, and the whole pytest -m gpu in four shards beside them
     CHECK_ONLY=coefficients,read_step,chain CHECK_ARGS="--mma-vjp" CHECK_EXTRA=1 PYTEST_SHARDS=4 check 420
+    ;;
+  verify18)
+    # (eighteenth session of 2026-12-01) the kernels' parameter arrays in GPU memory the default
+    # (build.DEVICE_PARAMS, kernel-notes row 93): the target cases' bench (ours, pinned) first, then
+    # verify17's checks and the whole pytest -m gpu in four shards
+    run 120 bench_ours taskset -c 3 python -m mhc_mlx.cli.main bench --out "$res/bench_ours" --overwrite \
+      --seeds "" --only "$TARGETS" --impl kernels
+    CHECK_ONLY=coefficients,read_step,chain CHECK_ARGS="--mma-vjp" CHECK_EXTRA=1 PYTEST_SHARDS=4 check 400
     ;;
   final17)
     # (seventeenth session of 2026-12-01) as final16: the target cases' bench pinned (seeds, then

@@ -76,7 +76,8 @@ def test_bench_records_the_kernel_settings_and_switches_candidates_on(quick_run,
             recorded = json.load(f)["header"]["kernel_settings"]
         # the static layer's single launch at every token count: the default, candidates or not
         assert recorded["layer_inline_always"] is True and defaults["layer_inline_always"] is True
-        assert recorded["device_params"] is True and defaults["device_params"] is False
+        # the parameter arrays in GPU memory: the default since the eighteenth session, candidates or not
+        assert recorded["device_params"] is True and defaults["device_params"] is True
         # the read step, the tensor-core backward and the chain: at every size with the
         # candidates, by size ("auto") by default
         for k in ("fused_read_step", "mma_vjp", "chain_x_cotangent"):

@@ -236,18 +236,18 @@ def use_candidates(on: bool = True) -> None:
     tensor-core coefficient backward, the fused read step and the chained x cotangent at every
     size (by default each only where it was faster), which passed scripts/gpu_check.py on the
     H200 but were slower there than the defaults; the glue kernel writing the tensor-core
-    backward's fragments of gs (within the runs' spread); the kernels' parameter arrays copied
-    into GPU memory (faster in one process, not in the next). Off: the shipped defaults."""
+    backward's fragments of gs (within the runs' spread). Off: the shipped defaults. (The kernels'
+    parameter arrays in GPU memory, build.DEVICE_PARAMS, a candidate until the eighteenth
+    session, are a default since and not switched here.)"""
     import sys
 
-    from . import build, coefficients
+    from . import coefficients
 
     this = sys.modules[__name__]  # assigned as attributes, so the settings epoch sees them
     this.FUSED_READ_STEP = True if on else "auto"
     this.CHAIN_X_COTANGENT = True if on else "auto"
     coefficients.MMA_VJP = True if on else "auto"
     coefficients.GLUE_PACKS = on
-    build.DEVICE_PARAMS = on
 
 
 def settings() -> dict:

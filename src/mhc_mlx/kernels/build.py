@@ -240,15 +240,19 @@ def launch(spec: KernelSpec, inputs, outputs, grid: int, threadgroup: int, templ
     )
 
 
-# Candidate (2026-11-30, seventh session): the run-time parameter arrays in GPU memory. MLX's
-# CUDA allocator puts an array made on the host in managed (unified) memory, and any array of
-# <= 8 bytes (float_params(eps)) in one shared managed pool that host-made scalars (every Python
-# number in an MLX op) are written into. The hypothesis: a kernel reading such a page after the
-# host wrote it takes a page migration. With DEVICE_PARAMS each parameter array is padded to
-# PARAMS_PAD elements (out of that pool) and copied once by a GPU op, whose output MLX allocates
-# in device memory. H200 (gpu_experiments.py params, docs/kernel-notes.md row 45): the B = 1
-# layer kernel's eval 30.0 against 44.1 µs in one process, 36.2 against 36.3 in the next. Off.
-DEVICE_PARAMS = False
+# The run-time parameter arrays in GPU memory (CUDA). MLX's CUDA allocator puts an array made on
+# the host in managed (unified) memory, and any array of <= 8 bytes (float_params(eps)) in one
+# shared managed pool that host-made scalars (every Python number in an MLX op) are written into;
+# a kernel reading such a page after the host wrote it waits for a page migration. With
+# DEVICE_PARAMS each parameter array is padded to PARAMS_PAD elements (out of that pool) and copied
+# once by a GPU op, whose output MLX allocates in device memory. H200, seventh session: the B = 1
+# layer kernel's eval 30.0 against 44.1 µs in one process, 36.2 against 36.3 in the next (row 45).
+# Eighteenth session (row 93): under Nsight Compute each small kernel of the dynamic fwd+bwd took
+# 3.3-12.7 µs with it against 11-34 without (the fragment packs 20-22 µs -> 3.3-5.2), the 18
+# kernels 626.2 µs against 781.0 and 794.9; the bench's dynamic fwd+bwd 641.4 / 648.8 µs against
+# 713.0 / 698.1 in alternated pinned processes. Default since; Metal (unified memory, no
+# migration) keeps host-made arrays. False: host-made arrays everywhere.
+DEVICE_PARAMS = True
 PARAMS_PAD = 64
 
 
@@ -279,7 +283,7 @@ def standin(dtype) -> mx.array:
 
 @lru_cache(maxsize=4096)
 def _params(dtype, values: tuple, device: bool) -> mx.array:
-    if not device or not gpu_present():  # the GPU itself, whatever gpu_backend() says
+    if not device or not gpu_present() or not _cuda_available():  # the real GPU, whatever a test stands in
         return mx.array(list(values), dtype=dtype)
     padded = mx.array(list(values) + [0] * max(0, PARAMS_PAD - len(values)), dtype=dtype)
     # a GPU op's output is allocated in device memory; evaluated now (its inputs are constants,
