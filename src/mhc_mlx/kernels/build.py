@@ -247,7 +247,7 @@ def launch(spec: KernelSpec, inputs, outputs, grid: int, threadgroup: int, templ
 # DEVICE_PARAMS each parameter array is padded to PARAMS_PAD elements (out of that pool) and copied
 # once by a GPU op, whose output MLX allocates in device memory. H200, seventh session: the B = 1
 # layer kernel's eval 30.0 against 44.1 µs in one process, 36.2 against 36.3 in the next (row 45).
-# Eighteenth session (row 93): under Nsight Compute each small kernel of the dynamic fwd+bwd took
+# Eighteenth session (rows 93-94): under Nsight Compute each small kernel of the dynamic fwd+bwd took
 # 3.3-12.7 µs with it against 11-34 without (the fragment packs 20-22 µs -> 3.3-5.2), the 18
 # kernels 626.2 µs against 781.0 and 794.9; the bench's dynamic fwd+bwd 641.4 / 648.8 µs against
 # 713.0 / 698.1 in alternated pinned processes. Default since; Metal (unified memory, no
