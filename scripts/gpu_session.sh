@@ -68,6 +68,8 @@
 #   bash scripts/gpu_session.sh verify17     # coefficient, read-step, chain checks + pytest -m gpu (one-launch read step)
 #   bash scripts/gpu_session.sh final17      # as final16, on the seventeenth session's defaults
 #   bash scripts/gpu_session.sh verify18     # parameter arrays in GPU memory the default: bench (ours), verify17
+#   bash scripts/gpu_session.sh next19       # (not yet run) the throughput trace; the glue packs in DPHI_WG's
+#                                            # order: GPU tests, checks, bench off / on alternated
 #   bash scripts/gpu_session.sh b1-ab        # B = 1 dynamic: the one-launch read step against two, pinned processes
 #   bash scripts/gpu_session.sh encode       # the host's encoding cost per launch, by kind of launch
 #   bash scripts/gpu_session.sh backward-tile  # the one-read backward's memory side: two launches vs a cluster launch
@@ -561,6 +563,25 @@ case "${1:-}" in
     run 120 bench_ours taskset -c 3 python -m mhc_mlx.cli.main bench --out "$res/bench_ours" --overwrite \
       --seeds "" --only "$TARGETS" --impl kernels
     CHECK_ONLY=coefficients,read_step,chain CHECK_ARGS="--mma-vjp" CHECK_EXTRA=1 PYTEST_SHARDS=4 check 400
+    ;;
+  next19)
+    # (written in the eighteenth session of 2026-12-01 after its device time ran out; not yet run)
+    # 1. the target cases' kernels traced as the bench times them, with the parameter arrays in GPU
+    #    memory the default (kernel-notes row 94): the dynamic fwd+bwd's wall split into GPU span
+    #    and host time; 2. the glue kernel writing gs's fragments, now in DPHI_WG's order on Hopper
+    #    too (coefficients.GLUE_PACKS, candidate): its GPU tests and checks, then the bench's dynamic
+    #    rows with it off / on in alternated processes pinned to one CPU core
+    run 200 timeline_throughput bash -c 'python scripts/gpu_timeline.py run --throughput --kineto "$0/tp.json" &&
+      python scripts/gpu_timeline.py report --throughput "$0/tp.json"; rc=$?; rm -f "$0/tp.json"; exit $rc' "$res"
+    run 120 pytest_glue python -m pytest -q -m gpu tests -p no:cacheprovider -rs -k glue_writes
+    CHECK_ARGS="--glue-packs --mma-vjp" CHECK_ONLY=coefficients,chain NO_PYTEST=1 check 200
+    only="dynamic/fwd+bwd/4096x4x4096,dynamic/fwd+bwd/512x4x1280"
+    for rep in 1 2; do
+      run 90 "bench_default_$rep" taskset -c 3 python -m mhc_mlx.cli.main bench --out "$res/default_$rep" \
+        --overwrite --seeds "" --impl kernels --only "$only"
+      run 90 "bench_glue_packs_$rep" taskset -c 3 python scripts/bench_with.py coefficients.GLUE_PACKS=1 -- \
+        bench --out "$res/glue_packs_$rep" --overwrite --seeds "" --impl kernels --only "$only"
+    done
     ;;
   final17)
     # (seventeenth session of 2026-12-01) as final16: the target cases' bench pinned (seeds, then

@@ -1691,6 +1691,46 @@ def test_glue_writes_the_tensor_core_fragments(monkeypatch, split, dtype, n, T, 
         assert np.array_equal(np64(a), np64(b)), name
 
 
+@pytest.mark.parametrize("split", [False, True])
+@pytest.mark.parametrize("T,threads", [(1, 128), (17, 32), (130, 128), (48, 32)])
+def test_glue_writes_dphi_wg_fragments_where_dphi_wg_takes_them(monkeypatch, split, T, threads):
+    # coefficients.GLUE_PACKS where DPHI_WG takes dphi (bfloat16 x, n = 4, Hopper): the glue's
+    # second pack is in pack_gs_wg's order, bit for bit (rows padded to 16 with zeros: T = 1, 17,
+    # 130), and the backward with it equals the one with the pack launches, making none for gs
+    from mhc_mlx.kernels import coefficients_mma_vjp as cmv
+
+    monkeypatch.setattr(coefficients, "SPLIT_GLUE_SINKHORN", split)
+    monkeypatch.setattr(build, "gpu_backend", lambda: "cuda")
+    monkeypatch.setattr(coefficients_mma, "hopper", lambda: True)  # the emulated GPU is an sm_90
+    monkeypatch.setattr(coefficients, "MMA_MIN_ELEMENTS", 0)  # the tensor-core backward at this size
+    monkeypatch.setattr(coefficients, "GLUE_THREADS", threads)
+    n, C = 4, 16
+    primals, cots, outputs = _glue_inputs(T, n, 20, mx.bfloat16, C)
+    x, phi, alpha, bias = primals
+    H_pre, H_post, _, m, invr = outputs
+    assert cmv.dphi_wg_applies(x.reshape(T, n * C), n * (n + 2))
+    gs, c2, g_bias, g_alpha, (gsa, gsw) = coefficients._glue_kernel(m, invr, alpha, bias, H_pre, H_post, cots,
+                                                                       n, n * C, 20, packs=True, wg=True)
+    for got, want in ((gsa, cmv.pack_a(gs, cmv.DX_PARTS)), (gsw, cmv.pack_gs_wg(gs)),
+                      (gsw, cmv.pack_gs_wg_reference(gs))):
+        assert got.shape == want.shape and got.dtype == want.dtype == mx.bfloat16
+        assert np.array_equal(np64(got), np64(want))  # NaN (an unwritten element) fails too
+
+    emu.launched.clear()
+    without = coefficients.dynamic_vjp(primals, cots, outputs, n, 20)
+    names = [name for name, *_ in emu.launched]
+    assert "mhc_pack_a_fragments" in names and names.count("mhc_pack_wg_fragments") == 1, names  # gs's
+    monkeypatch.setattr(coefficients, "GLUE_PACKS", True)
+    emu.launched.clear()
+    got = coefficients.dynamic_vjp(primals, cots, outputs, n, 20)
+    names = [name for name, *_ in emu.launched]
+    assert any(name.endswith("_packs_wg") for name in names), names
+    assert "mhc_pack_a_fragments" not in names and "mhc_pack_wg_fragments" not in names, names
+    assert cmv.DPHI_WG.name in names, names
+    for name, a, b in zip(("x", "phi", "alpha", "bias"), got, without):
+        assert np.array_equal(np64(a), np64(b)), name
+
+
 def test_glue_packs_only_where_the_backward_takes_tensor_cores(monkeypatch):
     # float32 x (the FP32 backward kernel) or below MMA_MIN_ELEMENTS: the plain glue kernel
     monkeypatch.setattr(build, "gpu_backend", lambda: "cuda")

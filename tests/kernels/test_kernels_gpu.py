@@ -364,14 +364,18 @@ def test_first_use_checks_pass_on_this_gpu(op):
         safety._check_case(op, kernels._implementation(op), n, dtype)
 
 
+@pytest.mark.parametrize("wg", [False, True])
 @pytest.mark.parametrize("T", [1, 130])
-def test_glue_writes_the_tensor_core_fragments(monkeypatch, T):
+def test_glue_writes_the_tensor_core_fragments(monkeypatch, T, wg):
     # the candidate coefficients.GLUE_PACKS on the GPU: the glue kernel's fragments of gs equal
-    # pack_a's and pack_b's bit for bit (outputs NaN-poisoned: an unwritten element fails)
-    from mhc_mlx.kernels import coefficients_mma_vjp as cmv
+    # pack_a's and pack_b's (wg: pack_gs_wg's, DPHI_WG's order on Hopper) bit for bit (outputs
+    # NaN-poisoned: an unwritten element fails)
+    from mhc_mlx.kernels import coefficients_mma, coefficients_mma_vjp as cmv
 
     if build.gpu_backend() != "cuda":
         pytest.skip("the tensor-core backward and its fragments are CUDA only")
+    if wg and not coefficients_mma.hopper():
+        pytest.skip("DPHI_WG's order is for Hopper GPUs (warpgroup MMA)")
     n, C = 4, 24
     W = n * (n + 2)
     x = mx.random.normal((T, n, C)).astype(mx.bfloat16)
@@ -380,8 +384,9 @@ def test_glue_writes_the_tensor_core_fragments(monkeypatch, T):
     H_pre, H_post, _, m, invr = coefficients.dynamic_coefficients_forward(x, phi, alpha, bias, n, 20, 1e-6)
     cots = [mx.random.normal((T, n)), mx.random.normal((T, n)), mx.random.normal((T, n, n))]
     gs, *_, (gsa, gsb) = coefficients._glue_kernel(m, invr, alpha, bias, H_pre, H_post, cots, n, n * C, 20,
-                                                    packs=True)
-    for got, want in ((gsa, cmv.pack_a(gs, cmv.DX_PARTS)), (gsb, cmv.pack_b(gs, cmv.DPHI_PARTS, False))):
+                                                    packs=True, wg=wg)
+    dphi_order = cmv.pack_gs_wg(gs) if wg else cmv.pack_b(gs, cmv.DPHI_PARTS, False)
+    for got, want in ((gsa, cmv.pack_a(gs, cmv.DX_PARTS)), (gsb, dphi_order)):
         assert got.shape == want.shape
         assert np.array_equal(np64(got), np64(want))
 

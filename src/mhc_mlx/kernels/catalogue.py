@@ -29,6 +29,8 @@ CUDA_ONLY_SPECS = (coefficients_mma.PACK, coefficients_mma.MMA, coefficients_mma
                    coefficients_mma_vjp.DPHI, coefficients_mma_vjp.DPHI_WG,
                    coefficients_mma_vjp.glue_packs_spec(),
                    coefficients_mma_vjp.glue_packs_spec(after_sinkhorn=True),
+                   coefficients_mma_vjp.glue_packs_spec(wg=True),
+                   coefficients_mma_vjp.glue_packs_spec(after_sinkhorn=True, wg=True),
                    *one_pass_vjp.SPECS)
 
 F32, BF16, F16, I32 = mx.float32, mx.bfloat16, mx.float16, mx.int32
@@ -178,6 +180,7 @@ def cuda_only_instances():
         out.append((opv.PARTIALS, (BF16,) * 3 + (I32,), (F32,), [("T", BF16), ("N", 4), ("TT", opv.TT), ("CS", cs)]))
     for n, gt in ((1, 128), (4, 128), (4, 32)):
         for after in (False, True):
-            out.append((vjp.glue_packs_spec(after), (F32,) * 9 + (I32,), (F32, F32, F32, BF16, BF16),
-                        [("N", n), ("ITERS", 20), ("GT", gt), ("PA", vjp.DX_PARTS), ("PB", vjp.DPHI_PARTS)]))
+            for wg in (False, True) if n == 4 else (False,):  # DPHI_WG's order: n = 4 (W = 24) only
+                out.append((vjp.glue_packs_spec(after, wg), (F32,) * 9 + (I32,), (F32, F32, F32, BF16, BF16),
+                            [("N", n), ("ITERS", 20), ("GT", gt), ("PA", vjp.DX_PARTS), ("PB", vjp.DPHI_PARTS)]))
     return out

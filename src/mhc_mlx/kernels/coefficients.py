@@ -852,7 +852,9 @@ FUSED_VJP_GLUE = True
 # dynamic fwd+bwd 4096x4x4096 828.4 against 836.1 µs, 815.5 against 843.1 with the read step
 # (gpu_experiments.py glue-packs, medians of 5 alternated runs): within the runs' spread. Its form
 # after the split-off Sinkhorn backward (SPLIT_GLUE_SINKHORN) was timed, not checked, in the fourth
-# session: 672.1 against 674.2 µs.
+# session: 672.1 against 674.2 µs. Since the eighteenth session its second order is DPHI_WG's where
+# that kernel takes dphi (Hopper, bfloat16, n = 4), so both of gs's pack launches go there too
+# (before, DPHI_WG still packed gs itself); checked on the emulator, not yet on a GPU.
 GLUE_PACKS = False
 
 DYNAMIC_THREADS = 256
@@ -1226,12 +1228,13 @@ def sinkhorn_jacobian(m, alpha, bias, n: int, iters: int) -> mx.array:
 
 
 def _glue_kernel(m, invr, alpha, bias, H_pre, H_post, cotangents, n: int, K: int, iters: int,
-                 packs: bool = False):
+                 packs: bool = False, wg: bool = False):
     """(gs [T, W], c2 [T], g_bias [W], g_alpha [3], packed) by DYNAMIC_VJP_GLUE (or, with
     SPLIT_GLUE_SINKHORN, DYNAMIC_VJP_SINKHORN then DYNAMIC_VJP_GLUE_AFTER_SINKHORN; with
     SINKHORN_JACOBIAN too, the Jacobian and its product in place of the first) and one sum over
     its threadgroups' partials; packs: its CUDA form that also writes gs in the tensor-core
-    backward's two fragment orders (packed = (gsa, gsb); else None)."""
+    backward's two fragment orders (packed = (gsa, gsb); else None), dphi's in DPHI_WG's order
+    with wg (where coefficients_mma_vjp.dphi_wg_applies)."""
     T, W = m.shape
     blocks = -(-T // GLUE_THREADS)
     outputs = [((T, W), F32), ((T,), F32), ((blocks, W + 3), F32)]
@@ -1255,8 +1258,8 @@ def _glue_kernel(m, invr, alpha, bias, H_pre, H_post, cotangents, n: int, K: int
     if packs:
         from . import coefficients_mma_vjp as cmv
 
-        spec = cmv.glue_packs_spec(SPLIT_GLUE_SINKHORN)
-        outputs += [(shape, mx.bfloat16) for shape in cmv.packed_shapes(T, W)]
+        spec = cmv.glue_packs_spec(SPLIT_GLUE_SINKHORN, wg)
+        outputs += [(shape, mx.bfloat16) for shape in cmv.packed_shapes(T, W, wg)]
         template += [("PA", cmv.DX_PARTS), ("PB", cmv.DPHI_PARTS)]
     gs, c2, part, *packed = launch(
         spec,
@@ -1267,6 +1270,12 @@ def _glue_kernel(m, invr, alpha, bias, H_pre, H_post, cotangents, n: int, K: int
     )
     sums = mx.sum(part, axis=0)
     return gs, c2, sums[:W], sums[W:], (tuple(packed) if packs else None)
+
+
+def _dphi_wg_applies(x2, W: int) -> bool:
+    from .coefficients_mma_vjp import dphi_wg_applies
+
+    return dphi_wg_applies(x2, W)
 
 
 def dynamic_vjp(primals, cotangents, outputs, n: int, iters: int, pre=None, gacc=None):
@@ -1284,8 +1293,10 @@ def dynamic_vjp(primals, cotangents, outputs, n: int, iters: int, pre=None, gacc
     packed = None
     if FUSED_VJP_GLUE and T and sk.uses_thread_vjp(n, iters):
         packs = GLUE_PACKS and backward_on_tensor_cores(x2, n)
+        # dphi's fragments in the order of the kernel dynamic_vjp_x_phi will launch for them
+        wg = packs and _dphi_wg_applies(x2, m.shape[1])
         gs, c2, g_bias, g_alpha, packed = _glue_kernel(m, invr, alpha, bias, H_pre, H_post, cotangents, n, K,
-                                                       iters, packs)
+                                                       iters, packs, wg)
     else:
         scale = alpha.astype(F32)[scale_index(n)]
         L_res = (m[:, 2 * n :] * scale[2 * n :] + bias.astype(F32)[2 * n :]).reshape(T, n, n)  # h = m scale + bias

@@ -607,24 +607,25 @@ def dphi_wg_applies(x2: mx.array, W: int) -> bool:
 # Candidate (coefficients.GLUE_PACKS; passed the H200 checks on 2026-11-30, not faster there
 # beyond the runs' spread; its after-split form timed, not checked, in the fourth session: 672.1
 # against 674.2 µs, docs/kernel-notes.md row 37): the dynamic backward's glue kernel also writes
-# gs in the two fragment orders DX and DPHI read (as pack_a(gs, DX_PARTS) and
-# pack_b(gs, DPHI_PARTS, False) would), saving their two launches
-# (26.9 µs per application chained for pack_a at 4096 tokens on the H200, docs/kernel-notes.md
-# row 28). Each thread of the glue owns one token, i.e. one row of gs: it re-reads the row it
-# wrote and scatters it, rows up to the next multiple of 16 and columns up to the fragments'
-# width written as zeros, as the packs pad. CUDA only (bfloat16 parts), like DX and DPHI.
+# gs in the two fragment orders DX and dphi read (as pack_a(gs, DX_PARTS) and, for dphi,
+# pack_b(gs, DPHI_PARTS, False) or, where DPHI_WG takes it (wg), pack_gs_wg(gs) would), saving
+# their two launches (26.9 µs per application chained for pack_a at 4096 tokens on the H200,
+# docs/kernel-notes.md row 28; 3.3 µs each alone under Nsight Compute with the parameter arrays
+# in GPU memory, row 94). Each thread of the glue owns one token, i.e. one row of gs: it re-reads
+# the row it wrote and scatters it, rows up to the next multiple of 16 and columns up to the
+# fragments' width written as zeros, as the packs pad. CUDA only (bfloat16 parts), like DX and DPHI.
 @lru_cache(maxsize=None)
-def glue_packs_spec(after_sinkhorn: bool = False) -> KernelSpec:
-    """after_sinkhorn: the form of coefficients.DYNAMIC_VJP_GLUE_AFTER_SINKHORN (SPLIT_GLUE_SINKHORN)."""
+def glue_packs_spec(after_sinkhorn: bool = False, wg: bool = False) -> KernelSpec:
+    """after_sinkhorn: the form of coefficients.DYNAMIC_VJP_GLUE_AFTER_SINKHORN (SPLIT_GLUE_SINKHORN);
+    wg: dphi's fragments in DPHI_WG's order (pack_gs_wg's) instead of DPHI's (pack_b's)."""
     from . import coefficients  # (coefficients imports this module lazily)
 
     base = coefficients.DYNAMIC_VJP_GLUE_AFTER_SINKHORN if after_sinkhorn else coefficients.DYNAMIC_VJP_GLUE
 
-    epilogue = r"""
+    dx_order = r"""
   if (live) ctwo[t] = ir * ir / (float)K * s;
   {
     constexpr int KSA = (W + 15) / 16;  // DX's A fragments: k-steps of 16 columns of gs
-    constexpr int NTB = (W + 7) / 8;    // DPHI's B fragments: n-tiles of 8 columns of gs
     const int64_t rows16 = ((int64_t)Ttok + 15) / 16 * 16;
     if (t < rows16) {
       const int64_t rt = t >> 4;
@@ -639,7 +640,9 @@ def glue_packs_spec(after_sinkhorn: bool = False) -> KernelSpec:
           gsa[(((rt * KSA + (c >> 4)) * PA + p) * 32 + lane) * 8 + e] = b;
           v -= __bfloat162float(b);
         }
-      }
+      }"""
+    dphi_order = r"""
+      constexpr int NTB = (W + 7) / 8;    // DPHI's B fragments: n-tiles of 8 columns of gs
       const int64_t ksb = rows16 >> 4;
       KUNROLL for (int c = 0; c < 8 * NTB; ++c) {
         float v = (live && c < W) ? gsc[t * W + c] : 0.0f;
@@ -653,17 +656,34 @@ def glue_packs_spec(after_sinkhorn: bool = False) -> KernelSpec:
       }
     }
   }"""
+    # DPHI_WG's B (pack_gs_wg, coefficients_mma.PACK_WG unpermuted): [step, part, token half,
+    # column group, 8 columns, 8 tokens], W = 24
+    dphi_wg_order = r"""
+      KUNROLL for (int c = 0; c < W; ++c) {
+        float v = live ? gsc[t * W + c] : 0.0f;
+        KUNROLL for (int p = 0; p < PB; ++p) {
+          const __nv_bfloat16 b = __float2bfloat16_rn(v);
+          gsb[(((rt * PB + p) * 2 + (rr >> 3)) * 3 + (c >> 3)) * 64 + (c & 7) * 8 + (rr & 7)] = b;
+          v -= __bfloat162float(b);
+        }
+      }
+    }
+  }"""
+    epilogue = dx_order + (dphi_wg_order if wg else dphi_order)
     return KernelSpec(
-        name=base.name + "_packs",
+        name=base.name + ("_packs_wg" if wg else "_packs"),
         inputs=base.inputs,
         outputs=(*base.outputs, "gsa", "gsb"),
         body=edited(base.body, [("\n  if (live) ctwo[t] = ir * ir / (float)K * s;", epilogue)]),
     )
 
 
-def packed_shapes(T: int, W: int) -> tuple[tuple, tuple]:
-    """The shapes of gs's fragments for DX (pack_a, DX_PARTS) and DPHI (pack_b, DPHI_PARTS)."""
-    return ((-(-T // 16), -(-W // 16), DX_PARTS, 32, 8), (-(-W // 8), -(-T // 16), DPHI_PARTS, 32, 4))
+def packed_shapes(T: int, W: int, wg: bool = False) -> tuple[tuple, tuple]:
+    """The shapes of gs's fragments for DX (pack_a, DX_PARTS) and dphi: DPHI's (pack_b,
+    DPHI_PARTS), or with wg DPHI_WG's (pack_gs_wg)."""
+    dphi_shape = ((-(-T // 16), DPHI_PARTS, 2, 3, 8, 8) if wg
+                  else (-(-W // 8), -(-T // 16), DPHI_PARTS, 32, 4))
+    return (-(-T // 16), -(-W // 16), DX_PARTS, 32, 8), dphi_shape
 
 
 def pack_a(mat: mx.array, parts: int) -> mx.array:
@@ -733,14 +753,16 @@ def dx(x2, phi, gs, c2, pre=None, gacc=None, gsa=None, res=None):
 
 
 def dphi(x2, gs, gsb=None):
-    """x2^T gs [K, W] float32 for 16-bit x2 [T, K] and float32 gs [T, W] (gsb: gs already in
-    DPHI's fragment order, else packed here)."""
+    """x2^T gs [K, W] float32 for 16-bit x2 [T, K] and float32 gs [T, W] (gsb: gs already in the
+    fragment order of the kernel that takes it, DPHI_WG's where dphi_wg_applies, else DPHI's;
+    else packed here)."""
     T, K = x2.shape
     W = gs.shape[1]
-    if dphi_wg_applies(x2, W):  # (gsb, DPHI's order, is not this kernel's)
+    if dphi_wg_applies(x2, W):
         kgroups = -(-K // 256)
         tps, splits = _token_splits(T, kgroups, 16, DPHI_WG_TARGET_BLOCKS)
-        part = launch(DPHI_WG, [x2, pack_gs_wg(gs), int_params(T, K, tps, splits)], [((splits, K, 24), F32)],
+        gsw = pack_gs_wg(gs) if gsb is None else gsb
+        part = launch(DPHI_WG, [x2, gsw, int_params(T, K, tps, splits)], [((splits, K, 24), F32)],
                       kgroups * splits * 128, 128, [("T", x2.dtype), ("PG", DPHI_PARTS)])[0]
         return mx.sum(part, axis=0)
     NT = -(-W // 8)
