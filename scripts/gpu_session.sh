@@ -144,12 +144,27 @@ pinned_bench() {  # the target cases' bench with the seeds, then ours alone, pin
     --only "$TARGETS" --impl kernels
 }
 
+throughput_trace() {  # the throughput cases traced as the bench times them (kernels, idle, host calls)
+  run 200 timeline_throughput bash -c 'python scripts/gpu_timeline.py run --throughput --kineto "$0/tp.json" &&
+    python scripts/gpu_timeline.py report --throughput "$0/tp.json"; rc=$?; rm -f "$0/tp.json"; exit $rc' "$res"
+}
+
 pipelined_bench() {  # label, output folder: the target cases, ours, one eval and pipelined; then
   # the throughput cases traced as the bench times them
   run 240 "$1" python -m mhc_mlx.cli.main bench --pipelined --out "$2" --overwrite --seeds "" \
     --only "$TARGETS" --impl kernels
-  run 200 timeline_throughput bash -c 'python scripts/gpu_timeline.py run --throughput --kineto "$0/tp.json" &&
-    python scripts/gpu_timeline.py report --throughput "$0/tp.json"; rc=$?; rm -f "$0/tp.json"; exit $rc' "$res"
+  throughput_trace
+}
+
+ab_bench() {  # name, module.ATTRIBUTE=value, cases: ours only, pinned to one CPU core, the defaults
+  # and then the setting in alternated processes, twice (logs bench_default_N, bench_NAME_N)
+  local rep
+  for rep in 1 2; do
+    run 90 "bench_default_$rep" taskset -c 3 python -m mhc_mlx.cli.main bench --out "$res/default_$rep" \
+      --overwrite --seeds "" --impl kernels --only "$3"
+    run 90 "bench_$1_$rep" taskset -c 3 python scripts/bench_with.py "$2" -- \
+      bench --out "$res/$1_$rep" --overwrite --seeds "" --impl kernels --only "$3"
+  done
 }
 
 timelines() {  # forms (defaults, glue-packs-read-step): each target case's kernels in stream order
@@ -270,13 +285,8 @@ case "${1:-}" in
     profile 200 profile_default2
     # and in the bench's own timing: alternated pinned processes, ours only, the cases with the
     # most small launches per byte
-    only="dynamic/fwd/1x4x512,dynamic/fwd+bwd/4096x4x4096,dynamic/fwd/512x4x1280,dynamic/fwd+bwd/512x4x1280"
-    for rep in 1 2; do
-      run 90 "bench_default_$rep" taskset -c 3 python -m mhc_mlx.cli.main bench --out "$res/default_$rep" \
-        --overwrite --seeds "" --impl kernels --only "$only"
-      run 90 "bench_device_params_$rep" taskset -c 3 python scripts/bench_with.py build.DEVICE_PARAMS=1 -- \
-        bench --out "$res/device_params_$rep" --overwrite --seeds "" --impl kernels --only "$only"
-    done
+    ab_bench device_params build.DEVICE_PARAMS=1 \
+      "dynamic/fwd/1x4x512,dynamic/fwd+bwd/4096x4x4096,dynamic/fwd/512x4x1280,dynamic/fwd+bwd/512x4x1280"
     ;;
   candidates)
     # the checks with every candidate on, the four candidates written on 2026-11-29 without a
@@ -404,16 +414,14 @@ case "${1:-}" in
     # where a bench row's time goes beyond its kernels (docs/kernel-notes.md row 39; run by hand
     # in the fifth session of 2026-11-30): the 4096-token cases and the copy floor, each as K
     # applications on rotated inputs in one eval, under PyTorch's profiler, then untraced at K = 10, 30
-    run 200 timeline_throughput bash -c 'python scripts/gpu_timeline.py run --throughput --kineto "$0/tp.json" &&
-      python scripts/gpu_timeline.py report --throughput "$0/tp.json"; rc=$?; rm -f "$0/tp.json"; exit $rc' "$res"
+    throughput_trace
     run 200 throughput_host bash -c 'for k in 10 30; do python scripts/gpu_timeline.py run --throughput --k=$k || exit 1; done'
     ;;
   timelines)
     # (sixth session of 2026-11-30) the defaults' single-application timelines, then the large
     # cases as the bench times them (K = 10 in one eval) under PyTorch's profiler
     timelines defaults
-    run 200 timeline_throughput bash -c 'python scripts/gpu_timeline.py run --throughput --kineto "$0/tp.json" &&
-      python scripts/gpu_timeline.py report --throughput "$0/tp.json"; rc=$?; rm -f "$0/tp.json"; exit $rc' "$res"
+    throughput_trace
     ;;
   composite-norm)
     # (sixth session of 2026-11-30) the layer above MAX_N_FUSED with mx.fast.rms_norm: the layer
@@ -571,17 +579,10 @@ case "${1:-}" in
     #    and host time; 2. the glue kernel writing gs's fragments, now in DPHI_WG's order on Hopper
     #    too (coefficients.GLUE_PACKS, candidate): its GPU tests and checks, then the bench's dynamic
     #    rows with it off / on in alternated processes pinned to one CPU core
-    run 200 timeline_throughput bash -c 'python scripts/gpu_timeline.py run --throughput --kineto "$0/tp.json" &&
-      python scripts/gpu_timeline.py report --throughput "$0/tp.json"; rc=$?; rm -f "$0/tp.json"; exit $rc' "$res"
+    throughput_trace
     run 120 pytest_glue python -m pytest -q -m gpu tests -p no:cacheprovider -rs -k glue_writes
     CHECK_ARGS="--glue-packs --mma-vjp" CHECK_ONLY=coefficients,chain NO_PYTEST=1 check 200
-    only="dynamic/fwd+bwd/4096x4x4096,dynamic/fwd+bwd/512x4x1280"
-    for rep in 1 2; do
-      run 90 "bench_default_$rep" taskset -c 3 python -m mhc_mlx.cli.main bench --out "$res/default_$rep" \
-        --overwrite --seeds "" --impl kernels --only "$only"
-      run 90 "bench_glue_packs_$rep" taskset -c 3 python scripts/bench_with.py coefficients.GLUE_PACKS=1 -- \
-        bench --out "$res/glue_packs_$rep" --overwrite --seeds "" --impl kernels --only "$only"
-    done
+    ab_bench glue_packs coefficients.GLUE_PACKS=1 "dynamic/fwd+bwd/4096x4x4096,dynamic/fwd+bwd/512x4x1280"
     ;;
   final17)
     # (seventeenth session of 2026-12-01) as final16: the target cases' bench pinned (seeds, then

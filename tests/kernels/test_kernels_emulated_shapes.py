@@ -154,14 +154,20 @@ def test_dynamic_site_with_every_candidate_on(monkeypatch, n, C, T, dtype):
         assert "mhc_pre_vjp_h" in launched  # the fused read step ran
         # n <= 4: the backward's glue kernel after the res logits' Sinkhorn backward, split off
         # (SPLIT_GLUE_SINKHORN) as its Jacobian's transpose (SINKHORN_JACOBIAN); with the
-        # tensor-core backward its form that writes gs's fragments (GLUE_PACKS): no pack_a
+        # tensor-core backward its form that writes gs's fragments (GLUE_PACKS): no pack_a, and
+        # where DPHI_WG takes dphi (bfloat16 x, n = 4) its fragments in that kernel's order: no
+        # pack of gs at all
         tensor_cores = n <= 4 and dtype != mx.float32
+        dphi_wg = n == 4 and dtype == mx.bfloat16
         assert ("mhc_coefficients_dynamic_sinkhorn_jacobian" in launched) == (n <= 4)
         assert ("mhc_coefficients_dynamic_vjp_sinkhorn_apply" in launched) == (n <= 4)
         assert "mhc_coefficients_dynamic_vjp_sinkhorn" not in launched
         assert ("mhc_coefficients_dynamic_vjp_glue_after" in launched) == (n <= 4 and not tensor_cores)
-        assert ("mhc_coefficients_dynamic_vjp_glue_after_packs" in launched) == tensor_cores
+        assert ("mhc_coefficients_dynamic_vjp_glue_after_packs" in launched) == (tensor_cores and not dphi_wg)
+        assert ("mhc_coefficients_dynamic_vjp_glue_after_packs_wg" in launched) == dphi_wg
+        assert ("mhc_coefficients_dynamic_vjp_dphi_wg" in launched) == dphi_wg
         assert "mhc_pack_a_fragments" not in launched
+        assert not [t for name, t, *_ in emu.launched if name == "mhc_pack_wg_fragments" and not t["PERM"]]
         assert ("mhc_sinkhorn_vjp" in launched) == (n > 4)
         assert ("mhc_coefficients_dynamic_vjp_dx_mma" in launched) == (n <= 4 and dtype != mx.float32)
         # the tensor-core forward's partials: by warpgroup MMA (WGMMA) for bfloat16 x at n = 4
