@@ -18,6 +18,7 @@ beside it, and its rate as a % of the copy's under ncu: which kernels stream bel
 from __future__ import annotations
 
 import csv
+import math
 import os
 import re
 import sys
@@ -56,29 +57,27 @@ def run(repeats: int = 1) -> int:
     from mhc_mlx.bench import cases
     from mhc_mlx.dispatch import use_backend
 
-    for i, (site, pass_, shape) in enumerate(CASES):
+    applications = []
+    for site, pass_, shape in CASES:
         case = cases.Case(site, pass_, shape, "bfloat16", "latency" if shape[0] == 1 else "throughput")
         apply, xs = cases.prepare(case, 1)
+        applications.append((case.id, apply, xs[0]))
+    copy_x = mx.random.normal(COPY_CASE[2]).astype(mx.bfloat16)
+    applications.append((f"copy {COPY_CASE[1]}", lambda x: x * 1.5, copy_x))
+    for i, (label, apply, x) in enumerate(applications):
         with use_backend("kernels"):
-            mx.eval(apply(xs[0]))  # builds every kernel
+            mx.eval(apply(x))  # builds every kernel
             mark(i)
             for _ in range(repeats):
-                mx.eval(apply(xs[0]))
+                mx.eval(apply(x))
             mark(i)
-        print(f"case {i}: {case.id}", flush=True)
-    x = mx.random.normal(COPY_CASE[2]).astype(mx.bfloat16)
-    mx.eval(x * 1.5)
-    mark(len(CASES))
-    for _ in range(repeats):
-        mx.eval(x * 1.5)
-    mark(len(CASES))
-    print(f"case {len(CASES)}: copy {COPY_CASE[1]}", flush=True)
+        print(f"case {i}: {label}", flush=True)
     return 0
 
 
 def _us(value: str, unit: str) -> float:
     v = float(value.replace(",", ""))
-    return v * {"ns": 1e-3, "nsecond": 1e-3, "us": 1.0, "usecond": 1.0, "ms": 1e3, "msecond": 1e3, "s": 1e6, "second": 1e6}.get(unit, float("nan"))
+    return v * {"ns": 1e-3, "nsecond": 1e-3, "us": 1.0, "usecond": 1.0, "ms": 1e3, "msecond": 1e3, "s": 1e6, "second": 1e6}.get(unit, math.nan)
 
 
 def _short(name: str) -> str:
@@ -95,7 +94,7 @@ _METRICS = ("gpu__time_duration.sum", "dram__bytes_read.sum", "dram__bytes_write
 def _value(row) -> float:
     if row["Metric Name"] == "gpu__time_duration.sum":
         return _us(row["Metric Value"], row["Metric Unit"])
-    return float(row["Metric Value"].replace(",", "")) * _BYTES.get(row["Metric Unit"], float("nan"))
+    return float(row["Metric Value"].replace(",", "")) * _BYTES.get(row["Metric Unit"], math.nan)
 
 
 def report(path: str) -> int:
@@ -114,11 +113,11 @@ def report(path: str) -> int:
             marks += 1
             continue
         if marks % 2 == 1 and "gpu__time_duration.sum" in launch:  # between the markers of case marks // 2
-            moved = launch.get("dram__bytes_read.sum", float("nan")) + launch.get("dram__bytes_write.sum", float("nan"))
+            moved = launch.get("dram__bytes_read.sum", math.nan) + launch.get("dram__bytes_write.sum", math.nan)
             per_case[marks // 2].append((_short(launch["name"]), launch["gpu__time_duration.sum"], moved))
     cases = [*CASES, COPY_CASE]
     copy = per_case.get(len(CASES), [])
-    copy_rate = sum(b for _, _, b in copy) / sum(us for _, us, _ in copy) if copy else float("nan")  # bytes/µs
+    copy_rate = sum(b for _, _, b in copy) / sum(us for _, us, _ in copy) if copy else math.nan  # bytes/µs
     if copy:
         print(f"copy {COPY_CASE[1]} {'x'.join(map(str, COPY_CASE[2]))} bf16 under ncu: "
               f"{sum(us for _, us, _ in copy):.1f} µs, {copy_rate / 1e3:.0f} GB/s of DRAM traffic")
@@ -128,16 +127,17 @@ def report(path: str) -> int:
         moved = sum(b for _, _, b in kernels)
         print(f"\n{site} {pass_} {'x'.join(map(str, shape))} bf16: {len(kernels)} kernels, {total:.1f} µs of GPU time"
               + (f", {moved / 1e6:.1f} MB of DRAM traffic; at the copy's rate {moved / copy_rate:.1f} µs"
-                 if moved == moved and copy_rate == copy_rate else ""))
+                 if not math.isnan(moved) and not math.isnan(copy_rate) else ""))
         merged: dict[str, list] = defaultdict(list)
         for name, us, b in kernels:
             merged[name].append((us, b))
         for name, runs in sorted(merged.items(), key=lambda kv: -sum(us for us, _ in kv[1])):
             us, b = sum(u for u, _ in runs), sum(v for _, v in runs)
-            rate = "" if b != b else f"  {b / 1e6:8.1f} MB  {b / us / 1e3:5.0f} GB/s"
-            pct = "" if b != b or copy_rate != copy_rate else f"  {100 * b / us / copy_rate:5.1f} % of the copy's"
+            rate = "" if math.isnan(b) else f"  {b / 1e6:8.1f} MB  {b / us / 1e3:5.0f} GB/s"
+            pct = "" if math.isnan(b) or math.isnan(copy_rate) else f"  {100 * b / us / copy_rate:5.1f} % of the copy's"
             print(f"  {us:8.1f} µs  {len(runs):2d}×{rate}{pct}  {name}")
     return 0 if per_case else 1
+
 
 if __name__ == "__main__":
     if len(sys.argv) >= 2 and sys.argv[1] == "run":

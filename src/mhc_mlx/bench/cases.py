@@ -144,7 +144,6 @@ def prepare(case: Case, count: int, compile_step: bool = False):
     return apply, xs
 
 
-
 def vjp_step(forward, names, module):
     """step(x, cot, *params): forward and backward of the site through mx.vjp, the module's
     parameters `names` given as arrays (so a compiled step may take them as inputs)."""
@@ -157,6 +156,7 @@ def vjp_step(forward, names, module):
         return mx.vjp(f, [x, *params], [cot])
 
     return step
+
 
 STEP = "+step"  # an impl name's suffix: the application compiled as one step (prepare)
 

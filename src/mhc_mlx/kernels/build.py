@@ -283,7 +283,7 @@ def standin(dtype) -> mx.array:
 
 @lru_cache(maxsize=4096)
 def _params(dtype, values: tuple, device: bool) -> mx.array:
-    if not device or not gpu_present() or not _cuda_available():  # the real GPU, whatever a test stands in
+    if not device or not _cuda_available():  # the real CUDA GPU, whatever a test stands in
         return mx.array(list(values), dtype=dtype)
     padded = mx.array(list(values) + [0] * max(0, PARAMS_PAD - len(values)), dtype=dtype)
     # a GPU op's output is allocated in device memory; evaluated now (its inputs are constants,

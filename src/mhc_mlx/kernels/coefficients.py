@@ -1272,12 +1272,6 @@ def _glue_kernel(m, invr, alpha, bias, H_pre, H_post, cotangents, n: int, K: int
     return gs, c2, sums[:W], sums[W:], (tuple(packed) if packs else None)
 
 
-def _dphi_wg_applies(x2, W: int) -> bool:
-    from .coefficients_mma_vjp import dphi_wg_applies
-
-    return dphi_wg_applies(x2, W)
-
-
 def dynamic_vjp(primals, cotangents, outputs, n: int, iters: int, pre=None, gacc=None):
     """Cotangents of (x, phi, alpha, bias) from those of (H_pre, H_post, H_res) (and the saved m, 1/r).
 
@@ -1292,9 +1286,11 @@ def dynamic_vjp(primals, cotangents, outputs, n: int, iters: int, pre=None, gacc
     x2 = x.reshape(T, K)
     packed = None
     if FUSED_VJP_GLUE and T and sk.uses_thread_vjp(n, iters):
+        from .coefficients_mma_vjp import dphi_wg_applies
+
         packs = GLUE_PACKS and backward_on_tensor_cores(x2, n)
         # dphi's fragments in the order of the kernel dynamic_vjp_x_phi will launch for them
-        wg = packs and _dphi_wg_applies(x2, m.shape[1])
+        wg = packs and dphi_wg_applies(x2, m.shape[1])
         gs, c2, g_bias, g_alpha, packed = _glue_kernel(m, invr, alpha, bias, H_pre, H_post, cotangents, n, K,
                                                        iters, packs, wg)
     else:
