@@ -344,12 +344,6 @@ SWITCHES = {
                    "the mma.sync forward partials on Hopper too (coefficients_mma.WGMMA = False)"),
     "--no-dphi-wgmma": (coefficients_mma_vjp, "DPHI_WGMMA", False,
                         "DPHI (mma.sync) on Hopper too (coefficients_mma_vjp.DPHI_WGMMA = False)"),
-    "--wg-wide": (coefficients_mma, "WG_WIDE", True,
-                  "the warpgroup forward partials with phi's three parts as one m64n72k16 a step "
-                  "(coefficients_mma.WG_WIDE, candidate)"),
-    "--dphi-wg-wide": (coefficients_mma_vjp, "DPHI_WG_WIDE", True,
-                       "the warpgroup dphi with gs's three parts as one m64n72k16 a step "
-                       "(coefficients_mma_vjp.DPHI_WG_WIDE, candidate)"),
     "--glue-packs": (coefficients, "GLUE_PACKS", True,
                      "the candidate glue kernel that also writes gs in the tensor-core backward's fragment orders "
                      "(coefficients.GLUE_PACKS)"),

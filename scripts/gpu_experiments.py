@@ -1883,47 +1883,6 @@ def wg_plan_sizes(rounds=5, T=4096, K=16384, W=24):
                      "/tmp/wg_plan_dphi.json", {label: xs[0].nbytes for label in dphi})
 
 
-def wg_wide(rounds=5, T=4096, K=16384, W=24):
-    """(nineteenth session) the warpgroup products with their three bf16 parts side by side in one
-    m64n72k16 a step (coefficients_mma.WG_WIDE, coefficients_mma_vjp.DPHI_WG_WIDE; candidates)
-    against three m64n24k16: each alone on 10 rotated x [T, K] bf16 (phi packed before in each
-    form's order, gs packed inside), medians of `rounds` alternated rounds, then traced; then the
-    bench's dynamic 4096x4x4096 fwd and fwd+bwd with neither, each and both, and with the forward's
-    finish at 8 tokens a block (coefficients_mma.FINISH_TOKENS; row 37 timed it before the
-    parameter arrays were in GPU memory)."""
-    from mhc_mlx.kernels import coefficients_mma as cm
-    from mhc_mlx.kernels import coefficients_mma_vjp as cmv
-
-    xs = [mx.random.normal((T, K)).astype(BF) for _ in range(10)]
-    phi = 0.01 * mx.random.normal((K, W))
-    gs = mx.random.normal((T, W)) * 0.01
-    pk = {wide: cm.pack_phi_wg(phi, wide=wide) for wide in (False, True)}
-    mx.eval(xs, phi, gs, pk)
-    # the two forms' sums agree (each against float64 is the GPU tests' and checks' business)
-    sums = [mx.sum(under([(cm, "WG_WIDE", w)], lambda x, w=w: cm.partial_products(x, phi, pk[w]))(xs[0])[0], axis=0)
-            for w in (False, True)]
-    d = [under([(cmv, "DPHI_WG_WIDE", w)], lambda x: cmv.dphi(x, gs))(xs[0]) for w in (False, True)]
-    for label, (a, b) in (("forward partials", sums), ("dphi", d)):
-        print(f"{label}, wide against narrow: max |diff| {mx.max(mx.abs(a - b)).item():.3e} "
-              f"of {mx.max(mx.abs(a)).item():.3e}")
-    fwd = {f"forward, {'wide' if w else 'narrow'}": under([(cm, "WG_WIDE", w)],
-                                                          lambda x, w=w: cm.partial_products(x, phi, pk[w]))
-           for w in (False, True)}
-    timed_and_traced(f"forward partials by wgmma, {T} x {K} bf16 x", fwd, [[x] for x in xs], rounds,
-                     "/tmp/wg_wide_fwd.json", {label: xs[0].nbytes for label in fwd})
-    dphi = {f"dphi, {'wide' if w else 'narrow'}": under([(cmv, "DPHI_WG_WIDE", w)], lambda x: cmv.dphi(x, gs))
-            for w in (False, True)}
-    timed_and_traced(f"dphi by wgmma (gs packed inside), {T} x {K} bf16 x", dphi, [[x] for x in xs], rounds,
-                     "/tmp/wg_wide_dphi.json", {label: xs[0].nbytes for label in dphi})
-    rows = case_rows(("dynamic", "fwd", (4096, 4, 4096), "throughput"),
-                     ("dynamic", "fwd+bwd", (4096, 4, 4096), "throughput"))
-    alternated_settings("wide warpgroup products", rows,
-                        {"narrow": [], "wide forward": [(cm, "WG_WIDE", True)],
-                         "wide dphi": [(cmv, "DPHI_WG_WIDE", True)],
-                         "both wide": [(cm, "WG_WIDE", True), (cmv, "DPHI_WG_WIDE", True)],
-                         "finish 8": [(cm, "FINISH_TOKENS", 8)]}, rounds)
-
-
 def wgmma_ab(rounds=9):
     """(fourteenth session) the warpgroup-MMA products, now the defaults, against the MMA kernels
     in the dynamic site at 4096x4x4096, forward and forward+backward."""
@@ -2338,7 +2297,6 @@ MODES = {
     "step-trace": step_trace,
     "static-host": static_host,
     "wg-plan": wg_plan_sizes,
-    "wg-wide": wg_wide,
     "wgmma-ab": wgmma_ab,
     "wgmma-dphi": wgmma_dphi,
     "wgmma": wgmma,

@@ -68,8 +68,6 @@
 #   bash scripts/gpu_session.sh verify17     # coefficient, read-step, chain checks + pytest -m gpu (one-launch read step)
 #   bash scripts/gpu_session.sh final17      # as final16, on the seventeenth session's defaults
 #   bash scripts/gpu_session.sh verify18     # parameter arrays in GPU memory the default: bench (ours), verify17
-#   bash scripts/gpu_session.sh wide19       # the warpgroup products' parts as one m64n72k16: GPU tests,
-#                                            # checks, each alone, the site, bench off / on alternated
 #   bash scripts/gpu_session.sh next19       # (not yet run) the throughput trace; the glue packs in DPHI_WG's
 #                                            # order: GPU tests, checks, bench off / on alternated
 #   bash scripts/gpu_session.sh b1-ab        # B = 1 dynamic: the one-launch read step against two, pinned processes
@@ -586,18 +584,6 @@ case "${1:-}" in
     run 120 pytest_glue python -m pytest -q -m gpu tests -p no:cacheprovider -rs -k glue_writes
     CHECK_ARGS="--glue-packs --mma-vjp" CHECK_ONLY=coefficients,chain NO_PYTEST=1 check 200
     ab_bench glue_packs coefficients.GLUE_PACKS=1 "dynamic/fwd+bwd/4096x4x4096,dynamic/fwd+bwd/512x4x1280"
-    ;;
-  wide19)
-    # (nineteenth session of 2026-12-01) the warpgroup products with their three bf16 parts as one
-    # m64n72k16 a step (coefficients_mma.WG_WIDE, coefficients_mma_vjp.DPHI_WG_WIDE; candidates):
-    # their GPU tests and the coefficient and chain checks with both on, each product alone and the
-    # dynamic site with neither / each / both (and the finish at 8 tokens a block), then the bench's
-    # dynamic fwd+bwd rows with both off / on in alternated processes pinned to one CPU core
-    run 150 pytest_wide python -m pytest -q -m gpu tests -p no:cacheprovider -rs -k "warpgroup_mma_products or glue_writes"
-    CHECK_ARGS="--wg-wide --dphi-wg-wide --mma-vjp" CHECK_ONLY=coefficients,chain NO_PYTEST=1 check 200
-    run 200 experiments_wg_wide python scripts/gpu_experiments.py wg-wide
-    ab_bench wide "coefficients_mma.WG_WIDE=1 coefficients_mma_vjp.DPHI_WG_WIDE=1" \
-      "dynamic/fwd+bwd/4096x4x4096,dynamic/fwd/4096x4x4096"
     ;;
   final17)
     # (seventeenth session of 2026-12-01) as final16: the target cases' bench pinned (seeds, then

@@ -408,8 +408,7 @@ static inline void mhc_wg_fence() {}
 static inline void mhc_wg_commit() {}
 static inline void mhc_wg_wait() {}
 static inline void mhc_smem_to_async() {}
-template <int N>
-static inline void emu_wgmma(float* d, const uint32_t (&a)[4], uint64_t desc) {
+static inline void mhc_wgmma_n24(float (&d)[12], const uint32_t (&a)[4], uint64_t desc) {
   const int tid = emu::G.cur, w = tid / 32, lane = tid % 32;
   uint32_t* mine = &emu::G.scratch[(size_t)tid * 8];
   for (int r = 0; r < 4; ++r) mine[r] = a[r];
@@ -426,18 +425,16 @@ static inline void emu_wgmma(float* d, const uint32_t (&a)[4], uint64_t desc) {
     return __uint_as_float((uint32_t)v << 16);
   };
   const int g = lane / 4, c = lane % 4;
-  float out[N / 2];
-  for (int i = 0; i < N / 2; ++i) {
+  float out[12];
+  for (int i = 0; i < 12; ++i) {
     const int j = i / 4, e = i % 4, r = 16 * w + g + 8 * (e / 2), n = 8 * j + 2 * c + e % 2;
     float s = 0.0f;
     for (int l = 0; l < 16; ++l) s += A(r, l) * B(l, n);
     out[i] = d[i] + s;
   }
   emu::block_barrier();
-  for (int i = 0; i < N / 2; ++i) d[i] = out[i];
+  for (int i = 0; i < 12; ++i) d[i] = out[i];
 }
-static inline void mhc_wgmma_n24(float (&d)[12], const uint32_t (&a)[4], uint64_t desc) { emu_wgmma<24>(d, a, desc); }
-static inline void mhc_wgmma_n72(float (&d)[36], const uint32_t (&a)[4], uint64_t desc) { emu_wgmma<72>(d, a, desc); }
 """
 CPU_HELPERS = {coefficients_mma.PTX_MMA: "", coefficients_mma.PTX_WGMMA: WGMMA_CPU}
 

@@ -388,15 +388,12 @@ def test_tensor_core_coefficient_backward_products(dtype, n, C, T):
             assert rel(got_acc, want + np64(gacc).reshape(T, K)) <= (4e-3 if dtype == mx.bfloat16 else 6e-4)
 
 
-@pytest.mark.parametrize("wide", [False, True])
 @pytest.mark.parametrize("T,C", [(21, 33), (130, 17), (5, 64), (129, 1)])
-def test_wgmma_partials_at_odd_widths_and_token_counts(monkeypatch, T, C, wide):
+def test_wgmma_partials_at_odd_widths_and_token_counts(monkeypatch, T, C):
     # MMA_WG where x is not 16-byte loadable (K = 4 C not a multiple of 8: the element loads),
     # K not a multiple of 64 (a partial chunk) and T not a multiple of its 128 tokens: the sums of
-    # its partials against float64 and against the MMA kernel's (float32 rounding apart); wide:
-    # the three parts as one 72-column product (WG_WIDE)
+    # its partials against float64 and against the MMA kernel's (float32 rounding apart)
     monkeypatch.setattr(coefficients_mma, "hopper", lambda: True)  # the emulated GPU is an sm_90
-    monkeypatch.setattr(coefficients_mma, "WG_WIDE", wide)
     K = 4 * C
     x = mx.random.normal((T, K)).astype(mx.bfloat16)
     phi = mx.random.normal((K, 24)) / np.sqrt(K)
@@ -406,9 +403,6 @@ def test_wgmma_partials_at_odd_widths_and_token_counts(monkeypatch, T, C, wide):
         emu.launched.clear()
         part, ssq = coefficients_mma.partial_products(x, phi)
         assert any(name == coefficients_mma.MMA_WG.name for name, *_ in emu.launched) == on
-        if on:  # the wide order's pack and product, or the narrow ones'
-            assert {tpl.get("WIDE") for name, tpl, *_ in emu.launched
-                    if name in (coefficients_mma.MMA_WG.name, coefficients_mma.PACK_WG.name)} == {wide}
         sums[on] = (mx.sum(part, axis=0)[:, :24], mx.sum(ssq, axis=0))
     x64 = np64(x)
     assert rel(sums[True][0], x64 @ np64(phi)) <= 1e-5
@@ -434,20 +428,13 @@ def test_wgmma_only_on_hopper(monkeypatch):
         assert asks_the_device() is False
 
 
-@pytest.mark.parametrize("wide", [False, True])
 @pytest.mark.parametrize("T", [16, 37, 300, 5])
-def test_pack_gs_wg_matches_its_statement(T, wide):
+def test_pack_gs_wg_matches_its_statement(T):
     # PACK_WG in gs's order (one launch) against pack_gs_wg_reference (MLX ops): the same bits, zeros past T
     gs = mx.random.normal((T, 24)) * mx.exp(2 * mx.random.normal((T, 1)))
-    got = coefficients_mma_vjp.pack_gs_wg(gs, wide=wide)
-    want = coefficients_mma_vjp.pack_gs_wg_reference(gs, wide=wide)
-    P = coefficients_mma_vjp.DPHI_PARTS
-    assert got.shape == want.shape == (-(-T // 16), *((2, P) if wide else (P, 2)), 3, 8, 8)
+    got, want = coefficients_mma_vjp.pack_gs_wg(gs), coefficients_mma_vjp.pack_gs_wg_reference(gs)
+    assert got.shape == want.shape == (-(-T // 16), coefficients_mma_vjp.DPHI_PARTS, 2, 3, 8, 8)
     assert np.array_equal(np.array(got.view(mx.uint16)), np.array(want.view(mx.uint16)))
-    if wide:  # the wide order is the narrow one with the parts and the token halves swapped
-        narrow = coefficients_mma_vjp.pack_gs_wg_reference(gs)
-        assert np.array_equal(np.array(want.view(mx.uint16)), np.array(narrow.view(mx.uint16)).swapaxes(1, 2))
-        return
     # element [step, part, half, group, column, token] is part of gs[16 step + 8 half + token, 8 group + column]
     g64 = np64(gs)
     summed = np.sum(np64(want), axis=1)  # the parts add up to gs
@@ -457,18 +444,15 @@ def test_pack_gs_wg_matches_its_statement(T, wide):
         assert abs(summed[st, h, ng, n8, l8] - want_v) <= 1e-6 * max(1.0, abs(want_v))
 
 
-@pytest.mark.parametrize("wide", [False, True])
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
 # T not a multiple of 16 and splits over tokens; K a multiple of 8 or not, not of 256 (a partial
 # k group of the warpgroup), n = 4 (DPHI_WG's only width) and n = 2 (the DPHI kernel)
 @pytest.mark.parametrize("n,C,T,blocks", [(4, 40, 37, 384), (4, 24, 300, 2), (4, 33, 70, 3), (2, 64, 20, 384)])
-def test_dphi_by_warpgroup_mma(monkeypatch, dtype, n, C, T, blocks, wide):
+def test_dphi_by_warpgroup_mma(monkeypatch, dtype, n, C, T, blocks):
     # coefficients_mma_vjp.DPHI_WGMMA (the default on Hopper): x^T gs against float64 and, where it applies
-    # (bfloat16 x, n = 4), equal to DPHI's bits (the same order of terms per accumulator); wide
-    # (DPHI_WG_WIDE): the three parts of gs as one 72-column product, their sums in another order
+    # (bfloat16 x, n = 4), equal to DPHI's bits (the same order of terms per accumulator)
     monkeypatch.setattr(coefficients_mma, "hopper", lambda: True)  # the emulated GPU is an sm_90
     monkeypatch.setattr(coefficients_mma_vjp, "DPHI_WG_TARGET_BLOCKS", blocks)
-    monkeypatch.setattr(coefficients_mma_vjp, "DPHI_WG_WIDE", wide)
     W, K = n * (n + 2), n * C
     x = mx.random.normal((T, K)).astype(dtype)
     gs = mx.random.normal((T, W)) * mx.exp(mx.random.normal((T, 1)))
@@ -481,13 +465,8 @@ def test_dphi_by_warpgroup_mma(monkeypatch, dtype, n, C, T, blocks, wide):
         wg = on and dtype == mx.bfloat16 and n == 4
         assert (coefficients_mma_vjp.DPHI_WG.name in names) == wg
         assert (coefficients_mma_vjp.DPHI.name in names) == (not wg)
-        if wg:
-            assert {tpl["WIDE"] for name, tpl, *_ in emu.launched
-                    if name == coefficients_mma_vjp.DPHI_WG.name} == {wide}
     assert rel(got[True], np64(x).T @ np64(gs)) <= 1e-5
-    if wide:
-        assert rel(got[True], np64(got[False])) <= 1e-5
-    elif dtype == mx.bfloat16 and n == 4:
+    if dtype == mx.bfloat16 and n == 4:
         # a different split of the tokens sums in another order: equal bits only at equal splits
         kb, kg = -(-K // 64), -(-K // 256)
         same = (coefficients_mma_vjp._token_splits(T, kb, 16, coefficients_mma_vjp.TARGET_WARPS)
@@ -496,20 +475,13 @@ def test_dphi_by_warpgroup_mma(monkeypatch, dtype, n, C, T, blocks, wide):
             assert np.array_equal(np64(got[True]), np64(got[False]))
 
 
-@pytest.mark.parametrize("wide", [False, True])
 @pytest.mark.parametrize("K", [64, 800, 130, 8])
-def test_pack_phi_wg_matches_its_statement(K, wide):
+def test_pack_phi_wg_matches_its_statement(K):
     # PACK_WG (one launch) against pack_phi_wg_reference (MLX ops): the same bits, zeros past K
     phi = mx.random.normal((K, 24)) * mx.exp(2 * mx.random.normal((K, 1)))
-    got = coefficients_mma.pack_phi_wg(phi, wide=wide)
-    want = coefficients_mma.pack_phi_wg_reference(phi, wide=wide)
-    P = coefficients_mma.PHI_PARTS
-    assert got.shape == want.shape == (-(-K // 64), 4, *((2, P) if wide else (P, 2)), 3, 8, 8)
+    got, want = coefficients_mma.pack_phi_wg(phi), coefficients_mma.pack_phi_wg_reference(phi)
+    assert got.shape == want.shape == (-(-K // 64), 4, coefficients_mma.PHI_PARTS, 2, 3, 8, 8)
     assert np.array_equal(np.array(got.view(mx.uint16)), np.array(want.view(mx.uint16)))
-    if wide:  # the wide order is the narrow one with the parts and the k halves swapped
-        narrow = coefficients_mma.pack_phi_wg_reference(phi)
-        assert np.array_equal(np.array(want.view(mx.uint16)), np.array(narrow.view(mx.uint16)).swapaxes(2, 3))
-        return
     # the parts add up to phi to float32's precision: the first part alone is phi to bfloat16's
     summed = mx.sum(want.astype(mx.float32), axis=2)
     assert rel(summed, np64(coefficients_mma.pack_phi_wg_reference(phi, 1)[:, :, 0])) < 1e-2
@@ -1719,16 +1691,14 @@ def test_glue_writes_the_tensor_core_fragments(monkeypatch, split, dtype, n, T, 
         assert np.array_equal(np64(a), np64(b)), name
 
 
-@pytest.mark.parametrize("split,wide", [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize("split", [False, True])
 @pytest.mark.parametrize("T,threads", [(1, 128), (17, 32), (130, 128), (48, 32)])
-def test_glue_writes_dphi_wg_fragments_where_dphi_wg_takes_them(monkeypatch, split, wide, T, threads):
+def test_glue_writes_dphi_wg_fragments_where_dphi_wg_takes_them(monkeypatch, split, T, threads):
     # coefficients.GLUE_PACKS where DPHI_WG takes dphi (bfloat16 x, n = 4, Hopper): the glue's
     # second pack is in pack_gs_wg's order, bit for bit (rows padded to 16 with zeros: T = 1, 17,
-    # 130), and the backward with it equals the one with the pack launches, making none for gs;
-    # wide: the order of DPHI_WG_WIDE
+    # 130), and the backward with it equals the one with the pack launches, making none for gs
     from mhc_mlx.kernels import coefficients_mma_vjp as cmv
 
-    monkeypatch.setattr(cmv, "DPHI_WG_WIDE", wide)
     monkeypatch.setattr(coefficients, "SPLIT_GLUE_SINKHORN", split)
     monkeypatch.setattr(build, "gpu_backend", lambda: "cuda")
     monkeypatch.setattr(coefficients_mma, "hopper", lambda: True)  # the emulated GPU is an sm_90
@@ -1742,7 +1712,7 @@ def test_glue_writes_dphi_wg_fragments_where_dphi_wg_takes_them(monkeypatch, spl
     gs, c2, g_bias, g_alpha, (gsa, gsw) = coefficients._glue_kernel(m, invr, alpha, bias, H_pre, H_post, cots,
                                                                        n, n * C, 20, packs=True, wg=True)
     for got, want in ((gsa, cmv.pack_a(gs, cmv.DX_PARTS)), (gsw, cmv.pack_gs_wg(gs)),
-                      (gsw, cmv.pack_gs_wg_reference(gs, wide=wide))):
+                      (gsw, cmv.pack_gs_wg_reference(gs))):
         assert got.shape == want.shape and got.dtype == want.dtype == mx.bfloat16
         assert np.array_equal(np64(got), np64(want))  # NaN (an unwritten element) fails too
 

@@ -485,23 +485,18 @@ def _all_close(got, want, tol):
         assert ref64.rel_err(np64(g), np64(r)) <= tol
 
 
-@pytest.mark.parametrize("wide", [False, True])
 @pytest.mark.parametrize("T,C", [(37, 40), (300, 33), (4096, 4096)])
-def test_warpgroup_mma_products_on_hopper(monkeypatch, T, C, wide):
+def test_warpgroup_mma_products_on_hopper(monkeypatch, T, C):
     # the warpgroup-MMA products (coefficients_mma.WGMMA, coefficients_mma_vjp.DPHI_WGMMA; bf16 x,
     # n = 4, compute capability 9.x): the forward's partials equal the MMA kernel's bit for bit
     # (same splits, same order of terms per accumulator), dphi equals x^T gs in float64 within
     # float32 rounding and DPHI's bits where their token splits agree. On the real sm_90, where the
-    # emulator's tests cannot reach the descriptors' reading of shared memory. wide (WG_WIDE,
-    # DPHI_WG_WIDE: each product's three parts as one m64n72k16): each part summed on its own, so
-    # the MMA kernel's and DPHI's sums within float32 rounding instead of their bits
+    # emulator's tests cannot reach the descriptors' reading of shared memory
     from mhc_mlx.kernels import coefficients_mma as cm
     from mhc_mlx.kernels import coefficients_mma_vjp as cmv
 
     if build.gpu_backend() != "cuda" or not cm.hopper():
         pytest.skip("wgmma needs a compute capability 9.x GPU (Hopper)")
-    monkeypatch.setattr(cm, "WG_WIDE", wide)
-    monkeypatch.setattr(cmv, "DPHI_WG_WIDE", wide)
     n, W = 4, 24
     K = n * C
     x = mx.random.normal((T, K)).astype(mx.bfloat16)
@@ -515,10 +510,7 @@ def test_warpgroup_mma_products_on_hopper(monkeypatch, T, C, wide):
     x64 = np64(x)
     assert ref64.rel_err(sums[True][0], x64 @ np64(phi)) <= 1e-5
     for got, want in zip(sums[True], sums[False]):
-        if wide:
-            assert ref64.rel_err(got, want) <= 1e-5
-        else:
-            assert np.array_equal(got, want)
+        assert np.array_equal(got, want)
     gs = mx.random.normal((T, W)) * mx.exp(mx.random.normal((T, 1)))
     dphi = {}
     for on in (False, True):
@@ -527,7 +519,5 @@ def test_warpgroup_mma_products_on_hopper(monkeypatch, T, C, wide):
         dphi[on] = np64(cmv.dphi(x, gs))
     assert ref64.rel_err(dphi[True], x64.T @ np64(gs)) <= 1e-5
     kb, kg = -(-K // 64), -(-K // 256)
-    if wide:
-        assert ref64.rel_err(dphi[True], dphi[False]) <= 1e-5
-    elif cmv._token_splits(T, kb, 16, cmv.TARGET_WARPS) == cmv._token_splits(T, kg, 16, cmv.DPHI_WG_TARGET_BLOCKS):
+    if cmv._token_splits(T, kb, 16, cmv.TARGET_WARPS) == cmv._token_splits(T, kg, 16, cmv.DPHI_WG_TARGET_BLOCKS):
         assert np.array_equal(dphi[True], dphi[False])

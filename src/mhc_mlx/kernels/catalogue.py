@@ -141,14 +141,12 @@ def cuda_only_instances():
                             [("T", dt), ("NT", nt), ("MT", coefficients_mma.token_tiles_per_warp(nt)),
                              ("PB", coefficients_mma.PHI_PARTS), ("KU", ku)]))
     # the warpgroup-MMA partials (coefficients_mma.WGMMA; Hopper)
+    out.append((coefficients_mma.MMA_WG, (BF16, BF16, I32), (F32, F32),
+                [("T", BF16), ("PB", coefficients_mma.PHI_PARTS), ("MW", 2)]))
+    for perm in (True, False):  # phi's order (MMA_WG) and gs's (DPHI_WG)
+        out.append((coefficients_mma.PACK_WG, (F32, I32), (BF16,), [("PB", coefficients_mma.PHI_PARTS), ("PERM", perm)]))
     vjp = coefficients_mma_vjp  # the warpgroup-MMA dphi (DPHI_WGMMA; Hopper)
-    for wide in (False, True):  # three m64n24k16 a step, or one m64n72k16 (WG_WIDE, DPHI_WG_WIDE)
-        out.append((coefficients_mma.MMA_WG, (BF16, BF16, I32), (F32, F32),
-                    [("T", BF16), ("PB", coefficients_mma.PHI_PARTS), ("MW", 2), ("WIDE", wide)]))
-        for perm in (True, False):  # phi's order (MMA_WG) and gs's (DPHI_WG)
-            out.append((coefficients_mma.PACK_WG, (F32, I32), (BF16,),
-                        [("PB", coefficients_mma.PHI_PARTS), ("PERM", perm), ("WIDE", wide)]))
-        out.append((vjp.DPHI_WG, (BF16, BF16, I32), (F32,), [("T", BF16), ("PG", vjp.DPHI_PARTS), ("WIDE", wide)]))
+    out.append((vjp.DPHI_WG, (BF16, BF16, I32), (F32,), [("T", BF16), ("PG", vjp.DPHI_PARTS)]))
     for n in (1, 2, 4, 8):
         nt = coefficients_mma.n_tiles(n * (n + 2))
         for ku in (1, 2, 4):
@@ -183,8 +181,6 @@ def cuda_only_instances():
     for n, gt in ((1, 128), (4, 128), (4, 32)):
         for after in (False, True):
             for wg in (False, True) if n == 4 else (False,):  # DPHI_WG's order: n = 4 (W = 24) only
-                for wide in (False, True) if wg else (None,):  # DPHI_WG_WIDE's order
-                    out.append((vjp.glue_packs_spec(after, wg), (F32,) * 9 + (I32,), (F32, F32, F32, BF16, BF16),
-                                [("N", n), ("ITERS", 20), ("GT", gt), ("PA", vjp.DX_PARTS), ("PB", vjp.DPHI_PARTS)]
-                                + ([("WIDE", wide)] if wg else [])))
+                out.append((vjp.glue_packs_spec(after, wg), (F32,) * 9 + (I32,), (F32, F32, F32, BF16, BF16),
+                            [("N", n), ("ITERS", 20), ("GT", gt), ("PA", vjp.DX_PARTS), ("PB", vjp.DPHI_PARTS)]))
     return out

@@ -1260,7 +1260,7 @@ def _glue_kernel(m, invr, alpha, bias, H_pre, H_post, cotangents, n: int, K: int
 
         spec = cmv.glue_packs_spec(SPLIT_GLUE_SINKHORN, wg)
         outputs += [(shape, mx.bfloat16) for shape in cmv.packed_shapes(T, W, wg)]
-        template += [("PA", cmv.DX_PARTS), ("PB", cmv.DPHI_PARTS)] + ([("WIDE", cmv.dphi_wg_wide())] if wg else [])
+        template += [("PA", cmv.DX_PARTS), ("PB", cmv.DPHI_PARTS)]
     gs, c2, part, *packed = launch(
         spec,
         [m, invr, alpha, bias, H_pre.reshape(T, n), H_post.reshape(T, n),

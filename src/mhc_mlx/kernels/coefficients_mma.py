@@ -62,13 +62,6 @@ X_UNROLL = 2
 # default since the fourteenth's GPU tests; docs/kernel-notes.md rows 74-75). False: the MMA
 # kernel everywhere.
 WGMMA = True
-# Candidate (nineteenth session): MMA_WG's three parts of phi side by side as one m64n72k16 B per
-# step and 64 tokens instead of three m64n24k16, each part in accumulators of its own (summed at
-# the end, the smaller parts first: other bits than the narrow form's, the same float32 math).
-# Why: the narrow form is bound by its instruction count (row 72: each part ~10-14 µs), and a
-# wgmma's A (x, from registers) is then read once for 72 columns instead of three times for 24.
-# Costs 48 more accumulator registers a thread. Only with phi in 3 parts (PHI_PARTS).
-WG_WIDE = False
 
 # The tensor-core instruction (tests substitute a CPU model of it, with the same fragments).
 PTX_MMA = r"""
@@ -340,22 +333,6 @@ __device__ __forceinline__ void mhc_wgmma_n24(float (&d)[12], const uint32_t (&a
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc)
       : "memory");
 }
-// The three parts of B side by side in one instruction's 72 columns (WIDE): A is read once for
-// the three, where three m64n24k16 read it three times.
-__device__ __forceinline__ void mhc_wgmma_n72(float (&d)[36], const uint32_t (&a)[4], uint64_t desc) {
-  asm volatile(
-      "wgmma.mma_async.sync.aligned.m64n72k16.f32.bf16.bf16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, "
-      "%18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35}, "
-      "{%36, %37, %38, %39}, %40, 1, 1, 1, 0;\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
-        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc)
-      : "memory");
-}
 """
 
 # A warpgroup's copy of N 16-byte pieces from global to shared memory through registers: each of
@@ -379,22 +356,6 @@ __device__ __forceinline__ void mhc_wg_stage(uint4* dst, const uint4 (&r)[(N + 1
     if (q < N) dst[q] = r[i];
   }
   mhc_smem_to_async();
-}
-// The 12 accumulators of a 24-column product from DW = 12 P of a WIDE one (P parts side by side,
-// part p at d[12 p ..]): the smaller parts summed first, then added to the first part's.
-template <int DW>
-__device__ __forceinline__ void mhc_wg_sum_parts(const float (&d)[DW], float (&s)[12]) {
-  #pragma unroll
-  for (int e = 0; e < 12; ++e) {
-    if constexpr (DW == 12) {
-      s[e] = d[e];
-    } else {
-      float rest = d[DW - 12 + e];
-      #pragma unroll
-      for (int p = DW / 12 - 2; p >= 1; --p) rest += d[12 * p + e];
-      s[e] = d[e] + rest;
-    }
-  }
 }
 // a = b for the x words of a step, an array of any rank (unrolled to its words)
 template <typename W>
@@ -441,9 +402,7 @@ __device__ __forceinline__ void mhc_wg_steps(int steps, const uint4* src, uint4 
 # k + 16 c + 8 u), the next chunk's x and phi are loaded while this chunk's wgmma's run, and phi's
 # chunk (pk in pack_phi_wg's order: [chunk][step][part][k half][column group][8][8]) goes to
 # shared memory (two buffers) before them. Step st = 2 u + s of a chunk uses the A words MMA's
-# step (u, s) uses; pack_phi_wg puts phi's rows at the same k. WIDE (PB = 3; pk in the wide order
-# [chunk][step][k half][part][column group][8][8]): one m64n72k16 per step and 64 tokens, the three
-# parts' products in accumulators of their own, summed at the end (WG_WIDE).
+# step (u, s) uses; pack_phi_wg puts phi's rows at the same k.
 MMA_WG = KernelSpec(
     name="mhc_coefficients_dynamic_mma_wg",
     inputs=("xin", "pk", "iparam"),
@@ -451,8 +410,6 @@ MMA_WG = KernelSpec(
     helpers=PTX_WGMMA + WG_STAGE + X_PARTS + LOAD_X + PARTIALS_ROW,
     body=r"""
   constexpr int NT = 3;                      // 24 columns (n = 4)
-  constexpr int DW = WIDE ? 12 * PB : 12;    // accumulators per 64 tokens (WIDE: each part's own)
-  static_assert(!WIDE || PB == 3, "the wide product holds three parts (72 columns)");
   constexpr int TB = 64 * MW;                // tokens per block
   constexpr int CH = 4 * PB * 2 * NT * 64;   // phi's bf16 elements per 64-k chunk
   constexpr int CH16 = CH / 8;               // ... in 16-byte pieces
@@ -483,14 +440,14 @@ MMA_WG = KernelSpec(
   constexpr int lbo = 128 * NT;
   constexpr int sbo = 128;
 
-  float d[MW][DW];
+  float d[MW][12];
   float sq[MW][2];
   #pragma unroll
   for (int m = 0; m < MW; ++m) {
     sq[m][0] = 0.0f;
     sq[m][1] = 0.0f;
     #pragma unroll
-    for (int e = 0; e < DW; ++e) d[m][e] = 0.0f;
+    for (int e = 0; e < 12; ++e) d[m][e] = 0.0f;
   }
   uint32_t wx[MW][2][2][4];  // [m][u][h][word] of the chunk computed
   uint32_t wn[MW][2][2][4];  // ... of the next chunk
@@ -528,19 +485,11 @@ MMA_WG = KernelSpec(
     mhc_wg_fence();
     #pragma unroll
     for (int st = 0; st < 4; ++st) {
-      if constexpr (WIDE) {
-        // the step's parts as one B of 72 columns: its 9 column groups 128 bytes apart, its k
-        // halves 128 NT PB
-        const uint64_t desc = mhc_wg_desc(&mhc_phi[buf][st * PB * (2 * NT * 8)], lbo * PB, sbo);
+      #pragma unroll
+      for (int p = 0; p < PB; ++p) {
+        const uint64_t desc = mhc_wg_desc(&mhc_phi[buf][(st * PB + p) * (2 * NT * 8)], lbo, sbo);
         #pragma unroll
-        for (int m = 0; m < MW; ++m) mhc_wgmma_n72(*reinterpret_cast<float(*)[36]>(&d[m][0]), af[m][st], desc);
-      } else {
-        #pragma unroll
-        for (int p = 0; p < PB; ++p) {
-          const uint64_t desc = mhc_wg_desc(&mhc_phi[buf][(st * PB + p) * (2 * NT * 8)], lbo, sbo);
-          #pragma unroll
-          for (int m = 0; m < MW; ++m) mhc_wgmma_n24(*reinterpret_cast<float(*)[12]>(&d[m][0]), af[m][st], desc);
-        }
+        for (int m = 0; m < MW; ++m) mhc_wgmma_n24(d[m], af[m][st], desc);
       }
     }
     mhc_wg_commit();
@@ -551,12 +500,10 @@ MMA_WG = KernelSpec(
 
   #pragma unroll
   for (int m = 0; m < MW; ++m) {
-    float ds[12];
-    mhc_wg_sum_parts<DW>(d[m], ds);
     #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int t = tb0 + 64 * m + 16 * w + g + 8 * h;
-      mhc_partials_row<NT>(part, ssq, (int64_t)split * Ttok + t, t < Ttok, c, h, sq[m][h], ds);
+      mhc_partials_row<NT>(part, ssq, (int64_t)split * Ttok + t, t < Ttok, c, h, sq[m][h], d[m]);
     }
   }
 """,
@@ -592,25 +539,23 @@ PACK_WG = KernelSpec(
   #pragma unroll
   for (int p = 0; p < PB; ++p) {
     const __nv_bfloat16 bf = __float2bfloat16_rn(v);  // round to nearest even, as MLX's astype
-    dst[(WIDE ? ((st * 2 + h) * PB + p) * 3 + ng : ((st * PB + p) * 2 + h) * 3 + ng) * 64 + n8 * 8 + l8] = bf;
+    dst[(((st * PB + p) * 2 + h) * 3 + ng) * 64 + n8 * 8 + l8] = bf;
     v -= __bfloat162float(bf);
   }
 """,
 )
 
 
-def pack_wg(src: mx.array, parts: int, perm: bool, wide: bool = False) -> mx.array:
+def pack_wg(src: mx.array, parts: int, perm: bool) -> mx.array:
     """PACK_WG of src [R, 24] float32: perm (phi) [R / 64 chunks, 4 steps, parts, 2, 3, 8, 8],
-    else (gs) [R / 16 steps, parts, 2, 3, 8, 8] bfloat16; wide: the parts and the k (token)
-    halves swapped ([..., 2, parts, 3, 8, 8]), the B of the wide (72-column) products."""
+    else (gs) [R / 16 steps, parts, 2, 3, 8, 8] bfloat16."""
     R, W = src.shape
     if W != 24:
         raise ValueError(f"the warpgroup MMA's B holds 24 columns (n = 4), got {W}")
     steps = 4 * -(-R // 64) if perm else -(-R // 16)
-    inner = (2, parts, 3, 8, 8) if wide else (parts, 2, 3, 8, 8)
-    shape = (steps // 4, 4, *inner) if perm else (steps, *inner)
+    shape = (steps // 4, 4, parts, 2, 3, 8, 8) if perm else (steps, parts, 2, 3, 8, 8)
     return launch(PACK_WG, [src.astype(F32), int_params(R, steps)], [(shape, mx.bfloat16)],
-                  -(-steps * 384 // 256) * 256, 256, [("PB", parts), ("PERM", perm), ("WIDE", wide)])[0]
+                  -(-steps * 384 // 256) * 256, 256, [("PB", parts), ("PERM", perm)])[0]
 
 
 def bf16_parts(a: mx.array, parts: int) -> mx.array:
@@ -624,18 +569,16 @@ def bf16_parts(a: mx.array, parts: int) -> mx.array:
     return mx.stack(out)
 
 
-def pack_phi_wg(phi: mx.array, parts: int = PHI_PARTS, wide: bool | None = None) -> mx.array:
-    """phi [K, 24] float32 -> MMA_WG's order (see pack_phi_wg_reference), in one launch (wide:
-    WG_WIDE's order; None: WG_WIDE's setting)."""
-    return pack_wg(phi, parts, True, (WG_WIDE and parts == 3) if wide is None else wide)
+def pack_phi_wg(phi: mx.array, parts: int = PHI_PARTS) -> mx.array:
+    """phi [K, 24] float32 -> MMA_WG's order (see pack_phi_wg_reference), in one launch."""
+    return pack_wg(phi, parts, True)
 
 
-def pack_phi_wg_reference(phi: mx.array, parts: int = PHI_PARTS, wide: bool = False) -> mx.array:
+def pack_phi_wg_reference(phi: mx.array, parts: int = PHI_PARTS) -> mx.array:
     """phi [K, 24] float32 -> MMA_WG's order: [K / 64 chunks, 4 steps, parts, 2 k halves, 3 column
     groups, 8 columns, 8 k] bfloat16 (zeros past K). Step st = 2 u + s of chunk b holds logical k
     l in [0, 16) at physical k = 64 b + 16 c + 8 u + 4 s + 2 (l // 8) + l % 2 with c = (l % 8) // 2,
-    the k MMA's A words give that step (MLX ops: the statement PACK_WG is tested against). wide:
-    [K / 64, 4, 2 k halves, parts, 3, 8, 8], the order of WG_WIDE's 72-column B."""
+    the k MMA's A words give that step (MLX ops: the statement PACK_WG is tested against)."""
     K, W = phi.shape
     if W != 24:
         raise ValueError(f"pack_phi_wg: 24 columns (n = 4), got {W}")
@@ -644,8 +587,8 @@ def pack_phi_wg_reference(phi: mx.array, parts: int = PHI_PARTS, wide: bool = Fa
     # physical k = 64 b + 16 c + 8 u + 4 s + 2 hi + e  ->  [p, b, c, u, s, hi, e, n]
     a = split.reshape(parts, chunks, 4, 2, 2, 2, 2, 3, 8)  # [p, b, c, u, s, hi, e, ng, n8]
     # -> [b, u, s, p, hi, ng, n8, c, e] (logical k in a half: l % 8 = 2 c + e)
-    a = a.transpose(1, 3, 4, 0, 5, 7, 8, 2, 6).reshape(chunks, 4, parts, 2, 3, 8, 8)
-    return a.transpose(0, 1, 3, 2, 4, 5, 6) if wide else a
+    a = a.transpose(1, 3, 4, 0, 5, 7, 8, 2, 6)
+    return a.reshape(chunks, 4, parts, 2, 3, 8, 8)
 
 
 @lru_cache(maxsize=None)
@@ -854,7 +797,7 @@ def partial_products(x2: mx.array, phi: mx.array, pk: mx.array | None = None) ->
         return launch(
             MMA_WG, [x2, pack_phi_wg(phi) if pk is None else pk, int_params(T, K, ks, splits)],
             [((splits, T, 24), F32), ((splits, T), F32)], tiles * splits * 128, 128,
-            [("T", x2.dtype), ("PB", PHI_PARTS), ("MW", WG_TOKENS // 64), ("WIDE", WG_WIDE and PHI_PARTS == 3)],
+            [("T", x2.dtype), ("PB", PHI_PARTS), ("MW", WG_TOKENS // 64)],
         )
     NT, ku = n_tiles(phi.shape[1]), X_UNROLL
     MT, splits, ks, warps = plan(T, K, NT, ku)

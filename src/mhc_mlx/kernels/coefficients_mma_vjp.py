@@ -45,11 +45,6 @@ DPHI_PARTS = 3  # bfloat16 parts of gs in DPHI
 # cuBLAS's 31.5 for the same bytes; DPHI_WG 65.3 against 76.7 (H200, fourteenth session of
 # 2026-11-30, docs/kernel-notes.md row 75). False: DPHI everywhere.
 DPHI_WGMMA = True
-# Candidate (nineteenth session), as coefficients_mma.WG_WIDE for the forward: DPHI_WG's three
-# parts of gs side by side as one m64n72k16 B per 16-token step and k tile (gs packed in the wide
-# order), each part in accumulators of its own, summed before the store. 96 more accumulator
-# registers a thread. Only with gs in 3 parts (DPHI_PARTS).
-DPHI_WG_WIDE = False
 MAX_N = 4
 DX_TOKEN_TILES = 2  # token tiles of 16 per warp in DX (they share each phi fragment)
 # DX's warps ordered token group first (TM), so a block's warps cover 256 consecutive k of the
@@ -517,8 +512,7 @@ DPHI = KernelSpec(
 # and the warpgroup issues one m64n24k16 per tile q and part of gs: the 64 rows of wgmma q are
 # tile q of the four warps, so its accumulators are DPHI's acc[q]. gs's parts for the step (in
 # pack_gs_wg's order: [step][part][token half][column group][8 columns][8 tokens]) sit in shared
-# memory, two buffers, the next step's x and gs loaded while this step's wgmma's run. WIDE (PG = 3,
-# gs in the wide order [step][token half][part][column group][8][8]): one m64n72k16 per tile q.
+# memory, two buffers, the next step's x and gs loaded while this step's wgmma's run.
 DPHI_WG = KernelSpec(
     name="mhc_coefficients_dynamic_vjp_dphi_wg",
     inputs=("xin", "pgs", "iparam"),
@@ -526,8 +520,6 @@ DPHI_WG = KernelSpec(
     helpers=PTX_MMA + PTX_WGMMA + WG_STAGE + X_PARTS + LOAD_X + DPHI_STEP,
     body=r"""
   constexpr int NT = 3;                      // 24 columns (n = 4)
-  constexpr int AW = WIDE ? 12 * PG : 12;    // accumulators per tile q (WIDE: each part's own)
-  static_assert(!WIDE || PG == 3, "the wide product holds three parts (72 columns)");
   constexpr int ST16 = PG * 2 * NT * 64 / 8; // gs's 16-byte pieces per 16-token step
   KSHARED uint4 mhc_gs[2][ST16];
   const int Ttok = iparam[0];
@@ -548,11 +540,14 @@ DPHI_WG = KernelSpec(
   const int nst = (t1 - t0 + 15) / 16;
   const bool xvec = (K % 8 == 0) && ((reinterpret_cast<unsigned long long>(xin) & 15ull) == 0ull);
   const uint4* gs4 = reinterpret_cast<const uint4*>(pgs);
-  float acc[4][AW];
+  float acc[4][NT][4];
   #pragma unroll
   for (int q = 0; q < 4; ++q) {
     #pragma unroll
-    for (int e = 0; e < AW; ++e) acc[q][e] = 0.0f;
+    for (int j = 0; j < NT; ++j) {
+      #pragma unroll
+      for (int e = 0; e < 4; ++e) acc[q][j][e] = 0.0f;
+    }
   }
   uint32_t xw[4][4];  // [u][word]: tokens ts + 2c + (u & 1) + 8 (u >> 1), k kx .. kx + 8
   uint32_t xn[4][4];  // ... of the next step
@@ -569,56 +564,39 @@ DPHI_WG = KernelSpec(
     #pragma unroll
     for (int q = 0; q < 4; ++q) mhc_dphi_a(xw, q, af[q]);
     mhc_wg_fence();
-    if constexpr (WIDE) {
-      // the parts as one B of 72 columns: along the tokens 128 NT PG bytes apart, the 9 column
-      // groups 128
-      const uint64_t desc = mhc_wg_desc(&mhc_gs[buf][0], 128 * NT * PG, 128);
+    #pragma unroll
+    for (int p = 0; p < PG; ++p) {
+      // core matrices of 8 columns x 8 tokens: along the tokens 128 NT bytes apart, along the
+      // columns 128 (the reading the forward's MMA_WG confirmed)
+      const uint64_t desc = mhc_wg_desc(&mhc_gs[buf][p * 2 * NT * 8], 128 * NT, 128);
       #pragma unroll
-      for (int q = 0; q < 4; ++q) mhc_wgmma_n72(*reinterpret_cast<float(*)[36]>(&acc[q][0]), af[q], desc);
-    } else {
-      #pragma unroll
-      for (int p = 0; p < PG; ++p) {
-        // core matrices of 8 columns x 8 tokens: along the tokens 128 NT bytes apart, along the
-        // columns 128 (the reading the forward's MMA_WG confirmed)
-        const uint64_t desc = mhc_wg_desc(&mhc_gs[buf][p * 2 * NT * 8], 128 * NT, 128);
-        #pragma unroll
-        for (int q = 0; q < 4; ++q) mhc_wgmma_n24(*reinterpret_cast<float(*)[12]>(&acc[q][0]), af[q], desc);
-      }
+      for (int q = 0; q < 4; ++q) mhc_wgmma_n24(*reinterpret_cast<float(*)[12]>(&acc[q][0][0]), af[q], desc);
     }
     mhc_wg_commit();
     mhc_wg_wait();
   };
   // the split's first step
   mhc_wg_steps<ST16>(nst, gs4 + (int64_t)(t0 / 16) * ST16, mhc_gs, tid, xw, xn, load_x, products);
-  float sums[4][NT][4];
-  #pragma unroll
-  for (int q = 0; q < 4; ++q) mhc_wg_sum_parts<AW>(acc[q], *reinterpret_cast<float(*)[12]>(&sums[q][0][0]));
-  mhc_dphi_store<NT>(part, split, K, kx, lane, sums);
+  mhc_dphi_store<NT>(part, split, K, kx, lane, acc);
 """,
 )
 
 
-def dphi_wg_wide(parts: int = DPHI_PARTS) -> bool:
-    """DPHI_WG's wide form: DPHI_WG_WIDE on and gs in 3 parts."""
-    return DPHI_WG_WIDE and parts == 3
-
-
-def pack_gs_wg(gs: mx.array, parts: int = DPHI_PARTS, wide: bool | None = None) -> mx.array:
+def pack_gs_wg(gs: mx.array, parts: int = DPHI_PARTS) -> mx.array:
     """gs [T, 24] float32 -> DPHI_WG's order (see pack_gs_wg_reference), in one launch
-    (coefficients_mma.PACK_WG); wide None: dphi_wg_wide's."""
-    return coefficients_mma.pack_wg(gs, parts, False, dphi_wg_wide(parts) if wide is None else wide)
+    (coefficients_mma.PACK_WG)."""
+    return coefficients_mma.pack_wg(gs, parts, False)
 
 
-def pack_gs_wg_reference(gs: mx.array, parts: int = DPHI_PARTS, wide: bool = False) -> mx.array:
+def pack_gs_wg_reference(gs: mx.array, parts: int = DPHI_PARTS) -> mx.array:
     """gs [T, 24] float32 -> [T / 16 steps, parts, 2 token halves, 3 column groups, 8 columns, 8
     tokens] bfloat16 parts adding up to gs (zeros past T), the K-major, unswizzled B of a wgmma
-    over 16 tokens (MLX ops: the statement coefficients_mma.PACK_WG is tested against); wide:
-    [steps, 2, parts, 3, 8, 8], the B of DPHI_WG_WIDE's 72-column products."""
+    over 16 tokens (MLX ops: the statement coefficients_mma.PACK_WG is tested against)."""
     T, W = gs.shape
     steps = -(-T // 16)
     split = coefficients_mma.bf16_parts(mx.pad(gs.astype(F32), [(0, 16 * steps - T), (0, 0)]), parts)
     a = split.reshape(parts, steps, 2, 8, 3, 8)  # [p, step, half, token, ng, n8]
-    return a.transpose(1, 2, 0, 4, 5, 3) if wide else a.transpose(1, 0, 2, 4, 5, 3)
+    return a.transpose(1, 0, 2, 4, 5, 3)
 
 
 def dphi_wg_applies(x2: mx.array, W: int) -> bool:
@@ -679,15 +657,13 @@ def glue_packs_spec(after_sinkhorn: bool = False, wg: bool = False) -> KernelSpe
     }
   }"""
     # DPHI_WG's B (pack_gs_wg, coefficients_mma.PACK_WG unpermuted): [step, part, token half,
-    # column group, 8 columns, 8 tokens], W = 24 (WIDE, a template value: token half before part)
+    # column group, 8 columns, 8 tokens], W = 24
     dphi_wg_order = r"""
       KUNROLL for (int c = 0; c < W; ++c) {
         float v = live ? gsc[t * W + c] : 0.0f;
         KUNROLL for (int p = 0; p < PB; ++p) {
           const __nv_bfloat16 b = __float2bfloat16_rn(v);
-          const int64_t grp = WIDE ? ((rt * 2 + (rr >> 3)) * PB + p) * 3 + (c >> 3)
-                                   : ((rt * PB + p) * 2 + (rr >> 3)) * 3 + (c >> 3);
-          gsb[grp * 64 + (c & 7) * 8 + (rr & 7)] = b;
+          gsb[(((rt * PB + p) * 2 + (rr >> 3)) * 3 + (c >> 3)) * 64 + (c & 7) * 8 + (rr & 7)] = b;
           v -= __bfloat162float(b);
         }
       }
@@ -704,9 +680,8 @@ def glue_packs_spec(after_sinkhorn: bool = False, wg: bool = False) -> KernelSpe
 
 def packed_shapes(T: int, W: int, wg: bool = False) -> tuple[tuple, tuple]:
     """The shapes of gs's fragments for DX (pack_a, DX_PARTS) and dphi: DPHI's (pack_b,
-    DPHI_PARTS), or with wg DPHI_WG's (pack_gs_wg; wide as dphi_wg_wide)."""
-    inner = (2, DPHI_PARTS) if dphi_wg_wide() else (DPHI_PARTS, 2)
-    dphi_shape = ((-(-T // 16), *inner, 3, 8, 8) if wg
+    DPHI_PARTS), or with wg DPHI_WG's (pack_gs_wg)."""
+    dphi_shape = ((-(-T // 16), DPHI_PARTS, 2, 3, 8, 8) if wg
                   else (-(-W // 8), -(-T // 16), DPHI_PARTS, 32, 4))
     return (-(-T // 16), -(-W // 16), DX_PARTS, 32, 8), dphi_shape
 
@@ -788,7 +763,7 @@ def dphi(x2, gs, gsb=None):
         tps, splits = _token_splits(T, kgroups, 16, DPHI_WG_TARGET_BLOCKS)
         gsw = pack_gs_wg(gs) if gsb is None else gsb
         part = launch(DPHI_WG, [x2, gsw, int_params(T, K, tps, splits)], [((splits, K, 24), F32)],
-                      kgroups * splits * 128, 128, [("T", x2.dtype), ("PG", DPHI_PARTS), ("WIDE", dphi_wg_wide())])[0]
+                      kgroups * splits * 128, 128, [("T", x2.dtype), ("PG", DPHI_PARTS)])[0]
         return mx.sum(part, axis=0)
     NT = -(-W // 8)
     kblocks = -(-K // 64)
