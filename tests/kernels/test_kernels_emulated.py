@@ -388,12 +388,15 @@ def test_tensor_core_coefficient_backward_products(dtype, n, C, T):
             assert rel(got_acc, want + np64(gacc).reshape(T, K)) <= (4e-3 if dtype == mx.bfloat16 else 6e-4)
 
 
+@pytest.mark.parametrize("wg_tokens", [128, 64])
 @pytest.mark.parametrize("T,C", [(21, 33), (130, 17), (5, 64), (129, 1)])
-def test_wgmma_partials_at_odd_widths_and_token_counts(monkeypatch, T, C):
+def test_wgmma_partials_at_odd_widths_and_token_counts(monkeypatch, T, C, wg_tokens):
     # MMA_WG where x is not 16-byte loadable (K = 4 C not a multiple of 8: the element loads),
     # K not a multiple of 64 (a partial chunk) and T not a multiple of its 128 tokens: the sums of
-    # its partials against float64 and against the MMA kernel's (float32 rounding apart)
+    # its partials against float64 and against the MMA kernel's (float32 rounding apart); at 64
+    # tokens a block (WG_TOKENS, MW = 1) too
     monkeypatch.setattr(coefficients_mma, "hopper", lambda: True)  # the emulated GPU is an sm_90
+    monkeypatch.setattr(coefficients_mma, "WG_TOKENS", wg_tokens)
     K = 4 * C
     x = mx.random.normal((T, K)).astype(mx.bfloat16)
     phi = mx.random.normal((K, 24)) / np.sqrt(K)
@@ -467,6 +470,13 @@ def test_dphi_by_warpgroup_mma(monkeypatch, dtype, n, C, T, blocks):
         assert (coefficients_mma_vjp.DPHI.name in names) == (not wg)
     assert rel(got[True], np64(x).T @ np64(gs)) <= 1e-5
     if dtype == mx.bfloat16 and n == 4:
+        # DPHI_DEEP (x loaded two steps ahead, the 16-token steps in threes): the same bits, with
+        # step counts of 1, 2 and more per split (blocks 384, 2 and 3 above)
+        monkeypatch.setattr(coefficients_mma_vjp, "DPHI_DEEP", True)
+        emu.launched.clear()
+        deep = coefficients_mma_vjp.dphi(x, gs)
+        assert {tpl["DEEP"] for name, tpl, *_ in emu.launched if name == coefficients_mma_vjp.DPHI_WG.name} == {True}
+        assert np.array_equal(np64(deep), np64(got[True]))
         # a different split of the tokens sums in another order: equal bits only at equal splits
         kb, kg = -(-K // 64), -(-K // 256)
         same = (coefficients_mma_vjp._token_splits(T, kb, 16, coefficients_mma_vjp.TARGET_WARPS)
