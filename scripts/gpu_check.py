@@ -344,8 +344,6 @@ SWITCHES = {
                    "the mma.sync forward partials on Hopper too (coefficients_mma.WGMMA = False)"),
     "--no-dphi-wgmma": (coefficients_mma_vjp, "DPHI_WGMMA", False,
                         "DPHI (mma.sync) on Hopper too (coefficients_mma_vjp.DPHI_WGMMA = False)"),
-    "--dphi-deep": (coefficients_mma_vjp, "DPHI_DEEP", True,
-                    "the warpgroup dphi loading x two steps ahead (coefficients_mma_vjp.DPHI_DEEP, candidate)"),
     "--glue-packs": (coefficients, "GLUE_PACKS", True,
                      "the candidate glue kernel that also writes gs in the tensor-core backward's fragment orders "
                      "(coefficients.GLUE_PACKS)"),

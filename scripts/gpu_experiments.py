@@ -1883,46 +1883,6 @@ def wg_plan_sizes(rounds=5, T=4096, K=16384, W=24):
                      "/tmp/wg_plan_dphi.json", {label: xs[0].nbytes for label in dphi})
 
 
-def dphi_deep(rounds=5, T=4096, K=16384, W=24):
-    """(nineteenth session) DPHI_WG with x loaded two steps ahead (coefficients_mma_vjp.DPHI_DEEP,
-    candidate) against one, at DPHI_WG_TARGET_BLOCKS 384 (default) and 528 (4 an SM: row 76 timed
-    it while the parameter arrays still sat in managed memory); the forward's MMA_WG at 64 tokens a
-    block (coefficients_mma.WG_TOKENS, MW = 1: 100-odd registers, more blocks an SM) against 128;
-    each alone on 10 rotated x [T, K] bf16, medians of `rounds` alternated rounds, then traced;
-    then the bench's dynamic 4096x4x4096 fwd and fwd+bwd with each."""
-    from mhc_mlx.kernels import coefficients_mma as cm
-    from mhc_mlx.kernels import coefficients_mma_vjp as cmv
-
-    xs = [mx.random.normal((T, K)).astype(BF) for _ in range(10)]
-    phi = 0.01 * mx.random.normal((K, W))
-    gs = mx.random.normal((T, W)) * 0.01
-    pk = cm.pack_phi_wg(phi)
-    mx.eval(xs, phi, gs, pk)
-    forms = {"dphi, 1 step ahead, 384 blocks": [],
-             "dphi, 1 step ahead, 528 blocks": [(cmv, "DPHI_WG_TARGET_BLOCKS", 528)],
-             "dphi, 2 steps ahead, 384 blocks": [(cmv, "DPHI_DEEP", True)],
-             "dphi, 2 steps ahead, 528 blocks": [(cmv, "DPHI_DEEP", True), (cmv, "DPHI_WG_TARGET_BLOCKS", 528)]}
-    outs = {label: under(settings, lambda x: cmv.dphi(x, gs))(xs[0]) for label, settings in forms.items()}
-    first = next(iter(outs.values()))
-    for label, out in outs.items():
-        print(f"{label}: max |diff| from the default {mx.max(mx.abs(out - first)).item():.3e}")
-    rows = {label: under(settings, lambda x: cmv.dphi(x, gs)) for label, settings in forms.items()}
-    timed_and_traced(f"dphi by wgmma (gs packed inside), {T} x {K} bf16 x", rows, [[x] for x in xs], rounds,
-                     "/tmp/dphi_deep.json", {label: xs[0].nbytes for label in rows})
-    fwd = {f"forward, {tok} tokens a block, TARGET_WARPS {w}":
-           under([(cm, "WG_TOKENS", tok), (cm, "TARGET_WARPS", w)], lambda x: cm.partial_products(x, phi, pk))
-           for tok, w in ((128, 1536), (64, 1536), (64, 3072))}
-    timed_and_traced(f"forward partials by wgmma, {T} x {K} bf16 x", fwd, [[x] for x in xs], rounds,
-                     "/tmp/fwd_tokens.json", {label: xs[0].nbytes for label in fwd})
-    site_rows = case_rows(("dynamic", "fwd", (4096, 4, 4096), "throughput"),
-                          ("dynamic", "fwd+bwd", (4096, 4, 4096), "throughput"))
-    alternated_settings("dphi deep, forward tokens", site_rows,
-                        {"default": [], "dphi deep": [(cmv, "DPHI_DEEP", True)],
-                         "dphi deep 528": [(cmv, "DPHI_DEEP", True), (cmv, "DPHI_WG_TARGET_BLOCKS", 528)],
-                         "dphi 528": [(cmv, "DPHI_WG_TARGET_BLOCKS", 528)],
-                         "forward 64 tokens": [(cm, "WG_TOKENS", 64)]}, rounds)
-
-
 def wgmma_ab(rounds=9):
     """(fourteenth session) the warpgroup-MMA products, now the defaults, against the MMA kernels
     in the dynamic site at 4096x4x4096, forward and forward+backward."""
@@ -2337,7 +2297,6 @@ MODES = {
     "step-trace": step_trace,
     "static-host": static_host,
     "wg-plan": wg_plan_sizes,
-    "dphi-deep": dphi_deep,
     "wgmma-ab": wgmma_ab,
     "wgmma-dphi": wgmma_dphi,
     "wgmma": wgmma,

@@ -68,7 +68,6 @@
 #   bash scripts/gpu_session.sh verify17     # coefficient, read-step, chain checks + pytest -m gpu (one-launch read step)
 #   bash scripts/gpu_session.sh final17      # as final16, on the seventeenth session's defaults
 #   bash scripts/gpu_session.sh verify18     # parameter arrays in GPU memory the default: bench (ours), verify17
-#   bash scripts/gpu_session.sh deep19       # dphi's x two steps ahead: GPU test, checks, alone, site, bench A/B
 #   bash scripts/gpu_session.sh next19       # (not yet run) the throughput trace; the glue packs in DPHI_WG's
 #                                            # order: GPU tests, checks, bench off / on alternated
 #   bash scripts/gpu_session.sh b1-ab        # B = 1 dynamic: the one-launch read step against two, pinned processes
@@ -585,16 +584,6 @@ case "${1:-}" in
     run 120 pytest_glue python -m pytest -q -m gpu tests -p no:cacheprovider -rs -k glue_writes
     CHECK_ARGS="--glue-packs --mma-vjp" CHECK_ONLY=coefficients,chain NO_PYTEST=1 check 200
     ab_bench glue_packs coefficients.GLUE_PACKS=1 "dynamic/fwd+bwd/4096x4x4096,dynamic/fwd+bwd/512x4x1280"
-    ;;
-  deep19)
-    # (nineteenth session of 2026-12-01) DPHI_WG loading x two steps ahead (coefficients_mma_vjp.
-    # DPHI_DEEP, candidate): its GPU test and the coefficient and chain checks with it on; dphi
-    # alone at 384 / 528 blocks and the forward's MMA_WG at 64 tokens a block; the dynamic site with
-    # each; then the bench's dynamic fwd+bwd with it off / on in alternated pinned processes
-    run 150 pytest_deep python -m pytest -q -m gpu tests -p no:cacheprovider -rs -k "warpgroup_mma_products"
-    CHECK_ARGS="--dphi-deep --mma-vjp" CHECK_ONLY=coefficients,chain NO_PYTEST=1 check 200
-    run 200 experiments_dphi_deep python scripts/gpu_experiments.py dphi-deep
-    ab_bench deep coefficients_mma_vjp.DPHI_DEEP=1 "dynamic/fwd+bwd/4096x4x4096"
     ;;
   final17)
     # (seventeenth session of 2026-12-01) as final16: the target cases' bench pinned (seeds, then

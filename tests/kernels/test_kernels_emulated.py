@@ -470,13 +470,6 @@ def test_dphi_by_warpgroup_mma(monkeypatch, dtype, n, C, T, blocks):
         assert (coefficients_mma_vjp.DPHI.name in names) == (not wg)
     assert rel(got[True], np64(x).T @ np64(gs)) <= 1e-5
     if dtype == mx.bfloat16 and n == 4:
-        # DPHI_DEEP (x loaded two steps ahead, the 16-token steps in threes): the same bits, with
-        # step counts of 1, 2 and more per split (blocks 384, 2 and 3 above)
-        monkeypatch.setattr(coefficients_mma_vjp, "DPHI_DEEP", True)
-        emu.launched.clear()
-        deep = coefficients_mma_vjp.dphi(x, gs)
-        assert {tpl["DEEP"] for name, tpl, *_ in emu.launched if name == coefficients_mma_vjp.DPHI_WG.name} == {True}
-        assert np.array_equal(np64(deep), np64(got[True]))
         # a different split of the tokens sums in another order: equal bits only at equal splits
         kb, kg = -(-K // 64), -(-K // 256)
         same = (coefficients_mma_vjp._token_splits(T, kb, 16, coefficients_mma_vjp.TARGET_WARPS)

@@ -146,8 +146,7 @@ def cuda_only_instances():
     for perm in (True, False):  # phi's order (MMA_WG) and gs's (DPHI_WG)
         out.append((coefficients_mma.PACK_WG, (F32, I32), (BF16,), [("PB", coefficients_mma.PHI_PARTS), ("PERM", perm)]))
     vjp = coefficients_mma_vjp  # the warpgroup-MMA dphi (DPHI_WGMMA; Hopper)
-    for deep in (False, True):  # x loaded one step ahead, or two (DPHI_DEEP)
-        out.append((vjp.DPHI_WG, (BF16, BF16, I32), (F32,), [("T", BF16), ("PG", vjp.DPHI_PARTS), ("DEEP", deep)]))
+    out.append((vjp.DPHI_WG, (BF16, BF16, I32), (F32,), [("T", BF16), ("PG", vjp.DPHI_PARTS)]))
     for n in (1, 2, 4, 8):
         nt = coefficients_mma.n_tiles(n * (n + 2))
         for ku in (1, 2, 4):

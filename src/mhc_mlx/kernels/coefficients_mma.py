@@ -394,40 +394,6 @@ __device__ __forceinline__ void mhc_wg_steps(int steps, const uint4* src, uint4 
     KBARRIER();
   }
 }
-// As mhc_wg_steps, each step's x words loaded two steps ahead into three register buffers that
-// take turns (the loop unrolled by three, so no copy between buffers waits on a load): twice the
-// bytes in flight a thread. product(buf, words) computes a step from its x words.
-template <int N, typename XW, typename Load, typename Product>
-__device__ __forceinline__ void mhc_wg_steps_deep(int steps, const uint4* src, uint4 (*smem)[N], int tid, XW& b0,
-                                                  XW& b1, XW& b2, Load load, Product product) {
-  uint4 pn[(N + 127) / 128];  // the next step's B pieces of this thread
-  if (steps > 0) {
-    load(0, b0);
-    mhc_wg_fetch<N>(src, pn, tid);
-    mhc_wg_stage<N>(smem[0], pn, tid);
-  }
-  if (steps > 1) {
-    load(1, b1);
-    mhc_wg_fetch<N>(src + N, pn, tid);
-  }
-  KBARRIER();
-  // step i: its product on cur while step i + 2's x words load into ahead
-  auto step = [&](int i, const XW& cur, XW& ahead) {
-    const int buf = i & 1;
-    if (i + 2 < steps) load(i + 2, ahead);
-    product(buf, cur);
-    if (i + 1 < steps) {
-      mhc_wg_stage<N>(smem[buf ^ 1], pn, tid);
-      if (i + 2 < steps) mhc_wg_fetch<N>(src + (int64_t)(i + 2) * N, pn, tid);
-    }
-    KBARRIER();
-  };
-  for (int i = 0; i < steps; i += 3) {
-    step(i, b0, b2);
-    if (i + 1 < steps) step(i + 1, b1, b0);
-    if (i + 2 < steps) step(i + 2, b2, b1);
-  }
-}
 """
 
 # The partials (MMA's outputs and parameters) by warpgroup MMA, bfloat16 x, n = 4 (24 columns).

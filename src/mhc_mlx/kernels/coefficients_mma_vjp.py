@@ -62,11 +62,6 @@ DX_RAW_ROWS = True
 TARGET_WARPS = 2048
 WARPS_PER_BLOCK = 4
 DPHI_WG_TARGET_BLOCKS = 384  # DPHI_WG's blocks of one warpgroup: about 3 per SM on 132 SMs
-# Candidate (nineteenth session): DPHI_WG loads each step's x two steps ahead (three register
-# buffers, coefficients_mma's mhc_wg_steps_deep) instead of one. Why: DPHI_WG reads x at ~65 % of
-# the copy's rate (row 93) with ~3 blocks of 8 KB loads in flight per SM, each step's load waited
-# for by the end of the step before; the same arithmetic, so the same bits.
-DPHI_DEEP = False
 
 # mat [R, KD] float32 -> A fragments [ceil(R/16), ceil(KD/16), P, 32 lanes, 8] bfloat16: lane
 # (g, c), element e is register e / 2, half e % 2: row g + 8 (r & 1), column 2c + 8 (r >> 1) + h.
@@ -556,7 +551,6 @@ DPHI_WG = KernelSpec(
   }
   uint32_t xw[4][4];  // [u][word]: tokens ts + 2c + (u & 1) + 8 (u >> 1), k kx .. kx + 8
   uint32_t xn[4][4];  // ... of the next step
-  uint32_t xa[4][4];  // ... of the step after (DEEP)
   auto load_x = [&](int step, uint32_t (&dst)[4][4]) {
     const int ts = t0 + 16 * step;
     #pragma unroll
@@ -565,10 +559,10 @@ DPHI_WG = KernelSpec(
       mhc_load_x8<T>(t < t1 ? xin + (int64_t)t * K : nullptr, kx, K, xvec, dst[u]);
     }
   };
-  auto products = [&](int buf, const uint32_t (&xs)[4][4]) {
+  auto products = [&](int buf) {
     uint32_t af[4][4];  // DPHI's A fragment of tile q (bfloat16 x: the words are the parts)
     #pragma unroll
-    for (int q = 0; q < 4; ++q) mhc_dphi_a(xs, q, af[q]);
+    for (int q = 0; q < 4; ++q) mhc_dphi_a(xw, q, af[q]);
     mhc_wg_fence();
     #pragma unroll
     for (int p = 0; p < PG; ++p) {
@@ -582,12 +576,7 @@ DPHI_WG = KernelSpec(
     mhc_wg_wait();
   };
   // the split's first step
-  if constexpr (DEEP) {
-    mhc_wg_steps_deep<ST16>(nst, gs4 + (int64_t)(t0 / 16) * ST16, mhc_gs, tid, xw, xn, xa, load_x, products);
-  } else {
-    mhc_wg_steps<ST16>(nst, gs4 + (int64_t)(t0 / 16) * ST16, mhc_gs, tid, xw, xn, load_x,
-                       [&](int buf) { products(buf, xw); });
-  }
+  mhc_wg_steps<ST16>(nst, gs4 + (int64_t)(t0 / 16) * ST16, mhc_gs, tid, xw, xn, load_x, products);
   mhc_dphi_store<NT>(part, split, K, kx, lane, acc);
 """,
 )
@@ -774,7 +763,7 @@ def dphi(x2, gs, gsb=None):
         tps, splits = _token_splits(T, kgroups, 16, DPHI_WG_TARGET_BLOCKS)
         gsw = pack_gs_wg(gs) if gsb is None else gsb
         part = launch(DPHI_WG, [x2, gsw, int_params(T, K, tps, splits)], [((splits, K, 24), F32)],
-                      kgroups * splits * 128, 128, [("T", x2.dtype), ("PG", DPHI_PARTS), ("DEEP", DPHI_DEEP)])[0]
+                      kgroups * splits * 128, 128, [("T", x2.dtype), ("PG", DPHI_PARTS)])[0]
         return mx.sum(part, axis=0)
     NT = -(-W // 8)
     kblocks = -(-K // 64)
