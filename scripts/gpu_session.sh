@@ -68,6 +68,7 @@
 #   bash scripts/gpu_session.sh verify17     # coefficient, read-step, chain checks + pytest -m gpu (one-launch read step)
 #   bash scripts/gpu_session.sh final17      # as final16, on the seventeenth session's defaults
 #   bash scripts/gpu_session.sh verify18     # parameter arrays in GPU memory the default: bench (ours), verify17
+#   bash scripts/gpu_session.sh final19      # the target cases' bench pinned, seeds then ours
 #   bash scripts/gpu_session.sh next19       # (not yet run) the throughput trace; the glue packs in DPHI_WG's
 #                                            # order: GPU tests, checks, bench off / on alternated
 #   bash scripts/gpu_session.sh b1-ab        # B = 1 dynamic: the one-launch read step against two, pinned processes
@@ -584,6 +585,11 @@ case "${1:-}" in
     run 120 pytest_glue python -m pytest -q -m gpu tests -p no:cacheprovider -rs -k glue_writes
     CHECK_ARGS="--glue-packs --mma-vjp" CHECK_ONLY=coefficients,chain NO_PYTEST=1 check 200
     ab_bench glue_packs coefficients.GLUE_PACKS=1 "dynamic/fwd+bwd/4096x4x4096,dynamic/fwd+bwd/512x4x1280"
+    ;;
+  final19)
+    # (nineteenth session of 2026-12-01) the target cases' bench pinned to one CPU core, with the
+    # seeds, then ours alone (the defaults of verify18, unchanged since)
+    pinned_bench
     ;;
   final17)
     # (seventeenth session of 2026-12-01) as final16: the target cases' bench pinned (seeds, then
