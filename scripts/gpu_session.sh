@@ -69,6 +69,7 @@
 #   bash scripts/gpu_session.sh final17      # as final16, on the seventeenth session's defaults
 #   bash scripts/gpu_session.sh verify18     # parameter arrays in GPU memory the default: bench (ours), verify17
 #   bash scripts/gpu_session.sh final19      # the target cases' bench pinned, seeds then ours
+#   bash scripts/gpu_session.sh pipe19       # the dynamic cases traced: one eval against 4 evals back to back
 #   bash scripts/gpu_session.sh next19       # (not yet run) the throughput trace; the glue packs in DPHI_WG's
 #                                            # order: GPU tests, checks, bench off / on alternated
 #   bash scripts/gpu_session.sh b1-ab        # B = 1 dynamic: the one-launch read step against two, pinned processes
@@ -585,6 +586,16 @@ case "${1:-}" in
     run 120 pytest_glue python -m pytest -q -m gpu tests -p no:cacheprovider -rs -k glue_writes
     CHECK_ARGS="--glue-packs --mma-vjp" CHECK_ONLY=coefficients,chain NO_PYTEST=1 check 200
     ab_bench glue_packs coefficients.GLUE_PACKS=1 "dynamic/fwd+bwd/4096x4x4096,dynamic/fwd+bwd/512x4x1280"
+    ;;
+  pipe19)
+    # (nineteenth session of 2026-12-01) why --pipelined does not help the dynamic fwd+bwd: the
+    # dynamic cases and the copy traced as one eval of K applications, then as 4 evals handed over
+    # back to back (mx.async_eval), in one process each
+    for ev in 1 4; do
+      run 150 "timeline_dynamic_evals$ev" bash -c 'python scripts/gpu_timeline.py run --throughput --only=dynamic \
+        --pipelined=$1 --kineto "$0/tp$1.json" && python scripts/gpu_timeline.py report --throughput "$0/tp$1.json";
+        rc=$?; rm -f "$0/tp$1.json"; exit $rc' "$res" "$ev"
+    done
     ;;
   final19)
     # (nineteenth session of 2026-12-01) the target cases' bench pinned to one CPU core, with the

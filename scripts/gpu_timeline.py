@@ -8,6 +8,7 @@
     python scripts/gpu_timeline.py report tl.json                # (CUPTI) records MLX's kernels too
     python scripts/gpu_timeline.py run --throughput [--k=K] --kineto tp.json  # the bench's throughput form
     python scripts/gpu_timeline.py report --throughput tp.json
+    python scripts/gpu_timeline.py run --throughput --pipelined=4 --only=dynamic --kineto tp.json
 
 Unlike `gpu_profile.py` (Nsight Compute: each kernel alone, serialised), this keeps the kernels
 as MLX launches them: `run` applies each case of gpu_profile.CASES REPEATS times between two
@@ -22,6 +23,9 @@ same way, printing the host's µs per application; `report --throughput` then li
 kernels by name (count, mean duration), its span, the time no kernel ran, its largest gaps, and
 (from a Kineto trace) the host's CUDA runtime and driver calls meanwhile by total time. So a bench
 row's time splits into the kernels' own time (inputs not in L2), the GPU's idle and host work.
+`--pipelined=E` hands E evals of the K applications to MLX back to back instead (mx.async_eval,
+as bench/timing.pipelined_throughput_us), all between the same two markers; `--only=WORD` keeps
+the throughput cases whose site is WORD (and the copy).
 """
 
 from __future__ import annotations
@@ -49,11 +53,17 @@ def run(args: list[str]) -> int:
             return 2
         kineto = args[at + 1]
         args = args[:at] + args[at + 2:]
-    unknown = [a for a in args if a not in ("--glue-packs", "--read-step", "--throughput") and not a.startswith("--k=")]
+    valued = ("--k=", "--pipelined=", "--only=")
+    unknown = [a for a in args if a not in ("--glue-packs", "--read-step", "--throughput")
+               and not a.startswith(valued)]
     if unknown:
         print(f"unknown flag(s) {' '.join(unknown)}; known: --glue-packs --read-step --throughput --k=K "
-              "--kineto PATH", file=sys.stderr)
+              "--pipelined=E --only=SITE --kineto PATH", file=sys.stderr)
         return 2
+    for a in args:
+        if a.startswith(("--k=", "--pipelined=")) and not (a.split("=", 1)[1].isdigit() and int(a.split("=", 1)[1]) > 0):
+            print(f"{a}: needs a positive integer", file=sys.stderr)
+            return 2
     if kineto is not None:
         import torch
 
@@ -74,17 +84,19 @@ def _run_cases(args: list[str]) -> int:
     if "--read-step" in args:
         kernels.FUSED_READ_STEP = True
     if "--throughput" in args:
-        ks = [int(a.split("=", 1)[1]) for a in args if a.startswith("--k=")]
-        return _run_throughput(ks[-1] if ks else None)
+        value = lambda flag: [a.split("=", 1)[1] for a in args if a.startswith(flag)][-1:]  # noqa: E731
+        ks, evals, only = value("--k="), value("--pipelined="), value("--only=")
+        return _run_throughput(int(ks[0]) if ks else None, int(evals[0]) if evals else 1, only[0] if only else None)
     return gpu_profile.run(REPEATS)
 
 
 THROUGHPUT_CASES = tuple(c for c in CASES if c[2][0] > 1) + (("copy", "x * 1.5", (64 << 20,)),)
 
 
-def _run_throughput(k: int | None = None) -> int:
+def _run_throughput(k: int | None = None, evals: int = 1, only: str | None = None) -> int:
     """Each THROUGHPUT_CASES case timed once as the bench times it, between two markers (k: that
-    many applications per eval instead of the bench's rotation)."""
+    many applications per eval instead of the bench's rotation; evals > 1: that many evals of them
+    handed over back to back by mx.async_eval; only: the cases of that site and the copy)."""
     import time
 
     import mlx.core as mx
@@ -93,6 +105,8 @@ def _run_throughput(k: int | None = None) -> int:
     from mhc_mlx.dispatch import use_backend
 
     for i, (site, pass_, shape) in enumerate(THROUGHPUT_CASES):
+        if only is not None and site not in (only, "copy"):
+            continue
         if site == "copy":  # timing.copy_floor's arrays: 128 MB of bfloat16 each
             K = k or timing.rotation(4 * shape[0])
             xs = [mx.random.normal(shape).astype(mx.bfloat16) for _ in range(K)]
@@ -105,16 +119,21 @@ def _run_throughput(k: int | None = None) -> int:
         with use_backend("kernels"):
             for _ in range(2):  # builds every kernel, warms MLX's buffer cache
                 mx.eval([apply(x) for x in xs])
-            outs = [apply(x) for x in xs]
+            batches = [[apply(x) for x in xs] for _ in range(evals)]
             mx.synchronize()
             gpu_profile.mark(i)
             t0 = time.perf_counter()
-            mx.eval(outs)
-            us = 1e6 * (time.perf_counter() - t0) / K
+            if evals == 1:  # as bench/timing.throughput_us
+                mx.eval(batches[0])
+            else:  # as bench/timing.pipelined_throughput_us
+                for outs in batches:
+                    mx.async_eval(outs)
+                mx.synchronize()
+            us = 1e6 * (time.perf_counter() - t0) / (K * evals)
             gpu_profile.mark(i)
-            del outs
-        print(f"case {i}: {site} {pass_} {'x'.join(map(str, shape))}: K = {K}, host {us:.1f} µs per application",
-              flush=True)
+            del batches
+        print(f"case {i}: {site} {pass_} {'x'.join(map(str, shape))}: K = {K}, {evals} eval(s), "
+              f"host {us:.1f} µs per application", flush=True)
     return 0
 
 

@@ -33,6 +33,18 @@ def test_bench_with_refuses_a_bad_setting(setting, message):
     assert message in out.stderr + out.stdout
 
 
+@pytest.mark.parametrize("flag,message", [
+    ("--pipelined=0", "--pipelined=0: needs a positive integer"),
+    ("--k=x", "--k=x: needs a positive integer"),
+    ("--bogus", "unknown flag(s) --bogus"),
+])
+def test_gpu_timeline_refuses_a_bad_flag(flag, message):
+    # before any GPU work (these fail on a CPU-only MLX the same way as on the device)
+    out = _script("gpu_timeline.py", "run", "--throughput", flag)
+    assert out.returncode == 2
+    assert message in out.stderr
+
+
 def test_bench_with_records_the_settings_it_switched(tmp_path):
     out = _script("bench_with.py", "kernels.DEFER_POST_X=0", "coefficients.SPLIT_GLUE_SINKHORN=false",
                   "coefficients_mma_vjp.DX_TOKEN_MAJOR=0", "one_pass_vjp.FORM=split", "--", "bench", "--quick", "--only",
