@@ -60,7 +60,11 @@ def run(args: list[str]) -> int:
         print(f"unknown flag(s) {' '.join(unknown)}; known: --glue-packs --read-step --throughput --k=K "
               "--pipelined=E --only=SITE --kineto PATH", file=sys.stderr)
         return 2
+    sites = sorted({c[0] for c in THROUGHPUT_CASES} - {"copy"})
     for a in args:
+        if a.startswith("--only=") and a.split("=", 1)[1] not in sites:
+            print(f"{a}: the site is one of {', '.join(sites)}", file=sys.stderr)
+            return 2
         if a.startswith(("--k=", "--pipelined=")) and not (a.split("=", 1)[1].isdigit() and int(a.split("=", 1)[1]) > 0):
             print(f"{a}: needs a positive integer", file=sys.stderr)
             return 2

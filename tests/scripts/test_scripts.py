@@ -37,6 +37,7 @@ def test_bench_with_refuses_a_bad_setting(setting, message):
     ("--pipelined=0", "--pipelined=0: needs a positive integer"),
     ("--k=x", "--k=x: needs a positive integer"),
     ("--bogus", "unknown flag(s) --bogus"),
+    ("--only=dynamc", "--only=dynamc: the site is one of dynamic, static"),
 ])
 def test_gpu_timeline_refuses_a_bad_flag(flag, message):
     # before any GPU work (these fail on a CPU-only MLX the same way as on the device)
