@@ -70,7 +70,7 @@
 #   bash scripts/gpu_session.sh verify18     # parameter arrays in GPU memory the default: bench (ours), verify17
 #   bash scripts/gpu_session.sh final19      # the target cases' bench pinned, seeds then ours
 #   bash scripts/gpu_session.sh pipe19       # the dynamic cases traced: one eval against 4 evals back to back
-#   bash scripts/gpu_session.sh next19       # (not yet run) the throughput trace; the glue packs in DPHI_WG's
+#   bash scripts/gpu_session.sh next19       # the throughput trace; the glue packs in DPHI_WG's
 #                                            # order: GPU tests, checks, bench off / on alternated
 #   bash scripts/gpu_session.sh b1-ab        # B = 1 dynamic: the one-launch read step against two, pinned processes
 #   bash scripts/gpu_session.sh encode       # the host's encoding cost per launch, by kind of launch
@@ -576,7 +576,8 @@ case "${1:-}" in
     CHECK_ONLY=coefficients,read_step,chain CHECK_ARGS="--mma-vjp" CHECK_EXTRA=1 PYTEST_SHARDS=4 check 400
     ;;
   next19)
-    # (written in the eighteenth session of 2026-12-01 after its device time ran out; not yet run)
+    # (written in the eighteenth session of 2026-12-01 after its device time ran out; run in the
+    # nineteenth: kernel-notes row 95)
     # 1. the target cases' kernels traced as the bench times them, with the parameter arrays in GPU
     #    memory the default (kernel-notes row 94): the dynamic fwd+bwd's wall split into GPU span
     #    and host time; 2. the glue kernel writing gs's fragments, now in DPHI_WG's order on Hopper

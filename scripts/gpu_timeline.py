@@ -53,44 +53,44 @@ def run(args: list[str]) -> int:
             return 2
         kineto = args[at + 1]
         args = args[:at] + args[at + 2:]
-    valued = ("--k=", "--pipelined=", "--only=")
-    unknown = [a for a in args if a not in ("--glue-packs", "--read-step", "--throughput")
-               and not a.startswith(valued)]
+    flags = [a for a in args if "=" not in a]
+    values = dict(a.split("=", 1) for a in args if "=" in a)  # the last of a repeated flag wins
+    unknown = [a for a in flags if a not in ("--glue-packs", "--read-step", "--throughput")]
+    unknown += [f"{k}={v}" for k, v in values.items() if k not in ("--k", "--pipelined", "--only")]
     if unknown:
         print(f"unknown flag(s) {' '.join(unknown)}; known: --glue-packs --read-step --throughput --k=K "
               "--pipelined=E --only=SITE --kineto PATH", file=sys.stderr)
         return 2
     sites = sorted({c[0] for c in THROUGHPUT_CASES} - {"copy"})
-    for a in args:
-        if a.startswith("--only=") and a.split("=", 1)[1] not in sites:
-            print(f"{a}: the site is one of {', '.join(sites)}", file=sys.stderr)
-            return 2
-        if a.startswith(("--k=", "--pipelined=")) and not (a.split("=", 1)[1].isdigit() and int(a.split("=", 1)[1]) > 0):
-            print(f"{a}: needs a positive integer", file=sys.stderr)
+    if values.get("--only", sites[0]) not in sites:
+        print(f"--only={values['--only']}: the site is one of {', '.join(sites)}", file=sys.stderr)
+        return 2
+    for flag in ("--k", "--pipelined"):
+        if flag in values and not (values[flag].isdigit() and int(values[flag]) > 0):
+            print(f"{flag}={values[flag]}: needs a positive integer", file=sys.stderr)
             return 2
     if kineto is not None:
         import torch
 
         torch.cuda.init()
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            rc = _run_cases(args)
+            rc = _run_cases(flags, values)
         prof.export_chrome_trace(kineto)
         return rc
-    return _run_cases(args)
+    return _run_cases(flags, values)
 
 
-def _run_cases(args: list[str]) -> int:
+def _run_cases(flags: list[str], values: dict[str, str]) -> int:
     from mhc_mlx import kernels
     from mhc_mlx.kernels import coefficients
 
-    if "--glue-packs" in args:
+    if "--glue-packs" in flags:
         coefficients.GLUE_PACKS = True
-    if "--read-step" in args:
+    if "--read-step" in flags:
         kernels.FUSED_READ_STEP = True
-    if "--throughput" in args:
-        value = lambda flag: [a.split("=", 1)[1] for a in args if a.startswith(flag)][-1:]  # noqa: E731
-        ks, evals, only = value("--k="), value("--pipelined="), value("--only=")
-        return _run_throughput(int(ks[0]) if ks else None, int(evals[0]) if evals else 1, only[0] if only else None)
+    if "--throughput" in flags:
+        k = int(values["--k"]) if "--k" in values else None
+        return _run_throughput(k, int(values.get("--pipelined", 1)), values.get("--only"))
     return gpu_profile.run(REPEATS)
 
 
