@@ -1058,6 +1058,7 @@ def one_launch_applies(n: int, K: int) -> bool:
     (ONE_LAUNCH_SMALL, within ONE_MAX_N and ONE_MAX_K) rather than the split form."""
     return ONE_LAUNCH_SMALL and n <= ONE_MAX_N and K <= ONE_MAX_K
 
+
 def _dynamic_kernel(spec, x2, phi, alpha, bias, n: int, iters: int, eps: float, tb: int | None = None):
     """DYNAMIC or DYNAMIC_PRE for x2 [T, K]; up to SMALL_TOKENS tokens (and no tb asked for) their
     one-threadgroup-per-token forms."""
